@@ -1,0 +1,3 @@
+//! Shared fixtures for tests that load Ferry's real programs.
+pub mod fixture;
+pub mod packet;

@@ -1,0 +1,118 @@
+//! The daemon: restore the maps, attach, then keep the datapath equal to the manifests until
+//! told to stop. Detaches on SIGINT/SIGTERM; the pinned maps (services, conntrack) stay, so the
+//! next start re-adopts them and established connections keep their backends.
+use std::{collections::BTreeSet, path::PathBuf, time::Duration};
+
+use anyhow::Context;
+use log::{error, info, warn};
+
+use crate::{
+    attach::{self, Attachments, IfacePatterns, LinkEvents},
+    bpf::BpfMaps,
+    loader,
+    model,
+    reconcile::{Cidr4, Reconciler},
+    sources::manifests,
+};
+
+pub struct RunConfig {
+    pub node: String,
+    pub manifests: PathBuf,
+    pub pin_dir: PathBuf,
+    pub pod_interfaces: IfacePatterns,
+    /// cgroup (v2) for the socket hooks; `None` leaves host processes alone.
+    pub cgroup: Option<PathBuf>,
+    pub service_cidrs: BTreeSet<Cidr4>,
+    pub poll: Duration,
+}
+
+pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
+    let mut ebpf = loader::load(Some(&cfg.pin_dir)).context("loading the datapath")?;
+    attach::load_programs(&mut ebpf).context("loading programs")?;
+    let mut maps = BpfMaps::from_ebpf(&mut ebpf)?;
+    let applied = maps.dump_applied();
+    info!(
+        "node {}: maps under {} ({} frontends, {} backends restored from a previous run)",
+        cfg.node,
+        cfg.pin_dir.display(),
+        applied.frontends.len(),
+        applied.backends.len()
+    );
+    let mut rec = Reconciler::restore(applied);
+
+    if let Some(cg) = &cfg.cgroup {
+        attach::attach_cgroup(&mut ebpf, cg).with_context(|| format!("attaching socket hooks to cgroup {}", cg.display()))?;
+        info!("socket hooks attached to cgroup {}", cg.display());
+    }
+    let mut att = Attachments::default();
+    att.sync_interfaces(&mut ebpf, &cfg.pod_interfaces);
+
+    // Link events come from a blocking netlink socket on its own thread.
+    let (link_tx, mut link_rx) = tokio::sync::mpsc::channel::<()>(1);
+    let events = LinkEvents::open().context("subscribing to netlink link events")?;
+    std::thread::Builder::new().name("link-events".into()).spawn(move || loop {
+        if let Err(e) = events.wait() {
+            error!("netlink link events: {e}");
+            return;
+        }
+        if link_tx.blocking_send(()).is_err() {
+            return;
+        }
+    })?;
+
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let mut tick = tokio::time::interval(cfg.poll);
+    let mut last_seen: Option<u64> = None;
+    loop {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => break,
+            _ = term.recv() => break,
+            Some(()) = link_rx.recv() => att.sync_interfaces(&mut ebpf, &cfg.pod_interfaces),
+            _ = tick.tick() => {
+                match manifests::fingerprint(&cfg.manifests) {
+                    Ok(fp) if Some(fp) == last_seen => {}
+                    Ok(fp) => {
+                        sync_once(&cfg, &mut rec, &mut maps);
+                        last_seen = Some(fp);
+                    }
+                    Err(e) => warn!("manifests {}: {e}", cfg.manifests.display()),
+                }
+            }
+        }
+    }
+    info!("stopping: detaching from {} interfaces; maps stay pinned under {}", att.attached().len(), cfg.pin_dir.display());
+    att.detach_all(&mut ebpf);
+    drop(ebpf); // closes the cgroup links
+    Ok(())
+}
+
+/// Reads the manifests, translates and reconciles once. Object errors are logged and skipped.
+pub fn sync_once(cfg: &RunConfig, rec: &mut Reconciler, maps: &mut BpfMaps) {
+    let started = std::time::Instant::now();
+    let (objs, mut errors) = match manifests::read(&cfg.manifests) {
+        Ok(r) => r,
+        Err(e) => {
+            warn!("manifests {}: {e}", cfg.manifests.display());
+            return;
+        }
+    };
+    let (desired, terr) = model::translate(&objs.services, &objs.endpoint_slices);
+    errors.extend(terr);
+    for e in &errors {
+        warn!("skipped: {e}");
+    }
+    let (st, map_errors) = rec.sync(&desired, &cfg.service_cidrs, maps);
+    for e in &map_errors {
+        error!("sync: {e}");
+    }
+    info!(
+        "synced {} services, {} slices -> {} frontends in {:?}: {} writes, {} deletes, {} UDP/SCTP conntrack entries of removed endpoints flushed",
+        objs.services.len(),
+        objs.endpoint_slices.len(),
+        desired.frontends.len(),
+        started.elapsed(),
+        st.writes,
+        st.deletes,
+        st.conntrack_flushed
+    );
+}

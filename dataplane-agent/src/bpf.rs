@@ -1,0 +1,192 @@
+//! The only code that touches BPF maps: typed wrappers over aya, the [`MapOps`] implementation
+//! the reconciler drives, and the dump that restores the applied view at start-up.
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::Ipv4Addr,
+    path::Path,
+};
+
+use aya::{
+    maps::{lpm_trie::Key as LpmKey, HashMap, LpmTrie, Map, MapData, MapError, PerCpuArray},
+    sys::SyscallError,
+    Ebpf,
+};
+use dataplane_common::{
+    capacity, names, Ct4Entry, Ct4Key, Lb4Backend, Lb4Key, Lb4Service, Lb4SlotKey, IPPROTO_TCP, SVC_F_ADDR_ONLY,
+};
+
+use crate::{
+    error::{LoadError, MapOpError},
+    reconcile::{l4addr_from_backend, l4addr_from_key, Applied, AppliedFrontend, Cidr4, MapOps},
+};
+
+/// Handles on every map the agent reads or writes.
+pub struct BpfMaps {
+    pub services: HashMap<MapData, Lb4Key, Lb4Service>,
+    pub slots: HashMap<MapData, Lb4SlotKey, u32>,
+    pub backends: HashMap<MapData, u32, Lb4Backend>,
+    pub conntrack: HashMap<MapData, Ct4Key, Ct4Entry>,
+    pub service_cidrs: LpmTrie<MapData, u32, u32>,
+    pub stats: PerCpuArray<MapData, u64>,
+}
+
+fn take(ebpf: &mut Ebpf, name: &'static str) -> Result<Map, LoadError> {
+    ebpf.take_map(name).ok_or(LoadError::MissingMap { name })
+}
+
+fn conv<T>(name: &'static str, r: Result<T, MapError>) -> Result<T, LoadError> {
+    r.map_err(|source| LoadError::Map { name, source })
+}
+
+impl BpfMaps {
+    /// Takes the maps out of a loaded object (the agent keeps the programs attached meanwhile).
+    pub fn from_ebpf(ebpf: &mut Ebpf) -> Result<Self, LoadError> {
+        Ok(BpfMaps {
+            services: conv(names::SERVICES, HashMap::try_from(take(ebpf, names::SERVICES)?))?,
+            slots: conv(names::SLOTS, HashMap::try_from(take(ebpf, names::SLOTS)?))?,
+            backends: conv(names::BACKENDS, HashMap::try_from(take(ebpf, names::BACKENDS)?))?,
+            conntrack: conv(names::CONNTRACK, HashMap::try_from(take(ebpf, names::CONNTRACK)?))?,
+            service_cidrs: conv(names::SERVICE_CIDRS, LpmTrie::try_from(take(ebpf, names::SERVICE_CIDRS)?))?,
+            stats: conv(names::STATS, PerCpuArray::try_from(take(ebpf, names::STATS)?))?,
+        })
+    }
+
+    /// Opens the pinned maps of a node (inspection and live trace; works while the agent is down).
+    pub fn from_pins(dir: &Path) -> Result<Self, LoadError> {
+        let open = |name: &'static str| -> Result<Map, LoadError> {
+            let data = conv(name, MapData::from_pin(dir.join(name)))?;
+            Ok(match name {
+                names::SERVICE_CIDRS => Map::LpmTrie(data),
+                names::STATS => Map::PerCpuArray(data),
+                names::CONNTRACK | names::FRAGMENTS => Map::LruHashMap(data),
+                _ => Map::HashMap(data),
+            })
+        };
+        Ok(BpfMaps {
+            services: conv(names::SERVICES, HashMap::try_from(open(names::SERVICES)?))?,
+            slots: conv(names::SLOTS, HashMap::try_from(open(names::SLOTS)?))?,
+            backends: conv(names::BACKENDS, HashMap::try_from(open(names::BACKENDS)?))?,
+            conntrack: conv(names::CONNTRACK, HashMap::try_from(open(names::CONNTRACK)?))?,
+            service_cidrs: conv(names::SERVICE_CIDRS, LpmTrie::try_from(open(names::SERVICE_CIDRS)?))?,
+            stats: conv(names::STATS, PerCpuArray::try_from(open(names::STATS)?))?,
+        })
+    }
+
+    /// Reads the maps back into the reconciler's view (restore, then reconcile).
+    pub fn dump_applied(&self) -> Applied {
+        let mut applied = Applied::default();
+        let mut by_id = BTreeMap::new();
+        for (id, be) in self.backends.iter().flatten() {
+            if let Some(b) = l4addr_from_backend(&be) {
+                applied.backends.insert(b, id);
+                by_id.insert(id, b);
+            }
+        }
+        let slots: BTreeMap<Lb4SlotKey, u32> = self.slots.iter().flatten().collect();
+        for (key, svc) in self.services.iter().flatten() {
+            if svc.flags & SVC_F_ADDR_ONLY != 0 {
+                applied.cluster_ips.insert(Ipv4Addr::from(key.addr_be.to_ne_bytes()));
+                continue;
+            }
+            let Some(fe) = l4addr_from_key(&key) else { continue };
+            let mut list = Vec::new();
+            for slot in 0..svc.count as u32 {
+                match slots.get(&Lb4SlotKey { svc_id: svc.svc_id, slot }).and_then(|id| by_id.get(id)) {
+                    Some(b) => list.push(*b),
+                    None => break, // a torn write from a crash: the next sync rewrites the rest
+                }
+            }
+            applied.frontends.insert(fe, AppliedFrontend { svc_id: svc.svc_id, service: None, slots: list });
+        }
+        for (key, _) in self.service_cidrs.iter().flatten() {
+            applied.service_cidrs.insert(Cidr4 { addr: Ipv4Addr::from(key.data().to_ne_bytes()), prefix: key.prefix_len() as u8 });
+        }
+        applied
+    }
+
+    /// Sum over CPUs of each counter.
+    pub fn stat_totals(&self) -> Vec<u64> {
+        (0..capacity::STATS).map(|i| self.stats.get(&i, 0).map(|v| v.iter().sum()).unwrap_or(0)).collect()
+    }
+}
+
+fn is_full(e: &MapError) -> bool {
+    matches!(e, MapError::SyscallError(SyscallError { io_error, .. }) if io_error.raw_os_error() == Some(libc::E2BIG))
+}
+
+fn put<K: aya::Pod, V: aya::Pod>(
+    map: &mut HashMap<MapData, K, V>,
+    name: &'static str,
+    cap: u32,
+    k: K,
+    v: V,
+    what: impl FnOnce() -> String,
+) -> Result<(), MapOpError> {
+    map.insert(k, v, 0).map_err(|source| {
+        if is_full(&source) {
+            MapOpError::Full { map: name, capacity: cap, what: what() }
+        } else {
+            MapOpError::Syscall { map: name, op: "insert", what: what(), source }
+        }
+    })
+}
+
+fn del<K: aya::Pod, V: aya::Pod>(map: &mut HashMap<MapData, K, V>, name: &'static str, k: &K, what: impl FnOnce() -> String) -> Result<(), MapOpError> {
+    match map.remove(k) {
+        Ok(()) => Ok(()),
+        // Already gone is what we wanted.
+        Err(MapError::KeyNotFound) => Ok(()),
+        Err(MapError::SyscallError(SyscallError { ref io_error, .. })) if io_error.raw_os_error() == Some(libc::ENOENT) => Ok(()),
+        Err(source) => Err(MapOpError::Syscall { map: name, op: "delete", what: what(), source }),
+    }
+}
+
+impl MapOps for BpfMaps {
+    fn put_backend(&mut self, id: u32, be: Lb4Backend) -> Result<(), MapOpError> {
+        put(&mut self.backends, names::BACKENDS, capacity::BACKENDS, id, be, || format!("backend {id}"))
+    }
+    fn del_backend(&mut self, id: u32) -> Result<(), MapOpError> {
+        del(&mut self.backends, names::BACKENDS, &id, || format!("backend {id}"))
+    }
+    fn put_slot(&mut self, key: Lb4SlotKey, backend_id: u32) -> Result<(), MapOpError> {
+        put(&mut self.slots, names::SLOTS, capacity::SLOTS, key, backend_id, || format!("slot {}/{}", key.svc_id, key.slot))
+    }
+    fn del_slot(&mut self, key: Lb4SlotKey) -> Result<(), MapOpError> {
+        del(&mut self.slots, names::SLOTS, &key, || format!("slot {}/{}", key.svc_id, key.slot))
+    }
+    fn put_service(&mut self, key: Lb4Key, svc: Lb4Service) -> Result<(), MapOpError> {
+        put(&mut self.services, names::SERVICES, capacity::SERVICES, key, svc, || format!("{key:?}"))
+    }
+    fn del_service(&mut self, key: Lb4Key) -> Result<(), MapOpError> {
+        del(&mut self.services, names::SERVICES, &key, || format!("{key:?}"))
+    }
+    fn put_service_cidr(&mut self, c: Cidr4) -> Result<(), MapOpError> {
+        let key = LpmKey::new(c.prefix as u32, u32::from_ne_bytes(c.addr.octets()));
+        self.service_cidrs
+            .insert(&key, 1, 0)
+            .map_err(|source| MapOpError::Syscall { map: names::SERVICE_CIDRS, op: "insert", what: c.to_string(), source })
+    }
+    fn del_service_cidr(&mut self, c: Cidr4) -> Result<(), MapOpError> {
+        let key = LpmKey::new(c.prefix as u32, u32::from_ne_bytes(c.addr.octets()));
+        match self.service_cidrs.remove(&key) {
+            Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
+            Err(source) => Err(MapOpError::Syscall { map: names::SERVICE_CIDRS, op: "delete", what: c.to_string(), source }),
+        }
+    }
+    fn flush_conntrack(&mut self, gone: &BTreeSet<(u32, u32)>, gone_services: &BTreeSet<u32>) -> Result<usize, MapOpError> {
+        // One pass over the table, only when endpoints went away; never on the packet path.
+        let doomed: Vec<Ct4Key> = self
+            .conntrack
+            .iter()
+            .flatten()
+            .filter(|(k, e)| k.proto != IPPROTO_TCP && (gone.contains(&(e.svc_id, e.backend_id)) || gone_services.contains(&e.svc_id)))
+            .map(|(k, _)| k)
+            .collect();
+        let mut n = 0;
+        for k in &doomed {
+            del(&mut self.conntrack, names::CONNTRACK, k, || format!("{k:?}"))?;
+            n += 1;
+        }
+        Ok(n)
+    }
+}

@@ -1,0 +1,9 @@
+//! Ferry's agent as a library: `main.rs` only wires these together, and tests import them.
+pub mod agent;
+pub mod attach;
+pub mod bpf;
+pub mod error;
+pub mod loader;
+pub mod model;
+pub mod reconcile;
+pub mod sources;

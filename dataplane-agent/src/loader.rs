@@ -1,0 +1,79 @@
+//! Loading the datapath: the object built into this binary, maps pinned by name under the pin
+//! directory (re-used across restarts so conntrack and service state survive), programs loaded
+//! and handed to the attachers.
+use std::path::{Path, PathBuf};
+
+use aya::{maps::MapInfo, Ebpf, EbpfLoader};
+use dataplane_common::{names, Ct4Entry, Ct4Key, Frag4Key, Frag4Ports, Lb4Backend, Lb4Key, Lb4Service, Lb4SlotKey};
+
+use crate::error::LoadError;
+
+/// The eBPF object, embedded at build time by build.rs (empty when it was not built).
+static OBJECT: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/dataplane-ebpf.o"));
+
+pub fn object() -> Result<&'static [u8], LoadError> {
+    if OBJECT.is_empty() {
+        return Err(LoadError::NoObject);
+    }
+    Ok(OBJECT)
+}
+
+/// Where a node's maps live.
+pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/ferry";
+
+/// (name, key size, value size) of every pinned map, checked before re-using a pin.
+fn expected_layout() -> [(&'static str, u32, u32); 6] {
+    use std::mem::size_of;
+    [
+        (names::SERVICES, size_of::<Lb4Key>() as u32, size_of::<Lb4Service>() as u32),
+        (names::SLOTS, size_of::<Lb4SlotKey>() as u32, 4),
+        (names::BACKENDS, 4, size_of::<Lb4Backend>() as u32),
+        (names::CONNTRACK, size_of::<Ct4Key>() as u32, size_of::<Ct4Entry>() as u32),
+        (names::FRAGMENTS, size_of::<Frag4Key>() as u32, size_of::<Frag4Ports>() as u32),
+        (names::SERVICE_CIDRS, 8, 4),
+    ]
+}
+
+fn check_pinned(dir: &Path) -> Result<(), LoadError> {
+    for (name, key, value) in expected_layout() {
+        let path = dir.join(name);
+        if !path.exists() {
+            continue;
+        }
+        let info = MapInfo::from_pin(&path).map_err(|source| LoadError::Map { name, source })?;
+        for (what, found, expected) in [("key size", info.key_size(), key), ("value size", info.value_size(), value)] {
+            if found != expected {
+                return Err(LoadError::PinnedMismatch { path: path.display().to_string(), what, found, expected });
+            }
+        }
+    }
+    Ok(())
+}
+
+fn is_bpffs(path: &Path) -> bool {
+    const BPF_FS_MAGIC: i64 = 0xcafe4a11;
+    let Ok(c) = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()) else { return false };
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    unsafe { libc::statfs(c.as_ptr(), &mut st) == 0 && st.f_type as i64 == BPF_FS_MAGIC }
+}
+
+/// Loads the object. With `pin_dir`, every map is pinned there by name and an existing pin is
+/// re-used (after a layout check); without, all maps are private to this process (trace, tests).
+pub fn load(pin_dir: Option<&Path>) -> Result<Ebpf, LoadError> {
+    let obj = object()?;
+    let mut loader = EbpfLoader::new();
+    let paths: Vec<(&'static str, PathBuf)>;
+    if let Some(dir) = pin_dir {
+        let parent = dir.parent().unwrap_or(Path::new("/"));
+        if !is_bpffs(parent) && !is_bpffs(dir) {
+            return Err(LoadError::NoBpffs { path: parent.display().to_string() });
+        }
+        std::fs::create_dir_all(dir)?;
+        check_pinned(dir)?;
+        paths = names::ALL.iter().map(|n| (*n, dir.join(n))).collect();
+        for (n, p) in &paths {
+            loader.map_pin_path(n, p.as_path());
+        }
+    }
+    Ok(loader.load(obj)?)
+}

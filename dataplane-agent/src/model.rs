@@ -1,0 +1,261 @@
+//! The one translation from Kubernetes objects to what the datapath must hold. Every source
+//! (manifest files, the scenario runner, the API server) feeds this module; nothing else decides
+//! what a Service means. Pure: no maps, no I/O, testable without root.
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    fmt,
+    net::Ipv4Addr,
+};
+
+use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
+
+use crate::error::ObjectError;
+
+/// L4 protocols a Service port can carry.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Proto {
+    Tcp,
+    Udp,
+    Sctp,
+}
+
+impl Proto {
+    pub fn number(self) -> u8 {
+        match self {
+            Proto::Tcp => dataplane_common::IPPROTO_TCP,
+            Proto::Udp => dataplane_common::IPPROTO_UDP,
+            Proto::Sctp => dataplane_common::IPPROTO_SCTP,
+        }
+    }
+
+    pub fn from_number(n: u8) -> Option<Proto> {
+        match n {
+            dataplane_common::IPPROTO_TCP => Some(Proto::Tcp),
+            dataplane_common::IPPROTO_UDP => Some(Proto::Udp),
+            dataplane_common::IPPROTO_SCTP => Some(Proto::Sctp),
+            _ => None,
+        }
+    }
+
+    /// Parses a Kubernetes `protocol` field; absent means TCP, as the API defaults it.
+    pub fn from_k8s(s: Option<&str>) -> Result<Proto, String> {
+        match s.unwrap_or("TCP") {
+            "TCP" => Ok(Proto::Tcp),
+            "UDP" => Ok(Proto::Udp),
+            "SCTP" => Ok(Proto::Sctp),
+            other => Err(format!("unsupported protocol {other:?} (TCP, UDP or SCTP)")),
+        }
+    }
+
+    pub fn parse_lower(s: &str) -> Option<Proto> {
+        match s.to_ascii_lowercase().as_str() {
+            "tcp" => Some(Proto::Tcp),
+            "udp" => Some(Proto::Udp),
+            "sctp" => Some(Proto::Sctp),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for Proto {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Proto::Tcp => "tcp",
+            Proto::Udp => "udp",
+            Proto::Sctp => "sctp",
+        })
+    }
+}
+
+/// `address:port/proto`, used for both frontends and backends.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct L4Addr {
+    pub addr: Ipv4Addr,
+    pub port: u16,
+    pub proto: Proto,
+}
+
+impl fmt::Display for L4Addr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}/{}", self.addr, self.port, self.proto)
+    }
+}
+
+/// Which Service port a frontend belongs to, for logs and inspection.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ServicePortName {
+    pub namespace: String,
+    pub name: String,
+    pub port: String,
+}
+
+impl fmt::Display for ServicePortName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.port.is_empty() {
+            write!(f, "{}/{}", self.namespace, self.name)
+        } else {
+            write!(f, "{}/{}:{}", self.namespace, self.name, self.port)
+        }
+    }
+}
+
+/// A frontend and the backends it must spread over.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DesiredFrontend {
+    pub service: ServicePortName,
+    pub backends: BTreeSet<L4Addr>,
+}
+
+/// Everything the datapath must hold for this node.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Desired {
+    pub frontends: BTreeMap<L4Addr, DesiredFrontend>,
+    /// Addresses that are ClusterIPs: a port they do not expose is refused.
+    pub cluster_ips: BTreeSet<Ipv4Addr>,
+}
+
+/// Label that names the Service an EndpointSlice belongs to.
+pub const LABEL_SERVICE_NAME: &str = "kubernetes.io/service-name";
+/// Services with this label belong to another proxy; kube-proxy ignores them and so do we.
+pub const LABEL_SERVICE_PROXY_NAME: &str = "service.kubernetes.io/service-proxy-name";
+
+fn obj_name(ns: &Option<String>, name: &Option<String>) -> String {
+    format!("{}/{}", ns.as_deref().unwrap_or("default"), name.as_deref().unwrap_or("<unnamed>"))
+}
+
+/// Translates Services and EndpointSlices into the desired datapath state. Objects that cannot
+/// be understood are reported (with the object and the field) and skipped; the rest still counts.
+pub fn translate(services: &[Service], slices: &[EndpointSlice]) -> (Desired, Vec<ObjectError>) {
+    let mut errors = Vec::new();
+    let mut desired = Desired::default();
+
+    // Index ready endpoints by (namespace, service name) once: O(slices), not O(services*slices).
+    let mut by_service: BTreeMap<(String, String), Vec<&EndpointSlice>> = BTreeMap::new();
+    for slice in slices {
+        let ns = slice.metadata.namespace.clone().unwrap_or_else(|| "default".into());
+        let Some(svc) = slice.metadata.labels.as_ref().and_then(|l| l.get(LABEL_SERVICE_NAME)) else {
+            errors.push(ObjectError::new("EndpointSlice", obj_name(&slice.metadata.namespace, &slice.metadata.name),
+                format!("metadata.labels[{LABEL_SERVICE_NAME}]"), "missing: the slice belongs to no Service"));
+            continue;
+        };
+        by_service.entry((ns, svc.clone())).or_default().push(slice);
+    }
+
+    for svc in services {
+        let name = obj_name(&svc.metadata.namespace, &svc.metadata.name);
+        let err = |field: &str, msg: String| ObjectError::new("Service", name.clone(), field.to_string(), msg);
+        if svc.metadata.labels.as_ref().is_some_and(|l| l.contains_key(LABEL_SERVICE_PROXY_NAME)) {
+            continue;
+        }
+        let Some(spec) = &svc.spec else {
+            errors.push(err("spec", "missing".into()));
+            continue;
+        };
+        if spec.type_.as_deref() == Some("ExternalName") {
+            continue;
+        }
+        let ips: Vec<String> = match (&spec.cluster_ips, &spec.cluster_ip) {
+            (Some(ips), _) if !ips.is_empty() => ips.clone(),
+            (_, Some(ip)) => vec![ip.clone()],
+            _ => {
+                errors.push(err("spec.clusterIP", "missing".into()));
+                continue;
+            }
+        };
+        if ips.iter().any(|ip| ip == "None") {
+            continue; // headless: DNS only, nothing for a proxy to do
+        }
+        let mut addrs = Vec::new();
+        for (i, ip) in ips.iter().enumerate() {
+            match ip.parse::<std::net::IpAddr>() {
+                Ok(std::net::IpAddr::V4(a)) => addrs.push(a),
+                Ok(std::net::IpAddr::V6(_)) => errors.push(err(&format!("spec.clusterIPs[{i}]"),
+                    format!("{ip}: IPv6 is not supported by this version of Ferry; the Service's IPv4 addresses are still served"))),
+                Err(_) => errors.push(err(&format!("spec.clusterIPs[{i}]"), format!("{ip:?} is not an IP address"))),
+            }
+        }
+        if addrs.is_empty() {
+            continue;
+        }
+        let ns = svc.metadata.namespace.clone().unwrap_or_else(|| "default".into());
+        let svc_name = svc.metadata.name.clone().unwrap_or_default();
+        let slices = by_service.get(&(ns.clone(), svc_name.clone())).map(Vec::as_slice).unwrap_or(&[]);
+        let mut any_port = false;
+        for (pi, port) in spec.ports.iter().flatten().enumerate() {
+            let proto = match Proto::from_k8s(port.protocol.as_deref()) {
+                Ok(p) => p,
+                Err(e) => {
+                    errors.push(err(&format!("spec.ports[{pi}].protocol"), e));
+                    continue;
+                }
+            };
+            let Ok(number) = u16::try_from(port.port).map_err(drop).and_then(|p| if p == 0 { Err(()) } else { Ok(p) }) else {
+                errors.push(err(&format!("spec.ports[{pi}].port"), format!("{} is not a port number (1-65535)", port.port)));
+                continue;
+            };
+            any_port = true;
+            let port_name = port.name.clone().unwrap_or_default();
+            let backends = endpoints_for_port(slices, &port_name, proto, &mut errors);
+            for addr in &addrs {
+                desired.frontends.insert(
+                    L4Addr { addr: *addr, port: number, proto },
+                    DesiredFrontend {
+                        service: ServicePortName { namespace: ns.clone(), name: svc_name.clone(), port: port_name.clone() },
+                        backends: backends.clone(),
+                    },
+                );
+            }
+        }
+        if any_port {
+            desired.cluster_ips.extend(addrs);
+        }
+    }
+    (desired, dedup_errors(errors))
+}
+
+/// Ready endpoints of the slices for the Service port named `port_name`. kube-proxy matches
+/// EndpointSlice ports to Service ports by name (the controller already resolved named
+/// targetPorts into numbers), and an endpoint whose `ready` condition is absent counts as ready.
+fn endpoints_for_port(slices: &[&EndpointSlice], port_name: &str, proto: Proto, errors: &mut Vec<ObjectError>) -> BTreeSet<L4Addr> {
+    let mut out = BTreeSet::new();
+    for slice in slices {
+        let name = obj_name(&slice.metadata.namespace, &slice.metadata.name);
+        if slice.address_type != "IPv4" {
+            errors.push(ObjectError::new("EndpointSlice", name.clone(), "addressType".into(),
+                format!("{:?} is not supported by this version of Ferry (IPv4 only)", slice.address_type)));
+            continue;
+        }
+        let Some(port) = slice.ports.iter().flatten().find(|p| {
+            p.name.as_deref().unwrap_or("") == port_name && Proto::from_k8s(p.protocol.as_deref()).ok() == Some(proto)
+        }) else {
+            continue;
+        };
+        let Some(number) = port.port.and_then(|p| u16::try_from(p).ok()).filter(|p| *p != 0) else {
+            errors.push(ObjectError::new("EndpointSlice", name.clone(), format!("ports[name={port_name:?}].port"),
+                format!("{:?} is not a port number (1-65535)", port.port)));
+            continue;
+        };
+        for (ei, ep) in slice.endpoints.iter().flatten().enumerate() {
+            if ep.conditions.as_ref().and_then(|c| c.ready) == Some(false) {
+                continue;
+            }
+            for (ai, a) in ep.addresses.iter().enumerate() {
+                match a.parse::<Ipv4Addr>() {
+                    Ok(addr) => {
+                        out.insert(L4Addr { addr, port: number, proto });
+                    }
+                    Err(_) => errors.push(ObjectError::new("EndpointSlice", name.clone(),
+                        format!("endpoints[{ei}].addresses[{ai}]"), format!("{a:?} is not an IPv4 address"))),
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Dedupes errors that the per-port loop reports once per port.
+fn dedup_errors(mut errors: Vec<ObjectError>) -> Vec<ObjectError> {
+    let mut seen = BTreeSet::new();
+    errors.retain(|e| seen.insert(e.to_string()));
+    errors
+}

@@ -1,0 +1,507 @@
+//! Desired state versus applied state, turned into ordered map operations.
+//!
+//! Following Cilium's control plane: writes are ordered so the datapath never sees a dangling
+//! reference (backends, then the slots that point at them, the service entry last; deletes in the
+//! reverse order), the in-memory view changes only after a write succeeded, and unchanged entries
+//! are never rewritten. Removing one endpoint touches its own slot, the slot the last backend
+//! moves into, and the service's count: nothing else. Map I/O sits behind [`MapOps`] so this
+//! logic is tested without root; bpf-tests run it against the real maps.
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::Ipv4Addr,
+};
+
+use dataplane_common::{Lb4Backend, Lb4Key, Lb4Service, Lb4SlotKey, SVC_F_ADDR_ONLY};
+
+use crate::{
+    error::MapOpError,
+    model::{Desired, L4Addr, Proto, ServicePortName},
+};
+
+/// An IPv4 CIDR.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Cidr4 {
+    pub addr: Ipv4Addr,
+    pub prefix: u8,
+}
+
+impl std::str::FromStr for Cidr4 {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (a, p) = s.split_once('/').ok_or_else(|| format!("{s:?} is not a CIDR (a.b.c.d/n)"))?;
+        let addr: Ipv4Addr = a.parse().map_err(|_| format!("{s:?}: {a:?} is not an IPv4 address"))?;
+        let prefix: u8 = p.parse().ok().filter(|p| *p <= 32).ok_or_else(|| format!("{s:?}: prefix must be 0-32"))?;
+        let mask = if prefix == 0 { 0 } else { u32::MAX << (32 - prefix) };
+        Ok(Cidr4 { addr: Ipv4Addr::from(u32::from(addr) & mask), prefix })
+    }
+}
+
+impl std::fmt::Display for Cidr4 {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.addr, self.prefix)
+    }
+}
+
+impl Cidr4 {
+    pub fn contains(&self, ip: Ipv4Addr) -> bool {
+        let mask = if self.prefix == 0 { 0 } else { u32::MAX << (32 - self.prefix) };
+        u32::from(ip) & mask == u32::from(self.addr)
+    }
+}
+
+/// The map operations the reconciler needs. Implemented by `bpf::BpfMaps` on real maps.
+pub trait MapOps {
+    fn put_backend(&mut self, id: u32, be: Lb4Backend) -> Result<(), MapOpError>;
+    fn del_backend(&mut self, id: u32) -> Result<(), MapOpError>;
+    fn put_slot(&mut self, key: Lb4SlotKey, backend_id: u32) -> Result<(), MapOpError>;
+    fn del_slot(&mut self, key: Lb4SlotKey) -> Result<(), MapOpError>;
+    fn put_service(&mut self, key: Lb4Key, svc: Lb4Service) -> Result<(), MapOpError>;
+    fn del_service(&mut self, key: Lb4Key) -> Result<(), MapOpError>;
+    fn put_service_cidr(&mut self, cidr: Cidr4) -> Result<(), MapOpError>;
+    fn del_service_cidr(&mut self, cidr: Cidr4) -> Result<(), MapOpError>;
+    /// Deletes the conntrack entries (both directions) of UDP and SCTP connections that a
+    /// removed backend or Service served. TCP connections keep their backend until they end,
+    /// as with kube-proxy (graceful termination). Returns how many entries went.
+    fn flush_conntrack(&mut self, gone: &BTreeSet<(u32, u32)>, gone_services: &BTreeSet<u32>) -> Result<usize, MapOpError>;
+}
+
+/// What is in the maps now, as the datapath sees it (restored from the maps at start-up).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Applied {
+    pub backends: BTreeMap<L4Addr, u32>,
+    pub frontends: BTreeMap<L4Addr, AppliedFrontend>,
+    pub cluster_ips: BTreeSet<Ipv4Addr>,
+    pub service_cidrs: BTreeSet<Cidr4>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AppliedFrontend {
+    pub svc_id: u32,
+    /// `None` for a frontend restored from the maps whose Service has not been seen yet.
+    pub service: Option<ServicePortName>,
+    /// Slot `i` holds `slots[i]`.
+    pub slots: Vec<L4Addr>,
+}
+
+/// Counts of one sync, for logs, metrics and tests.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SyncStats {
+    pub writes: usize,
+    pub deletes: usize,
+    pub conntrack_flushed: usize,
+}
+
+/// Map keys and values from domain types: the one place where byte order is converted.
+pub fn lb4_key(fe: &L4Addr) -> Lb4Key {
+    Lb4Key { addr_be: u32::from_ne_bytes(fe.addr.octets()), port_be: fe.port.to_be(), proto: fe.proto.number(), pad: 0 }
+}
+
+pub fn lb4_addr_key(addr: Ipv4Addr) -> Lb4Key {
+    Lb4Key { addr_be: u32::from_ne_bytes(addr.octets()), port_be: 0, proto: 0, pad: 0 }
+}
+
+pub fn lb4_backend(be: &L4Addr) -> Lb4Backend {
+    Lb4Backend { addr_be: u32::from_ne_bytes(be.addr.octets()), port_be: be.port.to_be(), proto: be.proto.number(), flags: 0 }
+}
+
+pub fn l4addr_from_backend(be: &Lb4Backend) -> Option<L4Addr> {
+    Some(L4Addr { addr: Ipv4Addr::from(be.addr_be.to_ne_bytes()), port: u16::from_be(be.port_be), proto: Proto::from_number(be.proto)? })
+}
+
+pub fn l4addr_from_key(k: &Lb4Key) -> Option<L4Addr> {
+    Some(L4Addr { addr: Ipv4Addr::from(k.addr_be.to_ne_bytes()), port: u16::from_be(k.port_be), proto: Proto::from_number(k.proto)? })
+}
+
+/// Owns the applied view and the id allocation.
+#[derive(Debug, Default)]
+pub struct Reconciler {
+    pub applied: Applied,
+    next_svc_id: u32,
+    next_backend_id: u32,
+}
+
+impl Reconciler {
+    /// Starts from what the maps already hold, re-adopting service and backend ids so that a
+    /// restart rewrites nothing that did not change and conntrack entries stay meaningful.
+    pub fn restore(applied: Applied) -> Self {
+        let next_svc_id = applied.frontends.values().map(|f| f.svc_id).max().unwrap_or(0) + 1;
+        let next_backend_id = applied.backends.values().copied().max().unwrap_or(0) + 1;
+        Reconciler { applied, next_svc_id, next_backend_id }
+    }
+
+    pub fn new() -> Self {
+        Self::restore(Applied::default())
+    }
+
+    /// Brings the maps to `desired`. Errors (a full map, a failed write) are returned per
+    /// frontend; the frontends that could be written are, and the rest keep their old state.
+    pub fn sync(&mut self, desired: &Desired, service_cidrs: &BTreeSet<Cidr4>, ops: &mut dyn MapOps) -> (SyncStats, Vec<String>) {
+        let mut st = SyncStats::default();
+        let mut errors = Vec::new();
+        let mut gone_pairs = BTreeSet::new();
+        let mut gone_svcs = BTreeSet::new();
+
+        for (fe, want) in &desired.frontends {
+            if let Err(e) = self.sync_frontend(fe, &want.service, &want.backends, ops, &mut st, &mut gone_pairs) {
+                errors.push(format!("Service {} frontend {fe}: {e}", want.service));
+            }
+        }
+
+        let stale: Vec<L4Addr> = self.applied.frontends.keys().filter(|fe| !desired.frontends.contains_key(fe)).copied().collect();
+        for fe in stale {
+            let af = self.applied.frontends[&fe].clone();
+            let res = (|| -> Result<(), MapOpError> {
+                ops.del_service(lb4_key(&fe))?;
+                st.deletes += 1;
+                for slot in 0..af.slots.len() as u32 {
+                    ops.del_slot(Lb4SlotKey { svc_id: af.svc_id, slot })?;
+                    st.deletes += 1;
+                }
+                Ok(())
+            })();
+            match res {
+                Ok(()) => {
+                    gone_svcs.insert(af.svc_id);
+                    self.applied.frontends.remove(&fe);
+                }
+                Err(e) => errors.push(format!("removing frontend {fe}: {e}")),
+            }
+        }
+
+        for ip in desired.cluster_ips.difference(&self.applied.cluster_ips.clone()) {
+            match ops.put_service(lb4_addr_key(*ip), Lb4Service { svc_id: 0, count: 0, flags: SVC_F_ADDR_ONLY }) {
+                Ok(()) => {
+                    st.writes += 1;
+                    self.applied.cluster_ips.insert(*ip);
+                }
+                Err(e) => errors.push(format!("ClusterIP {ip}: {e}")),
+            }
+        }
+        for ip in self.applied.cluster_ips.clone().difference(&desired.cluster_ips) {
+            match ops.del_service(lb4_addr_key(*ip)) {
+                Ok(()) => {
+                    st.deletes += 1;
+                    self.applied.cluster_ips.remove(ip);
+                }
+                Err(e) => errors.push(format!("removing ClusterIP {ip}: {e}")),
+            }
+        }
+
+        for c in service_cidrs.difference(&self.applied.service_cidrs.clone()) {
+            match ops.put_service_cidr(*c) {
+                Ok(()) => {
+                    st.writes += 1;
+                    self.applied.service_cidrs.insert(*c);
+                }
+                Err(e) => errors.push(format!("service CIDR {c}: {e}")),
+            }
+        }
+        for c in self.applied.service_cidrs.clone().difference(service_cidrs) {
+            match ops.del_service_cidr(*c) {
+                Ok(()) => {
+                    st.deletes += 1;
+                    self.applied.service_cidrs.remove(c);
+                }
+                Err(e) => errors.push(format!("removing service CIDR {c}: {e}")),
+            }
+        }
+
+        // Backends nothing points at any more go last, after every slot that referenced them.
+        let used: BTreeSet<L4Addr> = self.applied.frontends.values().flat_map(|f| f.slots.iter().copied()).collect();
+        let unused: Vec<(L4Addr, u32)> = self.applied.backends.iter().filter(|(b, _)| !used.contains(b)).map(|(b, id)| (*b, *id)).collect();
+        for (be, id) in unused {
+            match ops.del_backend(id) {
+                Ok(()) => {
+                    st.deletes += 1;
+                    self.applied.backends.remove(&be);
+                }
+                Err(e) => errors.push(format!("removing backend {be}: {e}")),
+            }
+        }
+
+        if !gone_pairs.is_empty() || !gone_svcs.is_empty() {
+            match ops.flush_conntrack(&gone_pairs, &gone_svcs) {
+                Ok(n) => st.conntrack_flushed = n,
+                Err(e) => errors.push(format!("flushing conntrack of removed endpoints: {e}")),
+            }
+        }
+        (st, errors)
+    }
+
+    fn backend_id(&mut self, be: &L4Addr, ops: &mut dyn MapOps, st: &mut SyncStats) -> Result<u32, MapOpError> {
+        if let Some(id) = self.applied.backends.get(be) {
+            return Ok(*id);
+        }
+        let id = self.next_backend_id;
+        if id == u32::MAX {
+            return Err(MapOpError::OutOfIds { map: dataplane_common::names::BACKENDS });
+        }
+        ops.put_backend(id, lb4_backend(be))?;
+        st.writes += 1;
+        self.next_backend_id += 1;
+        self.applied.backends.insert(*be, id);
+        Ok(id)
+    }
+
+    fn sync_frontend(
+        &mut self,
+        fe: &L4Addr,
+        service: &ServicePortName,
+        want: &BTreeSet<L4Addr>,
+        ops: &mut dyn MapOps,
+        st: &mut SyncStats,
+        gone_pairs: &mut BTreeSet<(u32, u32)>,
+    ) -> Result<(), MapOpError> {
+        let (svc_id, old, is_new) = match self.applied.frontends.get(fe) {
+            Some(af) => (af.svc_id, af.slots.clone(), false),
+            None => {
+                let id = self.next_svc_id;
+                if id == u32::MAX {
+                    return Err(MapOpError::OutOfIds { map: dataplane_common::names::SERVICES });
+                }
+                self.next_svc_id += 1;
+                (id, Vec::new(), true)
+            }
+        };
+        let new = next_slots(&old, want);
+        if new.len() > u16::MAX as usize {
+            return Err(MapOpError::Full { map: dataplane_common::names::SLOTS, capacity: u16::MAX as u32, what: format!("{} backends", new.len()) });
+        }
+        for (i, be) in new.iter().enumerate() {
+            if old.get(i) == Some(be) {
+                continue;
+            }
+            let id = self.backend_id(be, ops, st)?;
+            ops.put_slot(Lb4SlotKey { svc_id, slot: i as u32 }, id)?;
+            st.writes += 1;
+        }
+        if is_new || old.len() != new.len() {
+            ops.put_service(lb4_key(fe), Lb4Service { svc_id, count: new.len() as u16, flags: 0 })?;
+            st.writes += 1;
+        }
+        for i in new.len()..old.len() {
+            ops.del_slot(Lb4SlotKey { svc_id, slot: i as u32 })?;
+            st.deletes += 1;
+        }
+        for be in old.iter().filter(|b| !want.contains(b)) {
+            if let Some(id) = self.applied.backends.get(be) {
+                gone_pairs.insert((svc_id, *id));
+            }
+        }
+        self.applied.frontends.insert(*fe, AppliedFrontend { svc_id, service: Some(service.clone()), slots: new });
+        Ok(())
+    }
+}
+
+/// The new slot order: backends keep their slots; a removed backend's slot is taken by the last
+/// one (swap-remove), new backends are appended. Minimises rewritten slots.
+pub fn next_slots(old: &[L4Addr], want: &BTreeSet<L4Addr>) -> Vec<L4Addr> {
+    let mut slots = old.to_vec();
+    let mut i = 0;
+    while i < slots.len() {
+        if want.contains(&slots[i]) {
+            i += 1;
+        } else {
+            slots.swap_remove(i);
+        }
+    }
+    let present: BTreeSet<L4Addr> = slots.iter().copied().collect();
+    slots.extend(want.iter().filter(|b| !present.contains(b)).copied());
+    slots
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::DesiredFrontend;
+
+    /// Records every operation; an in-memory stand-in for the maps, for the pure diff logic only
+    /// (bpf-tests run the same reconciler against the real maps).
+    #[derive(Default)]
+    struct Recorder {
+        ops: Vec<String>,
+        backends: BTreeMap<u32, Lb4Backend>,
+        slots: BTreeMap<Lb4SlotKey, u32>,
+        services: BTreeMap<Lb4Key, Lb4Service>,
+        fail_service_puts: bool,
+    }
+
+    impl MapOps for Recorder {
+        fn put_backend(&mut self, id: u32, be: Lb4Backend) -> Result<(), MapOpError> {
+            self.ops.push(format!("put_backend {id}"));
+            self.backends.insert(id, be);
+            Ok(())
+        }
+        fn del_backend(&mut self, id: u32) -> Result<(), MapOpError> {
+            self.ops.push(format!("del_backend {id}"));
+            self.backends.remove(&id);
+            Ok(())
+        }
+        fn put_slot(&mut self, key: Lb4SlotKey, backend_id: u32) -> Result<(), MapOpError> {
+            self.ops.push(format!("put_slot {}/{} -> {backend_id}", key.svc_id, key.slot));
+            self.slots.insert(key, backend_id);
+            Ok(())
+        }
+        fn del_slot(&mut self, key: Lb4SlotKey) -> Result<(), MapOpError> {
+            self.ops.push(format!("del_slot {}/{}", key.svc_id, key.slot));
+            self.slots.remove(&key);
+            Ok(())
+        }
+        fn put_service(&mut self, key: Lb4Key, svc: Lb4Service) -> Result<(), MapOpError> {
+            if self.fail_service_puts && svc.flags == 0 {
+                return Err(MapOpError::Full { map: "lb4_svc_v1", capacity: 1, what: "test".into() });
+            }
+            self.ops.push(format!("put_service {} count={}", svc.svc_id, svc.count));
+            self.services.insert(key, svc);
+            Ok(())
+        }
+        fn del_service(&mut self, key: Lb4Key) -> Result<(), MapOpError> {
+            self.ops.push("del_service".into());
+            self.services.remove(&key);
+            Ok(())
+        }
+        fn put_service_cidr(&mut self, c: Cidr4) -> Result<(), MapOpError> {
+            self.ops.push(format!("put_cidr {c}"));
+            Ok(())
+        }
+        fn del_service_cidr(&mut self, c: Cidr4) -> Result<(), MapOpError> {
+            self.ops.push(format!("del_cidr {c}"));
+            Ok(())
+        }
+        fn flush_conntrack(&mut self, gone: &BTreeSet<(u32, u32)>, svcs: &BTreeSet<u32>) -> Result<usize, MapOpError> {
+            self.ops.push(format!("flush {gone:?} {svcs:?}"));
+            Ok(0)
+        }
+    }
+
+    fn be(last: u8) -> L4Addr {
+        L4Addr { addr: Ipv4Addr::new(10, 0, 0, last), port: 8080, proto: Proto::Tcp }
+    }
+
+    fn desired(backends: &[u8]) -> Desired {
+        let fe = L4Addr { addr: Ipv4Addr::new(172, 30, 0, 1), port: 80, proto: Proto::Tcp };
+        let mut d = Desired::default();
+        d.frontends.insert(fe, DesiredFrontend {
+            service: ServicePortName { namespace: "default".into(), name: "web".into(), port: String::new() },
+            backends: backends.iter().map(|b| be(*b)).collect(),
+        });
+        d.cluster_ips.insert(fe.addr);
+        d
+    }
+
+    /// The slot map seen from the datapath: (slot -> backend address) of service 1.
+    fn datapath_view(r: &Recorder) -> BTreeSet<L4Addr> {
+        let svc = r.services.values().find(|s| s.flags == 0).unwrap();
+        (0..svc.count as u32)
+            .map(|s| l4addr_from_backend(&r.backends[&r.slots[&Lb4SlotKey { svc_id: svc.svc_id, slot: s }]]).unwrap())
+            .collect()
+    }
+
+    #[test]
+    fn first_sync_writes_backends_then_slots_then_service() {
+        let mut r = Recorder::default();
+        let mut rec = Reconciler::new();
+        let (st, errs) = rec.sync(&desired(&[1, 2]), &BTreeSet::new(), &mut r);
+        assert!(errs.is_empty());
+        assert_eq!(r.ops, vec![
+            "put_backend 1", "put_slot 1/0 -> 1", "put_backend 2", "put_slot 1/1 -> 2", "put_service 1 count=2", "put_service 0 count=0",
+        ]);
+        assert_eq!(st.writes, 6);
+        assert_eq!(datapath_view(&r), [be(1), be(2)].into());
+    }
+
+    #[test]
+    fn unchanged_sync_writes_nothing() {
+        let mut r = Recorder::default();
+        let mut rec = Reconciler::new();
+        rec.sync(&desired(&[1, 2, 3]), &BTreeSet::new(), &mut r);
+        r.ops.clear();
+        let (st, errs) = rec.sync(&desired(&[1, 2, 3]), &BTreeSet::new(), &mut r);
+        assert!(errs.is_empty());
+        assert_eq!(r.ops, Vec::<String>::new());
+        assert_eq!(st, SyncStats::default());
+    }
+
+    #[test]
+    fn removing_one_endpoint_touches_only_its_entries() {
+        let mut r = Recorder::default();
+        let mut rec = Reconciler::new();
+        rec.sync(&desired(&[1, 2, 3, 4]), &BTreeSet::new(), &mut r);
+        r.ops.clear();
+        rec.sync(&desired(&[1, 3, 4]), &BTreeSet::new(), &mut r);
+        // Slot 1 (backend 2) takes the last backend (4); the count shrinks; slot 3 goes; backend 2
+        // goes after nothing points at it; its UDP conntrack is flushed.
+        assert_eq!(r.ops, vec!["put_slot 1/1 -> 4", "put_service 1 count=3", "del_slot 1/3", "del_backend 2", "flush {(1, 2)} {}"]);
+        assert_eq!(datapath_view(&r), [be(1), be(3), be(4)].into());
+    }
+
+    #[test]
+    fn adding_one_endpoint_appends_a_slot() {
+        let mut r = Recorder::default();
+        let mut rec = Reconciler::new();
+        rec.sync(&desired(&[1, 2]), &BTreeSet::new(), &mut r);
+        r.ops.clear();
+        rec.sync(&desired(&[1, 2, 5]), &BTreeSet::new(), &mut r);
+        assert_eq!(r.ops, vec!["put_backend 3", "put_slot 1/2 -> 3", "put_service 1 count=3"]);
+    }
+
+    #[test]
+    fn removed_service_is_deleted_and_flushed() {
+        let mut r = Recorder::default();
+        let mut rec = Reconciler::new();
+        rec.sync(&desired(&[1]), &BTreeSet::new(), &mut r);
+        r.ops.clear();
+        rec.sync(&Desired::default(), &BTreeSet::new(), &mut r);
+        assert_eq!(r.ops, vec!["del_service", "del_slot 1/0", "del_service", "del_backend 1", "flush {} {1}"]);
+        assert!(r.services.is_empty() && r.slots.is_empty() && r.backends.is_empty());
+    }
+
+    #[test]
+    fn failed_write_keeps_old_state_and_is_reported() {
+        let mut r = Recorder { fail_service_puts: true, ..Default::default() };
+        let mut rec = Reconciler::new();
+        let (_, errs) = rec.sync(&desired(&[1]), &BTreeSet::new(), &mut r);
+        assert_eq!(errs.len(), 1);
+        assert!(errs[0].contains("default/web"), "{errs:?}");
+        assert!(rec.applied.frontends.is_empty());
+        // The next sync retries (the frontend is still not applied).
+        r.fail_service_puts = false;
+        let (_, errs) = rec.sync(&desired(&[1]), &BTreeSet::new(), &mut r);
+        assert!(errs.is_empty());
+        assert_eq!(datapath_view(&r), [be(1)].into());
+    }
+
+    #[test]
+    fn restore_readopts_ids() {
+        let mut r = Recorder::default();
+        let mut rec = Reconciler::new();
+        rec.sync(&desired(&[1, 2]), &BTreeSet::new(), &mut r);
+        let mut restored = rec.applied.clone();
+        for f in restored.frontends.values_mut() {
+            f.service = None;
+        }
+        let mut rec2 = Reconciler::restore(restored);
+        r.ops.clear();
+        rec2.sync(&desired(&[1, 2]), &BTreeSet::new(), &mut r);
+        assert_eq!(r.ops, Vec::<String>::new());
+        rec2.sync(&desired(&[1, 2, 3]), &BTreeSet::new(), &mut r);
+        assert_eq!(r.ops, vec!["put_backend 3", "put_slot 1/2 -> 3", "put_service 1 count=3"]);
+    }
+
+    #[test]
+    fn next_slots_swap_removes() {
+        let old = vec![be(1), be(2), be(3)];
+        assert_eq!(next_slots(&old, &[be(1), be(3)].into()), vec![be(1), be(3)]);
+        assert_eq!(next_slots(&old, &[be(2), be(3)].into()), vec![be(3), be(2)]);
+        assert_eq!(next_slots(&old, &[].into()), vec![]);
+    }
+
+    #[test]
+    fn cidr_parse() {
+        let c: Cidr4 = "172.30.5.7/16".parse().unwrap();
+        assert_eq!(c.to_string(), "172.30.0.0/16");
+        assert!(c.contains(Ipv4Addr::new(172, 30, 9, 9)));
+        assert!("172.30.0.0/33".parse::<Cidr4>().is_err());
+        assert!("nope".parse::<Cidr4>().is_err());
+    }
+}

@@ -1,0 +1,302 @@
+//! The ABI between Ferry's kernel programs and its agent: map names, capacities, `#[repr(C)]`
+//! keys and values, drop reasons and stat indices. Nothing else lives here.
+//!
+//! Rules (from Cilium's and Katran's habits): only integers and explicit `pad` fields in map
+//! types, so any bit pattern the kernel hands back is a valid value; field names carry their byte
+//! order (`_be` = network order, as on the wire); a map whose layout changes gets a new versioned
+//! name instead of being changed in place, so an old pinned map is never misread.
+#![no_std]
+
+/// Pinned map names. The `_v1` suffix is the layout version (see the crate docs).
+pub mod names {
+    pub const SERVICES: &str = "lb4_svc_v1";
+    pub const SLOTS: &str = "lb4_slot_v1";
+    pub const BACKENDS: &str = "lb4_be_v1";
+    pub const CONNTRACK: &str = "ct4_v1";
+    pub const FRAGMENTS: &str = "frag4_v1";
+    pub const SERVICE_CIDRS: &str = "svc_cidr4_v1";
+    pub const STATS: &str = "stats_v1";
+    /// Every map the agent pins, in the order it creates and checks them.
+    pub const ALL: [&str; 7] = [SERVICES, SLOTS, BACKENDS, CONNTRACK, FRAGMENTS, SERVICE_CIDRS, STATS];
+}
+
+/// Program names as they appear in the object file.
+pub mod progs {
+    /// tc ingress on the host side of a pod's veth: packets leaving the pod.
+    pub const FROM_POD: &str = "ferry_from_pod";
+    /// tc egress on the host side of a pod's veth: packets about to enter the pod.
+    pub const TO_POD: &str = "ferry_to_pod";
+    /// cgroup connect4: host-network processes connecting to a Service.
+    pub const SOCK_CONNECT4: &str = "ferry_connect4";
+    /// cgroup sendmsg4: unconnected UDP from host-network processes.
+    pub const SOCK_SENDMSG4: &str = "ferry_sendmsg4";
+    /// cgroup recvmsg4: replies to unconnected UDP, source back to the Service address.
+    pub const SOCK_RECVMSG4: &str = "ferry_recvmsg4";
+    /// cgroup getpeername4: a connected socket reports the Service address as its peer.
+    pub const SOCK_GETPEERNAME4: &str = "ferry_getpeer4";
+}
+
+/// Map capacities. The agent may override the large ones at load time.
+pub mod capacity {
+    pub const SERVICES: u32 = 262_144;
+    pub const SLOTS: u32 = 1_048_576;
+    pub const BACKENDS: u32 = 262_144;
+    pub const CONNTRACK: u32 = 524_288;
+    pub const FRAGMENTS: u32 = 8_192;
+    pub const SERVICE_CIDRS: u32 = 64;
+    pub const STATS: u32 = 64;
+    pub const SOCK_REVNAT: u32 = 65_536;
+}
+
+pub const IPPROTO_ICMP: u8 = 1;
+pub const IPPROTO_TCP: u8 = 6;
+pub const IPPROTO_UDP: u8 = 17;
+pub const IPPROTO_SCTP: u8 = 132;
+
+/// Key of the service map: a frontend `address:port/proto`. An entry with `port_be == 0` and
+/// `proto == 0` marks the address itself as a ClusterIP, so a port the Service does not expose is
+/// refused (kube-proxy nftables mode) with a single extra lookup.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Lb4Key {
+    pub addr_be: u32,
+    pub port_be: u16,
+    pub proto: u8,
+    pub pad: u8,
+}
+
+/// `Lb4Service.flags`: the entry only marks a ClusterIP address (port 0, proto 0).
+pub const SVC_F_ADDR_ONLY: u16 = 1 << 0;
+
+/// Value of the service map.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Lb4Service {
+    /// Stable id of this frontend; keys the slot map and the per-Service counters.
+    pub svc_id: u32,
+    /// Number of backend slots `0..count` in the slot map. 0: no endpoint, refuse.
+    pub count: u16,
+    pub flags: u16,
+}
+
+/// Key of the slot map: slot `slot` of frontend `svc_id`. Slots are dense `0..count`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Lb4SlotKey {
+    pub svc_id: u32,
+    pub slot: u32,
+}
+
+/// Value of the backend map, keyed by a `u32` backend id.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct Lb4Backend {
+    pub addr_be: u32,
+    pub port_be: u16,
+    pub proto: u8,
+    pub flags: u8,
+}
+
+/// Conntrack key: the packet's own 5-tuple as seen where the lookup happens.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct Ct4Key {
+    pub saddr_be: u32,
+    pub daddr_be: u32,
+    pub sport_be: u16,
+    pub dport_be: u16,
+    pub proto: u8,
+    pub pad: [u8; 3],
+}
+
+/// `Ct4Entry.flags`: the entry translates the original direction (client to Service).
+pub const CT_F_FORWARD: u32 = 1 << 0;
+/// `Ct4Entry.flags`: the entry translates replies (backend to client).
+pub const CT_F_REPLY: u32 = 1 << 1;
+/// `Ct4Entry.flags`: the client is its own backend; its source is rewritten to the Service
+/// address so the pod does not see a packet from itself to itself.
+pub const CT_F_HAIRPIN: u32 = 1 << 2;
+
+/// Conntrack value: the complete tuple a matching packet is rewritten to. Both directions of a
+/// connection have an entry, so one lookup answers "forward, reply, or new".
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Ct4Entry {
+    pub nat_saddr_be: u32,
+    pub nat_daddr_be: u32,
+    pub nat_sport_be: u16,
+    pub nat_dport_be: u16,
+    pub svc_id: u32,
+    pub backend_id: u32,
+    pub flags: u32,
+    pub created_ns: u64,
+    pub last_seen_ns: u64,
+}
+
+/// Fragment tracking key: a datagram of which the first fragment was seen.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct Frag4Key {
+    pub saddr_be: u32,
+    pub daddr_be: u32,
+    pub id_be: u16,
+    pub proto: u8,
+    pub pad: u8,
+}
+
+/// The L4 ports of a fragmented datagram, recorded from its first fragment so that later
+/// fragments (which carry no L4 header) get the same translation.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Frag4Ports {
+    pub sport_be: u16,
+    pub dport_be: u16,
+}
+
+/// Key of the socket-level reverse translation map (unconnected UDP from host processes):
+/// socket cookie plus the backend the datagram went to.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct SockRevKey {
+    pub cookie: u64,
+    pub addr_be: u32,
+    pub port_be: u16,
+    pub pad: u16,
+}
+
+/// Value of the socket-level reverse map: the Service address the process asked for.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SockRevValue {
+    pub addr_be: u32,
+    pub port_be: u16,
+    pub pad: u16,
+}
+
+/// Key layout of an IPv4 LPM trie entry (`struct bpf_lpm_trie_key` with 4 data bytes).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Lpm4Key {
+    pub prefix_len: u32,
+    pub addr_be: u32,
+}
+
+/// Stable drop reasons, shared with metrics. A retired code stays reserved; never renumber.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DropReason {
+    /// IPv4 header or L4 header shorter than it claims, or an impossible header length.
+    Malformed = 1,
+    /// Destination inside the service CIDRs but held by no Service.
+    NoService = 2,
+    /// SCTP to a Service whose backend port differs: needs a CRC32c rewrite (not yet supported).
+    SctpPortNat = 3,
+    /// Conntrack map full or update failed: the connection could not be tracked.
+    CtInsert = 4,
+    /// A later IP fragment whose first fragment was never seen.
+    FragUnknown = 5,
+    /// A helper that rewrites the packet failed.
+    Rewrite = 6,
+    /// The service map points at a slot or backend that does not exist (agent mid-update).
+    NoBackend = 7,
+}
+
+impl DropReason {
+    pub const ALL: [DropReason; 7] = [
+        DropReason::Malformed,
+        DropReason::NoService,
+        DropReason::SctpPortNat,
+        DropReason::CtInsert,
+        DropReason::FragUnknown,
+        DropReason::Rewrite,
+        DropReason::NoBackend,
+    ];
+
+    pub const fn name(self) -> &'static str {
+        match self {
+            DropReason::Malformed => "malformed",
+            DropReason::NoService => "no_service",
+            DropReason::SctpPortNat => "sctp_port_nat",
+            DropReason::CtInsert => "ct_insert",
+            DropReason::FragUnknown => "frag_unknown",
+            DropReason::Rewrite => "rewrite",
+            DropReason::NoBackend => "no_backend",
+        }
+    }
+
+    /// Index of this reason's counter in the stats map.
+    pub const fn stat(self) -> u32 {
+        stat::DROP_BASE + self as u32
+    }
+}
+
+/// Indices into the per-CPU stats array. Reserved slots, never renumbered.
+pub mod stat {
+    /// Every packet the tc programs saw.
+    pub const PACKETS: u32 = 0;
+    /// Forwarded untouched (not a Service, not a tracked reply).
+    pub const PASS: u32 = 1;
+    /// New connection to a Service: backend chosen, conntrack created.
+    pub const CT_NEW: u32 = 2;
+    /// Forward-direction packet of a tracked connection, translated.
+    pub const CT_FORWARD: u32 = 3;
+    /// Reply of a tracked connection, reverse-translated.
+    pub const CT_REPLY: u32 = 4;
+    /// ICMP error about a tracked connection, translated.
+    pub const ICMP_RELATED: u32 = 5;
+    /// Refused with a TCP RST or ICMP port unreachable.
+    pub const REJECT: u32 = 6;
+    /// Later IP fragment translated through the fragment map.
+    pub const FRAGMENT: u32 = 7;
+    /// Host process connected or sent to a Service (socket hooks).
+    pub const SOCK_XLATE: u32 = 8;
+    /// Host process refused at connect/sendmsg (no endpoint, or unexposed port).
+    pub const SOCK_REJECT: u32 = 9;
+    /// Dropped: see `DROP_BASE + reason`.
+    pub const DROP: u32 = 15;
+    pub const DROP_BASE: u32 = 16;
+    pub const NAMES: [(u32, &str); 11] = [
+        (PACKETS, "packets"),
+        (PASS, "pass"),
+        (CT_NEW, "ct_new"),
+        (CT_FORWARD, "ct_forward"),
+        (CT_REPLY, "ct_reply"),
+        (ICMP_RELATED, "icmp_related"),
+        (REJECT, "reject"),
+        (FRAGMENT, "fragment"),
+        (SOCK_XLATE, "sock_xlate"),
+        (SOCK_REJECT, "sock_reject"),
+        (DROP, "drop"),
+    ];
+}
+
+// The layouts are part of the ABI: a change here must come with a new map name.
+const _: () = {
+    assert!(core::mem::size_of::<Lb4Key>() == 8);
+    assert!(core::mem::size_of::<Lb4Service>() == 8);
+    assert!(core::mem::size_of::<Lb4SlotKey>() == 8);
+    assert!(core::mem::size_of::<Lb4Backend>() == 8);
+    assert!(core::mem::size_of::<Ct4Key>() == 16);
+    assert!(core::mem::size_of::<Ct4Entry>() == 40);
+    assert!(core::mem::size_of::<Frag4Key>() == 12);
+    assert!(core::mem::size_of::<Frag4Ports>() == 4);
+    assert!(core::mem::size_of::<SockRevKey>() == 16);
+    assert!(core::mem::size_of::<SockRevValue>() == 8);
+    assert!(core::mem::size_of::<Lpm4Key>() == 8);
+};
+
+#[cfg(feature = "user")]
+mod pod {
+    use super::*;
+    // SAFETY: all of these are #[repr(C)] structs of integers with explicit padding.
+    unsafe impl aya::Pod for Lb4Key {}
+    unsafe impl aya::Pod for Lb4Service {}
+    unsafe impl aya::Pod for Lb4SlotKey {}
+    unsafe impl aya::Pod for Lb4Backend {}
+    unsafe impl aya::Pod for Ct4Key {}
+    unsafe impl aya::Pod for Ct4Entry {}
+    unsafe impl aya::Pod for Frag4Key {}
+    unsafe impl aya::Pod for Frag4Ports {}
+    unsafe impl aya::Pod for SockRevKey {}
+    unsafe impl aya::Pod for SockRevValue {}
+}

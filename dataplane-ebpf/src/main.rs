@@ -1,0 +1,97 @@
+//! Ferry's kernel programs: thin entries that count, delegate to `try_` functions, and turn the
+//! result into a verdict in exactly one place.
+#![no_std]
+#![no_main]
+#![allow(non_upper_case_globals)]
+
+mod csum;
+mod icmp;
+mod lb;
+mod maps;
+mod nat;
+mod parse;
+mod reject;
+mod sock;
+mod stats;
+
+use aya_ebpf::{
+    bindings::{TC_ACT_OK, TC_ACT_SHOT},
+    macros::{cgroup_sock_addr, classifier},
+    programs::{SockAddrContext, TcContext},
+};
+use dataplane_common::{stat, DropReason};
+use lb::Verdict;
+
+/// tc ingress on the host side of a pod's veth: everything the pod sends.
+#[classifier]
+pub fn ferry_from_pod(ctx: TcContext) -> i32 {
+    tc_entry(&ctx, true)
+}
+
+/// tc egress on the host side of a pod's veth: everything about to reach the pod. Translates
+/// replies whose connection this node set up (the backend may be on another node).
+#[classifier]
+pub fn ferry_to_pod(ctx: TcContext) -> i32 {
+    tc_entry(&ctx, false)
+}
+
+#[inline(always)]
+fn tc_entry(ctx: &TcContext, from_pod: bool) -> i32 {
+    stats::count(stat::PACKETS);
+    let verdict = match parse::parse_ipv4(ctx) {
+        // Not IPv4 (ARP, IPv6): not ours in this version.
+        Ok(None) => return TC_ACT_OK,
+        Ok(Some(p)) => lb::handle_ipv4(ctx, p, from_pod).and_then(|v| match v {
+            Verdict::Pass => Ok(TC_ACT_OK),
+            Verdict::Reject => {
+                let r = reject::reply(ctx, &p);
+                if r.is_ok() {
+                    stats::count(stat::REJECT);
+                }
+                r
+            }
+        }),
+        Err(r) => Err(r),
+    };
+    match verdict {
+        Ok(action) => action,
+        Err(reason) => drop(reason),
+    }
+}
+
+#[inline(always)]
+fn drop(reason: DropReason) -> i32 {
+    stats::count(stat::DROP);
+    stats::count(reason.stat());
+    TC_ACT_SHOT
+}
+
+#[cgroup_sock_addr(connect4)]
+pub fn ferry_connect4(ctx: SockAddrContext) -> i32 {
+    sock::sock4_xlate(&ctx)
+}
+
+#[cgroup_sock_addr(sendmsg4)]
+pub fn ferry_sendmsg4(ctx: SockAddrContext) -> i32 {
+    sock::sock4_xlate(&ctx)
+}
+
+#[cgroup_sock_addr(recvmsg4)]
+pub fn ferry_recvmsg4(ctx: SockAddrContext) -> i32 {
+    sock::sock4_rev(&ctx)
+}
+
+#[cgroup_sock_addr(getpeername4)]
+pub fn ferry_getpeer4(ctx: SockAddrContext) -> i32 {
+    sock::sock4_rev(&ctx)
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";

@@ -1,0 +1,49 @@
+//! Every map of the datapath, in one place. Declared with `#[btf_map]` so that
+//! `bpftool map dump pinned /sys/fs/bpf/ferry/<name>` prints named fields. The agent pins them by
+//! name (see `dataplane_common::names`); the symbol names here must match those names.
+use aya_ebpf::{
+    btf_maps::{HashMap, LpmTrie, LruHashMap, PerCpuArray},
+    macros::btf_map,
+};
+use dataplane_common::{
+    capacity, Ct4Entry, Ct4Key, Frag4Key, Frag4Ports, Lb4Backend, Lb4Key, Lb4Service, Lb4SlotKey,
+    SockRevKey, SockRevValue,
+};
+
+/// Service frontends: `addr:port/proto` (and `addr:0/0` for "this is a ClusterIP").
+#[btf_map]
+pub static lb4_svc_v1: HashMap<Lb4Key, Lb4Service, { capacity::SERVICES as usize }> =
+    HashMap::new();
+
+/// Backend slots of each frontend, dense `0..count`: `(svc_id, slot) -> backend id`.
+#[btf_map]
+pub static lb4_slot_v1: HashMap<Lb4SlotKey, u32, { capacity::SLOTS as usize }> = HashMap::new();
+
+/// Backends by id.
+#[btf_map]
+pub static lb4_be_v1: HashMap<u32, Lb4Backend, { capacity::BACKENDS as usize }> = HashMap::new();
+
+/// Connection tracking, both directions of every translated connection. LRU: under pressure the
+/// least recently used entries go first instead of new connections failing.
+#[btf_map]
+pub static ct4_v1: LruHashMap<Ct4Key, Ct4Entry, { capacity::CONNTRACK as usize }> =
+    LruHashMap::new();
+
+/// Ports of fragmented datagrams, recorded from their first fragment.
+#[btf_map]
+pub static frag4_v1: LruHashMap<Frag4Key, Frag4Ports, { capacity::FRAGMENTS as usize }> =
+    LruHashMap::new();
+
+/// The service CIDRs (`--service-cidr`): an address in here that no Service holds is dropped.
+#[btf_map]
+pub static svc_cidr4_v1: LpmTrie<u32, u32, { capacity::SERVICE_CIDRS as usize }> = LpmTrie::new();
+
+/// Per-CPU packet counters, indexed by `dataplane_common::stat`.
+#[btf_map]
+pub static stats_v1: PerCpuArray<u64, { capacity::STATS as usize }> = PerCpuArray::new();
+
+/// Socket-level reverse translation for host processes: `(cookie, backend) -> Service address`.
+/// Not pinned by name in the common list because it only matters while a socket is alive.
+#[btf_map]
+pub static sock_rev4_v1: LruHashMap<SockRevKey, SockRevValue, { capacity::SOCK_REVNAT as usize }> =
+    LruHashMap::new();

@@ -1,0 +1,66 @@
+//! Packet rewrites with incremental checksum updates (`bpf_l3_csum_replace` and
+//! `bpf_l4_csum_replace`), so the kernel's own checksum state (CHECKSUM_PARTIAL on veth) stays
+//! consistent. Addresses and ports are raw wire bytes throughout.
+use aya_ebpf::programs::TcContext;
+use dataplane_common::{Ct4Entry, DropReason, IPPROTO_UDP};
+
+use crate::parse::{l4_csum_off, Ipv4Packet, ETH_LEN, IP_CHECK_OFF, IP_DADDR_OFF, IP_SADDR_OFF};
+
+const BPF_F_PSEUDO_HDR: u64 = 0x10;
+const BPF_F_MARK_MANGLED_0: u64 = 0x20;
+
+/// Replaces a 4-byte field at `off` and fixes the checksum at `check_off` (plain, no pseudo-header).
+#[inline(always)]
+pub fn store_u32_fix(ctx: &TcContext, off: usize, check_off: usize, from: u32, to: u32) -> Result<(), DropReason> {
+    ctx.l3_csum_replace(check_off, from as u64, to as u64, 4).map_err(|_| DropReason::Rewrite)?;
+    ctx.store(off, &to, 0).map_err(|_| DropReason::Rewrite)
+}
+
+/// Replaces a 2-byte field at `off` and fixes the checksum at `check_off`.
+#[inline(always)]
+pub fn store_u16_fix(ctx: &TcContext, off: usize, check_off: usize, from: u16, to: u16) -> Result<(), DropReason> {
+    ctx.l3_csum_replace(check_off, from as u64, to as u64, 2).map_err(|_| DropReason::Rewrite)?;
+    ctx.store(off, &to, 0).map_err(|_| DropReason::Rewrite)
+}
+
+#[inline(always)]
+fn l4_flags(proto: u8) -> u64 {
+    if proto == IPPROTO_UDP { BPF_F_MARK_MANGLED_0 } else { 0 }
+}
+
+/// Rewrites the packet's addresses (and, on a packet that carries its L4 header, its ports) to
+/// the tuple in `e`. Later fragments get the address rewrite only: they carry no L4 header, and
+/// the first fragment's L4 checksum already accounts for the whole datagram.
+#[inline(always)]
+pub fn rewrite(ctx: &TcContext, p: &Ipv4Packet, e: &Ct4Entry) -> Result<(), DropReason> {
+    let ip_check = ETH_LEN + IP_CHECK_OFF;
+    let l4_check = if p.frag_off == 0 { l4_csum_off(p.proto).map(|o| p.l4_off + o) } else { None };
+    let flags = l4_flags(p.proto);
+    if e.nat_saddr_be != p.saddr_be {
+        if let Some(c) = l4_check {
+            ctx.l4_csum_replace(c, p.saddr_be as u64, e.nat_saddr_be as u64, 4 | BPF_F_PSEUDO_HDR | flags)
+                .map_err(|_| DropReason::Rewrite)?;
+        }
+        store_u32_fix(ctx, ETH_LEN + IP_SADDR_OFF, ip_check, p.saddr_be, e.nat_saddr_be)?;
+    }
+    if e.nat_daddr_be != p.daddr_be {
+        if let Some(c) = l4_check {
+            ctx.l4_csum_replace(c, p.daddr_be as u64, e.nat_daddr_be as u64, 4 | BPF_F_PSEUDO_HDR | flags)
+                .map_err(|_| DropReason::Rewrite)?;
+        }
+        store_u32_fix(ctx, ETH_LEN + IP_DADDR_OFF, ip_check, p.daddr_be, e.nat_daddr_be)?;
+    }
+    if p.frag_off != 0 {
+        return Ok(());
+    }
+    for (off, from, to) in [(0usize, p.sport_be, e.nat_sport_be), (2usize, p.dport_be, e.nat_dport_be)] {
+        if from == to {
+            continue;
+        }
+        if let Some(c) = l4_check {
+            ctx.l4_csum_replace(c, from as u64, to as u64, 2 | flags).map_err(|_| DropReason::Rewrite)?;
+        }
+        ctx.store(p.l4_off + off, &to, 0).map_err(|_| DropReason::Rewrite)?;
+    }
+    Ok(())
+}

@@ -1,0 +1,116 @@
+//! Packet parsing: Ethernet, IPv4 (options and fragments included) and the L4 ports. Every read
+//! goes through `bpf_skb_load_bytes`, so a short packet is an error, never an out-of-bounds read.
+use aya_ebpf::programs::TcContext;
+use dataplane_common::{DropReason, IPPROTO_ICMP, IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP};
+
+pub const ETH_LEN: usize = 14;
+pub const ETH_P_IP: u16 = 0x0800;
+pub const IP_MF: u16 = 0x2000;
+pub const IP_OFFSET: u16 = 0x1fff;
+
+// Offsets inside the IPv4 header.
+pub const IP_CHECK_OFF: usize = 10;
+pub const IP_SADDR_OFF: usize = 12;
+pub const IP_DADDR_OFF: usize = 16;
+
+/// What the datapath needs of an IPv4 packet. Addresses and ports are raw wire bytes (`_be`).
+#[derive(Clone, Copy)]
+pub struct Ipv4Packet {
+    /// Offset of the L4 header (14 + IHL*4).
+    pub l4_off: usize,
+    pub ihl: usize,
+    pub tot_len: usize,
+    pub proto: u8,
+    pub id_be: u16,
+    pub more_frags: bool,
+    /// Fragment offset in 8-byte units; non-zero for a later fragment.
+    pub frag_off: u16,
+    pub saddr_be: u32,
+    pub daddr_be: u32,
+    /// Ports for TCP, UDP and SCTP; 0 for a later fragment until looked up, and for other protocols.
+    pub sport_be: u16,
+    pub dport_be: u16,
+    /// TCP flags byte (0 for other protocols).
+    pub tcp_flags: u8,
+}
+
+pub const TCP_FIN: u8 = 0x01;
+pub const TCP_SYN: u8 = 0x02;
+pub const TCP_RST: u8 = 0x04;
+pub const TCP_ACK: u8 = 0x10;
+
+/// Returns `Ok(None)` for a non-IPv4 frame (passed untouched), the parsed packet otherwise.
+#[inline(always)]
+pub fn parse_ipv4(ctx: &TcContext) -> Result<Option<Ipv4Packet>, DropReason> {
+    let eth_proto: u16 = ctx.load::<[u8; 2]>(12).map(u16::from_be_bytes).map_err(|_| DropReason::Malformed)?;
+    if eth_proto != ETH_P_IP {
+        return Ok(None);
+    }
+    let hdr: [u8; 20] = ctx.load(ETH_LEN).map_err(|_| DropReason::Malformed)?;
+    if hdr[0] >> 4 != 4 {
+        return Err(DropReason::Malformed);
+    }
+    let ihl = ((hdr[0] & 0x0f) as usize) * 4;
+    let tot_len = u16::from_be_bytes([hdr[2], hdr[3]]) as usize;
+    if ihl < 20 || tot_len < ihl || (ctx.len() as usize) < ETH_LEN + tot_len {
+        return Err(DropReason::Malformed);
+    }
+    let frags = u16::from_be_bytes([hdr[6], hdr[7]]);
+    let mut p = Ipv4Packet {
+        l4_off: ETH_LEN + ihl,
+        ihl,
+        tot_len,
+        proto: hdr[9],
+        id_be: u16::from_ne_bytes([hdr[4], hdr[5]]),
+        more_frags: frags & IP_MF != 0,
+        frag_off: frags & IP_OFFSET,
+        saddr_be: u32::from_ne_bytes([hdr[12], hdr[13], hdr[14], hdr[15]]),
+        daddr_be: u32::from_ne_bytes([hdr[16], hdr[17], hdr[18], hdr[19]]),
+        sport_be: 0,
+        dport_be: 0,
+        tcp_flags: 0,
+    };
+    if p.frag_off != 0 {
+        // A later fragment has no L4 header; the caller finds its ports in the fragment map.
+        return Ok(Some(p));
+    }
+    let l4_len = tot_len - ihl;
+    match p.proto {
+        IPPROTO_TCP | IPPROTO_UDP | IPPROTO_SCTP => {
+            let min = match p.proto {
+                IPPROTO_TCP => 20,
+                IPPROTO_UDP => 8,
+                _ => 12,
+            };
+            // A first fragment may legitimately be shorter than a full TCP header only in
+            // pathological (attack) cases; refuse those rather than translate half a header.
+            if l4_len < min {
+                return Err(DropReason::Malformed);
+            }
+            let ports: [u8; 4] = ctx.load(p.l4_off).map_err(|_| DropReason::Malformed)?;
+            p.sport_be = u16::from_ne_bytes([ports[0], ports[1]]);
+            p.dport_be = u16::from_ne_bytes([ports[2], ports[3]]);
+            if p.proto == IPPROTO_TCP {
+                p.tcp_flags = ctx.load::<u8>(p.l4_off + 13).map_err(|_| DropReason::Malformed)?;
+            }
+        }
+        IPPROTO_ICMP => {
+            if l4_len < 8 {
+                return Err(DropReason::Malformed);
+            }
+        }
+        _ => {}
+    }
+    Ok(Some(p))
+}
+
+/// Offset of the L4 checksum field inside the L4 header, for protocols whose checksum covers the
+/// IPv4 pseudo-header. SCTP's CRC32c does not, so address rewrites leave it valid.
+#[inline(always)]
+pub fn l4_csum_off(proto: u8) -> Option<usize> {
+    match proto {
+        IPPROTO_TCP => Some(16),
+        IPPROTO_UDP => Some(6),
+        _ => None,
+    }
+}
