@@ -1,3 +1,3 @@
 //! Shared fixtures for tests that load Ferry's real programs.
 pub mod fixture;
-pub mod packet;
+pub use dataplane_agent::packet;

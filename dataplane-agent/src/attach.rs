@@ -169,7 +169,9 @@ pub fn attach_cgroup(ebpf: &mut Ebpf, cgroup: &Path) -> Result<(), LoadError> {
     let f = File::open(cgroup).map_err(|e| std::io::Error::new(e.kind(), format!("cgroup {}: {e}", cgroup.display())))?;
     for name in [progs::SOCK_CONNECT4, progs::SOCK_SENDMSG4, progs::SOCK_RECVMSG4, progs::SOCK_GETPEERNAME4] {
         let p: &mut CgroupSockAddr = program(ebpf, name)?.try_into().map_err(|source| LoadError::Program { name, source })?;
-        p.attach(&f, CgroupAttachMode::AllowMultiple).map_err(|source| LoadError::Program { name, source })?;
+        // bpf_link attachments to a cgroup always coexist with others; BPF_LINK_CREATE rejects the
+        // ALLOW_MULTI flag that AllowMultiple would pass, so the default mode is the right one.
+        p.attach(&f, CgroupAttachMode::default()).map_err(|source| LoadError::Program { name, source })?;
     }
     Ok(())
 }

@@ -5,5 +5,7 @@ pub mod bpf;
 pub mod error;
 pub mod loader;
 pub mod model;
+pub mod packet;
 pub mod reconcile;
 pub mod sources;
+pub mod trace;

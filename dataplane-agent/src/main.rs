@@ -3,7 +3,7 @@ use std::{collections::BTreeSet, path::PathBuf, time::Duration};
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use dataplane_agent::{agent, attach::IfacePatterns, loader, reconcile::Cidr4};
+use dataplane_agent::{agent, attach::IfacePatterns, loader, reconcile::Cidr4, trace};
 
 #[derive(Parser)]
 #[command(name = "dataplane-agent", version, about = "Ferry: an eBPF dataplane that replaces kube-proxy")]
@@ -40,11 +40,35 @@ enum Cmd {
         #[arg(long, default_value_t = 500)]
         poll_ms: u64,
     },
+    /// Ask what the dataplane does with a flow: scenario files (private copy of the programs),
+    /// or one flow against a running node's pinned maps (read-only).
+    Trace {
+        /// Scenario files (see README, "Scenario files"). Prints one line per flow and
+        /// `N passed, M failed`; exits non-zero when anything failed.
+        #[arg(long, num_args = 1.., conflicts_with_all = ["from", "to"])]
+        scenario: Vec<PathBuf>,
+        /// Live mode: the flow's source address.
+        #[arg(long, requires = "to")]
+        from: Option<std::net::Ipv4Addr>,
+        /// Live mode: destination as IP:PORT/PROTO (proto defaults to tcp).
+        #[arg(long, requires = "from")]
+        to: Option<String>,
+        /// Live mode: the node's pin directory.
+        #[arg(long, env = "FERRY_PIN_DIR", default_value = loader::DEFAULT_PIN_DIR)]
+        pin_dir: PathBuf,
+    },
+    /// Internal: the socket probe `trace` runs in a throwaway namespace for node flows.
+    #[command(name = "__sock-probe", hide = true)]
+    SockProbe {
+        args: Vec<String>,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).format_timestamp_millis().init();
     let cli = Cli::parse();
+    // trace prints its report on stdout; keep its logs to warnings.
+    let default_level = if matches!(cli.cmd, Cmd::Run { .. }) { "info" } else { "warn" };
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(default_level)).format_timestamp_millis().init();
     match cli.cmd {
         Cmd::Run { node, manifests, pin_dir, pod_interfaces, cgroup, service_cidrs, poll_ms } => {
             let cgroup = match cgroup.as_deref() {
@@ -67,5 +91,20 @@ fn main() -> anyhow::Result<()> {
             };
             tokio::runtime::Builder::new_current_thread().enable_all().build()?.block_on(agent::run(cfg))
         }
+        Cmd::Trace { scenario, from, to, pin_dir } => {
+            if let (Some(from), Some(to)) = (from, to) {
+                let (to, proto) = trace::live::parse_to(&to).map_err(anyhow::Error::msg)?;
+                print!("{}", trace::live::explain(&pin_dir, from, to, proto).map_err(anyhow::Error::msg)?);
+                return Ok(());
+            }
+            if scenario.is_empty() {
+                anyhow::bail!("give --scenario FILE... or --from IP --to IP:PORT/PROTO");
+            }
+            if !trace::run_files(&scenario) {
+                std::process::exit(1);
+            }
+            Ok(())
+        }
+        Cmd::SockProbe { args } => Ok(trace::probe::probe_main(&args)?),
     }
 }

@@ -1,0 +1,75 @@
+//! `trace --from IP --to IP:PORT/PROTO`: the same question asked of a running node, answered
+//! from its pinned maps with lookups only (nothing is written, no program runs, so no
+//! conntrack entry is created). Works while the agent is down.
+use std::{
+    fmt::Write as _,
+    net::{Ipv4Addr, SocketAddrV4},
+    path::Path,
+};
+
+use aya::maps::lpm_trie::Key as LpmKey;
+use dataplane_common::{Lb4SlotKey, SVC_F_ADDR_ONLY};
+
+use crate::{
+    bpf::BpfMaps,
+    model::{L4Addr, Proto},
+    reconcile::{l4addr_from_backend, lb4_addr_key, lb4_key},
+};
+
+/// Parses `IP:PORT/PROTO` (proto defaults to tcp).
+pub fn parse_to(s: &str) -> Result<(SocketAddrV4, Proto), String> {
+    let (addr, proto) = match s.split_once('/') {
+        Some((a, p)) => (a, Proto::parse_lower(p).ok_or_else(|| format!("--to: {p:?} is not tcp, udp or sctp"))?),
+        None => (s, Proto::Tcp),
+    };
+    Ok((addr.parse().map_err(|_| format!("--to: {addr:?} is not ip:port"))?, proto))
+}
+
+/// Answers the question and returns the report to print.
+pub fn explain(pin_dir: &Path, from: Ipv4Addr, to: SocketAddrV4, proto: Proto) -> Result<String, String> {
+    let maps = BpfMaps::from_pins(pin_dir).map_err(|e| format!("{e} (is the agent's --pin-dir {} right?)", pin_dir.display()))?;
+    let fe = L4Addr { addr: *to.ip(), port: to.port(), proto };
+    let mut out = String::new();
+    match maps.services.get(&lb4_key(&fe), 0) {
+        Ok(svc) if svc.flags & SVC_F_ADDR_ONLY == 0 => {
+            let mut backends = Vec::new();
+            for slot in 0..svc.count as u32 {
+                let b = maps
+                    .slots
+                    .get(&Lb4SlotKey { svc_id: svc.svc_id, slot }, 0)
+                    .ok()
+                    .and_then(|id| maps.backends.get(&id, 0).ok())
+                    .and_then(|b| l4addr_from_backend(&b));
+                backends.push(b.map(|b| format!("{}:{}", b.addr, b.port)).unwrap_or_else(|| format!("<slot {slot} missing>")));
+            }
+            if backends.is_empty() {
+                writeln!(out, "{from} -> {fe}: REJECT (service {} has no ready endpoint)", svc.svc_id).unwrap();
+            } else {
+                writeln!(out, "{from} -> {fe}: translated to one of [{}] (service id {})", backends.join(", "), svc.svc_id).unwrap();
+            }
+            let existing: Vec<String> = maps
+                .conntrack
+                .iter()
+                .flatten()
+                .filter(|(k, _)| k.saddr_be == u32::from_ne_bytes(from.octets()) && k.daddr_be == u32::from_ne_bytes(to.ip().octets()) && u16::from_be(k.dport_be) == to.port() && k.proto == proto.number())
+                .map(|(k, e)| format!("  existing connection from port {} -> {}:{}", u16::from_be(k.sport_be), Ipv4Addr::from(e.nat_daddr_be.to_ne_bytes()), u16::from_be(e.nat_dport_be)))
+                .collect();
+            for l in existing {
+                writeln!(out, "{l}").unwrap();
+            }
+        }
+        _ => {
+            let addr_only = maps.services.get(&lb4_addr_key(*to.ip()), 0).is_ok();
+            let in_cidr = maps.service_cidrs.get(&LpmKey::new(32, u32::from_ne_bytes(to.ip().octets())), 0).is_ok();
+            let verdict = if addr_only {
+                "REJECT (a ClusterIP, but its Service does not expose this port/protocol)"
+            } else if in_cidr {
+                "DROP (inside the service CIDRs, but no Service holds this address)"
+            } else {
+                "PASS (not a Service address: routed untranslated)"
+            };
+            writeln!(out, "{from} -> {fe}: {verdict}").unwrap();
+        }
+    }
+    Ok(out)
+}

@@ -1,0 +1,477 @@
+//! `dataplane-agent trace`: "what does this node's dataplane do with this packet?"
+//!
+//! Scenario mode loads a private copy of the programs and maps (never the live pinned ones),
+//! feeds the scenario's Kubernetes objects through the agent's own translation and reconciler,
+//! and pushes every flow through the real programs: `BPF_PROG_TEST_RUN` for packets from pods,
+//! real sockets in a throwaway network namespace and cgroup for the node's own processes (the
+//! socket hooks cannot be test-run). The format is specified in `../shared/scenario-format.md`
+//! and documented in the README; it is a public interface.
+pub mod live;
+pub mod probe;
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    fmt,
+    net::{Ipv4Addr, SocketAddrV4},
+    path::{Path, PathBuf},
+};
+
+use aya::{
+    programs::{SchedClassifier, TestRun, TestRunOptions},
+    Ebpf,
+};
+use dataplane_common::progs;
+use serde::Deserialize;
+
+use crate::{
+    attach,
+    bpf::BpfMaps,
+    error::ObjectError,
+    loader,
+    model::{self, Proto},
+    packet::{self, Refusal},
+    reconcile::{Cidr4, Reconciler},
+    sources::{manifests, Objects},
+};
+
+pub const TC_ACT_OK: u32 = 0;
+pub const TC_ACT_SHOT: u32 = 2;
+pub const TC_ACT_REDIRECT: u32 = 7;
+
+/// One `BPF_PROG_TEST_RUN` of a tc program: its return value and the packet it left behind.
+#[derive(Debug)]
+pub struct TcRun {
+    pub action: u32,
+    pub data: Vec<u8>,
+}
+
+pub fn run_tc(ebpf: &Ebpf, prog: &str, pkt: &[u8]) -> Result<TcRun, String> {
+    let p: &SchedClassifier = ebpf.program(prog).ok_or(format!("program {prog} missing"))?.try_into().map_err(|e| format!("{e}"))?;
+    // Room for a packet that grows (an ICMP error quoting a short packet).
+    let mut out = vec![0u8; pkt.len() + 256];
+    let mut opts = TestRunOptions::default();
+    opts.data_in = Some(pkt);
+    opts.data_out = Some(&mut out);
+    let r = p.test_run(opts).map_err(|e| format!("BPF_PROG_TEST_RUN {prog}: {e}"))?;
+    out.truncate(r.data_size_out as usize);
+    Ok(TcRun { action: r.return_value, data: out })
+}
+
+#[derive(Debug, Deserialize)]
+pub struct Scenario {
+    pub node: NodeSpec,
+    #[serde(default)]
+    pub config: ScenarioConfig,
+    #[serde(default)]
+    pub nodes: Vec<serde_yaml::Value>,
+    #[serde(default)]
+    pub namespaces: Vec<serde_yaml::Value>,
+    #[serde(default)]
+    pub pods: Vec<serde_yaml::Value>,
+    #[serde(default)]
+    pub services: Vec<serde_yaml::Value>,
+    #[serde(default, rename = "endpointSlices")]
+    pub endpoint_slices: Vec<serde_yaml::Value>,
+    #[serde(default, rename = "networkPolicies")]
+    pub network_policies: Vec<serde_yaml::Value>,
+    #[serde(default)]
+    pub flows: Vec<Flow>,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct NodeSpec {
+    pub name: String,
+    #[serde(default)]
+    pub ips: Vec<String>,
+    #[serde(default, rename = "podCIDR")]
+    pub pod_cidr: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+pub struct ScenarioConfig {
+    #[serde(default, rename = "clusterCIDR")]
+    pub cluster_cidr: Option<String>,
+    #[serde(default, rename = "serviceCIDRs")]
+    pub service_cidrs: Vec<String>,
+    #[serde(default, rename = "masqueradeAll")]
+    pub masquerade_all: bool,
+    #[serde(default, rename = "nodePortAddresses")]
+    pub node_port_addresses: Vec<String>,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct Flow {
+    pub name: String,
+    pub proto: String,
+    pub source: String,
+    pub destination: String,
+    pub expect: serde_yaml::Value,
+    #[serde(default)]
+    pub masquerade: Option<bool>,
+}
+
+/// A flow's expected outcome.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Expect {
+    Backends(BTreeSet<SocketAddrV4>),
+    Pass,
+    Local,
+    Drop,
+    Reject,
+}
+
+impl Expect {
+    fn parse(v: &serde_yaml::Value) -> Result<Expect, String> {
+        match v {
+            serde_yaml::Value::String(s) => match s.as_str() {
+                "PASS" => Ok(Expect::Pass),
+                "LOCAL" => Ok(Expect::Local),
+                "DROP" => Ok(Expect::Drop),
+                "REJECT" => Ok(Expect::Reject),
+                other => Err(format!("expect: {other:?} is not PASS, LOCAL, DROP, REJECT or a list of ip:port")),
+            },
+            serde_yaml::Value::Sequence(items) => {
+                let mut set = BTreeSet::new();
+                for i in items {
+                    let s = i.as_str().ok_or("expect: list items must be \"ip:port\" strings")?;
+                    set.insert(s.parse::<SocketAddrV4>().map_err(|_| format!("expect: {s:?} is not ip:port"))?);
+                }
+                if set.is_empty() {
+                    return Err("expect: an empty list (use DROP or REJECT)".into());
+                }
+                Ok(Expect::Backends(set))
+            }
+            _ => Err("expect: must be PASS, LOCAL, DROP, REJECT or a list of ip:port".into()),
+        }
+    }
+}
+
+impl fmt::Display for Expect {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Expect::Backends(s) => write!(f, "[{}]", s.iter().map(|a| a.to_string()).collect::<Vec<_>>().join(", ")),
+            Expect::Pass => f.write_str("PASS"),
+            Expect::Local => f.write_str("LOCAL"),
+            Expect::Drop => f.write_str("DROP"),
+            Expect::Reject => f.write_str("REJECT"),
+        }
+    }
+}
+
+/// What happened to one packet (or one connection attempt).
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Outcome {
+    To(SocketAddrV4),
+    Pass,
+    Local,
+    Drop,
+    Reject,
+    Error(String),
+}
+
+impl fmt::Display for Outcome {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Outcome::To(a) => write!(f, "{a}"),
+            Outcome::Pass => f.write_str("PASS"),
+            Outcome::Local => f.write_str("LOCAL"),
+            Outcome::Drop => f.write_str("DROP"),
+            Outcome::Reject => f.write_str("REJECT"),
+            Outcome::Error(e) => write!(f, "error: {e}"),
+        }
+    }
+}
+
+/// Where a flow's packets start.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Origin {
+    Pod,
+    Node,
+    External,
+}
+
+/// The result of one flow, as printed.
+pub struct FlowResult {
+    pub name: String,
+    pub ok: bool,
+    pub line: String,
+}
+
+/// A loaded scenario, ready to run flows.
+pub struct Runner {
+    ebpf: Ebpf,
+    node_ips: BTreeSet<Ipv4Addr>,
+    pod_cidr: Option<Cidr4>,
+    pod_ips: BTreeSet<Ipv4Addr>,
+    network_policies: usize,
+    cgroup: Option<probe::TraceCgroup>,
+}
+
+fn parse_objects(sc: &Scenario, source: &str) -> (Objects, Vec<ObjectError>) {
+    let mut objs = Objects::default();
+    let mut errors = Vec::new();
+    for (kind, list) in [("Service", &sc.services), ("EndpointSlice", &sc.endpoint_slices)] {
+        for (i, v) in list.iter().enumerate() {
+            let mut v = v.clone();
+            if let serde_yaml::Value::Mapping(m) = &mut v {
+                m.entry("kind".into()).or_insert_with(|| kind.into());
+            }
+            manifests::add_value(v, &format!("{source} {kind} #{}", i + 1), &mut objs, &mut errors);
+        }
+    }
+    (objs, errors)
+}
+
+impl Runner {
+    /// Loads the private datapath and provisions it from the scenario. Invalid objects fail the
+    /// whole scenario (it must not guess), each named with its field.
+    pub fn load(sc: &Scenario, source: &str) -> Result<Runner, Vec<String>> {
+        let mut errors: Vec<String> = Vec::new();
+        let node_ips: BTreeSet<Ipv4Addr> = sc
+            .node
+            .ips
+            .iter()
+            .filter_map(|s| s.parse().map_err(|_| errors.push(format!("node.ips: {s:?} is not an IPv4 address"))).ok())
+            .collect();
+        let pod_cidr = sc.node.pod_cidr.as_deref().and_then(|c| c.parse::<Cidr4>().map_err(|e| errors.push(format!("node.podCIDR: {e}"))).ok());
+        let cidrs: BTreeSet<Cidr4> =
+            sc.config.service_cidrs.iter().filter_map(|c| c.parse().map_err(|e| errors.push(format!("config.serviceCIDRs: {e}"))).ok()).collect();
+        if let Some(c) = &sc.config.cluster_cidr {
+            if let Err(e) = c.parse::<Cidr4>() {
+                errors.push(format!("config.clusterCIDR: {e}"));
+            }
+        }
+        let mut pod_ips = BTreeSet::new();
+        for (i, p) in sc.pods.iter().enumerate() {
+            let node = p.get("spec").and_then(|s| s.get("nodeName")).and_then(|n| n.as_str());
+            let ip = p.get("status").and_then(|s| s.get("podIP")).and_then(|n| n.as_str());
+            if let (Some(n), Some(ip)) = (node, ip) {
+                match ip.parse::<Ipv4Addr>() {
+                    Ok(a) if n == sc.node.name => {
+                        pod_ips.insert(a);
+                    }
+                    Ok(_) => {}
+                    Err(_) => errors.push(format!("pods[{i}].status.podIP: {ip:?} is not an IPv4 address")),
+                }
+            }
+        }
+        let (objs, oerr) = parse_objects(sc, source);
+        errors.extend(oerr.iter().map(|e| e.to_string()));
+        let (desired, terr) = model::translate(&objs.services, &objs.endpoint_slices);
+        errors.extend(terr.iter().map(|e| e.to_string()));
+        if !errors.is_empty() {
+            return Err(errors);
+        }
+        let mut ebpf = loader::load(None).map_err(|e| vec![e.to_string()])?;
+        attach::load_programs(&mut ebpf).map_err(|e| vec![e.to_string()])?;
+        let mut maps = BpfMaps::from_ebpf(&mut ebpf).map_err(|e| vec![e.to_string()])?;
+        let (_, map_errors) = Reconciler::new().sync(&desired, &cidrs, &mut maps);
+        if !map_errors.is_empty() {
+            return Err(map_errors);
+        }
+        Ok(Runner { ebpf, node_ips, pod_cidr, pod_ips, network_policies: sc.network_policies.len(), cgroup: None })
+    }
+
+    fn origin(&self, src: Ipv4Addr) -> Origin {
+        if self.node_ips.contains(&src) {
+            Origin::Node
+        } else if self.pod_ips.contains(&src) || self.pod_cidr.is_some_and(|c| c.contains(src)) {
+            Origin::Pod
+        } else {
+            Origin::External
+        }
+    }
+
+    fn is_local_pod(&self, a: Ipv4Addr) -> bool {
+        self.pod_ips.contains(&a) || self.pod_cidr.is_some_and(|c| c.contains(a))
+    }
+
+    pub fn run_flow(&mut self, flow: &Flow) -> FlowResult {
+        let fail = |why: String| FlowResult { name: flow.name.clone(), ok: false, line: format!("FAIL {}: {why}", flow.name) };
+        let expect = match Expect::parse(&flow.expect) {
+            Ok(e) => e,
+            Err(e) => return fail(e),
+        };
+        let Some(proto) = Proto::parse_lower(&flow.proto) else {
+            return fail(format!("proto: {:?} is not tcp, udp or sctp", flow.proto));
+        };
+        let Ok(src) = flow.source.parse::<Ipv4Addr>() else {
+            return fail(format!("source: {:?} is not an IPv4 address", flow.source));
+        };
+        let Ok(dst) = flow.destination.parse::<SocketAddrV4>() else {
+            return fail(format!("destination: {:?} is not ip:port", flow.destination));
+        };
+        if self.network_policies > 0 {
+            return fail("networkPolicies: NetworkPolicy enforcement is not implemented in this version; refusing to report a verdict that ignores it".into());
+        }
+        let attempts = match &expect {
+            Expect::Backends(s) => (s.len() * 16).max(16),
+            _ => 8,
+        };
+        let origin = self.origin(src);
+        let outcomes: Result<Vec<Outcome>, String> = match origin {
+            Origin::Pod => (0..attempts).map(|i| self.pod_packet(proto, src, 20000 + i as u16, dst, flow.masquerade)).collect(),
+            Origin::Node => self.node_connections(proto, dst, &expect, attempts),
+            Origin::External => Err(format!(
+                "source {src} is outside the node (not in node.ips or node.podCIDR): traffic arriving from outside the node is served by NodePort/LoadBalancer/externalIPs handling, which this version does not implement"
+            )),
+        };
+        let outcomes = match outcomes {
+            Ok(o) => o,
+            Err(e) => return fail(e),
+        };
+        judge(&flow.name, &expect, &outcomes, origin)
+    }
+
+    /// One packet from a pod through the from-pod program, and (if translated) its reply back.
+    fn pod_packet(&self, proto: Proto, src: Ipv4Addr, sport: u16, dst: SocketAddrV4, masq: Option<bool>) -> Result<Outcome, String> {
+        let pkt = build(proto, (src, sport), (*dst.ip(), dst.port()));
+        let r = run_tc(&self.ebpf, progs::FROM_POD, &pkt)?;
+        match r.action {
+            TC_ACT_SHOT => return Ok(Outcome::Drop),
+            TC_ACT_REDIRECT => {
+                return match packet::refusal(&r.data) {
+                    Some(Refusal::TcpRst { to, .. }) | Some(Refusal::IcmpUnreachable { to, .. }) if to == src => {
+                        packet::check_checksums(&r.data).map_err(|e| format!("refusal has a {e}"))?;
+                        Ok(Outcome::Reject)
+                    }
+                    other => Err(format!("redirected, but not as a refusal to the source: {other:?}")),
+                }
+            }
+            TC_ACT_OK => {}
+            other => return Err(format!("unexpected tc action {other}")),
+        }
+        let t = packet::try_tuple(&r.data).ok_or("output is not an IPv4 packet")?;
+        packet::check_checksums(&r.data)?;
+        if t.dst == *dst.ip() && t.dport == dst.port() {
+            return Ok(if self.node_ips.contains(dst.ip()) { Outcome::Local } else { Outcome::Pass });
+        }
+        let masqueraded = t.src != src;
+        let hairpin = t.dst == src;
+        if !hairpin {
+            if let Some(want) = masq {
+                if want != masqueraded {
+                    return Err(format!("masquerade: expected {want}, source was {} after translation", t.src));
+                }
+            }
+        }
+        // The reply from the backend must come back as the Service, to the client: through the
+        // backend's own veth if it is a pod of this node, else on the way into the client pod.
+        let reply = build(proto, (t.dst, t.dport), (t.src, t.sport));
+        let hook = if self.is_local_pod(t.dst) { progs::FROM_POD } else { progs::TO_POD };
+        let rr = run_tc(&self.ebpf, hook, &reply)?;
+        if rr.action != TC_ACT_OK {
+            return Err(format!("reply from {}:{} got tc action {}", t.dst, t.dport, rr.action));
+        }
+        let rt = packet::try_tuple(&rr.data).ok_or("reply output is not IPv4")?;
+        packet::check_checksums(&rr.data).map_err(|e| format!("reply: {e}"))?;
+        if (rt.src, rt.sport, rt.dst, rt.dport) != (*dst.ip(), dst.port(), src, sport) {
+            return Err(format!(
+                "reply from backend {}:{} reached the client as {}:{} -> {}:{} instead of from {dst}",
+                t.dst, t.dport, rt.src, rt.sport, rt.dst, rt.dport
+            ));
+        }
+        Ok(Outcome::To(SocketAddrV4::new(t.dst, t.dport)))
+    }
+
+    fn node_connections(&mut self, proto: Proto, dst: SocketAddrV4, expect: &Expect, attempts: usize) -> Result<Vec<Outcome>, String> {
+        if proto == Proto::Sctp {
+            return Err("SCTP from the node's own processes is not probed by trace (it would need SCTP sockets); use a pod source".into());
+        }
+        if self.cgroup.is_none() {
+            self.cgroup = Some(probe::TraceCgroup::create(&mut self.ebpf)?);
+        }
+        let cg = self.cgroup.as_ref().unwrap();
+        let mut listen: BTreeSet<SocketAddrV4> = BTreeSet::from([dst]);
+        if let Expect::Backends(b) = expect {
+            listen.extend(b.iter().copied());
+        }
+        let outcomes = probe::run_probe(cg, proto, dst, &listen, attempts)?;
+        Ok(outcomes
+            .into_iter()
+            .map(|o| match o {
+                Outcome::To(a) if a == dst => {
+                    if self.node_ips.contains(dst.ip()) {
+                        Outcome::Local
+                    } else {
+                        Outcome::Pass
+                    }
+                }
+                o => o,
+            })
+            .collect())
+    }
+}
+
+fn build(proto: Proto, src: (Ipv4Addr, u16), dst: (Ipv4Addr, u16)) -> Vec<u8> {
+    match proto {
+        Proto::Tcp => packet::tcp(src, dst, true, b""),
+        Proto::Udp => packet::udp(src, dst, b"ferry-trace"),
+        Proto::Sctp => packet::sctp_init(src, dst),
+    }
+}
+
+/// Compares the outcomes of all attempts with the expectation.
+fn judge(name: &str, expect: &Expect, outcomes: &[Outcome], origin: Origin) -> FlowResult {
+    let mut counts: BTreeMap<Outcome, usize> = BTreeMap::new();
+    for o in outcomes {
+        *counts.entry(o.clone()).or_default() += 1;
+    }
+    let got: Vec<String> = counts.iter().map(|(o, n)| format!("{o} x{n}")).collect();
+    let via = match origin {
+        Origin::Pod => "tc test-run",
+        Origin::Node => "node sockets",
+        Origin::External => "external",
+    };
+    let ok = match expect {
+        Expect::Backends(want) => {
+            let chosen: BTreeSet<SocketAddrV4> = counts.keys().filter_map(|o| if let Outcome::To(a) = o { Some(*a) } else { None }).collect();
+            counts.keys().all(|o| matches!(o, Outcome::To(_))) && chosen == *want
+        }
+        Expect::Pass => counts.keys().all(|o| *o == Outcome::Pass),
+        Expect::Local => counts.keys().all(|o| *o == Outcome::Local),
+        Expect::Drop => counts.keys().all(|o| *o == Outcome::Drop),
+        Expect::Reject => counts.keys().all(|o| *o == Outcome::Reject),
+    };
+    let line = format!("{} {name}: expected {expect}, got {} ({via})", if ok { "ok  " } else { "FAIL" }, got.join(", "));
+    FlowResult { name: name.to_string(), ok, line }
+}
+
+/// Runs scenario files; prints one line per flow and the `N passed, M failed` total. Returns
+/// whether everything passed.
+pub fn run_files(files: &[PathBuf]) -> bool {
+    let (mut passed, mut failed) = (0usize, 0usize);
+    for f in files {
+        println!("# {}", f.display());
+        match run_file(f) {
+            Ok(results) => {
+                for r in results {
+                    println!("{}", r.line);
+                    if r.ok {
+                        passed += 1;
+                    } else {
+                        failed += 1;
+                    }
+                }
+            }
+            Err(errors) => {
+                for e in errors {
+                    println!("FAIL {}: {e}", f.display());
+                }
+                failed += 1;
+            }
+        }
+    }
+    println!("{passed} passed, {failed} failed");
+    failed == 0
+}
+
+pub fn run_file(path: &Path) -> Result<Vec<FlowResult>, Vec<String>> {
+    let text = std::fs::read_to_string(path).map_err(|e| vec![format!("{}: {e}", path.display())])?;
+    let sc: Scenario = serde_yaml::from_str(&text).map_err(|e| vec![format!("{}: {e}", path.display())])?;
+    if sc.flows.is_empty() {
+        return Err(vec!["flows: a scenario needs at least one flow".into()]);
+    }
+    let mut runner = Runner::load(&sc, &path.display().to_string())?;
+    Ok(sc.flows.iter().map(|f| runner.run_flow(f)).collect())
+}
