@@ -1,3 +1,4 @@
 //! Shared fixtures for tests that load Ferry's real programs.
 pub mod fixture;
+pub mod lab;
 pub use dataplane_agent::packet;

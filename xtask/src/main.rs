@@ -1,1 +1,218 @@
-fn main() {}
+//! Orchestration: `cargo xtask setup | build-ebpf | test | lab | bench`.
+//!
+//! The eBPF crate is built with a different compiler than the rest (see ../shared/toolchain.md):
+//! Debian's rustc with its prebuilt `core` for bpfel-unknown-none, or, where that is missing,
+//! rustup nightly with rust-src and `-Z build-std=core`.
+use std::{
+    path::{Path, PathBuf},
+    process::{Command, ExitCode},
+};
+
+use anyhow::{bail, Context, Result};
+
+const APT_PACKAGES: &[&str] = &[
+    "rustc-web",
+    "libstd-rust-web-dev-bpf",
+    "llvm-22-dev",
+    "libpolly-22-dev",
+    "clang-22",
+    "bpftool",
+    "iproute2",
+    "iptables",
+    "nftables",
+    "iputils-ping",
+];
+const BPF_LINKER_VERSION: &str = "0.13.0";
+const DEBIAN_RUSTC: &str = "/usr/bin/rustc";
+const DEBIAN_CARGO: &str = "/usr/bin/cargo";
+const DEBIAN_BPF_CORE: &str = "/usr/lib/rustlib/bpfel-unknown-none";
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let res = match args.first().map(String::as_str) {
+        Some("setup") => setup(),
+        Some("build-ebpf") => build_ebpf(),
+        Some("test") => test(&args[1..]),
+        Some("lab") => lab(&args[1..]),
+        Some("bench") => bench(&args[1..]),
+        _ => {
+            eprintln!(
+                "usage: cargo xtask <command>\n\n  setup       install the toolchain (root; idempotent) and mount bpffs\n  build-ebpf  build the kernel programs (release, BTF)\n  test        set up, build, and run every test: unit, bpf-tests, end-to-end, scenario files\n  lab         build a two-node cluster in network namespaces and show Ferry balancing it\n  bench       ns per packet and sync times beside a baseline measured in the same run"
+            );
+            return ExitCode::from(2);
+        }
+    };
+    match res {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("xtask: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+}
+
+fn run(cmd: &mut Command) -> Result<()> {
+    let st = cmd.status().with_context(|| format!("starting {cmd:?}"))?;
+    if !st.success() {
+        bail!("{cmd:?} failed: {st}");
+    }
+    Ok(())
+}
+
+fn ok(cmd: &mut Command) -> bool {
+    cmd.stdout(std::process::Stdio::null()).stderr(std::process::Stdio::null()).status().is_ok_and(|s| s.success())
+}
+
+fn is_root() -> bool {
+    unsafe { libc::geteuid() == 0 }
+}
+
+fn dpkg_installed(pkg: &str) -> bool {
+    Command::new("dpkg-query")
+        .args(["-W", "-f=${Status}", pkg])
+        .output()
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("install ok installed"))
+}
+
+fn bpf_linker_ok() -> bool {
+    Command::new("bpf-linker").arg("--version").output().is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains(BPF_LINKER_VERSION))
+}
+
+fn bpffs_mounted() -> bool {
+    std::fs::read_to_string("/proc/self/mounts").is_ok_and(|m| m.lines().any(|l| l.split_whitespace().nth(1) == Some("/sys/fs/bpf") && l.contains(" bpf ")))
+}
+
+/// Installs everything in ../shared/toolchain.md that is missing, and nothing that is there.
+fn setup() -> Result<()> {
+    if !is_root() {
+        bail!("setup installs packages and mounts bpffs: run it as root (sudo -E cargo xtask setup)");
+    }
+    let missing: Vec<&str> = APT_PACKAGES.iter().copied().filter(|p| !dpkg_installed(p)).collect();
+    if missing.is_empty() {
+        println!("setup: Debian packages present");
+    } else if Path::new("/usr/bin/apt-get").exists() {
+        println!("setup: installing {}", missing.join(" "));
+        run(Command::new("apt-get").arg("update")).context("apt-get update")?;
+        run(Command::new("apt-get").args(["install", "-y", "--no-install-recommends"]).args(&missing).env("DEBIAN_FRONTEND", "noninteractive"))
+            .with_context(|| format!("apt-get install {}: these packages are needed (see ../shared/toolchain.md)", missing.join(" ")))?;
+    } else {
+        println!("setup: no apt-get here: the Debian route is unavailable; build-ebpf will look for rustup nightly with rust-src");
+    }
+    if bpf_linker_ok() {
+        println!("setup: bpf-linker {BPF_LINKER_VERSION} present");
+    } else {
+        println!("setup: building bpf-linker {BPF_LINKER_VERSION} against LLVM 22");
+        run(Command::new("cargo")
+            .args(["install", "bpf-linker", "--version", BPF_LINKER_VERSION, "--no-default-features", "--features", "llvm-22"])
+            .env("LLVM_PREFIX", "/usr/lib/llvm-22"))
+        .context("cargo install bpf-linker (needs llvm-22-dev and libpolly-22-dev)")?;
+    }
+    if bpffs_mounted() {
+        println!("setup: /sys/fs/bpf mounted");
+    } else {
+        run(Command::new("mount").args(["-t", "bpf", "bpf", "/sys/fs/bpf"])).context("mounting bpffs on /sys/fs/bpf")?;
+        println!("setup: mounted bpffs on /sys/fs/bpf");
+    }
+    Ok(())
+}
+
+fn build_ebpf() -> Result<()> {
+    let root = root();
+    let mut cmd;
+    if Path::new(DEBIAN_RUSTC).exists() && Path::new(DEBIAN_CARGO).exists() && Path::new(DEBIAN_BPF_CORE).exists() {
+        // Debian route: prebuilt core for the BPF target replaces build-std.
+        cmd = Command::new(DEBIAN_CARGO);
+        cmd.args(["build", "--release", "--ignore-rust-version", "--target", "bpfel-unknown-none", "-p", "dataplane-ebpf"])
+            .env("RUSTC", DEBIAN_RUSTC)
+            // aya-ebpf uses unstable features on the BPF target.
+            .env("RUSTC_BOOTSTRAP", "1");
+    } else if ok(Command::new("rustup").args(["run", "nightly", "rustc", "--print", "sysroot"]))
+        && Command::new("rustup")
+            .args(["component", "list", "--toolchain", "nightly", "--installed"])
+            .output()
+            .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("rust-src"))
+    {
+        cmd = Command::new("cargo");
+        cmd.args(["+nightly", "build", "--release", "--target", "bpfel-unknown-none", "-Z", "build-std=core", "-p", "dataplane-ebpf"]);
+    } else {
+        bail!(
+            "no compiler for the BPF target: need either Debian's rustc-web and libstd-rust-web-dev-bpf ({DEBIAN_RUSTC}, {DEBIAN_BPF_CORE}: `cargo xtask setup` installs them), or rustup nightly with rust-src (`rustup toolchain install nightly --component rust-src`)"
+        );
+    }
+    if !bpf_linker_ok() {
+        bail!("bpf-linker {BPF_LINKER_VERSION} not found on PATH: run `cargo xtask setup`");
+    }
+    // BTF (debuginfo + --btf) so that bpftool prints named fields of every map.
+    cmd.current_dir(&root).env("RUSTFLAGS", "-C debuginfo=2 -C link-arg=--btf").env_remove("RUSTC_WORKSPACE_WRAPPER");
+    run(&mut cmd).context("building dataplane-ebpf")?;
+    println!("build-ebpf: {}", root.join("target/bpfel-unknown-none/release/dataplane-ebpf").display());
+    Ok(())
+}
+
+fn cargo() -> Command {
+    let mut c = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    c.current_dir(root());
+    c
+}
+
+fn build_all() -> Result<()> {
+    build_ebpf()?;
+    run(cargo().args(["build", "--workspace", "--exclude", "dataplane-ebpf", "--bins"]))
+}
+
+/// One suite's result for the summary.
+struct Suite {
+    name: &'static str,
+    ok: bool,
+}
+
+fn test(args: &[String]) -> Result<()> {
+    setup()?;
+    build_all()?;
+    let mut suites = Vec::new();
+    let mut step = |name: &'static str, cmd: &mut Command| {
+        println!("\n=== {name}");
+        let ok = cmd.status().is_ok_and(|s| s.success());
+        suites.push(Suite { name, ok });
+    };
+    step("unit tests (no root needed)", cargo().args(["test", "-p", "dataplane-common", "-p", "dataplane-agent", "-p", "xtask"]).args(args));
+    // Packet tests and end-to-end tests load the real programs; the e2e ones build namespaces,
+    // one test at a time so their traffic and timing do not compete on a small machine.
+    step("bpf-tests: BPF_PROG_TEST_RUN and namespace end-to-end", cargo().args(["test", "-p", "bpf-tests"]).args(args).args(["--", "--test-threads=1"]));
+    let scenarios: Vec<PathBuf> = {
+        let mut v: Vec<PathBuf> = std::fs::read_dir(root().join("bpf-tests/scenarios"))?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|e| e == "yaml"))
+            .collect();
+        v.sort();
+        v
+    };
+    step("scenario files (dataplane-agent trace)", Command::new(root().join("target/debug/dataplane-agent")).arg("trace").arg("--scenario").args(&scenarios));
+    println!();
+    let failed: Vec<&str> = suites.iter().filter(|s| !s.ok).map(|s| s.name).collect();
+    for s in &suites {
+        println!("{} {}", if s.ok { "ok  " } else { "FAIL" }, s.name);
+    }
+    println!("suites: {} passed, {} failed", suites.len() - failed.len(), failed.len());
+    if !failed.is_empty() {
+        bail!("failed: {}", failed.join(", "));
+    }
+    Ok(())
+}
+
+fn lab(args: &[String]) -> Result<()> {
+    setup()?;
+    build_all()?;
+    run(Command::new(root().join("target/debug/lab")).args(args))
+}
+
+fn bench(args: &[String]) -> Result<()> {
+    setup()?;
+    build_ebpf()?;
+    run(cargo().args(["build", "--release", "-p", "bpf-tests", "--bin", "bench"]))?;
+    run(Command::new(root().join("target/release/bench")).args(args))
+}

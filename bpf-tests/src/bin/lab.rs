@@ -1,0 +1,73 @@
+//! `cargo xtask lab`: Ferry's main job on an embedded default. Builds a two-node cluster from
+//! network namespaces, starts one agent per node with `deploy/examples/`, sends 100 requests to
+//! each ClusterIP from a pod (and 100 from node1's own host network), prints who answered, and
+//! tears everything down, also on failure or Ctrl-C.
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use bpf_tests::lab::{self, Cluster};
+
+static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_signal(_: libc::c_int) {
+    INTERRUPTED.store(true, Ordering::SeqCst);
+}
+
+/// Returns early (running every Drop guard) when Ctrl-C was pressed.
+macro_rules! checkpoint {
+    () => {
+        if INTERRUPTED.load(Ordering::SeqCst) {
+            eprintln!("\ninterrupted: tearing the lab down");
+            return std::process::ExitCode::from(130);
+        }
+    };
+}
+
+fn main() -> std::process::ExitCode {
+    unsafe {
+        libc::signal(libc::SIGINT, on_signal as *const () as libc::sighandler_t);
+        libc::signal(libc::SIGTERM, on_signal as *const () as libc::sighandler_t);
+    }
+    let requests = std::env::args().nth(1).and_then(|n| n.parse().ok()).unwrap_or(100usize).to_string();
+    println!("lab: building node1, node2 (two pods each) in network namespaces");
+    let mut c = Cluster::new(&lab::examples_dir());
+    checkpoint!();
+    println!("lab {}: starting one agent per node with {}", c.id, lab::examples_dir().display());
+    c.start_agents();
+    checkpoint!();
+    let runs = [
+        ("n1-pod1 (pod on node1)", "tcp", lab::TCP_VIP, false),
+        ("n1-pod1 (pod on node1)", "udp", lab::UDP_VIP, false),
+        ("node1 (host network)", "tcp", lab::TCP_VIP, true),
+    ];
+    let mut table = Vec::new();
+    for (from, proto, vip, host) in runs {
+        checkpoint!();
+        let lines = if host { c.client_on_node(0, &[proto, vip, &requests]) } else { c.client_in_pod("n1-pod1", &[proto, vip, &requests]) };
+        table.push((from, proto, vip, lab::tally(&lines)));
+    }
+    println!("\n{:<24} {:<5} {:<14} {:<10} {:>7}", "from", "proto", "ClusterIP", "answered", "count");
+    let mut ok = true;
+    for (from, proto, vip, t) in &table {
+        for (who, n) in t {
+            println!("{from:<24} {proto:<5} {vip:<14} {who:<10} {n:>7}");
+            ok &= !who.starts_with("ERR");
+        }
+        // Every endpoint (one on node1, two on node2) must have answered.
+        ok &= t.keys().filter(|k| !k.starts_with("ERR")).count() == 3;
+    }
+    println!();
+    for (i, n) in c.nodes.iter().enumerate() {
+        for l in c.agent_log(i).lines().filter(|l| l.contains("synced") || l.contains("restored")).take(2) {
+            println!("{} agent: {l}", n.name);
+        }
+    }
+    drop(c);
+    println!("lab: torn down");
+    if ok {
+        println!("lab: every endpoint answered, no errors");
+        std::process::ExitCode::SUCCESS
+    } else {
+        println!("lab: FAILED: some requests failed or an endpoint never answered");
+        std::process::ExitCode::FAILURE
+    }
+}

@@ -1,0 +1,414 @@
+//! A small cluster made of network namespaces, for the lab and the end-to-end tests.
+//!
+//! Each node is a namespace; each pod is a namespace joined to its node by a veth (pod side
+//! `eth0`, node side `veth…`, which Ferry's default interface pattern matches); the nodes are
+//! joined by one veth with static routes to each other's pod CIDR standing in for the CNI. One
+//! agent per node runs inside the node's namespace with its own pin directory and its own cgroup
+//! for the socket hooks. Nothing is added to the root namespace (links are created directly in
+//! their namespaces), every name carries a per-run id, and every piece is removed by a `Drop`
+//! guard: on success, on failure, on panic, and (in the lab binary) on Ctrl-C.
+use std::{
+    collections::BTreeMap,
+    net::Ipv4Addr,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    sync::atomic::{AtomicU32, Ordering},
+    time::{Duration, Instant},
+};
+
+pub const SERVICE_CIDR: &str = "10.96.0.0/16";
+pub const TCP_VIP: &str = "10.96.0.10:80";
+pub const UDP_VIP: &str = "10.96.0.20:53";
+pub const ECHO_TCP_PORT: u16 = 8080;
+pub const ECHO_UDP_PORT: u16 = 5353;
+
+fn target_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/debug")
+}
+
+pub fn agent_bin() -> PathBuf {
+    target_dir().join("dataplane-agent")
+}
+
+pub fn echo_bin() -> PathBuf {
+    target_dir().join("ferry-echo")
+}
+
+/// Runs a command to completion; panics with its output if it fails (setup steps must work).
+pub fn sh(args: &[&str]) {
+    let out = Command::new(args[0]).args(&args[1..]).output().unwrap_or_else(|e| panic!("{args:?}: {e}"));
+    assert!(out.status.success(), "{args:?}: {}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+}
+
+/// A unique short id for this run: names stay under the 15-character interface limit.
+pub fn run_id() -> String {
+    static N: AtomicU32 = AtomicU32::new(0);
+    let n = N.fetch_add(1, Ordering::Relaxed);
+    let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().subsec_micros();
+    format!("{:x}", (std::process::id() ^ t ^ (n << 20)) & 0xfffff)
+}
+
+/// A network namespace, deleted on drop.
+pub struct Netns {
+    pub name: String,
+}
+
+impl Netns {
+    pub fn new(name: String) -> Self {
+        sh(&["ip", "netns", "add", &name]);
+        let ns = Netns { name };
+        ns.exec_ok(&["ip", "link", "set", "lo", "up"]);
+        ns
+    }
+
+    /// A command that runs inside this namespace. It enters with setns(2) only: `ip netns exec`
+    /// would also give it a fresh /sys, hiding the bpf filesystem the agent pins its maps on.
+    pub fn cmd(&self, args: &[&str]) -> Command {
+        use std::os::{fd::AsRawFd, unix::process::CommandExt};
+        let f = std::fs::File::open(format!("/run/netns/{}", self.name)).unwrap_or_else(|e| panic!("netns {}: {e}", self.name));
+        let mut c = Command::new(args[0]);
+        c.args(&args[1..]);
+        unsafe {
+            c.pre_exec(move || {
+                if libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        c
+    }
+
+    pub fn exec_ok(&self, args: &[&str]) {
+        let out = self.cmd(args).output().unwrap_or_else(|e| panic!("{args:?} in {}: {e}", self.name));
+        assert!(out.status.success(), "{args:?} in {}: {}", self.name, String::from_utf8_lossy(&out.stderr));
+    }
+
+    pub fn sysctl(&self, kv: &str) {
+        self.exec_ok(&["sysctl", "-q", "-w", kv]);
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.name]).status();
+    }
+}
+
+/// A child process, killed and reaped on drop.
+pub struct Proc {
+    pub child: Child,
+    pub what: String,
+}
+
+impl Proc {
+    pub fn stop(&mut self) {
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            self.stop();
+        }
+    }
+}
+
+/// A cgroup v2 directory (and its children), removed on drop after its processes are gone.
+pub struct Cgroup {
+    pub path: PathBuf,
+}
+
+impl Cgroup {
+    pub fn new(path: PathBuf) -> Self {
+        std::fs::create_dir_all(&path).unwrap_or_else(|e| panic!("cgroup {}: {e}", path.display()));
+        Cgroup { path }
+    }
+}
+
+impl Drop for Cgroup {
+    fn drop(&mut self) {
+        if let Ok(rd) = std::fs::read_dir(&self.path) {
+            for e in rd.flatten() {
+                if e.file_type().is_ok_and(|t| t.is_dir()) {
+                    let _ = std::fs::remove_dir(e.path());
+                }
+            }
+        }
+        let _ = std::fs::remove_dir(&self.path);
+    }
+}
+
+/// A bpffs pin directory, removed (with the maps pinned in it) on drop.
+pub struct PinDir {
+    pub path: PathBuf,
+}
+
+impl Drop for PinDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.path);
+    }
+}
+
+/// A temporary directory, removed on drop.
+pub struct TempDir {
+    pub path: PathBuf,
+}
+
+impl TempDir {
+    pub fn new(id: &str) -> Self {
+        let path = std::env::temp_dir().join(format!("ferry-{id}"));
+        std::fs::create_dir_all(&path).unwrap();
+        TempDir { path }
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.path);
+    }
+}
+
+pub struct Pod {
+    pub name: String,
+    pub ip: Ipv4Addr,
+    pub ns: Netns,
+}
+
+pub struct Node {
+    pub name: String,
+    pub ip: Ipv4Addr,
+    pub ns: Netns,
+    pub pin: PinDir,
+    pub cgroup: PathBuf,
+    pub agent: Option<Proc>,
+}
+
+/// The whole lab. Field order is drop order: processes first, then pods, nodes, cgroups, files.
+pub struct Cluster {
+    pub id: String,
+    pub echo: Vec<Proc>,
+    pub pods: Vec<Pod>,
+    pub nodes: Vec<Node>,
+    pub cgroup: Cgroup,
+    pub manifests: PathBuf,
+    pub logs: TempDir,
+}
+
+/// Pod layout: (node index, pod name, pod ip).
+pub const PODS: [(usize, &str, [u8; 4]); 4] = [
+    (0, "n1-pod1", [10, 201, 1, 11]),
+    (0, "n1-pod2", [10, 201, 1, 12]),
+    (1, "n2-pod1", [10, 201, 2, 11]),
+    (1, "n2-pod2", [10, 201, 2, 12]),
+];
+
+impl Cluster {
+    /// Builds two nodes with two pods each and starts an echo server in every pod. Agents are
+    /// started separately (`start_agents`) so tests can prepare the manifests first.
+    pub fn new(manifests: &Path) -> Cluster {
+        assert!(unsafe { libc::geteuid() } == 0, "the lab needs root (network namespaces, BPF)");
+        let id = run_id();
+        let cg_root = dataplane_agent::attach::cgroup2_root().expect("cgroup v2 mount");
+        let cgroup = Cgroup::new(cg_root.join(format!("ferry-lab-{id}")));
+        let logs = TempDir::new(&format!("lab-{id}"));
+        let mut nodes = Vec::new();
+        for i in 0..2u8 {
+            let name = format!("node{}", i + 1);
+            let ns = Netns::new(format!("ferry-{id}-{name}"));
+            ns.sysctl("net.ipv4.ip_forward=1");
+            // Translated packets re-enter routing with a source the reverse path may not know
+            // (hairpin); production nodes run with loose or no rp_filter for the same reason.
+            ns.sysctl("net.ipv4.conf.all.rp_filter=0");
+            ns.sysctl("net.ipv4.conf.default.rp_filter=0");
+            let pin = PinDir { path: PathBuf::from(format!("/sys/fs/bpf/ferry-lab-{id}-{name}")) };
+            let node_cg = cgroup.path.join(&name);
+            std::fs::create_dir_all(&node_cg).unwrap();
+            nodes.push(Node { name, ip: Ipv4Addr::new(192, 168, 77, i + 1), ns, pin, cgroup: node_cg, agent: None });
+        }
+        // The node-to-node link, created directly in the two namespaces.
+        sh(&["ip", "-n", &nodes[0].ns.name, "link", "add", "eth0", "type", "veth", "peer", "name", "eth0", "netns", &nodes[1].ns.name]);
+        for (i, n) in nodes.iter().enumerate() {
+            n.ns.exec_ok(&["ip", "addr", "add", &format!("{}/24", n.ip), "dev", "eth0"]);
+            n.ns.exec_ok(&["ip", "link", "set", "eth0", "up"]);
+            let other = &nodes[1 - i];
+            n.ns.exec_ok(&["ip", "route", "add", &format!("10.201.{}.0/24", 2 - i), "via", &other.ip.to_string()]);
+        }
+        let mut pods = Vec::new();
+        for (k, (ni, name, ip)) in PODS.iter().enumerate() {
+            let node = &nodes[*ni];
+            let ip = Ipv4Addr::from(*ip);
+            let gw = format!("10.201.{}.1", ni + 1);
+            let ns = Netns::new(format!("ferry-{id}-{name}"));
+            let host_if = format!("veth{id}{k}");
+            sh(&["ip", "-n", &ns.name, "link", "add", "eth0", "type", "veth", "peer", "name", &host_if, "netns", &node.ns.name]);
+            ns.exec_ok(&["ip", "addr", "add", &format!("{ip}/32"), "dev", "eth0"]);
+            ns.exec_ok(&["ip", "link", "set", "eth0", "up"]);
+            ns.exec_ok(&["ip", "route", "add", &gw, "dev", "eth0", "scope", "link"]);
+            ns.exec_ok(&["ip", "route", "add", "default", "via", &gw, "dev", "eth0"]);
+            node.ns.exec_ok(&["ip", "addr", "add", &format!("{gw}/32"), "dev", &host_if]);
+            node.ns.exec_ok(&["ip", "link", "set", &host_if, "up"]);
+            node.ns.exec_ok(&["ip", "route", "add", &format!("{ip}/32"), "dev", &host_if]);
+            node.ns.sysctl(&format!("net.ipv4.conf.{host_if}.rp_filter=0"));
+            pods.push(Pod { name: name.to_string(), ip, ns });
+        }
+        let mut c = Cluster { id, echo: Vec::new(), pods, nodes, cgroup, manifests: manifests.to_path_buf(), logs };
+        for i in 0..c.pods.len() {
+            let p = &c.pods[i];
+            let child = p
+                .ns
+                .cmd(&[echo_bin().to_str().unwrap(), "serve", &p.name, &ECHO_TCP_PORT.to_string(), &ECHO_UDP_PORT.to_string()])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("start ferry-echo");
+            c.echo.push(Proc { child, what: format!("echo in {}", p.name) });
+        }
+        c
+    }
+
+    pub fn pod(&self, name: &str) -> &Pod {
+        self.pods.iter().find(|p| p.name == name).unwrap_or_else(|| panic!("no pod {name}"))
+    }
+
+    /// Starts (or restarts) the agent of node `i` and waits until it has attached to every pod
+    /// interface of its node and synced the manifests.
+    pub fn start_agent(&mut self, i: usize) {
+        let log = self.logs.path.join(format!("{}.log", self.nodes[i].name));
+        let n = &mut self.nodes[i];
+        let logf = std::fs::OpenOptions::new().create(true).append(true).open(&log).unwrap();
+        let child = n
+            .ns
+            .cmd(&[
+                agent_bin().to_str().unwrap(),
+                "run",
+                "--node",
+                &n.name,
+                "--manifests",
+                self.manifests.to_str().unwrap(),
+                "--pin-dir",
+                n.pin.path.to_str().unwrap(),
+                "--pod-interfaces",
+                "veth*",
+                "--cgroup",
+                n.cgroup.to_str().unwrap(),
+                "--service-cidr",
+                SERVICE_CIDR,
+                "--poll-ms",
+                "100",
+            ])
+            .stdout(logf.try_clone().unwrap())
+            .stderr(logf)
+            .spawn()
+            .expect("start agent");
+        n.agent = Some(Proc { child, what: format!("agent on {}", n.name) });
+        let pods_here = PODS.iter().filter(|(ni, _, _)| *ni == i).count();
+        self.wait_log(i, |l| l.matches("attached ferry_from_pod").count() >= pods_here && l.contains("synced "));
+    }
+
+    pub fn start_agents(&mut self) {
+        for i in 0..self.nodes.len() {
+            self.start_agent(i);
+        }
+    }
+
+    pub fn stop_agent(&mut self, i: usize) {
+        if let Some(mut a) = self.nodes[i].agent.take() {
+            a.stop();
+        }
+    }
+
+    pub fn agent_log(&self, i: usize) -> String {
+        std::fs::read_to_string(self.logs.path.join(format!("{}.log", self.nodes[i].name))).unwrap_or_default()
+    }
+
+    /// Waits (up to 15 s) until the agent log of node `i` satisfies `f`; panics with the log.
+    pub fn wait_log(&mut self, i: usize, f: impl Fn(&str) -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            let log = self.agent_log(i);
+            if f(&log) {
+                return;
+            }
+            if let Some(a) = &mut self.nodes[i].agent {
+                if let Ok(Some(st)) = a.child.try_wait() {
+                    panic!("agent on {} exited ({st}):\n{log}", self.nodes[i].name);
+                }
+            }
+            assert!(Instant::now() < deadline, "timed out waiting for the agent on {}:\n{log}", self.nodes[i].name);
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Number of completed syncs in node `i`'s log.
+    pub fn syncs(&self, i: usize) -> usize {
+        self.agent_log(i).matches("synced ").count()
+    }
+
+    /// Rewrites one manifest file and waits until every agent has synced it.
+    pub fn write_manifest(&mut self, file: &str, yaml: &str) {
+        let before: Vec<usize> = (0..self.nodes.len()).map(|i| self.syncs(i)).collect();
+        std::fs::write(self.manifests.join(file), yaml).unwrap();
+        for (i, b) in before.iter().enumerate() {
+            if self.nodes[i].agent.is_some() {
+                self.wait_log(i, |l| l.matches("synced ").count() > *b);
+            }
+        }
+    }
+
+    /// Runs the echo client in a pod; returns one line per request (`NAME SEEN_SOURCE`, or
+    /// `ERR kind`).
+    pub fn client_in_pod(&self, pod: &str, args: &[&str]) -> Vec<String> {
+        let p = self.pod(pod);
+        let mut full = vec![echo_bin().to_str().unwrap().to_string()];
+        full.extend(args.iter().map(|s| s.to_string()));
+        let refs: Vec<&str> = full.iter().map(String::as_str).collect();
+        output_lines(p.ns.cmd(&refs))
+    }
+
+    /// Runs the echo client as a process of node `i` itself (host network, in the node's
+    /// cgroup, where the socket hooks are attached).
+    pub fn client_on_node(&self, i: usize, args: &[&str]) -> Vec<String> {
+        let n = &self.nodes[i];
+        let procs = n.cgroup.join("cgroup.procs");
+        let mut c = n.ns.cmd(&[echo_bin().to_str().unwrap()]);
+        c.args(args);
+        use std::os::unix::process::CommandExt;
+        unsafe {
+            // Into the node's cgroup, where its agent attached the socket hooks.
+            c.pre_exec(move || std::fs::write(&procs, "0"));
+        }
+        output_lines(c)
+    }
+}
+
+fn output_lines(mut c: Command) -> Vec<String> {
+    let out = c.output().expect("run ferry-echo client");
+    assert!(out.status.success(), "client failed: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).lines().map(String::from).collect()
+}
+
+/// Counts replies by the answering pod's name (`ERR …` lines are counted under their text).
+pub fn tally(lines: &[String]) -> BTreeMap<String, usize> {
+    let mut m = BTreeMap::new();
+    for l in lines {
+        let key = if l.starts_with("ERR") { l.clone() } else { l.split_whitespace().next().unwrap_or("").to_string() };
+        *m.entry(key).or_default() += 1;
+    }
+    m
+}
+
+/// The example manifests of `deploy/examples/`, which describe exactly this topology.
+pub fn examples_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/examples")
+}
