@@ -244,37 +244,62 @@ impl Cluster {
             let other = &nodes[1 - i];
             n.ns.exec_ok(&["ip", "route", "add", &format!("10.201.{}.0/24", 2 - i), "via", &other.ip.to_string()]);
         }
-        let mut pods = Vec::new();
-        for (k, (ni, name, ip)) in PODS.iter().enumerate() {
-            let node = &nodes[*ni];
-            let ip = Ipv4Addr::from(*ip);
-            let gw = format!("10.201.{}.1", ni + 1);
-            let ns = Netns::new(format!("ferry-{id}-{name}"));
-            let host_if = format!("veth{id}{k}");
-            sh(&["ip", "-n", &ns.name, "link", "add", "eth0", "type", "veth", "peer", "name", &host_if, "netns", &node.ns.name]);
-            ns.exec_ok(&["ip", "addr", "add", &format!("{ip}/32"), "dev", "eth0"]);
-            ns.exec_ok(&["ip", "link", "set", "eth0", "up"]);
-            ns.exec_ok(&["ip", "route", "add", &gw, "dev", "eth0", "scope", "link"]);
-            ns.exec_ok(&["ip", "route", "add", "default", "via", &gw, "dev", "eth0"]);
-            node.ns.exec_ok(&["ip", "addr", "add", &format!("{gw}/32"), "dev", &host_if]);
-            node.ns.exec_ok(&["ip", "link", "set", &host_if, "up"]);
-            node.ns.exec_ok(&["ip", "route", "add", &format!("{ip}/32"), "dev", &host_if]);
-            node.ns.sysctl(&format!("net.ipv4.conf.{host_if}.rp_filter=0"));
-            pods.push(Pod { name: name.to_string(), ip, ns });
-        }
-        let mut c = Cluster { id, echo: Vec::new(), pods, nodes, cgroup, manifests: manifests.to_path_buf(), logs };
-        for i in 0..c.pods.len() {
-            let p = &c.pods[i];
-            let child = p
-                .ns
-                .cmd(&[echo_bin().to_str().unwrap(), "serve", &p.name, &ECHO_TCP_PORT.to_string(), &ECHO_UDP_PORT.to_string()])
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .expect("start ferry-echo");
-            c.echo.push(Proc { child, what: format!("echo in {}", p.name) });
+        let mut c = Cluster { id, echo: Vec::new(), pods: Vec::new(), nodes, cgroup, manifests: manifests.to_path_buf(), logs };
+        for (ni, name, ip) in PODS {
+            c.add_pod(ni, name, Ipv4Addr::from(ip));
         }
         c
+    }
+
+    /// Adds a pod to node `ni` (namespace, veth to the node, routes) and starts its echo server.
+    /// Works while the agents run: they attach to the new veth on the netlink link event.
+    pub fn add_pod(&mut self, ni: usize, name: &str, ip: Ipv4Addr) {
+        let node = &self.nodes[ni];
+        let gw = format!("10.201.{}.1", ni + 1);
+        let ns = Netns::new(format!("ferry-{}-{name}", self.id));
+        let host_if = format!("veth{}{}", self.id, self.pods.len());
+        sh(&["ip", "-n", &ns.name, "link", "add", "eth0", "type", "veth", "peer", "name", &host_if, "netns", &node.ns.name]);
+        ns.exec_ok(&["ip", "addr", "add", &format!("{ip}/32"), "dev", "eth0"]);
+        ns.exec_ok(&["ip", "link", "set", "eth0", "up"]);
+        ns.exec_ok(&["ip", "route", "add", &gw, "dev", "eth0", "scope", "link"]);
+        ns.exec_ok(&["ip", "route", "add", "default", "via", &gw, "dev", "eth0"]);
+        node.ns.exec_ok(&["ip", "addr", "add", &format!("{gw}/32"), "dev", &host_if]);
+        node.ns.exec_ok(&["ip", "link", "set", &host_if, "up"]);
+        node.ns.exec_ok(&["ip", "route", "add", &format!("{ip}/32"), "dev", &host_if]);
+        node.ns.sysctl(&format!("net.ipv4.conf.{host_if}.rp_filter=0"));
+        let child = ns
+            .cmd(&[echo_bin().to_str().unwrap(), "serve", name, &ECHO_TCP_PORT.to_string(), &ECHO_UDP_PORT.to_string()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start ferry-echo");
+        self.echo.push(Proc { child, what: format!("echo in {name}") });
+        self.pods.push(Pod { name: name.to_string(), ip, ns });
+        // The server must be listening before anyone connects.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !self.pod(name).ns.cmd(&["ss", "-Hltn", &format!("sport = :{ECHO_TCP_PORT}")]).output().is_ok_and(|o| !o.stdout.is_empty()) {
+            assert!(Instant::now() < deadline, "echo server in {name} did not start");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn pod_ip(&self, name: &str) -> Ipv4Addr {
+        self.pod(name).ip
+    }
+
+    /// An interactive client in a pod (`tcp-session` or `udp-session`): one connection or one
+    /// socket, a request per call to [`Session::ask`].
+    pub fn session(&self, pod: &str, mode: &str, addr: &str) -> Session {
+        let child = self
+            .pod(pod)
+            .ns
+            .cmd(&[echo_bin().to_str().unwrap(), mode, addr])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start session");
+        Session::new(Proc { child, what: format!("{mode} from {pod}") })
     }
 
     pub fn pod(&self, name: &str) -> &Pod {
@@ -285,6 +310,8 @@ impl Cluster {
     /// interface of its node and synced the manifests.
     pub fn start_agent(&mut self, i: usize) {
         let log = self.logs.path.join(format!("{}.log", self.nodes[i].name));
+        // Only what this agent writes counts (a restart appends to the same log).
+        let since = self.agent_log(i).len();
         let n = &mut self.nodes[i];
         let logf = std::fs::OpenOptions::new().create(true).append(true).open(&log).unwrap();
         let child = n
@@ -313,7 +340,10 @@ impl Cluster {
             .expect("start agent");
         n.agent = Some(Proc { child, what: format!("agent on {}", n.name) });
         let pods_here = PODS.iter().filter(|(ni, _, _)| *ni == i).count();
-        self.wait_log(i, |l| l.matches("attached ferry_from_pod").count() >= pods_here && l.contains("synced "));
+        self.wait_log(i, |l| {
+            let l = &l[since.min(l.len())..];
+            l.matches("attached ferry_from_pod").count() >= pods_here && l.contains("synced ")
+        });
     }
 
     pub fn start_agents(&mut self) {
@@ -396,6 +426,81 @@ fn output_lines(mut c: Command) -> Vec<String> {
     let out = c.output().expect("run ferry-echo client");
     assert!(out.status.success(), "client failed: {}", String::from_utf8_lossy(&out.stderr));
     String::from_utf8_lossy(&out.stdout).lines().map(String::from).collect()
+}
+
+/// An interactive echo client: write a line, read the answer.
+pub struct Session {
+    proc_: Proc,
+    out: std::io::BufReader<std::process::ChildStdout>,
+}
+
+impl Session {
+    fn new(mut proc_: Proc) -> Self {
+        let out = std::io::BufReader::new(proc_.child.stdout.take().unwrap());
+        Session { proc_, out }
+    }
+
+    /// Sends one request; returns `NAME SEEN_SOURCE` or `ERR …`.
+    pub fn ask(&mut self) -> String {
+        use std::io::{BufRead, Write};
+        let stdin = self.proc_.child.stdin.as_mut().unwrap();
+        stdin.write_all(b"ask\n").unwrap();
+        stdin.flush().unwrap();
+        let mut line = String::new();
+        self.out.read_line(&mut line).unwrap();
+        line.trim().to_string()
+    }
+
+    /// The answering pod of one request (panics on an error answer).
+    pub fn backend(&mut self) -> String {
+        let a = self.ask();
+        assert!(!a.starts_with("ERR") && !a.is_empty(), "request failed: {a:?}");
+        a.split_whitespace().next().unwrap().to_string()
+    }
+}
+
+/// The echo Services of `deploy/examples/` with the given endpoints (pod IPs) for each.
+pub fn echo_yaml(tcp: &[Ipv4Addr], udp: &[Ipv4Addr]) -> String {
+    let eps = |ips: &[Ipv4Addr]| -> String {
+        if ips.is_empty() {
+            return "endpoints: []\n".into();
+        }
+        let mut s = String::from("endpoints:\n");
+        for ip in ips {
+            s += &format!("- addresses: [{ip}]\n  conditions: {{ready: true}}\n");
+        }
+        s
+    };
+    format!(
+        r#"apiVersion: v1
+kind: Service
+metadata: {{name: echo-tcp, namespace: lab}}
+spec:
+  clusterIP: 10.96.0.10
+  ports: [{{name: echo, port: 80, protocol: TCP, targetPort: echo}}]
+---
+apiVersion: v1
+kind: Service
+metadata: {{name: echo-udp, namespace: lab}}
+spec:
+  clusterIP: 10.96.0.20
+  ports: [{{name: echo-udp, port: 53, protocol: UDP, targetPort: 5353}}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {{name: echo-tcp-1, namespace: lab, labels: {{kubernetes.io/service-name: echo-tcp}}}}
+addressType: IPv4
+ports: [{{name: echo, port: 8080, protocol: TCP}}]
+{}---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {{name: echo-udp-1, namespace: lab, labels: {{kubernetes.io/service-name: echo-udp}}}}
+addressType: IPv4
+ports: [{{name: echo-udp, port: 5353, protocol: UDP}}]
+{}"#,
+        eps(tcp),
+        eps(udp)
+    )
 }
 
 /// Counts replies by the answering pod's name (`ERR …` lines are counted under their text).

@@ -4,6 +4,7 @@
 //!   ferry-echo serve NAME TCP_PORT UDP_PORT
 //!   ferry-echo tcp ADDR N          N new connections, one request each
 //!   ferry-echo udp ADDR N          N new sockets (new source ports), one datagram each
+//!   ferry-echo udp-connected ADDR N  as udp, on connected sockets (ICMP errors are reported)
 //!   ferry-echo tcp-session ADDR    one connection; a request per line on stdin
 //!   ferry-echo udp-session ADDR    one socket (fixed source port); a request per line on stdin
 //! Client output: one line per request, `NAME SEEN_SOURCE`, or `ERR <what>`.
@@ -22,6 +23,7 @@ fn main() {
         ["serve", name, tcp, udp] => serve(name, tcp.parse().unwrap(), udp.parse().unwrap()),
         ["tcp", addr, n] => (0..n.parse::<usize>().unwrap()).for_each(|_| println!("{}", tcp_once(addr.parse().unwrap()))),
         ["udp", addr, n] => (0..n.parse::<usize>().unwrap()).for_each(|_| println!("{}", udp_once(addr.parse().unwrap()))),
+        ["udp-connected", addr, n] => (0..n.parse::<usize>().unwrap()).for_each(|_| println!("{}", udp_connected_once(addr.parse().unwrap()))),
         ["tcp-session", addr] => tcp_session(addr.parse().unwrap()),
         ["udp-session", addr] => udp_session(addr.parse().unwrap()),
         _ => {
@@ -99,6 +101,19 @@ fn udp_once(addr: SocketAddr) -> String {
     let u = UdpSocket::bind("0.0.0.0:0").unwrap();
     u.set_read_timeout(Some(TIMEOUT)).unwrap();
     udp_exchange(&u, addr)
+}
+
+fn udp_connected_once(addr: SocketAddr) -> String {
+    let u = UdpSocket::bind("0.0.0.0:0").unwrap();
+    u.set_read_timeout(Some(TIMEOUT)).unwrap();
+    if let Err(e) = u.connect(addr).and_then(|_| u.send(b"hi")) {
+        return err(e);
+    }
+    let mut buf = [0u8; 512];
+    match u.recv(&mut buf) {
+        Ok(n) => String::from_utf8_lossy(&buf[..n]).trim().to_string(),
+        Err(e) => err(e),
+    }
 }
 
 fn tcp_session(addr: SocketAddr) {

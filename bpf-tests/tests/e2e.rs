@@ -1,0 +1,128 @@
+//! End-to-end: real TCP and UDP between pods of a two-node cluster made of network namespaces,
+//! with one real agent per node (`bpf_tests::lab`). Each test builds and removes its own cluster.
+use std::{net::Ipv4Addr, time::Instant};
+
+use bpf_tests::lab::{self, echo_yaml, tally, Cluster, TempDir};
+
+/// A cluster whose manifests live in a private directory the test may rewrite.
+fn cluster(tcp: &[&str], udp: &[&str]) -> (Cluster, TempDir) {
+    let dir = TempDir::new(&format!("e2e-{}", lab::run_id()));
+    let ip = |n: &str| Ipv4Addr::from(lab::PODS.iter().find(|p| p.1 == n).unwrap().2);
+    let tcp: Vec<Ipv4Addr> = tcp.iter().map(|n| ip(n)).collect();
+    let udp: Vec<Ipv4Addr> = udp.iter().map(|n| ip(n)).collect();
+    std::fs::write(dir.path.join("echo.yaml"), echo_yaml(&tcp, &udp)).unwrap();
+    let mut c = Cluster::new(&dir.path);
+    c.start_agents();
+    (c, dir)
+}
+
+fn set_endpoints(c: &mut Cluster, tcp: &[&str], udp: &[&str]) {
+    let tcp: Vec<Ipv4Addr> = tcp.iter().map(|n| c.pod_ip(n)).collect();
+    let udp: Vec<Ipv4Addr> = udp.iter().map(|n| c.pod_ip(n)).collect();
+    c.write_manifest("echo.yaml", &echo_yaml(&tcp, &udp));
+}
+
+const ALL: [&str; 3] = ["n1-pod2", "n2-pod1", "n2-pod2"];
+
+#[test]
+fn requests_spread_over_all_endpoints_and_keep_the_client_address() {
+    let (c, _d) = cluster(&ALL, &ALL);
+    for (proto, vip) in [("tcp", lab::TCP_VIP), ("udp", lab::UDP_VIP)] {
+        let lines = c.client_in_pod("n1-pod1", &[proto, vip, "60"]);
+        let t = tally(&lines);
+        assert_eq!(t.keys().cloned().collect::<Vec<_>>(), ALL.to_vec(), "{proto}: {t:?}");
+        // Inside the cluster the backend sees the client pod itself (no masquerade).
+        assert!(lines.iter().all(|l| l.split_whitespace().nth(1).unwrap().starts_with("10.201.1.11:")), "{lines:?}");
+    }
+}
+
+#[test]
+fn node_host_processes_reach_clusterips() {
+    let (c, _d) = cluster(&ALL, &ALL);
+    for (proto, vip) in [("tcp", lab::TCP_VIP), ("udp", lab::UDP_VIP)] {
+        let t = tally(&c.client_on_node(0, &[proto, vip, "60"]));
+        assert_eq!(t.keys().cloned().collect::<Vec<_>>(), ALL.to_vec(), "{proto} from node1: {t:?}");
+    }
+}
+
+#[test]
+fn long_tcp_connection_keeps_its_backend_while_endpoints_change() {
+    let (mut c, _d) = cluster(&ALL, &ALL);
+    let mut s = c.session("n1-pod1", "tcp-session", lab::TCP_VIP);
+    let mine = s.backend();
+    let others: Vec<&str> = ALL.iter().copied().filter(|b| *b != mine).collect();
+    // Remove another endpoint, then add a new one: the connection stays where it is.
+    set_endpoints(&mut c, &[mine.as_str(), others[0]], &ALL);
+    assert_eq!(s.backend(), mine);
+    set_endpoints(&mut c, &[mine.as_str(), others[0], "n1-pod1"], &ALL);
+    for _ in 0..5 {
+        assert_eq!(s.backend(), mine);
+    }
+}
+
+#[test]
+fn removed_endpoint_gets_no_new_connections() {
+    let (mut c, _d) = cluster(&ALL, &ALL);
+    set_endpoints(&mut c, &["n1-pod2", "n2-pod1"], &["n1-pod2", "n2-pod1"]);
+    for (proto, vip) in [("tcp", lab::TCP_VIP), ("udp", lab::UDP_VIP)] {
+        let t = tally(&c.client_in_pod("n1-pod1", &[proto, vip, "60"]));
+        assert_eq!(t.keys().cloned().collect::<Vec<_>>(), vec!["n1-pod2", "n2-pod1"], "{proto}: {t:?}");
+    }
+}
+
+#[test]
+fn no_endpoints_is_refused_at_once() {
+    let (c, _d) = cluster(&[], &[]);
+    for (proto, vip, who) in [("tcp", lab::TCP_VIP, "pod"), ("udp-connected", lab::UDP_VIP, "pod"), ("tcp", lab::TCP_VIP, "node")] {
+        let started = Instant::now();
+        let lines = if who == "pod" { c.client_in_pod("n1-pod1", &[proto, vip, "10"]) } else { c.client_on_node(0, &[proto, vip, "10"]) };
+        assert!(lines.iter().all(|l| l == "ERR ConnectionRefused"), "{proto} from {who}: {lines:?}");
+        // Ten refusals, each well inside the client's 2 s timeout: refused, not timed out.
+        assert!(started.elapsed().as_secs_f64() < 2.0, "{proto} from {who} took {:?}", started.elapsed());
+    }
+}
+
+#[test]
+fn udp_client_moves_off_a_removed_endpoint_at_once() {
+    // kube-proxy's stale-UDP-conntrack problem: a DNS client keeps its source port, and its
+    // conntrack entry would keep sending it to an endpoint that no longer exists.
+    let (mut c, _d) = cluster(&ALL, &ALL);
+    let mut s = c.session("n1-pod1", "udp-session", lab::UDP_VIP);
+    let first = s.backend();
+    assert_eq!(s.backend(), first, "same socket, same backend");
+    let rest: Vec<&str> = ALL.iter().copied().filter(|b| *b != first).collect();
+    set_endpoints(&mut c, &ALL, &rest);
+    let started = Instant::now();
+    let next = s.backend();
+    assert_ne!(next, first);
+    assert!(rest.contains(&next.as_str()));
+    assert!(started.elapsed().as_secs_f64() < 1.0, "answered after {:?}: a timeout, not an immediate move", started.elapsed());
+    assert!(c.agent_log(0).contains("conntrack entries of removed endpoints flushed"));
+}
+
+#[test]
+fn established_connection_survives_an_agent_restart() {
+    let (mut c, _d) = cluster(&ALL, &ALL);
+    let mut s = c.session("n1-pod1", "tcp-session", lab::TCP_VIP);
+    let mine = s.backend();
+    c.stop_agent(0);
+    assert!(c.agent_log(0).contains("stopping: detaching"), "{}", c.agent_log(0));
+    c.start_agent(0);
+    // The pinned maps were re-adopted: nothing rewritten, the connection keeps its backend.
+    let log = c.agent_log(0);
+    // Two frontends; six backends (three pods, each as a TCP and a UDP backend).
+    assert!(log.contains("2 frontends, 6 backends restored"), "{log}");
+    assert!(log.lines().filter(|l| l.contains("synced")).last().unwrap().contains(": 0 writes, 0 deletes"), "{log}");
+    for _ in 0..3 {
+        assert_eq!(s.backend(), mine);
+    }
+}
+
+#[test]
+fn agent_attaches_to_pod_interfaces_that_appear_later() {
+    let (mut c, _d) = cluster(&ALL, &ALL);
+    c.add_pod(0, "n1-pod3", Ipv4Addr::new(10, 201, 1, 13));
+    c.wait_log(0, |l| l.matches("attached ferry_from_pod").count() >= 3);
+    let t = tally(&c.client_in_pod("n1-pod3", &["tcp", lab::TCP_VIP, "30"]));
+    assert_eq!(t.keys().cloned().collect::<Vec<_>>(), ALL.to_vec(), "{t:?}");
+}
