@@ -18,6 +18,10 @@ pub fn object() -> Result<&'static [u8], LoadError> {
     Ok(OBJECT)
 }
 
+/// Capacities for a private copy (trace, tests): a handful of flows need no half-gigabyte
+/// conntrack table, and several copies may be loaded at once.
+pub const PRIVATE_CAPACITIES: [(&str, u32); 3] = [(names::CONNTRACK, 16_384), (names::FRAGMENTS, 1_024), ("sock_rev4_v1", 1_024)];
+
 /// Where a node's maps live.
 pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/ferry";
 
@@ -60,8 +64,16 @@ fn is_bpffs(path: &Path) -> bool {
 /// Loads the object. With `pin_dir`, every map is pinned there by name and an existing pin is
 /// re-used (after a layout check); without, all maps are private to this process (trace, tests).
 pub fn load(pin_dir: Option<&Path>) -> Result<Ebpf, LoadError> {
+    load_with(pin_dir, &[])
+}
+
+/// As [`load`], with some maps' capacities overridden (`(name, max_entries)`).
+pub fn load_with(pin_dir: Option<&Path>, max_entries: &[(&'static str, u32)]) -> Result<Ebpf, LoadError> {
     let obj = object()?;
     let mut loader = EbpfLoader::new();
+    for (name, n) in max_entries {
+        loader.map_max_entries(name, *n);
+    }
     let paths: Vec<(&'static str, PathBuf)>;
     if let Some(dir) = pin_dir {
         let parent = dir.parent().unwrap_or(Path::new("/"));

@@ -5,6 +5,10 @@ use aya_ebpf::{
     btf_maps::{HashMap, LpmTrie, LruHashMap, PerCpuArray},
     macros::btf_map,
 };
+/// Maps written only by the agent need no preallocation (Cilium's LB maps do the same): memory
+/// follows the number of Services and endpoints instead of the capacity.
+const NO_PREALLOC: usize = 1;
+
 use dataplane_common::{
     capacity, Ct4Entry, Ct4Key, Frag4Key, Frag4Ports, Lb4Backend, Lb4Key, Lb4Service, Lb4SlotKey,
     SockRevKey, SockRevValue,
@@ -12,16 +16,16 @@ use dataplane_common::{
 
 /// Service frontends: `addr:port/proto` (and `addr:0/0` for "this is a ClusterIP").
 #[btf_map]
-pub static lb4_svc_v1: HashMap<Lb4Key, Lb4Service, { capacity::SERVICES as usize }> =
+pub static lb4_svc_v1: HashMap<Lb4Key, Lb4Service, { capacity::SERVICES as usize }, NO_PREALLOC> =
     HashMap::new();
 
 /// Backend slots of each frontend, dense `0..count`: `(svc_id, slot) -> backend id`.
 #[btf_map]
-pub static lb4_slot_v1: HashMap<Lb4SlotKey, u32, { capacity::SLOTS as usize }> = HashMap::new();
+pub static lb4_slot_v1: HashMap<Lb4SlotKey, u32, { capacity::SLOTS as usize }, NO_PREALLOC> = HashMap::new();
 
 /// Backends by id.
 #[btf_map]
-pub static lb4_be_v1: HashMap<u32, Lb4Backend, { capacity::BACKENDS as usize }> = HashMap::new();
+pub static lb4_be_v1: HashMap<u32, Lb4Backend, { capacity::BACKENDS as usize }, NO_PREALLOC> = HashMap::new();
 
 /// Connection tracking, both directions of every translated connection. LRU: under pressure the
 /// least recently used entries go first instead of new connections failing.

@@ -55,8 +55,51 @@ pub fn parse_str(text: &str, source: &str, objs: &mut Objects, errors: &mut Vec<
         match serde_yaml::Value::deserialize(doc) {
             Ok(serde_yaml::Value::Null) => {}
             Ok(v) => add_value(v, &where_, objs, errors),
-            Err(e) => errors.push(ObjectError::new("document", where_, "(yaml)".into(), e.to_string())),
+            Err(e) => {
+                // A syntax error ends the stream: serde_yaml's document iterator would yield the
+                // same error forever. The documents before it are kept.
+                errors.push(ObjectError::new("document", where_, "(yaml)".into(), e.to_string()));
+                break;
+            }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = "apiVersion: v1\nkind: Service\nmetadata: {name: a, namespace: x}\nspec: {clusterIP: 172.30.0.1, ports: [{port: 80}]}\n";
+
+    #[test]
+    fn syntax_error_is_reported_once_and_earlier_documents_kept() {
+        let mut objs = Objects::default();
+        let mut errors = Vec::new();
+        parse_str(&format!("{GOOD}---\nkind: Service\nmetadata: [unclosed\n---\n{GOOD}"), "f.yaml", &mut objs, &mut errors);
+        assert_eq!(objs.services.len(), 1);
+        assert_eq!(errors.len(), 1, "{errors:?}");
+        assert!(errors[0].to_string().starts_with("document f.yaml document 2: (yaml):"), "{}", errors[0]);
+    }
+
+    #[test]
+    fn malformed_object_names_itself_and_its_field() {
+        let mut objs = Objects::default();
+        let mut errors = Vec::new();
+        let bad = "kind: Service\nmetadata: {name: bad, namespace: shop}\nspec: {ports: [{port: eighty}]}\n";
+        parse_str(&format!("{bad}---\n{GOOD}"), "f.yaml", &mut objs, &mut errors);
+        assert_eq!(objs.services.len(), 1, "the good Service still counts");
+        assert_eq!(errors.len(), 1);
+        let e = errors[0].to_string();
+        assert!(e.contains("Service shop/bad") && e.contains("spec.ports[0].port"), "{e}");
+    }
+
+    #[test]
+    fn lists_and_unknown_kinds() {
+        let mut objs = Objects::default();
+        let mut errors = Vec::new();
+        let list = format!("kind: List\nitems:\n- {}\n", GOOD.trim_end().replace('\n', "\n  "));
+        parse_str(&format!("{list}---\nkind: Deployment\nmetadata: {{name: d}}\n"), "f.yaml", &mut objs, &mut errors);
+        assert_eq!((objs.services.len(), errors.len()), (1, 0), "{errors:?}");
     }
 }
 
@@ -70,13 +113,13 @@ pub fn add_value(v: serde_yaml::Value, where_: &str, objs: &mut Objects, errors:
         format!("{ns}/{n} ({where_})")
     };
     match kind.as_str() {
-        "Service" => match serde_yaml::from_value(v.clone()) {
+        "Service" => match typed(&v) {
             Ok(s) => objs.services.push(s),
-            Err(e) => errors.push(ObjectError::new("Service", name(), field_of(&e), e.to_string())),
+            Err((field, msg)) => errors.push(ObjectError::new("Service", name(), field, msg)),
         },
-        "EndpointSlice" => match serde_yaml::from_value(v.clone()) {
+        "EndpointSlice" => match typed(&v) {
             Ok(s) => objs.endpoint_slices.push(s),
-            Err(e) => errors.push(ObjectError::new("EndpointSlice", name(), field_of(&e), e.to_string())),
+            Err((field, msg)) => errors.push(ObjectError::new("EndpointSlice", name(), field, msg)),
         },
         "List" | "ServiceList" | "EndpointSliceList" => {
             if let Some(items) = v.get("items").and_then(|i| i.as_sequence()) {
@@ -90,11 +133,10 @@ pub fn add_value(v: serde_yaml::Value, where_: &str, objs: &mut Objects, errors:
     }
 }
 
-/// serde_yaml reports the path to the offending field at the start of its message.
-fn field_of(e: &serde_yaml::Error) -> String {
-    let s = e.to_string();
-    match s.split_once(": ") {
-        Some((path, _)) if !path.contains(' ') => path.to_string(),
-        _ => "(object)".into(),
-    }
+/// Deserializes a Kubernetes object, reporting the path of the offending field on error.
+fn typed<T: serde::de::DeserializeOwned>(v: &serde_yaml::Value) -> Result<T, (String, String)> {
+    serde_path_to_error::deserialize(v.clone()).map_err(|e| {
+        let path = e.path().to_string();
+        (if path == "." { "(object)".into() } else { path }, e.into_inner().to_string())
+    })
 }

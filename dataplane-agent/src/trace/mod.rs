@@ -52,7 +52,11 @@ pub fn run_tc(ebpf: &Ebpf, prog: &str, pkt: &[u8]) -> Result<TcRun, String> {
     let mut opts = TestRunOptions::default();
     opts.data_in = Some(pkt);
     opts.data_out = Some(&mut out);
-    let r = p.test_run(opts).map_err(|e| format!("BPF_PROG_TEST_RUN {prog}: {e}"))?;
+    let r = p.test_run(opts).map_err(|e| {
+        use std::error::Error as _;
+        let cause = e.source().map(|s| format!(": {s}")).unwrap_or_default();
+        format!("BPF_PROG_TEST_RUN {prog} ({} bytes): {e}{cause}", pkt.len())
+    })?;
     out.truncate(r.data_size_out as usize);
     Ok(TcRun { action: r.return_value, data: out })
 }
@@ -262,7 +266,7 @@ impl Runner {
         if !errors.is_empty() {
             return Err(errors);
         }
-        let mut ebpf = loader::load(None).map_err(|e| vec![e.to_string()])?;
+        let mut ebpf = loader::load_with(None, &loader::PRIVATE_CAPACITIES).map_err(|e| vec![e.to_string()])?;
         attach::load_programs(&mut ebpf).map_err(|e| vec![e.to_string()])?;
         let mut maps = BpfMaps::from_ebpf(&mut ebpf).map_err(|e| vec![e.to_string()])?;
         let (_, map_errors) = Reconciler::new().sync(&desired, &cidrs, &mut maps);
