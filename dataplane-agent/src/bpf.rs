@@ -28,6 +28,22 @@ pub struct BpfMaps {
     pub conntrack: HashMap<MapData, Ct4Key, Ct4Entry>,
     pub service_cidrs: LpmTrie<MapData, u32, u32>,
     pub stats: PerCpuArray<MapData, u64>,
+    /// Real capacities (the loader may override the compiled ones), for "map full" errors.
+    caps: Caps,
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Caps {
+    services: u32,
+    slots: u32,
+    backends: u32,
+}
+
+fn capacity_of(m: &Map, compiled: u32) -> u32 {
+    match m {
+        Map::HashMap(d) | Map::LruHashMap(d) => d.info().map(|i| i.max_entries()).unwrap_or(compiled),
+        _ => compiled,
+    }
 }
 
 fn take(ebpf: &mut Ebpf, name: &'static str) -> Result<Map, LoadError> {
@@ -41,13 +57,24 @@ fn conv<T>(name: &'static str, r: Result<T, MapError>) -> Result<T, LoadError> {
 impl BpfMaps {
     /// Takes the maps out of a loaded object (the agent keeps the programs attached meanwhile).
     pub fn from_ebpf(ebpf: &mut Ebpf) -> Result<Self, LoadError> {
+        Self::from_maps(|name| take(ebpf, name))
+    }
+
+    fn from_maps(mut get: impl FnMut(&'static str) -> Result<Map, LoadError>) -> Result<Self, LoadError> {
+        let (svc, slots, be) = (get(names::SERVICES)?, get(names::SLOTS)?, get(names::BACKENDS)?);
+        let caps = Caps {
+            services: capacity_of(&svc, capacity::SERVICES),
+            slots: capacity_of(&slots, capacity::SLOTS),
+            backends: capacity_of(&be, capacity::BACKENDS),
+        };
         Ok(BpfMaps {
-            services: conv(names::SERVICES, HashMap::try_from(take(ebpf, names::SERVICES)?))?,
-            slots: conv(names::SLOTS, HashMap::try_from(take(ebpf, names::SLOTS)?))?,
-            backends: conv(names::BACKENDS, HashMap::try_from(take(ebpf, names::BACKENDS)?))?,
-            conntrack: conv(names::CONNTRACK, HashMap::try_from(take(ebpf, names::CONNTRACK)?))?,
-            service_cidrs: conv(names::SERVICE_CIDRS, LpmTrie::try_from(take(ebpf, names::SERVICE_CIDRS)?))?,
-            stats: conv(names::STATS, PerCpuArray::try_from(take(ebpf, names::STATS)?))?,
+            services: conv(names::SERVICES, HashMap::try_from(svc))?,
+            slots: conv(names::SLOTS, HashMap::try_from(slots))?,
+            backends: conv(names::BACKENDS, HashMap::try_from(be))?,
+            conntrack: conv(names::CONNTRACK, HashMap::try_from(get(names::CONNTRACK)?))?,
+            service_cidrs: conv(names::SERVICE_CIDRS, LpmTrie::try_from(get(names::SERVICE_CIDRS)?))?,
+            stats: conv(names::STATS, PerCpuArray::try_from(get(names::STATS)?))?,
+            caps,
         })
     }
 
@@ -62,14 +89,7 @@ impl BpfMaps {
                 _ => Map::HashMap(data),
             })
         };
-        Ok(BpfMaps {
-            services: conv(names::SERVICES, HashMap::try_from(open(names::SERVICES)?))?,
-            slots: conv(names::SLOTS, HashMap::try_from(open(names::SLOTS)?))?,
-            backends: conv(names::BACKENDS, HashMap::try_from(open(names::BACKENDS)?))?,
-            conntrack: conv(names::CONNTRACK, HashMap::try_from(open(names::CONNTRACK)?))?,
-            service_cidrs: conv(names::SERVICE_CIDRS, LpmTrie::try_from(open(names::SERVICE_CIDRS)?))?,
-            stats: conv(names::STATS, PerCpuArray::try_from(open(names::STATS)?))?,
-        })
+        Self::from_maps(open)
     }
 
     /// Reads the maps back into the reconciler's view (restore, then reconcile).
@@ -143,19 +163,19 @@ fn del<K: aya::Pod, V: aya::Pod>(map: &mut HashMap<MapData, K, V>, name: &'stati
 
 impl MapOps for BpfMaps {
     fn put_backend(&mut self, id: u32, be: Lb4Backend) -> Result<(), MapOpError> {
-        put(&mut self.backends, names::BACKENDS, capacity::BACKENDS, id, be, || format!("backend {id}"))
+        put(&mut self.backends, names::BACKENDS, self.caps.backends, id, be, || format!("backend {id}"))
     }
     fn del_backend(&mut self, id: u32) -> Result<(), MapOpError> {
         del(&mut self.backends, names::BACKENDS, &id, || format!("backend {id}"))
     }
     fn put_slot(&mut self, key: Lb4SlotKey, backend_id: u32) -> Result<(), MapOpError> {
-        put(&mut self.slots, names::SLOTS, capacity::SLOTS, key, backend_id, || format!("slot {}/{}", key.svc_id, key.slot))
+        put(&mut self.slots, names::SLOTS, self.caps.slots, key, backend_id, || format!("slot {}/{}", key.svc_id, key.slot))
     }
     fn del_slot(&mut self, key: Lb4SlotKey) -> Result<(), MapOpError> {
         del(&mut self.slots, names::SLOTS, &key, || format!("slot {}/{}", key.svc_id, key.slot))
     }
     fn put_service(&mut self, key: Lb4Key, svc: Lb4Service) -> Result<(), MapOpError> {
-        put(&mut self.services, names::SERVICES, capacity::SERVICES, key, svc, || format!("{key:?}"))
+        put(&mut self.services, names::SERVICES, self.caps.services, key, svc, || format!("{key:?}"))
     }
     fn del_service(&mut self, key: Lb4Key) -> Result<(), MapOpError> {
         del(&mut self.services, names::SERVICES, &key, || format!("{key:?}"))

@@ -1,0 +1,149 @@
+//! The map layer on real maps: pinning and re-adoption across restarts, the pinned-layout check,
+//! a full map, BTF so bpftool prints named fields, and `trace` failing when it should.
+use std::process::Command;
+
+use bpf_tests::{fixture::*, lab::{run_id, PinDir}, packet::*};
+use dataplane_agent::{attach, bpf::BpfMaps, error::LoadError, loader, model, reconcile::Reconciler, sources::{manifests, Objects}};
+use dataplane_common::names;
+
+const SVC: &str = r#"
+kind: Service
+metadata: {name: web, namespace: shop}
+spec: {clusterIP: 172.30.0.10, ports: [{name: http, port: 80, targetPort: 8080}]}
+---
+kind: EndpointSlice
+metadata: {name: web-1, namespace: shop, labels: {kubernetes.io/service-name: web}}
+addressType: IPv4
+ports: [{name: http, port: 8080}]
+endpoints: [{addresses: [10.0.1.1]}, {addresses: [10.0.1.2]}, {addresses: [10.0.1.3]}]
+"#;
+
+fn pin_dir() -> PinDir {
+    PinDir { path: format!("/sys/fs/bpf/ferry-test-{}", run_id()).into() }
+}
+
+fn desired(yaml: &str) -> model::Desired {
+    let mut objs = Objects::default();
+    let mut errors = Vec::new();
+    manifests::parse_str(yaml, "test", &mut objs, &mut errors);
+    assert!(errors.is_empty(), "{errors:?}");
+    model::translate(&objs.services, &objs.endpoint_slices).0
+}
+
+fn load_pinned(dir: &std::path::Path) -> (aya::Ebpf, BpfMaps) {
+    let mut ebpf = loader::load_with(Some(dir), &loader::PRIVATE_CAPACITIES).unwrap();
+    attach::load_programs(&mut ebpf).unwrap();
+    let maps = BpfMaps::from_ebpf(&mut ebpf).unwrap();
+    (ebpf, maps)
+}
+
+#[test]
+fn pinned_maps_are_readopted_and_keep_conntrack() {
+    let pin = pin_dir();
+    let (ebpf, mut maps) = load_pinned(&pin.path);
+    let mut rec = Reconciler::new();
+    let (st, errs) = rec.sync(&desired(SVC), &Default::default(), &mut maps);
+    assert!(errs.is_empty() && st.writes > 0);
+    let before = run_prog(&ebpf, dataplane_common::progs::FROM_POD, &tcp((ip("10.0.0.2"), 4000), (ip("172.30.0.10"), 80), true, b""));
+    let backend = tuple(&before.data).dst;
+    let applied = rec.applied.clone();
+    drop((ebpf, maps, rec));
+
+    // A restart: same pins, a fresh object. Everything is found again, nothing is rewritten.
+    let (ebpf, mut maps) = load_pinned(&pin.path);
+    let restored = maps.dump_applied();
+    assert_eq!(restored.backends, applied.backends);
+    assert_eq!(restored.frontends.keys().collect::<Vec<_>>(), applied.frontends.keys().collect::<Vec<_>>());
+    for (fe, f) in &restored.frontends {
+        assert_eq!((f.svc_id, &f.slots), (applied.frontends[fe].svc_id, &applied.frontends[fe].slots));
+    }
+    let mut rec = Reconciler::restore(restored);
+    let (st, errs) = rec.sync(&desired(SVC), &Default::default(), &mut maps);
+    assert!(errs.is_empty());
+    assert_eq!((st.writes, st.deletes), (0, 0));
+    // The connection tracked before the restart keeps its backend.
+    let after = run_prog(&ebpf, dataplane_common::progs::FROM_POD, &tcp((ip("10.0.0.2"), 4000), (ip("172.30.0.10"), 80), false, b"x"));
+    assert_eq!(tuple(&after.data).dst, backend);
+}
+
+#[test]
+fn a_pinned_map_with_another_layout_is_refused_by_name() {
+    let pin = pin_dir();
+    std::fs::create_dir_all(&pin.path).unwrap();
+    let path = pin.path.join(names::SERVICES);
+    let st = Command::new("bpftool")
+        .args(["map", "create", path.to_str().unwrap(), "type", "hash", "key", "8", "value", "12", "entries", "16", "name", names::SERVICES, "flags", "1"])
+        .status()
+        .unwrap();
+    assert!(st.success());
+    match loader::load(Some(&pin.path)) {
+        Err(e @ LoadError::PinnedMismatch { .. }) => {
+            let msg = e.to_string();
+            assert!(msg.contains(path.to_str().unwrap()) && msg.contains("value size is 12, this build expects 8"), "{msg}");
+        }
+        Err(e) => panic!("wrong error: {e}"),
+        Ok(_) => panic!("loaded over an incompatible pinned map"),
+    }
+}
+
+#[test]
+fn a_full_map_names_the_service_and_the_map_and_spares_the_rest() {
+    let mut dp = Datapath::with_capacities(&[(names::BACKENDS, 2)]);
+    let small = SVC.replace("endpoints: [{addresses: [10.0.1.1]}, {addresses: [10.0.1.2]}, {addresses: [10.0.1.3]}]", "endpoints: [{addresses: [10.0.1.1]}]");
+    let big = SVC.replace("name: web,", "name: big,").replace("172.30.0.10", "172.30.0.20").replace("service-name: web", "service-name: big").replace("name: web-1", "name: big-1").replace("10.0.1.", "10.0.2.");
+    let errors = dp.try_apply_yaml(&format!("{small}---\n{big}"));
+    assert_eq!(errors.len(), 1, "{errors:?}");
+    assert!(errors[0].contains("shop/big") && errors[0].contains("map lb4_be_v1 is full (2 entries)"), "{}", errors[0]);
+    // The Service that fit is served.
+    let r = dp.from_pod(&tcp((ip("10.0.0.2"), 4000), (ip("172.30.0.10"), 80), true, b""));
+    assert_eq!(tuple(&r.data).dst, ip("10.0.1.1"));
+}
+
+#[test]
+fn bpftool_prints_named_fields() {
+    let pin = pin_dir();
+    let (_ebpf, mut maps) = load_pinned(&pin.path);
+    Reconciler::new().sync(&desired(SVC), &Default::default(), &mut maps);
+    let out = Command::new("bpftool").args(["map", "dump", "pinned"]).arg(pin.path.join(names::SERVICES)).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    for field in ["\"addr_be\"", "\"port_be\"", "\"proto\"", "\"svc_id\"", "\"count\""] {
+        assert!(text.contains(field), "{field} missing from:\n{text}");
+    }
+}
+
+#[test]
+fn trace_fails_a_wrong_expectation_and_a_bad_object() {
+    let dir = std::env::temp_dir().join(format!("ferry-trace-{}", run_id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let wrong = r#"
+node: {name: n1, ips: [192.168.0.2], podCIDR: 10.0.0.0/24}
+services:
+- metadata: {name: web, namespace: default}
+  spec: {clusterIP: 172.30.0.10, ports: [{port: 80, targetPort: 8080}]}
+endpointSlices:
+- metadata: {name: web-1, namespace: default, labels: {kubernetes.io/service-name: web}}
+  addressType: IPv4
+  ports: [{port: 8080}]
+  endpoints: [{addresses: [10.0.1.1]}, {addresses: [10.0.1.2]}]
+flows:
+- {name: one backend missing from expect, proto: tcp, source: 10.0.0.2, destination: "172.30.0.10:80", expect: ["10.0.1.1:8080"]}
+- {name: right, proto: tcp, source: 10.0.0.2, destination: "172.30.0.10:80", expect: ["10.0.1.1:8080", "10.0.1.2:8080"]}
+- {name: not a drop, proto: tcp, source: 10.0.0.2, destination: "172.30.0.10:80", expect: DROP}
+- {name: from outside, proto: tcp, source: 8.8.8.8, destination: "172.30.0.10:80", expect: PASS}
+"#;
+    let bad = "node: {name: n1, ips: [192.168.0.2]}\nservices:\n- metadata: {name: broken, namespace: x}\n  spec: {clusterIP: 172.30.0.999, ports: [{port: 80}]}\nflows:\n- {name: f, proto: tcp, source: 10.0.0.2, destination: \"172.30.0.1:80\", expect: PASS}\n";
+    std::fs::write(dir.join("wrong.yaml"), wrong).unwrap();
+    std::fs::write(dir.join("bad.yaml"), bad).unwrap();
+    let out = Command::new(bpf_tests::lab::agent_bin()).arg("trace").arg("--scenario").arg(dir.join("wrong.yaml")).arg(dir.join("bad.yaml")).output().unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(!out.status.success(), "{text}");
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(*lines.last().unwrap(), "1 passed, 4 failed", "{text}");
+    assert!(text.contains("FAIL one backend missing from expect"), "{text}");
+    assert!(text.contains("ok   right"), "{text}");
+    assert!(text.contains("FAIL not a drop"), "{text}");
+    assert!(text.contains("FAIL from outside") && text.contains("outside the node"), "{text}");
+    assert!(text.contains("Service x/broken") && text.contains("spec.clusterIPs[0]"), "{text}");
+}
