@@ -259,3 +259,85 @@ fn dedup_errors(mut errors: Vec<ObjectError>) -> Vec<ObjectError> {
     errors.retain(|e| seen.insert(e.to_string()));
     errors
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sources::{manifests, Objects};
+
+    fn translate_yaml(yaml: &str) -> (Desired, Vec<String>) {
+        let mut objs = Objects::default();
+        let mut errors = Vec::new();
+        manifests::parse_str(yaml, "t", &mut objs, &mut errors);
+        assert!(errors.is_empty(), "{errors:?}");
+        let (d, e) = translate(&objs.services, &objs.endpoint_slices);
+        (d, e.iter().map(|e| e.to_string()).collect())
+    }
+
+    fn svc(name: &str, spec: &str) -> String {
+        format!("kind: Service\nmetadata: {{name: {name}, namespace: ns}}\nspec: {spec}\n---\n")
+    }
+
+    fn slice(svc: &str, body: &str) -> String {
+        format!("kind: EndpointSlice\nmetadata: {{name: {svc}-x, namespace: ns, labels: {{kubernetes.io/service-name: {svc}}}}}\n{body}\n---\n")
+    }
+
+    fn fe(ip: &str, port: u16, proto: Proto) -> L4Addr {
+        L4Addr { addr: ip.parse().unwrap(), port, proto }
+    }
+
+    #[test]
+    fn services_kube_proxy_leaves_alone_are_left_alone() {
+        let (d, e) = translate_yaml(&[
+            svc("headless", "{clusterIP: None, ports: [{port: 80}]}"),
+            svc("external", "{type: ExternalName, externalName: example.com}"),
+            "kind: Service\nmetadata: {name: other-proxy, namespace: ns, labels: {service.kubernetes.io/service-proxy-name: foo}}\nspec: {clusterIP: 172.30.0.9, ports: [{port: 80}]}\n---\n".to_string(),
+        ]
+        .concat());
+        assert!(d.frontends.is_empty() && d.cluster_ips.is_empty(), "{d:?}");
+        assert!(e.is_empty(), "{e:?}");
+    }
+
+    #[test]
+    fn endpoints_match_service_ports_by_name_and_protocol_and_readiness() {
+        let yaml = [
+            svc("web", "{clusterIP: 172.30.0.1, ports: [{name: http, port: 80, targetPort: web}, {name: dns, port: 53, protocol: UDP}]}"),
+            slice("web", "addressType: IPv4\nports: [{name: http, port: 8080}, {name: dns, port: 5353, protocol: UDP}, {name: other, port: 1}]\nendpoints:\n- {addresses: [10.0.0.1]}\n- {addresses: [10.0.0.2], conditions: {ready: false}}\n- {addresses: [10.0.0.3], conditions: {ready: true}}"),
+        ]
+        .concat();
+        let (d, e) = translate_yaml(&yaml);
+        assert!(e.is_empty(), "{e:?}");
+        let http = &d.frontends[&fe("172.30.0.1", 80, Proto::Tcp)];
+        assert_eq!(http.backends, [fe("10.0.0.1", 8080, Proto::Tcp), fe("10.0.0.3", 8080, Proto::Tcp)].into());
+        assert_eq!(http.service.to_string(), "ns/web:http");
+        let dns = &d.frontends[&fe("172.30.0.1", 53, Proto::Udp)];
+        assert_eq!(dns.backends, [fe("10.0.0.1", 5353, Proto::Udp), fe("10.0.0.3", 5353, Proto::Udp)].into());
+        assert_eq!(d.cluster_ips, ["172.30.0.1".parse().unwrap()].into());
+    }
+
+    #[test]
+    fn bad_fields_are_named_and_the_rest_is_kept() {
+        let yaml = [
+            svc("v6", "{clusterIPs: [172.30.0.2, 'fd00::2'], ports: [{port: 80}]}"),
+            svc("badip", "{clusterIP: 172.30.0.300, ports: [{port: 80}]}"),
+            svc("badport", "{clusterIP: 172.30.0.3, ports: [{port: 0}, {port: 81, protocol: ICMP}, {port: 82}]}"),
+            slice("badport", "addressType: IPv4\nports: [{port: 82}]\nendpoints: [{addresses: [10.0.0.1, not-an-ip]}]"),
+            slice("v6", "addressType: IPv6\nports: [{port: 80}]\nendpoints: [{addresses: ['fd00::5']}]"),
+            "kind: EndpointSlice\nmetadata: {name: orphan, namespace: ns}\naddressType: IPv4\n---\n".to_string(),
+        ]
+        .concat();
+        let (d, e) = translate_yaml(&yaml);
+        let has = |s: &str| assert!(e.iter().any(|x| x.contains(s)), "no error containing {s:?} in {e:#?}");
+        has("Service ns/v6: spec.clusterIPs[1]: fd00::2: IPv6 is not supported");
+        has("Service ns/badip: spec.clusterIPs[0]: \"172.30.0.300\" is not an IP address");
+        has("Service ns/badport: spec.ports[0].port: 0 is not a port number");
+        has("Service ns/badport: spec.ports[1].protocol: unsupported protocol \"ICMP\"");
+        has("EndpointSlice ns/badport-x: endpoints[0].addresses[1]: \"not-an-ip\" is not an IPv4 address");
+        has("EndpointSlice ns/v6-x: addressType: \"IPv6\" is not supported");
+        has("EndpointSlice ns/orphan: metadata.labels[kubernetes.io/service-name]: missing");
+        // What was valid is still served.
+        assert_eq!(d.frontends[&fe("172.30.0.3", 82, Proto::Tcp)].backends, [fe("10.0.0.1", 82, Proto::Tcp)].into());
+        assert!(d.frontends.contains_key(&fe("172.30.0.2", 80, Proto::Tcp)));
+        assert_eq!(d.frontends.len(), 2, "{:?}", d.frontends.keys());
+    }
+}

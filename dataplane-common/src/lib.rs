@@ -34,6 +34,8 @@ pub mod progs {
     pub const SOCK_RECVMSG4: &str = "ferry_recvmsg4";
     /// cgroup getpeername4: a connected socket reports the Service address as its peer.
     pub const SOCK_GETPEERNAME4: &str = "ferry_getpeer4";
+    /// An empty classifier: the baseline of `cargo xtask bench`. Never attached.
+    pub const BENCH_EMPTY: &str = "ferry_bench_empty";
 }
 
 /// Map capacities. The agent may override the large ones at load time.

@@ -1,0 +1,125 @@
+//! `cargo xtask bench`: what Ferry costs, beside a floor measured in the same run.
+//!
+//! Datapath: ns per packet of the real from-pod program, as the kernel measures it in
+//! BPF_PROG_TEST_RUN, for a conntrack hit (an established connection) and a new connection, at
+//! 10, 1 000 and 100 000 Services; the floor is an empty classifier of the same object run the
+//! same way. Each figure is the median of many single runs (a repeated run would keep
+//! rewriting the same packet, so every packet is fresh).
+//! Control plane: time to sync N Services through the real reconciler into the real maps, a
+//! resync with nothing changed, and one endpoint changing, beside the floor of writing the same
+//! number of entries with bare map updates.
+use std::{net::Ipv4Addr, time::Instant};
+
+use aya::{
+    programs::{SchedClassifier, TestRun, TestRunOptions},
+    Ebpf,
+};
+use dataplane_agent::{
+    attach,
+    bpf::BpfMaps,
+    loader,
+    model::{Desired, DesiredFrontend, L4Addr, Proto, ServicePortName},
+    packet::{ip, tcp},
+    reconcile::Reconciler,
+};
+use dataplane_common::{progs, Lb4SlotKey};
+
+const BACKENDS_PER_SERVICE: u32 = 2;
+
+fn desired(services: u32, generation: u32) -> Desired {
+    let mut d = Desired::default();
+    for i in 0..services {
+        let vip = Ipv4Addr::from(u32::from(Ipv4Addr::new(172, 16, 0, 0)) + i);
+        let fe = L4Addr { addr: vip, port: 80, proto: Proto::Tcp };
+        let backends = (0..BACKENDS_PER_SERVICE)
+            .map(|b| {
+                // `generation` moves the first backend of service 0: one endpoint changes.
+                let shift = if i == 0 && b == 0 { generation } else { 0 };
+                L4Addr { addr: Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 0, 0, 0)) + i * BACKENDS_PER_SERVICE + b + shift * 7_000_000), port: 8080, proto: Proto::Tcp }
+            })
+            .collect();
+        d.frontends.insert(fe, DesiredFrontend { service: ServicePortName { namespace: "bench".into(), name: format!("s{i}"), port: String::new() }, backends });
+        d.cluster_ips.insert(vip);
+    }
+    d
+}
+
+fn run_ns(ebpf: &Ebpf, prog: &str, pkt: &[u8]) -> u64 {
+    let p: &SchedClassifier = ebpf.program(prog).unwrap().try_into().unwrap();
+    let mut out = vec![0u8; pkt.len() + 64];
+    let mut opts = TestRunOptions::default();
+    opts.data_in = Some(pkt);
+    opts.data_out = Some(&mut out);
+    opts.repeat = 1;
+    p.test_run(opts).unwrap().duration.as_nanos() as u64
+}
+
+fn median(mut v: Vec<u64>) -> u64 {
+    v.sort_unstable();
+    v[v.len() / 2]
+}
+
+fn main() {
+    let runs: usize = std::env::args().nth(1).and_then(|s| s.parse().ok()).unwrap_or(20_000);
+    println!("Ferry bench: median of {runs} single BPF_PROG_TEST_RUN runs per figure (kernel-measured ns)\n");
+    println!("{:>9} | {:>12} | {:>10} | {:>14} | {:>14} | {:>11} | {:>15} | {:>14}", "services", "empty prog", "ct hit", "new conn", "full sync", "resync same", "one endpoint", "bare writes");
+    println!("{}", "-".repeat(118));
+    for services in [10u32, 1_000, 100_000] {
+        let mut ebpf = loader::load(None).expect("eBPF object (cargo xtask build-ebpf)");
+        attach::load_programs(&mut ebpf).unwrap();
+        let empty_prog: &mut SchedClassifier = ebpf.program_mut(progs::BENCH_EMPTY).unwrap().try_into().unwrap();
+        empty_prog.load().unwrap();
+        let mut maps = BpfMaps::from_ebpf(&mut ebpf).unwrap();
+        let mut rec = Reconciler::new();
+
+        let d = desired(services, 0);
+        let t = Instant::now();
+        let (st, errs) = rec.sync(&d, &Default::default(), &mut maps);
+        let full = t.elapsed();
+        assert!(errs.is_empty(), "{errs:?}");
+        let t = Instant::now();
+        let (same, _) = rec.sync(&d, &Default::default(), &mut maps);
+        let resync = t.elapsed();
+        assert_eq!(same.writes + same.deletes, 0);
+        let d1 = desired(services, 1);
+        let t = Instant::now();
+        let (one, _) = rec.sync(&d1, &Default::default(), &mut maps);
+        let one_change = t.elapsed();
+        // The floor: as many bare map updates as the full sync made (into the roomiest map, under
+        // a service id no frontend uses; removed after).
+        let t = Instant::now();
+        for slot in 0..st.writes as u32 {
+            maps.slots.insert(Lb4SlotKey { svc_id: u32::MAX, slot }, 0, 0).unwrap();
+        }
+        let bare = t.elapsed();
+        for slot in 0..st.writes as u32 {
+            maps.slots.remove(&Lb4SlotKey { svc_id: u32::MAX, slot }).unwrap();
+        }
+
+        // The last Service: its lookup is as deep in the maps as any.
+        let vip = Ipv4Addr::from(u32::from(Ipv4Addr::new(172, 16, 0, 0)) + services - 1);
+        let established = tcp((ip("10.1.0.2"), 1000), (vip, 80), false, b"");
+        run_ns(&ebpf, progs::FROM_POD, &tcp((ip("10.1.0.2"), 1000), (vip, 80), true, b""));
+        let empty = median((0..runs).map(|_| run_ns(&ebpf, progs::BENCH_EMPTY, &established)).collect());
+        let hit = median((0..runs).map(|_| run_ns(&ebpf, progs::FROM_POD, &established)).collect());
+        let new = median(
+            (0..runs)
+                .map(|i| {
+                    let src = Ipv4Addr::from(u32::from(ip("10.2.0.0")) + (i / 60_000) as u32);
+                    run_ns(&ebpf, progs::FROM_POD, &tcp((src, 1024 + (i % 60_000) as u16), (vip, 80), true, b""))
+                })
+                .collect(),
+        );
+        println!(
+            "{services:>9} | {empty:>9} ns | {hit:>7} ns | {new:>11} ns | {:>11.1?} | {:>11.1?} | {:>6.1?} ({} ops) | {:>11.1?}",
+            full,
+            resync,
+            one_change,
+            one.writes + one.deletes,
+            bare
+        );
+    }
+    println!("\nct hit: one conntrack lookup and the rewrite; new conn: service lookup, random slot, backend lookup, two conntrack inserts.");
+    println!("full sync writes {} entries per Service (service, {} slots, {} backends) plus the address entry.", 1 + 2 * BACKENDS_PER_SERVICE, BACKENDS_PER_SERVICE, BACKENDS_PER_SERVICE);
+    println!("resync same: translation and diff only, zero map writes. one endpoint: the writes that change touches.");
+}
