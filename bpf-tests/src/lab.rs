@@ -84,8 +84,12 @@ impl Netns {
         assert!(out.status.success(), "{args:?} in {}: {}", self.name, String::from_utf8_lossy(&out.stderr));
     }
 
+    /// Sets a `net.*` sysctl of this namespace (written through /proc/sys from inside it, so no
+    /// sysctl binary is needed).
     pub fn sysctl(&self, kv: &str) {
-        self.exec_ok(&["sysctl", "-q", "-w", kv]);
+        let (k, v) = kv.split_once('=').expect("key=value");
+        let path = format!("/proc/sys/{}", k.replace('.', "/"));
+        self.exec_ok(&["sh", "-c", &format!("echo {v} > {path}")]);
     }
 }
 

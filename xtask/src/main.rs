@@ -168,6 +168,35 @@ fn build_all() -> Result<()> {
 struct Suite {
     name: &'static str,
     ok: bool,
+    passed: usize,
+    failed: usize,
+}
+
+/// Runs a test step, echoing its output, and counts what its runners report: cargo's
+/// `test result: ok. N passed; M failed` and trace's `N passed, M failed`.
+fn run_counted(cmd: &mut Command) -> (bool, usize, usize) {
+    use std::io::{BufRead, BufReader};
+    let mut child = match cmd.stdout(std::process::Stdio::piped()).spawn() {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("starting {cmd:?}: {e}");
+            return (false, 0, 1);
+        }
+    };
+    let (mut passed, mut failed) = (0, 0);
+    for line in BufReader::new(child.stdout.take().unwrap()).lines().map_while(Result::ok) {
+        println!("{line}");
+        let l = line.trim_start_matches("test result: ok. ").trim_start_matches("test result: FAILED. ");
+        let mut words = l.split(|c: char| c == ' ' || c == ';' || c == ',').filter(|w| !w.is_empty());
+        if let (Some(p), Some("passed"), Some(f), Some("failed")) = (words.next(), words.next(), words.next(), words.next()) {
+            if let (Ok(p), Ok(f)) = (p.parse::<usize>(), f.parse::<usize>()) {
+                passed += p;
+                failed += f;
+            }
+        }
+    }
+    let ok = child.wait().is_ok_and(|s| s.success());
+    (ok, passed, failed)
 }
 
 fn test(args: &[String]) -> Result<()> {
@@ -176,8 +205,8 @@ fn test(args: &[String]) -> Result<()> {
     let mut suites = Vec::new();
     let mut step = |name: &'static str, cmd: &mut Command| {
         println!("\n=== {name}");
-        let ok = cmd.status().is_ok_and(|s| s.success());
-        suites.push(Suite { name, ok });
+        let (ok, passed, failed) = run_counted(cmd);
+        suites.push(Suite { name, ok, passed, failed });
     };
     step("unit tests (no root needed)", cargo().args(["test", "-p", "dataplane-common", "-p", "dataplane-agent", "-p", "xtask"]).args(args));
     // Packet tests and end-to-end tests load the real programs; the e2e ones build namespaces,
@@ -195,9 +224,13 @@ fn test(args: &[String]) -> Result<()> {
     println!();
     let failed: Vec<&str> = suites.iter().filter(|s| !s.ok).map(|s| s.name).collect();
     for s in &suites {
-        println!("{} {}", if s.ok { "ok  " } else { "FAIL" }, s.name);
+        println!("{} {}: {} passed, {} failed", if s.ok { "ok  " } else { "FAIL" }, s.name, s.passed, s.failed);
     }
-    println!("suites: {} passed, {} failed", suites.len() - failed.len(), failed.len());
+    // A suite that failed without reporting a failed test (it did not build, it crashed) counts
+    // as one failure, so the total can never read clean when something went wrong.
+    let passed: usize = suites.iter().map(|s| s.passed).sum();
+    let failed_tests: usize = suites.iter().map(|s| if !s.ok && s.failed == 0 { 1 } else { s.failed }).sum();
+    println!("total: {passed} passed, {failed_tests} failed");
     if !failed.is_empty() {
         bail!("failed: {}", failed.join(", "));
     }
