@@ -230,25 +230,8 @@ fn icmp_error_from_the_backend_is_translated_back() {
     assert_eq!(dp.stat(stat::ICMP_RELATED), 1);
 }
 
-/// An Ethernet/IPv4 packet with `options` in its IP header, `l4` after it.
 fn with_options(src: Ipv4Addr, dst: Ipv4Addr, proto: etherparse::IpNumber, options: &[u8], l4: &[u8], frag: Option<(bool, u16, u16)>) -> Vec<u8> {
-    let mut h = etherparse::Ipv4Header::new(l4.len() as u16, 64, proto, src.octets(), dst.octets()).unwrap();
-    h.options = options.try_into().unwrap();
-    h.set_payload_len(l4.len()).unwrap();
-    if let Some((more, offset, id)) = frag {
-        h.more_fragments = more;
-        h.fragment_offset = etherparse::IpFragOffset::try_new(offset).unwrap();
-        h.identification = id;
-        h.dont_fragment = false;
-    }
-    h.header_checksum = h.calc_header_checksum();
-    let mut v = Vec::new();
-    v.extend_from_slice(&MAC_POD);
-    v.extend_from_slice(&MAC_HOST);
-    v.extend_from_slice(&[8, 0]);
-    h.write(&mut v).unwrap();
-    v.extend_from_slice(l4);
-    v
+    ipv4_with(src, dst, proto.0, options, l4, frag)
 }
 
 fn udp_l4(src: (Ipv4Addr, u16), dst: (Ipv4Addr, u16), payload: &[u8]) -> Vec<u8> {

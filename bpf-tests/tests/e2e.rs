@@ -126,3 +126,30 @@ fn agent_attaches_to_pod_interfaces_that_appear_later() {
     let t = tally(&c.client_in_pod("n1-pod3", &["tcp", lab::TCP_VIP, "30"]));
     assert_eq!(t.keys().cloned().collect::<Vec<_>>(), ALL.to_vec(), "{t:?}");
 }
+
+#[test]
+fn live_trace_reads_the_running_nodes_maps() {
+    let (c, _d) = cluster(&["n1-pod2", "n2-pod1"], &[]);
+    // One established connection, so conntrack has something to show.
+    let mut s = c.session("n1-pod1", "tcp-session", lab::TCP_VIP);
+    let backend = c.pod_ip(&s.backend());
+    let trace = |to: &str| {
+        let out = std::process::Command::new(lab::agent_bin())
+            .args(["trace", "--from", "10.201.1.11", "--to", to, "--pin-dir"])
+            .arg(&c.nodes[0].pin.path)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let t = trace("10.96.0.10:80/tcp");
+    assert!(t.contains("translated to one of [10.201.1.12:8080, 10.201.2.11:8080]"), "{t}");
+    assert!(t.contains(&format!("existing connection from port")) && t.contains(&format!("-> {backend}:8080")), "{t}");
+    assert!(trace("10.96.0.20:53/udp").contains("REJECT (service"), "UDP Service without endpoints");
+    assert!(trace("10.96.0.10:81/tcp").contains("REJECT (a ClusterIP"), "unexposed port");
+    assert!(trace("10.96.7.7:80/tcp").contains("DROP"), "unallocated service address");
+    assert!(trace("10.201.2.11:8080/tcp").contains("PASS"), "pod address");
+    // Read-only: asking created no conntrack entry (still the one connection, both directions).
+    let ct = std::process::Command::new("bpftool").args(["map", "dump", "pinned"]).arg(c.nodes[0].pin.path.join("ct4_v1")).output().unwrap();
+    assert_eq!(String::from_utf8_lossy(&ct.stdout).matches("\"key\"").count(), 2);
+}

@@ -134,7 +134,21 @@ pub fn sctp_init(src: (Ipv4Addr, u16), dst: (Ipv4Addr, u16)) -> Vec<u8> {
 
 /// Ethernet + a 20-byte IPv4 header (valid checksum) + `l4` as given.
 pub fn raw_ipv4(src: Ipv4Addr, dst: Ipv4Addr, proto: u8, l4: &[u8]) -> Vec<u8> {
+    ipv4_with(src, dst, proto, &[], l4, None)
+}
+
+/// Ethernet + an IPv4 header with `options` (a multiple of 4 bytes, at most 40) and, with
+/// `frag = Some((more_fragments, offset_in_8_byte_units, id))`, fragment fields; then `l4`.
+pub fn ipv4_with(src: Ipv4Addr, dst: Ipv4Addr, proto: u8, options: &[u8], l4: &[u8], frag: Option<(bool, u16, u16)>) -> Vec<u8> {
     let mut h = etherparse::Ipv4Header::new(l4.len() as u16, 64, etherparse::IpNumber(proto), src.octets(), dst.octets()).unwrap();
+    h.options = options.try_into().expect("options: a multiple of 4 bytes, at most 40");
+    h.set_payload_len(l4.len()).unwrap();
+    if let Some((more, offset, id)) = frag {
+        h.more_fragments = more;
+        h.fragment_offset = etherparse::IpFragOffset::try_new(offset).unwrap();
+        h.identification = id;
+        h.dont_fragment = false;
+    }
     h.header_checksum = h.calc_header_checksum();
     let mut v = Vec::new();
     v.extend_from_slice(&MAC_POD);
