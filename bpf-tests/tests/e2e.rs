@@ -107,6 +107,9 @@ fn established_connection_survives_an_agent_restart() {
     let mine = s.backend();
     c.stop_agent(0);
     assert!(c.agent_log(0).contains("stopping: detaching"), "{}", c.agent_log(0));
+    // Detached for real: the node's interfaces carry no Ferry program any more.
+    let net = c.nodes[0].ns.cmd(&["bpftool", "net", "show"]).output().unwrap();
+    assert!(!String::from_utf8_lossy(&net.stdout).contains("ferry_"), "{}", String::from_utf8_lossy(&net.stdout));
     c.start_agent(0);
     // The pinned maps were re-adopted: nothing rewritten, the connection keeps its backend.
     let log = c.agent_log(0);
@@ -152,4 +155,21 @@ fn live_trace_reads_the_running_nodes_maps() {
     // Read-only: asking created no conntrack entry (still the one connection, both directions).
     let ct = std::process::Command::new("bpftool").args(["map", "dump", "pinned"]).arg(c.nodes[0].pin.path.join("ct4_v1")).output().unwrap();
     assert_eq!(String::from_utf8_lossy(&ct.stdout).matches("\"key\"").count(), 2);
+}
+
+#[test]
+fn a_malformed_manifest_is_named_and_everything_else_still_syncs() {
+    let (mut c, _d) = cluster(&ALL, &ALL);
+    c.write_manifest(
+        "broken.yaml",
+        "apiVersion: v1\nkind: Service\nmetadata: {name: broken, namespace: lab}\nspec: {clusterIP: 10.96.0.30, ports: [{port: http}]}\n---\n\
+         apiVersion: v1\nkind: Service\nmetadata: {name: fine, namespace: lab}\nspec: {clusterIP: 10.96.0.31, ports: [{port: 80}]}\n",
+    );
+    let log = c.agent_log(0);
+    assert!(log.contains("skipped: Service lab/broken") && log.contains("spec.ports[0].port"), "{log}");
+    assert!(log.lines().filter(|l| l.contains("synced")).last().unwrap().contains("3 services"), "{log}");
+    // The existing Services are untouched and the new valid one is in place (refused: no endpoints).
+    let t = tally(&c.client_in_pod("n1-pod1", &["tcp", lab::TCP_VIP, "30"]));
+    assert_eq!(t.keys().cloned().collect::<Vec<_>>(), ALL.to_vec(), "{t:?}");
+    assert_eq!(c.client_in_pod("n1-pod1", &["tcp", "10.96.0.31:80", "1"]), vec!["ERR ConnectionRefused"]);
 }

@@ -72,8 +72,10 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
                 match manifests::fingerprint(&cfg.manifests) {
                     Ok(fp) if Some(fp) == last_seen => {}
                     Ok(fp) => {
-                        sync_once(&cfg, &mut rec, &mut maps);
-                        last_seen = Some(fp);
+                        // A sync whose map writes failed (a full map) is retried on the next
+                        // tick; one that only skipped invalid objects is not (they stay invalid
+                        // until the manifests change).
+                        last_seen = sync_once(&cfg, &mut rec, &mut maps).then_some(fp);
                     }
                     Err(e) => warn!("manifests {}: {e}", cfg.manifests.display()),
                 }
@@ -87,13 +89,14 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
 }
 
 /// Reads the manifests, translates and reconciles once. Object errors are logged and skipped.
-pub fn sync_once(cfg: &RunConfig, rec: &mut Reconciler, maps: &mut BpfMaps) {
+/// Returns false when map writes failed and the sync should be retried.
+pub fn sync_once(cfg: &RunConfig, rec: &mut Reconciler, maps: &mut BpfMaps) -> bool {
     let started = std::time::Instant::now();
     let (objs, mut errors) = match manifests::read(&cfg.manifests) {
         Ok(r) => r,
         Err(e) => {
             warn!("manifests {}: {e}", cfg.manifests.display());
-            return;
+            return false;
         }
     };
     let (desired, terr) = model::translate(&objs.services, &objs.endpoint_slices);
@@ -115,4 +118,5 @@ pub fn sync_once(cfg: &RunConfig, rec: &mut Reconciler, maps: &mut BpfMaps) {
         st.deletes,
         st.conntrack_flushed
     );
+    map_errors.is_empty()
 }

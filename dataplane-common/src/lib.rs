@@ -201,10 +201,12 @@ pub enum DropReason {
     Rewrite = 6,
     /// The service map points at a slot or backend that does not exist (agent mid-update).
     NoBackend = 7,
+    /// To be refused, but itself a TCP reset: a reset is never answered.
+    RefusedReset = 8,
 }
 
 impl DropReason {
-    pub const ALL: [DropReason; 7] = [
+    pub const ALL: [DropReason; 8] = [
         DropReason::Malformed,
         DropReason::NoService,
         DropReason::SctpPortNat,
@@ -212,6 +214,7 @@ impl DropReason {
         DropReason::FragUnknown,
         DropReason::Rewrite,
         DropReason::NoBackend,
+        DropReason::RefusedReset,
     ];
 
     pub const fn name(self) -> &'static str {
@@ -223,6 +226,7 @@ impl DropReason {
             DropReason::FragUnknown => "frag_unknown",
             DropReason::Rewrite => "rewrite",
             DropReason::NoBackend => "no_backend",
+            DropReason::RefusedReset => "refused_reset",
         }
     }
 

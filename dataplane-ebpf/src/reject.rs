@@ -24,7 +24,7 @@ pub fn reply(ctx: &TcContext, p: &Ipv4Packet) -> Result<i32, DropReason> {
     if p.proto == IPPROTO_TCP {
         if p.tcp_flags & TCP_RST != 0 {
             // Never answer a reset with a reset.
-            return Err(DropReason::NoService);
+            return Err(DropReason::RefusedReset);
         }
         tcp_rst(ctx, p)?;
     } else {
