@@ -173,3 +173,15 @@ fn a_malformed_manifest_is_named_and_everything_else_still_syncs() {
     assert_eq!(t.keys().cloned().collect::<Vec<_>>(), ALL.to_vec(), "{t:?}");
     assert_eq!(c.client_in_pod("n1-pod1", &["tcp", "10.96.0.31:80", "1"]), vec!["ERR ConnectionRefused"]);
 }
+
+#[test]
+fn a_pod_reaches_itself_through_its_own_service() {
+    // n1-pod2 is the only endpoint: every request is hairpinned back to the client itself.
+    let (c, _d) = cluster(&["n1-pod2"], &["n1-pod2"]);
+    for (proto, vip) in [("tcp", lab::TCP_VIP), ("udp", lab::UDP_VIP)] {
+        let lines = c.client_in_pod("n1-pod2", &[proto, vip, "10"]);
+        assert_eq!(tally(&lines).into_iter().collect::<Vec<_>>(), vec![("n1-pod2".to_string(), 10)], "{proto}: {lines:?}");
+        // The pod saw the connection come from the Service address, not from itself.
+        assert!(lines.iter().all(|l| l.split_whitespace().nth(1).unwrap().starts_with("10.96.0.")), "{lines:?}");
+    }
+}
