@@ -11,6 +11,8 @@ pub struct Datapath {
     pub maps: BpfMaps,
     pub rec: Reconciler,
     pub cidrs: BTreeSet<Cidr4>,
+    /// The node the datapath belongs to (default: node1 at 192.168.0.2).
+    pub node: model::NodeContext,
 }
 
 /// Result of one run: the program's return value and the packet it left behind.
@@ -32,7 +34,8 @@ impl Datapath {
         let mut ebpf = loader::load_with(None, &all).expect("load eBPF object (run `cargo xtask build-ebpf`)");
         attach::load_programs(&mut ebpf).expect("verifier accepts every program");
         let maps = BpfMaps::from_ebpf(&mut ebpf).unwrap();
-        Datapath { ebpf, maps, rec: Reconciler::new(), cidrs: BTreeSet::new() }
+        let node = model::NodeContext { name: "node1".into(), ips: vec!["192.168.0.2".parse().unwrap()], nodeport_addresses: vec![] };
+        Datapath { ebpf, maps, rec: Reconciler::new(), cidrs: BTreeSet::new(), node }
     }
 
     /// Provisions the maps from Kubernetes YAML through the agent's translation and reconciler.
@@ -47,7 +50,7 @@ impl Datapath {
         let mut errors = Vec::new();
         manifests::parse_str(yaml, "test", &mut objs, &mut errors);
         assert!(errors.is_empty(), "{errors:?}");
-        let (desired, errors) = model::translate(&objs.services, &objs.endpoint_slices);
+        let (desired, errors) = model::translate(&objs.services, &objs.endpoint_slices, &self.node);
         assert!(errors.is_empty(), "{errors:?}");
         let (_, errors) = self.rec.sync(&desired, &self.cidrs, &mut self.maps);
         errors

@@ -335,6 +335,8 @@ impl Cluster {
                 n.cgroup.to_str().unwrap(),
                 "--service-cidr",
                 SERVICE_CIDR,
+                "--node-ip",
+                &n.ip.to_string(),
                 "--poll-ms",
                 "100",
             ])

@@ -27,7 +27,7 @@ fn desired(yaml: &str) -> model::Desired {
     let mut errors = Vec::new();
     manifests::parse_str(yaml, "test", &mut objs, &mut errors);
     assert!(errors.is_empty(), "{errors:?}");
-    model::translate(&objs.services, &objs.endpoint_slices).0
+    model::translate(&objs.services, &objs.endpoint_slices, &model::NodeContext::default()).0
 }
 
 fn load_pinned(dir: &std::path::Path) -> (aya::Ebpf, BpfMaps) {
@@ -79,7 +79,7 @@ fn a_pinned_map_with_another_layout_is_refused_by_name() {
     match loader::load(Some(&pin.path)) {
         Err(e @ LoadError::PinnedMismatch { .. }) => {
             let msg = e.to_string();
-            assert!(msg.contains(path.to_str().unwrap()) && msg.contains("value size is 12, this build expects 8"), "{msg}");
+            assert!(msg.contains(path.to_str().unwrap()) && msg.contains("value size is 12, this build expects 16"), "{msg}");
         }
         Err(e) => panic!("wrong error: {e}"),
         Ok(_) => panic!("loaded over an incompatible pinned map"),
@@ -107,7 +107,7 @@ fn bpftool_prints_named_fields() {
     let out = Command::new("bpftool").args(["map", "dump", "pinned"]).arg(pin.path.join(names::SERVICES)).output().unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    for field in ["\"addr_be\"", "\"port_be\"", "\"proto\"", "\"svc_id\"", "\"count\""] {
+    for field in ["\"addr_be\"", "\"port_be\"", "\"proto\"", "\"scope\"", "\"svc_id\"", "\"count\"", "\"affinity_timeout_s\""] {
         assert!(text.contains(field), "{field} missing from:\n{text}");
     }
 }

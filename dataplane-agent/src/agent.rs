@@ -16,7 +16,8 @@ use crate::{
 };
 
 pub struct RunConfig {
-    pub node: String,
+    /// The node's name, addresses and NodePort addresses.
+    pub node: model::NodeContext,
     pub manifests: PathBuf,
     pub pin_dir: PathBuf,
     pub pod_interfaces: IfacePatterns,
@@ -33,7 +34,7 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
     let applied = maps.dump_applied();
     info!(
         "node {}: maps under {} ({} frontends, {} backends restored from a previous run)",
-        cfg.node,
+        cfg.node.name,
         cfg.pin_dir.display(),
         applied.frontends.len(),
         applied.backends.len()
@@ -99,7 +100,7 @@ pub fn sync_once(cfg: &RunConfig, rec: &mut Reconciler, maps: &mut BpfMaps) -> b
             return false;
         }
     };
-    let (desired, terr) = model::translate(&objs.services, &objs.endpoint_slices);
+    let (desired, terr) = model::translate(&objs.services, &objs.endpoint_slices, &cfg.node);
     errors.extend(terr);
     for e in &errors {
         warn!("skipped: {e}");

@@ -12,12 +12,13 @@ use aya::{
     Ebpf,
 };
 use dataplane_common::{
-    capacity, names, Ct4Entry, Ct4Key, Lb4Backend, Lb4Key, Lb4Service, Lb4SlotKey, IPPROTO_TCP, SVC_F_ADDR_ONLY,
+    capacity, names, AffinityKey, AffinityValue, Ct4Entry, Ct4Key, Lb4Backend, Lb4Key, Lb4Service, Lb4SlotKey, SrcRangeData, IPPROTO_TCP,
+    SVC_F_ADDR_ONLY,
 };
 
 use crate::{
     error::{LoadError, MapOpError},
-    reconcile::{l4addr_from_backend, l4addr_from_key, Applied, AppliedFrontend, Cidr4, MapOps},
+    reconcile::{frontend_from_key, l4addr_from_backend, Applied, AppliedFrontend, Cidr4, MapOps},
 };
 
 /// Handles on every map the agent reads or writes.
@@ -28,6 +29,8 @@ pub struct BpfMaps {
     pub conntrack: HashMap<MapData, Ct4Key, Ct4Entry>,
     pub service_cidrs: LpmTrie<MapData, u32, u32>,
     pub stats: PerCpuArray<MapData, u64>,
+    pub affinity: HashMap<MapData, AffinityKey, AffinityValue>,
+    pub source_ranges: LpmTrie<MapData, SrcRangeData, u32>,
     /// Real capacities (the loader may override the compiled ones), for "map full" errors.
     caps: Caps,
 }
@@ -74,6 +77,8 @@ impl BpfMaps {
             conntrack: conv(names::CONNTRACK, HashMap::try_from(get(names::CONNTRACK)?))?,
             service_cidrs: conv(names::SERVICE_CIDRS, LpmTrie::try_from(get(names::SERVICE_CIDRS)?))?,
             stats: conv(names::STATS, PerCpuArray::try_from(get(names::STATS)?))?,
+            affinity: conv(names::AFFINITY, HashMap::try_from(get(names::AFFINITY)?))?,
+            source_ranges: conv(names::SOURCE_RANGES, LpmTrie::try_from(get(names::SOURCE_RANGES)?))?,
             caps,
         })
     }
@@ -83,9 +88,9 @@ impl BpfMaps {
         let open = |name: &'static str| -> Result<Map, LoadError> {
             let data = conv(name, MapData::from_pin(dir.join(name)))?;
             Ok(match name {
-                names::SERVICE_CIDRS => Map::LpmTrie(data),
+                names::SERVICE_CIDRS | names::SOURCE_RANGES => Map::LpmTrie(data),
                 names::STATS => Map::PerCpuArray(data),
-                names::CONNTRACK | names::FRAGMENTS => Map::LruHashMap(data),
+                names::CONNTRACK | names::FRAGMENTS | names::AFFINITY => Map::LruHashMap(data),
                 _ => Map::HashMap(data),
             })
         };
@@ -98,9 +103,15 @@ impl BpfMaps {
         let mut by_id = BTreeMap::new();
         for (id, be) in self.backends.iter().flatten() {
             if let Some(b) = l4addr_from_backend(&be) {
-                applied.backends.insert(b, id);
+                applied.backends.insert(b, (id, be.flags));
                 by_id.insert(id, b);
             }
+        }
+        let mut ranges: BTreeMap<u32, BTreeSet<Cidr4>> = BTreeMap::new();
+        for (key, _) in self.source_ranges.iter().flatten() {
+            let d = key.data();
+            let prefix = key.prefix_len().saturating_sub(32) as u8;
+            ranges.entry(d.svc_id).or_default().insert(Cidr4 { addr: Ipv4Addr::from(d.addr_be.to_ne_bytes()), prefix });
         }
         let slots: BTreeMap<Lb4SlotKey, u32> = self.slots.iter().flatten().collect();
         for (key, svc) in self.services.iter().flatten() {
@@ -108,7 +119,7 @@ impl BpfMaps {
                 applied.cluster_ips.insert(Ipv4Addr::from(key.addr_be.to_ne_bytes()));
                 continue;
             }
-            let Some(fe) = l4addr_from_key(&key) else { continue };
+            let Some(fe) = frontend_from_key(&key) else { continue };
             let mut list = Vec::new();
             for slot in 0..svc.count as u32 {
                 match slots.get(&Lb4SlotKey { svc_id: svc.svc_id, slot }).and_then(|id| by_id.get(id)) {
@@ -116,7 +127,17 @@ impl BpfMaps {
                     None => break, // a torn write from a crash: the next sync rewrites the rest
                 }
             }
-            applied.frontends.insert(fe, AppliedFrontend { svc_id: svc.svc_id, service: None, slots: list });
+            applied.frontends.insert(
+                fe,
+                AppliedFrontend {
+                    svc_id: svc.svc_id,
+                    service: None,
+                    slots: list,
+                    flags: svc.flags,
+                    affinity_timeout_s: svc.affinity_timeout_s,
+                    source_ranges: ranges.remove(&svc.svc_id).unwrap_or_default(),
+                },
+            );
         }
         for (key, _) in self.service_cidrs.iter().flatten() {
             applied.service_cidrs.insert(Cidr4 { addr: Ipv4Addr::from(key.data().to_ne_bytes()), prefix: key.prefix_len() as u8 });
@@ -193,7 +214,31 @@ impl MapOps for BpfMaps {
             Err(source) => Err(MapOpError::Syscall { map: names::SERVICE_CIDRS, op: "delete", what: c.to_string(), source }),
         }
     }
+    fn put_source_range(&mut self, svc_id: u32, c: Cidr4) -> Result<(), MapOpError> {
+        let key = LpmKey::new(32 + c.prefix as u32, SrcRangeData { svc_id, addr_be: u32::from_ne_bytes(c.addr.octets()) });
+        self.source_ranges
+            .insert(&key, 1, 0)
+            .map_err(|source| MapOpError::Syscall { map: names::SOURCE_RANGES, op: "insert", what: format!("{svc_id} {c}"), source })
+    }
+    fn del_source_range(&mut self, svc_id: u32, c: Cidr4) -> Result<(), MapOpError> {
+        let key = LpmKey::new(32 + c.prefix as u32, SrcRangeData { svc_id, addr_be: u32::from_ne_bytes(c.addr.octets()) });
+        match self.source_ranges.remove(&key) {
+            Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
+            Err(source) => Err(MapOpError::Syscall { map: names::SOURCE_RANGES, op: "delete", what: format!("{svc_id} {c}"), source }),
+        }
+    }
     fn flush_conntrack(&mut self, gone: &BTreeSet<(u32, u32)>, gone_services: &BTreeSet<u32>) -> Result<usize, MapOpError> {
+        // Clients stuck to a backend that left (or whose Service went) choose again.
+        let stale: Vec<AffinityKey> = self
+            .affinity
+            .iter()
+            .flatten()
+            .filter(|(k, v)| gone.contains(&(k.svc_id, v.backend_id)) || gone_services.contains(&k.svc_id))
+            .map(|(k, _)| k)
+            .collect();
+        for k in &stale {
+            del(&mut self.affinity, names::AFFINITY, k, || format!("{k:?}"))?;
+        }
         // One pass over the table, only when endpoints went away; never on the packet path.
         let doomed: Vec<Ct4Key> = self
             .conntrack

@@ -4,7 +4,9 @@
 use std::path::{Path, PathBuf};
 
 use aya::{maps::MapInfo, Ebpf, EbpfLoader};
-use dataplane_common::{names, Ct4Entry, Ct4Key, Frag4Key, Frag4Ports, Lb4Backend, Lb4Key, Lb4Service, Lb4SlotKey};
+use dataplane_common::{
+    names, AffinityKey, AffinityValue, Ct4Entry, Ct4Key, Frag4Key, Frag4Ports, Lb4Backend, Lb4Key, Lb4Service, Lb4SlotKey,
+};
 
 use crate::error::LoadError;
 
@@ -20,13 +22,14 @@ pub fn object() -> Result<&'static [u8], LoadError> {
 
 /// Capacities for a private copy (trace, tests): a handful of flows need no half-gigabyte
 /// conntrack table, and several copies may be loaded at once.
-pub const PRIVATE_CAPACITIES: [(&str, u32); 3] = [(names::CONNTRACK, 16_384), (names::FRAGMENTS, 1_024), ("sock_rev4_v1", 1_024)];
+pub const PRIVATE_CAPACITIES: [(&str, u32); 4] =
+    [(names::CONNTRACK, 16_384), (names::FRAGMENTS, 1_024), ("sock_rev4_v1", 1_024), (names::AFFINITY, 4_096)];
 
 /// Where a node's maps live.
 pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/ferry";
 
 /// (name, key size, value size) of every pinned map, checked before re-using a pin.
-fn expected_layout() -> [(&'static str, u32, u32); 6] {
+fn expected_layout() -> [(&'static str, u32, u32); 8] {
     use std::mem::size_of;
     [
         (names::SERVICES, size_of::<Lb4Key>() as u32, size_of::<Lb4Service>() as u32),
@@ -35,6 +38,8 @@ fn expected_layout() -> [(&'static str, u32, u32); 6] {
         (names::CONNTRACK, size_of::<Ct4Key>() as u32, size_of::<Ct4Entry>() as u32),
         (names::FRAGMENTS, size_of::<Frag4Key>() as u32, size_of::<Frag4Ports>() as u32),
         (names::SERVICE_CIDRS, 8, 4),
+        (names::AFFINITY, size_of::<AffinityKey>() as u32, size_of::<AffinityValue>() as u32),
+        (names::SOURCE_RANGES, 12, 4),
     ]
 }
 

@@ -36,6 +36,13 @@ enum Cmd {
         /// no Service holds is dropped. Comma-separated.
         #[arg(long = "service-cidr", env = "FERRY_SERVICE_CIDRS", value_delimiter = ',')]
         service_cidrs: Vec<String>,
+        /// This node's IPv4 addresses: NodePorts answer on them. Comma-separated.
+        #[arg(long = "node-ip", env = "FERRY_NODE_IPS", value_delimiter = ',')]
+        node_ips: Vec<std::net::Ipv4Addr>,
+        /// As kube-proxy's flag: NodePorts answer only on node addresses inside these CIDRs (all
+        /// of --node-ip when empty). Comma-separated.
+        #[arg(long = "nodeport-addresses", env = "FERRY_NODEPORT_ADDRESSES", value_delimiter = ',')]
+        nodeport_addresses: Vec<String>,
         /// How often the manifests are checked for changes, in milliseconds.
         #[arg(long, default_value_t = 500)]
         poll_ms: u64,
@@ -70,7 +77,7 @@ fn main() -> anyhow::Result<()> {
     let default_level = if matches!(cli.cmd, Cmd::Run { .. }) { "info" } else { "warn" };
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(default_level)).format_timestamp_millis().init();
     match cli.cmd {
-        Cmd::Run { node, manifests, pin_dir, pod_interfaces, cgroup, service_cidrs, poll_ms } => {
+        Cmd::Run { node, manifests, pin_dir, pod_interfaces, cgroup, service_cidrs, node_ips, nodeport_addresses, poll_ms } => {
             let cgroup = match cgroup.as_deref() {
                 Some("none") => None,
                 Some(p) => Some(PathBuf::from(p)),
@@ -80,8 +87,12 @@ fn main() -> anyhow::Result<()> {
                 .iter()
                 .map(|s| s.parse::<Cidr4>().map_err(|e| anyhow::anyhow!("--service-cidr: {e}")))
                 .collect::<anyhow::Result<BTreeSet<_>>>()?;
+            let nodeport_addresses = nodeport_addresses
+                .iter()
+                .map(|s| s.parse::<Cidr4>().map_err(|e| anyhow::anyhow!("--nodeport-addresses: {e}")))
+                .collect::<anyhow::Result<Vec<_>>>()?;
             let cfg = agent::RunConfig {
-                node,
+                node: dataplane_agent::model::NodeContext { name: node, ips: node_ips, nodeport_addresses },
                 manifests,
                 pin_dir,
                 pod_interfaces: IfacePatterns::parse(&pod_interfaces),

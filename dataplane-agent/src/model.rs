@@ -9,7 +9,7 @@ use std::{
 
 use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
 
-use crate::error::ObjectError;
+use crate::{error::ObjectError, reconcile::Cidr4};
 
 /// L4 protocols a Service port can carry.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -99,20 +99,106 @@ impl fmt::Display for ServicePortName {
     }
 }
 
+/// Where traffic to a frontend comes from: traffic policies make the answer differ.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Scope {
+    /// From pods of this node and from the node itself.
+    Internal,
+    /// Arriving from outside the node (NodePort, LoadBalancer and external IPs only).
+    External,
+}
+
+impl Scope {
+    pub fn number(self) -> u8 {
+        match self {
+            Scope::Internal => dataplane_common::SCOPE_INTERNAL,
+            Scope::External => dataplane_common::SCOPE_EXTERNAL,
+        }
+    }
+
+    pub fn from_number(n: u8) -> Option<Scope> {
+        match n {
+            dataplane_common::SCOPE_INTERNAL => Some(Scope::Internal),
+            dataplane_common::SCOPE_EXTERNAL => Some(Scope::External),
+            _ => None,
+        }
+    }
+}
+
+/// A Service address as seen from one scope.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Frontend {
+    pub addr: L4Addr,
+    pub scope: Scope,
+}
+
+impl Frontend {
+    pub fn internal(addr: L4Addr) -> Self {
+        Frontend { addr, scope: Scope::Internal }
+    }
+}
+
+impl fmt::Display for Frontend {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.scope {
+            Scope::Internal => write!(f, "{}", self.addr),
+            Scope::External => write!(f, "{} (external)", self.addr),
+        }
+    }
+}
+
 /// A frontend and the backends it must spread over.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct DesiredFrontend {
     pub service: ServicePortName,
     pub backends: BTreeSet<L4Addr>,
+    /// With no backend, drop rather than refuse (traffic policy Local).
+    pub drop_empty: bool,
+    /// A NodePort, LoadBalancer or external IP frontend.
+    pub external_ip: bool,
+    /// sessionAffinity ClientIP timeout; 0 for none.
+    pub affinity_timeout_s: u32,
+    /// loadBalancerSourceRanges (LoadBalancer ingress IPs only); empty: everyone.
+    pub source_ranges: BTreeSet<Cidr4>,
+}
+
+impl DesiredFrontend {
+    pub fn new(service: ServicePortName, backends: BTreeSet<L4Addr>) -> Self {
+        DesiredFrontend { service, backends, drop_empty: false, external_ip: false, affinity_timeout_s: 0, source_ranges: BTreeSet::new() }
+    }
 }
 
 /// Everything the datapath must hold for this node.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Desired {
-    pub frontends: BTreeMap<L4Addr, DesiredFrontend>,
+    pub frontends: BTreeMap<Frontend, DesiredFrontend>,
     /// Addresses that are ClusterIPs: a port they do not expose is refused.
     pub cluster_ips: BTreeSet<Ipv4Addr>,
+    /// Endpoint addresses on this node (backends flagged local).
+    pub local_endpoints: BTreeSet<Ipv4Addr>,
 }
+
+/// What the translation needs to know about the node it runs for.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct NodeContext {
+    /// The node's name (EndpointSlice `nodeName` of its endpoints).
+    pub name: String,
+    /// The node's addresses, on which NodePorts answer.
+    pub ips: Vec<Ipv4Addr>,
+    /// kube-proxy's `--nodeport-addresses`: NodePorts answer only on node addresses inside these
+    /// (all node addresses when empty).
+    pub nodeport_addresses: Vec<Cidr4>,
+}
+
+impl NodeContext {
+    /// The addresses NodePorts answer on.
+    pub fn nodeport_ips(&self) -> impl Iterator<Item = Ipv4Addr> + '_ {
+        self.ips.iter().copied().filter(|ip| self.nodeport_addresses.is_empty() || self.nodeport_addresses.iter().any(|c| c.contains(*ip)))
+    }
+}
+
+/// kube-proxy's default sessionAffinityConfig.clientIP.timeoutSeconds (3 hours).
+pub const DEFAULT_AFFINITY_TIMEOUT_S: u32 = 10_800;
 
 /// Label that names the Service an EndpointSlice belongs to.
 pub const LABEL_SERVICE_NAME: &str = "kubernetes.io/service-name";
@@ -123,13 +209,14 @@ fn obj_name(ns: &Option<String>, name: &Option<String>) -> String {
     format!("{}/{}", ns.as_deref().unwrap_or("default"), name.as_deref().unwrap_or("<unnamed>"))
 }
 
-/// Translates Services and EndpointSlices into the desired datapath state. Objects that cannot
-/// be understood are reported (with the object and the field) and skipped; the rest still counts.
-pub fn translate(services: &[Service], slices: &[EndpointSlice]) -> (Desired, Vec<ObjectError>) {
+/// Translates Services and EndpointSlices into the desired datapath state of `node`. Objects
+/// that cannot be understood are reported (with the object and the field) and skipped; the rest
+/// still counts.
+pub fn translate(services: &[Service], slices: &[EndpointSlice], node: &NodeContext) -> (Desired, Vec<ObjectError>) {
     let mut errors = Vec::new();
     let mut desired = Desired::default();
 
-    // Index ready endpoints by (namespace, service name) once: O(slices), not O(services*slices).
+    // Index endpoints by (namespace, service name) once: O(slices), not O(services*slices).
     let mut by_service: BTreeMap<(String, String), Vec<&EndpointSlice>> = BTreeMap::new();
     for slice in slices {
         let ns = slice.metadata.namespace.clone().unwrap_or_else(|| "default".into());
@@ -165,18 +252,42 @@ pub fn translate(services: &[Service], slices: &[EndpointSlice]) -> (Desired, Ve
         if ips.iter().any(|ip| ip == "None") {
             continue; // headless: DNS only, nothing for a proxy to do
         }
-        let mut addrs = Vec::new();
-        for (i, ip) in ips.iter().enumerate() {
-            match ip.parse::<std::net::IpAddr>() {
-                Ok(std::net::IpAddr::V4(a)) => addrs.push(a),
-                Ok(std::net::IpAddr::V6(_)) => errors.push(err(&format!("spec.clusterIPs[{i}]"),
-                    format!("{ip}: IPv6 is not supported by this version of Ferry; the Service's IPv4 addresses are still served"))),
-                Err(_) => errors.push(err(&format!("spec.clusterIPs[{i}]"), format!("{ip:?} is not an IP address"))),
-            }
-        }
+        let addrs = parse_ipv4s(&ips, "spec.clusterIPs", &err, &mut errors);
         if addrs.is_empty() {
             continue;
         }
+        let external_ips = parse_ipv4s(spec.external_ips.as_deref().unwrap_or(&[]), "spec.externalIPs", &err, &mut errors);
+        let lb_ingress: Vec<String> = svc
+            .status
+            .as_ref()
+            .and_then(|s| s.load_balancer.as_ref())
+            .and_then(|lb| lb.ingress.as_ref())
+            .map(|ing| ing.iter().filter_map(|i| i.ip.clone()).collect())
+            .unwrap_or_default();
+        let lb_ips = parse_ipv4s(&lb_ingress, "status.loadBalancer.ingress[].ip", &err, &mut errors);
+        let mut source_ranges = BTreeSet::new();
+        for (i, r) in spec.load_balancer_source_ranges.iter().flatten().enumerate() {
+            match r.trim().parse::<Cidr4>() {
+                Ok(c) => {
+                    source_ranges.insert(c);
+                }
+                Err(e) => errors.push(err(&format!("spec.loadBalancerSourceRanges[{i}]"), e)),
+            }
+        }
+        let affinity_timeout_s = if spec.session_affinity.as_deref() == Some("ClientIP") {
+            spec.session_affinity_config
+                .as_ref()
+                .and_then(|c| c.client_ip.as_ref())
+                .and_then(|c| c.timeout_seconds)
+                .map(|t| t.clamp(1, 86_400) as u32)
+                .unwrap_or(DEFAULT_AFFINITY_TIMEOUT_S)
+        } else {
+            0
+        };
+        let etp_local = spec.external_traffic_policy.as_deref() == Some("Local");
+        let itp_local = spec.internal_traffic_policy.as_deref() == Some("Local");
+        let node_port_type = matches!(spec.type_.as_deref(), Some("NodePort" | "LoadBalancer"));
+
         let ns = svc.metadata.namespace.clone().unwrap_or_else(|| "default".into());
         let svc_name = svc.metadata.name.clone().unwrap_or_default();
         let slices = by_service.get(&(ns.clone(), svc_name.clone())).map(Vec::as_slice).unwrap_or(&[]);
@@ -189,21 +300,54 @@ pub fn translate(services: &[Service], slices: &[EndpointSlice]) -> (Desired, Ve
                     continue;
                 }
             };
-            let Ok(number) = u16::try_from(port.port).map_err(drop).and_then(|p| if p == 0 { Err(()) } else { Ok(p) }) else {
+            let Some(number) = port_number(port.port) else {
                 errors.push(err(&format!("spec.ports[{pi}].port"), format!("{} is not a port number (1-65535)", port.port)));
                 continue;
             };
             any_port = true;
             let port_name = port.name.clone().unwrap_or_default();
-            let backends = endpoints_for_port(slices, &port_name, proto, &mut errors);
+            let service = ServicePortName { namespace: ns.clone(), name: svc_name.clone(), port: port_name.clone() };
+            let eps = endpoints_for_port(slices, &port_name, proto, &node.name, &mut errors);
+            let cluster = usable(eps.iter());
+            let local = usable(eps.iter().filter(|e| e.local));
+            desired.local_endpoints.extend(eps.iter().filter(|e| e.local).map(|e| e.addr.addr));
+            let fe = |backends: &BTreeSet<L4Addr>, drop_empty: bool, external_ip: bool, ranges: &BTreeSet<Cidr4>| DesiredFrontend {
+                service: service.clone(),
+                backends: backends.clone(),
+                drop_empty,
+                external_ip,
+                affinity_timeout_s,
+                source_ranges: ranges.clone(),
+            };
+            let none = BTreeSet::new();
+            // ClusterIP: internal traffic only; internalTrafficPolicy Local keeps it on the node
+            // and drops it when the node has no endpoint.
+            let internal = if itp_local { &local } else { &cluster };
             for addr in &addrs {
-                desired.frontends.insert(
-                    L4Addr { addr: *addr, port: number, proto },
-                    DesiredFrontend {
-                        service: ServicePortName { namespace: ns.clone(), name: svc_name.clone(), port: port_name.clone() },
-                        backends: backends.clone(),
-                    },
-                );
+                desired.frontends.insert(Frontend::internal(L4Addr { addr: *addr, port: number, proto }), fe(internal, itp_local, false, &none));
+            }
+            // NodePort, LoadBalancer and external IPs: from pods and the node itself every
+            // endpoint serves (kube-proxy's short-circuit for externalTrafficPolicy Local); from
+            // outside, externalTrafficPolicy Local means this node's endpoints only, or a drop.
+            let external = if etp_local { &local } else { &cluster };
+            let mut ext_addrs: Vec<(L4Addr, bool)> = Vec::new();
+            if node_port_type {
+                match port.node_port.map(port_number) {
+                    Some(Some(np)) => ext_addrs.extend(node.nodeport_ips().map(|ip| (L4Addr { addr: ip, port: np, proto }, false))),
+                    Some(None) => errors.push(err(&format!("spec.ports[{pi}].nodePort"), format!("{:?} is not a port number (1-65535)", port.node_port))),
+                    // LoadBalancer with allocateLoadBalancerNodePorts false has none; NodePort
+                    // without one has not been allocated yet.
+                    None => {}
+                }
+            }
+            ext_addrs.extend(external_ips.iter().map(|ip| (L4Addr { addr: *ip, port: number, proto }, false)));
+            if spec.type_.as_deref() == Some("LoadBalancer") {
+                ext_addrs.extend(lb_ips.iter().map(|ip| (L4Addr { addr: *ip, port: number, proto }, true)));
+            }
+            for (a, is_lb) in ext_addrs {
+                let ranges = if is_lb { &source_ranges } else { &none };
+                desired.frontends.insert(Frontend { addr: a, scope: Scope::Internal }, fe(&cluster, false, true, ranges));
+                desired.frontends.insert(Frontend { addr: a, scope: Scope::External }, fe(external, etp_local, true, ranges));
             }
         }
         if any_port {
@@ -213,11 +357,52 @@ pub fn translate(services: &[Service], slices: &[EndpointSlice]) -> (Desired, Ve
     (desired, dedup_errors(errors))
 }
 
-/// Ready endpoints of the slices for the Service port named `port_name`. kube-proxy matches
+fn port_number(p: i32) -> Option<u16> {
+    u16::try_from(p).ok().filter(|p| *p != 0)
+}
+
+fn parse_ipv4s(ips: &[String], field: &str, err: &dyn Fn(&str, String) -> ObjectError, errors: &mut Vec<ObjectError>) -> Vec<Ipv4Addr> {
+    let mut out = Vec::new();
+    for (i, ip) in ips.iter().enumerate() {
+        let f = if field.ends_with("[].ip") { field.replace("[]", &format!("[{i}]")) } else { format!("{field}[{i}]") };
+        match ip.parse::<std::net::IpAddr>() {
+            Ok(std::net::IpAddr::V4(a)) => out.push(a),
+            Ok(std::net::IpAddr::V6(_)) => {
+                errors.push(err(&f, format!("{ip}: IPv6 is not supported by this version of Ferry; the Service's IPv4 addresses are still served")))
+            }
+            Err(_) => errors.push(err(&f, format!("{ip:?} is not an IP address"))),
+        }
+    }
+    out
+}
+
+/// One endpoint address for one Service port, with what selection needs to know.
+#[derive(Clone, Debug)]
+struct Endpoint {
+    addr: L4Addr,
+    local: bool,
+    ready: bool,
+    serving: bool,
+    terminating: bool,
+}
+
+/// The endpoints traffic may go to, as kube-proxy picks them (KEP-1669): the ready ones; when
+/// there is none, the ones still serving while terminating (so connections drain instead of
+/// failing during a rollout).
+fn usable<'a>(eps: impl Iterator<Item = &'a Endpoint> + Clone) -> BTreeSet<L4Addr> {
+    let ready: BTreeSet<L4Addr> = eps.clone().filter(|e| e.ready).map(|e| e.addr).collect();
+    if !ready.is_empty() {
+        return ready;
+    }
+    eps.filter(|e| e.serving && e.terminating).map(|e| e.addr).collect()
+}
+
+/// Endpoints of the slices for the Service port named `port_name`. kube-proxy matches
 /// EndpointSlice ports to Service ports by name (the controller already resolved named
-/// targetPorts into numbers), and an endpoint whose `ready` condition is absent counts as ready.
-fn endpoints_for_port(slices: &[&EndpointSlice], port_name: &str, proto: Proto, errors: &mut Vec<ObjectError>) -> BTreeSet<L4Addr> {
-    let mut out = BTreeSet::new();
+/// targetPorts into numbers). Absent conditions: ready and serving are "unknown", which consumers
+/// treat as true; terminating absent is false.
+fn endpoints_for_port(slices: &[&EndpointSlice], port_name: &str, proto: Proto, node: &str, errors: &mut Vec<ObjectError>) -> Vec<Endpoint> {
+    let mut out = Vec::new();
     for slice in slices {
         let name = obj_name(&slice.metadata.namespace, &slice.metadata.name);
         if slice.address_type != "IPv4" {
@@ -230,20 +415,20 @@ fn endpoints_for_port(slices: &[&EndpointSlice], port_name: &str, proto: Proto, 
         }) else {
             continue;
         };
-        let Some(number) = port.port.and_then(|p| u16::try_from(p).ok()).filter(|p| *p != 0) else {
+        let Some(number) = port.port.and_then(port_number) else {
             errors.push(ObjectError::new("EndpointSlice", name.clone(), format!("ports[name={port_name:?}].port"),
                 format!("{:?} is not a port number (1-65535)", port.port)));
             continue;
         };
         for (ei, ep) in slice.endpoints.iter().flatten().enumerate() {
-            if ep.conditions.as_ref().and_then(|c| c.ready) == Some(false) {
-                continue;
-            }
+            let c = ep.conditions.as_ref();
+            let ready = c.and_then(|c| c.ready).unwrap_or(true);
+            let serving = c.and_then(|c| c.serving).unwrap_or(ready);
+            let terminating = c.and_then(|c| c.terminating).unwrap_or(false);
+            let local = !node.is_empty() && ep.node_name.as_deref() == Some(node);
             for (ai, a) in ep.addresses.iter().enumerate() {
                 match a.parse::<Ipv4Addr>() {
-                    Ok(addr) => {
-                        out.insert(L4Addr { addr, port: number, proto });
-                    }
+                    Ok(addr) => out.push(Endpoint { addr: L4Addr { addr, port: number, proto }, local, ready, serving, terminating }),
                     Err(_) => errors.push(ObjectError::new("EndpointSlice", name.clone(),
                         format!("endpoints[{ei}].addresses[{ai}]"), format!("{a:?} is not an IPv4 address"))),
                 }
@@ -270,7 +455,7 @@ mod tests {
         let mut errors = Vec::new();
         manifests::parse_str(yaml, "t", &mut objs, &mut errors);
         assert!(errors.is_empty(), "{errors:?}");
-        let (d, e) = translate(&objs.services, &objs.endpoint_slices);
+        let (d, e) = translate(&objs.services, &objs.endpoint_slices, &NodeContext { name: "node1".into(), ips: vec!["192.168.0.2".parse().unwrap()], nodeport_addresses: vec![] });
         (d, e.iter().map(|e| e.to_string()).collect())
     }
 
@@ -282,8 +467,16 @@ mod tests {
         format!("kind: EndpointSlice\nmetadata: {{name: {svc}-x, namespace: ns, labels: {{kubernetes.io/service-name: {svc}}}}}\n{body}\n---\n")
     }
 
-    fn fe(ip: &str, port: u16, proto: Proto) -> L4Addr {
+    fn be(ip: &str, port: u16, proto: Proto) -> L4Addr {
         L4Addr { addr: ip.parse().unwrap(), port, proto }
+    }
+
+    fn fe(ip: &str, port: u16, proto: Proto) -> Frontend {
+        Frontend::internal(be(ip, port, proto))
+    }
+
+    fn ext(ip: &str, port: u16, proto: Proto) -> Frontend {
+        Frontend { addr: be(ip, port, proto), scope: Scope::External }
     }
 
     #[test]
@@ -308,10 +501,10 @@ mod tests {
         let (d, e) = translate_yaml(&yaml);
         assert!(e.is_empty(), "{e:?}");
         let http = &d.frontends[&fe("172.30.0.1", 80, Proto::Tcp)];
-        assert_eq!(http.backends, [fe("10.0.0.1", 8080, Proto::Tcp), fe("10.0.0.3", 8080, Proto::Tcp)].into());
+        assert_eq!(http.backends, [be("10.0.0.1", 8080, Proto::Tcp), be("10.0.0.3", 8080, Proto::Tcp)].into());
         assert_eq!(http.service.to_string(), "ns/web:http");
         let dns = &d.frontends[&fe("172.30.0.1", 53, Proto::Udp)];
-        assert_eq!(dns.backends, [fe("10.0.0.1", 5353, Proto::Udp), fe("10.0.0.3", 5353, Proto::Udp)].into());
+        assert_eq!(dns.backends, [be("10.0.0.1", 5353, Proto::Udp), be("10.0.0.3", 5353, Proto::Udp)].into());
         assert_eq!(d.cluster_ips, ["172.30.0.1".parse().unwrap()].into());
     }
 
@@ -336,7 +529,7 @@ mod tests {
         has("EndpointSlice ns/v6-x: addressType: \"IPv6\" is not supported");
         has("EndpointSlice ns/orphan: metadata.labels[kubernetes.io/service-name]: missing");
         // What was valid is still served.
-        assert_eq!(d.frontends[&fe("172.30.0.3", 82, Proto::Tcp)].backends, [fe("10.0.0.1", 82, Proto::Tcp)].into());
+        assert_eq!(d.frontends[&fe("172.30.0.3", 82, Proto::Tcp)].backends, [be("10.0.0.1", 82, Proto::Tcp)].into());
         assert!(d.frontends.contains_key(&fe("172.30.0.2", 80, Proto::Tcp)));
         assert_eq!(d.frontends.len(), 2, "{:?}", d.frontends.keys());
     }

@@ -11,11 +11,13 @@ use std::{
     net::Ipv4Addr,
 };
 
-use dataplane_common::{Lb4Backend, Lb4Key, Lb4Service, Lb4SlotKey, SVC_F_ADDR_ONLY};
+use dataplane_common::{
+    Lb4Backend, Lb4Key, Lb4Service, Lb4SlotKey, BE_F_LOCAL, SVC_F_ADDR_ONLY, SVC_F_DROP_EMPTY, SVC_F_EXTERNAL_IP, SVC_F_SOURCE_RANGES,
+};
 
 use crate::{
     error::MapOpError,
-    model::{Desired, L4Addr, Proto, ServicePortName},
+    model::{Desired, DesiredFrontend, Frontend, L4Addr, Proto, Scope},
 };
 
 /// An IPv4 CIDR.
@@ -59,17 +61,22 @@ pub trait MapOps {
     fn del_service(&mut self, key: Lb4Key) -> Result<(), MapOpError>;
     fn put_service_cidr(&mut self, cidr: Cidr4) -> Result<(), MapOpError>;
     fn del_service_cidr(&mut self, cidr: Cidr4) -> Result<(), MapOpError>;
+    /// Allows `cidr` as a source of frontend `svc_id` (loadBalancerSourceRanges).
+    fn put_source_range(&mut self, svc_id: u32, cidr: Cidr4) -> Result<(), MapOpError>;
+    fn del_source_range(&mut self, svc_id: u32, cidr: Cidr4) -> Result<(), MapOpError>;
     /// Deletes the conntrack entries (both directions) of UDP and SCTP connections that a
-    /// removed backend or Service served. TCP connections keep their backend until they end,
-    /// as with kube-proxy (graceful termination). Returns how many entries went.
+    /// removed backend or Service served, and the session-affinity entries pointing at them.
+    /// TCP connections keep their backend until they end, as with kube-proxy (graceful
+    /// termination). Returns how many conntrack entries went.
     fn flush_conntrack(&mut self, gone: &BTreeSet<(u32, u32)>, gone_services: &BTreeSet<u32>) -> Result<usize, MapOpError>;
 }
 
 /// What is in the maps now, as the datapath sees it (restored from the maps at start-up).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Applied {
-    pub backends: BTreeMap<L4Addr, u32>,
-    pub frontends: BTreeMap<L4Addr, AppliedFrontend>,
+    /// Backend address -> (id, flags).
+    pub backends: BTreeMap<L4Addr, (u32, u8)>,
+    pub frontends: BTreeMap<Frontend, AppliedFrontend>,
     pub cluster_ips: BTreeSet<Ipv4Addr>,
     pub service_cidrs: BTreeSet<Cidr4>,
 }
@@ -78,9 +85,28 @@ pub struct Applied {
 pub struct AppliedFrontend {
     pub svc_id: u32,
     /// `None` for a frontend restored from the maps whose Service has not been seen yet.
-    pub service: Option<ServicePortName>,
+    pub service: Option<crate::model::ServicePortName>,
     /// Slot `i` holds `slots[i]`.
     pub slots: Vec<L4Addr>,
+    /// The service entry's flags and affinity timeout as written.
+    pub flags: u16,
+    pub affinity_timeout_s: u32,
+    pub source_ranges: BTreeSet<Cidr4>,
+}
+
+/// The service-entry flags a desired frontend needs.
+pub fn frontend_flags(want: &DesiredFrontend) -> u16 {
+    let mut f = 0;
+    if want.drop_empty {
+        f |= SVC_F_DROP_EMPTY;
+    }
+    if want.external_ip {
+        f |= SVC_F_EXTERNAL_IP;
+    }
+    if !want.source_ranges.is_empty() {
+        f |= SVC_F_SOURCE_RANGES;
+    }
+    f
 }
 
 /// Counts of one sync, for logs, metrics and tests.
@@ -92,24 +118,27 @@ pub struct SyncStats {
 }
 
 /// Map keys and values from domain types: the one place where byte order is converted.
-pub fn lb4_key(fe: &L4Addr) -> Lb4Key {
-    Lb4Key { addr_be: u32::from_ne_bytes(fe.addr.octets()), port_be: fe.port.to_be(), proto: fe.proto.number(), pad: 0 }
+pub fn lb4_key(fe: &Frontend) -> Lb4Key {
+    Lb4Key { addr_be: u32::from_ne_bytes(fe.addr.addr.octets()), port_be: fe.addr.port.to_be(), proto: fe.addr.proto.number(), scope: fe.scope.number() }
 }
 
 pub fn lb4_addr_key(addr: Ipv4Addr) -> Lb4Key {
-    Lb4Key { addr_be: u32::from_ne_bytes(addr.octets()), port_be: 0, proto: 0, pad: 0 }
+    Lb4Key { addr_be: u32::from_ne_bytes(addr.octets()), port_be: 0, proto: 0, scope: 0 }
 }
 
-pub fn lb4_backend(be: &L4Addr) -> Lb4Backend {
-    Lb4Backend { addr_be: u32::from_ne_bytes(be.addr.octets()), port_be: be.port.to_be(), proto: be.proto.number(), flags: 0 }
+pub fn lb4_backend(be: &L4Addr, flags: u8) -> Lb4Backend {
+    Lb4Backend { addr_be: u32::from_ne_bytes(be.addr.octets()), port_be: be.port.to_be(), proto: be.proto.number(), flags }
 }
 
 pub fn l4addr_from_backend(be: &Lb4Backend) -> Option<L4Addr> {
     Some(L4Addr { addr: Ipv4Addr::from(be.addr_be.to_ne_bytes()), port: u16::from_be(be.port_be), proto: Proto::from_number(be.proto)? })
 }
 
-pub fn l4addr_from_key(k: &Lb4Key) -> Option<L4Addr> {
-    Some(L4Addr { addr: Ipv4Addr::from(k.addr_be.to_ne_bytes()), port: u16::from_be(k.port_be), proto: Proto::from_number(k.proto)? })
+pub fn frontend_from_key(k: &Lb4Key) -> Option<Frontend> {
+    Some(Frontend {
+        addr: L4Addr { addr: Ipv4Addr::from(k.addr_be.to_ne_bytes()), port: u16::from_be(k.port_be), proto: Proto::from_number(k.proto)? },
+        scope: Scope::from_number(k.scope)?,
+    })
 }
 
 /// Owns the applied view and the id allocation.
@@ -125,7 +154,7 @@ impl Reconciler {
     /// restart rewrites nothing that did not change and conntrack entries stay meaningful.
     pub fn restore(applied: Applied) -> Self {
         let next_svc_id = applied.frontends.values().map(|f| f.svc_id).max().unwrap_or(0) + 1;
-        let next_backend_id = applied.backends.values().copied().max().unwrap_or(0) + 1;
+        let next_backend_id = applied.backends.values().map(|(id, _)| *id).max().unwrap_or(0) + 1;
         Reconciler { applied, next_svc_id, next_backend_id }
     }
 
@@ -141,13 +170,34 @@ impl Reconciler {
         let mut gone_pairs = BTreeSet::new();
         let mut gone_svcs = BTreeSet::new();
 
+        // Backends whose locality changed are rewritten in place (same id) before any slot or
+        // service entry is touched.
+        let moved: Vec<(L4Addr, u32, u8)> = self
+            .applied
+            .backends
+            .iter()
+            .filter_map(|(b, (id, flags))| {
+                let want = if desired.local_endpoints.contains(&b.addr) { BE_F_LOCAL } else { 0 };
+                (want != *flags).then_some((*b, *id, want))
+            })
+            .collect();
+        for (b, id, flags) in moved {
+            match ops.put_backend(id, lb4_backend(&b, flags)) {
+                Ok(()) => {
+                    st.writes += 1;
+                    self.applied.backends.insert(b, (id, flags));
+                }
+                Err(e) => errors.push(format!("backend {b}: {e}")),
+            }
+        }
+
         for (fe, want) in &desired.frontends {
-            if let Err(e) = self.sync_frontend(fe, &want.service, &want.backends, ops, &mut st, &mut gone_pairs) {
+            if let Err(e) = self.sync_frontend(fe, want, &desired.local_endpoints, ops, &mut st, &mut gone_pairs) {
                 errors.push(format!("Service {} frontend {fe}: {e}", want.service));
             }
         }
 
-        let stale: Vec<L4Addr> = self.applied.frontends.keys().filter(|fe| !desired.frontends.contains_key(fe)).copied().collect();
+        let stale: Vec<Frontend> = self.applied.frontends.keys().filter(|fe| !desired.frontends.contains_key(fe)).copied().collect();
         for fe in stale {
             let af = self.applied.frontends[&fe].clone();
             let res = (|| -> Result<(), MapOpError> {
@@ -155,6 +205,10 @@ impl Reconciler {
                 st.deletes += 1;
                 for slot in 0..af.slots.len() as u32 {
                     ops.del_slot(Lb4SlotKey { svc_id: af.svc_id, slot })?;
+                    st.deletes += 1;
+                }
+                for c in &af.source_ranges {
+                    ops.del_source_range(af.svc_id, *c)?;
                     st.deletes += 1;
                 }
                 Ok(())
@@ -169,7 +223,7 @@ impl Reconciler {
         }
 
         for ip in desired.cluster_ips.difference(&self.applied.cluster_ips.clone()) {
-            match ops.put_service(lb4_addr_key(*ip), Lb4Service { svc_id: 0, count: 0, flags: SVC_F_ADDR_ONLY }) {
+            match ops.put_service(lb4_addr_key(*ip), Lb4Service { svc_id: 0, count: 0, flags: SVC_F_ADDR_ONLY, ..Default::default() }) {
                 Ok(()) => {
                     st.writes += 1;
                     self.applied.cluster_ips.insert(*ip);
@@ -208,7 +262,7 @@ impl Reconciler {
 
         // Backends nothing points at any more go last, after every slot that referenced them.
         let used: BTreeSet<L4Addr> = self.applied.frontends.values().flat_map(|f| f.slots.iter().copied()).collect();
-        let unused: Vec<(L4Addr, u32)> = self.applied.backends.iter().filter(|(b, _)| !used.contains(b)).map(|(b, id)| (*b, *id)).collect();
+        let unused: Vec<(L4Addr, u32)> = self.applied.backends.iter().filter(|(b, _)| !used.contains(b)).map(|(b, (id, _))| (*b, *id)).collect();
         for (be, id) in unused {
             match ops.del_backend(id) {
                 Ok(()) => {
@@ -228,39 +282,42 @@ impl Reconciler {
         (st, errors)
     }
 
-    fn backend_id(&mut self, be: &L4Addr, ops: &mut dyn MapOps, st: &mut SyncStats) -> Result<u32, MapOpError> {
-        if let Some(id) = self.applied.backends.get(be) {
+    fn backend_id(&mut self, be: &L4Addr, local: &BTreeSet<Ipv4Addr>, ops: &mut dyn MapOps, st: &mut SyncStats) -> Result<u32, MapOpError> {
+        if let Some((id, _)) = self.applied.backends.get(be) {
             return Ok(*id);
         }
         let id = self.next_backend_id;
         if id == u32::MAX {
             return Err(MapOpError::OutOfIds { map: dataplane_common::names::BACKENDS });
         }
-        ops.put_backend(id, lb4_backend(be))?;
+        let flags = if local.contains(&be.addr) { BE_F_LOCAL } else { 0 };
+        ops.put_backend(id, lb4_backend(be, flags))?;
         st.writes += 1;
         self.next_backend_id += 1;
-        self.applied.backends.insert(*be, id);
+        self.applied.backends.insert(*be, (id, flags));
         Ok(id)
     }
 
     fn sync_frontend(
         &mut self,
-        fe: &L4Addr,
-        service: &ServicePortName,
-        want: &BTreeSet<L4Addr>,
+        fe: &Frontend,
+        desired: &DesiredFrontend,
+        local: &BTreeSet<Ipv4Addr>,
         ops: &mut dyn MapOps,
         st: &mut SyncStats,
         gone_pairs: &mut BTreeSet<(u32, u32)>,
     ) -> Result<(), MapOpError> {
-        let (svc_id, old, is_new) = match self.applied.frontends.get(fe) {
-            Some(af) => (af.svc_id, af.slots.clone(), false),
+        let want = &desired.backends;
+        let flags = frontend_flags(desired);
+        let (svc_id, old, old_entry, old_ranges) = match self.applied.frontends.get(fe) {
+            Some(af) => (af.svc_id, af.slots.clone(), Some((af.flags, af.affinity_timeout_s)), af.source_ranges.clone()),
             None => {
                 let id = self.next_svc_id;
                 if id == u32::MAX {
                     return Err(MapOpError::OutOfIds { map: dataplane_common::names::SERVICES });
                 }
                 self.next_svc_id += 1;
-                (id, Vec::new(), true)
+                (id, Vec::new(), None, BTreeSet::new())
             }
         };
         let new = next_slots(&old, want);
@@ -271,24 +328,44 @@ impl Reconciler {
             if old.get(i) == Some(be) {
                 continue;
             }
-            let id = self.backend_id(be, ops, st)?;
+            let id = self.backend_id(be, local, ops, st)?;
             ops.put_slot(Lb4SlotKey { svc_id, slot: i as u32 }, id)?;
             st.writes += 1;
         }
-        if is_new || old.len() != new.len() {
-            ops.put_service(lb4_key(fe), Lb4Service { svc_id, count: new.len() as u16, flags: 0 })?;
+        // Source ranges before the service entry that turns their check on.
+        for c in desired.source_ranges.difference(&old_ranges) {
+            ops.put_source_range(svc_id, *c)?;
             st.writes += 1;
+        }
+        if old_entry != Some((flags, desired.affinity_timeout_s)) || old.len() != new.len() {
+            let entry = Lb4Service { svc_id, count: new.len() as u16, flags, affinity_timeout_s: desired.affinity_timeout_s, pad: 0 };
+            ops.put_service(lb4_key(fe), entry)?;
+            st.writes += 1;
+        }
+        for c in old_ranges.difference(&desired.source_ranges) {
+            ops.del_source_range(svc_id, *c)?;
+            st.deletes += 1;
         }
         for i in new.len()..old.len() {
             ops.del_slot(Lb4SlotKey { svc_id, slot: i as u32 })?;
             st.deletes += 1;
         }
         for be in old.iter().filter(|b| !want.contains(b)) {
-            if let Some(id) = self.applied.backends.get(be) {
+            if let Some((id, _)) = self.applied.backends.get(be) {
                 gone_pairs.insert((svc_id, *id));
             }
         }
-        self.applied.frontends.insert(*fe, AppliedFrontend { svc_id, service: Some(service.clone()), slots: new });
+        self.applied.frontends.insert(
+            *fe,
+            AppliedFrontend {
+                svc_id,
+                service: Some(desired.service.clone()),
+                slots: new,
+                flags,
+                affinity_timeout_s: desired.affinity_timeout_s,
+                source_ranges: desired.source_ranges.clone(),
+            },
+        );
         Ok(())
     }
 }
@@ -313,7 +390,7 @@ pub fn next_slots(old: &[L4Addr], want: &BTreeSet<L4Addr>) -> Vec<L4Addr> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::DesiredFrontend;
+    use crate::model::ServicePortName;
 
     /// Records every operation; an in-memory stand-in for the maps, for the pure diff logic only
     /// (bpf-tests run the same reconciler against the real maps).
@@ -348,8 +425,8 @@ mod tests {
             Ok(())
         }
         fn put_service(&mut self, key: Lb4Key, svc: Lb4Service) -> Result<(), MapOpError> {
-            if self.fail_service_puts && svc.flags == 0 {
-                return Err(MapOpError::Full { map: "lb4_svc_v1", capacity: 1, what: "test".into() });
+            if self.fail_service_puts && svc.flags & SVC_F_ADDR_ONLY == 0 {
+                return Err(MapOpError::Full { map: "lb4_svc_v2", capacity: 1, what: "test".into() });
             }
             self.ops.push(format!("put_service {} count={}", svc.svc_id, svc.count));
             self.services.insert(key, svc);
@@ -368,6 +445,14 @@ mod tests {
             self.ops.push(format!("del_cidr {c}"));
             Ok(())
         }
+        fn put_source_range(&mut self, id: u32, c: Cidr4) -> Result<(), MapOpError> {
+            self.ops.push(format!("put_range {id} {c}"));
+            Ok(())
+        }
+        fn del_source_range(&mut self, id: u32, c: Cidr4) -> Result<(), MapOpError> {
+            self.ops.push(format!("del_range {id} {c}"));
+            Ok(())
+        }
         fn flush_conntrack(&mut self, gone: &BTreeSet<(u32, u32)>, svcs: &BTreeSet<u32>) -> Result<usize, MapOpError> {
             self.ops.push(format!("flush {gone:?} {svcs:?}"));
             Ok(0)
@@ -381,17 +466,20 @@ mod tests {
     fn desired(backends: &[u8]) -> Desired {
         let fe = L4Addr { addr: Ipv4Addr::new(172, 30, 0, 1), port: 80, proto: Proto::Tcp };
         let mut d = Desired::default();
-        d.frontends.insert(fe, DesiredFrontend {
-            service: ServicePortName { namespace: "default".into(), name: "web".into(), port: String::new() },
-            backends: backends.iter().map(|b| be(*b)).collect(),
-        });
+        d.frontends.insert(
+            Frontend::internal(fe),
+            DesiredFrontend::new(
+                ServicePortName { namespace: "default".into(), name: "web".into(), port: String::new() },
+                backends.iter().map(|b| be(*b)).collect(),
+            ),
+        );
         d.cluster_ips.insert(fe.addr);
         d
     }
 
     /// The slot map seen from the datapath: (slot -> backend address) of service 1.
     fn datapath_view(r: &Recorder) -> BTreeSet<L4Addr> {
-        let svc = r.services.values().find(|s| s.flags == 0).unwrap();
+        let svc = r.services.values().find(|s| s.flags & SVC_F_ADDR_ONLY == 0).unwrap();
         (0..svc.count as u32)
             .map(|s| l4addr_from_backend(&r.backends[&r.slots[&Lb4SlotKey { svc_id: svc.svc_id, slot: s }]]).unwrap())
             .collect()
@@ -486,6 +574,39 @@ mod tests {
         assert_eq!(r.ops, Vec::<String>::new());
         rec2.sync(&desired(&[1, 2, 3]), &BTreeSet::new(), &mut r);
         assert_eq!(r.ops, vec!["put_backend 3", "put_slot 1/2 -> 3", "put_service 1 count=3"]);
+    }
+
+    #[test]
+    fn policy_changes_rewrite_only_the_service_entry() {
+        let mut r = Recorder::default();
+        let mut rec = Reconciler::new();
+        let mut d = desired(&[1, 2]);
+        rec.sync(&d, &BTreeSet::new(), &mut r);
+        r.ops.clear();
+        let f = d.frontends.values_mut().next().unwrap();
+        f.affinity_timeout_s = 30;
+        f.source_ranges.insert("192.0.2.0/24".parse().unwrap());
+        rec.sync(&d, &BTreeSet::new(), &mut r);
+        assert_eq!(r.ops, vec!["put_range 1 192.0.2.0/24", "put_service 1 count=2"]);
+        let svc = r.services.values().find(|s| s.svc_id == 1).unwrap();
+        assert_eq!((svc.affinity_timeout_s, svc.flags), (30, SVC_F_SOURCE_RANGES));
+        r.ops.clear();
+        d.frontends.values_mut().next().unwrap().source_ranges.clear();
+        rec.sync(&d, &BTreeSet::new(), &mut r);
+        assert_eq!(r.ops, vec!["put_service 1 count=2", "del_range 1 192.0.2.0/24"]);
+    }
+
+    #[test]
+    fn a_backend_moving_to_this_node_is_rewritten_in_place() {
+        let mut r = Recorder::default();
+        let mut rec = Reconciler::new();
+        let mut d = desired(&[1]);
+        rec.sync(&d, &BTreeSet::new(), &mut r);
+        r.ops.clear();
+        d.local_endpoints.insert(Ipv4Addr::new(10, 0, 0, 1));
+        rec.sync(&d, &BTreeSet::new(), &mut r);
+        assert_eq!(r.ops, vec!["put_backend 1"]);
+        assert_eq!(r.backends[&1].flags, BE_F_LOCAL);
     }
 
     #[test]

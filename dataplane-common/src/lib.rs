@@ -9,15 +9,17 @@
 
 /// Pinned map names. The `_v1` suffix is the layout version (see the crate docs).
 pub mod names {
-    pub const SERVICES: &str = "lb4_svc_v1";
+    pub const SERVICES: &str = "lb4_svc_v2";
     pub const SLOTS: &str = "lb4_slot_v1";
     pub const BACKENDS: &str = "lb4_be_v1";
     pub const CONNTRACK: &str = "ct4_v1";
     pub const FRAGMENTS: &str = "frag4_v1";
     pub const SERVICE_CIDRS: &str = "svc_cidr4_v1";
     pub const STATS: &str = "stats_v1";
+    pub const AFFINITY: &str = "lb4_aff_v1";
+    pub const SOURCE_RANGES: &str = "lb4_src_v1";
     /// Every map the agent pins, in the order it creates and checks them.
-    pub const ALL: [&str; 7] = [SERVICES, SLOTS, BACKENDS, CONNTRACK, FRAGMENTS, SERVICE_CIDRS, STATS];
+    pub const ALL: [&str; 9] = [SERVICES, SLOTS, BACKENDS, CONNTRACK, FRAGMENTS, SERVICE_CIDRS, STATS, AFFINITY, SOURCE_RANGES];
 }
 
 /// Program names as they appear in the object file.
@@ -48,6 +50,8 @@ pub mod capacity {
     pub const SERVICE_CIDRS: u32 = 64;
     pub const STATS: u32 = 64;
     pub const SOCK_REVNAT: u32 = 65_536;
+    pub const AFFINITY: u32 = 262_144;
+    pub const SOURCE_RANGES: u32 = 16_384;
 }
 
 pub const IPPROTO_ICMP: u8 = 1;
@@ -55,20 +59,32 @@ pub const IPPROTO_TCP: u8 = 6;
 pub const IPPROTO_UDP: u8 = 17;
 pub const IPPROTO_SCTP: u8 = 132;
 
-/// Key of the service map: a frontend `address:port/proto`. An entry with `port_be == 0` and
-/// `proto == 0` marks the address itself as a ClusterIP, so a port the Service does not expose is
-/// refused (kube-proxy nftables mode) with a single extra lookup.
+/// Key of the service map: a frontend `address:port/proto` as seen from `scope`. An entry with
+/// `port_be == 0` and `proto == 0` marks the address itself as a ClusterIP, so a port the Service
+/// does not expose is refused (kube-proxy nftables mode) with a single extra lookup.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Lb4Key {
     pub addr_be: u32,
     pub port_be: u16,
     pub proto: u8,
-    pub pad: u8,
+    /// `SCOPE_INTERNAL` (from pods and the node itself) or `SCOPE_EXTERNAL` (arriving from outside
+    /// the node). Traffic policies make the two differ (Cilium's two-scope frontends).
+    pub scope: u8,
 }
+
+pub const SCOPE_INTERNAL: u8 = 0;
+pub const SCOPE_EXTERNAL: u8 = 1;
 
 /// `Lb4Service.flags`: the entry only marks a ClusterIP address (port 0, proto 0).
 pub const SVC_F_ADDR_ONLY: u16 = 1 << 0;
+/// `Lb4Service.flags`: with no backend, drop instead of refusing (kube-proxy drops traffic for a
+/// traffic policy `Local` with no local endpoint).
+pub const SVC_F_DROP_EMPTY: u16 = 1 << 1;
+/// `Lb4Service.flags`: sources are checked against the Service's loadBalancerSourceRanges.
+pub const SVC_F_SOURCE_RANGES: u16 = 1 << 2;
+/// `Lb4Service.flags`: a NodePort, LoadBalancer or external IP frontend (not a ClusterIP).
+pub const SVC_F_EXTERNAL_IP: u16 = 1 << 3;
 
 /// Value of the service map.
 #[repr(C)]
@@ -76,9 +92,38 @@ pub const SVC_F_ADDR_ONLY: u16 = 1 << 0;
 pub struct Lb4Service {
     /// Stable id of this frontend; keys the slot map and the per-Service counters.
     pub svc_id: u32,
-    /// Number of backend slots `0..count` in the slot map. 0: no endpoint, refuse.
+    /// Number of backend slots `0..count` in the slot map. 0: no endpoint, refuse (or drop).
     pub count: u16,
     pub flags: u16,
+    /// sessionAffinity ClientIP timeout in seconds; 0 for no affinity.
+    pub affinity_timeout_s: u32,
+    pub pad: u32,
+}
+
+/// Key of the session affinity map: a client of a frontend.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct AffinityKey {
+    pub svc_id: u32,
+    pub client_be: u32,
+}
+
+/// Value of the session affinity map: the backend the client sticks to, and when it last used it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct AffinityValue {
+    pub backend_id: u32,
+    pub pad: u32,
+    pub last_used_ns: u64,
+}
+
+/// Data of the source-range LPM trie key: a frontend and a source. The key's prefix length counts
+/// all 32 bits of `svc_id` plus the CIDR's bits, so one trie holds every Service's ranges.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SrcRangeData {
+    pub svc_id: u32,
+    pub addr_be: u32,
 }
 
 /// Key of the slot map: slot `slot` of frontend `svc_id`. Slots are dense `0..count`.
@@ -88,6 +133,9 @@ pub struct Lb4SlotKey {
     pub svc_id: u32,
     pub slot: u32,
 }
+
+/// `Lb4Backend.flags`: the backend runs on this node.
+pub const BE_F_LOCAL: u8 = 1 << 0;
 
 /// Value of the backend map, keyed by a `u32` backend id.
 #[repr(C)]
@@ -203,10 +251,14 @@ pub enum DropReason {
     NoBackend = 7,
     /// To be refused, but itself a TCP reset: a reset is never answered.
     RefusedReset = 8,
+    /// Traffic policy Local and no local endpoint (kube-proxy drops these).
+    NoLocalEndpoint = 9,
+    /// Source outside the Service's loadBalancerSourceRanges.
+    SourceRange = 10,
 }
 
 impl DropReason {
-    pub const ALL: [DropReason; 8] = [
+    pub const ALL: [DropReason; 10] = [
         DropReason::Malformed,
         DropReason::NoService,
         DropReason::SctpPortNat,
@@ -215,6 +267,8 @@ impl DropReason {
         DropReason::Rewrite,
         DropReason::NoBackend,
         DropReason::RefusedReset,
+        DropReason::NoLocalEndpoint,
+        DropReason::SourceRange,
     ];
 
     pub const fn name(self) -> &'static str {
@@ -227,6 +281,8 @@ impl DropReason {
             DropReason::Rewrite => "rewrite",
             DropReason::NoBackend => "no_backend",
             DropReason::RefusedReset => "refused_reset",
+            DropReason::NoLocalEndpoint => "no_local_endpoint",
+            DropReason::SourceRange => "source_range",
         }
     }
 
@@ -279,7 +335,10 @@ pub mod stat {
 // The layouts are part of the ABI: a change here must come with a new map name.
 const _: () = {
     assert!(core::mem::size_of::<Lb4Key>() == 8);
-    assert!(core::mem::size_of::<Lb4Service>() == 8);
+    assert!(core::mem::size_of::<Lb4Service>() == 16);
+    assert!(core::mem::size_of::<AffinityKey>() == 8);
+    assert!(core::mem::size_of::<AffinityValue>() == 16);
+    assert!(core::mem::size_of::<SrcRangeData>() == 8);
     assert!(core::mem::size_of::<Lb4SlotKey>() == 8);
     assert!(core::mem::size_of::<Lb4Backend>() == 8);
     assert!(core::mem::size_of::<Ct4Key>() == 16);
@@ -305,4 +364,7 @@ mod pod {
     unsafe impl aya::Pod for Frag4Ports {}
     unsafe impl aya::Pod for SockRevKey {}
     unsafe impl aya::Pod for SockRevValue {}
+    unsafe impl aya::Pod for AffinityKey {}
+    unsafe impl aya::Pod for AffinityValue {}
+    unsafe impl aya::Pod for SrcRangeData {}
 }

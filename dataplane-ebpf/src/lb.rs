@@ -6,13 +6,13 @@
 //! lookups: O(1) in the number of Services, endpoints and connections.
 use aya_ebpf::{helpers::bpf_get_prandom_u32, helpers::bpf_ktime_get_ns, programs::TcContext};
 use dataplane_common::{
-    stat, Ct4Entry, Ct4Key, DropReason, Frag4Key, Frag4Ports, Lb4Backend, Lb4Key, Lb4Service,
-    Lb4SlotKey, CT_F_FORWARD, CT_F_HAIRPIN, CT_F_REPLY, IPPROTO_ICMP, IPPROTO_SCTP,
-    IPPROTO_TCP, IPPROTO_UDP, SVC_F_ADDR_ONLY,
+    stat, AffinityKey, AffinityValue, Ct4Entry, Ct4Key, DropReason, Frag4Key, Frag4Ports, Lb4Backend, Lb4Key, Lb4Service,
+    Lb4SlotKey, SrcRangeData, CT_F_FORWARD, CT_F_HAIRPIN, CT_F_REPLY, IPPROTO_ICMP, IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP,
+    SCOPE_INTERNAL, SVC_F_ADDR_ONLY, SVC_F_DROP_EMPTY, SVC_F_SOURCE_RANGES,
 };
 
 use crate::{
-    maps::{ct4_v1, frag4_v1, lb4_be_v1, lb4_slot_v1, lb4_svc_v1, svc_cidr4_v1},
+    maps::{ct4_v1, frag4_v1, lb4_aff_v1, lb4_be_v1, lb4_slot_v1, lb4_src_v1, lb4_svc_v2, svc_cidr4_v1},
     nat,
     parse::{Ipv4Packet, TCP_ACK, TCP_SYN},
     stats,
@@ -38,12 +38,56 @@ fn frag_key(p: &Ipv4Packet) -> Frag4Key {
     Frag4Key { saddr_be: p.saddr_be, daddr_be: p.daddr_be, id_be: p.id_be, proto: p.proto, pad: 0 }
 }
 
-/// Looks up the Service frontend for `addr:port/proto`.
+/// Looks up the Service frontend for `addr:port/proto` as seen from `scope`.
 #[inline(always)]
-pub fn lb4_lookup_service(addr_be: u32, port_be: u16, proto: u8) -> Option<Lb4Service> {
-    let key = Lb4Key { addr_be, port_be, proto, pad: 0 };
+pub fn lb4_lookup_service(addr_be: u32, port_be: u16, proto: u8, scope: u8) -> Option<Lb4Service> {
+    let key = Lb4Key { addr_be, port_be, proto, scope };
     // SAFETY: the value is copied out at once.
-    unsafe { lb4_svc_v1.get(&key).copied() }
+    unsafe { lb4_svc_v2.get(&key).copied() }
+}
+
+/// Is `client` allowed by the frontend's loadBalancerSourceRanges (when it has any)?
+#[inline(always)]
+pub fn lb4_source_allowed(svc: &Lb4Service, client_be: u32) -> bool {
+    if svc.flags & SVC_F_SOURCE_RANGES == 0 {
+        return true;
+    }
+    let key = aya_ebpf::btf_maps::lpm_trie::Key::new(64, SrcRangeData { svc_id: svc.svc_id, addr_be: client_be });
+    lb4_src_v1.get(&key).is_some()
+}
+
+/// What a frontend with no usable backend does: refuse, or (traffic policy Local) drop.
+#[inline(always)]
+pub fn lb4_empty(svc: &Lb4Service) -> Result<Verdict, DropReason> {
+    if svc.flags & SVC_F_DROP_EMPTY != 0 {
+        Err(DropReason::NoLocalEndpoint)
+    } else {
+        Ok(Verdict::Reject)
+    }
+}
+
+/// Chooses the backend of a new connection from `client`: its session-affinity backend while that
+/// is fresh and still a backend, otherwise a random one (then remembered, with affinity).
+#[inline(always)]
+pub fn lb4_choose_backend(svc: &Lb4Service, client_be: u32) -> Result<(u32, Lb4Backend), DropReason> {
+    if svc.affinity_timeout_s == 0 {
+        return lb4_select_backend(svc);
+    }
+    let key = AffinityKey { svc_id: svc.svc_id, client_be };
+    let now = unsafe { bpf_ktime_get_ns() };
+    if let Some(a) = lb4_aff_v1.get_ptr_mut(&key) {
+        // SAFETY: pointer from a successful lookup.
+        let (id, last) = unsafe { ((*a).backend_id, (*a).last_used_ns) };
+        if now.saturating_sub(last) < svc.affinity_timeout_s as u64 * 1_000_000_000 {
+            if let Some(be) = unsafe { lb4_be_v1.get(&id).copied() } {
+                unsafe { (*a).last_used_ns = now };
+                return Ok((id, be));
+            }
+        }
+    }
+    let (id, be) = lb4_select_backend(svc)?;
+    let _ = lb4_aff_v1.insert(&key, &AffinityValue { backend_id: id, pad: 0, last_used_ns: now }, 0);
+    Ok((id, be))
 }
 
 /// What a miss on the service map means for this destination address.
@@ -58,7 +102,7 @@ pub enum Unserved {
 
 #[inline(always)]
 pub fn lb4_unserved(addr_be: u32) -> Unserved {
-    if let Some(s) = lb4_lookup_service(addr_be, 0, 0) {
+    if let Some(s) = lb4_lookup_service(addr_be, 0, 0, SCOPE_INTERNAL) {
         if s.flags & SVC_F_ADDR_ONLY != 0 {
             return Unserved::UnexposedPort;
         }
@@ -147,7 +191,7 @@ pub fn handle_ipv4(ctx: &TcContext, mut p: Ipv4Packet, new_allowed: bool) -> Res
     if !new_allowed {
         return Ok(Verdict::Pass);
     }
-    let svc = match lb4_lookup_service(p.daddr_be, p.dport_be, p.proto) {
+    let svc = match lb4_lookup_service(p.daddr_be, p.dport_be, p.proto, SCOPE_INTERNAL) {
         Some(s) if s.flags & SVC_F_ADDR_ONLY == 0 => s,
         _ => {
             return match lb4_unserved(p.daddr_be) {
@@ -160,8 +204,11 @@ pub fn handle_ipv4(ctx: &TcContext, mut p: Ipv4Packet, new_allowed: bool) -> Res
             };
         }
     };
+    if !lb4_source_allowed(&svc, p.saddr_be) {
+        return Err(DropReason::SourceRange);
+    }
     if svc.count == 0 {
-        return Ok(Verdict::Reject);
+        return lb4_empty(&svc);
     }
     let e = lb4_new_connection(&p, &svc)?;
     nat::rewrite(ctx, &p, &e)?;
@@ -172,7 +219,7 @@ pub fn handle_ipv4(ctx: &TcContext, mut p: Ipv4Packet, new_allowed: bool) -> Res
 /// Chooses a backend and records both directions of the connection. Returns the forward entry.
 #[inline(always)]
 fn lb4_new_connection(p: &Ipv4Packet, svc: &Lb4Service) -> Result<Ct4Entry, DropReason> {
-    let (backend_id, be) = lb4_select_backend(svc)?;
+    let (backend_id, be) = lb4_choose_backend(svc, p.saddr_be)?;
     if p.proto == IPPROTO_SCTP && be.port_be != p.dport_be {
         return Err(DropReason::SctpPortNat);
     }

@@ -10,13 +10,13 @@ use aya_ebpf::{
 const NO_PREALLOC: usize = 1;
 
 use dataplane_common::{
-    capacity, Ct4Entry, Ct4Key, Frag4Key, Frag4Ports, Lb4Backend, Lb4Key, Lb4Service, Lb4SlotKey,
-    SockRevKey, SockRevValue,
+    capacity, AffinityKey, AffinityValue, Ct4Entry, Ct4Key, Frag4Key, Frag4Ports, Lb4Backend, Lb4Key, Lb4Service,
+    Lb4SlotKey, SockRevKey, SockRevValue, SrcRangeData,
 };
 
-/// Service frontends: `addr:port/proto` (and `addr:0/0` for "this is a ClusterIP").
+/// Service frontends: `addr:port/proto` per scope (and `addr:0/0` for "this is a ClusterIP").
 #[btf_map]
-pub static lb4_svc_v1: HashMap<Lb4Key, Lb4Service, { capacity::SERVICES as usize }, NO_PREALLOC> =
+pub static lb4_svc_v2: HashMap<Lb4Key, Lb4Service, { capacity::SERVICES as usize }, NO_PREALLOC> =
     HashMap::new();
 
 /// Backend slots of each frontend, dense `0..count`: `(svc_id, slot) -> backend id`.
@@ -51,3 +51,12 @@ pub static stats_v1: PerCpuArray<u64, { capacity::STATS as usize }> = PerCpuArra
 #[btf_map]
 pub static sock_rev4_v1: LruHashMap<SockRevKey, SockRevValue, { capacity::SOCK_REVNAT as usize }> =
     LruHashMap::new();
+
+/// sessionAffinity ClientIP: `(frontend, client) -> backend, last used`. LRU: idle clients go
+/// first; the timeout is checked on use.
+#[btf_map]
+pub static lb4_aff_v1: LruHashMap<AffinityKey, AffinityValue, { capacity::AFFINITY as usize }> = LruHashMap::new();
+
+/// loadBalancerSourceRanges of every frontend in one trie: `(svc_id, source CIDR)`.
+#[btf_map]
+pub static lb4_src_v1: LpmTrie<SrcRangeData, u32, { capacity::SOURCE_RANGES as usize }> = LpmTrie::new();

@@ -9,10 +9,10 @@ use aya_ebpf::{
     helpers::{bpf_get_socket_cookie, bpf_set_retval},
     programs::SockAddrContext,
 };
-use dataplane_common::{stat, SockRevKey, SockRevValue, SVC_F_ADDR_ONLY};
+use dataplane_common::{stat, SockRevKey, SockRevValue, SCOPE_INTERNAL, SVC_F_ADDR_ONLY, SVC_F_DROP_EMPTY};
 
 use crate::{
-    lb::{lb4_lookup_service, lb4_select_backend, lb4_unserved, Unserved},
+    lb::{lb4_choose_backend, lb4_lookup_service, lb4_unserved, Unserved},
     maps::sock_rev4_v1,
     stats,
 };
@@ -41,7 +41,7 @@ pub fn sock4_xlate(ctx: &SockAddrContext) -> i32 {
     if family != AF_INET {
         return ALLOW;
     }
-    let svc = match lb4_lookup_service(addr, port, proto) {
+    let svc = match lb4_lookup_service(addr, port, proto, SCOPE_INTERNAL) {
         Some(s) if s.flags & SVC_F_ADDR_ONLY == 0 => s,
         _ => {
             return match lb4_unserved(addr) {
@@ -53,7 +53,12 @@ pub fn sock4_xlate(ctx: &SockAddrContext) -> i32 {
             };
         }
     };
-    let Ok((_, be)) = lb4_select_backend(&svc) else {
+    // The node's own traffic is always inside loadBalancerSourceRanges (kube-proxy allows it).
+    if svc.count == 0 && svc.flags & SVC_F_DROP_EMPTY != 0 {
+        return refuse(EPERM);
+    }
+    // Affinity per client: every process of the node is the same client (the node).
+    let Ok((_, be)) = lb4_choose_backend(&svc, 0) else {
         return refuse(ECONNREFUSED);
     };
     unsafe {

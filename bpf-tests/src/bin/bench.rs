@@ -18,7 +18,7 @@ use dataplane_agent::{
     attach,
     bpf::BpfMaps,
     loader,
-    model::{Desired, DesiredFrontend, L4Addr, Proto, ServicePortName},
+    model::{Desired, DesiredFrontend, Frontend, L4Addr, Proto, ServicePortName},
     packet::{ip, tcp},
     reconcile::Reconciler,
 };
@@ -38,7 +38,7 @@ fn desired(services: u32, generation: u32) -> Desired {
                 L4Addr { addr: Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 0, 0, 0)) + i * BACKENDS_PER_SERVICE + b + shift * 7_000_000), port: 8080, proto: Proto::Tcp }
             })
             .collect();
-        d.frontends.insert(fe, DesiredFrontend { service: ServicePortName { namespace: "bench".into(), name: format!("s{i}"), port: String::new() }, backends });
+        d.frontends.insert(Frontend::internal(fe), DesiredFrontend::new(ServicePortName { namespace: "bench".into(), name: format!("s{i}"), port: String::new() }, backends));
         d.cluster_ips.insert(vip);
     }
     d

@@ -12,7 +12,7 @@ use dataplane_common::{Lb4SlotKey, SVC_F_ADDR_ONLY};
 
 use crate::{
     bpf::BpfMaps,
-    model::{L4Addr, Proto},
+    model::{Frontend, L4Addr, Proto},
     reconcile::{l4addr_from_backend, lb4_addr_key, lb4_key},
 };
 
@@ -30,7 +30,7 @@ pub fn explain(pin_dir: &Path, from: Ipv4Addr, to: SocketAddrV4, proto: Proto) -
     let maps = BpfMaps::from_pins(pin_dir).map_err(|e| format!("{e} (is the agent's --pin-dir {} right?)", pin_dir.display()))?;
     let fe = L4Addr { addr: *to.ip(), port: to.port(), proto };
     let mut out = String::new();
-    match maps.services.get(&lb4_key(&fe), 0) {
+    match maps.services.get(&lb4_key(&Frontend::internal(fe)), 0) {
         Ok(svc) if svc.flags & SVC_F_ADDR_ONLY == 0 => {
             let mut backends = Vec::new();
             for slot in 0..svc.count as u32 {

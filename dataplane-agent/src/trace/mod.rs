@@ -261,7 +261,14 @@ impl Runner {
         }
         let (objs, oerr) = parse_objects(sc, source);
         errors.extend(oerr.iter().map(|e| e.to_string()));
-        let (desired, terr) = model::translate(&objs.services, &objs.endpoint_slices);
+        let nodeport_addresses: Vec<Cidr4> = sc
+            .config
+            .node_port_addresses
+            .iter()
+            .filter_map(|c| c.parse().map_err(|e| errors.push(format!("config.nodePortAddresses: {e}"))).ok())
+            .collect();
+        let node = model::NodeContext { name: sc.node.name.clone(), ips: node_ips.iter().copied().collect(), nodeport_addresses };
+        let (desired, terr) = model::translate(&objs.services, &objs.endpoint_slices, &node);
         errors.extend(terr.iter().map(|e| e.to_string()));
         if !errors.is_empty() {
             return Err(errors);
