@@ -204,6 +204,7 @@ pub struct FlowResult {
 /// A loaded scenario, ready to run flows.
 pub struct Runner {
     ebpf: Ebpf,
+    maps: BpfMaps,
     node_ips: BTreeSet<Ipv4Addr>,
     pod_cidr: Option<Cidr4>,
     pod_ips: BTreeSet<Ipv4Addr>,
@@ -280,7 +281,7 @@ impl Runner {
         if !map_errors.is_empty() {
             return Err(map_errors);
         }
-        Ok(Runner { ebpf, node_ips, pod_cidr, pod_ips, network_policies: sc.network_policies.len(), cgroup: None })
+        Ok(Runner { ebpf, maps, node_ips, pod_cidr, pod_ips, network_policies: sc.network_policies.len(), cgroup: None })
     }
 
     fn origin(&self, src: Ipv4Addr) -> Origin {
@@ -331,7 +332,14 @@ impl Runner {
             Ok(o) => o,
             Err(e) => return fail(e),
         };
-        judge(&flow.name, &expect, &outcomes, origin)
+        judge(&flow.name, &expect, &outcomes, origin, self.sticky(proto, dst))
+    }
+
+    /// Does the destination have ClientIP session affinity? Then one client's connections all
+    /// go to one backend, and a list expectation means "one of these, always the same".
+    fn sticky(&self, proto: Proto, dst: SocketAddrV4) -> bool {
+        let fe = crate::model::Frontend::internal(crate::model::L4Addr { addr: *dst.ip(), port: dst.port(), proto });
+        self.maps.services.get(&crate::reconcile::lb4_key(&fe), 0).is_ok_and(|s| s.affinity_timeout_s > 0)
     }
 
     /// One packet from a pod through the from-pod program, and (if translated) its reply back.
@@ -423,7 +431,7 @@ fn build(proto: Proto, src: (Ipv4Addr, u16), dst: (Ipv4Addr, u16)) -> Vec<u8> {
 }
 
 /// Compares the outcomes of all attempts with the expectation.
-fn judge(name: &str, expect: &Expect, outcomes: &[Outcome], origin: Origin) -> FlowResult {
+fn judge(name: &str, expect: &Expect, outcomes: &[Outcome], origin: Origin, sticky: bool) -> FlowResult {
     let mut counts: BTreeMap<Outcome, usize> = BTreeMap::new();
     for o in outcomes {
         *counts.entry(o.clone()).or_default() += 1;
@@ -437,14 +445,20 @@ fn judge(name: &str, expect: &Expect, outcomes: &[Outcome], origin: Origin) -> F
     let ok = match expect {
         Expect::Backends(want) => {
             let chosen: BTreeSet<SocketAddrV4> = counts.keys().filter_map(|o| if let Outcome::To(a) = o { Some(*a) } else { None }).collect();
-            counts.keys().all(|o| matches!(o, Outcome::To(_))) && chosen == *want
+            let all_translated = counts.keys().all(|o| matches!(o, Outcome::To(_)));
+            if sticky {
+                all_translated && chosen.len() == 1 && chosen.is_subset(want)
+            } else {
+                all_translated && chosen == *want
+            }
         }
         Expect::Pass => counts.keys().all(|o| *o == Outcome::Pass),
         Expect::Local => counts.keys().all(|o| *o == Outcome::Local),
         Expect::Drop => counts.keys().all(|o| *o == Outcome::Drop),
         Expect::Reject => counts.keys().all(|o| *o == Outcome::Reject),
     };
-    let line = format!("{} {name}: expected {expect}, got {} ({via})", if ok { "ok  " } else { "FAIL" }, got.join(", "));
+    let sticky = if sticky && matches!(expect, Expect::Backends(_)) { ", sticky: one backend per client" } else { "" };
+    let line = format!("{} {name}: expected {expect}, got {} ({via}{sticky})", if ok { "ok  " } else { "FAIL" }, got.join(", "));
     FlowResult { name: name.to_string(), ok, line }
 }
 
