@@ -35,6 +35,8 @@ impl Datapath {
         attach::load_programs(&mut ebpf).expect("verifier accepts every program");
         let maps = BpfMaps::from_ebpf(&mut ebpf).unwrap();
         let node = model::NodeContext { name: "node1".into(), ips: vec!["192.168.0.2".parse().unwrap()], nodeport_addresses: vec![] };
+        let mut maps = maps;
+        maps.set_config(dataplane_common::NodeConfig { snat_addr_be: u32::from_ne_bytes([192, 168, 0, 2]), snat_port_min: 61000, snat_port_max: 65535 }).unwrap();
         Datapath { ebpf, maps, rec: Reconciler::new(), cidrs: BTreeSet::new(), node }
     }
 
@@ -76,6 +78,10 @@ impl Datapath {
 
     pub fn to_pod(&self, pkt: &[u8]) -> Run {
         self.run(dataplane_common::progs::TO_POD, pkt)
+    }
+
+    pub fn from_world(&self, pkt: &[u8]) -> Run {
+        self.run(dataplane_common::progs::FROM_WORLD, pkt)
     }
 
     pub fn stat(&self, index: u32) -> u64 {

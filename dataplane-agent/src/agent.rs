@@ -4,6 +4,7 @@
 use std::{collections::BTreeSet, path::PathBuf, time::Duration};
 
 use anyhow::Context;
+use dataplane_common::NodeConfig;
 use log::{error, info, warn};
 
 use crate::{
@@ -21,6 +22,11 @@ pub struct RunConfig {
     pub manifests: PathBuf,
     pub pin_dir: PathBuf,
     pub pod_interfaces: IfacePatterns,
+    /// Interfaces towards the outside (NodePort, LoadBalancer, external IPs); `None`: the
+    /// interfaces holding the node's addresses.
+    pub external_interfaces: Option<IfacePatterns>,
+    /// Source ports for NodePort traffic sent to other nodes (inclusive).
+    pub snat_ports: (u16, u16),
     /// cgroup (v2) for the socket hooks; `None` leaves host processes alone.
     pub cgroup: Option<PathBuf>,
     pub service_cidrs: BTreeSet<Cidr4>,
@@ -40,13 +46,26 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
         applied.backends.len()
     );
     let mut rec = Reconciler::restore(applied);
+    let snat_addr = cfg.node.ips.first().map(|ip| u32::from_ne_bytes(ip.octets())).unwrap_or(0);
+    if snat_addr == 0 {
+        warn!("no --node-ip: NodePort traffic from outside to a backend on another node will be dropped (no_node_address)");
+    }
+    maps.set_config(NodeConfig { snat_addr_be: snat_addr, snat_port_min: cfg.snat_ports.0, snat_port_max: cfg.snat_ports.1 })?;
+    let external = match &cfg.external_interfaces {
+        Some(p) => p.clone(),
+        None => {
+            let names = attach::interfaces_with(&cfg.node.ips);
+            info!("external interfaces (holding the node's addresses): {}", if names.is_empty() { "none".to_string() } else { names.join(", ") });
+            IfacePatterns::parse(&names.join(","))
+        }
+    };
 
     if let Some(cg) = &cfg.cgroup {
         attach::attach_cgroup(&mut ebpf, cg).with_context(|| format!("attaching socket hooks to cgroup {}", cg.display()))?;
         info!("socket hooks attached to cgroup {}", cg.display());
     }
     let mut att = Attachments::default();
-    att.sync_interfaces(&mut ebpf, &cfg.pod_interfaces);
+    att.sync_interfaces(&mut ebpf, &cfg.pod_interfaces, &external);
 
     // Link events come from a blocking netlink socket on its own thread.
     let (link_tx, mut link_rx) = tokio::sync::mpsc::channel::<()>(1);
@@ -68,7 +87,7 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
         tokio::select! {
             _ = tokio::signal::ctrl_c() => break,
             _ = term.recv() => break,
-            Some(()) = link_rx.recv() => att.sync_interfaces(&mut ebpf, &cfg.pod_interfaces),
+            Some(()) = link_rx.recv() => att.sync_interfaces(&mut ebpf, &cfg.pod_interfaces, &external),
             _ = tick.tick() => {
                 match manifests::fingerprint(&cfg.manifests) {
                     Ok(fp) if Some(fp) == last_seen => {}

@@ -66,7 +66,7 @@ pub fn interfaces() -> Vec<(String, u32)> {
 }
 
 pub fn load_programs(ebpf: &mut Ebpf) -> Result<(), LoadError> {
-    for name in [progs::FROM_POD, progs::TO_POD] {
+    for name in [progs::FROM_POD, progs::TO_POD, progs::FROM_WORLD] {
         let p: &mut SchedClassifier = program(ebpf, name)?.try_into().map_err(|source| LoadError::Program { name, source })?;
         p.load().map_err(|source| LoadError::Program { name, source })?;
     }
@@ -81,32 +81,91 @@ fn program<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut aya::pr
     ebpf.program_mut(name).ok_or(LoadError::Program { name, source: aya::programs::ProgramError::NotLoaded })
 }
 
+/// Which programs an interface gets.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Role {
+    /// A pod's veth (host side): from-pod on ingress, to-pod on egress.
+    Pod,
+    /// An interface towards the outside: from-world on ingress.
+    External,
+}
+
+impl Role {
+    fn programs(self) -> &'static [(&'static str, TcAttachType)] {
+        match self {
+            Role::Pod => &[(progs::FROM_POD, TcAttachType::Ingress), (progs::TO_POD, TcAttachType::Egress)],
+            Role::External => &[(progs::FROM_WORLD, TcAttachType::Ingress)],
+        }
+    }
+}
+
+/// The interfaces holding any of `ips` in the current network namespace.
+pub fn interfaces_with(ips: &[std::net::Ipv4Addr]) -> Vec<String> {
+    let mut out = Vec::new();
+    unsafe {
+        let mut ifa: *mut libc::ifaddrs = std::ptr::null_mut();
+        if libc::getifaddrs(&mut ifa) != 0 {
+            return out;
+        }
+        let mut p = ifa;
+        while !p.is_null() {
+            let a = (*p).ifa_addr;
+            if !a.is_null() && (*a).sa_family as i32 == libc::AF_INET {
+                let sin = &*(a as *const libc::sockaddr_in);
+                let ip = std::net::Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr));
+                if ips.contains(&ip) {
+                    out.push(std::ffi::CStr::from_ptr((*p).ifa_name).to_string_lossy().into_owned());
+                }
+            }
+            p = (*p).ifa_next;
+        }
+        libc::freeifaddrs(ifa);
+    }
+    out.sort();
+    out.dedup();
+    out
+}
+
 /// tc attachments by interface, kept so they can be dropped when an interface vanishes.
 #[derive(Default)]
 pub struct Attachments {
-    tc: BTreeMap<String, (u32, SchedClassifierLinkId, SchedClassifierLinkId)>,
+    tc: BTreeMap<String, (u32, Role, Vec<(&'static str, SchedClassifierLinkId)>)>,
 }
 
 impl Attachments {
-    /// Attaches to every matching interface not yet attached; forgets vanished ones (their links
-    /// went with the device). Errors on one interface are logged and do not stop the others.
-    pub fn sync_interfaces(&mut self, ebpf: &mut Ebpf, patterns: &IfacePatterns) {
-        let present: BTreeMap<String, u32> = interfaces().into_iter().filter(|(n, _)| patterns.matches(n)).collect();
-        self.tc.retain(|name, (idx, _, _)| {
-            let keep = present.get(name) == Some(idx);
+    /// Attaches to every matching interface not yet attached (pod patterns first); forgets
+    /// vanished ones (their links went with the device). Errors on one interface are logged and
+    /// do not stop the others.
+    pub fn sync_interfaces(&mut self, ebpf: &mut Ebpf, pods: &IfacePatterns, external: &IfacePatterns) {
+        let present: BTreeMap<String, (u32, Role)> = interfaces()
+            .into_iter()
+            .filter_map(|(n, i)| {
+                let role = if pods.matches(&n) {
+                    Role::Pod
+                } else if external.matches(&n) {
+                    Role::External
+                } else {
+                    return None;
+                };
+                Some((n, (i, role)))
+            })
+            .collect();
+        self.tc.retain(|name, (idx, role, _)| {
+            let keep = present.get(name) == Some(&(*idx, *role));
             if !keep {
-                info!("interface {name} gone: its attachments went with it");
+                info!("interface {name} gone or changed: its attachments went with it");
             }
             keep
         });
-        for (name, idx) in present {
+        for (name, (idx, role)) in present {
             if self.tc.contains_key(&name) {
                 continue;
             }
-            match attach_tc(ebpf, &name) {
-                Ok((i, e)) => {
-                    info!("interface {name} (ifindex {idx}): attached {} (ingress) and {} (egress)", progs::FROM_POD, progs::TO_POD);
-                    self.tc.insert(name, (idx, i, e));
+            match attach_tc(ebpf, &name, role) {
+                Ok(links) => {
+                    let what: Vec<String> = role.programs().iter().map(|(p, d)| format!("{p} ({})", if *d == TcAttachType::Ingress { "ingress" } else { "egress" })).collect();
+                    info!("interface {name} (ifindex {idx}): attached {}", what.join(" and "));
+                    self.tc.insert(name, (idx, role, links));
                 }
                 Err(e) => warn!("interface {name}: cannot attach: {e} (will retry on the next link event)"),
             }
@@ -119,8 +178,8 @@ impl Attachments {
 
     /// Detaches everything explicitly (also done implicitly when the object is dropped).
     pub fn detach_all(&mut self, ebpf: &mut Ebpf) {
-        for (name, (_, i, e)) in std::mem::take(&mut self.tc) {
-            for (prog, id) in [(progs::FROM_POD, i), (progs::TO_POD, e)] {
+        for (name, (_, _, links)) in std::mem::take(&mut self.tc) {
+            for (prog, id) in links {
                 if let Some(p) = ebpf.program_mut(prog).and_then(|p| <&mut SchedClassifier>::try_from(p).ok()) {
                     if let Err(err) = p.detach(id) {
                         // The interface may be gone already, which detached it.
@@ -133,7 +192,7 @@ impl Attachments {
     }
 }
 
-fn attach_tc(ebpf: &mut Ebpf, iface: &str) -> Result<(SchedClassifierLinkId, SchedClassifierLinkId), String> {
+fn attach_tc(ebpf: &mut Ebpf, iface: &str, role: Role) -> Result<Vec<(&'static str, SchedClassifierLinkId)>, String> {
     // TCX (kernel 6.6+) needs no qdisc; the netlink fallback needs clsact.
     if KernelVersion::current().map(|v| v < KernelVersion::new(6, 6, 0)).unwrap_or(true) {
         if let Err(e) = tc::qdisc_add_clsact(iface) {
@@ -142,25 +201,27 @@ fn attach_tc(ebpf: &mut Ebpf, iface: &str) -> Result<(SchedClassifierLinkId, Sch
             }
         }
     }
-    let mut ids = Vec::new();
-    for (prog, dir) in [(progs::FROM_POD, TcAttachType::Ingress), (progs::TO_POD, TcAttachType::Egress)] {
-        let p: &mut SchedClassifier = ebpf.program_mut(prog).ok_or("program missing")?.try_into().map_err(|e| format!("{e}"))?;
-        match p.attach(iface, dir) {
-            Ok(id) => ids.push(id),
+    let mut links = Vec::new();
+    for (prog, dir) in role.programs() {
+        let res = ebpf
+            .program_mut(prog)
+            .ok_or_else(|| format!("program {prog} missing"))
+            .and_then(|p| <&mut SchedClassifier>::try_from(p).map_err(|e| e.to_string()))
+            .and_then(|p| p.attach(iface, *dir).map_err(|e| format!("{prog}: {e}")));
+        match res {
+            Ok(id) => links.push((*prog, id)),
             Err(e) => {
                 // Undo a half attachment so the retry starts clean.
-                if let (Some(first), Some(p0)) = (ids.pop(), ebpf.program_mut(progs::FROM_POD)) {
-                    if let Ok(p0) = <&mut SchedClassifier>::try_from(p0) {
-                        let _ = p0.detach(first);
+                for (p, id) in links {
+                    if let Some(p) = ebpf.program_mut(p).and_then(|p| <&mut SchedClassifier>::try_from(p).ok()) {
+                        let _ = p.detach(id);
                     }
                 }
-                return Err(format!("{prog}: {e}"));
+                return Err(e);
             }
         }
     }
-    let e = ids.pop().unwrap();
-    let i = ids.pop().unwrap();
-    Ok((i, e))
+    Ok(links)
 }
 
 /// Attaches the socket hooks to a cgroup (v2). Processes in that cgroup and below (the host

@@ -7,13 +7,13 @@ use std::{
 };
 
 use aya::{
-    maps::{lpm_trie::Key as LpmKey, HashMap, LpmTrie, Map, MapData, MapError, PerCpuArray},
+    maps::{lpm_trie::Key as LpmKey, Array, HashMap, LpmTrie, Map, MapData, MapError, PerCpuArray},
     sys::SyscallError,
     Ebpf,
 };
 use dataplane_common::{
-    capacity, names, AffinityKey, AffinityValue, Ct4Entry, Ct4Key, Lb4Backend, Lb4Key, Lb4Service, Lb4SlotKey, SrcRangeData, IPPROTO_TCP,
-    SVC_F_ADDR_ONLY,
+    capacity, names, AffinityKey, AffinityValue, Ct4Entry, Ct4Key, Lb4Backend, Lb4Key, Lb4Service, Lb4SlotKey, NodeConfig, SrcRangeData,
+    IPPROTO_TCP, SVC_F_ADDR_ONLY,
 };
 
 use crate::{
@@ -31,6 +31,7 @@ pub struct BpfMaps {
     pub stats: PerCpuArray<MapData, u64>,
     pub affinity: HashMap<MapData, AffinityKey, AffinityValue>,
     pub source_ranges: LpmTrie<MapData, SrcRangeData, u32>,
+    pub config: Array<MapData, NodeConfig>,
     /// Real capacities (the loader may override the compiled ones), for "map full" errors.
     caps: Caps,
 }
@@ -79,6 +80,7 @@ impl BpfMaps {
             stats: conv(names::STATS, PerCpuArray::try_from(get(names::STATS)?))?,
             affinity: conv(names::AFFINITY, HashMap::try_from(get(names::AFFINITY)?))?,
             source_ranges: conv(names::SOURCE_RANGES, LpmTrie::try_from(get(names::SOURCE_RANGES)?))?,
+            config: conv(names::CONFIG, Array::try_from(get(names::CONFIG)?))?,
             caps,
         })
     }
@@ -90,6 +92,7 @@ impl BpfMaps {
             Ok(match name {
                 names::SERVICE_CIDRS | names::SOURCE_RANGES => Map::LpmTrie(data),
                 names::STATS => Map::PerCpuArray(data),
+                names::CONFIG => Map::Array(data),
                 names::CONNTRACK | names::FRAGMENTS | names::AFFINITY => Map::LruHashMap(data),
                 _ => Map::HashMap(data),
             })
@@ -143,6 +146,11 @@ impl BpfMaps {
             applied.service_cidrs.insert(Cidr4 { addr: Ipv4Addr::from(key.data().to_ne_bytes()), prefix: key.prefix_len() as u8 });
         }
         applied
+    }
+
+    /// Writes this node's datapath settings.
+    pub fn set_config(&mut self, cfg: NodeConfig) -> Result<(), MapOpError> {
+        self.config.set(0, cfg, 0).map_err(|source| MapOpError::Syscall { map: names::CONFIG, op: "update", what: format!("{cfg:?}"), source })
     }
 
     /// Sum over CPUs of each counter.

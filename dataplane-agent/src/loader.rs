@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 
 use aya::{maps::MapInfo, Ebpf, EbpfLoader};
 use dataplane_common::{
-    names, AffinityKey, AffinityValue, Ct4Entry, Ct4Key, Frag4Key, Frag4Ports, Lb4Backend, Lb4Key, Lb4Service, Lb4SlotKey,
+    names, AffinityKey, AffinityValue, Ct4Entry, Ct4Key, Frag4Key, Frag4Ports, Lb4Backend, Lb4Key, Lb4Service, Lb4SlotKey, NodeConfig,
 };
 
 use crate::error::LoadError;
@@ -29,7 +29,7 @@ pub const PRIVATE_CAPACITIES: [(&str, u32); 4] =
 pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/ferry";
 
 /// (name, key size, value size) of every pinned map, checked before re-using a pin.
-fn expected_layout() -> [(&'static str, u32, u32); 8] {
+fn expected_layout() -> [(&'static str, u32, u32); 9] {
     use std::mem::size_of;
     [
         (names::SERVICES, size_of::<Lb4Key>() as u32, size_of::<Lb4Service>() as u32),
@@ -40,6 +40,7 @@ fn expected_layout() -> [(&'static str, u32, u32); 8] {
         (names::SERVICE_CIDRS, 8, 4),
         (names::AFFINITY, size_of::<AffinityKey>() as u32, size_of::<AffinityValue>() as u32),
         (names::SOURCE_RANGES, 12, 4),
+        (names::CONFIG, 4, size_of::<NodeConfig>() as u32),
     ]
 }
 

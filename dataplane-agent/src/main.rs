@@ -28,6 +28,16 @@ enum Cmd {
         /// Pod-facing interfaces to attach to: comma-separated name patterns with `*` and `?`.
         #[arg(long, env = "FERRY_POD_INTERFACES", default_value = "veth*,lxc*,cali*")]
         pod_interfaces: String,
+        /// Interfaces towards the outside, where NodePort, LoadBalancer and external IP traffic
+        /// arrives (and replies from other nodes return): comma-separated name patterns.
+        /// Default: the interfaces holding the --node-ip addresses.
+        #[arg(long, env = "FERRY_EXTERNAL_INTERFACES")]
+        external_interfaces: Option<String>,
+        /// Source ports the datapath uses when it translates NodePort/LoadBalancer traffic to
+        /// this node's address for a backend on another node, as MIN-MAX. Keep it outside
+        /// net.ipv4.ip_local_port_range so it never meets the node's own connections.
+        #[arg(long, env = "FERRY_SNAT_PORTS", default_value = "61000-65535")]
+        snat_ports: String,
         /// cgroup v2 directory whose processes reach Services through the socket hooks (the
         /// node's host-network processes). Default: the cgroup v2 root. `none` disables.
         #[arg(long, env = "FERRY_CGROUP")]
@@ -77,7 +87,12 @@ fn main() -> anyhow::Result<()> {
     let default_level = if matches!(cli.cmd, Cmd::Run { .. }) { "info" } else { "warn" };
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(default_level)).format_timestamp_millis().init();
     match cli.cmd {
-        Cmd::Run { node, manifests, pin_dir, pod_interfaces, cgroup, service_cidrs, node_ips, nodeport_addresses, poll_ms } => {
+        Cmd::Run { node, manifests, pin_dir, pod_interfaces, external_interfaces, snat_ports, cgroup, service_cidrs, node_ips, nodeport_addresses, poll_ms } => {
+            let snat_ports = snat_ports
+                .split_once('-')
+                .and_then(|(a, b)| Some((a.trim().parse::<u16>().ok()?, b.trim().parse::<u16>().ok()?)))
+                .filter(|(a, b)| *a > 0 && a <= b)
+                .ok_or_else(|| anyhow::anyhow!("--snat-ports: {snat_ports:?} is not MIN-MAX with 1 <= MIN <= MAX <= 65535"))?;
             let cgroup = match cgroup.as_deref() {
                 Some("none") => None,
                 Some(p) => Some(PathBuf::from(p)),
@@ -96,6 +111,8 @@ fn main() -> anyhow::Result<()> {
                 manifests,
                 pin_dir,
                 pod_interfaces: IfacePatterns::parse(&pod_interfaces),
+                external_interfaces: external_interfaces.as_deref().map(IfacePatterns::parse),
+                snat_ports,
                 cgroup,
                 service_cidrs,
                 poll: Duration::from_millis(poll_ms),

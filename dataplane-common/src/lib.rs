@@ -18,8 +18,9 @@ pub mod names {
     pub const STATS: &str = "stats_v1";
     pub const AFFINITY: &str = "lb4_aff_v1";
     pub const SOURCE_RANGES: &str = "lb4_src_v1";
+    pub const CONFIG: &str = "cfg4_v1";
     /// Every map the agent pins, in the order it creates and checks them.
-    pub const ALL: [&str; 9] = [SERVICES, SLOTS, BACKENDS, CONNTRACK, FRAGMENTS, SERVICE_CIDRS, STATS, AFFINITY, SOURCE_RANGES];
+    pub const ALL: [&str; 10] = [SERVICES, SLOTS, BACKENDS, CONNTRACK, FRAGMENTS, SERVICE_CIDRS, STATS, AFFINITY, SOURCE_RANGES, CONFIG];
 }
 
 /// Program names as they appear in the object file.
@@ -28,6 +29,9 @@ pub mod progs {
     pub const FROM_POD: &str = "ferry_from_pod";
     /// tc egress on the host side of a pod's veth: packets about to enter the pod.
     pub const TO_POD: &str = "ferry_to_pod";
+    /// tc ingress on the node's external interfaces: NodePort, LoadBalancer and external IP
+    /// traffic from outside the node, and replies to connections it source-translated.
+    pub const FROM_WORLD: &str = "ferry_from_world";
     /// cgroup connect4: host-network processes connecting to a Service.
     pub const SOCK_CONNECT4: &str = "ferry_connect4";
     /// cgroup sendmsg4: unconnected UDP from host-network processes.
@@ -167,6 +171,25 @@ pub const CT_F_REPLY: u32 = 1 << 1;
 /// address so the pod does not see a packet from itself to itself.
 pub const CT_F_HAIRPIN: u32 = 1 << 2;
 
+/// `Ct4Entry.flags`: after translation the packet's source is an address of this node, which
+/// the stack would drop as martian on input: send it out through a FIB lookup instead.
+pub const CT_F_REDIRECT: u32 = 1 << 3;
+/// `Ct4Entry.flags`: the source was translated to this node's address (NodePort to a remote
+/// backend, externalTrafficPolicy Cluster).
+pub const CT_F_SNAT: u32 = 1 << 4;
+
+/// This node's datapath settings, written by the agent at start (one entry).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NodeConfig {
+    /// Source address for NodePort/LoadBalancer traffic sent to a backend on another node.
+    pub snat_addr_be: u32,
+    /// Source ports the datapath allocates for that traffic, and for the rare connection whose
+    /// translated tuple would collide with another's (host byte order, inclusive).
+    pub snat_port_min: u16,
+    pub snat_port_max: u16,
+}
+
 /// Conntrack value: the complete tuple a matching packet is rewritten to. Both directions of a
 /// connection have an entry, so one lookup answers "forward, reply, or new".
 #[repr(C)]
@@ -255,10 +278,14 @@ pub enum DropReason {
     NoLocalEndpoint = 9,
     /// Source outside the Service's loadBalancerSourceRanges.
     SourceRange = 10,
+    /// No free source port for a translated connection (all tries collided).
+    NatPorts = 11,
+    /// A backend on another node, but the agent configured no node address to translate to.
+    NoNodeAddress = 12,
 }
 
 impl DropReason {
-    pub const ALL: [DropReason; 10] = [
+    pub const ALL: [DropReason; 12] = [
         DropReason::Malformed,
         DropReason::NoService,
         DropReason::SctpPortNat,
@@ -269,6 +296,8 @@ impl DropReason {
         DropReason::RefusedReset,
         DropReason::NoLocalEndpoint,
         DropReason::SourceRange,
+        DropReason::NatPorts,
+        DropReason::NoNodeAddress,
     ];
 
     pub const fn name(self) -> &'static str {
@@ -283,6 +312,8 @@ impl DropReason {
             DropReason::RefusedReset => "refused_reset",
             DropReason::NoLocalEndpoint => "no_local_endpoint",
             DropReason::SourceRange => "source_range",
+            DropReason::NatPorts => "nat_ports",
+            DropReason::NoNodeAddress => "no_node_address",
         }
     }
 
@@ -314,10 +345,16 @@ pub mod stat {
     pub const SOCK_XLATE: u32 = 8;
     /// Host process refused at connect/sendmsg (no endpoint, or unexposed port).
     pub const SOCK_REJECT: u32 = 9;
+    /// Sent out through a FIB lookup after translation (its source is a node address).
+    pub const FIB_REDIRECT: u32 = 10;
+    /// New connection from outside the node (NodePort, LoadBalancer, external IP).
+    pub const EXTERNAL_NEW: u32 = 11;
+    /// A translated tuple collided with another connection's: another source port was chosen.
+    pub const PORT_REMAP: u32 = 12;
     /// Dropped: see `DROP_BASE + reason`.
     pub const DROP: u32 = 15;
     pub const DROP_BASE: u32 = 16;
-    pub const NAMES: [(u32, &str); 11] = [
+    pub const NAMES: [(u32, &str); 14] = [
         (PACKETS, "packets"),
         (PASS, "pass"),
         (CT_NEW, "ct_new"),
@@ -328,6 +365,9 @@ pub mod stat {
         (FRAGMENT, "fragment"),
         (SOCK_XLATE, "sock_xlate"),
         (SOCK_REJECT, "sock_reject"),
+        (FIB_REDIRECT, "fib_redirect"),
+        (EXTERNAL_NEW, "external_new"),
+        (PORT_REMAP, "port_remap"),
         (DROP, "drop"),
     ];
 }
@@ -339,6 +379,7 @@ const _: () = {
     assert!(core::mem::size_of::<AffinityKey>() == 8);
     assert!(core::mem::size_of::<AffinityValue>() == 16);
     assert!(core::mem::size_of::<SrcRangeData>() == 8);
+    assert!(core::mem::size_of::<NodeConfig>() == 8);
     assert!(core::mem::size_of::<Lb4SlotKey>() == 8);
     assert!(core::mem::size_of::<Lb4Backend>() == 8);
     assert!(core::mem::size_of::<Ct4Key>() == 16);
@@ -367,4 +408,5 @@ mod pod {
     unsafe impl aya::Pod for AffinityKey {}
     unsafe impl aya::Pod for AffinityValue {}
     unsafe impl aya::Pod for SrcRangeData {}
+    unsafe impl aya::Pod for NodeConfig {}
 }

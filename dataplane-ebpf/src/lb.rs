@@ -7,12 +7,13 @@
 use aya_ebpf::{helpers::bpf_get_prandom_u32, helpers::bpf_ktime_get_ns, programs::TcContext};
 use dataplane_common::{
     stat, AffinityKey, AffinityValue, Ct4Entry, Ct4Key, DropReason, Frag4Key, Frag4Ports, Lb4Backend, Lb4Key, Lb4Service,
-    Lb4SlotKey, SrcRangeData, CT_F_FORWARD, CT_F_HAIRPIN, CT_F_REPLY, IPPROTO_ICMP, IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP,
-    SCOPE_INTERNAL, SVC_F_ADDR_ONLY, SVC_F_DROP_EMPTY, SVC_F_SOURCE_RANGES,
+    Lb4SlotKey, SrcRangeData, BE_F_LOCAL, CT_F_FORWARD, CT_F_HAIRPIN, CT_F_REDIRECT, CT_F_REPLY, CT_F_SNAT, IPPROTO_ICMP,
+    IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP, SCOPE_EXTERNAL, SCOPE_INTERNAL, SVC_F_ADDR_ONLY, SVC_F_DROP_EMPTY,
+    SVC_F_SOURCE_RANGES,
 };
 
 use crate::{
-    maps::{ct4_v1, frag4_v1, lb4_aff_v1, lb4_be_v1, lb4_slot_v1, lb4_src_v1, lb4_svc_v2, svc_cidr4_v1},
+    maps::{cfg4_v1, ct4_v1, frag4_v1, lb4_aff_v1, lb4_be_v1, lb4_slot_v1, lb4_src_v1, lb4_svc_v2, svc_cidr4_v1},
     nat,
     parse::{Ipv4Packet, TCP_ACK, TCP_SYN},
     stats,
@@ -24,6 +25,31 @@ pub enum Verdict {
     Pass,
     /// Refuse: answer with a TCP RST or ICMP port unreachable.
     Reject,
+    /// Translated, and its source is now an address of this node: send it out via a FIB
+    /// lookup, since the stack would drop it as martian.
+    Redirect,
+}
+
+/// Where a tc program sits.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Hook {
+    /// Ingress of a pod's veth: everything the pod sends.
+    FromPod,
+    /// Egress of a pod's veth: replies on their way into the pod.
+    ToPod,
+    /// Ingress of an external interface: traffic from outside the node.
+    FromWorld,
+}
+
+/// Ports tried for a translated connection whose tuple collides with another's.
+const PORT_TRIES: u32 = 16;
+/// Without a configured range, a remapped source port comes from the usual ephemeral range.
+const DEFAULT_PORT_MIN: u16 = 32768;
+const DEFAULT_PORT_MAX: u16 = 60999;
+
+#[inline(always)]
+fn verdict_after(e: &Ct4Entry) -> Verdict {
+    if e.flags & CT_F_REDIRECT != 0 { Verdict::Redirect } else { Verdict::Pass }
 }
 
 const BPF_NOEXIST: u64 = 1;
@@ -136,13 +162,17 @@ fn backend_alive(e: &Ct4Entry) -> bool {
     }
 }
 
-/// The packet path for tc. `new_allowed` is false on the to-pod hook, which only translates
-/// replies: new connections are always seen first where the client sends them.
-#[inline(always)]
-pub fn handle_ipv4(ctx: &TcContext, mut p: Ipv4Packet, new_allowed: bool) -> Result<Verdict, DropReason> {
+/// The packet path for tc. The to-pod hook only translates replies: new connections are always
+/// seen first where the client sends them (a pod's veth, or an external interface).
+// A separate BPF subprogram: its stack frame is not added to its siblings' (512-byte limit).
+#[inline(never)]
+pub fn handle_ipv4(ctx: &TcContext, p: &mut Ipv4Packet, hook: Hook) -> Result<Verdict, DropReason> {
+    // `&mut`, updated in place: a BPF subprogram takes at most five register arguments, and LLVM
+    // would split a read-only struct pointer into one argument per field it reads.
+    let new_allowed = hook != Hook::ToPod;
     if p.frag_off != 0 {
         // A later fragment: take the ports its first fragment recorded.
-        match unsafe { frag4_v1.get(&frag_key(&p)).copied() } {
+        match unsafe { frag4_v1.get(&frag_key(p)).copied() } {
             Some(ports) => {
                 p.sport_be = ports.sport_be;
                 p.dport_be = ports.dport_be;
@@ -155,15 +185,16 @@ pub fn handle_ipv4(ctx: &TcContext, mut p: Ipv4Packet, new_allowed: bool) -> Res
                 };
             }
         }
-        let key = ct_key(&p);
+        let key = ct_key(p);
         if let Some(e) = unsafe { ct4_v1.get(&key).copied() } {
-            nat::rewrite(ctx, &p, &e)?;
+            nat::rewrite(ctx, p, &e)?;
             stats::count(stat::FRAGMENT);
+            return Ok(verdict_after(&e));
         }
         return Ok(Verdict::Pass);
     }
     if p.proto == IPPROTO_ICMP {
-        return crate::icmp::handle_icmp(ctx, &p);
+        return crate::icmp::handle_icmp(ctx, p);
     }
     if !matches!(p.proto, IPPROTO_TCP | IPPROTO_UDP | IPPROTO_SCTP) {
         return Ok(Verdict::Pass);
@@ -171,9 +202,9 @@ pub fn handle_ipv4(ctx: &TcContext, mut p: Ipv4Packet, new_allowed: bool) -> Res
     if p.more_frags {
         // First fragment of a datagram: remember its ports for the fragments that follow.
         let ports = Frag4Ports { sport_be: p.sport_be, dport_be: p.dport_be };
-        let _ = frag4_v1.insert(&frag_key(&p), &ports, 0);
+        let _ = frag4_v1.insert(&frag_key(p), &ports, 0);
     }
-    let key = ct_key(&p);
+    let key = ct_key(p);
     if let Some(ep) = ct4_v1.get_ptr_mut(&key) {
         // SAFETY: pointer from a successful lookup; copied before use.
         let e = unsafe { *ep };
@@ -183,16 +214,19 @@ pub fn handle_ipv4(ctx: &TcContext, mut p: Ipv4Packet, new_allowed: bool) -> Res
             && (p.proto != IPPROTO_TCP || (p.tcp_flags & (TCP_SYN | TCP_ACK)) == TCP_SYN);
         if !reopen {
             unsafe { (*ep).last_seen_ns = bpf_ktime_get_ns() };
-            nat::rewrite(ctx, &p, &e)?;
+            nat::rewrite(ctx, p, &e)?;
             stats::count(if e.flags & CT_F_REPLY != 0 { stat::CT_REPLY } else { stat::CT_FORWARD });
-            return Ok(Verdict::Pass);
+            return Ok(verdict_after(&e));
         }
     }
     if !new_allowed {
         return Ok(Verdict::Pass);
     }
-    let svc = match lb4_lookup_service(p.daddr_be, p.dport_be, p.proto, SCOPE_INTERNAL) {
+    let scope = if hook == Hook::FromWorld { SCOPE_EXTERNAL } else { SCOPE_INTERNAL };
+    let svc = match lb4_lookup_service(p.daddr_be, p.dport_be, p.proto, scope) {
         Some(s) if s.flags & SVC_F_ADDR_ONLY == 0 => s,
+        // From outside, only NodePort, LoadBalancer and external IP frontends are ours.
+        _ if hook == Hook::FromWorld => return Ok(Verdict::Pass),
         _ => {
             return match lb4_unserved(p.daddr_be) {
                 Unserved::UnexposedPort => Ok(Verdict::Reject),
@@ -210,34 +244,65 @@ pub fn handle_ipv4(ctx: &TcContext, mut p: Ipv4Packet, new_allowed: bool) -> Res
     if svc.count == 0 {
         return lb4_empty(&svc);
     }
-    let e = lb4_new_connection(&p, &svc)?;
-    nat::rewrite(ctx, &p, &e)?;
-    stats::count(stat::CT_NEW);
-    Ok(Verdict::Pass)
+    let e = lb4_new_connection(p, &svc, hook)?;
+    nat::rewrite(ctx, p, &e)?;
+    stats::count(if hook == Hook::FromWorld { stat::EXTERNAL_NEW } else { stat::CT_NEW });
+    Ok(verdict_after(&e))
+}
+
+#[inline(always)]
+fn random_port(min: u16, max: u16) -> u16 {
+    let span = (max as u32).saturating_sub(min as u32) + 1;
+    (min as u32 + unsafe { bpf_get_prandom_u32() } % span) as u16
 }
 
 /// Chooses a backend and records both directions of the connection. Returns the forward entry.
+///
+/// The reply entry is keyed by the translated tuple, which must be unique: two clients' flows
+/// can become identical after translation (one client port reaching one backend through two
+/// Services, or through two nodes' NodePorts after source translation). Then another source port
+/// is chosen for the new connection instead of breaking the existing one.
 #[inline(always)]
-fn lb4_new_connection(p: &Ipv4Packet, svc: &Lb4Service) -> Result<Ct4Entry, DropReason> {
+fn lb4_new_connection(p: &Ipv4Packet, svc: &Lb4Service, hook: Hook) -> Result<Ct4Entry, DropReason> {
     let (backend_id, be) = lb4_choose_backend(svc, p.saddr_be)?;
     if p.proto == IPPROTO_SCTP && be.port_be != p.dport_be {
         return Err(DropReason::SctpPortNat);
     }
-    let hairpin = be.addr_be == p.saddr_be;
-    let now = unsafe { bpf_ktime_get_ns() };
-    let nat_saddr = if hairpin { p.daddr_be } else { p.saddr_be };
-    let fwd = Ct4Entry {
-        nat_saddr_be: nat_saddr,
-        nat_daddr_be: be.addr_be,
-        nat_sport_be: p.sport_be,
-        nat_dport_be: be.port_be,
-        svc_id: svc.svc_id,
-        backend_id,
-        flags: CT_F_FORWARD | if hairpin { CT_F_HAIRPIN } else { 0 },
-        created_ns: now,
-        last_seen_ns: now,
+    let cfg = cfg4_v1.get(0).copied().unwrap_or_default();
+    let (port_min, port_max) = if cfg.snat_port_min != 0 && cfg.snat_port_max >= cfg.snat_port_min {
+        (cfg.snat_port_min, cfg.snat_port_max)
+    } else {
+        (DEFAULT_PORT_MIN, DEFAULT_PORT_MAX)
     };
-    let rev_key = Ct4Key { saddr_be: be.addr_be, daddr_be: nat_saddr, sport_be: be.port_be, dport_be: p.sport_be, proto: p.proto, pad: [0; 3] };
+    let hairpin = be.addr_be == p.saddr_be;
+    // From outside to a backend on another node (externalTrafficPolicy Cluster): the reply must
+    // come back through this node, so the source becomes this node's address.
+    let snat = hook == Hook::FromWorld && be.flags & BE_F_LOCAL == 0;
+    let nat_saddr = if snat {
+        if cfg.snat_addr_be == 0 {
+            return Err(DropReason::NoNodeAddress);
+        }
+        cfg.snat_addr_be
+    } else if hairpin {
+        p.daddr_be
+    } else {
+        p.saddr_be
+    };
+    let mut fwd_flags = CT_F_FORWARD;
+    let mut rev_flags = CT_F_REPLY;
+    if hairpin && !snat {
+        fwd_flags |= CT_F_HAIRPIN;
+        rev_flags |= CT_F_HAIRPIN;
+    }
+    if snat {
+        fwd_flags |= CT_F_SNAT | CT_F_REDIRECT;
+        rev_flags |= CT_F_SNAT;
+    }
+    if hook == Hook::FromWorld {
+        // Replies leave with the frontend (often a node address) as their source.
+        rev_flags |= CT_F_REDIRECT;
+    }
+    let now = unsafe { bpf_ktime_get_ns() };
     let rev = Ct4Entry {
         nat_saddr_be: p.daddr_be,
         nat_daddr_be: p.saddr_be,
@@ -245,12 +310,46 @@ fn lb4_new_connection(p: &Ipv4Packet, svc: &Lb4Service) -> Result<Ct4Entry, Drop
         nat_dport_be: p.sport_be,
         svc_id: svc.svc_id,
         backend_id,
-        flags: CT_F_REPLY | if hairpin { CT_F_HAIRPIN } else { 0 },
+        flags: rev_flags,
         created_ns: now,
         last_seen_ns: now,
     };
     // Reply entry first: once the forward entry exists, replies may come back at any moment.
-    ct4_v1.insert(&rev_key, &rev, 0).map_err(|_| DropReason::CtInsert)?;
+    let mut sport = if snat { random_port(port_min, port_max).to_be() } else { p.sport_be };
+    let mut placed = false;
+    let mut i = 0;
+    while i < PORT_TRIES {
+        let rev_key = Ct4Key { saddr_be: be.addr_be, daddr_be: nat_saddr, sport_be: be.port_be, dport_be: sport, proto: p.proto, pad: [0; 3] };
+        if ct4_v1.insert(&rev_key, &rev, BPF_NOEXIST).is_ok() {
+            placed = true;
+            break;
+        }
+        // Taken. By this very connection (a retransmitted first packet)? Then refresh it.
+        if let Some(old) = unsafe { ct4_v1.get(&rev_key).copied() } {
+            if old.nat_daddr_be == rev.nat_daddr_be && old.nat_dport_be == rev.nat_dport_be && old.nat_saddr_be == rev.nat_saddr_be && old.nat_sport_be == rev.nat_sport_be {
+                ct4_v1.insert(&rev_key, &rev, 0).map_err(|_| DropReason::CtInsert)?;
+                placed = true;
+                break;
+            }
+        }
+        stats::count(stat::PORT_REMAP);
+        sport = random_port(port_min, port_max).to_be();
+        i += 1;
+    }
+    if !placed {
+        return Err(DropReason::NatPorts);
+    }
+    let fwd = Ct4Entry {
+        nat_saddr_be: nat_saddr,
+        nat_daddr_be: be.addr_be,
+        nat_sport_be: sport,
+        nat_dport_be: be.port_be,
+        svc_id: svc.svc_id,
+        backend_id,
+        flags: fwd_flags,
+        created_ns: now,
+        last_seen_ns: now,
+    };
     let key = ct_key(p);
     if ct4_v1.insert(&key, &fwd, BPF_NOEXIST).is_err() {
         // Another CPU created this connection at the same moment (a UDP burst): use its choice so

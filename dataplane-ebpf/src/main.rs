@@ -20,19 +20,26 @@ use aya_ebpf::{
     programs::{SockAddrContext, TcContext},
 };
 use dataplane_common::{stat, DropReason};
-use lb::Verdict;
+use lb::{Hook, Verdict};
 
 /// tc ingress on the host side of a pod's veth: everything the pod sends.
 #[classifier]
 pub fn ferry_from_pod(ctx: TcContext) -> i32 {
-    tc_entry(&ctx, true)
+    tc_entry(&ctx, Hook::FromPod)
 }
 
 /// tc egress on the host side of a pod's veth: everything about to reach the pod. Translates
 /// replies whose connection this node set up (the backend may be on another node).
 #[classifier]
 pub fn ferry_to_pod(ctx: TcContext) -> i32 {
-    tc_entry(&ctx, false)
+    tc_entry(&ctx, Hook::ToPod)
+}
+
+/// tc ingress on the node's external interfaces: NodePort, LoadBalancer and external IP traffic
+/// from outside the node, and the replies of connections it sent to other nodes.
+#[classifier]
+pub fn ferry_from_world(ctx: TcContext) -> i32 {
+    tc_entry(&ctx, Hook::FromWorld)
 }
 
 /// Does nothing: the floor `cargo xtask bench` measures beside the real programs, in the same
@@ -43,15 +50,16 @@ pub fn ferry_bench_empty(_ctx: TcContext) -> i32 {
 }
 
 #[inline(always)]
-fn tc_entry(ctx: &TcContext, from_pod: bool) -> i32 {
+fn tc_entry(ctx: &TcContext, hook: Hook) -> i32 {
     stats::count(stat::PACKETS);
     let verdict = match parse::parse_ipv4(ctx) {
         // Not IPv4 (ARP, IPv6): not ours in this version.
         Ok(None) => return TC_ACT_OK,
-        Ok(Some(p)) => lb::handle_ipv4(ctx, p, from_pod).and_then(|v| match v {
+        Ok(Some(mut p)) => lb::handle_ipv4(ctx, &mut p, hook).and_then(|v| match v {
             Verdict::Pass => Ok(TC_ACT_OK),
+            Verdict::Redirect => nat::fib_redirect(ctx),
             Verdict::Reject => {
-                let r = reject::reply(ctx, &p);
+                let r = reject::reply(ctx);
                 if r.is_ok() {
                     stats::count(stat::REJECT);
                 }

@@ -2,7 +2,7 @@
 //! `bpftool map dump pinned /sys/fs/bpf/ferry/<name>` prints named fields. The agent pins them by
 //! name (see `dataplane_common::names`); the symbol names here must match those names.
 use aya_ebpf::{
-    btf_maps::{HashMap, LpmTrie, LruHashMap, PerCpuArray},
+    btf_maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray},
     macros::btf_map,
 };
 /// Maps written only by the agent need no preallocation (Cilium's LB maps do the same): memory
@@ -11,7 +11,7 @@ const NO_PREALLOC: usize = 1;
 
 use dataplane_common::{
     capacity, AffinityKey, AffinityValue, Ct4Entry, Ct4Key, Frag4Key, Frag4Ports, Lb4Backend, Lb4Key, Lb4Service,
-    Lb4SlotKey, SockRevKey, SockRevValue, SrcRangeData,
+    Lb4SlotKey, NodeConfig, SockRevKey, SockRevValue, SrcRangeData,
 };
 
 /// Service frontends: `addr:port/proto` per scope (and `addr:0/0` for "this is a ClusterIP").
@@ -60,3 +60,7 @@ pub static lb4_aff_v1: LruHashMap<AffinityKey, AffinityValue, { capacity::AFFINI
 /// loadBalancerSourceRanges of every frontend in one trie: `(svc_id, source CIDR)`.
 #[btf_map]
 pub static lb4_src_v1: LpmTrie<SrcRangeData, u32, { capacity::SOURCE_RANGES as usize }> = LpmTrie::new();
+
+/// This node's settings (one entry), written by the agent.
+#[btf_map]
+pub static cfg4_v1: Array<NodeConfig, 1> = Array::new();

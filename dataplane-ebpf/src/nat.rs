@@ -1,8 +1,14 @@
 //! Packet rewrites with incremental checksum updates (`bpf_l3_csum_replace` and
 //! `bpf_l4_csum_replace`), so the kernel's own checksum state (CHECKSUM_PARTIAL on veth) stays
 //! consistent. Addresses and ports are raw wire bytes throughout.
-use aya_ebpf::programs::TcContext;
-use dataplane_common::{Ct4Entry, DropReason, IPPROTO_UDP};
+use aya_ebpf::{
+    bindings::{bpf_fib_lookup, BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS, TC_ACT_OK},
+    helpers::{bpf_fib_lookup as fib_lookup, bpf_redirect, bpf_redirect_neigh},
+    programs::TcContext,
+};
+use dataplane_common::{stat, Ct4Entry, DropReason, IPPROTO_UDP};
+
+use crate::stats;
 
 use crate::parse::{l4_csum_off, Ipv4Packet, ETH_LEN, IP_CHECK_OFF, IP_DADDR_OFF, IP_SADDR_OFF};
 
@@ -63,4 +69,33 @@ pub fn rewrite(ctx: &TcContext, p: &Ipv4Packet, e: &Ct4Entry) -> Result<(), Drop
         ctx.store(p.l4_off + off, &to, 0).map_err(|_| DropReason::Rewrite)?;
     }
     Ok(())
+}
+
+/// Sends the (already translated) packet out of the interface the FIB picks for its destination,
+/// with the next hop's MAC (or the kernel's neighbour resolution when it is not known yet).
+/// Needed when the new source is an address of this node: the input path would drop it as a
+/// martian. Falls back to the stack (TC_ACT_OK) when the FIB has no answer.
+// A separate BPF subprogram: its stack frame is not added to its siblings' (512-byte limit).
+#[inline(never)]
+pub fn fib_redirect(ctx: &TcContext) -> Result<i32, DropReason> {
+    let hdr: [u8; 20] = ctx.load(ETH_LEN).map_err(|_| DropReason::Malformed)?;
+    let mut params: bpf_fib_lookup = unsafe { core::mem::zeroed() };
+    params.family = 2; // AF_INET
+    params.l4_protocol = hdr[9];
+    params.__bindgen_anon_1.tot_len = u16::from_be_bytes([hdr[2], hdr[3]]);
+    params.ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    params.__bindgen_anon_3.ipv4_src = u32::from_ne_bytes([hdr[12], hdr[13], hdr[14], hdr[15]]);
+    params.__bindgen_anon_4.ipv4_dst = u32::from_ne_bytes([hdr[16], hdr[17], hdr[18], hdr[19]]);
+    let ret = unsafe { fib_lookup(ctx.skb.skb as *mut _, &mut params, core::mem::size_of::<bpf_fib_lookup>() as i32, 0) };
+    if ret == BPF_FIB_LKUP_RET_SUCCESS as i64 {
+        ctx.store(0, &params.dmac, 0).map_err(|_| DropReason::Rewrite)?;
+        ctx.store(6, &params.smac, 0).map_err(|_| DropReason::Rewrite)?;
+        stats::count(stat::FIB_REDIRECT);
+        return Ok(unsafe { bpf_redirect(params.ifindex, 0) } as i32);
+    }
+    if ret == BPF_FIB_LKUP_RET_NO_NEIGH as i64 {
+        stats::count(stat::FIB_REDIRECT);
+        return Ok(unsafe { bpf_redirect_neigh(params.ifindex, core::ptr::null_mut(), 0, 0) } as i32);
+    }
+    Ok(TC_ACT_OK)
 }

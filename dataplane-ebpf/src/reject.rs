@@ -19,8 +19,17 @@ const QUOTE_MAX: usize = 68;
 const ICMP_HDR_END: usize = ETH_LEN + 20 + 8;
 
 /// Rewrites the packet into the refusal and redirects it. Returns the tc action.
-#[inline(always)]
-pub fn reply(ctx: &TcContext, p: &Ipv4Packet) -> Result<i32, DropReason> {
+///
+/// A separate BPF subprogram, so its buffers do not add to the packet path's stack frame
+/// (512-byte limit); it takes only the context (a subprogram gets at most five register
+/// arguments) and parses the few fields it needs again: refusals are rare.
+#[inline(never)]
+pub fn reply(ctx: &TcContext) -> Result<i32, DropReason> {
+    let p = match crate::parse::parse_ipv4(ctx)? {
+        Some(p) => p,
+        None => return Err(DropReason::Malformed),
+    };
+    let p = &p;
     if p.proto == IPPROTO_TCP {
         if p.tcp_flags & TCP_RST != 0 {
             // Never answer a reset with a reset.

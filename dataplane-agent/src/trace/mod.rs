@@ -281,6 +281,8 @@ impl Runner {
         if !map_errors.is_empty() {
             return Err(map_errors);
         }
+        let snat_addr_be = node.ips.first().map(|ip| u32::from_ne_bytes(ip.octets())).unwrap_or(0);
+        maps.set_config(dataplane_common::NodeConfig { snat_addr_be, snat_port_min: 61000, snat_port_max: 65535 }).map_err(|e| vec![e.to_string()])?;
         Ok(Runner { ebpf, maps, node_ips, pod_cidr, pod_ips, network_policies: sc.network_policies.len(), cgroup: None })
     }
 
@@ -322,11 +324,8 @@ impl Runner {
         };
         let origin = self.origin(src);
         let outcomes: Result<Vec<Outcome>, String> = match origin {
-            Origin::Pod => (0..attempts).map(|i| self.pod_packet(proto, src, 20000 + i as u16, dst, flow.masquerade)).collect(),
+            Origin::Pod | Origin::External => (0..attempts).map(|i| self.packet(origin, proto, src, 20000 + i as u16, dst, flow.masquerade)).collect(),
             Origin::Node => self.node_connections(proto, dst, &expect, attempts),
-            Origin::External => Err(format!(
-                "source {src} is outside the node (not in node.ips or node.podCIDR): traffic arriving from outside the node is served by NodePort/LoadBalancer/externalIPs handling, which this version does not implement"
-            )),
         };
         let outcomes = match outcomes {
             Ok(o) => o,
@@ -342,19 +341,22 @@ impl Runner {
         self.maps.services.get(&crate::reconcile::lb4_key(&fe), 0).is_ok_and(|s| s.affinity_timeout_s > 0)
     }
 
-    /// One packet from a pod through the from-pod program, and (if translated) its reply back.
-    fn pod_packet(&self, proto: Proto, src: Ipv4Addr, sport: u16, dst: SocketAddrV4, masq: Option<bool>) -> Result<Outcome, String> {
+    /// One packet from a pod (through the from-pod program) or from outside the node (through
+    /// the from-world program), and, if translated, its reply back along the path it would take.
+    fn packet(&self, origin: Origin, proto: Proto, src: Ipv4Addr, sport: u16, dst: SocketAddrV4, masq: Option<bool>) -> Result<Outcome, String> {
         let pkt = build(proto, (src, sport), (*dst.ip(), dst.port()));
-        let r = run_tc(&self.ebpf, progs::FROM_POD, &pkt)?;
+        let hook = if origin == Origin::External { progs::FROM_WORLD } else { progs::FROM_POD };
+        let r = run_tc(&self.ebpf, hook, &pkt)?;
         match r.action {
             TC_ACT_SHOT => return Ok(Outcome::Drop),
             TC_ACT_REDIRECT => {
-                return match packet::refusal(&r.data) {
-                    Some(Refusal::TcpRst { to, .. }) | Some(Refusal::IcmpUnreachable { to, .. }) if to == src => {
+                // Either a refusal sent back to the source, or a translated packet sent out
+                // through a FIB lookup (its source became a node address).
+                if let Some(Refusal::TcpRst { to, .. } | Refusal::IcmpUnreachable { to, .. }) = packet::refusal(&r.data) {
+                    if to == src {
                         packet::check_checksums(&r.data).map_err(|e| format!("refusal has a {e}"))?;
-                        Ok(Outcome::Reject)
+                        return Ok(Outcome::Reject);
                     }
-                    other => Err(format!("redirected, but not as a refusal to the source: {other:?}")),
                 }
             }
             TC_ACT_OK => {}
@@ -375,11 +377,18 @@ impl Runner {
             }
         }
         // The reply from the backend must come back as the Service, to the client: through the
-        // backend's own veth if it is a pod of this node, else on the way into the client pod.
+        // backend's own veth if it is a pod of this node; else, when the source was translated
+        // to this node, in on the external interface; else on the way into the client pod.
         let reply = build(proto, (t.dst, t.dport), (t.src, t.sport));
-        let hook = if self.is_local_pod(t.dst) { progs::FROM_POD } else { progs::TO_POD };
+        let hook = if self.is_local_pod(t.dst) {
+            progs::FROM_POD
+        } else if self.node_ips.contains(&t.src) {
+            progs::FROM_WORLD
+        } else {
+            progs::TO_POD
+        };
         let rr = run_tc(&self.ebpf, hook, &reply)?;
-        if rr.action != TC_ACT_OK {
+        if rr.action != TC_ACT_OK && rr.action != TC_ACT_REDIRECT {
             return Err(format!("reply from {}:{} got tc action {}", t.dst, t.dport, rr.action));
         }
         let rt = packet::try_tuple(&rr.data).ok_or("reply output is not IPv4")?;
