@@ -449,7 +449,7 @@ fn judge(name: &str, expect: &Expect, outcomes: &[Outcome], origin: Origin, stic
     let via = match origin {
         Origin::Pod => "tc test-run",
         Origin::Node => "node sockets",
-        Origin::External => "external",
+        Origin::External => "tc test-run from outside",
     };
     let ok = match expect {
         Expect::Backends(want) => {
