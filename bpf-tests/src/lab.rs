@@ -20,6 +20,12 @@ pub const SERVICE_CIDR: &str = "10.96.0.0/16";
 pub const TCP_VIP: &str = "10.96.0.10:80";
 pub const UDP_VIP: &str = "10.96.0.20:53";
 pub const ECHO_TCP_PORT: u16 = 8080;
+/// The lab's client outside the cluster, routed to the nodes through node1's `ext0`.
+pub const OUTSIDE_CLIENT: &str = "172.20.0.2";
+/// NodePort on node1 (externalTrafficPolicy Cluster) whose only endpoint is on node2.
+pub const NODEPORT_CLUSTER: &str = "192.168.77.1:30080";
+/// NodePort on node1 (externalTrafficPolicy Local) whose endpoint is on node1.
+pub const NODEPORT_LOCAL: &str = "192.168.77.1:30081";
 pub const ECHO_UDP_PORT: u16 = 5353;
 
 fn target_dir() -> PathBuf {
@@ -203,6 +209,8 @@ pub struct Cluster {
     pub id: String,
     pub echo: Vec<Proc>,
     pub pods: Vec<Pod>,
+    /// A client outside the cluster, attached to node1 (`ext0`) and routed to both nodes.
+    pub outside: Netns,
     pub nodes: Vec<Node>,
     pub cgroup: Cgroup,
     pub manifests: PathBuf,
@@ -248,7 +256,17 @@ impl Cluster {
             let other = &nodes[1 - i];
             n.ns.exec_ok(&["ip", "route", "add", &format!("10.201.{}.0/24", 2 - i), "via", &other.ip.to_string()]);
         }
-        let mut c = Cluster { id, echo: Vec::new(), pods: Vec::new(), nodes, cgroup, manifests: manifests.to_path_buf(), logs };
+        // The client outside the cluster: its own namespace, linked to node1's ext0; node2 routes
+        // back to it through node1.
+        let outside = Netns::new(format!("ferry-{id}-outside"));
+        sh(&["ip", "-n", &outside.name, "link", "add", "eth0", "type", "veth", "peer", "name", "ext0", "netns", &nodes[0].ns.name]);
+        outside.exec_ok(&["ip", "addr", "add", &format!("{OUTSIDE_CLIENT}/24"), "dev", "eth0"]);
+        outside.exec_ok(&["ip", "link", "set", "eth0", "up"]);
+        outside.exec_ok(&["ip", "route", "add", "default", "via", "172.20.0.1"]);
+        nodes[0].ns.exec_ok(&["ip", "addr", "add", "172.20.0.1/24", "dev", "ext0"]);
+        nodes[0].ns.exec_ok(&["ip", "link", "set", "ext0", "up"]);
+        nodes[1].ns.exec_ok(&["ip", "route", "add", "172.20.0.0/24", "via", &nodes[0].ip.to_string()]);
+        let mut c = Cluster { id, echo: Vec::new(), pods: Vec::new(), outside, nodes, cgroup, manifests: manifests.to_path_buf(), logs };
         for (ni, name, ip) in PODS {
             c.add_pod(ni, name, Ipv4Addr::from(ip));
         }
@@ -337,6 +355,10 @@ impl Cluster {
                 SERVICE_CIDR,
                 "--node-ip",
                 &n.ip.to_string(),
+                // The link to the other node (replies of source-translated connections come back
+                // on it) and, on node1, the link to the client outside.
+                "--external-interfaces",
+                "eth0,ext0",
                 "--poll-ms",
                 "100",
             ])
@@ -410,6 +432,14 @@ impl Cluster {
         full.extend(args.iter().map(|s| s.to_string()));
         let refs: Vec<&str> = full.iter().map(String::as_str).collect();
         output_lines(p.ns.cmd(&refs))
+    }
+
+    /// Runs the echo client in the namespace outside the cluster.
+    pub fn client_outside(&self, args: &[&str]) -> Vec<String> {
+        let mut full = vec![echo_bin().to_str().unwrap().to_string()];
+        full.extend(args.iter().map(|s| s.to_string()));
+        let refs: Vec<&str> = full.iter().map(String::as_str).collect();
+        output_lines(self.outside.cmd(&refs))
     }
 
     /// Runs the echo client as a process of node `i` itself (host network, in the node's
@@ -507,6 +537,46 @@ ports: [{{name: echo-udp, port: 5353, protocol: UDP}}]
         eps(tcp),
         eps(udp)
     )
+}
+
+/// NodePort Services for the client outside: `echo-nodeport` (externalTrafficPolicy Cluster,
+/// node port 30080) over `cluster` endpoints and `echo-local` (Local, node port 30081) over
+/// `local` ones, each endpoint given as (pod IP, node name).
+pub fn nodeport_yaml(cluster: &[(Ipv4Addr, &str)], local: &[(Ipv4Addr, &str)]) -> String {
+    let eps = |list: &[(Ipv4Addr, &str)]| -> String {
+        if list.is_empty() {
+            return "endpoints: []\n".into();
+        }
+        let mut s = String::from("endpoints:\n");
+        for (ip, node) in list {
+            s += &format!("- addresses: [{ip}]\n  conditions: {{ready: true}}\n  nodeName: {node}\n");
+        }
+        s
+    };
+    let mut out = String::new();
+    for (name, policy, node_port, list) in [("echo-nodeport", "Cluster", 30080, cluster), ("echo-local", "Local", 30081, local)] {
+        out += &format!(
+            r#"---
+apiVersion: v1
+kind: Service
+metadata: {{name: {name}, namespace: lab}}
+spec:
+  type: NodePort
+  clusterIP: 10.96.0.{}
+  externalTrafficPolicy: {policy}
+  ports: [{{name: echo, port: 80, protocol: TCP, targetPort: echo, nodePort: {node_port}}}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {{name: {name}-1, namespace: lab, labels: {{kubernetes.io/service-name: {name}}}}}
+addressType: IPv4
+ports: [{{name: echo, port: 8080, protocol: TCP}}]
+{}"#,
+            30 + node_port - 30080,
+            eps(list)
+        );
+    }
+    out
 }
 
 /// Counts replies by the answering pod's name (`ERR …` lines are counted under their text).

@@ -185,3 +185,50 @@ fn a_pod_reaches_itself_through_its_own_service() {
         assert!(lines.iter().all(|l| l.split_whitespace().nth(1).unwrap().starts_with("10.96.0.")), "{lines:?}");
     }
 }
+
+/// The lab plus the NodePort Services of `deploy/examples/nodeport.yaml`, with these endpoints.
+fn cluster_with_nodeports(cluster_eps: &[&str], local_eps: &[&str]) -> (Cluster, TempDir) {
+    let (mut c, d) = cluster(&ALL, &ALL);
+    let node_of = |n: &str| if n.starts_with("n1") { "node1" } else { "node2" };
+    let a: Vec<(Ipv4Addr, &str)> = cluster_eps.iter().map(|n| (c.pod_ip(n), node_of(n))).collect();
+    let b: Vec<(Ipv4Addr, &str)> = local_eps.iter().map(|n| (c.pod_ip(n), node_of(n))).collect();
+    c.write_manifest("nodeport.yaml", &lab::nodeport_yaml(&a, &b));
+    (c, d)
+}
+
+/// (answering pod, source address it saw) of each reply.
+fn who_and_source(lines: &[String]) -> std::collections::BTreeSet<(String, String)> {
+    lines
+        .iter()
+        .map(|l| {
+            let mut w = l.split_whitespace();
+            (w.next().unwrap_or("").to_string(), w.next().and_then(|s| s.split(':').next()).unwrap_or("").to_string())
+        })
+        .collect()
+}
+
+#[test]
+fn outside_client_reaches_a_nodeport_whose_backend_is_on_another_node() {
+    let (c, _d) = cluster_with_nodeports(&["n2-pod1"], &["n1-pod2"]);
+    let lines = c.client_outside(&["tcp", lab::NODEPORT_CLUSTER, "40"]);
+    // externalTrafficPolicy Cluster: node1 translated the source to itself so the reply returns.
+    assert_eq!(who_and_source(&lines), [("n2-pod1".to_string(), "192.168.77.1".to_string())].into(), "{lines:?}");
+}
+
+#[test]
+fn local_nodeport_backend_sees_the_outside_client() {
+    let (c, _d) = cluster_with_nodeports(&["n2-pod1"], &["n1-pod2"]);
+    let lines = c.client_outside(&["tcp", lab::NODEPORT_LOCAL, "40"]);
+    assert_eq!(who_and_source(&lines), [("n1-pod2".to_string(), lab::OUTSIDE_CLIENT.to_string())].into(), "{lines:?}");
+}
+
+#[test]
+fn local_nodeport_without_a_local_endpoint_drops_but_pods_still_reach_it() {
+    let (c, _d) = cluster_with_nodeports(&["n2-pod1"], &["n2-pod2"]);
+    // From outside: dropped (no answer, not refused) on node1, which has no local endpoint.
+    let lines = c.client_outside(&["tcp", lab::NODEPORT_LOCAL, "2"]);
+    assert!(lines.iter().all(|l| l == "ERR TimedOut"), "{lines:?}");
+    // From a pod of node1 the same NodePort uses every endpoint (kube-proxy's short-circuit).
+    let t = tally(&c.client_in_pod("n1-pod1", &["tcp", lab::NODEPORT_LOCAL, "10"]));
+    assert_eq!(t.keys().cloned().collect::<Vec<_>>(), vec!["n2-pod2"], "{t:?}");
+}

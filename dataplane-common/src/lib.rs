@@ -177,6 +177,10 @@ pub const CT_F_REDIRECT: u32 = 1 << 3;
 /// `Ct4Entry.flags`: the source was translated to this node's address (NodePort to a remote
 /// backend, externalTrafficPolicy Cluster).
 pub const CT_F_SNAT: u32 = 1 << 4;
+/// `Ct4Entry.flags`: the connection came from outside the node (created by the from-world hook).
+/// The from-world hook translates only these: replies of connections that pods opened are
+/// translated on their way into the pod, after routing.
+pub const CT_F_EXTERNAL: u32 = 1 << 5;
 
 /// This node's datapath settings, written by the agent at start (one entry).
 #[repr(C)]

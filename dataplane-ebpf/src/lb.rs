@@ -7,7 +7,7 @@
 use aya_ebpf::{helpers::bpf_get_prandom_u32, helpers::bpf_ktime_get_ns, programs::TcContext};
 use dataplane_common::{
     stat, AffinityKey, AffinityValue, Ct4Entry, Ct4Key, DropReason, Frag4Key, Frag4Ports, Lb4Backend, Lb4Key, Lb4Service,
-    Lb4SlotKey, SrcRangeData, BE_F_LOCAL, CT_F_FORWARD, CT_F_HAIRPIN, CT_F_REDIRECT, CT_F_REPLY, CT_F_SNAT, IPPROTO_ICMP,
+    Lb4SlotKey, SrcRangeData, BE_F_LOCAL, CT_F_EXTERNAL, CT_F_FORWARD, CT_F_HAIRPIN, CT_F_REDIRECT, CT_F_REPLY, CT_F_SNAT, IPPROTO_ICMP,
     IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP, SCOPE_EXTERNAL, SCOPE_INTERNAL, SVC_F_ADDR_ONLY, SVC_F_DROP_EMPTY,
     SVC_F_SOURCE_RANGES,
 };
@@ -208,6 +208,12 @@ pub fn handle_ipv4(ctx: &TcContext, p: &mut Ipv4Packet, hook: Hook) -> Result<Ve
     if let Some(ep) = ct4_v1.get_ptr_mut(&key) {
         // SAFETY: pointer from a successful lookup; copied before use.
         let e = unsafe { *ep };
+        if hook == Hook::FromWorld && e.flags & CT_F_EXTERNAL == 0 {
+            // A reply to a pod's own connection that crosses the external interface: it is
+            // translated on the pod's veth, after routing (here its new source, possibly a node
+            // address, would make the stack drop it as martian).
+            return Ok(Verdict::Pass);
+        }
         let reopen = e.flags & CT_F_FORWARD != 0 && new_allowed && !backend_alive(&e)
             // TCP: an established connection keeps its backend until it ends (graceful
             // termination, as with kube-proxy); only a new SYN on the same tuple moves.
@@ -300,7 +306,8 @@ fn lb4_new_connection(p: &Ipv4Packet, svc: &Lb4Service, hook: Hook) -> Result<Ct
     }
     if hook == Hook::FromWorld {
         // Replies leave with the frontend (often a node address) as their source.
-        rev_flags |= CT_F_REDIRECT;
+        rev_flags |= CT_F_REDIRECT | CT_F_EXTERNAL;
+        fwd_flags |= CT_F_EXTERNAL;
     }
     let now = unsafe { bpf_ktime_get_ns() };
     let rev = Ct4Entry {
@@ -326,7 +333,13 @@ fn lb4_new_connection(p: &Ipv4Packet, svc: &Lb4Service, hook: Hook) -> Result<Ct
         }
         // Taken. By this very connection (a retransmitted first packet)? Then refresh it.
         if let Some(old) = unsafe { ct4_v1.get(&rev_key).copied() } {
-            if old.nat_daddr_be == rev.nat_daddr_be && old.nat_dport_be == rev.nat_dport_be && old.nat_saddr_be == rev.nat_saddr_be && old.nat_sport_be == rev.nat_sport_be {
+            // Compared with XOR/OR: a field-by-field `==` chain becomes a bcmp() call, which the
+            // BPF target can only emit as a subprogram the verifier rejects here.
+            let diff = (old.nat_daddr_be ^ rev.nat_daddr_be)
+                | (old.nat_saddr_be ^ rev.nat_saddr_be)
+                | ((old.nat_dport_be ^ rev.nat_dport_be) as u32)
+                | ((old.nat_sport_be ^ rev.nat_sport_be) as u32);
+            if diff == 0 {
                 ct4_v1.insert(&rev_key, &rev, 0).map_err(|_| DropReason::CtInsert)?;
                 placed = true;
                 break;

@@ -40,18 +40,23 @@ fn l4_flags(proto: u8) -> u64 {
 #[inline(always)]
 pub fn rewrite(ctx: &TcContext, p: &Ipv4Packet, e: &Ct4Entry) -> Result<(), DropReason> {
     let ip_check = ETH_LEN + IP_CHECK_OFF;
-    let l4_check = if p.frag_off == 0 { l4_csum_off(p.proto).map(|o| p.l4_off + o) } else { None };
+    // Offset of the L4 checksum, 0 for none. Not an Option: LLVM may spill the undefined payload
+    // of a None, and the verifier rejects reading an uninitialised register.
+    let l4_check = match (p.frag_off, l4_csum_off(p.proto)) {
+        (0, Some(o)) => p.l4_off + o,
+        _ => 0,
+    };
     let flags = l4_flags(p.proto);
     if e.nat_saddr_be != p.saddr_be {
-        if let Some(c) = l4_check {
-            ctx.l4_csum_replace(c, p.saddr_be as u64, e.nat_saddr_be as u64, 4 | BPF_F_PSEUDO_HDR | flags)
+        if l4_check != 0 {
+            ctx.l4_csum_replace(l4_check, p.saddr_be as u64, e.nat_saddr_be as u64, 4 | BPF_F_PSEUDO_HDR | flags)
                 .map_err(|_| DropReason::Rewrite)?;
         }
         store_u32_fix(ctx, ETH_LEN + IP_SADDR_OFF, ip_check, p.saddr_be, e.nat_saddr_be)?;
     }
     if e.nat_daddr_be != p.daddr_be {
-        if let Some(c) = l4_check {
-            ctx.l4_csum_replace(c, p.daddr_be as u64, e.nat_daddr_be as u64, 4 | BPF_F_PSEUDO_HDR | flags)
+        if l4_check != 0 {
+            ctx.l4_csum_replace(l4_check, p.daddr_be as u64, e.nat_daddr_be as u64, 4 | BPF_F_PSEUDO_HDR | flags)
                 .map_err(|_| DropReason::Rewrite)?;
         }
         store_u32_fix(ctx, ETH_LEN + IP_DADDR_OFF, ip_check, p.daddr_be, e.nat_daddr_be)?;
@@ -63,8 +68,8 @@ pub fn rewrite(ctx: &TcContext, p: &Ipv4Packet, e: &Ct4Entry) -> Result<(), Drop
         if from == to {
             continue;
         }
-        if let Some(c) = l4_check {
-            ctx.l4_csum_replace(c, from as u64, to as u64, 2 | flags).map_err(|_| DropReason::Rewrite)?;
+        if l4_check != 0 {
+            ctx.l4_csum_replace(l4_check, from as u64, to as u64, 2 | flags).map_err(|_| DropReason::Rewrite)?;
         }
         ctx.store(p.l4_off + off, &to, 0).map_err(|_| DropReason::Rewrite)?;
     }

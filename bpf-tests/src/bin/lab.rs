@@ -55,6 +55,28 @@ fn main() -> std::process::ExitCode {
         // Every endpoint (one on node1, two on node2) must have answered.
         ok &= t.keys().filter(|k| !k.starts_with("ERR")).count() == 3;
     }
+
+    // From outside the cluster: a NodePort on node1 whose backend is on node2 (Cluster: node1
+    // translates the source to itself), and a Local one whose backend must see the client.
+    checkpoint!();
+    println!("\n{:<24} {:<20} {:<10} {:<18} {:>7}", "from", "NodePort", "answered", "backend saw", "count");
+    for (policy, addr, want_who, want_src) in [
+        ("Cluster", lab::NODEPORT_CLUSTER, "n2-pod1", "192.168.77.1"),
+        ("Local", lab::NODEPORT_LOCAL, "n1-pod2", lab::OUTSIDE_CLIENT),
+    ] {
+        let lines = c.client_outside(&["tcp", addr, &requests]);
+        let mut seen = std::collections::BTreeMap::new();
+        for l in &lines {
+            let mut w = l.split_whitespace();
+            let who = w.next().unwrap_or("").to_string();
+            let src = w.next().and_then(|s| s.split(':').next()).unwrap_or("").to_string();
+            *seen.entry((who, src)).or_insert(0usize) += 1;
+        }
+        for ((who, src), n) in &seen {
+            println!("{:<24} {:<20} {who:<10} {src:<18} {n:>7}", format!("outside ({policy})"), addr);
+            ok &= who == want_who && src == want_src;
+        }
+    }
     println!();
     for (i, n) in c.nodes.iter().enumerate() {
         for l in c.agent_log(i).lines().filter(|l| l.contains("synced") || l.contains("restored")).take(2) {
