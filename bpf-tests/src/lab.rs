@@ -540,8 +540,9 @@ ports: [{{name: echo-udp, port: 5353, protocol: UDP}}]
 }
 
 /// NodePort Services for the client outside: `echo-nodeport` (externalTrafficPolicy Cluster,
-/// node port 30080) over `cluster` endpoints and `echo-local` (Local, node port 30081) over
-/// `local` ones, each endpoint given as (pod IP, node name).
+/// node port 30080) over `cluster` endpoints and `echo-local` (a LoadBalancer with traffic
+/// policy Local, node port 30081, healthCheckNodePort 32081) over `local` ones, each endpoint
+/// given as (pod IP, node name).
 pub fn nodeport_yaml(cluster: &[(Ipv4Addr, &str)], local: &[(Ipv4Addr, &str)]) -> String {
     let eps = |list: &[(Ipv4Addr, &str)]| -> String {
         if list.is_empty() {
@@ -554,14 +555,17 @@ pub fn nodeport_yaml(cluster: &[(Ipv4Addr, &str)], local: &[(Ipv4Addr, &str)]) -
         s
     };
     let mut out = String::new();
-    for (name, policy, node_port, list) in [("echo-nodeport", "Cluster", 30080, cluster), ("echo-local", "Local", 30081, local)] {
+    for (name, kind, policy, node_port, list) in [
+        ("echo-nodeport", "NodePort", "Cluster", 30080, cluster),
+        ("echo-local", "LoadBalancer", "Local\n  healthCheckNodePort: 32081", 30081, local),
+    ] {
         out += &format!(
             r#"---
 apiVersion: v1
 kind: Service
 metadata: {{name: {name}, namespace: lab}}
 spec:
-  type: NodePort
+  type: {kind}
   clusterIP: 10.96.0.{}
   externalTrafficPolicy: {policy}
   ports: [{{name: echo, port: 80, protocol: TCP, targetPort: echo, nodePort: {node_port}}}]

@@ -232,3 +232,14 @@ fn local_nodeport_without_a_local_endpoint_drops_but_pods_still_reach_it() {
     let t = tally(&c.client_in_pod("n1-pod1", &["tcp", lab::NODEPORT_LOCAL, "10"]));
     assert_eq!(t.keys().cloned().collect::<Vec<_>>(), vec!["n2-pod2"], "{t:?}");
 }
+
+#[test]
+fn health_check_node_port_answers_like_kube_proxy() {
+    let (c, _d) = cluster_with_nodeports(&["n2-pod1"], &["n1-pod2"]);
+    // node1 holds the Service's endpoint, node2 does not.
+    let n1 = c.client_outside(&["http-get", "192.168.77.1:32081"]);
+    let n2 = c.client_outside(&["http-get", "192.168.77.2:32081"]);
+    let body = r#"{"service":{"namespace":"lab","name":"echo-local"},"localEndpoints":LOCAL,"serviceProxyHealthy":true}"#;
+    assert_eq!(n1, vec![format!("200 {}", body.replace("LOCAL", "1"))]);
+    assert_eq!(n2, vec![format!("503 {}", body.replace("LOCAL", "0"))]);
+}

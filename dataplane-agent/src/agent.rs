@@ -82,6 +82,7 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
 
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let mut tick = tokio::time::interval(cfg.poll);
+    let mut health = crate::health::HealthServers::default();
     let mut last_seen: Option<u64> = None;
     loop {
         tokio::select! {
@@ -95,7 +96,11 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
                         // A sync whose map writes failed (a full map) is retried on the next
                         // tick; one that only skipped invalid objects is not (they stay invalid
                         // until the manifests change).
-                        last_seen = sync_once(&cfg, &mut rec, &mut maps).then_some(fp);
+                        let (ok, checks) = sync_once(&cfg, &mut rec, &mut maps);
+                        if let Some(checks) = checks {
+                            health.update(&checks).await;
+                        }
+                        last_seen = ok.then_some(fp);
                     }
                     Err(e) => warn!("manifests {}: {e}", cfg.manifests.display()),
                 }
@@ -109,14 +114,15 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
 }
 
 /// Reads the manifests, translates and reconciles once. Object errors are logged and skipped.
-/// Returns false when map writes failed and the sync should be retried.
-pub fn sync_once(cfg: &RunConfig, rec: &mut Reconciler, maps: &mut BpfMaps) -> bool {
+/// Returns false when map writes failed and the sync should be retried, and the
+/// healthCheckNodePorts to serve (None when the manifests could not be read).
+pub fn sync_once(cfg: &RunConfig, rec: &mut Reconciler, maps: &mut BpfMaps) -> (bool, Option<std::collections::BTreeMap<u16, model::HealthCheck>>) {
     let started = std::time::Instant::now();
     let (objs, mut errors) = match manifests::read(&cfg.manifests) {
         Ok(r) => r,
         Err(e) => {
             warn!("manifests {}: {e}", cfg.manifests.display());
-            return false;
+            return (false, None);
         }
     };
     let (desired, terr) = model::translate(&objs.services, &objs.endpoint_slices, &cfg.node);
@@ -138,5 +144,5 @@ pub fn sync_once(cfg: &RunConfig, rec: &mut Reconciler, maps: &mut BpfMaps) -> b
         st.deletes,
         st.conntrack_flushed
     );
-    map_errors.is_empty()
+    (map_errors.is_empty(), Some(desired.health_checks))
 }

@@ -3,6 +3,7 @@ pub mod agent;
 pub mod attach;
 pub mod bpf;
 pub mod error;
+pub mod health;
 pub mod loader;
 pub mod model;
 pub mod packet;

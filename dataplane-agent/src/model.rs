@@ -176,6 +176,19 @@ pub struct Desired {
     pub cluster_ips: BTreeSet<Ipv4Addr>,
     /// Endpoint addresses on this node (backends flagged local).
     pub local_endpoints: BTreeSet<Ipv4Addr>,
+    /// healthCheckNodePort -> what it reports (LoadBalancer Services with traffic policy Local).
+    pub health_checks: BTreeMap<u16, HealthCheck>,
+}
+
+/// What a Service's healthCheckNodePort answers on this node (kube-proxy's service health
+/// server): 200 while the node has a ready local endpoint, 503 otherwise (also when only
+/// terminating ones remain), so load balancers send traffic only to nodes that can serve it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HealthCheck {
+    pub namespace: String,
+    pub name: String,
+    /// Ready endpoints of the Service on this node.
+    pub local_endpoints: usize,
 }
 
 /// What the translation needs to know about the node it runs for.
@@ -292,6 +305,7 @@ pub fn translate(services: &[Service], slices: &[EndpointSlice], node: &NodeCont
         let svc_name = svc.metadata.name.clone().unwrap_or_default();
         let slices = by_service.get(&(ns.clone(), svc_name.clone())).map(Vec::as_slice).unwrap_or(&[]);
         let mut any_port = false;
+        let mut local_ready: BTreeSet<Ipv4Addr> = BTreeSet::new();
         for (pi, port) in spec.ports.iter().flatten().enumerate() {
             let proto = match Proto::from_k8s(port.protocol.as_deref()) {
                 Ok(p) => p,
@@ -310,6 +324,7 @@ pub fn translate(services: &[Service], slices: &[EndpointSlice], node: &NodeCont
             let eps = endpoints_for_port(slices, &port_name, proto, &node.name, &mut errors);
             let cluster = usable(eps.iter());
             let local = usable(eps.iter().filter(|e| e.local));
+            local_ready.extend(eps.iter().filter(|e| e.local && e.ready).map(|e| e.addr.addr));
             desired.local_endpoints.extend(eps.iter().filter(|e| e.local).map(|e| e.addr.addr));
             let fe = |backends: &BTreeSet<L4Addr>, drop_empty: bool, external_ip: bool, ranges: &BTreeSet<Cidr4>| DesiredFrontend {
                 service: service.clone(),
@@ -352,6 +367,15 @@ pub fn translate(services: &[Service], slices: &[EndpointSlice], node: &NodeCont
         }
         if any_port {
             desired.cluster_ips.extend(addrs);
+        }
+        if etp_local && spec.type_.as_deref() == Some("LoadBalancer") {
+            match spec.health_check_node_port.map(port_number) {
+                Some(Some(hc)) => {
+                    desired.health_checks.insert(hc, HealthCheck { namespace: ns.clone(), name: svc_name.clone(), local_endpoints: local_ready.len() });
+                }
+                Some(None) => errors.push(err("spec.healthCheckNodePort", format!("{:?} is not a port number (1-65535)", spec.health_check_node_port))),
+                None => {}
+            }
         }
     }
     (desired, dedup_errors(errors))
@@ -506,6 +530,23 @@ mod tests {
         let dns = &d.frontends[&fe("172.30.0.1", 53, Proto::Udp)];
         assert_eq!(dns.backends, [be("10.0.0.1", 5353, Proto::Udp), be("10.0.0.3", 5353, Proto::Udp)].into());
         assert_eq!(d.cluster_ips, ["172.30.0.1".parse().unwrap()].into());
+    }
+
+    #[test]
+    fn health_check_counts_ready_local_endpoints_only() {
+        let yaml = [
+            svc("lb", "{type: LoadBalancer, externalTrafficPolicy: Local, healthCheckNodePort: 32000, clusterIP: 172.30.0.5, ports: [{port: 80, nodePort: 30080}]}"),
+            slice("lb", "addressType: IPv4\nports: [{port: 80}]\nendpoints:\n- {addresses: [10.0.0.1], nodeName: node1}\n- {addresses: [10.0.0.2], nodeName: node1, conditions: {ready: false, serving: true, terminating: true}}\n- {addresses: [10.9.0.1], nodeName: node2}"),
+            svc("drain", "{type: LoadBalancer, externalTrafficPolicy: Local, healthCheckNodePort: 32001, clusterIP: 172.30.0.6, ports: [{port: 80, nodePort: 30081}]}"),
+            slice("drain", "addressType: IPv4\nports: [{port: 80}]\nendpoints:\n- {addresses: [10.0.0.3], nodeName: node1, conditions: {ready: false, serving: true, terminating: true}}"),
+        ]
+        .concat();
+        let (d, e) = translate_yaml(&yaml);
+        assert!(e.is_empty(), "{e:?}");
+        assert_eq!(d.health_checks[&32000], HealthCheck { namespace: "ns".into(), name: "lb".into(), local_endpoints: 1 });
+        // Only terminating endpoints left: the node reports 0 (503), though they still serve.
+        assert_eq!(d.health_checks[&32001].local_endpoints, 0);
+        assert_eq!(d.frontends[&ext("192.168.0.2", 30081, Proto::Tcp)].backends, [be("10.0.0.3", 80, Proto::Tcp)].into());
     }
 
     #[test]

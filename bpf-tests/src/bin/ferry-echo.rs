@@ -5,6 +5,7 @@
 //!   ferry-echo tcp ADDR N          N new connections, one request each
 //!   ferry-echo udp ADDR N          N new sockets (new source ports), one datagram each
 //!   ferry-echo udp-connected ADDR N  as udp, on connected sockets (ICMP errors are reported)
+//!   ferry-echo http-get ADDR       GET / over HTTP/1.1: `STATUS BODY` on one line
 //!   ferry-echo tcp-session ADDR    one connection; a request per line on stdin
 //!   ferry-echo udp-session ADDR    one socket (fixed source port); a request per line on stdin
 //! Client output: one line per request, `NAME SEEN_SOURCE`, or `ERR <what>`.
@@ -24,6 +25,7 @@ fn main() {
         ["tcp", addr, n] => (0..n.parse::<usize>().unwrap()).for_each(|_| println!("{}", tcp_once(addr.parse().unwrap()))),
         ["udp", addr, n] => (0..n.parse::<usize>().unwrap()).for_each(|_| println!("{}", udp_once(addr.parse().unwrap()))),
         ["udp-connected", addr, n] => (0..n.parse::<usize>().unwrap()).for_each(|_| println!("{}", udp_connected_once(addr.parse().unwrap()))),
+        ["http-get", addr] => println!("{}", http_get(addr.parse().unwrap())),
         ["tcp-session", addr] => tcp_session(addr.parse().unwrap()),
         ["udp-session", addr] => udp_session(addr.parse().unwrap()),
         _ => {
@@ -114,6 +116,25 @@ fn udp_connected_once(addr: SocketAddr) -> String {
         Ok(n) => String::from_utf8_lossy(&buf[..n]).trim().to_string(),
         Err(e) => err(e),
     }
+}
+
+fn http_get(addr: SocketAddr) -> String {
+    use std::io::Read;
+    let mut s = match TcpStream::connect_timeout(&addr, TIMEOUT) {
+        Ok(s) => s,
+        Err(e) => return err(e),
+    };
+    s.set_read_timeout(Some(TIMEOUT)).unwrap();
+    if let Err(e) = s.write_all(format!("GET / HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes()) {
+        return err(e);
+    }
+    let mut resp = String::new();
+    if let Err(e) = s.read_to_string(&mut resp) {
+        return err(e);
+    }
+    let status = resp.split_whitespace().nth(1).unwrap_or("?").to_string();
+    let body: String = resp.split("\r\n\r\n").nth(1).unwrap_or("").split_whitespace().collect();
+    format!("{status} {body}")
 }
 
 fn tcp_session(addr: SocketAddr) {
