@@ -44,11 +44,12 @@ fn client_ip_affinity_sticks_until_its_timeout() {
     // Another client is balanced on its own.
     let others: BTreeSet<u32> = (0..60).map(|i| backend(&dp, &format!("10.0.0.{}", 10 + i), 2000, "172.30.0.10", 80)).collect();
     assert!(others.len() > 1);
-    // After the timeout the client is balanced again: within a few tries it lands elsewhere.
-    std::thread::sleep(Duration::from_millis(1100));
+    // After the timeout the client is balanced again (and sticks to the new choice): waiting a
+    // timeout before each try, it lands elsewhere within a few tries (each try stays with
+    // `first` with probability 1/3).
     let mut moved = false;
-    for sport in 3000..3040 {
-        std::thread::sleep(Duration::from_millis(30));
+    for sport in 3000..3012 {
+        std::thread::sleep(Duration::from_millis(1050));
         if backend(&dp, "10.0.0.2", sport, "172.30.0.10", 80) != first {
             moved = true;
             break;

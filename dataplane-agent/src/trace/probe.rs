@@ -48,9 +48,9 @@ fn unique() -> u64 {
 
 /// Spawns `dataplane-agent __sock-probe` inside the cgroup and a new network namespace.
 pub fn run_probe(cg: &TraceCgroup, proto: Proto, dst: SocketAddrV4, listen: &BTreeSet<SocketAddrV4>, attempts: usize) -> Result<Vec<Outcome>, String> {
-    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+    // /proc/self/exe: this very binary, even if its file was replaced since it started.
     let procs = cg.path.join("cgroup.procs");
-    let mut cmd = Command::new(exe);
+    let mut cmd = Command::new("/proc/self/exe");
     cmd.arg("__sock-probe")
         .arg(proto.to_string())
         .arg(dst.to_string())
