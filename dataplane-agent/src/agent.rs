@@ -27,6 +27,8 @@ pub struct RunConfig {
     pub external_interfaces: Option<IfacePatterns>,
     /// Source ports for NodePort traffic sent to other nodes (inclusive).
     pub snat_ports: (u16, u16),
+    /// How new connections pick a backend.
+    pub algorithm: crate::reconcile::Algorithm,
     /// cgroup (v2) for the socket hooks; `None` leaves host processes alone.
     pub cgroup: Option<PathBuf>,
     pub service_cidrs: BTreeSet<Cidr4>,
@@ -46,6 +48,7 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
         applied.backends.len()
     );
     let mut rec = Reconciler::restore(applied);
+    rec.algorithm = cfg.algorithm;
     let snat_addr = cfg.node.ips.first().map(|ip| u32::from_ne_bytes(ip.octets())).unwrap_or(0);
     if snat_addr == 0 {
         warn!("no --node-ip: NodePort traffic from outside to a backend on another node will be dropped (no_node_address)");

@@ -8,5 +8,6 @@ pub mod loader;
 pub mod model;
 pub mod packet;
 pub mod reconcile;
+pub mod select;
 pub mod sources;
 pub mod trace;

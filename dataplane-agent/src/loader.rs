@@ -29,7 +29,7 @@ pub const PRIVATE_CAPACITIES: [(&str, u32); 4] =
 pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/ferry";
 
 /// (name, key size, value size) of every pinned map, checked before re-using a pin.
-fn expected_layout() -> [(&'static str, u32, u32); 9] {
+fn expected_layout() -> [(&'static str, u32, u32); 10] {
     use std::mem::size_of;
     [
         (names::SERVICES, size_of::<Lb4Key>() as u32, size_of::<Lb4Service>() as u32),
@@ -41,6 +41,7 @@ fn expected_layout() -> [(&'static str, u32, u32); 9] {
         (names::AFFINITY, size_of::<AffinityKey>() as u32, size_of::<AffinityValue>() as u32),
         (names::SOURCE_RANGES, 12, 4),
         (names::CONFIG, 4, size_of::<NodeConfig>() as u32),
+        (names::MAGLEV, 4, 4),
     ]
 }
 

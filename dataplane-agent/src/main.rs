@@ -3,7 +3,13 @@ use std::{collections::BTreeSet, path::PathBuf, time::Duration};
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use dataplane_agent::{agent, attach::IfacePatterns, loader, reconcile::Cidr4, trace};
+use dataplane_agent::{
+    agent,
+    attach::IfacePatterns,
+    loader,
+    reconcile::{Algorithm, Cidr4},
+    trace,
+};
 
 #[derive(Parser)]
 #[command(name = "dataplane-agent", version, about = "Ferry: an eBPF dataplane that replaces kube-proxy")]
@@ -53,6 +59,10 @@ enum Cmd {
         /// of --node-ip when empty). Comma-separated.
         #[arg(long = "nodeport-addresses", env = "FERRY_NODEPORT_ADDRESSES", value_delimiter = ',')]
         nodeport_addresses: Vec<String>,
+        /// How new connections pick a backend: `maglev` (consistent hashing: the same flow picks
+        /// the same backend on every node and after a restart) or `random` (kube-proxy's way).
+        #[arg(long, env = "FERRY_LB_ALGORITHM", default_value = "maglev", value_parser = ["maglev", "random"])]
+        lb_algorithm: String,
         /// How often the manifests are checked for changes, in milliseconds.
         #[arg(long, default_value_t = 500)]
         poll_ms: u64,
@@ -87,7 +97,7 @@ fn main() -> anyhow::Result<()> {
     let default_level = if matches!(cli.cmd, Cmd::Run { .. }) { "info" } else { "warn" };
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(default_level)).format_timestamp_millis().init();
     match cli.cmd {
-        Cmd::Run { node, manifests, pin_dir, pod_interfaces, external_interfaces, snat_ports, cgroup, service_cidrs, node_ips, nodeport_addresses, poll_ms } => {
+        Cmd::Run { node, manifests, pin_dir, pod_interfaces, external_interfaces, snat_ports, cgroup, service_cidrs, node_ips, nodeport_addresses, lb_algorithm, poll_ms } => {
             let snat_ports = snat_ports
                 .split_once('-')
                 .and_then(|(a, b)| Some((a.trim().parse::<u16>().ok()?, b.trim().parse::<u16>().ok()?)))
@@ -113,6 +123,7 @@ fn main() -> anyhow::Result<()> {
                 pod_interfaces: IfacePatterns::parse(&pod_interfaces),
                 external_interfaces: external_interfaces.as_deref().map(IfacePatterns::parse),
                 snat_ports,
+                algorithm: if lb_algorithm == "random" { Algorithm::Random } else { Algorithm::Maglev },
                 cgroup,
                 service_cidrs,
                 poll: Duration::from_millis(poll_ms),

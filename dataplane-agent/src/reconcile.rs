@@ -12,7 +12,8 @@ use std::{
 };
 
 use dataplane_common::{
-    Lb4Backend, Lb4Key, Lb4Service, Lb4SlotKey, BE_F_LOCAL, SVC_F_ADDR_ONLY, SVC_F_DROP_EMPTY, SVC_F_EXTERNAL_IP, SVC_F_SOURCE_RANGES,
+    Lb4Backend, Lb4Key, Lb4Service, Lb4SlotKey, BE_F_LOCAL, SVC_F_ADDR_ONLY, SVC_F_DROP_EMPTY, SVC_F_EXTERNAL_IP, SVC_F_RANDOM,
+    SVC_F_SOURCE_RANGES,
 };
 
 use crate::{
@@ -61,6 +62,10 @@ pub trait MapOps {
     fn del_service(&mut self, key: Lb4Key) -> Result<(), MapOpError>;
     fn put_service_cidr(&mut self, cidr: Cidr4) -> Result<(), MapOpError>;
     fn del_service_cidr(&mut self, cidr: Cidr4) -> Result<(), MapOpError>;
+    /// Writes frontend `svc_id`'s Maglev table (backend ids), touching only the entries that
+    /// differ from `old` (empty: the table does not exist yet). Returns the entries written.
+    fn put_maglev(&mut self, svc_id: u32, table: &[u32], old: &[u32]) -> Result<usize, MapOpError>;
+    fn del_maglev(&mut self, svc_id: u32) -> Result<(), MapOpError>;
     /// Allows `cidr` as a source of frontend `svc_id` (loadBalancerSourceRanges).
     fn put_source_range(&mut self, svc_id: u32, cidr: Cidr4) -> Result<(), MapOpError>;
     fn del_source_range(&mut self, svc_id: u32, cidr: Cidr4) -> Result<(), MapOpError>;
@@ -92,11 +97,27 @@ pub struct AppliedFrontend {
     pub flags: u16,
     pub affinity_timeout_s: u32,
     pub source_ranges: BTreeSet<Cidr4>,
+    /// The Maglev table as written (backend ids); empty when there is none.
+    pub maglev: Vec<u32>,
+}
+
+/// How new connections pick a backend.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Algorithm {
+    /// Consistent hashing by each frontend's Maglev table: the same flow picks the same backend
+    /// on every node and after a restart; removing a backend moves little but its own flows.
+    #[default]
+    Maglev,
+    /// Uniformly at random, as kube-proxy does.
+    Random,
 }
 
 /// The service-entry flags a desired frontend needs.
-pub fn frontend_flags(want: &DesiredFrontend) -> u16 {
+pub fn frontend_flags(want: &DesiredFrontend, algorithm: Algorithm) -> u16 {
     let mut f = 0;
+    if algorithm == Algorithm::Random {
+        f |= SVC_F_RANDOM;
+    }
     if want.drop_empty {
         f |= SVC_F_DROP_EMPTY;
     }
@@ -147,6 +168,7 @@ pub struct Reconciler {
     pub applied: Applied,
     next_svc_id: u32,
     next_backend_id: u32,
+    pub algorithm: Algorithm,
 }
 
 impl Reconciler {
@@ -155,7 +177,7 @@ impl Reconciler {
     pub fn restore(applied: Applied) -> Self {
         let next_svc_id = applied.frontends.values().map(|f| f.svc_id).max().unwrap_or(0) + 1;
         let next_backend_id = applied.backends.values().map(|(id, _)| *id).max().unwrap_or(0) + 1;
-        Reconciler { applied, next_svc_id, next_backend_id }
+        Reconciler { applied, next_svc_id, next_backend_id, algorithm: Algorithm::default() }
     }
 
     pub fn new() -> Self {
@@ -209,6 +231,10 @@ impl Reconciler {
                 }
                 for c in &af.source_ranges {
                     ops.del_source_range(af.svc_id, *c)?;
+                    st.deletes += 1;
+                }
+                if !af.maglev.is_empty() {
+                    ops.del_maglev(af.svc_id)?;
                     st.deletes += 1;
                 }
                 Ok(())
@@ -308,16 +334,16 @@ impl Reconciler {
         gone_pairs: &mut BTreeSet<(u32, u32)>,
     ) -> Result<(), MapOpError> {
         let want = &desired.backends;
-        let flags = frontend_flags(desired);
-        let (svc_id, old, old_entry, old_ranges) = match self.applied.frontends.get(fe) {
-            Some(af) => (af.svc_id, af.slots.clone(), Some((af.flags, af.affinity_timeout_s)), af.source_ranges.clone()),
+        let flags = frontend_flags(desired, self.algorithm);
+        let (svc_id, old, old_entry, old_ranges, old_maglev) = match self.applied.frontends.get(fe) {
+            Some(af) => (af.svc_id, af.slots.clone(), Some((af.flags, af.affinity_timeout_s)), af.source_ranges.clone(), af.maglev.clone()),
             None => {
                 let id = self.next_svc_id;
                 if id == u32::MAX {
                     return Err(MapOpError::OutOfIds { map: dataplane_common::names::SERVICES });
                 }
                 self.next_svc_id += 1;
-                (id, Vec::new(), None, BTreeSet::new())
+                (id, Vec::new(), None, BTreeSet::new(), Vec::new())
             }
         };
         let new = next_slots(&old, want);
@@ -331,6 +357,24 @@ impl Reconciler {
             let id = self.backend_id(be, local, ops, st)?;
             ops.put_slot(Lb4SlotKey { svc_id, slot: i as u32 }, id)?;
             st.writes += 1;
+        }
+        // The Maglev table after the backends it names, before the count that makes them used.
+        let maglev: Vec<u32> = if self.algorithm == Algorithm::Maglev && !new.is_empty() {
+            let order = crate::select::sorted_backends(&new);
+            crate::select::maglev_table(&order, crate::select::MAGLEV_M)
+                .into_iter()
+                .map(|i| self.applied.backends.get(&order[i]).map(|(id, _)| *id).unwrap_or(0))
+                .collect()
+        } else {
+            Vec::new()
+        };
+        if maglev != old_maglev {
+            if maglev.is_empty() {
+                ops.del_maglev(svc_id)?;
+                st.deletes += 1;
+            } else {
+                st.writes += ops.put_maglev(svc_id, &maglev, &old_maglev)?;
+            }
         }
         // Source ranges before the service entry that turns their check on.
         for c in desired.source_ranges.difference(&old_ranges) {
@@ -364,6 +408,7 @@ impl Reconciler {
                 flags,
                 affinity_timeout_s: desired.affinity_timeout_s,
                 source_ranges: desired.source_ranges.clone(),
+                maglev,
             },
         );
         Ok(())
@@ -445,6 +490,15 @@ mod tests {
             self.ops.push(format!("del_cidr {c}"));
             Ok(())
         }
+        fn put_maglev(&mut self, id: u32, table: &[u32], old: &[u32]) -> Result<usize, MapOpError> {
+            let n = if old.is_empty() { table.len() } else { table.iter().zip(old).filter(|(a, b)| a != b).count() };
+            self.ops.push(format!("put_maglev {id} ({n} entries)"));
+            Ok(n)
+        }
+        fn del_maglev(&mut self, id: u32) -> Result<(), MapOpError> {
+            self.ops.push(format!("del_maglev {id}"));
+            Ok(())
+        }
         fn put_source_range(&mut self, id: u32, c: Cidr4) -> Result<(), MapOpError> {
             self.ops.push(format!("put_range {id} {c}"));
             Ok(())
@@ -461,6 +515,12 @@ mod tests {
 
     fn be(last: u8) -> L4Addr {
         L4Addr { addr: Ipv4Addr::new(10, 0, 0, last), port: 8080, proto: Proto::Tcp }
+    }
+
+    /// The exact-operation tests pick backends at random (no tables); `maglev_tables_*` covers
+    /// the tables.
+    fn rec() -> Reconciler {
+        Reconciler { algorithm: Algorithm::Random, ..Reconciler::new() }
     }
 
     fn desired(backends: &[u8]) -> Desired {
@@ -488,7 +548,7 @@ mod tests {
     #[test]
     fn first_sync_writes_backends_then_slots_then_service() {
         let mut r = Recorder::default();
-        let mut rec = Reconciler::new();
+        let mut rec = rec();
         let (st, errs) = rec.sync(&desired(&[1, 2]), &BTreeSet::new(), &mut r);
         assert!(errs.is_empty());
         assert_eq!(r.ops, vec![
@@ -501,7 +561,7 @@ mod tests {
     #[test]
     fn unchanged_sync_writes_nothing() {
         let mut r = Recorder::default();
-        let mut rec = Reconciler::new();
+        let mut rec = rec();
         rec.sync(&desired(&[1, 2, 3]), &BTreeSet::new(), &mut r);
         r.ops.clear();
         let (st, errs) = rec.sync(&desired(&[1, 2, 3]), &BTreeSet::new(), &mut r);
@@ -513,7 +573,7 @@ mod tests {
     #[test]
     fn removing_one_endpoint_touches_only_its_entries() {
         let mut r = Recorder::default();
-        let mut rec = Reconciler::new();
+        let mut rec = rec();
         rec.sync(&desired(&[1, 2, 3, 4]), &BTreeSet::new(), &mut r);
         r.ops.clear();
         rec.sync(&desired(&[1, 3, 4]), &BTreeSet::new(), &mut r);
@@ -526,7 +586,7 @@ mod tests {
     #[test]
     fn adding_one_endpoint_appends_a_slot() {
         let mut r = Recorder::default();
-        let mut rec = Reconciler::new();
+        let mut rec = rec();
         rec.sync(&desired(&[1, 2]), &BTreeSet::new(), &mut r);
         r.ops.clear();
         rec.sync(&desired(&[1, 2, 5]), &BTreeSet::new(), &mut r);
@@ -536,7 +596,7 @@ mod tests {
     #[test]
     fn removed_service_is_deleted_and_flushed() {
         let mut r = Recorder::default();
-        let mut rec = Reconciler::new();
+        let mut rec = rec();
         rec.sync(&desired(&[1]), &BTreeSet::new(), &mut r);
         r.ops.clear();
         rec.sync(&Desired::default(), &BTreeSet::new(), &mut r);
@@ -547,7 +607,7 @@ mod tests {
     #[test]
     fn failed_write_keeps_old_state_and_is_reported() {
         let mut r = Recorder { fail_service_puts: true, ..Default::default() };
-        let mut rec = Reconciler::new();
+        let mut rec = rec();
         let (_, errs) = rec.sync(&desired(&[1]), &BTreeSet::new(), &mut r);
         assert_eq!(errs.len(), 1);
         assert!(errs[0].contains("default/web"), "{errs:?}");
@@ -562,13 +622,13 @@ mod tests {
     #[test]
     fn restore_readopts_ids() {
         let mut r = Recorder::default();
-        let mut rec = Reconciler::new();
+        let mut rec = rec();
         rec.sync(&desired(&[1, 2]), &BTreeSet::new(), &mut r);
         let mut restored = rec.applied.clone();
         for f in restored.frontends.values_mut() {
             f.service = None;
         }
-        let mut rec2 = Reconciler::restore(restored);
+        let mut rec2 = Reconciler { algorithm: Algorithm::Random, ..Reconciler::restore(restored) };
         r.ops.clear();
         rec2.sync(&desired(&[1, 2]), &BTreeSet::new(), &mut r);
         assert_eq!(r.ops, Vec::<String>::new());
@@ -579,7 +639,7 @@ mod tests {
     #[test]
     fn policy_changes_rewrite_only_the_service_entry() {
         let mut r = Recorder::default();
-        let mut rec = Reconciler::new();
+        let mut rec = rec();
         let mut d = desired(&[1, 2]);
         rec.sync(&d, &BTreeSet::new(), &mut r);
         r.ops.clear();
@@ -589,7 +649,7 @@ mod tests {
         rec.sync(&d, &BTreeSet::new(), &mut r);
         assert_eq!(r.ops, vec!["put_range 1 192.0.2.0/24", "put_service 1 count=2"]);
         let svc = r.services.values().find(|s| s.svc_id == 1).unwrap();
-        assert_eq!((svc.affinity_timeout_s, svc.flags), (30, SVC_F_SOURCE_RANGES));
+        assert_eq!((svc.affinity_timeout_s, svc.flags), (30, SVC_F_SOURCE_RANGES | SVC_F_RANDOM));
         r.ops.clear();
         d.frontends.values_mut().next().unwrap().source_ranges.clear();
         rec.sync(&d, &BTreeSet::new(), &mut r);
@@ -599,7 +659,7 @@ mod tests {
     #[test]
     fn a_backend_moving_to_this_node_is_rewritten_in_place() {
         let mut r = Recorder::default();
-        let mut rec = Reconciler::new();
+        let mut rec = rec();
         let mut d = desired(&[1]);
         rec.sync(&d, &BTreeSet::new(), &mut r);
         r.ops.clear();
@@ -607,6 +667,28 @@ mod tests {
         rec.sync(&d, &BTreeSet::new(), &mut r);
         assert_eq!(r.ops, vec!["put_backend 1"]);
         assert_eq!(r.backends[&1].flags, BE_F_LOCAL);
+    }
+
+    #[test]
+    fn maglev_tables_are_written_with_the_slots_and_patched_on_change() {
+        let mut r = Recorder::default();
+        let mut rec = Reconciler::new();
+        rec.sync(&desired(&[1, 2, 3]), &BTreeSet::new(), &mut r);
+        assert!(r.ops.contains(&format!("put_maglev 1 ({} entries)", crate::select::MAGLEV_M)), "{:?}", r.ops);
+        let svc = r.services.values().find(|s| s.svc_id == 1).unwrap();
+        assert_eq!(svc.flags & SVC_F_RANDOM, 0);
+        r.ops.clear();
+        rec.sync(&desired(&[1, 2, 3]), &BTreeSet::new(), &mut r);
+        assert!(r.ops.is_empty(), "{:?}", r.ops);
+        // One backend leaves: its entries (about a third) and a few others are rewritten.
+        rec.sync(&desired(&[1, 2]), &BTreeSet::new(), &mut r);
+        let line = r.ops.iter().find(|o| o.starts_with("put_maglev")).unwrap();
+        let n: usize = line.split(['(', ' ']).nth(3).unwrap().parse().unwrap();
+        assert!(n > crate::select::MAGLEV_M / 4 && n < crate::select::MAGLEV_M / 2, "{line}");
+        // No backend left: the table goes.
+        r.ops.clear();
+        rec.sync(&desired(&[]), &BTreeSet::new(), &mut r);
+        assert!(r.ops.contains(&"del_maglev 1".to_string()), "{:?}", r.ops);
     }
 
     #[test]

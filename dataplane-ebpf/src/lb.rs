@@ -6,14 +6,14 @@
 //! lookups: O(1) in the number of Services, endpoints and connections.
 use aya_ebpf::{helpers::bpf_get_prandom_u32, helpers::bpf_ktime_get_ns, programs::TcContext};
 use dataplane_common::{
-    stat, AffinityKey, AffinityValue, Ct4Entry, Ct4Key, DropReason, Frag4Key, Frag4Ports, Lb4Backend, Lb4Key, Lb4Service,
+    stat, MAGLEV_TABLE_SIZE, SVC_F_RANDOM, AffinityKey, AffinityValue, Ct4Entry, Ct4Key, DropReason, Frag4Key, Frag4Ports, Lb4Backend, Lb4Key, Lb4Service,
     Lb4SlotKey, SrcRangeData, BE_F_LOCAL, CT_F_EXTERNAL, CT_F_FORWARD, CT_F_HAIRPIN, CT_F_REDIRECT, CT_F_REPLY, CT_F_SNAT, IPPROTO_ICMP,
     IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP, SCOPE_EXTERNAL, SCOPE_INTERNAL, SVC_F_ADDR_ONLY, SVC_F_DROP_EMPTY,
     SVC_F_SOURCE_RANGES,
 };
 
 use crate::{
-    maps::{cfg4_v1, ct4_v1, frag4_v1, lb4_aff_v1, lb4_be_v1, lb4_slot_v1, lb4_src_v1, lb4_svc_v2, svc_cidr4_v1},
+    maps::{cfg4_v1, ct4_v1, frag4_v1, lb4_aff_v1, lb4_be_v1, lb4_maglev_v1, lb4_slot_v1, lb4_src_v1, lb4_svc_v2, svc_cidr4_v1},
     nat,
     parse::{Ipv4Packet, TCP_ACK, TCP_SYN},
     stats,
@@ -92,12 +92,28 @@ pub fn lb4_empty(svc: &Lb4Service) -> Result<Verdict, DropReason> {
     }
 }
 
-/// Chooses the backend of a new connection from `client`: its session-affinity backend while that
-/// is fresh and still a backend, otherwise a random one (then remembered, with affinity).
+/// A hash of the flow's 5-tuple (murmur3's finalizer over the mixed words): the same flow gets
+/// the same value on every node, so with the same Maglev table it picks the same backend.
 #[inline(always)]
-pub fn lb4_choose_backend(svc: &Lb4Service, client_be: u32) -> Result<(u32, Lb4Backend), DropReason> {
+pub fn flow_hash(p: &Ipv4Packet) -> u32 {
+    let mut h = p.saddr_be
+        ^ p.daddr_be.rotate_left(13)
+        ^ (((p.sport_be as u32) << 16) | p.dport_be as u32).rotate_left(7)
+        ^ (p.proto as u32).wrapping_mul(0x9e37_79b9);
+    h ^= h >> 16;
+    h = h.wrapping_mul(0x85eb_ca6b);
+    h ^= h >> 13;
+    h = h.wrapping_mul(0xc2b2_ae35);
+    h ^= h >> 16;
+    h
+}
+
+/// Chooses the backend of a new connection from `client`: its session-affinity backend while that
+/// is fresh and still a backend, otherwise one by `hash` (then remembered, with affinity).
+#[inline(always)]
+pub fn lb4_choose_backend(svc: &Lb4Service, client_be: u32, hash: u32) -> Result<(u32, Lb4Backend), DropReason> {
     if svc.affinity_timeout_s == 0 {
-        return lb4_select_backend(svc);
+        return lb4_select_backend(svc, hash);
     }
     let key = AffinityKey { svc_id: svc.svc_id, client_be };
     let now = unsafe { bpf_ktime_get_ns() };
@@ -111,7 +127,7 @@ pub fn lb4_choose_backend(svc: &Lb4Service, client_be: u32) -> Result<(u32, Lb4B
             }
         }
     }
-    let (id, be) = lb4_select_backend(svc)?;
+    let (id, be) = lb4_select_backend(svc, hash)?;
     let _ = lb4_aff_v1.insert(&key, &AffinityValue { backend_id: id, pad: 0, last_used_ns: now }, 0);
     Ok((id, be))
 }
@@ -140,12 +156,23 @@ pub fn lb4_unserved(addr_be: u32) -> Unserved {
     Unserved::NotService
 }
 
-/// Picks a backend of `svc` uniformly at random (kube-proxy's iptables `statistic random` mode).
+/// Picks a backend of `svc`: by its Maglev table at `hash` (consistent hashing, the default), or
+/// uniformly at random (kube-proxy's `statistic random`) when the frontend says so or has no
+/// table yet.
 #[inline(always)]
-pub fn lb4_select_backend(svc: &Lb4Service) -> Result<(u32, Lb4Backend), DropReason> {
+pub fn lb4_select_backend(svc: &Lb4Service, hash: u32) -> Result<(u32, Lb4Backend), DropReason> {
     let count = svc.count as u32;
     if count == 0 {
         return Err(DropReason::NoBackend);
+    }
+    if svc.flags & SVC_F_RANDOM == 0 {
+        let idx = hash % MAGLEV_TABLE_SIZE;
+        // SAFETY: the value is copied out at once.
+        if let Some(id) = unsafe { lb4_maglev_v1.get_value(&svc.svc_id, &idx).copied() } {
+            if let Some(be) = unsafe { lb4_be_v1.get(&id).copied() } {
+                return Ok((id, be));
+            }
+        }
     }
     let slot = unsafe { bpf_get_prandom_u32() } % count;
     let id = unsafe { lb4_slot_v1.get(&Lb4SlotKey { svc_id: svc.svc_id, slot }).copied() }.ok_or(DropReason::NoBackend)?;
@@ -270,7 +297,7 @@ fn random_port(min: u16, max: u16) -> u16 {
 /// is chosen for the new connection instead of breaking the existing one.
 #[inline(always)]
 fn lb4_new_connection(p: &Ipv4Packet, svc: &Lb4Service, hook: Hook) -> Result<Ct4Entry, DropReason> {
-    let (backend_id, be) = lb4_choose_backend(svc, p.saddr_be)?;
+    let (backend_id, be) = lb4_choose_backend(svc, p.saddr_be, flow_hash(p))?;
     if p.proto == IPPROTO_SCTP && be.port_be != p.dport_be {
         return Err(DropReason::SctpPortNat);
     }

@@ -2,7 +2,7 @@
 //! `bpftool map dump pinned /sys/fs/bpf/ferry/<name>` prints named fields. The agent pins them by
 //! name (see `dataplane_common::names`); the symbol names here must match those names.
 use aya_ebpf::{
-    btf_maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray},
+    btf_maps::{Array, HashMap, HashOfMaps, LpmTrie, LruHashMap, PerCpuArray},
     macros::btf_map,
 };
 /// Maps written only by the agent need no preallocation (Cilium's LB maps do the same): memory
@@ -64,3 +64,9 @@ pub static lb4_src_v1: LpmTrie<SrcRangeData, u32, { capacity::SOURCE_RANGES as u
 /// This node's settings (one entry), written by the agent.
 #[btf_map]
 pub static cfg4_v1: Array<NodeConfig, 1> = Array::new();
+
+/// Each frontend's Maglev table (consistent hashing): `svc_id -> [backend id; M]`, one inner
+/// array per frontend so memory follows the number of frontends.
+#[btf_map]
+pub static lb4_maglev_v1: HashOfMaps<u32, Array<u32, { dataplane_common::MAGLEV_TABLE_SIZE as usize }>, { capacity::SERVICES as usize }> =
+    HashOfMaps::new();

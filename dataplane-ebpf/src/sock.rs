@@ -58,7 +58,8 @@ pub fn sock4_xlate(ctx: &SockAddrContext) -> i32 {
         return refuse(EPERM);
     }
     // Affinity per client: every process of the node is the same client (the node).
-    let Ok((_, be)) = lb4_choose_backend(&svc, 0) else {
+    // No source port exists yet at connect(): the table is indexed at random.
+    let Ok((_, be)) = lb4_choose_backend(&svc, 0, unsafe { aya_ebpf::helpers::bpf_get_prandom_u32() }) else {
         return refuse(ECONNREFUSED);
     };
     unsafe {
