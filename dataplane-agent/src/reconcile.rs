@@ -359,7 +359,10 @@ impl Reconciler {
             st.writes += 1;
         }
         // The Maglev table after the backends it names, before the count that makes them used.
-        let maglev: Vec<u32> = if self.algorithm == Algorithm::Maglev && !new.is_empty() {
+        let maglev: Vec<u32> = if self.algorithm == Algorithm::Maglev && !new.is_empty() && new == old && !old_maglev.is_empty() {
+            // Same backends, same table: no need to build it again.
+            old_maglev.clone()
+        } else if self.algorithm == Algorithm::Maglev && !new.is_empty() {
             let order = crate::select::sorted_backends(&new);
             crate::select::maglev_table(&order, crate::select::MAGLEV_M)
                 .into_iter()
