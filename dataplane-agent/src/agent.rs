@@ -128,7 +128,9 @@ pub fn sync_once(cfg: &RunConfig, rec: &mut Reconciler, maps: &mut BpfMaps) -> (
             return (false, None);
         }
     };
-    let (desired, terr) = model::translate(&objs.services, &objs.endpoint_slices, &cfg.node);
+    let mut node = cfg.node.clone();
+    node.zone = objs.zone_of(&node.name);
+    let (desired, terr) = model::translate(&objs.services, &objs.endpoint_slices, &node);
     errors.extend(terr);
     for e in &errors {
         warn!("skipped: {e}");

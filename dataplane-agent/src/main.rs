@@ -117,7 +117,8 @@ fn main() -> anyhow::Result<()> {
                 .map(|s| s.parse::<Cidr4>().map_err(|e| anyhow::anyhow!("--nodeport-addresses: {e}")))
                 .collect::<anyhow::Result<Vec<_>>>()?;
             let cfg = agent::RunConfig {
-                node: dataplane_agent::model::NodeContext { name: node, ips: node_ips, nodeport_addresses },
+                // The zone comes from this node's Node object, at every sync.
+                node: dataplane_agent::model::NodeContext { name: node, ips: node_ips, nodeport_addresses, zone: None },
                 manifests,
                 pin_dir,
                 pod_interfaces: IfacePatterns::parse(&pod_interfaces),

@@ -201,7 +201,12 @@ pub struct NodeContext {
     /// kube-proxy's `--nodeport-addresses`: NodePorts answer only on node addresses inside these
     /// (all node addresses when empty).
     pub nodeport_addresses: Vec<Cidr4>,
+    /// The node's `topology.kubernetes.io/zone` label, for EndpointSlice zone hints.
+    pub zone: Option<String>,
 }
+
+/// The label kube-proxy reads its zone from.
+pub const LABEL_ZONE: &str = "topology.kubernetes.io/zone";
 
 impl NodeContext {
     /// The addresses NodePorts answer on.
@@ -322,7 +327,10 @@ pub fn translate(services: &[Service], slices: &[EndpointSlice], node: &NodeCont
             let port_name = port.name.clone().unwrap_or_default();
             let service = ServicePortName { namespace: ns.clone(), name: svc_name.clone(), port: port_name.clone() };
             let eps = endpoints_for_port(slices, &port_name, proto, &node.name, &mut errors);
-            let cluster = usable(eps.iter());
+            // Topology (hints written by the EndpointSlice controller for trafficDistribution
+            // and topology-aware routing) narrows the cluster-wide endpoints only.
+            let mode = topology_mode(&eps, &node.name, node.zone.as_deref());
+            let cluster = usable(eps.iter().filter(|e| mode.allows(e, &node.name, node.zone.as_deref())));
             let local = usable(eps.iter().filter(|e| e.local));
             local_ready.extend(eps.iter().filter(|e| e.local && e.ready).map(|e| e.addr.addr));
             desired.local_endpoints.extend(eps.iter().filter(|e| e.local).map(|e| e.addr.addr));
@@ -408,6 +416,48 @@ struct Endpoint {
     ready: bool,
     serving: bool,
     terminating: bool,
+    zone_hints: Vec<String>,
+    node_hints: Vec<String>,
+}
+
+/// kube-proxy's topology mode for a Service port (pkg/proxy/topology.go).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Topology {
+    /// Every endpoint.
+    None,
+    /// Endpoints hinted for this node (PreferSameNode).
+    NodeHints,
+    /// Endpoints hinted for this node's zone (PreferClose, PreferSameZone, topology-aware hints).
+    ZoneHints,
+}
+
+impl Topology {
+    fn allows(self, e: &Endpoint, node: &str, zone: Option<&str>) -> bool {
+        match self {
+            Topology::None => true,
+            Topology::NodeHints => e.node_hints.iter().any(|n| n == node),
+            Topology::ZoneHints => zone.is_some_and(|z| e.zone_hints.iter().any(|h| h == z)),
+        }
+    }
+}
+
+/// As kube-proxy's `topologyModeFromHints`: hints are used only when every ready endpoint has
+/// them and at least one is for this node (node hints) or its zone (zone hints); otherwise all
+/// endpoints serve, so a missing or partial hint never black-holes a Service.
+fn topology_mode(eps: &[Endpoint], node: &str, zone: Option<&str>) -> Topology {
+    let ready: Vec<&Endpoint> = eps.iter().filter(|e| e.ready).collect();
+    if ready.is_empty() {
+        return Topology::None;
+    }
+    if ready.iter().all(|e| !e.node_hints.is_empty()) && ready.iter().any(|e| e.node_hints.iter().any(|n| n == node)) {
+        return Topology::NodeHints;
+    }
+    if let Some(z) = zone {
+        if ready.iter().all(|e| !e.zone_hints.is_empty()) && ready.iter().any(|e| e.zone_hints.iter().any(|h| h == z)) {
+            return Topology::ZoneHints;
+        }
+    }
+    Topology::None
 }
 
 /// The endpoints traffic may go to, as kube-proxy picks them (KEP-1669): the ready ones; when
@@ -450,9 +500,20 @@ fn endpoints_for_port(slices: &[&EndpointSlice], port_name: &str, proto: Proto, 
             let serving = c.and_then(|c| c.serving).unwrap_or(ready);
             let terminating = c.and_then(|c| c.terminating).unwrap_or(false);
             let local = !node.is_empty() && ep.node_name.as_deref() == Some(node);
+            let hints = ep.hints.as_ref();
+            let zone_hints: Vec<String> = hints.and_then(|h| h.for_zones.as_ref()).map(|z| z.iter().map(|z| z.name.clone()).collect()).unwrap_or_default();
+            let node_hints: Vec<String> = hints.and_then(|h| h.for_nodes.as_ref()).map(|n| n.iter().map(|n| n.name.clone()).collect()).unwrap_or_default();
             for (ai, a) in ep.addresses.iter().enumerate() {
                 match a.parse::<Ipv4Addr>() {
-                    Ok(addr) => out.push(Endpoint { addr: L4Addr { addr, port: number, proto }, local, ready, serving, terminating }),
+                    Ok(addr) => out.push(Endpoint {
+                        addr: L4Addr { addr, port: number, proto },
+                        local,
+                        ready,
+                        serving,
+                        terminating,
+                        zone_hints: zone_hints.clone(),
+                        node_hints: node_hints.clone(),
+                    }),
                     Err(_) => errors.push(ObjectError::new("EndpointSlice", name.clone(),
                         format!("endpoints[{ei}].addresses[{ai}]"), format!("{a:?} is not an IPv4 address"))),
                 }
@@ -479,7 +540,8 @@ mod tests {
         let mut errors = Vec::new();
         manifests::parse_str(yaml, "t", &mut objs, &mut errors);
         assert!(errors.is_empty(), "{errors:?}");
-        let (d, e) = translate(&objs.services, &objs.endpoint_slices, &NodeContext { name: "node1".into(), ips: vec!["192.168.0.2".parse().unwrap()], nodeport_addresses: vec![] });
+        let node = NodeContext { name: "node1".into(), ips: vec!["192.168.0.2".parse().unwrap()], nodeport_addresses: vec![], zone: Some("zone-a".into()) };
+        let (d, e) = translate(&objs.services, &objs.endpoint_slices, &node);
         (d, e.iter().map(|e| e.to_string()).collect())
     }
 
@@ -547,6 +609,29 @@ mod tests {
         // Only terminating endpoints left: the node reports 0 (503), though they still serve.
         assert_eq!(d.health_checks[&32001].local_endpoints, 0);
         assert_eq!(d.frontends[&ext("192.168.0.2", 30081, Proto::Tcp)].backends, [be("10.0.0.3", 80, Proto::Tcp)].into());
+    }
+
+    #[test]
+    fn topology_hints_as_kube_proxy_reads_them() {
+        let ep = |ip: &str, zone: &str, node: &str| format!("- {{addresses: [{ip}], hints: {{forZones: [{{name: {zone}}}], forNodes: [{{name: {node}}}]}}}}\n");
+        let yaml = [
+            svc("zonal", "{clusterIP: 172.30.0.1, ports: [{port: 80}]}"),
+            slice("zonal", &format!("addressType: IPv4\nports: [{{port: 80}}]\nendpoints:\n{}{}{}", ep("10.0.0.1", "zone-a", "node9"), ep("10.0.0.2", "zone-b", "node8"), ep("10.0.0.3", "zone-a", "node7"))),
+            svc("samenode", "{clusterIP: 172.30.0.2, ports: [{port: 80}]}"),
+            slice("samenode", &format!("addressType: IPv4\nports: [{{port: 80}}]\nendpoints:\n{}{}", ep("10.0.1.1", "zone-a", "node1"), ep("10.0.1.2", "zone-a", "node2"))),
+            svc("otherzone", "{clusterIP: 172.30.0.3, ports: [{port: 80}]}"),
+            slice("otherzone", &format!("addressType: IPv4\nports: [{{port: 80}}]\nendpoints:\n{}{}", ep("10.0.2.1", "zone-b", "node8"), ep("10.0.2.2", "zone-c", "node7"))),
+            svc("partial", "{clusterIP: 172.30.0.4, ports: [{port: 80}]}"),
+            slice("partial", &format!("addressType: IPv4\nports: [{{port: 80}}]\nendpoints:\n{}- {{addresses: [10.0.3.2]}}\n", ep("10.0.3.1", "zone-a", "node9"))),
+        ]
+        .concat();
+        let (d, e) = translate_yaml(&yaml);
+        assert!(e.is_empty(), "{e:?}");
+        let b = |ip: &str| d.frontends[&fe(ip, 80, Proto::Tcp)].backends.iter().map(|b| b.addr.to_string()).collect::<Vec<_>>();
+        assert_eq!(b("172.30.0.1"), ["10.0.0.1", "10.0.0.3"], "zone hints for this node's zone");
+        assert_eq!(b("172.30.0.2"), ["10.0.1.1"], "node hints win (PreferSameNode)");
+        assert_eq!(b("172.30.0.3"), ["10.0.2.1", "10.0.2.2"], "no endpoint hinted for this zone: all");
+        assert_eq!(b("172.30.0.4"), ["10.0.3.1", "10.0.3.2"], "not every endpoint hinted: all");
     }
 
     #[test]

@@ -1,5 +1,6 @@
 //! The standalone source: a file or a directory of YAML/JSON manifests (v1 Service,
-//! discovery.k8s.io/v1 EndpointSlice, and `List`s of them), re-read when anything in it changes.
+//! discovery.k8s.io/v1 EndpointSlice, v1 Node for this node's zone, and `List`s of them), re-read
+//! when anything in it changes.
 use std::{
     collections::hash_map::DefaultHasher,
     hash::{Hash, Hasher},
@@ -121,7 +122,11 @@ pub fn add_value(v: serde_yaml::Value, where_: &str, objs: &mut Objects, errors:
             Ok(s) => objs.endpoint_slices.push(s),
             Err((field, msg)) => errors.push(ObjectError::new("EndpointSlice", name(), field, msg)),
         },
-        "List" | "ServiceList" | "EndpointSliceList" => {
+        "Node" => match typed(&v) {
+            Ok(n) => objs.nodes.push(n),
+            Err((field, msg)) => errors.push(ObjectError::new("Node", name(), field, msg)),
+        },
+        "List" | "ServiceList" | "EndpointSliceList" | "NodeList" => {
             if let Some(items) = v.get("items").and_then(|i| i.as_sequence()) {
                 for (j, item) in items.iter().enumerate() {
                     add_value(item.clone(), &format!("{where_} item {}", j + 1), objs, errors);

@@ -2,11 +2,27 @@
 //! `model::translate` turns into the desired datapath state.
 pub mod manifests;
 
-use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
+use k8s_openapi::api::{
+    core::v1::{Node, Service},
+    discovery::v1::EndpointSlice,
+};
 
 /// The objects the translation needs.
 #[derive(Clone, Debug, Default)]
 pub struct Objects {
     pub services: Vec<Service>,
     pub endpoint_slices: Vec<EndpointSlice>,
+    /// Node objects: this node's own gives its zone (EndpointSlice zone hints).
+    pub nodes: Vec<Node>,
+}
+
+impl Objects {
+    /// The `topology.kubernetes.io/zone` label of the Node named `name`, if it is among them.
+    pub fn zone_of(&self, name: &str) -> Option<String> {
+        self.nodes
+            .iter()
+            .find(|n| n.metadata.name.as_deref() == Some(name))
+            .and_then(|n| n.metadata.labels.as_ref())
+            .and_then(|l| l.get(crate::model::LABEL_ZONE).cloned())
+    }
 }

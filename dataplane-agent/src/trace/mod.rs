@@ -215,7 +215,7 @@ pub struct Runner {
 fn parse_objects(sc: &Scenario, source: &str) -> (Objects, Vec<ObjectError>) {
     let mut objs = Objects::default();
     let mut errors = Vec::new();
-    for (kind, list) in [("Service", &sc.services), ("EndpointSlice", &sc.endpoint_slices)] {
+    for (kind, list) in [("Service", &sc.services), ("EndpointSlice", &sc.endpoint_slices), ("Node", &sc.nodes)] {
         for (i, v) in list.iter().enumerate() {
             let mut v = v.clone();
             if let serde_yaml::Value::Mapping(m) = &mut v {
@@ -268,7 +268,12 @@ impl Runner {
             .iter()
             .filter_map(|c| c.parse().map_err(|e| errors.push(format!("config.nodePortAddresses: {e}"))).ok())
             .collect();
-        let node = model::NodeContext { name: sc.node.name.clone(), ips: node_ips.iter().copied().collect(), nodeport_addresses };
+        let node = model::NodeContext {
+            name: sc.node.name.clone(),
+            ips: node_ips.iter().copied().collect(),
+            nodeport_addresses,
+            zone: objs.zone_of(&sc.node.name),
+        };
         let (desired, terr) = model::translate(&objs.services, &objs.endpoint_slices, &node);
         errors.extend(terr.iter().map(|e| e.to_string()));
         if !errors.is_empty() {
