@@ -227,6 +227,11 @@ fn parse_objects(sc: &Scenario, source: &str) -> (Objects, Vec<ObjectError>) {
     (objs, errors)
 }
 
+/// Parses every CIDR of a config list; each bad one is reported with the list's name.
+fn parse_list(list: &[String], field: &str, errors: &mut Vec<String>) -> Vec<Cidr4> {
+    list.iter().filter_map(|c| c.parse().map_err(|e| errors.push(format!("{field}: {e}"))).ok()).collect()
+}
+
 impl Runner {
     /// Loads the private datapath and provisions it from the scenario. Invalid objects fail the
     /// whole scenario (it must not guess), each named with its field.
@@ -239,8 +244,7 @@ impl Runner {
             .filter_map(|s| s.parse().map_err(|_| errors.push(format!("node.ips: {s:?} is not an IPv4 address"))).ok())
             .collect();
         let pod_cidr = sc.node.pod_cidr.as_deref().and_then(|c| c.parse::<Cidr4>().map_err(|e| errors.push(format!("node.podCIDR: {e}"))).ok());
-        let cidrs: BTreeSet<Cidr4> =
-            sc.config.service_cidrs.iter().filter_map(|c| c.parse().map_err(|e| errors.push(format!("config.serviceCIDRs: {e}"))).ok()).collect();
+        let cidrs: BTreeSet<Cidr4> = parse_list(&sc.config.service_cidrs, "config.serviceCIDRs", &mut errors).into_iter().collect();
         if let Some(c) = &sc.config.cluster_cidr {
             if let Err(e) = c.parse::<Cidr4>() {
                 errors.push(format!("config.clusterCIDR: {e}"));
@@ -262,12 +266,7 @@ impl Runner {
         }
         let (objs, oerr) = parse_objects(sc, source);
         errors.extend(oerr.iter().map(|e| e.to_string()));
-        let nodeport_addresses: Vec<Cidr4> = sc
-            .config
-            .node_port_addresses
-            .iter()
-            .filter_map(|c| c.parse().map_err(|e| errors.push(format!("config.nodePortAddresses: {e}"))).ok())
-            .collect();
+        let nodeport_addresses: Vec<Cidr4> = parse_list(&sc.config.node_port_addresses, "config.nodePortAddresses", &mut errors);
         let node = model::NodeContext {
             name: sc.node.name.clone(),
             ips: node_ips.iter().copied().collect(),
