@@ -25,7 +25,8 @@ enum Cmd {
         /// This node's name (as in its Node object).
         #[arg(long, env = "FERRY_NODE", alias = "hostname-override")]
         node: String,
-        /// A file or directory of Service and EndpointSlice manifests, followed for changes.
+        /// A file or directory of Service, EndpointSlice and Node manifests (this node's Node gives
+        /// its zone), followed for changes.
         #[arg(long, env = "FERRY_MANIFESTS")]
         manifests: PathBuf,
         /// Where the maps are pinned (on a bpf filesystem). Kept across restarts.
