@@ -382,9 +382,27 @@ fn sctp_without_port_translation_keeps_its_crc() {
     assert_eq!(r.action, TC_ACT_OK);
     assert_eq!(r.data, sctp_init((ip(CLIENT), 5000), (ip("10.0.1.5"), 3868)));
     assert_checksums(&r.data);
-    // With a different target port the CRC32c would need recomputing: refused with a reason.
+}
+
+#[test]
+fn sctp_port_translation_patches_the_crc32c_both_ways() {
     let mut dp = Datapath::new();
-    dp.apply_yaml(&svc(VIP, 3868, "SCTP", 3869, &["10.0.1.5"]));
-    assert_eq!(dp.from_pod(&sctp_init((ip(CLIENT), 5000), (ip(VIP), 3868))).action, TC_ACT_SHOT);
-    assert_eq!(dp.stat(DropReason::SctpPortNat.stat()), 1);
+    dp.apply_yaml(&svc(VIP, 3868, "SCTP", 13868, &["10.0.1.5"]));
+    let r = dp.from_pod(&sctp_init((ip(CLIENT), 5000), (ip(VIP), 3868)));
+    assert_eq!(r.action, TC_ACT_OK);
+    // Exactly the packet an SCTP stack would have built for the backend, CRC32c included.
+    assert_eq!(r.data, sctp_init((ip(CLIENT), 5000), (ip("10.0.1.5"), 13868)));
+    let back = dp.to_pod(&sctp_init((ip("10.0.1.5"), 13868), (ip(CLIENT), 5000)));
+    assert_eq!(back.data, sctp_init((ip(VIP), 3868), (ip(CLIENT), 5000)));
+    // Every length: the patch shifts the port delta over the rest of the packet.
+    for extra in [0usize, 1, 3, 4, 63, 64, 65, 700, 1400] {
+        let mut l4 = sctp_init((ip(CLIENT), 6000 + extra as u16), (ip(VIP), 3868))[34..].to_vec();
+        l4.extend(std::iter::repeat(0xa5).take(extra));
+        l4[8..12].copy_from_slice(&[0; 4]);
+        let c = crc32c(&l4);
+        l4[8..12].copy_from_slice(&c.to_le_bytes());
+        let r = dp.from_pod(&raw_ipv4(ip(CLIENT), ip(VIP), 132, &l4));
+        assert_eq!((r.action, tuple(&r.data).dport), (TC_ACT_OK, 13868), "{extra}");
+        assert_checksums(&r.data);
+    }
 }

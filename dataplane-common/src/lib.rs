@@ -273,7 +273,8 @@ pub enum DropReason {
     Malformed = 1,
     /// Destination inside the service CIDRs but held by no Service.
     NoService = 2,
-    /// SCTP to a Service whose backend port differs: needs a CRC32c rewrite (not yet supported).
+    /// SCTP whose ports must change but whose CRC32c cannot be patched: a first fragment (the
+    /// datagram's length is unknown) or a packet over 4095 bytes.
     SctpPortNat = 3,
     /// Conntrack map full or update failed: the connection could not be tracked.
     CtInsert = 4,

@@ -298,9 +298,6 @@ fn random_port(min: u16, max: u16) -> u16 {
 #[inline(always)]
 fn lb4_new_connection(p: &Ipv4Packet, svc: &Lb4Service, hook: Hook) -> Result<Ct4Entry, DropReason> {
     let (backend_id, be) = lb4_choose_backend(svc, p.saddr_be, flow_hash(p))?;
-    if p.proto == IPPROTO_SCTP && be.port_be != p.dport_be {
-        return Err(DropReason::SctpPortNat);
-    }
     let cfg = cfg4_v1.get(0).copied().unwrap_or_default();
     let (port_min, port_max) = if cfg.snat_port_min != 0 && cfg.snat_port_max >= cfg.snat_port_min {
         (cfg.snat_port_min, cfg.snat_port_max)

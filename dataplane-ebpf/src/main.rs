@@ -11,6 +11,7 @@ mod maps;
 mod nat;
 mod parse;
 mod reject;
+mod sctp;
 mod sock;
 mod stats;
 

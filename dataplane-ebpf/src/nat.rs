@@ -6,7 +6,7 @@ use aya_ebpf::{
     helpers::{bpf_fib_lookup as fib_lookup, bpf_redirect, bpf_redirect_neigh},
     programs::TcContext,
 };
-use dataplane_common::{stat, Ct4Entry, DropReason, IPPROTO_UDP};
+use dataplane_common::{stat, Ct4Entry, DropReason, IPPROTO_SCTP, IPPROTO_UDP};
 
 use crate::stats;
 
@@ -64,14 +64,25 @@ pub fn rewrite(ctx: &TcContext, p: &Ipv4Packet, e: &Ct4Entry) -> Result<(), Drop
     if p.frag_off != 0 {
         return Ok(());
     }
+    let mut ports_changed = false;
     for (off, from, to) in [(0usize, p.sport_be, e.nat_sport_be), (2usize, p.dport_be, e.nat_dport_be)] {
         if from == to {
             continue;
         }
+        ports_changed = true;
         if l4_check != 0 {
             ctx.l4_csum_replace(l4_check, from as u64, to as u64, 2 | flags).map_err(|_| DropReason::Rewrite)?;
         }
         ctx.store(p.l4_off + off, &to, 0).map_err(|_| DropReason::Rewrite)?;
+    }
+    if ports_changed && p.proto == IPPROTO_SCTP {
+        if p.more_frags {
+            // The CRC covers the whole datagram, whose length a first fragment does not give.
+            return Err(DropReason::SctpPortNat);
+        }
+        let old = (p.sport_be as u32) | ((p.dport_be as u32) << 16);
+        let new = (e.nat_sport_be as u32) | ((e.nat_dport_be as u32) << 16);
+        crate::sctp::patch_crc(ctx, p.l4_off, p.tot_len - p.ihl, old, new)?;
     }
     Ok(())
 }
