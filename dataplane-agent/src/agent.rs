@@ -67,6 +67,11 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
         attach::attach_cgroup(&mut ebpf, cg).with_context(|| format!("attaching socket hooks to cgroup {}", cg.display()))?;
         info!("socket hooks attached to cgroup {}", cg.display());
     }
+    for (flag, patterns) in [("--pod-interfaces", &cfg.pod_interfaces), ("--external-interfaces", &external)] {
+        for name in patterns.missing_names() {
+            warn!("{flag}: no interface named {name:?} in this network namespace; attaching when it appears");
+        }
+    }
     let mut att = Attachments::default();
     att.sync_interfaces(&mut ebpf, &cfg.pod_interfaces, &external);
 

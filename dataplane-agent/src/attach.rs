@@ -34,6 +34,13 @@ impl IfacePatterns {
     pub fn matches(&self, name: &str) -> bool {
         self.0.iter().any(|p| glob(p.as_bytes(), name.as_bytes()))
     }
+
+    /// Exact names (no `*` or `?`) that no present interface has: most likely a typo or a
+    /// vanished device, worth a warning (patterns may legitimately match nothing yet).
+    pub fn missing_names(&self) -> Vec<String> {
+        let present: Vec<String> = interfaces().into_iter().map(|(n, _)| n).collect();
+        self.0.iter().filter(|p| !p.contains(['*', '?']) && !present.contains(p)).cloned().collect()
+    }
 }
 
 fn glob(p: &[u8], s: &[u8]) -> bool {
