@@ -334,6 +334,9 @@ impl Cluster {
         let log = self.logs.path.join(format!("{}.log", self.nodes[i].name));
         // Only what this agent writes counts (a restart appends to the same log).
         let since = self.agent_log(i).len();
+        // The link to the other node (replies of source-translated connections come back on it)
+        // and, on node1, the link to the client outside.
+        let external = if i == 0 { "eth0,ext0" } else { "eth0" };
         let n = &mut self.nodes[i];
         let logf = std::fs::OpenOptions::new().create(true).append(true).open(&log).unwrap();
         let child = n
@@ -355,10 +358,8 @@ impl Cluster {
                 SERVICE_CIDR,
                 "--node-ip",
                 &n.ip.to_string(),
-                // The link to the other node (replies of source-translated connections come back
-                // on it) and, on node1, the link to the client outside.
                 "--external-interfaces",
-                "eth0,ext0",
+                external,
                 "--poll-ms",
                 "100",
             ])
