@@ -80,6 +80,11 @@ impl Datapath {
         self.run(dataplane_common::progs::TO_POD, pkt)
     }
 
+    /// The XDP NodePort program (`--nodeport-acceleration=xdp`).
+    pub fn xdp(&self, pkt: &[u8]) -> Run {
+        self.run(dataplane_common::progs::XDP_NODEPORT, pkt)
+    }
+
     pub fn from_world(&self, pkt: &[u8]) -> Run {
         self.run(dataplane_common::progs::FROM_WORLD, pkt)
     }

@@ -215,6 +215,8 @@ pub struct Cluster {
     pub cgroup: Cgroup,
     pub manifests: PathBuf,
     pub logs: TempDir,
+    /// Start agents with `--nodeport-acceleration xdp`.
+    pub xdp: bool,
 }
 
 /// Pod layout: (node index, pod name, pod ip).
@@ -266,7 +268,7 @@ impl Cluster {
         nodes[0].ns.exec_ok(&["ip", "addr", "add", "172.20.0.1/24", "dev", "ext0"]);
         nodes[0].ns.exec_ok(&["ip", "link", "set", "ext0", "up"]);
         nodes[1].ns.exec_ok(&["ip", "route", "add", "172.20.0.0/24", "via", &nodes[0].ip.to_string()]);
-        let mut c = Cluster { id, echo: Vec::new(), pods: Vec::new(), outside, nodes, cgroup, manifests: manifests.to_path_buf(), logs };
+        let mut c = Cluster { id, echo: Vec::new(), pods: Vec::new(), outside, nodes, cgroup, manifests: manifests.to_path_buf(), logs, xdp: false };
         for (ni, name, ip) in PODS {
             c.add_pod(ni, name, Ipv4Addr::from(ip));
         }
@@ -337,6 +339,7 @@ impl Cluster {
         // The link to the other node (replies of source-translated connections come back on it)
         // and, on node1, the link to the client outside.
         let external = if i == 0 { "eth0,ext0" } else { "eth0" };
+        let acceleration = if self.xdp { "xdp" } else { "none" };
         let n = &mut self.nodes[i];
         let logf = std::fs::OpenOptions::new().create(true).append(true).open(&log).unwrap();
         let child = n
@@ -360,6 +363,8 @@ impl Cluster {
                 &n.ip.to_string(),
                 "--external-interfaces",
                 external,
+                "--nodeport-acceleration",
+                acceleration,
                 "--poll-ms",
                 "100",
             ])

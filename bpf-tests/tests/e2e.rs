@@ -186,15 +186,25 @@ fn a_pod_reaches_itself_through_its_own_service() {
     }
 }
 
-/// The lab plus the NodePort Services of `deploy/examples/nodeport.yaml`, with these endpoints.
-fn cluster_with_nodeports(cluster_eps: &[&str], local_eps: &[&str]) -> (Cluster, TempDir) {
-    let (mut c, d) = cluster(&ALL, &ALL);
+/// The lab plus the NodePort Services of `deploy/examples/nodeport.yaml`, with these endpoints;
+/// agents with `--nodeport-acceleration xdp` when `xdp`.
+fn cluster_with_nodeports(cluster_eps: &[&str], local_eps: &[&str], xdp: bool) -> (Cluster, TempDir) {
+    let dir = TempDir::new(&format!("e2e-{}", lab::run_id()));
+    let ip = |n: &str| Ipv4Addr::from(lab::PODS.iter().find(|p| p.1 == n).unwrap().2);
     let node_of = |n: &str| if n.starts_with("n1") { "node1" } else { "node2" };
-    let a: Vec<(Ipv4Addr, &str)> = cluster_eps.iter().map(|n| (c.pod_ip(n), node_of(n))).collect();
-    let b: Vec<(Ipv4Addr, &str)> = local_eps.iter().map(|n| (c.pod_ip(n), node_of(n))).collect();
-    c.write_manifest("nodeport.yaml", &lab::nodeport_yaml(&a, &b));
-    (c, d)
+    let a: Vec<(Ipv4Addr, &str)> = cluster_eps.iter().map(|n| (ip(n), node_of(n))).collect();
+    let b: Vec<(Ipv4Addr, &str)> = local_eps.iter().map(|n| (ip(n), node_of(n))).collect();
+    let all: Vec<Ipv4Addr> = ALL.iter().map(|n| ip(n)).collect();
+    std::fs::write(dir.path.join("echo.yaml"), echo_yaml(&all, &all)).unwrap();
+    std::fs::write(dir.path.join("nodeport.yaml"), lab::nodeport_yaml(&a, &b)).unwrap();
+    let mut c = Cluster::new(&dir.path);
+    c.xdp = xdp;
+    c.start_agents();
+    (c, dir)
 }
+
+/// Both NodePort modes: tc only, and XDP in front of it.
+const MODES: [bool; 2] = [false, true];
 
 /// (answering pod, source address it saw) of each reply.
 fn who_and_source(lines: &[String]) -> std::collections::BTreeSet<(String, String)> {
@@ -209,22 +219,32 @@ fn who_and_source(lines: &[String]) -> std::collections::BTreeSet<(String, Strin
 
 #[test]
 fn outside_client_reaches_a_nodeport_whose_backend_is_on_another_node() {
-    let (c, _d) = cluster_with_nodeports(&["n2-pod1"], &["n1-pod2"]);
-    let lines = c.client_outside(&["tcp", lab::NODEPORT_CLUSTER, "40"]);
-    // externalTrafficPolicy Cluster: node1 translated the source to itself so the reply returns.
-    assert_eq!(who_and_source(&lines), [("n2-pod1".to_string(), "192.168.77.1".to_string())].into(), "{lines:?}");
+    for xdp in MODES {
+        let (c, _d) = cluster_with_nodeports(&["n2-pod1"], &["n1-pod2"], xdp);
+        let lines = c.client_outside(&["tcp", lab::NODEPORT_CLUSTER, "40"]);
+        // externalTrafficPolicy Cluster: node1 translated the source to itself so the reply returns.
+        assert_eq!(who_and_source(&lines), [("n2-pod1".to_string(), "192.168.77.1".to_string())].into(), "xdp={xdp}: {lines:?}");
+    }
 }
 
 #[test]
 fn local_nodeport_backend_sees_the_outside_client() {
-    let (c, _d) = cluster_with_nodeports(&["n2-pod1"], &["n1-pod2"]);
-    let lines = c.client_outside(&["tcp", lab::NODEPORT_LOCAL, "40"]);
-    assert_eq!(who_and_source(&lines), [("n1-pod2".to_string(), lab::OUTSIDE_CLIENT.to_string())].into(), "{lines:?}");
+    for xdp in MODES {
+        let (c, _d) = cluster_with_nodeports(&["n2-pod1"], &["n1-pod2"], xdp);
+        let lines = c.client_outside(&["tcp", lab::NODEPORT_LOCAL, "40"]);
+        assert_eq!(who_and_source(&lines), [("n1-pod2".to_string(), lab::OUTSIDE_CLIENT.to_string())].into(), "xdp={xdp}: {lines:?}");
+    }
 }
 
 #[test]
 fn local_nodeport_without_a_local_endpoint_drops_but_pods_still_reach_it() {
-    let (c, _d) = cluster_with_nodeports(&["n2-pod1"], &["n2-pod2"]);
+    for xdp in MODES {
+        local_nodeport_without_a_local_endpoint(xdp);
+    }
+}
+
+fn local_nodeport_without_a_local_endpoint(xdp: bool) {
+    let (c, _d) = cluster_with_nodeports(&["n2-pod1"], &["n2-pod2"], xdp);
     // From outside: dropped (no answer, not refused) on node1, which has no local endpoint.
     let lines = c.client_outside(&["tcp", lab::NODEPORT_LOCAL, "2"]);
     assert!(lines.iter().all(|l| l == "ERR TimedOut"), "{lines:?}");
@@ -235,11 +255,25 @@ fn local_nodeport_without_a_local_endpoint_drops_but_pods_still_reach_it() {
 
 #[test]
 fn health_check_node_port_answers_like_kube_proxy() {
-    let (c, _d) = cluster_with_nodeports(&["n2-pod1"], &["n1-pod2"]);
+    let (c, _d) = cluster_with_nodeports(&["n2-pod1"], &["n1-pod2"], false);
     // node1 holds the Service's endpoint, node2 does not.
     let n1 = c.client_outside(&["http-get", "192.168.77.1:32081"]);
     let n2 = c.client_outside(&["http-get", "192.168.77.2:32081"]);
     let body = r#"{"service":{"namespace":"lab","name":"echo-local"},"localEndpoints":LOCAL,"serviceProxyHealthy":true}"#;
     assert_eq!(n1, vec![format!("200 {}", body.replace("LOCAL", "1"))]);
     assert_eq!(n2, vec![format!("503 {}", body.replace("LOCAL", "0"))]);
+}
+
+#[test]
+fn xdp_acceleration_translates_in_xdp() {
+    let (c, _d) = cluster_with_nodeports(&["n2-pod1"], &["n1-pod2"], true);
+    assert!(c.agent_log(0).contains("attached ferry_xdp_nodeport (XDP"), "{}", c.agent_log(0));
+    let cluster = c.client_outside(&["tcp", lab::NODEPORT_CLUSTER, "20"]);
+    assert_eq!(who_and_source(&cluster), [("n2-pod1".to_string(), "192.168.77.1".to_string())].into(), "{cluster:?}");
+    let local = c.client_outside(&["tcp", lab::NODEPORT_LOCAL, "20"]);
+    assert_eq!(who_and_source(&local), [("n1-pod2".to_string(), lab::OUTSIDE_CLIENT.to_string())].into(), "{local:?}");
+    // The Local NodePort's packets were translated in XDP, not by the tc fallback.
+    let maps = dataplane_agent::bpf::BpfMaps::from_pins(&c.nodes[0].pin.path).unwrap();
+    let xdp_forwarded = maps.stat_totals()[dataplane_common::stat::XDP_FORWARD as usize];
+    assert!(xdp_forwarded >= 20, "XDP translated {xdp_forwarded} packets");
 }

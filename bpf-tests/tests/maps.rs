@@ -145,6 +145,6 @@ flows:
     assert!(text.contains("ok   right"), "{text}");
     assert!(text.contains("FAIL not a drop"), "{text}");
     // A ClusterIP is not a frontend for traffic from outside the node: passed untranslated.
-    assert!(text.contains("FAIL from outside") && text.contains("got PASS x32 (tc test-run from outside)"), "{text}");
+    assert!(text.contains("FAIL from outside") && text.contains("got PASS x32 (test-run from outside)"), "{text}");
     assert!(text.contains("Service x/broken") && text.contains("spec.clusterIPs[0]"), "{text}");
 }

@@ -29,6 +29,8 @@ pub struct RunConfig {
     pub snat_ports: (u16, u16),
     /// How new connections pick a backend.
     pub algorithm: crate::reconcile::Algorithm,
+    /// `--nodeport-acceleration=xdp`: NodePort handling in XDP on the external interfaces.
+    pub xdp: bool,
     /// cgroup (v2) for the socket hooks; `None` leaves host processes alone.
     pub cgroup: Option<PathBuf>,
     pub service_cidrs: BTreeSet<Cidr4>,
@@ -73,6 +75,7 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
         }
     }
     let mut att = Attachments::default();
+    att.xdp = cfg.xdp;
     att.sync_interfaces(&mut ebpf, &cfg.pod_interfaces, &external);
 
     // Link events come from a blocking netlink socket on its own thread.

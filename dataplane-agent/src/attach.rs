@@ -12,7 +12,8 @@ use std::{
 use aya::{
     programs::{
         tc::{self, SchedClassifierLinkId},
-        CgroupAttachMode, CgroupSockAddr, SchedClassifier, TcAttachType,
+        xdp::{XdpLinkId, XdpMode},
+        CgroupAttachMode, CgroupSockAddr, SchedClassifier, TcAttachType, Xdp,
     },
     util::KernelVersion,
     Ebpf,
@@ -81,6 +82,9 @@ pub fn load_programs(ebpf: &mut Ebpf) -> Result<(), LoadError> {
         let p: &mut CgroupSockAddr = program(ebpf, name)?.try_into().map_err(|source| LoadError::Program { name, source })?;
         p.load().map_err(|source| LoadError::Program { name, source })?;
     }
+    let name = progs::XDP_NODEPORT;
+    let p: &mut Xdp = program(ebpf, name)?.try_into().map_err(|source| LoadError::Program { name, source })?;
+    p.load().map_err(|source| LoadError::Program { name, source })?;
     Ok(())
 }
 
@@ -133,10 +137,13 @@ pub fn interfaces_with(ips: &[std::net::Ipv4Addr]) -> Vec<String> {
     out
 }
 
-/// tc attachments by interface, kept so they can be dropped when an interface vanishes.
+/// tc (and XDP) attachments by interface, kept so they can be dropped when an interface vanishes.
 #[derive(Default)]
 pub struct Attachments {
     tc: BTreeMap<String, (u32, Role, Vec<(&'static str, SchedClassifierLinkId)>)>,
+    /// `--nodeport-acceleration=xdp`: the XDP NodePort program on external interfaces too.
+    pub xdp: bool,
+    xdp_links: BTreeMap<String, XdpLinkId>,
 }
 
 impl Attachments {
@@ -164,6 +171,7 @@ impl Attachments {
             }
             keep
         });
+        self.xdp_links.retain(|name, _| self.tc.contains_key(name));
         for (name, (idx, role)) in present {
             if self.tc.contains_key(&name) {
                 continue;
@@ -172,6 +180,15 @@ impl Attachments {
                 Ok(links) => {
                     let what: Vec<String> = role.programs().iter().map(|(p, d)| format!("{p} ({})", if *d == TcAttachType::Ingress { "ingress" } else { "egress" })).collect();
                     info!("interface {name} (ifindex {idx}): attached {}", what.join(" and "));
+                    if role == Role::External && self.xdp {
+                        match attach_xdp(ebpf, &name) {
+                            Ok(id) => {
+                                info!("interface {name}: attached {} (XDP; tc stays as the fallback)", progs::XDP_NODEPORT);
+                                self.xdp_links.insert(name.clone(), id);
+                            }
+                            Err(e) => warn!("interface {name}: cannot attach XDP, NodePorts use the tc path only: {e}"),
+                        }
+                    }
                     self.tc.insert(name, (idx, role, links));
                 }
                 Err(e) => warn!("interface {name}: cannot attach: {e} (will retry on the next link event)"),
@@ -185,6 +202,13 @@ impl Attachments {
 
     /// Detaches everything explicitly (also done implicitly when the object is dropped).
     pub fn detach_all(&mut self, ebpf: &mut Ebpf) {
+        for (name, id) in std::mem::take(&mut self.xdp_links) {
+            if let Some(p) = ebpf.program_mut(progs::XDP_NODEPORT).and_then(|p| <&mut Xdp>::try_from(p).ok()) {
+                if let Err(err) = p.detach(id) {
+                    log::debug!("detaching XDP from {name}: {err}");
+                }
+            }
+        }
         for (name, (_, _, links)) in std::mem::take(&mut self.tc) {
             for (prog, id) in links {
                 if let Some(p) = ebpf.program_mut(prog).and_then(|p| <&mut SchedClassifier>::try_from(p).ok()) {
@@ -229,6 +253,12 @@ fn attach_tc(ebpf: &mut Ebpf, iface: &str, role: Role) -> Result<Vec<(&'static s
         }
     }
     Ok(links)
+}
+
+/// Attaches the XDP NodePort program: in the driver when it supports XDP, else generic.
+fn attach_xdp(ebpf: &mut Ebpf, iface: &str) -> Result<XdpLinkId, String> {
+    let p: &mut Xdp = ebpf.program_mut(progs::XDP_NODEPORT).ok_or("program missing")?.try_into().map_err(|e| format!("{e}"))?;
+    p.attach(iface, XdpMode::Driver).or_else(|_| p.attach(iface, XdpMode::Skb)).map_err(|e| e.to_string())
 }
 
 /// Attaches the socket hooks to a cgroup (v2). Processes in that cgroup and below (the host

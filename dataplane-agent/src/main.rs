@@ -64,6 +64,11 @@ enum Cmd {
         /// the same backend on every node and after a restart) or `random` (kube-proxy's way).
         #[arg(long, env = "FERRY_LB_ALGORITHM", default_value = "maglev", value_parser = ["maglev", "random"])]
         lb_algorithm: String,
+        /// Where NodePort, LoadBalancer and external IP traffic from outside is handled: `none`
+        /// (tc on the external interfaces) or `xdp` (an XDP program at the driver level in front
+        /// of it; what XDP cannot finish goes on to tc).
+        #[arg(long, env = "FERRY_NODEPORT_ACCELERATION", default_value = "none", value_parser = ["none", "xdp"])]
+        nodeport_acceleration: String,
         /// How often the manifests are checked for changes, in milliseconds.
         #[arg(long, default_value_t = 500)]
         poll_ms: u64,
@@ -84,6 +89,10 @@ enum Cmd {
         /// Live mode: the node's pin directory.
         #[arg(long, env = "FERRY_PIN_DIR", default_value = loader::DEFAULT_PIN_DIR)]
         pin_dir: PathBuf,
+        /// Scenario mode: run traffic from outside the node through the XDP NodePort program
+        /// first (`xdp`), as `run --nodeport-acceleration xdp` does, or through tc only (`none`).
+        #[arg(long, default_value = "none", value_parser = ["none", "xdp"])]
+        nodeport_acceleration: String,
     },
     /// Internal: the socket probe `trace` runs in a throwaway namespace for node flows.
     #[command(name = "__sock-probe", hide = true)]
@@ -98,7 +107,7 @@ fn main() -> anyhow::Result<()> {
     let default_level = if matches!(cli.cmd, Cmd::Run { .. }) { "info" } else { "warn" };
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(default_level)).format_timestamp_millis().init();
     match cli.cmd {
-        Cmd::Run { node, manifests, pin_dir, pod_interfaces, external_interfaces, snat_ports, cgroup, service_cidrs, node_ips, nodeport_addresses, lb_algorithm, poll_ms } => {
+        Cmd::Run { node, manifests, pin_dir, pod_interfaces, external_interfaces, snat_ports, cgroup, service_cidrs, node_ips, nodeport_addresses, lb_algorithm, nodeport_acceleration, poll_ms } => {
             let snat_ports = snat_ports
                 .split_once('-')
                 .and_then(|(a, b)| Some((a.trim().parse::<u16>().ok()?, b.trim().parse::<u16>().ok()?)))
@@ -126,13 +135,14 @@ fn main() -> anyhow::Result<()> {
                 external_interfaces: external_interfaces.as_deref().map(IfacePatterns::parse),
                 snat_ports,
                 algorithm: if lb_algorithm == "random" { Algorithm::Random } else { Algorithm::Maglev },
+                xdp: nodeport_acceleration == "xdp",
                 cgroup,
                 service_cidrs,
                 poll: Duration::from_millis(poll_ms),
             };
             tokio::runtime::Builder::new_current_thread().enable_all().build()?.block_on(agent::run(cfg))
         }
-        Cmd::Trace { scenario, from, to, pin_dir } => {
+        Cmd::Trace { scenario, from, to, pin_dir, nodeport_acceleration } => {
             if let (Some(from), Some(to)) = (from, to) {
                 let (to, proto) = trace::live::parse_to(&to).map_err(anyhow::Error::msg)?;
                 print!("{}", trace::live::explain(&pin_dir, from, to, proto).map_err(anyhow::Error::msg)?);
@@ -141,7 +151,7 @@ fn main() -> anyhow::Result<()> {
             if scenario.is_empty() {
                 anyhow::bail!("give --scenario FILE... or --from IP --to IP:PORT/PROTO");
             }
-            if !trace::run_files(&scenario) {
+            if !trace::run_files(&scenario, nodeport_acceleration == "xdp") {
                 std::process::exit(1);
             }
             Ok(())

@@ -41,8 +41,12 @@ pub mod progs {
     pub const SOCK_RECVMSG4: &str = "ferry_recvmsg4";
     /// cgroup getpeername4: a connected socket reports the Service address as its peer.
     pub const SOCK_GETPEERNAME4: &str = "ferry_getpeer4";
+    /// XDP on the external interfaces: NodePort acceleration.
+    pub const XDP_NODEPORT: &str = "ferry_xdp_nodeport";
     /// An empty classifier: the baseline of `cargo xtask bench`. Never attached.
     pub const BENCH_EMPTY: &str = "ferry_bench_empty";
+    /// An empty XDP program: the XDP baseline of `cargo xtask bench`. Never attached.
+    pub const BENCH_EMPTY_XDP: &str = "ferry_bench_empty_xdp";
 }
 
 /// Map capacities. The agent may override the large ones at load time.
@@ -363,10 +367,14 @@ pub mod stat {
     pub const EXTERNAL_NEW: u32 = 11;
     /// A translated tuple collided with another connection's: another source port was chosen.
     pub const PORT_REMAP: u32 = 12;
+    /// Translated in XDP and handed to the stack (a backend on this node).
+    pub const XDP_FORWARD: u32 = 13;
+    /// Translated in XDP and sent back out the interface it came in on.
+    pub const XDP_TX: u32 = 14;
     /// Dropped: see `DROP_BASE + reason`.
     pub const DROP: u32 = 15;
     pub const DROP_BASE: u32 = 16;
-    pub const NAMES: [(u32, &str); 14] = [
+    pub const NAMES: [(u32, &str); 16] = [
         (PACKETS, "packets"),
         (PASS, "pass"),
         (CT_NEW, "ct_new"),
@@ -380,6 +388,8 @@ pub mod stat {
         (FIB_REDIRECT, "fib_redirect"),
         (EXTERNAL_NEW, "external_new"),
         (PORT_REMAP, "port_remap"),
+        (XDP_FORWARD, "xdp_forward"),
+        (XDP_TX, "xdp_tx"),
         (DROP, "drop"),
     ];
 }

@@ -182,7 +182,7 @@ pub fn lb4_select_backend(svc: &Lb4Service, hash: u32) -> Result<(u32, Lb4Backen
 
 /// Is the backend this connection was pinned to still a backend (same id, same address)?
 #[inline(always)]
-fn backend_alive(e: &Ct4Entry) -> bool {
+pub fn backend_alive(e: &Ct4Entry) -> bool {
     match unsafe { lb4_be_v1.get(&e.backend_id) } {
         Some(be) => be.addr_be == e.nat_daddr_be && be.port_be == e.nat_dport_be,
         None => false,
@@ -296,7 +296,7 @@ fn random_port(min: u16, max: u16) -> u16 {
 /// Services, or through two nodes' NodePorts after source translation). Then another source port
 /// is chosen for the new connection instead of breaking the existing one.
 #[inline(always)]
-fn lb4_new_connection(p: &Ipv4Packet, svc: &Lb4Service, hook: Hook) -> Result<Ct4Entry, DropReason> {
+pub fn lb4_new_connection(p: &Ipv4Packet, svc: &Lb4Service, hook: Hook) -> Result<Ct4Entry, DropReason> {
     let (backend_id, be) = lb4_choose_backend(svc, p.saddr_be, flow_hash(p))?;
     let cfg = cfg4_v1.get(0).copied().unwrap_or_default();
     let (port_min, port_max) = if cfg.snat_port_min != 0 && cfg.snat_port_max >= cfg.snat_port_min {

@@ -14,11 +14,12 @@ mod reject;
 mod sctp;
 mod sock;
 mod stats;
+mod xdp;
 
 use aya_ebpf::{
-    bindings::{TC_ACT_OK, TC_ACT_SHOT},
-    macros::{cgroup_sock_addr, classifier},
-    programs::{SockAddrContext, TcContext},
+    bindings::{xdp_action, TC_ACT_OK, TC_ACT_SHOT},
+    macros::{cgroup_sock_addr, classifier, xdp},
+    programs::{SockAddrContext, TcContext, XdpContext},
 };
 use dataplane_common::{stat, DropReason};
 use lb::{Hook, Verdict};
@@ -50,6 +51,12 @@ pub fn ferry_bench_empty(_ctx: TcContext) -> i32 {
     TC_ACT_OK
 }
 
+/// Does nothing: the XDP floor of `cargo xtask bench`. Never attached.
+#[xdp]
+pub fn ferry_bench_empty_xdp(_ctx: XdpContext) -> u32 {
+    xdp_action::XDP_PASS
+}
+
 #[inline(always)]
 fn tc_entry(ctx: &TcContext, hook: Hook) -> i32 {
     stats::count(stat::PACKETS);
@@ -72,6 +79,19 @@ fn tc_entry(ctx: &TcContext, hook: Hook) -> i32 {
     match verdict {
         Ok(action) => action,
         Err(reason) => drop(reason),
+    }
+}
+
+/// XDP on the node's external interfaces (`--nodeport-acceleration=xdp`): the NodePort path at
+/// the driver level; whatever it does not finish goes on to `ferry_from_world`.
+#[xdp]
+pub fn ferry_xdp_nodeport(ctx: XdpContext) -> u32 {
+    match xdp::try_nodeport(&ctx) {
+        Ok(action) => action,
+        Err(reason) => {
+            drop(reason);
+            xdp_action::XDP_DROP
+        }
     }
 }
 

@@ -221,6 +221,11 @@ fn test(args: &[String]) -> Result<()> {
         v
     };
     step("scenario files (dataplane-agent trace)", Command::new(root().join("target/debug/dataplane-agent")).arg("trace").arg("--scenario").args(&scenarios));
+    // The same files with NodePort handling in XDP: both modes must agree on every flow.
+    step(
+        "scenario files, --nodeport-acceleration xdp",
+        Command::new(root().join("target/debug/dataplane-agent")).args(["trace", "--nodeport-acceleration", "xdp", "--scenario"]).args(&scenarios),
+    );
     println!();
     let failed: Vec<&str> = suites.iter().filter(|s| !s.ok).map(|s| s.name).collect();
     for s in &suites {

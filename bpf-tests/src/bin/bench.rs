@@ -11,7 +11,7 @@
 use std::{net::Ipv4Addr, time::Instant};
 
 use aya::{
-    programs::{SchedClassifier, TestRun, TestRunOptions},
+    programs::{SchedClassifier, TestRun, TestRunOptions, Xdp},
     Ebpf,
 };
 use dataplane_agent::{
@@ -45,13 +45,53 @@ fn desired(services: u32, generation: u32) -> Desired {
 }
 
 fn run_ns(ebpf: &Ebpf, prog: &str, pkt: &[u8]) -> u64 {
-    let p: &SchedClassifier = ebpf.program(prog).unwrap().try_into().unwrap();
     let mut out = vec![0u8; pkt.len() + 64];
     let mut opts = TestRunOptions::default();
     opts.data_in = Some(pkt);
     opts.data_out = Some(&mut out);
     opts.repeat = 1;
-    p.test_run(opts).unwrap().duration.as_nanos() as u64
+    let p = ebpf.program(prog).unwrap();
+    let r = match <&Xdp>::try_from(p) {
+        Ok(x) => x.test_run(opts),
+        Err(_) => <&SchedClassifier>::try_from(p).unwrap().test_run(opts),
+    };
+    r.unwrap().duration.as_nanos() as u64
+}
+
+/// NodePort from outside to a backend on this node, in tc (`ferry_from_world`) and in XDP
+/// (`ferry_xdp_nodeport`), each beside an empty program of its kind.
+fn nodeport_bench(runs: usize) {
+    use dataplane_agent::model::Scope;
+    let mut ebpf = loader::load(None).unwrap();
+    attach::load_programs(&mut ebpf).unwrap();
+    for name in [progs::BENCH_EMPTY, progs::BENCH_EMPTY_XDP] {
+        match <&mut Xdp>::try_from(ebpf.program_mut(name).unwrap()) {
+            Ok(x) => x.load().unwrap(),
+            Err(_) => <&mut SchedClassifier>::try_from(ebpf.program_mut(name).unwrap()).unwrap().load().unwrap(),
+        }
+    }
+    let mut maps = BpfMaps::from_ebpf(&mut ebpf).unwrap();
+    let node = ip("192.168.0.2");
+    let backend = L4Addr { addr: ip("10.0.0.7"), port: 8080, proto: Proto::Tcp };
+    let mut d = Desired::default();
+    d.frontends.insert(
+        Frontend { addr: L4Addr { addr: node, port: 30080, proto: Proto::Tcp }, scope: Scope::External },
+        DesiredFrontend::new(ServicePortName { namespace: "bench".into(), name: "np".into(), port: String::new() }, [backend].into()),
+    );
+    d.local_endpoints.insert(backend.addr);
+    Reconciler::new().sync(&d, &Default::default(), &mut maps);
+    let pkt = |sport: u16, syn: bool| tcp((ip("203.0.113.9"), sport), (node, 30080), syn, b"");
+    println!("\nNodePort from outside to a backend on this node (ns per packet, median of {runs}):");
+    println!("{:>6} | {:>12} | {:>10} | {:>14}", "path", "empty prog", "ct hit", "new conn");
+    println!("{}", "-".repeat(52));
+    for (path, prog, empty, base) in [("tc", progs::FROM_WORLD, progs::BENCH_EMPTY, 1024u16), ("xdp", progs::XDP_NODEPORT, progs::BENCH_EMPTY_XDP, 30000u16)] {
+        run_ns(&ebpf, prog, &pkt(base, true));
+        let established = pkt(base, false);
+        let e = median((0..runs).map(|_| run_ns(&ebpf, empty, &established)).collect());
+        let hit = median((0..runs).map(|_| run_ns(&ebpf, prog, &established)).collect());
+        let new = median((0..runs).map(|i| run_ns(&ebpf, prog, &tcp((Ipv4Addr::from(u32::from(ip("198.18.0.0")) + i as u32), base, ), (node, 30080), true, b""))).collect());
+        println!("{path:>6} | {e:>9} ns | {hit:>7} ns | {new:>11} ns");
+    }
 }
 
 fn median(mut v: Vec<u64>) -> u64 {
@@ -127,4 +167,5 @@ fn main() {
     println!("\nct hit: one conntrack lookup and the rewrite; new conn: service lookup, Maglev table (or random slot), backend lookup, two conntrack inserts.");
     println!("full sync writes {} entries per Service (service, {} slots, {} backends) plus the address entry, and with maglev a 1021-entry table.", 1 + 2 * BACKENDS_PER_SERVICE, BACKENDS_PER_SERVICE, BACKENDS_PER_SERVICE);
     println!("resync same: translation and diff only, zero map writes. one endpoint: the writes that change touches.");
+    nodeport_bench(runs);
 }

@@ -46,7 +46,16 @@ pub struct TcRun {
 }
 
 pub fn run_tc(ebpf: &Ebpf, prog: &str, pkt: &[u8]) -> Result<TcRun, String> {
-    let p: &SchedClassifier = ebpf.program(prog).ok_or(format!("program {prog} missing"))?.try_into().map_err(|e| format!("{e}"))?;
+    let p = ebpf.program(prog).ok_or(format!("program {prog} missing"))?;
+    if let Ok(x) = <&aya::programs::Xdp>::try_from(p) {
+        return run_with(x, prog, pkt);
+    }
+    let p: &SchedClassifier = p.try_into().map_err(|e| format!("{e}"))?;
+    run_with(p, prog, pkt)
+}
+
+/// One BPF_PROG_TEST_RUN of a tc or XDP program.
+fn run_with<P: TestRun<Result = aya::programs::TestRunResult> + for<'a> TestRun<Opts<'a> = TestRunOptions<'a>>>(p: &P, prog: &str, pkt: &[u8]) -> Result<TcRun, String> {
     // Room for a packet that grows (an ICMP error quoting a short packet).
     let mut out = vec![0u8; pkt.len() + 256];
     let mut opts = TestRunOptions::default();
@@ -205,6 +214,8 @@ pub struct FlowResult {
 pub struct Runner {
     ebpf: Ebpf,
     maps: BpfMaps,
+    /// Run traffic from outside through the XDP NodePort program first (`--nodeport-acceleration xdp`).
+    pub xdp: bool,
     node_ips: BTreeSet<Ipv4Addr>,
     pod_cidr: Option<Cidr4>,
     pod_ips: BTreeSet<Ipv4Addr>,
@@ -287,7 +298,7 @@ impl Runner {
         }
         let snat_addr_be = node.ips.first().map(|ip| u32::from_ne_bytes(ip.octets())).unwrap_or(0);
         maps.set_config(dataplane_common::NodeConfig { snat_addr_be, snat_port_min: 61000, snat_port_max: 65535 }).map_err(|e| vec![e.to_string()])?;
-        Ok(Runner { ebpf, maps, node_ips, pod_cidr, pod_ips, network_policies: sc.network_policies.len(), cgroup: None })
+        Ok(Runner { ebpf, maps, xdp: false, node_ips, pod_cidr, pod_ips, network_policies: sc.network_policies.len(), cgroup: None })
     }
 
     fn origin(&self, src: Ipv4Addr) -> Origin {
@@ -345,12 +356,29 @@ impl Runner {
         self.maps.services.get(&crate::reconcile::lb4_key(&fe), 0).is_ok_and(|s| s.affinity_timeout_s > 0)
     }
 
+    /// A packet arriving on an external interface: through XDP first when accelerated (a drop is
+    /// final; XDP_TX is a finished translation; a pass goes on to tc), then tc's from-world.
+    fn world(&self, pkt: &[u8]) -> Result<TcRun, String> {
+        const XDP_DROP: u32 = 1;
+        const XDP_PASS: u32 = 2;
+        const XDP_TX: u32 = 3;
+        if !self.xdp {
+            return run_tc(&self.ebpf, progs::FROM_WORLD, pkt);
+        }
+        let x = run_tc(&self.ebpf, progs::XDP_NODEPORT, pkt)?;
+        match x.action {
+            XDP_DROP => Ok(TcRun { action: TC_ACT_SHOT, data: x.data }),
+            XDP_TX => Ok(TcRun { action: TC_ACT_REDIRECT, data: x.data }),
+            XDP_PASS => run_tc(&self.ebpf, progs::FROM_WORLD, &x.data),
+            other => Err(format!("unexpected XDP action {other}")),
+        }
+    }
+
     /// One packet from a pod (through the from-pod program) or from outside the node (through
     /// the from-world program), and, if translated, its reply back along the path it would take.
     fn packet(&self, origin: Origin, proto: Proto, src: Ipv4Addr, sport: u16, dst: SocketAddrV4, masq: Option<bool>) -> Result<Outcome, String> {
         let pkt = build(proto, (src, sport), (*dst.ip(), dst.port()));
-        let hook = if origin == Origin::External { progs::FROM_WORLD } else { progs::FROM_POD };
-        let r = run_tc(&self.ebpf, hook, &pkt)?;
+        let r = if origin == Origin::External { self.world(&pkt)? } else { run_tc(&self.ebpf, progs::FROM_POD, &pkt)? };
         match r.action {
             TC_ACT_SHOT => return Ok(Outcome::Drop),
             TC_ACT_REDIRECT => {
@@ -391,7 +419,7 @@ impl Runner {
         } else {
             progs::TO_POD
         };
-        let rr = run_tc(&self.ebpf, hook, &reply)?;
+        let rr = if hook == progs::FROM_WORLD { self.world(&reply)? } else { run_tc(&self.ebpf, hook, &reply)? };
         if rr.action != TC_ACT_OK && rr.action != TC_ACT_REDIRECT {
             return Err(format!("reply from {}:{} got tc action {}", t.dst, t.dport, rr.action));
         }
@@ -453,7 +481,7 @@ fn judge(name: &str, expect: &Expect, outcomes: &[Outcome], origin: Origin, stic
     let via = match origin {
         Origin::Pod => "tc test-run",
         Origin::Node => "node sockets",
-        Origin::External => "tc test-run from outside",
+        Origin::External => "test-run from outside",
     };
     let ok = match expect {
         Expect::Backends(want) => {
@@ -476,12 +504,12 @@ fn judge(name: &str, expect: &Expect, outcomes: &[Outcome], origin: Origin, stic
 }
 
 /// Runs scenario files; prints one line per flow and the `N passed, M failed` total. Returns
-/// whether everything passed.
-pub fn run_files(files: &[PathBuf]) -> bool {
+/// whether everything passed. `xdp`: traffic from outside goes through the XDP program first.
+pub fn run_files(files: &[PathBuf], xdp: bool) -> bool {
     let (mut passed, mut failed) = (0usize, 0usize);
     for f in files {
         println!("# {}", f.display());
-        match run_file(f) {
+        match run_file(f, xdp) {
             Ok(results) => {
                 for r in results {
                     println!("{}", r.line);
@@ -504,12 +532,13 @@ pub fn run_files(files: &[PathBuf]) -> bool {
     failed == 0
 }
 
-pub fn run_file(path: &Path) -> Result<Vec<FlowResult>, Vec<String>> {
+pub fn run_file(path: &Path, xdp: bool) -> Result<Vec<FlowResult>, Vec<String>> {
     let text = std::fs::read_to_string(path).map_err(|e| vec![format!("{}: {e}", path.display())])?;
     let sc: Scenario = serde_yaml::from_str(&text).map_err(|e| vec![format!("{}: {e}", path.display())])?;
     if sc.flows.is_empty() {
         return Err(vec!["flows: a scenario needs at least one flow".into()]);
     }
     let mut runner = Runner::load(&sc, &path.display().to_string())?;
+    runner.xdp = xdp;
     Ok(sc.flows.iter().map(|f| runner.run_flow(f)).collect())
 }
