@@ -32,7 +32,7 @@ pub struct BpfMaps {
     pub affinity: HashMap<MapData, AffinityKey, AffinityValue>,
     pub source_ranges: LpmTrie<MapData, SrcRangeData, u32>,
     pub config: Array<MapData, NodeConfig>,
-    pub maglev: HashOfMaps<MapData, u32, Array<MapData, u32>>,
+    pub chash: HashOfMaps<MapData, u32, Array<MapData, u32>>,
     /// Real capacities (the loader may override the compiled ones), for "map full" errors.
     caps: Caps,
 }
@@ -82,7 +82,7 @@ impl BpfMaps {
             affinity: conv(names::AFFINITY, HashMap::try_from(get(names::AFFINITY)?))?,
             source_ranges: conv(names::SOURCE_RANGES, LpmTrie::try_from(get(names::SOURCE_RANGES)?))?,
             config: conv(names::CONFIG, Array::try_from(get(names::CONFIG)?))?,
-            maglev: conv(names::MAGLEV, HashOfMaps::try_from(get(names::MAGLEV)?))?,
+            chash: conv(names::CHASH, HashOfMaps::try_from(get(names::CHASH)?))?,
             caps,
         })
     }
@@ -95,7 +95,7 @@ impl BpfMaps {
                 names::SERVICE_CIDRS | names::SOURCE_RANGES => Map::LpmTrie(data),
                 names::STATS => Map::PerCpuArray(data),
                 names::CONFIG => Map::Array(data),
-                names::MAGLEV => Map::HashOfMaps(data),
+                names::CHASH => Map::HashOfMaps(data),
                 names::CONNTRACK | names::FRAGMENTS | names::AFFINITY => Map::LruHashMap(data),
                 _ => Map::HashMap(data),
             })
@@ -142,7 +142,7 @@ impl BpfMaps {
                     flags: svc.flags,
                     affinity_timeout_s: svc.affinity_timeout_s,
                     source_ranges: ranges.remove(&svc.svc_id).unwrap_or_default(),
-                    maglev: self.maglev_table(svc.svc_id).unwrap_or_default(),
+                    table: self.chash_table(svc.svc_id).unwrap_or_default(),
                 },
             );
         }
@@ -152,10 +152,10 @@ impl BpfMaps {
         applied
     }
 
-    /// Reads frontend `svc_id`'s Maglev table back, if it has one.
-    pub fn maglev_table(&self, svc_id: u32) -> Option<Vec<u32>> {
-        let inner = self.maglev.get(&svc_id, 0).ok()?;
-        (0..dataplane_common::MAGLEV_TABLE_SIZE).map(|i| inner.get(&i, 0).ok()).collect()
+    /// Reads frontend `svc_id`'s consistent-hashing table back, if it has one.
+    pub fn chash_table(&self, svc_id: u32) -> Option<Vec<u32>> {
+        let inner = self.chash.get(&svc_id, 0).ok()?;
+        (0..dataplane_common::CHASH_TABLE_SIZE).map(|i| inner.get(&i, 0).ok()).collect()
     }
 
     /// Writes this node's datapath settings.
@@ -232,11 +232,11 @@ impl MapOps for BpfMaps {
             Err(source) => Err(MapOpError::Syscall { map: names::SERVICE_CIDRS, op: "delete", what: c.to_string(), source }),
         }
     }
-    fn put_maglev(&mut self, svc_id: u32, table: &[u32], old: &[u32]) -> Result<usize, MapOpError> {
-        let err = |op: &'static str, source: MapError| MapOpError::Syscall { map: names::MAGLEV, op, what: format!("table of frontend {svc_id}"), source };
+    fn put_table(&mut self, svc_id: u32, table: &[u32], old: &[u32]) -> Result<usize, MapOpError> {
+        let err = |op: &'static str, source: MapError| MapOpError::Syscall { map: names::CHASH, op, what: format!("table of frontend {svc_id}"), source };
         // An existing table is patched in place (the datapath never sees a half-new table for
         // long, and Maglev changes few entries); a new one is filled before it is linked in.
-        let existing = if old.is_empty() { None } else { self.maglev.get(&svc_id, 0).ok() };
+        let existing = if old.is_empty() { None } else { self.chash.get(&svc_id, 0).ok() };
         let mut written = 0;
         match existing {
             Some(mut inner) => {
@@ -248,21 +248,21 @@ impl MapOps for BpfMaps {
                 }
             }
             None => {
-                let mut inner = Array::<MapData, u32>::create(dataplane_common::MAGLEV_TABLE_SIZE, 0).map_err(|e| err("create", e))?;
+                let mut inner = Array::<MapData, u32>::create(dataplane_common::CHASH_TABLE_SIZE, 0).map_err(|e| err("create", e))?;
                 for (i, id) in table.iter().enumerate() {
                     inner.set(i as u32, *id, 0).map_err(|e| err("update", e))?;
                 }
                 written = table.len();
-                self.maglev.insert(svc_id, &inner, 0).map_err(|e| err("insert", e))?;
+                self.chash.insert(svc_id, &inner, 0).map_err(|e| err("insert", e))?;
             }
         }
         Ok(written)
     }
-    fn del_maglev(&mut self, svc_id: u32) -> Result<(), MapOpError> {
-        match self.maglev.remove(&svc_id) {
+    fn del_table(&mut self, svc_id: u32) -> Result<(), MapOpError> {
+        match self.chash.remove(&svc_id) {
             Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
             Err(MapError::SyscallError(SyscallError { ref io_error, .. })) if io_error.raw_os_error() == Some(libc::ENOENT) => Ok(()),
-            Err(source) => Err(MapOpError::Syscall { map: names::MAGLEV, op: "delete", what: format!("table of frontend {svc_id}"), source }),
+            Err(source) => Err(MapOpError::Syscall { map: names::CHASH, op: "delete", what: format!("table of frontend {svc_id}"), source }),
         }
     }
     fn put_source_range(&mut self, svc_id: u32, c: Cidr4) -> Result<(), MapOpError> {

@@ -41,7 +41,7 @@ fn expected_layout() -> [(&'static str, u32, u32); 10] {
         (names::AFFINITY, size_of::<AffinityKey>() as u32, size_of::<AffinityValue>() as u32),
         (names::SOURCE_RANGES, 12, 4),
         (names::CONFIG, 4, size_of::<NodeConfig>() as u32),
-        (names::MAGLEV, 4, 4),
+        (names::CHASH, 4, 4),
     ]
 }
 

@@ -60,9 +60,11 @@ enum Cmd {
         /// of --node-ip when empty). Comma-separated.
         #[arg(long = "nodeport-addresses", env = "FERRY_NODEPORT_ADDRESSES", value_delimiter = ',')]
         nodeport_addresses: Vec<String>,
-        /// How new connections pick a backend: `maglev` (consistent hashing: the same flow picks
-        /// the same backend on every node and after a restart) or `random` (kube-proxy's way).
-        #[arg(long, env = "FERRY_LB_ALGORITHM", default_value = "maglev", value_parser = ["maglev", "random"])]
+        /// How new connections pick a backend: `rendezvous` (consistent hashing: the same flow
+        /// picks the same backend on every node and after a restart, and removing a backend moves
+        /// only its flows), `maglev` (consistent hashing with a tighter spread, but a removal
+        /// also moves a few percent of other flows) or `random` (kube-proxy's way).
+        #[arg(long, env = "FERRY_LB_ALGORITHM", default_value = "rendezvous", value_parser = ["rendezvous", "maglev", "random"])]
         lb_algorithm: String,
         /// Where NodePort, LoadBalancer and external IP traffic from outside is handled: `none`
         /// (tc on the external interfaces) or `xdp` (an XDP program at the driver level in front
@@ -134,7 +136,11 @@ fn main() -> anyhow::Result<()> {
                 pod_interfaces: IfacePatterns::parse(&pod_interfaces),
                 external_interfaces: external_interfaces.as_deref().map(IfacePatterns::parse),
                 snat_ports,
-                algorithm: if lb_algorithm == "random" { Algorithm::Random } else { Algorithm::Maglev },
+                algorithm: match lb_algorithm.as_str() {
+                    "random" => Algorithm::Random,
+                    "maglev" => Algorithm::Maglev,
+                    _ => Algorithm::Rendezvous,
+                },
                 xdp: nodeport_acceleration == "xdp",
                 cgroup,
                 service_cidrs,

@@ -62,10 +62,10 @@ pub trait MapOps {
     fn del_service(&mut self, key: Lb4Key) -> Result<(), MapOpError>;
     fn put_service_cidr(&mut self, cidr: Cidr4) -> Result<(), MapOpError>;
     fn del_service_cidr(&mut self, cidr: Cidr4) -> Result<(), MapOpError>;
-    /// Writes frontend `svc_id`'s Maglev table (backend ids), touching only the entries that
+    /// Writes frontend `svc_id`'s consistent-hashing table (backend ids), touching only the entries that
     /// differ from `old` (empty: the table does not exist yet). Returns the entries written.
-    fn put_maglev(&mut self, svc_id: u32, table: &[u32], old: &[u32]) -> Result<usize, MapOpError>;
-    fn del_maglev(&mut self, svc_id: u32) -> Result<(), MapOpError>;
+    fn put_table(&mut self, svc_id: u32, table: &[u32], old: &[u32]) -> Result<usize, MapOpError>;
+    fn del_table(&mut self, svc_id: u32) -> Result<(), MapOpError>;
     /// Allows `cidr` as a source of frontend `svc_id` (loadBalancerSourceRanges).
     fn put_source_range(&mut self, svc_id: u32, cidr: Cidr4) -> Result<(), MapOpError>;
     fn del_source_range(&mut self, svc_id: u32, cidr: Cidr4) -> Result<(), MapOpError>;
@@ -97,16 +97,19 @@ pub struct AppliedFrontend {
     pub flags: u16,
     pub affinity_timeout_s: u32,
     pub source_ranges: BTreeSet<Cidr4>,
-    /// The Maglev table as written (backend ids); empty when there is none.
-    pub maglev: Vec<u32>,
+    /// The consistent-hashing table as written (backend ids); empty when there is none.
+    pub table: Vec<u32>,
 }
 
 /// How new connections pick a backend.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum Algorithm {
-    /// Consistent hashing by each frontend's Maglev table: the same flow picks the same backend
-    /// on every node and after a restart; removing a backend moves little but its own flows.
+    /// Consistent hashing by each frontend's rendezvous table: the same flow picks the same
+    /// backend on every node and after a restart; removing a backend moves only its own flows.
     #[default]
+    Rendezvous,
+    /// Consistent hashing by Maglev tables: a tighter spread, but a removal also moves a few
+    /// percent of other flows.
     Maglev,
     /// Uniformly at random, as kube-proxy does.
     Random,
@@ -233,8 +236,8 @@ impl Reconciler {
                     ops.del_source_range(af.svc_id, *c)?;
                     st.deletes += 1;
                 }
-                if !af.maglev.is_empty() {
-                    ops.del_maglev(af.svc_id)?;
+                if !af.table.is_empty() {
+                    ops.del_table(af.svc_id)?;
                     st.deletes += 1;
                 }
                 Ok(())
@@ -335,8 +338,8 @@ impl Reconciler {
     ) -> Result<(), MapOpError> {
         let want = &desired.backends;
         let flags = frontend_flags(desired, self.algorithm);
-        let (svc_id, old, old_entry, old_ranges, old_maglev) = match self.applied.frontends.get(fe) {
-            Some(af) => (af.svc_id, af.slots.clone(), Some((af.flags, af.affinity_timeout_s)), af.source_ranges.clone(), af.maglev.clone()),
+        let (svc_id, old, old_entry, old_ranges, old_table) = match self.applied.frontends.get(fe) {
+            Some(af) => (af.svc_id, af.slots.clone(), Some((af.flags, af.affinity_timeout_s)), af.source_ranges.clone(), af.table.clone()),
             None => {
                 let id = self.next_svc_id;
                 if id == u32::MAX {
@@ -358,25 +361,30 @@ impl Reconciler {
             ops.put_slot(Lb4SlotKey { svc_id, slot: i as u32 }, id)?;
             st.writes += 1;
         }
-        // The Maglev table after the backends it names, before the count that makes them used.
-        let maglev: Vec<u32> = if self.algorithm == Algorithm::Maglev && !new.is_empty() && new == old && !old_maglev.is_empty() {
+        // The hashing table after the backends it names, before the count that makes them used.
+        let hashed = self.algorithm != Algorithm::Random && !new.is_empty();
+        let table: Vec<u32> = if hashed && new == old && !old_table.is_empty() {
             // Same backends, same table: no need to build it again.
-            old_maglev.clone()
-        } else if self.algorithm == Algorithm::Maglev && !new.is_empty() {
+            old_table.clone()
+        } else if hashed {
             let order = crate::select::sorted_backends(&new);
-            crate::select::maglev_table(&order, crate::select::MAGLEV_M)
+            let table = match self.algorithm {
+                Algorithm::Maglev => crate::select::maglev_table(&order, crate::select::TABLE_M),
+                _ => crate::select::rendezvous_table(&order, crate::select::TABLE_M),
+            };
+            table
                 .into_iter()
                 .map(|i| self.applied.backends.get(&order[i]).map(|(id, _)| *id).unwrap_or(0))
                 .collect()
         } else {
             Vec::new()
         };
-        if maglev != old_maglev {
-            if maglev.is_empty() {
-                ops.del_maglev(svc_id)?;
+        if table != old_table {
+            if table.is_empty() {
+                ops.del_table(svc_id)?;
                 st.deletes += 1;
             } else {
-                st.writes += ops.put_maglev(svc_id, &maglev, &old_maglev)?;
+                st.writes += ops.put_table(svc_id, &table, &old_table)?;
             }
         }
         // Source ranges before the service entry that turns their check on.
@@ -411,7 +419,7 @@ impl Reconciler {
                 flags,
                 affinity_timeout_s: desired.affinity_timeout_s,
                 source_ranges: desired.source_ranges.clone(),
-                maglev,
+                table,
             },
         );
         Ok(())
@@ -493,13 +501,13 @@ mod tests {
             self.ops.push(format!("del_cidr {c}"));
             Ok(())
         }
-        fn put_maglev(&mut self, id: u32, table: &[u32], old: &[u32]) -> Result<usize, MapOpError> {
+        fn put_table(&mut self, id: u32, table: &[u32], old: &[u32]) -> Result<usize, MapOpError> {
             let n = if old.is_empty() { table.len() } else { table.iter().zip(old).filter(|(a, b)| a != b).count() };
-            self.ops.push(format!("put_maglev {id} ({n} entries)"));
+            self.ops.push(format!("put_table {id} ({n} entries)"));
             Ok(n)
         }
-        fn del_maglev(&mut self, id: u32) -> Result<(), MapOpError> {
-            self.ops.push(format!("del_maglev {id}"));
+        fn del_table(&mut self, id: u32) -> Result<(), MapOpError> {
+            self.ops.push(format!("del_table {id}"));
             Ok(())
         }
         fn put_source_range(&mut self, id: u32, c: Cidr4) -> Result<(), MapOpError> {
@@ -673,25 +681,25 @@ mod tests {
     }
 
     #[test]
-    fn maglev_tables_are_written_with_the_slots_and_patched_on_change() {
+    fn hashing_tables_are_written_with_the_slots_and_patched_on_change() {
         let mut r = Recorder::default();
         let mut rec = Reconciler::new();
         rec.sync(&desired(&[1, 2, 3]), &BTreeSet::new(), &mut r);
-        assert!(r.ops.contains(&format!("put_maglev 1 ({} entries)", crate::select::MAGLEV_M)), "{:?}", r.ops);
+        assert!(r.ops.contains(&format!("put_table 1 ({} entries)", crate::select::TABLE_M)), "{:?}", r.ops);
         let svc = r.services.values().find(|s| s.svc_id == 1).unwrap();
         assert_eq!(svc.flags & SVC_F_RANDOM, 0);
         r.ops.clear();
         rec.sync(&desired(&[1, 2, 3]), &BTreeSet::new(), &mut r);
         assert!(r.ops.is_empty(), "{:?}", r.ops);
-        // One backend leaves: its entries (about a third) and a few others are rewritten.
+        // One backend leaves: exactly its entries (about a third) are rewritten.
         rec.sync(&desired(&[1, 2]), &BTreeSet::new(), &mut r);
-        let line = r.ops.iter().find(|o| o.starts_with("put_maglev")).unwrap();
+        let line = r.ops.iter().find(|o| o.starts_with("put_table")).unwrap();
         let n: usize = line.split(['(', ' ']).nth(3).unwrap().parse().unwrap();
-        assert!(n > crate::select::MAGLEV_M / 4 && n < crate::select::MAGLEV_M / 2, "{line}");
+        assert!(n > crate::select::TABLE_M / 4 && n < crate::select::TABLE_M / 2, "{line}");
         // No backend left: the table goes.
         r.ops.clear();
         rec.sync(&desired(&[]), &BTreeSet::new(), &mut r);
-        assert!(r.ops.contains(&"del_maglev 1".to_string()), "{:?}", r.ops);
+        assert!(r.ops.contains(&"del_table 1".to_string()), "{:?}", r.ops);
     }
 
     #[test]

@@ -1,15 +1,21 @@
-//! Backend selection math, pure (no maps): the Maglev lookup table (Eisenbud et al., NSDI 2016).
+//! Backend selection math, pure (no maps): consistent-hashing lookup tables.
 //!
 //! Every frontend with consistent hashing gets a table of `M` entries (M prime), each naming a
-//! backend; the datapath picks `table[hash(flow) % M]`. The table depends only on the set of
-//! backend addresses, so every node and every restart computes the same one, and a flow picks
-//! the same backend on every node. Removing one backend reassigns the entries it held and
-//! disturbs few others (Maglev's minimal disruption; measured in the tests below).
+//! backend; the datapath picks `table[hash(flow) % M]`, one lookup whatever the number of
+//! backends. A table depends only on the set of backend addresses, so every node and every
+//! restart computes the same one, and a flow picks the same backend on every node. Two builders:
+//!
+//! - **rendezvous** (the default): each entry goes to the backend with the highest hash of
+//!   (entry, backend), i.e. highest-random-weight hashing per entry. Removing a backend changes
+//!   exactly the entries it held (their second choices take them) and no other; adding one takes
+//!   only entries from others. The spread is binomial: about ±3/sqrt(M/N) per backend.
+//! - **maglev** (Eisenbud et al., NSDI 2016): near-perfect spread, but the table is rebuilt from
+//!   its permutations, so a removal also moves a few percent of other entries.
 use crate::model::L4Addr;
 
 /// Entries per table. Prime; about 100 entries per backend keep the spread within ~1% up to ten
 /// backends and within a few percent up to a hundred.
-pub const MAGLEV_M: usize = dataplane_common::MAGLEV_TABLE_SIZE as usize;
+pub const TABLE_M: usize = dataplane_common::CHASH_TABLE_SIZE as usize;
 
 /// FNV-1a, 64-bit, with a seed: stable across builds and machines (unlike std's hashers).
 fn fnv1a(seed: u64, data: &[u8]) -> u64 {
@@ -61,6 +67,37 @@ pub fn maglev_table(backends: &[L4Addr], m: usize) -> Vec<usize> {
     }
 }
 
+/// The rendezvous table for `backends` (any order; they are sorted first): for each entry, the
+/// index of its backend in the sorted list. Empty for no backends.
+pub fn rendezvous_table(backends: &[L4Addr], m: usize) -> Vec<usize> {
+    let sorted = sorted_backends(backends);
+    if sorted.is_empty() {
+        return Vec::new();
+    }
+    let keys: Vec<u64> = sorted.iter().map(|b| fnv1a(0x7265_6e64, format!("{}:{}/{}", b.addr, b.port, b.proto).as_bytes())).collect();
+    (0..m)
+        .map(|slot| {
+            let mut best = 0;
+            let mut best_w = 0u64;
+            for (i, k) in keys.iter().enumerate() {
+                let w = mix64(*k ^ (slot as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15));
+                if i == 0 || w > best_w {
+                    best = i;
+                    best_w = w;
+                }
+            }
+            best
+        })
+        .collect()
+}
+
+/// A 64-bit finalizer (splitmix64): independent-looking weights for every (entry, backend).
+fn mix64(mut x: u64) -> u64 {
+    x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    x ^ (x >> 31)
+}
+
 /// The sorted backend list a table's indices refer to.
 pub fn sorted_backends(backends: &[L4Addr]) -> Vec<L4Addr> {
     let mut v = backends.to_vec();
@@ -83,13 +120,13 @@ mod tests {
     fn every_entry_filled_and_spread_evenly() {
         for n in [1usize, 2, 3, 7, 10] {
             let backends: Vec<L4Addr> = (1..=n as u32).map(be).collect();
-            let t = maglev_table(&backends, MAGLEV_M);
-            assert_eq!(t.len(), MAGLEV_M);
+            let t = maglev_table(&backends, TABLE_M);
+            assert_eq!(t.len(), TABLE_M);
             let mut counts = vec![0usize; n];
             for i in &t {
                 counts[*i] += 1;
             }
-            let ideal = MAGLEV_M as f64 / n as f64;
+            let ideal = TABLE_M as f64 / n as f64;
             for c in counts {
                 assert!((c as f64 - ideal).abs() <= ideal * 0.02 + 1.0, "n={n}: {c} vs {ideal}");
             }
@@ -101,16 +138,54 @@ mod tests {
         let a: Vec<L4Addr> = (1..=5).map(be).collect();
         let mut b = a.clone();
         b.reverse();
-        assert_eq!(maglev_table(&a, MAGLEV_M), maglev_table(&b, MAGLEV_M));
+        assert_eq!(maglev_table(&a, TABLE_M), maglev_table(&b, TABLE_M));
+    }
+
+    #[test]
+    fn rendezvous_moves_exactly_the_removed_backends_entries() {
+        let all: Vec<L4Addr> = (1..=10).map(be).collect();
+        let before: Vec<L4Addr> = rendezvous_table(&all, TABLE_M).iter().map(|i| sorted_backends(&all)[*i]).collect();
+        let gone = be(4);
+        let rest: Vec<L4Addr> = all.iter().copied().filter(|b| *b != gone).collect();
+        let after: Vec<L4Addr> = rendezvous_table(&rest, TABLE_M).iter().map(|i| sorted_backends(&rest)[*i]).collect();
+        for (b, a) in before.iter().zip(&after) {
+            if *b == gone {
+                assert_ne!(*a, gone);
+            } else {
+                assert_eq!(b, a, "an entry of another backend moved");
+            }
+        }
+        // And adding one takes entries only for itself.
+        let more: Vec<L4Addr> = all.iter().copied().chain([be(11)]).collect();
+        let added: Vec<L4Addr> = rendezvous_table(&more, TABLE_M).iter().map(|i| sorted_backends(&more)[*i]).collect();
+        for (b, a) in before.iter().zip(&added) {
+            assert!(a == b || *a == be(11));
+        }
+    }
+
+    #[test]
+    fn rendezvous_spreads_within_binomial_bounds() {
+        for n in [2usize, 3, 5, 10] {
+            let backends: Vec<L4Addr> = (1..=n as u32).map(be).collect();
+            let mut counts = vec![0usize; n];
+            for i in rendezvous_table(&backends, TABLE_M) {
+                counts[i] += 1;
+            }
+            let ideal = TABLE_M as f64 / n as f64;
+            let sigma = (ideal * (1.0 - 1.0 / n as f64)).sqrt();
+            for c in counts {
+                assert!((c as f64 - ideal).abs() <= 4.0 * sigma, "n={n}: {c} vs {ideal} (sigma {sigma:.1})");
+            }
+        }
     }
 
     #[test]
     fn removing_one_backend_moves_its_entries_and_few_others() {
         let all: Vec<L4Addr> = (1..=10).map(be).collect();
-        let before: Vec<L4Addr> = maglev_table(&all, MAGLEV_M).iter().map(|i| sorted_backends(&all)[*i]).collect();
+        let before: Vec<L4Addr> = maglev_table(&all, TABLE_M).iter().map(|i| sorted_backends(&all)[*i]).collect();
         let gone = be(4);
         let rest: Vec<L4Addr> = all.iter().copied().filter(|b| *b != gone).collect();
-        let after: Vec<L4Addr> = maglev_table(&rest, MAGLEV_M).iter().map(|i| sorted_backends(&rest)[*i]).collect();
+        let after: Vec<L4Addr> = maglev_table(&rest, TABLE_M).iter().map(|i| sorted_backends(&rest)[*i]).collect();
         let mut others_moved = 0;
         for (b, a) in before.iter().zip(&after) {
             if *b == gone {
@@ -121,7 +196,7 @@ mod tests {
         }
         // Maglev's minimal disruption: a handful of entries that were not on the removed
         // backend move too (the table is rebuilt from scratch, not patched).
-        let share = others_moved as f64 / MAGLEV_M as f64;
-        assert!(share < 0.05, "{others_moved} of {MAGLEV_M} entries of other backends moved");
+        let share = others_moved as f64 / TABLE_M as f64;
+        assert!(share < 0.05, "{others_moved} of {TABLE_M} entries of other backends moved");
     }
 }

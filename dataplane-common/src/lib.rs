@@ -19,9 +19,9 @@ pub mod names {
     pub const AFFINITY: &str = "lb4_aff_v1";
     pub const SOURCE_RANGES: &str = "lb4_src_v1";
     pub const CONFIG: &str = "cfg4_v1";
-    pub const MAGLEV: &str = "lb4_maglev_v1";
+    pub const CHASH: &str = "lb4_chash_v1";
     /// Every map the agent pins, in the order it creates and checks them.
-    pub const ALL: [&str; 11] = [SERVICES, SLOTS, BACKENDS, CONNTRACK, FRAGMENTS, SERVICE_CIDRS, STATS, AFFINITY, SOURCE_RANGES, CONFIG, MAGLEV];
+    pub const ALL: [&str; 11] = [SERVICES, SLOTS, BACKENDS, CONNTRACK, FRAGMENTS, SERVICE_CIDRS, STATS, AFFINITY, SOURCE_RANGES, CONFIG, CHASH];
 }
 
 /// Program names as they appear in the object file.
@@ -63,8 +63,8 @@ pub mod capacity {
     pub const SOURCE_RANGES: u32 = 16_384;
 }
 
-/// Entries of each frontend's Maglev table (prime). A change needs a new map name.
-pub const MAGLEV_TABLE_SIZE: u32 = 1021;
+/// Entries of each frontend's consistent-hashing table (prime). A change needs a new map name.
+pub const CHASH_TABLE_SIZE: u32 = 1021;
 
 pub const IPPROTO_ICMP: u8 = 1;
 pub const IPPROTO_TCP: u8 = 6;
@@ -98,7 +98,7 @@ pub const SVC_F_SOURCE_RANGES: u16 = 1 << 2;
 /// `Lb4Service.flags`: a NodePort, LoadBalancer or external IP frontend (not a ClusterIP).
 pub const SVC_F_EXTERNAL_IP: u16 = 1 << 3;
 /// `Lb4Service.flags`: pick backends at random (kube-proxy's way) instead of by the frontend's
-/// Maglev table (consistent hashing, the default).
+/// consistent-hashing table (rendezvous or Maglev; the default).
 pub const SVC_F_RANDOM: u16 = 1 << 4;
 
 /// Value of the service map.

@@ -6,14 +6,14 @@
 //! lookups: O(1) in the number of Services, endpoints and connections.
 use aya_ebpf::{helpers::bpf_get_prandom_u32, helpers::bpf_ktime_get_ns, programs::TcContext};
 use dataplane_common::{
-    stat, MAGLEV_TABLE_SIZE, SVC_F_RANDOM, AffinityKey, AffinityValue, Ct4Entry, Ct4Key, DropReason, Frag4Key, Frag4Ports, Lb4Backend, Lb4Key, Lb4Service,
+    stat, CHASH_TABLE_SIZE, SVC_F_RANDOM, AffinityKey, AffinityValue, Ct4Entry, Ct4Key, DropReason, Frag4Key, Frag4Ports, Lb4Backend, Lb4Key, Lb4Service,
     Lb4SlotKey, SrcRangeData, BE_F_LOCAL, CT_F_EXTERNAL, CT_F_FORWARD, CT_F_HAIRPIN, CT_F_REDIRECT, CT_F_REPLY, CT_F_SNAT, IPPROTO_ICMP,
     IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP, SCOPE_EXTERNAL, SCOPE_INTERNAL, SVC_F_ADDR_ONLY, SVC_F_DROP_EMPTY,
     SVC_F_SOURCE_RANGES,
 };
 
 use crate::{
-    maps::{cfg4_v1, ct4_v1, frag4_v1, lb4_aff_v1, lb4_be_v1, lb4_maglev_v1, lb4_slot_v1, lb4_src_v1, lb4_svc_v2, svc_cidr4_v1},
+    maps::{cfg4_v1, ct4_v1, frag4_v1, lb4_aff_v1, lb4_be_v1, lb4_chash_v1, lb4_slot_v1, lb4_src_v1, lb4_svc_v2, svc_cidr4_v1},
     nat,
     parse::{Ipv4Packet, TCP_ACK, TCP_SYN},
     stats,
@@ -93,7 +93,7 @@ pub fn lb4_empty(svc: &Lb4Service) -> Result<Verdict, DropReason> {
 }
 
 /// A hash of the flow's 5-tuple (murmur3's finalizer over the mixed words): the same flow gets
-/// the same value on every node, so with the same Maglev table it picks the same backend.
+/// the same value on every node, so with the same hashing table it picks the same backend.
 #[inline(always)]
 pub fn flow_hash(p: &Ipv4Packet) -> u32 {
     let mut h = p.saddr_be
@@ -156,7 +156,7 @@ pub fn lb4_unserved(addr_be: u32) -> Unserved {
     Unserved::NotService
 }
 
-/// Picks a backend of `svc`: by its Maglev table at `hash` (consistent hashing, the default), or
+/// Picks a backend of `svc`: by its consistent-hashing table at `hash` (the default), or
 /// uniformly at random (kube-proxy's `statistic random`) when the frontend says so or has no
 /// table yet.
 #[inline(always)]
@@ -166,9 +166,9 @@ pub fn lb4_select_backend(svc: &Lb4Service, hash: u32) -> Result<(u32, Lb4Backen
         return Err(DropReason::NoBackend);
     }
     if svc.flags & SVC_F_RANDOM == 0 {
-        let idx = hash % MAGLEV_TABLE_SIZE;
+        let idx = hash % CHASH_TABLE_SIZE;
         // SAFETY: the value is copied out at once.
-        if let Some(id) = unsafe { lb4_maglev_v1.get_value(&svc.svc_id, &idx).copied() } {
+        if let Some(id) = unsafe { lb4_chash_v1.get_value(&svc.svc_id, &idx).copied() } {
             if let Some(be) = unsafe { lb4_be_v1.get(&id).copied() } {
                 return Ok((id, be));
             }

@@ -65,8 +65,9 @@ pub static lb4_src_v1: LpmTrie<SrcRangeData, u32, { capacity::SOURCE_RANGES as u
 #[btf_map]
 pub static cfg4_v1: Array<NodeConfig, 1> = Array::new();
 
-/// Each frontend's Maglev table (consistent hashing): `svc_id -> [backend id; M]`, one inner
-/// array per frontend so memory follows the number of frontends.
+/// Each frontend's consistent-hashing table (rendezvous or Maglev, built by the agent):
+/// `svc_id -> [backend id; M]`, one inner array per frontend so memory follows the number of
+/// frontends.
 #[btf_map]
-pub static lb4_maglev_v1: HashOfMaps<u32, Array<u32, { dataplane_common::MAGLEV_TABLE_SIZE as usize }>, { capacity::SERVICES as usize }> =
+pub static lb4_chash_v1: HashOfMaps<u32, Array<u32, { dataplane_common::CHASH_TABLE_SIZE as usize }>, { capacity::SERVICES as usize }> =
     HashOfMaps::new();

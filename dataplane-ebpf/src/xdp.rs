@@ -9,7 +9,7 @@
 //! a backend on another node, or a reply leaving as the NodePort) is finished here only when the
 //! FIB sends it back out the interface it came in on (XDP_TX, the one-armed load balancer);
 //! otherwise tc translates it from the same conntrack entry and redirects it with the
-//! neighbour resolution XDP lacks. Conntrack, Services and Maglev tables are the maps the tc
+//! neighbour resolution XDP lacks. Conntrack, Services and hashing tables are the maps the tc
 //! programs use, so the two paths agree on every flow.
 use aya_ebpf::{
     bindings::{bpf_fib_lookup, xdp_action, BPF_FIB_LKUP_RET_SUCCESS},

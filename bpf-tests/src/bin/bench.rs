@@ -110,9 +110,9 @@ fn main() {
         let empty_prog: &mut SchedClassifier = ebpf.program_mut(progs::BENCH_EMPTY).unwrap().try_into().unwrap();
         empty_prog.load().unwrap();
         let mut maps = BpfMaps::from_ebpf(&mut ebpf).unwrap();
-        // Maglev (the default) writes a 1021-entry table per frontend: measured up to 1 000
-        // Services; 100 000 tables would take the bench minutes, so that row picks at random.
-        let algorithm = if services > 1_000 { Algorithm::Random } else { Algorithm::Maglev };
+        // Consistent hashing (the default) writes a 1021-entry table per frontend: measured up to
+        // 1 000 Services; 100 000 tables would take the bench minutes, so that row picks at random.
+        let algorithm = if services > 1_000 { Algorithm::Random } else { Algorithm::Rendezvous };
         let mut rec = Reconciler::new();
         rec.algorithm = algorithm;
 
@@ -156,7 +156,7 @@ fn main() {
         );
         println!(
             "{services:>9} {:>7} | {empty:>9} ns | {hit:>7} ns | {new:>11} ns | {:>11.1?} | {:>11.1?} | {:>6.1?} ({} ops) | {:>11.1?}",
-            if algorithm == Algorithm::Maglev { "maglev" } else { "random" },
+            if algorithm == Algorithm::Random { "random" } else { "chash" },
             full,
             resync,
             one_change,
@@ -164,8 +164,8 @@ fn main() {
             bare
         );
     }
-    println!("\nct hit: one conntrack lookup and the rewrite; new conn: service lookup, Maglev table (or random slot), backend lookup, two conntrack inserts.");
-    println!("full sync writes {} entries per Service (service, {} slots, {} backends) plus the address entry, and with maglev a 1021-entry table.", 1 + 2 * BACKENDS_PER_SERVICE, BACKENDS_PER_SERVICE, BACKENDS_PER_SERVICE);
+    println!("\nct hit: one conntrack lookup and the rewrite; new conn: service lookup, hashing table (or random slot), backend lookup, two conntrack inserts.");
+    println!("full sync writes {} entries per Service (service, {} slots, {} backends) plus the address entry, and with chash (rendezvous) a 1021-entry table.", 1 + 2 * BACKENDS_PER_SERVICE, BACKENDS_PER_SERVICE, BACKENDS_PER_SERVICE);
     println!("resync same: translation and diff only, zero map writes. one endpoint: the writes that change touches.");
     nodeport_bench(runs);
 }

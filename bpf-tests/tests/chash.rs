@@ -1,9 +1,16 @@
-//! Consistent hashing (Maglev) on the real programs: the same flow picks the same backend on
-//! every node and after an agent restart; removing a backend moves its own flows and few others.
+//! Consistent hashing on the real programs: the same flow picks the same backend on every node
+//! and after an agent restart; removing a backend moves only its own flows (rendezvous, the
+//! default) or its own and a few others (Maglev).
 use std::{collections::BTreeMap, net::Ipv4Addr};
 
 use bpf_tests::{fixture::*, lab::{run_id, PinDir}, packet::*};
-use dataplane_agent::{attach, bpf::BpfMaps, loader, model, reconcile::Reconciler, sources::{manifests, Objects}};
+use dataplane_agent::{
+    attach,
+    bpf::BpfMaps,
+    loader, model,
+    reconcile::{Algorithm, Reconciler},
+    sources::{manifests, Objects},
+};
 use dataplane_common::{progs, Ct4Key};
 
 fn web(endpoints: &[u8]) -> String {
@@ -78,9 +85,10 @@ fn the_same_flow_picks_the_same_backend_after_a_restart() {
     assert_eq!(picks(&ebpf, 400), before);
 }
 
-#[test]
-fn removing_a_backend_moves_its_flows_and_few_others() {
+/// Flows of backends other than the removed one that moved, out of 1000 flows.
+fn others_moved(algorithm: Algorithm) -> (usize, usize) {
     let mut dp = Datapath::new();
+    dp.rec.algorithm = algorithm;
     dp.apply_yaml(&web(&[1, 2, 3, 4, 5]));
     let before = picks(&dp.ebpf, 1000);
     dp.apply_yaml(&web(&[1, 2, 4, 5]));
@@ -96,5 +104,16 @@ fn removing_a_backend_moves_its_flows_and_few_others() {
     }
     let on_gone = before.iter().filter(|b| **b == gone).count();
     assert!(on_gone > 100, "{on_gone}");
-    assert!(others_moved * 100 < 1000 * 5, "{others_moved} of {} flows not on the removed backend moved", 1000 - on_gone);
+    (others_moved, on_gone)
+}
+
+#[test]
+fn removing_a_backend_moves_only_its_flows() {
+    assert_eq!(others_moved(Algorithm::Rendezvous).0, 0);
+}
+
+#[test]
+fn with_maglev_removing_a_backend_moves_its_flows_and_few_others() {
+    let (others, on_gone) = others_moved(Algorithm::Maglev);
+    assert!(others * 100 < (1000 - on_gone) * 5, "{others} of {} other flows moved", 1000 - on_gone);
 }
