@@ -436,7 +436,7 @@ impl Runner {
 
     fn node_connections(&mut self, proto: Proto, dst: SocketAddrV4, expect: &Expect, attempts: usize) -> Result<Vec<Outcome>, String> {
         if proto == Proto::Sctp {
-            return Err("SCTP from the node's own processes is not probed by trace (it would need SCTP sockets); use a pod source".into());
+            return Err("SCTP from the node's own processes is not probed by trace: that needs SCTP sockets, which kernels without the sctp module (like this project's CI machines) do not offer; the socket hooks treat SCTP like TCP. Use a pod source".into());
         }
         if self.cgroup.is_none() {
             self.cgroup = Some(probe::TraceCgroup::create(&mut self.ebpf)?);
