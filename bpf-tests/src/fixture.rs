@@ -4,7 +4,7 @@ use aya::Ebpf;
 use dataplane_agent::{attach, bpf::BpfMaps, loader, model, reconcile::{Cidr4, Reconciler}, sources::{manifests, Objects}};
 use std::collections::BTreeSet;
 
-pub use dataplane_agent::trace::{TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT};
+pub use dataplane_agent::trace::{Run, TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT};
 
 pub struct Datapath {
     pub ebpf: Ebpf,
@@ -13,13 +13,6 @@ pub struct Datapath {
     pub cidrs: BTreeSet<Cidr4>,
     /// The node the datapath belongs to (default: node1 at 192.168.0.2).
     pub node: model::NodeContext,
-}
-
-/// Result of one run: the program's return value and the packet it left behind.
-#[derive(Debug)]
-pub struct Run {
-    pub action: u32,
-    pub data: Vec<u8>,
 }
 
 impl Datapath {
@@ -65,8 +58,8 @@ impl Datapath {
     /// Runs a packet the kernel itself may refuse to test-run (it rejects an IPv4 frame too short
     /// to hold an IPv4 header with EINVAL before the program sees it): `None` then.
     pub fn try_run(&self, prog: &str, pkt: &[u8]) -> Option<Run> {
-        match dataplane_agent::trace::run_tc(&self.ebpf, prog, pkt) {
-            Ok(r) => Some(Run { action: r.action, data: r.data }),
+        match dataplane_agent::trace::test_run(&self.ebpf, prog, pkt) {
+            Ok(r) => Some(r),
             Err(e) if e.contains("os error 22") && pkt.len() < 14 + 20 && pkt.get(12..14) == Some(&[8, 0]) => None,
             Err(e) => panic!("{e}"),
         }
@@ -101,6 +94,5 @@ impl Default for Datapath {
 }
 
 pub fn run_prog(ebpf: &Ebpf, prog: &str, pkt: &[u8]) -> Run {
-    let r = dataplane_agent::trace::run_tc(ebpf, prog, pkt).unwrap();
-    Run { action: r.action, data: r.data }
+    dataplane_agent::trace::test_run(ebpf, prog, pkt).unwrap()
 }

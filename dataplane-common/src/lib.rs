@@ -96,6 +96,8 @@ pub const SVC_F_DROP_EMPTY: u16 = 1 << 1;
 /// `Lb4Service.flags`: sources are checked against the Service's loadBalancerSourceRanges.
 pub const SVC_F_SOURCE_RANGES: u16 = 1 << 2;
 /// `Lb4Service.flags`: a NodePort, LoadBalancer or external IP frontend (not a ClusterIP).
+/// Informational: the datapath does not read it; it tells these frontends apart from ClusterIPs
+/// in `bpftool map dump` and inspection.
 pub const SVC_F_EXTERNAL_IP: u16 = 1 << 3;
 /// `Lb4Service.flags`: pick backends at random (kube-proxy's way) instead of by the frontend's
 /// consistent-hashing table (rendezvous or Maglev; the default).
@@ -186,7 +188,8 @@ pub const CT_F_HAIRPIN: u32 = 1 << 2;
 /// the stack would drop as martian on input: send it out through a FIB lookup instead.
 pub const CT_F_REDIRECT: u32 = 1 << 3;
 /// `Ct4Entry.flags`: the source was translated to this node's address (NodePort to a remote
-/// backend, externalTrafficPolicy Cluster).
+/// backend, externalTrafficPolicy Cluster). Informational, for `bpftool map dump` and inspection:
+/// the translated tuple itself is in the entry.
 pub const CT_F_SNAT: u32 = 1 << 4;
 /// `Ct4Entry.flags`: the connection came from outside the node (created by the from-world hook).
 /// The from-world hook translates only these: replies of connections that pods opened are
@@ -259,14 +262,6 @@ pub struct SockRevValue {
     pub addr_be: u32,
     pub port_be: u16,
     pub pad: u16,
-}
-
-/// Key layout of an IPv4 LPM trie entry (`struct bpf_lpm_trie_key` with 4 data bytes).
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Lpm4Key {
-    pub prefix_len: u32,
-    pub addr_be: u32,
 }
 
 /// Stable drop reasons, shared with metrics. A retired code stays reserved; never renumber.
@@ -410,7 +405,6 @@ const _: () = {
     assert!(core::mem::size_of::<Frag4Ports>() == 4);
     assert!(core::mem::size_of::<SockRevKey>() == 16);
     assert!(core::mem::size_of::<SockRevValue>() == 8);
-    assert!(core::mem::size_of::<Lpm4Key>() == 8);
 };
 
 #[cfg(feature = "user")]

@@ -22,6 +22,7 @@ use dataplane_common::{
 };
 
 use crate::{
+    csum::{csum_replace2, csum_replace4},
     lb::{backend_alive, ct_key, lb4_lookup_service, lb4_new_connection, lb4_source_allowed, Hook},
     maps::ct4_v1,
     parse::{Ipv4Packet, ETH_LEN},
@@ -37,24 +38,6 @@ fn ptr_at<T>(ctx: &XdpContext, off: usize) -> Option<*mut T> {
         return None;
     }
     Some((start + off) as *mut T)
-}
-
-/// RFC 1624 eqn. 3: the checksum `hc` (as on the wire, big-endian value) after a 16-bit word
-/// changed from `old` to `new`.
-#[inline(always)]
-fn csum_replace2(hc: u16, old: u16, new: u16) -> u16 {
-    let mut sum = (!hc as u32) + (!old as u32 & 0xffff) + new as u32;
-    sum = (sum & 0xffff) + (sum >> 16);
-    sum = (sum & 0xffff) + (sum >> 16);
-    !(sum as u16)
-}
-
-/// As [`csum_replace2`] for a 32-bit field given as raw wire bytes.
-#[inline(always)]
-fn csum_replace4(hc: u16, old_be: u32, new_be: u32) -> u16 {
-    let (o, n) = (old_be.to_ne_bytes(), new_be.to_ne_bytes());
-    let hc = csum_replace2(hc, u16::from_be_bytes([o[0], o[1]]), u16::from_be_bytes([n[0], n[1]]));
-    csum_replace2(hc, u16::from_be_bytes([o[2], o[3]]), u16::from_be_bytes([n[2], n[3]]))
 }
 
 #[inline(always)]

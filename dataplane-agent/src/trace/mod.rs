@@ -38,14 +38,14 @@ pub const TC_ACT_OK: u32 = 0;
 pub const TC_ACT_SHOT: u32 = 2;
 pub const TC_ACT_REDIRECT: u32 = 7;
 
-/// One `BPF_PROG_TEST_RUN` of a tc program: its return value and the packet it left behind.
+/// One `BPF_PROG_TEST_RUN` of a tc or XDP program: its return value and the packet it left behind.
 #[derive(Debug)]
-pub struct TcRun {
+pub struct Run {
     pub action: u32,
     pub data: Vec<u8>,
 }
 
-pub fn run_tc(ebpf: &Ebpf, prog: &str, pkt: &[u8]) -> Result<TcRun, String> {
+pub fn test_run(ebpf: &Ebpf, prog: &str, pkt: &[u8]) -> Result<Run, String> {
     let p = ebpf.program(prog).ok_or(format!("program {prog} missing"))?;
     if let Ok(x) = <&aya::programs::Xdp>::try_from(p) {
         return run_with(x, prog, pkt);
@@ -55,7 +55,7 @@ pub fn run_tc(ebpf: &Ebpf, prog: &str, pkt: &[u8]) -> Result<TcRun, String> {
 }
 
 /// One BPF_PROG_TEST_RUN of a tc or XDP program.
-fn run_with<P: TestRun<Result = aya::programs::TestRunResult> + for<'a> TestRun<Opts<'a> = TestRunOptions<'a>>>(p: &P, prog: &str, pkt: &[u8]) -> Result<TcRun, String> {
+fn run_with<P: TestRun<Result = aya::programs::TestRunResult> + for<'a> TestRun<Opts<'a> = TestRunOptions<'a>>>(p: &P, prog: &str, pkt: &[u8]) -> Result<Run, String> {
     // Room for a packet that grows (an ICMP error quoting a short packet).
     let mut out = vec![0u8; pkt.len() + 256];
     let mut opts = TestRunOptions::default();
@@ -67,7 +67,7 @@ fn run_with<P: TestRun<Result = aya::programs::TestRunResult> + for<'a> TestRun<
         format!("BPF_PROG_TEST_RUN {prog} ({} bytes): {e}{cause}", pkt.len())
     })?;
     out.truncate(r.data_size_out as usize);
-    Ok(TcRun { action: r.return_value, data: out })
+    Ok(Run { action: r.return_value, data: out })
 }
 
 #[derive(Debug, Deserialize)]
@@ -304,7 +304,7 @@ impl Runner {
     fn origin(&self, src: Ipv4Addr) -> Origin {
         if self.node_ips.contains(&src) {
             Origin::Node
-        } else if self.pod_ips.contains(&src) || self.pod_cidr.is_some_and(|c| c.contains(src)) {
+        } else if self.is_local_pod(src) {
             Origin::Pod
         } else {
             Origin::External
@@ -358,18 +358,18 @@ impl Runner {
 
     /// A packet arriving on an external interface: through XDP first when accelerated (a drop is
     /// final; XDP_TX is a finished translation; a pass goes on to tc), then tc's from-world.
-    fn world(&self, pkt: &[u8]) -> Result<TcRun, String> {
+    fn world(&self, pkt: &[u8]) -> Result<Run, String> {
         const XDP_DROP: u32 = 1;
         const XDP_PASS: u32 = 2;
         const XDP_TX: u32 = 3;
         if !self.xdp {
-            return run_tc(&self.ebpf, progs::FROM_WORLD, pkt);
+            return test_run(&self.ebpf, progs::FROM_WORLD, pkt);
         }
-        let x = run_tc(&self.ebpf, progs::XDP_NODEPORT, pkt)?;
+        let x = test_run(&self.ebpf, progs::XDP_NODEPORT, pkt)?;
         match x.action {
-            XDP_DROP => Ok(TcRun { action: TC_ACT_SHOT, data: x.data }),
-            XDP_TX => Ok(TcRun { action: TC_ACT_REDIRECT, data: x.data }),
-            XDP_PASS => run_tc(&self.ebpf, progs::FROM_WORLD, &x.data),
+            XDP_DROP => Ok(Run { action: TC_ACT_SHOT, data: x.data }),
+            XDP_TX => Ok(Run { action: TC_ACT_REDIRECT, data: x.data }),
+            XDP_PASS => test_run(&self.ebpf, progs::FROM_WORLD, &x.data),
             other => Err(format!("unexpected XDP action {other}")),
         }
     }
@@ -378,7 +378,7 @@ impl Runner {
     /// the from-world program), and, if translated, its reply back along the path it would take.
     fn packet(&self, origin: Origin, proto: Proto, src: Ipv4Addr, sport: u16, dst: SocketAddrV4, masq: Option<bool>) -> Result<Outcome, String> {
         let pkt = build(proto, (src, sport), (*dst.ip(), dst.port()));
-        let r = if origin == Origin::External { self.world(&pkt)? } else { run_tc(&self.ebpf, progs::FROM_POD, &pkt)? };
+        let r = if origin == Origin::External { self.world(&pkt)? } else { test_run(&self.ebpf, progs::FROM_POD, &pkt)? };
         match r.action {
             TC_ACT_SHOT => return Ok(Outcome::Drop),
             TC_ACT_REDIRECT => {
@@ -419,7 +419,7 @@ impl Runner {
         } else {
             progs::TO_POD
         };
-        let rr = if hook == progs::FROM_WORLD { self.world(&reply)? } else { run_tc(&self.ebpf, hook, &reply)? };
+        let rr = if hook == progs::FROM_WORLD { self.world(&reply)? } else { test_run(&self.ebpf, hook, &reply)? };
         if rr.action != TC_ACT_OK && rr.action != TC_ACT_REDIRECT {
             return Err(format!("reply from {}:{} got tc action {}", t.dst, t.dport, rr.action));
         }
