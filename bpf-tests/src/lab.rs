@@ -365,7 +365,7 @@ impl Cluster {
                 external,
                 "--nodeport-acceleration",
                 acceleration,
-                "--poll-ms",
+                "--min-sync-period-ms",
                 "100",
             ])
             .stdout(logf.try_clone().unwrap())

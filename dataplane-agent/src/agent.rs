@@ -1,25 +1,53 @@
-//! The daemon: restore the maps, attach, then keep the datapath equal to the manifests until
-//! told to stop. Detaches on SIGINT/SIGTERM; the pinned maps (services, conntrack) stay, so the
-//! next start re-adopts them and established connections keep their backends.
-use std::{collections::BTreeSet, path::PathBuf, time::Duration};
+//! The daemon: restore the maps, read the sources, attach, then keep the datapath equal to the
+//! sources until told to stop. Detaches on SIGINT/SIGTERM; the pinned maps (services,
+//! conntrack) stay, so traffic keeps flowing while the agent is down and the next start
+//! re-adopts them: established connections keep their backends and nothing is flushed.
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::{Ipv4Addr, SocketAddr},
+    path::PathBuf,
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
 use anyhow::Context;
 use dataplane_common::NodeConfig;
-use log::{error, info, warn};
+use k8s_openapi::api::core::v1::Node;
+use tracing::{error, info, warn};
 
 use crate::{
     attach::{self, Attachments, IfacePatterns, LinkEvents},
     bpf::BpfMaps,
-    loader,
-    model,
+    error::ObjectError,
+    loader, model,
+    observe::Observed,
     reconcile::{Cidr4, Reconciler},
-    sources::manifests,
+    sources::{kube::KubeSource, manifests, Objects},
 };
 
+/// Where Services, EndpointSlices and Nodes come from.
+pub enum SourceConfig {
+    /// A file or directory of manifests, checked for changes every `poll`.
+    Manifests { path: PathBuf, poll: Duration },
+    /// The API server (kube-proxy's `--kubeconfig` and `--master`; neither: in-cluster).
+    Kube { kubeconfig: Option<PathBuf>, master: Option<String> },
+}
+
+/// kube-proxy's `--detect-local-mode`: which sources count as in-cluster for ClusterIP traffic
+/// arriving from outside the node (the others are masqueraded).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LocalMode {
+    /// `--cluster-cidr`.
+    ClusterCidr,
+    /// This node's podCIDR, from its Node object.
+    NodeCidr,
+}
+
 pub struct RunConfig {
-    /// The node's name, addresses and NodePort addresses.
+    pub source: SourceConfig,
+    /// The node's name (`--hostname-override`), addresses (`--node-ip`; empty: the InternalIP
+    /// and ExternalIP addresses of its Node object) and `--nodeport-addresses`.
     pub node: model::NodeContext,
-    pub manifests: PathBuf,
     pub pin_dir: PathBuf,
     pub pod_interfaces: IfacePatterns,
     /// Interfaces towards the outside (NodePort, LoadBalancer, external IPs); `None`: the
@@ -34,7 +62,90 @@ pub struct RunConfig {
     /// cgroup (v2) for the socket hooks; `None` leaves host processes alone.
     pub cgroup: Option<PathBuf>,
     pub service_cidrs: BTreeSet<Cidr4>,
-    pub poll: Duration,
+    pub cluster_cidr: Option<Cidr4>,
+    pub local_mode: LocalMode,
+    pub healthz_bind: Option<SocketAddr>,
+    pub metrics_bind: Option<SocketAddr>,
+    /// A change not applied within this makes /healthz fail.
+    pub health_timeout: Duration,
+    /// Watch events within this window are applied together.
+    pub min_sync_period: Duration,
+}
+
+enum Source {
+    /// `last`: fingerprint of the manifests the maps match; `reading`: of the ones last read.
+    Manifests { path: PathBuf, last: Option<u64>, reading: Option<u64> },
+    Kube(KubeSource),
+}
+
+impl Source {
+    fn read(&mut self) -> Result<(Objects, Vec<ObjectError>), String> {
+        match self {
+            Source::Manifests { path, reading, .. } => {
+                // Fingerprint first: a change made while reading is seen at the next tick.
+                *reading = manifests::fingerprint(path).ok();
+                manifests::read(path).map_err(|e| format!("manifests {}: {e}", path.display()))
+            }
+            Source::Kube(k) => Ok((k.snapshot(), Vec::new())),
+        }
+    }
+}
+
+/// This node's Node object, if the source holds it.
+fn own_node<'a>(objs: &'a Objects, name: &str) -> Option<&'a Node> {
+    objs.nodes.iter().find(|n| n.metadata.name.as_deref() == Some(name))
+}
+
+/// The node as the translation sees it: addresses from the flags, else from its Node object.
+pub fn node_context(cfg: &RunConfig, objs: &Objects) -> model::NodeContext {
+    let mut node = cfg.node.clone();
+    node.zone = objs.zone_of(&node.name);
+    if node.ips.is_empty() {
+        let addrs = own_node(objs, &node.name).and_then(|n| n.status.as_ref()).and_then(|s| s.addresses.as_ref());
+        for a in addrs.into_iter().flatten() {
+            if matches!(a.type_.as_str(), "InternalIP" | "ExternalIP") {
+                if let Ok(ip) = a.address.parse::<Ipv4Addr>() {
+                    if !node.ips.contains(&ip) {
+                        node.ips.push(ip);
+                    }
+                }
+            }
+        }
+    }
+    node
+}
+
+/// The datapath's node settings for this node.
+pub fn node_config(cfg: &RunConfig, node: &model::NodeContext, objs: &Objects) -> NodeConfig {
+    let local = match cfg.local_mode {
+        LocalMode::ClusterCidr => cfg.cluster_cidr,
+        LocalMode::NodeCidr => own_node(objs, &node.name)
+            .and_then(|n| n.spec.as_ref())
+            .and_then(|s| s.pod_cidrs.clone().or_else(|| s.pod_cidr.clone().map(|c| vec![c])))
+            .and_then(|cidrs| cidrs.iter().find_map(|c| c.parse::<Cidr4>().ok())),
+    };
+    let (cluster_cidr_be, cluster_mask_be) = match local {
+        Some(c) => {
+            let mask = if c.prefix == 0 { 0 } else { u32::MAX << (32 - c.prefix) };
+            (u32::from(c.addr).to_be(), mask.to_be())
+        }
+        None => (0, 0),
+    };
+    NodeConfig {
+        snat_addr_be: node.ips.first().map(|ip| u32::from_ne_bytes(ip.octets())).unwrap_or(0),
+        snat_port_min: cfg.snat_ports.0,
+        snat_port_max: cfg.snat_ports.1,
+        cluster_cidr_be,
+        cluster_mask_be,
+    }
+}
+
+/// kube-proxy's nodeEligible: false while the node is being deleted or drained away by the
+/// cluster autoscaler.
+fn node_eligible(objs: &Objects, name: &str) -> bool {
+    let Some(n) = own_node(objs, name) else { return true };
+    let tainted = n.spec.as_ref().and_then(|s| s.taints.as_ref()).is_some_and(|t| t.iter().any(|t| t.key == "ToBeDeletedByClusterAutoscaler"));
+    n.metadata.deletion_timestamp.is_none() && !tainted
 }
 
 pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
@@ -43,35 +154,71 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
     let mut maps = BpfMaps::from_ebpf(&mut ebpf)?;
     let applied = maps.dump_applied();
     info!(
-        "node {}: maps under {} ({} frontends, {} backends restored from a previous run)",
-        cfg.node.name,
-        cfg.pin_dir.display(),
-        applied.frontends.len(),
-        applied.backends.len()
+        node = %cfg.node.name,
+        pin_dir = %cfg.pin_dir.display(),
+        frontends = applied.frontends.len(),
+        backends = applied.backends.len(),
+        "maps restored from a previous run (nothing is flushed; the first sync writes only differences)"
     );
     let mut rec = Reconciler::restore(applied);
     rec.algorithm = cfg.algorithm;
-    let snat_addr = cfg.node.ips.first().map(|ip| u32::from_ne_bytes(ip.octets())).unwrap_or(0);
-    if snat_addr == 0 {
-        warn!("no --node-ip: NodePort traffic from outside to a backend on another node will be dropped (no_node_address)");
+
+    let source = match &cfg.source {
+        SourceConfig::Manifests { path, .. } => Source::Manifests { path: path.clone(), last: None, reading: None },
+        SourceConfig::Kube { kubeconfig, master } => {
+            let client = crate::sources::kube::client(kubeconfig.as_deref(), master.as_deref()).await?;
+            Source::Kube(KubeSource::start(client, &cfg.node.name))
+        }
+    };
+    let watch = match &source {
+        Source::Kube(k) => Some(k.stats.clone()),
+        _ => None,
+    };
+    let observed = Arc::new(Observed::new(cfg.pin_dir.clone(), cfg.health_timeout, watch));
+    match (cfg.healthz_bind, cfg.metrics_bind) {
+        (Some(h), Some(m)) if h == m => serve(h, &observed, true, true).await?,
+        (h, m) => {
+            if let Some(h) = h {
+                serve(h, &observed, true, false).await?;
+            }
+            if let Some(m) = m {
+                serve(m, &observed, false, true).await?;
+            }
+        }
     }
-    maps.set_config(NodeConfig { snat_addr_be: snat_addr, snat_port_min: cfg.snat_ports.0, snat_port_max: cfg.snat_ports.1 })?;
+
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    if let Source::Kube(k) = &source {
+        info!("waiting for the initial lists of Services, EndpointSlices and this node's Node");
+        tokio::select! {
+            _ = k.wait_ready() => {}
+            _ = tokio::signal::ctrl_c() => return Ok(()),
+            _ = term.recv() => return Ok(()),
+        }
+    }
+    let mut source = source;
+    let first = source.read().map_err(anyhow::Error::msg)?;
+    let node = node_context(&cfg, &first.0);
+    if node.ips.is_empty() {
+        warn!("no node address (--node-ip, or InternalIP/ExternalIP of the Node object): NodePorts answer nowhere and NodePort traffic from outside to a backend on another node is dropped (no_node_address)");
+    }
+    let mut node_cfg = node_config(&cfg, &node, &first.0);
+    maps.set_config(node_cfg)?;
     let external = match &cfg.external_interfaces {
         Some(p) => p.clone(),
         None => {
-            let names = attach::interfaces_with(&cfg.node.ips);
-            info!("external interfaces (holding the node's addresses): {}", if names.is_empty() { "none".to_string() } else { names.join(", ") });
+            let names = attach::interfaces_with(&node.ips);
+            info!(interfaces = %if names.is_empty() { "none".to_string() } else { names.join(",") }, "external interfaces (holding the node's addresses)");
             IfacePatterns::parse(&names.join(","))
         }
     };
-
     if let Some(cg) = &cfg.cgroup {
         attach::attach_cgroup(&mut ebpf, cg).with_context(|| format!("attaching socket hooks to cgroup {}", cg.display()))?;
-        info!("socket hooks attached to cgroup {}", cg.display());
+        info!(cgroup = %cg.display(), "socket hooks attached");
     }
     for (flag, patterns) in [("--pod-interfaces", &cfg.pod_interfaces), ("--external-interfaces", &external)] {
         for name in patterns.missing_names() {
-            warn!("{flag}: no interface named {name:?} in this network namespace; attaching when it appears");
+            warn!(flag, interface = %name, "no such interface in this network namespace; attaching when it appears");
         }
     }
     let mut att = Attachments::default();
@@ -83,7 +230,7 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
     let events = LinkEvents::open().context("subscribing to netlink link events")?;
     std::thread::Builder::new().name("link-events".into()).spawn(move || loop {
         if let Err(e) = events.wait() {
-            error!("netlink link events: {e}");
+            error!(error = %e, "netlink link events");
             return;
         }
         if link_tx.blocking_send(()).is_err() {
@@ -91,71 +238,161 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
         }
     })?;
 
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    let mut tick = tokio::time::interval(cfg.poll);
-    let mut health = crate::health::HealthServers::default();
-    let mut last_seen: Option<u64> = None;
+    let mut health = crate::health::HealthServers::new(observed.clone());
+    let mut retry = Backoff::default();
+    let mut pending = Some(first);
+    let mut tick = tokio::time::interval(match &cfg.source {
+        SourceConfig::Manifests { poll, .. } => *poll,
+        SourceConfig::Kube { .. } => Duration::from_secs(3600),
+    });
     loop {
+        if let Some((objs, errors)) = pending.take() {
+            let node = node_context(&cfg, &objs);
+            let want = node_config(&cfg, &node, &objs);
+            if want != node_cfg {
+                match maps.set_config(want) {
+                    Ok(()) => node_cfg = want,
+                    Err(e) => error!(error = %e, "node settings"),
+                }
+            }
+            let out = sync_objects(&cfg, &node, &mut rec, &mut maps, &objs, errors, &observed);
+            health.update(&out.health_checks).await;
+            if out.ok {
+                retry = Backoff::default();
+                if let Source::Manifests { last, reading, .. } = &mut source {
+                    *last = *reading;
+                }
+            } else {
+                retry.fail();
+            }
+        }
         tokio::select! {
             _ = tokio::signal::ctrl_c() => break,
             _ = term.recv() => break,
             Some(()) = link_rx.recv() => att.sync_interfaces(&mut ebpf, &cfg.pod_interfaces, &external),
+            _ = retry.wait() => pending = read_logged(&mut source),
+            _ = changed(&source) => {
+                observed.change_pending();
+                tokio::time::sleep(cfg.min_sync_period).await;
+                pending = read_logged(&mut source);
+            }
             _ = tick.tick() => {
-                match manifests::fingerprint(&cfg.manifests) {
-                    Ok(fp) if Some(fp) == last_seen => {}
-                    Ok(fp) => {
-                        // A sync whose map writes failed (a full map) is retried on the next
-                        // tick; one that only skipped invalid objects is not (they stay invalid
-                        // until the manifests change).
-                        let (ok, checks) = sync_once(&cfg, &mut rec, &mut maps);
-                        if let Some(checks) = checks {
-                            health.update(&checks).await;
+                if let Source::Manifests { path, last, .. } = &source {
+                    match manifests::fingerprint(path) {
+                        Ok(fp) if Some(fp) == *last => {}
+                        Ok(_) if retry.waiting() => {}
+                        Ok(_) => {
+                            observed.change_pending();
+                            pending = read_logged(&mut source);
                         }
-                        last_seen = ok.then_some(fp);
+                        Err(e) => warn!(path = %path.display(), error = %e, "manifests unreadable"),
                     }
-                    Err(e) => warn!("manifests {}: {e}", cfg.manifests.display()),
                 }
             }
         }
     }
-    info!("stopping: detaching from {} interfaces; maps stay pinned under {}", att.attached().len(), cfg.pin_dir.display());
+    info!(interfaces = att.attached().len(), pin_dir = %cfg.pin_dir.display(), "stopping: detaching; the maps stay pinned and traffic keeps flowing");
     att.detach_all(&mut ebpf);
     drop(ebpf); // closes the cgroup links
     Ok(())
 }
 
-/// Reads the manifests, translates and reconciles once. Object errors are logged and skipped.
-/// Returns false when map writes failed and the sync should be retried, and the
-/// healthCheckNodePorts to serve (None when the manifests could not be read).
-pub fn sync_once(cfg: &RunConfig, rec: &mut Reconciler, maps: &mut BpfMaps) -> (bool, Option<std::collections::BTreeMap<u16, model::HealthCheck>>) {
-    let started = std::time::Instant::now();
-    let (objs, mut errors) = match manifests::read(&cfg.manifests) {
-        Ok(r) => r,
+async fn serve(addr: SocketAddr, observed: &Arc<Observed>, health: bool, metrics: bool) -> anyhow::Result<()> {
+    crate::observe::spawn_server(addr, observed.clone(), health, metrics)
+        .await
+        .with_context(|| format!("listening on {addr} (--healthz-bind-address / --metrics-bind-address)"))?;
+    info!(%addr, health, metrics, "serving /healthz /livez /readyz /metrics");
+    Ok(())
+}
+
+fn read_logged(source: &mut Source) -> Option<(Objects, Vec<ObjectError>)> {
+    match source.read() {
+        Ok(r) => Some(r),
         Err(e) => {
-            warn!("manifests {}: {e}", cfg.manifests.display());
-            return (false, None);
+            warn!(error = %e, "source unreadable; keeping the datapath as it is");
+            None
         }
-    };
-    let mut node = cfg.node.clone();
-    node.zone = objs.zone_of(&node.name);
-    let (desired, terr) = model::translate(&objs.services, &objs.endpoint_slices, &node);
+    }
+}
+
+/// Resolves when the API-server source reports a change (never for manifests: they are polled).
+async fn changed(source: &Source) {
+    match source {
+        Source::Kube(k) => k.changed.notified().await,
+        Source::Manifests { .. } => std::future::pending().await,
+    }
+}
+
+/// Retries of a sync whose map writes failed: 1 s, doubling up to 30 s, so a full map neither
+/// spins nor floods the log.
+#[derive(Default)]
+struct Backoff {
+    at: Option<(tokio::time::Instant, Duration)>,
+}
+
+impl Backoff {
+    fn fail(&mut self) {
+        let next = self.at.map(|(_, d)| (d * 2).min(Duration::from_secs(30))).unwrap_or(Duration::from_secs(1));
+        warn!(retry_in = ?next, "sync incomplete; retrying");
+        self.at = Some((tokio::time::Instant::now() + next, next));
+    }
+    fn waiting(&self) -> bool {
+        self.at.is_some()
+    }
+    async fn wait(&self) {
+        match self.at {
+            Some((t, _)) => tokio::time::sleep_until(t).await,
+            None => std::future::pending().await,
+        }
+    }
+}
+
+/// The result of one sync.
+pub struct SyncOutcome {
+    /// The maps match the objects (no map write failed).
+    pub ok: bool,
+    pub health_checks: BTreeMap<u16, model::HealthCheck>,
+    pub stats: crate::reconcile::SyncStats,
+}
+
+/// Translates and reconciles once. Object errors are logged and skipped; everything else syncs.
+pub fn sync_objects(
+    cfg: &RunConfig,
+    node: &model::NodeContext,
+    rec: &mut Reconciler,
+    maps: &mut BpfMaps,
+    objs: &Objects,
+    mut errors: Vec<ObjectError>,
+    observed: &Observed,
+) -> SyncOutcome {
+    let started = Instant::now();
+    let (desired, terr) = model::translate(&objs.services, &objs.endpoint_slices, node);
     errors.extend(terr);
     for e in &errors {
-        warn!("skipped: {e}");
+        warn!(kind = %e.kind, object = %e.name, field = %e.field, error = %e.message, "skipped an invalid object; everything else syncs");
     }
     let (st, map_errors) = rec.sync(&desired, &cfg.service_cidrs, maps);
     for e in &map_errors {
-        error!("sync: {e}");
+        error!(error = %e, "sync");
     }
-    info!(
-        "synced {} services, {} slices -> {} frontends in {:?}: {} writes, {} deletes, {} UDP/SCTP conntrack entries of removed endpoints flushed",
-        objs.services.len(),
-        objs.endpoint_slices.len(),
-        desired.frontends.len(),
-        started.elapsed(),
-        st.writes,
-        st.deletes,
-        st.conntrack_flushed
+    let took = started.elapsed();
+    observed.synced(
+        took,
+        map_errors.is_empty(),
+        &st,
+        [("Service", objs.services.len()), ("EndpointSlice", objs.endpoint_slices.len()), ("Node", objs.nodes.len())],
+        errors.len(),
+        node_eligible(objs, &node.name),
     );
-    (map_errors.is_empty(), Some(desired.health_checks))
+    info!(
+        services = objs.services.len(),
+        slices = objs.endpoint_slices.len(),
+        frontends = desired.frontends.len(),
+        took = ?took,
+        writes = st.writes,
+        deletes = st.deletes,
+        conntrack_flushed = st.conntrack_flushed,
+        "synced"
+    );
+    SyncOutcome { ok: map_errors.is_empty(), health_checks: desired.health_checks, stats: st }
 }

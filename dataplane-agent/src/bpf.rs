@@ -7,13 +7,13 @@ use std::{
 };
 
 use aya::{
-    maps::{lpm_trie::Key as LpmKey, Array, HashMap, HashOfMaps, LpmTrie, Map, MapData, MapError, PerCpuArray},
+    maps::{lpm_trie::Key as LpmKey, Array, HashMap, HashOfMaps, LpmTrie, Map, MapData, MapError, PerCpuArray, PerCpuHashMap, PerCpuValues},
     sys::SyscallError,
     Ebpf,
 };
 use dataplane_common::{
     capacity, names, AffinityKey, AffinityValue, Ct4Entry, Ct4Key, Lb4Backend, Lb4Key, Lb4Service, Lb4SlotKey, NodeConfig, SrcRangeData,
-    IPPROTO_TCP, SVC_F_ADDR_ONLY,
+    SvcCounters, SvcName, IPPROTO_TCP, SVC_F_ADDR_ONLY,
 };
 
 use crate::{
@@ -33,6 +33,8 @@ pub struct BpfMaps {
     pub source_ranges: LpmTrie<MapData, SrcRangeData, u32>,
     pub config: Array<MapData, NodeConfig>,
     pub chash: HashOfMaps<MapData, u32, Array<MapData, u32>>,
+    pub svc_stats: PerCpuHashMap<MapData, u32, SvcCounters>,
+    pub svc_names: HashMap<MapData, u32, SvcName>,
     /// Real capacities (the loader may override the compiled ones), for "map full" errors.
     caps: Caps,
 }
@@ -83,6 +85,8 @@ impl BpfMaps {
             source_ranges: conv(names::SOURCE_RANGES, LpmTrie::try_from(get(names::SOURCE_RANGES)?))?,
             config: conv(names::CONFIG, Array::try_from(get(names::CONFIG)?))?,
             chash: conv(names::CHASH, HashOfMaps::try_from(get(names::CHASH)?))?,
+            svc_stats: conv(names::SVC_STATS, PerCpuHashMap::try_from(get(names::SVC_STATS)?))?,
+            svc_names: conv(names::SVC_NAMES, HashMap::try_from(get(names::SVC_NAMES)?))?,
             caps,
         })
     }
@@ -96,6 +100,7 @@ impl BpfMaps {
                 names::STATS => Map::PerCpuArray(data),
                 names::CONFIG => Map::Array(data),
                 names::CHASH => Map::HashOfMaps(data),
+                names::SVC_STATS => Map::PerCpuHashMap(data),
                 names::CONNTRACK | names::FRAGMENTS | names::AFFINITY => Map::LruHashMap(data),
                 _ => Map::HashMap(data),
             })
@@ -126,6 +131,7 @@ impl BpfMaps {
                 continue;
             }
             let Some(fe) = frontend_from_key(&key) else { continue };
+            let service = self.svc_names.get(&svc.svc_id, 0).ok().and_then(|n| n.as_str().parse().ok());
             let mut list = Vec::new();
             for slot in 0..svc.count as u32 {
                 match slots.get(&Lb4SlotKey { svc_id: svc.svc_id, slot }).and_then(|id| by_id.get(id)) {
@@ -137,7 +143,7 @@ impl BpfMaps {
                 fe,
                 AppliedFrontend {
                     svc_id: svc.svc_id,
-                    service: None,
+                    service,
                     slots: list,
                     flags: svc.flags,
                     affinity_timeout_s: svc.affinity_timeout_s,
@@ -163,10 +169,64 @@ impl BpfMaps {
         self.config.set(0, cfg, 0).map_err(|source| MapOpError::Syscall { map: names::CONFIG, op: "update", what: format!("{cfg:?}"), source })
     }
 
+    /// A frontend's packets and bytes, summed over CPUs.
+    pub fn service_counters(&self, svc_id: u32) -> SvcCounters {
+        self.svc_stats
+            .get(&svc_id, 0)
+            .map(|v| v.iter().fold(SvcCounters::default(), |a, c| SvcCounters { packets: a.packets + c.packets, bytes: a.bytes + c.bytes }))
+            .unwrap_or_default()
+    }
+
+    /// The name the agent gave frontend `svc_id` (`namespace/name:port`).
+    pub fn service_name(&self, svc_id: u32) -> Option<String> {
+        self.svc_names.get(&svc_id, 0).ok().map(|n| n.as_str().to_string())
+    }
+
     /// Sum over CPUs of each counter.
     pub fn stat_totals(&self) -> Vec<u64> {
         (0..capacity::STATS).map(|i| self.stats.get(&i, 0).map(|v| v.iter().sum()).unwrap_or(0)).collect()
     }
+}
+
+/// Entries and capacity of one pinned map.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MapUsage {
+    pub name: &'static str,
+    pub entries: u64,
+    pub capacity: u32,
+}
+
+/// Entries versus capacity of every pinned map under `dir` (absent maps are left out). Entries
+/// are counted by walking the keys (BPF_MAP_GET_NEXT_KEY), whatever the map's type.
+pub fn map_usage(dir: &Path) -> Vec<MapUsage> {
+    use std::os::fd::{AsFd, AsRawFd};
+    let mut out = Vec::new();
+    for name in names::ALL {
+        let Ok(data) = MapData::from_pin(dir.join(name)) else { continue };
+        let Ok(info) = data.info() else { continue };
+        let fd = data.fd().as_fd().as_raw_fd();
+        let mut key = vec![0u8; info.key_size() as usize];
+        let mut next = vec![0u8; info.key_size() as usize];
+        let mut entries = 0u64;
+        let mut first = true;
+        loop {
+            // union bpf_attr for BPF_MAP_GET_NEXT_KEY: map_fd, pad, key, next_key.
+            let mut attr = [0u64; 3];
+            attr[0] = fd as u32 as u64;
+            attr[1] = if first { 0 } else { key.as_ptr() as u64 };
+            attr[2] = next.as_mut_ptr() as u64;
+            const BPF_MAP_GET_NEXT_KEY: libc::c_long = 4;
+            let r = unsafe { libc::syscall(libc::SYS_bpf, BPF_MAP_GET_NEXT_KEY, attr.as_mut_ptr(), std::mem::size_of_val(&attr) as u32) };
+            if r != 0 || entries > u32::MAX as u64 {
+                break;
+            }
+            entries += 1;
+            first = false;
+            std::mem::swap(&mut key, &mut next);
+        }
+        out.push(MapUsage { name, entries, capacity: info.max_entries() });
+    }
+    out
 }
 
 fn is_full(e: &MapError) -> bool {
@@ -276,6 +336,27 @@ impl MapOps for BpfMaps {
         match self.source_ranges.remove(&key) {
             Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
             Err(source) => Err(MapOpError::Syscall { map: names::SOURCE_RANGES, op: "delete", what: format!("{svc_id} {c}"), source }),
+        }
+    }
+    fn put_frontend_name(&mut self, svc_id: u32, name: &str) -> Result<(), MapOpError> {
+        put(&mut self.svc_names, names::SVC_NAMES, self.caps.services, svc_id, SvcName::new(name), || format!("name of frontend {svc_id} ({name})"))?;
+        let other = |message: String| MapOpError::Other { map: names::SVC_STATS, what: format!("counters of frontend {svc_id}"), message };
+        let cpus = aya::util::nr_cpus().map_err(|(what, e)| other(format!("{what}: {e}")))?;
+        let zero = PerCpuValues::try_from(vec![SvcCounters::default(); cpus]).map_err(|e| other(e.to_string()))?;
+        match self.svc_stats.insert(svc_id, zero, 1 /* BPF_NOEXIST */) {
+            Ok(()) => Ok(()),
+            // Counters of a frontend that already had them (renamed, or restored) keep counting.
+            Err(MapError::SyscallError(SyscallError { ref io_error, .. })) if io_error.raw_os_error() == Some(libc::EEXIST) => Ok(()),
+            Err(source) if is_full(&source) => Err(MapOpError::Full { map: names::SVC_STATS, capacity: self.caps.services, what: format!("counters of frontend {svc_id}") }),
+            Err(source) => Err(MapOpError::Syscall { map: names::SVC_STATS, op: "insert", what: format!("counters of frontend {svc_id}"), source }),
+        }
+    }
+    fn del_frontend_meta(&mut self, svc_id: u32) -> Result<(), MapOpError> {
+        del(&mut self.svc_names, names::SVC_NAMES, &svc_id, || format!("name of frontend {svc_id}"))?;
+        match self.svc_stats.remove(&svc_id) {
+            Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
+            Err(MapError::SyscallError(SyscallError { ref io_error, .. })) if io_error.raw_os_error() == Some(libc::ENOENT) => Ok(()),
+            Err(source) => Err(MapOpError::Syscall { map: names::SVC_STATS, op: "delete", what: format!("counters of frontend {svc_id}"), source }),
         }
     }
     fn flush_conntrack(&mut self, gone: &BTreeSet<(u32, u32)>, gone_services: &BTreeSet<u32>) -> Result<usize, MapOpError> {

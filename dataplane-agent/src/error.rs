@@ -32,6 +32,8 @@ pub enum MapOpError {
     Syscall { map: &'static str, op: &'static str, what: String, source: aya::maps::MapError },
     #[error("map {map} is full ({capacity} entries): cannot add {what}")]
     Full { map: &'static str, capacity: u32, what: String },
+    #[error("map {map}: {what}: {message}")]
+    Other { map: &'static str, what: String, message: String },
     #[error("map {map}: out of ids")]
     OutOfIds { map: &'static str },
 }

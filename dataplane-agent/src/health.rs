@@ -6,45 +6,40 @@
 use std::{
     collections::BTreeMap,
     sync::{Arc, RwLock},
-    time::Duration,
 };
 
-use log::{info, warn};
-use tokio::{
-    io::{AsyncReadExt, AsyncWriteExt},
-    net::TcpListener,
-    task::JoinHandle,
-};
+use tokio::{net::TcpListener, task::JoinHandle};
+use tracing::{info, warn};
 
-use crate::model::HealthCheck;
+use crate::{model::HealthCheck, observe::Observed};
 
 /// The HTTP response for one health check: status code and the full response bytes.
 pub fn response(hc: Option<&HealthCheck>, proxy_healthy: bool) -> (u16, Vec<u8>) {
     let Some(hc) = hc else {
-        let body = "404 page not found\n";
-        return (404, format!("HTTP/1.1 404 Not Found\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len()).into_bytes());
+        return (404, crate::http::response(404, "text/plain; charset=utf-8", "", "404 page not found\n"));
     };
     let body = format!(
         "{{\n\t\"service\": {{\n\t\t\"namespace\": {:?},\n\t\t\"name\": {:?}\n\t}},\n\t\"localEndpoints\": {},\n\t\"serviceProxyHealthy\": {}\n}}",
         hc.namespace, hc.name, hc.local_endpoints, proxy_healthy
     );
-    let (code, reason) = if hc.local_endpoints > 0 && proxy_healthy { (200, "OK") } else { (503, "Service Unavailable") };
-    let head = format!(
-        "HTTP/1.1 {code} {reason}\r\nContent-Type: application/json\r\nX-Content-Type-Options: nosniff\r\nX-Load-Balancing-Endpoint-Weight: {}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-        hc.local_endpoints,
-        body.len()
-    );
-    (code, [head.into_bytes(), body.into_bytes()].concat())
+    let code = if hc.local_endpoints > 0 && proxy_healthy { 200 } else { 503 };
+    let weight = format!("X-Load-Balancing-Endpoint-Weight: {}\r\n", hc.local_endpoints);
+    (code, crate::http::response(code, "application/json", &weight, &body))
 }
 
 /// The listeners, one per healthCheckNodePort, following the synced state.
-#[derive(Default)]
 pub struct HealthServers {
     state: Arc<RwLock<BTreeMap<u16, HealthCheck>>>,
     listeners: BTreeMap<u16, JoinHandle<()>>,
+    /// The proxy's own health (kube-proxy's `serviceProxyHealthy`).
+    observed: Arc<Observed>,
 }
 
 impl HealthServers {
+    pub fn new(observed: Arc<Observed>) -> Self {
+        HealthServers { state: Default::default(), listeners: BTreeMap::new(), observed }
+    }
+
     /// Updates what every port answers; opens listeners for new ports, closes gone ones.
     pub async fn update(&mut self, checks: &BTreeMap<u16, HealthCheck>) {
         *self.state.write().unwrap() = checks.clone();
@@ -52,7 +47,7 @@ impl HealthServers {
             let keep = checks.contains_key(port);
             if !keep {
                 task.abort();
-                info!("healthCheckNodePort {port}: closed");
+                info!(port, "healthCheckNodePort closed");
             }
             keep
         });
@@ -62,13 +57,18 @@ impl HealthServers {
             }
             match TcpListener::bind(("0.0.0.0", *port)).await {
                 Ok(l) => {
-                    info!("healthCheckNodePort {port}: serving");
-                    let state = self.state.clone();
-                    let port = *port;
-                    self.listeners.insert(port, tokio::spawn(serve(l, port, state)));
+                    info!(port, "healthCheckNodePort serving");
+                    let (state, observed, port) = (self.state.clone(), self.observed.clone(), *port);
+                    self.listeners.insert(
+                        port,
+                        tokio::spawn(crate::http::serve(l, move |_path| {
+                            let (state, observed) = (state.clone(), observed.clone());
+                            async move { response(state.read().unwrap().get(&port), observed.healthy()).1 }
+                        })),
+                    );
                 }
                 // Retried on the next sync that changes the checks.
-                Err(e) => warn!("healthCheckNodePort {port}: cannot listen: {e}"),
+                Err(e) => warn!(port, error = %e, "healthCheckNodePort: cannot listen"),
             }
         }
     }
@@ -79,35 +79,6 @@ impl Drop for HealthServers {
         for t in self.listeners.values() {
             t.abort();
         }
-    }
-}
-
-async fn serve(l: TcpListener, port: u16, state: Arc<RwLock<BTreeMap<u16, HealthCheck>>>) {
-    loop {
-        let Ok((mut s, _)) = l.accept().await else { continue };
-        let state = state.clone();
-        tokio::spawn(async move {
-            // Read the request head (bounded in size and time); any request gets the answer.
-            let mut buf = vec![0u8; 8192];
-            let mut n = 0;
-            let _ = tokio::time::timeout(Duration::from_secs(5), async {
-                while n < buf.len() {
-                    match s.read(&mut buf[n..]).await {
-                        Ok(0) | Err(_) => break,
-                        Ok(k) => {
-                            n += k;
-                            if buf[..n].windows(4).any(|w| w == b"\r\n\r\n") {
-                                break;
-                            }
-                        }
-                    }
-                }
-            })
-            .await;
-            let (_, resp) = response(state.read().unwrap().get(&port), true);
-            let _ = s.write_all(&resp).await;
-            let _ = s.shutdown().await;
-        });
     }
 }
 

@@ -2,8 +2,13 @@
 pub mod agent;
 pub mod attach;
 pub mod bpf;
+pub mod cleanup;
+pub mod cli;
 pub mod error;
 pub mod health;
+pub mod http;
+pub mod inspect;
+pub mod observe;
 pub mod loader;
 pub mod model;
 pub mod packet;

@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use aya::{maps::MapInfo, Ebpf, EbpfLoader};
 use dataplane_common::{
     names, AffinityKey, AffinityValue, Ct4Entry, Ct4Key, Frag4Key, Frag4Ports, Lb4Backend, Lb4Key, Lb4Service, Lb4SlotKey, NodeConfig,
+    SvcCounters, SvcName,
 };
 
 use crate::error::LoadError;
@@ -29,7 +30,7 @@ pub const PRIVATE_CAPACITIES: [(&str, u32); 4] =
 pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/ferry";
 
 /// (name, key size, value size) of every pinned map, checked before re-using a pin.
-fn expected_layout() -> [(&'static str, u32, u32); 10] {
+fn expected_layout() -> [(&'static str, u32, u32); 12] {
     use std::mem::size_of;
     [
         (names::SERVICES, size_of::<Lb4Key>() as u32, size_of::<Lb4Service>() as u32),
@@ -42,6 +43,8 @@ fn expected_layout() -> [(&'static str, u32, u32); 10] {
         (names::SOURCE_RANGES, 12, 4),
         (names::CONFIG, 4, size_of::<NodeConfig>() as u32),
         (names::CHASH, 4, 4),
+        (names::SVC_STATS, 4, size_of::<SvcCounters>() as u32),
+        (names::SVC_NAMES, 4, size_of::<SvcName>() as u32),
     ]
 }
 

@@ -89,6 +89,20 @@ pub struct ServicePortName {
     pub port: String,
 }
 
+/// Parses what `Display` prints (`namespace/name` or `namespace/name:port`): names read back
+/// from the maps.
+impl std::str::FromStr for ServicePortName {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (namespace, rest) = s.split_once('/').ok_or_else(|| format!("{s:?} is not namespace/name[:port]"))?;
+        let (name, port) = rest.split_once(':').unwrap_or((rest, ""));
+        if namespace.is_empty() || name.is_empty() {
+            return Err(format!("{s:?} is not namespace/name[:port]"));
+        }
+        Ok(ServicePortName { namespace: namespace.into(), name: name.into(), port: port.into() })
+    }
+}
+
 impl fmt::Display for ServicePortName {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         if self.port.is_empty() {

@@ -69,6 +69,11 @@ pub trait MapOps {
     /// Allows `cidr` as a source of frontend `svc_id` (loadBalancerSourceRanges).
     fn put_source_range(&mut self, svc_id: u32, cidr: Cidr4) -> Result<(), MapOpError>;
     fn del_source_range(&mut self, svc_id: u32, cidr: Cidr4) -> Result<(), MapOpError>;
+    /// Names frontend `svc_id` (`namespace/name:port`, for inspection and metrics) and gives it
+    /// packet counters if it has none.
+    fn put_frontend_name(&mut self, svc_id: u32, name: &str) -> Result<(), MapOpError>;
+    /// Removes frontend `svc_id`'s name and counters.
+    fn del_frontend_meta(&mut self, svc_id: u32) -> Result<(), MapOpError>;
     /// Deletes the conntrack entries (both directions) of UDP and SCTP connections that a
     /// removed backend or Service served, and the session-affinity entries pointing at them.
     /// TCP connections keep their backend until they end, as with kube-proxy (graceful
@@ -240,6 +245,8 @@ impl Reconciler {
                     ops.del_table(af.svc_id)?;
                     st.deletes += 1;
                 }
+                ops.del_frontend_meta(af.svc_id)?;
+                st.deletes += 1;
                 Ok(())
             })();
             match res {
@@ -338,17 +345,22 @@ impl Reconciler {
     ) -> Result<(), MapOpError> {
         let want = &desired.backends;
         let flags = frontend_flags(desired, self.algorithm);
-        let (svc_id, old, old_entry, old_ranges, old_table) = match self.applied.frontends.get(fe) {
-            Some(af) => (af.svc_id, af.slots.clone(), Some((af.flags, af.affinity_timeout_s)), af.source_ranges.clone(), af.table.clone()),
+        let (svc_id, old, old_entry, old_ranges, old_table, old_name) = match self.applied.frontends.get(fe) {
+            Some(af) => (af.svc_id, af.slots.clone(), Some((af.flags, af.affinity_timeout_s)), af.source_ranges.clone(), af.table.clone(), af.service.clone()),
             None => {
                 let id = self.next_svc_id;
                 if id == u32::MAX {
                     return Err(MapOpError::OutOfIds { map: dataplane_common::names::SERVICES });
                 }
                 self.next_svc_id += 1;
-                (id, Vec::new(), None, BTreeSet::new(), Vec::new())
+                (id, Vec::new(), None, BTreeSet::new(), Vec::new(), None)
             }
         };
+        // Name and counters first: the counters exist before the first packet can use them.
+        if old_name.as_ref() != Some(&desired.service) {
+            ops.put_frontend_name(svc_id, &desired.service.to_string())?;
+            st.writes += 1;
+        }
         let new = next_slots(&old, want);
         if new.len() > u16::MAX as usize {
             return Err(MapOpError::Full { map: dataplane_common::names::SLOTS, capacity: u16::MAX as u32, what: format!("{} backends", new.len()) });
@@ -501,6 +513,14 @@ mod tests {
             self.ops.push(format!("del_cidr {c}"));
             Ok(())
         }
+        fn put_frontend_name(&mut self, id: u32, name: &str) -> Result<(), MapOpError> {
+            self.ops.push(format!("put_name {id} {name}"));
+            Ok(())
+        }
+        fn del_frontend_meta(&mut self, id: u32) -> Result<(), MapOpError> {
+            self.ops.push(format!("del_meta {id}"));
+            Ok(())
+        }
         fn put_table(&mut self, id: u32, table: &[u32], old: &[u32]) -> Result<usize, MapOpError> {
             let n = if old.is_empty() { table.len() } else { table.iter().zip(old).filter(|(a, b)| a != b).count() };
             self.ops.push(format!("put_table {id} ({n} entries)"));
@@ -563,9 +583,15 @@ mod tests {
         let (st, errs) = rec.sync(&desired(&[1, 2]), &BTreeSet::new(), &mut r);
         assert!(errs.is_empty());
         assert_eq!(r.ops, vec![
-            "put_backend 1", "put_slot 1/0 -> 1", "put_backend 2", "put_slot 1/1 -> 2", "put_service 1 count=2", "put_service 0 count=0",
+            "put_name 1 default/web",
+            "put_backend 1",
+            "put_slot 1/0 -> 1",
+            "put_backend 2",
+            "put_slot 1/1 -> 2",
+            "put_service 1 count=2",
+            "put_service 0 count=0",
         ]);
-        assert_eq!(st.writes, 6);
+        assert_eq!(st.writes, 7);
         assert_eq!(datapath_view(&r), [be(1), be(2)].into());
     }
 
@@ -611,7 +637,7 @@ mod tests {
         rec.sync(&desired(&[1]), &BTreeSet::new(), &mut r);
         r.ops.clear();
         rec.sync(&Desired::default(), &BTreeSet::new(), &mut r);
-        assert_eq!(r.ops, vec!["del_service", "del_slot 1/0", "del_service", "del_backend 1", "flush {} {1}"]);
+        assert_eq!(r.ops, vec!["del_service", "del_slot 1/0", "del_meta 1", "del_service", "del_backend 1", "flush {} {1}"]);
         assert!(r.services.is_empty() && r.slots.is_empty() && r.backends.is_empty());
     }
 
@@ -635,16 +661,22 @@ mod tests {
         let mut r = Recorder::default();
         let mut rec = rec();
         rec.sync(&desired(&[1, 2]), &BTreeSet::new(), &mut r);
-        let mut restored = rec.applied.clone();
-        for f in restored.frontends.values_mut() {
-            f.service = None;
-        }
-        let mut rec2 = Reconciler { algorithm: Algorithm::Random, ..Reconciler::restore(restored) };
+        let restored = rec.applied.clone();
+        let mut rec2 = Reconciler { algorithm: Algorithm::Random, ..Reconciler::restore(restored.clone()) };
         r.ops.clear();
         rec2.sync(&desired(&[1, 2]), &BTreeSet::new(), &mut r);
         assert_eq!(r.ops, Vec::<String>::new());
         rec2.sync(&desired(&[1, 2, 3]), &BTreeSet::new(), &mut r);
         assert_eq!(r.ops, vec!["put_backend 3", "put_slot 1/2 -> 3", "put_service 1 count=3"]);
+        // Maps pinned by a build that kept no names: only the names are written.
+        let mut unnamed = restored;
+        for f in unnamed.frontends.values_mut() {
+            f.service = None;
+        }
+        let mut rec3 = Reconciler { algorithm: Algorithm::Random, ..Reconciler::restore(unnamed) };
+        r.ops.clear();
+        rec3.sync(&desired(&[1, 2]), &BTreeSet::new(), &mut r);
+        assert_eq!(r.ops, vec!["put_name 1 default/web"]);
     }
 
     #[test]

@@ -18,10 +18,13 @@ pub mod names {
     pub const STATS: &str = "stats_v1";
     pub const AFFINITY: &str = "lb4_aff_v1";
     pub const SOURCE_RANGES: &str = "lb4_src_v1";
-    pub const CONFIG: &str = "cfg4_v1";
+    pub const CONFIG: &str = "cfg4_v2";
     pub const CHASH: &str = "lb4_chash_v1";
+    pub const SVC_STATS: &str = "lb4_svc_stat_v1";
+    pub const SVC_NAMES: &str = "lb4_svc_name_v1";
     /// Every map the agent pins, in the order it creates and checks them.
-    pub const ALL: [&str; 11] = [SERVICES, SLOTS, BACKENDS, CONNTRACK, FRAGMENTS, SERVICE_CIDRS, STATS, AFFINITY, SOURCE_RANGES, CONFIG, CHASH];
+    pub const ALL: [&str; 13] =
+        [SERVICES, SLOTS, BACKENDS, CONNTRACK, FRAGMENTS, SERVICE_CIDRS, STATS, AFFINITY, SOURCE_RANGES, CONFIG, CHASH, SVC_STATS, SVC_NAMES];
 }
 
 /// Program names as they appear in the object file.
@@ -206,6 +209,53 @@ pub struct NodeConfig {
     /// translated tuple would collide with another's (host byte order, inclusive).
     pub snat_port_min: u16,
     pub snat_port_max: u16,
+    /// `--cluster-cidr` (address and netmask, network order; mask 0: not set). As with
+    /// kube-proxy, a ClusterIP reached from outside the node by a source outside this range is
+    /// served, with the source translated to the node's address (masquerade).
+    pub cluster_cidr_be: u32,
+    pub cluster_mask_be: u32,
+}
+
+/// Per-CPU counters of one frontend (`svc_id`): packets and bytes (IP total length) the
+/// datapath translated for it, both directions. The agent creates the entry with the frontend.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SvcCounters {
+    pub packets: u64,
+    pub bytes: u64,
+}
+
+/// Room for `namespace/name:port` (63 + 1 + 63 + 1 + 15 bytes by Kubernetes' limits).
+pub const SVC_NAME_LEN: usize = 152;
+
+/// The Service port a frontend belongs to, as `namespace/name:port` padded with NULs. Written
+/// by the agent for inspection, metrics and `bpftool`; never read by the datapath.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SvcName {
+    pub name: [u8; SVC_NAME_LEN],
+}
+
+impl Default for SvcName {
+    fn default() -> Self {
+        SvcName { name: [0; SVC_NAME_LEN] }
+    }
+}
+
+impl SvcName {
+    /// `s` truncated to the room there is (Kubernetes' limits make that never happen).
+    pub fn new(s: &str) -> Self {
+        let mut n = SvcName::default();
+        let b = s.as_bytes();
+        let len = if b.len() < SVC_NAME_LEN { b.len() } else { SVC_NAME_LEN };
+        n.name[..len].copy_from_slice(&b[..len]);
+        n
+    }
+
+    pub fn as_str(&self) -> &str {
+        let end = self.name.iter().position(|&c| c == 0).unwrap_or(SVC_NAME_LEN);
+        core::str::from_utf8(&self.name[..end]).unwrap_or("<not utf-8>")
+    }
 }
 
 /// Conntrack value: the complete tuple a matching packet is rewritten to. Both directions of a
@@ -396,7 +446,9 @@ const _: () = {
     assert!(core::mem::size_of::<AffinityKey>() == 8);
     assert!(core::mem::size_of::<AffinityValue>() == 16);
     assert!(core::mem::size_of::<SrcRangeData>() == 8);
-    assert!(core::mem::size_of::<NodeConfig>() == 8);
+    assert!(core::mem::size_of::<NodeConfig>() == 16);
+    assert!(core::mem::size_of::<SvcCounters>() == 16);
+    assert!(core::mem::size_of::<SvcName>() == SVC_NAME_LEN);
     assert!(core::mem::size_of::<Lb4SlotKey>() == 8);
     assert!(core::mem::size_of::<Lb4Backend>() == 8);
     assert!(core::mem::size_of::<Ct4Key>() == 16);
@@ -421,6 +473,8 @@ mod pod {
     unsafe impl aya::Pod for Frag4Ports {}
     unsafe impl aya::Pod for SockRevKey {}
     unsafe impl aya::Pod for SockRevValue {}
+    unsafe impl aya::Pod for SvcCounters {}
+    unsafe impl aya::Pod for SvcName {}
     unsafe impl aya::Pod for AffinityKey {}
     unsafe impl aya::Pod for AffinityValue {}
     unsafe impl aya::Pod for SrcRangeData {}

@@ -13,7 +13,7 @@ use dataplane_common::{
 };
 
 use crate::{
-    maps::{cfg4_v1, ct4_v1, frag4_v1, lb4_aff_v1, lb4_be_v1, lb4_chash_v1, lb4_slot_v1, lb4_src_v1, lb4_svc_v2, svc_cidr4_v1},
+    maps::{cfg4_v2, ct4_v1, frag4_v1, lb4_aff_v1, lb4_be_v1, lb4_chash_v1, lb4_slot_v1, lb4_src_v1, lb4_svc_v2, svc_cidr4_v1},
     nat,
     parse::{Ipv4Packet, TCP_ACK, TCP_SYN},
     stats,
@@ -216,6 +216,7 @@ pub fn handle_ipv4(ctx: &TcContext, p: &mut Ipv4Packet, hook: Hook) -> Result<Ve
         if let Some(e) = unsafe { ct4_v1.get(&key).copied() } {
             nat::rewrite(ctx, p, &e)?;
             stats::count(stat::FRAGMENT);
+            stats::count_service(e.svc_id, p.tot_len);
             return Ok(verdict_after(&e));
         }
         return Ok(Verdict::Pass);
@@ -249,6 +250,7 @@ pub fn handle_ipv4(ctx: &TcContext, p: &mut Ipv4Packet, hook: Hook) -> Result<Ve
             unsafe { (*ep).last_seen_ns = bpf_ktime_get_ns() };
             nat::rewrite(ctx, p, &e)?;
             stats::count(if e.flags & CT_F_REPLY != 0 { stat::CT_REPLY } else { stat::CT_FORWARD });
+            stats::count_service(e.svc_id, p.tot_len);
             return Ok(verdict_after(&e));
         }
     }
@@ -256,10 +258,18 @@ pub fn handle_ipv4(ctx: &TcContext, p: &mut Ipv4Packet, hook: Hook) -> Result<Ve
         return Ok(Verdict::Pass);
     }
     let scope = if hook == Hook::FromWorld { SCOPE_EXTERNAL } else { SCOPE_INTERNAL };
+    let mut masquerade = false;
     let svc = match lb4_lookup_service(p.daddr_be, p.dport_be, p.proto, scope) {
         Some(s) if s.flags & SVC_F_ADDR_ONLY == 0 => s,
-        // From outside, only NodePort, LoadBalancer and external IP frontends are ours.
-        _ if hook == Hook::FromWorld => return Ok(Verdict::Pass),
+        // From outside, NodePort, LoadBalancer and external IP frontends are ours, and ClusterIPs
+        // when the source is outside --cluster-cidr (kube-proxy: DNAT and masquerade).
+        _ if hook == Hook::FromWorld => match cluster_ip_from_outside(p) {
+            Some(s) => {
+                masquerade = true;
+                s
+            }
+            None => return Ok(Verdict::Pass),
+        },
         _ => {
             return match lb4_unserved(p.daddr_be) {
                 Unserved::UnexposedPort => Ok(Verdict::Reject),
@@ -277,10 +287,22 @@ pub fn handle_ipv4(ctx: &TcContext, p: &mut Ipv4Packet, hook: Hook) -> Result<Ve
     if svc.count == 0 {
         return lb4_empty(&svc);
     }
-    let e = lb4_new_connection(p, &svc, hook)?;
+    let e = lb4_new_connection(p, &svc, hook, masquerade)?;
     nat::rewrite(ctx, p, &e)?;
     stats::count(if hook == Hook::FromWorld { stat::EXTERNAL_NEW } else { stat::CT_NEW });
+    stats::count_service(e.svc_id, p.tot_len);
     Ok(verdict_after(&e))
+}
+
+/// A ClusterIP frontend for a packet from outside the node whose source lies outside
+/// `--cluster-cidr` (not set: none).
+#[inline(always)]
+fn cluster_ip_from_outside(p: &Ipv4Packet) -> Option<Lb4Service> {
+    let cfg = cfg4_v2.get(0).copied().unwrap_or_default();
+    if cfg.cluster_mask_be == 0 || p.saddr_be & cfg.cluster_mask_be == cfg.cluster_cidr_be {
+        return None;
+    }
+    lb4_lookup_service(p.daddr_be, p.dport_be, p.proto, SCOPE_INTERNAL).filter(|s| s.flags & SVC_F_ADDR_ONLY == 0)
 }
 
 #[inline(always)]
@@ -296,9 +318,9 @@ fn random_port(min: u16, max: u16) -> u16 {
 /// Services, or through two nodes' NodePorts after source translation). Then another source port
 /// is chosen for the new connection instead of breaking the existing one.
 #[inline(always)]
-pub fn lb4_new_connection(p: &Ipv4Packet, svc: &Lb4Service, hook: Hook) -> Result<Ct4Entry, DropReason> {
+pub fn lb4_new_connection(p: &Ipv4Packet, svc: &Lb4Service, hook: Hook, masquerade: bool) -> Result<Ct4Entry, DropReason> {
     let (backend_id, be) = lb4_choose_backend(svc, p.saddr_be, flow_hash(p))?;
-    let cfg = cfg4_v1.get(0).copied().unwrap_or_default();
+    let cfg = cfg4_v2.get(0).copied().unwrap_or_default();
     let (port_min, port_max) = if cfg.snat_port_min != 0 && cfg.snat_port_max >= cfg.snat_port_min {
         (cfg.snat_port_min, cfg.snat_port_max)
     } else {
@@ -307,7 +329,8 @@ pub fn lb4_new_connection(p: &Ipv4Packet, svc: &Lb4Service, hook: Hook) -> Resul
     let hairpin = be.addr_be == p.saddr_be;
     // From outside to a backend on another node (externalTrafficPolicy Cluster): the reply must
     // come back through this node, so the source becomes this node's address.
-    let snat = hook == Hook::FromWorld && be.flags & BE_F_LOCAL == 0;
+    // A ClusterIP from outside --cluster-cidr (`masquerade`) is translated whatever the backend.
+    let snat = hook == Hook::FromWorld && (be.flags & BE_F_LOCAL == 0 || masquerade);
     let nat_saddr = if snat {
         if cfg.snat_addr_be == 0 {
             return Err(DropReason::NoNodeAddress);

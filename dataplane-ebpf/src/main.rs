@@ -51,6 +51,17 @@ pub fn ferry_bench_empty(_ctx: TcContext) -> i32 {
     TC_ACT_OK
 }
 
+/// Never loaded: it only refers to the agent-only name map, so that the map stays in the object
+/// and is created with its BTF (`bpftool map dump` then prints the names as text).
+#[classifier]
+pub fn ferry_keep_maps(_ctx: TcContext) -> i32 {
+    let id = 0u32;
+    if maps::lb4_svc_name_v1.get_ptr(&id).is_some() {
+        return TC_ACT_OK;
+    }
+    TC_ACT_OK
+}
+
 /// Does nothing: the XDP floor of `cargo xtask bench`. Never attached.
 #[xdp]
 pub fn ferry_bench_empty_xdp(_ctx: XdpContext) -> u32 {

@@ -2,7 +2,7 @@
 //! `bpftool map dump pinned /sys/fs/bpf/ferry/<name>` prints named fields. The agent pins them by
 //! name (see `dataplane_common::names`); the symbol names here must match those names.
 use aya_ebpf::{
-    btf_maps::{Array, HashMap, HashOfMaps, LpmTrie, LruHashMap, PerCpuArray},
+    btf_maps::{Array, HashMap, HashOfMaps, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap},
     macros::btf_map,
 };
 /// Maps written only by the agent need no preallocation (Cilium's LB maps do the same): memory
@@ -11,7 +11,7 @@ const NO_PREALLOC: usize = 1;
 
 use dataplane_common::{
     capacity, AffinityKey, AffinityValue, Ct4Entry, Ct4Key, Frag4Key, Frag4Ports, Lb4Backend, Lb4Key, Lb4Service,
-    Lb4SlotKey, NodeConfig, SockRevKey, SockRevValue, SrcRangeData,
+    Lb4SlotKey, NodeConfig, SockRevKey, SockRevValue, SrcRangeData, SvcCounters, SvcName,
 };
 
 /// Service frontends: `addr:port/proto` per scope (and `addr:0/0` for "this is a ClusterIP").
@@ -63,7 +63,7 @@ pub static lb4_src_v1: LpmTrie<SrcRangeData, u32, { capacity::SOURCE_RANGES as u
 
 /// This node's settings (one entry), written by the agent.
 #[btf_map]
-pub static cfg4_v1: Array<NodeConfig, 1> = Array::new();
+pub static cfg4_v2: Array<NodeConfig, 1> = Array::new();
 
 /// Each frontend's consistent-hashing table (rendezvous or Maglev, built by the agent):
 /// `svc_id -> [backend id; M]`, one inner array per frontend so memory follows the number of
@@ -71,3 +71,14 @@ pub static cfg4_v1: Array<NodeConfig, 1> = Array::new();
 #[btf_map]
 pub static lb4_chash_v1: HashOfMaps<u32, Array<u32, { dataplane_common::CHASH_TABLE_SIZE as usize }>, { capacity::SERVICES as usize }> =
     HashOfMaps::new();
+
+/// Per-CPU packet and byte counters of each frontend: `svc_id -> counters`. The agent creates
+/// the entry with the frontend and removes it with it; the datapath only increments.
+#[btf_map]
+pub static lb4_svc_stat_v1: PerCpuHashMap<u32, SvcCounters, { capacity::SERVICES as usize }, NO_PREALLOC> =
+    PerCpuHashMap::new();
+
+/// The Service port of each frontend, `svc_id -> "namespace/name:port"`, for inspection and
+/// `bpftool map dump`. The datapath never reads it (`ferry_keep_maps` keeps it in the object).
+#[btf_map]
+pub static lb4_svc_name_v1: HashMap<u32, SvcName, { capacity::SERVICES as usize }, NO_PREALLOC> = HashMap::new();

@@ -89,6 +89,7 @@ fn forward(ctx: &XdpContext, p: &Ipv4Packet, e: &Ct4Entry) -> Result<u32, DropRe
     if e.flags & CT_F_REDIRECT == 0 {
         rewrite(ctx, p, e).ok_or(DropReason::Malformed)?;
         stats::count(stat::XDP_FORWARD);
+        stats::count_service(e.svc_id, p.tot_len);
         return Ok(PASS);
     }
     let ingress = unsafe { (*ctx.ctx).ingress_ifindex };
@@ -109,6 +110,7 @@ fn forward(ctx: &XdpContext, p: &Ipv4Packet, e: &Ct4Entry) -> Result<u32, DropRe
     mac[0..6].copy_from_slice(&params.dmac);
     mac[6..12].copy_from_slice(&params.smac);
     stats::count(stat::XDP_TX);
+    stats::count_service(e.svc_id, p.tot_len);
     Ok(xdp_action::XDP_TX)
 }
 
@@ -174,7 +176,7 @@ pub fn try_nodeport(ctx: &XdpContext) -> Result<u32, DropReason> {
         // A refusal or a traffic-policy drop: tc answers and counts it.
         return Ok(PASS);
     }
-    let e = lb4_new_connection(&p, &svc, Hook::FromWorld)?;
+    let e = lb4_new_connection(&p, &svc, Hook::FromWorld, false)?;
     stats::count(stat::EXTERNAL_NEW);
     forward(ctx, &p, &e)
 }

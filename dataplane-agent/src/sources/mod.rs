@@ -1,5 +1,6 @@
 //! Where Kubernetes objects come from. Each source produces the same [`Objects`], which
 //! `model::translate` turns into the desired datapath state.
+pub mod kube;
 pub mod manifests;
 
 use k8s_openapi::api::{

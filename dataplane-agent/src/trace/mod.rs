@@ -297,7 +297,7 @@ impl Runner {
             return Err(map_errors);
         }
         let snat_addr_be = node.ips.first().map(|ip| u32::from_ne_bytes(ip.octets())).unwrap_or(0);
-        maps.set_config(dataplane_common::NodeConfig { snat_addr_be, snat_port_min: 61000, snat_port_max: 65535 }).map_err(|e| vec![e.to_string()])?;
+        maps.set_config(dataplane_common::NodeConfig { snat_addr_be, snat_port_min: 61000, snat_port_max: 65535, ..Default::default() }).map_err(|e| vec![e.to_string()])?;
         Ok(Runner { ebpf, maps, xdp: false, node_ips, pod_cidr, pod_ips, network_policies: sc.network_policies.len(), cgroup: None })
     }
 

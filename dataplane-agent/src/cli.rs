@@ -1,0 +1,301 @@
+//! The command line. Every `run` setting is a flag, an environment variable (`FERRY_*`) and so a
+//! ConfigMap key (the DaemonSet loads `deploy/configmap.yaml` with `envFrom`); flags whose
+//! meaning is kube-proxy's carry kube-proxy's name. A flag beats the environment, which beats the
+//! default.
+use std::{
+    collections::BTreeSet,
+    net::{Ipv4Addr, SocketAddr},
+    path::PathBuf,
+    time::Duration,
+};
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+
+use crate::{
+    agent::{self, LocalMode, SourceConfig},
+    attach::IfacePatterns,
+    loader,
+    reconcile::{Algorithm, Cidr4},
+};
+
+#[derive(Parser)]
+#[command(name = "dataplane-agent", version, about = "Ferry: an eBPF dataplane that replaces kube-proxy")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+pub enum Cmd {
+    /// Run the node agent: keep the datapath in sync with the Services and EndpointSlices.
+    Run(Box<RunArgs>),
+    /// Ask what the dataplane does with a flow: scenario files (private copy of the programs),
+    /// or one flow against a running node's pinned maps (read-only).
+    Trace {
+        /// Scenario files (see README, "Scenario files"). Prints one line per flow and
+        /// `N passed, M failed`; exits non-zero when anything failed.
+        #[arg(long, num_args = 1.., conflicts_with_all = ["from", "to"])]
+        scenario: Vec<PathBuf>,
+        /// Live mode: the flow's source address.
+        #[arg(long, requires = "to")]
+        from: Option<Ipv4Addr>,
+        /// Live mode: destination as IP:PORT/PROTO (proto defaults to tcp).
+        #[arg(long, requires = "from")]
+        to: Option<String>,
+        /// Live mode: the node's pin directory.
+        #[arg(long, env = "FERRY_PIN_DIR", default_value = loader::DEFAULT_PIN_DIR)]
+        pin_dir: PathBuf,
+        /// Scenario mode: run traffic from outside the node through the XDP NodePort program
+        /// first (`xdp`), as `run --nodeport-acceleration xdp` does, or through tc only (`none`).
+        #[arg(long, default_value = "none", value_parser = ["none", "xdp"])]
+        nodeport_acceleration: String,
+    },
+    /// Print what a node's pinned maps hold, with Service names and counters. Read-only; works
+    /// while the agent is down.
+    Inspect {
+        #[command(subcommand)]
+        what: InspectWhat,
+        /// The node's pin directory.
+        #[arg(long, env = "FERRY_PIN_DIR", default_value = loader::DEFAULT_PIN_DIR, global = true)]
+        pin_dir: PathBuf,
+    },
+    /// Remove what kube-proxy left in this network namespace: its iptables chains (KUBE-SERVICES,
+    /// KUBE-SVC-*, KUBE-SEP-*, KUBE-NODEPORTS, KUBE-MARK-MASQ, ...) and the jumps to them, in
+    /// iptables-legacy and iptables-nft, IPv4 and IPv6, and its nftables tables (`ip kube-proxy`,
+    /// `ip6 kube-proxy`). Every other rule stays; kubelet's own chains (KUBE-FIREWALL,
+    /// KUBE-KUBELET-CANARY) too.
+    CleanupKubeProxy {
+        /// Print what would be removed, change nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Internal: the socket probe `trace` runs in a throwaway namespace for node flows.
+    #[command(name = "__sock-probe", hide = true)]
+    SockProbe { args: Vec<String> },
+}
+
+#[derive(Subcommand)]
+pub enum InspectWhat {
+    /// Frontends: Service port, address, scope, backend count, flags, packets and bytes.
+    Services,
+    /// Backend slots of every frontend, whether each backend is on this node, and its tracked
+    /// connections.
+    Backends,
+    /// Tracked connections: client, frontend, translation, Service, age and idle time.
+    Conntrack,
+}
+
+#[derive(Args)]
+pub struct RunArgs {
+    /// This node's name, as in its Node object and in EndpointSlice `nodeName` (kube-proxy's
+    /// flag). Default: the host name.
+    #[arg(long, env = "FERRY_HOSTNAME_OVERRIDE", alias = "node")]
+    pub hostname_override: Option<String>,
+    /// Read Services, EndpointSlices and Nodes from a file or directory of manifests (followed
+    /// for changes) instead of the API server.
+    #[arg(long, env = "FERRY_MANIFESTS", conflicts_with_all = ["kubeconfig", "master"])]
+    pub manifests: Option<PathBuf>,
+    /// kubeconfig for the API server (kube-proxy's flag). Neither this nor --master: the
+    /// in-cluster service account, at KUBERNETES_SERVICE_HOST/PORT (point those at the API
+    /// server itself: the `kubernetes` Service needs a working proxy).
+    #[arg(long, env = "FERRY_KUBECONFIG")]
+    pub kubeconfig: Option<PathBuf>,
+    /// The API server's URL, overriding the kubeconfig's (kube-proxy's flag).
+    #[arg(long, env = "FERRY_MASTER")]
+    pub master: Option<String>,
+    /// Where the maps are pinned (on a bpf filesystem). Kept across restarts.
+    #[arg(long, env = "FERRY_PIN_DIR", default_value = loader::DEFAULT_PIN_DIR)]
+    pub pin_dir: PathBuf,
+    /// Pod-facing interfaces to attach to: comma-separated name patterns with `*` and `?`.
+    #[arg(long, env = "FERRY_POD_INTERFACES", default_value = "veth*,lxc*,cali*")]
+    pub pod_interfaces: String,
+    /// Interfaces towards the outside, where NodePort, LoadBalancer and external IP traffic
+    /// arrives (and replies from other nodes return): comma-separated name patterns.
+    /// Default: the interfaces holding the node's addresses.
+    #[arg(long, env = "FERRY_EXTERNAL_INTERFACES")]
+    pub external_interfaces: Option<String>,
+    /// Source ports the datapath uses when it translates NodePort/LoadBalancer traffic to this
+    /// node's address for a backend on another node, as MIN-MAX. Keep it outside
+    /// net.ipv4.ip_local_port_range so it never meets the node's own connections.
+    #[arg(long, env = "FERRY_SNAT_PORTS", default_value = "61000-65535")]
+    pub snat_ports: String,
+    /// cgroup v2 directory whose processes reach Services through the socket hooks (the node's
+    /// host-network processes). Default: the cgroup v2 root. `none` disables.
+    #[arg(long, env = "FERRY_CGROUP")]
+    pub cgroup: Option<String>,
+    /// Service CIDRs (kube-apiserver's --service-cluster-ip-range): an address in them that no
+    /// Service holds is dropped. Comma-separated.
+    #[arg(long = "service-cidr", env = "FERRY_SERVICE_CIDRS", value_delimiter = ',')]
+    pub service_cidrs: Vec<String>,
+    /// The pods' CIDR range in the cluster (kube-proxy's flag). A ClusterIP reached from outside
+    /// the node by a source outside this range is served with the source masqueraded to the
+    /// node's address, as kube-proxy does; without it (and with --detect-local-mode
+    /// ClusterCIDR), ClusterIPs are served only to pods and the node itself.
+    #[arg(long, env = "FERRY_CLUSTER_CIDR")]
+    pub cluster_cidr: Option<String>,
+    /// What counts as in-cluster for the rule above (kube-proxy's flag): `ClusterCIDR`
+    /// (--cluster-cidr) or `NodeCIDR` (this node's podCIDR, from its Node object).
+    #[arg(long, env = "FERRY_DETECT_LOCAL_MODE", default_value = "ClusterCIDR", value_parser = ["ClusterCIDR", "NodeCIDR"])]
+    pub detect_local_mode: String,
+    /// This node's IPv4 addresses, on which NodePorts answer. Comma-separated. Default: the
+    /// InternalIP and ExternalIP addresses of its Node object.
+    #[arg(long = "node-ip", env = "FERRY_NODE_IPS", value_delimiter = ',')]
+    pub node_ips: Vec<Ipv4Addr>,
+    /// NodePorts answer only on node addresses inside these CIDRs (kube-proxy's flag; all node
+    /// addresses when empty). Comma-separated.
+    #[arg(long = "nodeport-addresses", env = "FERRY_NODEPORT_ADDRESSES", value_delimiter = ',')]
+    pub nodeport_addresses: Vec<String>,
+    /// How new connections pick a backend: `rendezvous` (consistent hashing: the same flow picks
+    /// the same backend on every node and after a restart, and removing a backend moves only its
+    /// flows), `maglev` (consistent hashing with a tighter spread, but a removal also moves a few
+    /// percent of other flows) or `random` (kube-proxy's way).
+    #[arg(long, env = "FERRY_LB_ALGORITHM", default_value = "rendezvous", value_parser = ["rendezvous", "maglev", "random"])]
+    pub lb_algorithm: String,
+    /// Where NodePort, LoadBalancer and external IP traffic from outside is handled: `none` (tc
+    /// on the external interfaces) or `xdp` (an XDP program at the driver level in front of it;
+    /// what XDP cannot finish goes on to tc).
+    #[arg(long, env = "FERRY_NODEPORT_ACCELERATION", default_value = "none", value_parser = ["none", "xdp"])]
+    pub nodeport_acceleration: String,
+    /// IP:PORT for /healthz, /livez and /readyz (kube-proxy's flag and port); empty disables.
+    #[arg(long, env = "FERRY_HEALTHZ_BIND_ADDRESS", default_value = "0.0.0.0:10256")]
+    pub healthz_bind_address: String,
+    /// IP:PORT for Prometheus /metrics (kube-proxy's flag and port); empty disables.
+    #[arg(long, env = "FERRY_METRICS_BIND_ADDRESS", default_value = "127.0.0.1:10249")]
+    pub metrics_bind_address: String,
+    /// /healthz fails when a change has waited longer than this to be applied (a full map, a
+    /// stuck sync), in seconds.
+    #[arg(long, env = "FERRY_HEALTHZ_TIMEOUT_SECONDS", default_value_t = 60)]
+    pub healthz_timeout_seconds: u64,
+    /// API events arriving within this many milliseconds are applied in one sync (kube-proxy's
+    /// --iptables-min-sync-period, in milliseconds). Manifests are checked this often too.
+    #[arg(long, env = "FERRY_MIN_SYNC_PERIOD_MS", default_value_t = 100, alias = "poll-ms")]
+    pub min_sync_period_ms: u64,
+    /// Log format (kube-proxy's flag): `text` (key=value fields) or `json` (one object per line).
+    #[arg(long, env = "FERRY_LOGGING_FORMAT", default_value = "text", value_parser = ["text", "json"])]
+    pub logging_format: String,
+}
+
+fn parse_cidrs(flag: &str, v: &[String]) -> anyhow::Result<Vec<Cidr4>> {
+    v.iter().filter(|s| !s.trim().is_empty()).map(|s| s.trim().parse::<Cidr4>().map_err(|e| anyhow::anyhow!("{flag}: {e}"))).collect()
+}
+
+fn parse_bind(flag: &str, v: &str) -> anyhow::Result<Option<SocketAddr>> {
+    if v.trim().is_empty() {
+        return Ok(None);
+    }
+    v.trim().parse().map(Some).map_err(|e| anyhow::anyhow!("{flag}: {v:?} is not IP:PORT: {e}"))
+}
+
+fn hostname() -> String {
+    let mut buf = [0u8; 256];
+    let ok = unsafe { libc::gethostname(buf.as_mut_ptr() as *mut libc::c_char, buf.len()) } == 0;
+    let end = buf.iter().position(|&c| c == 0).unwrap_or(0);
+    if ok { String::from_utf8_lossy(&buf[..end]).to_lowercase() } else { String::new() }
+}
+
+impl RunArgs {
+    /// Checks every value and builds the agent's configuration; errors name the flag.
+    pub fn config(self) -> anyhow::Result<agent::RunConfig> {
+        let snat_ports = self
+            .snat_ports
+            .split_once('-')
+            .and_then(|(a, b)| Some((a.trim().parse::<u16>().ok()?, b.trim().parse::<u16>().ok()?)))
+            .filter(|(a, b)| *a > 0 && a <= b)
+            .ok_or_else(|| anyhow::anyhow!("--snat-ports: {:?} is not MIN-MAX with 1 <= MIN <= MAX <= 65535", self.snat_ports))?;
+        let cgroup = match self.cgroup.as_deref() {
+            Some("none") => None,
+            Some(p) => Some(PathBuf::from(p)),
+            None => Some(crate::attach::cgroup2_root().context("no cgroup v2 mount found: pass --cgroup none to run without socket hooks")?),
+        };
+        let service_cidrs: BTreeSet<Cidr4> = parse_cidrs("--service-cidr", &self.service_cidrs)?.into_iter().collect();
+        let nodeport_addresses = parse_cidrs("--nodeport-addresses", &self.nodeport_addresses)?;
+        let cluster_cidr = parse_cidrs("--cluster-cidr", self.cluster_cidr.as_slice())?.into_iter().next();
+        let name = self.hostname_override.filter(|s| !s.trim().is_empty()).unwrap_or_else(hostname);
+        if name.is_empty() {
+            anyhow::bail!("--hostname-override: empty, and the host name could not be read");
+        }
+        let period = Duration::from_millis(self.min_sync_period_ms.max(1));
+        let source = match self.manifests {
+            Some(path) => SourceConfig::Manifests { path, poll: period },
+            None => SourceConfig::Kube { kubeconfig: self.kubeconfig, master: self.master },
+        };
+        Ok(agent::RunConfig {
+            source,
+            node: crate::model::NodeContext { name, ips: self.node_ips, nodeport_addresses, zone: None },
+            pin_dir: self.pin_dir,
+            pod_interfaces: IfacePatterns::parse(&self.pod_interfaces),
+            external_interfaces: self.external_interfaces.as_deref().map(IfacePatterns::parse),
+            snat_ports,
+            algorithm: match self.lb_algorithm.as_str() {
+                "random" => Algorithm::Random,
+                "maglev" => Algorithm::Maglev,
+                _ => Algorithm::Rendezvous,
+            },
+            xdp: self.nodeport_acceleration == "xdp",
+            cgroup,
+            service_cidrs,
+            cluster_cidr,
+            local_mode: if self.detect_local_mode == "NodeCIDR" { LocalMode::NodeCidr } else { LocalMode::ClusterCidr },
+            healthz_bind: parse_bind("--healthz-bind-address", &self.healthz_bind_address)?,
+            metrics_bind: parse_bind("--metrics-bind-address", &self.metrics_bind_address)?,
+            health_timeout: Duration::from_secs(self.healthz_timeout_seconds.max(1)),
+            min_sync_period: period,
+        })
+    }
+}
+
+/// The environment variables `run` reads, from clap's own definition (for the ConfigMap test).
+pub fn run_env_names() -> Vec<String> {
+    use clap::CommandFactory;
+    let cmd = Cli::command();
+    let run = cmd.find_subcommand("run").expect("run subcommand");
+    run.get_arguments().filter_map(|a| a.get_env().map(|e| e.to_string_lossy().into_owned())).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    #[test]
+    fn kube_proxy_flag_names_parse() {
+        let cli = Cli::try_parse_from([
+            "dataplane-agent",
+            "run",
+            "--hostname-override",
+            "node-a",
+            "--cluster-cidr",
+            "10.244.0.0/16",
+            "--nodeport-addresses",
+            "192.168.0.0/24",
+            "--healthz-bind-address",
+            "0.0.0.0:10256",
+            "--metrics-bind-address",
+            "",
+            "--cgroup",
+            "none",
+        ])
+        .unwrap();
+        let Cmd::Run(args) = cli.cmd else { panic!("not run") };
+        let cfg = args.config().unwrap();
+        assert_eq!(cfg.node.name, "node-a");
+        assert_eq!(cfg.cluster_cidr, Some("10.244.0.0/16".parse().unwrap()));
+        assert_eq!(cfg.healthz_bind, Some("0.0.0.0:10256".parse().unwrap()));
+        assert_eq!(cfg.metrics_bind, None);
+        assert!(matches!(cfg.source, SourceConfig::Kube { .. }));
+    }
+
+    #[test]
+    fn bad_values_name_the_flag() {
+        let cli = Cli::try_parse_from(["dataplane-agent", "run", "--node", "n", "--cluster-cidr", "10.0.0.0/33", "--cgroup", "none"]).unwrap();
+        let Cmd::Run(args) = cli.cmd else { panic!("not run") };
+        let e = args.config().err().unwrap().to_string();
+        assert!(e.starts_with("--cluster-cidr:"), "{e}");
+        let cli = Cli::try_parse_from(["dataplane-agent", "run", "--node", "n", "--healthz-bind-address", "10256", "--cgroup", "none"]).unwrap();
+        let Cmd::Run(args) = cli.cmd else { panic!("not run") };
+        let e = args.config().err().unwrap().to_string();
+        assert!(e.starts_with("--healthz-bind-address:"), "{e}");
+    }
+}

@@ -1,0 +1,165 @@
+//! `dataplane-agent inspect services|backends|conntrack`: tables read from a node's pinned maps,
+//! with the Service names the agent stored beside them. Read-only, and needs no running agent.
+use std::{collections::BTreeMap, fmt::Write as _, net::Ipv4Addr, path::Path};
+
+use dataplane_common::{
+    Ct4Entry, Ct4Key, Lb4SlotKey, BE_F_LOCAL, CT_F_EXTERNAL, CT_F_HAIRPIN, CT_F_REPLY, CT_F_SNAT, SCOPE_EXTERNAL, SVC_F_ADDR_ONLY, SVC_F_DROP_EMPTY,
+    SVC_F_RANDOM, SVC_F_SOURCE_RANGES,
+};
+
+use crate::{bpf::BpfMaps, error::LoadError, observe::proto_name};
+
+fn ip(be: u32) -> Ipv4Addr {
+    Ipv4Addr::from(be.to_ne_bytes())
+}
+
+fn addr(be: u32, port_be: u16) -> String {
+    format!("{}:{}", ip(be), u16::from_be(port_be))
+}
+
+/// Left-aligned columns, two spaces apart.
+fn table(header: &[&str], rows: &[Vec<String>]) -> String {
+    let mut width: Vec<usize> = header.iter().map(|h| h.len()).collect();
+    for r in rows {
+        for (i, c) in r.iter().enumerate() {
+            width[i] = width[i].max(c.len());
+        }
+    }
+    let mut out = String::new();
+    let line = |out: &mut String, cells: Vec<&str>| {
+        let mut l = String::new();
+        for (i, c) in cells.iter().enumerate() {
+            let _ = write!(l, "{:<w$}  ", c, w = width[i]);
+        }
+        out.push_str(l.trim_end());
+        out.push('\n');
+    };
+    line(&mut out, header.to_vec());
+    for r in rows {
+        line(&mut out, r.iter().map(|s| s.as_str()).collect());
+    }
+    out
+}
+
+fn name_of(maps: &BpfMaps, svc_id: u32) -> String {
+    maps.service_name(svc_id).unwrap_or_else(|| format!("<frontend {svc_id}>"))
+}
+
+/// Frontends by svc_id: (name, "ip:port/proto", scope).
+fn frontends(maps: &BpfMaps) -> BTreeMap<u32, (String, String, &'static str)> {
+    let mut m = BTreeMap::new();
+    for (k, s) in maps.services.iter().flatten() {
+        if s.flags & SVC_F_ADDR_ONLY == 0 {
+            let fe = format!("{}/{}", addr(k.addr_be, k.port_be), proto_name(k.proto));
+            m.insert(s.svc_id, (name_of(maps, s.svc_id), fe, if k.scope == SCOPE_EXTERNAL { "external" } else { "internal" }));
+        }
+    }
+    m
+}
+
+pub fn services(pin_dir: &Path) -> Result<String, LoadError> {
+    let maps = BpfMaps::from_pins(pin_dir)?;
+    let mut rows = Vec::new();
+    for (k, s) in maps.services.iter().flatten() {
+        if s.flags & SVC_F_ADDR_ONLY != 0 {
+            continue;
+        }
+        let mut flags = Vec::new();
+        for (bit, what) in [(SVC_F_DROP_EMPTY, "drop-if-empty"), (SVC_F_SOURCE_RANGES, "source-ranges"), (SVC_F_RANDOM, "random")] {
+            if s.flags & bit != 0 {
+                flags.push(what.to_string());
+            }
+        }
+        if s.affinity_timeout_s != 0 {
+            flags.push(format!("affinity={}s", s.affinity_timeout_s));
+        }
+        let c = maps.service_counters(s.svc_id);
+        rows.push(vec![
+            name_of(&maps, s.svc_id),
+            format!("{}/{}", addr(k.addr_be, k.port_be), proto_name(k.proto)),
+            if k.scope == SCOPE_EXTERNAL { "external" } else { "internal" }.to_string(),
+            s.count.to_string(),
+            if flags.is_empty() { "-".into() } else { flags.join(",") },
+            c.packets.to_string(),
+            c.bytes.to_string(),
+        ]);
+    }
+    rows.sort();
+    Ok(table(&["SERVICE", "FRONTEND", "SCOPE", "BACKENDS", "FLAGS", "PACKETS", "BYTES"], &rows))
+}
+
+pub fn backends(pin_dir: &Path) -> Result<String, LoadError> {
+    let maps = BpfMaps::from_pins(pin_dir)?;
+    // Connections per (frontend, backend), from the forward conntrack entries.
+    let mut conns: BTreeMap<(u32, u32), u64> = BTreeMap::new();
+    for (_, e) in maps.conntrack.iter().flatten() {
+        if e.flags & CT_F_REPLY == 0 {
+            *conns.entry((e.svc_id, e.backend_id)).or_default() += 1;
+        }
+    }
+    let slots: BTreeMap<Lb4SlotKey, u32> = maps.slots.iter().flatten().collect();
+    let fes = frontends(&maps);
+    let mut rows = Vec::new();
+    for (key, id) in &slots {
+        let Some((name, fe, scope)) = fes.get(&key.svc_id) else { continue };
+        let (be, local) = match maps.backends.get(id, 0) {
+            Ok(b) => (addr(b.addr_be, b.port_be), if b.flags & BE_F_LOCAL != 0 { "yes" } else { "no" }),
+            Err(_) => (format!("<missing backend {id}>"), "?"),
+        };
+        rows.push(vec![name.clone(), fe.clone(), scope.to_string(), key.slot.to_string(), be, local.to_string(), conns.get(&(key.svc_id, *id)).copied().unwrap_or(0).to_string()]);
+    }
+    rows.sort();
+    Ok(table(&["SERVICE", "FRONTEND", "SCOPE", "SLOT", "BACKEND", "LOCAL", "CONNECTIONS"], &rows))
+}
+
+fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+fn secs(ns: u64) -> String {
+    format!("{}s", ns / 1_000_000_000)
+}
+
+/// One row per connection (its forward entry; the reply entry is implied).
+pub fn conntrack(pin_dir: &Path) -> Result<String, LoadError> {
+    let maps = BpfMaps::from_pins(pin_dir)?;
+    let now = monotonic_ns();
+    let entries: Vec<(Ct4Key, Ct4Entry)> = maps.conntrack.iter().flatten().collect();
+    let mut rows = Vec::new();
+    for (k, e) in &entries {
+        if e.flags & CT_F_REPLY != 0 {
+            continue;
+        }
+        let mut flags = Vec::new();
+        for (bit, what) in [(CT_F_EXTERNAL, "external"), (CT_F_SNAT, "snat"), (CT_F_HAIRPIN, "hairpin")] {
+            if e.flags & bit != 0 {
+                flags.push(what);
+            }
+        }
+        rows.push(vec![
+            proto_name(k.proto).to_string(),
+            addr(k.saddr_be, k.sport_be),
+            addr(k.daddr_be, k.dport_be),
+            format!("{} -> {}", addr(e.nat_saddr_be, e.nat_sport_be), addr(e.nat_daddr_be, e.nat_dport_be)),
+            name_of(&maps, e.svc_id),
+            if flags.is_empty() { "-".into() } else { flags.join(",") },
+            secs(now.saturating_sub(e.created_ns)),
+            secs(now.saturating_sub(e.last_seen_ns)),
+        ]);
+    }
+    rows.sort();
+    let mut out = table(&["PROTO", "CLIENT", "FRONTEND", "TRANSLATED", "SERVICE", "FLAGS", "AGE", "IDLE"], &rows);
+    let _ = writeln!(out, "{} connections ({} entries, both directions)", rows.len(), entries.len());
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn table_aligns_columns() {
+        let t = super::table(&["A", "LONGER"], &[vec!["xyz".into(), "1".into()], vec!["q".into(), "22".into()]]);
+        assert_eq!(t, "A    LONGER\nxyz  1\nq    22\n");
+    }
+}

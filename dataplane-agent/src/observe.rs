@@ -1,0 +1,317 @@
+//! What an operator watches: `/healthz` and `/livez` (kube-proxy's JSON), `/readyz`, and
+//! Prometheus `/metrics`. Sync figures come from the agent loop; map figures are read from the
+//! pinned maps at scrape time, so they are what the datapath really holds.
+use std::{
+    collections::BTreeMap,
+    fmt::Write as _,
+    net::SocketAddr,
+    path::PathBuf,
+    sync::{atomic::Ordering, Arc, Mutex},
+    time::{Duration, SystemTime},
+};
+
+use dataplane_common::{stat, DropReason, IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP, SCOPE_EXTERNAL, SVC_F_ADDR_ONLY};
+use tokio::net::TcpListener;
+
+use crate::{bpf::BpfMaps, reconcile::SyncStats, sources::kube::WatchStats};
+
+/// Upper bounds of the sync duration histogram, in seconds.
+const BUCKETS: [f64; 12] = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0];
+
+#[derive(Default)]
+struct State {
+    /// The first full sync is done.
+    ready: bool,
+    /// When the datapath last matched the sources (kube-proxy's lastUpdated).
+    last_updated: Option<SystemTime>,
+    /// Since when a change has waited to be applied (None: nothing waits).
+    pending_since: Option<SystemTime>,
+    /// Observed cumulative counts per bucket, sum and count of sync durations.
+    hist: [u64; BUCKETS.len()],
+    hist_sum: f64,
+    hist_count: u64,
+    syncs_failed: u64,
+    objects: BTreeMap<&'static str, usize>,
+    object_errors: usize,
+    writes: u64,
+    deletes: u64,
+    conntrack_flushed: u64,
+    /// False while this node is being removed (kube-proxy's nodeEligible).
+    node_eligible: bool,
+}
+
+/// The agent's observable state, shared by the loop and the HTTP server.
+pub struct Observed {
+    state: Mutex<State>,
+    /// Where the maps are pinned (read at scrape time).
+    pub pin_dir: PathBuf,
+    /// A change that waits longer than this makes /healthz fail (kube-proxy: healthz timeout).
+    pub health_timeout: Duration,
+    pub watch: Option<Arc<WatchStats>>,
+}
+
+impl Observed {
+    pub fn new(pin_dir: PathBuf, health_timeout: Duration, watch: Option<Arc<WatchStats>>) -> Self {
+        Observed { state: Mutex::new(State { node_eligible: true, ..Default::default() }), pin_dir, health_timeout, watch }
+    }
+
+    /// A change arrived from a source and is about to be applied.
+    pub fn change_pending(&self) {
+        let mut s = self.state.lock().unwrap();
+        s.pending_since.get_or_insert_with(SystemTime::now);
+    }
+
+    /// A sync ended. `ok`: the maps now match the sources (map errors leave the change pending).
+    pub fn synced(&self, took: Duration, ok: bool, st: &SyncStats, objects: [(&'static str, usize); 3], object_errors: usize, node_eligible: bool) {
+        let mut s = self.state.lock().unwrap();
+        let secs = took.as_secs_f64();
+        for (i, b) in BUCKETS.iter().enumerate() {
+            if secs <= *b {
+                s.hist[i] += 1;
+            }
+        }
+        s.hist_sum += secs;
+        s.hist_count += 1;
+        s.writes += st.writes as u64;
+        s.deletes += st.deletes as u64;
+        s.conntrack_flushed += st.conntrack_flushed as u64;
+        s.objects = objects.into_iter().collect();
+        s.object_errors = object_errors;
+        s.node_eligible = node_eligible;
+        if ok {
+            s.ready = true;
+            s.last_updated = Some(SystemTime::now());
+            s.pending_since = None;
+        } else {
+            s.syncs_failed += 1;
+            s.pending_since.get_or_insert_with(SystemTime::now);
+        }
+    }
+
+    /// kube-proxy's rule: unhealthy when a change has waited longer than the timeout.
+    pub fn healthy(&self) -> bool {
+        let s = self.state.lock().unwrap();
+        match s.pending_since {
+            Some(t) => t.elapsed().unwrap_or_default() <= self.health_timeout,
+            None => true,
+        }
+    }
+
+    pub fn ready(&self) -> bool {
+        self.state.lock().unwrap().ready
+    }
+
+    /// `/healthz` as kube-proxy answers it: 200 or 503 with lastUpdated, currentTime and
+    /// nodeEligible.
+    pub fn healthz(&self) -> (u16, String) {
+        let healthy = self.healthy();
+        let s = self.state.lock().unwrap();
+        let last = s.last_updated.map(rfc3339).unwrap_or_else(|| rfc3339(SystemTime::UNIX_EPOCH));
+        let body = format!(r#"{{"lastUpdated": "{last}","currentTime": "{}", "nodeEligible": {}}}"#, rfc3339(SystemTime::now()), s.node_eligible);
+        (if healthy { 200 } else { 503 }, body)
+    }
+
+    /// The Prometheus text exposition of everything.
+    pub fn metrics(&self) -> String {
+        let mut out = String::new();
+        {
+            let s = self.state.lock().unwrap();
+            help(&mut out, "ferry_sync_duration_seconds", "histogram", "Time from reading the sources to the maps matching them.");
+            for (i, b) in BUCKETS.iter().enumerate() {
+                let _ = writeln!(out, "ferry_sync_duration_seconds_bucket{{le=\"{b}\"}} {}", s.hist[i]);
+            }
+            let _ = writeln!(out, "ferry_sync_duration_seconds_bucket{{le=\"+Inf\"}} {}", s.hist_count);
+            let _ = writeln!(out, "ferry_sync_duration_seconds_sum {}", s.hist_sum);
+            let _ = writeln!(out, "ferry_sync_duration_seconds_count {}", s.hist_count);
+            help(&mut out, "ferry_sync_failures_total", "counter", "Syncs whose map writes failed (retried).");
+            let _ = writeln!(out, "ferry_sync_failures_total {}", s.syncs_failed);
+            help(&mut out, "ferry_objects", "gauge", "Objects seen at the last sync, by kind.");
+            for (k, n) in &s.objects {
+                let _ = writeln!(out, "ferry_objects{{kind=\"{k}\"}} {n}");
+            }
+            help(&mut out, "ferry_object_errors", "gauge", "Objects (or fields) skipped as invalid at the last sync; the log names each.");
+            let _ = writeln!(out, "ferry_object_errors {}", s.object_errors);
+            help(&mut out, "ferry_map_writes_total", "counter", "Map entries written by syncs.");
+            let _ = writeln!(out, "ferry_map_writes_total {}", s.writes);
+            help(&mut out, "ferry_map_deletes_total", "counter", "Map entries deleted by syncs.");
+            let _ = writeln!(out, "ferry_map_deletes_total {}", s.deletes);
+            help(&mut out, "ferry_conntrack_flushed_total", "counter", "UDP/SCTP conntrack entries removed because their endpoint went away.");
+            let _ = writeln!(out, "ferry_conntrack_flushed_total {}", s.conntrack_flushed);
+            help(&mut out, "ferry_ready", "gauge", "1 after the first full sync.");
+            let _ = writeln!(out, "ferry_ready {}", s.ready as u8);
+        }
+        if let Some(w) = &self.watch {
+            for (name, what, v) in [
+                ("ferry_watch_events_total", "API watch events applied.", &w.events),
+                ("ferry_watch_errors_total", "API watch failures (410 Gone, dropped connections); each re-watches or relists.", &w.errors),
+                ("ferry_watch_relists_total", "Complete lists of a resource (the initial ones and every relist).", &w.relists),
+            ] {
+                help(&mut out, name, "counter", what);
+                let _ = writeln!(out, "{name} {}", v.load(Ordering::Relaxed));
+            }
+        }
+        match BpfMaps::from_pins(&self.pin_dir) {
+            Ok(maps) => map_metrics(&mut out, &maps, &self.pin_dir),
+            Err(e) => {
+                let _ = writeln!(out, "# maps under {} unreadable: {e}", self.pin_dir.display());
+            }
+        }
+        out
+    }
+}
+
+fn help(out: &mut String, name: &str, kind: &str, text: &str) {
+    let _ = writeln!(out, "# HELP {name} {text}\n# TYPE {name} {kind}");
+}
+
+/// Label value escaping of the exposition format.
+fn esc(s: &str) -> String {
+    s.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
+}
+
+pub fn proto_name(p: u8) -> &'static str {
+    match p {
+        IPPROTO_TCP => "TCP",
+        IPPROTO_UDP => "UDP",
+        IPPROTO_SCTP => "SCTP",
+        _ => "other",
+    }
+}
+
+fn map_metrics(out: &mut String, maps: &BpfMaps, dir: &std::path::Path) {
+    help(out, "ferry_map_entries", "gauge", "Entries in each pinned map (arrays count every slot).");
+    let usage = crate::bpf::map_usage(dir);
+    for u in &usage {
+        let _ = writeln!(out, "ferry_map_entries{{map=\"{}\"}} {}", u.name, u.entries);
+    }
+    help(out, "ferry_map_capacity", "gauge", "Capacity (max_entries) of each pinned map.");
+    for u in &usage {
+        let _ = writeln!(out, "ferry_map_capacity{{map=\"{}\"}} {}", u.name, u.capacity);
+    }
+    let mut ct: BTreeMap<(&str, &str), u64> = BTreeMap::new();
+    for (k, e) in maps.conntrack.iter().flatten() {
+        let dir = if e.flags & dataplane_common::CT_F_REPLY != 0 { "reply" } else { "forward" };
+        *ct.entry((proto_name(k.proto), dir)).or_default() += 1;
+    }
+    help(out, "ferry_conntrack_entries", "gauge", "Conntrack entries by protocol and direction (each connection has one of each).");
+    for ((p, d), n) in &ct {
+        let _ = writeln!(out, "ferry_conntrack_entries{{proto=\"{p}\",direction=\"{d}\"}} {n}");
+    }
+    let totals = maps.stat_totals();
+    help(out, "ferry_datapath_events_total", "counter", "Datapath events by kind, summed over CPUs.");
+    for (i, name) in stat::NAMES {
+        if i != stat::DROP {
+            let _ = writeln!(out, "ferry_datapath_events_total{{event=\"{name}\"}} {}", totals.get(i as usize).copied().unwrap_or(0));
+        }
+    }
+    help(out, "ferry_drops_total", "counter", "Packets dropped by the datapath, by reason.");
+    for r in DropReason::ALL {
+        let _ = writeln!(out, "ferry_drops_total{{reason=\"{}\"}} {}", r.name(), totals.get(r.stat() as usize).copied().unwrap_or(0));
+    }
+    help(out, "ferry_service_packets_total", "counter", "Packets translated for a Service frontend (both directions), from per-CPU counters.");
+    let mut rows = Vec::new();
+    for (key, svc) in maps.services.iter().flatten() {
+        if svc.flags & SVC_F_ADDR_ONLY != 0 {
+            continue;
+        }
+        let c = maps.service_counters(svc.svc_id);
+        let name = maps.service_name(svc.svc_id).unwrap_or_else(|| format!("<frontend {}>", svc.svc_id));
+        let fe = format!("{}:{}/{}", std::net::Ipv4Addr::from(key.addr_be.to_ne_bytes()), u16::from_be(key.port_be), proto_name(key.proto));
+        let scope = if key.scope == SCOPE_EXTERNAL { "external" } else { "internal" };
+        rows.push((esc(&name), fe, scope, c));
+    }
+    rows.sort_by(|a, b| (&a.0, &a.1, a.2).cmp(&(&b.0, &b.1, b.2)));
+    for (name, fe, scope, c) in &rows {
+        let _ = writeln!(out, "ferry_service_packets_total{{service=\"{name}\",frontend=\"{fe}\",scope=\"{scope}\"}} {}", c.packets);
+    }
+    help(out, "ferry_service_bytes_total", "counter", "IP bytes translated for a Service frontend (both directions).");
+    for (name, fe, scope, c) in &rows {
+        let _ = writeln!(out, "ferry_service_bytes_total{{service=\"{name}\",frontend=\"{fe}\",scope=\"{scope}\"}} {}", c.bytes);
+    }
+}
+
+/// Serves /healthz, /livez, /readyz and /metrics on `addr` (both on one address when
+/// --metrics-bind-address equals --healthz-bind-address).
+pub async fn spawn_server(addr: SocketAddr, observed: Arc<Observed>, with_health: bool, with_metrics: bool) -> std::io::Result<()> {
+    let l = TcpListener::bind(addr).await?;
+    tokio::spawn(crate::http::serve(l, move |path: String| {
+        let o = observed.clone();
+        async move {
+            match path.as_str() {
+                "/healthz" | "/livez" if with_health => {
+                    let (code, body) = o.healthz();
+                    crate::http::response(code, "application/json", "", &body)
+                }
+                "/readyz" if with_health => {
+                    if o.ready() {
+                        crate::http::response(200, "text/plain; charset=utf-8", "", "ok\n")
+                    } else {
+                        crate::http::response(503, "text/plain; charset=utf-8", "", "not ready: the first sync has not completed\n")
+                    }
+                }
+                "/metrics" if with_metrics => {
+                    // Map reads are syscalls: off the async threads.
+                    let body = tokio::task::spawn_blocking(move || o.metrics()).await.unwrap_or_default();
+                    crate::http::response(200, "text/plain; version=0.0.4; charset=utf-8", "", &body)
+                }
+                _ => crate::http::response(404, "text/plain; charset=utf-8", "", "404 page not found\n"),
+            }
+        }
+    }));
+    Ok(())
+}
+
+/// RFC 3339 in UTC with nanoseconds, as Go's time.Time marshals to JSON.
+pub fn rfc3339(t: SystemTime) -> String {
+    let d = t.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();
+    let secs = d.as_secs() as i64;
+    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
+    // Howard Hinnant's civil_from_days.
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + (month <= 2) as i64;
+    format!("{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:09}Z", rem / 3600, rem % 3600 / 60, rem % 60, d.subsec_nanos())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rfc3339_matches_known_instants() {
+        assert_eq!(rfc3339(SystemTime::UNIX_EPOCH), "1970-01-01T00:00:00.000000000Z");
+        let t = SystemTime::UNIX_EPOCH + Duration::new(1_795_427_446, 5);
+        assert_eq!(rfc3339(t), "2026-11-23T09:50:46.000000005Z");
+        let leap = SystemTime::UNIX_EPOCH + Duration::from_secs(951_825_600); // 2000-02-29 12:00
+        assert_eq!(rfc3339(leap), "2000-02-29T12:00:00.000000000Z");
+    }
+
+    #[test]
+    fn healthz_fails_when_a_change_waits_too_long() {
+        let o = Observed::new(PathBuf::from("/nonexistent"), Duration::from_millis(50), None);
+        assert!(o.healthy() && !o.ready());
+        o.change_pending();
+        std::thread::sleep(Duration::from_millis(80));
+        let (code, body) = o.healthz();
+        assert_eq!(code, 503);
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(v["lastUpdated"], "1970-01-01T00:00:00.000000000Z");
+        assert_eq!(v["nodeEligible"], true);
+        o.synced(Duration::from_millis(3), true, &SyncStats::default(), [("Service", 2), ("EndpointSlice", 2), ("Node", 1)], 0, true);
+        assert!(o.ready());
+        let (code, body) = o.healthz();
+        assert_eq!(code, 200);
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+        assert_ne!(v["lastUpdated"], "1970-01-01T00:00:00.000000000Z");
+        let m = o.metrics();
+        assert!(m.contains("ferry_sync_duration_seconds_bucket{le=\"0.005\"} 1\n"), "{m}");
+        assert!(m.contains("ferry_sync_duration_seconds_bucket{le=\"0.0025\"} 0\n"), "{m}");
+        assert!(m.contains("ferry_objects{kind=\"Service\"} 2\n"), "{m}");
+    }
+}

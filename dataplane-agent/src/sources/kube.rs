@@ -1,0 +1,140 @@
+//! The API-server source: reflectors (kube-runtime watchers feeding local stores) for Services,
+//! EndpointSlices and this node's Node object. Every watch event wakes the agent, which then
+//! translates the stores' contents and lets the reconciler write only what differs from the maps.
+//! A relist (a watch that expired with 410 Gone, or a reconnect) replaces a store's contents
+//! atomically at its end, so it too becomes a diff, never a flush.
+//!
+//! As kube-proxy does, Services labelled `service.kubernetes.io/service-proxy-name` (another
+//! proxy's) and headless ones are excluded by the watches' label selectors; ExternalName and
+//! headless Services are skipped again by the translation, whatever the source.
+use std::{
+    path::Path,
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc,
+    },
+};
+
+use futures::StreamExt;
+use k8s_openapi::api::{
+    core::v1::{Node, Service},
+    discovery::v1::EndpointSlice,
+};
+use kube::{
+    api::Api,
+    runtime::{
+        reflector::{self, Store},
+        watcher, WatchStreamExt,
+    },
+    Client, Resource,
+};
+use tokio::sync::Notify;
+use tracing::{info, warn};
+
+use super::Objects;
+
+/// kube-proxy's selector for Services and EndpointSlices (pkg/proxy: `noProxyName` and
+/// `noHeadlessEndpoints`).
+pub const PROXYABLE: &str = "!service.kubernetes.io/service-proxy-name,!service.kubernetes.io/headless";
+
+/// Counters of the watches, for metrics.
+#[derive(Debug, Default)]
+pub struct WatchStats {
+    /// Watch events applied (adds, updates, deletes, relist ends).
+    pub events: AtomicU64,
+    /// Watch errors (410 Gone, a dropped connection, an API error); each is followed by a
+    /// re-watch or relist with backoff.
+    pub errors: AtomicU64,
+    /// Relists completed (including the initial list of each resource).
+    pub relists: AtomicU64,
+}
+
+/// The three stores and the signal that one of them changed.
+pub struct KubeSource {
+    services: Store<Service>,
+    slices: Store<EndpointSlice>,
+    nodes: Store<Node>,
+    pub changed: Arc<Notify>,
+    pub stats: Arc<WatchStats>,
+}
+
+/// A client from `--kubeconfig` and `--master` (kube-proxy's flags), else the in-cluster
+/// service account (KUBERNETES_SERVICE_HOST/PORT, which the DaemonSet points at the API server
+/// itself: the `kubernetes` Service needs a proxy to be reached) or the default kubeconfig.
+pub async fn client(kubeconfig: Option<&Path>, master: Option<&str>) -> anyhow::Result<Client> {
+    let mut config = match kubeconfig {
+        Some(path) => {
+            let kc = kube::config::Kubeconfig::read_from(path).map_err(|e| anyhow::anyhow!("--kubeconfig {}: {e}", path.display()))?;
+            kube::Config::from_custom_kubeconfig(kc, &kube::config::KubeConfigOptions::default())
+                .await
+                .map_err(|e| anyhow::anyhow!("--kubeconfig {}: {e}", path.display()))?
+        }
+        None if master.is_some() => kube::Config::new("http://localhost".parse().expect("static URL")),
+        None => kube::Config::infer().await.map_err(|e| anyhow::anyhow!("no API server configuration (in-cluster or kubeconfig): {e}"))?,
+    };
+    if let Some(m) = master {
+        config.cluster_url = m.parse().map_err(|e| anyhow::anyhow!("--master {m:?}: {e}"))?;
+    }
+    Ok(Client::try_from(config)?)
+}
+
+impl KubeSource {
+    /// Starts the watches. `node` is this node's name: only its Node object is watched.
+    pub fn start(client: Client, node: &str) -> KubeSource {
+        let changed = Arc::new(Notify::new());
+        let stats = Arc::new(WatchStats::default());
+        let selector = watcher::Config::default().labels(PROXYABLE);
+        let services = spawn_reflector(Api::<Service>::all(client.clone()), selector.clone(), &changed, &stats);
+        let slices = spawn_reflector(Api::<EndpointSlice>::all(client.clone()), selector, &changed, &stats);
+        let nodes = spawn_reflector(Api::<Node>::all(client), watcher::Config::default().fields(&format!("metadata.name={node}")), &changed, &stats);
+        KubeSource { services, slices, nodes, changed, stats }
+    }
+
+    /// Waits until every store holds its initial list.
+    pub async fn wait_ready(&self) {
+        let _ = self.services.wait_until_ready().await;
+        let _ = self.slices.wait_until_ready().await;
+        let _ = self.nodes.wait_until_ready().await;
+    }
+
+    /// A consistent copy of what the stores hold now.
+    pub fn snapshot(&self) -> Objects {
+        fn own<K: Clone>(v: Vec<Arc<K>>) -> Vec<K> {
+            v.into_iter().map(|o| (*o).clone()).collect()
+        }
+        Objects { services: own(self.services.state()), endpoint_slices: own(self.slices.state()), nodes: own(self.nodes.state()) }
+    }
+}
+
+fn spawn_reflector<K>(api: Api<K>, cfg: watcher::Config, changed: &Arc<Notify>, stats: &Arc<WatchStats>) -> Store<K>
+where
+    K: Resource + Clone + std::fmt::Debug + serde::de::DeserializeOwned + Send + Sync + 'static,
+    K::DynamicType: Default + Eq + std::hash::Hash + Clone + Send + Sync,
+{
+    let (reader, writer) = reflector::store::<K>();
+    let kind = K::kind(&Default::default()).to_string();
+    let (changed, stats) = (changed.clone(), stats.clone());
+    tokio::spawn(async move {
+        let mut stream = reflector::reflector(writer, watcher(api, cfg)).default_backoff().boxed();
+        while let Some(ev) = stream.next().await {
+            match ev {
+                Ok(watcher::Event::Init | watcher::Event::InitApply(_)) => {}
+                Ok(watcher::Event::InitDone) => {
+                    stats.relists.fetch_add(1, Ordering::Relaxed);
+                    stats.events.fetch_add(1, Ordering::Relaxed);
+                    info!(kind = %kind, "list complete");
+                    changed.notify_one();
+                }
+                Ok(watcher::Event::Apply(_) | watcher::Event::Delete(_)) => {
+                    stats.events.fetch_add(1, Ordering::Relaxed);
+                    changed.notify_one();
+                }
+                Err(e) => {
+                    stats.errors.fetch_add(1, Ordering::Relaxed);
+                    warn!(kind = %kind, error = %e, "watch failed; re-watching (a 410 Gone relists)");
+                }
+            }
+        }
+    });
+    reader
+}
