@@ -66,6 +66,39 @@ fn data_packets_and_replies_are_translated_both_ways() {
 }
 
 #[test]
+fn per_service_counters_count_packets_and_ip_bytes_both_ways() {
+    let mut dp = Datapath::new();
+    let both = format!("{}\n---\n{}", svc(VIP, 80, "TCP", 8080, &["10.0.1.5"]), svc("172.30.0.11", 53, "UDP", 5353, &["10.0.1.6"]));
+    dp.apply_yaml(&both);
+    let frontend = |dp: &Datapath, vip: &str| {
+        let (_, s) = dp.maps.services.iter().flatten().find(|(k, _)| k.addr_be == u32::from_ne_bytes(ip(vip).octets()) && k.port_be != 0).unwrap();
+        s.svc_id
+    };
+    let (web_id, dns_id) = (frontend(&dp, VIP), frontend(&dp, "172.30.0.11"));
+    assert_eq!(dp.maps.service_name(web_id).as_deref(), Some("t/s-80-TCP:p"));
+    let syn = tcp((ip(CLIENT), 40000), (ip(VIP), 80), true, b"");
+    let data = tcp((ip(CLIENT), 40000), (ip(VIP), 80), false, b"GET / HTTP/1.1\r\n\r\n");
+    let reply = tcp((ip("10.0.1.5"), 8080), (ip(CLIENT), 40000), false, b"HTTP/1.1 200 OK\r\n\r\n");
+    dp.from_pod(&syn);
+    dp.from_pod(&data);
+    dp.to_pod(&reply);
+    let ip_len = |frame: &[u8]| (frame.len() - 14) as u64;
+    let c = dp.maps.service_counters(web_id);
+    assert_eq!((c.packets, c.bytes), (3, ip_len(&syn) + ip_len(&data) + ip_len(&reply)));
+    // Another Service's counters are its own; traffic no Service owns counts nowhere.
+    assert_eq!(dp.maps.service_counters(dns_id).packets, 0);
+    dp.from_pod(&udp((ip(CLIENT), 5000), (ip("172.30.0.11"), 53), b"q"));
+    dp.from_pod(&tcp((ip(CLIENT), 40001), (ip("10.0.9.9"), 80), true, b""));
+    assert_eq!(dp.maps.service_counters(dns_id).packets, 1);
+    assert_eq!(dp.maps.service_counters(web_id).packets, 3);
+    // A removed Service takes its counters and name with it; the other keeps counting.
+    dp.apply_yaml(&svc(VIP, 80, "TCP", 8080, &["10.0.1.5"]));
+    assert_eq!(dp.maps.service_name(dns_id), None);
+    assert!(dp.maps.svc_stats.get(&dns_id, 0).is_err());
+    assert_eq!(dp.maps.service_counters(web_id).packets, 3);
+}
+
+#[test]
 fn conntrack_holds_both_directions_and_pins_the_backend() {
     let dp = web(&["10.0.1.1", "10.0.1.2", "10.0.1.3", "10.0.1.4"]);
     let first = tuple(&dp.from_pod(&tcp((ip(CLIENT), 40000), (ip(VIP), 80), true, b"")).data);

@@ -124,13 +124,7 @@ pub fn node_config(cfg: &RunConfig, node: &model::NodeContext, objs: &Objects) -
             .and_then(|s| s.pod_cidrs.clone().or_else(|| s.pod_cidr.clone().map(|c| vec![c])))
             .and_then(|cidrs| cidrs.iter().find_map(|c| c.parse::<Cidr4>().ok())),
     };
-    let (cluster_cidr_be, cluster_mask_be) = match local {
-        Some(c) => {
-            let mask = if c.prefix == 0 { 0 } else { u32::MAX << (32 - c.prefix) };
-            (u32::from(c.addr).to_be(), mask.to_be())
-        }
-        None => (0, 0),
-    };
+    let (cluster_cidr_be, cluster_mask_be) = local.map(|c| c.addr_mask_be()).unwrap_or((0, 0));
     NodeConfig {
         snat_addr_be: node.ips.first().map(|ip| u32::from_ne_bytes(ip.octets())).unwrap_or(0),
         snat_port_min: cfg.snat_ports.0,

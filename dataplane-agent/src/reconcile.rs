@@ -46,6 +46,12 @@ impl std::fmt::Display for Cidr4 {
 }
 
 impl Cidr4 {
+    /// Address and netmask in network byte order, as the datapath compares them.
+    pub fn addr_mask_be(&self) -> (u32, u32) {
+        let mask = if self.prefix == 0 { 0 } else { u32::MAX << (32 - self.prefix) };
+        ((u32::from(self.addr) & mask).to_be(), mask.to_be())
+    }
+
     pub fn contains(&self, ip: Ipv4Addr) -> bool {
         let mask = if self.prefix == 0 { 0 } else { u32::MAX << (32 - self.prefix) };
         u32::from(ip) & mask == u32::from(self.addr)

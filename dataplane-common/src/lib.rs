@@ -209,9 +209,10 @@ pub struct NodeConfig {
     /// translated tuple would collide with another's (host byte order, inclusive).
     pub snat_port_min: u16,
     pub snat_port_max: u16,
-    /// `--cluster-cidr` (address and netmask, network order; mask 0: not set). As with
-    /// kube-proxy, a ClusterIP reached from outside the node by a source outside this range is
-    /// served, with the source translated to the node's address (masquerade).
+    /// The in-cluster source range (`--cluster-cidr`, or the node's podCIDR with
+    /// `--detect-local-mode NodeCIDR`): address and netmask, network order; mask 0 when not set.
+    /// As with kube-proxy, a ClusterIP reached from outside the node is served, and a source
+    /// outside this range is translated to the node's address (masquerade).
     pub cluster_cidr_be: u32,
     pub cluster_mask_be: u32,
 }

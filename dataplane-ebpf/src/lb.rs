@@ -258,14 +258,14 @@ pub fn handle_ipv4(ctx: &TcContext, p: &mut Ipv4Packet, hook: Hook) -> Result<Ve
         return Ok(Verdict::Pass);
     }
     let scope = if hook == Hook::FromWorld { SCOPE_EXTERNAL } else { SCOPE_INTERNAL };
-    let mut masquerade = false;
+    let mut masq = Masq::RemoteBackend;
     let svc = match lb4_lookup_service(p.daddr_be, p.dport_be, p.proto, scope) {
         Some(s) if s.flags & SVC_F_ADDR_ONLY == 0 => s,
-        // From outside, NodePort, LoadBalancer and external IP frontends are ours, and ClusterIPs
-        // when the source is outside --cluster-cidr (kube-proxy: DNAT and masquerade).
+        // From outside: NodePort, LoadBalancer and external IP frontends, and ClusterIPs as
+        // kube-proxy serves them (translated; masqueraded when the source is not in-cluster).
         _ if hook == Hook::FromWorld => match cluster_ip_from_outside(p) {
-            Some(s) => {
-                masquerade = true;
+            Some((s, always)) => {
+                masq = if always { Masq::Always } else { Masq::Never };
                 s
             }
             None => return Ok(Verdict::Pass),
@@ -287,22 +287,33 @@ pub fn handle_ipv4(ctx: &TcContext, p: &mut Ipv4Packet, hook: Hook) -> Result<Ve
     if svc.count == 0 {
         return lb4_empty(&svc);
     }
-    let e = lb4_new_connection(p, &svc, hook, masquerade)?;
+    let e = lb4_new_connection(p, &svc, hook, masq)?;
     nat::rewrite(ctx, p, &e)?;
     stats::count(if hook == Hook::FromWorld { stat::EXTERNAL_NEW } else { stat::CT_NEW });
     stats::count_service(e.svc_id, p.tot_len);
     Ok(verdict_after(&e))
 }
 
-/// A ClusterIP frontend for a packet from outside the node whose source lies outside
-/// `--cluster-cidr` (not set: none).
+/// The ClusterIP frontend a packet from outside the node is addressed to, and whether its source
+/// must be masqueraded: kube-proxy does so when the source is not in-cluster (outside
+/// `--cluster-cidr`, or the node's podCIDR), and not at all when it cannot tell (not set).
 #[inline(always)]
-fn cluster_ip_from_outside(p: &Ipv4Packet) -> Option<Lb4Service> {
+fn cluster_ip_from_outside(p: &Ipv4Packet) -> Option<(Lb4Service, bool)> {
+    let svc = lb4_lookup_service(p.daddr_be, p.dport_be, p.proto, SCOPE_INTERNAL).filter(|s| s.flags & SVC_F_ADDR_ONLY == 0)?;
     let cfg = cfg4_v2.get(0).copied().unwrap_or_default();
-    if cfg.cluster_mask_be == 0 || p.saddr_be & cfg.cluster_mask_be == cfg.cluster_cidr_be {
-        return None;
-    }
-    lb4_lookup_service(p.daddr_be, p.dport_be, p.proto, SCOPE_INTERNAL).filter(|s| s.flags & SVC_F_ADDR_ONLY == 0)
+    Some((svc, cfg.cluster_mask_be != 0 && p.saddr_be & cfg.cluster_mask_be != cfg.cluster_cidr_be))
+}
+
+/// When a connection from outside the node gets this node's address as its source.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Masq {
+    /// NodePort, LoadBalancer, external IPs: when the backend is on another node (its reply
+    /// must come back through here).
+    RemoteBackend,
+    /// A ClusterIP from a source that is not in-cluster (kube-proxy's clusterCIDR rule).
+    Always,
+    /// A ClusterIP from an in-cluster source.
+    Never,
 }
 
 #[inline(always)]
@@ -318,7 +329,7 @@ fn random_port(min: u16, max: u16) -> u16 {
 /// Services, or through two nodes' NodePorts after source translation). Then another source port
 /// is chosen for the new connection instead of breaking the existing one.
 #[inline(always)]
-pub fn lb4_new_connection(p: &Ipv4Packet, svc: &Lb4Service, hook: Hook, masquerade: bool) -> Result<Ct4Entry, DropReason> {
+pub fn lb4_new_connection(p: &Ipv4Packet, svc: &Lb4Service, hook: Hook, masq: Masq) -> Result<Ct4Entry, DropReason> {
     let (backend_id, be) = lb4_choose_backend(svc, p.saddr_be, flow_hash(p))?;
     let cfg = cfg4_v2.get(0).copied().unwrap_or_default();
     let (port_min, port_max) = if cfg.snat_port_min != 0 && cfg.snat_port_max >= cfg.snat_port_min {
@@ -329,8 +340,12 @@ pub fn lb4_new_connection(p: &Ipv4Packet, svc: &Lb4Service, hook: Hook, masquera
     let hairpin = be.addr_be == p.saddr_be;
     // From outside to a backend on another node (externalTrafficPolicy Cluster): the reply must
     // come back through this node, so the source becomes this node's address.
-    // A ClusterIP from outside --cluster-cidr (`masquerade`) is translated whatever the backend.
-    let snat = hook == Hook::FromWorld && (be.flags & BE_F_LOCAL == 0 || masquerade);
+    let snat = hook == Hook::FromWorld
+        && match masq {
+            Masq::RemoteBackend => be.flags & BE_F_LOCAL == 0,
+            Masq::Always => true,
+            Masq::Never => false,
+        };
     let nat_saddr = if snat {
         if cfg.snat_addr_be == 0 {
             return Err(DropReason::NoNodeAddress);

@@ -23,7 +23,7 @@ use dataplane_common::{
 
 use crate::{
     csum::{csum_replace2, csum_replace4},
-    lb::{backend_alive, ct_key, lb4_lookup_service, lb4_new_connection, lb4_source_allowed, Hook},
+    lb::{backend_alive, ct_key, lb4_lookup_service, lb4_new_connection, lb4_source_allowed, Hook, Masq},
     maps::ct4_v1,
     parse::{Ipv4Packet, ETH_LEN},
     stats,
@@ -176,7 +176,7 @@ pub fn try_nodeport(ctx: &XdpContext) -> Result<u32, DropReason> {
         // A refusal or a traffic-policy drop: tc answers and counts it.
         return Ok(PASS);
     }
-    let e = lb4_new_connection(&p, &svc, Hook::FromWorld, false)?;
+    let e = lb4_new_connection(&p, &svc, Hook::FromWorld, Masq::RemoteBackend)?;
     stats::count(stat::EXTERNAL_NEW);
     forward(ctx, &p, &e)
 }

@@ -256,10 +256,9 @@ impl Runner {
             .collect();
         let pod_cidr = sc.node.pod_cidr.as_deref().and_then(|c| c.parse::<Cidr4>().map_err(|e| errors.push(format!("node.podCIDR: {e}"))).ok());
         let cidrs: BTreeSet<Cidr4> = parse_list(&sc.config.service_cidrs, "config.serviceCIDRs", &mut errors).into_iter().collect();
-        if let Some(c) = &sc.config.cluster_cidr {
-            if let Err(e) = c.parse::<Cidr4>() {
-                errors.push(format!("config.clusterCIDR: {e}"));
-            }
+        let cluster_cidr = sc.config.cluster_cidr.as_deref().and_then(|c| c.parse::<Cidr4>().map_err(|e| errors.push(format!("config.clusterCIDR: {e}"))).ok());
+        if sc.config.masquerade_all {
+            errors.push("config.masqueradeAll: true is not supported (Ferry masquerades only what kube-proxy's clusterCIDR rule does)".into());
         }
         let mut pod_ips = BTreeSet::new();
         for (i, p) in sc.pods.iter().enumerate() {
@@ -297,7 +296,9 @@ impl Runner {
             return Err(map_errors);
         }
         let snat_addr_be = node.ips.first().map(|ip| u32::from_ne_bytes(ip.octets())).unwrap_or(0);
-        maps.set_config(dataplane_common::NodeConfig { snat_addr_be, snat_port_min: 61000, snat_port_max: 65535, ..Default::default() }).map_err(|e| vec![e.to_string()])?;
+        let (cluster_cidr_be, cluster_mask_be) = cluster_cidr.map(|c| c.addr_mask_be()).unwrap_or((0, 0));
+        maps.set_config(dataplane_common::NodeConfig { snat_addr_be, snat_port_min: 61000, snat_port_max: 65535, cluster_cidr_be, cluster_mask_be })
+            .map_err(|e| vec![e.to_string()])?;
         Ok(Runner { ebpf, maps, xdp: false, node_ips, pod_cidr, pod_ips, network_policies: sc.network_policies.len(), cgroup: None })
     }
 
