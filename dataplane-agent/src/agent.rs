@@ -35,12 +35,21 @@ pub enum SourceConfig {
 
 /// kube-proxy's `--detect-local-mode`: which sources count as in-cluster for ClusterIP traffic
 /// arriving from outside the node (the others are masqueraded).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, PartialEq, Eq)]
 pub enum LocalMode {
     /// `--cluster-cidr`.
     ClusterCidr,
     /// This node's podCIDR, from its Node object.
     NodeCidr,
+}
+
+impl std::fmt::Debug for LocalMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            LocalMode::ClusterCidr => "ClusterCIDR",
+            LocalMode::NodeCidr => "NodeCIDR",
+        })
+    }
 }
 
 pub struct RunConfig {

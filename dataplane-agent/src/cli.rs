@@ -174,6 +174,10 @@ pub struct RunArgs {
     /// Log format (kube-proxy's flag): `text` (key=value fields) or `json` (one object per line).
     #[arg(long, env = "FERRY_LOGGING_FORMAT", default_value = "text", value_parser = ["text", "json"])]
     pub logging_format: String,
+    /// Check every setting (flags, environment, ConfigMap), print the resolved configuration and
+    /// exit without touching the node.
+    #[arg(long)]
+    pub print_config: bool,
 }
 
 fn parse_cidrs(flag: &str, v: &[String]) -> anyhow::Result<Vec<Cidr4>> {
@@ -243,6 +247,35 @@ impl RunArgs {
             min_sync_period: period,
         })
     }
+}
+
+/// The resolved configuration, one setting per line (`run --print-config`).
+pub fn describe(cfg: &agent::RunConfig) -> String {
+    let list = |v: Vec<String>| if v.is_empty() { "-".to_string() } else { v.join(",") };
+    let bind = |b: Option<SocketAddr>| b.map(|a| a.to_string()).unwrap_or_else(|| "off".into());
+    let source = match &cfg.source {
+        SourceConfig::Manifests { path, .. } => format!("manifests {}", path.display()),
+        SourceConfig::Kube { kubeconfig: Some(k), .. } => format!("API server (kubeconfig {})", k.display()),
+        SourceConfig::Kube { master: Some(m), .. } => format!("API server {m}"),
+        SourceConfig::Kube { .. } => "API server (in-cluster)".into(),
+    };
+    format!(
+        "node: {}\nsource: {source}\nnode IPs: {}\nNodePort addresses: {}\nservice CIDRs: {}\ncluster CIDR: {} ({:?})\npin dir: {}\ncgroup: {}\nalgorithm: {:?}\nNodePort acceleration: {}\nSNAT ports: {}-{}\nhealthz: {}\nmetrics: {}\n",
+        cfg.node.name,
+        list(cfg.node.ips.iter().map(|i| i.to_string()).collect()),
+        list(cfg.node.nodeport_addresses.iter().map(|c| c.to_string()).collect()),
+        list(cfg.service_cidrs.iter().map(|c| c.to_string()).collect()),
+        cfg.cluster_cidr.map(|c| c.to_string()).unwrap_or_else(|| "-".into()),
+        cfg.local_mode,
+        cfg.pin_dir.display(),
+        cfg.cgroup.as_ref().map(|c| c.display().to_string()).unwrap_or_else(|| "none".into()),
+        cfg.algorithm,
+        if cfg.xdp { "xdp" } else { "none" },
+        cfg.snat_ports.0,
+        cfg.snat_ports.1,
+        bind(cfg.healthz_bind),
+        bind(cfg.metrics_bind),
+    )
 }
 
 /// The environment variables `run` reads, from clap's own definition (for the ConfigMap test).

@@ -24,7 +24,12 @@ fn main() -> anyhow::Result<()> {
     match cli.cmd {
         Cmd::Run(args) => {
             init_logs("info", args.logging_format == "json");
+            let print = args.print_config;
             let cfg = args.config()?;
+            if print {
+                print!("{}", dataplane_agent::cli::describe(&cfg));
+                return Ok(());
+            }
             tokio::runtime::Builder::new_current_thread().enable_all().build()?.block_on(dataplane_agent::agent::run(cfg))
         }
         Cmd::Trace { scenario, from, to, pin_dir, nodeport_acceleration } => {
