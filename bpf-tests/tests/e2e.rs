@@ -159,6 +159,50 @@ fn live_trace_reads_the_running_nodes_maps() {
 }
 
 #[test]
+fn inspection_and_metrics_show_live_traffic_by_service_name() {
+    let (c, _d) = cluster(&["n1-pod2", "n2-pod1"], &["n2-pod2"]);
+    let mut s = c.session("n1-pod1", "tcp-session", lab::TCP_VIP);
+    let backend = c.pod_ip(&s.backend());
+    for _ in 0..4 {
+        s.backend();
+    }
+    let udp = c.client_in_pod("n1-pod1", &["udp", lab::UDP_VIP, "5"]);
+    assert_eq!(udp.len(), 5, "{udp:?}");
+    let inspect = |what: &str| {
+        let out = std::process::Command::new(lab::agent_bin()).args(["inspect", what, "--pin-dir"]).arg(&c.nodes[0].pin.path).output().unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    // services: the TCP frontend by name, two backends, and the packets it carried (5 requests
+    // and answers, plus the handshake).
+    let services = inspect("services");
+    let row = services.lines().find(|l| l.starts_with("lab/echo-tcp:echo ")).unwrap_or_else(|| panic!("{services}"));
+    let cols: Vec<&str> = row.split_whitespace().collect();
+    assert_eq!(&cols[1..4], ["10.96.0.10:80/TCP", "internal", "2"], "{services}");
+    assert!(cols[5].parse::<u64>().unwrap() >= 12, "{services}");
+    // backends: the established connection is counted at its backend.
+    let backends = inspect("backends");
+    let row = backends.lines().find(|l| l.starts_with("lab/echo-tcp:echo ") && l.contains(&format!("{backend}:8080"))).unwrap_or_else(|| panic!("{backends}"));
+    assert!(row.split_whitespace().last().unwrap().parse::<u64>().unwrap() >= 1, "{backends}");
+    // conntrack: the TCP connection, from the client pod, translated to its backend.
+    let ct = inspect("conntrack");
+    assert!(ct.lines().any(|l| l.starts_with("TCP") && l.contains("10.201.1.11:") && l.contains(&format!("{backend}:8080")) && l.contains("lab/echo-tcp:echo")), "{ct}");
+    // metrics, from inside the node, on the agent's default metrics address.
+    let (code, page) = bpf_tests::fakeapi::http_get_in(&c.nodes[0].ns.name, "127.0.0.1:10249", "/metrics").expect("metrics answer");
+    assert_eq!(code, 200);
+    let packets = page
+        .lines()
+        .find(|l| l.starts_with("ferry_service_packets_total{service=\"lab/echo-udp:echo-udp\",frontend=\"10.96.0.20:53/UDP\""))
+        .unwrap_or_else(|| panic!("{page}"));
+    assert_eq!(packets.rsplit(' ').next().unwrap(), "10", "5 datagrams and 5 answers: {packets}");
+    assert!(page.contains("ferry_conntrack_entries{proto=\"TCP\",direction=\"forward\"} 1"), "{page}");
+    assert!(page.lines().any(|l| l.starts_with("ferry_map_entries{map=\"lb4_svc_v2\"} ")), "{page}");
+    assert!(page.contains("ferry_drops_total{reason=\"no_service\"} 0"), "{page}");
+    let (code, health) = bpf_tests::fakeapi::http_get_in(&c.nodes[0].ns.name, "127.0.0.1:10256", "/healthz").unwrap();
+    assert_eq!(code, 200, "{health}");
+}
+
+#[test]
 fn a_malformed_manifest_is_named_and_everything_else_still_syncs() {
     let (mut c, _d) = cluster(&ALL, &ALL);
     c.write_manifest(

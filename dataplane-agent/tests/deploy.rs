@@ -181,3 +181,25 @@ fn containerfile_is_multi_stage_and_ships_the_built_agent() {
     assert!(text.contains("COPY --from=build /src/target/release/dataplane-agent "));
     assert!(text.contains("iptables nftables"), "the runtime needs them for cleanup-kube-proxy");
 }
+
+#[test]
+fn cluster_e2e_workload_is_valid_api_objects() {
+    use k8s_openapi::api::{apps::v1::Deployment, core::v1::{Namespace, Pod, Service}};
+    let mut kinds = BTreeMap::new();
+    for d in documents("e2e/workload.yaml") {
+        let kind = d["kind"].as_str().unwrap().to_string();
+        let name = d["metadata"]["name"].as_str().unwrap().to_string();
+        let ok = match kind.as_str() {
+            "Namespace" => serde_yaml::from_value::<Namespace>(d).map(|_| ()),
+            "Deployment" => serde_yaml::from_value::<Deployment>(d).map(|_| ()),
+            "Service" => serde_yaml::from_value::<Service>(d).map(|_| ()),
+            "Pod" => serde_yaml::from_value::<Pod>(d).map(|_| ()),
+            other => panic!("unexpected {other}"),
+        };
+        ok.unwrap_or_else(|e| panic!("{kind} {name}: {e}"));
+        *kinds.entry(kind).or_insert(0) += 1;
+    }
+    assert_eq!(kinds.get("Service"), Some(&5));
+    let kind_cfg: serde_yaml::Value = serde_yaml::from_str(&std::fs::read_to_string(deploy().join("e2e/kind.yaml")).unwrap()).unwrap();
+    assert_eq!(kind_cfg["networking"]["kubeProxyMode"], "none");
+}
