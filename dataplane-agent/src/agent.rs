@@ -156,13 +156,17 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
     attach::load_programs(&mut ebpf).context("loading programs")?;
     let mut maps = BpfMaps::from_ebpf(&mut ebpf)?;
     let applied = maps.dump_applied();
-    info!(
-        node = %cfg.node.name,
-        pin_dir = %cfg.pin_dir.display(),
-        frontends = applied.frontends.len(),
-        backends = applied.backends.len(),
-        "maps restored from a previous run (nothing is flushed; the first sync writes only differences)"
-    );
+    if applied.frontends.is_empty() && applied.backends.is_empty() {
+        info!(node = %cfg.node.name, pin_dir = %cfg.pin_dir.display(), "maps created (nothing pinned from a previous run)");
+    } else {
+        info!(
+            node = %cfg.node.name,
+            pin_dir = %cfg.pin_dir.display(),
+            frontends = applied.frontends.len(),
+            backends = applied.backends.len(),
+            "maps restored from a previous run (nothing is flushed; the first sync writes only differences)"
+        );
+    }
     let mut rec = Reconciler::restore(applied);
     rec.algorithm = cfg.algorithm;
 

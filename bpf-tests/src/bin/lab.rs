@@ -79,8 +79,22 @@ fn main() -> std::process::ExitCode {
     }
     println!();
     for (i, n) in c.nodes.iter().enumerate() {
-        for l in c.agent_log(i).lines().filter(|l| l.contains("synced") || l.contains("restored")).take(2) {
+        for l in c.agent_log(i).lines().filter(|l| l.contains("synced") || l.contains("maps ")).take(2) {
             println!("{} agent: {l}", n.name);
+        }
+    }
+    // What an operator sees on node1: its pinned maps, with Service names and counters.
+    println!("\n$ dataplane-agent inspect services   # on node1");
+    let out = std::process::Command::new(lab::agent_bin()).args(["inspect", "services", "--pin-dir"]).arg(&c.nodes[0].pin.path).output();
+    match out {
+        Ok(o) if o.status.success() => print!("{}", String::from_utf8_lossy(&o.stdout)),
+        Ok(o) => {
+            println!("inspect failed: {}", String::from_utf8_lossy(&o.stderr));
+            ok = false;
+        }
+        Err(e) => {
+            println!("inspect failed: {e}");
+            ok = false;
         }
     }
     drop(c);
