@@ -52,7 +52,7 @@ pub fn ferry_bench_empty(_ctx: TcContext) -> i32 {
 }
 
 /// Never loaded: it only refers to the agent-only name map, so that the map stays in the object
-/// and is created with its BTF (`bpftool map dump` then prints the names as text).
+/// and is created with its BTF, like every other map.
 #[classifier]
 pub fn ferry_keep_maps(_ctx: TcContext) -> i32 {
     let id = 0u32;
