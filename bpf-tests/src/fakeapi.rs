@@ -1,4 +1,4 @@
-//! A stand-in for kube-apiserver, which cannot run on this machine: it serves the three
+//! A stand-in for kube-apiserver, which cannot run on this machine: it serves the
 //! resources the agent reads with the API's own semantics, over real HTTP inside a test's
 //! network namespace, to the agent's real kube client.
 //!
@@ -24,11 +24,14 @@ use std::{
 
 use serde_json::{json, Value};
 
-/// The three resources: URL path, kind, apiVersion.
-const RESOURCES: [(&str, &str, &str); 3] = [
+/// The resources the agent reads: URL path, kind, apiVersion.
+const RESOURCES: [(&str, &str, &str); 6] = [
     ("/api/v1/services", "Service", "v1"),
     ("/apis/discovery.k8s.io/v1/endpointslices", "EndpointSlice", "discovery.k8s.io/v1"),
     ("/api/v1/nodes", "Node", "v1"),
+    ("/api/v1/pods", "Pod", "v1"),
+    ("/api/v1/namespaces", "Namespace", "v1"),
+    ("/apis/networking.k8s.io/v1/networkpolicies", "NetworkPolicy", "networking.k8s.io/v1"),
 ];
 
 #[derive(Clone, Debug)]

@@ -266,11 +266,12 @@ fn api_server_source_lists_watches_relists_and_survives_restarts() {
     std::thread::sleep(Duration::from_millis(1500));
     assert_eq!(n.m("ferry_map_writes_total"), writes);
 
-    // 410 Gone with nothing changed: every watch relists, and the relist writes nothing.
+    // 410 Gone with nothing changed: every watch (six resources) relists, and the relist writes
+    // nothing.
     let (relists, errors) = (n.m("ferry_watch_relists_total"), n.m("ferry_watch_errors_total"));
     n.api.compact_and_drop_watches();
-    n.wait("three relists", || n.m("ferry_watch_relists_total") >= relists + 3.0);
-    assert!(n.m("ferry_watch_errors_total") >= errors + 3.0);
+    n.wait("six relists", || n.m("ferry_watch_relists_total") >= relists + 6.0);
+    assert!(n.m("ferry_watch_errors_total") >= errors + 6.0);
     assert!(n.log().contains("410"), "{}", n.log());
     std::thread::sleep(Duration::from_millis(200));
     assert_eq!(n.m("ferry_map_writes_total"), writes, "a relist of unchanged objects rewrote entries");
@@ -284,7 +285,7 @@ fn api_server_source_lists_watches_relists_and_survives_restarts() {
     let watches = n.api.requests().iter().filter(|r| r.contains("watch=true")).count();
     let writes = n.m("ferry_map_writes_total");
     n.api.drop_watches();
-    n.wait("re-watches", || n.api.requests().iter().filter(|r| r.contains("watch=true")).count() >= watches + 3);
+    n.wait("re-watches", || n.api.requests().iter().filter(|r| r.contains("watch=true")).count() >= watches + 6);
     assert_eq!(n.m("ferry_map_writes_total"), writes);
     n.api.apply(&slice_web(&[("10.244.1.5", NODE)]));
     n.wait("one endpoint left", || web_backends(&n) == Some(1));

@@ -169,6 +169,7 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
     }
     let mut rec = Reconciler::restore(applied);
     rec.algorithm = cfg.algorithm;
+    let mut pol = PolicyState::restore(&maps);
 
     let source = match &cfg.source {
         SourceConfig::Manifests { path, .. } => Source::Manifests { path: path.clone(), last: None, reading: None },
@@ -262,7 +263,7 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
                     Err(e) => error!(error = %e, "node settings"),
                 }
             }
-            let out = sync_objects(&cfg, &node, &mut rec, &mut maps, &objs, errors, &observed);
+            let out = sync_objects(&cfg, &node, &mut rec, &mut pol, &mut maps, &objs, errors, &observed);
             health.update(&out.health_checks).await;
             if out.ok {
                 retry = Backoff::default();
@@ -354,6 +355,28 @@ impl Backoff {
     }
 }
 
+/// NetworkPolicy state between syncs: what the maps hold and the ids in use.
+#[derive(Default)]
+pub struct PolicyState {
+    pub applied: crate::netpol::DesiredPolicy,
+    pub ids: crate::netpol::Ids,
+}
+
+impl PolicyState {
+    /// Reads the policy maps back (a restart rewrites nothing that did not change).
+    pub fn restore(maps: &BpfMaps) -> Self {
+        let (applied, ids) = maps.dump_policy();
+        PolicyState { applied, ids }
+    }
+
+    /// Compiles the policies of `objs` and writes the differences.
+    pub fn sync(&mut self, maps: &mut BpfMaps, objs: &Objects, node: &model::NodeContext) -> (usize, usize, Vec<ObjectError>, Vec<String>) {
+        let (desired, errors) = crate::netpol::translate(objs, &node.name, &node.ips, &mut self.ids);
+        let (w, d, map_errors) = maps.sync_policy(&mut self.applied, &desired);
+        (w, d, errors, map_errors)
+    }
+}
+
 /// The result of one sync.
 pub struct SyncOutcome {
     /// The maps match the objects (no map write failed).
@@ -367,6 +390,7 @@ pub fn sync_objects(
     cfg: &RunConfig,
     node: &model::NodeContext,
     rec: &mut Reconciler,
+    pol: &mut PolicyState,
     maps: &mut BpfMaps,
     objs: &Objects,
     mut errors: Vec<ObjectError>,
@@ -375,10 +399,15 @@ pub fn sync_objects(
     let started = Instant::now();
     let (desired, terr) = model::translate(&objs.services, &objs.endpoint_slices, node);
     errors.extend(terr);
+    let (mut st, mut map_errors) = rec.sync(&desired, &cfg.service_cidrs, maps);
+    let (pw, pd, perr, pmap) = pol.sync(maps, objs, node);
+    st.writes += pw;
+    st.deletes += pd;
+    errors.extend(perr);
+    map_errors.extend(pmap);
     for e in &errors {
         warn!(kind = %e.kind, object = %e.name, field = %e.field, error = %e.message, "skipped an invalid object; everything else syncs");
     }
-    let (st, map_errors) = rec.sync(&desired, &cfg.service_cidrs, maps);
     for e in &map_errors {
         error!(error = %e, "sync");
     }
@@ -387,7 +416,14 @@ pub fn sync_objects(
         took,
         map_errors.is_empty(),
         &st,
-        [("Service", objs.services.len()), ("EndpointSlice", objs.endpoint_slices.len()), ("Node", objs.nodes.len())],
+        [
+            ("Service", objs.services.len()),
+            ("EndpointSlice", objs.endpoint_slices.len()),
+            ("Node", objs.nodes.len()),
+            ("Pod", objs.pods.len()),
+            ("Namespace", objs.namespaces.len()),
+            ("NetworkPolicy", objs.network_policies.len()),
+        ],
         errors.len(),
         node_eligible(objs, &node.name),
     );
@@ -395,6 +431,8 @@ pub fn sync_objects(
         services = objs.services.len(),
         slices = objs.endpoint_slices.len(),
         frontends = desired.frontends.len(),
+        policies = pol.applied.policies.len(),
+        isolated_pods = pol.applied.endpoints.len(),
         took = ?took,
         writes = st.writes,
         deletes = st.deletes,

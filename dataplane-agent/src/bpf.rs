@@ -13,7 +13,7 @@ use aya::{
 };
 use dataplane_common::{
     capacity, names, AffinityKey, AffinityValue, Ct4Entry, Ct4Key, Lb4Backend, Lb4Key, Lb4Service, Lb4SlotKey, NodeConfig, SrcRangeData,
-    SvcCounters, SvcName, IPPROTO_TCP, SVC_F_ADDR_ONLY,
+    SvcCounters, SvcName, PolCtValue, PolEndpoint, PolRuleKey, IPPROTO_TCP, SVC_F_ADDR_ONLY,
 };
 
 use crate::{
@@ -35,6 +35,14 @@ pub struct BpfMaps {
     pub chash: HashOfMaps<MapData, u32, Array<MapData, u32>>,
     pub svc_stats: PerCpuHashMap<MapData, u32, SvcCounters>,
     pub svc_names: HashMap<MapData, u32, SvcName>,
+    pub pol_ipcache: LpmTrie<MapData, u32, u32>,
+    pub pol_endpoints: HashMap<MapData, u32, PolEndpoint>,
+    pub pol_rules: LpmTrie<MapData, PolRuleKey, u32>,
+    pub pol_ct: HashMap<MapData, Ct4Key, PolCtValue>,
+    pub pol_drops: PerCpuArray<MapData, u64>,
+    pub pol_names: HashMap<MapData, u32, SvcName>,
+    pub pod_names: HashMap<MapData, u32, SvcName>,
+    pub id_names: HashMap<MapData, u32, SvcName>,
     /// Real capacities (the loader may override the compiled ones), for "map full" errors.
     caps: Caps,
 }
@@ -87,6 +95,14 @@ impl BpfMaps {
             chash: conv(names::CHASH, HashOfMaps::try_from(get(names::CHASH)?))?,
             svc_stats: conv(names::SVC_STATS, PerCpuHashMap::try_from(get(names::SVC_STATS)?))?,
             svc_names: conv(names::SVC_NAMES, HashMap::try_from(get(names::SVC_NAMES)?))?,
+            pol_ipcache: conv(names::POL_IPCACHE, LpmTrie::try_from(get(names::POL_IPCACHE)?))?,
+            pol_endpoints: conv(names::POL_ENDPOINTS, HashMap::try_from(get(names::POL_ENDPOINTS)?))?,
+            pol_rules: conv(names::POL_RULES, LpmTrie::try_from(get(names::POL_RULES)?))?,
+            pol_ct: conv(names::POL_CONNTRACK, HashMap::try_from(get(names::POL_CONNTRACK)?))?,
+            pol_drops: conv(names::POL_DROPS, PerCpuArray::try_from(get(names::POL_DROPS)?))?,
+            pol_names: conv(names::POL_NAMES, HashMap::try_from(get(names::POL_NAMES)?))?,
+            pod_names: conv(names::POD_NAMES, HashMap::try_from(get(names::POD_NAMES)?))?,
+            id_names: conv(names::IDENTITY_NAMES, HashMap::try_from(get(names::IDENTITY_NAMES)?))?,
             caps,
         })
     }
@@ -96,12 +112,13 @@ impl BpfMaps {
         let open = |name: &'static str| -> Result<Map, LoadError> {
             let data = conv(name, MapData::from_pin(dir.join(name)))?;
             Ok(match name {
-                names::SERVICE_CIDRS | names::SOURCE_RANGES => Map::LpmTrie(data),
-                names::STATS => Map::PerCpuArray(data),
+                names::SERVICE_CIDRS | names::SOURCE_RANGES | names::POL_IPCACHE | names::POL_RULES => Map::LpmTrie(data),
+                names::STATS | names::POL_DROPS => Map::PerCpuArray(data),
+                names::POL_EVENTS => Map::RingBuf(data),
                 names::CONFIG => Map::Array(data),
                 names::CHASH => Map::HashOfMaps(data),
                 names::SVC_STATS => Map::PerCpuHashMap(data),
-                names::CONNTRACK | names::FRAGMENTS | names::AFFINITY => Map::LruHashMap(data),
+                names::CONNTRACK | names::FRAGMENTS | names::AFFINITY | names::POL_CONNTRACK => Map::LruHashMap(data),
                 _ => Map::HashMap(data),
             })
         };
@@ -180,6 +197,109 @@ impl BpfMaps {
     /// The name the agent gave frontend `svc_id` (`namespace/name:port`).
     pub fn service_name(&self, svc_id: u32) -> Option<String> {
         self.svc_names.get(&svc_id, 0).ok().map(|n| n.as_str().to_string())
+    }
+
+    /// The policy state the maps hold (restore, then diff), and the ids it uses.
+    pub fn dump_policy(&self) -> (crate::netpol::DesiredPolicy, crate::netpol::Ids) {
+        let mut d = crate::netpol::DesiredPolicy::default();
+        let mut ids = crate::netpol::Ids::default();
+        for (k, id) in self.pol_ipcache.iter().flatten() {
+            d.ipcache.insert(Cidr4 { addr: Ipv4Addr::from(k.data().to_ne_bytes()), prefix: k.prefix_len() as u8 }, id);
+        }
+        for (ip, ep) in self.pol_endpoints.iter().flatten() {
+            d.endpoints.insert(Ipv4Addr::from(ip.to_ne_bytes()), ep);
+        }
+        for (k, v) in self.pol_rules.iter().flatten() {
+            d.rules.insert((k.prefix_len(), k.data()), v);
+        }
+        for (id, n) in self.id_names.iter().flatten() {
+            d.identities.insert(id, n.as_str().to_string());
+            if id >= dataplane_common::identity::FIRST {
+                ids.identities.insert(n.as_str().to_string(), id);
+            }
+        }
+        for (id, n) in self.pol_names.iter().flatten() {
+            d.policies.insert(id, n.as_str().to_string());
+            ids.policies.insert(n.as_str().to_string(), id);
+        }
+        for (ip, n) in self.pod_names.iter().flatten() {
+            d.pod_names.insert(Ipv4Addr::from(ip.to_ne_bytes()), n.as_str().to_string());
+        }
+        (d, ids)
+    }
+
+    /// Makes the policy maps hold `want`, writing only differences, in an order that never
+    /// opens what should be closed: lookups (ipcache, rules, names) before the endpoints that
+    /// use them, and removals in the reverse order. Returns (writes, deletes) and the errors.
+    pub fn sync_policy(&mut self, applied: &mut crate::netpol::DesiredPolicy, want: &crate::netpol::DesiredPolicy) -> (usize, usize, Vec<String>) {
+        fn diff<K: Ord + Clone, V: PartialEq + Clone>(have: &BTreeMap<K, V>, want: &BTreeMap<K, V>) -> (Vec<(K, V)>, Vec<K>) {
+            let put = want.iter().filter(|(k, v)| have.get(*k) != Some(*v)).map(|(k, v)| (k.clone(), v.clone())).collect();
+            let del = have.keys().filter(|k| !want.contains_key(*k)).cloned().collect();
+            (put, del)
+        }
+        let (mut writes, mut deletes, mut errors) = (0, 0, Vec::new());
+        let mut note = |r: Result<(), MapError>, what: String, n: &mut usize| match r {
+            Ok(()) => *n += 1,
+            Err(MapError::KeyNotFound) => {}
+            Err(MapError::SyscallError(SyscallError { ref io_error, .. })) if io_error.raw_os_error() == Some(libc::ENOENT) => {}
+            Err(e) => errors.push(format!("{what}: {e}")),
+        };
+        let ip_key = |c: &Cidr4| LpmKey::new(c.prefix as u32, u32::from_ne_bytes(c.addr.octets()));
+        let ip_be = |ip: &Ipv4Addr| u32::from_ne_bytes(ip.octets());
+        let (ipc_put, ipc_del) = diff(&applied.ipcache, &want.ipcache);
+        let (rule_put, rule_del) = diff(&applied.rules, &want.rules);
+        let (ep_put, ep_del) = diff(&applied.endpoints, &want.endpoints);
+        let (id_put, id_del) = diff(&applied.identities, &want.identities);
+        let (pol_put, pol_del) = diff(&applied.policies, &want.policies);
+        let (pod_put, pod_del) = diff(&applied.pod_names, &want.pod_names);
+        for (c, id) in &ipc_put {
+            note(self.pol_ipcache.insert(&ip_key(c), *id, 0), format!("{} {c}", names::POL_IPCACHE), &mut writes);
+        }
+        for ((prefix, k), id) in &rule_put {
+            note(self.pol_rules.insert(&LpmKey::new(*prefix, *k), *id, 0), format!("{} {k:?}/{prefix}", names::POL_RULES), &mut writes);
+        }
+        for (id, n) in &id_put {
+            note(self.id_names.insert(id, SvcName::new(n), 0), format!("{} {id}", names::IDENTITY_NAMES), &mut writes);
+        }
+        for (id, n) in &pol_put {
+            note(self.pol_names.insert(id, SvcName::new(n), 0), format!("{} {id}", names::POL_NAMES), &mut writes);
+        }
+        for (ip, n) in &pod_put {
+            note(self.pod_names.insert(ip_be(ip), SvcName::new(n), 0), format!("{} {ip}", names::POD_NAMES), &mut writes);
+        }
+        for (ip, ep) in &ep_put {
+            note(self.pol_endpoints.insert(ip_be(ip), *ep, 0), format!("{} {ip}", names::POL_ENDPOINTS), &mut writes);
+        }
+        for ip in &ep_del {
+            note(self.pol_endpoints.remove(&ip_be(ip)), format!("{} {ip}", names::POL_ENDPOINTS), &mut deletes);
+        }
+        for (prefix, k) in &rule_del {
+            note(self.pol_rules.remove(&LpmKey::new(*prefix, *k)), format!("{} {k:?}/{prefix}", names::POL_RULES), &mut deletes);
+        }
+        for c in &ipc_del {
+            note(self.pol_ipcache.remove(&ip_key(c)), format!("{} {c}", names::POL_IPCACHE), &mut deletes);
+        }
+        for id in &id_del {
+            note(self.id_names.remove(id), format!("{} {id}", names::IDENTITY_NAMES), &mut deletes);
+        }
+        for id in &pol_del {
+            note(self.pol_names.remove(id), format!("{} {id}", names::POL_NAMES), &mut deletes);
+        }
+        for ip in &pod_del {
+            note(self.pod_names.remove(&ip_be(ip)), format!("{} {ip}", names::POD_NAMES), &mut deletes);
+        }
+        if errors.is_empty() {
+            *applied = want.clone();
+        } else {
+            // Read back what really is there, so the next sync retries exactly the rest.
+            *applied = self.dump_policy().0;
+        }
+        (writes, deletes, errors)
+    }
+
+    /// Drops counted against policy `id` in direction `dir`, summed over CPUs.
+    pub fn policy_drops(&self, id: u32, dir: u8) -> u64 {
+        self.pol_drops.get(&(id * 2 + dir as u32), 0).map(|v| v.iter().sum()).unwrap_or(0)
     }
 
     /// Sum over CPUs of each counter.

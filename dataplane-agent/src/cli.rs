@@ -60,6 +60,20 @@ pub enum Cmd {
         #[arg(long, env = "FERRY_PIN_DIR", default_value = loader::DEFAULT_PIN_DIR, global = true)]
         pin_dir: PathBuf,
     },
+    /// Stream NetworkPolicy verdicts from the node's datapath as they happen (one line per new
+    /// connection into or out of a pod some policy selects): verdict, direction, protocol,
+    /// source and destination pods, the peer's identity and the deciding policy.
+    Monitor {
+        /// The node's pin directory.
+        #[arg(long, env = "FERRY_PIN_DIR", default_value = loader::DEFAULT_PIN_DIR)]
+        pin_dir: PathBuf,
+        /// Stop after this many events.
+        #[arg(long)]
+        count: Option<usize>,
+        /// Only drops.
+        #[arg(long)]
+        denied: bool,
+    },
     /// Remove what kube-proxy left in this network namespace: its iptables chains (KUBE-SERVICES,
     /// KUBE-SVC-*, KUBE-SEP-*, KUBE-NODEPORTS, KUBE-MARK-MASQ, ...) and the jumps to them, in
     /// iptables-legacy and iptables-nft, IPv4 and IPv6, and its nftables tables (`ip kube-proxy`,
@@ -84,6 +98,9 @@ pub enum InspectWhat {
     Backends,
     /// Tracked connections: client, frontend, translation, Service, age and idle time.
     Conntrack,
+    /// NetworkPolicy: identities (label sets and ipBlock prefixes), isolated pods and their
+    /// rules, and drops per policy.
+    Policies,
 }
 
 #[derive(Args)]

@@ -155,6 +155,70 @@ pub fn conntrack(pin_dir: &Path) -> Result<String, LoadError> {
     Ok(out)
 }
 
+/// Identities, isolated pods and their rules, drops per policy.
+pub fn policies(pin_dir: &Path) -> Result<String, LoadError> {
+    use dataplane_common::{identity, DIR_INGRESS, EP_F_EGRESS, EP_F_INGRESS, RULE_PREFIX_ALL_PORTS, RULE_PREFIX_PROTO};
+    let maps = BpfMaps::from_pins(pin_dir)?;
+    let (d, _) = maps.dump_policy();
+    let ident = |id: u32| if id == identity::ANY { "any".to_string() } else { d.identities.get(&id).cloned().unwrap_or_else(|| format!("#{id}")) };
+    let pol = |id: u32| d.policies.get(&id).cloned().unwrap_or_else(|| format!("#{id}"));
+    let mut out = String::new();
+    let mut addrs: BTreeMap<u32, Vec<String>> = BTreeMap::new();
+    for (c, id) in &d.ipcache {
+        addrs.entry(*id).or_default().push(if c.prefix == 32 { c.addr.to_string() } else { c.to_string() });
+    }
+    let rows: Vec<Vec<String>> = d
+        .identities
+        .iter()
+        .map(|(id, labels)| vec![id.to_string(), labels.clone(), addrs.get(id).map(|a| a.join(",")).unwrap_or_else(|| "-".into())])
+        .collect();
+    out += &table(&["IDENTITY", "LABELS", "ADDRESSES"], &rows);
+    out.push('\n');
+    let mut rows = Vec::new();
+    for (ip, ep) in &d.endpoints {
+        let mut iso = Vec::new();
+        if ep.flags & EP_F_INGRESS != 0 {
+            iso.push(format!("ingress ({})", pol(ep.ingress_policy)));
+        }
+        if ep.flags & EP_F_EGRESS != 0 {
+            iso.push(format!("egress ({})", pol(ep.egress_policy)));
+        }
+        rows.push(vec![d.pod_names.get(ip).cloned().unwrap_or_else(|| "?".into()), ip.to_string(), iso.join(", ")]);
+    }
+    out += &table(&["POD", "ADDRESS", "ISOLATED"], &rows);
+    out.push('\n');
+    let mut rows = Vec::new();
+    for ((prefix, k), id) in &d.rules {
+        let ep = Ipv4Addr::from(u32::from_be(k.ep_id_be));
+        let ports = match *prefix {
+            p if p <= RULE_PREFIX_ALL_PORTS => "all".to_string(),
+            p if p <= RULE_PREFIX_PROTO => format!("{}/all", proto_name(k.proto)),
+            p => {
+                let lo = u16::from_be(k.port_be) as u32;
+                let hi = lo + (1u32 << (96 - p)) - 1;
+                if lo == hi { format!("{}/{lo}", proto_name(k.proto)) } else { format!("{}/{lo}-{hi}", proto_name(k.proto)) }
+            }
+        };
+        rows.push(vec![
+            d.pod_names.get(&ep).cloned().unwrap_or_else(|| ep.to_string()),
+            if k.dir == DIR_INGRESS { "ingress" } else { "egress" }.to_string(),
+            ident(u32::from_be(k.identity_be)),
+            ports,
+            pol(*id),
+        ]);
+    }
+    rows.sort();
+    out += &table(&["POD", "DIRECTION", "PEER", "PORTS", "ALLOWED BY"], &rows);
+    out.push('\n');
+    let rows: Vec<Vec<String>> = d
+        .policies
+        .iter()
+        .map(|(id, name)| vec![name.clone(), maps.policy_drops(*id, DIR_INGRESS).to_string(), maps.policy_drops(*id, dataplane_common::DIR_EGRESS).to_string()])
+        .collect();
+    out += &table(&["POLICY", "INGRESS DROPS", "EGRESS DROPS"], &rows);
+    Ok(out)
+}
+
 #[cfg(test)]
 mod tests {
     #[test]

@@ -11,6 +11,8 @@ pub mod inspect;
 pub mod observe;
 pub mod loader;
 pub mod model;
+pub mod monitor;
+pub mod netpol;
 pub mod packet;
 pub mod reconcile;
 pub mod select;

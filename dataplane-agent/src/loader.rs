@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use aya::{maps::MapInfo, Ebpf, EbpfLoader};
 use dataplane_common::{
     names, AffinityKey, AffinityValue, Ct4Entry, Ct4Key, Frag4Key, Frag4Ports, Lb4Backend, Lb4Key, Lb4Service, Lb4SlotKey, NodeConfig,
-    SvcCounters, SvcName,
+    PolCtValue, PolEndpoint, PolRuleKey, SvcCounters, SvcName,
 };
 
 use crate::error::LoadError;
@@ -23,14 +23,14 @@ pub fn object() -> Result<&'static [u8], LoadError> {
 
 /// Capacities for a private copy (trace, tests): a handful of flows need no half-gigabyte
 /// conntrack table, and several copies may be loaded at once.
-pub const PRIVATE_CAPACITIES: [(&str, u32); 4] =
-    [(names::CONNTRACK, 16_384), (names::FRAGMENTS, 1_024), ("sock_rev4_v1", 1_024), (names::AFFINITY, 4_096)];
+pub const PRIVATE_CAPACITIES: [(&str, u32); 5] =
+    [(names::CONNTRACK, 16_384), (names::FRAGMENTS, 1_024), ("sock_rev4_v1", 1_024), (names::AFFINITY, 4_096), (names::POL_CONNTRACK, 4_096)];
 
 /// Where a node's maps live.
 pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/ferry";
 
 /// (name, key size, value size) of every pinned map, checked before re-using a pin.
-fn expected_layout() -> [(&'static str, u32, u32); 12] {
+fn expected_layout() -> [(&'static str, u32, u32); 20] {
     use std::mem::size_of;
     [
         (names::SERVICES, size_of::<Lb4Key>() as u32, size_of::<Lb4Service>() as u32),
@@ -45,6 +45,14 @@ fn expected_layout() -> [(&'static str, u32, u32); 12] {
         (names::CHASH, 4, 4),
         (names::SVC_STATS, 4, size_of::<SvcCounters>() as u32),
         (names::SVC_NAMES, 4, size_of::<SvcName>() as u32),
+        (names::POL_IPCACHE, 8, 4),
+        (names::POL_ENDPOINTS, 4, size_of::<PolEndpoint>() as u32),
+        (names::POL_RULES, 4 + size_of::<PolRuleKey>() as u32, 4),
+        (names::POL_CONNTRACK, size_of::<Ct4Key>() as u32, size_of::<PolCtValue>() as u32),
+        (names::POL_DROPS, 4, 8),
+        (names::POL_NAMES, 4, size_of::<SvcName>() as u32),
+        (names::POD_NAMES, 4, size_of::<SvcName>() as u32),
+        (names::IDENTITY_NAMES, 4, size_of::<SvcName>() as u32),
     ]
 }
 

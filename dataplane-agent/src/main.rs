@@ -54,9 +54,14 @@ fn main() -> anyhow::Result<()> {
                 InspectWhat::Services => inspect::services(&pin_dir),
                 InspectWhat::Backends => inspect::backends(&pin_dir),
                 InspectWhat::Conntrack => inspect::conntrack(&pin_dir),
+                InspectWhat::Policies => inspect::policies(&pin_dir),
             };
             print!("{}", out.map_err(|e| anyhow::anyhow!("{}: {e}", pin_dir.display()))?);
             Ok(())
+        }
+        Cmd::Monitor { pin_dir, count, denied } => {
+            init_logs("warn", false);
+            dataplane_agent::monitor::run(&pin_dir, count, denied, &mut std::io::stdout().lock()).map_err(|e| anyhow::anyhow!("{}: {e}", pin_dir.display()))
         }
         Cmd::CleanupKubeProxy { dry_run } => {
             init_logs("info", false);

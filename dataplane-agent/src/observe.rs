@@ -62,7 +62,7 @@ impl Observed {
     }
 
     /// A sync ended. `ok`: the maps now match the sources (map errors leave the change pending).
-    pub fn synced(&self, took: Duration, ok: bool, st: &SyncStats, objects: [(&'static str, usize); 3], object_errors: usize, node_eligible: bool) {
+    pub fn synced(&self, took: Duration, ok: bool, st: &SyncStats, objects: [(&'static str, usize); 6], object_errors: usize, node_eligible: bool) {
         let mut s = self.state.lock().unwrap();
         let secs = took.as_secs_f64();
         for (i, b) in BUCKETS.iter().enumerate() {
@@ -208,6 +208,14 @@ fn map_metrics(out: &mut String, maps: &BpfMaps, dir: &std::path::Path) {
     for r in DropReason::ALL {
         let _ = writeln!(out, "ferry_drops_total{{reason=\"{}\"}} {}", r.name(), totals.get(r.stat() as usize).copied().unwrap_or(0));
     }
+    help(out, "ferry_policy_drops_total", "counter", "Packets NetworkPolicy dropped, by the policy isolating the pod and direction.");
+    let mut pols: Vec<(u32, String)> = maps.pol_names.iter().flatten().map(|(id, n)| (id, n.as_str().to_string())).collect();
+    pols.sort_by(|a, b| a.1.cmp(&b.1));
+    for (id, name) in &pols {
+        for (dir, d) in [(dataplane_common::DIR_INGRESS, "ingress"), (dataplane_common::DIR_EGRESS, "egress")] {
+            let _ = writeln!(out, "ferry_policy_drops_total{{policy=\"{}\",direction=\"{d}\"}} {}", esc(name), maps.policy_drops(*id, dir));
+        }
+    }
     help(out, "ferry_service_packets_total", "counter", "Packets translated for a Service frontend (both directions), from per-CPU counters.");
     let mut rows = Vec::new();
     for (key, svc) in maps.services.iter().flatten() {
@@ -303,7 +311,7 @@ mod tests {
         let v: serde_json::Value = serde_json::from_str(&body).unwrap();
         assert_eq!(v["lastUpdated"], "1970-01-01T00:00:00.000000000Z");
         assert_eq!(v["nodeEligible"], true);
-        o.synced(Duration::from_millis(3), true, &SyncStats::default(), [("Service", 2), ("EndpointSlice", 2), ("Node", 1)], 0, true);
+        o.synced(Duration::from_millis(3), true, &SyncStats::default(), [("Service", 2), ("EndpointSlice", 2), ("Node", 1), ("Pod", 0), ("Namespace", 0), ("NetworkPolicy", 0)], 0, true);
         assert!(o.ready());
         let (code, body) = o.healthz();
         assert_eq!(code, 200);

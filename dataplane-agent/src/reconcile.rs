@@ -52,9 +52,20 @@ impl Cidr4 {
         ((u32::from(self.addr) & mask).to_be(), mask.to_be())
     }
 
+    /// The same prefix with the host bits cleared.
+    pub fn network(&self) -> Cidr4 {
+        let mask = if self.prefix == 0 { 0 } else { u32::MAX << (32 - self.prefix) };
+        Cidr4 { addr: Ipv4Addr::from(u32::from(self.addr) & mask), prefix: self.prefix }
+    }
+
+    /// Is every address of `other` inside this prefix?
+    pub fn covers(&self, other: &Cidr4) -> bool {
+        self.prefix <= other.prefix && self.contains(other.addr)
+    }
+
     pub fn contains(&self, ip: Ipv4Addr) -> bool {
         let mask = if self.prefix == 0 { 0 } else { u32::MAX << (32 - self.prefix) };
-        u32::from(ip) & mask == u32::from(self.addr)
+        u32::from(ip) & mask == u32::from(self.addr) & mask
     }
 }
 

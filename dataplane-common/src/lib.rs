@@ -22,9 +22,20 @@ pub mod names {
     pub const CHASH: &str = "lb4_chash_v1";
     pub const SVC_STATS: &str = "lb4_svc_stat_v1";
     pub const SVC_NAMES: &str = "lb4_svc_name_v1";
+    pub const POL_IPCACHE: &str = "pol_ipcache4_v1";
+    pub const POL_ENDPOINTS: &str = "pol_ep4_v1";
+    pub const POL_RULES: &str = "pol_rule4_v1";
+    pub const POL_CONNTRACK: &str = "pol_ct4_v1";
+    pub const POL_DROPS: &str = "pol_drop_v1";
+    pub const POL_EVENTS: &str = "pol_events_v1";
+    pub const POL_NAMES: &str = "pol_name_v1";
+    pub const POD_NAMES: &str = "pol_podname4_v1";
+    pub const IDENTITY_NAMES: &str = "pol_idname_v1";
     /// Every map the agent pins, in the order it creates and checks them.
-    pub const ALL: [&str; 13] =
-        [SERVICES, SLOTS, BACKENDS, CONNTRACK, FRAGMENTS, SERVICE_CIDRS, STATS, AFFINITY, SOURCE_RANGES, CONFIG, CHASH, SVC_STATS, SVC_NAMES];
+    pub const ALL: [&str; 22] = [
+        SERVICES, SLOTS, BACKENDS, CONNTRACK, FRAGMENTS, SERVICE_CIDRS, STATS, AFFINITY, SOURCE_RANGES, CONFIG, CHASH, SVC_STATS, SVC_NAMES,
+        POL_IPCACHE, POL_ENDPOINTS, POL_RULES, POL_CONNTRACK, POL_DROPS, POL_EVENTS, POL_NAMES, POD_NAMES, IDENTITY_NAMES,
+    ];
 }
 
 /// Program names as they appear in the object file.
@@ -64,6 +75,17 @@ pub mod capacity {
     pub const SOCK_REVNAT: u32 = 65_536;
     pub const AFFINITY: u32 = 262_144;
     pub const SOURCE_RANGES: u32 = 16_384;
+    /// Addresses and CIDRs with an identity (every pod of the cluster, every ipBlock prefix).
+    pub const POL_IPCACHE: u32 = 262_144;
+    /// Pods of this node under some NetworkPolicy.
+    pub const POL_ENDPOINTS: u32 = 16_384;
+    pub const POL_RULES: u32 = 1_048_576;
+    pub const POL_CONNTRACK: u32 = 262_144;
+    /// NetworkPolicies (ids `1..POLICIES`); the drop counters hold two slots per id.
+    pub const POLICIES: u32 = 32_768;
+    pub const POL_EVENTS_BYTES: u32 = 1 << 20;
+    pub const POD_NAMES: u32 = 262_144;
+    pub const IDENTITIES: u32 = 65_536;
 }
 
 /// Entries of each frontend's consistent-hashing table (prime). A change needs a new map name.
@@ -344,10 +366,14 @@ pub enum DropReason {
     NatPorts = 11,
     /// A backend on another node, but the agent configured no node address to translate to.
     NoNodeAddress = 12,
+    /// Into a pod that NetworkPolicy isolates for ingress, allowed by none of its rules.
+    PolicyIngress = 13,
+    /// Out of a pod that NetworkPolicy isolates for egress, allowed by none of its rules.
+    PolicyEgress = 14,
 }
 
 impl DropReason {
-    pub const ALL: [DropReason; 12] = [
+    pub const ALL: [DropReason; 14] = [
         DropReason::Malformed,
         DropReason::NoService,
         DropReason::SctpPortNat,
@@ -360,6 +386,8 @@ impl DropReason {
         DropReason::SourceRange,
         DropReason::NatPorts,
         DropReason::NoNodeAddress,
+        DropReason::PolicyIngress,
+        DropReason::PolicyEgress,
     ];
 
     pub const fn name(self) -> &'static str {
@@ -376,6 +404,28 @@ impl DropReason {
             DropReason::SourceRange => "source_range",
             DropReason::NatPorts => "nat_ports",
             DropReason::NoNodeAddress => "no_node_address",
+            DropReason::PolicyIngress => "policy_ingress",
+            DropReason::PolicyEgress => "policy_egress",
+        }
+    }
+
+    /// The reason with this code; unknown codes read as `Malformed`.
+    pub const fn from_code(code: u32) -> DropReason {
+        match code {
+            2 => DropReason::NoService,
+            3 => DropReason::SctpPortNat,
+            4 => DropReason::CtInsert,
+            5 => DropReason::FragUnknown,
+            6 => DropReason::Rewrite,
+            7 => DropReason::NoBackend,
+            8 => DropReason::RefusedReset,
+            9 => DropReason::NoLocalEndpoint,
+            10 => DropReason::SourceRange,
+            11 => DropReason::NatPorts,
+            12 => DropReason::NoNodeAddress,
+            13 => DropReason::PolicyIngress,
+            14 => DropReason::PolicyEgress,
+            _ => DropReason::Malformed,
         }
     }
 
@@ -440,6 +490,105 @@ pub mod stat {
     ];
 }
 
+/// NetworkPolicy: reserved identities. Every other identity (256 and up) is a label set (a pod's
+/// labels with its namespace's) or an ipBlock prefix.
+pub mod identity {
+    /// In a rule key: any peer.
+    pub const ANY: u32 = 0;
+    /// This node's own addresses: always allowed into its pods (Kubernetes' rule).
+    pub const HOST: u32 = 1;
+    /// An address no pod, node or ipBlock prefix holds.
+    pub const WORLD: u32 = 2;
+    /// The first identity the agent allocates.
+    pub const FIRST: u32 = 256;
+}
+
+pub const DIR_INGRESS: u8 = 0;
+pub const DIR_EGRESS: u8 = 1;
+
+/// `PolEndpoint.flags`: the pod is isolated for ingress (some policy selects it for ingress).
+pub const EP_F_INGRESS: u32 = 1 << 0;
+/// `PolEndpoint.flags`: the pod is isolated for egress.
+pub const EP_F_EGRESS: u32 = 1 << 1;
+
+/// A pod of this node that some NetworkPolicy selects, keyed by its address.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PolEndpoint {
+    /// Keys this pod's rules.
+    pub ep_id: u32,
+    pub flags: u32,
+    /// A policy isolating it for ingress / egress: the one a drop is counted against.
+    pub ingress_policy: u32,
+    pub egress_policy: u32,
+}
+
+/// Data of the rule LPM trie key, most significant first: the endpoint, the peer identity
+/// (`identity::ANY` for every peer), the direction, then protocol and port, so that a prefix
+/// ending after the direction means "every protocol and port", after the protocol "every port",
+/// and in the port's bits a range (`endPort`) as aligned blocks. Multi-byte fields are big-endian.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct PolRuleKey {
+    pub ep_id_be: u32,
+    pub identity_be: u32,
+    pub dir: u8,
+    pub proto: u8,
+    pub port_be: u16,
+}
+
+/// Bits of a rule key before the protocol (endpoint, identity, direction).
+pub const RULE_PREFIX_ALL_PORTS: u32 = 72;
+/// Bits of a rule key before the port.
+pub const RULE_PREFIX_PROTO: u32 = 80;
+pub const RULE_PREFIX_FULL: u32 = 96;
+
+/// `PolCtValue.flags`: the source's egress was checked and allowed.
+pub const PCT_F_EGRESS: u32 = 1 << 0;
+/// `PolCtValue.flags`: the destination's ingress was checked and allowed.
+pub const PCT_F_INGRESS: u32 = 1 << 1;
+/// `PolCtValue.flags`: the reply direction of an allowed connection: allowed both ways.
+pub const PCT_F_REPLY: u32 = 1 << 2;
+
+/// Policy conntrack value (key: the 5-tuple as `Ct4Key`, after Service translation).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PolCtValue {
+    pub flags: u32,
+    /// The policy that allowed the connection (0: the pod was not isolated that way).
+    pub policy_id: u32,
+    pub created_ns: u64,
+}
+
+pub const VERDICT_ALLOW: u8 = 1;
+pub const VERDICT_DENY: u8 = 2;
+
+/// `PolicyEvent.reason` for an allow without a rule: the node itself reaching its pod.
+pub const EV_FROM_NODE: u8 = 1;
+/// `PolicyEvent.reason` for an allow: the pod is not isolated in this direction.
+pub const EV_NOT_ISOLATED: u8 = 2;
+/// `PolicyEvent.reason` for an allow by a rule, or a deny by isolation.
+pub const EV_RULE: u8 = 3;
+
+/// One verdict on a new connection, streamed through the ring buffer to `dataplane-agent monitor`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PolicyEvent {
+    pub saddr_be: u32,
+    pub daddr_be: u32,
+    pub sport_be: u16,
+    pub dport_be: u16,
+    pub proto: u8,
+    pub dir: u8,
+    pub verdict: u8,
+    pub reason: u8,
+    /// The deciding policy: the allowing rule's, or for a deny the one isolating the pod.
+    pub policy_id: u32,
+    /// The peer's identity.
+    pub identity: u32,
+    pub pad: u32,
+}
+
 // The layouts are part of the ABI: a change here must come with a new map name.
 const _: () = {
     assert!(core::mem::size_of::<Lb4Key>() == 8);
@@ -449,6 +598,10 @@ const _: () = {
     assert!(core::mem::size_of::<SrcRangeData>() == 8);
     assert!(core::mem::size_of::<NodeConfig>() == 16);
     assert!(core::mem::size_of::<SvcCounters>() == 16);
+    assert!(core::mem::size_of::<PolEndpoint>() == 16);
+    assert!(core::mem::size_of::<PolRuleKey>() == 12);
+    assert!(core::mem::size_of::<PolCtValue>() == 16);
+    assert!(core::mem::size_of::<PolicyEvent>() == 28);
     assert!(core::mem::size_of::<SvcName>() == SVC_NAME_LEN);
     assert!(core::mem::size_of::<Lb4SlotKey>() == 8);
     assert!(core::mem::size_of::<Lb4Backend>() == 8);
@@ -476,6 +629,10 @@ mod pod {
     unsafe impl aya::Pod for SockRevValue {}
     unsafe impl aya::Pod for SvcCounters {}
     unsafe impl aya::Pod for SvcName {}
+    unsafe impl aya::Pod for PolEndpoint {}
+    unsafe impl aya::Pod for PolRuleKey {}
+    unsafe impl aya::Pod for PolCtValue {}
+    unsafe impl aya::Pod for PolicyEvent {}
     unsafe impl aya::Pod for AffinityKey {}
     unsafe impl aya::Pod for AffinityValue {}
     unsafe impl aya::Pod for SrcRangeData {}

@@ -10,6 +10,7 @@ mod lb;
 mod maps;
 mod nat;
 mod parse;
+mod policy;
 mod reject;
 mod sctp;
 mod sock;
@@ -56,8 +57,12 @@ pub fn ferry_bench_empty(_ctx: TcContext) -> i32 {
 #[classifier]
 pub fn ferry_keep_maps(_ctx: TcContext) -> i32 {
     let id = 0u32;
-    if maps::lb4_svc_name_v1.get_ptr(&id).is_some() {
-        return TC_ACT_OK;
+    let mut found = maps::lb4_svc_name_v1.get_ptr(&id).is_some() as u32;
+    found += maps::pol_name_v1.get_ptr(&id).is_some() as u32;
+    found += maps::pol_podname4_v1.get_ptr(&id).is_some() as u32;
+    found += maps::pol_idname_v1.get_ptr(&id).is_some() as u32;
+    if found > 4 {
+        return TC_ACT_SHOT;
     }
     TC_ACT_OK
 }
@@ -71,10 +76,23 @@ pub fn ferry_bench_empty_xdp(_ctx: XdpContext) -> u32 {
 #[inline(always)]
 fn tc_entry(ctx: &TcContext, hook: Hook) -> i32 {
     stats::count(stat::PACKETS);
+    // NetworkPolicy ingress: on the packet as it arrives at the pod (already translated by
+    // whichever node translated it; replies not yet translated back).
+    if hook == Hook::ToPod {
+        let code = policy::check(ctx, dataplane_common::DIR_INGRESS);
+        if code != 0 {
+            return drop(DropReason::from_code(code));
+        }
+    }
     let verdict = match parse::parse_ipv4(ctx) {
         // Not IPv4 (ARP, IPv6): not ours in this version.
         Ok(None) => return TC_ACT_OK,
         Ok(Some(mut p)) => lb::handle_ipv4(ctx, &mut p, hook).and_then(|v| match v {
+            // NetworkPolicy egress: on the packet as it leaves the pod, after Service translation
+            // (policies see the backend, as Kubernetes requires).
+            Verdict::Pass | Verdict::Redirect if hook == Hook::FromPod && policy::check(ctx, dataplane_common::DIR_EGRESS) != 0 => {
+                Err(DropReason::PolicyEgress)
+            }
             Verdict::Pass => Ok(TC_ACT_OK),
             Verdict::Redirect => nat::fib_redirect(ctx),
             Verdict::Reject => {

@@ -2,7 +2,7 @@
 //! `bpftool map dump pinned /sys/fs/bpf/ferry/<name>` prints named fields. The agent pins them by
 //! name (see `dataplane_common::names`); the symbol names here must match those names.
 use aya_ebpf::{
-    btf_maps::{Array, HashMap, HashOfMaps, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap},
+    btf_maps::{Array, HashMap, HashOfMaps, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf},
     macros::btf_map,
 };
 /// Maps written only by the agent need no preallocation (Cilium's LB maps do the same): memory
@@ -11,7 +11,7 @@ const NO_PREALLOC: usize = 1;
 
 use dataplane_common::{
     capacity, AffinityKey, AffinityValue, Ct4Entry, Ct4Key, Frag4Key, Frag4Ports, Lb4Backend, Lb4Key, Lb4Service,
-    Lb4SlotKey, NodeConfig, SockRevKey, SockRevValue, SrcRangeData, SvcCounters, SvcName,
+    Lb4SlotKey, NodeConfig, PolCtValue, PolEndpoint, PolRuleKey, PolicyEvent, SockRevKey, SockRevValue, SrcRangeData, SvcCounters, SvcName,
 };
 
 /// Service frontends: `addr:port/proto` per scope (and `addr:0/0` for "this is a ClusterIP").
@@ -82,3 +82,42 @@ pub static lb4_svc_stat_v1: PerCpuHashMap<u32, SvcCounters, { capacity::SERVICES
 /// `bpftool map dump`. The datapath never reads it (`ferry_keep_maps` keeps it in the object).
 #[btf_map]
 pub static lb4_svc_name_v1: HashMap<u32, SvcName, { capacity::SERVICES as usize }, NO_PREALLOC> = HashMap::new();
+
+// NetworkPolicy. Written by the agent, except the policy conntrack, the drop counters and the
+// event ring, which the datapath writes.
+
+/// Address or CIDR -> identity: every pod of the cluster (/32), this node's addresses (HOST) and
+/// every ipBlock prefix of every policy. Longest prefix wins.
+#[btf_map]
+pub static pol_ipcache4_v1: LpmTrie<u32, u32, { capacity::POL_IPCACHE as usize }> = LpmTrie::new();
+
+/// This node's pods that some policy selects, by address: which directions are isolated.
+#[btf_map]
+pub static pol_ep4_v1: HashMap<u32, PolEndpoint, { capacity::POL_ENDPOINTS as usize }, NO_PREALLOC> = HashMap::new();
+
+/// What each isolated pod allows: `(endpoint, peer identity, direction, proto, port prefix) ->
+/// the allowing policy's id`. See `PolRuleKey` for the prefix layout.
+#[btf_map]
+pub static pol_rule4_v1: LpmTrie<PolRuleKey, u32, { capacity::POL_RULES as usize }> = LpmTrie::new();
+
+/// Connections a policy decision allowed (both directions), keyed by the tuple after Service
+/// translation: later packets and replies skip the rule lookups.
+#[btf_map]
+pub static pol_ct4_v1: LruHashMap<Ct4Key, PolCtValue, { capacity::POL_CONNTRACK as usize }> = LruHashMap::new();
+
+/// Drops per policy and direction (index `policy_id * 2 + dir`), per CPU.
+#[btf_map]
+pub static pol_drop_v1: PerCpuArray<u64, { (capacity::POLICIES * 2) as usize }> = PerCpuArray::new();
+
+/// Verdict events for `dataplane-agent monitor` (new connections only).
+#[btf_map]
+pub static pol_events_v1: RingBuf<PolicyEvent, { capacity::POL_EVENTS_BYTES as usize }> = RingBuf::new();
+
+/// Names for inspection and the monitor, written by the agent, never read on the packet path:
+/// policy id -> `namespace/name`, pod address -> `namespace/name`, identity -> its labels.
+#[btf_map]
+pub static pol_name_v1: HashMap<u32, SvcName, { capacity::POLICIES as usize }, NO_PREALLOC> = HashMap::new();
+#[btf_map]
+pub static pol_podname4_v1: HashMap<u32, SvcName, { capacity::POD_NAMES as usize }, NO_PREALLOC> = HashMap::new();
+#[btf_map]
+pub static pol_idname_v1: HashMap<u32, SvcName, { capacity::IDENTITIES as usize }, NO_PREALLOC> = HashMap::new();

@@ -1,5 +1,6 @@
 //! The API-server source: reflectors (kube-runtime watchers feeding local stores) for Services,
-//! EndpointSlices and this node's Node object. Every watch event wakes the agent, which then
+//! EndpointSlices, this node's Node object, and for NetworkPolicy Pods, Namespaces and
+//! NetworkPolicies. Every watch event wakes the agent, which then
 //! translates the stores' contents and lets the reconciler write only what differs from the maps.
 //! A relist (a watch that expired with 410 Gone, or a reconnect) replaces a store's contents
 //! atomically at its end, so it too becomes a diff, never a flush.
@@ -17,8 +18,9 @@ use std::{
 
 use futures::StreamExt;
 use k8s_openapi::api::{
-    core::v1::{Node, Service},
+    core::v1::{Namespace, Node, Pod, Service},
     discovery::v1::EndpointSlice,
+    networking::v1::NetworkPolicy,
 };
 use kube::{
     api::Api,
@@ -54,6 +56,9 @@ pub struct KubeSource {
     services: Store<Service>,
     slices: Store<EndpointSlice>,
     nodes: Store<Node>,
+    pods: Store<Pod>,
+    namespaces: Store<Namespace>,
+    policies: Store<NetworkPolicy>,
     pub changed: Arc<Notify>,
     pub stats: Arc<WatchStats>,
 }
@@ -86,8 +91,13 @@ impl KubeSource {
         let selector = watcher::Config::default().labels(PROXYABLE);
         let services = spawn_reflector(Api::<Service>::all(client.clone()), selector.clone(), &changed, &stats);
         let slices = spawn_reflector(Api::<EndpointSlice>::all(client.clone()), selector, &changed, &stats);
-        let nodes = spawn_reflector(Api::<Node>::all(client), watcher::Config::default().fields(&format!("metadata.name={node}")), &changed, &stats);
-        KubeSource { services, slices, nodes, changed, stats }
+        let nodes = spawn_reflector(Api::<Node>::all(client.clone()), watcher::Config::default().fields(&format!("metadata.name={node}")), &changed, &stats);
+        // NetworkPolicy: every pod's address and labels (peers may be anywhere), namespaces'
+        // labels, the policies.
+        let pods = spawn_reflector(Api::<Pod>::all(client.clone()), watcher::Config::default(), &changed, &stats);
+        let namespaces = spawn_reflector(Api::<Namespace>::all(client.clone()), watcher::Config::default(), &changed, &stats);
+        let policies = spawn_reflector(Api::<NetworkPolicy>::all(client), watcher::Config::default(), &changed, &stats);
+        KubeSource { services, slices, nodes, pods, namespaces, policies, changed, stats }
     }
 
     /// Waits until every store holds its initial list.
@@ -95,6 +105,9 @@ impl KubeSource {
         let _ = self.services.wait_until_ready().await;
         let _ = self.slices.wait_until_ready().await;
         let _ = self.nodes.wait_until_ready().await;
+        let _ = self.pods.wait_until_ready().await;
+        let _ = self.namespaces.wait_until_ready().await;
+        let _ = self.policies.wait_until_ready().await;
     }
 
     /// A consistent copy of what the stores hold now.
@@ -102,7 +115,14 @@ impl KubeSource {
         fn own<K: Clone>(v: Vec<Arc<K>>) -> Vec<K> {
             v.into_iter().map(|o| (*o).clone()).collect()
         }
-        Objects { services: own(self.services.state()), endpoint_slices: own(self.slices.state()), nodes: own(self.nodes.state()) }
+        Objects {
+            services: own(self.services.state()),
+            endpoint_slices: own(self.slices.state()),
+            nodes: own(self.nodes.state()),
+            pods: own(self.pods.state()),
+            namespaces: own(self.namespaces.state()),
+            network_policies: own(self.policies.state()),
+        }
     }
 }
 

@@ -1,5 +1,6 @@
 //! The standalone source: a file or a directory of YAML/JSON manifests (v1 Service,
-//! discovery.k8s.io/v1 EndpointSlice, v1 Node for this node's zone, and `List`s of them), re-read
+//! discovery.k8s.io/v1 EndpointSlice, v1 Node, v1 Pod, v1 Namespace, networking.k8s.io/v1
+//! NetworkPolicy, and `List`s of them), re-read
 //! when anything in it changes.
 use std::{
     collections::hash_map::DefaultHasher,
@@ -126,7 +127,19 @@ pub fn add_value(v: serde_yaml::Value, where_: &str, objs: &mut Objects, errors:
             Ok(n) => objs.nodes.push(n),
             Err((field, msg)) => errors.push(ObjectError::new("Node", name(), field, msg)),
         },
-        "List" | "ServiceList" | "EndpointSliceList" | "NodeList" => {
+        "Pod" => match typed(&v) {
+            Ok(p) => objs.pods.push(p),
+            Err((field, msg)) => errors.push(ObjectError::new("Pod", name(), field, msg)),
+        },
+        "Namespace" => match typed(&v) {
+            Ok(n) => objs.namespaces.push(n),
+            Err((field, msg)) => errors.push(ObjectError::new("Namespace", name(), field, msg)),
+        },
+        "NetworkPolicy" => match typed(&v) {
+            Ok(n) => objs.network_policies.push(n),
+            Err((field, msg)) => errors.push(ObjectError::new("NetworkPolicy", name(), field, msg)),
+        },
+        "List" | "ServiceList" | "EndpointSliceList" | "NodeList" | "PodList" | "NamespaceList" | "NetworkPolicyList" => {
             if let Some(items) = v.get("items").and_then(|i| i.as_sequence()) {
                 for (j, item) in items.iter().enumerate() {
                     add_value(item.clone(), &format!("{where_} item {}", j + 1), objs, errors);

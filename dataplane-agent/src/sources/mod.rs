@@ -4,8 +4,9 @@ pub mod kube;
 pub mod manifests;
 
 use k8s_openapi::api::{
-    core::v1::{Node, Service},
+    core::v1::{Namespace, Node, Pod, Service},
     discovery::v1::EndpointSlice,
+    networking::v1::NetworkPolicy,
 };
 
 /// The objects the translation needs.
@@ -15,6 +16,10 @@ pub struct Objects {
     pub endpoint_slices: Vec<EndpointSlice>,
     /// Node objects: this node's own gives its zone (EndpointSlice zone hints).
     pub nodes: Vec<Node>,
+    /// For NetworkPolicy: every pod (addresses and labels), namespaces (labels), the policies.
+    pub pods: Vec<Pod>,
+    pub namespaces: Vec<Namespace>,
+    pub network_policies: Vec<NetworkPolicy>,
 }
 
 impl Objects {

@@ -219,14 +219,24 @@ pub struct Runner {
     node_ips: BTreeSet<Ipv4Addr>,
     pod_cidr: Option<Cidr4>,
     pod_ips: BTreeSet<Ipv4Addr>,
-    network_policies: usize,
+    /// NetworkPolicy verdict events of the private copy, drained after every packet.
+    events: std::cell::RefCell<Option<aya::maps::RingBuf<aya::maps::MapData>>>,
+    /// Policy verdicts seen during the current flow: "ingress allowed by ns/name" and the like.
+    verdicts: std::cell::RefCell<BTreeSet<String>>,
     cgroup: Option<probe::TraceCgroup>,
 }
 
 fn parse_objects(sc: &Scenario, source: &str) -> (Objects, Vec<ObjectError>) {
     let mut objs = Objects::default();
     let mut errors = Vec::new();
-    for (kind, list) in [("Service", &sc.services), ("EndpointSlice", &sc.endpoint_slices), ("Node", &sc.nodes)] {
+    for (kind, list) in [
+        ("Service", &sc.services),
+        ("EndpointSlice", &sc.endpoint_slices),
+        ("Node", &sc.nodes),
+        ("Pod", &sc.pods),
+        ("Namespace", &sc.namespaces),
+        ("NetworkPolicy", &sc.network_policies),
+    ] {
         for (i, v) in list.iter().enumerate() {
             let mut v = v.clone();
             if let serde_yaml::Value::Mapping(m) = &mut v {
@@ -299,7 +309,13 @@ impl Runner {
         let (cluster_cidr_be, cluster_mask_be) = cluster_cidr.map(|c| c.addr_mask_be()).unwrap_or((0, 0));
         maps.set_config(dataplane_common::NodeConfig { snat_addr_be, snat_port_min: 61000, snat_port_max: 65535, cluster_cidr_be, cluster_mask_be })
             .map_err(|e| vec![e.to_string()])?;
-        Ok(Runner { ebpf, maps, xdp: false, node_ips, pod_cidr, pod_ips, network_policies: sc.network_policies.len(), cgroup: None })
+        let mut pol = crate::agent::PolicyState::default();
+        let (_, _, perr, pmap) = pol.sync(&mut maps, &objs, &node);
+        if !perr.is_empty() || !pmap.is_empty() {
+            return Err(perr.iter().map(|e| e.to_string()).chain(pmap).collect());
+        }
+        let events = ebpf.take_map(dataplane_common::names::POL_EVENTS).and_then(|m| aya::maps::RingBuf::try_from(m).ok());
+        Ok(Runner { ebpf, maps, xdp: false, node_ips, pod_cidr, pod_ips, events: events.into(), verdicts: Default::default(), cgroup: None })
     }
 
     fn origin(&self, src: Ipv4Addr) -> Origin {
@@ -331,9 +347,6 @@ impl Runner {
         let Ok(dst) = flow.destination.parse::<SocketAddrV4>() else {
             return fail(format!("destination: {:?} is not ip:port", flow.destination));
         };
-        if self.network_policies > 0 {
-            return fail("networkPolicies: NetworkPolicy enforcement is not implemented in this version; refusing to report a verdict that ignores it".into());
-        }
         let attempts = match &expect {
             Expect::Backends(s) => (s.len() * 16).max(16),
             _ => 8,
@@ -347,7 +360,30 @@ impl Runner {
             Ok(o) => o,
             Err(e) => return fail(e),
         };
-        judge(&flow.name, &expect, &outcomes, origin, self.sticky(proto, dst))
+        let mut r = judge(&flow.name, &expect, &outcomes, origin, self.sticky(proto, dst));
+        let verdicts = std::mem::take(&mut *self.verdicts.borrow_mut());
+        if !verdicts.is_empty() {
+            r.line.push_str(&format!(" [policy: {}]", verdicts.into_iter().collect::<Vec<_>>().join("; ")));
+        }
+        r
+    }
+
+    /// Runs a program and collects the policy verdicts it reported.
+    fn run(&self, prog: &str, pkt: &[u8]) -> Result<Run, String> {
+        let r = test_run(&self.ebpf, prog, pkt)?;
+        self.drain_events();
+        Ok(r)
+    }
+
+    fn drain_events(&self) {
+        let mut ring = self.events.borrow_mut();
+        let Some(ring) = ring.as_mut() else { return };
+        while let Some(item) = ring.next() {
+            if let Some(ev) = crate::monitor::parse_event(&item) {
+                let policy = |id| self.maps.pol_names.get(&id, 0).ok().map(|n| n.as_str().to_string());
+                self.verdicts.borrow_mut().insert(crate::monitor::describe_verdict(&ev, policy));
+            }
+        }
     }
 
     /// Does the destination have ClientIP session affinity? Then one client's connections all
@@ -364,13 +400,13 @@ impl Runner {
         const XDP_PASS: u32 = 2;
         const XDP_TX: u32 = 3;
         if !self.xdp {
-            return test_run(&self.ebpf, progs::FROM_WORLD, pkt);
+            return self.run(progs::FROM_WORLD, pkt);
         }
-        let x = test_run(&self.ebpf, progs::XDP_NODEPORT, pkt)?;
+        let x = self.run(progs::XDP_NODEPORT, pkt)?;
         match x.action {
             XDP_DROP => Ok(Run { action: TC_ACT_SHOT, data: x.data }),
             XDP_TX => Ok(Run { action: TC_ACT_REDIRECT, data: x.data }),
-            XDP_PASS => test_run(&self.ebpf, progs::FROM_WORLD, &x.data),
+            XDP_PASS => self.run(progs::FROM_WORLD, &x.data),
             other => Err(format!("unexpected XDP action {other}")),
         }
     }
@@ -379,7 +415,7 @@ impl Runner {
     /// the from-world program), and, if translated, its reply back along the path it would take.
     fn packet(&self, origin: Origin, proto: Proto, src: Ipv4Addr, sport: u16, dst: SocketAddrV4, masq: Option<bool>) -> Result<Outcome, String> {
         let pkt = build(proto, (src, sport), (*dst.ip(), dst.port()));
-        let r = if origin == Origin::External { self.world(&pkt)? } else { test_run(&self.ebpf, progs::FROM_POD, &pkt)? };
+        let r = if origin == Origin::External { self.world(&pkt)? } else { self.run(progs::FROM_POD, &pkt)? };
         match r.action {
             TC_ACT_SHOT => return Ok(Outcome::Drop),
             TC_ACT_REDIRECT => {
@@ -397,6 +433,13 @@ impl Runner {
         }
         let t = packet::try_tuple(&r.data).ok_or("output is not an IPv4 packet")?;
         packet::check_checksums(&r.data)?;
+        // Into a pod of this node: through its veth's egress, where ingress policy applies.
+        if self.is_local_pod(t.dst) && t.dst != src {
+            let into = self.run(progs::TO_POD, &r.data)?;
+            if into.action == TC_ACT_SHOT {
+                return Ok(Outcome::Drop);
+            }
+        }
         if t.dst == *dst.ip() && t.dport == dst.port() {
             return Ok(if self.node_ips.contains(dst.ip()) { Outcome::Local } else { Outcome::Pass });
         }
@@ -420,7 +463,7 @@ impl Runner {
         } else {
             progs::TO_POD
         };
-        let rr = if hook == progs::FROM_WORLD { self.world(&reply)? } else { test_run(&self.ebpf, hook, &reply)? };
+        let rr = if hook == progs::FROM_WORLD { self.world(&reply)? } else { self.run(hook, &reply)? };
         if rr.action != TC_ACT_OK && rr.action != TC_ACT_REDIRECT {
             return Err(format!("reply from {}:{} got tc action {}", t.dst, t.dport, rr.action));
         }

@@ -1,0 +1,491 @@
+//! NetworkPolicy (networking.k8s.io/v1) compiled into what the datapath looks up:
+//!
+//! - identities: one per label set (a pod's namespace and labels), one per ipBlock prefix, and
+//!   the reserved HOST and WORLD;
+//! - the ipcache: every pod address (/32), this node's addresses, every ipBlock and except prefix
+//!   -> identity. The datapath takes the longest prefix, so an address in a CIDR but inside one
+//!   of its excepts resolves to the except's identity, which the CIDR's rule does not select;
+//! - per isolated pod of this node: which directions are isolated, and one rule entry per (peer
+//!   identity, direction, protocol, port block) that some policy allows.
+//!
+//! ipBlock selects addresses that are not pods' (pod addresses resolve to the pod's identity),
+//! as Cilium does: Kubernetes leaves ipBlock on pod addresses to the implementation, and pods are
+//! selected by labels.
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::Ipv4Addr,
+};
+
+use dataplane_common::{identity, PolEndpoint, PolRuleKey, DIR_EGRESS, DIR_INGRESS, EP_F_EGRESS, EP_F_INGRESS, IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP, RULE_PREFIX_ALL_PORTS, RULE_PREFIX_FULL, RULE_PREFIX_PROTO};
+use k8s_openapi::{
+    api::{
+        core::v1::Pod,
+        networking::v1::{NetworkPolicy, NetworkPolicyPeer, NetworkPolicyPort},
+    },
+    apimachinery::pkg::{apis::meta::v1::LabelSelector, util::intstr::IntOrString},
+};
+
+use crate::{error::ObjectError, reconcile::Cidr4, sources::Objects};
+
+/// A rule entry: LPM prefix length and key.
+pub type RuleEntry = (u32, PolRuleKey);
+
+/// The compiled policy state of one node.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct DesiredPolicy {
+    pub ipcache: BTreeMap<Cidr4, u32>,
+    pub endpoints: BTreeMap<Ipv4Addr, PolEndpoint>,
+    /// Rule -> the allowing policy's id (the lowest, when several allow the same).
+    pub rules: BTreeMap<RuleEntry, u32>,
+    /// Identity -> its label set, as shown by inspection and the monitor.
+    pub identities: BTreeMap<u32, String>,
+    /// Policy id -> `namespace/name`.
+    pub policies: BTreeMap<u32, String>,
+    /// Pod address -> `namespace/name`.
+    pub pod_names: BTreeMap<Ipv4Addr, String>,
+}
+
+/// Stable numbers for identities and policies: kept while their name lives, so a change
+/// rewrites only what it touches. Restored from the name maps at start-up.
+#[derive(Clone, Debug, Default)]
+pub struct Ids {
+    pub identities: BTreeMap<String, u32>,
+    pub policies: BTreeMap<String, u32>,
+}
+
+fn alloc(map: &mut BTreeMap<String, u32>, name: &str, first: u32, limit: u32) -> Option<u32> {
+    if let Some(id) = map.get(name) {
+        return Some(*id);
+    }
+    let used: BTreeSet<u32> = map.values().copied().collect();
+    let id = (first..limit).find(|i| !used.contains(i))?;
+    map.insert(name.to_string(), id);
+    Some(id)
+}
+
+impl Ids {
+    /// Forgets names no longer in use, so their numbers can be reused.
+    fn retain(&mut self, identities: &BTreeSet<String>, policies: &BTreeSet<String>) {
+        self.identities.retain(|k, _| identities.contains(k));
+        self.policies.retain(|k, _| policies.contains(k));
+    }
+}
+
+/// Does `labels` satisfy `sel`? (`None` selector: nothing; empty selector: everything.)
+pub fn selects(sel: &LabelSelector, labels: &BTreeMap<String, String>) -> Result<bool, String> {
+    for (k, v) in sel.match_labels.iter().flatten() {
+        if labels.get(k) != Some(v) {
+            return Ok(false);
+        }
+    }
+    for (i, e) in sel.match_expressions.iter().flatten().enumerate() {
+        let values: BTreeSet<&String> = e.values.iter().flatten().collect();
+        let has = labels.get(&e.key);
+        let ok = match e.operator.as_str() {
+            "In" => has.is_some_and(|v| values.contains(v)),
+            "NotIn" => !has.is_some_and(|v| values.contains(v)),
+            "Exists" => has.is_some(),
+            "DoesNotExist" => has.is_none(),
+            other => return Err(format!("matchExpressions[{i}].operator: {other:?} is not In, NotIn, Exists or DoesNotExist")),
+        };
+        if matches!(e.operator.as_str(), "In" | "NotIn") && values.is_empty() {
+            return Err(format!("matchExpressions[{i}].values: {} needs at least one value", e.operator));
+        }
+        if !ok {
+            return Ok(false);
+        }
+    }
+    Ok(true)
+}
+
+/// A pod as policies see it.
+struct PodInfo<'a> {
+    ns: String,
+    ip: Ipv4Addr,
+    labels: BTreeMap<String, String>,
+    identity: u32,
+    local: bool,
+    pod: &'a Pod,
+}
+
+fn pod_ip(p: &Pod) -> Option<Ipv4Addr> {
+    let st = p.status.as_ref()?;
+    if matches!(st.phase.as_deref(), Some("Succeeded" | "Failed")) {
+        return None;
+    }
+    st.pod_ips.iter().flatten().map(|i| i.ip.as_str()).chain(st.pod_ip.as_deref()).find_map(|s| s.parse().ok())
+}
+
+fn proto_number(p: Option<&str>) -> Option<u8> {
+    match p.unwrap_or("TCP") {
+        "TCP" => Some(IPPROTO_TCP),
+        "UDP" => Some(IPPROTO_UDP),
+        "SCTP" => Some(IPPROTO_SCTP),
+        _ => None,
+    }
+}
+
+/// Splits `[lo, hi]` into aligned power-of-two blocks: (start, bits of the port that vary).
+pub fn port_blocks(lo: u16, hi: u16) -> Vec<(u16, u32)> {
+    let mut out = Vec::new();
+    let (mut lo, hi) = (lo as u32, hi as u32);
+    while lo <= hi {
+        let mut bits = 0;
+        while bits < 16 && lo & ((1 << (bits + 1)) - 1) == 0 && lo + (1 << (bits + 1)) - 1 <= hi {
+            bits += 1;
+        }
+        out.push((lo as u16, bits));
+        lo += 1 << bits;
+    }
+    out
+}
+
+/// The (protocol, first port, last port) ranges a port entry stands for; named ports resolved
+/// through `named` (name, protocol) -> numbers. None: every port of every protocol.
+fn port_ranges(ports: &Option<Vec<NetworkPolicyPort>>, named: &dyn Fn(&str, u8) -> Vec<u16>, err: &mut dyn FnMut(String, String)) -> Option<Vec<(u8, u16, u16)>> {
+    let ports = ports.as_ref().filter(|p| !p.is_empty())?;
+    let mut out = Vec::new();
+    for (i, p) in ports.iter().enumerate() {
+        let Some(proto) = proto_number(p.protocol.as_deref()) else {
+            err(format!("ports[{i}].protocol"), format!("{:?} is not TCP, UDP or SCTP", p.protocol.as_deref().unwrap_or("")));
+            continue;
+        };
+        match &p.port {
+            None => out.push((proto, 0, u16::MAX)),
+            Some(IntOrString::Int(n)) => {
+                if !(1..=65535).contains(n) {
+                    err(format!("ports[{i}].port"), format!("{n} is not a port"));
+                    continue;
+                }
+                let end = p.end_port.unwrap_or(*n);
+                if end < *n || end > 65535 {
+                    err(format!("ports[{i}].endPort"), format!("{end} is not a port at or above {n}"));
+                    continue;
+                }
+                out.push((proto, *n as u16, end as u16));
+            }
+            Some(IntOrString::String(name)) => {
+                if p.end_port.is_some() {
+                    err(format!("ports[{i}].endPort"), "endPort needs a numeric port".into());
+                    continue;
+                }
+                for n in named(name, proto) {
+                    out.push((proto, n, n));
+                }
+            }
+        }
+    }
+    Some(out)
+}
+
+/// A pod's named container ports: (name, protocol) -> port numbers.
+fn named_ports(p: &Pod) -> BTreeMap<(String, u8), BTreeSet<u16>> {
+    let mut m: BTreeMap<(String, u8), BTreeSet<u16>> = BTreeMap::new();
+    for c in p.spec.iter().flat_map(|s| s.containers.iter()) {
+        for cp in c.ports.iter().flatten() {
+            if let (Some(name), Some(proto)) = (&cp.name, proto_number(cp.protocol.as_deref())) {
+                m.entry((name.clone(), proto)).or_default().insert(cp.container_port as u16);
+            }
+        }
+    }
+    m
+}
+
+/// Compiles the policies for `node` (its name and addresses). Invalid policies or fields are
+/// reported and left out (a policy with an invalid selector is dropped whole: guessing could open
+/// what it meant to close); everything else applies.
+pub fn translate(objs: &Objects, node: &str, node_ips: &[Ipv4Addr], ids: &mut Ids) -> (DesiredPolicy, Vec<ObjectError>) {
+    let mut errors = Vec::new();
+    let mut d = DesiredPolicy::default();
+    let ns_labels: BTreeMap<String, BTreeMap<String, String>> = objs
+        .namespaces
+        .iter()
+        .filter_map(|n| {
+            let name = n.metadata.name.clone()?;
+            let mut l = n.metadata.labels.clone().unwrap_or_default();
+            // The API server sets this label on every namespace.
+            l.entry("kubernetes.io/metadata.name".into()).or_insert_with(|| name.clone());
+            Some((name, l))
+        })
+        .collect();
+    let labels_of_ns = |ns: &str| -> BTreeMap<String, String> {
+        ns_labels.get(ns).cloned().unwrap_or_else(|| [("kubernetes.io/metadata.name".to_string(), ns.to_string())].into())
+    };
+
+    // Identities of pods.
+    let mut live_identities = BTreeSet::new();
+    let mut pods = Vec::new();
+    for p in &objs.pods {
+        if p.spec.as_ref().and_then(|s| s.host_network) == Some(true) {
+            continue; // host-network pods are the node, not policy endpoints
+        }
+        let Some(ip) = pod_ip(p) else { continue };
+        let ns = p.metadata.namespace.clone().unwrap_or_else(|| "default".into());
+        let labels: BTreeMap<String, String> = p.metadata.labels.clone().unwrap_or_default();
+        let set = format!("{ns}:{}", labels.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(","));
+        live_identities.insert(set.clone());
+        let Some(id) = alloc(&mut ids.identities, &set, identity::FIRST, dataplane_common::capacity::IDENTITIES) else {
+            errors.push(ObjectError::new("Pod", format!("{ns}/{}", p.metadata.name.clone().unwrap_or_default()), "metadata.labels".into(), "out of identities"));
+            continue;
+        };
+        d.identities.insert(id, set);
+        d.pod_names.insert(ip, format!("{ns}/{}", p.metadata.name.clone().unwrap_or_default()));
+        d.ipcache.insert(Cidr4 { addr: ip, prefix: 32 }, id);
+        let local = p.spec.as_ref().and_then(|s| s.node_name.as_deref()) == Some(node);
+        pods.push(PodInfo { ns, ip, labels, identity: id, local, pod: p });
+    }
+    for ip in node_ips {
+        d.ipcache.insert(Cidr4 { addr: *ip, prefix: 32 }, identity::HOST);
+    }
+    d.identities.insert(identity::HOST, "reserved:host".into());
+    d.identities.insert(identity::WORLD, "reserved:world".into());
+
+    // Valid policies, and every ipBlock prefix they name.
+    struct Pol<'a> {
+        id: u32,
+        name: String,
+        p: &'a NetworkPolicy,
+        ingress: bool,
+        egress: bool,
+    }
+    let mut pols = Vec::new();
+    let mut prefixes: BTreeSet<Cidr4> = BTreeSet::new();
+    let mut live_policies = BTreeSet::new();
+    'policies: for np in &objs.network_policies {
+        let ns = np.metadata.namespace.clone().unwrap_or_else(|| "default".into());
+        let name = format!("{ns}/{}", np.metadata.name.clone().unwrap_or_default());
+        let Some(spec) = &np.spec else {
+            errors.push(ObjectError::new("NetworkPolicy", name, "spec".into(), "missing"));
+            continue;
+        };
+        let mut bad = |field: String, msg: String| errors.push(ObjectError::new("NetworkPolicy", name.clone(), field, msg));
+        if let Err(e) = selects(&spec.pod_selector.clone().unwrap_or_default(), &BTreeMap::new()) {
+            bad(format!("spec.podSelector.{}", e.split(':').next().unwrap_or("")), e);
+            continue;
+        }
+        let types: Vec<String> = spec.policy_types.clone().filter(|t| !t.is_empty()).unwrap_or_else(|| {
+            let mut t = vec!["Ingress".to_string()];
+            if spec.egress.as_ref().is_some_and(|e| !e.is_empty()) {
+                t.push("Egress".into());
+            }
+            t
+        });
+        for (i, t) in types.iter().enumerate() {
+            if t != "Ingress" && t != "Egress" {
+                bad(format!("spec.policyTypes[{i}]"), format!("{t:?} is not Ingress or Egress"));
+                continue 'policies;
+            }
+        }
+        // Peers: selectors must parse, CIDRs must be IPv4 CIDRs.
+        let sections = [("ingress", spec.ingress.as_ref().map(|r| r.iter().map(|r| &r.from).collect::<Vec<_>>())), ("egress", spec.egress.as_ref().map(|r| r.iter().map(|r| &r.to).collect::<Vec<_>>()))];
+        for (section, rules) in &sections {
+            for (ri, peers) in rules.iter().flatten().enumerate() {
+                let dir = if *section == "ingress" { "from" } else { "to" };
+                for (pi, peer) in peers.iter().flatten().enumerate() {
+                    let at = format!("spec.{section}[{ri}].{dir}[{pi}]");
+                    for (what, sel) in [("podSelector", &peer.pod_selector), ("namespaceSelector", &peer.namespace_selector)] {
+                        if let Some(sel) = sel {
+                            if let Err(e) = selects(sel, &BTreeMap::new()) {
+                                bad(format!("{at}.{what}"), e);
+                                continue 'policies;
+                            }
+                        }
+                    }
+                    if let Some(b) = &peer.ip_block {
+                        match b.cidr.parse::<Cidr4>() {
+                            Ok(c) => {
+                                prefixes.insert(c.network());
+                            }
+                            Err(e) => {
+                                bad(format!("{at}.ipBlock.cidr"), e);
+                                continue 'policies;
+                            }
+                        }
+                        for (ei, e) in b.except.iter().flatten().enumerate() {
+                            match e.parse::<Cidr4>() {
+                                Ok(c) => {
+                                    prefixes.insert(c.network());
+                                }
+                                Err(err) => {
+                                    bad(format!("{at}.ipBlock.except[{ei}]"), err);
+                                    continue 'policies;
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        live_policies.insert(name.clone());
+        let Some(id) = alloc(&mut ids.policies, &name, 1, dataplane_common::capacity::POLICIES) else {
+            bad("metadata.name".into(), "out of policy ids".into());
+            continue;
+        };
+        d.policies.insert(id, name.clone());
+        pols.push(Pol { id, name, p: np, ingress: types.iter().any(|t| t == "Ingress"), egress: types.iter().any(|t| t == "Egress") });
+    }
+    // ipBlock prefixes get identities of their own; a pod address inside one stays the pod's.
+    for c in &prefixes {
+        let set = format!("cidr:{c}");
+        live_identities.insert(set.clone());
+        if let Some(id) = alloc(&mut ids.identities, &set, identity::FIRST, dataplane_common::capacity::IDENTITIES) {
+            d.identities.insert(id, set);
+            d.ipcache.entry(*c).or_insert(id);
+        }
+    }
+    let cidr_ids: Vec<(Cidr4, u32)> = prefixes.iter().filter_map(|c| d.ipcache.get(c).map(|id| (*c, *id))).collect();
+    ids.retain(&live_identities, &live_policies);
+
+    // The identities a peer selects, seen from a policy in namespace `ns`.
+    let peer_identities = |peer: &NetworkPolicyPeer, ns: &str| -> BTreeSet<u32> {
+        let mut out = BTreeSet::new();
+        if let Some(b) = &peer.ip_block {
+            let Ok(cidr) = b.cidr.parse::<Cidr4>() else { return out };
+            let except: Vec<Cidr4> = b.except.iter().flatten().filter_map(|e| e.parse().ok()).collect();
+            for (c, id) in &cidr_ids {
+                if cidr.covers(c) && !except.iter().any(|e| e.covers(c)) {
+                    out.insert(*id);
+                }
+            }
+            // This node's addresses are HOST in the ipcache.
+            if node_ips.iter().any(|ip| cidr.contains(*ip) && !except.iter().any(|e| e.contains(*ip))) {
+                out.insert(identity::HOST);
+            }
+            // Addresses no prefix or pod holds resolve to WORLD: selected by 0.0.0.0/0.
+            if cidr.prefix == 0 && except.is_empty() {
+                out.insert(identity::WORLD);
+            }
+            return out;
+        }
+        for p in &pods {
+            let ns_ok = match &peer.namespace_selector {
+                Some(sel) => selects(sel, &labels_of_ns(&p.ns)).unwrap_or(false),
+                None => p.ns == ns,
+            };
+            let pod_ok = match &peer.pod_selector {
+                Some(sel) => selects(sel, &p.labels).unwrap_or(false),
+                None => true,
+            };
+            if ns_ok && pod_ok {
+                out.insert(p.identity);
+            }
+        }
+        out
+    };
+
+    // Rules of this node's pods.
+    for ep in pods.iter().filter(|p| p.local) {
+        let ep_id = u32::from(ep.ip);
+        let mut entry = PolEndpoint { ep_id, ..Default::default() };
+        for pol in &pols {
+            let ns = pol.p.metadata.namespace.clone().unwrap_or_else(|| "default".into());
+            let spec = pol.p.spec.as_ref().expect("validated");
+            if ns != ep.ns || !selects(&spec.pod_selector.clone().unwrap_or_default(), &ep.labels).unwrap_or(false) {
+                continue;
+            }
+            for (dir, on, flag) in [(DIR_INGRESS, pol.ingress, EP_F_INGRESS), (DIR_EGRESS, pol.egress, EP_F_EGRESS)] {
+                if !on {
+                    continue;
+                }
+                if entry.flags & flag == 0 {
+                    entry.flags |= flag;
+                    if dir == DIR_INGRESS {
+                        entry.ingress_policy = pol.id;
+                    } else {
+                        entry.egress_policy = pol.id;
+                    }
+                }
+                let rules: Vec<(&Option<Vec<NetworkPolicyPeer>>, &Option<Vec<NetworkPolicyPort>>)> = if dir == DIR_INGRESS {
+                    spec.ingress.iter().flatten().map(|r| (&r.from, &r.ports)).collect()
+                } else {
+                    spec.egress.iter().flatten().map(|r| (&r.to, &r.ports)).collect()
+                };
+                let section = if dir == DIR_INGRESS { "ingress" } else { "egress" };
+                for (ri, (peers, ports)) in rules.into_iter().enumerate() {
+                    let peer_ids: Vec<(u32, Vec<&PodInfo>)> = match peers.as_ref().filter(|p| !p.is_empty()) {
+                        None => vec![(identity::ANY, pods.iter().collect())],
+                        Some(list) => {
+                            let ids: BTreeSet<u32> = list.iter().flat_map(|peer| peer_identities(peer, &ns)).collect();
+                            ids.into_iter().map(|id| (id, pods.iter().filter(|p| p.identity == id).collect())).collect()
+                        }
+                    };
+                    for (peer_id, peer_pods) in peer_ids {
+                        // Named ports: the ingress pod's own; for egress, the peer pods'.
+                        let named = |name: &str, proto: u8| -> Vec<u16> {
+                            let sources: Vec<&Pod> = if dir == DIR_INGRESS { vec![ep.pod] } else { peer_pods.iter().map(|p| p.pod).collect() };
+                            let mut out = BTreeSet::new();
+                            for p in sources {
+                                if let Some(n) = named_ports(p).get(&(name.to_string(), proto)) {
+                                    out.extend(n.iter().copied());
+                                }
+                            }
+                            out.into_iter().collect()
+                        };
+                        let mut port_err = |field: String, msg: String| {
+                            let e = ObjectError::new("NetworkPolicy", pol.name.clone(), format!("spec.{section}[{ri}].{field}"), msg);
+                            if !errors.contains(&e) {
+                                errors.push(e);
+                            }
+                        };
+                        let base = PolRuleKey { ep_id_be: ep_id.to_be(), identity_be: peer_id.to_be(), dir, proto: 0, port_be: 0 };
+                        let mut put = |prefix: u32, key: PolRuleKey| {
+                            let v = d.rules.entry((prefix, key)).or_insert(pol.id);
+                            *v = (*v).min(pol.id);
+                        };
+                        match port_ranges(ports, &named, &mut port_err) {
+                            None => put(RULE_PREFIX_ALL_PORTS, base),
+                            Some(ranges) => {
+                                for (proto, lo, hi) in ranges {
+                                    if lo == 0 && hi == u16::MAX {
+                                        put(RULE_PREFIX_PROTO, PolRuleKey { proto, ..base });
+                                        continue;
+                                    }
+                                    for (start, bits) in port_blocks(lo, hi) {
+                                        put(RULE_PREFIX_FULL - bits, PolRuleKey { proto, port_be: start.to_be(), ..base });
+                                    }
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        if entry.flags != 0 {
+            d.endpoints.insert(ep.ip, entry);
+        }
+    }
+    (d, errors)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn port_ranges_become_aligned_blocks() {
+        assert_eq!(port_blocks(80, 80), vec![(80, 0)]);
+        assert_eq!(port_blocks(8000, 8003), vec![(8000, 2)]);
+        assert_eq!(port_blocks(32000, 32768), vec![(32000, 8), (32256, 9), (32768, 0)]);
+        // Every port covered exactly once.
+        let blocks = port_blocks(1, 65535);
+        let total: u32 = blocks.iter().map(|(_, b)| 1u32 << b).sum();
+        assert_eq!(total, 65535);
+        assert!(blocks.len() <= 32);
+    }
+
+    #[test]
+    fn selectors_with_expressions() {
+        let sel: LabelSelector = serde_json::from_value(serde_json::json!({
+            "matchLabels": {"app": "web"},
+            "matchExpressions": [{"key": "tier", "operator": "In", "values": ["a", "b"]}, {"key": "canary", "operator": "DoesNotExist"}]
+        }))
+        .unwrap();
+        let l = |kv: &[(&str, &str)]| kv.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect::<BTreeMap<_, _>>();
+        assert!(selects(&sel, &l(&[("app", "web"), ("tier", "a")])).unwrap());
+        assert!(!selects(&sel, &l(&[("app", "web"), ("tier", "c")])).unwrap());
+        assert!(!selects(&sel, &l(&[("app", "web"), ("tier", "a"), ("canary", "1")])).unwrap());
+        assert!(selects(&LabelSelector::default(), &l(&[])).unwrap());
+        let bad: LabelSelector = serde_json::from_value(serde_json::json!({"matchExpressions": [{"key": "k", "operator": "Near"}]})).unwrap();
+        assert!(selects(&bad, &l(&[])).is_err());
+    }
+}
