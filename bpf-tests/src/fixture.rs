@@ -51,6 +51,18 @@ impl Datapath {
         errors
     }
 
+    /// Compiles the Pods, Namespaces and NetworkPolicies of `yaml` into the policy maps (through
+    /// the agent's own translation and diff); returns (writes, deletes).
+    pub fn apply_policy_yaml(&mut self, yaml: &str, pol: &mut dataplane_agent::agent::PolicyState) -> (usize, usize) {
+        let mut objs = Objects::default();
+        let mut errors = Vec::new();
+        manifests::parse_str(yaml, "test", &mut objs, &mut errors);
+        assert!(errors.is_empty(), "{errors:?}");
+        let (w, d, errors, map_errors) = pol.sync(&mut self.maps, &objs, &self.node);
+        assert!(errors.is_empty() && map_errors.is_empty(), "{errors:?} {map_errors:?}");
+        (w, d)
+    }
+
     pub fn run(&self, prog: &str, pkt: &[u8]) -> Run {
         run_prog(&self.ebpf, prog, pkt)
     }
