@@ -322,3 +322,73 @@ fn xdp_acceleration_translates_in_xdp() {
     let xdp_forwarded = maps.stat_totals()[dataplane_common::stat::XDP_FORWARD as usize];
     assert!(xdp_forwarded >= 20, "XDP translated {xdp_forwarded} packets");
 }
+
+/// Pod objects for the lab's pods, labelled `role: <role>` by `role(name)`.
+fn pods_yaml(c: &Cluster, role: impl Fn(&str) -> &'static str) -> String {
+    lab::PODS
+        .iter()
+        .map(|(ni, name, _)| {
+            format!(
+                "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: lab, labels: {{role: {}}}}}\nspec: {{nodeName: {}, containers: [{{name: echo, ports: [{{name: echo, containerPort: 8080}}]}}]}}\nstatus: {{podIP: {}}}\n---\n",
+                role(name),
+                c.nodes[*ni].name,
+                c.pod_ip(name)
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn network_policy_allows_and_refuses_real_connections_and_monitor_names_them() {
+    let (mut c, _d) = cluster(&ALL, &ALL);
+    let role = |n: &str| match n {
+        "n1-pod1" => "client",
+        "n2-pod2" => "intruder",
+        _ => "server",
+    };
+    let policy = "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: servers-from-clients, namespace: lab}\nspec:\n  podSelector: {matchLabels: {role: server}}\n  ingress:\n  - from: [{podSelector: {matchLabels: {role: client}}}]\n    ports: [{port: echo}]\n";
+    let yaml = format!("{}{policy}", pods_yaml(&c, role));
+    c.write_manifest("policy.yaml", &yaml);
+    for i in 0..2 {
+        c.wait_log(i, |l| l.lines().any(|l| l.contains("synced") && l.contains("policies=1")));
+    }
+    // The client reaches servers on both nodes, directly and through the Service.
+    for server in ["n1-pod2", "n2-pod1"] {
+        let addr = format!("{}:8080", c.pod_ip(server));
+        assert_eq!(tally(&c.client_in_pod("n1-pod1", &["tcp", &addr, "3"])).get(server), Some(&3), "client -> {server}");
+    }
+    let t = tally(&c.client_in_pod("n1-pod1", &["tcp", lab::TCP_VIP, "30"]));
+    assert_eq!(t.keys().cloned().collect::<Vec<_>>(), ALL.to_vec(), "{t:?}");
+    // Watch node1's verdicts while the intruder tries.
+    let mut monitor = std::process::Command::new(lab::agent_bin())
+        .args(["monitor", "--denied", "--count", "1", "--pin-dir"])
+        .arg(&c.nodes[0].pin.path)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    // The intruder is refused by servers on both nodes (enforced where each server lives).
+    for server in ["n1-pod2", "n2-pod1"] {
+        let addr = format!("{}:8080", c.pod_ip(server));
+        let out = c.client_in_pod("n2-pod2", &["tcp", &addr, "1"]);
+        assert!(out.iter().all(|l| l.starts_with("ERR")), "intruder -> {server}: {out:?}");
+    }
+    // The client on a port the policy does not name: UDP 5353.
+    let out = c.client_in_pod("n1-pod1", &["udp", &format!("{}:5353", c.pod_ip("n1-pod2")), "1"]);
+    assert!(out.iter().all(|l| l.starts_with("ERR")), "{out:?}");
+    // An unselected pod stays open to everyone.
+    let out = c.client_in_pod("n2-pod2", &["tcp", &format!("{}:8080", c.pod_ip("n1-pod1")), "1"]);
+    assert_eq!(tally(&out).get("n1-pod1"), Some(&1), "{out:?}");
+    let out = monitor.wait_with_output().unwrap();
+    let line = String::from_utf8_lossy(&out.stdout);
+    for want in ["DENY", "ingress", "TCP", "lab/n2-pod2 (10.201.2.12:", "-> lab/n1-pod2 (10.201.1.12:8080)", "lab/servers-from-clients"] {
+        assert!(line.contains(want), "{want:?} missing from monitor output: {line}");
+    }
+    // Counted against the policy, in node1's metrics.
+    let (_, page) = bpf_tests::fakeapi::http_get_in(&c.nodes[0].ns.name, "127.0.0.1:10249", "/metrics").unwrap();
+    assert!(page.lines().any(|l| l.starts_with("ferry_policy_drops_total{policy=\"lab/servers-from-clients\",direction=\"ingress\"}") && !l.ends_with(" 0")), "{page}");
+    // inspect policies shows the isolated pod and its rule.
+    let out = std::process::Command::new(lab::agent_bin()).args(["inspect", "policies", "--pin-dir"]).arg(&c.nodes[0].pin.path).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.lines().any(|l| l.starts_with("lab/n1-pod2") && l.contains("ingress") && l.contains("lab:role=client") && l.contains("TCP/8080") && l.contains("lab/servers-from-clients")), "{text}");
+}
