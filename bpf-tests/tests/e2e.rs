@@ -360,7 +360,7 @@ fn network_policy_allows_and_refuses_real_connections_and_monitor_names_them() {
     let t = tally(&c.client_in_pod("n1-pod1", &["tcp", lab::TCP_VIP, "30"]));
     assert_eq!(t.keys().cloned().collect::<Vec<_>>(), ALL.to_vec(), "{t:?}");
     // Watch node1's verdicts while the intruder tries.
-    let mut monitor = std::process::Command::new(lab::agent_bin())
+    let monitor = std::process::Command::new(lab::agent_bin())
         .args(["monitor", "--denied", "--count", "1", "--pin-dir"])
         .arg(&c.nodes[0].pin.path)
         .stdout(std::process::Stdio::piped())
@@ -381,6 +381,7 @@ fn network_policy_allows_and_refuses_real_connections_and_monitor_names_them() {
     assert_eq!(tally(&out).get("n1-pod1"), Some(&1), "{out:?}");
     let out = monitor.wait_with_output().unwrap();
     let line = String::from_utf8_lossy(&out.stdout);
+    eprintln!("monitor: {line}");
     for want in ["DENY", "ingress", "TCP", "lab/n2-pod2 (10.201.2.12:", "-> lab/n1-pod2 (10.201.1.12:8080)", "lab/servers-from-clients"] {
         assert!(line.contains(want), "{want:?} missing from monitor output: {line}");
     }
@@ -390,5 +391,6 @@ fn network_policy_allows_and_refuses_real_connections_and_monitor_names_them() {
     // inspect policies shows the isolated pod and its rule.
     let out = std::process::Command::new(lab::agent_bin()).args(["inspect", "policies", "--pin-dir"]).arg(&c.nodes[0].pin.path).output().unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
+    eprintln!("inspect policies:\n{text}");
     assert!(text.lines().any(|l| l.starts_with("lab/n1-pod2") && l.contains("ingress") && l.contains("lab:role=client") && l.contains("TCP/8080") && l.contains("lab/servers-from-clients")), "{text}");
 }

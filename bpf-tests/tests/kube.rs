@@ -290,6 +290,21 @@ fn api_server_source_lists_watches_relists_and_survives_restarts() {
     n.api.apply(&slice_web(&[("10.244.1.5", NODE)]));
     n.wait("one endpoint left", || web_backends(&n) == Some(1));
 
+    // NetworkPolicy objects from the API server: a pod of this node, its namespace, a policy.
+    n.api.apply(
+        "apiVersion: v1\nkind: Namespace\nmetadata: {name: default, labels: {team: a}}\n---\n\
+         apiVersion: v1\nkind: Pod\nmetadata: {name: web-0, namespace: default, labels: {app: web}}\nspec: {nodeName: node-k, containers: [{name: c}]}\nstatus: {podIP: 10.244.1.5}\n---\n\
+         apiVersion: v1\nkind: Pod\nmetadata: {name: far-0, namespace: default, labels: {app: far}}\nspec: {nodeName: node-other, containers: [{name: c}]}\nstatus: {podIP: 10.244.2.5}\n---\n\
+         apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: web-in, namespace: default}\nspec: {podSelector: {matchLabels: {app: web}}, ingress: [{from: [{podSelector: {matchLabels: {app: far}}}]}]}",
+    );
+    let isolated = || BpfMaps::from_pins(&n.pin.path).unwrap().pol_endpoints.get(&u32::from_ne_bytes([10, 244, 1, 5]), 0).ok();
+    n.wait("the policy to isolate web-0", || isolated().is_some_and(|e| e.flags == dataplane_common::EP_F_INGRESS));
+    let (d, _) = BpfMaps::from_pins(&n.pin.path).unwrap().dump_policy();
+    assert_eq!(d.policies.values().cloned().collect::<Vec<_>>(), vec!["default/web-in".to_string()]);
+    assert_eq!(d.rules.len(), 1, "{:?}", d.rules);
+    n.api.delete("NetworkPolicy", "default", "web-in");
+    n.wait("the policy to go", || isolated().is_none());
+
     // Agent down: the maps stay (traffic keeps flowing) and inspection still reads them.
     n.stop();
     assert_eq!(web_backends(&n), Some(1));
