@@ -130,3 +130,24 @@ fn policy_state_survives_a_restart_without_rewrites() {
     let mut restored = PolicyState::restore(&dp.maps);
     assert_eq!(dp.apply_policy_yaml(&format!("{}---\n{POLICIES}", pods("a")), &mut restored), (0, 0));
 }
+
+
+#[test]
+fn through_a_service_between_isolated_pods_of_one_node_the_reply_gets_back() {
+    let (dp, _pol) = setup("a");
+    let mut dp = dp;
+    dp.apply_yaml("kind: Service\nmetadata: {name: b, namespace: t}\nspec: {clusterIP: 172.30.7.11, ports: [{port: 80, targetPort: 8080}]}\n---\nkind: EndpointSlice\nmetadata: {name: b-1, namespace: t, labels: {kubernetes.io/service-name: b}}\naddressType: IPv4\nports: [{port: 8080}]\nendpoints: [{addresses: [10.0.0.11], nodeName: node1}]\n");
+    // First the backend directly, then the same client port through the Service: the second
+    // connection has the same tuple after translation as the first one had.
+    for dst in [(B, 8080), ("172.30.7.11", 80)] {
+        let (out, into_b) = send(&dp, (A, 42000), dst, true);
+        assert_eq!((out, into_b), (TC_ACT_OK, TC_ACT_OK), "{dst:?}");
+        // b's reply leaves b (translated back to the Service on b's veth when it was one) and
+        // enters a, which is isolated for ingress.
+        let reply = dp.from_pod(&tcp((ip(B), 8080), (ip(A), 42000), false, b"ok"));
+        assert_eq!(reply.action, TC_ACT_OK);
+        assert_eq!(dp.to_pod(&reply.data).action, TC_ACT_OK, "reply of {dst:?}");
+    }
+    // Only replies: b reaching a's port 42000 on its own is still denied.
+    assert_eq!(send(&dp, (B, 8081), (A, 42000), true).0, TC_ACT_SHOT);
+}

@@ -84,13 +84,16 @@ fn tc_entry(ctx: &TcContext, hook: Hook) -> i32 {
             return drop(DropReason::from_code(code));
         }
     }
+    // NetworkPolicy egress is decided after Service translation; whether a decision is needed at
+    // all (and the untranslated tuple) is known only before it.
+    let egress = hook == Hook::FromPod && policy::egress_pre(ctx) != 0;
     let verdict = match parse::parse_ipv4(ctx) {
         // Not IPv4 (ARP, IPv6): not ours in this version.
         Ok(None) => return TC_ACT_OK,
         Ok(Some(mut p)) => lb::handle_ipv4(ctx, &mut p, hook).and_then(|v| match v {
             // NetworkPolicy egress: on the packet as it leaves the pod, after Service translation
             // (policies see the backend, as Kubernetes requires).
-            Verdict::Pass | Verdict::Redirect if hook == Hook::FromPod && policy::check(ctx, dataplane_common::DIR_EGRESS) != 0 => {
+            Verdict::Pass | Verdict::Redirect if egress && policy::check(ctx, dataplane_common::DIR_EGRESS) != 0 => {
                 Err(DropReason::PolicyEgress)
             }
             Verdict::Pass => Ok(TC_ACT_OK),

@@ -121,3 +121,8 @@ pub static pol_name_v1: HashMap<u32, SvcName, { capacity::POLICIES as usize }, N
 pub static pol_podname4_v1: HashMap<u32, SvcName, { capacity::POD_NAMES as usize }, NO_PREALLOC> = HashMap::new();
 #[btf_map]
 pub static pol_idname_v1: HashMap<u32, SvcName, { capacity::IDENTITIES as usize }, NO_PREALLOC> = HashMap::new();
+
+/// Per-CPU scratch of the policy check: the tuple of the packet being handled before Service
+/// translation (written by `egress_pre`, read by `check` on the same packet).
+#[btf_map]
+pub static pol_scratch: PerCpuArray<Ct4Key, 1> = PerCpuArray::new();

@@ -10,7 +10,7 @@ use dataplane_common::{
 };
 
 use crate::{
-    maps::{pol_ct4_v1, pol_drop_v1, pol_ep4_v1, pol_events_v1, pol_ipcache4_v1, pol_rule4_v1},
+    maps::{pol_ct4_v1, pol_drop_v1, pol_ep4_v1, pol_events_v1, pol_ipcache4_v1, pol_rule4_v1, pol_scratch},
     parse,
 };
 
@@ -33,9 +33,16 @@ fn event(key: &Ct4Key, dir: u8, verdict: u8, reason: u8, policy_id: u32, identit
     let _ = pol_events_v1.output(&ev, 0);
 }
 
-/// Records an allowed connection: the checked direction on the tuple, and its reply.
 #[inline(always)]
-fn remember(key: &Ct4Key, dir_flag: u32, policy_id: u32) {
+fn reverse(k: &Ct4Key) -> Ct4Key {
+    Ct4Key { saddr_be: k.daddr_be, daddr_be: k.saddr_be, sport_be: k.dport_be, dport_be: k.sport_be, proto: k.proto, pad: [0; 3] }
+}
+
+/// Records an allowed connection: the checked direction on the tuple, and its reply. `orig`:
+/// the tuple before Service translation (egress), whose reverse is how a reply translated back
+/// on this node arrives; `proto == 0` when there is none.
+#[inline(always)]
+fn remember(key: &Ct4Key, dir_flag: u32, policy_id: u32, orig: &Ct4Key) {
     let now = unsafe { bpf_ktime_get_ns() };
     let flags = match pol_ct4_v1.get_ptr_mut(key) {
         // SAFETY: pointer from a successful lookup.
@@ -43,8 +50,48 @@ fn remember(key: &Ct4Key, dir_flag: u32, policy_id: u32) {
         None => dir_flag,
     };
     let _ = pol_ct4_v1.insert(key, &PolCtValue { flags, policy_id, created_ns: now }, 0);
-    let rev = Ct4Key { saddr_be: key.daddr_be, daddr_be: key.saddr_be, sport_be: key.dport_be, dport_be: key.sport_be, proto: key.proto, pad: [0; 3] };
-    let _ = pol_ct4_v1.insert(&rev, &PolCtValue { flags: PCT_F_REPLY, policy_id, created_ns: now }, 0);
+    let _ = pol_ct4_v1.insert(&reverse(key), &PolCtValue { flags: PCT_F_REPLY, policy_id, created_ns: now }, 0);
+    remember_orig(key, policy_id, orig, now);
+}
+
+/// For a connection translated on its way out (a Service): the untranslated tuple is allowed
+/// too (later packets skip the check before translation), and so is its reverse, which is how
+/// the reply arrives once translated back on this node.
+#[inline(always)]
+fn remember_orig(key: &Ct4Key, policy_id: u32, orig: &Ct4Key, now: u64) {
+    let same = (orig.daddr_be ^ key.daddr_be) | (orig.saddr_be ^ key.saddr_be) | (orig.dport_be ^ key.dport_be) as u32 | (orig.sport_be ^ key.sport_be) as u32;
+    if orig.proto == 0 || same == 0 {
+        return;
+    }
+    let _ = pol_ct4_v1.insert(orig, &PolCtValue { flags: PCT_F_EGRESS, policy_id, created_ns: now }, 0);
+    let _ = pol_ct4_v1.insert(&reverse(orig), &PolCtValue { flags: PCT_F_REPLY, policy_id, created_ns: now }, 0);
+}
+
+/// On a packet leaving a pod, before Service translation: 0 when no egress decision is needed
+/// (no policy selects the pod, or the tuple belongs to an allowed connection or is its reply;
+/// a backend's reply must be judged before it is translated back to the Service address),
+/// otherwise 1, with the tuple saved for `check`.
+#[inline(never)]
+pub fn egress_pre(ctx: &TcContext) -> u32 {
+    let p = match parse::parse_ipv4(ctx) {
+        Ok(Some(p)) => p,
+        _ => return 0,
+    };
+    if p.frag_off != 0 || pol_ep4_v1.get_ptr(&p.saddr_be).is_none() {
+        return 0;
+    }
+    let orig = Ct4Key { saddr_be: p.saddr_be, daddr_be: p.daddr_be, sport_be: p.sport_be, dport_be: p.dport_be, proto: p.proto, pad: [0; 3] };
+    if let Some(v) = unsafe { pol_ct4_v1.get(&orig) } {
+        if v.flags & (PCT_F_EGRESS | PCT_F_REPLY) != 0 {
+            return 0;
+        }
+    }
+    // Kept per CPU until `check` runs on the same packet (the program is not preempted on this
+    // CPU in between); not on the stack, whose 512 bytes the Service path already needs.
+    if let Some(slot) = pol_scratch.get_ptr_mut(0) {
+        unsafe { *slot = orig };
+    }
+    1
 }
 
 #[inline(always)]
@@ -54,7 +101,8 @@ fn rule(ep_id: u32, identity: u32, dir: u8, proto: u8, port_be: u16) -> Option<u
 }
 
 /// Checks the packet in `ctx` against the policies of the local pod it enters (`DIR_INGRESS`)
-/// or leaves (`DIR_EGRESS`). Returns 0 to let it through, or the drop reason's code. A separate
+/// or leaves (`DIR_EGRESS`, after Service translation and `egress_pre`). Returns 0 to
+/// let it through, or the drop reason's code. A separate
 /// subprogram taking only the context: its cost is added once, not multiplied into the paths of
 /// the Service code.
 #[inline(never)]
@@ -69,12 +117,19 @@ pub fn check(ctx: &TcContext, dir: u8) -> u32 {
         return 0;
     }
     let ingress = dir == DIR_INGRESS;
+    let none = Ct4Key::default();
+    let orig = match pol_scratch.get(0) {
+        Some(k) if !ingress => k,
+        _ => &none,
+    };
     let (ep_addr, peer) = if ingress { (p.daddr_be, p.saddr_be) } else { (p.saddr_be, p.daddr_be) };
     let Some(ep) = (unsafe { pol_ep4_v1.get(&ep_addr).copied() }) else { return 0 };
     let key = Ct4Key { saddr_be: p.saddr_be, daddr_be: p.daddr_be, sport_be: p.sport_be, dport_be: p.dport_be, proto: p.proto, pad: [0; 3] };
     let dir_flag = if ingress { PCT_F_INGRESS } else { PCT_F_EGRESS };
-    if let Some(v) = unsafe { pol_ct4_v1.get(&key) } {
+    if let Some(v) = unsafe { pol_ct4_v1.get(&key).copied() } {
         if v.flags & (dir_flag | PCT_F_REPLY) != 0 {
+            // The same backend tuple reached through a Service for the first time.
+            remember_orig(&key, v.policy_id, orig, unsafe { bpf_ktime_get_ns() });
             return 0;
         }
     }
@@ -82,13 +137,13 @@ pub fn check(ctx: &TcContext, dir: u8) -> u32 {
     let ident = pol_ipcache4_v1.get(&Key::new(32, peer)).copied().unwrap_or(identity::WORLD);
     if !isolated {
         // Not isolated this way, but isolated the other: its replies must pass.
-        remember(&key, dir_flag, 0);
+        remember(&key, dir_flag, 0, orig);
         event(&key, dir, VERDICT_ALLOW, EV_NOT_ISOLATED, 0, ident);
         return 0;
     }
     if ingress && ident == identity::HOST {
         // Kubernetes: a pod's own node may always reach it (kubelet probes).
-        remember(&key, dir_flag, 0);
+        remember(&key, dir_flag, 0, orig);
         event(&key, dir, VERDICT_ALLOW, EV_FROM_NODE, 0, ident);
         return 0;
     }
@@ -99,7 +154,7 @@ pub fn check(ctx: &TcContext, dir: u8) -> u32 {
     };
     match allowed {
         Some(policy_id) => {
-            remember(&key, dir_flag, policy_id);
+            remember(&key, dir_flag, policy_id, orig);
             event(&key, dir, VERDICT_ALLOW, EV_RULE, policy_id, ident);
             0
         }

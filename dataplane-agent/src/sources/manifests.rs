@@ -114,31 +114,19 @@ pub fn add_value(v: serde_yaml::Value, where_: &str, objs: &mut Objects, errors:
         let n = md.and_then(|m| m.get("name")).and_then(|n| n.as_str()).unwrap_or("<unnamed>");
         format!("{ns}/{n} ({where_})")
     };
+    fn push<T: serde::de::DeserializeOwned>(v: &serde_yaml::Value, kind: &'static str, name: String, list: &mut Vec<T>, errors: &mut Vec<ObjectError>) {
+        match typed(v) {
+            Ok(o) => list.push(o),
+            Err((field, msg)) => errors.push(ObjectError::new(kind, name, field, msg)),
+        }
+    }
     match kind.as_str() {
-        "Service" => match typed(&v) {
-            Ok(s) => objs.services.push(s),
-            Err((field, msg)) => errors.push(ObjectError::new("Service", name(), field, msg)),
-        },
-        "EndpointSlice" => match typed(&v) {
-            Ok(s) => objs.endpoint_slices.push(s),
-            Err((field, msg)) => errors.push(ObjectError::new("EndpointSlice", name(), field, msg)),
-        },
-        "Node" => match typed(&v) {
-            Ok(n) => objs.nodes.push(n),
-            Err((field, msg)) => errors.push(ObjectError::new("Node", name(), field, msg)),
-        },
-        "Pod" => match typed(&v) {
-            Ok(p) => objs.pods.push(p),
-            Err((field, msg)) => errors.push(ObjectError::new("Pod", name(), field, msg)),
-        },
-        "Namespace" => match typed(&v) {
-            Ok(n) => objs.namespaces.push(n),
-            Err((field, msg)) => errors.push(ObjectError::new("Namespace", name(), field, msg)),
-        },
-        "NetworkPolicy" => match typed(&v) {
-            Ok(n) => objs.network_policies.push(n),
-            Err((field, msg)) => errors.push(ObjectError::new("NetworkPolicy", name(), field, msg)),
-        },
+        "Service" => push(&v, "Service", name(), &mut objs.services, errors),
+        "EndpointSlice" => push(&v, "EndpointSlice", name(), &mut objs.endpoint_slices, errors),
+        "Node" => push(&v, "Node", name(), &mut objs.nodes, errors),
+        "Pod" => push(&v, "Pod", name(), &mut objs.pods, errors),
+        "Namespace" => push(&v, "Namespace", name(), &mut objs.namespaces, errors),
+        "NetworkPolicy" => push(&v, "NetworkPolicy", name(), &mut objs.network_policies, errors),
         "List" | "ServiceList" | "EndpointSliceList" | "NodeList" | "PodList" | "NamespaceList" | "NetworkPolicyList" => {
             if let Some(items) = v.get("items").and_then(|i| i.as_sequence()) {
                 for (j, item) in items.iter().enumerate() {

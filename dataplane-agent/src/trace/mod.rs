@@ -467,6 +467,14 @@ impl Runner {
         if rr.action != TC_ACT_OK && rr.action != TC_ACT_REDIRECT {
             return Err(format!("reply from {}:{} got tc action {}", t.dst, t.dport, rr.action));
         }
+        // A reply translated back on the backend's veth then enters the client pod of this node:
+        // through the client's veth, where ingress policy applies.
+        if hook == progs::FROM_POD && origin == Origin::Pod && !hairpin {
+            let into = self.run(progs::TO_POD, &rr.data)?;
+            if into.action == TC_ACT_SHOT {
+                return Err(format!("the reply from backend {}:{} was dropped entering the client", t.dst, t.dport));
+            }
+        }
         let rt = packet::try_tuple(&rr.data).ok_or("reply output is not IPv4")?;
         packet::check_checksums(&rr.data).map_err(|e| format!("reply: {e}"))?;
         if (rt.src, rt.sport, rt.dst, rt.dport) != (*dst.ip(), dst.port(), src, sport) {
