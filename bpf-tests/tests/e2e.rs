@@ -388,6 +388,19 @@ fn network_policy_allows_and_refuses_real_connections_and_monitor_names_them() {
     // Counted against the policy, in node1's metrics.
     let (_, page) = bpf_tests::fakeapi::http_get_in(&c.nodes[0].ns.name, "127.0.0.1:10249", "/metrics").unwrap();
     assert!(page.lines().any(|l| l.starts_with("ferry_policy_drops_total{policy=\"lab/servers-from-clients\",direction=\"ingress\"}") && !l.ends_with(" 0")), "{page}");
+    // Live trace against node1's maps gives the verdict and the deciding policy.
+    let trace = |from: &str| {
+        let out = std::process::Command::new(lab::agent_bin())
+            .args(["trace", "--from", &c.pod_ip(from).to_string(), "--to", &format!("{}:8080/tcp", c.pod_ip("n1-pod2")), "--pin-dir"])
+            .arg(&c.nodes[0].pin.path)
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let t = trace("n2-pod2");
+    assert!(t.contains("policy: ingress of lab/n1-pod2 (10.201.1.12) from 10.201.2.12 (peer lab:role=intruder): DROP (isolated by lab/servers-from-clients"), "{t}");
+    let t = trace("n1-pod1");
+    assert!(t.contains("(peer lab:role=client): allowed by lab/servers-from-clients"), "{t}");
     // inspect policies shows the isolated pod and its rule.
     let out = std::process::Command::new(lab::agent_bin()).args(["inspect", "policies", "--pin-dir"]).arg(&c.nodes[0].pin.path).output().unwrap();
     let text = String::from_utf8_lossy(&out.stdout);

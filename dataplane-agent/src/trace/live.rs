@@ -57,6 +57,12 @@ pub fn explain(pin_dir: &Path, from: Ipv4Addr, to: SocketAddrV4, proto: Proto) -
             for l in existing {
                 writeln!(out, "{l}").unwrap();
             }
+            for b in (0..svc.count as u32).filter_map(|slot| {
+                let id = maps.slots.get(&Lb4SlotKey { svc_id: svc.svc_id, slot }, 0).ok()?;
+                l4addr_from_backend(&maps.backends.get(&id, 0).ok()?)
+            }) {
+                policy_lines(&maps, from, SocketAddrV4::new(b.addr, b.port), proto, &mut out);
+            }
         }
         _ => {
             let addr_only = maps.services.get(&lb4_addr_key(*to.ip()), 0).is_ok();
@@ -69,7 +75,42 @@ pub fn explain(pin_dir: &Path, from: Ipv4Addr, to: SocketAddrV4, proto: Proto) -
                 "PASS (not a Service address: routed untranslated)"
             };
             writeln!(out, "{from} -> {fe}: {verdict}").unwrap();
+            if !addr_only && !in_cidr {
+                policy_lines(&maps, from, to, proto, &mut out);
+            }
         }
     }
     Ok(out)
+}
+
+/// The NetworkPolicy verdicts for `from` reaching `to` (after translation), looked up as the
+/// datapath looks them up: egress of `from` and ingress of `to`, where they are pods of this
+/// node some policy selects.
+fn policy_lines(maps: &BpfMaps, from: Ipv4Addr, to: SocketAddrV4, proto: Proto, out: &mut String) {
+    use dataplane_common::{identity, PolRuleKey, DIR_EGRESS, DIR_INGRESS, EP_F_EGRESS, EP_F_INGRESS, RULE_PREFIX_FULL};
+    let be = |ip: Ipv4Addr| u32::from_ne_bytes(ip.octets());
+    let name = |ip: Ipv4Addr| maps.pod_names.get(&be(ip), 0).map(|n| format!("{} ({ip})", n.as_str())).unwrap_or_else(|_| ip.to_string());
+    let policy = |id: u32| maps.pol_names.get(&id, 0).map(|n| n.as_str().to_string()).unwrap_or_else(|_| format!("policy #{id}"));
+    for (dir, ep_ip, peer) in [(DIR_EGRESS, from, *to.ip()), (DIR_INGRESS, *to.ip(), from)] {
+        let Ok(ep) = maps.pol_endpoints.get(&be(ep_ip), 0) else { continue };
+        let (what, flag, isolating) = if dir == DIR_INGRESS { ("ingress", EP_F_INGRESS, ep.ingress_policy) } else { ("egress", EP_F_EGRESS, ep.egress_policy) };
+        let ident = maps.pol_ipcache.get(&LpmKey::new(32, be(peer)), 0).unwrap_or(identity::WORLD);
+        let verdict = if ep.flags & flag == 0 {
+            format!("allowed: not isolated for {what}")
+        } else if dir == DIR_INGRESS && ident == identity::HOST {
+            "allowed: from its node".to_string()
+        } else {
+            let rule = |id: u32| {
+                let k = PolRuleKey { ep_id_be: ep.ep_id.to_be(), identity_be: id.to_be(), dir, proto: proto.number(), port_be: to.port().to_be() };
+                maps.pol_rules.get(&LpmKey::new(RULE_PREFIX_FULL, k), 0).ok()
+            };
+            match rule(ident).or_else(|| rule(identity::ANY)) {
+                Some(id) => format!("allowed by {}", policy(id)),
+                None => format!("DROP (isolated by {}, no rule allows)", policy(isolating)),
+            }
+        };
+        let peer_id = maps.id_names.get(&ident, 0).map(|n| n.as_str().to_string()).unwrap_or_else(|_| format!("identity {ident}"));
+        let flow = if dir == DIR_INGRESS { format!("ingress of {} from {from}", name(ep_ip)) } else { format!("egress of {} to {to}", name(ep_ip)) };
+        writeln!(out, "  policy: {flow} (peer {peer_id}): {verdict}").unwrap();
+    }
 }
