@@ -53,13 +53,16 @@ pub struct Ids {
     pub policies: BTreeMap<String, u32>,
 }
 
-fn alloc(map: &mut BTreeMap<String, u32>, name: &str, first: u32, limit: u32) -> Option<u32> {
+/// The number of `name`, allocating the next one (after the highest in use; the lowest free
+/// one once the range is exhausted) for a new name.
+fn alloc(map: &mut BTreeMap<String, u32>, used: &mut BTreeSet<u32>, name: &str, first: u32, limit: u32) -> Option<u32> {
     if let Some(id) = map.get(name) {
         return Some(*id);
     }
-    let used: BTreeSet<u32> = map.values().copied().collect();
-    let id = (first..limit).find(|i| !used.contains(i))?;
+    let next = used.last().map(|m| m + 1).unwrap_or(first).max(first);
+    let id = if next < limit { next } else { (first..limit).find(|i| !used.contains(i))? };
     map.insert(name.to_string(), id);
+    used.insert(id);
     Some(id)
 }
 
@@ -197,6 +200,8 @@ fn named_ports(p: &Pod) -> BTreeMap<(String, u8), BTreeSet<u16>> {
 pub fn translate(objs: &Objects, node: &str, node_ips: &[Ipv4Addr], ids: &mut Ids) -> (DesiredPolicy, Vec<ObjectError>) {
     let mut errors = Vec::new();
     let mut d = DesiredPolicy::default();
+    let mut used_ids: BTreeSet<u32> = ids.identities.values().copied().collect();
+    let mut used_pols: BTreeSet<u32> = ids.policies.values().copied().collect();
     let ns_labels: BTreeMap<String, BTreeMap<String, String>> = objs
         .namespaces
         .iter()
@@ -224,7 +229,7 @@ pub fn translate(objs: &Objects, node: &str, node_ips: &[Ipv4Addr], ids: &mut Id
         let labels: BTreeMap<String, String> = p.metadata.labels.clone().unwrap_or_default();
         let set = format!("{ns}:{}", labels.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(","));
         live_identities.insert(set.clone());
-        let Some(id) = alloc(&mut ids.identities, &set, identity::FIRST, dataplane_common::capacity::IDENTITIES) else {
+        let Some(id) = alloc(&mut ids.identities, &mut used_ids, &set, identity::FIRST, dataplane_common::capacity::IDENTITIES) else {
             errors.push(ObjectError::new("Pod", format!("{ns}/{}", p.metadata.name.clone().unwrap_or_default()), "metadata.labels".into(), "out of identities"));
             continue;
         };
@@ -317,7 +322,7 @@ pub fn translate(objs: &Objects, node: &str, node_ips: &[Ipv4Addr], ids: &mut Id
             }
         }
         live_policies.insert(name.clone());
-        let Some(id) = alloc(&mut ids.policies, &name, 1, dataplane_common::capacity::POLICIES) else {
+        let Some(id) = alloc(&mut ids.policies, &mut used_pols, &name, 1, dataplane_common::capacity::POLICIES) else {
             bad("metadata.name".into(), "out of policy ids".into());
             continue;
         };
@@ -328,7 +333,7 @@ pub fn translate(objs: &Objects, node: &str, node_ips: &[Ipv4Addr], ids: &mut Id
     for c in &prefixes {
         let set = format!("cidr:{c}");
         live_identities.insert(set.clone());
-        if let Some(id) = alloc(&mut ids.identities, &set, identity::FIRST, dataplane_common::capacity::IDENTITIES) {
+        if let Some(id) = alloc(&mut ids.identities, &mut used_ids, &set, identity::FIRST, dataplane_common::capacity::IDENTITIES) {
             d.identities.insert(id, set);
             d.ipcache.entry(*c).or_insert(id);
         }
