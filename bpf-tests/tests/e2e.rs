@@ -376,6 +376,9 @@ fn network_policy_allows_and_refuses_real_connections_and_monitor_names_them() {
     // The client on a port the policy does not name: UDP 5353.
     let out = c.client_in_pod("n1-pod1", &["udp", &format!("{}:5353", c.pod_ip("n1-pod2")), "1"]);
     assert!(out.iter().all(|l| l.starts_with("ERR")), "{out:?}");
+    // The node itself always reaches its pods (kubelet probes), whatever the policies.
+    let out = c.client_on_node(0, &["tcp", &format!("{}:8080", c.pod_ip("n1-pod2")), "1"]);
+    assert_eq!(tally(&out).get("n1-pod2"), Some(&1), "{out:?}");
     // An unselected pod stays open to everyone.
     let out = c.client_in_pod("n2-pod2", &["tcp", &format!("{}:8080", c.pod_ip("n1-pod1")), "1"]);
     assert_eq!(tally(&out).get("n1-pod1"), Some(&1), "{out:?}");

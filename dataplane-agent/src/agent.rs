@@ -263,6 +263,9 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
                     Err(e) => error!(error = %e, "node settings"),
                 }
             }
+            // Host traffic into pods leaves from any of the node's addresses (a bridge gateway
+            // as often as the node IP): all of them are the node for NetworkPolicy.
+            pol.host_ips = attach::local_addresses().into_iter().map(|(_, ip)| ip).filter(|ip| !ip.is_loopback()).collect();
             let out = sync_objects(&cfg, &node, &mut rec, &mut pol, &mut maps, &objs, errors, &observed);
             health.update(&out.health_checks).await;
             if out.ok {
@@ -360,18 +363,22 @@ impl Backoff {
 pub struct PolicyState {
     pub applied: crate::netpol::DesiredPolicy,
     pub ids: crate::netpol::Ids,
+    /// The node's addresses besides `NodeContext::ips` (its interfaces' own).
+    pub host_ips: Vec<std::net::Ipv4Addr>,
 }
 
 impl PolicyState {
     /// Reads the policy maps back (a restart rewrites nothing that did not change).
     pub fn restore(maps: &BpfMaps) -> Self {
         let (applied, ids) = maps.dump_policy();
-        PolicyState { applied, ids }
+        PolicyState { applied, ids, host_ips: Vec::new() }
     }
 
     /// Compiles the policies of `objs` and writes the differences.
     pub fn sync(&mut self, maps: &mut BpfMaps, objs: &Objects, node: &model::NodeContext) -> (usize, usize, Vec<ObjectError>, Vec<String>) {
-        let (desired, errors) = crate::netpol::translate(objs, &node.name, &node.ips, &mut self.ids);
+        let mut host: Vec<std::net::Ipv4Addr> = node.ips.clone();
+        host.extend(self.host_ips.iter().filter(|ip| !node.ips.contains(ip)));
+        let (desired, errors) = crate::netpol::translate(objs, &node.name, &host, &mut self.ids);
         let (w, d, map_errors) = maps.sync_policy(&mut self.applied, &desired);
         (w, d, errors, map_errors)
     }

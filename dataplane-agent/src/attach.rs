@@ -112,6 +112,14 @@ impl Role {
 
 /// The interfaces holding any of `ips` in the current network namespace.
 pub fn interfaces_with(ips: &[std::net::Ipv4Addr]) -> Vec<String> {
+    let mut out: Vec<String> = local_addresses().into_iter().filter(|(_, ip)| ips.contains(ip)).map(|(name, _)| name).collect();
+    out.sort();
+    out.dedup();
+    out
+}
+
+/// Every IPv4 address of this network namespace, with its interface.
+pub fn local_addresses() -> Vec<(String, std::net::Ipv4Addr)> {
     let mut out = Vec::new();
     unsafe {
         let mut ifa: *mut libc::ifaddrs = std::ptr::null_mut();
@@ -124,16 +132,12 @@ pub fn interfaces_with(ips: &[std::net::Ipv4Addr]) -> Vec<String> {
             if !a.is_null() && (*a).sa_family as i32 == libc::AF_INET {
                 let sin = &*(a as *const libc::sockaddr_in);
                 let ip = std::net::Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr));
-                if ips.contains(&ip) {
-                    out.push(std::ffi::CStr::from_ptr((*p).ifa_name).to_string_lossy().into_owned());
-                }
+                out.push((std::ffi::CStr::from_ptr((*p).ifa_name).to_string_lossy().into_owned(), ip));
             }
             p = (*p).ifa_next;
         }
         libc::freeifaddrs(ifa);
     }
-    out.sort();
-    out.dedup();
     out
 }
 

@@ -466,6 +466,48 @@ pub fn translate(objs: &Objects, node: &str, node_ips: &[Ipv4Addr], ids: &mut Id
 mod tests {
     use super::*;
 
+    fn objs(yaml: &str) -> Objects {
+        let mut o = Objects::default();
+        let mut errors = Vec::new();
+        crate::sources::manifests::parse_str(yaml, "t", &mut o, &mut errors);
+        assert!(errors.is_empty(), "{errors:?}");
+        o
+    }
+
+    const BASE: &str = "kind: Namespace\nmetadata: {name: db, labels: {env: prod}}\n---\n\
+kind: Pod\nmetadata: {name: pg, namespace: db, labels: {app: pg}}\nspec: {nodeName: n1, containers: [{name: c}]}\nstatus: {podIP: 10.0.0.5}\n---\n\
+kind: Pod\nmetadata: {name: api, namespace: web, labels: {app: api}}\nspec: {nodeName: n2, containers: [{name: c}]}\nstatus: {podIP: 10.1.0.5}\n---\n\
+kind: Namespace\nmetadata: {name: web, labels: {env: prod}}\n---\n\
+kind: NetworkPolicy\nmetadata: {name: pg-in, namespace: db}\nspec: {podSelector: {matchLabels: {app: pg}}, ingress: [{from: [{namespaceSelector: {matchLabels: {env: prod}}}]}]}\n";
+
+    #[test]
+    fn namespace_labels_decide_and_a_change_touches_only_its_rules() {
+        let mut ids = Ids::default();
+        let (d, e) = translate(&objs(BASE), "n1", &["192.168.0.2".parse().unwrap()], &mut ids);
+        assert!(e.is_empty(), "{e:?}");
+        let api = d.ipcache[&"10.1.0.5/32".parse().unwrap()];
+        let peers: BTreeSet<u32> = d.rules.keys().map(|(_, k)| u32::from_be(k.identity_be)).collect();
+        // Every pod of an env=prod namespace: api (web) and pg itself (db).
+        assert!(peers.contains(&api) && peers.len() == 2, "{peers:?}");
+        // web stops being prod: api's rule goes, pg's identity and entry stay the same.
+        let (d2, _) = translate(&objs(&BASE.replace("name: web, labels: {env: prod}", "name: web, labels: {env: dev}")), "n1", &["192.168.0.2".parse().unwrap()], &mut ids);
+        let peers2: BTreeSet<u32> = d2.rules.keys().map(|(_, k)| u32::from_be(k.identity_be)).collect();
+        assert!(!peers2.contains(&api) && peers2.len() == 1);
+        assert_eq!(d2.ipcache, d.ipcache, "identities are stable");
+        assert!(d.rules.keys().filter(|(_, k)| u32::from_be(k.identity_be) != api).all(|k| d2.rules.contains_key(k)));
+    }
+
+    #[test]
+    fn invalid_policies_are_named_with_their_field_and_left_out_whole() {
+        let bad = "---\nkind: NetworkPolicy\nmetadata: {name: bad, namespace: db}\nspec: {podSelector: {}, ingress: [{from: [{ipBlock: {cidr: 10.0.0.0/33}}]}]}\n\
+---\nkind: NetworkPolicy\nmetadata: {name: worse, namespace: db}\nspec: {podSelector: {matchExpressions: [{key: a, operator: Near}]}}\n";
+        let (d, e) = translate(&objs(&format!("{BASE}{bad}")), "n1", &[], &mut Ids::default());
+        let text: Vec<String> = e.iter().map(|e| e.to_string()).collect();
+        assert!(text.iter().any(|t| t.starts_with("NetworkPolicy db/bad: spec.ingress[0].from[0].ipBlock.cidr:")), "{text:?}");
+        assert!(text.iter().any(|t| t.starts_with("NetworkPolicy db/worse: spec.podSelector.")), "{text:?}");
+        assert_eq!(d.policies.values().cloned().collect::<Vec<_>>(), vec!["db/pg-in".to_string()]);
+    }
+
     #[test]
     fn port_ranges_become_aligned_blocks() {
         assert_eq!(port_blocks(80, 80), vec![(80, 0)]);
