@@ -52,8 +52,8 @@ pub fn ferry_bench_empty(_ctx: TcContext) -> i32 {
     TC_ACT_OK
 }
 
-/// Never loaded: it only refers to the agent-only name map, so that the map stays in the object
-/// and is created with its BTF, like every other map.
+/// Never loaded: it only refers to the agent-only name maps, so that they stay in the object
+/// and are created with their BTF, like every other map.
 #[classifier]
 pub fn ferry_keep_maps(_ctx: TcContext) -> i32 {
     let id = 0u32;
