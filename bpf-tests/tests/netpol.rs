@@ -151,3 +151,31 @@ fn through_a_service_between_isolated_pods_of_one_node_the_reply_gets_back() {
     // Only replies: b reaching a's port 42000 on its own is still denied.
     assert_eq!(send(&dp, (B, 8081), (A, 42000), true).0, TC_ACT_SHOT);
 }
+
+/// An ICMP port unreachable from `from` to `to`, quoting the first 28 bytes of `about`'s IP packet.
+fn unreachable(from: &str, to: &str, about: &[u8]) -> Vec<u8> {
+    let b = etherparse::PacketBuilder::ethernet2(MAC_POD, MAC_HOST)
+        .ipv4(ip(from).octets(), ip(to).octets(), 64)
+        .icmpv4(etherparse::Icmpv4Type::DestinationUnreachable(etherparse::icmpv4::DestUnreachableHeader::Port));
+    let mut out = Vec::new();
+    b.write(&mut out, &about[14..14 + 28]).unwrap();
+    out
+}
+
+#[test]
+fn icmp_errors_about_an_allowed_connection_pass_others_do_not() {
+    let (dp, _pol) = setup("a");
+    // c -> b over UDP is allowed (c's egress, b's ingress from c).
+    let dgram = udp((ip(C), 5000), (ip(B), 53), b"q");
+    assert_eq!(dp.to_pod(&dp.from_pod(&dgram).data).action, TC_ACT_OK);
+    // b answers "port unreachable" about it: out of b (egress-isolated), into c (ingress-isolated).
+    let err = unreachable(B, C, &dgram);
+    assert_eq!(dp.from_pod(&err).action, TC_ACT_OK, "related error leaving b");
+    assert_eq!(dp.to_pod(&err).action, TC_ACT_OK, "related error entering c");
+    // The same error about a datagram c never sent is not related: dropped.
+    let other = unreachable(B, C, &udp((ip(C), 5001), (ip(B), 53), b"q"));
+    assert_eq!(dp.from_pod(&other).action, TC_ACT_SHOT);
+    // Pings are not errors: into an isolated pod with port rules only... c allows nothing in.
+    let ping = raw_ipv4(ip(B), ip(C), 1, &[8, 0, 0xf7, 0xff, 0, 0, 0, 0]);
+    assert_eq!(dp.to_pod(&ping).action, TC_ACT_SHOT);
+}

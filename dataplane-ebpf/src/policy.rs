@@ -5,7 +5,7 @@
 use aya_ebpf::{btf_maps::lpm_trie::Key, helpers::bpf_ktime_get_ns, programs::TcContext};
 use dataplane_common::{
     identity, Ct4Key, DropReason, PolCtValue, PolRuleKey, PolicyEvent, DIR_INGRESS, EP_F_EGRESS, EP_F_INGRESS, EV_FROM_NODE,
-    EV_NOT_ISOLATED, EV_RULE, IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP, PCT_F_EGRESS, PCT_F_INGRESS, PCT_F_REPLY, RULE_PREFIX_FULL,
+    EV_NOT_ISOLATED, EV_RULE, IPPROTO_ICMP, IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP, PCT_F_EGRESS, PCT_F_INGRESS, PCT_F_REPLY, RULE_PREFIX_FULL,
     VERDICT_ALLOW, VERDICT_DENY,
 };
 
@@ -94,6 +94,30 @@ pub fn egress_pre(ctx: &TcContext) -> u32 {
     1
 }
 
+/// For an ICMP error (unreachable, time exceeded, parameter problem): the tuple of the flow it is
+/// about (the quoted header reversed), so an error about an allowed connection passes as related.
+#[inline(always)]
+fn icmp_related(ctx: &TcContext, l4_off: usize) -> Option<Ct4Key> {
+    let icmp_type: u8 = ctx.load(l4_off).ok()?;
+    if !matches!(icmp_type, 3 | 11 | 12) {
+        return None;
+    }
+    let inner: [u8; 20] = ctx.load(l4_off + 8).ok()?;
+    let ihl = ((inner[0] & 0x0f) as usize) * 4;
+    if ihl < 20 || ihl > 60 || !matches!(inner[9], IPPROTO_TCP | IPPROTO_UDP | IPPROTO_SCTP) {
+        return None;
+    }
+    let ports: [u8; 4] = ctx.load(l4_off + 8 + ihl).ok()?;
+    Some(Ct4Key {
+        saddr_be: u32::from_ne_bytes([inner[16], inner[17], inner[18], inner[19]]),
+        daddr_be: u32::from_ne_bytes([inner[12], inner[13], inner[14], inner[15]]),
+        sport_be: u16::from_ne_bytes([ports[2], ports[3]]),
+        dport_be: u16::from_ne_bytes([ports[0], ports[1]]),
+        proto: inner[9],
+        pad: [0; 3],
+    })
+}
+
 #[inline(always)]
 fn rule(ep_id: u32, identity: u32, dir: u8, proto: u8, port_be: u16) -> Option<u32> {
     let key = Key::new(RULE_PREFIX_FULL, PolRuleKey { ep_id_be: ep_id.to_be(), identity_be: identity.to_be(), dir, proto, port_be });
@@ -131,6 +155,13 @@ pub fn check(ctx: &TcContext, dir: u8) -> u32 {
             // The same backend tuple reached through a Service for the first time.
             remember_orig(&key, v.policy_id, orig, unsafe { bpf_ktime_get_ns() });
             return 0;
+        }
+    }
+    if p.proto == IPPROTO_ICMP {
+        if let Some(related) = icmp_related(ctx, p.l4_off) {
+            if pol_ct4_v1.get_ptr(&related).is_some() {
+                return 0;
+            }
         }
     }
     let isolated = ep.flags & if ingress { EP_F_INGRESS } else { EP_F_EGRESS } != 0;
