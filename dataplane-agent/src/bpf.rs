@@ -316,14 +316,25 @@ pub struct MapUsage {
     pub capacity: u32,
 }
 
-/// Entries versus capacity of every pinned map under `dir` (absent maps are left out). Entries
-/// are counted by walking the keys (BPF_MAP_GET_NEXT_KEY), whatever the map's type.
+/// Entries versus capacity of every pinned map under `dir` (absent maps and the event ring are
+/// left out). Hash and LPM maps are counted by walking their keys (BPF_MAP_GET_NEXT_KEY); an
+/// array holds every slot.
 pub fn map_usage(dir: &Path) -> Vec<MapUsage> {
     use std::os::fd::{AsFd, AsRawFd};
     let mut out = Vec::new();
     for name in names::ALL {
         let Ok(data) = MapData::from_pin(dir.join(name)) else { continue };
         let Ok(info) = data.info() else { continue };
+        match info.map_type() {
+            // Every slot of an array exists: nothing to walk.
+            Ok(aya::maps::MapType::Array | aya::maps::MapType::PerCpuArray) => {
+                out.push(MapUsage { name, entries: info.max_entries() as u64, capacity: info.max_entries() });
+                continue;
+            }
+            // A ring buffer has bytes, not keys.
+            Ok(aya::maps::MapType::RingBuf) => continue,
+            _ => {}
+        }
         let fd = data.fd().as_fd().as_raw_fd();
         let mut key = vec![0u8; info.key_size() as usize];
         let mut next = vec![0u8; info.key_size() as usize];
