@@ -298,10 +298,15 @@ fn api_server_source_lists_watches_relists_and_survives_restarts() {
          apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: web-in, namespace: default}\nspec: {podSelector: {matchLabels: {app: web}}, ingress: [{from: [{podSelector: {matchLabels: {app: far}}}]}]}",
     );
     let isolated = || BpfMaps::from_pins(&n.pin.path).unwrap().pol_endpoints.get(&u32::from_ne_bytes([10, 244, 1, 5]), 0).ok();
-    n.wait("the policy to isolate web-0", || isolated().is_some_and(|e| e.flags == dataplane_common::EP_F_INGRESS));
+    // The objects arrive as separate watch events, so a sync may see the policy before the peer
+    // pod it selects: wait for the state they add up to.
+    n.wait("the policy to isolate web-0 and allow far-0", || {
+        isolated().is_some_and(|e| e.flags == dataplane_common::EP_F_INGRESS) && BpfMaps::from_pins(&n.pin.path).unwrap().dump_policy().0.rules.len() == 1
+    });
     let (d, _) = BpfMaps::from_pins(&n.pin.path).unwrap().dump_policy();
     assert_eq!(d.policies.values().cloned().collect::<Vec<_>>(), vec!["default/web-in".to_string()]);
-    assert_eq!(d.rules.len(), 1, "{:?}", d.rules);
+    let far = d.ipcache[&"10.244.2.5/32".parse().unwrap()];
+    assert!(d.rules.keys().all(|(_, k)| u32::from_be(k.identity_be) == far), "{:?}", d.rules);
     n.api.delete("NetworkPolicy", "default", "web-in");
     n.wait("the policy to go", || isolated().is_none());
 
