@@ -12,6 +12,9 @@ use anyhow::{bail, Context, Result};
 
 const APT_PACKAGES: &[&str] = &[
     "rustc-web",
+    // Only a *recommended* package of rustc-web, and the one that provides /usr/bin/cargo: with
+    // --no-install-recommends it must be named, or build-ebpf finds no compiler on a fresh machine.
+    "cargo-web",
     "libstd-rust-web-dev-bpf",
     "llvm-22-dev",
     "libpolly-22-dev",
