@@ -64,6 +64,8 @@ pub struct RunConfig {
     pub external_interfaces: Option<IfacePatterns>,
     /// Source ports for NodePort traffic sent to other nodes (inclusive).
     pub snat_ports: (u16, u16),
+    /// Entries of the conntrack map (`--conntrack-capacity`).
+    pub conntrack_capacity: u32,
     /// How new connections pick a backend.
     pub algorithm: crate::reconcile::Algorithm,
     /// `--nodeport-acceleration=xdp`: NodePort handling in XDP on the external interfaces.
@@ -152,7 +154,7 @@ fn node_eligible(objs: &Objects, name: &str) -> bool {
 }
 
 pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
-    let mut ebpf = loader::load(Some(&cfg.pin_dir)).context("loading the datapath")?;
+    let mut ebpf = loader::load_with(Some(&cfg.pin_dir), &[(dataplane_common::names::CONNTRACK, cfg.conntrack_capacity)]).context("loading the datapath")?;
     attach::load_programs(&mut ebpf).context("loading programs")?;
     let mut maps = BpfMaps::from_ebpf(&mut ebpf)?;
     let applied = maps.dump_applied();

@@ -137,6 +137,10 @@ pub struct RunArgs {
     /// net.ipv4.ip_local_port_range so it never meets the node's own connections.
     #[arg(long, env = "FERRY_SNAT_PORTS", default_value = "61000-65535")]
     pub snat_ports: String,
+    /// Connections the datapath tracks (each direction of a connection is one entry). Kept
+    /// across restarts with the pinned maps: a new value applies once the pins are removed.
+    #[arg(long, env = "FERRY_CONNTRACK_CAPACITY", default_value_t = dataplane_common::capacity::CONNTRACK)]
+    pub conntrack_capacity: u32,
     /// cgroup v2 directory whose processes reach Services through the socket hooks (the node's
     /// host-network processes). Default: the cgroup v2 root. `none` disables.
     #[arg(long, env = "FERRY_CGROUP")]
@@ -248,6 +252,7 @@ impl RunArgs {
             pod_interfaces: IfacePatterns::parse(&self.pod_interfaces),
             external_interfaces: self.external_interfaces.as_deref().map(IfacePatterns::parse),
             snat_ports,
+            conntrack_capacity: self.conntrack_capacity.max(1024),
             algorithm: match self.lb_algorithm.as_str() {
                 "random" => Algorithm::Random,
                 "maglev" => Algorithm::Maglev,
@@ -277,7 +282,7 @@ pub fn describe(cfg: &agent::RunConfig) -> String {
         SourceConfig::Kube { .. } => "API server (in-cluster)".into(),
     };
     format!(
-        "node: {}\nsource: {source}\nnode IPs: {}\nNodePort addresses: {}\nservice CIDRs: {}\ncluster CIDR: {} ({:?})\npin dir: {}\ncgroup: {}\nalgorithm: {:?}\nNodePort acceleration: {}\nSNAT ports: {}-{}\nhealthz: {}\nmetrics: {}\n",
+        "node: {}\nsource: {source}\nnode IPs: {}\nNodePort addresses: {}\nservice CIDRs: {}\ncluster CIDR: {} ({:?})\npin dir: {}\ncgroup: {}\nalgorithm: {:?}\nNodePort acceleration: {}\nSNAT ports: {}-{}\nconntrack capacity: {}\nhealthz: {}\nmetrics: {}\n",
         cfg.node.name,
         list(cfg.node.ips.iter().map(|i| i.to_string()).collect()),
         list(cfg.node.nodeport_addresses.iter().map(|c| c.to_string()).collect()),
@@ -290,6 +295,7 @@ pub fn describe(cfg: &agent::RunConfig) -> String {
         if cfg.xdp { "xdp" } else { "none" },
         cfg.snat_ports.0,
         cfg.snat_ports.1,
+        cfg.conntrack_capacity,
         bind(cfg.healthz_bind),
         bind(cfg.metrics_bind),
     )
