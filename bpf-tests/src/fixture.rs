@@ -47,6 +47,7 @@ impl Datapath {
         assert!(errors.is_empty(), "{errors:?}");
         let (desired, errors) = model::translate(&objs.services, &objs.endpoint_slices, &self.node);
         assert!(errors.is_empty(), "{errors:?}");
+        self.rec.host_addrs = self.node.ips.iter().copied().collect();
         let (_, errors) = self.rec.sync(&desired, &self.cidrs, &mut self.maps);
         errors
     }
@@ -92,6 +93,11 @@ impl Datapath {
 
     pub fn from_world(&self, pkt: &[u8]) -> Run {
         self.run(dataplane_common::progs::FROM_WORLD, pkt)
+    }
+
+    /// The to-world program as the node's own stack meets it (no input interface).
+    pub fn to_world(&self, pkt: &[u8]) -> Run {
+        self.run(dataplane_common::progs::TO_WORLD, pkt)
     }
 
     pub fn stat(&self, index: u32) -> u64 {

@@ -11,7 +11,7 @@ use dataplane_agent::{
     reconcile::{Algorithm, Reconciler},
     sources::{manifests, Objects},
 };
-use dataplane_common::{progs, Ct4Key};
+use dataplane_common::progs;
 
 fn web(endpoints: &[u8]) -> String {
     let eps: String = endpoints.iter().map(|e| format!("- addresses: [10.0.1.{e}]\n")).collect();
@@ -35,9 +35,8 @@ fn picks(ebpf: &aya::Ebpf, n: u16) -> Vec<Ipv4Addr> {
 }
 
 fn clear_conntrack(maps: &mut BpfMaps) {
-    let keys: Vec<Ct4Key> = maps.conntrack.keys().map(|k| k.unwrap()).collect();
-    for k in keys {
-        maps.conntrack.remove(&k).unwrap();
+    for r in maps.ct.rows() {
+        maps.ct.remove(&r).unwrap();
     }
 }
 

@@ -38,7 +38,7 @@ fn web(endpoints: &[&str]) -> Datapath {
 }
 
 fn conntrack(dp: &Datapath) -> Vec<(Ct4Key, Ct4Entry)> {
-    dp.maps.conntrack.iter().map(|r| r.unwrap()).collect()
+    dp.maps.ct.rows().into_iter().map(|r| (r.key, r.entry)).collect()
 }
 
 #[test]

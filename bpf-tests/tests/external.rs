@@ -51,7 +51,7 @@ fn remote_backend_gets_the_node_address_and_a_port_from_the_range() {
     let reply = dp.from_world(&tcp((ip("10.180.0.1"), 8080), (ip(NODE), t.sport), false, b"ok"));
     assert!(forwarded(&reply));
     assert_eq!(reply.data[14..], tcp((ip(NODE), 30080), (ip("203.0.113.9"), 40000), false, b"ok")[14..], "IP and TCP bytes");
-    let flags: Vec<u32> = dp.maps.conntrack.iter().map(|r| r.unwrap().1.flags).collect();
+    let flags: Vec<u32> = dp.maps.ct.rows().iter().map(|r| r.entry.flags).collect();
     assert!(flags.iter().all(|f| f & CT_F_SNAT != 0) && flags.iter().all(|f| f & CT_F_REDIRECT != 0), "{flags:x?}");
     assert_eq!(dp.stat(stat::EXTERNAL_NEW), 1);
 }

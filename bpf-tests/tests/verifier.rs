@@ -8,7 +8,7 @@ use dataplane_common::progs;
 #[test]
 fn packet_programs_keep_verifier_headroom() {
     let dp = Datapath::new();
-    for name in [progs::FROM_POD, progs::TO_POD, progs::FROM_WORLD, progs::XDP_NODEPORT] {
+    for name in [progs::FROM_POD, progs::TO_POD, progs::FROM_WORLD, progs::TO_WORLD, progs::XDP_NODEPORT] {
         let p = dp.ebpf.program(name).unwrap();
         let info = p.info().unwrap();
         let n = info.verified_instruction_count().expect("kernel reports verified instructions (5.16+)");

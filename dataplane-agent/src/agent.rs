@@ -64,8 +64,10 @@ pub struct RunConfig {
     pub external_interfaces: Option<IfacePatterns>,
     /// Source ports for NodePort traffic sent to other nodes (inclusive).
     pub snat_ports: (u16, u16),
-    /// Entries of the conntrack map (`--conntrack-capacity`).
+    /// Entries of the assured conntrack map; the LRU one gets half (`--conntrack-capacity`).
     pub conntrack_capacity: u32,
+    /// Conntrack timeouts in seconds by `dataplane_common::ct_timeout` index (0: the default).
+    pub ct_timeouts: [u32; dataplane_common::ct_timeout::COUNT],
     /// How new connections pick a backend.
     pub algorithm: crate::reconcile::Algorithm,
     /// `--nodeport-acceleration=xdp`: NodePort handling in XDP on the external interfaces.
@@ -142,6 +144,7 @@ pub fn node_config(cfg: &RunConfig, node: &model::NodeContext, objs: &Objects) -
         snat_port_max: cfg.snat_ports.1,
         cluster_cidr_be,
         cluster_mask_be,
+        ct_timeout_s: cfg.ct_timeouts,
     }
 }
 
@@ -154,7 +157,7 @@ fn node_eligible(objs: &Objects, name: &str) -> bool {
 }
 
 pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
-    let mut ebpf = loader::load_with(Some(&cfg.pin_dir), &[(dataplane_common::names::CONNTRACK, cfg.conntrack_capacity)]).context("loading the datapath")?;
+    let mut ebpf = loader::load_with(Some(&cfg.pin_dir), &loader::conntrack_capacities(cfg.conntrack_capacity)).context("loading the datapath")?;
     attach::load_programs(&mut ebpf).context("loading programs")?;
     let mut maps = BpfMaps::from_ebpf(&mut ebpf)?;
     let applied = maps.dump_applied();
@@ -197,6 +200,7 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
         }
     }
 
+    spawn_conntrack_gc(cfg.pin_dir.clone(), observed.clone())?;
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     if let Source::Kube(k) = &source {
         info!("waiting for the initial lists of Services, EndpointSlices and this node's Node");
@@ -259,6 +263,7 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
         if let Some((objs, errors)) = pending.take() {
             let node = node_context(&cfg, &objs);
             let want = node_config(&cfg, &node, &objs);
+            rec.host_addrs = node.ips.iter().copied().chain(attach::local_addresses().into_iter().map(|(_, ip)| ip)).collect();
             if want != node_cfg {
                 match maps.set_config(want) {
                     Ok(()) => node_cfg = want,
@@ -307,6 +312,45 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
     info!(interfaces = att.attached().len(), pin_dir = %cfg.pin_dir.display(), "stopping: detaching; the maps stay pinned and traffic keeps flowing");
     att.detach_all(&mut ebpf);
     drop(ebpf); // closes the cgroup links
+    Ok(())
+}
+
+/// The conntrack garbage collector, on its own thread with its own handles on the pinned maps:
+/// runs at its adaptive interval for as long as the process lives.
+fn spawn_conntrack_gc(pin_dir: PathBuf, observed: Arc<Observed>) -> anyhow::Result<()> {
+    use crate::bpf::conntrack::{collect, count_agent_deletes, monotonic_ns, Conntrack, Interval};
+    use dataplane_common::{names, stat};
+    let mut ct = Conntrack::from_pins(&pin_dir)?;
+    let stats_pin = pin_dir.join(names::STATS);
+    let mut stats = aya::maps::PerCpuArray::<_, u64>::try_from(aya::maps::Map::PerCpuArray(aya::maps::MapData::from_pin(&stats_pin)?))?;
+    std::thread::Builder::new().name("conntrack-gc".into()).spawn(move || {
+        let mut interval = Interval::default();
+        let total = |stats: &aya::maps::PerCpuArray<aya::maps::MapData, u64>, i: u32| -> u64 { stats.get(&i, 0).map(|v| v.iter().sum()).unwrap_or(0) };
+        loop {
+            std::thread::sleep(interval.now);
+            let run = collect(&mut ct, monotonic_ns());
+            count_agent_deletes(&mut stats, run.deleted_lru);
+            // What the LRU map lost without anyone deleting it: evictions.
+            let evicted = total(&stats, stat::CT_CREATED)
+                .saturating_sub(total(&stats, stat::CT_DELETED))
+                .saturating_sub(total(&stats, stat::CT_AGENT_DELETED))
+                .saturating_sub(run.live_lru);
+            let caps = ct.capacities();
+            let next = interval.after(&run, caps);
+            if run.deleted_lru + run.deleted_assured > 0 {
+                tracing::debug!(
+                    deleted_new = run.deleted_lru,
+                    deleted_assured = run.deleted_assured,
+                    live_new = run.live_lru,
+                    live_assured = run.live_assured,
+                    took = ?run.took,
+                    next = ?next,
+                    "conntrack garbage collection"
+                );
+            }
+            observed.gc_done(&run, caps, evicted, next);
+        }
+    })?;
     Ok(())
 }
 

@@ -74,7 +74,7 @@ pub fn interfaces() -> Vec<(String, u32)> {
 }
 
 pub fn load_programs(ebpf: &mut Ebpf) -> Result<(), LoadError> {
-    for name in [progs::FROM_POD, progs::TO_POD, progs::FROM_WORLD] {
+    for name in [progs::FROM_POD, progs::TO_POD, progs::FROM_WORLD, progs::TO_WORLD] {
         let p: &mut SchedClassifier = program(ebpf, name)?.try_into().map_err(|source| LoadError::Program { name, source })?;
         p.load().map_err(|source| LoadError::Program { name, source })?;
     }
@@ -97,7 +97,8 @@ fn program<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut aya::pr
 pub enum Role {
     /// A pod's veth (host side): from-pod on ingress, to-pod on egress.
     Pod,
-    /// An interface towards the outside: from-world on ingress.
+    /// An interface towards the outside: from-world on ingress, to-world on egress (replies of
+    /// the node's own hostNetwork endpoints).
     External,
 }
 
@@ -105,7 +106,7 @@ impl Role {
     fn programs(self) -> &'static [(&'static str, TcAttachType)] {
         match self {
             Role::Pod => &[(progs::FROM_POD, TcAttachType::Ingress), (progs::TO_POD, TcAttachType::Egress)],
-            Role::External => &[(progs::FROM_WORLD, TcAttachType::Ingress)],
+            Role::External => &[(progs::FROM_WORLD, TcAttachType::Ingress), (progs::TO_WORLD, TcAttachType::Egress)],
         }
     }
 }

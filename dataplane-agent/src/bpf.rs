@@ -1,5 +1,7 @@
 //! The only code that touches BPF maps: typed wrappers over aya, the [`MapOps`] implementation
 //! the reconciler drives, and the dump that restores the applied view at start-up.
+pub mod conntrack;
+
 use std::{
     collections::{BTreeMap, BTreeSet},
     net::Ipv4Addr,
@@ -12,7 +14,7 @@ use aya::{
     Ebpf,
 };
 use dataplane_common::{
-    capacity, names, AffinityKey, AffinityValue, Ct4Entry, Ct4Key, Lb4Backend, Lb4Key, Lb4Service, Lb4SlotKey, NodeConfig, SrcRangeData,
+    capacity, names, AffinityKey, AffinityValue, Ct4Key, Lb4Backend, Lb4Key, Lb4Service, Lb4SlotKey, NodeConfig, SrcRangeData,
     SvcCounters, SvcName, PolCtValue, PolEndpoint, PolRuleKey, IPPROTO_TCP, SVC_F_ADDR_ONLY,
 };
 
@@ -26,7 +28,8 @@ pub struct BpfMaps {
     pub services: HashMap<MapData, Lb4Key, Lb4Service>,
     pub slots: HashMap<MapData, Lb4SlotKey, u32>,
     pub backends: HashMap<MapData, u32, Lb4Backend>,
-    pub conntrack: HashMap<MapData, Ct4Key, Ct4Entry>,
+    /// Both conntrack maps (LRU and assured).
+    pub ct: conntrack::Conntrack,
     pub service_cidrs: LpmTrie<MapData, u32, u32>,
     pub stats: PerCpuArray<MapData, u64>,
     pub affinity: HashMap<MapData, AffinityKey, AffinityValue>,
@@ -86,7 +89,7 @@ impl BpfMaps {
             services: conv(names::SERVICES, HashMap::try_from(svc))?,
             slots: conv(names::SLOTS, HashMap::try_from(slots))?,
             backends: conv(names::BACKENDS, HashMap::try_from(be))?,
-            conntrack: conv(names::CONNTRACK, HashMap::try_from(get(names::CONNTRACK)?))?,
+            ct: conntrack::Conntrack::from_maps(get(names::CONNTRACK)?, get(names::CONNTRACK_ASSURED)?)?,
             service_cidrs: conv(names::SERVICE_CIDRS, LpmTrie::try_from(get(names::SERVICE_CIDRS)?))?,
             stats: conv(names::STATS, PerCpuArray::try_from(get(names::STATS)?))?,
             affinity: conv(names::AFFINITY, HashMap::try_from(get(names::AFFINITY)?))?,
@@ -323,6 +326,10 @@ pub fn map_usage(dir: &Path) -> Vec<MapUsage> {
     use std::os::fd::{AsFd, AsRawFd};
     let mut out = Vec::new();
     for name in names::ALL {
+        // Conntrack is counted by its garbage collector's walk, not at every scrape.
+        if name == names::CONNTRACK || name == names::CONNTRACK_ASSURED {
+            continue;
+        }
         let Ok(data) = MapData::from_pin(dir.join(name)) else { continue };
         let Ok(info) = data.info() else { continue };
         match info.map_type() {
@@ -502,19 +509,26 @@ impl MapOps for BpfMaps {
         for k in &stale {
             del(&mut self.affinity, names::AFFINITY, k, || format!("{k:?}"))?;
         }
-        // One pass over the table, only when endpoints went away; never on the packet path.
-        let doomed: Vec<Ct4Key> = self
-            .conntrack
-            .iter()
-            .flatten()
-            .filter(|(k, e)| k.proto != IPPROTO_TCP && (gone.contains(&(e.svc_id, e.backend_id)) || gone_services.contains(&e.svc_id)))
-            .map(|(k, _)| k)
+        // One (batched) pass over both tables, only when endpoints went away; never on the
+        // packet path.
+        let doomed: Vec<conntrack::CtRow> = self
+            .ct
+            .rows()
+            .into_iter()
+            .filter(|r| r.key.proto != IPPROTO_TCP && (gone.contains(&(r.entry.svc_id, r.entry.backend_id)) || gone_services.contains(&r.entry.svc_id)))
             .collect();
-        let mut n = 0;
-        for k in &doomed {
-            del(&mut self.conntrack, names::CONNTRACK, k, || format!("{k:?}"))?;
+        let (mut n, mut lru) = (0, 0);
+        for r in &doomed {
+            let from_lru = self.ct.remove(r).map_err(|source| MapOpError::Syscall {
+                map: if r.assured { names::CONNTRACK_ASSURED } else { names::CONNTRACK },
+                op: "delete",
+                what: format!("{:?}", r.key),
+                source,
+            })?;
+            lru += from_lru as u64;
             n += 1;
         }
+        conntrack::count_agent_deletes(&mut self.stats, lru);
         Ok(n)
     }
 }

@@ -141,6 +141,21 @@ pub struct RunArgs {
     /// across restarts with the pinned maps: a new value applies once the pins are removed.
     #[arg(long, env = "FERRY_CONNTRACK_CAPACITY", default_value_t = dataplane_common::capacity::CONNTRACK)]
     pub conntrack_capacity: u32,
+    /// Idle timeout of an established TCP connection in conntrack (kube-proxy's flag; Go
+    /// duration such as `24h0m0s`).
+    #[arg(long, env = "FERRY_CONNTRACK_TCP_TIMEOUT_ESTABLISHED", default_value = "24h0m0s")]
+    pub conntrack_tcp_timeout_established: String,
+    /// Idle timeout of a TCP connection one side has closed (kube-proxy's flag).
+    #[arg(long, env = "FERRY_CONNTRACK_TCP_TIMEOUT_CLOSE_WAIT", default_value = "1h0m0s")]
+    pub conntrack_tcp_timeout_close_wait: String,
+    /// Idle timeout of a UDP (and SCTP) flow that has had no reply (kube-proxy's flag;
+    /// netfilter's default).
+    #[arg(long, env = "FERRY_CONNTRACK_UDP_TIMEOUT", default_value = "30s")]
+    pub conntrack_udp_timeout: String,
+    /// Idle timeout of a UDP (and SCTP) flow that has had replies (kube-proxy's flag;
+    /// netfilter's default).
+    #[arg(long, env = "FERRY_CONNTRACK_UDP_TIMEOUT_STREAM", default_value = "2m0s")]
+    pub conntrack_udp_timeout_stream: String,
     /// cgroup v2 directory whose processes reach Services through the socket hooks (the node's
     /// host-network processes). Default: the cgroup v2 root. `none` disables.
     #[arg(long, env = "FERRY_CGROUP")]
@@ -219,6 +234,41 @@ fn hostname() -> String {
     if ok { String::from_utf8_lossy(&buf[..end]).to_lowercase() } else { String::new() }
 }
 
+/// A Go duration as kube-proxy's flags take it (`24h0m0s`, `90s`, `1h30m`, `500ms`), in whole
+/// seconds (at least 1).
+pub fn parse_duration_s(flag: &str, v: &str) -> anyhow::Result<u32> {
+    let bad = || anyhow::anyhow!("{flag}: {v:?} is not a duration such as 24h0m0s, 30s or 1h30m");
+    let (mut total_ms, mut num, mut rest) = (0u64, String::new(), v.trim());
+    if rest.is_empty() {
+        return Err(bad());
+    }
+    while let Some(c) = rest.chars().next() {
+        if c.is_ascii_digit() {
+            num.push(c);
+            rest = &rest[1..];
+            continue;
+        }
+        let (unit_ms, len) = if rest.starts_with("ms") {
+            (1, 2)
+        } else {
+            match c {
+                'h' => (3_600_000, 1),
+                'm' => (60_000, 1),
+                's' => (1_000, 1),
+                _ => return Err(bad()),
+            }
+        };
+        let n: u64 = num.parse().map_err(|_| bad())?;
+        total_ms = total_ms.checked_add(n.checked_mul(unit_ms).ok_or_else(bad)?).ok_or_else(bad)?;
+        num.clear();
+        rest = &rest[len..];
+    }
+    if !num.is_empty() {
+        return Err(bad());
+    }
+    u32::try_from(total_ms.div_ceil(1000).max(1)).map_err(|_| bad())
+}
+
 impl RunArgs {
     /// Checks every value and builds the agent's configuration; errors name the flag.
     pub fn config(self) -> anyhow::Result<agent::RunConfig> {
@@ -253,6 +303,15 @@ impl RunArgs {
             external_interfaces: self.external_interfaces.as_deref().map(IfacePatterns::parse),
             snat_ports,
             conntrack_capacity: self.conntrack_capacity.max(1024),
+            ct_timeouts: {
+                use dataplane_common::ct_timeout as t;
+                let mut v = [0u32; t::COUNT];
+                v[t::TCP_ESTABLISHED] = parse_duration_s("--conntrack-tcp-timeout-established", &self.conntrack_tcp_timeout_established)?;
+                v[t::TCP_CLOSE_WAIT] = parse_duration_s("--conntrack-tcp-timeout-close-wait", &self.conntrack_tcp_timeout_close_wait)?;
+                v[t::UDP] = parse_duration_s("--conntrack-udp-timeout", &self.conntrack_udp_timeout)?;
+                v[t::UDP_STREAM] = parse_duration_s("--conntrack-udp-timeout-stream", &self.conntrack_udp_timeout_stream)?;
+                v
+            },
             algorithm: match self.lb_algorithm.as_str() {
                 "random" => Algorithm::Random,
                 "maglev" => Algorithm::Maglev,
@@ -282,7 +341,7 @@ pub fn describe(cfg: &agent::RunConfig) -> String {
         SourceConfig::Kube { .. } => "API server (in-cluster)".into(),
     };
     format!(
-        "node: {}\nsource: {source}\nnode IPs: {}\nNodePort addresses: {}\nservice CIDRs: {}\ncluster CIDR: {} ({:?})\npin dir: {}\ncgroup: {}\nalgorithm: {:?}\nNodePort acceleration: {}\nSNAT ports: {}-{}\nconntrack capacity: {}\nhealthz: {}\nmetrics: {}\n",
+        "node: {}\nsource: {source}\nnode IPs: {}\nNodePort addresses: {}\nservice CIDRs: {}\ncluster CIDR: {} ({:?})\npin dir: {}\ncgroup: {}\nalgorithm: {:?}\nNodePort acceleration: {}\nSNAT ports: {}-{}\nconntrack capacity: {}\nconntrack timeouts: {}\nhealthz: {}\nmetrics: {}\n",
         cfg.node.name,
         list(cfg.node.ips.iter().map(|i| i.to_string()).collect()),
         list(cfg.node.nodeport_addresses.iter().map(|c| c.to_string()).collect()),
@@ -296,6 +355,20 @@ pub fn describe(cfg: &agent::RunConfig) -> String {
         cfg.snat_ports.0,
         cfg.snat_ports.1,
         cfg.conntrack_capacity,
+        {
+            use dataplane_common::ct_timeout as t;
+            let eff = |i: usize| if cfg.ct_timeouts[i] != 0 { cfg.ct_timeouts[i] } else { dataplane_common::CT_TIMEOUT_DEFAULT_S[i] };
+            format!(
+                "tcp syn {}s, established {}s, close-wait {}s, time-wait {}s, close {}s; udp {}s, udp stream {}s",
+                eff(t::TCP_SYN),
+                eff(t::TCP_ESTABLISHED),
+                eff(t::TCP_CLOSE_WAIT),
+                eff(t::TCP_TIME_WAIT),
+                eff(t::TCP_CLOSE),
+                eff(t::UDP),
+                eff(t::UDP_STREAM)
+            )
+        },
         bind(cfg.healthz_bind),
         bind(cfg.metrics_bind),
     )
@@ -341,6 +414,19 @@ mod tests {
         assert_eq!(cfg.healthz_bind, Some("0.0.0.0:10256".parse().unwrap()));
         assert_eq!(cfg.metrics_bind, None);
         assert!(matches!(cfg.source, SourceConfig::Kube { .. }));
+    }
+
+    #[test]
+    fn go_durations_parse_as_kube_proxy_writes_them() {
+        assert_eq!(parse_duration_s("f", "24h0m0s").unwrap(), 86_400);
+        assert_eq!(parse_duration_s("f", "1h0m0s").unwrap(), 3_600);
+        assert_eq!(parse_duration_s("f", "2m0s").unwrap(), 120);
+        assert_eq!(parse_duration_s("f", "1h30m").unwrap(), 5_400);
+        assert_eq!(parse_duration_s("f", "1500ms").unwrap(), 2);
+        for bad in ["", "24", "1d", "h", "5 m"] {
+            let e = parse_duration_s("--conntrack-udp-timeout", bad).unwrap_err().to_string();
+            assert!(e.starts_with("--conntrack-udp-timeout:"), "{bad:?}: {e}");
+        }
     }
 
     #[test]

@@ -3,11 +3,18 @@
 use std::{collections::BTreeMap, fmt::Write as _, net::Ipv4Addr, path::Path};
 
 use dataplane_common::{
-    Ct4Entry, Ct4Key, Lb4SlotKey, BE_F_LOCAL, CT_F_EXTERNAL, CT_F_HAIRPIN, CT_F_REPLY, CT_F_SNAT, SCOPE_EXTERNAL, SVC_F_ADDR_ONLY, SVC_F_DROP_EMPTY,
+    Lb4SlotKey, BE_F_LOCAL, CT_F_CLASH, CT_F_EXTERNAL, CT_F_HAIRPIN, CT_F_SNAT, SCOPE_EXTERNAL, SVC_F_ADDR_ONLY, SVC_F_DROP_EMPTY,
     SVC_F_RANDOM, SVC_F_SOURCE_RANGES,
 };
 
-use crate::{bpf::BpfMaps, error::LoadError, observe::proto_name};
+use crate::{
+    bpf::{
+        conntrack::{monotonic_ns, state_name},
+        BpfMaps,
+    },
+    error::LoadError,
+    observe::proto_name,
+};
 
 fn ip(be: u32) -> Ipv4Addr {
     Ipv4Addr::from(be.to_ne_bytes())
@@ -92,9 +99,10 @@ pub fn backends(pin_dir: &Path) -> Result<String, LoadError> {
     let maps = BpfMaps::from_pins(pin_dir)?;
     // Connections per (frontend, backend), from the forward conntrack entries.
     let mut conns: BTreeMap<(u32, u32), u64> = BTreeMap::new();
-    for (_, e) in maps.conntrack.iter().flatten() {
-        if e.flags & CT_F_REPLY == 0 {
-            *conns.entry((e.svc_id, e.backend_id)).or_default() += 1;
+    let now = monotonic_ns();
+    for r in maps.ct.rows() {
+        if !r.is_reply() && r.entry.expires_ns > now {
+            *conns.entry((r.entry.svc_id, r.entry.backend_id)).or_default() += 1;
         }
     }
     let slots: BTreeMap<Lb4SlotKey, u32> = maps.slots.iter().flatten().collect();
@@ -112,28 +120,30 @@ pub fn backends(pin_dir: &Path) -> Result<String, LoadError> {
     Ok(table(&["SERVICE", "FRONTEND", "SCOPE", "SLOT", "BACKEND", "LOCAL", "CONNECTIONS"], &rows))
 }
 
-fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
-}
 
 fn secs(ns: u64) -> String {
     format!("{}s", ns / 1_000_000_000)
 }
 
-/// One row per connection (its forward entry; the reply entry is implied).
+/// One row per connection (its forward entry; the reply entry is implied): its state, the map
+/// holding it (`assured` or `new`, the LRU one), age, idle time and time left.
 pub fn conntrack(pin_dir: &Path) -> Result<String, LoadError> {
     let maps = BpfMaps::from_pins(pin_dir)?;
     let now = monotonic_ns();
-    let entries: Vec<(Ct4Key, Ct4Entry)> = maps.conntrack.iter().flatten().collect();
+    let entries = maps.ct.rows();
     let mut rows = Vec::new();
-    for (k, e) in &entries {
-        if e.flags & CT_F_REPLY != 0 {
+    let mut expired = 0;
+    for r in &entries {
+        let (k, e) = (&r.key, &r.entry);
+        if e.expires_ns <= now {
+            expired += 1;
+            continue;
+        }
+        if r.is_reply() {
             continue;
         }
         let mut flags = Vec::new();
-        for (bit, what) in [(CT_F_EXTERNAL, "external"), (CT_F_SNAT, "snat"), (CT_F_HAIRPIN, "hairpin")] {
+        for (bit, what) in [(CT_F_EXTERNAL, "external"), (CT_F_SNAT, "snat"), (CT_F_HAIRPIN, "hairpin"), (CT_F_CLASH, "port-clash")] {
             if e.flags & bit != 0 {
                 flags.push(what);
             }
@@ -144,14 +154,17 @@ pub fn conntrack(pin_dir: &Path) -> Result<String, LoadError> {
             addr(k.daddr_be, k.dport_be),
             format!("{} -> {}", addr(e.nat_saddr_be, e.nat_sport_be), addr(e.nat_daddr_be, e.nat_dport_be)),
             name_of(&maps, e.svc_id),
+            state_name(e, k.proto).to_string(),
+            if r.assured { "assured" } else { "new" }.to_string(),
             if flags.is_empty() { "-".into() } else { flags.join(",") },
             secs(now.saturating_sub(e.created_ns)),
             secs(now.saturating_sub(e.last_seen_ns)),
+            secs(e.expires_ns.saturating_sub(now)),
         ]);
     }
     rows.sort();
-    let mut out = table(&["PROTO", "CLIENT", "FRONTEND", "TRANSLATED", "SERVICE", "FLAGS", "AGE", "IDLE"], &rows);
-    let _ = writeln!(out, "{} connections ({} entries, both directions)", rows.len(), entries.len());
+    let mut out = table(&["PROTO", "CLIENT", "FRONTEND", "TRANSLATED", "SERVICE", "STATE", "MAP", "FLAGS", "AGE", "IDLE", "EXPIRES IN"], &rows);
+    let _ = writeln!(out, "{} connections ({} entries, both directions; {expired} expired, awaiting garbage collection)", rows.len(), entries.len());
     Ok(out)
 }
 

@@ -23,20 +23,33 @@ pub fn object() -> Result<&'static [u8], LoadError> {
 
 /// Capacities for a private copy (trace, tests): a handful of flows need no half-gigabyte
 /// conntrack table, and several copies may be loaded at once.
-pub const PRIVATE_CAPACITIES: [(&str, u32); 5] =
-    [(names::CONNTRACK, 16_384), (names::FRAGMENTS, 1_024), ("sock_rev4_v1", 1_024), (names::AFFINITY, 4_096), (names::POL_CONNTRACK, 4_096)];
+pub const PRIVATE_CAPACITIES: [(&str, u32); 6] = [
+    (names::CONNTRACK, 8_192),
+    (names::CONNTRACK_ASSURED, 8_192),
+    (names::FRAGMENTS, 1_024),
+    ("sock_rev4_v1", 1_024),
+    (names::AFFINITY, 4_096),
+    (names::POL_CONNTRACK, 4_096),
+];
+
+/// The conntrack capacities for `--conntrack-capacity N`: N entries for assured connections, half
+/// as many (at least 1024) for new and closing ones.
+pub fn conntrack_capacities(n: u32) -> [(&'static str, u32); 2] {
+    [(names::CONNTRACK_ASSURED, n.max(1024)), (names::CONNTRACK, (n / 2).max(1024))]
+}
 
 /// Where a node's maps live.
 pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/ferry";
 
 /// (name, key size, value size) of every pinned map, checked before re-using a pin.
-fn expected_layout() -> [(&'static str, u32, u32); 20] {
+fn expected_layout() -> [(&'static str, u32, u32); 21] {
     use std::mem::size_of;
     [
         (names::SERVICES, size_of::<Lb4Key>() as u32, size_of::<Lb4Service>() as u32),
         (names::SLOTS, size_of::<Lb4SlotKey>() as u32, 4),
         (names::BACKENDS, 4, size_of::<Lb4Backend>() as u32),
         (names::CONNTRACK, size_of::<Ct4Key>() as u32, size_of::<Ct4Entry>() as u32),
+        (names::CONNTRACK_ASSURED, size_of::<Ct4Key>() as u32, size_of::<Ct4Entry>() as u32),
         (names::FRAGMENTS, size_of::<Frag4Key>() as u32, size_of::<Frag4Ports>() as u32),
         (names::SERVICE_CIDRS, 8, 4),
         (names::AFFINITY, size_of::<AffinityKey>() as u32, size_of::<AffinityValue>() as u32),

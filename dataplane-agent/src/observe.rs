@@ -40,9 +40,26 @@ struct State {
     node_eligible: bool,
 }
 
+/// What the conntrack garbage collector last found (see `bpf::conntrack`): the only source of
+/// conntrack figures, so a scrape never walks the maps.
+#[derive(Default)]
+struct CtFigures {
+    runs: u64,
+    deleted_lru: u64,
+    deleted_assured: u64,
+    live_lru: u64,
+    live_assured: u64,
+    caps: (u32, u32),
+    evictions: u64,
+    took: Duration,
+    interval: Duration,
+    connections: BTreeMap<(u8, &'static str), u64>,
+}
+
 /// The agent's observable state, shared by the loop and the HTTP server.
 pub struct Observed {
     state: Mutex<State>,
+    ct: Mutex<CtFigures>,
     /// Where the maps are pinned (read at scrape time).
     pub pin_dir: PathBuf,
     /// A change that waits longer than this makes /healthz fail (kube-proxy: healthz timeout).
@@ -52,7 +69,24 @@ pub struct Observed {
 
 impl Observed {
     pub fn new(pin_dir: PathBuf, health_timeout: Duration, watch: Option<Arc<WatchStats>>) -> Self {
-        Observed { state: Mutex::new(State { node_eligible: true, ..Default::default() }), pin_dir, health_timeout, watch }
+        Observed { state: Mutex::new(State { node_eligible: true, ..Default::default() }), ct: Mutex::default(), pin_dir, health_timeout, watch }
+    }
+
+    /// A garbage collector run ended; `evicted`: the LRU map's evictions so far (estimated from
+    /// the datapath's and the agent's counts), `next`: the interval until the next run.
+    pub fn gc_done(&self, run: &crate::bpf::conntrack::GcRun, caps: (u32, u32), evicted: u64, next: Duration) {
+        let mut c = self.ct.lock().unwrap();
+        c.runs += 1;
+        c.deleted_lru += run.deleted_lru;
+        c.deleted_assured += run.deleted_assured;
+        c.live_lru = run.live_lru;
+        c.live_assured = run.live_assured;
+        c.caps = caps;
+        // Monotonic, like the counter it is reported as.
+        c.evictions = c.evictions.max(evicted);
+        c.took = run.took;
+        c.interval = next;
+        c.connections = run.connections.clone();
     }
 
     /// A change arrived from a source and is about to be applied.
@@ -151,7 +185,7 @@ impl Observed {
             }
         }
         match BpfMaps::from_pins(&self.pin_dir) {
-            Ok(maps) => map_metrics(&mut out, &maps, &self.pin_dir),
+            Ok(maps) => map_metrics(&mut out, &maps, &self.pin_dir, &self.ct.lock().unwrap()),
             Err(e) => {
                 let _ = writeln!(out, "# maps under {} unreadable: {e}", self.pin_dir.display());
             }
@@ -178,9 +212,14 @@ pub fn proto_name(p: u8) -> &'static str {
     }
 }
 
-fn map_metrics(out: &mut String, maps: &BpfMaps, dir: &std::path::Path) {
-    help(out, "ferry_map_entries", "gauge", "Entries in each pinned map (arrays count every slot).");
-    let usage = crate::bpf::map_usage(dir);
+fn map_metrics(out: &mut String, maps: &BpfMaps, dir: &std::path::Path, ct: &CtFigures) {
+    use dataplane_common::names;
+    help(out, "ferry_map_entries", "gauge", "Entries in each pinned map (arrays count every slot; conntrack as of the last garbage collection).");
+    let mut usage = crate::bpf::map_usage(dir);
+    if ct.runs > 0 {
+        usage.push(crate::bpf::MapUsage { name: names::CONNTRACK, entries: ct.live_lru, capacity: ct.caps.0 });
+        usage.push(crate::bpf::MapUsage { name: names::CONNTRACK_ASSURED, entries: ct.live_assured, capacity: ct.caps.1 });
+    }
     for u in &usage {
         let _ = writeln!(out, "ferry_map_entries{{map=\"{}\"}} {}", u.name, u.entries);
     }
@@ -188,15 +227,26 @@ fn map_metrics(out: &mut String, maps: &BpfMaps, dir: &std::path::Path) {
     for u in &usage {
         let _ = writeln!(out, "ferry_map_capacity{{map=\"{}\"}} {}", u.name, u.capacity);
     }
-    let mut ct: BTreeMap<(&str, &str), u64> = BTreeMap::new();
-    for (k, e) in maps.conntrack.iter().flatten() {
-        let dir = if e.flags & dataplane_common::CT_F_REPLY != 0 { "reply" } else { "forward" };
-        *ct.entry((proto_name(k.proto), dir)).or_default() += 1;
+    help(out, "ferry_conntrack_connections", "gauge", "Live tracked connections by protocol and state, as of the last garbage collection.");
+    for ((p, st), n) in &ct.connections {
+        let _ = writeln!(out, "ferry_conntrack_connections{{proto=\"{}\",state=\"{st}\"}} {n}", proto_name(*p));
     }
-    help(out, "ferry_conntrack_entries", "gauge", "Conntrack entries by protocol and direction (each connection has one of each).");
-    for ((p, d), n) in &ct {
-        let _ = writeln!(out, "ferry_conntrack_entries{{proto=\"{p}\",direction=\"{d}\"}} {n}");
-    }
+    help(out, "ferry_conntrack_gc_runs_total", "counter", "Conntrack garbage collection runs.");
+    let _ = writeln!(out, "ferry_conntrack_gc_runs_total {}", ct.runs);
+    help(out, "ferry_conntrack_gc_deleted_total", "counter", "Expired conntrack entries the garbage collector deleted, by map.");
+    let _ = writeln!(out, "ferry_conntrack_gc_deleted_total{{map=\"{}\"}} {}", names::CONNTRACK, ct.deleted_lru);
+    let _ = writeln!(out, "ferry_conntrack_gc_deleted_total{{map=\"{}\"}} {}", names::CONNTRACK_ASSURED, ct.deleted_assured);
+    help(out, "ferry_conntrack_gc_duration_seconds", "gauge", "How long the last garbage collection run took.");
+    let _ = writeln!(out, "ferry_conntrack_gc_duration_seconds {}", ct.took.as_secs_f64());
+    help(out, "ferry_conntrack_gc_interval_seconds", "gauge", "The garbage collector's current (adaptive) interval.");
+    let _ = writeln!(out, "ferry_conntrack_gc_interval_seconds {}", ct.interval.as_secs_f64());
+    help(
+        out,
+        "ferry_conntrack_evictions_total",
+        "counter",
+        "Entries the LRU conntrack map evicted under pressure (new, unreplied and closing connections only; established ones live in the assured map, which never evicts): entries created minus deleted minus present, at the last garbage collection.",
+    );
+    let _ = writeln!(out, "ferry_conntrack_evictions_total{{map=\"{}\"}} {}", names::CONNTRACK, ct.evictions);
     let totals = maps.stat_totals();
     help(out, "ferry_datapath_events_total", "counter", "Datapath events by kind, summed over CPUs.");
     for (i, name) in stat::NAMES {

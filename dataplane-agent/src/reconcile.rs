@@ -12,7 +12,7 @@ use std::{
 };
 
 use dataplane_common::{
-    Lb4Backend, Lb4Key, Lb4Service, Lb4SlotKey, BE_F_LOCAL, SVC_F_ADDR_ONLY, SVC_F_DROP_EMPTY, SVC_F_EXTERNAL_IP, SVC_F_RANDOM,
+    Lb4Backend, Lb4Key, Lb4Service, Lb4SlotKey, BE_F_HOST, BE_F_LOCAL, SVC_F_ADDR_ONLY, SVC_F_DROP_EMPTY, SVC_F_EXTERNAL_IP, SVC_F_RANDOM,
     SVC_F_SOURCE_RANGES,
 };
 
@@ -194,6 +194,9 @@ pub struct Reconciler {
     next_svc_id: u32,
     next_backend_id: u32,
     pub algorithm: Algorithm,
+    /// This node's own addresses: a local endpoint on one of them is a hostNetwork endpoint
+    /// (`BE_F_HOST`).
+    pub host_addrs: BTreeSet<Ipv4Addr>,
 }
 
 impl Reconciler {
@@ -202,7 +205,7 @@ impl Reconciler {
     pub fn restore(applied: Applied) -> Self {
         let next_svc_id = applied.frontends.values().map(|f| f.svc_id).max().unwrap_or(0) + 1;
         let next_backend_id = applied.backends.values().map(|(id, _)| *id).max().unwrap_or(0) + 1;
-        Reconciler { applied, next_svc_id, next_backend_id, algorithm: Algorithm::default() }
+        Reconciler { applied, next_svc_id, next_backend_id, algorithm: Algorithm::default(), host_addrs: BTreeSet::new() }
     }
 
     pub fn new() -> Self {
@@ -224,7 +227,7 @@ impl Reconciler {
             .backends
             .iter()
             .filter_map(|(b, (id, flags))| {
-                let want = if desired.local_endpoints.contains(&b.addr) { BE_F_LOCAL } else { 0 };
+                let want = backend_flags(b.addr, &desired.local_endpoints, &self.host_addrs);
                 (want != *flags).then_some((*b, *id, want))
             })
             .collect();
@@ -343,7 +346,7 @@ impl Reconciler {
         if id == u32::MAX {
             return Err(MapOpError::OutOfIds { map: dataplane_common::names::BACKENDS });
         }
-        let flags = if local.contains(&be.addr) { BE_F_LOCAL } else { 0 };
+        let flags = backend_flags(be.addr, local, &self.host_addrs);
         ops.put_backend(id, lb4_backend(be, flags))?;
         st.writes += 1;
         self.next_backend_id += 1;
@@ -453,6 +456,18 @@ impl Reconciler {
         );
         Ok(())
     }
+}
+
+/// A backend's flags: on this node (`BE_F_LOCAL`), and this node itself (`BE_F_HOST`).
+pub fn backend_flags(addr: Ipv4Addr, local: &BTreeSet<Ipv4Addr>, host: &BTreeSet<Ipv4Addr>) -> u8 {
+    let mut f = 0;
+    if local.contains(&addr) {
+        f |= BE_F_LOCAL;
+        if host.contains(&addr) {
+            f |= BE_F_HOST;
+        }
+    }
+    f
 }
 
 /// The new slot order: backends keep their slots; a removed backend's slot is taken by the last

@@ -12,13 +12,18 @@ pub mod names {
     pub const SERVICES: &str = "lb4_svc_v2";
     pub const SLOTS: &str = "lb4_slot_v1";
     pub const BACKENDS: &str = "lb4_be_v1";
-    pub const CONNTRACK: &str = "ct4_v1";
+    /// Connection tracking, LRU: new, unreplied and closing connections (evicted first under
+    /// pressure, netfilter's early drop).
+    pub const CONNTRACK: &str = "ct4_v2";
+    /// Connection tracking of assured (established) connections: a plain hash map that only
+    /// timeouts and closes empty, so churn can never evict a live connection.
+    pub const CONNTRACK_ASSURED: &str = "ct4_assured_v2";
     pub const FRAGMENTS: &str = "frag4_v1";
     pub const SERVICE_CIDRS: &str = "svc_cidr4_v1";
     pub const STATS: &str = "stats_v1";
     pub const AFFINITY: &str = "lb4_aff_v1";
     pub const SOURCE_RANGES: &str = "lb4_src_v1";
-    pub const CONFIG: &str = "cfg4_v2";
+    pub const CONFIG: &str = "cfg4_v3";
     pub const CHASH: &str = "lb4_chash_v1";
     pub const SVC_STATS: &str = "lb4_svc_stat_v1";
     pub const SVC_NAMES: &str = "lb4_svc_name_v1";
@@ -32,8 +37,8 @@ pub mod names {
     pub const POD_NAMES: &str = "pol_podname4_v1";
     pub const IDENTITY_NAMES: &str = "pol_idname_v1";
     /// Every map the agent pins, in the order it creates and checks them.
-    pub const ALL: [&str; 22] = [
-        SERVICES, SLOTS, BACKENDS, CONNTRACK, FRAGMENTS, SERVICE_CIDRS, STATS, AFFINITY, SOURCE_RANGES, CONFIG, CHASH, SVC_STATS, SVC_NAMES,
+    pub const ALL: [&str; 23] = [
+        SERVICES, SLOTS, BACKENDS, CONNTRACK, CONNTRACK_ASSURED, FRAGMENTS, SERVICE_CIDRS, STATS, AFFINITY, SOURCE_RANGES, CONFIG, CHASH, SVC_STATS, SVC_NAMES,
         POL_IPCACHE, POL_ENDPOINTS, POL_RULES, POL_CONNTRACK, POL_DROPS, POL_EVENTS, POL_NAMES, POD_NAMES, IDENTITY_NAMES,
     ];
 }
@@ -47,6 +52,9 @@ pub mod progs {
     /// tc ingress on the node's external interfaces: NodePort, LoadBalancer and external IP
     /// traffic from outside the node, and replies to connections it source-translated.
     pub const FROM_WORLD: &str = "ferry_from_world";
+    /// tc egress on the node's external interfaces: replies of the node's own processes
+    /// (hostNetwork endpoints) to connections translated to them.
+    pub const TO_WORLD: &str = "ferry_to_world";
     /// cgroup connect4: host-network processes connecting to a Service.
     pub const SOCK_CONNECT4: &str = "ferry_connect4";
     /// cgroup sendmsg4: unconnected UDP from host-network processes.
@@ -68,7 +76,10 @@ pub mod capacity {
     pub const SERVICES: u32 = 262_144;
     pub const SLOTS: u32 = 1_048_576;
     pub const BACKENDS: u32 = 262_144;
+    /// Assured (established) connections, two entries each; `--conntrack-capacity`.
     pub const CONNTRACK: u32 = 524_288;
+    /// New and closing connections (LRU); half of `--conntrack-capacity`.
+    pub const CONNTRACK_NEW: u32 = 262_144;
     pub const FRAGMENTS: u32 = 8_192;
     pub const SERVICE_CIDRS: u32 = 64;
     pub const STATS: u32 = 64;
@@ -178,6 +189,10 @@ pub struct Lb4SlotKey {
 
 /// `Lb4Backend.flags`: the backend runs on this node.
 pub const BE_F_LOCAL: u8 = 1 << 0;
+/// `Lb4Backend.flags`: the backend is this node itself (a hostNetwork endpoint on one of the
+/// node's addresses): its replies come from the node's own stack, and its source is never
+/// translated to the node (a packet from the node to itself arriving from outside is a martian).
+pub const BE_F_HOST: u8 = 1 << 1;
 
 /// Value of the backend map, keyed by a `u32` backend id.
 #[repr(C)]
@@ -220,6 +235,55 @@ pub const CT_F_SNAT: u32 = 1 << 4;
 /// The from-world hook translates only these: replies of connections that pods opened are
 /// translated on their way into the pod, after routing.
 pub const CT_F_EXTERNAL: u32 = 1 << 5;
+/// `Ct4Entry.flags`: not a Service connection but a pod's direct flow whose tuple clashed with a
+/// live Service connection's translated tuple; only its source port is translated (netfilter's
+/// implicit source-port remap on a clash).
+pub const CT_F_CLASH: u32 = 1 << 6;
+
+/// `Ct4Entry.state`: lifecycle bits, the same in both entries of a connection.
+/// The reply direction has sent a packet.
+pub const CT_S_SEEN_REPLY: u32 = 1 << 0;
+/// TCP: the original direction (the client) sent a FIN.
+pub const CT_S_FIN_ORIG: u32 = 1 << 1;
+/// TCP: the reply direction (the backend) sent a FIN.
+pub const CT_S_FIN_REPLY: u32 = 1 << 2;
+/// TCP: a RST was seen: the connection is over.
+pub const CT_S_RST: u32 = 1 << 3;
+/// The connection is assured and its entries live in the assured map (`ct4_assured_v2`).
+pub const CT_S_ASSURED: u32 = 1 << 4;
+/// Established: TCP once the client acknowledged the backend's reply (the handshake is done),
+/// other protocols once a reply came. Such a connection belongs in the assured map.
+pub const CT_S_ESTABLISHED: u32 = 1 << 5;
+
+/// Conntrack timeouts, indices into `NodeConfig::ct_timeout_s` (seconds; 0 = the default in
+/// `CT_TIMEOUT_DEFAULT_S`).
+pub mod ct_timeout {
+    /// TCP, before the handshake completes (netfilter's SYN_SENT).
+    pub const TCP_SYN: usize = 0;
+    /// TCP, established (kube-proxy's `--conntrack-tcp-timeout-established`).
+    pub const TCP_ESTABLISHED: usize = 1;
+    /// TCP, one side has sent a FIN (kube-proxy's `--conntrack-tcp-timeout-close-wait`).
+    pub const TCP_CLOSE_WAIT: usize = 2;
+    /// TCP, both sides have sent a FIN (netfilter's TIME_WAIT).
+    pub const TCP_TIME_WAIT: usize = 3;
+    /// TCP, after a RST (netfilter's CLOSE).
+    pub const TCP_CLOSE: usize = 4;
+    /// UDP, SCTP and others, no reply yet (kube-proxy's `--conntrack-udp-timeout`).
+    pub const UDP: usize = 5;
+    /// UDP, SCTP and others, after a reply (kube-proxy's `--conntrack-udp-timeout-stream`).
+    pub const UDP_STREAM: usize = 6;
+    pub const COUNT: usize = 8;
+}
+
+/// Default conntrack timeouts in seconds, by `ct_timeout` index: kube-proxy's for TCP
+/// established (24 h) and close-wait (1 h), netfilter's defaults for the rest.
+pub const CT_TIMEOUT_DEFAULT_S: [u32; ct_timeout::COUNT] = [120, 86_400, 3_600, 120, 10, 30, 120, 0];
+
+/// `skb->mark` of a reply Ferry built itself (a refusal, ICMP fragmentation needed) and sent back
+/// out of the interface the packet came in on: the to-pod hook lets it into the client without a
+/// policy check (it answers the client's own packet). Marks do not survive the move between
+/// network namespaces, so a pod cannot forge it.
+pub const MARK_FERRY_REPLY: u32 = 0x4652_0000;
 
 /// This node's datapath settings, written by the agent at start (one entry).
 #[repr(C)]
@@ -237,6 +301,8 @@ pub struct NodeConfig {
     /// outside this range is translated to the node's address (masquerade).
     pub cluster_cidr_be: u32,
     pub cluster_mask_be: u32,
+    /// Conntrack timeouts in seconds by `ct_timeout` index; 0 takes `CT_TIMEOUT_DEFAULT_S`.
+    pub ct_timeout_s: [u32; ct_timeout::COUNT],
 }
 
 /// Per-CPU counters of one frontend (`svc_id`): packets and bytes (IP total length) the
@@ -282,7 +348,8 @@ impl SvcName {
 }
 
 /// Conntrack value: the complete tuple a matching packet is rewritten to. Both directions of a
-/// connection have an entry, so one lookup answers "forward, reply, or new".
+/// connection have an entry, so one lookup answers "forward, reply, or new"; each entry's peer is
+/// keyed by its own translated tuple reversed. Times are `bpf_ktime_get_ns` (CLOCK_MONOTONIC).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Ct4Entry {
@@ -292,9 +359,16 @@ pub struct Ct4Entry {
     pub nat_dport_be: u16,
     pub svc_id: u32,
     pub backend_id: u32,
+    /// `CT_F_*`, fixed when the connection is created.
     pub flags: u32,
+    /// `CT_S_*` lifecycle bits, kept equal in both entries.
+    pub state: u32,
+    pub pad: u32,
     pub created_ns: u64,
+    /// Refreshed at most once a second (and on every state change), in both entries together.
     pub last_seen_ns: u64,
+    /// Past this the entry counts as absent on the packet path, and garbage collection deletes it.
+    pub expires_ns: u64,
 }
 
 /// Fragment tracking key: a datagram of which the first fragment was seen.
@@ -370,10 +444,14 @@ pub enum DropReason {
     PolicyIngress = 13,
     /// Out of a pod that NetworkPolicy isolates for egress, allowed by none of its rules.
     PolicyEgress = 14,
+    /// Larger than the path MTU after translation, and neither allowed to be fragmented (DF)
+    /// nor answerable: Ferry sends no fragments. With DF set it is answered with ICMP
+    /// fragmentation needed instead (`icmp_frag_needed`), never dropped silently.
+    FragNeeded = 15,
 }
 
 impl DropReason {
-    pub const ALL: [DropReason; 14] = [
+    pub const ALL: [DropReason; 15] = [
         DropReason::Malformed,
         DropReason::NoService,
         DropReason::SctpPortNat,
@@ -388,6 +466,7 @@ impl DropReason {
         DropReason::NoNodeAddress,
         DropReason::PolicyIngress,
         DropReason::PolicyEgress,
+        DropReason::FragNeeded,
     ];
 
     pub const fn name(self) -> &'static str {
@@ -406,6 +485,7 @@ impl DropReason {
             DropReason::NoNodeAddress => "no_node_address",
             DropReason::PolicyIngress => "policy_ingress",
             DropReason::PolicyEgress => "policy_egress",
+            DropReason::FragNeeded => "frag_needed",
         }
     }
 
@@ -425,6 +505,7 @@ impl DropReason {
             12 => DropReason::NoNodeAddress,
             13 => DropReason::PolicyIngress,
             14 => DropReason::PolicyEgress,
+            15 => DropReason::FragNeeded,
             _ => DropReason::Malformed,
         }
     }
@@ -470,7 +551,37 @@ pub mod stat {
     /// Dropped: see `DROP_BASE + reason`.
     pub const DROP: u32 = 15;
     pub const DROP_BASE: u32 = 16;
-    pub const NAMES: [(u32, &str); 16] = [
+    // 16..40: DROP_BASE + drop reason.
+    /// A packet found its connection's entry expired: it counted as absent.
+    pub const CT_EXPIRED: u32 = 40;
+    /// A new TCP connection (a SYN) on the tuple of a closed one: tracked anew.
+    pub const CT_REOPEN: u32 = 41;
+    /// A connection became assured and moved to the assured map.
+    pub const CT_ASSURED: u32 = 42;
+    /// A connection could not move to the assured map (full): it stays in the LRU map.
+    pub const CT_ASSURED_FULL: u32 = 43;
+    /// Entries the datapath created in the LRU map (with GC's deletions and the entries present,
+    /// the agent derives how many LRU evicted).
+    pub const CT_CREATED: u32 = 44;
+    /// Entries the datapath deleted from the LRU map (moved, expired, stale).
+    pub const CT_DELETED: u32 = 45;
+    /// A closing connection moved back from the assured map to the LRU map.
+    pub const CT_CLOSING: u32 = 46;
+    /// A source port held by a closed connection was given to a new one.
+    pub const PORT_REUSE: u32 = 47;
+    /// ICMP fragmentation needed sent back for a packet larger than the path MTU.
+    pub const ICMP_FRAG_NEEDED: u32 = 48;
+    /// A stale reply entry (its connection closed or expired) was removed because an unrelated
+    /// connection used its tuple.
+    pub const CT_STALE: u32 = 49;
+    /// A pod's direct flow clashed with a live Service connection's tuple: source port remapped.
+    pub const CT_CLASH: u32 = 50;
+    /// A reply of the node's own stack (hostNetwork endpoint) translated on its way out.
+    pub const HOST_REPLY: u32 = 51;
+    /// LRU conntrack entries the agent deleted (garbage collection, endpoint flushes). Written
+    /// by the agent only, never by a program.
+    pub const CT_AGENT_DELETED: u32 = 52;
+    pub const NAMES: [(u32, &str); 29] = [
         (PACKETS, "packets"),
         (PASS, "pass"),
         (CT_NEW, "ct_new"),
@@ -487,6 +598,19 @@ pub mod stat {
         (XDP_FORWARD, "xdp_forward"),
         (XDP_TX, "xdp_tx"),
         (DROP, "drop"),
+        (CT_EXPIRED, "ct_expired"),
+        (CT_REOPEN, "ct_reopen"),
+        (CT_ASSURED, "ct_assured"),
+        (CT_ASSURED_FULL, "ct_assured_full"),
+        (CT_CREATED, "ct_created"),
+        (CT_DELETED, "ct_deleted"),
+        (CT_CLOSING, "ct_closing"),
+        (PORT_REUSE, "port_reuse"),
+        (ICMP_FRAG_NEEDED, "icmp_frag_needed"),
+        (CT_STALE, "ct_stale"),
+        (CT_CLASH, "ct_clash"),
+        (HOST_REPLY, "host_reply"),
+        (CT_AGENT_DELETED, "ct_agent_deleted"),
     ];
 }
 
@@ -596,7 +720,7 @@ const _: () = {
     assert!(core::mem::size_of::<AffinityKey>() == 8);
     assert!(core::mem::size_of::<AffinityValue>() == 16);
     assert!(core::mem::size_of::<SrcRangeData>() == 8);
-    assert!(core::mem::size_of::<NodeConfig>() == 16);
+    assert!(core::mem::size_of::<NodeConfig>() == 48);
     assert!(core::mem::size_of::<SvcCounters>() == 16);
     assert!(core::mem::size_of::<PolEndpoint>() == 16);
     assert!(core::mem::size_of::<PolRuleKey>() == 12);
@@ -606,7 +730,7 @@ const _: () = {
     assert!(core::mem::size_of::<Lb4SlotKey>() == 8);
     assert!(core::mem::size_of::<Lb4Backend>() == 8);
     assert!(core::mem::size_of::<Ct4Key>() == 16);
-    assert!(core::mem::size_of::<Ct4Entry>() == 40);
+    assert!(core::mem::size_of::<Ct4Entry>() == 56);
     assert!(core::mem::size_of::<Frag4Key>() == 12);
     assert!(core::mem::size_of::<Frag4Ports>() == 4);
     assert!(core::mem::size_of::<SockRevKey>() == 16);

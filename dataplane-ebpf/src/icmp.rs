@@ -3,12 +3,12 @@
 //! header, which the client never talked to. Rewrite the quoted header and the outer addresses
 //! back with the same conntrack entry the packet's connection uses.
 use aya_ebpf::programs::TcContext;
-use dataplane_common::{stat, Ct4Key, DropReason, IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP};
+use dataplane_common::{stat, Ct4Key, DropReason, CT_F_REDIRECT, IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP};
 
 use crate::{
-    lb::Verdict,
-    maps::ct4_v1,
-    nat::{store_u16_fix, store_u32_fix},
+    conntrack,
+    lb::{Hook, Verdict},
+    nat::{self, store_u16_fix, store_u32_fix},
     parse::{l4_csum_off, Ipv4Packet, ETH_LEN, IP_CHECK_OFF, IP_DADDR_OFF, IP_SADDR_OFF},
     stats,
 };
@@ -17,8 +17,18 @@ const ICMP_DEST_UNREACH: u8 = 3;
 const ICMP_TIME_EXCEEDED: u8 = 11;
 const ICMP_PARAMETERPROB: u8 = 12;
 
+/// Returns the Service path's scalar (`Verdict as u32` or `lb::DROP_CODE | reason`).
+// A separate BPF subprogram (see lb::service_path).
+#[inline(never)]
+pub fn handle_icmp(ctx: &TcContext, p: &mut Ipv4Packet, hook: u32) -> u32 {
+    match icmp_error(ctx, p, Hook::from_u32(hook)) {
+        Ok(v) => v as u32,
+        Err(r) => crate::lb::DROP_CODE | r as u32,
+    }
+}
+
 #[inline(always)]
-pub fn handle_icmp(ctx: &TcContext, p: &Ipv4Packet) -> Result<Verdict, DropReason> {
+fn icmp_error(ctx: &TcContext, p: &Ipv4Packet, hook: Hook) -> Result<Verdict, DropReason> {
     let icmp_type: u8 = ctx.load(p.l4_off).map_err(|_| DropReason::Malformed)?;
     if !matches!(icmp_type, ICMP_DEST_UNREACH | ICMP_TIME_EXCEEDED | ICMP_PARAMETERPROB) {
         // Echo and friends are not translated: kube-proxy does not answer pings on ClusterIPs.
@@ -47,9 +57,11 @@ pub fn handle_icmp(ctx: &TcContext, p: &Ipv4Packet) -> Result<Verdict, DropReaso
     // The quoted packet went the other way: its reversed tuple is the tuple of the flow this
     // error travels with, which is what conntrack is keyed by.
     let key = Ct4Key { saddr_be: in_daddr, daddr_be: in_saddr, sport_be: in_dport, dport_be: in_sport, proto: in_proto, pad: [0; 3] };
-    let Some(e) = (unsafe { ct4_v1.get(&key).copied() }) else {
+    let Some(hit) = conntrack::lookup(&key, conntrack::now()) else {
         return Ok(Verdict::Pass);
     };
+    // SAFETY: pointer from a successful lookup.
+    let e = unsafe { *hit.ptr };
 
     // Quoted header: source <- e.nat_daddr:nat_dport, destination <- e.nat_saddr:nat_sport.
     let in_check_off = in_ip + IP_CHECK_OFF;
@@ -94,9 +106,17 @@ pub fn handle_icmp(ctx: &TcContext, p: &Ipv4Packet) -> Result<Verdict, DropReaso
     if p.daddr_be != e.nat_daddr_be {
         store_u32_fix(ctx, ETH_LEN + IP_DADDR_OFF, ip_check, p.daddr_be, e.nat_daddr_be)?;
     }
+    let mut saddr = p.saddr_be;
     if p.saddr_be == in_daddr && p.saddr_be != e.nat_saddr_be {
         store_u32_fix(ctx, ETH_LEN + IP_SADDR_OFF, ip_check, p.saddr_be, e.nat_saddr_be)?;
+        saddr = e.nat_saddr_be;
     }
     stats::count(stat::ICMP_RELATED);
+    // An error about a connection from outside (a NodePort backend's port unreachable) now comes
+    // from the frontend, often a node address: like the connection's own replies, it must be
+    // sent out, or the stack drops it as a martian.
+    if e.flags & CT_F_REDIRECT != 0 && hook != Hook::ToWorld && nat::fib_prepare(ctx, saddr, e.nat_daddr_be) == nat::FIB_GO {
+        return Ok(Verdict::Redirect);
+    }
     Ok(Verdict::Pass)
 }

@@ -1,37 +1,47 @@
-//! Service load balancing with connection tracking: the packet path of ClusterIP translation.
+//! Service load balancing: the packet path of Service translation.
 //!
 //! One conntrack lookup on the packet's own tuple answers everything for a known connection
-//! (forward entries translate client->Service, reply entries translate backend->client). Only a
-//! miss costs more: service lookup, slot pick, backend lookup. All lookups are hash or LPM map
-//! lookups: O(1) in the number of Services, endpoints and connections.
+//! (forward entries translate client->Service, reply entries translate backend->client; see
+//! conntrack.rs for their lifecycle). Only a miss costs more: service lookup, backend choice,
+//! backend lookup. All lookups are hash or LPM map lookups: O(1) in the number of Services,
+//! endpoints and connections.
 use aya_ebpf::{helpers::bpf_get_prandom_u32, helpers::bpf_ktime_get_ns, programs::TcContext};
 use dataplane_common::{
-    stat, CHASH_TABLE_SIZE, SVC_F_RANDOM, AffinityKey, AffinityValue, Ct4Entry, Ct4Key, DropReason, Frag4Key, Frag4Ports, Lb4Backend, Lb4Key, Lb4Service,
-    Lb4SlotKey, SrcRangeData, BE_F_LOCAL, CT_F_EXTERNAL, CT_F_FORWARD, CT_F_HAIRPIN, CT_F_REDIRECT, CT_F_REPLY, CT_F_SNAT, IPPROTO_ICMP,
-    IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP, SCOPE_EXTERNAL, SCOPE_INTERNAL, SVC_F_ADDR_ONLY, SVC_F_DROP_EMPTY,
-    SVC_F_SOURCE_RANGES,
+    stat, AffinityKey, AffinityValue, Ct4Entry, Ct4Key, DropReason, Frag4Key, Frag4Ports, Lb4Backend, Lb4Key, Lb4Service, Lb4SlotKey,
+    SrcRangeData, BE_F_HOST, BE_F_LOCAL, CHASH_TABLE_SIZE, CT_F_CLASH, CT_F_EXTERNAL, CT_F_FORWARD, CT_F_HAIRPIN, CT_F_REDIRECT, CT_F_REPLY,
+    CT_F_SNAT, IPPROTO_ICMP, IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP, SCOPE_EXTERNAL, SCOPE_INTERNAL, SVC_F_ADDR_ONLY, SVC_F_DROP_EMPTY,
+    SVC_F_RANDOM, SVC_F_SOURCE_RANGES,
 };
 
 use crate::{
-    maps::{cfg4_v2, ct4_v1, frag4_v1, lb4_aff_v1, lb4_be_v1, lb4_chash_v1, lb4_slot_v1, lb4_src_v1, lb4_svc_v2, svc_cidr4_v1},
+    conntrack,
+    maps::{cfg4_v3, frag4_v1, path_scratch, lb4_aff_v1, lb4_be_v1, lb4_chash_v1, lb4_slot_v1, lb4_src_v1, lb4_svc_v2, svc_cidr4_v1},
     nat,
     parse::{Ipv4Packet, TCP_ACK, TCP_SYN},
     stats,
 };
 
 /// What the entry program does with the packet after the datapath has looked at it.
+#[derive(Clone, Copy)]
+#[repr(u32)]
 pub enum Verdict {
     /// Forward as it is now (translated or not).
     Pass,
     /// Refuse: answer with a TCP RST or ICMP port unreachable.
     Reject,
-    /// Translated, and its source is now an address of this node: send it out via a FIB
-    /// lookup, since the stack would drop it as martian.
+    /// Translated, and its source is now an address of this node: send it out to the next hop
+    /// `nat::fib_prepare` found, since the stack would drop it as martian.
     Redirect,
+    /// Too big for the path it must be redirected on, and not translated: answer with ICMP
+    /// fragmentation needed (`nat::fib_mtu` holds the MTU).
+    TooBig,
+    /// Inside the Service path only: translate with the conntrack entry found or created.
+    Translate,
 }
 
 /// Where a tc program sits.
 #[derive(Clone, Copy, PartialEq, Eq)]
+#[repr(u32)]
 pub enum Hook {
     /// Ingress of a pod's veth: everything the pod sends.
     FromPod,
@@ -39,6 +49,9 @@ pub enum Hook {
     ToPod,
     /// Ingress of an external interface: traffic from outside the node.
     FromWorld,
+    /// Egress of an external interface: what the node's own stack sends out (replies of
+    /// hostNetwork endpoints).
+    ToWorld,
 }
 
 /// Ports tried for a translated connection whose tuple collides with another's.
@@ -46,13 +59,6 @@ const PORT_TRIES: u32 = 16;
 /// Without a configured range, a remapped source port comes from the usual ephemeral range.
 const DEFAULT_PORT_MIN: u16 = 32768;
 const DEFAULT_PORT_MAX: u16 = 60999;
-
-#[inline(always)]
-fn verdict_after(e: &Ct4Entry) -> Verdict {
-    if e.flags & CT_F_REDIRECT != 0 { Verdict::Redirect } else { Verdict::Pass }
-}
-
-const BPF_NOEXIST: u64 = 1;
 
 #[inline(always)]
 pub fn ct_key(p: &Ipv4Packet) -> Ct4Key {
@@ -142,7 +148,10 @@ pub enum Unserved {
     NotService,
 }
 
-#[inline(always)]
+// A separate BPF subprogram: called from several paths, and its result is a plain scalar (inlined,
+// LLVM folded the service entry's pointer into the caller's return value, which the verifier
+// rejects as pointer arithmetic).
+#[inline(never)]
 pub fn lb4_unserved(addr_be: u32) -> Unserved {
     if let Some(s) = lb4_lookup_service(addr_be, 0, 0, SCOPE_INTERNAL) {
         if s.flags & SVC_F_ADDR_ONLY != 0 {
@@ -181,22 +190,200 @@ pub fn lb4_select_backend(svc: &Lb4Service, hash: u32) -> Result<(u32, Lb4Backen
 }
 
 /// Is the backend this connection was pinned to still a backend (same id, same address)?
+/// A remapped direct flow (`CT_F_CLASH`) has no backend and is always alive.
 #[inline(always)]
 pub fn backend_alive(e: &Ct4Entry) -> bool {
+    if e.flags & CT_F_CLASH != 0 {
+        return true;
+    }
     match unsafe { lb4_be_v1.get(&e.backend_id) } {
         Some(be) => be.addr_be == e.nat_daddr_be && be.port_be == e.nat_dport_be,
         None => false,
     }
 }
 
-/// The packet path for tc. The to-pod hook only translates replies: new connections are always
-/// seen first where the client sends them (a pod's veth, or an external interface).
-// A separate BPF subprogram: its stack frame is not added to its siblings' (512-byte limit).
+/// The packet path for tc: the Service path of a tc program, one global BPF function per hook.
+/// The verifier checks each once, on its own, with its hook a constant, and its caller sees only
+/// a scalar result (they may take only the context and scalars).
+///
+/// Its steps are separate subprograms called one after the other, not inside each other, so
+/// their stack frames never add up past the 512 bytes BPF allows: `classify` finds the
+/// connection (tracking it), or says a new one is wanted; `lb4_new_connection` creates it;
+/// `translate` rewrites the packet. The to-pod and to-world hooks only translate replies: new
+/// connections are always seen first where the client sends them (a pod's veth, or an external
+/// interface).
+///
+/// Each returns one scalar, `Verdict as u32`, `DROP_CODE | reason` or `NOT_IPV4`: a `Result`
+/// returned from a subprogram leaves the unused half of the register undefined, and LLVM may
+/// fill it from any register, pointers included, which the verifier rejects.
+#[inline(always)]
+fn service_path(skb: *mut aya_ebpf::bindings::__sk_buff, hook: Hook) -> u32 {
+    let ctx = &TcContext::new(skb);
+    let mut p = match crate::parse::parse_ipv4(ctx) {
+        Ok(Some(p)) => p,
+        Ok(None) => return NOT_IPV4,
+        Err(r) => return DROP_CODE | r as u32,
+    };
+    if p.proto == IPPROTO_ICMP && p.frag_off == 0 {
+        return crate::icmp::handle_icmp(ctx, &mut p, hook as u32);
+    }
+    let Some(sc) = path_scratch.get_ptr_mut(0) else { return DROP_CODE | DropReason::CtInsert as u32 };
+    // SAFETY: per-CPU slot, used by this packet only.
+    let sc = unsafe { &mut *sc };
+    // `&mut` everywhere: a BPF subprogram takes at most five register arguments, and LLVM would
+    // split a read-only struct pointer into one argument per field it reads.
+    let step = classify(&mut p, hook as u32, &mut sc.e, &mut sc.svc);
+    if step & STEP_NEW != 0 {
+        let code = lb4_new_connection(&mut p, &mut sc.svc, hook as u32, step & !STEP_NEW, &mut sc.e);
+        if code != 0 {
+            return DROP_CODE | code;
+        }
+    } else if step == STEP_CLASH {
+        if !direct_flow_clash(&mut p, &mut sc.e) {
+            return Verdict::Pass as u32;
+        }
+    } else if step != Verdict::Translate as u32 {
+        return step;
+    }
+    translate(ctx, &mut p, &mut sc.e, hook as u32)
+}
+
+/// What the Service path's steps hand each other, per CPU (`maps::path_scratch`).
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct PathScratch {
+    /// The connection entry the packet is translated with.
+    pub e: Ct4Entry,
+    /// The frontend of a new connection.
+    pub svc: Lb4Service,
+}
+
+/// Marks a drop reason in the Service path's result.
+pub const DROP_CODE: u32 = 0x100;
+/// The Service path's result: not an IPv4 packet.
+pub const NOT_IPV4: u32 = 0x200;
+/// `classify`: a new connection is wanted, to the frontend it wrote; `| Masq as u32`.
+const STEP_NEW: u32 = 0x400;
+/// `classify`: a pod's direct flow that may clash with a Service connection (`direct_flow_clash`).
+const STEP_CLASH: u32 = 0x800;
+
+#[unsafe(no_mangle)]
 #[inline(never)]
-pub fn handle_ipv4(ctx: &TcContext, p: &mut Ipv4Packet, hook: Hook) -> Result<Verdict, DropReason> {
-    // `&mut`, updated in place: a BPF subprogram takes at most five register arguments, and LLVM
-    // would split a read-only struct pointer into one argument per field it reads.
-    let new_allowed = hook != Hook::ToPod;
+pub extern "C" fn ferry_service_from_pod(skb: *mut aya_ebpf::bindings::__sk_buff) -> u32 {
+    service_path(skb, Hook::FromPod)
+}
+
+#[unsafe(no_mangle)]
+#[inline(never)]
+pub extern "C" fn ferry_service_to_pod(skb: *mut aya_ebpf::bindings::__sk_buff) -> u32 {
+    service_path(skb, Hook::ToPod)
+}
+
+#[unsafe(no_mangle)]
+#[inline(never)]
+pub extern "C" fn ferry_service_from_world(skb: *mut aya_ebpf::bindings::__sk_buff) -> u32 {
+    service_path(skb, Hook::FromWorld)
+}
+
+#[unsafe(no_mangle)]
+#[inline(never)]
+pub extern "C" fn ferry_service_to_world(skb: *mut aya_ebpf::bindings::__sk_buff) -> u32 {
+    service_path(skb, Hook::ToWorld)
+}
+
+/// The Service path for `hook`.
+#[inline(always)]
+pub fn ferry_service_path(skb: *mut aya_ebpf::bindings::__sk_buff, hook: Hook) -> u32 {
+    match hook {
+        Hook::FromPod => ferry_service_from_pod(skb),
+        Hook::ToPod => ferry_service_to_pod(skb),
+        Hook::FromWorld => ferry_service_from_world(skb),
+        Hook::ToWorld => ferry_service_to_world(skb),
+    }
+}
+
+impl Verdict {
+    /// Back from the Service path's scalar.
+    #[inline(always)]
+    pub fn decode(code: u32) -> Result<Verdict, DropReason> {
+        if code & DROP_CODE != 0 {
+            return Err(DropReason::from_code(code & 0xff));
+        }
+        Ok(match code {
+            c if c == Verdict::Reject as u32 => Verdict::Reject,
+            c if c == Verdict::Redirect as u32 => Verdict::Redirect,
+            c if c == Verdict::TooBig as u32 => Verdict::TooBig,
+            _ => Verdict::Pass,
+        })
+    }
+}
+
+impl Verdict {
+    /// An XDP action (or `DROP_CODE | reason`) back from a scalar.
+    #[inline(always)]
+    pub fn decode_xdp(code: u32) -> Result<u32, DropReason> {
+        if code & DROP_CODE != 0 {
+            return Err(DropReason::from_code(code & 0xff));
+        }
+        Ok(code)
+    }
+}
+
+impl Hook {
+    #[inline(always)]
+    pub fn from_u32(h: u32) -> Hook {
+        match h {
+            h if h == Hook::ToPod as u32 => Hook::ToPod,
+            h if h == Hook::FromWorld as u32 => Hook::FromWorld,
+            h if h == Hook::ToWorld as u32 => Hook::ToWorld,
+            _ => Hook::FromPod,
+        }
+    }
+}
+
+/// Translates the packet by `e` and says where it goes. A packet that will need a redirect
+/// (its source becomes a node address) has its next hop and path MTU checked first, while it is
+/// still as its sender sent it: one that is too big is answered, not translated. Returns the
+/// Service path's scalar.
+#[inline(never)]
+fn translate(ctx: &TcContext, p: &mut Ipv4Packet, e: &mut Ct4Entry, hook: u32) -> u32 {
+    let mut verdict = Verdict::Pass;
+    if e.flags & CT_F_REDIRECT != 0 && hook != Hook::ToWorld as u32 {
+        match nat::fib_prepare(ctx, e.nat_saddr_be, e.nat_daddr_be) {
+            nat::FIB_GO => verdict = Verdict::Redirect,
+            nat::FIB_TOO_BIG => return Verdict::TooBig as u32,
+            // No forwarding answer: as before, the stack decides.
+            _ => {}
+        }
+    }
+    if let Err(r) = nat::rewrite(ctx, p, e) {
+        return DROP_CODE | r as u32;
+    }
+    stats::count_service(e.svc_id, p.tot_len);
+    if hook == Hook::ToWorld as u32 {
+        stats::count(stat::HOST_REPLY);
+    }
+    verdict as u32
+}
+
+/// Finds the connection the packet belongs to and tracks it, leaving its entry in `out`
+/// (`Verdict::Translate`); or, for a packet that opens a new connection, the frontend in `svc`
+/// (`STEP_NEW | masq`); or the verdict (or `DROP_CODE | reason`) for a packet not translated.
+// A separate BPF subprogram (see service_path).
+#[inline(never)]
+fn classify(p: &mut Ipv4Packet, hook: u32, out: &mut Ct4Entry, svc: &mut Lb4Service) -> u32 {
+    match classify_inner(p, Hook::from_u32(hook), out, svc) {
+        Ok(code) => code,
+        Err(r) => DROP_CODE | r as u32,
+    }
+}
+
+#[inline(always)]
+fn classify_inner(p: &mut Ipv4Packet, hook: Hook, out: &mut Ct4Entry, svc_out: &mut Lb4Service) -> Result<u32, DropReason> {
+    let translate = Verdict::Translate as u32;
+    let pass = Verdict::Pass as u32;
+    let new_allowed = hook == Hook::FromPod || hook == Hook::FromWorld;
+    let now = conntrack::now();
     if p.frag_off != 0 {
         // A later fragment: take the ports its first fragment recorded.
         match unsafe { frag4_v1.get(&frag_key(p)).copied() } {
@@ -207,55 +394,68 @@ pub fn handle_ipv4(ctx: &TcContext, p: &mut Ipv4Packet, hook: Hook) -> Result<Ve
             None => {
                 // Not ours unless it is headed for a service address we would have translated.
                 return match lb4_unserved(p.daddr_be) {
-                    Unserved::NotService => Ok(Verdict::Pass),
+                    Unserved::NotService => Ok(pass),
                     _ => Err(DropReason::FragUnknown),
                 };
             }
         }
         let key = ct_key(p);
-        if let Some(e) = unsafe { ct4_v1.get(&key).copied() } {
-            nat::rewrite(ctx, p, &e)?;
+        if let Some(hit) = conntrack::lookup(&key, now) {
+            *out = unsafe { *hit.ptr };
             stats::count(stat::FRAGMENT);
-            stats::count_service(e.svc_id, p.tot_len);
-            return Ok(verdict_after(&e));
+            return Ok(translate);
         }
-        return Ok(Verdict::Pass);
-    }
-    if p.proto == IPPROTO_ICMP {
-        return crate::icmp::handle_icmp(ctx, p);
+        return Ok(pass);
     }
     if !matches!(p.proto, IPPROTO_TCP | IPPROTO_UDP | IPPROTO_SCTP) {
-        return Ok(Verdict::Pass);
+        return Ok(pass);
     }
     if p.more_frags {
         // First fragment of a datagram: remember its ports for the fragments that follow.
         let ports = Frag4Ports { sport_be: p.sport_be, dport_be: p.dport_be };
         let _ = frag4_v1.insert(&frag_key(p), &ports, 0);
     }
-    let key = ct_key(p);
-    if let Some(ep) = ct4_v1.get_ptr_mut(&key) {
-        // SAFETY: pointer from a successful lookup; copied before use.
-        let e = unsafe { *ep };
+    let mut key = ct_key(p);
+    let syn_only = p.proto == IPPROTO_TCP && (p.tcp_flags & (TCP_SYN | TCP_ACK)) == TCP_SYN;
+    if let Some(mut hit) = conntrack::lookup(&key, now) {
+        // SAFETY: pointer from a successful lookup; read in place.
+        let e = unsafe { &*hit.ptr };
         if hook == Hook::FromWorld && e.flags & CT_F_EXTERNAL == 0 {
             // A reply to a pod's own connection that crosses the external interface: it is
             // translated on the pod's veth, after routing (here its new source, possibly a node
             // address, would make the stack drop it as martian).
-            return Ok(Verdict::Pass);
+            return Ok(pass);
         }
-        let reopen = e.flags & CT_F_FORWARD != 0 && new_allowed && !backend_alive(&e)
+        if !new_allowed && e.flags & CT_F_REPLY == 0 {
+            // Into a pod or out of the node: only replies are translated there. (A forward
+            // entry on this tuple is a remapped direct flow's, not this packet's.)
+            return Ok(pass);
+        }
+        let closed = p.proto == IPPROTO_TCP && conntrack::is_closed(e.state);
+        if e.flags & CT_F_REPLY != 0 && closed && p.tcp_flags & TCP_SYN != 0 {
+            // A SYN or SYN-ACK on the reply tuple of a closed connection belongs to an unrelated
+            // connection on the same tuple (a pod reaching the backend directly from the port
+            // it once used for the Service): the stale entries must not hijack it.
+            conntrack::remove_pair(&key, e, hit.assured, p.proto);
+            stats::count(stat::CT_STALE);
+            return Ok(pass);
+        }
+        let reopen = e.flags & CT_F_FORWARD != 0
+            && new_allowed
             // TCP: an established connection keeps its backend until it ends (graceful
-            // termination, as with kube-proxy); only a new SYN on the same tuple moves.
-            && (p.proto != IPPROTO_TCP || (p.tcp_flags & (TCP_SYN | TCP_ACK)) == TCP_SYN);
+            // termination, as with kube-proxy); only a new SYN on the same tuple moves. A SYN on
+            // a closed connection's tuple starts a new connection (netfilter reopens TIME_WAIT).
+            && ((!backend_alive(e) && (p.proto != IPPROTO_TCP || syn_only)) || (syn_only && closed));
         if !reopen {
-            unsafe { (*ep).last_seen_ns = bpf_ktime_get_ns() };
-            nat::rewrite(ctx, p, &e)?;
-            stats::count(if e.flags & CT_F_REPLY != 0 { stat::CT_REPLY } else { stat::CT_FORWARD });
-            stats::count_service(e.svc_id, p.tot_len);
-            return Ok(verdict_after(&e));
+            conntrack::track(&mut hit, &mut key, p, out);
+            stats::count(if out.flags & CT_F_REPLY != 0 { stat::CT_REPLY } else { stat::CT_FORWARD });
+            return Ok(translate);
         }
+        conntrack::remove_pair(&key, e, hit.assured, p.proto);
+        stats::count(stat::CT_REOPEN);
     }
     if !new_allowed {
-        return Ok(Verdict::Pass);
+        return Ok(pass);
     }
     let scope = if hook == Hook::FromWorld { SCOPE_EXTERNAL } else { SCOPE_INTERNAL };
     let mut masq = Masq::RemoteBackend;
@@ -268,15 +468,18 @@ pub fn handle_ipv4(ctx: &TcContext, p: &mut Ipv4Packet, hook: Hook) -> Result<Ve
                 masq = if always { Masq::Always } else { Masq::Never };
                 s
             }
-            None => return Ok(Verdict::Pass),
+            None => return Ok(pass),
         },
         _ => {
             return match lb4_unserved(p.daddr_be) {
-                Unserved::UnexposedPort => Ok(Verdict::Reject),
+                Unserved::UnexposedPort => Ok(Verdict::Reject as u32),
                 Unserved::NoService => Err(DropReason::NoService),
                 Unserved::NotService => {
                     stats::count(stat::PASS);
-                    Ok(Verdict::Pass)
+                    if hook == Hook::FromPod && (syn_only || p.proto != IPPROTO_TCP) {
+                        return Ok(STEP_CLASH);
+                    }
+                    Ok(pass)
                 }
             };
         }
@@ -285,13 +488,56 @@ pub fn handle_ipv4(ctx: &TcContext, p: &mut Ipv4Packet, hook: Hook) -> Result<Ve
         return Err(DropReason::SourceRange);
     }
     if svc.count == 0 {
-        return lb4_empty(&svc);
+        return lb4_empty(&svc).map(|v| v as u32);
     }
-    let e = lb4_new_connection(p, &svc, hook, masq)?;
-    nat::rewrite(ctx, p, &e)?;
+    *svc_out = svc;
     stats::count(if hook == Hook::FromWorld { stat::EXTERNAL_NEW } else { stat::CT_NEW });
-    stats::count_service(e.svc_id, p.tot_len);
-    Ok(verdict_after(&e))
+    Ok(STEP_NEW | masq as u32)
+}
+
+/// A pod's new direct (untranslated) flow whose reply tuple is a Service connection's
+/// translated tuple: the pod reaches a backend directly from the port it uses, or used, for the
+/// Service. A closed connection there is stale and goes; a live one stays, and the new flow gets
+/// another source port, as netfilter does on such a clash. Returns whether the flow was remapped
+/// (its forward entry in `out`).
+// A separate BPF subprogram: rare, and its connection setup is not multiplied into the path.
+#[inline(never)]
+fn direct_flow_clash(p: &mut Ipv4Packet, out: &mut Ct4Entry) -> bool {
+    let now = conntrack::now();
+    let rkey = conntrack::reversed(&ct_key(p));
+    let Some(hit) = conntrack::lookup(&rkey, now) else { return false };
+    // SAFETY: pointer from a successful lookup.
+    let e = unsafe { &*hit.ptr };
+    if e.flags & CT_F_REPLY == 0 {
+        return false;
+    }
+    if p.proto == IPPROTO_TCP && conntrack::is_closed(e.state) {
+        conntrack::remove_pair(&rkey, e, hit.assured, p.proto);
+        stats::count(stat::CT_STALE);
+        return false;
+    }
+    stats::count(stat::CT_CLASH);
+    let cfg = cfg4_v3.get(0).copied().unwrap_or_default();
+    let (port_min, port_max) = port_range(&cfg);
+    let mut spec = PairSpec {
+        be: Lb4Backend { addr_be: p.daddr_be, port_be: p.dport_be, proto: p.proto, flags: 0 },
+        svc_id: 0,
+        backend_id: 0,
+        nat_saddr_be: p.saddr_be,
+        port_min,
+        port_max,
+        flags: CT_F_CLASH,
+    };
+    create_pair(p, &mut spec, out) == 0
+}
+
+#[inline(always)]
+fn port_range(cfg: &dataplane_common::NodeConfig) -> (u16, u16) {
+    if cfg.snat_port_min != 0 && cfg.snat_port_max >= cfg.snat_port_min {
+        (cfg.snat_port_min, cfg.snat_port_max)
+    } else {
+        (DEFAULT_PORT_MIN, DEFAULT_PORT_MAX)
+    }
 }
 
 /// The ClusterIP frontend a packet from outside the node is addressed to, and whether its source
@@ -300,12 +546,13 @@ pub fn handle_ipv4(ctx: &TcContext, p: &mut Ipv4Packet, hook: Hook) -> Result<Ve
 #[inline(always)]
 fn cluster_ip_from_outside(p: &Ipv4Packet) -> Option<(Lb4Service, bool)> {
     let svc = lb4_lookup_service(p.daddr_be, p.dport_be, p.proto, SCOPE_INTERNAL).filter(|s| s.flags & SVC_F_ADDR_ONLY == 0)?;
-    let cfg = cfg4_v2.get(0).copied().unwrap_or_default();
+    let cfg = cfg4_v3.get(0).copied().unwrap_or_default();
     Some((svc, cfg.cluster_mask_be != 0 && p.saddr_be & cfg.cluster_mask_be != cfg.cluster_cidr_be))
 }
 
 /// When a connection from outside the node gets this node's address as its source.
 #[derive(Clone, Copy, PartialEq, Eq)]
+#[repr(u32)]
 pub enum Masq {
     /// NodePort, LoadBalancer, external IPs: when the backend is on another node (its reply
     /// must come back through here).
@@ -322,33 +569,28 @@ fn random_port(min: u16, max: u16) -> u16 {
     (min as u32 + unsafe { bpf_get_prandom_u32() } % span) as u16
 }
 
-/// Chooses a backend and records both directions of the connection. Returns the forward entry.
-///
-/// The reply entry is keyed by the translated tuple, which must be unique: two clients' flows
-/// can become identical after translation (one client port reaching one backend through two
-/// Services, or through two nodes' NodePorts after source translation). Then another source port
-/// is chosen for the new connection instead of breaking the existing one.
-#[inline(always)]
-pub fn lb4_new_connection(p: &Ipv4Packet, svc: &Lb4Service, hook: Hook, masq: Masq) -> Result<Ct4Entry, DropReason> {
-    let (backend_id, be) = lb4_choose_backend(svc, p.saddr_be, flow_hash(p))?;
-    let cfg = cfg4_v2.get(0).copied().unwrap_or_default();
-    let (port_min, port_max) = if cfg.snat_port_min != 0 && cfg.snat_port_max >= cfg.snat_port_min {
-        (cfg.snat_port_min, cfg.snat_port_max)
-    } else {
-        (DEFAULT_PORT_MIN, DEFAULT_PORT_MAX)
+/// Chooses a backend and records both directions of the connection, the forward entry in `out`.
+/// Returns 0, or the drop reason's code. `hook` and `masq` are `Hook` and `Masq` as numbers.
+// A separate BPF subprogram returning a scalar (tc and XDP call it); see service_path.
+#[inline(never)]
+pub fn lb4_new_connection(p: &mut Ipv4Packet, svc: &mut Lb4Service, hook: u32, masq: u32, out: &mut Ct4Entry) -> u32 {
+    let from_world = hook == Hook::FromWorld as u32;
+    let (backend_id, be) = match lb4_choose_backend(svc, p.saddr_be, flow_hash(p)) {
+        Ok(b) => b,
+        Err(r) => return r as u32,
     };
-    let hairpin = be.addr_be == p.saddr_be;
+    let Some(cfg) = cfg4_v3.get(0) else { return DropReason::NoNodeAddress as u32 };
     // From outside to a backend on another node (externalTrafficPolicy Cluster): the reply must
-    // come back through this node, so the source becomes this node's address.
-    let snat = hook == Hook::FromWorld
-        && match masq {
-            Masq::RemoteBackend => be.flags & BE_F_LOCAL == 0,
-            Masq::Always => true,
-            Masq::Never => false,
-        };
+    // come back through this node, so the source becomes this node's address. Never towards the
+    // node itself (a hostNetwork endpoint): its replies leave through this node anyway, and a
+    // packet from the node to itself arriving from outside would be a martian.
+    let snat = from_world
+        && be.flags & BE_F_HOST == 0
+        && if masq == Masq::RemoteBackend as u32 { be.flags & BE_F_LOCAL == 0 } else { masq == Masq::Always as u32 };
+    let hairpin = be.addr_be == p.saddr_be;
     let nat_saddr = if snat {
         if cfg.snat_addr_be == 0 {
-            return Err(DropReason::NoNodeAddress);
+            return DropReason::NoNodeAddress as u32;
         }
         cfg.snat_addr_be
     } else if hairpin {
@@ -356,85 +598,111 @@ pub fn lb4_new_connection(p: &Ipv4Packet, svc: &Lb4Service, hook: Hook, masq: Ma
     } else {
         p.saddr_be
     };
-    let mut fwd_flags = CT_F_FORWARD;
-    let mut rev_flags = CT_F_REPLY;
+    let mut flags = 0;
     if hairpin && !snat {
-        fwd_flags |= CT_F_HAIRPIN;
-        rev_flags |= CT_F_HAIRPIN;
+        flags |= CT_F_HAIRPIN;
     }
     if snat {
-        fwd_flags |= CT_F_SNAT | CT_F_REDIRECT;
-        rev_flags |= CT_F_SNAT;
+        flags |= CT_F_SNAT;
     }
-    if hook == Hook::FromWorld {
+    if from_world {
+        flags |= CT_F_EXTERNAL;
+    }
+    // A source port is chosen from the range for translated sources; others keep the client's
+    // port unless their translated tuple is taken.
+    let (port_min, port_max) = if snat { port_range(cfg) } else { (0, 0) };
+    let mut spec = PairSpec { be, svc_id: svc.svc_id, backend_id, nat_saddr_be: nat_saddr, port_min, port_max, flags };
+    create_pair(p, &mut spec, out)
+}
+
+/// A new connection's translation, for [`create_pair`].
+pub struct PairSpec {
+    pub be: Lb4Backend,
+    pub svc_id: u32,
+    pub backend_id: u32,
+    /// The source after translation.
+    pub nat_saddr_be: u32,
+    /// Range for a new source port; `port_min == 0`: keep the client's unless its tuple is taken.
+    pub port_min: u16,
+    pub port_max: u16,
+    /// `CT_F_*` beyond the direction flags.
+    pub flags: u32,
+}
+
+/// Records both directions of a new connection from `p` as `spec` says; the forward entry in
+/// `out`. Returns 0 or the drop reason's code.
+///
+/// The reply entry is keyed by the translated tuple, which must be unique: two clients' flows
+/// can become identical after translation (one client port reaching one backend through two
+/// Services, or through two nodes' NodePorts after source translation). Then another source port
+/// is chosen for the new connection instead of breaking the existing one.
+// Inlined into its two callers (themselves subprograms): one frame less on the deepest call
+// chain. The reply entry is built in the per-CPU scratch.
+#[inline(always)]
+fn create_pair(p: &mut Ipv4Packet, spec: &mut PairSpec, out: &mut Ct4Entry) -> u32 {
+    let Some(sc) = conntrack::scratch() else { return DropReason::CtInsert as u32 };
+    let now = conntrack::now();
+    let new_port = spec.port_min != 0;
+    let (port_min, port_max) = if new_port { (spec.port_min, spec.port_max) } else { (DEFAULT_PORT_MIN, DEFAULT_PORT_MAX) };
+    let mut fwd_flags = CT_F_FORWARD | spec.flags;
+    let mut rev_flags = CT_F_REPLY | spec.flags;
+    if spec.flags & CT_F_SNAT != 0 {
+        fwd_flags |= CT_F_REDIRECT;
+    }
+    if spec.flags & CT_F_EXTERNAL != 0 {
         // Replies leave with the frontend (often a node address) as their source.
-        rev_flags |= CT_F_REDIRECT | CT_F_EXTERNAL;
-        fwd_flags |= CT_F_EXTERNAL;
+        rev_flags |= CT_F_REDIRECT;
     }
-    let now = unsafe { bpf_ktime_get_ns() };
-    let rev = Ct4Entry {
-        nat_saddr_be: p.daddr_be,
-        nat_daddr_be: p.saddr_be,
-        nat_sport_be: p.dport_be,
-        nat_dport_be: p.sport_be,
-        svc_id: svc.svc_id,
-        backend_id,
-        flags: rev_flags,
-        created_ns: now,
-        last_seen_ns: now,
-    };
+    let expires_ns = now + conntrack::timeout_ns(p.proto, 0);
+    // Written field by field, in place: a struct literal would be built on the stack first.
+    let r = &mut sc.rev;
+    r.nat_saddr_be = p.daddr_be;
+    r.nat_daddr_be = p.saddr_be;
+    r.nat_sport_be = p.dport_be;
+    r.nat_dport_be = p.sport_be;
+    r.svc_id = spec.svc_id;
+    r.backend_id = spec.backend_id;
+    r.flags = rev_flags;
+    r.state = 0;
+    r.pad = 0;
+    r.created_ns = now;
+    r.last_seen_ns = now;
+    r.expires_ns = expires_ns;
     // Reply entry first: once the forward entry exists, replies may come back at any moment.
-    let mut sport = if snat { random_port(port_min, port_max).to_be() } else { p.sport_be };
+    let mut sport = if new_port { random_port(port_min, port_max).to_be() } else { p.sport_be };
     let mut placed = false;
     let mut i = 0;
     while i < PORT_TRIES {
-        let rev_key = Ct4Key { saddr_be: be.addr_be, daddr_be: nat_saddr, sport_be: be.port_be, dport_be: sport, proto: p.proto, pad: [0; 3] };
-        if ct4_v1.insert(&rev_key, &rev, BPF_NOEXIST).is_ok() {
+        let rev_key = Ct4Key {
+            saddr_be: spec.be.addr_be,
+            daddr_be: spec.nat_saddr_be,
+            sport_be: spec.be.port_be,
+            dport_be: sport,
+            proto: p.proto,
+            pad: [0; 3],
+        };
+        if conntrack::place_reply(&rev_key) == conntrack::PLACED {
             placed = true;
             break;
-        }
-        // Taken. By this very connection (a retransmitted first packet)? Then refresh it.
-        if let Some(old) = unsafe { ct4_v1.get(&rev_key).copied() } {
-            // Compared with XOR/OR: a field-by-field `==` chain becomes a bcmp() call, which the
-            // BPF target can only emit as a subprogram the verifier rejects here.
-            let diff = (old.nat_daddr_be ^ rev.nat_daddr_be)
-                | (old.nat_saddr_be ^ rev.nat_saddr_be)
-                | ((old.nat_dport_be ^ rev.nat_dport_be) as u32)
-                | ((old.nat_sport_be ^ rev.nat_sport_be) as u32);
-            if diff == 0 {
-                ct4_v1.insert(&rev_key, &rev, 0).map_err(|_| DropReason::CtInsert)?;
-                placed = true;
-                break;
-            }
         }
         stats::count(stat::PORT_REMAP);
         sport = random_port(port_min, port_max).to_be();
         i += 1;
     }
     if !placed {
-        return Err(DropReason::NatPorts);
+        return DropReason::NatPorts as u32;
     }
-    let fwd = Ct4Entry {
-        nat_saddr_be: nat_saddr,
-        nat_daddr_be: be.addr_be,
-        nat_sport_be: sport,
-        nat_dport_be: be.port_be,
-        svc_id: svc.svc_id,
-        backend_id,
-        flags: fwd_flags,
-        created_ns: now,
-        last_seen_ns: now,
-    };
-    let key = ct_key(p);
-    if ct4_v1.insert(&key, &fwd, BPF_NOEXIST).is_err() {
-        // Another CPU created this connection at the same moment (a UDP burst): use its choice so
-        // every packet of the flow goes to one backend. Otherwise (a re-opened tuple), replace.
-        if let Some(existing) = unsafe { ct4_v1.get(&key).copied() } {
-            if backend_alive(&existing) {
-                return Ok(existing);
-            }
-        }
-        ct4_v1.insert(&key, &fwd, 0).map_err(|_| DropReason::CtInsert)?;
-    }
-    Ok(fwd)
+    out.nat_saddr_be = spec.nat_saddr_be;
+    out.nat_daddr_be = spec.be.addr_be;
+    out.nat_sport_be = sport;
+    out.nat_dport_be = spec.be.port_be;
+    out.svc_id = spec.svc_id;
+    out.backend_id = spec.backend_id;
+    out.flags = fwd_flags;
+    out.state = 0;
+    out.pad = 0;
+    out.created_ns = now;
+    out.last_seen_ns = now;
+    out.expires_ns = expires_ns;
+    conntrack::place_forward(&ct_key(p), out, backend_alive)
 }

@@ -4,6 +4,7 @@
 #![no_main]
 #![allow(non_upper_case_globals)]
 
+mod conntrack;
 mod csum;
 mod icmp;
 mod lb;
@@ -22,7 +23,7 @@ use aya_ebpf::{
     macros::{cgroup_sock_addr, classifier, xdp},
     programs::{SockAddrContext, TcContext, XdpContext},
 };
-use dataplane_common::{stat, DropReason};
+use dataplane_common::{stat, DropReason, MARK_FERRY_REPLY};
 use lb::{Hook, Verdict};
 
 /// tc ingress on the host side of a pod's veth: everything the pod sends.
@@ -43,6 +44,19 @@ pub fn ferry_to_pod(ctx: TcContext) -> i32 {
 #[classifier]
 pub fn ferry_from_world(ctx: TcContext) -> i32 {
     tc_entry(&ctx, Hook::FromWorld)
+}
+
+/// tc egress on the node's external interfaces: the node's own stack replying as a hostNetwork
+/// endpoint to a connection translated to it (a NodePort from outside whose endpoint is this
+/// node) leaves here, and only here can the reply be translated back.
+#[classifier]
+pub fn ferry_to_world(ctx: TcContext) -> i32 {
+    // Only what the node's own stack sends (no input interface): forwarded packets, pods' and
+    // those Ferry translated and redirected, were handled where they entered.
+    if unsafe { (*ctx.skb.skb).ingress_ifindex } != 0 {
+        return TC_ACT_OK;
+    }
+    tc_entry(&ctx, Hook::ToWorld)
 }
 
 /// Does nothing: the floor `cargo xtask bench` measures beside the real programs, in the same
@@ -79,6 +93,12 @@ fn tc_entry(ctx: &TcContext, hook: Hook) -> i32 {
     // NetworkPolicy ingress: on the packet as it arrives at the pod (already translated by
     // whichever node translated it; replies not yet translated back).
     if hook == Hook::ToPod {
+        // Ferry's own answer to the pod's packet (a refusal, fragmentation needed), sent back
+        // out of this veth: it answers the pod and is not a connection into it.
+        if unsafe { (*ctx.skb.skb).mark } == MARK_FERRY_REPLY {
+            unsafe { (*ctx.skb.skb).mark = 0 };
+            return TC_ACT_OK;
+        }
         let code = policy::check(ctx, dataplane_common::DIR_INGRESS);
         if code != 0 {
             return drop(DropReason::from_code(code));
@@ -87,31 +107,37 @@ fn tc_entry(ctx: &TcContext, hook: Hook) -> i32 {
     // NetworkPolicy egress is decided after Service translation; whether a decision is needed at
     // all (and the untranslated tuple) is known only before it.
     let egress = hook == Hook::FromPod && policy::egress_pre(ctx) != 0;
-    let verdict = match parse::parse_ipv4(ctx) {
+    // The Service path, the policy check and the answers are global BPF functions: each is
+    // verified once, on its own, and here they are opaque calls with scalar results, so the
+    // verifier's work adds up instead of multiplying.
+    let code = lb::ferry_service_path(ctx.skb.skb, hook);
+    if code == lb::NOT_IPV4 {
         // Not IPv4 (ARP, IPv6): not ours in this version.
-        Ok(None) => return TC_ACT_OK,
-        Ok(Some(mut p)) => lb::handle_ipv4(ctx, &mut p, hook).and_then(|v| match v {
-            // NetworkPolicy egress: on the packet as it leaves the pod, after Service translation
-            // (policies see the backend, as Kubernetes requires).
-            Verdict::Pass | Verdict::Redirect if egress && policy::check(ctx, dataplane_common::DIR_EGRESS) != 0 => {
-                Err(DropReason::PolicyEgress)
-            }
-            Verdict::Pass => Ok(TC_ACT_OK),
-            Verdict::Redirect => nat::fib_redirect(ctx),
-            Verdict::Reject => {
-                let r = reject::reply(ctx);
-                if r.is_ok() {
-                    stats::count(stat::REJECT);
-                }
-                r
-            }
-        }),
-        Err(r) => Err(r),
-    };
-    match verdict {
-        Ok(action) => action,
-        Err(reason) => drop(reason),
+        return TC_ACT_OK;
     }
+    let result = match Verdict::decode(code) {
+        // NetworkPolicy egress: on the packet as it leaves the pod, after Service translation
+        // (policies see the backend, as Kubernetes requires).
+        Ok(Verdict::Pass | Verdict::Redirect) if egress && policy::check(ctx, dataplane_common::DIR_EGRESS) != 0 => {
+            DropReason::PolicyEgress as u32 | lb::DROP_CODE
+        }
+        Ok(Verdict::Redirect) => return nat::fib_redirect(ctx).unwrap_or_else(drop),
+        Ok(Verdict::TooBig) => reject::ferry_frag_needed(ctx.skb.skb, nat::fib_mtu()),
+        Ok(Verdict::Reject) => {
+            let r = reject::ferry_refuse(ctx.skb.skb);
+            if r & lb::DROP_CODE == 0 {
+                stats::count(stat::REJECT);
+            }
+            r
+        }
+        // `Translate` never leaves the Service path.
+        Ok(Verdict::Pass | Verdict::Translate) => TC_ACT_OK as u32,
+        Err(reason) => reason as u32 | lb::DROP_CODE,
+    };
+    if result & lb::DROP_CODE != 0 {
+        return drop(DropReason::from_code(result & 0xff));
+    }
+    result as i32
 }
 
 /// XDP on the node's external interfaces (`--nodeport-acceleration=xdp`): the NodePort path at

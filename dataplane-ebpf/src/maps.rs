@@ -27,11 +27,16 @@ pub static lb4_slot_v1: HashMap<Lb4SlotKey, u32, { capacity::SLOTS as usize }, N
 #[btf_map]
 pub static lb4_be_v1: HashMap<u32, Lb4Backend, { capacity::BACKENDS as usize }, NO_PREALLOC> = HashMap::new();
 
-/// Connection tracking, both directions of every translated connection. LRU: under pressure the
-/// least recently used entries go first instead of new connections failing.
+/// Connection tracking (see conntrack.rs), both directions of every translated connection, in
+/// one of two maps. New, unreplied and closing connections: LRU, so under pressure the least
+/// recently used of these go first (netfilter's early drop) instead of new connections failing.
 #[btf_map]
-pub static ct4_v1: LruHashMap<Ct4Key, Ct4Entry, { capacity::CONNTRACK as usize }> =
-    LruHashMap::new();
+pub static ct4_v2: LruHashMap<Ct4Key, Ct4Entry, { capacity::CONNTRACK_NEW as usize }> = LruHashMap::new();
+
+/// Established connections: a plain (preallocated) hash map that nothing evicts; entries leave
+/// when their connection closes or times out.
+#[btf_map]
+pub static ct4_assured_v2: HashMap<Ct4Key, Ct4Entry, { capacity::CONNTRACK as usize }> = HashMap::new();
 
 /// Ports of fragmented datagrams, recorded from their first fragment.
 #[btf_map]
@@ -63,7 +68,7 @@ pub static lb4_src_v1: LpmTrie<SrcRangeData, u32, { capacity::SOURCE_RANGES as u
 
 /// This node's settings (one entry), written by the agent.
 #[btf_map]
-pub static cfg4_v2: Array<NodeConfig, 1> = Array::new();
+pub static cfg4_v3: Array<NodeConfig, 1> = Array::new();
 
 /// Each frontend's consistent-hashing table (rendezvous or Maglev, built by the agent):
 /// `svc_id -> [backend id; M]`, one inner array per frontend so memory follows the number of
@@ -126,3 +131,18 @@ pub static pol_idname_v1: HashMap<u32, SvcName, { capacity::IDENTITIES as usize 
 /// translation (written by `egress_pre`, read by `check` on the same packet).
 #[btf_map]
 pub static pol_scratch: PerCpuArray<Ct4Key, 1> = PerCpuArray::new();
+
+/// Per-CPU scratch of a FIB redirect: the next hop found before the packet was translated
+/// (`nat::fib_prepare`), used once it is (`nat::fib_redirect`), on the same packet.
+#[btf_map]
+pub static fib_scratch: PerCpuArray<crate::nat::FibNext, 1> = PerCpuArray::new();
+
+/// Per-CPU scratch of connection tracking: entries being built or moved between the maps, kept
+/// off the 512-byte stack (see conntrack.rs). Used within one packet's processing only.
+#[btf_map]
+pub static ct_scratch: PerCpuArray<crate::conntrack::CtScratch, 1> = PerCpuArray::new();
+
+/// Per-CPU scratch of the Service path: the connection entry and frontend its steps hand each
+/// other (see lb::service_path), off the stack.
+#[btf_map]
+pub static path_scratch: PerCpuArray<crate::lb::PathScratch, 1> = PerCpuArray::new();

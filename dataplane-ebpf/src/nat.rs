@@ -2,13 +2,13 @@
 //! `bpf_l4_csum_replace`), so the kernel's own checksum state (CHECKSUM_PARTIAL on veth) stays
 //! consistent. Addresses and ports are raw wire bytes throughout.
 use aya_ebpf::{
-    bindings::{bpf_fib_lookup, BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS, TC_ACT_OK},
+    bindings::{bpf_fib_lookup, BPF_FIB_LKUP_RET_FRAG_NEEDED, BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS, TC_ACT_OK},
     helpers::{bpf_fib_lookup as fib_lookup, bpf_redirect, bpf_redirect_neigh},
     programs::TcContext,
 };
-use dataplane_common::{stat, Ct4Entry, DropReason, IPPROTO_SCTP, IPPROTO_UDP};
+use dataplane_common::{stat, Ct4Entry, DropReason, IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP};
 
-use crate::stats;
+use crate::{maps::fib_scratch, stats};
 
 use crate::parse::{l4_csum_off, Ipv4Packet, ETH_LEN, IP_CHECK_OFF, IP_DADDR_OFF, IP_SADDR_OFF};
 
@@ -87,31 +87,104 @@ pub fn rewrite(ctx: &TcContext, p: &Ipv4Packet, e: &Ct4Entry) -> Result<(), Drop
     Ok(())
 }
 
-/// Sends the (already translated) packet out of the interface the FIB picks for its destination,
-/// with the next hop's MAC (or the kernel's neighbour resolution when it is not known yet).
-/// Needed when the new source is an address of this node: the input path would drop it as a
-/// martian. Falls back to the stack (TC_ACT_OK) when the FIB has no answer.
-// A separate BPF subprogram: its stack frame is not added to its siblings' (512-byte limit).
+/// Where a translated packet goes next, found by `fib_prepare` before it was translated.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct FibNext {
+    pub ifindex: u32,
+    /// `NEXT_MAC` (the next hop's MAC is known) or `NEXT_NEIGH` (let the kernel resolve it).
+    pub kind: u32,
+    /// The path MTU when the packet was too big for it.
+    pub mtu: u32,
+    pub smac: [u8; 6],
+    pub dmac: [u8; 6],
+}
+
+const NEXT_MAC: u32 = 1;
+const NEXT_NEIGH: u32 = 2;
+
+/// `fib_prepare`: the next hop is in the scratch map.
+pub const FIB_GO: u32 = 0;
+/// `fib_prepare`: no forwarding answer (a local or unreachable destination): the stack decides.
+pub const FIB_STACK: u32 = 1;
+/// `fib_prepare`: larger than the path MTU, which the scratch map's `mtu` holds.
+pub const FIB_TOO_BIG: u32 = 2;
+
+/// Looks up where the packet goes once its addresses are `saddr_be -> daddr_be` (before they are
+/// rewritten, so that a packet too big for the path can still be answered as its sender sent
+/// it), and checks its size against the route's MTU. For a GSO/GRO super-packet that is the size
+/// of one of its segments (IP and L4 headers plus `gso_size`), not of the super-packet, which
+/// is segmented on the way out: passing the IP total length made every super-packet "too big".
+/// The next hop is left in `fib_scratch` for [`fib_redirect`].
+// A separate BPF subprogram taking only scalars besides the context: its frame (the 64-byte
+// lookup parameters) is not added to the packet path's.
 #[inline(never)]
-pub fn fib_redirect(ctx: &TcContext) -> Result<i32, DropReason> {
-    let hdr: [u8; 20] = ctx.load(ETH_LEN).map_err(|_| DropReason::Malformed)?;
+pub fn fib_prepare(ctx: &TcContext, saddr_be: u32, daddr_be: u32) -> u32 {
+    let Ok(hdr) = ctx.load::<[u8; 20]>(ETH_LEN) else { return FIB_STACK };
+    let ihl = ((hdr[0] & 0x0f) as usize) * 4;
+    let tot_len = u16::from_be_bytes([hdr[2], hdr[3]]) as u32;
+    let gso_size = unsafe { (*ctx.skb.skb).gso_size };
+    let seg_len = if gso_size == 0 {
+        tot_len
+    } else {
+        let l4_hdr = match hdr[9] {
+            IPPROTO_TCP => ctx.load::<u8>(ETH_LEN + ihl + 12).map(|d| ((d >> 4) as u32) * 4).unwrap_or(20),
+            IPPROTO_UDP => 8,
+            _ => 0,
+        };
+        ihl as u32 + l4_hdr + gso_size
+    };
     let mut params: bpf_fib_lookup = unsafe { core::mem::zeroed() };
     params.family = 2; // AF_INET
     params.l4_protocol = hdr[9];
-    params.__bindgen_anon_1.tot_len = u16::from_be_bytes([hdr[2], hdr[3]]);
+    params.__bindgen_anon_1.tot_len = seg_len.min(0xffff) as u16;
     params.ifindex = unsafe { (*ctx.skb.skb).ifindex };
-    params.__bindgen_anon_3.ipv4_src = u32::from_ne_bytes([hdr[12], hdr[13], hdr[14], hdr[15]]);
-    params.__bindgen_anon_4.ipv4_dst = u32::from_ne_bytes([hdr[16], hdr[17], hdr[18], hdr[19]]);
+    params.__bindgen_anon_3.ipv4_src = saddr_be;
+    params.__bindgen_anon_4.ipv4_dst = daddr_be;
     let ret = unsafe { fib_lookup(ctx.skb.skb as *mut _, &mut params, core::mem::size_of::<bpf_fib_lookup>() as i32, 0) };
-    if ret == BPF_FIB_LKUP_RET_SUCCESS as i64 {
-        ctx.store(0, &params.dmac, 0).map_err(|_| DropReason::Rewrite)?;
-        ctx.store(6, &params.smac, 0).map_err(|_| DropReason::Rewrite)?;
-        stats::count(stat::FIB_REDIRECT);
-        return Ok(unsafe { bpf_redirect(params.ifindex, 0) } as i32);
+    let Some(next) = fib_scratch.get_ptr_mut(0) else { return FIB_STACK };
+    // SAFETY: per-CPU slot, used by this packet only.
+    let next = unsafe { &mut *next };
+    match ret as u32 {
+        BPF_FIB_LKUP_RET_SUCCESS => {
+            next.kind = NEXT_MAC;
+            next.ifindex = params.ifindex;
+            next.smac = params.smac;
+            next.dmac = params.dmac;
+            FIB_GO
+        }
+        BPF_FIB_LKUP_RET_NO_NEIGH => {
+            next.kind = NEXT_NEIGH;
+            next.ifindex = params.ifindex;
+            FIB_GO
+        }
+        BPF_FIB_LKUP_RET_FRAG_NEEDED => {
+            // The union's other half: the MTU that was exceeded.
+            next.mtu = unsafe { params.__bindgen_anon_1.mtu_result } as u32;
+            FIB_TOO_BIG
+        }
+        _ => FIB_STACK,
     }
-    if ret == BPF_FIB_LKUP_RET_NO_NEIGH as i64 {
-        stats::count(stat::FIB_REDIRECT);
-        return Ok(unsafe { bpf_redirect_neigh(params.ifindex, core::ptr::null_mut(), 0, 0) } as i32);
+}
+
+/// Sends the (now translated) packet to the next hop `fib_prepare` found: with the next hop's
+/// MAC, or through the kernel's neighbour resolution when it is not known yet. Needed when the
+/// new source is an address of this node: the input path would drop it as a martian.
+// A separate BPF subprogram: its stack frame is not added to its siblings' (512-byte limit).
+#[inline(never)]
+pub fn fib_redirect(ctx: &TcContext) -> Result<i32, DropReason> {
+    let Some(next) = fib_scratch.get(0).copied() else { return Ok(TC_ACT_OK) };
+    stats::count(stat::FIB_REDIRECT);
+    if next.kind == NEXT_NEIGH {
+        return Ok(unsafe { bpf_redirect_neigh(next.ifindex, core::ptr::null_mut(), 0, 0) } as i32);
     }
-    Ok(TC_ACT_OK)
+    ctx.store(0, &next.dmac, 0).map_err(|_| DropReason::Rewrite)?;
+    ctx.store(6, &next.smac, 0).map_err(|_| DropReason::Rewrite)?;
+    Ok(unsafe { bpf_redirect(next.ifindex, 0) } as i32)
+}
+
+/// The path MTU `fib_prepare` found exceeded.
+#[inline(always)]
+pub fn fib_mtu() -> u32 {
+    fib_scratch.get(0).map(|n| n.mtu).unwrap_or(0)
 }

@@ -129,8 +129,19 @@ fn rule(ep_id: u32, identity: u32, dir: u8, proto: u8, port_be: u16) -> Option<u
 /// let it through, or the drop reason's code. A separate
 /// subprogram taking only the context: its cost is added once, not multiplied into the paths of
 /// the Service code.
-#[inline(never)]
+#[inline(always)]
 pub fn check(ctx: &TcContext, dir: u8) -> u32 {
+    ferry_policy_check(ctx.skb.skb, dir as u32)
+}
+
+/// `check` as a global BPF function: the verifier checks it once, on its own, instead of once
+/// for every state in which the Service path can reach it. It may take only the context and
+/// scalars.
+#[unsafe(no_mangle)]
+#[inline(never)]
+pub extern "C" fn ferry_policy_check(skb: *mut aya_ebpf::bindings::__sk_buff, dir: u32) -> u32 {
+    let ctx = &TcContext::new(skb);
+    let dir = dir as u8;
     let p = match parse::parse_ipv4(ctx) {
         Ok(Some(p)) => p,
         // Not IPv4, or malformed: the Service path decides (and counts) those.

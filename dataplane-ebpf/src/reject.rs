@@ -1,16 +1,22 @@
-//! Refusing a connection the way kube-proxy does, promptly: the packet is turned into its own
-//! answer (TCP RST, or ICMP port unreachable for UDP and SCTP) and sent back out of the interface
-//! it came in on, i.e. straight back to the pod.
+//! Answers Ferry builds itself, turning the packet into its own answer and sending it back out of
+//! the interface it came in on (straight back to a pod, or towards the outside sender):
+//! - refusing a connection the way kube-proxy does, promptly: TCP RST, or ICMP port unreachable
+//!   for UDP and SCTP;
+//! - ICMP fragmentation needed (RFC 1191) for a packet larger than the path MTU after
+//!   translation, so its sender's path MTU discovery works.
+//! Both carry `MARK_FERRY_REPLY`, so the to-pod hook lets them into an isolated client: they
+//! answer the client's own packet.
 use aya_ebpf::{
     bindings::TC_ACT_REDIRECT,
-    helpers::{bpf_redirect, bpf_skb_change_tail},
+    helpers::{bpf_redirect, bpf_skb_adjust_room, bpf_skb_change_tail},
     programs::TcContext,
 };
-use dataplane_common::{DropReason, IPPROTO_ICMP, IPPROTO_TCP};
+use dataplane_common::{stat, DropReason, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, MARK_FERRY_REPLY};
 
 use crate::{
     csum,
     parse::{Ipv4Packet, ETH_LEN, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
+    stats,
 };
 
 const RST_LEN: usize = ETH_LEN + 20 + 20;
@@ -23,7 +29,28 @@ const ICMP_HDR_END: usize = ETH_LEN + 20 + 8;
 /// A separate BPF subprogram, so its buffers do not add to the packet path's stack frame
 /// (512-byte limit); it takes only the context (a subprogram gets at most five register
 /// arguments) and parses the few fields it needs again: refusals are rare.
+/// `reply` as a global BPF function (verified once; callers see a scalar): the tc action, or
+/// `lb::DROP_CODE | reason`.
+#[unsafe(no_mangle)]
 #[inline(never)]
+pub extern "C" fn ferry_refuse(skb: *mut aya_ebpf::bindings::__sk_buff) -> u32 {
+    match reply(&TcContext::new(skb)) {
+        Ok(a) => a as u32,
+        Err(r) => crate::lb::DROP_CODE | r as u32,
+    }
+}
+
+/// `frag_needed` as a global BPF function, as [`ferry_refuse`].
+#[unsafe(no_mangle)]
+#[inline(never)]
+pub extern "C" fn ferry_frag_needed(skb: *mut aya_ebpf::bindings::__sk_buff, mtu: u32) -> u32 {
+    match frag_needed(&TcContext::new(skb), mtu) {
+        Ok(a) => a as u32,
+        Err(r) => crate::lb::DROP_CODE | r as u32,
+    }
+}
+
+#[inline(always)]
 pub fn reply(ctx: &TcContext) -> Result<i32, DropReason> {
     let p = match crate::parse::parse_ipv4(ctx)? {
         Some(p) => p,
@@ -39,9 +66,133 @@ pub fn reply(ctx: &TcContext) -> Result<i32, DropReason> {
     } else {
         icmp_unreachable(ctx, p)?;
     }
-    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
-    unsafe { bpf_redirect(ifindex, 0) };
-    Ok(TC_ACT_REDIRECT)
+    Ok(send_back(ctx))
+}
+
+/// Marks the answer as Ferry's own and sends it out of the interface the packet came in on.
+#[inline(always)]
+fn send_back(ctx: &TcContext) -> i32 {
+    unsafe {
+        (*ctx.skb.skb).mark = MARK_FERRY_REPLY;
+        bpf_redirect((*ctx.skb.skb).ifindex, 0);
+    }
+    TC_ACT_REDIRECT
+}
+
+/// Header and ICMP bytes the fragmentation-needed answer puts in front of the quoted packet.
+const OUTER: usize = 20 + 8;
+/// Bytes of the quoted packet's L4 header kept: TCP up to and including its checksum field
+/// (see below), 8 for the rest (RFC 792's minimum, UDP's whole header).
+const QUOTE_TCP: usize = 20;
+const QUOTE_OTHER: usize = 8;
+const BPF_ADJ_ROOM_NET: u32 = 0;
+const BPF_F_RECOMPUTE_CSUM: u64 = 1;
+const ICMP_DEST_UNREACH: u8 = 3;
+const ICMP_FRAG_NEEDED: u8 = 4;
+
+/// Turns the packet (untranslated, as its sender sent it) into ICMP fragmentation needed with
+/// next-hop MTU `mtu`, from the address it was sent to, and sends it back. Returns the tc action.
+///
+/// Built in place, and robust to the packet's checksum offload state, which BPF cannot read or
+/// reset: a packet from a local stack or merged by GRO is CHECKSUM_PARTIAL, and whoever transmits
+/// it later writes the one's-complement sum of everything from the L4 header it started with at
+/// that header's checksum offset. So the original L4 bytes stay where they are (the new headers
+/// are inserted after the first 20 bytes of the IP header, which BPF_ADJ_ROOM_NET does), and the
+/// quoted L4 checksum field is set to the one value that such a completion writes back
+/// unchanged. Whether or not the completion happens, the bytes on the wire are the same.
+#[inline(always)]
+pub fn frag_needed(ctx: &TcContext, mtu: u32) -> Result<i32, DropReason> {
+    let p = match crate::parse::parse_ipv4(ctx)? {
+        Some(p) => p,
+        None => return Err(DropReason::Malformed),
+    };
+    // Only a packet that may not be fragmented gets the answer (a super-packet's segments carry
+    // DF as the stack built them); one that may be cannot be fragmented here either: dropped
+    // and counted.
+    let df = ctx.load::<u8>(ETH_LEN + 6).map_err(|_| DropReason::Malformed)? & 0x40 != 0;
+    let gso = unsafe { (*ctx.skb.skb).gso_size } != 0;
+    let quote_l4 = if p.proto == IPPROTO_TCP { QUOTE_TCP } else { QUOTE_OTHER };
+    if !(df || gso) || p.frag_off != 0 || p.ihl > 60 || p.tot_len < p.ihl + quote_l4 {
+        return Err(DropReason::FragNeeded);
+    }
+    // The sender's IP header, before it moves.
+    let base: [u8; 20] = ctx.load(ETH_LEN).map_err(|_| DropReason::Malformed)?;
+    let macs: [u8; 12] = ctx.load(0).map_err(|_| DropReason::Malformed)?;
+    // Trim to the quote (this also ends GSO), then make room for the new headers. After that the
+    // packet is [ETH][old IP base][28 zero bytes][old IP options][quoted L4], and the L4 bytes
+    // are where they were.
+    resize(ctx, ETH_LEN + p.ihl + quote_l4)?;
+    if unsafe { bpf_skb_adjust_room(ctx.skb.skb, OUTER as i32, BPF_ADJ_ROOM_NET, 0) } != 0 {
+        return Err(DropReason::Rewrite);
+    }
+    let q = ETH_LEN + OUTER; // the quoted IP header
+    let l4 = q + p.ihl;
+    ctx.store(q, &base, BPF_F_RECOMPUTE_CSUM).map_err(|_| DropReason::Rewrite)?;
+    // The quoted L4 checksum field: V with V = ~(R + V) in one's complement, R the sum of the
+    // other quoted L4 bytes, i.e. V = rotr1(~R). A CHECKSUM_PARTIAL completion computes exactly
+    // ~(R + V) and stores it over V.
+    let (ck, words): (usize, [u8; QUOTE_TCP]) = if p.proto == IPPROTO_TCP {
+        (16, ctx.load(l4).map_err(|_| DropReason::Malformed)?)
+    } else {
+        let w: [u8; QUOTE_OTHER] = ctx.load(l4).map_err(|_| DropReason::Malformed)?;
+        let mut all = [0u8; QUOTE_TCP];
+        all[..QUOTE_OTHER].copy_from_slice(&w);
+        (6, all)
+    };
+    if p.proto == IPPROTO_TCP || p.proto == IPPROTO_UDP {
+        let mut r = 0u32;
+        let mut i = 0;
+        while i < QUOTE_TCP / 2 {
+            if i * 2 != ck && i * 2 < quote_l4 {
+                r += u16::from_be_bytes([words[i * 2], words[i * 2 + 1]]) as u32;
+            }
+            i += 1;
+        }
+        r = (r & 0xffff) + (r >> 16);
+        r = (r & 0xffff) + (r >> 16);
+        let v = (!(r as u16)).rotate_right(1);
+        ctx.store(l4 + ck, &v.to_be_bytes(), BPF_F_RECOMPUTE_CSUM).map_err(|_| DropReason::Rewrite)?;
+    }
+    // The ICMP checksum covers its header and the whole quote, read back as it now stands (in
+    // 4-byte words: IHL*4 and both quote lengths are multiples of 4, and a constant bound keeps
+    // every access provably inside the buffer).
+    let quote = p.ihl + quote_l4;
+    let mut sum = ((ICMP_DEST_UNREACH as u32) << 8 | ICMP_FRAG_NEEDED as u32) + (mtu & 0xffff);
+    let mut i = 0;
+    while i < (60 + QUOTE_TCP) / 4 {
+        if i * 4 >= quote {
+            break;
+        }
+        let w: [u8; 4] = ctx.load(q + i * 4).map_err(|_| DropReason::Malformed)?;
+        sum += u16::from_be_bytes([w[0], w[1]]) as u32 + u16::from_be_bytes([w[2], w[3]]) as u32;
+        i += 1;
+    }
+    let mut icmp = [0u8; 8];
+    icmp[0] = ICMP_DEST_UNREACH;
+    icmp[1] = ICMP_FRAG_NEEDED;
+    icmp[6..8].copy_from_slice(&(mtu as u16).to_be_bytes());
+    let c = csum::fold(sum);
+    icmp[2..4].copy_from_slice(&c);
+    // The new IP header, from the address the packet was sent to, back to its sender.
+    let mut head = [0u8; ETH_LEN + 20];
+    head[0..6].copy_from_slice(&macs[6..12]);
+    head[6..12].copy_from_slice(&macs[0..6]);
+    head[12] = 0x08;
+    let ip = &mut head[ETH_LEN..];
+    ip[0] = 0x45;
+    ip[1] = base[1];
+    ip[2..4].copy_from_slice(&((20 + 8 + quote) as u16).to_be_bytes());
+    ip[6] = 0x40; // DF
+    ip[8] = 64;
+    ip[9] = IPPROTO_ICMP;
+    ip[12..16].copy_from_slice(&base[16..20]);
+    ip[16..20].copy_from_slice(&base[12..16]);
+    let c = csum::fold(csum::add(0, ip, 20));
+    ip[10..12].copy_from_slice(&c);
+    ctx.store(0, &head, BPF_F_RECOMPUTE_CSUM).map_err(|_| DropReason::Rewrite)?;
+    ctx.store(ETH_LEN + 20, &icmp, BPF_F_RECOMPUTE_CSUM).map_err(|_| DropReason::Rewrite)?;
+    stats::count(stat::ICMP_FRAG_NEEDED);
+    Ok(send_back(ctx))
 }
 
 #[inline(always)]

@@ -56,6 +56,25 @@ fn zero_bytes(mut n: u32) -> u32 {
 /// (the ports) changed from `old` to `new` (raw wire bytes as u32).
 #[inline(always)]
 pub fn patch_crc(ctx: &TcContext, l4_off: usize, l4_len: usize, old: u32, new: u32) -> Result<(), DropReason> {
+    match ferry_sctp_patch_crc(ctx.skb.skb, l4_off as u32, l4_len as u32, old, new) {
+        0 => Ok(()),
+        code => Err(DropReason::from_code(code)),
+    }
+}
+
+/// The patch as a global BPF function: its ~800 loop iterations are verified once per program,
+/// not once for every path that reaches a port rewrite. Returns 0 or the drop reason's code.
+#[unsafe(no_mangle)]
+#[inline(never)]
+pub extern "C" fn ferry_sctp_patch_crc(skb: *mut aya_ebpf::bindings::__sk_buff, l4_off: u32, l4_len: u32, old: u32, new: u32) -> u32 {
+    match patch(&TcContext::new(skb), l4_off as usize, l4_len as usize, old, new) {
+        Ok(()) => 0,
+        Err(r) => r as u32,
+    }
+}
+
+#[inline(always)]
+fn patch(ctx: &TcContext, l4_off: usize, l4_len: usize, old: u32, new: u32) -> Result<(), DropReason> {
     if !(12..=MAX_LEN).contains(&l4_len) {
         return Err(DropReason::SctpPortNat);
     }

@@ -13,7 +13,7 @@
 //! programs use, so the two paths agree on every flow.
 use aya_ebpf::{
     bindings::{bpf_fib_lookup, xdp_action, BPF_FIB_LKUP_RET_SUCCESS},
-    helpers::{bpf_fib_lookup as fib_lookup, bpf_ktime_get_ns},
+    helpers::bpf_fib_lookup as fib_lookup,
     programs::XdpContext,
 };
 use dataplane_common::{
@@ -23,9 +23,10 @@ use dataplane_common::{
 
 use crate::{
     csum::{csum_replace2, csum_replace4},
-    lb::{backend_alive, ct_key, lb4_lookup_service, lb4_new_connection, lb4_source_allowed, Hook, Masq},
-    maps::ct4_v1,
-    parse::{Ipv4Packet, ETH_LEN},
+    conntrack,
+    lb::{backend_alive, ct_key, lb4_lookup_service, lb4_new_connection, lb4_source_allowed, Hook, Masq, Verdict, DROP_CODE},
+    maps::path_scratch,
+    parse::{Ipv4Packet, ETH_LEN, TCP_SYN},
     stats,
 };
 
@@ -83,9 +84,20 @@ fn rewrite(ctx: &XdpContext, p: &Ipv4Packet, e: &Ct4Entry) -> Option<()> {
     Some(())
 }
 
-/// Finishes a translated flow in XDP when it can, else passes it untouched to tc.
+/// Finishes a translated flow in XDP when it can, else passes it untouched to tc. Returns the XDP
+/// action, or `lb::DROP_CODE | reason`.
+// A separate BPF subprogram: its frame (the FIB lookup's parameters) stays off the one that
+// creates connections (512 bytes for the whole call chain).
+#[inline(never)]
+fn forward(ctx: &XdpContext, p: &mut Ipv4Packet, e: &mut Ct4Entry) -> u32 {
+    match forward_inner(ctx, p, e) {
+        Ok(a) => a,
+        Err(r) => DROP_CODE | r as u32,
+    }
+}
+
 #[inline(always)]
-fn forward(ctx: &XdpContext, p: &Ipv4Packet, e: &Ct4Entry) -> Result<u32, DropReason> {
+fn forward_inner(ctx: &XdpContext, p: &Ipv4Packet, e: &Ct4Entry) -> Result<u32, DropReason> {
     if e.flags & CT_F_REDIRECT == 0 {
         rewrite(ctx, p, e).ok_or(DropReason::Malformed)?;
         stats::count(stat::XDP_FORWARD);
@@ -155,15 +167,23 @@ pub fn try_nodeport(ctx: &XdpContext) -> Result<u32, DropReason> {
         dport_be: u16::from_ne_bytes([ports[2], ports[3]]),
         tcp_flags,
     };
-    let key = ct_key(&p);
-    if let Some(ep) = ct4_v1.get_ptr_mut(&key) {
-        let e = unsafe { *ep };
-        // Connections pods opened, and ones whose backend left (tc re-balances them), go to tc.
-        if e.flags & CT_F_EXTERNAL == 0 || (e.flags & CT_F_FORWARD != 0 && !backend_alive(&e)) {
+    let mut p = p;
+    let Some(sc) = path_scratch.get_ptr_mut(0) else { return Ok(PASS) };
+    // SAFETY: per-CPU slot, used by this packet only.
+    let sc = unsafe { &mut *sc };
+    let mut key = ct_key(&p);
+    let now = conntrack::now();
+    if let Some(mut hit) = conntrack::lookup(&key, now) {
+        // SAFETY: pointer from a successful lookup.
+        let e = unsafe { &*hit.ptr };
+        // Connections pods opened, ones whose backend left (tc re-balances them), and a SYN on a
+        // closed connection's tuple (tc reopens it or retires stale entries) go to tc.
+        let syn_on_closed = p.proto == IPPROTO_TCP && p.tcp_flags & TCP_SYN != 0 && conntrack::is_closed(e.state);
+        if e.flags & CT_F_EXTERNAL == 0 || (e.flags & CT_F_FORWARD != 0 && !backend_alive(e)) || syn_on_closed {
             return Ok(PASS);
         }
-        unsafe { (*ep).last_seen_ns = bpf_ktime_get_ns() };
-        return forward(ctx, &p, &e);
+        conntrack::track(&mut hit, &mut key, &mut p, &mut sc.e);
+        return Verdict::decode_xdp(forward(ctx, &mut p, &mut sc.e));
     }
     let svc = match lb4_lookup_service(p.daddr_be, p.dport_be, p.proto, SCOPE_EXTERNAL) {
         Some(s) if s.flags & SVC_F_ADDR_ONLY == 0 => s,
@@ -176,7 +196,11 @@ pub fn try_nodeport(ctx: &XdpContext) -> Result<u32, DropReason> {
         // A refusal or a traffic-policy drop: tc answers and counts it.
         return Ok(PASS);
     }
-    let e = lb4_new_connection(&p, &svc, Hook::FromWorld, Masq::RemoteBackend)?;
+    sc.svc = svc;
+    let code = lb4_new_connection(&mut p, &mut sc.svc, Hook::FromWorld as u32, Masq::RemoteBackend as u32, &mut sc.e);
+    if code != 0 {
+        return Err(DropReason::from_code(code));
+    }
     stats::count(stat::EXTERNAL_NEW);
-    forward(ctx, &p, &e)
+    Verdict::decode_xdp(forward(ctx, &mut p, &mut sc.e))
 }

@@ -47,12 +47,23 @@ pub fn explain(pin_dir: &Path, from: Ipv4Addr, to: SocketAddrV4, proto: Proto) -
             } else {
                 writeln!(out, "{from} -> {fe}: translated to one of [{}] (service id {})", backends.join(", "), svc.svc_id).unwrap();
             }
+            let now = crate::bpf::conntrack::monotonic_ns();
             let existing: Vec<String> = maps
-                .conntrack
-                .iter()
-                .flatten()
+                .ct
+                .rows()
+                .into_iter()
+                .filter(|r| r.entry.expires_ns > now)
+                .map(|r| (r.key, r.entry))
                 .filter(|(k, _)| k.saddr_be == u32::from_ne_bytes(from.octets()) && k.daddr_be == u32::from_ne_bytes(to.ip().octets()) && u16::from_be(k.dport_be) == to.port() && k.proto == proto.number())
-                .map(|(k, e)| format!("  existing connection from port {} -> {}:{}", u16::from_be(k.sport_be), Ipv4Addr::from(e.nat_daddr_be.to_ne_bytes()), u16::from_be(e.nat_dport_be)))
+                .map(|(k, e)| {
+                    format!(
+                        "  existing connection from port {} -> {}:{} ({})",
+                        u16::from_be(k.sport_be),
+                        Ipv4Addr::from(e.nat_daddr_be.to_ne_bytes()),
+                        u16::from_be(e.nat_dport_be),
+                        crate::bpf::conntrack::state_name(&e, k.proto)
+                    )
+                })
                 .collect();
             for l in existing {
                 writeln!(out, "{l}").unwrap();

@@ -301,13 +301,15 @@ impl Runner {
         let mut ebpf = loader::load_with(None, &loader::PRIVATE_CAPACITIES).map_err(|e| vec![e.to_string()])?;
         attach::load_programs(&mut ebpf).map_err(|e| vec![e.to_string()])?;
         let mut maps = BpfMaps::from_ebpf(&mut ebpf).map_err(|e| vec![e.to_string()])?;
-        let (_, map_errors) = Reconciler::new().sync(&desired, &cidrs, &mut maps);
+        let mut rec = Reconciler::new();
+        rec.host_addrs = node_ips.clone();
+        let (_, map_errors) = rec.sync(&desired, &cidrs, &mut maps);
         if !map_errors.is_empty() {
             return Err(map_errors);
         }
         let snat_addr_be = node.ips.first().map(|ip| u32::from_ne_bytes(ip.octets())).unwrap_or(0);
         let (cluster_cidr_be, cluster_mask_be) = cluster_cidr.map(|c| c.addr_mask_be()).unwrap_or((0, 0));
-        maps.set_config(dataplane_common::NodeConfig { snat_addr_be, snat_port_min: 61000, snat_port_max: 65535, cluster_cidr_be, cluster_mask_be })
+        maps.set_config(dataplane_common::NodeConfig { snat_addr_be, snat_port_min: 61000, snat_port_max: 65535, cluster_cidr_be, cluster_mask_be, ..Default::default() })
             .map_err(|e| vec![e.to_string()])?;
         let mut pol = crate::agent::PolicyState::default();
         let (_, _, perr, pmap) = pol.sync(&mut maps, &objs, &node);

@@ -1,0 +1,383 @@
+//! Connection tracking with a lifecycle, shared by the tc and XDP paths.
+//!
+//! Every translated connection has two entries, the forward one keyed by the client's tuple and
+//! the reply one keyed by the translated tuple reversed; each entry's translation reversed is its
+//! peer's key, so either finds the other with one lookup. Both carry the same lifecycle state
+//! (`CT_S_*`) and expiry, refreshed together at most once a second and on every state change.
+//!
+//! Two maps, so that churn can never evict a live connection:
+//! - `ct4_v2` (LRU) holds new, unreplied and closing connections. Under pressure the least
+//!   recently used of those go first: netfilter's early drop of unassured entries.
+//! - `ct4_assured_v2` (a plain hash map) holds established connections. Nothing evicts them;
+//!   they leave when they close (back to the LRU map for their last packets) or time out
+//!   (garbage collection by the agent, and the packet path treats an expired entry as absent).
+//!
+//! Timeouts are netfilter's and kube-proxy's (see `dataplane_common::ct_timeout`), configurable
+//! per node through `NodeConfig::ct_timeout_s`.
+use aya_ebpf::helpers::bpf_ktime_get_ns;
+use dataplane_common::{
+    ct_timeout, stat, Ct4Entry, Ct4Key, DropReason, CT_F_REPLY, CT_S_ASSURED, CT_S_ESTABLISHED, CT_S_FIN_ORIG, CT_S_FIN_REPLY, CT_S_RST,
+    CT_S_SEEN_REPLY, CT_TIMEOUT_DEFAULT_S, IPPROTO_TCP,
+};
+
+use crate::{
+    maps::{cfg4_v3, ct4_assured_v2, ct4_v2, ct_scratch},
+    parse::{Ipv4Packet, TCP_ACK, TCP_FIN, TCP_RST},
+    stats,
+};
+
+pub const SECOND: u64 = 1_000_000_000;
+const BPF_NOEXIST: u64 = 1;
+/// A closed connection's source port may go to a new connection this long after its last packet
+/// (its final ACK has long arrived); before that, only if it expired.
+const PORT_REUSE_AFTER_NS: u64 = 2 * SECOND;
+
+#[inline(always)]
+pub fn now() -> u64 {
+    unsafe { bpf_ktime_get_ns() }
+}
+
+/// The key of `e`'s peer: its translated tuple, reversed.
+#[inline(always)]
+pub fn peer_key(e: &Ct4Entry, proto: u8) -> Ct4Key {
+    Ct4Key { saddr_be: e.nat_daddr_be, daddr_be: e.nat_saddr_be, sport_be: e.nat_dport_be, dport_be: e.nat_sport_be, proto, pad: [0; 3] }
+}
+
+/// The tuple of a packet going the other way.
+#[inline(always)]
+pub fn reversed(k: &Ct4Key) -> Ct4Key {
+    Ct4Key { saddr_be: k.daddr_be, daddr_be: k.saddr_be, sport_be: k.dport_be, dport_be: k.sport_be, proto: k.proto, pad: [0; 3] }
+}
+
+/// TCP: over (a RST, or a FIN each way). Its entries only translate stragglers now.
+#[inline(always)]
+pub fn is_closed(state: u32) -> bool {
+    state & CT_S_RST != 0 || state & (CT_S_FIN_ORIG | CT_S_FIN_REPLY) == (CT_S_FIN_ORIG | CT_S_FIN_REPLY)
+}
+
+/// Entries being built or moved, per CPU (`maps::ct_scratch`).
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct CtScratch {
+    /// A new connection's reply entry (`place_reply`).
+    pub rev: Ct4Entry,
+    /// The two entries of a connection moving between the maps (`move_pair`).
+    pub mine: Ct4Entry,
+    pub peer: Ct4Entry,
+}
+
+/// The per-CPU scratch. It always exists (an array slot); the `None` arm only satisfies the
+/// verifier.
+#[inline(always)]
+pub fn scratch() -> Option<&'static mut CtScratch> {
+    // SAFETY: per-CPU slot, used by one packet at a time on this CPU.
+    ct_scratch.get_ptr_mut(0).map(|p| unsafe { &mut *p })
+}
+
+/// A live entry found for a key, and which map holds it.
+#[derive(Clone, Copy)]
+pub struct Hit {
+    pub ptr: *mut Ct4Entry,
+    pub assured: bool,
+}
+
+/// Finds the live entry for `key`: the assured map first (most packets belong to established
+/// connections), then the LRU map. An expired entry counts as absent and is deleted on the way.
+#[inline(always)]
+pub fn lookup(key: &Ct4Key, now: u64) -> Option<Hit> {
+    if let Some(ptr) = ct4_assured_v2.get_ptr_mut(key) {
+        // SAFETY: pointer from a successful lookup.
+        if unsafe { (*ptr).expires_ns } > now {
+            return Some(Hit { ptr, assured: true });
+        }
+        stats::count(stat::CT_EXPIRED);
+        let _ = ct4_assured_v2.remove(key);
+    }
+    if let Some(ptr) = ct4_v2.get_ptr_mut(key) {
+        if unsafe { (*ptr).expires_ns } > now {
+            return Some(Hit { ptr, assured: false });
+        }
+        stats::count(stat::CT_EXPIRED);
+        remove_lru(key);
+    }
+    None
+}
+
+#[inline(always)]
+fn remove_lru(key: &Ct4Key) {
+    if ct4_v2.remove(key).is_ok() {
+        stats::count(stat::CT_DELETED);
+    }
+}
+
+#[inline(always)]
+fn remove_from(assured: bool, key: &Ct4Key) {
+    if assured {
+        let _ = ct4_assured_v2.remove(key);
+    } else {
+        remove_lru(key);
+    }
+}
+
+/// Deletes a connection: the entry at `key` (held by `hit`) and its peer.
+#[inline(always)]
+pub fn remove_pair(key: &Ct4Key, e: &Ct4Entry, assured: bool, proto: u8) {
+    remove_from(assured, &peer_key(e, proto));
+    remove_from(assured, key);
+}
+
+/// How long a connection in `state` lives without a packet.
+#[inline(always)]
+pub fn timeout_ns(proto: u8, state: u32) -> u64 {
+    let idx = if proto == IPPROTO_TCP {
+        if state & CT_S_RST != 0 {
+            ct_timeout::TCP_CLOSE
+        } else if is_closed(state) {
+            ct_timeout::TCP_TIME_WAIT
+        } else if state & (CT_S_FIN_ORIG | CT_S_FIN_REPLY) != 0 {
+            ct_timeout::TCP_CLOSE_WAIT
+        } else if state & CT_S_ESTABLISHED != 0 {
+            ct_timeout::TCP_ESTABLISHED
+        } else {
+            ct_timeout::TCP_SYN
+        }
+    } else if state & CT_S_SEEN_REPLY != 0 {
+        ct_timeout::UDP_STREAM
+    } else {
+        ct_timeout::UDP
+    };
+    // Masked so the verifier sees the index in bounds.
+    let idx = idx & (ct_timeout::COUNT - 1);
+    let configured = cfg4_v3.get(0).map(|c| c.ct_timeout_s[idx]).unwrap_or(0);
+    let s = if configured != 0 { configured } else { default_timeout_s(idx) };
+    s as u64 * SECOND
+}
+
+/// `CT_TIMEOUT_DEFAULT_S[idx]`, as a match (no read-only data section for one table).
+#[inline(always)]
+fn default_timeout_s(idx: usize) -> u32 {
+    match idx {
+        ct_timeout::TCP_SYN => CT_TIMEOUT_DEFAULT_S[ct_timeout::TCP_SYN],
+        ct_timeout::TCP_ESTABLISHED => CT_TIMEOUT_DEFAULT_S[ct_timeout::TCP_ESTABLISHED],
+        ct_timeout::TCP_CLOSE_WAIT => CT_TIMEOUT_DEFAULT_S[ct_timeout::TCP_CLOSE_WAIT],
+        ct_timeout::TCP_TIME_WAIT => CT_TIMEOUT_DEFAULT_S[ct_timeout::TCP_TIME_WAIT],
+        ct_timeout::TCP_CLOSE => CT_TIMEOUT_DEFAULT_S[ct_timeout::TCP_CLOSE],
+        ct_timeout::UDP_STREAM => CT_TIMEOUT_DEFAULT_S[ct_timeout::UDP_STREAM],
+        _ => CT_TIMEOUT_DEFAULT_S[ct_timeout::UDP],
+    }
+}
+
+/// The lifecycle bits after packet `p` went through entry `e`.
+#[inline(always)]
+fn next_state(e: &Ct4Entry, p: &Ipv4Packet) -> u32 {
+    let reply = e.flags & CT_F_REPLY != 0;
+    let mut st = e.state;
+    if reply {
+        st |= CT_S_SEEN_REPLY;
+    }
+    if p.proto == IPPROTO_TCP {
+        if p.tcp_flags & TCP_RST != 0 {
+            st |= CT_S_RST;
+        }
+        if p.tcp_flags & TCP_FIN != 0 {
+            st |= if reply { CT_S_FIN_REPLY } else { CT_S_FIN_ORIG };
+        }
+        // The client acknowledging the backend's reply completes the handshake.
+        if !reply && st & CT_S_SEEN_REPLY != 0 && p.tcp_flags & TCP_ACK != 0 {
+            st |= CT_S_ESTABLISHED;
+        }
+    } else if st & CT_S_SEEN_REPLY != 0 {
+        st |= CT_S_ESTABLISHED;
+    }
+    st
+}
+
+/// Applies packet `p` to its connection (found at `key` through `hit`): lifecycle bits, expiry
+/// (refreshed at most once a second, and on every change, in both entries), and the move between
+/// the maps when the connection becomes established or closes. Returns the entry to translate
+/// the packet with.
+///
+/// The entry is written to `out`.
+// A separate BPF subprogram (the tc and XDP paths, and its moves between maps, would otherwise
+// multiply into every path that follows); `&mut` arguments only, see lb::handle_ipv4.
+#[inline(never)]
+pub fn track(hit: &mut Hit, key: &mut Ct4Key, p: &mut Ipv4Packet, out: &mut Ct4Entry) {
+    let now = now();
+    // SAFETY: pointer from a successful lookup; copied (into the caller's scratch) before use.
+    *out = unsafe { *hit.ptr };
+    let st = next_state(out, p);
+    let want_assured = st & CT_S_ESTABLISHED != 0 && !(p.proto == IPPROTO_TCP && is_closed(st));
+    let moving = want_assured != hit.assured;
+    if st == out.state && !moving && now.saturating_sub(out.last_seen_ns) < SECOND {
+        return;
+    }
+    out.state = st;
+    out.last_seen_ns = now;
+    out.expires_ns = now + timeout_ns(p.proto, st);
+    let pkey = peer_key(out, p.proto);
+    if moving && move_pair(key, &pkey, out, want_assured) {
+        out.state ^= CT_S_ASSURED;
+        return;
+    }
+    // SAFETY: as above; written field by field so a concurrent update of the translation (a
+    // reopened tuple) is not undone.
+    unsafe {
+        (*hit.ptr).state = st;
+        (*hit.ptr).last_seen_ns = now;
+        (*hit.ptr).expires_ns = out.expires_ns;
+    }
+    let peer = if hit.assured { ct4_assured_v2.get_ptr_mut(&pkey) } else { ct4_v2.get_ptr_mut(&pkey) };
+    if let Some(pp) = peer {
+        unsafe {
+            (*pp).state = st;
+            (*pp).last_seen_ns = now;
+            (*pp).expires_ns = out.expires_ns;
+        }
+    }
+}
+
+/// Moves a connection's two entries to the assured map (`to_assured`) or back to the LRU map,
+/// the new copies first so a packet on another CPU always finds one. Returns false (and leaves
+/// everything where it was) when the assured map is full.
+// A separate BPF subprogram; the entries it moves are copied through the per-CPU scratch, not
+// its stack.
+#[inline(never)]
+fn move_pair(key: &Ct4Key, pkey: &Ct4Key, e: &Ct4Entry, to_assured: bool) -> bool {
+    let Some(sc) = scratch() else { return false };
+    let state = if to_assured { e.state | CT_S_ASSURED } else { e.state & !CT_S_ASSURED };
+    sc.mine = *e;
+    sc.mine.state = state;
+    let src = if to_assured { ct4_v2.get_ptr(pkey) } else { ct4_assured_v2.get_ptr(pkey) };
+    let have_peer = match src {
+        Some(p) => {
+            // SAFETY: pointer from a successful lookup.
+            sc.peer = unsafe { *p };
+            sc.peer.state = state;
+            sc.peer.last_seen_ns = e.last_seen_ns;
+            sc.peer.expires_ns = e.expires_ns;
+            true
+        }
+        None => false,
+    };
+    if to_assured {
+        if ct4_assured_v2.insert(key, &sc.mine, 0).is_err() {
+            stats::count(stat::CT_ASSURED_FULL);
+            return false;
+        }
+        if have_peer && ct4_assured_v2.insert(pkey, &sc.peer, 0).is_err() {
+            let _ = ct4_assured_v2.remove(key);
+            stats::count(stat::CT_ASSURED_FULL);
+            return false;
+        }
+        remove_lru(pkey);
+        remove_lru(key);
+        stats::count(stat::CT_ASSURED);
+    } else {
+        if ct4_v2.insert(key, &sc.mine, 0).is_ok() {
+            stats::count(stat::CT_CREATED);
+        }
+        if have_peer && ct4_v2.insert(pkey, &sc.peer, 0).is_ok() {
+            stats::count(stat::CT_CREATED);
+        }
+        let _ = ct4_assured_v2.remove(pkey);
+        let _ = ct4_assured_v2.remove(key);
+        stats::count(stat::CT_CLOSING);
+    }
+    true
+}
+
+/// What `place_reply` found at a translated tuple.
+pub const PLACED: u32 = 0;
+pub const TAKEN: u32 = 1;
+
+/// Records the reply entry of a new connection (built in the per-CPU scratch, `rev`) at its
+/// translated tuple `rev_key`, which must be unique. The tuple may be held by:
+/// - this very connection (a retransmitted first packet): refreshed;
+/// - an expired connection, or one closed at least two seconds ago (netfilter reuses TIME_WAIT
+///   tuples the same way when it runs out of ports): taken over, its forward entry deleted so
+///   its stragglers cannot be translated onto the new connection;
+/// - a live connection: `TAKEN`, the caller tries another source port.
+#[inline(always)]
+pub fn place_reply(rev_key: &Ct4Key) -> u32 {
+    ferry_ct_place_reply(rev_key.saddr_be, rev_key.daddr_be, ((rev_key.sport_be as u32) << 16) | rev_key.dport_be as u32, rev_key.proto as u32)
+}
+
+/// `place_reply` as a global BPF function, called from a loop over candidate ports: verified
+/// once, not once per iteration. Scalars only (the tuple, ports packed as `sport << 16 | dport`
+/// in wire order); the entry comes through the scratch.
+#[unsafe(no_mangle)]
+#[inline(never)]
+pub extern "C" fn ferry_ct_place_reply(saddr_be: u32, daddr_be: u32, ports: u32, proto: u32) -> u32 {
+    let rev_key = &Ct4Key { saddr_be, daddr_be, sport_be: (ports >> 16) as u16, dport_be: ports as u16, proto: proto as u8, pad: [0; 3] };
+    let Some(sc) = scratch() else { return TAKEN };
+    let rev = &sc.rev;
+    let now = rev.created_ns;
+    let proto = rev_key.proto;
+    // The assured map first: a tuple it holds must not be shadowed by a new LRU entry.
+    let (old, assured) = match ct4_assured_v2.get_ptr(rev_key) {
+        // SAFETY: pointer from a successful lookup.
+        Some(o) => (unsafe { *o }, true),
+        None => {
+            if ct4_v2.insert(rev_key, rev, BPF_NOEXIST).is_ok() {
+                stats::count(stat::CT_CREATED);
+                return PLACED;
+            }
+            match ct4_v2.get_ptr(rev_key) {
+                Some(o) => (unsafe { *o }, false),
+                // Gone in between (evicted): take the tuple.
+                None => {
+                    return if ct4_v2.insert(rev_key, rev, 0).is_ok() { PLACED } else { TAKEN };
+                }
+            }
+        }
+    };
+    // Compared with XOR/OR: a field-by-field `==` chain becomes a bcmp() call, which the BPF
+    // target can only emit as a subprogram the verifier rejects here.
+    let same = ((old.nat_daddr_be ^ rev.nat_daddr_be)
+        | (old.nat_saddr_be ^ rev.nat_saddr_be)
+        | ((old.nat_dport_be ^ rev.nat_dport_be) as u32)
+        | ((old.nat_sport_be ^ rev.nat_sport_be) as u32))
+        == 0;
+    let expired = old.expires_ns <= now;
+    let reusable = proto == IPPROTO_TCP && is_closed(old.state) && now.saturating_sub(old.last_seen_ns) >= PORT_REUSE_AFTER_NS;
+    if !same && !expired && !reusable {
+        return TAKEN;
+    }
+    if !same {
+        // The old connection's forward entry would translate its stragglers onto this tuple.
+        remove_from(assured, &peer_key(&old, proto));
+        stats::count(stat::PORT_REUSE);
+    }
+    if assured {
+        let _ = ct4_assured_v2.remove(rev_key);
+        if ct4_v2.insert(rev_key, rev, 0).is_ok() {
+            stats::count(stat::CT_CREATED);
+        }
+    } else if ct4_v2.insert(rev_key, rev, 0).is_err() {
+        return TAKEN;
+    }
+    PLACED
+}
+
+/// Records the forward entry `fwd` of a new connection (its reply entry is in place). When
+/// another CPU created the same connection at the same moment (a UDP burst), `fwd` becomes its
+/// entry, so every packet of the flow goes one way. Returns 0 or the drop reason's code.
+#[inline(always)]
+pub fn place_forward(key: &Ct4Key, fwd: &mut Ct4Entry, alive: impl Fn(&Ct4Entry) -> bool) -> u32 {
+    if ct4_v2.insert(key, &*fwd, BPF_NOEXIST).is_ok() {
+        stats::count(stat::CT_CREATED);
+        return 0;
+    }
+    if let Some(existing) = ct4_v2.get_ptr(key) {
+        // SAFETY: pointer from a successful lookup.
+        let existing = unsafe { &*existing };
+        if existing.expires_ns > fwd.created_ns && alive(existing) && !is_closed(existing.state) {
+            *fwd = *existing;
+            return 0;
+        }
+    }
+    match ct4_v2.insert(key, &*fwd, 0) {
+        Ok(()) => 0,
+        Err(_) => DropReason::CtInsert as u32,
+    }
+}
