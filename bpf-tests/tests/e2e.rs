@@ -153,9 +153,13 @@ fn live_trace_reads_the_running_nodes_maps() {
     assert!(trace("10.96.0.10:81/tcp").contains("REJECT (a ClusterIP"), "unexposed port");
     assert!(trace("10.96.7.7:80/tcp").contains("DROP"), "unallocated service address");
     assert!(trace("10.201.2.11:8080/tcp").contains("PASS"), "pod address");
-    // Read-only: asking created no conntrack entry (still the one connection, both directions).
-    let ct = std::process::Command::new("bpftool").args(["map", "dump", "pinned"]).arg(c.nodes[0].pin.path.join("ct4_v1")).output().unwrap();
-    assert_eq!(String::from_utf8_lossy(&ct.stdout).matches("\"key\"").count(), 2);
+    // Read-only: asking created no conntrack entry (still the one connection, both directions,
+    // established, so in the assured map).
+    let entries = |map: &str| {
+        let ct = std::process::Command::new("bpftool").args(["map", "dump", "pinned"]).arg(c.nodes[0].pin.path.join(map)).output().unwrap();
+        String::from_utf8_lossy(&ct.stdout).matches("\"key\"").count()
+    };
+    assert_eq!((entries("ct4_assured_v2"), entries("ct4_v2")), (2, 0));
 }
 
 #[test]
@@ -195,7 +199,23 @@ fn inspection_and_metrics_show_live_traffic_by_service_name() {
         .find(|l| l.starts_with("ferry_service_packets_total{service=\"lab/echo-udp:echo-udp\",frontend=\"10.96.0.20:53/UDP\""))
         .unwrap_or_else(|| panic!("{page}"));
     assert_eq!(packets.rsplit(' ').next().unwrap(), "10", "5 datagrams and 5 answers: {packets}");
-    assert!(page.contains("ferry_conntrack_entries{proto=\"TCP\",direction=\"forward\"} 1"), "{page}");
+    // Conntrack figures come from the garbage collector's runs (a scrape never walks conntrack):
+    // wait for one that saw the connection.
+    let deadline = Instant::now() + std::time::Duration::from_secs(20);
+    let page = loop {
+        let (_, page) = bpf_tests::fakeapi::http_get_in(&c.nodes[0].ns.name, "127.0.0.1:10249", "/metrics").expect("metrics answer");
+        if page.contains("ferry_conntrack_connections{proto=\"TCP\",state=\"established\"} 1") {
+            break page;
+        }
+        assert!(Instant::now() < deadline, "no garbage collection run saw the connection: {page}");
+        std::thread::sleep(std::time::Duration::from_millis(250));
+    };
+    // The TCP connection and the five UDP flows, each answered (so established and assured), two
+    // entries each.
+    assert!(page.contains("ferry_conntrack_connections{proto=\"UDP\",state=\"replied\"} 5"), "{page}");
+    assert!(page.contains("ferry_map_entries{map=\"ct4_assured_v2\"} 12"), "{page}");
+    assert!(page.lines().any(|l| l.starts_with("ferry_conntrack_gc_runs_total ") && !l.ends_with(" 0")), "{page}");
+    assert!(page.contains("ferry_conntrack_evictions_total{map=\"ct4_v2\"} 0"), "{page}");
     assert!(page.lines().any(|l| l.starts_with("ferry_map_entries{map=\"lb4_svc_v2\"} ")), "{page}");
     assert!(page.contains("ferry_drops_total{reason=\"no_service\"} 0"), "{page}");
     let (code, health) = bpf_tests::fakeapi::http_get_in(&c.nodes[0].ns.name, "127.0.0.1:10256", "/healthz").unwrap();

@@ -254,7 +254,8 @@ pub struct Interval {
 
 impl Default for Interval {
     fn default() -> Self {
-        Interval { now: Duration::from_secs(10), min: Duration::from_secs(1), max: Duration::from_secs(60) }
+        // Starts short, so the first figures come soon after start-up; quiet runs lengthen it.
+        Interval { now: Duration::from_secs(2), min: Duration::from_secs(1), max: Duration::from_secs(60) }
     }
 }
 
@@ -281,7 +282,7 @@ mod tests {
         let mut i = Interval::default();
         let busy = GcRun { deleted_lru: 600, ..Default::default() };
         let quiet = GcRun { deleted_lru: 1, ..Default::default() };
-        assert_eq!(i.after(&busy, (1000, 1000)), Duration::from_secs(5));
+        assert_eq!(i.after(&busy, (1000, 1000)), Duration::from_secs(1));
         for _ in 0..10 {
             i.after(&busy, (1000, 1000));
         }
