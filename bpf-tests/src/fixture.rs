@@ -100,6 +100,12 @@ impl Datapath {
         self.run(dataplane_common::progs::TO_WORLD, pkt)
     }
 
+    /// A test run with `__sk_buff` fields set (mark, device, GSO); returns the run and the mark
+    /// the program left.
+    pub fn run_skb(&self, prog: &str, pkt: &[u8], skb: &dataplane_agent::trace::SkbIn) -> (Run, u32) {
+        dataplane_agent::trace::test_run_skb(&self.ebpf, prog, pkt, skb).unwrap()
+    }
+
     pub fn stat(&self, index: u32) -> u64 {
         self.maps.stat_totals()[index as usize]
     }

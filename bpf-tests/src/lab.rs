@@ -99,6 +99,30 @@ impl Netns {
     }
 }
 
+/// The calling thread inside a network namespace, back in its own when dropped.
+pub struct Entered {
+    orig: std::fs::File,
+}
+
+impl Netns {
+    /// Moves the calling thread (only it) into this namespace until the guard drops: test runs
+    /// and FIB lookups then see this namespace's devices and routes.
+    pub fn enter(&self) -> Entered {
+        use std::os::fd::AsRawFd;
+        let orig = std::fs::File::open("/proc/thread-self/ns/net").expect("own network namespace");
+        let f = std::fs::File::open(format!("/run/netns/{}", self.name)).unwrap_or_else(|e| panic!("netns {}: {e}", self.name));
+        assert_eq!(unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) }, 0, "setns {}: {}", self.name, std::io::Error::last_os_error());
+        Entered { orig }
+    }
+}
+
+impl Drop for Entered {
+    fn drop(&mut self) {
+        use std::os::fd::AsRawFd;
+        unsafe { libc::setns(self.orig.as_raw_fd(), libc::CLONE_NEWNET) };
+    }
+}
+
 impl Drop for Netns {
     fn drop(&mut self) {
         let _ = Command::new("ip").args(["netns", "del", &self.name]).status();

@@ -20,6 +20,25 @@ pub fn tcp(src: (Ipv4Addr, u16), dst: (Ipv4Addr, u16), syn: bool, payload: &[u8]
     v
 }
 
+/// A TCP segment with the flags named in `flags` (`S` SYN, `A` ACK, `F` FIN, `R` RST, `P` PSH).
+pub fn tcp_flags(src: (Ipv4Addr, u16), dst: (Ipv4Addr, u16), flags: &str, payload: &[u8]) -> Vec<u8> {
+    let b = PacketBuilder::ethernet2(MAC_POD, MAC_HOST).ipv4(src.0.octets(), dst.0.octets(), 64);
+    let mut t = b.tcp(src.1, dst.1, 1000, 65535);
+    for f in flags.chars() {
+        t = match f {
+            'S' => t.syn(),
+            'A' => t.ack(5000),
+            'F' => t.fin(),
+            'R' => t.rst(),
+            'P' => t.psh(),
+            other => panic!("tcp flag {other:?}: use S, A, F, R or P"),
+        };
+    }
+    let mut v = Vec::new();
+    t.write(&mut v, payload).unwrap();
+    v
+}
+
 pub fn udp(src: (Ipv4Addr, u16), dst: (Ipv4Addr, u16), payload: &[u8]) -> Vec<u8> {
     let b = PacketBuilder::ethernet2(MAC_POD, MAC_HOST).ipv4(src.0.octets(), dst.0.octets(), 64).udp(src.1, dst.1);
     let mut v = Vec::new();

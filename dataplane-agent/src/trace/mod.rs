@@ -45,6 +45,50 @@ pub struct Run {
     pub data: Vec<u8>,
 }
 
+/// The `__sk_buff` fields a `BPF_PROG_TEST_RUN` may set (the kernel refuses the others).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct SkbIn {
+    pub mark: u32,
+    /// The device the packet is on (0: loopback of the caller's network namespace).
+    pub ifindex: u32,
+    /// A GSO super-packet: its segment count and size (0: an ordinary packet).
+    pub gso_segs: u32,
+    pub gso_size: u32,
+}
+
+impl SkbIn {
+    /// As the UAPI `struct __sk_buff` (192 bytes) lays these fields out.
+    fn bytes(&self) -> [u8; 192] {
+        let mut b = [0u8; 192];
+        for (off, v) in [(8, self.mark), (40, self.ifindex), (164, self.gso_segs), (176, self.gso_size)] {
+            b[off..off + 4].copy_from_slice(&v.to_ne_bytes());
+        }
+        b
+    }
+}
+
+/// One test run of a tc program with `skb` fields set; also returns the mark it left.
+pub fn test_run_skb(ebpf: &Ebpf, prog: &str, pkt: &[u8], skb: &SkbIn) -> Result<(Run, u32), String> {
+    let p = ebpf.program(prog).ok_or(format!("program {prog} missing"))?;
+    let p: &SchedClassifier = p.try_into().map_err(|e| format!("{e}"))?;
+    let mut out = vec![0u8; pkt.len() + 256];
+    let ctx_in = skb.bytes();
+    let mut ctx_out = [0u8; 192];
+    let mut opts = TestRunOptions::default();
+    opts.data_in = Some(pkt);
+    opts.data_out = Some(&mut out);
+    opts.ctx_in = Some(&ctx_in);
+    opts.ctx_out = Some(&mut ctx_out);
+    let r = p.test_run(opts).map_err(|e| {
+        use std::error::Error as _;
+        let cause = e.source().map(|s| format!(": {s}")).unwrap_or_default();
+        format!("BPF_PROG_TEST_RUN {prog} ({} bytes, {skb:?}): {e}{cause}", pkt.len())
+    })?;
+    out.truncate(r.data_size_out as usize);
+    let mark = u32::from_ne_bytes([ctx_out[8], ctx_out[9], ctx_out[10], ctx_out[11]]);
+    Ok((Run { action: r.return_value, data: out }, mark))
+}
+
 pub fn test_run(ebpf: &Ebpf, prog: &str, pkt: &[u8]) -> Result<Run, String> {
     let p = ebpf.program(prog).ok_or(format!("program {prog} missing"))?;
     if let Ok(x) = <&aya::programs::Xdp>::try_from(p) {
