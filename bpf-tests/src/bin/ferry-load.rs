@@ -20,8 +20,10 @@
 //!       `bulk up=BYTES/WANTED up_s= up_gbps= down=BYTES/WANTED down_s= down_gbps= cpu_s= result=`
 //!       (`result=ok` or the first failure). cpu_s is this process's user+system time
 //!       (getrusage), so `cargo xtask bench` can report throughput and its cost.
-//!   churn ADDR --count N [--concurrency C] [--timeout-ms T] [--deadline-s S] [--max-failures F]
-//!       N short connections, C at a time, one ECHO each, the client closes first. Prints
+//!   churn ADDR --count N [--concurrency C] [--rate R] [--timeout-ms T] [--deadline-s S]
+//!         [--max-failures F]
+//!       N short connections, C at a time, at most R new ones a second (connection i starts no
+//!       earlier than i/R s after the first), one ECHO each, the client closes first. Prints
 //!       `backend NAME COUNT`, `failure KIND COUNT`, `elapsed_s S rate R`, `not-attempted K` when it
 //!       stopped early, and last `OK ok, FAILED failed` (not attempted ones count as failed).
 //!   idle ADDR --count K [--wait-ms W] [--max-wait-s S]
@@ -775,6 +777,7 @@ fn churn(a: &Args) -> i32 {
     let conc: usize = a.get::<usize>("--concurrency", 8).clamp(1, 256);
     let timeout = a.ms("--timeout-ms", 2000);
     let max_failures: usize = a.get("--max-failures", usize::MAX);
+    let rate: f64 = a.get("--rate", 0.0);
     let deadline = Instant::now() + a.secs("--deadline-s", 120.0);
     let next = Arc::new(AtomicUsize::new(0));
     let failed = Arc::new(AtomicUsize::new(0));
@@ -787,8 +790,17 @@ fn churn(a: &Args) -> i32 {
                 if Instant::now() >= deadline || failed.load(Ordering::Relaxed) >= max_failures {
                     return;
                 }
-                if next.fetch_add(1, Ordering::Relaxed) >= count {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                if i >= count {
                     return;
+                }
+                if rate > 0.0 {
+                    // Paced: a rate the test states, whatever the machine's speed.
+                    let at = started + Duration::from_secs_f64(i as f64 / rate);
+                    if at > deadline {
+                        return;
+                    }
+                    std::thread::sleep(at.saturating_duration_since(Instant::now()));
                 }
                 let r = connect_from(addr, None, timeout).map_err(|e| format!("connect-{}", kind(&e))).and_then(|mut s| echo_once(&mut s, timeout));
                 // The stream was dropped inside: the client closed first.
@@ -858,8 +870,10 @@ fn idle(a: &Args) -> i32 {
             (None, _) => "ERR setup-failed".to_string(),
             (_, None) => "ERR no-go-from-stdin".to_string(),
             (Some(s), Some(_)) if *server_first => {
-                // The server speaks WAIT ms after the request; allow 5 s more.
-                let left = (*waited + Duration::from_millis(wait_ms) + t).saturating_duration_since(Instant::now()).max(t);
+                // The server speaks WAIT ms after the request; allow 5 s more. All waits started
+                // together, so once that has passed for one it has for all: what was said is
+                // already buffered, and a short read suffices.
+                let left = (*waited + Duration::from_millis(wait_ms) + t).saturating_duration_since(Instant::now()).max(Duration::from_millis(200));
                 let _ = s.set_read_timeout(Some(left));
                 read_answer(s).map(|l| l.split_whitespace().next().unwrap_or("").to_string()).unwrap_or_else(|e| format!("ERR {e}"))
             }
