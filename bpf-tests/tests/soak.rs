@@ -302,6 +302,28 @@ fn pod_udp_and_sctp_flows_move_off_a_removed_endpoint_at_once() {
 }
 
 #[test]
+fn sctp_from_outside_through_nodeports_arrives_with_valid_crc32c() {
+    // SCTP's CRC32c covers the ports: a source-translated NodePort rewrites both ports on the way
+    // in and on the way back, and the checksum must be patched each time. The responder drops a
+    // request with a bad CRC (the client times out); the client reports an answer with a bad one.
+    let svcs = [
+        Svc::new("sctp-remote", "NodePort", "10.96.1.55").port(SvcPort::new("SCTP", 9, LOAD_SCTP_PORT).node_port(30150)).pods(&["n2-pod1"]),
+        Svc::new("sctp-local", "NodePort", "10.96.1.56").local().port(SvcPort::new("SCTP", 9, LOAD_SCTP_PORT).node_port(30151)).pods(&["n1-pod2"]),
+    ];
+    let (c, _d) = soak(LabOptions::soak(), &svcs, "");
+    let mut bad = Vec::new();
+    for (addr, backend, seen) in [("192.168.77.1:30150", "n2-pod1", NODE1), ("192.168.77.1:30151", "n1-pod2", lab::OUTSIDE_CLIENT)] {
+        let out = c.load(At::Outside, &["sctp", addr, "--count", "20", "--timeout-ms", "1000"]);
+        // `NAME PEER`: the backend, and the source it saw (node1 when translated).
+        let good = out.iter().filter(|l| who(l) == backend && l.split_whitespace().nth(1).is_some_and(|p| p.starts_with(&format!("{seen}:")))).count();
+        if good != 20 {
+            bad.push(format!("{addr}: want 20 answers from {backend} seeing {seen}, got {good}: {out:?}"));
+        }
+    }
+    assert!(bad.is_empty(), "{}\n{}", bad.join("\n"), all_drops(&c));
+}
+
+#[test]
 fn host_udp_socket_moves_off_a_removed_endpoint_within_a_second() {
     // A process of node1 with a connected UDP socket: the socket hooks translated its
     // destination once, at connect(). When that endpoint is removed the application may see one
