@@ -771,6 +771,9 @@ fn read_answer(s: &mut TcpStream) -> Result<String, String> {
     }
 }
 
+/// Counts by name: answers by backend, failures by kind.
+type Tally = (BTreeMap<String, usize>, BTreeMap<String, usize>);
+
 fn churn(a: &Args) -> i32 {
     let addr = a.addr(1);
     let count: usize = a.get("--count", 1000);
@@ -781,7 +784,8 @@ fn churn(a: &Args) -> i32 {
     let deadline = Instant::now() + a.secs("--deadline-s", 120.0);
     let next = Arc::new(AtomicUsize::new(0));
     let failed = Arc::new(AtomicUsize::new(0));
-    let results: Arc<Mutex<(BTreeMap<String, usize>, BTreeMap<String, usize>)>> = Arc::default();
+    // (answers by backend, failures by kind)
+    let results: Arc<Mutex<Tally>> = Arc::default();
     let started = Instant::now();
     let workers: Vec<_> = (0..conc)
         .map(|_| {
@@ -1046,7 +1050,7 @@ mod tests {
         assert_eq!(&whole[7..340], &part[..]);
         let mut scratch = Vec::new();
         assert_eq!(verify(UP_SEED, 7, &part, &mut scratch), Ok(()));
-        assert_eq!(verify(DOWN_SEED, 7, &part, &mut scratch).is_err(), true);
+        assert!(verify(DOWN_SEED, 7, &part, &mut scratch).is_err(), "the other pattern must not verify");
         part[100] ^= 1;
         assert_eq!(verify(UP_SEED, 7, &part, &mut scratch), Err(107));
     }
