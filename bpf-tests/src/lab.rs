@@ -27,6 +27,17 @@ pub const NODEPORT_CLUSTER: &str = "192.168.77.1:30080";
 /// NodePort on node1 (externalTrafficPolicy Local) whose endpoint is on node1.
 pub const NODEPORT_LOCAL: &str = "192.168.77.1:30081";
 pub const ECHO_UDP_PORT: u16 = 5353;
+/// Ports of the soak workload's server (`ferry-load serve`) in every pod and, as a hostNetwork
+/// endpoint, in each node's own namespace, when [`LabOptions::load_servers`] is set.
+pub const LOAD_TCP_PORT: u16 = 9000;
+pub const LOAD_UDP_PORT: u16 = 9001;
+/// SCTP over raw IP sockets (the pods' responder; no SCTP on the nodes).
+pub const LOAD_SCTP_PORT: u16 = 9002;
+/// A port nothing listens on, TCP or UDP, in any pod or node.
+pub const CLOSED_PORT: u16 = 9009;
+/// LoadBalancer ingress IPs and external IPs live here: the client outside routes them to node1.
+pub const LB_PREFIX: &str = "172.20.1.0/24";
+pub const EXTERNAL_IP_PREFIX: &str = "172.20.2.0/24";
 
 fn target_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/debug")
@@ -38,6 +49,10 @@ pub fn agent_bin() -> PathBuf {
 
 pub fn echo_bin() -> PathBuf {
     target_dir().join("ferry-echo")
+}
+
+pub fn load_bin() -> PathBuf {
+    target_dir().join("ferry-load")
 }
 
 /// Runs a command to completion; panics with its output if it fails (setup steps must work).
@@ -228,10 +243,36 @@ pub struct Node {
     pub agent: Option<Proc>,
 }
 
+/// What a lab is built with beyond the default topology. `Default` is the lab every existing
+/// test uses.
+#[derive(Clone, Debug, Default)]
+pub struct LabOptions {
+    /// MTU of the node-to-node link (both ends), e.g. 1400 for an overlay's smaller MTU; pods and
+    /// the client outside keep 1500, so translated traffic crosses a smaller MTU.
+    pub node_link_mtu: Option<u32>,
+    /// Extra flags for every agent, e.g. `--conntrack-capacity 4096`, `--lb-algorithm random`.
+    pub agent_args: Vec<String>,
+    /// Starts `ferry-load serve` in every pod (TCP, UDP and SCTP) and in each node's own namespace
+    /// and cgroup (TCP and UDP: a hostNetwork endpoint at the node's address).
+    pub load_servers: bool,
+    /// Checks that TSO and GSO are on for every veth (as on real nodes, and as veths start) and
+    /// turns GRO on for the node-side ends, so super-packets arrive on ingress too. Needs ethtool.
+    pub offloads: bool,
+}
+
+impl LabOptions {
+    /// The soak suite's lab: real offloads and the load servers.
+    pub fn soak() -> Self {
+        LabOptions { load_servers: true, offloads: true, ..Default::default() }
+    }
+}
+
 /// The whole lab. Field order is drop order: processes first, then pods, nodes, cgroups, files.
 pub struct Cluster {
     pub id: String,
     pub echo: Vec<Proc>,
+    /// hostNetwork `ferry-load` servers (one per node), stopped before the namespaces go.
+    pub host_servers: Vec<Proc>,
     pub pods: Vec<Pod>,
     /// A client outside the cluster, attached to node1 (`ext0`) and routed to both nodes.
     pub outside: Netns,
@@ -241,6 +282,7 @@ pub struct Cluster {
     pub logs: TempDir,
     /// Start agents with `--nodeport-acceleration xdp`.
     pub xdp: bool,
+    pub opts: LabOptions,
 }
 
 /// Pod layout: (node index, pod name, pod ip).
@@ -255,6 +297,11 @@ impl Cluster {
     /// Builds two nodes with two pods each and starts an echo server in every pod. Agents are
     /// started separately (`start_agents`) so tests can prepare the manifests first.
     pub fn new(manifests: &Path) -> Cluster {
+        Cluster::with_options(manifests, LabOptions::default())
+    }
+
+    /// [`Cluster::new`] with the given options.
+    pub fn with_options(manifests: &Path, opts: LabOptions) -> Cluster {
         assert!(unsafe { libc::geteuid() } == 0, "the lab needs root (network namespaces, BPF)");
         let id = run_id();
         let cg_root = dataplane_agent::attach::cgroup2_root().expect("cgroup v2 mount");
@@ -278,6 +325,9 @@ impl Cluster {
         sh(&["ip", "-n", &nodes[0].ns.name, "link", "add", "eth0", "type", "veth", "peer", "name", "eth0", "netns", &nodes[1].ns.name]);
         for (i, n) in nodes.iter().enumerate() {
             n.ns.exec_ok(&["ip", "addr", "add", &format!("{}/24", n.ip), "dev", "eth0"]);
+            if let Some(mtu) = opts.node_link_mtu {
+                n.ns.exec_ok(&["ip", "link", "set", "eth0", "mtu", &mtu.to_string()]);
+            }
             n.ns.exec_ok(&["ip", "link", "set", "eth0", "up"]);
             let other = &nodes[1 - i];
             n.ns.exec_ok(&["ip", "route", "add", &format!("10.201.{}.0/24", 2 - i), "via", &other.ip.to_string()]);
@@ -292,11 +342,55 @@ impl Cluster {
         nodes[0].ns.exec_ok(&["ip", "addr", "add", "172.20.0.1/24", "dev", "ext0"]);
         nodes[0].ns.exec_ok(&["ip", "link", "set", "ext0", "up"]);
         nodes[1].ns.exec_ok(&["ip", "route", "add", "172.20.0.0/24", "via", &nodes[0].ip.to_string()]);
-        let mut c = Cluster { id, echo: Vec::new(), pods: Vec::new(), outside, nodes, cgroup, manifests: manifests.to_path_buf(), logs, xdp: false };
+        // LoadBalancer and external IPs are announced by node1 (as a cloud LB or a router would
+        // send them to a node); node1 translates them on ext0 before routing.
+        for prefix in [LB_PREFIX, EXTERNAL_IP_PREFIX] {
+            outside.exec_ok(&["ip", "route", "add", prefix, "via", "172.20.0.1"]);
+        }
+        if opts.offloads {
+            for n in &nodes {
+                offloads(&n.ns, "eth0", true);
+            }
+            offloads(&nodes[0].ns, "ext0", true);
+            offloads(&outside, "eth0", false);
+        }
+        let mut c = Cluster {
+            id,
+            echo: Vec::new(),
+            host_servers: Vec::new(),
+            pods: Vec::new(),
+            outside,
+            nodes,
+            cgroup,
+            manifests: manifests.to_path_buf(),
+            logs,
+            xdp: false,
+            opts,
+        };
         for (ni, name, ip) in PODS {
             c.add_pod(ni, name, Ipv4Addr::from(ip));
         }
+        if c.opts.load_servers {
+            for i in 0..c.nodes.len() {
+                c.start_host_server(i);
+            }
+        }
         c
+    }
+
+    /// A `ferry-load` server in node `i`'s own namespace and cgroup: a hostNetwork endpoint at
+    /// the node's address, named like the node.
+    fn start_host_server(&mut self, i: usize) {
+        let n = &self.nodes[i];
+        let procs = n.cgroup.join("cgroup.procs");
+        let mut cmd = n.ns.cmd(&[load_bin().to_str().unwrap(), "serve", "--name", &n.name, "--tcp", &LOAD_TCP_PORT.to_string(), "--udp", &LOAD_UDP_PORT.to_string()]);
+        use std::os::unix::process::CommandExt;
+        unsafe {
+            cmd.pre_exec(move || std::fs::write(&procs, "0"));
+        }
+        let child = cmd.stdout(Stdio::null()).stderr(Stdio::null()).spawn().expect("start ferry-load on a node");
+        self.host_servers.push(Proc { child, what: format!("ferry-load on {}", n.name) });
+        wait_listening(&self.nodes[i].ns, LOAD_TCP_PORT, &self.nodes[i].name);
     }
 
     /// Adds a pod to node `ni` (namespace, veth to the node, routes) and starts its echo server.
@@ -315,6 +409,10 @@ impl Cluster {
         node.ns.exec_ok(&["ip", "link", "set", &host_if, "up"]);
         node.ns.exec_ok(&["ip", "route", "add", &format!("{ip}/32"), "dev", &host_if]);
         node.ns.sysctl(&format!("net.ipv4.conf.{host_if}.rp_filter=0"));
+        if self.opts.offloads {
+            offloads(&ns, "eth0", false);
+            offloads(&node.ns, &host_if, true);
+        }
         let child = ns
             .cmd(&[echo_bin().to_str().unwrap(), "serve", name, &ECHO_TCP_PORT.to_string(), &ECHO_UDP_PORT.to_string()])
             .stdout(Stdio::null())
@@ -322,6 +420,27 @@ impl Cluster {
             .spawn()
             .expect("start ferry-echo");
         self.echo.push(Proc { child, what: format!("echo in {name}") });
+        if self.opts.load_servers {
+            let child = ns
+                .cmd(&[
+                    load_bin().to_str().unwrap(),
+                    "serve",
+                    "--name",
+                    name,
+                    "--tcp",
+                    &LOAD_TCP_PORT.to_string(),
+                    "--udp",
+                    &LOAD_UDP_PORT.to_string(),
+                    "--sctp",
+                    &LOAD_SCTP_PORT.to_string(),
+                ])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("start ferry-load");
+            self.echo.push(Proc { child, what: format!("ferry-load in {name}") });
+            wait_listening(&ns, LOAD_TCP_PORT, name);
+        }
         self.pods.push(Pod { name: name.to_string(), ip, ns });
         // The server must be listening before anyone connects.
         let deadline = Instant::now() + Duration::from_secs(5);
@@ -392,6 +511,7 @@ impl Cluster {
                 "--min-sync-period-ms",
                 "100",
             ])
+            .args(&self.opts.agent_args)
             .stdout(logf.try_clone().unwrap())
             .stderr(logf)
             .spawn()
@@ -446,7 +566,12 @@ impl Cluster {
     /// Rewrites one manifest file and waits until every agent has synced it.
     pub fn write_manifest(&mut self, file: &str, yaml: &str) {
         let before: Vec<usize> = (0..self.nodes.len()).map(|i| self.syncs(i)).collect();
-        std::fs::write(self.manifests.join(file), yaml).unwrap();
+        // Written beside, then renamed into place: the agent watches the directory and would
+        // otherwise read the file half-written (an empty read is a sync that removes every
+        // Service and flushes conntrack, and `synced` would count it).
+        let tmp = self.logs.path.join(format!(".{file}.new"));
+        std::fs::write(&tmp, yaml).unwrap();
+        std::fs::rename(&tmp, self.manifests.join(file)).unwrap();
         for (i, b) in before.iter().enumerate() {
             if self.nodes[i].agent.is_some() {
                 self.wait_log(i, |l| l.matches("synced ").count() > *b);
@@ -626,4 +751,271 @@ pub fn tally(lines: &[String]) -> BTreeMap<String, usize> {
 /// The example manifests of `deploy/examples/`, which describe exactly this topology.
 pub fn examples_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/examples")
+}
+
+/// Waits (up to 5 s) until something listens on TCP `port` in `ns`.
+fn wait_listening(ns: &Netns, port: u16, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !ns.cmd(&["ss", "-Hltn", &format!("sport = :{port}")]).output().is_ok_and(|o| !o.stdout.is_empty()) {
+        assert!(Instant::now() < deadline, "no server on port {port} in {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Checks that TSO and GSO are on for `dev` in `ns` (veths start that way; real NICs too) and,
+/// on node-side ends (`gro`), turns GRO on: then packets a peer sends unsegmented arrive
+/// aggregated, so Ferry's ingress programs see super-packets as on a real node.
+pub fn offloads(ns: &Netns, dev: &str, gro: bool) {
+    if gro {
+        ns.exec_ok(&["ethtool", "-K", dev, "gro", "on"]);
+    }
+    let out = ns.cmd(&["ethtool", "-k", dev]).output().unwrap_or_else(|e| panic!("ethtool (cargo xtask setup installs it): {e}"));
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mut want = vec!["tcp-segmentation-offload: on", "generic-segmentation-offload: on"];
+    if gro {
+        want.push("generic-receive-offload: on");
+    }
+    for w in want {
+        assert!(text.lines().any(|l| l.trim() == w), "{dev} in {}: want {w:?}:\n{text}", ns.name);
+    }
+}
+
+/// Where a `ferry-load` client runs.
+#[derive(Clone, Copy, Debug)]
+pub enum At<'a> {
+    Pod(&'a str),
+    /// The client outside the cluster (behind node1's ext0).
+    Outside,
+    /// A process of node `i` itself: host network, in the node's cgroup (the socket hooks).
+    Node(usize),
+}
+
+/// A running `ferry-load` client with its stdin and stdout piped (sessions, idle connections).
+pub struct LoadProc {
+    proc_: Proc,
+    out: std::io::BufReader<std::process::ChildStdout>,
+}
+
+impl LoadProc {
+    /// Writes one line to its stdin.
+    pub fn send(&mut self, line: &str) {
+        use std::io::Write;
+        let stdin = self.proc_.child.stdin.as_mut().unwrap();
+        stdin.write_all(format!("{line}\n").as_bytes()).unwrap();
+        stdin.flush().unwrap();
+    }
+
+    /// Reads one line of its output ("" at its end). Bounded by the client's own timeouts.
+    pub fn line(&mut self) -> String {
+        use std::io::BufRead;
+        let mut l = String::new();
+        let _ = self.out.read_line(&mut l);
+        l.trim().to_string()
+    }
+
+    /// One request of a `session`: its answer line (`NAME PEER` or `ERR ...`).
+    pub fn ask(&mut self) -> String {
+        self.send("ask");
+        self.line()
+    }
+
+    /// Closes its stdin and returns the rest of its output, line by line.
+    pub fn finish(mut self) -> Vec<String> {
+        drop(self.proc_.child.stdin.take());
+        let mut rest = Vec::new();
+        // Bounded: the client exits when its stdin closes or its own deadlines pass.
+        for _ in 0..100_000 {
+            let l = self.line();
+            if l.is_empty() {
+                break;
+            }
+            rest.push(l);
+        }
+        let _ = self.proc_.child.wait();
+        rest
+    }
+}
+
+impl Cluster {
+    /// A `ferry-load` command at `at`.
+    pub fn load_cmd(&self, at: At, args: &[&str]) -> Command {
+        let bin = load_bin();
+        let mut full = vec![bin.to_str().unwrap()];
+        full.extend_from_slice(args);
+        match at {
+            At::Pod(p) => self.pod(p).ns.cmd(&full),
+            At::Outside => self.outside.cmd(&full),
+            At::Node(i) => {
+                let n = &self.nodes[i];
+                let procs = n.cgroup.join("cgroup.procs");
+                let mut c = n.ns.cmd(&full);
+                use std::os::unix::process::CommandExt;
+                unsafe {
+                    // Into the node's cgroup, where its agent attached the socket hooks.
+                    c.pre_exec(move || std::fs::write(&procs, "0"));
+                }
+                c
+            }
+        }
+    }
+
+    /// Runs a `ferry-load` client to its end and returns its output lines. Its exit status is
+    /// not checked: clients exit non-zero when they count failures, and the test asserts on the
+    /// lines, which say what failed.
+    pub fn load(&self, at: At, args: &[&str]) -> Vec<String> {
+        let out = self.load_cmd(at, args).output().unwrap_or_else(|e| panic!("ferry-load {args:?} at {at:?}: {e}"));
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.code().is_some_and(|c| c <= 1), "ferry-load {args:?} at {at:?} died ({}): {stderr}", out.status);
+        String::from_utf8_lossy(&out.stdout).lines().map(String::from).collect()
+    }
+
+    /// Starts a `ferry-load` client at `at` with piped stdin and stdout.
+    pub fn load_spawn(&self, at: At, args: &[&str]) -> LoadProc {
+        let mut child = self
+            .load_cmd(at, args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("ferry-load {args:?} at {at:?}: {e}"));
+        let out = std::io::BufReader::new(child.stdout.take().unwrap());
+        LoadProc { proc_: Proc { child, what: format!("ferry-load {args:?} at {at:?}") }, out }
+    }
+}
+
+/// The IP of a pod of the default layout ([`PODS`]).
+pub fn pod_ip_of(name: &str) -> Ipv4Addr {
+    Ipv4Addr::from(PODS.iter().find(|p| p.1 == name).unwrap_or_else(|| panic!("no pod {name}")).2)
+}
+
+/// The node a pod of the default layout runs on.
+pub fn node_of(pod: &str) -> &'static str {
+    ["node1", "node2"][PODS.iter().find(|p| p.1 == pod).unwrap_or_else(|| panic!("no pod {pod}")).0]
+}
+
+/// A node's address (`node1` is 192.168.77.1).
+pub fn node_ip(i: usize) -> Ipv4Addr {
+    Ipv4Addr::new(192, 168, 77, i as u8 + 1)
+}
+
+/// One port of a [`Svc`].
+#[derive(Clone, Debug)]
+pub struct SvcPort {
+    pub name: String,
+    /// `TCP`, `UDP` or `SCTP`.
+    pub proto: &'static str,
+    pub port: u16,
+    pub target: u16,
+    pub node_port: Option<u16>,
+}
+
+impl SvcPort {
+    pub fn new(proto: &'static str, port: u16, target: u16) -> Self {
+        SvcPort { name: format!("{}-{port}", proto.to_lowercase()), proto, port, target, node_port: None }
+    }
+
+    pub fn node_port(mut self, p: u16) -> Self {
+        self.node_port = Some(p);
+        self
+    }
+}
+
+/// A Service of any kind with its EndpointSlice, as manifests for the agents: ClusterIP,
+/// NodePort, LoadBalancer (ingress IPs in `status.loadBalancer.ingress`), external IPs, either
+/// traffic policy; endpoints are pods or nodes (hostNetwork: the node's address).
+#[derive(Clone, Debug)]
+pub struct Svc {
+    pub name: String,
+    /// `ClusterIP`, `NodePort` or `LoadBalancer`.
+    pub kind: &'static str,
+    pub cluster_ip: String,
+    /// externalTrafficPolicy Local.
+    pub local: bool,
+    pub external_ips: Vec<String>,
+    pub lb_ips: Vec<String>,
+    pub ports: Vec<SvcPort>,
+    /// (address, node name).
+    pub endpoints: Vec<(Ipv4Addr, String)>,
+}
+
+impl Svc {
+    pub fn new(name: &str, kind: &'static str, cluster_ip: &str) -> Self {
+        Svc { name: name.into(), kind, cluster_ip: cluster_ip.into(), local: false, external_ips: vec![], lb_ips: vec![], ports: vec![], endpoints: vec![] }
+    }
+
+    pub fn port(mut self, p: SvcPort) -> Self {
+        self.ports.push(p);
+        self
+    }
+
+    pub fn local(mut self) -> Self {
+        self.local = true;
+        self
+    }
+
+    pub fn external_ip(mut self, ip: &str) -> Self {
+        self.external_ips.push(ip.into());
+        self
+    }
+
+    pub fn lb_ip(mut self, ip: &str) -> Self {
+        self.lb_ips.push(ip.into());
+        self
+    }
+
+    /// Pods of the default layout, by name, as endpoints on their nodes.
+    pub fn pods(mut self, pods: &[&str]) -> Self {
+        self.endpoints.extend(pods.iter().map(|p| (pod_ip_of(p), node_of(p).to_string())));
+        self
+    }
+
+    /// Node `i` itself as an endpoint (a hostNetwork pod): its address, its name.
+    pub fn host_endpoint(mut self, i: usize) -> Self {
+        self.endpoints.push((node_ip(i), format!("node{}", i + 1)));
+        self
+    }
+
+    pub fn yaml(&self) -> String {
+        let ports: Vec<String> = self
+            .ports
+            .iter()
+            .map(|p| {
+                let np = p.node_port.map(|n| format!(", nodePort: {n}")).unwrap_or_default();
+                format!("{{name: {}, port: {}, protocol: {}, targetPort: {}{np}}}", p.name, p.port, p.proto, p.target)
+            })
+            .collect();
+        let mut spec = format!("  type: {}\n  clusterIP: {}\n  ports: [{}]\n", self.kind, self.cluster_ip, ports.join(", "));
+        if self.kind != "ClusterIP" {
+            spec += &format!("  externalTrafficPolicy: {}\n", if self.local { "Local" } else { "Cluster" });
+        }
+        if !self.external_ips.is_empty() {
+            spec += &format!("  externalIPs: [{}]\n", self.external_ips.join(", "));
+        }
+        let status = if self.lb_ips.is_empty() {
+            String::new()
+        } else {
+            let ingress: Vec<String> = self.lb_ips.iter().map(|ip| format!("{{ip: {ip}}}")).collect();
+            format!("status:\n  loadBalancer:\n    ingress: [{}]\n", ingress.join(", "))
+        };
+        let slice_ports: Vec<String> = self.ports.iter().map(|p| format!("{{name: {}, port: {}, protocol: {}}}", p.name, p.target, p.proto)).collect();
+        let endpoints = if self.endpoints.is_empty() {
+            "endpoints: []\n".to_string()
+        } else {
+            let mut e = String::from("endpoints:\n");
+            for (ip, node) in &self.endpoints {
+                e += &format!("- addresses: [{ip}]\n  conditions: {{ready: true}}\n  nodeName: {node}\n");
+            }
+            e
+        };
+        format!(
+            "---\napiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: soak}}\nspec:\n{spec}{status}---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: {name}-1, namespace: soak, labels: {{kubernetes.io/service-name: {name}}}}}\naddressType: IPv4\nports: [{}]\n{endpoints}",
+            slice_ports.join(", "),
+            name = self.name
+        )
+    }
+}
+
+/// The manifests of several Services, for one file.
+pub fn services_yaml(svcs: &[Svc]) -> String {
+    svcs.iter().map(Svc::yaml).collect()
 }

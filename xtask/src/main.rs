@@ -24,6 +24,8 @@ const APT_PACKAGES: &[&str] = &[
     "iptables",
     "nftables",
     "iputils-ping",
+    // The soak suite's lab checks TSO/GSO and turns GRO on for its veths (bpf-tests/src/lab.rs).
+    "ethtool",
 ];
 const BPF_LINKER_VERSION: &str = "0.13.0";
 const DEBIAN_RUSTC: &str = "/usr/bin/rustc";
