@@ -383,7 +383,10 @@ impl Cluster {
     fn start_host_server(&mut self, i: usize) {
         let n = &self.nodes[i];
         let procs = n.cgroup.join("cgroup.procs");
-        let mut cmd = n.ns.cmd(&[load_bin().to_str().unwrap(), "serve", "--name", &n.name, "--tcp", &LOAD_TCP_PORT.to_string(), "--udp", &LOAD_UDP_PORT.to_string()]);
+        // UDP bound to the node's address: it answers from the address the (translated) request
+        // was sent to, as a UDP server on a multi-homed host must.
+        let addr = n.ip.to_string();
+        let mut cmd = n.ns.cmd(&[load_bin().to_str().unwrap(), "serve", "--name", &n.name, "--tcp", &LOAD_TCP_PORT.to_string(), "--udp", &LOAD_UDP_PORT.to_string(), "--udp-addr", &addr]);
         use std::os::unix::process::CommandExt;
         unsafe {
             cmd.pre_exec(move || std::fs::write(&procs, "0"));

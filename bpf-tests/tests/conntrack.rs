@@ -242,6 +242,23 @@ fn a_direct_flow_clashing_with_a_live_service_connection_gets_another_source_por
     assert_eq!(tuple(&to_service.data), tuple(&udp(svc(53), src, b"s")), "the Service flow's reply");
     assert_checksums(&to_direct.data);
     assert_checksums(&direct.data);
+
+    // The same with the backend on this node: its replies are translated where they leave it,
+    // and must not be translated again on the way into the client.
+    let mut dp = Datapath::new();
+    dp.apply_yaml(&web(&[BACKEND]).replace("- addresses: [10.180.0.1]", "- {addresses: [10.0.0.5], nodeName: node1}"));
+    let be = backend_of(&dp.from_pod(&udp(src, svc(53), b"q")));
+    assert_eq!(be, (ip("10.0.0.5"), 5353));
+    // The Service flow's answer: translated leaving the backend's veth, untouched entering the client's.
+    let answered = dp.from_pod(&udp(be, src, b"a"));
+    assert_eq!(tuple(&answered.data), tuple(&udp(svc(53), src, b"a")));
+    assert_eq!(dp.to_pod(&answered.data).data, answered.data);
+    let direct = dp.from_pod(&udp(src, be, b"direct"));
+    let t = tuple(&direct.data);
+    assert_ne!(t.sport, src.1);
+    let back = dp.from_pod(&udp(be, (src.0, t.sport), b"d"));
+    assert_eq!(tuple(&back.data), tuple(&udp(be, src, b"d")), "the direct reply leaving the backend");
+    assert_eq!(tuple(&dp.to_pod(&back.data).data), tuple(&udp(be, src, b"d")), "the direct reply was translated twice");
 }
 
 #[test]

@@ -205,7 +205,7 @@ fn idle_connections_survive_a_churn_that_fills_conntrack() {
     let churn_took = set_up.elapsed();
     // The churn must be over before the servers speak, or the test would not test eviction.
     assert!(churn_took < Duration::from_millis(wait_ms - 3000), "test setup: the churn took {churn_took:?}, past the servers' {wait_ms} ms wait");
-    let entries = dataplane_agent::bpf::BpfMaps::from_pins(&c.nodes[0].pin.path).map(|m| m.conntrack.iter().count()).unwrap_or(0);
+    let entries = dataplane_agent::bpf::BpfMaps::from_pins(&c.nodes[0].pin.path).map(|m| m.ct.rows().len()).unwrap_or(0);
     idle.send("go");
     let lines = idle.finish();
     let (ok, failed) = ok_failed(&lines);

@@ -240,6 +240,11 @@ pub const CT_F_EXTERNAL: u32 = 1 << 5;
 /// implicit source-port remap on a clash).
 pub const CT_F_CLASH: u32 = 1 << 6;
 
+/// `Ct4Entry.flags`: the backend is a pod of this node. Its replies are translated where they
+/// leave it (the from-pod hook on its veth) and never again on their way into the client: there
+/// the translated tuple may be another flow's (a clashing direct flow's reply, remapped back).
+pub const CT_F_LOCAL_BACKEND: u32 = 1 << 7;
+
 /// `Ct4Entry.state`: lifecycle bits, the same in both entries of a connection.
 /// The reply direction has sent a packet.
 pub const CT_S_SEEN_REPLY: u32 = 1 << 0;

@@ -8,7 +8,7 @@
 use aya_ebpf::{helpers::bpf_get_prandom_u32, helpers::bpf_ktime_get_ns, programs::TcContext};
 use dataplane_common::{
     stat, AffinityKey, AffinityValue, Ct4Entry, Ct4Key, DropReason, Frag4Key, Frag4Ports, Lb4Backend, Lb4Key, Lb4Service, Lb4SlotKey,
-    SrcRangeData, BE_F_HOST, BE_F_LOCAL, CHASH_TABLE_SIZE, CT_F_CLASH, CT_F_EXTERNAL, CT_F_FORWARD, CT_F_HAIRPIN, CT_F_REDIRECT, CT_F_REPLY,
+    SrcRangeData, BE_F_HOST, BE_F_LOCAL, CHASH_TABLE_SIZE, CT_F_CLASH, CT_F_EXTERNAL, CT_F_FORWARD, CT_F_HAIRPIN, CT_F_LOCAL_BACKEND, CT_F_REDIRECT, CT_F_REPLY,
     CT_F_SNAT, IPPROTO_ICMP, IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP, SCOPE_EXTERNAL, SCOPE_INTERNAL, SVC_F_ADDR_ONLY, SVC_F_DROP_EMPTY,
     SVC_F_RANDOM, SVC_F_SOURCE_RANGES,
 };
@@ -426,6 +426,10 @@ fn classify_inner(p: &mut Ipv4Packet, hook: Hook, out: &mut Ct4Entry, svc_out: &
             // address, would make the stack drop it as martian).
             return Ok(pass);
         }
+        if hook == Hook::ToPod && e.flags & CT_F_LOCAL_BACKEND != 0 {
+            // Translated where it left the backend pod already.
+            return Ok(pass);
+        }
         if !new_allowed && e.flags & CT_F_REPLY == 0 {
             // Into a pod or out of the node: only replies are translated there. (A forward
             // entry on this tuple is a remapped direct flow's, not this packet's.)
@@ -607,6 +611,9 @@ pub fn lb4_new_connection(p: &mut Ipv4Packet, svc: &mut Lb4Service, hook: u32, m
     }
     if from_world {
         flags |= CT_F_EXTERNAL;
+    }
+    if be.flags & BE_F_LOCAL != 0 && be.flags & BE_F_HOST == 0 {
+        flags |= CT_F_LOCAL_BACKEND;
     }
     // A source port is chosen from the range for translated sources; others keep the client's
     // port unless their translated tuple is taken.

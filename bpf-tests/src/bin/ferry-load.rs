@@ -3,7 +3,7 @@
 //! timeout and every loop a bound, so a stalled path fails in bounded time instead of hanging.
 //!
 //! Server (one per pod, and one in a node's own namespace as a hostNetwork endpoint):
-//!   ferry-load serve --name NAME [--tcp PORT] [--udp PORT] [--sctp PORT] [--lifetime-s S]
+//!   ferry-load serve --name NAME [--tcp PORT] [--udp PORT] [--sctp PORT] [--udp-addr IP] [--lifetime-s S]
 //!     TCP, one command per line, any number per connection:
 //!       ECHO              -> `NAME PEER` (PEER: the source address the server saw)
 //!       BULK UP DOWN      -> reads UP bytes of the up pattern and verifies them, answers
@@ -313,8 +313,12 @@ fn serve(a: &Args) -> i32 {
         let n = name.clone();
         threads.push(std::thread::spawn(move || tcp_server(l, n)));
     }
+    // On a multi-homed host (a node) a UDP server must answer from the address it was reached at:
+    // one bound to 0.0.0.0 answers from whatever source the route picks, which no proxy
+    // (kube-proxy included) can match to the request. `--udp-addr` binds it to one address.
+    let udp_addr: std::net::Ipv4Addr = a.flags.get("--udp-addr").map(|s| s.parse().unwrap_or_else(|_| die("--udp-addr"))).unwrap_or(std::net::Ipv4Addr::UNSPECIFIED);
     for port in a.list("--udp") {
-        let u = UdpSocket::bind(("0.0.0.0", port)).unwrap_or_else(|e| die(&format!("bind udp {port}: {e}")));
+        let u = UdpSocket::bind((udp_addr, port)).unwrap_or_else(|e| die(&format!("bind udp {udp_addr}:{port}: {e}")));
         let n = name.clone();
         threads.push(std::thread::spawn(move || udp_server(u, n)));
     }
