@@ -430,3 +430,35 @@ fn network_policy_allows_and_refuses_real_connections_and_monitor_names_them() {
     eprintln!("inspect policies:\n{text}");
     assert!(text.lines().any(|l| l.starts_with("lab/n1-pod2") && l.contains("ingress") && l.contains("lab:role=client") && l.contains("TCP/8080") && l.contains("lab/servers-from-clients")), "{text}");
 }
+
+#[test]
+fn pods_under_the_hooked_cgroup_keep_the_tc_path() {
+    // In a cluster the socket hooks sit on the cgroup root, and pods live under it: their
+    // sockets must not be translated at connect() (the tc path gives them conntrack, policy and
+    // the immediate move off a removed UDP endpoint), while the node's own processes are.
+    let (c, _d) = cluster(&ALL, &ALL);
+    let events = |name: &str| -> u64 {
+        let (_, page) = bpf_tests::fakeapi::http_get_in(&c.nodes[0].ns.name, "127.0.0.1:10249", "/metrics").expect("metrics");
+        let line = format!("ferry_datapath_events_total{{event=\"{name}\"}} ");
+        page.lines().find_map(|l| l.strip_prefix(&line)).unwrap_or_else(|| panic!("{name} in {page}")).parse().unwrap()
+    };
+    let (sock0, new0) = (events("sock_xlate"), events("ct_new"));
+    // A pod's process moved into node1's cgroup, where its agent attached the socket hooks.
+    let pod = c.pod("n1-pod1");
+    let procs = c.nodes[0].cgroup.join("cgroup.procs");
+    let mut cmd = pod.ns.cmd(&[lab::echo_bin().to_str().unwrap(), "udp-connected", lab::UDP_VIP, "5"]);
+    use std::os::unix::process::CommandExt;
+    unsafe {
+        cmd.pre_exec(move || std::fs::write(&procs, "0"));
+    }
+    let out = cmd.output().unwrap();
+    let lines: Vec<String> = String::from_utf8_lossy(&out.stdout).lines().map(String::from).collect();
+    assert_eq!(tally(&lines).values().sum::<usize>(), 5, "{lines:?}");
+    assert!(lines.iter().all(|l| !l.starts_with("ERR")), "{lines:?}");
+    assert_eq!(events("sock_xlate"), sock0, "a pod's socket was translated by the socket hooks");
+    assert_eq!(events("ct_new"), new0 + 5, "the pod's flows did not take the tc path");
+    // The node's own process, in the same cgroup, is translated at connect().
+    let lines = c.client_on_node(0, &["udp-connected", lab::UDP_VIP, "3"]);
+    assert!(lines.iter().all(|l| !l.starts_with("ERR")), "{lines:?}");
+    assert_eq!(events("sock_xlate"), sock0 + 3);
+}

@@ -68,6 +68,9 @@ pub struct RunConfig {
     pub conntrack_capacity: u32,
     /// Conntrack timeouts in seconds by `dataplane_common::ct_timeout` index (0: the default).
     pub ct_timeouts: [u32; dataplane_common::ct_timeout::COUNT],
+    /// The agent's own network namespace (the node's), whose sockets the socket hooks translate;
+    /// read at start (0: every socket in the cgroup).
+    pub host_netns_cookie: u64,
     /// How new connections pick a backend.
     pub algorithm: crate::reconcile::Algorithm,
     /// `--nodeport-acceleration=xdp`: NodePort handling in XDP on the external interfaces.
@@ -145,6 +148,7 @@ pub fn node_config(cfg: &RunConfig, node: &model::NodeContext, objs: &Objects) -
         cluster_cidr_be,
         cluster_mask_be,
         ct_timeout_s: cfg.ct_timeouts,
+        host_netns_cookie: cfg.host_netns_cookie,
     }
 }
 
@@ -156,7 +160,12 @@ fn node_eligible(objs: &Objects, name: &str) -> bool {
     n.metadata.deletion_timestamp.is_none() && !tainted
 }
 
-pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
+pub async fn run(mut cfg: RunConfig) -> anyhow::Result<()> {
+    if cfg.cgroup.is_some() {
+        // The socket hooks serve the node's own processes; pods (in the same cgroup tree) keep
+        // the tc path.
+        cfg.host_netns_cookie = crate::sockets::own_netns_cookie().context("reading the node's network namespace cookie (SO_NETNS_COOKIE, kernel 5.14+)")?;
+    }
     let mut ebpf = loader::load_with(Some(&cfg.pin_dir), &loader::conntrack_capacities(cfg.conntrack_capacity)).context("loading the datapath")?;
     attach::load_programs(&mut ebpf).context("loading programs")?;
     let mut maps = BpfMaps::from_ebpf(&mut ebpf)?;
@@ -430,6 +439,17 @@ impl PolicyState {
     }
 }
 
+/// (Service address and port, backend address and port) of every UDP ClusterIP frontend, as
+/// applied: what the socket hooks translate host sockets with.
+fn udp_backends(rec: &Reconciler) -> BTreeSet<((Ipv4Addr, u16), (Ipv4Addr, u16))> {
+    rec.applied
+        .frontends
+        .iter()
+        .filter(|(fe, _)| fe.scope == model::Scope::Internal && fe.addr.proto == model::Proto::Udp)
+        .flat_map(|(fe, af)| af.slots.iter().map(move |b| ((fe.addr.addr, fe.addr.port), (b.addr, b.port))))
+        .collect()
+}
+
 /// The result of one sync.
 pub struct SyncOutcome {
     /// The maps match the objects (no map write failed).
@@ -452,7 +472,16 @@ pub fn sync_objects(
     let started = Instant::now();
     let (desired, terr) = model::translate(&objs.services, &objs.endpoint_slices, node);
     errors.extend(terr);
+    let udp_before = udp_backends(rec);
     let (mut st, mut map_errors) = rec.sync(&desired, &cfg.service_cidrs, maps);
+    if cfg.cgroup.is_some() {
+        // Host processes' connected UDP sockets to a backend that left its Service move too.
+        let after = udp_backends(rec);
+        let gone: BTreeSet<_> = udp_before.into_iter().filter(|pair| !after.contains(pair)).collect();
+        let (n, errs) = crate::sockets::destroy_translated(&gone, |cookie, be| maps.translated_from(cookie, be));
+        st.sockets_destroyed = n;
+        map_errors.extend(errs);
+    }
     let (pw, pd, perr, pmap) = pol.sync(maps, objs, node);
     st.writes += pw;
     st.deletes += pd;
@@ -490,6 +519,7 @@ pub fn sync_objects(
         writes = st.writes,
         deletes = st.deletes,
         conntrack_flushed = st.conntrack_flushed,
+        sockets_destroyed = st.sockets_destroyed,
         "synced"
     );
     SyncOutcome { ok: map_errors.is_empty(), health_checks: desired.health_checks, stats: st }

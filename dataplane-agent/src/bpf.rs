@@ -14,7 +14,7 @@ use aya::{
     Ebpf,
 };
 use dataplane_common::{
-    capacity, names, AffinityKey, AffinityValue, Ct4Key, Lb4Backend, Lb4Key, Lb4Service, Lb4SlotKey, NodeConfig, SrcRangeData,
+    capacity, names, AffinityKey, AffinityValue, Ct4Key, Lb4Backend, SockRevKey, SockRevValue, Lb4Key, Lb4Service, Lb4SlotKey, NodeConfig, SrcRangeData,
     SvcCounters, SvcName, PolCtValue, PolEndpoint, PolRuleKey, IPPROTO_TCP, SVC_F_ADDR_ONLY,
 };
 
@@ -46,6 +46,8 @@ pub struct BpfMaps {
     pub pol_names: HashMap<MapData, u32, SvcName>,
     pub pod_names: HashMap<MapData, u32, SvcName>,
     pub id_names: HashMap<MapData, u32, SvcName>,
+    /// Host sockets translated by the socket hooks: `(cookie, backend) -> Service address`.
+    pub sock_rev: HashMap<MapData, SockRevKey, SockRevValue>,
     /// Real capacities (the loader may override the compiled ones), for "map full" errors.
     caps: Caps,
 }
@@ -106,6 +108,7 @@ impl BpfMaps {
             pol_names: conv(names::POL_NAMES, HashMap::try_from(get(names::POL_NAMES)?))?,
             pod_names: conv(names::POD_NAMES, HashMap::try_from(get(names::POD_NAMES)?))?,
             id_names: conv(names::IDENTITY_NAMES, HashMap::try_from(get(names::IDENTITY_NAMES)?))?,
+            sock_rev: conv(names::SOCK_REV, HashMap::try_from(get(names::SOCK_REV)?))?,
             caps,
         })
     }
@@ -121,7 +124,7 @@ impl BpfMaps {
                 names::CONFIG => Map::Array(data),
                 names::CHASH => Map::HashOfMaps(data),
                 names::SVC_STATS => Map::PerCpuHashMap(data),
-                names::CONNTRACK | names::FRAGMENTS | names::AFFINITY | names::POL_CONNTRACK => Map::LruHashMap(data),
+                names::CONNTRACK | names::FRAGMENTS | names::AFFINITY | names::POL_CONNTRACK | names::SOCK_REV => Map::LruHashMap(data),
                 _ => Map::HashMap(data),
             })
         };
@@ -182,6 +185,13 @@ impl BpfMaps {
     pub fn chash_table(&self, svc_id: u32) -> Option<Vec<u32>> {
         let inner = self.chash.get(&svc_id, 0).ok()?;
         (0..dataplane_common::CHASH_TABLE_SIZE).map(|i| inner.get(&i, 0).ok()).collect()
+    }
+
+    /// The Service address a host socket (`cookie`) connected to backend `be` was translated
+    /// from, as the socket hooks recorded it.
+    pub fn translated_from(&self, cookie: u64, be: (Ipv4Addr, u16)) -> Option<(Ipv4Addr, u16)> {
+        let key = SockRevKey { cookie, addr_be: u32::from_ne_bytes(be.0.octets()), port_be: be.1.to_be(), pad: 0 };
+        self.sock_rev.get(&key, 0).ok().map(|v| (Ipv4Addr::from(v.addr_be.to_ne_bytes()), u16::from_be(v.port_be)))
     }
 
     /// Writes this node's datapath settings.

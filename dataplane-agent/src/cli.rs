@@ -303,6 +303,7 @@ impl RunArgs {
             external_interfaces: self.external_interfaces.as_deref().map(IfacePatterns::parse),
             snat_ports,
             conntrack_capacity: self.conntrack_capacity.max(1024),
+            host_netns_cookie: 0,
             ct_timeouts: {
                 use dataplane_common::ct_timeout as t;
                 let mut v = [0u32; t::COUNT];

@@ -16,5 +16,6 @@ pub mod netpol;
 pub mod packet;
 pub mod reconcile;
 pub mod select;
+pub mod sockets;
 pub mod sources;
 pub mod trace;

@@ -161,6 +161,8 @@ pub struct SyncStats {
     pub writes: usize,
     pub deletes: usize,
     pub conntrack_flushed: usize,
+    /// Host UDP sockets destroyed because their backend left (see `sockets`).
+    pub sockets_destroyed: usize,
 }
 
 /// Map keys and values from domain types: the one place where byte order is converted.

@@ -36,10 +36,13 @@ pub mod names {
     pub const POL_NAMES: &str = "pol_name_v1";
     pub const POD_NAMES: &str = "pol_podname4_v1";
     pub const IDENTITY_NAMES: &str = "pol_idname_v1";
+    /// The Service address each host socket was translated from (recvmsg/getpeername): pinned so
+    /// that sockets opened before an agent restart still report it.
+    pub const SOCK_REV: &str = "sock_rev4_v1";
     /// Every map the agent pins, in the order it creates and checks them.
-    pub const ALL: [&str; 23] = [
+    pub const ALL: [&str; 24] = [
         SERVICES, SLOTS, BACKENDS, CONNTRACK, CONNTRACK_ASSURED, FRAGMENTS, SERVICE_CIDRS, STATS, AFFINITY, SOURCE_RANGES, CONFIG, CHASH, SVC_STATS, SVC_NAMES,
-        POL_IPCACHE, POL_ENDPOINTS, POL_RULES, POL_CONNTRACK, POL_DROPS, POL_EVENTS, POL_NAMES, POD_NAMES, IDENTITY_NAMES,
+        POL_IPCACHE, POL_ENDPOINTS, POL_RULES, POL_CONNTRACK, POL_DROPS, POL_EVENTS, POL_NAMES, POD_NAMES, IDENTITY_NAMES, SOCK_REV,
     ];
 }
 
@@ -308,6 +311,9 @@ pub struct NodeConfig {
     pub cluster_mask_be: u32,
     /// Conntrack timeouts in seconds by `ct_timeout` index; 0 takes `CT_TIMEOUT_DEFAULT_S`.
     pub ct_timeout_s: [u32; ct_timeout::COUNT],
+    /// The node's own network namespace (its cookie): the socket hooks translate only sockets of
+    /// it, so pods' traffic always takes the tc path. 0: every socket in the cgroup.
+    pub host_netns_cookie: u64,
 }
 
 /// Per-CPU counters of one frontend (`svc_id`): packets and bytes (IP total length) the
@@ -725,7 +731,7 @@ const _: () = {
     assert!(core::mem::size_of::<AffinityKey>() == 8);
     assert!(core::mem::size_of::<AffinityValue>() == 16);
     assert!(core::mem::size_of::<SrcRangeData>() == 8);
-    assert!(core::mem::size_of::<NodeConfig>() == 48);
+    assert!(core::mem::size_of::<NodeConfig>() == 56);
     assert!(core::mem::size_of::<SvcCounters>() == 16);
     assert!(core::mem::size_of::<PolEndpoint>() == 16);
     assert!(core::mem::size_of::<PolRuleKey>() == 12);

@@ -52,7 +52,7 @@ pub static svc_cidr4_v1: LpmTrie<u32, u32, { capacity::SERVICE_CIDRS as usize }>
 pub static stats_v1: PerCpuArray<u64, { capacity::STATS as usize }> = PerCpuArray::new();
 
 /// Socket-level reverse translation for host processes: `(cookie, backend) -> Service address`.
-/// Not pinned by name in the common list because it only matters while a socket is alive.
+/// Pinned, so sockets opened before an agent restart keep reporting the Service address.
 #[btf_map]
 pub static sock_rev4_v1: LruHashMap<SockRevKey, SockRevValue, { capacity::SOCK_REVNAT as usize }> =
     LruHashMap::new();

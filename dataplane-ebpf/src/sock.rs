@@ -6,14 +6,14 @@
 //! asked for.
 use aya_ebpf::{
     bindings::bpf_sock_addr,
-    helpers::{bpf_get_socket_cookie, bpf_set_retval},
+    helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_set_retval},
     programs::SockAddrContext,
 };
 use dataplane_common::{stat, SockRevKey, SockRevValue, SCOPE_INTERNAL, SVC_F_ADDR_ONLY, SVC_F_DROP_EMPTY};
 
 use crate::{
     lb::{lb4_choose_backend, lb4_lookup_service, lb4_unserved, Unserved},
-    maps::sock_rev4_v1,
+    maps::{cfg4_v3, sock_rev4_v1},
     stats,
 };
 
@@ -38,7 +38,7 @@ fn refuse(errno: i32) -> i32 {
 pub fn sock4_xlate(ctx: &SockAddrContext) -> i32 {
     let sa: *mut bpf_sock_addr = ctx.sock_addr;
     let (family, proto, addr, port) = unsafe { ((*sa).user_family, (*sa).protocol as u8, (*sa).user_ip4, (*sa).user_port as u16) };
-    if family != AF_INET {
+    if family != AF_INET || !host_socket(ctx) {
         return ALLOW;
     }
     let svc = match lb4_lookup_service(addr, port, proto, SCOPE_INTERNAL) {
@@ -71,6 +71,15 @@ pub fn sock4_xlate(ctx: &SockAddrContext) -> i32 {
     let _ = sock_rev4_v1.insert(&key, &SockRevValue { addr_be: addr, port_be: port, pad: 0 }, 0);
     stats::count(stat::SOCK_XLATE);
     ALLOW
+}
+
+/// Is this a socket of the node's own network namespace? Pods live in the same cgroup hierarchy
+/// (the hooks sit on its root), but their traffic takes the tc path: with conntrack, policy, and
+/// an immediate move off a removed endpoint.
+#[inline(always)]
+fn host_socket(ctx: &SockAddrContext) -> bool {
+    let host = cfg4_v3.get(0).map(|c| c.host_netns_cookie).unwrap_or(0);
+    host == 0 || unsafe { bpf_get_netns_cookie(ctx.sock_addr as *mut _) } == host
 }
 
 /// recvmsg4 and getpeername4: report the Service address instead of the backend's.
