@@ -7,6 +7,7 @@
 //! socket hooks cannot be test-run). The format is specified in `../shared/scenario-format.md`
 //! and documented in the README; it is a public interface.
 pub mod live;
+mod net;
 pub mod probe;
 
 use std::{
@@ -49,6 +50,8 @@ pub struct Run {
 #[derive(Clone, Copy, Debug, Default)]
 pub struct SkbIn {
     pub mark: u32,
+    /// The device the packet came in on (0: sent by the local stack).
+    pub ingress_ifindex: u32,
     /// The device the packet is on (0: loopback of the caller's network namespace).
     pub ifindex: u32,
     /// A GSO super-packet: its segment count and size (0: an ordinary packet).
@@ -60,7 +63,7 @@ impl SkbIn {
     /// As the UAPI `struct __sk_buff` (192 bytes) lays these fields out.
     fn bytes(&self) -> [u8; 192] {
         let mut b = [0u8; 192];
-        for (off, v) in [(8, self.mark), (40, self.ifindex), (164, self.gso_segs), (176, self.gso_size)] {
+        for (off, v) in [(8, self.mark), (36, self.ingress_ifindex), (40, self.ifindex), (164, self.gso_segs), (176, self.gso_size)] {
             b[off..off + 4].copy_from_slice(&v.to_ne_bytes());
         }
         b
@@ -142,6 +145,10 @@ pub struct NodeSpec {
     pub ips: Vec<String>,
     #[serde(default, rename = "podCIDR")]
     pub pod_cidr: Option<String>,
+    /// The MTU of the node's path to other nodes and the outside (default 1500): what a
+    /// redirected packet is checked against.
+    #[serde(default)]
+    pub mtu: Option<u16>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -165,6 +172,10 @@ pub struct Flow {
     pub expect: serde_yaml::Value,
     #[serde(default)]
     pub masquerade: Option<bool>,
+    /// The packet's IP length in bytes; above the node's MTU it is sent as a GSO super-packet of
+    /// MTU-sized segments, as a TCP stack with TSO sends it.
+    #[serde(default)]
+    pub size: Option<u16>,
 }
 
 /// A flow's expected outcome.
@@ -173,7 +184,8 @@ pub enum Expect {
     Backends(BTreeSet<SocketAddrV4>),
     Pass,
     Local,
-    Drop,
+    /// Dropped; with a reason (`{DROP: no_local_endpoint}`), for that reason only.
+    Drop(Option<String>),
     Reject,
 }
 
@@ -183,7 +195,7 @@ impl Expect {
             serde_yaml::Value::String(s) => match s.as_str() {
                 "PASS" => Ok(Expect::Pass),
                 "LOCAL" => Ok(Expect::Local),
-                "DROP" => Ok(Expect::Drop),
+                "DROP" => Ok(Expect::Drop(None)),
                 "REJECT" => Ok(Expect::Reject),
                 other => Err(format!("expect: {other:?} is not PASS, LOCAL, DROP, REJECT or a list of ip:port")),
             },
@@ -198,7 +210,19 @@ impl Expect {
                 }
                 Ok(Expect::Backends(set))
             }
-            _ => Err("expect: must be PASS, LOCAL, DROP, REJECT or a list of ip:port".into()),
+            serde_yaml::Value::Mapping(m) if m.len() == 1 => {
+                let (k, v) = m.iter().next().unwrap();
+                let reason = v.as_str().ok_or("expect: {DROP: <reason>} takes a reason name")?;
+                if k.as_str() != Some("DROP") {
+                    return Err("expect: only DROP takes a reason ({DROP: <reason>})".into());
+                }
+                if !dataplane_common::DropReason::ALL.iter().any(|r| r.name() == reason) {
+                    let names: Vec<&str> = dataplane_common::DropReason::ALL.iter().map(|r| r.name()).collect();
+                    return Err(format!("expect: {reason:?} is not a drop reason ({})", names.join(", ")));
+                }
+                Ok(Expect::Drop(Some(reason.to_string())))
+            }
+            _ => Err("expect: must be PASS, LOCAL, DROP, {DROP: <reason>}, REJECT or a list of ip:port".into()),
         }
     }
 }
@@ -209,7 +233,8 @@ impl fmt::Display for Expect {
             Expect::Backends(s) => write!(f, "[{}]", s.iter().map(|a| a.to_string()).collect::<Vec<_>>().join(", ")),
             Expect::Pass => f.write_str("PASS"),
             Expect::Local => f.write_str("LOCAL"),
-            Expect::Drop => f.write_str("DROP"),
+            Expect::Drop(None) => f.write_str("DROP"),
+            Expect::Drop(Some(r)) => write!(f, "DROP ({r})"),
             Expect::Reject => f.write_str("REJECT"),
         }
     }
@@ -221,7 +246,8 @@ pub enum Outcome {
     To(SocketAddrV4),
     Pass,
     Local,
-    Drop,
+    /// Dropped, with the reason the datapath counted (when it counted one).
+    Drop(Option<&'static str>),
     Reject,
     Error(String),
 }
@@ -232,7 +258,8 @@ impl fmt::Display for Outcome {
             Outcome::To(a) => write!(f, "{a}"),
             Outcome::Pass => f.write_str("PASS"),
             Outcome::Local => f.write_str("LOCAL"),
-            Outcome::Drop => f.write_str("DROP"),
+            Outcome::Drop(None) => f.write_str("DROP"),
+            Outcome::Drop(Some(r)) => write!(f, "DROP ({r})"),
             Outcome::Reject => f.write_str("REJECT"),
             Outcome::Error(e) => write!(f, "error: {e}"),
         }
@@ -268,6 +295,10 @@ pub struct Runner {
     /// Policy verdicts seen during the current flow: "ingress allowed by ns/name" and the like.
     verdicts: std::cell::RefCell<BTreeSet<String>>,
     cgroup: Option<probe::TraceCgroup>,
+    /// The node's path MTU (`node.mtu`).
+    mtu: u16,
+    /// The namespace this thread runs the programs in (see net.rs); dropped last.
+    _net: net::TraceNet,
 }
 
 fn parse_objects(sc: &Scenario, source: &str) -> (Objects, Vec<ObjectError>) {
@@ -361,7 +392,12 @@ impl Runner {
             return Err(perr.iter().map(|e| e.to_string()).chain(pmap).collect());
         }
         let events = ebpf.take_map(dataplane_common::names::POL_EVENTS).and_then(|m| aya::maps::RingBuf::try_from(m).ok());
-        Ok(Runner { ebpf, maps, xdp: false, node_ips, pod_cidr, pod_ips, events: events.into(), verdicts: Default::default(), cgroup: None })
+        let mtu = sc.node.mtu.unwrap_or(1500);
+        if mtu < 576 {
+            return Err(vec![format!("node.mtu: {mtu} is below IPv4's minimum of 576")]);
+        }
+        let net = net::TraceNet::enter(&node.ips, mtu).map_err(|e| vec![e])?;
+        Ok(Runner { ebpf, maps, xdp: false, node_ips, pod_cidr, pod_ips, events: events.into(), verdicts: Default::default(), cgroup: None, mtu, _net: net })
     }
 
     fn origin(&self, src: Ipv4Addr) -> Origin {
@@ -399,7 +435,9 @@ impl Runner {
         };
         let origin = self.origin(src);
         let outcomes: Result<Vec<Outcome>, String> = match origin {
-            Origin::Pod | Origin::External => (0..attempts).map(|i| self.packet(origin, proto, src, 20000 + i as u16, dst, flow.masquerade)).collect(),
+            Origin::Pod | Origin::External => {
+                (0..attempts).map(|i| self.packet(origin, proto, src, 20000 + i as u16, dst, flow.masquerade, flow.size)).collect()
+            }
             Origin::Node => self.node_connections(proto, dst, &expect, attempts),
         };
         let outcomes = match outcomes {
@@ -419,6 +457,19 @@ impl Runner {
         let r = test_run(&self.ebpf, prog, pkt)?;
         self.drain_events();
         Ok(r)
+    }
+
+    /// Runs a tc program with `__sk_buff` fields; returns the run and the mark it left.
+    fn run_skb(&self, prog: &str, pkt: &[u8], skb: &SkbIn) -> Result<(Run, u32), String> {
+        let r = test_run_skb(&self.ebpf, prog, pkt, skb)?;
+        self.drain_events();
+        Ok(r)
+    }
+
+    /// The drop reason whose counter went up since `before` (the stats map's totals).
+    fn drop_reason(&self, before: &[u64]) -> Option<&'static str> {
+        let now = self.maps.stat_totals();
+        dataplane_common::DropReason::ALL.iter().find(|r| now.get(r.stat() as usize) > before.get(r.stat() as usize)).map(|r| r.name())
     }
 
     fn drain_events(&self) {
@@ -441,37 +492,85 @@ impl Runner {
 
     /// A packet arriving on an external interface: through XDP first when accelerated (a drop is
     /// final; XDP_TX is a finished translation; a pass goes on to tc), then tc's from-world.
-    fn world(&self, pkt: &[u8]) -> Result<Run, String> {
+    ///
+    /// A GSO super-packet skips XDP: the driver sees its segments one by one, and tc meets it
+    /// once GRO merged them.
+    fn world(&self, pkt: &[u8], skb: &SkbIn) -> Result<(Run, u32), String> {
         const XDP_DROP: u32 = 1;
         const XDP_PASS: u32 = 2;
         const XDP_TX: u32 = 3;
-        if !self.xdp {
-            return self.run(progs::FROM_WORLD, pkt);
+        if !self.xdp || skb.gso_size != 0 {
+            return self.run_skb(progs::FROM_WORLD, pkt, skb);
         }
         let x = self.run(progs::XDP_NODEPORT, pkt)?;
         match x.action {
-            XDP_DROP => Ok(Run { action: TC_ACT_SHOT, data: x.data }),
-            XDP_TX => Ok(Run { action: TC_ACT_REDIRECT, data: x.data }),
-            XDP_PASS => self.run(progs::FROM_WORLD, &x.data),
+            XDP_DROP => Ok((Run { action: TC_ACT_SHOT, data: x.data }, 0)),
+            XDP_TX => Ok((Run { action: TC_ACT_REDIRECT, data: x.data }, 0)),
+            XDP_PASS => self.run_skb(progs::FROM_WORLD, &x.data, skb),
             other => Err(format!("unexpected XDP action {other}")),
         }
     }
 
+    /// The packet of a flow: `size` IP bytes (default: the smallest), and, above the node's
+    /// MTU, the GSO super-packet of MTU-sized segments a TCP stack with TSO sends.
+    fn build(&self, proto: Proto, src: (Ipv4Addr, u16), dst: (Ipv4Addr, u16), size: Option<u16>) -> Result<(Vec<u8>, SkbIn), String> {
+        let Some(size) = size else { return Ok((build(proto, src, dst), SkbIn::default())) };
+        // BPF_PROG_TEST_RUN takes a packet of at most a page.
+        const MAX: u16 = 3500;
+        let hdr = match proto {
+            Proto::Tcp => 40,
+            Proto::Udp => 28,
+            Proto::Sctp => return Err("size: SCTP packets are sent at their natural size (an INIT chunk)".into()),
+        };
+        if !(hdr..=MAX).contains(&size) {
+            return Err(format!("size: {size} is outside {hdr}..={MAX} bytes (IP headers included; a test run takes at most a page)"));
+        }
+        let payload = vec![0x5a; (size - hdr) as usize];
+        let pkt = match proto {
+            Proto::Tcp => packet::tcp_flags(src, dst, "PA", &payload),
+            _ => packet::udp(src, dst, &payload),
+        };
+        if size <= self.mtu {
+            return Ok((pkt, SkbIn::default()));
+        }
+        if proto != Proto::Tcp {
+            return Err(format!("size: {size} exceeds node.mtu {} and only TCP is sent as GSO here", self.mtu));
+        }
+        let seg = (self.mtu - hdr) as u32;
+        Ok((pkt, SkbIn { gso_size: seg, gso_segs: (size - hdr) as u32 / seg + 1, ..Default::default() }))
+    }
+
     /// One packet from a pod (through the from-pod program) or from outside the node (through
     /// the from-world program), and, if translated, its reply back along the path it would take.
-    fn packet(&self, origin: Origin, proto: Proto, src: Ipv4Addr, sport: u16, dst: SocketAddrV4, masq: Option<bool>) -> Result<Outcome, String> {
-        let pkt = build(proto, (src, sport), (*dst.ip(), dst.port()));
-        let r = if origin == Origin::External { self.world(&pkt)? } else { self.run(progs::FROM_POD, &pkt)? };
+    #[allow(clippy::too_many_arguments)]
+    fn packet(&self, origin: Origin, proto: Proto, src: Ipv4Addr, sport: u16, dst: SocketAddrV4, masq: Option<bool>, size: Option<u16>) -> Result<Outcome, String> {
+        let (pkt, skb) = self.build(proto, (src, sport), (*dst.ip(), dst.port()), size)?;
+        let before = self.maps.stat_totals();
+        let (r, mark) = if origin == Origin::External { self.world(&pkt, &skb)? } else { self.run_skb(progs::FROM_POD, &pkt, &skb)? };
         match r.action {
-            TC_ACT_SHOT => return Ok(Outcome::Drop),
+            TC_ACT_SHOT => return Ok(Outcome::Drop(self.drop_reason(&before))),
             TC_ACT_REDIRECT => {
-                // Either a refusal sent back to the source, or a translated packet sent out
-                // through a FIB lookup (its source became a node address).
-                if let Some(Refusal::TcpRst { to, .. } | Refusal::IcmpUnreachable { to, .. }) = packet::refusal(&r.data) {
-                    if to == src {
+                // Either Ferry's own answer sent back to the source, or a translated packet sent
+                // out through a FIB lookup (its source became a node address).
+                match packet::refusal(&r.data) {
+                    Some(Refusal::TcpRst { to, .. } | Refusal::IcmpUnreachable { to, code: 3, .. }) if to == src => {
                         packet::check_checksums(&r.data).map_err(|e| format!("refusal has a {e}"))?;
+                        // The answer leaves the way the packet came: into a client pod through its
+                        // veth's to-pod program, where the pod's ingress policy applies.
+                        if origin == Origin::Pod {
+                            let before = self.maps.stat_totals();
+                            let (into, _) = self.run_skb(progs::TO_POD, &r.data, &SkbIn { mark, ..Default::default() })?;
+                            if into.action == TC_ACT_SHOT {
+                                return Ok(Outcome::Drop(self.drop_reason(&before)));
+                            }
+                        }
                         return Ok(Outcome::Reject);
                     }
+                    Some(Refusal::IcmpUnreachable { to, code: 4, .. }) if to == src => {
+                        let mtu = u16::from_be_bytes([r.data[40], r.data[41]]);
+                        return Ok(Outcome::Error(format!("answered with ICMP fragmentation needed (path MTU {mtu})")));
+                    }
+                    _ => {}
                 }
             }
             TC_ACT_OK => {}
@@ -481,12 +580,18 @@ impl Runner {
         packet::check_checksums(&r.data)?;
         // Into a pod of this node: through its veth's egress, where ingress policy applies.
         if self.is_local_pod(t.dst) && t.dst != src {
+            let before = self.maps.stat_totals();
             let into = self.run(progs::TO_POD, &r.data)?;
             if into.action == TC_ACT_SHOT {
-                return Ok(Outcome::Drop);
+                return Ok(Outcome::Drop(self.drop_reason(&before)));
             }
         }
         if t.dst == *dst.ip() && t.dport == dst.port() {
+            // Passed on (or delivered locally) with its destination as it was: its source must be
+            // as it was too, unless the flow says it is masqueraded.
+            if (t.src, t.sport) != (src, sport) && masq != Some(true) {
+                return Err(format!("passed with its source rewritten to {}:{}", t.src, t.sport));
+            }
             return Ok(if self.node_ips.contains(dst.ip()) { Outcome::Local } else { Outcome::Pass });
         }
         let masqueraded = t.src != src;
@@ -499,28 +604,38 @@ impl Runner {
             }
         }
         // The reply from the backend must come back as the Service, to the client: through the
-        // backend's own veth if it is a pod of this node; else, when the source was translated
-        // to this node, in on the external interface; else on the way into the client pod.
-        let reply = build(proto, (t.dst, t.dport), (t.src, t.sport));
+        // backend's own veth if it is a pod of this node; from the node's own stack if the
+        // backend is the node (a hostNetwork endpoint): into a client pod through its veth, or
+        // out of the external interface; else, when the source was translated to this node, in
+        // on the external interface; else on the way into the client pod.
+        let (reply, reply_skb) = self.build(proto, (t.dst, t.dport), (t.src, t.sport), size)?;
         let hook = if self.is_local_pod(t.dst) {
             progs::FROM_POD
+        } else if self.node_ips.contains(&t.dst) {
+            if origin == Origin::Pod { progs::TO_POD } else { progs::TO_WORLD }
         } else if self.node_ips.contains(&t.src) {
             progs::FROM_WORLD
         } else {
             progs::TO_POD
         };
-        let rr = if hook == progs::FROM_WORLD { self.world(&reply)? } else { self.run(hook, &reply)? };
+        let (rr, _) = if hook == progs::FROM_WORLD { self.world(&reply, &reply_skb)? } else { self.run_skb(hook, &reply, &reply_skb)? };
+        if let Some(Refusal::IcmpUnreachable { code: 4, .. }) = packet::refusal(&rr.data) {
+            return Ok(Outcome::Error(format!("the reply from backend {}:{} was answered with ICMP fragmentation needed", t.dst, t.dport)));
+        }
         if rr.action != TC_ACT_OK && rr.action != TC_ACT_REDIRECT {
             return Err(format!("reply from {}:{} got tc action {}", t.dst, t.dport, rr.action));
         }
         // A reply translated back on the backend's veth then enters the client pod of this node:
-        // through the client's veth, where ingress policy applies.
-        if hook == progs::FROM_POD && origin == Origin::Pod && !hairpin {
+        // through the client's veth, where ingress policy applies (and no second translation).
+        let rr = if hook == progs::FROM_POD && origin == Origin::Pod && !hairpin {
             let into = self.run(progs::TO_POD, &rr.data)?;
             if into.action == TC_ACT_SHOT {
                 return Err(format!("the reply from backend {}:{} was dropped entering the client", t.dst, t.dport));
             }
-        }
+            into
+        } else {
+            rr
+        };
         let rt = packet::try_tuple(&rr.data).ok_or("reply output is not IPv4")?;
         packet::check_checksums(&rr.data).map_err(|e| format!("reply: {e}"))?;
         if (rt.src, rt.sport, rt.dst, rt.dport) != (*dst.ip(), dst.port(), src, sport) {
@@ -593,7 +708,8 @@ fn judge(name: &str, expect: &Expect, outcomes: &[Outcome], origin: Origin, stic
         }
         Expect::Pass => counts.keys().all(|o| *o == Outcome::Pass),
         Expect::Local => counts.keys().all(|o| *o == Outcome::Local),
-        Expect::Drop => counts.keys().all(|o| *o == Outcome::Drop),
+        Expect::Drop(None) => counts.keys().all(|o| matches!(o, Outcome::Drop(_))),
+        Expect::Drop(Some(want)) => counts.keys().all(|o| matches!(o, Outcome::Drop(Some(r)) if r == want)),
         Expect::Reject => counts.keys().all(|o| *o == Outcome::Reject),
     };
     let sticky = if sticky && matches!(expect, Expect::Backends(_)) { ", sticky: one backend per client" } else { "" };

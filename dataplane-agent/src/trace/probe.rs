@@ -77,7 +77,7 @@ pub fn run_probe(cg: &TraceCgroup, proto: Proto, dst: SocketAddrV4, listen: &BTr
             Some(("error", e)) => Ok(Outcome::Error(e.to_string())),
             _ => match l {
                 "refused" => Ok(Outcome::Reject),
-                "denied" => Ok(Outcome::Drop),
+                "denied" => Ok(Outcome::Drop(None)),
                 _ => Err(format!("probe said {l:?}")),
             },
         })

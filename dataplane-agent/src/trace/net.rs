@@ -1,0 +1,56 @@
+//! The network namespace trace's test runs happen in, so that the FIB lookups the programs make
+//! (to send a translated packet out, to check its size against the path MTU) see a node of the
+//! scenario's making rather than whatever machine runs trace: the node's addresses on one link
+//! of `node.mtu` bytes, and a default route over it. Created per scenario, entered by the calling
+//! thread only, and removed (the thread back in its own namespace) when dropped.
+use std::{net::Ipv4Addr, os::fd::AsRawFd, process::Command};
+
+pub struct TraceNet {
+    name: String,
+    orig: std::fs::File,
+}
+
+fn ip(args: &[&str]) -> Result<(), String> {
+    let out = Command::new("ip").args(args).output().map_err(|e| format!("ip {}: {e}", args.join(" ")))?;
+    if !out.status.success() {
+        return Err(format!("ip {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim()));
+    }
+    Ok(())
+}
+
+impl TraceNet {
+    pub fn enter(node_ips: &[Ipv4Addr], mtu: u16) -> Result<TraceNet, String> {
+        use std::sync::atomic::{AtomicU32, Ordering};
+        static N: AtomicU32 = AtomicU32::new(0);
+        let name = format!("ferry-trace-{}-{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed));
+        let orig = std::fs::File::open("/proc/thread-self/ns/net").map_err(|e| format!("own network namespace: {e}"))?;
+        ip(&["netns", "add", &name])?;
+        // From here on, dropping the guard removes the namespace.
+        let net = TraceNet { name, orig };
+        let n = net.name.as_str();
+        let mtu = mtu.to_string();
+        ip(&["-n", n, "link", "set", "lo", "up"])?;
+        ip(&["-n", n, "link", "add", "t0", "type", "veth", "peer", "name", "t1"])?;
+        ip(&["-n", n, "link", "set", "t1", "up"])?;
+        ip(&["-n", n, "link", "set", "t0", "mtu", &mtu, "up"])?;
+        for a in node_ips {
+            ip(&["-n", n, "addr", "add", &format!("{a}/32"), "dev", "t0"])?;
+        }
+        ip(&["-n", n, "route", "add", "default", "dev", "t0"])?;
+        let f = std::fs::File::open(format!("/run/netns/{n}")).map_err(|e| format!("netns {n}: {e}"))?;
+        if unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+            return Err(format!("entering netns {n}: {}", std::io::Error::last_os_error()));
+        }
+        // FIB lookups answer only where forwarding is on (this thread now sees this namespace's
+        // /proc/sys/net).
+        std::fs::write("/proc/sys/net/ipv4/ip_forward", "1").map_err(|e| format!("ip_forward in {n}: {e}"))?;
+        Ok(net)
+    }
+}
+
+impl Drop for TraceNet {
+    fn drop(&mut self) {
+        unsafe { libc::setns(self.orig.as_raw_fd(), libc::CLONE_NEWNET) };
+        let _ = Command::new("ip").args(["netns", "del", &self.name]).status();
+    }
+}
