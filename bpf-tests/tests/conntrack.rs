@@ -169,16 +169,23 @@ fn an_expired_connection_counts_as_absent() {
     assert!(fresh.iter().all(|r| r.entry.expires_ns > now), "{fresh:#?}");
 }
 
+/// A whole TCP connection from the client through the Service: handshake, then a FIN each way
+/// and the last ACK. Returns its backend.
+fn closed_connection(dp: &Datapath) -> (Ipv4Addr, u16) {
+    let be = backend_of(&from_client(dp, "S"));
+    from_backend(dp, be, "SA");
+    from_client(dp, "A");
+    from_client(dp, "FA");
+    from_backend(dp, be, "FA");
+    from_client(dp, "A");
+    be
+}
+
 #[test]
 fn a_syn_on_a_closed_connections_tuple_starts_a_new_connection() {
     let mut dp = Datapath::new();
     dp.apply_yaml(&web(&[BACKEND]));
-    let be = backend_of(&from_client(&dp, "S"));
-    from_backend(&dp, be, "SA");
-    from_client(&dp, "A");
-    from_client(&dp, "FA");
-    from_backend(&dp, be, "FA");
-    from_client(&dp, "A");
+    let be = closed_connection(&dp);
     let old = pair(&dp, client());
     assert!(old.iter().all(|r| r.entry.state & CT_S_FIN_REPLY != 0));
     // The client reuses its port at once (netfilter reopens a TIME_WAIT tuple on a SYN).
@@ -194,12 +201,7 @@ fn a_stale_reply_entry_never_hijacks_a_direct_connection() {
     let mut dp = Datapath::new();
     dp.apply_yaml(&web(&[BACKEND]));
     // A pod talks to the Service from port P, and the connection ends.
-    let be = backend_of(&from_client(&dp, "S"));
-    from_backend(&dp, be, "SA");
-    from_client(&dp, "A");
-    from_client(&dp, "FA");
-    from_backend(&dp, be, "FA");
-    from_client(&dp, "A");
+    let be = closed_connection(&dp);
     // Then it connects from P straight to the backend pod.
     let direct = dp.from_pod(&tcp_flags(client(), be, "S", b""));
     assert_eq!(direct.action, TC_ACT_OK);

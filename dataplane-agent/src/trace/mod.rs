@@ -70,44 +70,40 @@ impl SkbIn {
     }
 }
 
-/// One test run of a tc program with `skb` fields set; also returns the mark it left.
+/// One test run of a tc program with `__sk_buff` fields set; also returns the mark it left.
 pub fn test_run_skb(ebpf: &Ebpf, prog: &str, pkt: &[u8], skb: &SkbIn) -> Result<(Run, u32), String> {
     let p = ebpf.program(prog).ok_or(format!("program {prog} missing"))?;
     let p: &SchedClassifier = p.try_into().map_err(|e| format!("{e}"))?;
-    let mut out = vec![0u8; pkt.len() + 256];
-    let ctx_in = skb.bytes();
     let mut ctx_out = [0u8; 192];
-    let mut opts = TestRunOptions::default();
-    opts.data_in = Some(pkt);
-    opts.data_out = Some(&mut out);
-    opts.ctx_in = Some(&ctx_in);
-    opts.ctx_out = Some(&mut ctx_out);
-    let r = p.test_run(opts).map_err(|e| {
-        use std::error::Error as _;
-        let cause = e.source().map(|s| format!(": {s}")).unwrap_or_default();
-        format!("BPF_PROG_TEST_RUN {prog} ({} bytes, {skb:?}): {e}{cause}", pkt.len())
-    })?;
-    out.truncate(r.data_size_out as usize);
-    let mark = u32::from_ne_bytes([ctx_out[8], ctx_out[9], ctx_out[10], ctx_out[11]]);
-    Ok((Run { action: r.return_value, data: out }, mark))
+    let run = run_with(p, prog, pkt, Some((&skb.bytes(), &mut ctx_out)))?;
+    Ok((run, u32::from_ne_bytes([ctx_out[8], ctx_out[9], ctx_out[10], ctx_out[11]])))
 }
 
 pub fn test_run(ebpf: &Ebpf, prog: &str, pkt: &[u8]) -> Result<Run, String> {
     let p = ebpf.program(prog).ok_or(format!("program {prog} missing"))?;
     if let Ok(x) = <&aya::programs::Xdp>::try_from(p) {
-        return run_with(x, prog, pkt);
+        return run_with(x, prog, pkt, None);
     }
     let p: &SchedClassifier = p.try_into().map_err(|e| format!("{e}"))?;
-    run_with(p, prog, pkt)
+    run_with(p, prog, pkt, None)
 }
 
-/// One BPF_PROG_TEST_RUN of a tc or XDP program.
-fn run_with<P: TestRun<Result = aya::programs::TestRunResult> + for<'a> TestRun<Opts<'a> = TestRunOptions<'a>>>(p: &P, prog: &str, pkt: &[u8]) -> Result<Run, String> {
+/// One BPF_PROG_TEST_RUN of a tc or XDP program, with a context in and out (tc's `__sk_buff`).
+fn run_with<P: TestRun<Result = aya::programs::TestRunResult> + for<'a> TestRun<Opts<'a> = TestRunOptions<'a>>>(
+    p: &P,
+    prog: &str,
+    pkt: &[u8],
+    ctx: Option<(&[u8], &mut [u8])>,
+) -> Result<Run, String> {
     // Room for a packet that grows (an ICMP error quoting a short packet).
     let mut out = vec![0u8; pkt.len() + 256];
     let mut opts = TestRunOptions::default();
     opts.data_in = Some(pkt);
     opts.data_out = Some(&mut out);
+    if let Some((ctx_in, ctx_out)) = ctx {
+        opts.ctx_in = Some(ctx_in);
+        opts.ctx_out = Some(ctx_out);
+    }
     let r = p.test_run(opts).map_err(|e| {
         use std::error::Error as _;
         let cause = e.source().map(|s| format!(": {s}")).unwrap_or_default();
