@@ -218,6 +218,20 @@ fn idle_connections_survive_a_churn_that_fills_conntrack() {
         churn.join("; ")
     );
     assert_eq!(ok_failed(&churn), (8000, 0), "the churn itself: {}\n{}", churn.join("\n"), drops(&c, 0));
+    // The pressure shows in /metrics: the LRU map evicted (closed connections of the churn), the
+    // assured map did not need to (it never evicts), as of a garbage collection after the churn.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let metric = |page: &str, name: &str| -> u64 { page.lines().find_map(|l| l.strip_prefix(name)).and_then(|v| v.trim().parse().ok()).unwrap_or(0) };
+    loop {
+        let page = bpf_tests::fakeapi::http_get_in(&c.nodes[0].ns.name, "127.0.0.1:10249", "/metrics").map(|(_, p)| p).unwrap_or_default();
+        let evicted = metric(&page, "ferry_conntrack_evictions_total{map=\"ct4_v2\"}");
+        if evicted > 1000 && metric(&page, "ferry_conntrack_gc_runs_total") > 0 {
+            assert!(metric(&page, "ferry_map_capacity{map=\"ct4_v2\"}") == 2048, "{page}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "no evictions reported after a churn of 16 000 entries through a 2 048-entry LRU map:\n{page}");
+        std::thread::sleep(Duration::from_millis(250));
+    }
 }
 
 // -------------------------------------------------------------------------------------------
