@@ -178,7 +178,7 @@ impl BpfMaps {
     /// Reads frontend `svc_id`'s consistent-hashing table back, if it has one.
     pub fn chash_table(&self, svc_id: u32) -> Option<Vec<u32>> {
         let inner = self.chash.get(&svc_id, 0).ok()?;
-        (0..dataplane_common::CHASH_TABLE_SIZE).map(|i| inner.get(&i, 0).ok()).collect()
+        (0..inner.len()).map(|i| inner.get(&i, 0).ok()).collect()
     }
 
     /// Writes this node's datapath settings.
@@ -425,9 +425,10 @@ impl MapOps for BpfMaps {
     }
     fn put_table(&mut self, svc_id: u32, table: &[u32], old: &[u32]) -> Result<usize, MapOpError> {
         let err = |op: &'static str, source: MapError| MapOpError::Syscall { map: names::CHASH, op, what: format!("table of frontend {svc_id}"), source };
-        // An existing table is patched in place (the datapath never sees a half-new table for
-        // long, and Maglev changes few entries); a new one is filled before it is linked in.
-        let existing = if old.is_empty() { None } else { self.chash.get(&svc_id, 0).ok() };
+        // An existing table of the same size is patched in place (the datapath never sees a
+        // half-new table for long, and a change moves few entries); a new one, or one of another
+        // size, is filled before it is linked in.
+        let existing = if old.len() != table.len() { None } else { self.chash.get(&svc_id, 0).ok() };
         let mut written = 0;
         match existing {
             Some(mut inner) => {
@@ -439,7 +440,7 @@ impl MapOps for BpfMaps {
                 }
             }
             None => {
-                let mut inner = Array::<MapData, u32>::create(dataplane_common::CHASH_TABLE_SIZE, 0).map_err(|e| err("create", e))?;
+                let mut inner = Array::<MapData, u32>::create(table.len() as u32, dataplane_common::CHASH_INNER_FLAGS).map_err(|e| err("create", e))?;
                 for (i, id) in table.iter().enumerate() {
                     inner.set(i as u32, *id, 0).map_err(|e| err("update", e))?;
                 }
