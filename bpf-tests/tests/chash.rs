@@ -210,3 +210,21 @@ fn l4(s: &str) -> dataplane_agent::model::L4Addr {
     let (addr, port) = s.split_once(':').unwrap();
     dataplane_agent::model::L4Addr { addr: addr.parse().unwrap(), port: port.parse().unwrap(), proto: dataplane_agent::model::Proto::Tcp }
 }
+
+#[test]
+fn tables_written_through_mmap_read_back_entry_by_entry() {
+    // The agent fills tables as memory (8 bytes an entry, as the kernel lays out array values);
+    // the kernel's own per-entry lookups must see the same ids, at every size.
+    let mut dp = Datapath::new();
+    for n in [5, 150] {
+        dp.apply_yaml(&web_n(n));
+        let af = dp.rec.applied.frontends.values().next().unwrap().clone();
+        assert_eq!(af.table.len(), if n == 5 { 1021 } else { 4093 });
+        let inner = dp.maps.chash.get(&af.svc_id, 0).unwrap();
+        let kernel: Vec<u32> = (0..inner.len()).map(|i| inner.get(&i, 0).unwrap()).collect();
+        assert_eq!(kernel, af.table, "n={n}");
+        assert_eq!(dp.maps.chash_table(af.svc_id).unwrap(), af.table);
+        let ids: std::collections::BTreeSet<u32> = af.table.iter().copied().collect();
+        assert_eq!(ids.len(), n as usize);
+    }
+}

@@ -7,7 +7,7 @@ use std::{
 };
 
 use aya::{
-    maps::{lpm_trie::Key as LpmKey, Array, HashMap, HashOfMaps, LpmTrie, Map, MapData, MapError, PerCpuArray, PerCpuHashMap, PerCpuValues},
+    maps::{lpm_trie::Key as LpmKey, Array, HashMap, HashOfMaps, IterableMap, LpmTrie, Map, MapData, MapError, PerCpuArray, PerCpuHashMap, PerCpuValues},
     sys::SyscallError,
     Ebpf,
 };
@@ -52,11 +52,12 @@ struct Caps {
     services: u32,
     slots: u32,
     backends: u32,
+    chash: u32,
 }
 
 fn capacity_of(m: &Map, compiled: u32) -> u32 {
     match m {
-        Map::HashMap(d) | Map::LruHashMap(d) => d.info().map(|i| i.max_entries()).unwrap_or(compiled),
+        Map::HashMap(d) | Map::LruHashMap(d) | Map::HashOfMaps(d) => d.info().map(|i| i.max_entries()).unwrap_or(compiled),
         _ => compiled,
     }
 }
@@ -76,11 +77,12 @@ impl BpfMaps {
     }
 
     fn from_maps(mut get: impl FnMut(&'static str) -> Result<Map, LoadError>) -> Result<Self, LoadError> {
-        let (svc, slots, be) = (get(names::SERVICES)?, get(names::SLOTS)?, get(names::BACKENDS)?);
+        let (svc, slots, be, chash) = (get(names::SERVICES)?, get(names::SLOTS)?, get(names::BACKENDS)?, get(names::CHASH)?);
         let caps = Caps {
             services: capacity_of(&svc, capacity::SERVICES),
             slots: capacity_of(&slots, capacity::SLOTS),
             backends: capacity_of(&be, capacity::BACKENDS),
+            chash: capacity_of(&chash, capacity::SERVICES),
         };
         Ok(BpfMaps {
             services: conv(names::SERVICES, HashMap::try_from(svc))?,
@@ -92,7 +94,7 @@ impl BpfMaps {
             affinity: conv(names::AFFINITY, HashMap::try_from(get(names::AFFINITY)?))?,
             source_ranges: conv(names::SOURCE_RANGES, LpmTrie::try_from(get(names::SOURCE_RANGES)?))?,
             config: conv(names::CONFIG, Array::try_from(get(names::CONFIG)?))?,
-            chash: conv(names::CHASH, HashOfMaps::try_from(get(names::CHASH)?))?,
+            chash: conv(names::CHASH, HashOfMaps::try_from(chash))?,
             svc_stats: conv(names::SVC_STATS, PerCpuHashMap::try_from(get(names::SVC_STATS)?))?,
             svc_names: conv(names::SVC_NAMES, HashMap::try_from(get(names::SVC_NAMES)?))?,
             pol_ipcache: conv(names::POL_IPCACHE, LpmTrie::try_from(get(names::POL_IPCACHE)?))?,
@@ -175,10 +177,12 @@ impl BpfMaps {
         applied
     }
 
-    /// Reads frontend `svc_id`'s consistent-hashing table back, if it has one.
+    /// Reads frontend `svc_id`'s consistent-hashing table back, if it has one (through mmap:
+    /// one syscall, not one per entry).
     pub fn chash_table(&self, svc_id: u32) -> Option<Vec<u32>> {
         let inner = self.chash.get(&svc_id, 0).ok()?;
-        (0..inner.len()).map(|i| inner.get(&i, 0).ok()).collect()
+        let mapped = MappedTable::new(inner.map(), false).ok()?;
+        Some((0..mapped.entries).map(|i| mapped.get(i)).collect())
     }
 
     /// Writes this node's datapath settings.
@@ -360,6 +364,56 @@ pub fn map_usage(dir: &Path) -> Vec<MapUsage> {
     out
 }
 
+/// A consistent-hashing table's array (created `BPF_F_MMAPABLE`) mapped into this process, so
+/// its entries are read and written as memory. The kernel stores array values 8-byte aligned:
+/// entry `i` is the `u32` at byte `8 i`.
+struct MappedTable {
+    ptr: *mut libc::c_void,
+    len: usize,
+    entries: usize,
+}
+
+impl MappedTable {
+    const STRIDE: usize = 8;
+
+    fn new(map: &MapData, write: bool) -> std::io::Result<Self> {
+        use std::os::fd::{AsFd, AsRawFd};
+        let entries = map.info().map_err(std::io::Error::other)?.max_entries() as usize;
+        let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(1) as usize;
+        let len = (entries * Self::STRIDE).div_ceil(page) * page;
+        let prot = if write { libc::PROT_READ | libc::PROT_WRITE } else { libc::PROT_READ };
+        // SAFETY: a fresh shared mapping of the map's fd; the kernel checks the length against
+        // the array's size and refuses maps without BPF_F_MMAPABLE.
+        let ptr = unsafe { libc::mmap(std::ptr::null_mut(), len, prot, libc::MAP_SHARED, map.fd().as_fd().as_raw_fd(), 0) };
+        if ptr == libc::MAP_FAILED {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(MappedTable { ptr, len, entries })
+    }
+
+    fn slot(&self, i: usize) -> &std::sync::atomic::AtomicU32 {
+        assert!(i < self.entries, "entry {i} of a {}-entry table", self.entries);
+        // SAFETY: inside the mapping (checked above), 8-byte aligned (the mapping is page
+        // aligned); atomic because a linked table is read by the datapath at the same time.
+        unsafe { &*(self.ptr.cast::<u8>().add(i * Self::STRIDE) as *const std::sync::atomic::AtomicU32) }
+    }
+
+    fn get(&self, i: usize) -> u32 {
+        self.slot(i).load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    fn set(&mut self, i: usize, id: u32) {
+        self.slot(i).store(id, std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
+impl Drop for MappedTable {
+    fn drop(&mut self) {
+        // SAFETY: the mapping made in `new`, unmapped once.
+        unsafe { libc::munmap(self.ptr, self.len) };
+    }
+}
+
 fn is_full(e: &MapError) -> bool {
     matches!(e, MapError::SyscallError(SyscallError { io_error, .. }) if io_error.raw_os_error() == Some(libc::E2BIG))
 }
@@ -424,31 +478,27 @@ impl MapOps for BpfMaps {
         }
     }
     fn put_table(&mut self, svc_id: u32, table: &[u32], old: &[u32]) -> Result<usize, MapOpError> {
-        let err = |op: &'static str, source: MapError| MapOpError::Syscall { map: names::CHASH, op, what: format!("table of frontend {svc_id}"), source };
-        // An existing table of the same size is patched in place (the datapath never sees a
-        // half-new table for long, and a change moves few entries); a new one, or one of another
-        // size, is filled before it is linked in.
-        let existing = if old.len() != table.len() { None } else { self.chash.get(&svc_id, 0).ok() };
-        let mut written = 0;
-        match existing {
-            Some(mut inner) => {
-                for (i, (new, was)) in table.iter().zip(old).enumerate() {
-                    if new != was {
-                        inner.set(i as u32, *new, 0).map_err(|e| err("update", e))?;
-                        written += 1;
-                    }
-                }
-            }
-            None => {
-                let mut inner = Array::<MapData, u32>::create(table.len() as u32, dataplane_common::CHASH_INNER_FLAGS).map_err(|e| err("create", e))?;
-                for (i, id) in table.iter().enumerate() {
-                    inner.set(i as u32, *id, 0).map_err(|e| err("update", e))?;
-                }
-                written = table.len();
-                self.chash.insert(svc_id, &inner, 0).map_err(|e| err("insert", e))?;
-            }
+        let what = || format!("table of frontend {svc_id} ({} entries)", table.len());
+        let err = |op: &'static str, source: MapError| MapOpError::Syscall { map: names::CHASH, op, what: what(), source };
+        // Always a new array, filled through mmap, then linked in by one update of the outer
+        // map: the datapath sees the old table or the new one, never a mix, and a failure at any
+        // step leaves the old one in place. Writing M entries into memory costs less than the
+        // syscalls for the few that change would.
+        let inner = Array::<MapData, u32>::create(table.len() as u32, dataplane_common::CHASH_INNER_FLAGS).map_err(|e| err("create", e))?;
+        let mut mapped = MappedTable::new(inner.map(), true).map_err(|e| MapOpError::Other { map: names::CHASH, what: what(), message: format!("mmap: {e}") })?;
+        for (i, id) in table.iter().enumerate() {
+            mapped.set(i, *id);
         }
-        Ok(written)
+        drop(mapped);
+        self.chash.insert(svc_id, &inner, 0).map_err(|source| {
+            if is_full(&source) {
+                MapOpError::Full { map: names::CHASH, capacity: self.caps.chash, what: what() }
+            } else {
+                err("insert", source)
+            }
+        })?;
+        // The entries whose backend changed: what the datapath sees change.
+        Ok(if old.len() == table.len() { table.iter().zip(old).filter(|(a, b)| a != b).count() } else { table.len() })
     }
     fn del_table(&mut self, svc_id: u32) -> Result<(), MapOpError> {
         match self.chash.remove(&svc_id) {

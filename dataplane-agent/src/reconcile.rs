@@ -79,8 +79,9 @@ pub trait MapOps {
     fn del_service(&mut self, key: Lb4Key) -> Result<(), MapOpError>;
     fn put_service_cidr(&mut self, cidr: Cidr4) -> Result<(), MapOpError>;
     fn del_service_cidr(&mut self, cidr: Cidr4) -> Result<(), MapOpError>;
-    /// Writes frontend `svc_id`'s consistent-hashing table (backend ids), touching only the entries that
-    /// differ from `old` (empty: the table does not exist yet). Returns the entries written.
+    /// Makes `table` (backend ids) frontend `svc_id`'s consistent-hashing table, all at once: on
+    /// error the previous table, if any, is still in place. `old` is the table as applied (empty:
+    /// none). Returns how many entries differ from it (all of them when the size changed).
     fn put_table(&mut self, svc_id: u32, table: &[u32], old: &[u32]) -> Result<usize, MapOpError>;
     fn del_table(&mut self, svc_id: u32) -> Result<(), MapOpError>;
     /// Allows `cidr` as a source of frontend `svc_id` (loadBalancerSourceRanges).
