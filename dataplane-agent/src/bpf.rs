@@ -151,8 +151,11 @@ impl BpfMaps {
             }
             let Some(fe) = frontend_from_key(&key) else { continue };
             let service = self.svc_names.get(&svc.svc_id, 0).ok().and_then(|n| n.as_str().parse().ok());
+            // Every slot, also past the count (an update that stopped before raising it), and as
+            // they are: a backend in two slots (a crash between a slot move and the count) is
+            // dropped from the second by the next sync.
             let mut list = Vec::new();
-            for slot in 0..svc.count as u32 {
+            for slot in 0..=u16::MAX as u32 {
                 match slots.get(&Lb4SlotKey { svc_id: svc.svc_id, slot }).and_then(|id| by_id.get(id)) {
                     Some(b) => list.push(*b),
                     None => break, // a torn write from a crash: the next sync rewrites the rest
@@ -164,10 +167,11 @@ impl BpfMaps {
                     svc_id: svc.svc_id,
                     service,
                     slots: list,
-                    flags: svc.flags,
-                    affinity_timeout_s: svc.affinity_timeout_s,
+                    entry: Some(svc),
                     source_ranges: ranges.remove(&svc.svc_id).unwrap_or_default(),
                     table: self.chash_table(svc.svc_id).unwrap_or_default(),
+                    // Unknown: the first sync builds each table once and writes it only if it differs.
+                    table_of: Vec::new(),
                 },
             );
         }
