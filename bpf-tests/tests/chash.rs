@@ -213,13 +213,14 @@ fn l4(s: &str) -> dataplane_agent::model::L4Addr {
 
 #[test]
 fn tables_written_through_mmap_read_back_entry_by_entry() {
-    // The agent fills tables as memory (8 bytes an entry, as the kernel lays out array values);
-    // the kernel's own per-entry lookups must see the same ids, at every size.
+    // The agent fills tables as memory (8 bytes an entry, as the kernel lays out array values):
+    // a new table (5), one patched in place (6, the same size), one replaced by a larger (150).
+    // The kernel's own per-entry lookups must see the same ids.
     let mut dp = Datapath::new();
-    for n in [5, 150] {
+    for (n, size) in [(5, 1021), (6, 1021), (150, 4093)] {
         dp.apply_yaml(&web_n(n));
         let af = dp.rec.applied.frontends.values().next().unwrap().clone();
-        assert_eq!(af.table.len(), if n == 5 { 1021 } else { 4093 });
+        assert_eq!(af.table.len(), size);
         let inner = dp.maps.chash.get(&af.svc_id, 0).unwrap();
         let kernel: Vec<u32> = (0..inner.len()).map(|i| inner.get(&i, 0).unwrap()).collect();
         assert_eq!(kernel, af.table, "n={n}");

@@ -484,12 +484,32 @@ impl MapOps for BpfMaps {
     fn put_table(&mut self, svc_id: u32, table: &[u32], old: &[u32]) -> Result<usize, MapOpError> {
         let what = || format!("table of frontend {svc_id} ({} entries)", table.len());
         let err = |op: &'static str, source: MapError| MapOpError::Syscall { map: names::CHASH, op, what: what(), source };
-        // Always a new array, filled through mmap, then linked in by one update of the outer
-        // map: the datapath sees the old table or the new one, never a mix, and a failure at any
-        // step leaves the old one in place. Writing M entries into memory costs less than the
-        // syscalls for the few that change would.
+        let mmap_err = |e: std::io::Error| MapOpError::Other { map: names::CHASH, what: what(), message: format!("mmap: {e}") };
+        // Entries are written as memory through mmap, never one syscall each. Every syscall
+        // (find, create, map) comes before the first entry is written, so an error leaves the
+        // old table whole.
+        if old.len() == table.len() {
+            // Same size: patched in place. Replacing the array in the outer map would make the
+            // kernel wait for an RCU grace period (milliseconds) on every change; the datapath
+            // may meet a mix of old and new entries for a moment, all of them live backends.
+            if let Ok(inner) = self.chash.get(&svc_id, 0) {
+                let mut mapped = MappedTable::new(inner.map(), true).map_err(mmap_err)?;
+                if mapped.entries == table.len() {
+                    let mut changed = 0;
+                    for (i, (new, was)) in table.iter().zip(old).enumerate() {
+                        if new != was || mapped.get(i) != *new {
+                            mapped.set(i, *new);
+                            changed += usize::from(new != was);
+                        }
+                    }
+                    return Ok(changed);
+                }
+            }
+        }
+        // New, or another size: a new array, filled before one update of the outer map links
+        // it in, so the datapath never sees it half filled.
         let inner = Array::<MapData, u32>::create(table.len() as u32, dataplane_common::CHASH_INNER_FLAGS).map_err(|e| err("create", e))?;
-        let mut mapped = MappedTable::new(inner.map(), true).map_err(|e| MapOpError::Other { map: names::CHASH, what: what(), message: format!("mmap: {e}") })?;
+        let mut mapped = MappedTable::new(inner.map(), true).map_err(mmap_err)?;
         for (i, id) in table.iter().enumerate() {
             mapped.set(i, *id);
         }
@@ -501,8 +521,7 @@ impl MapOps for BpfMaps {
                 err("insert", source)
             }
         })?;
-        // The entries whose backend changed: what the datapath sees change.
-        Ok(if old.len() == table.len() { table.iter().zip(old).filter(|(a, b)| a != b).count() } else { table.len() })
+        Ok(table.len())
     }
     fn del_table(&mut self, svc_id: u32) -> Result<(), MapOpError> {
         match self.chash.remove(&svc_id) {

@@ -82,9 +82,9 @@ pub trait MapOps {
     fn del_service(&mut self, key: Lb4Key) -> Result<(), MapOpError>;
     fn put_service_cidr(&mut self, cidr: Cidr4) -> Result<(), MapOpError>;
     fn del_service_cidr(&mut self, cidr: Cidr4) -> Result<(), MapOpError>;
-    /// Makes `table` (backend ids) frontend `svc_id`'s consistent-hashing table, all at once: on
-    /// error the previous table, if any, is still in place. `old` is the table as applied (empty:
-    /// none). Returns how many entries differ from it (all of them when the size changed).
+    /// Makes `table` (backend ids) frontend `svc_id`'s consistent-hashing table. On error nothing
+    /// of it was written: the previous table, if any, is unchanged. `old` is the table as applied
+    /// (empty: none). Returns how many entries differ from it (all of them when the size changed).
     fn put_table(&mut self, svc_id: u32, table: &[u32], old: &[u32]) -> Result<usize, MapOpError>;
     fn del_table(&mut self, svc_id: u32) -> Result<(), MapOpError>;
     /// Allows `cidr` as a source of frontend `svc_id` (loadBalancerSourceRanges).
@@ -323,9 +323,15 @@ impl Reconciler {
         }
 
         // Backends nothing points at any more go last, after every slot and table that referenced
-        // them (a table that could not be replaced still names the old backends).
-        let mut used: BTreeSet<u32> = self.applied.frontends.values().flat_map(|f| f.table.iter().copied()).collect();
-        used.extend(self.applied.frontends.values().flat_map(|f| &f.slots).filter_map(|b| self.applied.backends.get(b)).map(|(id, _)| *id));
+        // them (a table that could not be replaced still names the old backends). A table names
+        // the backends it was built from; only one restored from the maps has to be read.
+        let mut used = BTreeSet::new();
+        for f in self.applied.frontends.values() {
+            used.extend(f.slots.iter().chain(&f.table_of).filter_map(|b| self.applied.backends.get(b)).map(|(id, _)| *id));
+            if f.table_of.is_empty() {
+                used.extend(f.table.iter().copied());
+            }
+        }
         let unused: Vec<(L4Addr, u32)> = self.applied.backends.iter().filter(|(_, (id, _))| !used.contains(id)).map(|(b, (id, _))| (*b, *id)).collect();
         for (be, id) in unused {
             match ops.del_backend(id) {
@@ -912,25 +918,34 @@ mod tests {
     }
 
     #[test]
-    fn hashing_tables_are_written_with_the_slots_and_patched_on_change() {
+    fn hashing_tables_are_written_with_the_slots_and_replaced_on_change() {
         let mut r = Recorder::default();
         let mut rec = Reconciler::new();
         rec.sync(&desired(&[1, 2, 3]), &BTreeSet::new(), &mut r);
         assert!(r.ops.contains(&"put_table 1 (1021 entries)".to_string()), "{:?}", r.ops);
         let svc = r.maps.services.values().find(|s| s.svc_id == 1).unwrap();
-        assert_eq!(svc.flags & SVC_F_RANDOM, 0);
+        assert_eq!((svc.flags & SVC_F_RANDOM, svc.table_size), (0, 1021));
         r.ops.clear();
         rec.sync(&desired(&[1, 2, 3]), &BTreeSet::new(), &mut r);
         assert!(r.ops.is_empty(), "{:?}", r.ops);
-        // One backend leaves: exactly its entries (about a third) are rewritten.
+        // One backend leaves: its entries (about a third) and a few others change.
         rec.sync(&desired(&[1, 2]), &BTreeSet::new(), &mut r);
         let line = r.ops.iter().find(|o| o.starts_with("put_table")).unwrap();
         let n: usize = line.split(['(', ' ']).nth(3).unwrap().parse().unwrap();
         assert!(n > 1021 / 4 && n < 1021 / 2, "{line}");
+        // 103 backends need more than 1021 entries: a 4093-entry table, and the entry says so
+        // (written after the table, as the datapath indexes the table by it).
+        r.ops.clear();
+        rec.sync(&desired(&(1..=103).collect::<Vec<u8>>()), &BTreeSet::new(), &mut r);
+        let table_at = r.ops.iter().position(|o| o == "put_table 1 (4093 entries)").unwrap_or_else(|| panic!("{:?}", r.ops));
+        let entry_at = r.ops.iter().position(|o| o == "put_service 1 count=103").unwrap();
+        assert!(table_at < entry_at);
+        assert_eq!(r.maps.services.values().find(|s| s.svc_id == 1).unwrap().table_size, 4093);
         // No backend left: the table goes.
         r.ops.clear();
         rec.sync(&desired(&[]), &BTreeSet::new(), &mut r);
         assert!(r.ops.contains(&"del_table 1".to_string()), "{:?}", r.ops);
+        assert_eq!(r.maps.services.values().find(|s| s.svc_id == 1).unwrap().table_size, 0);
     }
 
     #[test]
