@@ -405,10 +405,9 @@ impl Reconciler {
         }
         let mut af = AppliedFrontend::new(id);
         let res = self.write_frontend(fe, desired, &mut af, local, ops, st);
-        if res.is_ok() {
-            self.next_svc_id += 1;
-            self.applied.frontends.insert(*fe, af);
-        } else if remove_frontend(fe, &mut af, ops, st).is_err() {
+        // Kept when written, or when taking it out failed too (the next sync completes or removes
+        // what is left); otherwise nothing of it is left and its id is free again.
+        if res.is_ok() || remove_frontend(fe, &mut af, ops, st).is_err() {
             self.next_svc_id += 1;
             self.applied.frontends.insert(*fe, af);
         }
@@ -575,12 +574,20 @@ mod tests {
         ops: Vec<String>,
         maps: Maps,
         fail_service_puts: bool,
-        /// Puts that still succeed; after them every put fails as into a full map. Deletes
-        /// always succeed.
+        /// Puts that still succeed; after them every put fails as into a full map.
         puts_left: Option<usize>,
+        /// Every delete fails.
+        fail_deletes: bool,
     }
 
     impl Recorder {
+        fn del(&self, map: &'static str) -> Result<(), MapOpError> {
+            if self.fail_deletes {
+                return Err(MapOpError::Other { map, what: "test".into(), message: "delete refused".into() });
+            }
+            Ok(())
+        }
+
         fn put(&mut self, map: &'static str) -> Result<(), MapOpError> {
             match &mut self.puts_left {
                 Some(0) => Err(MapOpError::Full { map, capacity: 1, what: "test".into() }),
@@ -601,6 +608,7 @@ mod tests {
             Ok(())
         }
         fn del_backend(&mut self, id: u32) -> Result<(), MapOpError> {
+            self.del(names::BACKENDS)?;
             self.ops.push(format!("del_backend {id}"));
             self.maps.backends.remove(&id);
             Ok(())
@@ -612,6 +620,7 @@ mod tests {
             Ok(())
         }
         fn del_slot(&mut self, key: Lb4SlotKey) -> Result<(), MapOpError> {
+            self.del(names::SLOTS)?;
             self.ops.push(format!("del_slot {}/{}", key.svc_id, key.slot));
             self.maps.slots.remove(&key);
             Ok(())
@@ -626,6 +635,7 @@ mod tests {
             Ok(())
         }
         fn del_service(&mut self, key: Lb4Key) -> Result<(), MapOpError> {
+            self.del(names::SERVICES)?;
             self.ops.push("del_service".into());
             self.maps.services.remove(&key);
             Ok(())
@@ -637,6 +647,7 @@ mod tests {
             Ok(())
         }
         fn del_service_cidr(&mut self, c: Cidr4) -> Result<(), MapOpError> {
+            self.del(names::SERVICE_CIDRS)?;
             self.ops.push(format!("del_cidr {c}"));
             self.maps.cidrs.remove(&c);
             Ok(())
@@ -648,6 +659,7 @@ mod tests {
             Ok(())
         }
         fn del_frontend_meta(&mut self, id: u32) -> Result<(), MapOpError> {
+            self.del(names::SVC_NAMES)?;
             self.ops.push(format!("del_meta {id}"));
             self.maps.names.remove(&id);
             Ok(())
@@ -660,6 +672,7 @@ mod tests {
             Ok(n)
         }
         fn del_table(&mut self, id: u32) -> Result<(), MapOpError> {
+            self.del(names::CHASH)?;
             self.ops.push(format!("del_table {id}"));
             self.maps.tables.remove(&id);
             Ok(())
@@ -671,6 +684,7 @@ mod tests {
             Ok(())
         }
         fn del_source_range(&mut self, id: u32, c: Cidr4) -> Result<(), MapOpError> {
+            self.del(names::SOURCE_RANGES)?;
             self.ops.push(format!("del_range {id} {c}"));
             self.maps.ranges.remove(&(id, c));
             Ok(())
@@ -1016,6 +1030,38 @@ mod tests {
             assert_true_view(&r, &rec, &format!("budget {budget}, then room"));
         }
         assert_eq!(failures, 9, "every write of the new frontend failed once");
+    }
+
+    #[test]
+    fn a_new_frontend_that_cannot_be_taken_out_either_stays_in_the_view_for_the_next_sync() {
+        let https = Frontend::internal(L4Addr { addr: Ipv4Addr::new(172, 30, 0, 1), port: 443, proto: Proto::Tcp });
+        for still_wanted in [true, false] {
+            let mut r = Recorder::default();
+            let mut rec = Reconciler::new();
+            rec.sync(&desired(&[1, 2]), &BTreeSet::new(), &mut r);
+            let maps = r.maps.clone();
+            // Everything but the service entry is written, and nothing can be deleted.
+            r.fail_service_puts = true;
+            r.fail_deletes = true;
+            let (_, errs) = rec.sync(&desired_with_https(&[1, 2], &[1, 3]), &BTreeSet::new(), &mut r);
+            assert_eq!(errs.len(), 1, "{errs:?}");
+            assert_ne!(r.maps, maps);
+            assert_eq!(rec.applied.frontends[&https].entry, None);
+            assert_true_view(&r, &rec, "after the failed undo");
+            // The next sync carries on from what is left: completes it, or removes it.
+            r.fail_service_puts = false;
+            r.fail_deletes = false;
+            let next = if still_wanted { desired_with_https(&[1, 2], &[1, 3]) } else { desired(&[1, 2]) };
+            let (_, errs) = rec.sync(&next, &BTreeSet::new(), &mut r);
+            assert!(errs.is_empty(), "{errs:?}");
+            assert_true_view(&r, &rec, "the sync after");
+            if still_wanted {
+                assert_eq!(rec.applied.frontends[&https].svc_id, 2);
+                assert_eq!(rec.applied.frontends[&https].entry.map(|e| e.count), Some(2));
+            } else {
+                assert_eq!(r.maps, maps);
+            }
+        }
     }
 
     #[test]
