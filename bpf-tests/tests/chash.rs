@@ -1,6 +1,7 @@
 //! Consistent hashing on the real programs: the same flow picks the same backend on every node
-//! and after an agent restart; removing a backend moves only its own flows (rendezvous, the
-//! default) or its own and a few others (Maglev).
+//! and after an agent restart; every backend of a large Service gets its share of new
+//! connections; removing a backend moves its own flows and a few others (Maglev, the default)
+//! or exactly its own (rendezvous).
 use std::{collections::BTreeMap, net::Ipv4Addr};
 
 use bpf_tests::{fixture::*, lab::{run_id, PinDir}, packet::*};
@@ -11,7 +12,7 @@ use dataplane_agent::{
     reconcile::{Algorithm, Reconciler},
     sources::{manifests, Objects},
 };
-use dataplane_common::progs;
+use dataplane_common::{progs, Lb4Service};
 
 fn web(endpoints: &[u8]) -> String {
     let eps: String = endpoints.iter().map(|e| format!("- addresses: [10.0.1.{e}]\n")).collect();
@@ -21,7 +22,16 @@ fn web(endpoints: &[u8]) -> String {
     )
 }
 
-/// Another Service, applied first on one node only, so its backend ids differ from the other's.
+/// A node that synced another Service before `yaml`'s: its backends got the first ids, so
+/// `yaml`'s backends have other ids than on a node that synced `yaml` alone.
+fn node_with_other_ids(yaml: &str) -> Datapath {
+    let mut dp = Datapath::new();
+    dp.apply_yaml(&other());
+    dp.apply_yaml(&format!("{}{yaml}", other()));
+    dp
+}
+
+/// Another Service, synced first on one node only (see `node_with_other_ids`).
 fn other() -> String {
     "kind: Service\nmetadata: {name: other, namespace: t}\nspec: {clusterIP: 172.30.0.99, ports: [{port: 80}]}\n---\n\
      kind: EndpointSlice\nmetadata: {name: other-1, namespace: t, labels: {kubernetes.io/service-name: other}}\naddressType: IPv4\nports: [{port: 80}]\n\
@@ -44,8 +54,8 @@ fn clear_conntrack(maps: &mut BpfMaps) {
 fn the_same_flow_picks_the_same_backend_on_two_nodes() {
     let mut a = Datapath::new();
     a.apply_yaml(&web(&[1, 2, 3, 4, 5]));
-    let mut b = Datapath::new();
-    b.apply_yaml(&format!("{}{}", other(), web(&[5, 4, 3, 2, 1])));
+    let b = node_with_other_ids(&web(&[5, 4, 3, 2, 1]));
+    assert_ne!(a.rec.applied.backends[&l4("10.0.1.1:8080")].0, b.rec.applied.backends[&l4("10.0.1.1:8080")].0);
     let (pa, pb) = (picks(&a.ebpf, 600), picks(&b.ebpf, 600));
     assert_eq!(pa, pb);
     let mut spread: BTreeMap<Ipv4Addr, usize> = BTreeMap::new();
@@ -107,12 +117,114 @@ fn others_moved(algorithm: Algorithm) -> (usize, usize) {
 }
 
 #[test]
-fn removing_a_backend_moves_only_its_flows() {
+fn with_rendezvous_removing_a_backend_moves_only_its_flows() {
     assert_eq!(others_moved(Algorithm::Rendezvous).0, 0);
 }
 
 #[test]
-fn with_maglev_removing_a_backend_moves_its_flows_and_few_others() {
-    let (others, on_gone) = others_moved(Algorithm::Maglev);
+fn removing_a_backend_moves_its_flows_and_few_others() {
+    let (others, on_gone) = others_moved(Algorithm::default());
     assert!(others * 100 < (1000 - on_gone) * 5, "{others} of {} other flows moved", 1000 - on_gone);
+}
+
+/// A Service with `n` endpoints (10.0.1.1, 10.0.1.2, ... counting on past .255 into 10.0.2.x).
+fn web_n(n: u32) -> String {
+    let eps: String = (0..n).map(|i| format!("- addresses: [{}]\n", Ipv4Addr::from(0x0a00_0101 + i))).collect();
+    format!(
+        "kind: Service\nmetadata: {{name: web, namespace: t}}\nspec: {{clusterIP: 172.30.0.10, ports: [{{port: 80, targetPort: 8080}}]}}\n---\n\
+         kind: EndpointSlice\nmetadata: {{name: web-1, namespace: t, labels: {{kubernetes.io/service-name: web}}}}\naddressType: IPv4\nports: [{{port: 8080}}]\nendpoints:\n{eps}"
+    )
+}
+
+/// The backend each of `n` new connections picks: clients all over 10.100.0.0/16, source
+/// ports spread pseudo-randomly over 1024..61024, as many pods' ephemeral ports would be.
+/// (Not consecutive ports from a few clients: the datapath's flow hash XORs the address and the
+/// ports before mixing, so such a pattern gives many flows the same hash.)
+fn many_picks(ebpf: &aya::Ebpf, n: u32) -> Vec<Ipv4Addr> {
+    (0..n)
+        .map(|i| {
+            let client = Ipv4Addr::from(0x0a64_0000 + i % 65_536);
+            let port = 1024 + (splitmix(i as u64) % 60_000) as u16;
+            tuple(&run_prog(ebpf, progs::FROM_POD, &tcp((client, port), (ip("172.30.0.10"), 80), true, b"")).data).dst
+        })
+        .collect()
+}
+
+fn splitmix(mut x: u64) -> u64 {
+    x = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    x ^ (x >> 31)
+}
+
+#[test]
+fn with_300_backends_every_backend_gets_new_connections_and_none_more_than_1_2x_the_mean() {
+    // 300 000 flows: 1 000 per backend on average, so one backend's count has a standard
+    // deviation of about 3% of the mean; 1.2x leaves the table's own unevenness (at most 1.1x)
+    // plus more than five standard deviations.
+    const BACKENDS: u32 = 300;
+    const FLOWS: u32 = 300_000;
+    let mut dp = Datapath::new();
+    dp.apply_yaml(&web_n(BACKENDS));
+    let got = many_picks(&dp.ebpf, FLOWS);
+    let mut spread: BTreeMap<Ipv4Addr, u32> = BTreeMap::new();
+    for p in &got {
+        *spread.entry(*p).or_default() += 1;
+    }
+    let mean = FLOWS as f64 / BACKENDS as f64;
+    let (min, max) = (spread.values().min().copied().unwrap_or(0), spread.values().max().copied().unwrap_or(0));
+    assert_eq!(spread.len(), BACKENDS as usize, "{} backends got no new connection (busiest {max}, mean {mean:.0})", BACKENDS as usize - spread.len());
+    assert!(max as f64 <= 1.2 * mean, "busiest backend got {max} new connections, {:.2}x the mean {mean:.0} (least {min})", max as f64 / mean);
+}
+
+#[test]
+fn with_300_backends_two_nodes_with_different_backend_ids_pick_the_same_backends() {
+    let mut a = Datapath::new();
+    a.apply_yaml(&web_n(300));
+    let b = node_with_other_ids(&web_n(300));
+    let first = l4("10.0.1.1:8080");
+    assert_ne!(a.rec.applied.backends[&first].0, b.rec.applied.backends[&first].0, "the nodes should number backends differently");
+    let (pa, pb) = (many_picks(&a.ebpf, 30_000), many_picks(&b.ebpf, 30_000));
+    let differ = pa.iter().zip(&pb).filter(|(x, y)| x != y).count();
+    assert_eq!(differ, 0, "{differ} of 30000 flows picked different backends on the two nodes");
+    assert_eq!(pa.iter().collect::<std::collections::BTreeSet<_>>().len(), 300);
+}
+
+#[test]
+fn a_service_entry_from_an_older_agent_uses_a_1021_entry_table() {
+    // Agents before tables grew wrote 0 where `table_size` is now (it was padding), and always
+    // 1021-entry tables: the datapath reads 0 as 1021.
+    let mut dp = Datapath::new();
+    dp.apply_yaml(&web(&[1, 2, 3, 4, 5]));
+    let key = dataplane_agent::reconcile::lb4_key(dp.rec.applied.frontends.keys().next().unwrap());
+    let entry = dp.maps.services.get(&key, 0).unwrap();
+    assert_eq!(entry.table_size, 1021);
+    let before = picks(&dp.ebpf, 600);
+    dp.maps.services.insert(key, Lb4Service { table_size: 0, ..entry }, 0).unwrap();
+    clear_conntrack(&mut dp.maps);
+    assert_eq!(picks(&dp.ebpf, 600), before);
+}
+
+fn l4(s: &str) -> dataplane_agent::model::L4Addr {
+    let (addr, port) = s.split_once(':').unwrap();
+    dataplane_agent::model::L4Addr { addr: addr.parse().unwrap(), port: port.parse().unwrap(), proto: dataplane_agent::model::Proto::Tcp }
+}
+
+#[test]
+fn tables_written_through_mmap_read_back_entry_by_entry() {
+    // The agent fills tables as memory (8 bytes an entry, as the kernel lays out array values):
+    // a new table (5), one patched in place (6, the same size), one replaced by a larger (150).
+    // The kernel's own per-entry lookups must see the same ids.
+    let mut dp = Datapath::new();
+    for (n, size) in [(5, 1021), (6, 1021), (150, 4093)] {
+        dp.apply_yaml(&web_n(n));
+        let af = dp.rec.applied.frontends.values().next().unwrap().clone();
+        assert_eq!(af.table.len(), size);
+        let inner = dp.maps.chash.get(&af.svc_id, 0).unwrap();
+        let kernel: Vec<u32> = (0..inner.len()).map(|i| inner.get(&i, 0).unwrap()).collect();
+        assert_eq!(kernel, af.table, "n={n}");
+        assert_eq!(dp.maps.chash_table(af.svc_id).unwrap(), af.table);
+        let ids: std::collections::BTreeSet<u32> = af.table.iter().copied().collect();
+        assert_eq!(ids.len(), n as usize);
+    }
 }

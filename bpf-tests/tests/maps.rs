@@ -1,10 +1,10 @@
 //! The map layer on real maps: pinning and re-adoption across restarts, the pinned-layout check,
 //! a full map, BTF so bpftool prints named fields, and `trace` failing when it should.
-use std::process::Command;
+use std::{collections::BTreeMap, net::Ipv4Addr, process::Command};
 
 use bpf_tests::{fixture::*, lab::{run_id, PinDir}, packet::*};
 use dataplane_agent::{attach, bpf::BpfMaps, error::LoadError, loader, model, reconcile::Reconciler, sources::{manifests, Objects}};
-use dataplane_common::names;
+use dataplane_common::{names, Lb4SlotKey};
 
 const SVC: &str = r#"
 kind: Service
@@ -148,4 +148,94 @@ flows:
     // clusterCIDR here, so nothing is masqueraded).
     assert!(text.contains("ok   from outside"), "{text}");
     assert!(text.contains("Service x/broken") && text.contains("spec.clusterIPs[0]"), "{text}");
+}
+
+/// `SVC` with the endpoints 10.0.1.`e`.
+fn svc_with(endpoints: &[u8]) -> String {
+    let eps: Vec<String> = endpoints.iter().map(|e| format!("{{addresses: [10.0.1.{e}]}}")).collect();
+    SVC.replace("endpoints: [{addresses: [10.0.1.1]}, {addresses: [10.0.1.2]}, {addresses: [10.0.1.3]}]", &format!("endpoints: [{}]", eps.join(", ")))
+}
+
+/// Entries in every map a frontend writes besides the service map: slots, backends, names,
+/// counters, hashing tables, source ranges.
+fn other_maps(maps: &BpfMaps) -> [(&'static str, usize); 6] {
+    [
+        (names::SLOTS, maps.slots.keys().count()),
+        (names::BACKENDS, maps.backends.keys().count()),
+        (names::SVC_NAMES, maps.svc_names.keys().count()),
+        (names::SVC_STATS, maps.svc_stats.keys().count()),
+        (names::CHASH, maps.chash.keys().count()),
+        (names::SOURCE_RANGES, maps.source_ranges.keys().count()),
+    ]
+}
+
+#[test]
+fn a_full_service_map_leaks_nothing_into_the_other_maps_however_often_the_sync_is_retried() {
+    // Room for one Service port and its ClusterIP marker. The second Service's frontend writes
+    // its name, counters, backends, slots and table, then finds the service map full: all of
+    // that is taken out again, every time.
+    let mut dp = Datapath::with_capacities(&[(names::SERVICES, 2)]);
+    dp.apply_yaml(SVC);
+    let before = other_maps(&dp.maps);
+    let big = SVC.replace("name: web,", "name: big,").replace("172.30.0.10", "172.30.0.20").replace("service-name: web", "service-name: big").replace("name: web-1", "name: big-1").replace("10.0.1.", "10.0.2.");
+    let both = format!("{SVC}---\n{big}");
+    for retry in 0..30 {
+        let errors = dp.try_apply_yaml(&both);
+        let frontend_error = errors.iter().find(|e| e.contains("frontend")).unwrap_or_else(|| panic!("{errors:?}"));
+        assert!(frontend_error.contains("Service shop/big:http") && frontend_error.contains("map lb4_svc_v2 is full (2 entries)"), "{frontend_error}");
+        assert_eq!(other_maps(&dp.maps), before, "retry {retry}");
+    }
+    // The first Service is still served.
+    let r = dp.from_pod(&tcp((ip("10.0.0.2"), 4000), (ip("172.30.0.10"), 80), true, b""));
+    assert!(tuple(&r.data).dst.octets()[..3] == [10, 0, 1], "{:?}", tuple(&r.data));
+    // Once the first Service goes, the second one fits: with the next frontend id, as if its
+    // 31 failed attempts had never been.
+    dp.try_apply_yaml(&big);
+    dp.apply_yaml(&big);
+    let ids: Vec<u32> = dp.rec.applied.frontends.values().map(|f| f.svc_id).collect();
+    assert_eq!(ids, vec![2]);
+    let r = dp.from_pod(&tcp((ip("10.0.0.2"), 4000), (ip("172.30.0.20"), 80), true, b""));
+    assert!(tuple(&r.data).dst.octets()[..3] == [10, 0, 2], "{:?}", tuple(&r.data));
+}
+
+#[test]
+fn a_backend_left_in_two_slots_by_a_crash_is_served_once_after_a_restart() {
+    // Random picks, so slots carry the weight (with a table they are the fallback).
+    let mut dp = Datapath::new();
+    dp.rec.algorithm = dataplane_agent::reconcile::Algorithm::Random;
+    dp.apply_yaml(&svc_with(&[1, 2, 3, 4]));
+    let ids: Vec<u32> = (1..=4).map(|i| dp.rec.applied.backends.iter().find(|(b, _)| b.addr == ip(&format!("10.0.1.{i}"))).unwrap().1 .0).collect();
+    let (id1, id2, id3, id4) = (ids[0], ids[1], ids[2], ids[3]);
+    let svc_id = dp.rec.applied.frontends.values().next().unwrap().svc_id;
+    // Removing backend 2 writes slot 1 := backend 4, then the count 3: a crash in between.
+    dp.maps.slots.insert(Lb4SlotKey { svc_id, slot: 1 }, id4, 0).unwrap();
+    // 3000 new connections (source port `port`, a new one each time: not tracked yet).
+    let spread = |dp: &Datapath, port: u16| {
+        let mut n: BTreeMap<Ipv4Addr, u32> = BTreeMap::new();
+        for i in 0..3000u32 {
+            let client = Ipv4Addr::from(0x0a64_0000 + i);
+            *n.entry(tuple(&dp.from_pod(&tcp((client, port), (ip("172.30.0.10"), 80), true, b"")).data).dst).or_default() += 1;
+        }
+        n
+    };
+    // Torn: backend 4 in two of four slots gets half the new connections.
+    let torn = spread(&dp, 4000);
+    assert!(torn[&ip("10.0.1.4")] > 1300, "{torn:?}");
+
+    // Restart: restore from the maps as they are, then sync to the Service without backend 2.
+    let applied = dp.maps.dump_applied();
+    let f = applied.frontends.values().next().unwrap();
+    assert_eq!(f.slots.iter().map(|b| b.addr.octets()[3]).collect::<Vec<_>>(), vec![1, 4, 3, 4]);
+    dp.rec = Reconciler::restore(applied);
+    dp.rec.algorithm = dataplane_agent::reconcile::Algorithm::Random;
+    dp.apply_yaml(&svc_with(&[1, 3, 4]));
+
+    let entry = dp.maps.services.get(&dataplane_agent::reconcile::lb4_key(dp.rec.applied.frontends.keys().next().unwrap()), 0).unwrap();
+    assert_eq!(entry.count, 3);
+    let slots: Vec<u32> = (0..4).filter_map(|slot| dp.maps.slots.get(&Lb4SlotKey { svc_id, slot }, 0).ok()).collect();
+    assert_eq!(slots, vec![id1, id4, id3], "each backend once, slot 3 gone");
+    assert!(dp.maps.backends.get(&id2, 0).is_err(), "backend 2 is removed");
+    let n = spread(&dp, 4001);
+    assert_eq!(n.len(), 3, "{n:?}");
+    assert!(n.values().all(|c| (800..1200).contains(c)), "{n:?}");
 }

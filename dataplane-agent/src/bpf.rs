@@ -9,7 +9,7 @@ use std::{
 };
 
 use aya::{
-    maps::{lpm_trie::Key as LpmKey, Array, HashMap, HashOfMaps, LpmTrie, Map, MapData, MapError, PerCpuArray, PerCpuHashMap, PerCpuValues},
+    maps::{lpm_trie::Key as LpmKey, Array, HashMap, HashOfMaps, IterableMap, LpmTrie, Map, MapData, MapError, PerCpuArray, PerCpuHashMap, PerCpuValues},
     sys::SyscallError,
     Ebpf,
 };
@@ -57,11 +57,12 @@ struct Caps {
     services: u32,
     slots: u32,
     backends: u32,
+    chash: u32,
 }
 
 fn capacity_of(m: &Map, compiled: u32) -> u32 {
     match m {
-        Map::HashMap(d) | Map::LruHashMap(d) => d.info().map(|i| i.max_entries()).unwrap_or(compiled),
+        Map::HashMap(d) | Map::LruHashMap(d) | Map::HashOfMaps(d) => d.info().map(|i| i.max_entries()).unwrap_or(compiled),
         _ => compiled,
     }
 }
@@ -81,11 +82,12 @@ impl BpfMaps {
     }
 
     fn from_maps(mut get: impl FnMut(&'static str) -> Result<Map, LoadError>) -> Result<Self, LoadError> {
-        let (svc, slots, be) = (get(names::SERVICES)?, get(names::SLOTS)?, get(names::BACKENDS)?);
+        let (svc, slots, be, chash) = (get(names::SERVICES)?, get(names::SLOTS)?, get(names::BACKENDS)?, get(names::CHASH)?);
         let caps = Caps {
             services: capacity_of(&svc, capacity::SERVICES),
             slots: capacity_of(&slots, capacity::SLOTS),
             backends: capacity_of(&be, capacity::BACKENDS),
+            chash: capacity_of(&chash, capacity::SERVICES),
         };
         Ok(BpfMaps {
             services: conv(names::SERVICES, HashMap::try_from(svc))?,
@@ -97,7 +99,7 @@ impl BpfMaps {
             affinity: conv(names::AFFINITY, HashMap::try_from(get(names::AFFINITY)?))?,
             source_ranges: conv(names::SOURCE_RANGES, LpmTrie::try_from(get(names::SOURCE_RANGES)?))?,
             config: conv(names::CONFIG, Array::try_from(get(names::CONFIG)?))?,
-            chash: conv(names::CHASH, HashOfMaps::try_from(get(names::CHASH)?))?,
+            chash: conv(names::CHASH, HashOfMaps::try_from(chash))?,
             svc_stats: conv(names::SVC_STATS, PerCpuHashMap::try_from(get(names::SVC_STATS)?))?,
             svc_names: conv(names::SVC_NAMES, HashMap::try_from(get(names::SVC_NAMES)?))?,
             pol_ipcache: conv(names::POL_IPCACHE, LpmTrie::try_from(get(names::POL_IPCACHE)?))?,
@@ -155,8 +157,11 @@ impl BpfMaps {
             }
             let Some(fe) = frontend_from_key(&key) else { continue };
             let service = self.svc_names.get(&svc.svc_id, 0).ok().and_then(|n| n.as_str().parse().ok());
+            // Every slot, also past the count (an update that stopped before raising it), and as
+            // they are: a backend in two slots (a crash between a slot move and the count) is
+            // dropped from the second by the next sync.
             let mut list = Vec::new();
-            for slot in 0..svc.count as u32 {
+            for slot in 0..=u16::MAX as u32 {
                 match slots.get(&Lb4SlotKey { svc_id: svc.svc_id, slot }).and_then(|id| by_id.get(id)) {
                     Some(b) => list.push(*b),
                     None => break, // a torn write from a crash: the next sync rewrites the rest
@@ -168,10 +173,11 @@ impl BpfMaps {
                     svc_id: svc.svc_id,
                     service,
                     slots: list,
-                    flags: svc.flags,
-                    affinity_timeout_s: svc.affinity_timeout_s,
+                    entry: Some(svc),
                     source_ranges: ranges.remove(&svc.svc_id).unwrap_or_default(),
                     table: self.chash_table(svc.svc_id).unwrap_or_default(),
+                    // Unknown: the first sync builds each table once and writes it only if it differs.
+                    table_of: Vec::new(),
                 },
             );
         }
@@ -181,10 +187,12 @@ impl BpfMaps {
         applied
     }
 
-    /// Reads frontend `svc_id`'s consistent-hashing table back, if it has one.
+    /// Reads frontend `svc_id`'s consistent-hashing table back, if it has one (through mmap:
+    /// one syscall, not one per entry).
     pub fn chash_table(&self, svc_id: u32) -> Option<Vec<u32>> {
         let inner = self.chash.get(&svc_id, 0).ok()?;
-        (0..dataplane_common::CHASH_TABLE_SIZE).map(|i| inner.get(&i, 0).ok()).collect()
+        let mapped = MappedTable::new(inner.map(), false).ok()?;
+        Some((0..mapped.entries).map(|i| mapped.get(i)).collect())
     }
 
     /// The Service address a host socket (`cookie`) connected to backend `be` was translated
@@ -377,6 +385,56 @@ pub fn map_usage(dir: &Path) -> Vec<MapUsage> {
     out
 }
 
+/// A consistent-hashing table's array (created `BPF_F_MMAPABLE`) mapped into this process, so
+/// its entries are read and written as memory. The kernel stores array values 8-byte aligned:
+/// entry `i` is the `u32` at byte `8 i`.
+struct MappedTable {
+    ptr: *mut libc::c_void,
+    len: usize,
+    entries: usize,
+}
+
+impl MappedTable {
+    const STRIDE: usize = 8;
+
+    fn new(map: &MapData, write: bool) -> std::io::Result<Self> {
+        use std::os::fd::{AsFd, AsRawFd};
+        let entries = map.info().map_err(std::io::Error::other)?.max_entries() as usize;
+        let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(1) as usize;
+        let len = (entries * Self::STRIDE).div_ceil(page) * page;
+        let prot = if write { libc::PROT_READ | libc::PROT_WRITE } else { libc::PROT_READ };
+        // SAFETY: a fresh shared mapping of the map's fd; the kernel checks the length against
+        // the array's size and refuses maps without BPF_F_MMAPABLE.
+        let ptr = unsafe { libc::mmap(std::ptr::null_mut(), len, prot, libc::MAP_SHARED, map.fd().as_fd().as_raw_fd(), 0) };
+        if ptr == libc::MAP_FAILED {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(MappedTable { ptr, len, entries })
+    }
+
+    fn slot(&self, i: usize) -> &std::sync::atomic::AtomicU32 {
+        assert!(i < self.entries, "entry {i} of a {}-entry table", self.entries);
+        // SAFETY: inside the mapping (checked above), 8-byte aligned (the mapping is page
+        // aligned); atomic because a linked table is read by the datapath at the same time.
+        unsafe { &*(self.ptr.cast::<u8>().add(i * Self::STRIDE) as *const std::sync::atomic::AtomicU32) }
+    }
+
+    fn get(&self, i: usize) -> u32 {
+        self.slot(i).load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    fn set(&mut self, i: usize, id: u32) {
+        self.slot(i).store(id, std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
+impl Drop for MappedTable {
+    fn drop(&mut self) {
+        // SAFETY: the mapping made in `new`, unmapped once.
+        unsafe { libc::munmap(self.ptr, self.len) };
+    }
+}
+
 fn is_full(e: &MapError) -> bool {
     matches!(e, MapError::SyscallError(SyscallError { io_error, .. }) if io_error.raw_os_error() == Some(libc::E2BIG))
 }
@@ -441,30 +499,46 @@ impl MapOps for BpfMaps {
         }
     }
     fn put_table(&mut self, svc_id: u32, table: &[u32], old: &[u32]) -> Result<usize, MapOpError> {
-        let err = |op: &'static str, source: MapError| MapOpError::Syscall { map: names::CHASH, op, what: format!("table of frontend {svc_id}"), source };
-        // An existing table is patched in place (the datapath never sees a half-new table for
-        // long, and Maglev changes few entries); a new one is filled before it is linked in.
-        let existing = if old.is_empty() { None } else { self.chash.get(&svc_id, 0).ok() };
-        let mut written = 0;
-        match existing {
-            Some(mut inner) => {
-                for (i, (new, was)) in table.iter().zip(old).enumerate() {
-                    if new != was {
-                        inner.set(i as u32, *new, 0).map_err(|e| err("update", e))?;
-                        written += 1;
+        let what = || format!("table of frontend {svc_id} ({} entries)", table.len());
+        let err = |op: &'static str, source: MapError| MapOpError::Syscall { map: names::CHASH, op, what: what(), source };
+        let mmap_err = |e: std::io::Error| MapOpError::Other { map: names::CHASH, what: what(), message: format!("mmap: {e}") };
+        // Entries are written as memory through mmap, never one syscall each. Every syscall
+        // (find, create, map) comes before the first entry is written, so an error leaves the
+        // old table whole.
+        if old.len() == table.len() {
+            // Same size: patched in place. Replacing the array in the outer map would make the
+            // kernel wait for an RCU grace period (milliseconds) on every change; the datapath
+            // may meet a mix of old and new entries for a moment, all of them live backends.
+            if let Ok(inner) = self.chash.get(&svc_id, 0) {
+                let mut mapped = MappedTable::new(inner.map(), true).map_err(mmap_err)?;
+                if mapped.entries == table.len() {
+                    let mut changed = 0;
+                    for (i, (new, was)) in table.iter().zip(old).enumerate() {
+                        if new != was || mapped.get(i) != *new {
+                            mapped.set(i, *new);
+                            changed += usize::from(new != was);
+                        }
                     }
+                    return Ok(changed);
                 }
-            }
-            None => {
-                let mut inner = Array::<MapData, u32>::create(dataplane_common::CHASH_TABLE_SIZE, 0).map_err(|e| err("create", e))?;
-                for (i, id) in table.iter().enumerate() {
-                    inner.set(i as u32, *id, 0).map_err(|e| err("update", e))?;
-                }
-                written = table.len();
-                self.chash.insert(svc_id, &inner, 0).map_err(|e| err("insert", e))?;
             }
         }
-        Ok(written)
+        // New, or another size: a new array, filled before one update of the outer map links
+        // it in, so the datapath never sees it half filled.
+        let inner = Array::<MapData, u32>::create(table.len() as u32, dataplane_common::CHASH_INNER_FLAGS).map_err(|e| err("create", e))?;
+        let mut mapped = MappedTable::new(inner.map(), true).map_err(mmap_err)?;
+        for (i, id) in table.iter().enumerate() {
+            mapped.set(i, *id);
+        }
+        drop(mapped);
+        self.chash.insert(svc_id, &inner, 0).map_err(|source| {
+            if is_full(&source) {
+                MapOpError::Full { map: names::CHASH, capacity: self.caps.chash, what: what() }
+            } else {
+                err("insert", source)
+            }
+        })?;
+        Ok(table.len())
     }
     fn del_table(&mut self, svc_id: u32) -> Result<(), MapOpError> {
         match self.chash.remove(&svc_id) {

@@ -2,10 +2,13 @@
 //!
 //! Following Cilium's control plane: writes are ordered so the datapath never sees a dangling
 //! reference (backends, then the slots that point at them, the service entry last; deletes in the
-//! reverse order), the in-memory view changes only after a write succeeded, and unchanged entries
-//! are never rewritten. Removing one endpoint touches its own slot, the slot the last backend
-//! moves into, and the service's count: nothing else. Map I/O sits behind [`MapOps`] so this
-//! logic is tested without root; bpf-tests run it against the real maps.
+//! reverse order), the in-memory view records each write as it succeeds, so after a failure it
+//! still says exactly what the maps hold and the next sync carries on from there, and unchanged
+//! entries are never rewritten. A new frontend that cannot be completed is taken out again
+//! (nothing of it stays in the maps, its id is not used up). Removing one endpoint touches its
+//! own slot, the slot the last backend moves into, and the service's count: nothing else. Map
+//! I/O sits behind [`MapOps`] so this logic is tested without root; bpf-tests run it against the
+//! real maps.
 use std::{
     collections::{BTreeMap, BTreeSet},
     net::Ipv4Addr,
@@ -79,8 +82,9 @@ pub trait MapOps {
     fn del_service(&mut self, key: Lb4Key) -> Result<(), MapOpError>;
     fn put_service_cidr(&mut self, cidr: Cidr4) -> Result<(), MapOpError>;
     fn del_service_cidr(&mut self, cidr: Cidr4) -> Result<(), MapOpError>;
-    /// Writes frontend `svc_id`'s consistent-hashing table (backend ids), touching only the entries that
-    /// differ from `old` (empty: the table does not exist yet). Returns the entries written.
+    /// Makes `table` (backend ids) frontend `svc_id`'s consistent-hashing table. On error nothing
+    /// of it was written: the previous table, if any, is unchanged. `old` is the table as applied
+    /// (empty: none). Returns how many entries differ from it (all of them when the size changed).
     fn put_table(&mut self, svc_id: u32, table: &[u32], old: &[u32]) -> Result<usize, MapOpError>;
     fn del_table(&mut self, svc_id: u32) -> Result<(), MapOpError>;
     /// Allows `cidr` as a source of frontend `svc_id` (loadBalancerSourceRanges).
@@ -111,28 +115,48 @@ pub struct Applied {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct AppliedFrontend {
     pub svc_id: u32,
-    /// `None` for a frontend restored from the maps whose Service has not been seen yet.
+    /// The name written: `None` for a frontend restored from the maps whose Service has not been
+    /// seen yet, or whose name was removed.
     pub service: Option<crate::model::ServicePortName>,
-    /// Slot `i` holds `slots[i]`.
+    /// Slot `i` holds `slots[i]`: every slot of the frontend in the slot map, dense from 0. The
+    /// datapath uses the first `entry.count`; there are more when an update stopped (an error, a
+    /// crash) between adding slots and raising the count.
     pub slots: Vec<L4Addr>,
-    /// The service entry's flags and affinity timeout as written.
-    pub flags: u16,
-    pub affinity_timeout_s: u32,
+    /// The service entry as written; `None` while a new frontend has none yet.
+    pub entry: Option<Lb4Service>,
     pub source_ranges: BTreeSet<Cidr4>,
     /// The consistent-hashing table as written (backend ids); empty when there is none.
     pub table: Vec<u32>,
+    /// The sorted backends `table` was built from; empty when unknown (restored from the maps).
+    /// The same backends again need no new table.
+    pub table_of: Vec<L4Addr>,
 }
 
-/// How new connections pick a backend.
+impl AppliedFrontend {
+    /// A frontend with nothing written yet.
+    fn new(svc_id: u32) -> Self {
+        AppliedFrontend { svc_id, service: None, slots: Vec::new(), entry: None, source_ranges: BTreeSet::new(), table: Vec::new(), table_of: Vec::new() }
+    }
+
+    /// The backends the datapath picks from: the first `count` slots.
+    pub fn serving(&self) -> &[L4Addr] {
+        let count = self.entry.map_or(0, |e| e.count as usize);
+        &self.slots[..count.min(self.slots.len())]
+    }
+}
+
+/// How new connections pick a backend (see `select` for the tables and their measured spread).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum Algorithm {
-    /// Consistent hashing by each frontend's rendezvous table: the same flow picks the same
-    /// backend on every node and after a restart; removing a backend moves only its own flows.
+    /// Consistent hashing by each frontend's Maglev-permutation table, filled in lockstep: the
+    /// same flow picks the same backend on every node and after a restart; every backend gets
+    /// within 10% of the mean share; removing a backend moves its own flows and at most about 4%
+    /// of the others.
     #[default]
-    Rendezvous,
-    /// Consistent hashing by Maglev tables: a tighter spread, but a removal also moves a few
-    /// percent of other flows.
     Maglev,
+    /// Consistent hashing by rendezvous tables: removing a backend moves exactly its own flows,
+    /// but the spread is binomial (the busiest at about 2x the mean from 100 backends on).
+    Rendezvous,
     /// Uniformly at random, as kube-proxy does.
     Random,
 }
@@ -221,6 +245,7 @@ impl Reconciler {
         let mut errors = Vec::new();
         let mut gone_pairs = BTreeSet::new();
         let mut gone_svcs = BTreeSet::new();
+        let first_new_backend = self.next_backend_id;
 
         // Backends whose locality changed are rewritten in place (same id) before any slot or
         // service entry is touched.
@@ -251,32 +276,16 @@ impl Reconciler {
 
         let stale: Vec<Frontend> = self.applied.frontends.keys().filter(|fe| !desired.frontends.contains_key(fe)).copied().collect();
         for fe in stale {
-            let af = self.applied.frontends[&fe].clone();
-            let res = (|| -> Result<(), MapOpError> {
-                ops.del_service(lb4_key(&fe))?;
-                st.deletes += 1;
-                for slot in 0..af.slots.len() as u32 {
-                    ops.del_slot(Lb4SlotKey { svc_id: af.svc_id, slot })?;
-                    st.deletes += 1;
-                }
-                for c in &af.source_ranges {
-                    ops.del_source_range(af.svc_id, *c)?;
-                    st.deletes += 1;
-                }
-                if !af.table.is_empty() {
-                    ops.del_table(af.svc_id)?;
-                    st.deletes += 1;
-                }
-                ops.del_frontend_meta(af.svc_id)?;
-                st.deletes += 1;
-                Ok(())
-            })();
-            match res {
+            let Some(mut af) = self.applied.frontends.remove(&fe) else { continue };
+            match remove_frontend(&fe, &mut af, ops, &mut st) {
                 Ok(()) => {
                     gone_svcs.insert(af.svc_id);
-                    self.applied.frontends.remove(&fe);
                 }
-                Err(e) => errors.push(format!("removing frontend {fe}: {e}")),
+                Err(e) => {
+                    errors.push(format!("removing frontend {fe}: {e}"));
+                    // What is left of it, for the next sync to remove.
+                    self.applied.frontends.insert(fe, af);
+                }
             }
         }
 
@@ -318,9 +327,17 @@ impl Reconciler {
             }
         }
 
-        // Backends nothing points at any more go last, after every slot that referenced them.
-        let used: BTreeSet<L4Addr> = self.applied.frontends.values().flat_map(|f| f.slots.iter().copied()).collect();
-        let unused: Vec<(L4Addr, u32)> = self.applied.backends.iter().filter(|(b, _)| !used.contains(b)).map(|(b, (id, _))| (*b, *id)).collect();
+        // Backends nothing points at any more go last, after every slot and table that referenced
+        // them (a table that could not be replaced still names the old backends). A table names
+        // the backends it was built from; only one restored from the maps has to be read.
+        let mut used = BTreeSet::new();
+        for f in self.applied.frontends.values() {
+            used.extend(f.slots.iter().chain(&f.table_of).filter_map(|b| self.applied.backends.get(b)).map(|(id, _)| *id));
+            if f.table_of.is_empty() {
+                used.extend(f.table.iter().copied());
+            }
+        }
+        let unused: Vec<(L4Addr, u32)> = self.applied.backends.iter().filter(|(_, (id, _))| !used.contains(id)).map(|(b, (id, _))| (*b, *id)).collect();
         for (be, id) in unused {
             match ops.del_backend(id) {
                 Ok(()) => {
@@ -330,6 +347,11 @@ impl Reconciler {
                 Err(e) => errors.push(format!("removing backend {be}: {e}")),
             }
         }
+        // Ids handed out in this sync to backends already gone again (those of a new frontend
+        // that failed) were never in a slot the datapath used: a retry gets them again rather
+        // than new ones each time.
+        let highest = self.applied.backends.values().map(|(id, _)| *id).max().unwrap_or(0);
+        self.next_backend_id = first_new_backend.max(highest.saturating_add(1));
 
         if !gone_pairs.is_empty() || !gone_svcs.is_empty() {
             match ops.flush_conntrack(&gone_pairs, &gone_svcs) {
@@ -356,6 +378,10 @@ impl Reconciler {
         Ok(id)
     }
 
+    /// Brings frontend `fe` to `desired`. A frontend already applied records every write as it
+    /// succeeds, so a failure leaves its applied view saying what the maps hold. A new one that
+    /// fails is taken out again and its id is not used up; only if that also fails does what is
+    /// left of it stay in the view, for the next sync to complete or remove.
     fn sync_frontend(
         &mut self,
         fe: &Frontend,
@@ -365,97 +391,113 @@ impl Reconciler {
         st: &mut SyncStats,
         gone_pairs: &mut BTreeSet<(u32, u32)>,
     ) -> Result<(), MapOpError> {
-        let want = &desired.backends;
-        let flags = frontend_flags(desired, self.algorithm);
-        let (svc_id, old, old_entry, old_ranges, old_table, old_name) = match self.applied.frontends.get(fe) {
-            Some(af) => (af.svc_id, af.slots.clone(), Some((af.flags, af.affinity_timeout_s)), af.source_ranges.clone(), af.table.clone(), af.service.clone()),
-            None => {
-                let id = self.next_svc_id;
-                if id == u32::MAX {
-                    return Err(MapOpError::OutOfIds { map: dataplane_common::names::SERVICES });
+        if let Some(mut af) = self.applied.frontends.remove(fe) {
+            let serving: Vec<L4Addr> = af.serving().to_vec();
+            let res = self.write_frontend(fe, desired, &mut af, local, ops, st);
+            if res.is_ok() {
+                for be in serving.iter().filter(|b| !desired.backends.contains(b)) {
+                    if let Some((id, _)) = self.applied.backends.get(be) {
+                        gone_pairs.insert((af.svc_id, *id));
+                    }
                 }
-                self.next_svc_id += 1;
-                (id, Vec::new(), None, BTreeSet::new(), Vec::new(), None)
             }
-        };
+            self.applied.frontends.insert(*fe, af);
+            return res;
+        }
+        let id = self.next_svc_id;
+        if id == u32::MAX {
+            return Err(MapOpError::OutOfIds { map: dataplane_common::names::SERVICES });
+        }
+        let mut af = AppliedFrontend::new(id);
+        let res = self.write_frontend(fe, desired, &mut af, local, ops, st);
+        // Kept when written, or when taking it out failed too (the next sync completes or removes
+        // what is left); otherwise nothing of it is left and its id is free again.
+        if res.is_ok() || remove_frontend(fe, &mut af, ops, st).is_err() {
+            self.next_svc_id += 1;
+            self.applied.frontends.insert(*fe, af);
+        }
+        res
+    }
+
+    /// Writes what `af` lacks of `desired`, in the datapath-safe order, recording each write in
+    /// `af` once it succeeded.
+    fn write_frontend(
+        &mut self,
+        fe: &Frontend,
+        desired: &DesiredFrontend,
+        af: &mut AppliedFrontend,
+        local: &BTreeSet<Ipv4Addr>,
+        ops: &mut dyn MapOps,
+        st: &mut SyncStats,
+    ) -> Result<(), MapOpError> {
+        let svc_id = af.svc_id;
         // Name and counters first: the counters exist before the first packet can use them.
-        if old_name.as_ref() != Some(&desired.service) {
+        if af.service.as_ref() != Some(&desired.service) {
             ops.put_frontend_name(svc_id, &desired.service.to_string())?;
             st.writes += 1;
+            af.service = Some(desired.service.clone());
         }
-        let new = next_slots(&old, want);
+        let new = next_slots(&af.slots, &desired.backends);
         if new.len() > u16::MAX as usize {
             return Err(MapOpError::Full { map: dataplane_common::names::SLOTS, capacity: u16::MAX as u32, what: format!("{} backends", new.len()) });
         }
         for (i, be) in new.iter().enumerate() {
-            if old.get(i) == Some(be) {
+            if af.slots.get(i) == Some(be) {
                 continue;
             }
             let id = self.backend_id(be, local, ops, st)?;
             ops.put_slot(Lb4SlotKey { svc_id, slot: i as u32 }, id)?;
             st.writes += 1;
+            // `new` is dense and written in order: slot i exists already or is the next one.
+            match af.slots.get_mut(i) {
+                Some(slot) => *slot = *be,
+                None => af.slots.push(*be),
+            }
         }
         // The hashing table after the backends it names, before the count that makes them used.
-        let hashed = self.algorithm != Algorithm::Random && !new.is_empty();
-        let table: Vec<u32> = if hashed && new == old && !old_table.is_empty() {
-            // Same backends, same table: no need to build it again.
-            old_table.clone()
-        } else if hashed {
-            let order = crate::select::sorted_backends(&new);
-            let table = match self.algorithm {
-                Algorithm::Maglev => crate::select::maglev_table(&order, crate::select::TABLE_M),
-                _ => crate::select::rendezvous_table(&order, crate::select::TABLE_M),
-            };
-            table
-                .into_iter()
-                .map(|i| self.applied.backends.get(&order[i]).map(|(id, _)| *id).unwrap_or(0))
-                .collect()
-        } else {
-            Vec::new()
-        };
-        if table != old_table {
-            if table.is_empty() {
+        let order = crate::select::sorted_backends(&new);
+        if self.algorithm == Algorithm::Random || new.is_empty() {
+            if !af.table.is_empty() {
                 ops.del_table(svc_id)?;
                 st.deletes += 1;
-            } else {
-                st.writes += ops.put_table(svc_id, &table, &old_table)?;
+                af.table.clear();
+                af.table_of.clear();
             }
+        } else if af.table_of != order || af.table.is_empty() {
+            let table: Vec<u32> = crate::select::build_table(self.algorithm, &order)
+                .into_iter()
+                .map(|i| self.applied.backends.get(&order[i]).map(|(id, _)| *id).unwrap_or(0))
+                .collect();
+            if table != af.table {
+                st.writes += ops.put_table(svc_id, &table, &af.table)?;
+                af.table = table;
+            }
+            af.table_of = order;
         }
         // Source ranges before the service entry that turns their check on.
-        for c in desired.source_ranges.difference(&old_ranges) {
+        for c in desired.source_ranges.difference(&af.source_ranges.clone()) {
             ops.put_source_range(svc_id, *c)?;
             st.writes += 1;
+            af.source_ranges.insert(*c);
         }
-        if old_entry != Some((flags, desired.affinity_timeout_s)) || old.len() != new.len() {
-            let entry = Lb4Service { svc_id, count: new.len() as u16, flags, affinity_timeout_s: desired.affinity_timeout_s, pad: 0 };
+        let flags = frontend_flags(desired, self.algorithm);
+        let entry = Lb4Service { svc_id, count: new.len() as u16, flags, affinity_timeout_s: desired.affinity_timeout_s, table_size: af.table.len() as u32 };
+        if af.entry != Some(entry) {
             ops.put_service(lb4_key(fe), entry)?;
             st.writes += 1;
+            af.entry = Some(entry);
         }
-        for c in old_ranges.difference(&desired.source_ranges) {
-            ops.del_source_range(svc_id, *c)?;
+        for c in af.source_ranges.difference(&desired.source_ranges.clone()).copied().collect::<Vec<_>>() {
+            ops.del_source_range(svc_id, c)?;
             st.deletes += 1;
+            af.source_ranges.remove(&c);
         }
-        for i in new.len()..old.len() {
-            ops.del_slot(Lb4SlotKey { svc_id, slot: i as u32 })?;
+        // Slots past the count, from the last, so the slots stay dense.
+        while af.slots.len() > new.len() {
+            ops.del_slot(Lb4SlotKey { svc_id, slot: af.slots.len() as u32 - 1 })?;
             st.deletes += 1;
+            af.slots.pop();
         }
-        for be in old.iter().filter(|b| !want.contains(b)) {
-            if let Some((id, _)) = self.applied.backends.get(be) {
-                gone_pairs.insert((svc_id, *id));
-            }
-        }
-        self.applied.frontends.insert(
-            *fe,
-            AppliedFrontend {
-                svc_id,
-                service: Some(desired.service.clone()),
-                slots: new,
-                flags,
-                affinity_timeout_s: desired.affinity_timeout_s,
-                source_ranges: desired.source_ranges.clone(),
-                table,
-            },
-        );
         Ok(())
     }
 }
@@ -472,20 +514,55 @@ pub fn backend_flags(addr: Ipv4Addr, local: &BTreeSet<Ipv4Addr>, host: &BTreeSet
     f
 }
 
+/// Removes everything of frontend `fe` from the maps, the service entry first so the datapath
+/// stops using it before its slots go. Each removal is recorded in `af` as it succeeds, so on
+/// error `af` says what is left.
+fn remove_frontend(fe: &Frontend, af: &mut AppliedFrontend, ops: &mut dyn MapOps, st: &mut SyncStats) -> Result<(), MapOpError> {
+    if af.entry.is_some() {
+        ops.del_service(lb4_key(fe))?;
+        st.deletes += 1;
+        af.entry = None;
+    }
+    while let Some(slot) = af.slots.len().checked_sub(1) {
+        ops.del_slot(Lb4SlotKey { svc_id: af.svc_id, slot: slot as u32 })?;
+        st.deletes += 1;
+        af.slots.pop();
+    }
+    for c in af.source_ranges.clone() {
+        ops.del_source_range(af.svc_id, c)?;
+        st.deletes += 1;
+        af.source_ranges.remove(&c);
+    }
+    if !af.table.is_empty() {
+        ops.del_table(af.svc_id)?;
+        st.deletes += 1;
+        af.table.clear();
+        af.table_of.clear();
+    }
+    if af.service.is_some() {
+        ops.del_frontend_meta(af.svc_id)?;
+        st.deletes += 1;
+        af.service = None;
+    }
+    Ok(())
+}
+
 /// The new slot order: backends keep their slots; a removed backend's slot is taken by the last
-/// one (swap-remove), new backends are appended. Minimises rewritten slots.
+/// one (swap-remove), new backends are appended. Minimises rewritten slots. A backend in two slots
+/// keeps only the first: a crash between moving the last backend into a removed one's slot and
+/// lowering the count leaves it twice (`[1, 4, 3, 4]`), and it would pick up double weight.
 pub fn next_slots(old: &[L4Addr], want: &BTreeSet<L4Addr>) -> Vec<L4Addr> {
     let mut slots = old.to_vec();
+    let mut kept = BTreeSet::new();
     let mut i = 0;
     while i < slots.len() {
-        if want.contains(&slots[i]) {
+        if want.contains(&slots[i]) && kept.insert(slots[i]) {
             i += 1;
         } else {
             slots.swap_remove(i);
         }
     }
-    let present: BTreeSet<L4Addr> = slots.iter().copied().collect();
-    slots.extend(want.iter().filter(|b| !present.contains(b)).copied());
+    slots.extend(want.iter().filter(|b| !kept.contains(b)).copied());
     slots
 }
 
@@ -493,83 +570,140 @@ pub fn next_slots(old: &[L4Addr], want: &BTreeSet<L4Addr>) -> Vec<L4Addr> {
 mod tests {
     use super::*;
     use crate::model::ServicePortName;
+    use dataplane_common::names;
+
+    /// The maps' contents in the recorder.
+    #[derive(Clone, Debug, Default, PartialEq, Eq)]
+    struct Maps {
+        backends: BTreeMap<u32, Lb4Backend>,
+        slots: BTreeMap<Lb4SlotKey, u32>,
+        services: BTreeMap<Lb4Key, Lb4Service>,
+        names: BTreeMap<u32, String>,
+        tables: BTreeMap<u32, Vec<u32>>,
+        ranges: BTreeSet<(u32, Cidr4)>,
+        cidrs: BTreeSet<Cidr4>,
+    }
 
     /// Records every operation; an in-memory stand-in for the maps, for the pure diff logic only
     /// (bpf-tests run the same reconciler against the real maps).
     #[derive(Default)]
     struct Recorder {
         ops: Vec<String>,
-        backends: BTreeMap<u32, Lb4Backend>,
-        slots: BTreeMap<Lb4SlotKey, u32>,
-        services: BTreeMap<Lb4Key, Lb4Service>,
+        maps: Maps,
         fail_service_puts: bool,
+        /// Puts that still succeed; after them every put fails as into a full map.
+        puts_left: Option<usize>,
+        /// Every delete fails.
+        fail_deletes: bool,
+    }
+
+    impl Recorder {
+        fn del(&self, map: &'static str) -> Result<(), MapOpError> {
+            if self.fail_deletes {
+                return Err(MapOpError::Other { map, what: "test".into(), message: "delete refused".into() });
+            }
+            Ok(())
+        }
+
+        fn put(&mut self, map: &'static str) -> Result<(), MapOpError> {
+            match &mut self.puts_left {
+                Some(0) => Err(MapOpError::Full { map, capacity: 1, what: "test".into() }),
+                Some(n) => {
+                    *n -= 1;
+                    Ok(())
+                }
+                None => Ok(()),
+            }
+        }
     }
 
     impl MapOps for Recorder {
         fn put_backend(&mut self, id: u32, be: Lb4Backend) -> Result<(), MapOpError> {
+            self.put(names::BACKENDS)?;
             self.ops.push(format!("put_backend {id}"));
-            self.backends.insert(id, be);
+            self.maps.backends.insert(id, be);
             Ok(())
         }
         fn del_backend(&mut self, id: u32) -> Result<(), MapOpError> {
+            self.del(names::BACKENDS)?;
             self.ops.push(format!("del_backend {id}"));
-            self.backends.remove(&id);
+            self.maps.backends.remove(&id);
             Ok(())
         }
         fn put_slot(&mut self, key: Lb4SlotKey, backend_id: u32) -> Result<(), MapOpError> {
+            self.put(names::SLOTS)?;
             self.ops.push(format!("put_slot {}/{} -> {backend_id}", key.svc_id, key.slot));
-            self.slots.insert(key, backend_id);
+            self.maps.slots.insert(key, backend_id);
             Ok(())
         }
         fn del_slot(&mut self, key: Lb4SlotKey) -> Result<(), MapOpError> {
+            self.del(names::SLOTS)?;
             self.ops.push(format!("del_slot {}/{}", key.svc_id, key.slot));
-            self.slots.remove(&key);
+            self.maps.slots.remove(&key);
             Ok(())
         }
         fn put_service(&mut self, key: Lb4Key, svc: Lb4Service) -> Result<(), MapOpError> {
             if self.fail_service_puts && svc.flags & SVC_F_ADDR_ONLY == 0 {
-                return Err(MapOpError::Full { map: "lb4_svc_v2", capacity: 1, what: "test".into() });
+                return Err(MapOpError::Full { map: names::SERVICES, capacity: 1, what: "test".into() });
             }
+            self.put(names::SERVICES)?;
             self.ops.push(format!("put_service {} count={}", svc.svc_id, svc.count));
-            self.services.insert(key, svc);
+            self.maps.services.insert(key, svc);
             Ok(())
         }
         fn del_service(&mut self, key: Lb4Key) -> Result<(), MapOpError> {
+            self.del(names::SERVICES)?;
             self.ops.push("del_service".into());
-            self.services.remove(&key);
+            self.maps.services.remove(&key);
             Ok(())
         }
         fn put_service_cidr(&mut self, c: Cidr4) -> Result<(), MapOpError> {
+            self.put(names::SERVICE_CIDRS)?;
             self.ops.push(format!("put_cidr {c}"));
+            self.maps.cidrs.insert(c);
             Ok(())
         }
         fn del_service_cidr(&mut self, c: Cidr4) -> Result<(), MapOpError> {
+            self.del(names::SERVICE_CIDRS)?;
             self.ops.push(format!("del_cidr {c}"));
+            self.maps.cidrs.remove(&c);
             Ok(())
         }
         fn put_frontend_name(&mut self, id: u32, name: &str) -> Result<(), MapOpError> {
+            self.put(names::SVC_NAMES)?;
             self.ops.push(format!("put_name {id} {name}"));
+            self.maps.names.insert(id, name.to_string());
             Ok(())
         }
         fn del_frontend_meta(&mut self, id: u32) -> Result<(), MapOpError> {
+            self.del(names::SVC_NAMES)?;
             self.ops.push(format!("del_meta {id}"));
+            self.maps.names.remove(&id);
             Ok(())
         }
         fn put_table(&mut self, id: u32, table: &[u32], old: &[u32]) -> Result<usize, MapOpError> {
-            let n = if old.is_empty() { table.len() } else { table.iter().zip(old).filter(|(a, b)| a != b).count() };
+            self.put(names::CHASH)?;
+            let n = if old.len() != table.len() { table.len() } else { table.iter().zip(old).filter(|(a, b)| a != b).count() };
             self.ops.push(format!("put_table {id} ({n} entries)"));
+            self.maps.tables.insert(id, table.to_vec());
             Ok(n)
         }
         fn del_table(&mut self, id: u32) -> Result<(), MapOpError> {
+            self.del(names::CHASH)?;
             self.ops.push(format!("del_table {id}"));
+            self.maps.tables.remove(&id);
             Ok(())
         }
         fn put_source_range(&mut self, id: u32, c: Cidr4) -> Result<(), MapOpError> {
+            self.put(names::SOURCE_RANGES)?;
             self.ops.push(format!("put_range {id} {c}"));
+            self.maps.ranges.insert((id, c));
             Ok(())
         }
         fn del_source_range(&mut self, id: u32, c: Cidr4) -> Result<(), MapOpError> {
+            self.del(names::SOURCE_RANGES)?;
             self.ops.push(format!("del_range {id} {c}"));
+            self.maps.ranges.remove(&(id, c));
             Ok(())
         }
         fn flush_conntrack(&mut self, gone: &BTreeSet<(u32, u32)>, svcs: &BTreeSet<u32>) -> Result<usize, MapOpError> {
@@ -582,7 +716,7 @@ mod tests {
         L4Addr { addr: Ipv4Addr::new(10, 0, 0, last), port: 8080, proto: Proto::Tcp }
     }
 
-    /// The exact-operation tests pick backends at random (no tables); `maglev_tables_*` covers
+    /// The exact-operation tests pick backends at random (no tables); `hashing_tables_*` covers
     /// the tables.
     fn rec() -> Reconciler {
         Reconciler { algorithm: Algorithm::Random, ..Reconciler::new() }
@@ -602,12 +736,80 @@ mod tests {
         d
     }
 
-    /// The slot map seen from the datapath: (slot -> backend address) of service 1.
+    /// The backends the datapath picks from for the first frontend (slots `0..count`), asserting
+    /// that each is in one slot only (two would double its weight).
     fn datapath_view(r: &Recorder) -> BTreeSet<L4Addr> {
-        let svc = r.services.values().find(|s| s.flags & SVC_F_ADDR_ONLY == 0).unwrap();
-        (0..svc.count as u32)
-            .map(|s| l4addr_from_backend(&r.backends[&r.slots[&Lb4SlotKey { svc_id: svc.svc_id, slot: s }]]).unwrap())
-            .collect()
+        let svc = r.maps.services.values().find(|s| s.flags & SVC_F_ADDR_ONLY == 0).unwrap();
+        let slots: Vec<L4Addr> = (0..svc.count as u32)
+            .map(|s| l4addr_from_backend(&r.maps.backends[&r.maps.slots[&Lb4SlotKey { svc_id: svc.svc_id, slot: s }]]).unwrap())
+            .collect();
+        let set: BTreeSet<L4Addr> = slots.iter().copied().collect();
+        assert_eq!(set.len(), slots.len(), "a backend in two slots: {slots:?}");
+        set
+    }
+
+    /// Everything the maps hold of each frontend id: (slots' backend ids, service entry, table,
+    /// source ranges, name). Asserts the slots are dense.
+    type PerFrontend = BTreeMap<u32, (Vec<u32>, Option<Lb4Service>, Vec<u32>, BTreeSet<Cidr4>, Option<String>)>;
+
+    fn in_maps(m: &Maps) -> PerFrontend {
+        let mut out = PerFrontend::new();
+        for svc in m.services.values().filter(|s| s.flags & SVC_F_ADDR_ONLY == 0) {
+            out.entry(svc.svc_id).or_default().1 = Some(*svc);
+        }
+        for (k, id) in &m.slots {
+            let f = out.entry(k.svc_id).or_default();
+            assert_eq!(f.0.len(), k.slot as usize, "slots of frontend {} are not dense", k.svc_id);
+            f.0.push(*id);
+        }
+        for (id, t) in &m.tables {
+            out.entry(*id).or_default().2 = t.clone();
+        }
+        for (id, c) in &m.ranges {
+            out.entry(*id).or_default().3.insert(*c);
+        }
+        for (id, n) in &m.names {
+            out.entry(*id).or_default().4 = Some(n.clone());
+        }
+        out
+    }
+
+    /// The same, as the reconciler believes it; and its backends as the maps hold them.
+    fn in_view(rec: &Reconciler) -> (PerFrontend, BTreeMap<u32, Lb4Backend>) {
+        let fronts = rec.applied.frontends.values().map(|f| {
+            let slots = f.slots.iter().map(|b| rec.applied.backends[b].0).collect();
+            (f.svc_id, (slots, f.entry, f.table.clone(), f.source_ranges.clone(), f.service.as_ref().map(|s| s.to_string())))
+        });
+        let backends = rec.applied.backends.iter().map(|(b, (id, flags))| (*id, lb4_backend(b, *flags)));
+        (fronts.collect(), backends.collect())
+    }
+
+    /// Asserts the reconciler's view is exactly what the maps hold, and that the datapath finds
+    /// every backend a used slot or a table names.
+    fn assert_true_view(r: &Recorder, rec: &Reconciler, what: &str) {
+        assert_eq!((in_maps(&r.maps), r.maps.backends.clone()), in_view(rec), "{what}");
+        for svc in r.maps.services.values().filter(|s| s.flags & SVC_F_ADDR_ONLY == 0) {
+            for slot in 0..svc.count as u32 {
+                let id = r.maps.slots.get(&Lb4SlotKey { svc_id: svc.svc_id, slot }).unwrap_or_else(|| panic!("{what}: slot {slot} missing"));
+                assert!(r.maps.backends.contains_key(id), "{what}: slot {slot} names backend {id}, which is gone");
+            }
+            let table = r.maps.tables.get(&svc.svc_id).map(Vec::as_slice).unwrap_or_default();
+            assert_eq!(svc.table_size as usize, table.len(), "{what}: table size in the entry");
+            assert!(table.iter().all(|id| r.maps.backends.contains_key(id)), "{what}: the table names a backend that is gone");
+        }
+    }
+
+    /// `desired(first)` plus a second frontend of the Service, port 443, with a source range.
+    fn desired_with_https(first: &[u8], https: &[u8]) -> Desired {
+        let mut d = desired(first);
+        let fe = L4Addr { addr: Ipv4Addr::new(172, 30, 0, 1), port: 443, proto: Proto::Tcp };
+        let mut f = DesiredFrontend::new(
+            ServicePortName { namespace: "default".into(), name: "web".into(), port: "https".into() },
+            https.iter().map(|b| be(*b)).collect(),
+        );
+        f.source_ranges.insert("192.0.2.0/24".parse().unwrap());
+        d.frontends.insert(Frontend::internal(fe), f);
+        d
     }
 
     #[test]
@@ -672,7 +874,7 @@ mod tests {
         r.ops.clear();
         rec.sync(&Desired::default(), &BTreeSet::new(), &mut r);
         assert_eq!(r.ops, vec!["del_service", "del_slot 1/0", "del_meta 1", "del_service", "del_backend 1", "flush {} {1}"]);
-        assert!(r.services.is_empty() && r.slots.is_empty() && r.backends.is_empty());
+        assert!(r.maps.services.is_empty() && r.maps.slots.is_empty() && r.maps.backends.is_empty());
     }
 
     #[test]
@@ -725,7 +927,7 @@ mod tests {
         f.source_ranges.insert("192.0.2.0/24".parse().unwrap());
         rec.sync(&d, &BTreeSet::new(), &mut r);
         assert_eq!(r.ops, vec!["put_range 1 192.0.2.0/24", "put_service 1 count=2"]);
-        let svc = r.services.values().find(|s| s.svc_id == 1).unwrap();
+        let svc = r.maps.services.values().find(|s| s.svc_id == 1).unwrap();
         assert_eq!((svc.affinity_timeout_s, svc.flags), (30, SVC_F_SOURCE_RANGES | SVC_F_RANDOM));
         r.ops.clear();
         d.frontends.values_mut().next().unwrap().source_ranges.clear();
@@ -743,29 +945,38 @@ mod tests {
         d.local_endpoints.insert(Ipv4Addr::new(10, 0, 0, 1));
         rec.sync(&d, &BTreeSet::new(), &mut r);
         assert_eq!(r.ops, vec!["put_backend 1"]);
-        assert_eq!(r.backends[&1].flags, BE_F_LOCAL);
+        assert_eq!(r.maps.backends[&1].flags, BE_F_LOCAL);
     }
 
     #[test]
-    fn hashing_tables_are_written_with_the_slots_and_patched_on_change() {
+    fn hashing_tables_are_written_with_the_slots_and_replaced_on_change() {
         let mut r = Recorder::default();
         let mut rec = Reconciler::new();
         rec.sync(&desired(&[1, 2, 3]), &BTreeSet::new(), &mut r);
-        assert!(r.ops.contains(&format!("put_table 1 ({} entries)", crate::select::TABLE_M)), "{:?}", r.ops);
-        let svc = r.services.values().find(|s| s.svc_id == 1).unwrap();
-        assert_eq!(svc.flags & SVC_F_RANDOM, 0);
+        assert!(r.ops.contains(&"put_table 1 (1021 entries)".to_string()), "{:?}", r.ops);
+        let svc = r.maps.services.values().find(|s| s.svc_id == 1).unwrap();
+        assert_eq!((svc.flags & SVC_F_RANDOM, svc.table_size), (0, 1021));
         r.ops.clear();
         rec.sync(&desired(&[1, 2, 3]), &BTreeSet::new(), &mut r);
         assert!(r.ops.is_empty(), "{:?}", r.ops);
-        // One backend leaves: exactly its entries (about a third) are rewritten.
+        // One backend leaves: its entries (about a third) and a few others change.
         rec.sync(&desired(&[1, 2]), &BTreeSet::new(), &mut r);
         let line = r.ops.iter().find(|o| o.starts_with("put_table")).unwrap();
         let n: usize = line.split(['(', ' ']).nth(3).unwrap().parse().unwrap();
-        assert!(n > crate::select::TABLE_M / 4 && n < crate::select::TABLE_M / 2, "{line}");
+        assert!(n > 1021 / 4 && n < 1021 / 2, "{line}");
+        // 103 backends need more than 1021 entries: a 4093-entry table, and the entry says so
+        // (written after the table, as the datapath indexes the table by it).
+        r.ops.clear();
+        rec.sync(&desired(&(1..=103).collect::<Vec<u8>>()), &BTreeSet::new(), &mut r);
+        let table_at = r.ops.iter().position(|o| o == "put_table 1 (4093 entries)").unwrap_or_else(|| panic!("{:?}", r.ops));
+        let entry_at = r.ops.iter().position(|o| o == "put_service 1 count=103").unwrap();
+        assert!(table_at < entry_at);
+        assert_eq!(r.maps.services.values().find(|s| s.svc_id == 1).unwrap().table_size, 4093);
         // No backend left: the table goes.
         r.ops.clear();
         rec.sync(&desired(&[]), &BTreeSet::new(), &mut r);
         assert!(r.ops.contains(&"del_table 1".to_string()), "{:?}", r.ops);
+        assert_eq!(r.maps.services.values().find(|s| s.svc_id == 1).unwrap().table_size, 0);
     }
 
     #[test]
@@ -774,6 +985,143 @@ mod tests {
         assert_eq!(next_slots(&old, &[be(1), be(3)].into()), vec![be(1), be(3)]);
         assert_eq!(next_slots(&old, &[be(2), be(3)].into()), vec![be(3), be(2)]);
         assert_eq!(next_slots(&old, &[].into()), vec![]);
+        // A backend twice (a crash between a slot move and the count) keeps its first slot.
+        let torn = vec![be(1), be(4), be(3), be(4)];
+        assert_eq!(next_slots(&torn, &[be(1), be(3), be(4)].into()), vec![be(1), be(4), be(3)]);
+        assert_eq!(next_slots(&torn, &[be(1), be(2), be(3), be(4)].into()), vec![be(1), be(4), be(3), be(2)]);
+        assert_eq!(next_slots(&[be(4), be(4), be(4)], &[be(4)].into()), vec![be(4)]);
+    }
+
+    #[test]
+    fn a_backend_left_in_two_slots_by_a_crash_is_kept_once_after_a_restart() {
+        let mut r = Recorder::default();
+        let mut rec = rec();
+        rec.sync(&desired(&[1, 2, 3, 4]), &BTreeSet::new(), &mut r);
+        // Removing backend 2 moves backend 4 into its slot, then lowers the count: the agent
+        // crashed in between. The maps hold slots [1, 4, 3, 4] with count 4, and that is what a
+        // restart reads back (bpf-tests check `dump_applied` on real maps does).
+        let id4 = rec.applied.backends[&be(4)].0;
+        r.maps.slots.insert(Lb4SlotKey { svc_id: 1, slot: 1 }, id4);
+        let mut torn = rec.applied.clone();
+        torn.frontends.values_mut().next().unwrap().slots = vec![be(1), be(4), be(3), be(4)];
+        let mut restarted = Reconciler { algorithm: Algorithm::Random, ..Reconciler::restore(torn) };
+        r.ops.clear();
+        let (_, errs) = restarted.sync(&desired(&[1, 3, 4]), &BTreeSet::new(), &mut r);
+        assert!(errs.is_empty(), "{errs:?}");
+        assert_eq!(r.ops, vec!["put_service 1 count=3", "del_slot 1/3", "del_backend 2"]);
+        assert_eq!(datapath_view(&r), [be(1), be(3), be(4)].into());
+        assert_true_view(&r, &restarted, "after the restart");
+    }
+
+    #[test]
+    fn a_new_frontend_that_fails_at_any_write_leaves_nothing_behind_however_often_retried() {
+        // The https frontend needs 9 writes (name, 2 new backends, 3 slots, table, source range,
+        // service entry); the map behind the write numbered `budget` is full.
+        let https = Frontend::internal(L4Addr { addr: Ipv4Addr::new(172, 30, 0, 1), port: 443, proto: Proto::Tcp });
+        let mut failures = 0;
+        for budget in 0..20 {
+            let mut r = Recorder::default();
+            let mut rec = Reconciler::new();
+            rec.sync(&desired(&[1, 2]), &BTreeSet::new(), &mut r);
+            let (maps, applied) = (r.maps.clone(), rec.applied.clone());
+            let want = desired_with_https(&[1, 2], &[1, 3, 4]);
+            r.puts_left = Some(budget);
+            if rec.sync(&want, &BTreeSet::new(), &mut r).1.is_empty() {
+                break;
+            }
+            failures += 1;
+            for retry in 0..20 {
+                r.puts_left = Some(budget);
+                let (_, errs) = rec.sync(&want, &BTreeSet::new(), &mut r);
+                assert_eq!(errs.len(), 1, "{errs:?}");
+                assert!(errs[0].contains("Service default/web:https") && errs[0].contains("is full"), "{}", errs[0]);
+                assert_eq!(r.maps, maps, "budget {budget}, retry {retry}: the maps changed");
+                assert_eq!(rec.applied, applied, "budget {budget}, retry {retry}: the view changed");
+            }
+            // Room again: it goes in as if it had never failed, with the next ids.
+            r.puts_left = None;
+            let (_, errs) = rec.sync(&want, &BTreeSet::new(), &mut r);
+            assert!(errs.is_empty(), "{errs:?}");
+            assert_eq!(rec.applied.frontends[&https].svc_id, 2);
+            assert_eq!(r.maps.backends.keys().copied().collect::<Vec<_>>(), vec![1, 2, 3, 4]);
+            assert_true_view(&r, &rec, &format!("budget {budget}, then room"));
+        }
+        assert_eq!(failures, 9, "every write of the new frontend failed once");
+    }
+
+    #[test]
+    fn a_new_frontend_that_cannot_be_taken_out_either_stays_in_the_view_for_the_next_sync() {
+        let https = Frontend::internal(L4Addr { addr: Ipv4Addr::new(172, 30, 0, 1), port: 443, proto: Proto::Tcp });
+        for still_wanted in [true, false] {
+            let mut r = Recorder::default();
+            let mut rec = Reconciler::new();
+            rec.sync(&desired(&[1, 2]), &BTreeSet::new(), &mut r);
+            let maps = r.maps.clone();
+            // Everything but the service entry is written, and nothing can be deleted.
+            r.fail_service_puts = true;
+            r.fail_deletes = true;
+            let (_, errs) = rec.sync(&desired_with_https(&[1, 2], &[1, 3]), &BTreeSet::new(), &mut r);
+            assert_eq!(errs.len(), 1, "{errs:?}");
+            assert_ne!(r.maps, maps);
+            assert_eq!(rec.applied.frontends[&https].entry, None);
+            assert_true_view(&r, &rec, "after the failed undo");
+            // The next sync carries on from what is left: completes it, or removes it.
+            r.fail_service_puts = false;
+            r.fail_deletes = false;
+            let next = if still_wanted { desired_with_https(&[1, 2], &[1, 3]) } else { desired(&[1, 2]) };
+            let (_, errs) = rec.sync(&next, &BTreeSet::new(), &mut r);
+            assert!(errs.is_empty(), "{errs:?}");
+            assert_true_view(&r, &rec, "the sync after");
+            if still_wanted {
+                assert_eq!(rec.applied.frontends[&https].svc_id, 2);
+                assert_eq!(rec.applied.frontends[&https].entry.map(|e| e.count), Some(2));
+            } else {
+                assert_eq!(r.maps, maps);
+            }
+        }
+    }
+
+    #[test]
+    fn an_existing_frontend_that_fails_at_any_write_keeps_a_true_view_and_no_dangling_slot() {
+        // [1, 2, 3, 4] -> [1, 3, 4, 5] with a source range: a slot move, a new backend, a slot,
+        // the table, the range, the entry. Whatever write fails, the view says what the maps
+        // hold, the datapath never meets a missing backend, and the next sync converges, even
+        // when the Service has gone back to what it was meanwhile.
+        let before = desired(&[1, 2, 3, 4]);
+        let mut after = desired(&[1, 3, 4, 5]);
+        after.frontends.values_mut().next().unwrap().source_ranges.insert("192.0.2.0/24".parse().unwrap());
+        let mut failures = 0;
+        for budget in 0..20 {
+            for target in [&before, &after] {
+                let mut r = Recorder::default();
+                let mut rec = Reconciler::new();
+                rec.sync(&before, &BTreeSet::new(), &mut r);
+                let by_address = |r: &Recorder| -> Vec<L4Addr> { r.maps.tables[&1].iter().map(|id| l4addr_from_backend(&r.maps.backends[id]).unwrap()).collect() };
+                let table = by_address(&r);
+                r.puts_left = Some(budget);
+                let failed = !rec.sync(&after, &BTreeSet::new(), &mut r).1.is_empty();
+                assert_true_view(&r, &rec, &format!("budget {budget}"));
+                if !failed {
+                    assert_eq!(datapath_view(&r), [be(1), be(3), be(4), be(5)].into());
+                    break;
+                }
+                failures += 1;
+                r.puts_left = None;
+                let (_, errs) = rec.sync(target, &BTreeSet::new(), &mut r);
+                assert!(errs.is_empty(), "{errs:?}");
+                assert_true_view(&r, &rec, &format!("budget {budget}, then room"));
+                let want = &target.frontends.values().next().unwrap().backends;
+                assert_eq!(&datapath_view(&r), want);
+                assert_eq!(r.maps.backends.len(), 4, "budget {budget}: backends left over");
+                assert_eq!(r.maps.slots.len(), 4, "budget {budget}: slots left over");
+                if std::ptr::eq(target, &before) {
+                    // Backend 2 may be back under another id: compare addresses.
+                    assert_eq!(by_address(&r), table);
+                    assert!(r.maps.ranges.is_empty());
+                }
+            }
+        }
+        assert_eq!(failures, 2 * 6, "every write of the update failed once");
     }
 
     #[test]

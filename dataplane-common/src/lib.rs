@@ -24,7 +24,7 @@ pub mod names {
     pub const AFFINITY: &str = "lb4_aff_v1";
     pub const SOURCE_RANGES: &str = "lb4_src_v1";
     pub const CONFIG: &str = "cfg4_v3";
-    pub const CHASH: &str = "lb4_chash_v1";
+    pub const CHASH: &str = "lb4_chash_v2";
     pub const SVC_STATS: &str = "lb4_svc_stat_v1";
     pub const SVC_NAMES: &str = "lb4_svc_name_v1";
     pub const POL_IPCACHE: &str = "pol_ipcache4_v1";
@@ -102,8 +102,20 @@ pub mod capacity {
     pub const IDENTITIES: u32 = 65_536;
 }
 
-/// Entries of each frontend's consistent-hashing table (prime). A change needs a new map name.
+/// Entries of a consistent-hashing table whose service entry says `table_size: 0` (written by an
+/// agent from before table sizes varied), and the smallest size the agent uses. Prime.
 pub const CHASH_TABLE_SIZE: u32 = 1021;
+
+/// `BPF_F_INNER_MAP`: inner arrays of one map-of-maps may differ in size (kernel 5.10). The
+/// verifier then calls the lookup helper instead of inlining a fixed-size bounds check.
+pub const BPF_F_INNER_MAP: u32 = 1 << 12;
+/// `BPF_F_MMAPABLE`: the agent may fill an array through `mmap` instead of one syscall per entry
+/// (kernel 5.5).
+pub const BPF_F_MMAPABLE: u32 = 1 << 10;
+/// Flags of every consistent-hashing table: the kernel accepts an inner map only if its flags
+/// equal the template's (`lb4_chash_v2`'s inner `Array`), so the agent creates its arrays with
+/// exactly these.
+pub const CHASH_INNER_FLAGS: u32 = BPF_F_INNER_MAP | BPF_F_MMAPABLE;
 
 pub const IPPROTO_ICMP: u8 = 1;
 pub const IPPROTO_TCP: u8 = 6;
@@ -139,7 +151,7 @@ pub const SVC_F_SOURCE_RANGES: u16 = 1 << 2;
 /// in `bpftool map dump` and inspection.
 pub const SVC_F_EXTERNAL_IP: u16 = 1 << 3;
 /// `Lb4Service.flags`: pick backends at random (kube-proxy's way) instead of by the frontend's
-/// consistent-hashing table (rendezvous or Maglev; the default).
+/// consistent-hashing table (Maglev, the default, or rendezvous).
 pub const SVC_F_RANDOM: u16 = 1 << 4;
 
 /// Value of the service map.
@@ -153,7 +165,11 @@ pub struct Lb4Service {
     pub flags: u16,
     /// sessionAffinity ClientIP timeout in seconds; 0 for no affinity.
     pub affinity_timeout_s: u32,
-    pub pad: u32,
+    /// Entries of this frontend's consistent-hashing table in `lb4_chash_v2` (the datapath
+    /// picks entry `hash % table_size`); it grows with the number of backends. 0 means
+    /// `CHASH_TABLE_SIZE`: entries written by an agent from before sizes varied (this field was
+    /// padding then) still work.
+    pub table_size: u32,
 }
 
 /// Key of the session affinity map: a client of a frontend.

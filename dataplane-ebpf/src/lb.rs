@@ -15,7 +15,7 @@ use dataplane_common::{
 
 use crate::{
     conntrack,
-    maps::{cfg4_v3, frag4_v1, path_scratch, lb4_aff_v1, lb4_be_v1, lb4_chash_v1, lb4_slot_v1, lb4_src_v1, lb4_svc_v2, svc_cidr4_v1},
+    maps::{cfg4_v3, frag4_v1, path_scratch, lb4_aff_v1, lb4_be_v1, lb4_chash_v2, lb4_slot_v1, lb4_src_v1, lb4_svc_v2, svc_cidr4_v1},
     nat,
     parse::{Ipv4Packet, TCP_ACK, TCP_SYN},
     stats,
@@ -175,9 +175,14 @@ pub fn lb4_select_backend(svc: &Lb4Service, hash: u32) -> Result<(u32, Lb4Backen
         return Err(DropReason::NoBackend);
     }
     if svc.flags & SVC_F_RANDOM == 0 {
-        let idx = hash % CHASH_TABLE_SIZE;
+        // 0: written by an agent from before table sizes varied, whose tables all had 1021
+        // entries. Between the agent swapping in a table of another size and rewriting this
+        // entry, an index past the array's end misses (random pick below) and a smaller size
+        // uses the array's start: every id in it is a live backend either way.
+        let size = if svc.table_size == 0 { CHASH_TABLE_SIZE } else { svc.table_size };
+        let idx = hash % size;
         // SAFETY: the value is copied out at once.
-        if let Some(id) = unsafe { lb4_chash_v1.get_value(&svc.svc_id, &idx).copied() } {
+        if let Some(id) = unsafe { lb4_chash_v2.get_value(&svc.svc_id, &idx).copied() } {
             if let Some(be) = unsafe { lb4_be_v1.get(&id).copied() } {
                 return Ok((id, be));
             }

@@ -70,12 +70,17 @@ pub static lb4_src_v1: LpmTrie<SrcRangeData, u32, { capacity::SOURCE_RANGES as u
 #[btf_map]
 pub static cfg4_v3: Array<NodeConfig, 1> = Array::new();
 
-/// Each frontend's consistent-hashing table (rendezvous or Maglev, built by the agent):
-/// `svc_id -> [backend id; M]`, one inner array per frontend so memory follows the number of
-/// frontends.
+/// Each frontend's consistent-hashing table (Maglev or rendezvous, built by the agent):
+/// `svc_id -> [backend id; table_size]`, one inner array per frontend so memory follows the
+/// number of frontends. Tables grow with the number of backends (`Lb4Service::table_size`), so
+/// the inner template carries `BPF_F_INNER_MAP` (arrays of any size fit; its 1021 entries are
+/// only the template's) and `BPF_F_MMAPABLE` (the agent fills tables through mmap).
 #[btf_map]
-pub static lb4_chash_v1: HashOfMaps<u32, Array<u32, { dataplane_common::CHASH_TABLE_SIZE as usize }>, { capacity::SERVICES as usize }> =
-    HashOfMaps::new();
+pub static lb4_chash_v2: HashOfMaps<
+    u32,
+    Array<u32, { dataplane_common::CHASH_TABLE_SIZE as usize }, { dataplane_common::CHASH_INNER_FLAGS as usize }>,
+    { capacity::SERVICES as usize },
+> = HashOfMaps::new();
 
 /// Per-CPU packet and byte counters of each frontend: `svc_id -> counters`. The agent creates
 /// the entry with the frontend and removes it with it; the datapath only increments.

@@ -176,9 +176,10 @@ fn main() {
         let empty_prog: &mut SchedClassifier = ebpf.program_mut(progs::BENCH_EMPTY).unwrap().try_into().unwrap();
         empty_prog.load().unwrap();
         let mut maps = BpfMaps::from_ebpf(&mut ebpf).unwrap();
-        // Consistent hashing (the default) writes a 1021-entry table per frontend: measured up to
-        // 1 000 Services; 100 000 tables would take the bench minutes, so that row picks at random.
-        let algorithm = if services > 1_000 { Algorithm::Random } else { Algorithm::Rendezvous };
+        // Consistent hashing (the default) writes a table per frontend (1021 entries for these
+        // Services' few backends): measured up to 1 000 Services; 100 000 tables would take the
+        // bench minutes, so that row picks at random.
+        let algorithm = if services > 1_000 { Algorithm::Random } else { Algorithm::default() };
         let mut rec = Reconciler::new();
         rec.algorithm = algorithm;
 
@@ -231,7 +232,7 @@ fn main() {
         );
     }
     println!("\nct hit: one conntrack lookup and the rewrite; new conn: service lookup, hashing table (or random slot), backend lookup, two conntrack inserts.");
-    println!("full sync writes {} entries per Service (service, {} slots, {} backends) plus the address entry, and with chash (rendezvous) a 1021-entry table.", 1 + 2 * BACKENDS_PER_SERVICE, BACKENDS_PER_SERVICE, BACKENDS_PER_SERVICE);
+    println!("full sync writes {} entries per Service (service, {} slots, {} backends) plus the address entry, and with chash (maglev) a 1021-entry table.", 1 + 2 * BACKENDS_PER_SERVICE, BACKENDS_PER_SERVICE, BACKENDS_PER_SERVICE);
     println!("resync same: translation and diff only, zero map writes. one endpoint: the writes that change touches.");
     nodeport_bench(runs);
     policy_bench(runs);
