@@ -98,14 +98,23 @@ pub fn lb4_empty(svc: &Lb4Service) -> Result<Verdict, DropReason> {
     }
 }
 
-/// A hash of the flow's 5-tuple (murmur3's finalizer over the mixed words): the same flow gets
-/// the same value on every node, so with the same hashing table it picks the same backend.
+/// A hash of the flow's 5-tuple: MurmurHash3 (x86, 32-bit) over its four words. Each word goes
+/// through the block mix before it is combined, so fields cannot cancel each other out (XORing
+/// address and ports first gave many flows of one client the same hash, and so the same backend).
+/// The same flow gets the same value on every node, so with the same hashing table it picks the
+/// same backend.
 #[inline(always)]
 pub fn flow_hash(p: &Ipv4Packet) -> u32 {
-    let mut h = p.saddr_be
-        ^ p.daddr_be.rotate_left(13)
-        ^ (((p.sport_be as u32) << 16) | p.dport_be as u32).rotate_left(7)
-        ^ (p.proto as u32).wrapping_mul(0x9e37_79b9);
+    #[inline(always)]
+    fn block(h: u32, k: u32) -> u32 {
+        let k = k.wrapping_mul(0xcc9e_2d51).rotate_left(15).wrapping_mul(0x1b87_3593);
+        (h ^ k).rotate_left(13).wrapping_mul(5).wrapping_add(0xe654_6b64)
+    }
+    let mut h = block(0, p.saddr_be);
+    h = block(h, p.daddr_be);
+    h = block(h, ((p.sport_be as u32) << 16) | p.dport_be as u32);
+    h = block(h, p.proto as u32);
+    h ^= 16;
     h ^= h >> 16;
     h = h.wrapping_mul(0x85eb_ca6b);
     h ^= h >> 13;
