@@ -181,6 +181,14 @@ pub async fn run(mut cfg: RunConfig) -> anyhow::Result<()> {
             "maps restored from a previous run (nothing is flushed; the first sync writes only differences)"
         );
     }
+    let unused = loader::unused_pins(&cfg.pin_dir);
+    if !unused.is_empty() {
+        warn!(
+            pin_dir = %cfg.pin_dir.display(),
+            maps = %unused.join(","),
+            "pinned maps this version does not use (an older layout); they hold memory until removed (rm them once no older agent runs)"
+        );
+    }
     let mut rec = Reconciler::restore(applied);
     rec.algorithm = cfg.algorithm;
     let mut pol = PolicyState::restore(&maps);

@@ -93,6 +93,15 @@ fn is_bpffs(path: &Path) -> bool {
     unsafe { libc::statfs(c.as_ptr(), &mut st) == 0 && st.f_type as i64 == BPF_FS_MAGIC }
 }
 
+/// Pins under `dir` that this build does not use: maps of an older layout (renamed when their
+/// layout changed, such as `ct4_v1` after `ct4_v2` replaced it). They hold memory until removed.
+pub fn unused_pins(dir: &Path) -> Vec<String> {
+    let Ok(rd) = std::fs::read_dir(dir) else { return Vec::new() };
+    let mut out: Vec<String> = rd.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).filter(|n| !names::ALL.contains(&n.as_str())).collect();
+    out.sort();
+    out
+}
+
 /// Loads the object. With `pin_dir`, every map is pinned there by name and an existing pin is
 /// re-used (after a layout check); without, all maps are private to this process (trace, tests).
 pub fn load(pin_dir: Option<&Path>) -> Result<Ebpf, LoadError> {
