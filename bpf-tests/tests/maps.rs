@@ -239,3 +239,20 @@ fn a_backend_left_in_two_slots_by_a_crash_is_served_once_after_a_restart() {
     assert_eq!(n.len(), 3, "{n:?}");
     assert!(n.values().all(|c| (800..1200).contains(c)), "{n:?}");
 }
+
+#[test]
+fn pinned_maps_of_an_older_layout_are_named_as_unused() {
+    let dir = pin_dir();
+    let (_ebpf, _maps) = load_pinned(&dir.path);
+    assert!(loader::unused_pins(&dir.path).is_empty(), "{:?}", loader::unused_pins(&dir.path));
+    // What an agent of the previous layout left: its conntrack map under its old name.
+    let old = dir.path.join("ct4_v1");
+    let st = Command::new("bpftool")
+        .args(["map", "create"])
+        .arg(&old)
+        .args(["type", "lru_hash", "key", "16", "value", "40", "entries", "16", "name", "ct4_v1"])
+        .status()
+        .unwrap();
+    assert!(st.success());
+    assert_eq!(loader::unused_pins(&dir.path), vec!["ct4_v1".to_string()]);
+}
