@@ -129,7 +129,7 @@ fn tcp_goes_through_syn_established_and_close_with_netfilter_timeouts() {
 }
 
 #[test]
-fn udp_is_unreplied_then_a_stream_with_the_configured_timeouts() {
+fn udp_is_unreplied_then_replied_then_a_stream_with_the_configured_timeouts() {
     let mut dp = Datapath::new();
     dp.apply_yaml(&web(&[BACKEND]));
     // The node's kube-proxy-named settings reach the datapath through its config.
@@ -143,6 +143,15 @@ fn udp_is_unreplied_then_a_stream_with_the_configured_timeouts() {
     assert_pair(&pair(&dp, client()), false, 0, 45);
     let reply = dp.to_pod(&udp(be, client(), b"a"));
     assert_eq!(tuple(&reply.data).src, ip(SVC));
+    // A query and its answer: replied, but not yet a stream (netfilter's rule), so it stays in
+    // the LRU map with the short timeout, evictable like any new flow (DNS churn never fills the
+    // assured map).
+    assert_pair(&pair(&dp, client()), false, CT_S_SEEN_REPLY, 45);
+    // Still talking two seconds after it began: a stream, assured, with the stream timeout.
+    let rows = pair(&dp, client());
+    let started = monotonic_ns() - 3_000_000_000;
+    edit(&mut dp, &rows, |e| e.created_ns = started);
+    assert_eq!(backend_of(&dp.from_pod(&udp(client(), svc(53), b"q2"))), be);
     assert_pair(&pair(&dp, client()), true, CT_S_SEEN_REPLY | CT_S_ESTABLISHED, 300);
 }
 

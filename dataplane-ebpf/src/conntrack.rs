@@ -141,7 +141,7 @@ pub fn timeout_ns(proto: u8, state: u32) -> u64 {
         } else {
             ct_timeout::TCP_SYN
         }
-    } else if state & CT_S_SEEN_REPLY != 0 {
+    } else if state & CT_S_ESTABLISHED != 0 {
         ct_timeout::UDP_STREAM
     } else {
         ct_timeout::UDP
@@ -169,7 +169,7 @@ fn default_timeout_s(idx: usize) -> u32 {
 
 /// The lifecycle bits after packet `p` went through entry `e`.
 #[inline(always)]
-fn next_state(e: &Ct4Entry, p: &Ipv4Packet) -> u32 {
+fn next_state(e: &Ct4Entry, p: &Ipv4Packet, now: u64) -> u32 {
     let reply = e.flags & CT_F_REPLY != 0;
     let mut st = e.state;
     if reply {
@@ -186,11 +186,17 @@ fn next_state(e: &Ct4Entry, p: &Ipv4Packet) -> u32 {
         if !reply && st & CT_S_SEEN_REPLY != 0 && p.tcp_flags & TCP_ACK != 0 {
             st |= CT_S_ESTABLISHED;
         }
-    } else if st & CT_S_SEEN_REPLY != 0 {
+    } else if st & CT_S_SEEN_REPLY != 0 && now.saturating_sub(e.created_ns) >= STREAM_AFTER_NS {
+        // netfilter's rule for UDP: a stream (and assured) only when still active a while after
+        // it began with a reply seen. A DNS query and its answer is not, and stays evictable.
         st |= CT_S_ESTABLISHED;
     }
     st
 }
+
+/// A replied UDP (SCTP, other) flow becomes a stream when a packet comes this long after its
+/// first (netfilter's UDP rule).
+const STREAM_AFTER_NS: u64 = 2 * SECOND;
 
 /// Applies packet `p` to its connection (found at `key` through `hit`): lifecycle bits, expiry
 /// (refreshed at most once a second, and on every change, in both entries), and the move between
@@ -205,10 +211,12 @@ pub fn track(hit: &mut Hit, key: &mut Ct4Key, p: &mut Ipv4Packet, out: &mut Ct4E
     let now = now();
     // SAFETY: pointer from a successful lookup; copied (into the caller's scratch) before use.
     *out = unsafe { *hit.ptr };
-    let st = next_state(out, p);
+    let st = next_state(out, p, now);
     let want_assured = st & CT_S_ESTABLISHED != 0 && !(p.proto == IPPROTO_TCP && is_closed(st));
     let moving = want_assured != hit.assured;
-    if st == out.state && !moving && now.saturating_sub(out.last_seen_ns) < SECOND {
+    // Writes (and a move between the maps) happen on a state change, else at most once a second:
+    // a connection that could not move (the assured map full) retries at that pace, not per packet.
+    if st == out.state && now.saturating_sub(out.last_seen_ns) < SECOND {
         return;
     }
     out.state = st;

@@ -205,6 +205,8 @@ pub fn state_name(e: &Ct4Entry, proto: u8) -> &'static str {
         } else {
             "syn_sent"
         }
+    } else if s & CT_S_ESTABLISHED != 0 {
+        "stream"
     } else if s & CT_S_SEEN_REPLY != 0 {
         "replied"
     } else {
