@@ -39,8 +39,18 @@ pub const CLOSED_PORT: u16 = 9009;
 pub const LB_PREFIX: &str = "172.20.1.0/24";
 pub const EXTERNAL_IP_PREFIX: &str = "172.20.2.0/24";
 
+/// Where [`use_bin_dir`] points the lab's binaries, when it was called.
+static BIN_DIR: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+
+/// Makes the lab start its agents, echo and load tools from `dir` instead of `target/debug`: the
+/// bench runs them from its own (release) build directory, so every binary it times is of one
+/// profile. Call it before the first lab; the first call wins.
+pub fn use_bin_dir(dir: PathBuf) {
+    let _ = BIN_DIR.set(dir);
+}
+
 fn target_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/debug")
+    BIN_DIR.get().cloned().unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/debug"))
 }
 
 pub fn agent_bin() -> PathBuf {
