@@ -463,6 +463,22 @@ impl Cluster {
         }
     }
 
+    /// Another `ferry-load serve` in pod `pod`, named like the pod, on the given TCP ports (a
+    /// destination of its own, e.g. for a bench's connections); stopped with the pods' servers.
+    /// Returns once every port listens.
+    pub fn add_load_server(&mut self, pod: &str, tcp_ports: &[u16]) {
+        let mut args = vec![load_bin().to_str().unwrap().to_string(), "serve".into(), "--name".into(), pod.into()];
+        for p in tcp_ports {
+            args.extend(["--tcp".into(), p.to_string()]);
+        }
+        let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+        let child = self.pod(pod).ns.cmd(&refs).stdout(Stdio::null()).stderr(Stdio::null()).spawn().expect("start ferry-load");
+        self.echo.push(Proc { child, what: format!("ferry-load {tcp_ports:?} in {pod}") });
+        for p in tcp_ports {
+            wait_listening(&self.pod(pod).ns, *p, pod);
+        }
+    }
+
     pub fn pod_ip(&self, name: &str) -> Ipv4Addr {
         self.pod(name).ip
     }
