@@ -424,19 +424,35 @@ fn paired<T>(rounds: usize, ferry: TPath, base: TPath, mut f: impl FnMut(TPath) 
     (a, b)
 }
 
-fn bulk_row(what: &str, v: &[BulkSample]) {
-    let m = |f: &dyn Fn(&BulkSample) -> f64| median_f(v.iter().map(f).collect());
-    let (up, down) = (m(&|s| s.up_gbps), m(&|s| s.down_gbps));
-    let cpu = m(&|s| s.cpu.busy / (s.bytes as f64 / 1e9));
-    let si = m(&|s| s.cpu.softirq / (s.bytes as f64 / 1e9));
-    println!("{what:<58} | {up:>9.2} | {down:>11.2} | {cpu:>9.3} | {si:>12.3}");
+/// Against the baseline run of the same round: the median over rounds of `f(run) / f(base) - 1`,
+/// as a percentage (a slow minute of the machine falls on both runs of a round, so this is
+/// steadier than comparing the medians); empty for a row without paired baseline runs.
+fn vs_base<T>(v: &[T], base: Option<&[T]>, f: impl Fn(&T) -> f64) -> String {
+    match base {
+        Some(b) => format!("{:+.0}%", 100.0 * median_f(v.iter().zip(b).map(|(r, b)| f(r) / f(b) - 1.0).collect())),
+        None => String::new(),
+    }
 }
 
-fn churn_row(what: &str, v: &[ChurnSample]) {
+fn bulk_row(what: &str, v: &[BulkSample], base: Option<&[BulkSample]>) {
+    let m = |f: &dyn Fn(&BulkSample) -> f64| median_f(v.iter().map(f).collect());
+    let cpu_per_gb = |s: &BulkSample| s.cpu.busy / (s.bytes as f64 / 1e9);
+    let (up, down) = (m(&|s| s.up_gbps), m(&|s| s.down_gbps));
+    let (cpu, si) = (m(&cpu_per_gb), m(&|s| s.cpu.softirq / (s.bytes as f64 / 1e9)));
+    let d_gbps = vs_base(v, base, |s| s.up_gbps + s.down_gbps);
+    let d_cpu = vs_base(v, base, cpu_per_gb);
+    let line = format!("{what:<58} | {up:>9.2} | {down:>11.2} | {cpu:>8.3} | {si:>12.3} | {d_gbps:>8} | {d_cpu:>8}");
+    println!("{}", line.trim_end_matches([' ', '|']));
+}
+
+fn churn_row(what: &str, v: &[ChurnSample], base: Option<&[ChurnSample]>) {
+    let cpu_per_conn = |s: &ChurnSample| s.cpu.busy * 1e6 / s.ok as f64;
     let rate = median_f(v.iter().map(|s| s.rate).collect());
-    let us = median_f(v.iter().map(|s| s.cpu.busy * 1e6 / s.ok as f64).collect());
+    let us = median_f(v.iter().map(cpu_per_conn).collect());
     let failed: usize = v.iter().map(|s| s.failed).sum();
-    println!("{what:<58} | {rate:>8.0} | {us:>11.0} | {failed:>6}");
+    let (d_rate, d_cpu) = (vs_base(v, base, |s| s.rate), vs_base(v, base, cpu_per_conn));
+    let line = format!("{what:<58} | {rate:>8.0} | {us:>11.0} | {failed:>6} | {d_rate:>8} | {d_cpu:>8}");
+    println!("{}", line.trim_end_matches([' ', '|']));
     for f in v.iter().flat_map(|s| &s.failures) {
         println!("{:<58} |   {f}", "");
     }
@@ -513,29 +529,37 @@ fn throughput_bench() {
 
     let mib = BULK_BYTES >> 20;
     println!("\nBulk TCP through the namespace lab: {mib} MiB up, then {mib} MiB down, one connection (median of {BULK_ROUNDS}; each Ferry row alternates with its baseline):");
-    println!("{:<58} | {:>9} | {:>11} | {:>9} | {:>12}", "path (server: pod on node2)", "up Gbit/s", "down Gbit/s", "CPU s/GB", "softirq s/GB");
-    println!("{}", "-".repeat(112));
-    bulk_row("NodePort eTP=Cluster, outside -> node1:30100 (DNAT+SNAT)", &np_bulk);
-    bulk_row("  baseline: outside -> pod IP, routed, not translated", &np_base_bulk);
-    bulk_row("  no Ferry: the same, before the agents start", &bare_np);
-    bulk_row("ClusterIP, pod on node1 -> 10.96.1.10:80 (DNAT)", &cip_bulk);
-    bulk_row("  baseline: pod on node1 -> pod IP, not translated", &cip_base_bulk);
-    bulk_row("  no Ferry: the same, before the agents start", &bare_cip);
+    println!(
+        "{:<58} | {:>9} | {:>11} | {:>8} | {:>12} | {:>8} | {:>8}",
+        "path (server: pod on node2)", "up Gbit/s", "down Gbit/s", "CPU s/GB", "softirq s/GB", "Δ Gbit/s", "Δ CPU/GB"
+    );
+    println!("{}", "-".repeat(134));
+    bulk_row("NodePort eTP=Cluster, outside -> node1:30100 (DNAT+SNAT)", &np_bulk, Some(&np_base_bulk));
+    bulk_row("  baseline: outside -> pod IP, routed, not translated", &np_base_bulk, None);
+    bulk_row("  no Ferry: the same, before the agents start", &bare_np, None);
+    bulk_row("ClusterIP, pod on node1 -> 10.96.1.10:80 (DNAT)", &cip_bulk, Some(&cip_base_bulk));
+    bulk_row("  baseline: pod on node1 -> pod IP, not translated", &cip_base_bulk, None);
+    bulk_row("  no Ferry: the same, before the agents start", &bare_cip, None);
     println!("Gbit/s: payload over the client's time for each direction (up ends when the server has read it all; RAW: counted, not checked).");
     println!("CPU s/GB: the whole machine's user+nice+system+irq+softirq seconds from /proc/stat (both cores, every process: client, server,");
     println!("both nodes' softirq, the agents, and anything else running) over the run, per 10^9 payload bytes (up + down); softirq: that column.");
     println!("Baselines cross the same namespaces and veths with Ferry's programs attached (they look, match no Service, translate nothing).");
+    println!("Δ: against the baseline run of the same round (median over rounds of Ferry/baseline - 1; Gbit/s: up + down).");
     println!("No Ferry: measured first, in the same lab before the agents start, so not alternated with the others: noisier.");
 
     println!("\nShort connections from outside: connect, one ECHO, close (client first), {CHURN_COUNT} a run, 8 at a time (median of {CHURN_ROUNDS}):");
-    println!("{:<58} | {:>8} | {:>11} | {:>6}", "path (server: pod on node2)", "conn/s", "CPU µs/conn", "failed");
-    println!("{}", "-".repeat(94));
-    churn_row("NodePort eTP=Cluster (DNAT+SNAT), SNAT ports 61000-65535", &np_churn);
-    churn_row("  baseline: outside -> pod IP, routed, not translated", &np_base_churn);
-    churn_row("  no Ferry: the same, before the agents start", &bare_churn);
-    churn_row(&format!("NodePort :30101 as above, node1 --snat-ports {WIDE_SNAT_PORTS}"), &wide_churn);
-    churn_row("  baseline: outside -> pod IP, routed, not translated", &wide_base_churn);
-    println!("conn/s: connections completed over the run's time; CPU µs/conn: machine CPU as above per completed connection; failed: all runs.");
+    println!(
+        "{:<58} | {:>8} | {:>11} | {:>6} | {:>8} | {:>8}",
+        "path (server: pod on node2)", "conn/s", "CPU µs/conn", "failed", "Δ conn/s", "Δ CPU"
+    );
+    println!("{}", "-".repeat(116));
+    churn_row("NodePort eTP=Cluster (DNAT+SNAT), SNAT ports 61000-65535", &np_churn, Some(&np_base_churn));
+    churn_row("  baseline: outside -> pod IP, routed, not translated", &np_base_churn, None);
+    churn_row("  no Ferry: the same, before the agents start", &bare_churn, None);
+    churn_row(&format!("NodePort :30101 as above, node1 --snat-ports {WIDE_SNAT_PORTS}"), &wide_churn, Some(&wide_base_churn));
+    churn_row("  baseline: outside -> pod IP, routed, not translated", &wide_base_churn, None);
+    println!("conn/s: connections completed over the run's time; CPU µs/conn: machine CPU as above per completed connection; failed: all runs;");
+    println!("Δ: against the baseline run of the same round, as above.");
     println!("A closed connection's SNAT port is taken again only 2 s after its close (PORT_REUSE_AFTER_NS): the default range's 4 536 ports");
     println!("sustain about 2 300 new connections a second to one backend; past that a SYN may find no port in 16 tries (drop nat_ports) and");
     println!("the client sends it again after 1 s. The wider range shows the same path without that limit (node1's agent restarted with it).");
