@@ -429,7 +429,15 @@ fn paired<T>(rounds: usize, ferry: TPath, base: TPath, mut f: impl FnMut(TPath) 
 /// steadier than comparing the medians); empty for a row without paired baseline runs.
 fn vs_base<T>(v: &[T], base: Option<&[T]>, f: impl Fn(&T) -> f64) -> String {
     match base {
-        Some(b) => format!("{:+.0}%", 100.0 * median_f(v.iter().zip(b).map(|(r, b)| f(r) / f(b) - 1.0).collect())),
+        Some(b) => {
+            let pct = 100.0 * median_f(v.iter().zip(b).map(|(r, b)| f(r) / f(b) - 1.0).collect());
+            // No "-0%": under half a percent is no difference at this precision.
+            if pct.abs() < 0.5 {
+                "0%".into()
+            } else {
+                format!("{pct:+.0}%")
+            }
+        }
         None => String::new(),
     }
 }
