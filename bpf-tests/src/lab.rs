@@ -39,8 +39,18 @@ pub const CLOSED_PORT: u16 = 9009;
 pub const LB_PREFIX: &str = "172.20.1.0/24";
 pub const EXTERNAL_IP_PREFIX: &str = "172.20.2.0/24";
 
+/// Where [`use_bin_dir`] points the lab's binaries, when it was called.
+static BIN_DIR: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+
+/// Makes the lab start its agents, echo and load tools from `dir` instead of `target/debug`: the
+/// bench runs them from its own (release) build directory, so every binary it times is of one
+/// profile. Call it before the first lab; the first call wins.
+pub fn use_bin_dir(dir: PathBuf) {
+    let _ = BIN_DIR.set(dir);
+}
+
 fn target_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/debug")
+    BIN_DIR.get().cloned().unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/debug"))
 }
 
 pub fn agent_bin() -> PathBuf {
@@ -450,6 +460,22 @@ impl Cluster {
         while !self.pod(name).ns.cmd(&["ss", "-Hltn", &format!("sport = :{ECHO_TCP_PORT}")]).output().is_ok_and(|o| !o.stdout.is_empty()) {
             assert!(Instant::now() < deadline, "echo server in {name} did not start");
             std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Another `ferry-load serve` in pod `pod`, named like the pod, on the given TCP ports (a
+    /// destination of its own, e.g. for a bench's connections); stopped with the pods' servers.
+    /// Returns once every port listens.
+    pub fn add_load_server(&mut self, pod: &str, tcp_ports: &[u16]) {
+        let mut args = vec![load_bin().to_str().unwrap().to_string(), "serve".into(), "--name".into(), pod.into()];
+        for p in tcp_ports {
+            args.extend(["--tcp".into(), p.to_string()]);
+        }
+        let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+        let child = self.pod(pod).ns.cmd(&refs).stdout(Stdio::null()).stderr(Stdio::null()).spawn().expect("start ferry-load");
+        self.echo.push(Proc { child, what: format!("ferry-load {tcp_ports:?} in {pod}") });
+        for p in tcp_ports {
+            wait_listening(&self.pod(pod).ns, *p, pod);
         }
     }
 

@@ -42,7 +42,7 @@ fn main() -> ExitCode {
         Some("bench") => bench(&args[1..]),
         _ => {
             eprintln!(
-                "usage: cargo xtask <command>\n\n  setup       install the toolchain (root; idempotent) and mount bpffs\n  build-ebpf  build the kernel programs (release, BTF)\n  test        set up, build, and run every test: unit, bpf-tests, end-to-end, scenario files\n  lab         build a two-node cluster in network namespaces and show Ferry balancing it\n  bench       ns per packet and sync times beside a baseline measured in the same run"
+                "usage: cargo xtask <command>\n\n  setup       install the toolchain (root; idempotent) and mount bpffs\n  build-ebpf  build the kernel programs (release, BTF)\n  test        set up, build, and run every test: unit, bpf-tests, end-to-end, scenario files\n  lab         build a two-node cluster in network namespaces and show Ferry balancing it\n  bench       ns per packet, sync times, and throughput through the namespace lab, each beside a baseline measured in the same run\n              (--no-throughput: without the lab; --throughput-only: the lab alone)"
             );
             return ExitCode::from(2);
         }
@@ -256,6 +256,8 @@ fn lab(args: &[String]) -> Result<()> {
 fn bench(args: &[String]) -> Result<()> {
     setup()?;
     build_ebpf()?;
-    run(cargo().args(["build", "--release", "-p", "bpf-tests", "--bin", "bench"]))?;
+    // The bench and everything its throughput part runs in the lab (agents, ferry-load,
+    // ferry-echo) in release: the lab takes them from the bench's own directory.
+    run(cargo().args(["build", "--release", "-p", "bpf-tests", "-p", "dataplane-agent", "--bins"]))?;
     run(Command::new(root().join("target/release/bench")).args(args))
 }

@@ -8,7 +8,17 @@
 //! Control plane: time to sync N Services through the real reconciler into the real maps, a
 //! resync with nothing changed, and one endpoint changing, beside the floor of writing the same
 //! number of entries with bare map updates.
-use std::{net::Ipv4Addr, time::Instant};
+//! Throughput: real kernel TCP through the namespace lab (`lab::Cluster`, one real agent per
+//! node, the binaries of this build's profile): bulk transfers through a source-translated
+//! NodePort and a ClusterIP, and short connections through the NodePort, each beside the same
+//! traffic sent to the pod's own address (nothing translated) in the same lab, alternating, and
+//! beside the lab before its agents start (no Ferry at all). Gbit/s, and the whole machine's CPU
+//! time (/proc/stat) per GB or per connection. Arguments: `[RUNS] [--no-throughput |
+//! --throughput-only] [--verbose]` (verbose: every throughput run's figures on stderr).
+use std::{
+    net::Ipv4Addr,
+    time::{Duration, Instant},
+};
 
 use aya::{
     programs::{SchedClassifier, TestRun, TestRunOptions, Xdp},
@@ -22,6 +32,7 @@ use dataplane_agent::{
     packet::{ip, tcp},
     reconcile::{Algorithm, Reconciler},
 };
+use bpf_tests::lab::{At, Cluster};
 use dataplane_common::{progs, Lb4SlotKey};
 
 const BACKENDS_PER_SERVICE: u32 = 2;
@@ -166,7 +177,14 @@ fn median(mut v: Vec<u64>) -> u64 {
 }
 
 fn main() {
-    let runs: usize = std::env::args().nth(1).and_then(|s| s.parse().ok()).unwrap_or(20_000);
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let runs: usize = args.iter().find_map(|s| s.parse().ok()).unwrap_or(20_000);
+    VERBOSE.store(args.iter().any(|a| a == "--verbose"), std::sync::atomic::Ordering::Relaxed);
+    // `--throughput-only` skips the per-packet and sync sections; `--no-throughput` the lab.
+    if args.iter().any(|a| a == "--throughput-only") {
+        throughput_bench();
+        return;
+    }
     println!("Ferry bench: median of {runs} single BPF_PROG_TEST_RUN runs per figure (kernel-measured ns)\n");
     println!("{:>9} {:>7} | {:>12} | {:>10} | {:>14} | {:>14} | {:>11} | {:>15} | {:>14}", "services", "select", "empty prog", "ct hit", "new conn", "full sync", "resync same", "one endpoint", "bare writes");
     println!("{}", "-".repeat(126));
@@ -236,4 +254,327 @@ fn main() {
     println!("resync same: translation and diff only, zero map writes. one endpoint: the writes that change touches.");
     nodeport_bench(runs);
     policy_bench(runs);
+    if !args.iter().any(|a| a == "--no-throughput") {
+        throughput_bench();
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Throughput: real kernel TCP through the namespace lab (issue 9)
+
+/// Bytes each way per bulk connection (upload, then download): about 2 s a run here.
+const BULK_BYTES: u64 = 2 << 30;
+/// Runs per figure, bulk and churn: each round runs the translated path and its baseline back to
+/// back, in alternating order (ABBA), so drift and neighbours' load fall on both; a figure is the
+/// median. Churn through the default SNAT range takes about 5 s a run, hence fewer.
+const BULK_ROUNDS: usize = 5;
+const CHURN_ROUNDS: usize = 3;
+/// Short connections per churn run, 8 at a time; a run also stops at its deadline. More than the
+/// default SNAT range's 4 536 ports, so the NodePort row shows the sustained rate, not a burst.
+/// Every destination gets at most 3 runs: each connection leaves a TIME_WAIT socket in the
+/// client's namespace for 60 s, and past about 30 000 to one destination the client's connect()
+/// slows down by itself (its search for a free port), which would be measured instead.
+const CHURN_COUNT: usize = 8_000;
+const CHURN_CONCURRENCY: &str = "8";
+const CHURN_DEADLINE_S: &str = "15";
+/// The wider SNAT range of the second NodePort churn row (outside node1's ip_local_port_range,
+/// as the README advises).
+const WIDE_SNAT_PORTS: &str = "1024-32767";
+/// Two more server ports in the backend pod: the destinations of the wide-range churn rows and
+/// of the churn without Ferry (see CHURN_COUNT).
+const WIDE_PORT: u16 = 9100;
+const BARE_PORT: u16 = 9101;
+
+static INTERRUPTED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+/// `--verbose`: every run's figures as it ends (to see the spread behind a median).
+static VERBOSE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+fn verbose() -> bool {
+    VERBOSE.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+extern "C" fn on_signal(_: libc::c_int) {
+    INTERRUPTED.store(true, std::sync::atomic::Ordering::SeqCst);
+}
+
+/// Between runs: a Ctrl-C unwinds, so the lab's guards remove every namespace, pin and process.
+fn checkpoint() {
+    if INTERRUPTED.load(std::sync::atomic::Ordering::SeqCst) {
+        panic!("interrupted: tearing the lab down");
+    }
+}
+
+/// The whole machine's CPU time so far, from the `cpu` line of /proc/stat, in seconds: `busy` is
+/// user + nice + system + irq + softirq (guest time is inside user), `softirq` that column alone.
+/// Every core and every process counts, not only the bench's. With tick accounting (this kernel
+/// has no IRQ_TIME_ACCOUNTING) a tick that lands in softirq counts as softirq whether it ran in
+/// a process's context, in ksoftirqd or on an idle core: the column holds all of it.
+#[derive(Clone, Copy, Default)]
+struct CpuTimes {
+    busy: f64,
+    softirq: f64,
+}
+
+impl CpuTimes {
+    fn now() -> Self {
+        let stat = std::fs::read_to_string("/proc/stat").expect("/proc/stat");
+        let v: Vec<f64> = stat.lines().next().unwrap().split_whitespace().skip(1).map(|x| x.parse().unwrap()).collect();
+        let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+        // user nice system idle iowait irq softirq steal ...
+        CpuTimes { busy: (v[0] + v[1] + v[2] + v[5] + v[6]) / hz, softirq: v[6] / hz }
+    }
+
+    fn since(self, before: CpuTimes) -> CpuTimes {
+        CpuTimes { busy: self.busy - before.busy, softirq: self.softirq - before.softirq }
+    }
+
+    /// How busy the machine is with the bench idle, in percent of all its cores, over one
+    /// second: what other work adds to the CPU figures.
+    fn background_percent() -> f64 {
+        let before = CpuTimes::now();
+        std::thread::sleep(Duration::from_secs(1));
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        CpuTimes::now().since(before).busy * 100.0 / cores as f64
+    }
+}
+
+/// One measured path: where the client runs, where it connects.
+#[derive(Clone, Copy)]
+struct TPath<'a> {
+    at: At<'static>,
+    addr: &'a str,
+}
+
+/// One bulk run: Gbit/s each way, machine CPU over it, bytes moved.
+#[derive(Clone, Copy)]
+struct BulkSample {
+    up_gbps: f64,
+    down_gbps: f64,
+    cpu: CpuTimes,
+    bytes: u64,
+}
+
+/// A `key=value` field of a ferry-load bulk line.
+fn field<'a>(line: &'a str, key: &str) -> &'a str {
+    line.split_whitespace().find_map(|w| w.strip_prefix(key).and_then(|r| r.strip_prefix('='))).unwrap_or("")
+}
+
+fn bulk_once(c: &Cluster, p: TPath, bytes: u64) -> BulkSample {
+    checkpoint();
+    let n = bytes.to_string();
+    let before = CpuTimes::now();
+    let lines = c.load(p.at, &["bulk", p.addr, "--up", &n, "--down", &n, "--unverified", "--stall-s", "5", "--deadline-s", "30"]);
+    let cpu = CpuTimes::now().since(before);
+    let line = lines.iter().find(|l| l.starts_with("bulk ")).cloned().unwrap_or_default();
+    assert_eq!(field(&line, "result"), "ok", "bulk from {:?} to {} failed: {lines:?}", p.at, p.addr);
+    let num = |k: &str| field(&line, k).parse::<f64>().unwrap_or(0.0);
+    if verbose() {
+        eprintln!("bulk {:?} -> {}: {line} machine_cpu_s={:.2} softirq_s={:.2}", p.at, p.addr, cpu.busy, cpu.softirq);
+    }
+    BulkSample { up_gbps: num("up_gbps"), down_gbps: num("down_gbps"), cpu, bytes: 2 * bytes }
+}
+
+/// One churn run: completed connections per second, machine CPU over it, the tally and the
+/// client's `failure KIND COUNT` lines.
+struct ChurnSample {
+    rate: f64,
+    cpu: CpuTimes,
+    ok: usize,
+    failed: usize,
+    failures: Vec<String>,
+}
+
+fn churn_once(c: &Cluster, p: TPath) -> ChurnSample {
+    checkpoint();
+    let count = CHURN_COUNT.to_string();
+    let args = ["churn", p.addr, "--count", &count, "--concurrency", CHURN_CONCURRENCY, "--timeout-ms", "2000", "--deadline-s", CHURN_DEADLINE_S, "--max-failures", "100"];
+    let before = CpuTimes::now();
+    let lines = c.load(p.at, &args);
+    let cpu = CpuTimes::now().since(before);
+    let elapsed: f64 = lines.iter().find_map(|l| l.strip_prefix("elapsed_s ")).and_then(|r| r.split_whitespace().next()).and_then(|s| s.parse().ok()).unwrap_or(0.0);
+    let last: Vec<&str> = lines.last().map(String::as_str).unwrap_or("").split([' ', ',']).filter(|w| !w.is_empty()).collect();
+    let (ok, failed) = match last.as_slice() {
+        [ok, "ok", failed, "failed"] => (ok.parse().unwrap_or(0), failed.parse().unwrap_or(usize::MAX)),
+        _ => panic!("churn from {:?} to {}: no tally: {lines:?}", p.at, p.addr),
+    };
+    assert!(ok > 0 && elapsed > 0.0, "churn from {:?} to {} made no connection: {lines:?}", p.at, p.addr);
+    if verbose() {
+        eprintln!("churn {:?} -> {}: {} machine_cpu_s={:.2} softirq_s={:.2}", p.at, p.addr, lines.join(" | "), cpu.busy, cpu.softirq);
+    }
+    let failures = lines.iter().filter(|l| l.starts_with("failure ") || l.starts_with("not-attempted ")).cloned().collect();
+    ChurnSample { rate: ok as f64 / elapsed, cpu, ok, failed, failures }
+}
+
+fn median_f(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+/// Runs `f` on `ferry` and on `base`, `rounds` times each, alternating which goes first.
+fn paired<T>(rounds: usize, ferry: TPath, base: TPath, mut f: impl FnMut(TPath) -> T) -> (Vec<T>, Vec<T>) {
+    let (mut a, mut b) = (Vec::new(), Vec::new());
+    for r in 0..rounds {
+        if r % 2 == 0 {
+            a.push(f(ferry));
+            b.push(f(base));
+        } else {
+            b.push(f(base));
+            a.push(f(ferry));
+        }
+    }
+    (a, b)
+}
+
+/// Against the baseline run of the same round: the median over rounds of `f(run) / f(base) - 1`,
+/// as a percentage (a slow minute of the machine falls on both runs of a round, so this is
+/// steadier than comparing the medians); empty for a row without paired baseline runs.
+fn vs_base<T>(v: &[T], base: Option<&[T]>, f: impl Fn(&T) -> f64) -> String {
+    match base {
+        Some(b) => {
+            let pct = 100.0 * median_f(v.iter().zip(b).map(|(r, b)| f(r) / f(b) - 1.0).collect());
+            // No "-0%": under half a percent is no difference at this precision.
+            if pct.abs() < 0.5 {
+                "0%".into()
+            } else {
+                format!("{pct:+.0}%")
+            }
+        }
+        None => String::new(),
+    }
+}
+
+fn bulk_row(what: &str, v: &[BulkSample], base: Option<&[BulkSample]>) {
+    let m = |f: &dyn Fn(&BulkSample) -> f64| median_f(v.iter().map(f).collect());
+    let cpu_per_gb = |s: &BulkSample| s.cpu.busy / (s.bytes as f64 / 1e9);
+    let (up, down) = (m(&|s| s.up_gbps), m(&|s| s.down_gbps));
+    let (cpu, si) = (m(&cpu_per_gb), m(&|s| s.cpu.softirq / (s.bytes as f64 / 1e9)));
+    let d_gbps = vs_base(v, base, |s| s.up_gbps + s.down_gbps);
+    let d_cpu = vs_base(v, base, cpu_per_gb);
+    let line = format!("{what:<58} | {up:>9.2} | {down:>11.2} | {cpu:>8.3} | {si:>12.3} | {d_gbps:>8} | {d_cpu:>8}");
+    println!("{}", line.trim_end_matches([' ', '|']));
+}
+
+fn churn_row(what: &str, v: &[ChurnSample], base: Option<&[ChurnSample]>) {
+    let cpu_per_conn = |s: &ChurnSample| s.cpu.busy * 1e6 / s.ok as f64;
+    let rate = median_f(v.iter().map(|s| s.rate).collect());
+    let us = median_f(v.iter().map(cpu_per_conn).collect());
+    let failed: usize = v.iter().map(|s| s.failed).sum();
+    let (d_rate, d_cpu) = (vs_base(v, base, |s| s.rate), vs_base(v, base, cpu_per_conn));
+    let line = format!("{what:<58} | {rate:>8.0} | {us:>11.0} | {failed:>6} | {d_rate:>8} | {d_cpu:>8}");
+    println!("{}", line.trim_end_matches([' ', '|']));
+    for f in v.iter().flat_map(|s| &s.failures) {
+        println!("{:<58} |   {f}", "");
+    }
+}
+
+/// Bulk TCP and short connections through the namespace lab (`lab::Cluster` with the soak
+/// suite's options: offloads on, `ferry-load` servers in every pod), each Ferry path beside the
+/// same traffic that Ferry does not translate, in the same lab, alternating.
+fn throughput_bench() {
+    use bpf_tests::lab::{self, LabOptions, Svc, SvcPort, TempDir, LOAD_TCP_PORT};
+    unsafe {
+        libc::signal(libc::SIGINT, on_signal as *const () as libc::sighandler_t);
+        libc::signal(libc::SIGTERM, on_signal as *const () as libc::sighandler_t);
+    }
+    let started = Instant::now();
+    // The agents and tools of this bench's own build (release under `cargo xtask bench`).
+    let bin_dir = std::env::current_exe().unwrap().parent().unwrap().to_path_buf();
+    for b in ["dataplane-agent", "ferry-load", "ferry-echo"] {
+        assert!(bin_dir.join(b).exists(), "{} missing: `cargo xtask bench` builds it", bin_dir.join(b).display());
+    }
+    lab::use_bin_dir(bin_dir.clone());
+    let dir = TempDir::new(&format!("bench-{}", lab::run_id()));
+    let backend = "n2-pod1";
+    let svcs = [
+        Svc::new("bench-nodeport", "NodePort", "10.96.1.11").port(SvcPort::new("TCP", 80, LOAD_TCP_PORT).node_port(30100)).pods(&[backend]),
+        Svc::new("bench-clusterip", "ClusterIP", "10.96.1.10").port(SvcPort::new("TCP", 80, LOAD_TCP_PORT)).pods(&[backend]),
+        // The same NodePort again, to another server port, for the churn rows with node1's wider
+        // SNAT range.
+        Svc::new("bench-nodeport-2", "NodePort", "10.96.1.12").port(SvcPort::new("TCP", 80, WIDE_PORT).node_port(30101)).pods(&[backend]),
+    ];
+    std::fs::write(dir.path.join("bench.yaml"), lab::services_yaml(&svcs)).unwrap();
+    let mut c = Cluster::with_options(&dir.path, LabOptions::soak());
+    c.add_load_server(backend, &[WIDE_PORT, BARE_PORT]);
+    // The client's ephemeral ports (every connection ends in TIME_WAIT there, 60 s) must not be
+    // the limit (see CHURN_COUNT).
+    c.outside.sysctl("net.ipv4.ip_local_port_range=1024 65535");
+    let direct = format!("{}:{LOAD_TCP_PORT}", lab::pod_ip_of(backend));
+    let np = TPath { at: At::Outside, addr: "192.168.77.1:30100" };
+    let np_base = TPath { at: At::Outside, addr: &direct };
+    let cip = TPath { at: At::Pod("n1-pod1"), addr: "10.96.1.10:80" };
+    let cip_base = TPath { at: At::Pod("n1-pod1"), addr: &direct };
+    let np_wide = TPath { at: At::Outside, addr: "192.168.77.1:30101" };
+    let wide_direct = format!("{}:{WIDE_PORT}", lab::pod_ip_of(backend));
+    let np_wide_base = TPath { at: At::Outside, addr: &wide_direct };
+    let bare_direct = format!("{}:{BARE_PORT}", lab::pod_ip_of(backend));
+    let bare_base = TPath { at: At::Outside, addr: &bare_direct };
+
+    let idle_before = CpuTimes::background_percent();
+    // Without Ferry: the same lab before its agents start (no program attached anywhere).
+    bulk_once(&c, np_base, 16 << 20);
+    bulk_once(&c, cip_base, 16 << 20);
+    let bare_np: Vec<_> = (0..BULK_ROUNDS).map(|_| bulk_once(&c, np_base, BULK_BYTES)).collect();
+    let bare_cip: Vec<_> = (0..BULK_ROUNDS).map(|_| bulk_once(&c, cip_base, BULK_BYTES)).collect();
+    let bare_churn: Vec<_> = (0..CHURN_ROUNDS).map(|_| churn_once(&c, bare_base)).collect();
+
+    c.start_agents();
+    // Every path once, small: it works, and ARP and caches are warm before timing.
+    for p in [np, np_base, cip, cip_base] {
+        bulk_once(&c, p, 16 << 20);
+    }
+    let (np_bulk, np_base_bulk) = paired(BULK_ROUNDS, np, np_base, |p| bulk_once(&c, p, BULK_BYTES));
+    let (cip_bulk, cip_base_bulk) = paired(BULK_ROUNDS, cip, cip_base, |p| bulk_once(&c, p, BULK_BYTES));
+    let (np_churn, np_base_churn) = paired(CHURN_ROUNDS, np, np_base, |p| churn_once(&c, p));
+    // node1 again with a wider SNAT range (its maps and conntrack are re-adopted from the pins).
+    c.opts.agent_args = vec!["--snat-ports".into(), WIDE_SNAT_PORTS.into()];
+    c.stop_agent(0);
+    c.start_agent(0);
+    bulk_once(&c, np_wide, 16 << 20);
+    bulk_once(&c, np_wide_base, 16 << 20);
+    let (wide_churn, wide_base_churn) = paired(CHURN_ROUNDS, np_wide, np_wide_base, |p| churn_once(&c, p));
+    let idle_after = CpuTimes::background_percent();
+    let took = started.elapsed();
+    drop(c);
+
+    let mib = BULK_BYTES >> 20;
+    println!("\nBulk TCP through the namespace lab: {mib} MiB up, then {mib} MiB down, one connection (median of {BULK_ROUNDS}; each Ferry row alternates with its baseline):");
+    println!(
+        "{:<58} | {:>9} | {:>11} | {:>8} | {:>12} | {:>8} | {:>8}",
+        "path (server: pod on node2)", "up Gbit/s", "down Gbit/s", "CPU s/GB", "softirq s/GB", "Δ Gbit/s", "Δ CPU/GB"
+    );
+    println!("{}", "-".repeat(134));
+    bulk_row("NodePort eTP=Cluster, outside -> node1:30100 (DNAT+SNAT)", &np_bulk, Some(&np_base_bulk));
+    bulk_row("  baseline: outside -> pod IP, routed, not translated", &np_base_bulk, None);
+    bulk_row("  no Ferry: the same, before the agents start", &bare_np, None);
+    bulk_row("ClusterIP, pod on node1 -> 10.96.1.10:80 (DNAT)", &cip_bulk, Some(&cip_base_bulk));
+    bulk_row("  baseline: pod on node1 -> pod IP, not translated", &cip_base_bulk, None);
+    bulk_row("  no Ferry: the same, before the agents start", &bare_cip, None);
+    println!("Gbit/s: payload over the client's time for each direction (up ends when the server has read it all; RAW: counted, not checked).");
+    println!("CPU s/GB: the whole machine's user+nice+system+irq+softirq seconds from /proc/stat (both cores, every process: client, server,");
+    println!("both nodes' softirq, the agents, and anything else running) over the run, per 10^9 payload bytes (up + down); softirq: that column.");
+    println!("Baselines cross the same namespaces and veths with Ferry's programs attached (they look, match no Service, translate nothing).");
+    println!("Δ: against the baseline run of the same round (median over rounds of Ferry/baseline - 1; Gbit/s: up + down).");
+    println!("No Ferry: measured first, in the same lab before the agents start, so not alternated with the others: noisier.");
+
+    println!("\nShort connections from outside: connect, one ECHO, close (client first), {CHURN_COUNT} a run, 8 at a time (median of {CHURN_ROUNDS}):");
+    println!(
+        "{:<58} | {:>8} | {:>11} | {:>6} | {:>8} | {:>8}",
+        "path (server: pod on node2)", "conn/s", "CPU µs/conn", "failed", "Δ conn/s", "Δ CPU"
+    );
+    println!("{}", "-".repeat(116));
+    churn_row("NodePort eTP=Cluster (DNAT+SNAT), SNAT ports 61000-65535", &np_churn, Some(&np_base_churn));
+    churn_row("  baseline: outside -> pod IP, routed, not translated", &np_base_churn, None);
+    churn_row("  no Ferry: the same, before the agents start", &bare_churn, None);
+    churn_row(&format!("NodePort :30101 as above, node1 --snat-ports {WIDE_SNAT_PORTS}"), &wide_churn, Some(&wide_base_churn));
+    churn_row("  baseline: outside -> pod IP, routed, not translated", &wide_base_churn, None);
+    println!("conn/s: connections completed over the run's time; CPU µs/conn: machine CPU as above per completed connection; failed: all runs;");
+    println!("Δ: against the baseline run of the same round, as above.");
+    println!("A closed connection's SNAT port is taken again only 2 s after its close (PORT_REUSE_AFTER_NS): the default range's 4 536 ports");
+    println!("sustain about 2 300 new connections a second to one backend; past that a SYN may find no port in 16 tries (drop nat_ports) and");
+    println!("the client sends it again after 1 s. The wider range shows the same path without that limit (node1's agent restarted with it).");
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    println!(
+        "Binaries: {} (agents, ferry-load); {took:.0?} in all. With the bench idle the machine was {idle_before:.0}% busy (of {cores} cores) before the runs, {idle_after:.0}% after.",
+        bin_dir.display(),
+    );
 }

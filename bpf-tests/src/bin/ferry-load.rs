@@ -10,13 +10,18 @@
 //!                            `GOT N OK` or `GOT N BAD OFFSET`, then sends DOWN bytes of the down
 //!                            pattern
 //!       WAIT MS           -> says nothing for MS ms, then `NAME PEER` (the server speaks first)
+//!       RAW UP DOWN       -> BULK without the pattern: reads UP bytes and only counts them,
+//!                            answers `GOT N OK`, then sends DOWN bytes of one fixed buffer (for
+//!                            throughput, where generating and checking the pattern would cost
+//!                            more CPU than the network path being measured)
 //!     UDP: every datagram is answered with `NAME PEER REQUEST`.
 //!     SCTP (raw IP protocol 132: this kernel has no SCTP module): a HEARTBEAT chunk to PORT is
 //!       answered with a HEARTBEAT ACK whose info is `NONCE NAME PEER`, CRC32c checked both ways.
 //!
 //! Clients (all print their results on stdout; errors as `ERR <kind>`):
-//!   bulk ADDR --up BYTES --down BYTES [--deadline-s 30] [--stall-s 10] [--bind PORT]
-//!       one connection: upload, then download, both verified. One line of key=value fields:
+//!   bulk ADDR --up BYTES --down BYTES [--deadline-s 30] [--stall-s 10] [--bind PORT] [--unverified]
+//!       one connection: upload, then download, both verified (with --unverified: `RAW`, bytes
+//!       counted, not checked). One line of key=value fields:
 //!       `bulk up=BYTES/WANTED up_s= up_gbps= down=BYTES/WANTED down_s= down_gbps= cpu_s= result=`
 //!       (`result=ok` or the first failure). cpu_s is this process's user+system time
 //!       (getrusage), so `cargo xtask bench` can report throughput and its cost.
@@ -96,7 +101,7 @@ struct Args {
 }
 
 /// Flags without a value.
-const SWITCHES: [&str; 2] = ["--connected", "--reconnect"];
+const SWITCHES: [&str; 3] = ["--connected", "--reconnect", "--unverified"];
 
 impl Args {
     fn parse() -> Args {
@@ -365,13 +370,14 @@ fn tcp_conn(mut s: TcpStream, name: &str) -> io::Result<()> {
                 std::thread::sleep(Duration::from_millis(ms));
                 s.write_all(format!("{name} {peer}\n").as_bytes())?;
             }
-            ["BULK", up, down] => {
+            [cmd @ ("BULK" | "RAW"), up, down] => {
                 let (up, down): (u64, u64) = (up.parse().unwrap_or(0), down.parse().unwrap_or(0));
                 if up > MAX_BULK || down > MAX_BULK {
                     s.write_all(b"ERR too large\n")?;
                     return Ok(());
                 }
-                let (got, bad) = receive_pattern(&mut s, UP_SEED, up);
+                let checked = *cmd == "BULK";
+                let (got, bad) = receive_pattern(&mut s, UP_SEED, up, checked);
                 match bad {
                     None => s.write_all(format!("GOT {got} OK\n").as_bytes())?,
                     Some(off) => {
@@ -379,7 +385,7 @@ fn tcp_conn(mut s: TcpStream, name: &str) -> io::Result<()> {
                         return Ok(());
                     }
                 }
-                send_pattern(&mut s, DOWN_SEED, down, None).1?;
+                send_pattern(&mut s, DOWN_SEED, down, None, checked).1?;
             }
             _ => s.write_all(b"ERR unknown command\n")?,
         }
@@ -388,8 +394,8 @@ fn tcp_conn(mut s: TcpStream, name: &str) -> io::Result<()> {
 }
 
 /// Reads `want` bytes of the pattern; (bytes read, offset of the first wrong byte or of the
-/// point where the stream ended or failed early).
-fn receive_pattern(s: &mut TcpStream, seed: u64, want: u64) -> (u64, Option<u64>) {
+/// point where the stream ended or failed early). Unless `checked`, bytes are only counted.
+fn receive_pattern(s: &mut TcpStream, seed: u64, want: u64, checked: bool) -> (u64, Option<u64>) {
     let mut buf = vec![0u8; 256 << 10];
     let mut scratch = Vec::new();
     let mut got = 0u64;
@@ -398,8 +404,10 @@ fn receive_pattern(s: &mut TcpStream, seed: u64, want: u64) -> (u64, Option<u64>
         match s.read(&mut buf[..n]) {
             Ok(0) => return (got, Some(got)),
             Ok(k) => {
-                if let Err(off) = verify(seed, got, &buf[..k], &mut scratch) {
-                    return (got + k as u64, Some(off));
+                if checked {
+                    if let Err(off) = verify(seed, got, &buf[..k], &mut scratch) {
+                        return (got + k as u64, Some(off));
+                    }
                 }
                 got += k as u64;
             }
@@ -411,15 +419,21 @@ fn receive_pattern(s: &mut TcpStream, seed: u64, want: u64) -> (u64, Option<u64>
 }
 
 /// Writes `len` bytes of the pattern; (bytes written, result). `deadline`: give up then.
-fn send_pattern(s: &mut TcpStream, seed: u64, len: u64, deadline: Option<Instant>) -> (u64, io::Result<()>) {
+/// Unless `checked`, the buffer is filled once (the start of the pattern) and sent as it is.
+fn send_pattern(s: &mut TcpStream, seed: u64, len: u64, deadline: Option<Instant>, checked: bool) -> (u64, io::Result<()>) {
     let mut buf = vec![0u8; 256 << 10];
+    if !checked {
+        fill(seed, 0, &mut buf);
+    }
     let mut sent = 0u64;
     while sent < len {
         if deadline.is_some_and(|d| Instant::now() >= d) {
             return (sent, Err(io::Error::new(io::ErrorKind::TimedOut, "deadline")));
         }
         let n = ((len - sent) as usize).min(buf.len());
-        fill(seed, sent, &mut buf[..n]);
+        if checked {
+            fill(seed, sent, &mut buf[..n]);
+        }
         // write, not write_all: a short write is counted, then the rest is regenerated.
         match s.write(&buf[..n]) {
             Ok(0) => return (sent, Err(io::Error::from(io::ErrorKind::WriteZero))),
@@ -624,8 +638,9 @@ fn bulk(a: &Args) -> i32 {
     let deadline = Instant::now() + a.secs("--deadline-s", 30.0);
     let stall = a.secs("--stall-s", 10.0);
     let bind = a.flags.get("--bind").map(|p| p.parse().unwrap_or_else(|_| die("--bind")));
+    let checked = !a.has("--unverified");
     let cpu0 = cpu_seconds();
-    let r = bulk_run(addr, up, down, deadline, stall, bind);
+    let r = bulk_run(addr, up, down, deadline, stall, bind, checked);
     let gbps = |b: u64, s: f64| if s > 0.0 { b as f64 * 8.0 / s / 1e9 } else { 0.0 };
     println!(
         "bulk up={}/{up} up_s={:.3} up_gbps={:.2} down={}/{down} down_s={:.3} down_gbps={:.2} cpu_s={:.3} result={}",
@@ -649,7 +664,9 @@ struct BulkResult {
     result: String,
 }
 
-fn bulk_run(addr: SocketAddrV4, up: u64, down: u64, deadline: Instant, stall: Duration, bind: Option<u16>) -> BulkResult {
+/// One bulk transfer; unless `checked` (the `RAW` command), data is sent from one fixed buffer
+/// and received bytes are only counted.
+fn bulk_run(addr: SocketAddrV4, up: u64, down: u64, deadline: Instant, stall: Duration, bind: Option<u16>, checked: bool) -> BulkResult {
     let mut r = BulkResult { up: 0, up_s: 0.0, down: 0, down_s: 0.0, result: String::new() };
     // Each blocking call waits for progress at most `stall`, and never past the deadline.
     let op_timeout = || deadline.saturating_duration_since(Instant::now()).min(stall).max(Duration::from_millis(1));
@@ -671,12 +688,16 @@ fn bulk_run(addr: SocketAddrV4, up: u64, down: u64, deadline: Instant, stall: Du
     };
     let t0 = Instant::now();
     let _ = s.set_write_timeout(Some(op_timeout()));
-    if let Err(e) = s.write_all(format!("BULK {up} {down}\n").as_bytes()) {
+    let cmd = if checked { "BULK" } else { "RAW" };
+    if let Err(e) = s.write_all(format!("{cmd} {up} {down}\n").as_bytes()) {
         r.result = past_deadline("request", &e);
         return r;
     }
     // Upload, chunk by chunk, refreshing the timeout as the deadline approaches.
     let mut buf = vec![0u8; 256 << 10];
+    if !checked {
+        fill(UP_SEED, 0, &mut buf);
+    }
     while r.up < up {
         let _ = s.set_write_timeout(Some(op_timeout()));
         if Instant::now() >= deadline {
@@ -685,7 +706,9 @@ fn bulk_run(addr: SocketAddrV4, up: u64, down: u64, deadline: Instant, stall: Du
             return r;
         }
         let n = ((up - r.up) as usize).min(buf.len());
-        fill(UP_SEED, r.up, &mut buf[..n]);
+        if checked {
+            fill(UP_SEED, r.up, &mut buf[..n]);
+        }
         match s.write(&buf[..n]) {
             Ok(0) => {
                 r.result = "up-WriteZero".into();
@@ -737,7 +760,7 @@ fn bulk_run(addr: SocketAddrV4, up: u64, down: u64, deadline: Instant, stall: Du
                 return r;
             }
             Ok(k) => {
-                if let Err(off) = verify(DOWN_SEED, r.down, &buf[..k], &mut scratch) {
+                if let Err(off) = if checked { verify(DOWN_SEED, r.down, &buf[..k], &mut scratch) } else { Ok(()) } {
                     r.down_s = t1.elapsed().as_secs_f64();
                     r.result = format!("down-corrupt-at-{off}");
                     return r;
