@@ -344,4 +344,13 @@ fn snat_ports_of_closed_connections_are_reused() {
     assert!(pair(&dp, c(1)).iter().all(|r| r.is_reply()), "{:#?}", pair(&dp, c(1)));
     let straggler = dp.from_world(&tcp_flags(c(1), np, "A", b""));
     assert!(straggler.action == TC_ACT_SHOT || tuple(&straggler.data).sport != p1, "a straggler of the closed connection used its old port");
+    // A connection whose last ACK was seen (TIME_WAIT proper) gives its port up at once.
+    dp.from_world(&tcp_flags(be, (ip("192.168.0.2"), p2), "SA", b""));
+    dp.from_world(&tcp_flags(c(2), np, "A", b""));
+    dp.from_world(&tcp_flags(c(2), np, "FA", b""));
+    dp.from_world(&tcp_flags(be, (ip("192.168.0.2"), p2), "FA", b""));
+    dp.from_world(&tcp_flags(c(2), np, "A", b""));
+    assert!(pair(&dp, c(2)).iter().all(|r| r.entry.state & dataplane_common::CT_S_TIME_WAIT != 0), "{:#?}", pair(&dp, c(2)));
+    assert_eq!(open(&dp, 4), Some(p2));
+    assert_eq!(dp.stat(stat::PORT_REUSE), 2);
 }

@@ -278,6 +278,9 @@ pub const CT_S_ASSURED: u32 = 1 << 4;
 /// Established: TCP once the client acknowledged the backend's reply (the handshake is done),
 /// other protocols once a reply came. Such a connection belongs in the assured map.
 pub const CT_S_ESTABLISHED: u32 = 1 << 5;
+/// TCP: an ACK came after both FINs (the last ACK): netfilter's TIME_WAIT proper. Its source port
+/// may go to a new connection at once.
+pub const CT_S_TIME_WAIT: u32 = 1 << 6;
 
 /// Conntrack timeouts, indices into `NodeConfig::ct_timeout_s` (seconds; 0 = the default in
 /// `CT_TIMEOUT_DEFAULT_S`).

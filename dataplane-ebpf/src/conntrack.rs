@@ -16,7 +16,7 @@
 //! per node through `NodeConfig::ct_timeout_s`.
 use aya_ebpf::helpers::bpf_ktime_get_ns;
 use dataplane_common::{
-    ct_timeout, stat, Ct4Entry, Ct4Key, DropReason, CT_F_REPLY, CT_S_ASSURED, CT_S_ESTABLISHED, CT_S_FIN_ORIG, CT_S_FIN_REPLY, CT_S_RST,
+    ct_timeout, stat, Ct4Entry, Ct4Key, DropReason, CT_F_REPLY, CT_S_ASSURED, CT_S_ESTABLISHED, CT_S_FIN_ORIG, CT_S_FIN_REPLY, CT_S_RST, CT_S_TIME_WAIT,
     CT_S_SEEN_REPLY, CT_TIMEOUT_DEFAULT_S, IPPROTO_TCP,
 };
 
@@ -28,8 +28,9 @@ use crate::{
 
 pub const SECOND: u64 = 1_000_000_000;
 const BPF_NOEXIST: u64 = 1;
-/// A closed connection's source port may go to a new connection this long after its last packet
-/// (its final ACK has long arrived); before that, only if it expired.
+/// A closing connection's source port may go to a new connection this long after its last packet
+/// even when its last ACK was not seen (lost, or it went another way); at once after the last
+/// ACK or a RST, as netfilter takes TIME_WAIT and CLOSE tuples when it needs a port.
 const PORT_REUSE_AFTER_NS: u64 = 2 * SECOND;
 
 #[inline(always)]
@@ -178,6 +179,10 @@ fn next_state(e: &Ct4Entry, p: &Ipv4Packet, now: u64) -> u32 {
     if p.proto == IPPROTO_TCP {
         if p.tcp_flags & TCP_RST != 0 {
             st |= CT_S_RST;
+        }
+        // An ACK after both FINs (they were seen before this packet) is the last ACK.
+        if e.state & (CT_S_FIN_ORIG | CT_S_FIN_REPLY) == (CT_S_FIN_ORIG | CT_S_FIN_REPLY) && p.tcp_flags & TCP_ACK != 0 {
+            st |= CT_S_TIME_WAIT;
         }
         if p.tcp_flags & TCP_FIN != 0 {
             st |= if reply { CT_S_FIN_REPLY } else { CT_S_FIN_ORIG };
@@ -347,7 +352,9 @@ pub extern "C" fn ferry_ct_place_reply(saddr_be: u32, daddr_be: u32, ports: u32,
         | ((old.nat_sport_be ^ rev.nat_sport_be) as u32))
         == 0;
     let expired = old.expires_ns <= now;
-    let reusable = proto == IPPROTO_TCP && is_closed(old.state) && now.saturating_sub(old.last_seen_ns) >= PORT_REUSE_AFTER_NS;
+    let reusable = proto == IPPROTO_TCP
+        && is_closed(old.state)
+        && (old.state & (CT_S_TIME_WAIT | CT_S_RST) != 0 || now.saturating_sub(old.last_seen_ns) >= PORT_REUSE_AFTER_NS);
     if !same && !expired && !reusable {
         return TAKEN;
     }
