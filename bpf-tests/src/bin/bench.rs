@@ -569,9 +569,9 @@ fn throughput_bench() {
     churn_row("  baseline: outside -> pod IP, routed, not translated", &wide_base_churn, None);
     println!("conn/s: connections completed over the run's time; CPU µs/conn: machine CPU as above per completed connection; failed: all runs;");
     println!("Δ: against the baseline run of the same round, as above.");
-    println!("A closed connection's SNAT port is taken again only 2 s after its close (PORT_REUSE_AFTER_NS): the default range's 4 536 ports");
-    println!("sustain about 2 300 new connections a second to one backend; past that a SYN may find no port in 16 tries (drop nat_ports) and");
-    println!("the client sends it again after 1 s. The wider range shows the same path without that limit (node1's agent restarted with it).");
+    println!("A closed connection's SNAT port goes to a new one at once after its last ACK or a RST (else 2 s after its close): the default");
+    println!("range's 4 536 ports hold only the connections in flight. The wider range (node1's agent restarted with it) shows the same path");
+    println!("with many more ports: the difference between the two rows is what the default range costs, if anything.");
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     println!(
         "Binaries: {} (agents, ferry-load); {took:.0?} in all. With the bench idle the machine was {idle_before:.0}% busy (of {cores} cores) before the runs, {idle_after:.0}% after.",
