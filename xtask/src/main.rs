@@ -215,8 +215,9 @@ fn test(args: &[String]) -> Result<()> {
     };
     step("unit tests (no root needed)", cargo().args(["test", "-p", "dataplane-common", "-p", "dataplane-agent", "-p", "xtask"]).args(args));
     // Packet tests and end-to-end tests load the real programs; the e2e ones build namespaces,
-    // one test at a time so their traffic and timing do not compete on a small machine.
-    step("bpf-tests: BPF_PROG_TEST_RUN and namespace end-to-end", cargo().args(["test", "-p", "bpf-tests"]).args(args).args(["--", "--test-threads=1"]));
+    // one test at a time so their traffic and timing do not compete on a small machine. Every test
+    // file runs even after one fails (--no-fail-fast), so the summary counts them all.
+    step("bpf-tests: BPF_PROG_TEST_RUN and namespace end-to-end", cargo().args(["test", "--no-fail-fast", "-p", "bpf-tests"]).args(args).args(["--", "--test-threads=1"]));
     let scenarios: Vec<PathBuf> = {
         let mut v: Vec<PathBuf> = std::fs::read_dir(root().join("bpf-tests/scenarios"))?
             .filter_map(|e| e.ok().map(|e| e.path()))
