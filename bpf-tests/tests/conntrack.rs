@@ -202,7 +202,42 @@ fn a_syn_on_a_closed_connections_tuple_starts_a_new_connection() {
     assert_eq!(dp.stat(stat::CT_REOPEN), 1);
     let new = pair(&dp, client());
     assert_pair(&new, false, 0, CT_TIMEOUT_DEFAULT_S[ct_timeout::TCP_SYN]);
-    assert!(new.iter().all(|r| r.entry.state == 0), "{new:#?}");
+    assert!(new.iter().all(|r| r.entry.state == dataplane_common::CT_S_SEQ_ORIG), "{new:#?}");
+}
+
+#[test]
+fn a_blind_rst_does_not_end_a_connection_but_a_real_one_does() {
+    let mut dp = Datapath::new();
+    dp.apply_yaml(&web(&[BACKEND]));
+    // The client's segments end at 1000 + 1 (SYN) and then 1000 + 500 (500 bytes from 1000).
+    let be = backend_of(&from_client(&dp, "S"));
+    from_backend(&dp, be, "SA");
+    from_client(&dp, "A");
+    dp.from_pod(&tcp_seq(client(), svc(80), "PA", 1000, &[7u8; 500]));
+    let established = CT_S_ESTABLISHED | CT_S_SEEN_REPLY;
+    // A RST with the client's tuple but a sequence number far from the client's: forged (or
+    // stale). It is passed on (the backend ignores it), and the connection stays as it was.
+    let blind = dp.from_pod(&tcp_seq(client(), svc(80), "R", 0x7000_0000, b""));
+    assert_eq!(tuple(&blind.data).dst, be.0, "the RST is still translated for the endpoint to judge");
+    assert_pair(&pair(&dp, client()), true, established, CT_TIMEOUT_DEFAULT_S[ct_timeout::TCP_ESTABLISHED]);
+    assert!(pair(&dp, client()).iter().all(|r| r.entry.state & dataplane_common::CT_S_RST == 0));
+    assert_eq!(dp.stat(stat::CT_RST_IGNORED), 1);
+    // The same from the backend's side.
+    from_backend_seq(&dp, be, "R", 0x1234_5678);
+    assert_eq!(dp.stat(stat::CT_RST_IGNORED), 2);
+    assert!(pair(&dp, client()).iter().all(|r| r.entry.state & dataplane_common::CT_S_RST == 0));
+    // The client's real RST (its next sequence number, 1500) ends it.
+    dp.from_pod(&tcp_seq(client(), svc(80), "R", 1500, b""));
+    assert_pair(&pair(&dp, client()), false, dataplane_common::CT_S_RST, CT_TIMEOUT_DEFAULT_S[ct_timeout::TCP_CLOSE]);
+    // A backend refusing the SYN (its first packet a RST) ends the attempt, whatever its number.
+    let other = (ip(CLIENT.0), 40002);
+    let r = dp.from_pod(&tcp_flags(other, svc(80), "S", b""));
+    dp.to_pod(&tcp_seq(backend_of(&r), other, "RA", 0, b""));
+    assert_pair(&pair(&dp, other), false, dataplane_common::CT_S_RST, CT_TIMEOUT_DEFAULT_S[ct_timeout::TCP_CLOSE]);
+}
+
+fn from_backend_seq(dp: &Datapath, backend: (Ipv4Addr, u16), flags: &str, seq: u32) -> Run {
+    dp.to_pod(&tcp_seq(backend, client(), flags, seq, b""))
 }
 
 #[test]

@@ -20,10 +20,16 @@ pub fn tcp(src: (Ipv4Addr, u16), dst: (Ipv4Addr, u16), syn: bool, payload: &[u8]
     v
 }
 
-/// A TCP segment with the flags named in `flags` (`S` SYN, `A` ACK, `F` FIN, `R` RST, `P` PSH).
+/// A TCP segment with the flags named in `flags` (`S` SYN, `A` ACK, `F` FIN, `R` RST, `P` PSH),
+/// sequence number 1000.
 pub fn tcp_flags(src: (Ipv4Addr, u16), dst: (Ipv4Addr, u16), flags: &str, payload: &[u8]) -> Vec<u8> {
+    tcp_seq(src, dst, flags, 1000, payload)
+}
+
+/// As [`tcp_flags`], with sequence number `seq`.
+pub fn tcp_seq(src: (Ipv4Addr, u16), dst: (Ipv4Addr, u16), flags: &str, seq: u32, payload: &[u8]) -> Vec<u8> {
     let b = PacketBuilder::ethernet2(MAC_POD, MAC_HOST).ipv4(src.0.octets(), dst.0.octets(), 64);
-    let mut t = b.tcp(src.1, dst.1, 1000, 65535);
+    let mut t = b.tcp(src.1, dst.1, seq, 65535);
     for f in flags.chars() {
         t = match f {
             'S' => t.syn(),

@@ -281,6 +281,13 @@ pub const CT_S_ESTABLISHED: u32 = 1 << 5;
 /// TCP: an ACK came after both FINs (the last ACK): netfilter's TIME_WAIT proper. Its source port
 /// may go to a new connection at once.
 pub const CT_S_TIME_WAIT: u32 = 1 << 6;
+/// TCP: the backend sent the first FIN, so it holds TIME_WAIT on the translated tuple for a
+/// minute: its source port is the last one to hand to a new connection.
+pub const CT_S_BACKEND_CLOSED_FIRST: u32 = 1 << 7;
+/// TCP: the forward entry's `tcp_next` is known (the client has sent).
+pub const CT_S_SEQ_ORIG: u32 = 1 << 8;
+/// TCP: the reply entry's `tcp_next` is known (the backend has sent).
+pub const CT_S_SEQ_REPLY: u32 = 1 << 9;
 
 /// Conntrack timeouts, indices into `NodeConfig::ct_timeout_s` (seconds; 0 = the default in
 /// `CT_TIMEOUT_DEFAULT_S`).
@@ -393,7 +400,9 @@ pub struct Ct4Entry {
     pub flags: u32,
     /// `CT_S_*` lifecycle bits, kept equal in both entries.
     pub state: u32,
-    pub pad: u32,
+    /// TCP: the sequence number that follows the last byte this entry's direction sent (host
+    /// order; valid once `CT_S_SEQ_ORIG`/`CT_S_SEQ_REPLY` says so). A RST counts only near it.
+    pub tcp_next: u32,
     pub created_ns: u64,
     /// Refreshed at most once a second (and on every state change), in both entries together.
     pub last_seen_ns: u64,
@@ -474,9 +483,9 @@ pub enum DropReason {
     PolicyIngress = 13,
     /// Out of a pod that NetworkPolicy isolates for egress, allowed by none of its rules.
     PolicyEgress = 14,
-    /// Larger than the path MTU after translation, and neither allowed to be fragmented (DF)
-    /// nor answerable: Ferry sends no fragments. With DF set it is answered with ICMP
-    /// fragmentation needed instead (`icmp_frag_needed`), never dropped silently.
+    /// A later IP fragment larger than the path MTU after translation: Ferry sends no fragments,
+    /// and a later fragment cannot be answered (its first fragment was, with ICMP fragmentation
+    /// needed, like every other packet too large: `icmp_frag_needed`).
     FragNeeded = 15,
 }
 
@@ -608,10 +617,13 @@ pub mod stat {
     pub const CT_CLASH: u32 = 50;
     /// A reply of the node's own stack (hostNetwork endpoint) translated on its way out.
     pub const HOST_REPLY: u32 = 51;
+    /// A TCP RST far from its sender's sequence (blind, or stale): passed on, but the connection
+    /// is not closed by it (netfilter would call it INVALID).
+    pub const CT_RST_IGNORED: u32 = 53;
     /// LRU conntrack entries the agent deleted (garbage collection, endpoint flushes). Written
     /// by the agent only, never by a program.
     pub const CT_AGENT_DELETED: u32 = 52;
-    pub const NAMES: [(u32, &str); 29] = [
+    pub const NAMES: [(u32, &str); 30] = [
         (PACKETS, "packets"),
         (PASS, "pass"),
         (CT_NEW, "ct_new"),
@@ -641,6 +653,7 @@ pub mod stat {
         (CT_CLASH, "ct_clash"),
         (HOST_REPLY, "host_reply"),
         (CT_AGENT_DELETED, "ct_agent_deleted"),
+        (CT_RST_IGNORED, "ct_rst_ignored"),
     ];
 }
 

@@ -16,13 +16,14 @@
 //! per node through `NodeConfig::ct_timeout_s`.
 use aya_ebpf::helpers::bpf_ktime_get_ns;
 use dataplane_common::{
-    ct_timeout, stat, Ct4Entry, Ct4Key, DropReason, CT_F_REPLY, CT_S_ASSURED, CT_S_ESTABLISHED, CT_S_FIN_ORIG, CT_S_FIN_REPLY, CT_S_RST, CT_S_TIME_WAIT,
+    ct_timeout, stat, Ct4Entry, Ct4Key, DropReason, CT_F_REPLY, CT_S_ASSURED, CT_S_BACKEND_CLOSED_FIRST, CT_S_ESTABLISHED, CT_S_FIN_ORIG,
+    CT_S_FIN_REPLY, CT_S_RST, CT_S_SEQ_ORIG, CT_S_SEQ_REPLY, CT_S_TIME_WAIT,
     CT_S_SEEN_REPLY, CT_TIMEOUT_DEFAULT_S, IPPROTO_TCP,
 };
 
 use crate::{
     maps::{cfg4_v3, ct4_assured_v2, ct4_v2, ct_scratch},
-    parse::{Ipv4Packet, TCP_ACK, TCP_FIN, TCP_RST},
+    parse::{Ipv4Packet, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
     stats,
 };
 
@@ -178,7 +179,19 @@ fn next_state(e: &Ct4Entry, p: &Ipv4Packet, now: u64) -> u32 {
     }
     if p.proto == IPPROTO_TCP {
         if p.tcp_flags & TCP_RST != 0 {
-            st |= CT_S_RST;
+            // A RST closes the connection only near its sender's sequence, as a TCP endpoint
+            // accepts it (RFC 5961) and netfilter checks it: one blind RST with a guessed tuple
+            // must not end (and free the port of) someone's idle connection. Before a side has
+            // sent anything (a backend refusing the SYN), any RST of it counts.
+            let known = e.state & seq_bit(reply) != 0;
+            let near = (p.tcp_next.wrapping_sub(e.tcp_next) as i32).unsigned_abs() <= RST_WINDOW;
+            if !known || near {
+                st |= CT_S_RST;
+            } else {
+                stats::count(stat::CT_RST_IGNORED);
+            }
+        } else {
+            st |= seq_bit(reply);
         }
         // An ACK after both FINs (they were seen before this packet) is the last ACK.
         if e.state & (CT_S_FIN_ORIG | CT_S_FIN_REPLY) == (CT_S_FIN_ORIG | CT_S_FIN_REPLY) && p.tcp_flags & TCP_ACK != 0 {
@@ -186,6 +199,9 @@ fn next_state(e: &Ct4Entry, p: &Ipv4Packet, now: u64) -> u32 {
         }
         if p.tcp_flags & TCP_FIN != 0 {
             st |= if reply { CT_S_FIN_REPLY } else { CT_S_FIN_ORIG };
+            if reply && e.state & CT_S_FIN_ORIG == 0 {
+                st |= CT_S_BACKEND_CLOSED_FIRST;
+            }
         }
         // The client acknowledging the backend's reply completes the handshake.
         if !reply && st & CT_S_SEEN_REPLY != 0 && p.tcp_flags & TCP_ACK != 0 {
@@ -203,6 +219,16 @@ fn next_state(e: &Ct4Entry, p: &Ipv4Packet, now: u64) -> u32 {
 /// first (netfilter's UDP rule).
 const STREAM_AFTER_NS: u64 = 2 * SECOND;
 
+/// How far a RST's sequence number may be from its sender's next one (reordering slack): a blind
+/// attacker must guess within it, 1 in 32 768 of the sequence space.
+const RST_WINDOW: u32 = 65_536;
+
+/// The state bit saying the `tcp_next` of the forward (client) or reply (backend) entry is known.
+#[inline(always)]
+fn seq_bit(reply: bool) -> u32 {
+    if reply { CT_S_SEQ_REPLY } else { CT_S_SEQ_ORIG }
+}
+
 /// Applies packet `p` to its connection (found at `key` through `hit`): lifecycle bits, expiry
 /// (refreshed at most once a second, and on every change, in both entries), and the move between
 /// the maps when the connection becomes established or closes. Returns the entry to translate
@@ -217,6 +243,15 @@ pub fn track(hit: &mut Hit, key: &mut Ct4Key, p: &mut Ipv4Packet, out: &mut Ct4E
     // SAFETY: pointer from a successful lookup; copied (into the caller's scratch) before use.
     *out = unsafe { *hit.ptr };
     let st = next_state(out, p, now);
+    // The sequence a RST is judged against: each segment of this direction that moves it forward
+    // (a SYN sets it: a new initial sequence number). One store, only when it advances.
+    if p.proto == IPPROTO_TCP && p.tcp_flags & TCP_RST == 0 {
+        let ahead = (p.tcp_next.wrapping_sub(out.tcp_next) as i32) > 0;
+        if ahead || p.tcp_flags & TCP_SYN != 0 || st & seq_bit(out.flags & CT_F_REPLY != 0) != out.state & seq_bit(out.flags & CT_F_REPLY != 0) {
+            out.tcp_next = p.tcp_next;
+            unsafe { (*hit.ptr).tcp_next = p.tcp_next };
+        }
+    }
     let want_assured = st & CT_S_ESTABLISHED != 0 && !(p.proto == IPPROTO_TCP && is_closed(st));
     let moving = want_assured != hit.assured;
     // Writes (and a move between the maps) happen on a state change, else at most once a second:
@@ -310,17 +345,28 @@ pub const TAKEN: u32 = 1;
 ///   tuples the same way when it runs out of ports): taken over, its forward entry deleted so
 ///   its stragglers cannot be translated onto the new connection;
 /// - a live connection: `TAKEN`, the caller tries another source port.
+///
+/// `mode` says which held tuples may be taken (the caller widens it as tries fail, so a free
+/// port always wins over a finished connection's, as in netfilter, which takes TIME_WAIT and
+/// CLOSE tuples only when it runs out of free ones): `TAKE_NONE`, `TAKE_SAFE` (expired; ended by a
+/// RST; or in TIME_WAIT with the client having closed first, so no backend socket holds the tuple),
+/// `TAKE_ANY` (also the backend closed first and holds TIME_WAIT on it, or closed two seconds ago
+/// without a last ACK seen).
 #[inline(always)]
-pub fn place_reply(rev_key: &Ct4Key) -> u32 {
-    ferry_ct_place_reply(rev_key.saddr_be, rev_key.daddr_be, ((rev_key.sport_be as u32) << 16) | rev_key.dport_be as u32, rev_key.proto as u32)
+pub fn place_reply(rev_key: &Ct4Key, mode: u32) -> u32 {
+    ferry_ct_place_reply(rev_key.saddr_be, rev_key.daddr_be, ((rev_key.sport_be as u32) << 16) | rev_key.dport_be as u32, rev_key.proto as u32, mode)
 }
+
+pub const TAKE_NONE: u32 = 0;
+pub const TAKE_SAFE: u32 = 1;
+pub const TAKE_ANY: u32 = 2;
 
 /// `place_reply` as a global BPF function, called from a loop over candidate ports: verified
 /// once, not once per iteration. Scalars only (the tuple, ports packed as `sport << 16 | dport`
 /// in wire order); the entry comes through the scratch.
 #[unsafe(no_mangle)]
 #[inline(never)]
-pub extern "C" fn ferry_ct_place_reply(saddr_be: u32, daddr_be: u32, ports: u32, proto: u32) -> u32 {
+pub extern "C" fn ferry_ct_place_reply(saddr_be: u32, daddr_be: u32, ports: u32, proto: u32, mode: u32) -> u32 {
     let rev_key = &Ct4Key { saddr_be, daddr_be, sport_be: (ports >> 16) as u16, dport_be: ports as u16, proto: proto as u8, pad: [0; 3] };
     let Some(sc) = scratch() else { return TAKEN };
     let rev = &sc.rev;
@@ -352,10 +398,12 @@ pub extern "C" fn ferry_ct_place_reply(saddr_be: u32, daddr_be: u32, ports: u32,
         | ((old.nat_sport_be ^ rev.nat_sport_be) as u32))
         == 0;
     let expired = old.expires_ns <= now;
-    let reusable = proto == IPPROTO_TCP
-        && is_closed(old.state)
-        && (old.state & (CT_S_TIME_WAIT | CT_S_RST) != 0 || now.saturating_sub(old.last_seen_ns) >= PORT_REUSE_AFTER_NS);
-    if !same && !expired && !reusable {
+    let closed = proto == IPPROTO_TCP && is_closed(old.state);
+    let safe = expired
+        || (closed && (old.state & CT_S_RST != 0 || (old.state & CT_S_TIME_WAIT != 0 && old.state & CT_S_BACKEND_CLOSED_FIRST == 0)));
+    let any = closed && (old.state & CT_S_TIME_WAIT != 0 || now.saturating_sub(old.last_seen_ns) >= PORT_REUSE_AFTER_NS);
+    let takeable = (mode >= TAKE_SAFE && safe) || (mode >= TAKE_ANY && any);
+    if !same && !takeable {
         return TAKEN;
     }
     if !same {

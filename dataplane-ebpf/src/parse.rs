@@ -32,6 +32,9 @@ pub struct Ipv4Packet {
     pub dport_be: u16,
     /// TCP flags byte (0 for other protocols).
     pub tcp_flags: u8,
+    /// TCP: the sequence number that follows this segment (sequence number plus payload, SYN and
+    /// FIN), host order; 0 for other protocols.
+    pub tcp_next: u32,
 }
 
 pub const TCP_FIN: u8 = 0x01;
@@ -69,6 +72,7 @@ pub fn parse_ipv4(ctx: &TcContext) -> Result<Option<Ipv4Packet>, DropReason> {
         sport_be: 0,
         dport_be: 0,
         tcp_flags: 0,
+        tcp_next: 0,
     };
     if p.frag_off != 0 {
         // A later fragment has no L4 header; the caller finds its ports in the fragment map.
@@ -91,7 +95,11 @@ pub fn parse_ipv4(ctx: &TcContext) -> Result<Option<Ipv4Packet>, DropReason> {
             p.sport_be = u16::from_ne_bytes([ports[0], ports[1]]);
             p.dport_be = u16::from_ne_bytes([ports[2], ports[3]]);
             if p.proto == IPPROTO_TCP {
-                p.tcp_flags = ctx.load::<u8>(p.l4_off + 13).map_err(|_| DropReason::Malformed)?;
+                // Sequence number, acknowledgment, data offset, flags.
+                let h: [u8; 10] = ctx.load(p.l4_off + 4).map_err(|_| DropReason::Malformed)?;
+                p.tcp_flags = h[9];
+                let doff = ((h[8] >> 4) as usize) * 4;
+                p.tcp_next = tcp_next(u32::from_be_bytes([h[0], h[1], h[2], h[3]]), l4_len.saturating_sub(doff), p.tcp_flags);
             }
         }
         IPPROTO_ICMP => {
@@ -102,6 +110,13 @@ pub fn parse_ipv4(ctx: &TcContext) -> Result<Option<Ipv4Packet>, DropReason> {
         _ => {}
     }
     Ok(Some(p))
+}
+
+/// The sequence number after a TCP segment starting at `seq` with `payload` bytes (SYN and FIN
+/// count one each).
+#[inline(always)]
+pub fn tcp_next(seq: u32, payload: usize, flags: u8) -> u32 {
+    seq.wrapping_add(payload as u32).wrapping_add((flags & TCP_SYN != 0) as u32).wrapping_add((flags & TCP_FIN != 0) as u32)
 }
 
 /// Offset of the L4 checksum field inside the L4 header, for protocols whose checksum covers the

@@ -85,7 +85,7 @@ fn rewrite(ctx: &XdpContext, p: &Ipv4Packet, e: &Ct4Entry) -> Option<()> {
 }
 
 /// Finishes a translated flow in XDP when it can, else passes it untouched to tc. Returns the XDP
-/// action, or `lb::DROP_CODE | reason`.
+/// action, `UNTOUCHED` (an XDP_PASS that leaves the packet to tc), or `lb::DROP_CODE | reason`.
 // A separate BPF subprogram: its frame (the FIB lookup's parameters) stays off the one that
 // creates connections (512 bytes for the whole call chain).
 #[inline(never)]
@@ -114,7 +114,7 @@ fn forward_inner(ctx: &XdpContext, p: &Ipv4Packet, e: &Ct4Entry) -> Result<u32, 
     params.__bindgen_anon_4.ipv4_dst = e.nat_daddr_be;
     let ret = unsafe { fib_lookup(ctx.ctx as *mut _, &mut params, core::mem::size_of::<bpf_fib_lookup>() as i32, 0) };
     if ret != BPF_FIB_LKUP_RET_SUCCESS as i64 || params.ifindex != ingress {
-        return Ok(PASS);
+        return Ok(UNTOUCHED);
     }
     rewrite(ctx, p, e).ok_or(DropReason::Malformed)?;
     // SAFETY: bounds-checked by ptr_at.
@@ -147,11 +147,14 @@ pub fn try_nodeport(ctx: &XdpContext) -> Result<u32, DropReason> {
     }
     let Some(ports) = ptr_at::<[u8; 4]>(ctx, l4_off) else { return Ok(PASS) };
     let ports = unsafe { *ports };
-    let tcp_flags = if ip[9] == IPPROTO_TCP {
-        let Some(f) = ptr_at::<u8>(ctx, l4_off + 13) else { return Ok(PASS) };
-        unsafe { *f }
+    let (tcp_flags, tcp_next) = if ip[9] == IPPROTO_TCP {
+        // Sequence number, acknowledgment, data offset, flags.
+        let Some(h) = ptr_at::<[u8; 10]>(ctx, l4_off + 4) else { return Ok(PASS) };
+        let h = unsafe { *h };
+        let doff = ((h[8] >> 4) as usize) * 4;
+        (h[9], crate::parse::tcp_next(u32::from_be_bytes([h[0], h[1], h[2], h[3]]), (tot_len - 20).saturating_sub(doff), h[9]))
     } else {
-        0
+        (0, 0)
     };
     let p = Ipv4Packet {
         l4_off,
@@ -166,6 +169,7 @@ pub fn try_nodeport(ctx: &XdpContext) -> Result<u32, DropReason> {
         sport_be: u16::from_ne_bytes([ports[0], ports[1]]),
         dport_be: u16::from_ne_bytes([ports[2], ports[3]]),
         tcp_flags,
+        tcp_next,
     };
     let mut p = p;
     let Some(sc) = path_scratch.get_ptr_mut(0) else { return Ok(PASS) };
@@ -182,8 +186,16 @@ pub fn try_nodeport(ctx: &XdpContext) -> Result<u32, DropReason> {
         if e.flags & CT_F_EXTERNAL == 0 || (e.flags & CT_F_FORWARD != 0 && !backend_alive(e)) || syn_on_closed {
             return Ok(PASS);
         }
+        // Translated (the tuple does not depend on the lifecycle) and only then tracked, when
+        // XDP finishes the packet: one it leaves to tc is tracked there, once.
+        sc.e = *e;
+        let code = forward(ctx, &mut p, &mut sc.e);
+        if code == UNTOUCHED {
+            return Ok(PASS);
+        }
+        // The scratch entry was used; tracking may overwrite it.
         conntrack::track(&mut hit, &mut key, &mut p, &mut sc.e);
-        return Verdict::decode_xdp(forward(ctx, &mut p, &mut sc.e));
+        return Verdict::decode_xdp(code);
     }
     let svc = match lb4_lookup_service(p.daddr_be, p.dport_be, p.proto, SCOPE_EXTERNAL) {
         Some(s) if s.flags & SVC_F_ADDR_ONLY == 0 => s,
@@ -202,5 +214,11 @@ pub fn try_nodeport(ctx: &XdpContext) -> Result<u32, DropReason> {
         return Err(DropReason::from_code(code));
     }
     stats::count(stat::EXTERNAL_NEW);
-    Verdict::decode_xdp(forward(ctx, &mut p, &mut sc.e))
+    match forward(ctx, &mut p, &mut sc.e) {
+        UNTOUCHED => Ok(PASS),
+        code => Verdict::decode_xdp(code),
+    }
 }
+
+/// `forward`: XDP did not finish the packet; tc will, from the same conntrack entry.
+const UNTOUCHED: u32 = 0x400;
