@@ -54,8 +54,10 @@ pub enum Hook {
     ToWorld,
 }
 
-/// Ports tried for a translated connection whose tuple collides with another's.
-const PORT_TRIES: u32 = 16;
+/// Ports probed for a translated connection whose tuple is taken: a window of this many...
+const PORT_WINDOW: u32 = 8;
+/// ...three times over (free only, then safely reusable, then any finished connection's).
+const PORT_TRIES: u32 = 3 * PORT_WINDOW;
 /// Without a configured range, a remapped source port comes from the usual ephemeral range.
 const DEFAULT_PORT_MIN: u16 = 32768;
 const DEFAULT_PORT_MAX: u16 = 60999;
@@ -581,10 +583,11 @@ pub enum Masq {
     Never,
 }
 
+/// The `i`th port of a window starting at random offset `start` in `min..=max` (wrapping).
 #[inline(always)]
-fn random_port(min: u16, max: u16) -> u16 {
+fn window_port(min: u16, max: u16, start: u32, i: u32) -> u16 {
     let span = (max as u32).saturating_sub(min as u32) + 1;
-    (min as u32 + unsafe { bpf_get_prandom_u32() } % span) as u16
+    (min as u32 + (start + i) % span) as u16
 }
 
 /// Chooses a backend and records both directions of the connection, the forward entry in `out`.
@@ -684,13 +687,19 @@ fn create_pair(p: &mut Ipv4Packet, spec: &mut PairSpec, out: &mut Ct4Entry) -> u
     r.svc_id = spec.svc_id;
     r.backend_id = spec.backend_id;
     r.flags = rev_flags;
-    r.state = 0;
-    r.pad = 0;
+    r.state = if p.proto == IPPROTO_TCP { dataplane_common::CT_S_SEQ_ORIG } else { 0 };
+    r.tcp_next = 0;
     r.created_ns = now;
     r.last_seen_ns = now;
     r.expires_ns = expires_ns;
+    let r_state = sc.rev.state;
     // Reply entry first: once the forward entry exists, replies may come back at any moment.
-    let mut sport = if new_port { random_port(port_min, port_max).to_be() } else { p.sport_be };
+    // Candidate ports: the client's own first (unless a new one is wanted), then a window of
+    // consecutive ports at a random place in the range, three times over: free ports only, then
+    // ones a finished connection can safely give up, then any finished connection's (netfilter
+    // probes from a random offset too, and takes TIME_WAIT tuples only when it runs out).
+    let start = unsafe { bpf_get_prandom_u32() };
+    let mut sport = if new_port { window_port(port_min, port_max, start, 0).to_be() } else { p.sport_be };
     let mut placed = false;
     let mut i = 0;
     while i < PORT_TRIES {
@@ -702,13 +711,18 @@ fn create_pair(p: &mut Ipv4Packet, spec: &mut PairSpec, out: &mut Ct4Entry) -> u
             proto: p.proto,
             pad: [0; 3],
         };
-        if conntrack::place_reply(&rev_key) == conntrack::PLACED {
+        let mode = match i / PORT_WINDOW {
+            0 => conntrack::TAKE_NONE,
+            1 => conntrack::TAKE_SAFE,
+            _ => conntrack::TAKE_ANY,
+        };
+        if conntrack::place_reply(&rev_key, mode) == conntrack::PLACED {
             placed = true;
             break;
         }
         stats::count(stat::PORT_REMAP);
-        sport = random_port(port_min, port_max).to_be();
         i += 1;
+        sport = window_port(port_min, port_max, start, i % PORT_WINDOW).to_be();
     }
     if !placed {
         return DropReason::NatPorts as u32;
@@ -720,8 +734,8 @@ fn create_pair(p: &mut Ipv4Packet, spec: &mut PairSpec, out: &mut Ct4Entry) -> u
     out.svc_id = spec.svc_id;
     out.backend_id = spec.backend_id;
     out.flags = fwd_flags;
-    out.state = 0;
-    out.pad = 0;
+    out.state = r_state;
+    out.tcp_next = p.tcp_next;
     out.created_ns = now;
     out.last_seen_ns = now;
     out.expires_ns = expires_ns;
