@@ -145,10 +145,31 @@ fn gso_super_packets_are_judged_by_their_segments_and_too_big_ones_answered() {
     assert_eq!(r.action, TC_ACT_REDIRECT);
     assert_frag_needed(&r.data, &full, ip(NODE), PATH_MTU);
     assert_eq!(dp.stat(stat::ICMP_FRAG_NEEDED), 2);
-    // Without DF it may not be answered, and Ferry sends no fragments: dropped and counted.
-    let r = dp.from_world(&with_df(segment(client(), np, 1500), false));
-    assert_eq!(r.action, TC_ACT_SHOT);
+    // Without DF it is answered too (Ferry cannot fragment after translation as the kernel
+    // would; Linux lowers its path MTU on the answer whatever DF said), quoting the packet.
+    let no_df = with_df(segment(client(), np, 1500), false);
+    let r = dp.from_world(&no_df);
+    assert_eq!(r.action, TC_ACT_REDIRECT);
+    assert_frag_needed(&r.data, &no_df, ip(NODE), PATH_MTU);
+    // A UDP datagram's later fragment cannot be answered (nothing to quote): dropped, counted.
+    let up = (ip(NODE), 30053);
+    let first = ipv4_with(client().0, up.0, 17, &[], &udp_header(client().1, up.1, 2000, &[0u8; 1472]), Some((true, 0, 7)));
+    let r = dp.from_world(&first);
+    assert_eq!(r.action, TC_ACT_REDIRECT, "a first fragment too big for the path is answered");
+    let later = ipv4_with(client().0, up.0, 17, &[], &[0u8; 1480], Some((false, 185, 7)));
+    assert_eq!(dp.from_world(&later).action, TC_ACT_SHOT);
     assert_eq!(dp.stat(DropReason::FragNeeded.stat()), 1);
+}
+
+/// A UDP header claiming `len` bytes, then `payload`: the start of a datagram to be fragmented.
+fn udp_header(sport: u16, dport: u16, len: u16, payload: &[u8]) -> Vec<u8> {
+    let mut v = Vec::new();
+    v.extend_from_slice(&sport.to_be_bytes());
+    v.extend_from_slice(&dport.to_be_bytes());
+    v.extend_from_slice(&len.to_be_bytes());
+    v.extend_from_slice(&[0, 0]);
+    v.extend_from_slice(payload);
+    v
 }
 
 #[test]

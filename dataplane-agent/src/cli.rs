@@ -142,18 +142,19 @@ pub struct RunArgs {
     #[arg(long, env = "FERRY_CONNTRACK_CAPACITY", default_value_t = dataplane_common::capacity::CONNTRACK)]
     pub conntrack_capacity: u32,
     /// Idle timeout of an established TCP connection in conntrack (kube-proxy's flag; Go
-    /// duration such as `24h0m0s`).
+    /// duration such as `24h0m0s`). For each of these timeouts, 0 keeps the default (kube-proxy
+    /// leaves the kernel's value).
     #[arg(long, env = "FERRY_CONNTRACK_TCP_TIMEOUT_ESTABLISHED", default_value = "24h0m0s")]
     pub conntrack_tcp_timeout_established: String,
     /// Idle timeout of a TCP connection one side has closed (kube-proxy's flag).
     #[arg(long, env = "FERRY_CONNTRACK_TCP_TIMEOUT_CLOSE_WAIT", default_value = "1h0m0s")]
     pub conntrack_tcp_timeout_close_wait: String,
-    /// Idle timeout of a UDP (and SCTP) flow that has had no reply (kube-proxy's flag;
-    /// netfilter's default).
+    /// Idle timeout of a UDP (and SCTP) flow that has had no reply, or is not yet a stream
+    /// (kube-proxy's flag; netfilter's default).
     #[arg(long, env = "FERRY_CONNTRACK_UDP_TIMEOUT", default_value = "30s")]
     pub conntrack_udp_timeout: String,
-    /// Idle timeout of a UDP (and SCTP) flow that has had replies (kube-proxy's flag;
-    /// netfilter's default).
+    /// Idle timeout of a UDP (and SCTP) stream: replies, and still active two seconds after it
+    /// began (kube-proxy's flag; netfilter's default).
     #[arg(long, env = "FERRY_CONNTRACK_UDP_TIMEOUT_STREAM", default_value = "2m0s")]
     pub conntrack_udp_timeout_stream: String,
     /// cgroup v2 directory whose processes reach Services through the socket hooks (the node's
@@ -236,13 +237,17 @@ fn hostname() -> String {
     if ok { String::from_utf8_lossy(&buf[..end]).to_lowercase() } else { String::new() }
 }
 
-/// A Go duration as kube-proxy's flags take it (`24h0m0s`, `90s`, `1h30m`, `500ms`), in whole
-/// seconds (at least 1).
+/// A Go duration as kube-proxy's flags take it (`24h0m0s`, `90s`, `1h30m`, `500ms`, `0`), in
+/// whole seconds (rounded up). 0 keeps the default: kube-proxy leaves the kernel's value then,
+/// and Ferry's defaults are those values.
 pub fn parse_duration_s(flag: &str, v: &str) -> anyhow::Result<u32> {
     let bad = || anyhow::anyhow!("{flag}: {v:?} is not a duration such as 24h0m0s, 30s or 1h30m");
     let (mut total_ms, mut num, mut rest) = (0u64, String::new(), v.trim());
     if rest.is_empty() {
         return Err(bad());
+    }
+    if rest == "0" {
+        return Ok(0);
     }
     while let Some(c) = rest.chars().next() {
         if c.is_ascii_digit() {
@@ -268,7 +273,7 @@ pub fn parse_duration_s(flag: &str, v: &str) -> anyhow::Result<u32> {
     if !num.is_empty() {
         return Err(bad());
     }
-    u32::try_from(total_ms.div_ceil(1000).max(1)).map_err(|_| bad())
+    u32::try_from(total_ms.div_ceil(1000)).map_err(|_| bad())
 }
 
 impl RunArgs {
@@ -426,6 +431,9 @@ mod tests {
         assert_eq!(parse_duration_s("f", "2m0s").unwrap(), 120);
         assert_eq!(parse_duration_s("f", "1h30m").unwrap(), 5_400);
         assert_eq!(parse_duration_s("f", "1500ms").unwrap(), 2);
+        // kube-proxy's "leave it as it is": the default.
+        assert_eq!(parse_duration_s("f", "0").unwrap(), 0);
+        assert_eq!(parse_duration_s("f", "0s").unwrap(), 0);
         for bad in ["", "24", "1d", "h", "5 m"] {
             let e = parse_duration_s("--conntrack-udp-timeout", bad).unwrap_err().to_string();
             assert!(e.starts_with("--conntrack-udp-timeout:"), "{bad:?}: {e}");

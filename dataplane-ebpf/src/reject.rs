@@ -106,13 +106,14 @@ pub fn frag_needed(ctx: &TcContext, mtu: u32) -> Result<i32, DropReason> {
         Some(p) => p,
         None => return Err(DropReason::Malformed),
     };
-    // Only a packet that may not be fragmented gets the answer (a super-packet's segments carry
-    // DF as the stack built them); one that may be cannot be fragmented here either: dropped
-    // and counted.
-    let df = ctx.load::<u8>(ETH_LEN + 6).map_err(|_| DropReason::Malformed)? & 0x40 != 0;
-    let gso = unsafe { (*ctx.skb.skb).gso_size } != 0;
+    // Ferry cannot fragment after translation, as the kernel would for a packet without DF.
+    // Such a packet is answered too, if it carries its L4 header (an unfragmented one or a first
+    // fragment): Linux lowers its path MTU on fragmentation needed whatever DF said, so the sender
+    // fragments smaller from then on, where a drop alone would lose its large datagrams for good.
+    // A later fragment carries nothing to quote: dropped and counted (its first fragment, too
+    // big as well, was answered).
     let quote_l4 = if p.proto == IPPROTO_TCP { QUOTE_TCP } else { QUOTE_OTHER };
-    if !(df || gso) || p.frag_off != 0 || p.ihl > 60 || p.tot_len < p.ihl + quote_l4 {
+    if p.frag_off != 0 || p.ihl > 60 || p.tot_len < p.ihl + quote_l4 {
         return Err(DropReason::FragNeeded);
     }
     // The sender's IP header, before it moves.

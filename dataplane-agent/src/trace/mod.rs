@@ -172,6 +172,10 @@ pub struct Flow {
     /// MTU-sized segments, as a TCP stack with TSO sends it.
     #[serde(default)]
     pub size: Option<u16>,
+    /// With `size` above node.mtu: `false` sends one oversized TCP segment instead of a GSO
+    /// super-packet (UDP above the MTU is always one datagram).
+    #[serde(default)]
+    pub gso: Option<bool>,
 }
 
 /// A flow's expected outcome.
@@ -183,6 +187,8 @@ pub enum Expect {
     /// Dropped; with a reason (`{DROP: no_local_endpoint}`), for that reason only.
     Drop(Option<String>),
     Reject,
+    /// Answered with ICMP fragmentation needed: too big for the node's path.
+    FragNeeded,
 }
 
 impl Expect {
@@ -193,6 +199,7 @@ impl Expect {
                 "LOCAL" => Ok(Expect::Local),
                 "DROP" => Ok(Expect::Drop(None)),
                 "REJECT" => Ok(Expect::Reject),
+                "FRAG_NEEDED" => Ok(Expect::FragNeeded),
                 other => Err(format!("expect: {other:?} is not PASS, LOCAL, DROP, REJECT or a list of ip:port")),
             },
             serde_yaml::Value::Sequence(items) => {
@@ -232,6 +239,7 @@ impl fmt::Display for Expect {
             Expect::Drop(None) => f.write_str("DROP"),
             Expect::Drop(Some(r)) => write!(f, "DROP ({r})"),
             Expect::Reject => f.write_str("REJECT"),
+            Expect::FragNeeded => f.write_str("FRAG_NEEDED"),
         }
     }
 }
@@ -245,6 +253,8 @@ pub enum Outcome {
     /// Dropped, with the reason the datapath counted (when it counted one).
     Drop(Option<&'static str>),
     Reject,
+    /// Answered with ICMP fragmentation needed, with this MTU.
+    FragNeeded(u16),
     Error(String),
 }
 
@@ -257,6 +267,7 @@ impl fmt::Display for Outcome {
             Outcome::Drop(None) => f.write_str("DROP"),
             Outcome::Drop(Some(r)) => write!(f, "DROP ({r})"),
             Outcome::Reject => f.write_str("REJECT"),
+            Outcome::FragNeeded(mtu) => write!(f, "FRAG_NEEDED (mtu {mtu})"),
             Outcome::Error(e) => write!(f, "error: {e}"),
         }
     }
@@ -432,7 +443,7 @@ impl Runner {
         let origin = self.origin(src);
         let outcomes: Result<Vec<Outcome>, String> = match origin {
             Origin::Pod | Origin::External => {
-                (0..attempts).map(|i| self.packet(origin, proto, src, 20000 + i as u16, dst, flow.masquerade, flow.size)).collect()
+                (0..attempts).map(|i| self.packet(origin, proto, src, 20000 + i as u16, dst, flow.masquerade, (flow.size, flow.gso))).collect()
             }
             Origin::Node => self.node_connections(proto, dst, &expect, attempts),
         };
@@ -508,8 +519,9 @@ impl Runner {
     }
 
     /// The packet of a flow: `size` IP bytes (default: the smallest), and, above the node's
-    /// MTU, the GSO super-packet of MTU-sized segments a TCP stack with TSO sends.
-    fn build(&self, proto: Proto, src: (Ipv4Addr, u16), dst: (Ipv4Addr, u16), size: Option<u16>) -> Result<(Vec<u8>, SkbIn), String> {
+    /// MTU, the GSO super-packet of MTU-sized segments a TCP stack with TSO sends (unless `gso`
+    /// is false: one oversized segment).
+    fn build(&self, proto: Proto, src: (Ipv4Addr, u16), dst: (Ipv4Addr, u16), size: Option<u16>, gso: Option<bool>) -> Result<(Vec<u8>, SkbIn), String> {
         let Some(size) = size else { return Ok((build(proto, src, dst), SkbIn::default())) };
         // BPF_PROG_TEST_RUN takes a packet of at most a page.
         const MAX: u16 = 3500;
@@ -526,11 +538,8 @@ impl Runner {
             Proto::Tcp => packet::tcp_flags(src, dst, "PA", &payload),
             _ => packet::udp(src, dst, &payload),
         };
-        if size <= self.mtu {
+        if size <= self.mtu || proto != Proto::Tcp || gso == Some(false) {
             return Ok((pkt, SkbIn::default()));
-        }
-        if proto != Proto::Tcp {
-            return Err(format!("size: {size} exceeds node.mtu {} and only TCP is sent as GSO here", self.mtu));
         }
         let seg = (self.mtu - hdr) as u32;
         Ok((pkt, SkbIn { gso_size: seg, gso_segs: (size - hdr) as u32 / seg + 1, ..Default::default() }))
@@ -539,8 +548,17 @@ impl Runner {
     /// One packet from a pod (through the from-pod program) or from outside the node (through
     /// the from-world program), and, if translated, its reply back along the path it would take.
     #[allow(clippy::too_many_arguments)]
-    fn packet(&self, origin: Origin, proto: Proto, src: Ipv4Addr, sport: u16, dst: SocketAddrV4, masq: Option<bool>, size: Option<u16>) -> Result<Outcome, String> {
-        let (pkt, skb) = self.build(proto, (src, sport), (*dst.ip(), dst.port()), size)?;
+    fn packet(
+        &self,
+        origin: Origin,
+        proto: Proto,
+        src: Ipv4Addr,
+        sport: u16,
+        dst: SocketAddrV4,
+        masq: Option<bool>,
+        (size, gso): (Option<u16>, Option<bool>),
+    ) -> Result<Outcome, String> {
+        let (pkt, skb) = self.build(proto, (src, sport), (*dst.ip(), dst.port()), size, gso)?;
         let before = self.maps.stat_totals();
         let (r, mark) = if origin == Origin::External { self.world(&pkt, &skb)? } else { self.run_skb(progs::FROM_POD, &pkt, &skb)? };
         match r.action {
@@ -563,8 +581,8 @@ impl Runner {
                         return Ok(Outcome::Reject);
                     }
                     Some(Refusal::IcmpUnreachable { to, code: 4, .. }) if to == src => {
-                        let mtu = u16::from_be_bytes([r.data[40], r.data[41]]);
-                        return Ok(Outcome::Error(format!("answered with ICMP fragmentation needed (path MTU {mtu})")));
+                        packet::check_checksums(&r.data).map_err(|e| format!("fragmentation needed has a {e}"))?;
+                        return Ok(Outcome::FragNeeded(u16::from_be_bytes([r.data[40], r.data[41]])));
                     }
                     _ => {}
                 }
@@ -604,7 +622,7 @@ impl Runner {
         // backend is the node (a hostNetwork endpoint): into a client pod through its veth, or
         // out of the external interface; else, when the source was translated to this node, in
         // on the external interface; else on the way into the client pod.
-        let (reply, reply_skb) = self.build(proto, (t.dst, t.dport), (t.src, t.sport), size)?;
+        let (reply, reply_skb) = self.build(proto, (t.dst, t.dport), (t.src, t.sport), size, gso)?;
         let hook = if self.is_local_pod(t.dst) {
             progs::FROM_POD
         } else if self.node_ips.contains(&t.dst) {
@@ -707,6 +725,7 @@ fn judge(name: &str, expect: &Expect, outcomes: &[Outcome], origin: Origin, stic
         Expect::Drop(None) => counts.keys().all(|o| matches!(o, Outcome::Drop(_))),
         Expect::Drop(Some(want)) => counts.keys().all(|o| matches!(o, Outcome::Drop(Some(r)) if r == want)),
         Expect::Reject => counts.keys().all(|o| *o == Outcome::Reject),
+        Expect::FragNeeded => counts.keys().all(|o| matches!(o, Outcome::FragNeeded(_))),
     };
     let sticky = if sticky && matches!(expect, Expect::Backends(_)) { ", sticky: one backend per client" } else { "" };
     let line = format!("{} {name}: expected {expect}, got {} ({via}{sticky})", if ok { "ok  " } else { "FAIL" }, got.join(", "));
