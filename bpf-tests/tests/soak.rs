@@ -17,9 +17,15 @@ const NODE1: &str = "192.168.77.1";
 
 /// A soak cluster serving `svcs` (plus any extra manifests), agents started.
 fn soak(opts: LabOptions, svcs: &[Svc], extra: &str) -> (Cluster, TempDir) {
+    soak_with(opts, svcs, extra, false)
+}
+
+/// `soak`, with `--nodeport-acceleration xdp` when `xdp`.
+fn soak_with(opts: LabOptions, svcs: &[Svc], extra: &str, xdp: bool) -> (Cluster, TempDir) {
     let dir = TempDir::new(&format!("soak-{}", lab::run_id()));
     std::fs::write(dir.path.join("soak.yaml"), format!("{}{extra}", services_yaml(svcs))).unwrap();
     let mut c = Cluster::with_options(&dir.path, opts);
+    c.xdp = xdp;
     c.start_agents();
     (c, dir)
 }
@@ -487,4 +493,124 @@ fn nodeport_and_loadbalancer_reach_a_host_network_endpoint_on_the_same_node() {
         }
     }
     assert!(bad.is_empty(), "hostNetwork endpoint {NODE1}:{LOAD_TCP_PORT} (node1):\n{}\n{}", bad.join("\n"), drops(&c, 0));
+}
+
+// -------------------------------------------------------------------------------------------
+// Attacks and awkward peers on translated connections (item 4: conntrack states)
+
+/// A counter of node `i`'s /metrics (0 when absent).
+fn metric(c: &Cluster, i: usize, name: &str) -> u64 {
+    let page = bpf_tests::fakeapi::http_get_in(&c.nodes[i].ns.name, "127.0.0.1:10249", "/metrics").map(|(_, p)| p).unwrap_or_default();
+    page.lines().find_map(|l| l.strip_prefix(name)).and_then(|v| v.trim().parse().ok()).unwrap_or(0)
+}
+
+/// Local ports of the established TCP connections in `ns` to `dst`.
+fn established_ports(ns: &lab::Netns, dst: &str) -> Vec<u16> {
+    let out = ns.cmd(&["ss", "-Htn", "state", "established", "dst", dst]).output().expect("ss");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.split_whitespace().nth(2).and_then(|a| a.rsplit_once(':')).and_then(|(_, p)| p.parse().ok()))
+        .collect()
+}
+
+/// An attacker who knows an idle connection's addresses and ports but not its sequence numbers
+/// sends a RST. The endpoints ignore it (out of window); so must Ferry: were the entry freed, the
+/// connection's next packet would open a new one, with another source port, and the backend
+/// would reset it.
+fn blind_rst(xdp: bool) {
+    let svcs = [Svc::new("blind", "NodePort", "10.96.1.100").port(tcp(80, LOAD_TCP_PORT).node_port(30200)).pods(&["n2-pod1"])];
+    let (c, _d) = soak_with(LabOptions::soak(), &svcs, "", xdp);
+    let np = "192.168.77.1:30200";
+    let mut idle = c.load_spawn(At::Outside, &["idle", np, "--count", "4", "--wait-ms", "3000", "--max-wait-s", "60"]);
+    assert_eq!(idle.line(), "ready 4", "idle connections not established");
+    let ports = established_ports(&c.outside, np);
+    assert_eq!(ports.len(), 4, "established connections to {np}: {ports:?}");
+    let ignored_before = metric(&c, 0, "ferry_datapath_events_total{event=\"ct_rst_ignored\"}");
+    for p in &ports {
+        // Sequence 12345: 2^32 possible, the window a few hundred KiB somewhere else.
+        let sent = c.load(At::Outside, &["forge-tcp", &format!("{}:{p}", lab::OUTSIDE_CLIENT), np, "R", "12345", "0", "--count", "3"]);
+        assert_eq!(sent, ["sent 3"], "forge-tcp");
+    }
+    let ignored = metric(&c, 0, "ferry_datapath_events_total{event=\"ct_rst_ignored\"}") - ignored_before;
+    idle.send("go");
+    let lines = idle.finish();
+    assert_eq!(ok_failed(&lines), (4, 0), "connections hit by out-of-window RSTs must carry on:\n{}\n{}", lines.join("\n"), drops(&c, 0));
+    assert_eq!(ignored, 12, "every forged RST counted as ignored (ct_rst_ignored)");
+}
+
+#[test]
+fn a_blind_rst_does_not_end_a_translated_connection() {
+    blind_rst(false);
+}
+
+#[test]
+fn a_blind_rst_does_not_end_a_translated_connection_with_xdp() {
+    blind_rst(true);
+}
+
+/// HTTP/1.0-style servers close first, so the backend keeps TIME_WAIT for each translated tuple
+/// (node address and SNAT port). A new connection given that tuple again would meet the TIME_WAIT
+/// socket, which may answer its SYN with an ACK instead of a SYN-ACK (its timestamps and
+/// sequence numbers come from another client) and cost the client a retransmission. Ferry gives
+/// such ports out last; with two client addresses (two timestamp clocks) a reuse would show.
+#[test]
+fn a_server_that_closes_first_costs_no_connection_a_retransmission() {
+    let svcs = [Svc::new("closer", "NodePort", "10.96.1.101").port(tcp(80, LOAD_TCP_PORT).node_port(30201)).pods(&["n2-pod1"])];
+    let (c, _d) = soak(LabOptions::soak(), &svcs, "");
+    c.outside.exec_ok(&["ip", "addr", "add", "172.20.0.3/24", "dev", "eth0"]);
+    let out = c.load(
+        At::Outside,
+        &["churn", "192.168.77.1:30201", "--count", "1500", "--concurrency", "4", "--rate", "150", "--server-closes", "--from", "172.20.0.2,172.20.0.3", "--slow-ms", "800", "--timeout-ms", "3000", "--deadline-s", "60"],
+    );
+    assert_eq!(ok_failed(&out), (1500, 0), "every connection answered and closed by the server, none slower than 0.8 s:\n{}\n{}", out.join("\n"), drops(&c, 0));
+    let tw = c.pod("n2-pod1").ns.cmd(&["ss", "-Htn", "state", "time-wait"]).output().expect("ss");
+    let tw = String::from_utf8_lossy(&tw.stdout).lines().count();
+    assert!(tw >= 1000, "test setup: the backend should hold the TIME_WAIT sockets (it closed first), has {tw}");
+}
+
+// -------------------------------------------------------------------------------------------
+// UDP datagrams larger than one packet: IP fragments (items 2 and 3)
+
+/// Requests (and so answers: the server sends the whole request back) of 3 000 bytes, fragmented
+/// by their senders, and of 1 450 bytes, sent whole with DF, through a ClusterIP to a remote pod,
+/// a source-translated NodePort and an eTP=Local NodePort.
+fn big_udp(mtu: Option<u32>) {
+    let svcs = [
+        Svc::new("big-clusterip", "ClusterIP", "10.96.1.110").port(udp(53, LOAD_UDP_PORT)).pods(&["n2-pod1"]),
+        Svc::new("big-nodeport", "NodePort", "10.96.1.111").port(udp(53, LOAD_UDP_PORT).node_port(30210)).pods(&["n2-pod1"]),
+        Svc::new("big-local", "NodePort", "10.96.1.112").local().port(udp(53, LOAD_UDP_PORT).node_port(30211)).pods(&["n1-pod2"]),
+    ];
+    let (c, _d) = soak(LabOptions { node_link_mtu: mtu, ..LabOptions::soak() }, &svcs, "");
+    let paths: [(&str, At, &str, &str); 3] = [
+        ("ClusterIP, pod on node1 -> pod on node2", At::Pod("n1-pod1"), "10.96.1.110:53", "n2-pod1"),
+        ("NodePort eTP=Cluster, outside -> pod on node2 (SNAT)", At::Outside, "192.168.77.1:30210", "n2-pod1"),
+        ("NodePort eTP=Local, outside -> pod on node1", At::Outside, "192.168.77.1:30211", "n1-pod2"),
+    ];
+    let mut bad = Vec::new();
+    for (what, at, addr, backend) in paths {
+        for size in ["3000", "1450"] {
+            let out = c.load(at, &["udp", addr, "--count", "6", "--size", size, "--timeout-ms", "1500"]);
+            // Over a smaller inter-node MTU the first datagram of a size may be lost while its
+            // sender learns the path MTU from ICMP fragmentation needed: the kernel's for a DF
+            // datagram it forwards (after which it is sent in fragments), Ferry's for the first
+            // fragment of one it source-translates (a redirected packet cannot be fragmented
+            // again; the later fragments are dropped). The rest must all arrive.
+            let first_may_fail = mtu.is_some() && out.first().is_some_and(|l| l.starts_with("ERR TimedOut") || l.starts_with("ERR WouldBlock"));
+            let must: &[String] = if first_may_fail { &out[1..] } else { &out[..] };
+            if out.len() != 6 || !must.iter().all(|l| who(l) == backend) {
+                bad.push(format!("{what}, {size}-byte datagrams: want {backend}, got {out:?}"));
+            }
+        }
+    }
+    assert!(bad.is_empty(), "inter-node MTU {mtu:?}:\n{}\n{}", bad.join("\n"), all_drops(&c));
+}
+
+#[test]
+fn udp_datagrams_larger_than_a_packet_through_every_service_kind() {
+    big_udp(None);
+}
+
+#[test]
+fn udp_datagrams_larger_than_a_packet_over_a_1400_byte_inter_node_mtu() {
+    big_udp(Some(1400));
 }

@@ -10,11 +10,14 @@
 //!                            `GOT N OK` or `GOT N BAD OFFSET`, then sends DOWN bytes of the down
 //!                            pattern
 //!       WAIT MS           -> says nothing for MS ms, then `NAME PEER` (the server speaks first)
+//!       BYE               -> `NAME PEER`, then the server closes (it closes first, as an
+//!                            HTTP/1.0 server does: its side keeps the TIME_WAIT)
 //!       RAW UP DOWN       -> BULK without the pattern: reads UP bytes and only counts them,
 //!                            answers `GOT N OK`, then sends DOWN bytes of one fixed buffer (for
 //!                            throughput, where generating and checking the pattern would cost
 //!                            more CPU than the network path being measured)
-//!     UDP: every datagram is answered with `NAME PEER REQUEST`.
+//!     UDP: every datagram is answered with `NAME PEER REQUEST` (the whole request, up to 64 KiB:
+//!       a large request gets an equally large answer).
 //!     SCTP (raw IP protocol 132: this kernel has no SCTP module): a HEARTBEAT chunk to PORT is
 //!       answered with a HEARTBEAT ACK whose info is `NONCE NAME PEER`, CRC32c checked both ways.
 //!
@@ -26,9 +29,12 @@
 //!       (`result=ok` or the first failure). cpu_s is this process's user+system time
 //!       (getrusage), so `cargo xtask bench` can report throughput and its cost.
 //!   churn ADDR --count N [--concurrency C] [--rate R] [--timeout-ms T] [--deadline-s S]
-//!         [--max-failures F]
+//!         [--max-failures F] [--server-closes] [--from IP,IP...] [--slow-ms MS]
 //!       N short connections, C at a time, at most R new ones a second (connection i starts no
-//!       earlier than i/R s after the first), one ECHO each, the client closes first. Prints
+//!       earlier than i/R s after the first), one ECHO each, the client closes first (with
+//!       --server-closes: one BYE each, and the client reads to the server's close before it
+//!       closes). --from: the source addresses, in turn. --slow-ms: a connection that takes
+//!       longer (a SYN retransmitted, a stall) counts as the failure `slow`. Prints
 //!       `backend NAME COUNT`, `failure KIND COUNT`, `elapsed_s S rate R`, `not-attempted K` when it
 //!       stopped early, and last `OK ok, FAILED failed` (not attempted ones count as failed).
 //!   idle ADDR --count K [--wait-ms W] [--max-wait-s S]
@@ -39,8 +45,9 @@
 //!       means the same backend answered.
 //!   tcp ADDR [--count N] [--bind PORT] [--timeout-ms T]
 //!       N connections (from PORT when given, with SO_REUSEADDR), one ECHO each: `NAME PEER`.
-//!   udp ADDR [--count N] [--connected] [--timeout-ms T]
-//!       N new sockets, one datagram each: `NAME PEER`, or `ERR <kind> after <ms> ms`.
+//!   udp ADDR [--count N] [--connected] [--timeout-ms T] [--size BYTES]
+//!       N new sockets, one datagram each (padded to BYTES, so larger than one packet when asked):
+//!       `NAME PEER`, or `ERR <kind> after <ms> ms`.
 //!   sctp ADDR [--count N] [--sport PORT] [--timeout-ms T]
 //!       N HEARTBEATs (new random source port each unless --sport): `NAME PEER`.
 //!   session udp|sctp ADDR [--sport PORT] [--reconnect] [--timeout-ms T]
@@ -48,6 +55,11 @@
 //!       each. UDP uses a connected socket; with --reconnect, an error makes it open and connect
 //!       a new socket (what an application does when its socket is destroyed), ready for the
 //!       next ask.
+//!
+//! Forged packets (as an attacker sends them; needs CAP_NET_RAW):
+//!   forge-tcp SRC:PORT DST:PORT FLAGS SEQ ACK [--count N]
+//!       N hand-built TCP segments (FLAGS from `SAFRP`, no payload, valid checksums) from a raw
+//!       socket with IP_HDRINCL, so any source address and port. Prints `sent N`.
 use std::{
     collections::BTreeMap,
     io::{self, BufRead, Read, Write},
@@ -83,6 +95,7 @@ fn main() {
         Some("udp") => udp_clients(&args),
         Some("sctp") => sctp_clients(&args),
         Some("session") => session(&args),
+        Some("forge-tcp") => forge_tcp(&args),
         _ => {
             eprintln!("usage: see the comment at the top of ferry-load.rs");
             2
@@ -101,7 +114,7 @@ struct Args {
 }
 
 /// Flags without a value.
-const SWITCHES: [&str; 3] = ["--connected", "--reconnect", "--unverified"];
+const SWITCHES: [&str; 4] = ["--connected", "--reconnect", "--unverified", "--server-closes"];
 
 impl Args {
     fn parse() -> Args {
@@ -236,12 +249,19 @@ fn set_int_opt(fd: RawFd, level: i32, name: i32, v: i32) -> io::Result<()> {
 /// A TCP connection to `to`, from port `from_port` when given (SO_REUSEADDR, so a port whose
 /// previous connection is in TIME_WAIT can be used again), within `timeout`.
 fn connect_from(to: SocketAddrV4, from_port: Option<u16>, timeout: Duration) -> io::Result<TcpStream> {
+    connect_bound(to, Ipv4Addr::UNSPECIFIED, from_port, timeout)
+}
+
+/// `connect_from`, from the source address `from_ip` (any when unspecified).
+fn connect_bound(to: SocketAddrV4, from_ip: Ipv4Addr, from_port: Option<u16>, timeout: Duration) -> io::Result<TcpStream> {
     let fd = cvt(unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK, 0) })?;
     // Owned from here on: closed on every error path.
     let s = unsafe { TcpStream::from_raw_fd(fd) };
-    if let Some(p) = from_port {
-        set_int_opt(fd, libc::SOL_SOCKET, libc::SO_REUSEADDR, 1)?;
-        let sa = sockaddr(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, p));
+    if from_port.is_some() || !from_ip.is_unspecified() {
+        if from_port.is_some() {
+            set_int_opt(fd, libc::SOL_SOCKET, libc::SO_REUSEADDR, 1)?;
+        }
+        let sa = sockaddr(SocketAddrV4::new(from_ip, from_port.unwrap_or(0)));
         cvt(unsafe { libc::bind(fd, &sa as *const _ as *const libc::sockaddr, std::mem::size_of_val(&sa) as u32) })?;
     }
     let sa = sockaddr(to);
@@ -365,6 +385,10 @@ fn tcp_conn(mut s: TcpStream, name: &str) -> io::Result<()> {
         let w: Vec<&str> = line.split_whitespace().collect();
         match w.as_slice() {
             ["ECHO"] => s.write_all(format!("{name} {peer}\n").as_bytes())?,
+            ["BYE"] => {
+                s.write_all(format!("{name} {peer}\n").as_bytes())?;
+                return Ok(());
+            }
             ["WAIT", ms] => {
                 let ms: u64 = ms.parse().unwrap_or(0).min(600_000);
                 std::thread::sleep(Duration::from_millis(ms));
@@ -446,11 +470,14 @@ fn send_pattern(s: &mut TcpStream, seed: u64, len: u64, deadline: Option<Instant
 }
 
 fn udp_server(u: UdpSocket, name: Arc<str>) {
-    let mut buf = [0u8; 2048];
+    let mut buf = vec![0u8; 65536];
     loop {
         if let Ok((n, from)) = u.recv_from(&mut buf) {
-            let req = String::from_utf8_lossy(&buf[..n.min(64)]).trim().to_string();
-            let _ = u.send_to(format!("{name} {from} {req}\n").as_bytes(), from);
+            let mut answer = format!("{name} {from} ").into_bytes();
+            answer.extend_from_slice(&buf[..n]);
+            answer.push(b'\n');
+            answer.truncate(65507);
+            let _ = u.send_to(&answer, from);
         }
     }
 }
@@ -788,6 +815,20 @@ fn echo_once(s: &mut TcpStream, timeout: Duration) -> Result<String, String> {
     read_answer(s)
 }
 
+/// One BYE on a connection and the server's close after its answer; `Ok(NAME PEER)`.
+fn bye_once(s: &mut TcpStream, timeout: Duration) -> Result<String, String> {
+    s.set_write_timeout(Some(timeout)).map_err(|e| format!("setsockopt-{}", kind(&e)))?;
+    s.set_read_timeout(Some(timeout)).map_err(|e| format!("setsockopt-{}", kind(&e)))?;
+    s.write_all(b"BYE\n").map_err(|e| format!("write-{}", kind(&e)))?;
+    let answer = read_answer(s)?;
+    let mut rest = [0u8; 64];
+    match s.read(&mut rest) {
+        Ok(0) => Ok(answer),
+        Ok(_) => Err("data-after-bye".into()),
+        Err(e) => Err(format!("close-{}", kind(&e))),
+    }
+}
+
 /// Reads one `NAME PEER` line.
 fn read_answer(s: &mut TcpStream) -> Result<String, String> {
     match read_line(s) {
@@ -809,6 +850,12 @@ fn churn(a: &Args) -> i32 {
     let max_failures: usize = a.get("--max-failures", usize::MAX);
     let rate: f64 = a.get("--rate", 0.0);
     let deadline = Instant::now() + a.secs("--deadline-s", 120.0);
+    let server_closes = a.has("--server-closes");
+    let slow = a.flags.get("--slow-ms").map(|_| a.ms("--slow-ms", 0));
+    let from: Arc<[Ipv4Addr]> = match a.flags.get("--from") {
+        Some(v) => v.split(',').map(|ip| ip.parse().unwrap_or_else(|_| die(&format!("--from: {ip:?}")))).collect(),
+        None => Arc::from([Ipv4Addr::UNSPECIFIED]),
+    };
     let next = Arc::new(AtomicUsize::new(0));
     let failed = Arc::new(AtomicUsize::new(0));
     // (answers by backend, failures by kind)
@@ -816,7 +863,7 @@ fn churn(a: &Args) -> i32 {
     let started = Instant::now();
     let workers: Vec<_> = (0..conc)
         .map(|_| {
-            let (next, failed, results) = (next.clone(), failed.clone(), results.clone());
+            let (next, failed, results, from) = (next.clone(), failed.clone(), results.clone(), from.clone());
             std::thread::spawn(move || loop {
                 if Instant::now() >= deadline || failed.load(Ordering::Relaxed) >= max_failures {
                     return;
@@ -833,8 +880,19 @@ fn churn(a: &Args) -> i32 {
                     }
                     std::thread::sleep(at.saturating_duration_since(Instant::now()));
                 }
-                let r = connect_from(addr, None, timeout).map_err(|e| format!("connect-{}", kind(&e))).and_then(|mut s| echo_once(&mut s, timeout));
-                // The stream was dropped inside: the client closed first.
+                let t0 = Instant::now();
+                let r = connect_bound(addr, from[i % from.len()], None, timeout).map_err(|e| format!("connect-{}", kind(&e))).and_then(|mut s| {
+                    if server_closes {
+                        bye_once(&mut s, timeout)
+                    } else {
+                        echo_once(&mut s, timeout)
+                    }
+                });
+                // The stream was dropped inside: the client closed (first, unless the server did).
+                let r = match (r, slow) {
+                    (Ok(_), Some(limit)) if t0.elapsed() > limit => Err("slow".to_string()),
+                    (r, _) => r,
+                };
                 let mut g = results.lock().unwrap();
                 match r {
                     Ok(l) => *g.0.entry(l.split_whitespace().next().unwrap_or("").to_string()).or_default() += 1,
@@ -931,14 +989,18 @@ fn tcp_clients(a: &Args) -> i32 {
     0
 }
 
-/// One datagram and its answer on `u` (connected when `to` is None); `NAME PEER`.
-fn udp_exchange(u: &UdpSocket, to: Option<SocketAddr>, seq: u64) -> Result<String, io::Error> {
-    let req = format!("ASK {seq}");
+/// One datagram (`ASK SEQ`, padded with `.` to `size` bytes) and its answer on `u` (connected
+/// when `to` is None); `NAME PEER`. The answer must carry the whole request back.
+fn udp_exchange(u: &UdpSocket, to: Option<SocketAddr>, seq: u64, size: usize) -> Result<String, io::Error> {
+    let mut req = format!("ASK {seq} ").into_bytes();
+    if req.len() < size {
+        req.resize(size.min(65507), b'.');
+    }
     match to {
-        Some(a) => u.send_to(req.as_bytes(), a)?,
-        None => u.send(req.as_bytes())?,
+        Some(a) => u.send_to(&req, a)?,
+        None => u.send(&req)?,
     };
-    let mut buf = [0u8; 2048];
+    let mut buf = vec![0u8; 65536];
     // Bounded: stale answers (to earlier requests) are skipped, at most this many.
     for _ in 0..64 {
         let n = match to {
@@ -954,6 +1016,10 @@ fn udp_exchange(u: &UdpSocket, to: Option<SocketAddr>, seq: u64) -> Result<Strin
         let text = String::from_utf8_lossy(&buf[..n]).to_string();
         let w: Vec<&str> = text.split_whitespace().collect();
         if w.len() >= 4 && w[2] == "ASK" && w[3] == seq.to_string() {
+            let head = w[0].len() + w[1].len() + 2;
+            if n != head + req.len() + 1 || buf[head..n - 1] != req[..] {
+                return Err(io::Error::other(format!("answer-of-{n}-bytes-to-{}", req.len())));
+            }
             return Ok(format!("{} {}", w[0], w[1]));
         }
     }
@@ -965,15 +1031,16 @@ fn udp_clients(a: &Args) -> i32 {
     let count: usize = a.get::<usize>("--count", 1).min(100_000);
     let timeout = a.ms("--timeout-ms", 2000);
     let connected = a.has("--connected");
+    let size: usize = a.get("--size", 0);
     for seq in 0..count as u64 {
         let t0 = Instant::now();
         let r = UdpSocket::bind("0.0.0.0:0").and_then(|u| {
             u.set_read_timeout(Some(timeout))?;
             if connected {
                 u.connect(addr)?;
-                udp_exchange(&u, None, seq)
+                udp_exchange(&u, None, seq, size)
             } else {
-                udp_exchange(&u, Some(addr), seq)
+                udp_exchange(&u, Some(addr), seq, size)
             }
         });
         match r {
@@ -981,6 +1048,71 @@ fn udp_clients(a: &Args) -> i32 {
             Err(e) => println!("ERR {} after {} ms", kind_or_text(&e), t0.elapsed().as_millis()),
         }
     }
+    0
+}
+
+/// The ones' complement sum of `data` folded to 16 bits, not inverted (RFC 1071).
+fn csum_fold(data: &[u8], mut sum: u32) -> u16 {
+    for c in data.chunks(2) {
+        sum += u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)]));
+    }
+    while sum >> 16 != 0 {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    sum as u16
+}
+
+fn forge_tcp(a: &Args) -> i32 {
+    let (src, dst) = (a.addr(1), a.addr(2));
+    let flags: u8 = a.pos.get(3).unwrap_or_else(|| die("missing FLAGS")).chars().fold(0, |f, c| {
+        f | match c {
+            'F' => 0x01,
+            'S' => 0x02,
+            'R' => 0x04,
+            'P' => 0x08,
+            'A' => 0x10,
+            _ => die(&format!("FLAGS: {c:?} is not one of SAFRP")),
+        }
+    });
+    let num = |i: usize, what: &str| -> u32 { a.pos.get(i).and_then(|v| v.parse().ok()).unwrap_or_else(|| die(&format!("{what}: a number"))) };
+    let (seq, ack) = (num(4, "SEQ"), num(5, "ACK"));
+    let count: usize = a.get::<usize>("--count", 1).min(100_000);
+    let mut tcp = [0u8; 20];
+    tcp[0..2].copy_from_slice(&src.port().to_be_bytes());
+    tcp[2..4].copy_from_slice(&dst.port().to_be_bytes());
+    tcp[4..8].copy_from_slice(&seq.to_be_bytes());
+    tcp[8..12].copy_from_slice(&ack.to_be_bytes());
+    tcp[12] = 5 << 4;
+    tcp[13] = flags;
+    tcp[14..16].copy_from_slice(&65535u16.to_be_bytes());
+    let mut pseudo = Vec::with_capacity(32);
+    pseudo.extend_from_slice(&src.ip().octets());
+    pseudo.extend_from_slice(&dst.ip().octets());
+    pseudo.extend_from_slice(&[0, libc::IPPROTO_TCP as u8, 0, 20]);
+    pseudo.extend_from_slice(&tcp);
+    let c = !csum_fold(&pseudo, 0);
+    tcp[16..18].copy_from_slice(&c.to_be_bytes());
+    let mut ip = [0u8; 20];
+    ip[0] = 0x45;
+    ip[2..4].copy_from_slice(&40u16.to_be_bytes());
+    ip[4..6].copy_from_slice(&(random_u64() as u16).to_be_bytes());
+    ip[6] = 0x40; // DF
+    ip[8] = 64;
+    ip[9] = libc::IPPROTO_TCP as u8;
+    ip[12..16].copy_from_slice(&src.ip().octets());
+    ip[16..20].copy_from_slice(&dst.ip().octets());
+    let c = !csum_fold(&ip, 0);
+    ip[10..12].copy_from_slice(&c.to_be_bytes());
+    let pkt = [&ip[..], &tcp[..]].concat();
+    // IPPROTO_RAW: the header is the caller's (IP_HDRINCL implied).
+    let fd = cvt(unsafe { libc::socket(libc::AF_INET, libc::SOCK_RAW | libc::SOCK_CLOEXEC, libc::IPPROTO_RAW) }).unwrap_or_else(|e| die(&format!("raw socket: {e}")));
+    let _owned = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) };
+    for _ in 0..count {
+        if let Err(e) = raw_send(fd, *dst.ip(), &pkt) {
+            die(&format!("send: {e}"));
+        }
+    }
+    println!("sent {count}");
     0
 }
 
@@ -1032,7 +1164,7 @@ fn session(a: &Args) -> i32 {
                     break;
                 }
                 let r = match &sock {
-                    Ok(u) => udp_exchange(u, None, seq),
+                    Ok(u) => udp_exchange(u, None, seq, 0),
                     Err(e) => Err(io::Error::new(e.kind(), e.to_string())),
                 };
                 match r {
