@@ -75,6 +75,8 @@ pub struct RunConfig {
     pub algorithm: crate::reconcile::Algorithm,
     /// `--nodeport-acceleration=xdp`: NodePort handling in XDP on the external interfaces.
     pub xdp: bool,
+    /// `--pod-source-check strict`: a pod may send only with its own address.
+    pub source_check: bool,
     /// cgroup (v2) for the socket hooks; `None` leaves host processes alone.
     pub cgroup: Option<PathBuf>,
     pub service_cidrs: BTreeSet<Cidr4>,
@@ -149,6 +151,8 @@ pub fn node_config(cfg: &RunConfig, node: &model::NodeContext, objs: &Objects) -
         cluster_mask_be,
         ct_timeout_s: cfg.ct_timeouts,
         host_netns_cookie: cfg.host_netns_cookie,
+        flags: if cfg.source_check { dataplane_common::CFG_F_SOURCE_CHECK } else { 0 },
+        ..Default::default()
     }
 }
 
@@ -441,7 +445,12 @@ impl PolicyState {
     pub fn sync(&mut self, maps: &mut BpfMaps, objs: &Objects, node: &model::NodeContext) -> (usize, usize, Vec<ObjectError>, Vec<String>) {
         let mut host: Vec<std::net::Ipv4Addr> = node.ips.clone();
         host.extend(self.host_ips.iter().filter(|ip| !node.ips.contains(ip)));
-        let (desired, errors) = crate::netpol::translate(objs, &node.name, &host, &mut self.ids);
+        let (mut desired, errors) = crate::netpol::translate(objs, &node.name, &host, &mut self.ids);
+        let routes = crate::routes::Routes::read().unwrap_or_else(|e| {
+            warn!(error = %e, "reading the node's routes: this node's pods are checked by reverse path only");
+            Default::default()
+        });
+        desired.resolve_local(|ip| routes.oif(ip));
         let (w, d, map_errors) = maps.sync_policy(&mut self.applied, &desired);
         (w, d, errors, map_errors)
     }

@@ -15,7 +15,7 @@ use aya::{
 };
 use dataplane_common::{
     capacity, names, AffinityKey, AffinityValue, Ct4Key, Lb4Backend, SockRevKey, SockRevValue, Lb4Key, Lb4Service, Lb4SlotKey, NodeConfig, SrcRangeData,
-    SvcCounters, SvcName, PolCtValue, PolEndpoint, PolRuleKey, IPPROTO_TCP, SVC_F_ADDR_ONLY,
+    SvcCounters, SvcName, LocalAddr, PodIface, PolCtValue, PolEndpoint, PolRuleKey, IPPROTO_TCP, SVC_F_ADDR_ONLY,
 };
 
 use crate::{
@@ -48,6 +48,9 @@ pub struct BpfMaps {
     pub id_names: HashMap<MapData, u32, SvcName>,
     /// Host sockets translated by the socket hooks: `(cookie, backend) -> Service address`.
     pub sock_rev: HashMap<MapData, SockRevKey, SockRevValue>,
+    /// This node's and its pods' addresses (anti-spoofing), and its pod interfaces.
+    pub local_addrs: HashMap<MapData, u32, LocalAddr>,
+    pub pod_ifaces: HashMap<MapData, u32, PodIface>,
     /// Real capacities (the loader may override the compiled ones), for "map full" errors.
     caps: Caps,
 }
@@ -111,6 +114,8 @@ impl BpfMaps {
             pod_names: conv(names::POD_NAMES, HashMap::try_from(get(names::POD_NAMES)?))?,
             id_names: conv(names::IDENTITY_NAMES, HashMap::try_from(get(names::IDENTITY_NAMES)?))?,
             sock_rev: conv(names::SOCK_REV, HashMap::try_from(get(names::SOCK_REV)?))?,
+            local_addrs: conv(names::LOCAL_ADDRS, HashMap::try_from(get(names::LOCAL_ADDRS)?))?,
+            pod_ifaces: conv(names::POD_IFACES, HashMap::try_from(get(names::POD_IFACES)?))?,
             caps,
         })
     }
@@ -246,6 +251,12 @@ impl BpfMaps {
         for (ip, n) in self.pod_names.iter().flatten() {
             d.pod_names.insert(Ipv4Addr::from(ip.to_ne_bytes()), n.as_str().to_string());
         }
+        for (ip, l) in self.local_addrs.iter().flatten() {
+            d.local.insert(Ipv4Addr::from(ip.to_ne_bytes()), l);
+        }
+        for (ifindex, p) in self.pod_ifaces.iter().flatten() {
+            d.pod_ifaces.insert(ifindex, p);
+        }
         (d, ids)
     }
 
@@ -273,6 +284,15 @@ impl BpfMaps {
         let (id_put, id_del) = diff(&applied.identities, &want.identities);
         let (pol_put, pol_del) = diff(&applied.policies, &want.policies);
         let (pod_put, pod_del) = diff(&applied.pod_names, &want.pod_names);
+        let (local_put, local_del) = diff(&applied.local, &want.local);
+        let (if_put, if_del) = diff(&applied.pod_ifaces, &want.pod_ifaces);
+        // Anti-spoofing first: a pod's new address is known before anything refers to it.
+        for (ip, l) in &local_put {
+            note(self.local_addrs.insert(ip_be(ip), *l, 0), format!("{} {ip}", names::LOCAL_ADDRS), &mut writes);
+        }
+        for (ifindex, p) in &if_put {
+            note(self.pod_ifaces.insert(ifindex, *p, 0), format!("{} {ifindex}", names::POD_IFACES), &mut writes);
+        }
         for (c, id) in &ipc_put {
             note(self.pol_ipcache.insert(&ip_key(c), *id, 0), format!("{} {c}", names::POL_IPCACHE), &mut writes);
         }
@@ -308,6 +328,12 @@ impl BpfMaps {
         }
         for ip in &pod_del {
             note(self.pod_names.remove(&ip_be(ip)), format!("{} {ip}", names::POD_NAMES), &mut deletes);
+        }
+        for ifindex in &if_del {
+            note(self.pod_ifaces.remove(ifindex), format!("{} {ifindex}", names::POD_IFACES), &mut deletes);
+        }
+        for ip in &local_del {
+            note(self.local_addrs.remove(&ip_be(ip)), format!("{} {ip}", names::LOCAL_ADDRS), &mut deletes);
         }
         if errors.is_empty() {
             *applied = want.clone();

@@ -196,6 +196,12 @@ pub struct RunArgs {
     /// what XDP cannot finish goes on to tc).
     #[arg(long, env = "FERRY_NODEPORT_ACCELERATION", default_value = "none", value_parser = ["none", "xdp"])]
     pub nodeport_acceleration: String,
+    /// Anti-spoofing on pod interfaces: `strict` drops a pod's packet (and ARP) whose source is
+    /// not the pod's own address (the address its interface is routed to: a routed CNI such as
+    /// Calico's or Cilium's); `off` for a bridge CNI, where no route leads to a pod's own
+    /// interface (pods may then send with any source address).
+    #[arg(long, env = "FERRY_POD_SOURCE_CHECK", default_value = "strict", value_parser = ["strict", "off"])]
+    pub pod_source_check: String,
     /// IP:PORT for /healthz, /livez and /readyz (kube-proxy's flag and port); empty disables.
     #[arg(long, env = "FERRY_HEALTHZ_BIND_ADDRESS", default_value = "0.0.0.0:10256")]
     pub healthz_bind_address: String,
@@ -326,6 +332,7 @@ impl RunArgs {
                 _ => Algorithm::Maglev,
             },
             xdp: self.nodeport_acceleration == "xdp",
+            source_check: self.pod_source_check == "strict",
             cgroup,
             service_cidrs,
             cluster_cidr,

@@ -15,6 +15,7 @@ pub mod monitor;
 pub mod netpol;
 pub mod packet;
 pub mod reconcile;
+pub mod routes;
 pub mod select;
 pub mod sockets;
 pub mod sources;

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use aya::{maps::MapInfo, Ebpf, EbpfLoader};
 use dataplane_common::{
     names, AffinityKey, AffinityValue, Ct4Entry, Ct4Key, Frag4Key, Frag4Ports, Lb4Backend, Lb4Key, Lb4Service, Lb4SlotKey, NodeConfig,
-    PolCtValue, PolEndpoint, PolRuleKey, SockRevKey, SockRevValue, SvcCounters, SvcName,
+    LocalAddr, PodIface, PolCtValue, PolEndpoint, PolRuleKey, SockRevKey, SockRevValue, SvcCounters, SvcName,
 };
 
 use crate::error::LoadError;
@@ -42,7 +42,7 @@ pub fn conntrack_capacities(n: u32) -> [(&'static str, u32); 2] {
 pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/ferry";
 
 /// (name, key size, value size) of every pinned map, checked before re-using a pin.
-fn expected_layout() -> [(&'static str, u32, u32); 22] {
+fn expected_layout() -> [(&'static str, u32, u32); 24] {
     use std::mem::size_of;
     [
         (names::SERVICES, size_of::<Lb4Key>() as u32, size_of::<Lb4Service>() as u32),
@@ -67,6 +67,8 @@ fn expected_layout() -> [(&'static str, u32, u32); 22] {
         (names::POD_NAMES, 4, size_of::<SvcName>() as u32),
         (names::IDENTITY_NAMES, 4, size_of::<SvcName>() as u32),
         (names::SOCK_REV, size_of::<SockRevKey>() as u32, size_of::<SockRevValue>() as u32),
+        (names::LOCAL_ADDRS, 4, size_of::<LocalAddr>() as u32),
+        (names::POD_IFACES, 4, size_of::<PodIface>() as u32),
     ]
 }
 

@@ -16,7 +16,7 @@ use std::{
     net::Ipv4Addr,
 };
 
-use dataplane_common::{identity, PolEndpoint, PolRuleKey, DIR_EGRESS, DIR_INGRESS, EP_F_EGRESS, EP_F_INGRESS, IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP, RULE_PREFIX_ALL_PORTS, RULE_PREFIX_FULL, RULE_PREFIX_PROTO};
+use dataplane_common::{identity, LocalAddr, PodIface, LOCAL_HOST, LOCAL_POD, PolEndpoint, PolRuleKey, DIR_EGRESS, DIR_INGRESS, EP_F_EGRESS, EP_F_INGRESS, IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP, RULE_PREFIX_ALL_PORTS, RULE_PREFIX_FULL, RULE_PREFIX_PROTO};
 use k8s_openapi::{
     api::{
         core::v1::Pod,
@@ -43,6 +43,43 @@ pub struct DesiredPolicy {
     pub policies: BTreeMap<u32, String>,
     /// Pod address -> `namespace/name`.
     pub pod_names: BTreeMap<Ipv4Addr, String>,
+    /// Anti-spoofing: this node's addresses (`LOCAL_HOST`) and its pods' (`LOCAL_POD`, with the
+    /// interface the pod is routed through), and the pod behind each pod interface. Filled by
+    /// [`DesiredPolicy::resolve_local`] from `local_pod_ips` and the node's routes.
+    pub local: BTreeMap<Ipv4Addr, LocalAddr>,
+    pub pod_ifaces: BTreeMap<u32, PodIface>,
+    /// Addresses of this node's pods (not hostNetwork), from the Pods.
+    pub local_pod_ips: BTreeSet<Ipv4Addr>,
+}
+
+impl DesiredPolicy {
+    /// Fills `local` and `pod_ifaces` for the pods of this node: each is found behind the
+    /// interface its address is routed through (`oif`: a routed CNI gives every pod a route over
+    /// its own interface). An interface that more than one pod is routed through (a bridge) is no
+    /// pod's own: those pods are known as this node's (nothing from outside may claim them) but
+    /// without an interface.
+    pub fn resolve_local(&mut self, oif: impl Fn(Ipv4Addr) -> Option<u32>) {
+        let mut by_if: BTreeMap<u32, Vec<Ipv4Addr>> = BTreeMap::new();
+        for ip in &self.local_pod_ips {
+            match oif(*ip) {
+                Some(i) if i != 0 => by_if.entry(i).or_default().push(*ip),
+                _ => {
+                    self.local.insert(*ip, LocalAddr { ifindex: 0, kind: LOCAL_POD });
+                }
+            }
+        }
+        for (ifindex, ips) in by_if {
+            let own = ips.len() == 1;
+            for ip in ips {
+                if own {
+                    self.local.insert(ip, LocalAddr { ifindex, kind: LOCAL_POD });
+                    self.pod_ifaces.insert(ifindex, PodIface { addr_be: u32::from_ne_bytes(ip.octets()), pad: 0 });
+                } else {
+                    self.local.insert(ip, LocalAddr { ifindex: 0, kind: LOCAL_POD });
+                }
+            }
+        }
+    }
 }
 
 /// Stable numbers for identities and policies: kept while their name lives, so a change
@@ -237,10 +274,14 @@ pub fn translate(objs: &Objects, node: &str, node_ips: &[Ipv4Addr], ids: &mut Id
         d.pod_names.insert(ip, format!("{ns}/{}", p.metadata.name.clone().unwrap_or_default()));
         d.ipcache.insert(Cidr4 { addr: ip, prefix: 32 }, id);
         let local = p.spec.as_ref().and_then(|s| s.node_name.as_deref()) == Some(node);
+        if local {
+            d.local_pod_ips.insert(ip);
+        }
         pods.push(PodInfo { ns, ip, labels, identity: id, local, pod: p });
     }
     for ip in node_ips {
         d.ipcache.insert(Cidr4 { addr: *ip, prefix: 32 }, identity::HOST);
+        d.local.insert(*ip, LocalAddr { ifindex: 0, kind: LOCAL_HOST });
     }
     d.identities.insert(identity::HOST, "reserved:host".into());
     d.identities.insert(identity::WORLD, "reserved:world".into());

@@ -23,7 +23,7 @@ pub mod names {
     pub const STATS: &str = "stats_v1";
     pub const AFFINITY: &str = "lb4_aff_v1";
     pub const SOURCE_RANGES: &str = "lb4_src_v1";
-    pub const CONFIG: &str = "cfg4_v3";
+    pub const CONFIG: &str = "cfg4_v4";
     pub const CHASH: &str = "lb4_chash_v2";
     pub const SVC_STATS: &str = "lb4_svc_stat_v1";
     pub const SVC_NAMES: &str = "lb4_svc_name_v1";
@@ -39,10 +39,15 @@ pub mod names {
     /// The Service address each host socket was translated from (recvmsg/getpeername): pinned so
     /// that sockets opened before an agent restart still report it.
     pub const SOCK_REV: &str = "sock_rev4_v1";
+    /// This node's own addresses and its pods', by address: what source addresses are checked
+    /// against (anti-spoofing).
+    pub const LOCAL_ADDRS: &str = "local4_v1";
+    /// This node's pod interfaces, by ifindex: the pod's address behind each.
+    pub const POD_IFACES: &str = "pod_if4_v1";
     /// Every map the agent pins, in the order it creates and checks them.
-    pub const ALL: [&str; 24] = [
+    pub const ALL: [&str; 26] = [
         SERVICES, SLOTS, BACKENDS, CONNTRACK, CONNTRACK_ASSURED, FRAGMENTS, SERVICE_CIDRS, STATS, AFFINITY, SOURCE_RANGES, CONFIG, CHASH, SVC_STATS, SVC_NAMES,
-        POL_IPCACHE, POL_ENDPOINTS, POL_RULES, POL_CONNTRACK, POL_DROPS, POL_EVENTS, POL_NAMES, POD_NAMES, IDENTITY_NAMES, SOCK_REV,
+        POL_IPCACHE, POL_ENDPOINTS, POL_RULES, POL_CONNTRACK, POL_DROPS, POL_EVENTS, POL_NAMES, POD_NAMES, IDENTITY_NAMES, SOCK_REV, LOCAL_ADDRS, POD_IFACES,
     ];
 }
 
@@ -100,6 +105,10 @@ pub mod capacity {
     pub const POL_EVENTS_BYTES: u32 = 1 << 20;
     pub const POD_NAMES: u32 = 262_144;
     pub const IDENTITIES: u32 = 65_536;
+    /// This node's addresses and its pods' addresses.
+    pub const LOCAL_ADDRS: u32 = 16_384;
+    /// This node's pod interfaces.
+    pub const POD_IFACES: u32 = 16_384;
 }
 
 /// Entries of a consistent-hashing table whose service entry says `table_size: 0` (written by an
@@ -340,7 +349,26 @@ pub struct NodeConfig {
     /// The node's own network namespace (its cookie): the socket hooks translate only sockets of
     /// it, so pods' traffic always takes the tc path. 0: every socket in the cgroup.
     pub host_netns_cookie: u64,
+    /// `CFG_F_*`.
+    pub flags: u32,
+    /// NetworkPolicy generation: the agent bumps it whenever what policies allow may have
+    /// changed; a policy conntrack entry of an older generation is checked again.
+    pub pol_generation: u32,
+    /// Refusals (TCP RST, ICMP unreachable) this node sends: a token bucket of this many a second
+    /// and this burst; 0 takes `REFUSALS_PER_S_DEFAULT` and `REFUSAL_BURST_DEFAULT`.
+    pub refusals_per_s: u32,
+    pub refusal_burst: u32,
+    /// Most conntrack entries one source address may hold in the assured maps; 0: no limit.
+    pub ct_per_source_max: u32,
+    pub pad: u32,
 }
+
+/// `NodeConfig.flags`: a pod may send only with its own address (anti-spoofing, guard.rs).
+pub const CFG_F_SOURCE_CHECK: u32 = 1 << 0;
+/// The kernel's default `icmp_ratelimit`/`icmp_msgs_per_sec` class: 1 000 a second.
+pub const REFUSALS_PER_S_DEFAULT: u32 = 1000;
+/// The kernel's `icmp_msgs_burst` default.
+pub const REFUSAL_BURST_DEFAULT: u32 = 50;
 
 /// Per-CPU counters of one frontend (`svc_id`): packets and bytes (IP total length) the
 /// datapath translated for it, both directions. The agent creates the entry with the frontend.
@@ -487,10 +515,22 @@ pub enum DropReason {
     /// and a later fragment cannot be answered (its first fragment was, with ICMP fragmentation
     /// needed, like every other packet too large: `icmp_frag_needed`).
     FragNeeded = 15,
+    /// From a pod, with a source address that is not the pod's own (a pod's interface carries
+    /// only its pod's address); or from outside the node, with the address of one of this node's
+    /// pods or of the node itself.
+    SpoofedSource = 16,
+    /// An ARP packet from a pod whose sender address is not the pod's own.
+    SpoofedArp = 17,
+    /// A frame that is not IPv4 (IPv6, another ethertype) into a pod isolated for ingress or out
+    /// of one isolated for egress: Ferry decides IPv4 only, so the rest cannot pass unpoliced.
+    NotIpv4Isolated = 18,
+    /// A VLAN-tagged frame from a pod: a pod's interface carries untagged frames only, and a tag
+    /// (even VLAN 0) would carry a packet past the checks that parse untagged ones.
+    VlanFromPod = 19,
 }
 
 impl DropReason {
-    pub const ALL: [DropReason; 15] = [
+    pub const ALL: [DropReason; 19] = [
         DropReason::Malformed,
         DropReason::NoService,
         DropReason::SctpPortNat,
@@ -506,6 +546,10 @@ impl DropReason {
         DropReason::PolicyIngress,
         DropReason::PolicyEgress,
         DropReason::FragNeeded,
+        DropReason::SpoofedSource,
+        DropReason::SpoofedArp,
+        DropReason::NotIpv4Isolated,
+        DropReason::VlanFromPod,
     ];
 
     pub const fn name(self) -> &'static str {
@@ -525,6 +569,10 @@ impl DropReason {
             DropReason::PolicyIngress => "policy_ingress",
             DropReason::PolicyEgress => "policy_egress",
             DropReason::FragNeeded => "frag_needed",
+            DropReason::SpoofedSource => "spoofed_source",
+            DropReason::SpoofedArp => "spoofed_arp",
+            DropReason::NotIpv4Isolated => "not_ipv4_isolated",
+            DropReason::VlanFromPod => "vlan_from_pod",
         }
     }
 
@@ -545,6 +593,10 @@ impl DropReason {
             13 => DropReason::PolicyIngress,
             14 => DropReason::PolicyEgress,
             15 => DropReason::FragNeeded,
+            16 => DropReason::SpoofedSource,
+            17 => DropReason::SpoofedArp,
+            18 => DropReason::NotIpv4Isolated,
+            19 => DropReason::VlanFromPod,
             _ => DropReason::Malformed,
         }
     }
@@ -673,6 +725,28 @@ pub mod identity {
 pub const DIR_INGRESS: u8 = 0;
 pub const DIR_EGRESS: u8 = 1;
 
+/// `LocalAddr.kind`: an address of the node itself.
+pub const LOCAL_HOST: u32 = 1;
+/// `LocalAddr.kind`: the address of a pod of this node, behind interface `ifindex`.
+pub const LOCAL_POD: u32 = 2;
+
+/// An address of this node or of one of its pods (key: the address, wire order).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord)]
+pub struct LocalAddr {
+    /// The pod's interface (host side); 0 for the node's own addresses.
+    pub ifindex: u32,
+    pub kind: u32,
+}
+
+/// A pod interface of this node (key: its ifindex): the address of the pod behind it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord)]
+pub struct PodIface {
+    pub addr_be: u32,
+    pub pad: u32,
+}
+
 /// `PolEndpoint.flags`: the pod is isolated for ingress (some policy selects it for ingress).
 pub const EP_F_INGRESS: u32 = 1 << 0;
 /// `PolEndpoint.flags`: the pod is isolated for egress.
@@ -763,7 +837,7 @@ const _: () = {
     assert!(core::mem::size_of::<AffinityKey>() == 8);
     assert!(core::mem::size_of::<AffinityValue>() == 16);
     assert!(core::mem::size_of::<SrcRangeData>() == 8);
-    assert!(core::mem::size_of::<NodeConfig>() == 56);
+    assert!(core::mem::size_of::<NodeConfig>() == 80);
     assert!(core::mem::size_of::<SvcCounters>() == 16);
     assert!(core::mem::size_of::<PolEndpoint>() == 16);
     assert!(core::mem::size_of::<PolRuleKey>() == 12);
@@ -778,6 +852,8 @@ const _: () = {
     assert!(core::mem::size_of::<Frag4Ports>() == 4);
     assert!(core::mem::size_of::<SockRevKey>() == 16);
     assert!(core::mem::size_of::<SockRevValue>() == 8);
+    assert!(core::mem::size_of::<LocalAddr>() == 8);
+    assert!(core::mem::size_of::<PodIface>() == 8);
 };
 
 #[cfg(feature = "user")]
@@ -804,4 +880,6 @@ mod pod {
     unsafe impl aya::Pod for AffinityValue {}
     unsafe impl aya::Pod for SrcRangeData {}
     unsafe impl aya::Pod for NodeConfig {}
+    unsafe impl aya::Pod for LocalAddr {}
+    unsafe impl aya::Pod for PodIface {}
 }

@@ -22,7 +22,7 @@ use dataplane_common::{
 };
 
 use crate::{
-    maps::{cfg4_v3, ct4_assured_v2, ct4_v2, ct_scratch},
+    maps::{cfg4_v4, ct4_assured_v2, ct4_v2, ct_scratch},
     parse::{Ipv4Packet, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
     stats,
 };
@@ -150,7 +150,7 @@ pub fn timeout_ns(proto: u8, state: u32) -> u64 {
     };
     // Masked so the verifier sees the index in bounds.
     let idx = idx & (ct_timeout::COUNT - 1);
-    let configured = cfg4_v3.get(0).map(|c| c.ct_timeout_s[idx]).unwrap_or(0);
+    let configured = cfg4_v4.get(0).map(|c| c.ct_timeout_s[idx]).unwrap_or(0);
     let s = if configured != 0 { configured } else { default_timeout_s(idx) };
     s as u64 * SECOND
 }

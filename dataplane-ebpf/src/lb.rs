@@ -15,7 +15,7 @@ use dataplane_common::{
 
 use crate::{
     conntrack,
-    maps::{cfg4_v3, frag4_v1, path_scratch, lb4_aff_v1, lb4_be_v1, lb4_chash_v2, lb4_slot_v1, lb4_src_v1, lb4_svc_v2, svc_cidr4_v1},
+    maps::{cfg4_v4, frag4_v1, path_scratch, lb4_aff_v1, lb4_be_v1, lb4_chash_v2, lb4_slot_v1, lb4_src_v1, lb4_svc_v2, svc_cidr4_v1},
     nat,
     parse::{Ipv4Packet, TCP_ACK, TCP_SYN},
     stats,
@@ -537,7 +537,7 @@ fn direct_flow_clash(p: &mut Ipv4Packet, out: &mut Ct4Entry) -> bool {
         return false;
     }
     stats::count(stat::CT_CLASH);
-    let cfg = cfg4_v3.get(0).copied().unwrap_or_default();
+    let cfg = cfg4_v4.get(0).copied().unwrap_or_default();
     let (port_min, port_max) = port_range(&cfg);
     let mut spec = PairSpec {
         be: Lb4Backend { addr_be: p.daddr_be, port_be: p.dport_be, proto: p.proto, flags: 0 },
@@ -566,7 +566,7 @@ fn port_range(cfg: &dataplane_common::NodeConfig) -> (u16, u16) {
 #[inline(always)]
 fn cluster_ip_from_outside(p: &Ipv4Packet) -> Option<(Lb4Service, bool)> {
     let svc = lb4_lookup_service(p.daddr_be, p.dport_be, p.proto, SCOPE_INTERNAL).filter(|s| s.flags & SVC_F_ADDR_ONLY == 0)?;
-    let cfg = cfg4_v3.get(0).copied().unwrap_or_default();
+    let cfg = cfg4_v4.get(0).copied().unwrap_or_default();
     Some((svc, cfg.cluster_mask_be != 0 && p.saddr_be & cfg.cluster_mask_be != cfg.cluster_cidr_be))
 }
 
@@ -600,7 +600,7 @@ pub fn lb4_new_connection(p: &mut Ipv4Packet, svc: &mut Lb4Service, hook: u32, m
         Ok(b) => b,
         Err(r) => return r as u32,
     };
-    let Some(cfg) = cfg4_v3.get(0) else { return DropReason::NoNodeAddress as u32 };
+    let Some(cfg) = cfg4_v4.get(0) else { return DropReason::NoNodeAddress as u32 };
     // From outside to a backend on another node (externalTrafficPolicy Cluster): the reply must
     // come back through this node, so the source becomes this node's address. Never towards the
     // node itself (a hostNetwork endpoint): its replies leave through this node anyway, and a

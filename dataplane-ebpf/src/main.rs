@@ -6,6 +6,7 @@
 
 mod conntrack;
 mod csum;
+mod guard;
 mod icmp;
 mod lb;
 mod maps;
@@ -90,6 +91,14 @@ pub fn ferry_bench_empty_xdp(_ctx: XdpContext) -> u32 {
 #[inline(always)]
 fn tc_entry(ctx: &TcContext, hook: Hook) -> i32 {
     stats::count(stat::PACKETS);
+    // Anti-spoofing, and frames that are not IPv4 kept from isolated pods: before anything else
+    // (see guard.rs).
+    if hook != Hook::ToWorld {
+        let code = guard::ferry_guard(ctx.skb.skb, hook as u32);
+        if code != 0 {
+            return drop(DropReason::from_code(code));
+        }
+    }
     // NetworkPolicy ingress: on the packet as it arrives at the pod (already translated by
     // whichever node translated it; replies not yet translated back).
     if hook == Hook::ToPod {

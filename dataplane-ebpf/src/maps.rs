@@ -10,7 +10,7 @@ use aya_ebpf::{
 const NO_PREALLOC: usize = 1;
 
 use dataplane_common::{
-    capacity, AffinityKey, AffinityValue, Ct4Entry, Ct4Key, Frag4Key, Frag4Ports, Lb4Backend, Lb4Key, Lb4Service,
+    capacity, AffinityKey, LocalAddr, PodIface, AffinityValue, Ct4Entry, Ct4Key, Frag4Key, Frag4Ports, Lb4Backend, Lb4Key, Lb4Service,
     Lb4SlotKey, NodeConfig, PolCtValue, PolEndpoint, PolRuleKey, PolicyEvent, SockRevKey, SockRevValue, SrcRangeData, SvcCounters, SvcName,
 };
 
@@ -68,7 +68,7 @@ pub static lb4_src_v1: LpmTrie<SrcRangeData, u32, { capacity::SOURCE_RANGES as u
 
 /// This node's settings (one entry), written by the agent.
 #[btf_map]
-pub static cfg4_v3: Array<NodeConfig, 1> = Array::new();
+pub static cfg4_v4: Array<NodeConfig, 1> = Array::new();
 
 /// Each frontend's consistent-hashing table (Maglev or rendezvous, built by the agent):
 /// `svc_id -> [backend id; table_size]`, one inner array per frontend so memory follows the
@@ -131,6 +131,17 @@ pub static pol_name_v1: HashMap<u32, SvcName, { capacity::POLICIES as usize }, N
 pub static pol_podname4_v1: HashMap<u32, SvcName, { capacity::POD_NAMES as usize }, NO_PREALLOC> = HashMap::new();
 #[btf_map]
 pub static pol_idname_v1: HashMap<u32, SvcName, { capacity::IDENTITIES as usize }, NO_PREALLOC> = HashMap::new();
+
+/// This node's addresses and its pods' (address -> kind, and the pod's interface): a pod may
+/// send only with its own address, and nothing from outside may claim any of these. Written by
+/// the agent.
+#[btf_map]
+pub static local4_v1: HashMap<u32, LocalAddr, { capacity::LOCAL_ADDRS as usize }, NO_PREALLOC> = HashMap::new();
+
+/// This node's pod interfaces (ifindex -> the pod's address), for frames that carry no IPv4
+/// address to find the pod by. Written by the agent.
+#[btf_map]
+pub static pod_if4_v1: HashMap<u32, PodIface, { capacity::POD_IFACES as usize }, NO_PREALLOC> = HashMap::new();
 
 /// Per-CPU scratch of the policy check: the tuple of the packet being handled before Service
 /// translation (written by `egress_pre`, read by `check` on the same packet).

@@ -13,7 +13,7 @@ use dataplane_common::{stat, SockRevKey, SockRevValue, SCOPE_INTERNAL, SVC_F_ADD
 
 use crate::{
     lb::{lb4_choose_backend, lb4_lookup_service, lb4_unserved, Unserved},
-    maps::{cfg4_v3, sock_rev4_v1},
+    maps::{cfg4_v4, sock_rev4_v1},
     stats,
 };
 
@@ -78,7 +78,7 @@ pub fn sock4_xlate(ctx: &SockAddrContext) -> i32 {
 /// an immediate move off a removed endpoint.
 #[inline(always)]
 fn host_socket(ctx: &SockAddrContext) -> bool {
-    let host = cfg4_v3.get(0).map(|c| c.host_netns_cookie).unwrap_or(0);
+    let host = cfg4_v4.get(0).map(|c| c.host_netns_cookie).unwrap_or(0);
     host == 0 || unsafe { bpf_get_netns_cookie(ctx.sock_addr as *mut _) } == host
 }
 

@@ -25,7 +25,7 @@ use crate::{
     csum::{csum_replace2, csum_replace4},
     conntrack,
     lb::{backend_alive, ct_key, lb4_lookup_service, lb4_new_connection, lb4_source_allowed, Hook, Masq, Verdict, DROP_CODE},
-    maps::path_scratch,
+    maps::{local4_v1, path_scratch},
     parse::{Ipv4Packet, ETH_LEN, TCP_SYN},
     stats,
 };
@@ -138,6 +138,10 @@ pub fn try_nodeport(ctx: &XdpContext) -> Result<u32, DropReason> {
     let frags = u16::from_be_bytes([ip[6], ip[7]]);
     if ip[0] != 0x45 || frags & 0x3fff != 0 || !matches!(ip[9], IPPROTO_TCP | IPPROTO_UDP) {
         return Ok(PASS);
+    }
+    // Nothing from outside may claim an address of this node or of its pods (see guard.rs).
+    if unsafe { local4_v1.get(&u32::from_ne_bytes([ip[12], ip[13], ip[14], ip[15]])) }.is_some() {
+        return Err(DropReason::SpoofedSource);
     }
     let tot_len = u16::from_be_bytes([ip[2], ip[3]]) as usize;
     let l4_off = ETH_LEN + 20;

@@ -176,6 +176,11 @@ pub struct Flow {
     /// super-packet (UDP above the MTU is always one datagram).
     #[serde(default)]
     pub gso: Option<bool>,
+    /// Where the packet is sent from when that is not where its source address belongs:
+    /// `outside` (in on the node's external interface), or a local pod's address (out of that
+    /// pod's interface). Spoofed packets, as an attacker sends them.
+    #[serde(default)]
+    pub via: Option<String>,
 }
 
 /// A flow's expected outcome.
@@ -305,7 +310,7 @@ pub struct Runner {
     /// The node's path MTU (`node.mtu`).
     mtu: u16,
     /// The namespace this thread runs the programs in (see net.rs); dropped last.
-    _net: net::TraceNet,
+    net: net::TraceNet,
 }
 
 fn parse_objects(sc: &Scenario, source: &str) -> (Objects, Vec<ObjectError>) {
@@ -391,20 +396,26 @@ impl Runner {
         }
         let snat_addr_be = node.ips.first().map(|ip| u32::from_ne_bytes(ip.octets())).unwrap_or(0);
         let (cluster_cidr_be, cluster_mask_be) = cluster_cidr.map(|c| c.addr_mask_be()).unwrap_or((0, 0));
-        maps.set_config(dataplane_common::NodeConfig { snat_addr_be, snat_port_min: 61000, snat_port_max: 65535, cluster_cidr_be, cluster_mask_be, ..Default::default() })
+        // As the agent configures a node: anti-spoofing on (`--pod-source-check strict`).
+        let flags = dataplane_common::CFG_F_SOURCE_CHECK;
+        maps.set_config(dataplane_common::NodeConfig { snat_addr_be, snat_port_min: 61000, snat_port_max: 65535, cluster_cidr_be, cluster_mask_be, flags, ..Default::default() })
             .map_err(|e| vec![e.to_string()])?;
+        let mtu = sc.node.mtu.unwrap_or(1500);
+        if mtu < 576 {
+            return Err(vec![format!("node.mtu: {mtu} is below IPv4's minimum of 576")]);
+        }
+        // The node's namespace first: the policy sync finds each pod's interface by its route.
+        let net = net::TraceNet::enter(&node.ips, mtu).map_err(|e| vec![e])?;
+        for ip in &pod_ips {
+            net.pod_iface(*ip).map_err(|e| vec![e])?;
+        }
         let mut pol = crate::agent::PolicyState::default();
         let (_, _, perr, pmap) = pol.sync(&mut maps, &objs, &node);
         if !perr.is_empty() || !pmap.is_empty() {
             return Err(perr.iter().map(|e| e.to_string()).chain(pmap).collect());
         }
         let events = ebpf.take_map(dataplane_common::names::POL_EVENTS).and_then(|m| aya::maps::RingBuf::try_from(m).ok());
-        let mtu = sc.node.mtu.unwrap_or(1500);
-        if mtu < 576 {
-            return Err(vec![format!("node.mtu: {mtu} is below IPv4's minimum of 576")]);
-        }
-        let net = net::TraceNet::enter(&node.ips, mtu).map_err(|e| vec![e])?;
-        Ok(Runner { ebpf, maps, xdp: false, node_ips, pod_cidr, pod_ips, events: events.into(), verdicts: Default::default(), cgroup: None, mtu, _net: net })
+        Ok(Runner { ebpf, maps, xdp: false, node_ips, pod_cidr, pod_ips, events: events.into(), verdicts: Default::default(), cgroup: None, mtu, net })
     }
 
     fn origin(&self, src: Ipv4Addr) -> Origin {
@@ -440,10 +451,20 @@ impl Runner {
             Expect::Backends(s) => (s.len() * 16).max(16),
             _ => 8,
         };
-        let origin = self.origin(src);
+        let (origin, via_if) = match flow.via.as_deref() {
+            None => (self.origin(src), None),
+            Some("outside") => (Origin::External, None),
+            Some(v) => match v.parse::<Ipv4Addr>() {
+                Ok(a) if self.is_local_pod(a) => match self.net.pod_iface(a) {
+                    Ok(i) => (Origin::Pod, Some(i)),
+                    Err(e) => return fail(e),
+                },
+                _ => return fail(format!("via: {v:?} is not `outside` or the address of a pod of this node")),
+            },
+        };
         let outcomes: Result<Vec<Outcome>, String> = match origin {
             Origin::Pod | Origin::External => {
-                (0..attempts).map(|i| self.packet(origin, proto, src, 20000 + i as u16, dst, flow.masquerade, (flow.size, flow.gso))).collect()
+                (0..attempts).map(|i| self.packet(origin, proto, src, 20000 + i as u16, dst, flow.masquerade, (flow.size, flow.gso, via_if))).collect()
             }
             Origin::Node => self.node_connections(proto, dst, &expect, attempts),
         };
@@ -466,9 +487,17 @@ impl Runner {
         Ok(r)
     }
 
-    /// Runs a tc program with `__sk_buff` fields; returns the run and the mark it left.
+    /// Runs a tc program with `__sk_buff` fields; returns the run and the mark it left. A packet
+    /// from a pod comes in on the interface of the pod its source address belongs to, unless
+    /// `skb` names one.
     fn run_skb(&self, prog: &str, pkt: &[u8], skb: &SkbIn) -> Result<(Run, u32), String> {
-        let r = test_run_skb(&self.ebpf, prog, pkt, skb)?;
+        let mut skb = *skb;
+        if prog == progs::FROM_POD && skb.ifindex == 0 {
+            if let Some(src) = pkt.get(26..30) {
+                skb.ifindex = self.net.pod_iface(Ipv4Addr::new(src[0], src[1], src[2], src[3]))?;
+            }
+        }
+        let r = test_run_skb(&self.ebpf, prog, pkt, &skb)?;
         self.drain_events();
         Ok(r)
     }
@@ -556,9 +585,12 @@ impl Runner {
         sport: u16,
         dst: SocketAddrV4,
         masq: Option<bool>,
-        (size, gso): (Option<u16>, Option<bool>),
+        (size, gso, via_if): (Option<u16>, Option<bool>, Option<u32>),
     ) -> Result<Outcome, String> {
-        let (pkt, skb) = self.build(proto, (src, sport), (*dst.ip(), dst.port()), size, gso)?;
+        let (pkt, mut skb) = self.build(proto, (src, sport), (*dst.ip(), dst.port()), size, gso)?;
+        if let Some(i) = via_if {
+            skb.ifindex = i;
+        }
         let before = self.maps.stat_totals();
         let (r, mark) = if origin == Origin::External { self.world(&pkt, &skb)? } else { self.run_skb(progs::FROM_POD, &pkt, &skb)? };
         match r.action {

@@ -3,11 +3,17 @@
 //! scenario's making rather than whatever machine runs trace: the node's addresses on one link
 //! of `node.mtu` bytes, and a default route over it. Created per scenario, entered by the calling
 //! thread only, and removed (the thread back in its own namespace) when dropped.
-use std::{net::Ipv4Addr, os::fd::AsRawFd, process::Command};
+//!
+//! Each pod of the node that sends gets its own interface, routed to its address as a routed CNI
+//! sets a pod up, so the datapath's anti-spoofing sees what it sees on a node: a pod's packets
+//! come in on the interface its address is routed through.
+use std::{cell::RefCell, collections::BTreeMap, net::Ipv4Addr, os::fd::AsRawFd, process::Command};
 
 pub struct TraceNet {
     name: String,
     orig: std::fs::File,
+    /// Pod address -> the ifindex of its interface (host side).
+    ifaces: RefCell<BTreeMap<Ipv4Addr, u32>>,
 }
 
 fn ip(args: &[&str]) -> Result<(), String> {
@@ -26,7 +32,7 @@ impl TraceNet {
         let orig = std::fs::File::open("/proc/thread-self/ns/net").map_err(|e| format!("own network namespace: {e}"))?;
         ip(&["netns", "add", &name])?;
         // From here on, dropping the guard removes the namespace.
-        let net = TraceNet { name, orig };
+        let net = TraceNet { name, orig, ifaces: RefCell::default() };
         let n = net.name.as_str();
         let mtu = mtu.to_string();
         ip(&["-n", n, "link", "set", "lo", "up"])?;
@@ -45,6 +51,31 @@ impl TraceNet {
         // /proc/sys/net).
         std::fs::write("/proc/sys/net/ipv4/ip_forward", "1").map_err(|e| format!("ip_forward in {n}: {e}"))?;
         Ok(net)
+    }
+}
+
+impl TraceNet {
+    /// The interface of the pod at `ip`, created on first use: the host end of a veth, up, with a
+    /// route to `ip/32` over it.
+    pub fn pod_iface(&self, addr: Ipv4Addr) -> Result<u32, String> {
+        if let Some(i) = self.ifaces.borrow().get(&addr) {
+            return Ok(*i);
+        }
+        let n = self.name.as_str();
+        let k = self.ifaces.borrow().len();
+        let (host, peer) = (format!("p{k}"), format!("q{k}"));
+        ip(&["-n", n, "link", "add", &host, "type", "veth", "peer", "name", &peer])?;
+        ip(&["-n", n, "link", "set", &peer, "up"])?;
+        ip(&["-n", n, "link", "set", &host, "up"])?;
+        ip(&["-n", n, "route", "add", &format!("{addr}/32"), "dev", &host])?;
+        // This thread is in the namespace: the name resolves there.
+        let c = std::ffi::CString::new(host.clone()).map_err(|e| e.to_string())?;
+        let ifindex = unsafe { libc::if_nametoindex(c.as_ptr()) };
+        if ifindex == 0 {
+            return Err(format!("{host} in {n}: {}", std::io::Error::last_os_error()));
+        }
+        self.ifaces.borrow_mut().insert(addr, ifindex);
+        Ok(ifindex)
     }
 }
 
