@@ -2,4 +2,5 @@
 pub mod fakeapi;
 pub mod fixture;
 pub mod lab;
+pub mod podnet;
 pub use dataplane_agent::packet;

@@ -4,7 +4,7 @@
 //! VLAN tag leaves a pod, and only IPv4 and ARP reach or leave an isolated pod.
 use std::net::Ipv4Addr;
 
-use bpf_tests::{fixture::*, lab, packet::*};
+use bpf_tests::{fixture::*, packet::*};
 use dataplane_agent::{agent::PolicyState, trace::SkbIn};
 use dataplane_common::{progs, DropReason, NodeConfig, CFG_F_SOURCE_CHECK};
 
@@ -16,38 +16,9 @@ const LOCKED: &str = "10.0.0.12";
 /// A pod whose interface and route exist but which the agent has not seen yet (just started).
 const NEW: &str = "10.0.0.13";
 
-/// The test namespace: each pod's host-side interface `hN` routed to its address, as a routed CNI
-/// sets pods up. The calling thread is inside it while the guard lives.
-struct Node {
-    _entered: lab::Entered,
-    _ns: lab::Netns,
-    /// ifindex of OPEN's, LOCKED's and NEW's interfaces.
-    ifs: [u32; 3],
-}
-
-fn node() -> Node {
-    let ns = lab::Netns::new(format!("ferry-gd-{}", lab::run_id()));
-    ns.sysctl("net.ipv4.ip_forward=1");
-    ns.exec_ok(&["ip", "link", "add", "up0", "type", "veth", "peer", "name", "up1"]);
-    ns.exec_ok(&["ip", "link", "set", "up1", "up"]);
-    ns.exec_ok(&["ip", "link", "set", "up0", "up"]);
-    ns.exec_ok(&["ip", "addr", "add", &format!("{NODE}/24"), "dev", "up0"]);
-    ns.exec_ok(&["ip", "route", "add", "default", "via", "192.168.0.1", "dev", "up0"]);
-    for (i, pod) in [OPEN, LOCKED, NEW].iter().enumerate() {
-        let (h, p) = (format!("h{i}"), format!("p{i}"));
-        ns.exec_ok(&["ip", "link", "add", &h, "type", "veth", "peer", "name", &p]);
-        ns.exec_ok(&["ip", "link", "set", &p, "up"]);
-        ns.exec_ok(&["ip", "link", "set", &h, "up"]);
-        ns.exec_ok(&["ip", "route", "add", &format!("{pod}/32"), "dev", &h]);
-    }
-    let entered = ns.enter();
-    let idx = |n: &str| {
-        let c = std::ffi::CString::new(n).unwrap();
-        unsafe { libc::if_nametoindex(c.as_ptr()) }
-    };
-    let ifs = [idx("h0"), idx("h1"), idx("h2")];
-    assert!(ifs.iter().all(|i| *i > 1), "{ifs:?}");
-    Node { _entered: entered, _ns: ns, ifs }
+/// The test namespace with OPEN's, LOCKED's and NEW's interfaces (`ifs`, in that order).
+fn node() -> bpf_tests::podnet::PodNet {
+    bpf_tests::podnet::PodNet::new("gd", NODE, &[OPEN, LOCKED, NEW])
 }
 
 const PODS: &str = "\
@@ -120,7 +91,7 @@ fn tagged(pkt: &[u8], vid: u16) -> Vec<u8> {
 fn a_pod_sends_only_with_its_own_address() {
     let n = node();
     let dp = datapath(true);
-    let [open_if, locked_if, new_if] = n.ifs;
+    let [open_if, locked_if, new_if] = n.ifs[..] else { unreachable!() };
     let cases: [(&str, Vec<u8>, u32, Option<&str>); 8] = [
         ("its own address", udp_from(OPEN, "10.0.5.5"), open_if, None),
         ("another local pod's address", udp_from(LOCKED, "10.0.5.5"), open_if, Some("spoofed_source")),
@@ -198,7 +169,7 @@ fn no_vlan_tag_leaves_a_pod() {
 fn only_ipv4_and_arp_reach_or_leave_an_isolated_pod() {
     let n = node();
     let dp = datapath(true);
-    let [open_if, locked_if, _] = n.ifs;
+    let [open_if, locked_if, _] = n.ifs[..] else { unreachable!() };
     // Into and out of the isolated pod: IPv6 dropped, ARP passes.
     for prog in [progs::TO_POD, progs::FROM_POD] {
         assert_eq!(verdict(&dp, prog, &ipv6(), locked_if), (TC_ACT_SHOT, Some("not_ipv4_isolated")), "{prog}: IPv6, isolated pod");

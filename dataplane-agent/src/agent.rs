@@ -339,9 +339,10 @@ pub async fn run(mut cfg: RunConfig) -> anyhow::Result<()> {
 /// The conntrack garbage collector, on its own thread with its own handles on the pinned maps:
 /// runs at its adaptive interval for as long as the process lives.
 fn spawn_conntrack_gc(pin_dir: PathBuf, observed: Arc<Observed>) -> anyhow::Result<()> {
-    use crate::bpf::conntrack::{collect, count_agent_deletes, monotonic_ns, Conntrack, Interval};
+    use crate::bpf::conntrack::{collect, count_agent_deletes, monotonic_ns, Conntrack, Interval, PolicyConntrack};
     use dataplane_common::{names, stat};
     let mut ct = Conntrack::from_pins(&pin_dir)?;
+    let mut pol_ct = PolicyConntrack::from_pins(&pin_dir)?;
     let stats_pin = pin_dir.join(names::STATS);
     let mut stats = aya::maps::PerCpuArray::<_, u64>::try_from(aya::maps::Map::PerCpuArray(aya::maps::MapData::from_pin(&stats_pin)?))?;
     std::thread::Builder::new().name("conntrack-gc".into()).spawn(move || {
@@ -350,7 +351,14 @@ fn spawn_conntrack_gc(pin_dir: PathBuf, observed: Arc<Observed>) -> anyhow::Resu
         loop {
             std::thread::sleep(interval.now);
             let run = collect(&mut ct, monotonic_ns());
-            count_agent_deletes(&mut stats, run.deleted_lru);
+            count_agent_deletes(&mut stats, stat::CT_AGENT_DELETED, run.deleted_lru);
+            let pol_run = pol_ct.collect(monotonic_ns());
+            count_agent_deletes(&mut stats, stat::POL_CT_AGENT_DELETED, pol_run.deleted_lru);
+            let pol_evicted = total(&stats, stat::POL_CT_CREATED)
+                .saturating_sub(total(&stats, stat::POL_CT_DELETED))
+                .saturating_sub(total(&stats, stat::POL_CT_AGENT_DELETED))
+                .saturating_sub(pol_run.live_lru);
+            observed.policy_gc_done(&pol_run, pol_ct.caps, pol_evicted);
             // What the LRU map lost without anyone deleting it: evictions.
             let evicted = total(&stats, stat::CT_CREATED)
                 .saturating_sub(total(&stats, stat::CT_DELETED))
@@ -502,7 +510,13 @@ pub fn sync_objects(
     let (pw, pd, perr, pmap) = pol.sync(maps, objs, node);
     st.writes += pw;
     st.deletes += pd;
-    errors.extend(perr);
+    for e in &perr {
+        if e.kind == "NetworkPolicy" {
+            warn!(object = %e.name, field = %e.field, error = %e.message, "part of a NetworkPolicy left untranslated: it fails closed (allows nothing), the policy still isolates its pods");
+        }
+    }
+    observed.policy_untranslated(&perr.iter().filter(|e| e.kind == "NetworkPolicy").cloned().collect::<Vec<_>>());
+    errors.extend(perr.into_iter().filter(|e| e.kind != "NetworkPolicy"));
     map_errors.extend(pmap);
     for e in &errors {
         warn!(kind = %e.kind, object = %e.name, field = %e.field, error = %e.message, "skipped an invalid object; everything else syncs");

@@ -14,8 +14,8 @@ use aya::{
     Ebpf,
 };
 use dataplane_common::{
-    capacity, names, AffinityKey, AffinityValue, Ct4Key, Lb4Backend, SockRevKey, SockRevValue, Lb4Key, Lb4Service, Lb4SlotKey, NodeConfig, SrcRangeData,
-    SvcCounters, SvcName, LocalAddr, PodIface, PolCtValue, PolEndpoint, PolRuleKey, IPPROTO_TCP, SVC_F_ADDR_ONLY,
+    capacity, names, AffinityKey, AffinityValue, Lb4Backend, SockRevKey, SockRevValue, Lb4Key, Lb4Service, Lb4SlotKey, NodeConfig, SrcRangeData,
+    SvcCounters, SvcName, LocalAddr, PodIface, PolCtEntry, PolCtKey, PolEndpoint, PolRuleKey, IPPROTO_TCP, SVC_F_ADDR_ONLY,
 };
 
 use crate::{
@@ -41,7 +41,9 @@ pub struct BpfMaps {
     pub pol_ipcache: LpmTrie<MapData, u32, u32>,
     pub pol_endpoints: HashMap<MapData, u32, PolEndpoint>,
     pub pol_rules: LpmTrie<MapData, PolRuleKey, u32>,
-    pub pol_ct: HashMap<MapData, Ct4Key, PolCtValue>,
+    /// Policy conntrack: new and closing connections (LRU), established ones.
+    pub pol_ct: HashMap<MapData, PolCtKey, PolCtEntry>,
+    pub pol_ct_assured: HashMap<MapData, PolCtKey, PolCtEntry>,
     pub pol_drops: PerCpuArray<MapData, u64>,
     pub pol_names: HashMap<MapData, u32, SvcName>,
     pub pod_names: HashMap<MapData, u32, SvcName>,
@@ -109,6 +111,7 @@ impl BpfMaps {
             pol_endpoints: conv(names::POL_ENDPOINTS, HashMap::try_from(get(names::POL_ENDPOINTS)?))?,
             pol_rules: conv(names::POL_RULES, LpmTrie::try_from(get(names::POL_RULES)?))?,
             pol_ct: conv(names::POL_CONNTRACK, HashMap::try_from(get(names::POL_CONNTRACK)?))?,
+            pol_ct_assured: conv(names::POL_CONNTRACK_ASSURED, HashMap::try_from(get(names::POL_CONNTRACK_ASSURED)?))?,
             pol_drops: conv(names::POL_DROPS, PerCpuArray::try_from(get(names::POL_DROPS)?))?,
             pol_names: conv(names::POL_NAMES, HashMap::try_from(get(names::POL_NAMES)?))?,
             pod_names: conv(names::POD_NAMES, HashMap::try_from(get(names::POD_NAMES)?))?,
@@ -131,7 +134,9 @@ impl BpfMaps {
                 names::CONFIG => Map::Array(data),
                 names::CHASH => Map::HashOfMaps(data),
                 names::SVC_STATS => Map::PerCpuHashMap(data),
-                names::CONNTRACK | names::FRAGMENTS | names::AFFINITY | names::POL_CONNTRACK | names::SOCK_REV => Map::LruHashMap(data),
+                names::CONNTRACK | names::FRAGMENTS | names::AFFINITY | names::POL_CONNTRACK | names::POL_FRAGMENTS | names::POL_EVENT_LIMIT | names::SOCK_REV => {
+                    Map::LruHashMap(data)
+                }
                 _ => Map::HashMap(data),
             })
         };
@@ -207,9 +212,21 @@ impl BpfMaps {
         self.sock_rev.get(&key, 0).ok().map(|v| (Ipv4Addr::from(v.addr_be.to_ne_bytes()), u16::from_be(v.port_be)))
     }
 
-    /// Writes this node's datapath settings.
-    pub fn set_config(&mut self, cfg: NodeConfig) -> Result<(), MapOpError> {
+    /// Writes this node's datapath settings. The policy generation is the datapath's own
+    /// (`bump_policy_generation`): kept as the map holds it.
+    pub fn set_config(&mut self, mut cfg: NodeConfig) -> Result<(), MapOpError> {
+        cfg.pol_generation = self.config.get(&0, 0).map(|c| c.pol_generation).unwrap_or(0);
         self.config.set(0, cfg, 0).map_err(|source| MapOpError::Syscall { map: names::CONFIG, op: "update", what: format!("{cfg:?}"), source })
+    }
+
+    /// Tells the datapath that what policies allow has changed: every tracked connection is
+    /// decided again, against the current rules, at its next packet (and cut if they no longer
+    /// allow it). Returns the new generation.
+    pub fn bump_policy_generation(&mut self) -> Result<u32, MapOpError> {
+        let mut cfg = self.config.get(&0, 0).unwrap_or_default();
+        cfg.pol_generation = cfg.pol_generation.wrapping_add(1);
+        self.config.set(0, cfg, 0).map_err(|source| MapOpError::Syscall { map: names::CONFIG, op: "update", what: "policy generation".into(), source })?;
+        Ok(cfg.pol_generation)
     }
 
     /// A frontend's packets and bytes, summed over CPUs.
@@ -335,6 +352,13 @@ impl BpfMaps {
         for ip in &local_del {
             note(self.local_addrs.remove(&ip_be(ip)), format!("{} {ip}", names::LOCAL_ADDRS), &mut deletes);
         }
+        // What decides a connection changed: tracked connections are decided again.
+        let decisive = [ipc_put.len(), ipc_del.len(), rule_put.len(), rule_del.len(), ep_put.len(), ep_del.len()].iter().sum::<usize>();
+        if decisive > 0 {
+            if let Err(e) = self.bump_policy_generation() {
+                errors.push(e.to_string());
+            }
+        }
         if errors.is_empty() {
             *applied = want.clone();
         } else {
@@ -371,7 +395,7 @@ pub fn map_usage(dir: &Path) -> Vec<MapUsage> {
     let mut out = Vec::new();
     for name in names::ALL {
         // Conntrack is counted by its garbage collector's walk, not at every scrape.
-        if name == names::CONNTRACK || name == names::CONNTRACK_ASSURED {
+        if matches!(name, names::CONNTRACK | names::CONNTRACK_ASSURED | names::POL_CONNTRACK | names::POL_CONNTRACK_ASSURED) {
             continue;
         }
         let Ok(data) = MapData::from_pin(dir.join(name)) else { continue };
@@ -638,7 +662,7 @@ impl MapOps for BpfMaps {
             lru += from_lru as u64;
             n += 1;
         }
-        conntrack::count_agent_deletes(&mut self.stats, lru);
+        conntrack::count_agent_deletes(&mut self.stats, dataplane_common::stat::CT_AGENT_DELETED, lru);
         Ok(n)
     }
 }

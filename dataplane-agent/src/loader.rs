@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use aya::{maps::MapInfo, Ebpf, EbpfLoader};
 use dataplane_common::{
     names, AffinityKey, AffinityValue, Ct4Entry, Ct4Key, Frag4Key, Frag4Ports, Lb4Backend, Lb4Key, Lb4Service, Lb4SlotKey, NodeConfig,
-    LocalAddr, PodIface, PolCtValue, PolEndpoint, PolRuleKey, SockRevKey, SockRevValue, SvcCounters, SvcName,
+    LocalAddr, PodIface, PolCtEntry, PolCtKey, PolEndpoint, PolEvKey, PolFragKey, PolRuleKey, SockRevKey, SockRevValue, SvcCounters, SvcName,
 };
 
 use crate::error::LoadError;
@@ -23,13 +23,14 @@ pub fn object() -> Result<&'static [u8], LoadError> {
 
 /// Capacities for a private copy (trace, tests): a handful of flows need no half-gigabyte
 /// conntrack table, and several copies may be loaded at once.
-pub const PRIVATE_CAPACITIES: [(&str, u32); 6] = [
+pub const PRIVATE_CAPACITIES: [(&str, u32); 7] = [
     (names::CONNTRACK, 8_192),
     (names::CONNTRACK_ASSURED, 8_192),
     (names::FRAGMENTS, 1_024),
     (names::SOCK_REV, 1_024),
     (names::AFFINITY, 4_096),
     (names::POL_CONNTRACK, 4_096),
+    (names::POL_CONNTRACK_ASSURED, 4_096),
 ];
 
 /// The conntrack capacities for `--conntrack-capacity N`: N entries for assured connections, half
@@ -42,7 +43,7 @@ pub fn conntrack_capacities(n: u32) -> [(&'static str, u32); 2] {
 pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/ferry";
 
 /// (name, key size, value size) of every pinned map, checked before re-using a pin.
-fn expected_layout() -> [(&'static str, u32, u32); 24] {
+fn expected_layout() -> [(&'static str, u32, u32); 27] {
     use std::mem::size_of;
     [
         (names::SERVICES, size_of::<Lb4Key>() as u32, size_of::<Lb4Service>() as u32),
@@ -61,7 +62,10 @@ fn expected_layout() -> [(&'static str, u32, u32); 24] {
         (names::POL_IPCACHE, 8, 4),
         (names::POL_ENDPOINTS, 4, size_of::<PolEndpoint>() as u32),
         (names::POL_RULES, 4 + size_of::<PolRuleKey>() as u32, 4),
-        (names::POL_CONNTRACK, size_of::<Ct4Key>() as u32, size_of::<PolCtValue>() as u32),
+        (names::POL_CONNTRACK, size_of::<PolCtKey>() as u32, size_of::<PolCtEntry>() as u32),
+        (names::POL_CONNTRACK_ASSURED, size_of::<PolCtKey>() as u32, size_of::<PolCtEntry>() as u32),
+        (names::POL_FRAGMENTS, size_of::<PolFragKey>() as u32, 4),
+        (names::POL_EVENT_LIMIT, size_of::<PolEvKey>() as u32, 8),
         (names::POL_DROPS, 4, 8),
         (names::POL_NAMES, 4, size_of::<SvcName>() as u32),
         (names::POD_NAMES, 4, size_of::<SvcName>() as u32),

@@ -34,7 +34,13 @@ pub fn describe_verdict(ev: &PolicyEvent, policy: impl Fn(u32) -> Option<String>
     }
 }
 
-/// One monitor line: verdict, direction, protocol, source and destination (pod names where
+/// The wall-clock time of an event stamped `ts_ns` (CLOCK_MONOTONIC, as `bpf_ktime_get_ns`), given
+/// both clocks now: a monitor started late prints when the packet passed, not when it read it.
+pub fn event_time(ts_ns: u64, mono_now_ns: u64, wall_now: std::time::SystemTime) -> std::time::SystemTime {
+    wall_now.checked_sub(Duration::from_nanos(mono_now_ns.saturating_sub(ts_ns))).unwrap_or(wall_now)
+}
+
+/// One monitor line: when, verdict, direction, protocol, source and destination (pod names where
 /// known), the deciding policy.
 pub fn format_event(ev: &PolicyEvent, maps: &BpfMaps) -> String {
     let who = |ip_be: u32, port_be: u16| {
@@ -48,7 +54,7 @@ pub fn format_event(ev: &PolicyEvent, maps: &BpfMaps) -> String {
     let peer = maps.id_names.get(&ev.identity, 0).map(|n| n.as_str().to_string()).unwrap_or_else(|_| format!("identity {}", ev.identity));
     format!(
         "{} {:<5} {:<7} {:<4} {} -> {}  peer {peer}: {}",
-        crate::observe::rfc3339(std::time::SystemTime::now()),
+        crate::observe::rfc3339(event_time(ev.ts_ns, crate::bpf::conntrack::monotonic_ns(), std::time::SystemTime::now())),
         if ev.verdict == VERDICT_ALLOW { "ALLOW" } else { "DENY" },
         dir_name(ev.dir),
         proto_name(ev.proto),
@@ -82,5 +88,19 @@ pub fn run(pin_dir: &Path, count: Option<usize>, denied_only: bool, out: &mut dy
         }
         let mut pfd = libc::pollfd { fd, events: libc::POLLIN, revents: 0 };
         unsafe { libc::poll(&mut pfd, 1, Duration::from_millis(200).as_millis() as i32) };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_event_is_dated_when_it_happened_not_when_it_is_read() {
+        let wall = std::time::SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000);
+        // Stamped 90 s before the monitor read it.
+        assert_eq!(event_time(10_000_000_000, 100_000_000_000, wall), wall - Duration::from_secs(90));
+        // A stamp "after" now (clock read races) is now.
+        assert_eq!(event_time(200, 100, wall), wall);
     }
 }

@@ -33,6 +33,8 @@ struct State {
     syncs_failed: u64,
     objects: BTreeMap<&'static str, usize>,
     object_errors: usize,
+    /// (policy, field) of every NetworkPolicy part left untranslated at the last sync.
+    untranslated: Vec<(String, String)>,
     writes: u64,
     deletes: u64,
     conntrack_flushed: u64,
@@ -54,6 +56,11 @@ struct CtFigures {
     took: Duration,
     interval: Duration,
     connections: BTreeMap<(u8, &'static str), u64>,
+    /// The policy conntrack maps: live and collected entries per map (LRU, assured), evictions.
+    pol_live: (u64, u64),
+    pol_caps: (u32, u32),
+    pol_deleted: (u64, u64),
+    pol_evictions: u64,
 }
 
 /// The agent's observable state, shared by the loop and the HTTP server.
@@ -87,6 +94,22 @@ impl Observed {
         c.took = run.took;
         c.interval = next;
         c.connections = run.connections.clone();
+    }
+
+    /// The policy conntrack collector finished a run; `evicted`: the LRU map's evictions so far.
+    pub fn policy_gc_done(&self, run: &crate::bpf::conntrack::GcRun, caps: (u32, u32), evicted: u64) {
+        let mut c = self.ct.lock().unwrap();
+        c.pol_caps = caps;
+        c.pol_live = (run.live_lru, run.live_assured);
+        c.pol_deleted.0 += run.deleted_lru;
+        c.pol_deleted.1 += run.deleted_assured;
+        c.pol_evictions = c.pol_evictions.max(evicted);
+    }
+
+    /// The NetworkPolicy parts the last sync could not translate (each policy still isolates
+    /// the pods it selects).
+    pub fn policy_untranslated(&self, errors: &[crate::error::ObjectError]) {
+        self.state.lock().unwrap().untranslated = errors.iter().map(|e| (e.name.clone(), e.field.clone())).collect();
     }
 
     /// A change arrived from a source and is about to be applied.
@@ -165,6 +188,10 @@ impl Observed {
             }
             help(&mut out, "ferry_object_errors", "gauge", "Objects (or fields) skipped as invalid at the last sync; the log names each.");
             let _ = writeln!(out, "ferry_object_errors {}", s.object_errors);
+            help(&mut out, "ferry_policy_untranslated", "gauge", "NetworkPolicy parts Ferry could not translate, by policy and field (1 each); the policy still isolates the pods it selects, the part allows nothing. The log says why.");
+            for (policy, field) in &s.untranslated {
+                let _ = writeln!(out, "ferry_policy_untranslated{{policy=\"{}\",field=\"{}\"}} 1", esc(policy), esc(field));
+            }
             help(&mut out, "ferry_map_writes_total", "counter", "Map entries written by syncs.");
             let _ = writeln!(out, "ferry_map_writes_total {}", s.writes);
             help(&mut out, "ferry_map_deletes_total", "counter", "Map entries deleted by syncs.");
@@ -219,6 +246,8 @@ fn map_metrics(out: &mut String, maps: &BpfMaps, dir: &std::path::Path, ct: &CtF
     if ct.runs > 0 {
         usage.push(crate::bpf::MapUsage { name: names::CONNTRACK, entries: ct.live_lru, capacity: ct.caps.0 });
         usage.push(crate::bpf::MapUsage { name: names::CONNTRACK_ASSURED, entries: ct.live_assured, capacity: ct.caps.1 });
+        usage.push(crate::bpf::MapUsage { name: names::POL_CONNTRACK, entries: ct.pol_live.0, capacity: ct.pol_caps.0 });
+        usage.push(crate::bpf::MapUsage { name: names::POL_CONNTRACK_ASSURED, entries: ct.pol_live.1, capacity: ct.pol_caps.1 });
     }
     for u in &usage {
         let _ = writeln!(out, "ferry_map_entries{{map=\"{}\"}} {}", u.name, u.entries);
@@ -236,6 +265,8 @@ fn map_metrics(out: &mut String, maps: &BpfMaps, dir: &std::path::Path, ct: &CtF
     help(out, "ferry_conntrack_gc_deleted_total", "counter", "Expired conntrack entries the garbage collector deleted, by map.");
     let _ = writeln!(out, "ferry_conntrack_gc_deleted_total{{map=\"{}\"}} {}", names::CONNTRACK, ct.deleted_lru);
     let _ = writeln!(out, "ferry_conntrack_gc_deleted_total{{map=\"{}\"}} {}", names::CONNTRACK_ASSURED, ct.deleted_assured);
+    let _ = writeln!(out, "ferry_conntrack_gc_deleted_total{{map=\"{}\"}} {}", names::POL_CONNTRACK, ct.pol_deleted.0);
+    let _ = writeln!(out, "ferry_conntrack_gc_deleted_total{{map=\"{}\"}} {}", names::POL_CONNTRACK_ASSURED, ct.pol_deleted.1);
     help(out, "ferry_conntrack_gc_duration_seconds", "gauge", "How long the last garbage collection run took.");
     let _ = writeln!(out, "ferry_conntrack_gc_duration_seconds {}", ct.took.as_secs_f64());
     help(out, "ferry_conntrack_gc_interval_seconds", "gauge", "The garbage collector's current (adaptive) interval.");
@@ -247,6 +278,7 @@ fn map_metrics(out: &mut String, maps: &BpfMaps, dir: &std::path::Path, ct: &CtF
         "Entries the LRU conntrack map evicted under pressure (new, unreplied and closing connections only; established ones live in the assured map, which never evicts): entries created minus deleted minus present, at the last garbage collection.",
     );
     let _ = writeln!(out, "ferry_conntrack_evictions_total{{map=\"{}\"}} {}", names::CONNTRACK, ct.evictions);
+    let _ = writeln!(out, "ferry_conntrack_evictions_total{{map=\"{}\"}} {}", names::POL_CONNTRACK, ct.pol_evictions);
     let totals = maps.stat_totals();
     help(out, "ferry_datapath_events_total", "counter", "Datapath events by kind, summed over CPUs.");
     for (i, name) in stat::NAMES {

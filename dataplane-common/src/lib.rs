@@ -30,9 +30,16 @@ pub mod names {
     pub const POL_IPCACHE: &str = "pol_ipcache4_v1";
     pub const POL_ENDPOINTS: &str = "pol_ep4_v1";
     pub const POL_RULES: &str = "pol_rule4_v1";
-    pub const POL_CONNTRACK: &str = "pol_ct4_v1";
+    /// Policy conntrack: new, unreplied and closing connections (LRU).
+    pub const POL_CONNTRACK: &str = "pol_ct4_v2";
+    /// Policy conntrack: established connections (nothing evicts them).
+    pub const POL_CONNTRACK_ASSURED: &str = "pol_ct4_assured_v2";
+    /// The verdict of each fragmented datagram's first fragment, for its later fragments.
+    pub const POL_FRAGMENTS: &str = "pol_frag4_v1";
+    /// When a deny event was last sent per (pod, peer, port): events are rate-limited.
+    pub const POL_EVENT_LIMIT: &str = "pol_evlimit4_v1";
     pub const POL_DROPS: &str = "pol_drop_v1";
-    pub const POL_EVENTS: &str = "pol_events_v1";
+    pub const POL_EVENTS: &str = "pol_events_v2";
     pub const POL_NAMES: &str = "pol_name_v1";
     pub const POD_NAMES: &str = "pol_podname4_v1";
     pub const IDENTITY_NAMES: &str = "pol_idname_v1";
@@ -45,9 +52,10 @@ pub mod names {
     /// This node's pod interfaces, by ifindex: the pod's address behind each.
     pub const POD_IFACES: &str = "pod_if4_v1";
     /// Every map the agent pins, in the order it creates and checks them.
-    pub const ALL: [&str; 26] = [
+    pub const ALL: [&str; 29] = [
         SERVICES, SLOTS, BACKENDS, CONNTRACK, CONNTRACK_ASSURED, FRAGMENTS, SERVICE_CIDRS, STATS, AFFINITY, SOURCE_RANGES, CONFIG, CHASH, SVC_STATS, SVC_NAMES,
-        POL_IPCACHE, POL_ENDPOINTS, POL_RULES, POL_CONNTRACK, POL_DROPS, POL_EVENTS, POL_NAMES, POD_NAMES, IDENTITY_NAMES, SOCK_REV, LOCAL_ADDRS, POD_IFACES,
+        POL_IPCACHE, POL_ENDPOINTS, POL_RULES, POL_CONNTRACK, POL_CONNTRACK_ASSURED, POL_FRAGMENTS, POL_EVENT_LIMIT, POL_DROPS, POL_EVENTS, POL_NAMES,
+        POD_NAMES, IDENTITY_NAMES, SOCK_REV, LOCAL_ADDRS, POD_IFACES,
     ];
 }
 
@@ -99,7 +107,12 @@ pub mod capacity {
     /// Pods of this node under some NetworkPolicy.
     pub const POL_ENDPOINTS: u32 = 16_384;
     pub const POL_RULES: u32 = 1_048_576;
+    /// Policy conntrack, new and closing connections (LRU).
     pub const POL_CONNTRACK: u32 = 262_144;
+    /// Policy conntrack, established connections.
+    pub const POL_CONNTRACK_ASSURED: u32 = 524_288;
+    pub const POL_FRAGMENTS: u32 = 8_192;
+    pub const POL_EVENT_LIMIT: u32 = 16_384;
     /// NetworkPolicies (ids `1..POLICIES`); the drop counters hold two slots per id.
     pub const POLICIES: u32 = 32_768;
     pub const POL_EVENTS_BYTES: u32 = 1 << 20;
@@ -675,7 +688,29 @@ pub mod stat {
     /// LRU conntrack entries the agent deleted (garbage collection, endpoint flushes). Written
     /// by the agent only, never by a program.
     pub const CT_AGENT_DELETED: u32 = 52;
-    pub const NAMES: [(u32, &str); 30] = [
+    /// A policy event the ring buffer had no room for (the monitor reads too slowly): lost.
+    pub const POL_EVENTS_LOST: u32 = 54;
+    /// A deny event not sent: one for the same pod, peer and port went out less than a second ago.
+    pub const POL_EVENTS_SUPPRESSED: u32 = 55;
+    /// A policy conntrack entry older than the policies was decided again, and still allowed.
+    pub const POL_RECHECKED: u32 = 56;
+    /// ... and no longer allowed: its connection was cut (`policy_ingress`/`policy_egress`).
+    pub const POL_REVOKED: u32 = 57;
+    /// A refusal (TCP RST, ICMP unreachable) not sent: over `--refusals-per-second`; the packet
+    /// was dropped instead, as the kernel's icmp_ratelimit does.
+    pub const REFUSAL_LIMITED: u32 = 58;
+    /// A connection stayed in the LRU conntrack map (evictable) because its source already holds
+    /// `--conntrack-max-per-source` assured entries.
+    pub const CT_SOURCE_LIMIT: u32 = 59;
+    /// A policy connection could not move to the full assured policy map: it stays in the LRU one.
+    pub const POL_CT_ASSURED_FULL: u32 = 60;
+    /// Entries written into the LRU policy conntrack map (`pol_ct4_v2`) ...
+    pub const POL_CT_CREATED: u32 = 61;
+    /// ... deleted from it by the datapath ...
+    pub const POL_CT_DELETED: u32 = 62;
+    /// ... and by the agent's garbage collector: what is neither there nor deleted was evicted.
+    pub const POL_CT_AGENT_DELETED: u32 = 63;
+    pub const NAMES: [(u32, &str); 40] = [
         (PACKETS, "packets"),
         (PASS, "pass"),
         (CT_NEW, "ct_new"),
@@ -706,6 +741,16 @@ pub mod stat {
         (HOST_REPLY, "host_reply"),
         (CT_AGENT_DELETED, "ct_agent_deleted"),
         (CT_RST_IGNORED, "ct_rst_ignored"),
+        (POL_EVENTS_LOST, "pol_events_lost"),
+        (POL_EVENTS_SUPPRESSED, "pol_events_suppressed"),
+        (POL_RECHECKED, "pol_rechecked"),
+        (POL_REVOKED, "pol_revoked"),
+        (REFUSAL_LIMITED, "refusal_limited"),
+        (CT_SOURCE_LIMIT, "ct_source_limit"),
+        (POL_CT_ASSURED_FULL, "pol_ct_assured_full"),
+        (POL_CT_CREATED, "pol_ct_created"),
+        (POL_CT_DELETED, "pol_ct_deleted"),
+        (POL_CT_AGENT_DELETED, "pol_ct_agent_deleted"),
     ];
 }
 
@@ -784,21 +829,76 @@ pub const RULE_PREFIX_ALL_PORTS: u32 = 72;
 pub const RULE_PREFIX_PROTO: u32 = 80;
 pub const RULE_PREFIX_FULL: u32 = 96;
 
-/// `PolCtValue.flags`: the source's egress was checked and allowed.
-pub const PCT_F_EGRESS: u32 = 1 << 0;
-/// `PolCtValue.flags`: the destination's ingress was checked and allowed.
-pub const PCT_F_INGRESS: u32 = 1 << 1;
-/// `PolCtValue.flags`: the reply direction of an allowed connection: allowed both ways.
+/// `PolCtEntry.flags`: the reply direction of an allowed connection.
 pub const PCT_F_REPLY: u32 = 1 << 2;
+/// `PolCtEntry.flags`: the connection's untranslated tuple reversed (a Service connection's reply
+/// as it arrives once translated back on this node); `peer_*` hold the backend.
+pub const PCT_F_ORIG: u32 = 1 << 3;
+/// `PolCtEntry.flags`: the connection was translated (a Service): `peer_*` hold the Service
+/// address it was sent to.
+pub const PCT_F_TRANSLATED: u32 = 1 << 4;
 
-/// Policy conntrack value (key: the 5-tuple as `Ct4Key`, after Service translation).
+/// Policy conntrack key: a tuple as the policy check sees it (after Service translation; for
+/// ICMP echo, the identifier as both ports) and the pod interface (host side) whose check made
+/// the entry. An entry serves that pod only: a tuple forged elsewhere finds nothing.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct PolCtKey {
+    pub tuple: Ct4Key,
+    pub ifindex: u32,
+}
+
+/// Policy conntrack entry: the decision a connection got, for which pod and direction, and its
+/// lifecycle (the same `CT_S_*` states, timeouts and expiry as the Service conntrack). Each
+/// connection has a forward entry, a reply entry and, for a Service connection whose reply is
+/// translated back on this node, an entry for that reply too; all carry the same state.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct PolCtValue {
-    pub flags: u32,
-    /// The policy that allowed the connection (0: the pod was not isolated that way).
+pub struct PolCtEntry {
+    /// `PCT_F_ORIG`: the backend; `PCT_F_TRANSLATED`: the Service address. Else 0.
+    pub peer_addr_be: u32,
+    pub peer_port_be: u16,
+    /// The direction that was decided (`DIR_INGRESS` into the pod, `DIR_EGRESS` out of it).
+    pub dir: u8,
+    pub pad: u8,
+    /// The allowing policy (0: the pod was not isolated that way, or the node reached it).
     pub policy_id: u32,
+    /// `NodeConfig::pol_generation` when last decided: an older entry is decided again.
+    pub generation: u32,
+    /// `PCT_F_*`.
+    pub flags: u32,
+    /// `CT_S_*` lifecycle bits.
+    pub state: u32,
+    /// TCP: the sequence number after the last byte this entry's direction sent (see `Ct4Entry`).
+    pub tcp_next: u32,
+    /// The pod the decision is about (wire order).
+    pub ep_addr_be: u32,
     pub created_ns: u64,
+    pub last_seen_ns: u64,
+    pub expires_ns: u64,
+}
+
+/// Key of the policy fragment map: a fragmented datagram as the check saw its first fragment.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct PolFragKey {
+    pub saddr_be: u32,
+    pub daddr_be: u32,
+    pub ifindex: u32,
+    pub id_be: u16,
+    pub proto: u8,
+    pub dir: u8,
+}
+
+/// Key of the deny-event rate limit: one event a second per pod, peer, port and direction.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct PolEvKey {
+    pub ep_be: u32,
+    pub peer_be: u32,
+    pub port_be: u16,
+    pub proto: u8,
+    pub dir: u8,
 }
 
 pub const VERDICT_ALLOW: u8 = 1;
@@ -815,6 +915,8 @@ pub const EV_RULE: u8 = 3;
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct PolicyEvent {
+    /// When (`bpf_ktime_get_ns`: CLOCK_MONOTONIC).
+    pub ts_ns: u64,
     pub saddr_be: u32,
     pub daddr_be: u32,
     pub sport_be: u16,
@@ -827,7 +929,6 @@ pub struct PolicyEvent {
     pub policy_id: u32,
     /// The peer's identity.
     pub identity: u32,
-    pub pad: u32,
 }
 
 // The layouts are part of the ABI: a change here must come with a new map name.
@@ -841,8 +942,11 @@ const _: () = {
     assert!(core::mem::size_of::<SvcCounters>() == 16);
     assert!(core::mem::size_of::<PolEndpoint>() == 16);
     assert!(core::mem::size_of::<PolRuleKey>() == 12);
-    assert!(core::mem::size_of::<PolCtValue>() == 16);
-    assert!(core::mem::size_of::<PolicyEvent>() == 28);
+    assert!(core::mem::size_of::<PolCtKey>() == 20);
+    assert!(core::mem::size_of::<PolCtEntry>() == 56);
+    assert!(core::mem::size_of::<PolFragKey>() == 16);
+    assert!(core::mem::size_of::<PolEvKey>() == 12);
+    assert!(core::mem::size_of::<PolicyEvent>() == 32);
     assert!(core::mem::size_of::<SvcName>() == SVC_NAME_LEN);
     assert!(core::mem::size_of::<Lb4SlotKey>() == 8);
     assert!(core::mem::size_of::<Lb4Backend>() == 8);
@@ -874,7 +978,10 @@ mod pod {
     unsafe impl aya::Pod for SvcName {}
     unsafe impl aya::Pod for PolEndpoint {}
     unsafe impl aya::Pod for PolRuleKey {}
-    unsafe impl aya::Pod for PolCtValue {}
+    unsafe impl aya::Pod for PolCtKey {}
+    unsafe impl aya::Pod for PolCtEntry {}
+    unsafe impl aya::Pod for PolFragKey {}
+    unsafe impl aya::Pod for PolEvKey {}
     unsafe impl aya::Pod for PolicyEvent {}
     unsafe impl aya::Pod for AffinityKey {}
     unsafe impl aya::Pod for AffinityValue {}

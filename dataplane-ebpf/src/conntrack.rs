@@ -172,8 +172,15 @@ fn default_timeout_s(idx: usize) -> u32 {
 /// The lifecycle bits after packet `p` went through entry `e`.
 #[inline(always)]
 fn next_state(e: &Ct4Entry, p: &Ipv4Packet, now: u64) -> u32 {
-    let reply = e.flags & CT_F_REPLY != 0;
-    let mut st = e.state;
+    next_state_of(e.state, e.tcp_next, e.created_ns, e.flags & CT_F_REPLY != 0, p, now)
+}
+
+/// The lifecycle bits after packet `p` went through an entry in `state` of the forward or the
+/// `reply` direction, whose direction last sent up to `tcp_next` and whose connection began at
+/// `created_ns`. Shared by the Service and the policy conntrack.
+#[inline(always)]
+pub fn next_state_of(state: u32, tcp_next: u32, created_ns: u64, reply: bool, p: &Ipv4Packet, now: u64) -> u32 {
+    let mut st = state;
     if reply {
         st |= CT_S_SEEN_REPLY;
     }
@@ -183,8 +190,8 @@ fn next_state(e: &Ct4Entry, p: &Ipv4Packet, now: u64) -> u32 {
             // accepts it (RFC 5961) and netfilter checks it: one blind RST with a guessed tuple
             // must not end (and free the port of) someone's idle connection. Before a side has
             // sent anything (a backend refusing the SYN), any RST of it counts.
-            let known = e.state & seq_bit(reply) != 0;
-            let near = (p.tcp_next.wrapping_sub(e.tcp_next) as i32).unsigned_abs() <= RST_WINDOW;
+            let known = state & seq_bit(reply) != 0;
+            let near = (p.tcp_next.wrapping_sub(tcp_next) as i32).unsigned_abs() <= RST_WINDOW;
             if !known || near {
                 st |= CT_S_RST;
             } else {
@@ -194,12 +201,12 @@ fn next_state(e: &Ct4Entry, p: &Ipv4Packet, now: u64) -> u32 {
             st |= seq_bit(reply);
         }
         // An ACK after both FINs (they were seen before this packet) is the last ACK.
-        if e.state & (CT_S_FIN_ORIG | CT_S_FIN_REPLY) == (CT_S_FIN_ORIG | CT_S_FIN_REPLY) && p.tcp_flags & TCP_ACK != 0 {
+        if state & (CT_S_FIN_ORIG | CT_S_FIN_REPLY) == (CT_S_FIN_ORIG | CT_S_FIN_REPLY) && p.tcp_flags & TCP_ACK != 0 {
             st |= CT_S_TIME_WAIT;
         }
         if p.tcp_flags & TCP_FIN != 0 {
             st |= if reply { CT_S_FIN_REPLY } else { CT_S_FIN_ORIG };
-            if reply && e.state & CT_S_FIN_ORIG == 0 {
+            if reply && state & CT_S_FIN_ORIG == 0 {
                 st |= CT_S_BACKEND_CLOSED_FIRST;
             }
         }
@@ -207,12 +214,23 @@ fn next_state(e: &Ct4Entry, p: &Ipv4Packet, now: u64) -> u32 {
         if !reply && st & CT_S_SEEN_REPLY != 0 && p.tcp_flags & TCP_ACK != 0 {
             st |= CT_S_ESTABLISHED;
         }
-    } else if st & CT_S_SEEN_REPLY != 0 && now.saturating_sub(e.created_ns) >= STREAM_AFTER_NS {
+    } else if st & CT_S_SEEN_REPLY != 0 && now.saturating_sub(created_ns) >= STREAM_AFTER_NS {
         // netfilter's rule for UDP: a stream (and assured) only when still active a while after
         // it began with a reply seen. A DNS query and its answer is not, and stays evictable.
         st |= CT_S_ESTABLISHED;
     }
     st
+}
+
+/// Does `p` move the sequence a RST is judged against (each segment of this direction that moves
+/// it forward; a SYN sets it: a new initial sequence number)? Stored only when it does.
+#[inline(always)]
+pub fn seq_moves(tcp_next: u32, old_state: u32, new_state: u32, reply: bool, p: &Ipv4Packet) -> bool {
+    if p.proto != IPPROTO_TCP || p.tcp_flags & TCP_RST != 0 {
+        return false;
+    }
+    let ahead = (p.tcp_next.wrapping_sub(tcp_next) as i32) > 0;
+    ahead || p.tcp_flags & TCP_SYN != 0 || new_state & seq_bit(reply) != old_state & seq_bit(reply)
 }
 
 /// A replied UDP (SCTP, other) flow becomes a stream when a packet comes this long after its
@@ -243,14 +261,9 @@ pub fn track(hit: &mut Hit, key: &mut Ct4Key, p: &mut Ipv4Packet, out: &mut Ct4E
     // SAFETY: pointer from a successful lookup; copied (into the caller's scratch) before use.
     *out = unsafe { *hit.ptr };
     let st = next_state(out, p, now);
-    // The sequence a RST is judged against: each segment of this direction that moves it forward
-    // (a SYN sets it: a new initial sequence number). One store, only when it advances.
-    if p.proto == IPPROTO_TCP && p.tcp_flags & TCP_RST == 0 {
-        let ahead = (p.tcp_next.wrapping_sub(out.tcp_next) as i32) > 0;
-        if ahead || p.tcp_flags & TCP_SYN != 0 || st & seq_bit(out.flags & CT_F_REPLY != 0) != out.state & seq_bit(out.flags & CT_F_REPLY != 0) {
-            out.tcp_next = p.tcp_next;
-            unsafe { (*hit.ptr).tcp_next = p.tcp_next };
-        }
+    if seq_moves(out.tcp_next, out.state, st, out.flags & CT_F_REPLY != 0, p) {
+        out.tcp_next = p.tcp_next;
+        unsafe { (*hit.ptr).tcp_next = p.tcp_next };
     }
     let want_assured = st & CT_S_ESTABLISHED != 0 && !(p.proto == IPPROTO_TCP && is_closed(st));
     let moving = want_assured != hit.assured;

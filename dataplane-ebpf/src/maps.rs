@@ -11,7 +11,7 @@ const NO_PREALLOC: usize = 1;
 
 use dataplane_common::{
     capacity, AffinityKey, LocalAddr, PodIface, AffinityValue, Ct4Entry, Ct4Key, Frag4Key, Frag4Ports, Lb4Backend, Lb4Key, Lb4Service,
-    Lb4SlotKey, NodeConfig, PolCtValue, PolEndpoint, PolRuleKey, PolicyEvent, SockRevKey, SockRevValue, SrcRangeData, SvcCounters, SvcName,
+    Lb4SlotKey, NodeConfig, PolCtEntry, PolCtKey, PolEndpoint, PolEvKey, PolFragKey, PolRuleKey, PolicyEvent, SockRevKey, SockRevValue, SrcRangeData, SvcCounters, SvcName,
 };
 
 /// Service frontends: `addr:port/proto` per scope (and `addr:0/0` for "this is a ClusterIP").
@@ -110,10 +110,24 @@ pub static pol_ep4_v1: HashMap<u32, PolEndpoint, { capacity::POL_ENDPOINTS as us
 #[btf_map]
 pub static pol_rule4_v1: LpmTrie<PolRuleKey, u32, { capacity::POL_RULES as usize }> = LpmTrie::new();
 
-/// Connections a policy decision allowed (both directions), keyed by the tuple after Service
-/// translation: later packets and replies skip the rule lookups.
+/// Connections a policy decision allowed, by tuple (after Service translation) and the pod
+/// interface the decision was made for: later packets and replies skip the rule lookups. New,
+/// unreplied and closing connections here (LRU: under pressure these go first)...
 #[btf_map]
-pub static pol_ct4_v1: LruHashMap<Ct4Key, PolCtValue, { capacity::POL_CONNTRACK as usize }> = LruHashMap::new();
+pub static pol_ct4_v2: LruHashMap<PolCtKey, PolCtEntry, { capacity::POL_CONNTRACK as usize }> = LruHashMap::new();
+
+/// ... established ones here, where nothing evicts them (they leave when they close or expire).
+#[btf_map]
+pub static pol_ct4_assured_v2: HashMap<PolCtKey, PolCtEntry, { capacity::POL_CONNTRACK_ASSURED as usize }, NO_PREALLOC> = HashMap::new();
+
+/// The first fragment's verdict for the later fragments of a datagram into or out of an isolated
+/// pod (they carry no ports to decide by).
+#[btf_map]
+pub static pol_frag4_v1: LruHashMap<PolFragKey, u32, { capacity::POL_FRAGMENTS as usize }> = LruHashMap::new();
+
+/// When the last deny event went out per (pod, peer, port, direction): at most one a second.
+#[btf_map]
+pub static pol_evlimit4_v1: LruHashMap<PolEvKey, u64, { capacity::POL_EVENT_LIMIT as usize }> = LruHashMap::new();
 
 /// Drops per policy and direction (index `policy_id * 2 + dir`), per CPU.
 #[btf_map]
@@ -121,7 +135,7 @@ pub static pol_drop_v1: PerCpuArray<u64, { (capacity::POLICIES * 2) as usize }> 
 
 /// Verdict events for `dataplane-agent monitor` (new connections only).
 #[btf_map]
-pub static pol_events_v1: RingBuf<PolicyEvent, { capacity::POL_EVENTS_BYTES as usize }> = RingBuf::new();
+pub static pol_events_v2: RingBuf<PolicyEvent, { capacity::POL_EVENTS_BYTES as usize }> = RingBuf::new();
 
 /// Names for inspection and the monitor, written by the agent, never read on the packet path:
 /// policy id -> `namespace/name`, pod address -> `namespace/name`, identity -> its labels.
@@ -147,6 +161,11 @@ pub static pod_if4_v1: HashMap<u32, PodIface, { capacity::POD_IFACES as usize },
 /// translation (written by `egress_pre`, read by `check` on the same packet).
 #[btf_map]
 pub static pol_scratch: PerCpuArray<Ct4Key, 1> = PerCpuArray::new();
+
+/// Per-CPU scratch of the policy check: the entry of a new connection as it is built (kept off
+/// the 512-byte stack the Service path already needs).
+#[btf_map]
+pub static pol_entry_scratch: PerCpuArray<dataplane_common::PolCtEntry, 1> = PerCpuArray::new();
 
 /// Per-CPU scratch of a FIB redirect: the next hop found before the packet was translated
 /// (`nat::fib_prepare`), used once it is (`nat::fib_redirect`), on the same packet.

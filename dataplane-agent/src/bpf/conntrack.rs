@@ -14,7 +14,7 @@ use std::{
 };
 
 use aya::maps::{HashMap, Map, MapData, MapError, PerCpuArray, PerCpuValues};
-use dataplane_common::{names, stat, Ct4Entry, Ct4Key, CT_F_REPLY};
+use dataplane_common::{names, Ct4Entry, Ct4Key, PolCtEntry, PolCtKey, CT_F_REPLY};
 
 use crate::error::LoadError;
 
@@ -156,21 +156,21 @@ impl Conntrack {
     }
 }
 
-/// Adds `n` to the agent's own counter of LRU entries it deleted (`stat::CT_AGENT_DELETED`, a
-/// slot no program writes), kept in the pinned stats map so the eviction estimate survives
+/// Adds `n` to the agent's own counter of LRU entries it deleted (`slot`:
+/// `stat::CT_AGENT_DELETED` or `stat::POL_CT_AGENT_DELETED`, slots no program writes), kept in the pinned stats map so the eviction estimate survives
 /// restarts.
-pub fn count_agent_deletes(stats: &mut PerCpuArray<MapData, u64>, n: u64) {
+pub fn count_agent_deletes(stats: &mut PerCpuArray<MapData, u64>, slot: u32, n: u64) {
     if n == 0 {
         return;
     }
-    if let Ok(mut v) = stats.get(&stat::CT_AGENT_DELETED, 0) {
+    if let Ok(mut v) = stats.get(&slot, 0) {
         let mut vals: Vec<u64> = v.iter().copied().collect();
         if let Some(first) = vals.first_mut() {
             *first += n;
         }
         if let Ok(pv) = PerCpuValues::try_from(vals) {
             v = pv;
-            let _ = stats.set(stat::CT_AGENT_DELETED, v, 0);
+            let _ = stats.set(slot, v, 0);
         }
     }
 }
@@ -243,6 +243,58 @@ pub fn collect(ct: &mut Conntrack, now: u64) -> GcRun {
     }
     run.took = started.elapsed();
     run
+}
+
+/// The policy conntrack maps (`pol_ct4_v2`, LRU, and `pol_ct4_assured_v2`), collected the same
+/// way: every entry past its expiry is deleted, checked again just before.
+pub struct PolicyConntrack {
+    lru: HashMap<MapData, PolCtKey, PolCtEntry>,
+    assured: HashMap<MapData, PolCtKey, PolCtEntry>,
+    fds: [OwnedFd; 2],
+    /// Capacities of the LRU and the assured map.
+    pub caps: (u32, u32),
+}
+
+impl PolicyConntrack {
+    pub fn from_pins(dir: &Path) -> Result<Self, LoadError> {
+        let open = |name: &'static str| MapData::from_pin(dir.join(name)).map_err(|source| LoadError::Map { name, source });
+        let (lru, assured) = (open(names::POL_CONNTRACK)?, open(names::POL_CONNTRACK_ASSURED)?);
+        let fds = [lru.fd().as_fd().try_clone_to_owned()?, assured.fd().as_fd().try_clone_to_owned()?];
+        let cap = |m: &MapData| m.info().map(|i| i.max_entries()).unwrap_or(0);
+        let caps = (cap(&lru), cap(&assured));
+        Ok(PolicyConntrack {
+            caps,
+            lru: HashMap::try_from(Map::LruHashMap(lru)).map_err(|source| LoadError::Map { name: names::POL_CONNTRACK, source })?,
+            assured: HashMap::try_from(Map::HashMap(assured)).map_err(|source| LoadError::Map { name: names::POL_CONNTRACK_ASSURED, source })?,
+            fds,
+        })
+    }
+
+    /// Every entry of both maps: (key, entry, in the assured map).
+    pub fn rows(&self) -> Vec<(PolCtKey, PolCtEntry, bool)> {
+        let mut out = Vec::new();
+        for (fd, assured) in [(&self.fds[1], true), (&self.fds[0], false)] {
+            let _ = for_each::<PolCtKey, PolCtEntry>(fd, |k, e| out.push((k, e, assured)));
+        }
+        out
+    }
+
+    /// One collector pass at `now` (live and deleted counts per map, in a `GcRun`).
+    pub fn collect(&mut self, now: u64) -> GcRun {
+        let started = Instant::now();
+        let mut run = GcRun::default();
+        for (key, entry, assured) in self.rows() {
+            let map = if assured { &mut self.assured } else { &mut self.lru };
+            let (live, deleted) = if assured { (&mut run.live_assured, &mut run.deleted_assured) } else { (&mut run.live_lru, &mut run.deleted_lru) };
+            if entry.expires_ns > now {
+                *live += 1;
+            } else if map.get(&key, 0).is_ok_and(|e| e.expires_ns <= now) && map.remove(&key).is_ok() {
+                *deleted += 1;
+            }
+        }
+        run.took = started.elapsed();
+        run
+    }
 }
 
 /// The collector's adaptive interval (Cilium's rule): halved while a run reclaims more than a

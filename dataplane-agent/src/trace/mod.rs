@@ -482,19 +482,26 @@ impl Runner {
 
     /// Runs a program and collects the policy verdicts it reported.
     fn run(&self, prog: &str, pkt: &[u8]) -> Result<Run, String> {
+        if prog == progs::FROM_POD || prog == progs::TO_POD {
+            return self.run_skb(prog, pkt, &SkbIn::default()).map(|(r, _)| r);
+        }
         let r = test_run(&self.ebpf, prog, pkt)?;
         self.drain_events();
         Ok(r)
     }
 
     /// Runs a tc program with `__sk_buff` fields; returns the run and the mark it left. A packet
-    /// from a pod comes in on the interface of the pod its source address belongs to, unless
-    /// `skb` names one.
+    /// from a pod comes in on the interface of the pod its source address belongs to, one to a
+    /// pod leaves on its destination's, unless `skb` names one.
     fn run_skb(&self, prog: &str, pkt: &[u8], skb: &SkbIn) -> Result<(Run, u32), String> {
         let mut skb = *skb;
-        if prog == progs::FROM_POD && skb.ifindex == 0 {
-            if let Some(src) = pkt.get(26..30) {
-                skb.ifindex = self.net.pod_iface(Ipv4Addr::new(src[0], src[1], src[2], src[3]))?;
+        let addr_at = if prog == progs::FROM_POD { 26..30 } else { 30..34 };
+        if (prog == progs::FROM_POD || prog == progs::TO_POD) && skb.ifindex == 0 {
+            if let Some(a) = pkt.get(addr_at) {
+                let a = Ipv4Addr::new(a[0], a[1], a[2], a[3]);
+                if prog == progs::FROM_POD || self.is_local_pod(a) {
+                    skb.ifindex = self.net.pod_iface(a)?;
+                }
             }
         }
         let r = test_run_skb(&self.ebpf, prog, pkt, &skb)?;
