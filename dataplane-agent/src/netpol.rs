@@ -20,7 +20,7 @@ use dataplane_common::{identity, LocalAddr, PodIface, LOCAL_HOST, LOCAL_POD, Pol
 use k8s_openapi::{
     api::{
         core::v1::Pod,
-        networking::v1::{NetworkPolicy, NetworkPolicyPeer, NetworkPolicyPort},
+        networking::v1::{NetworkPolicyPeer, NetworkPolicyPort, NetworkPolicySpec},
     },
     apimachinery::pkg::{apis::meta::v1::LabelSelector, util::intstr::IntOrString},
 };
@@ -156,6 +156,11 @@ fn pod_ip(p: &Pod) -> Option<Ipv4Addr> {
     st.pod_ips.iter().flatten().map(|i| i.ip.as_str()).chain(st.pod_ip.as_deref()).find_map(|s| s.parse().ok())
 }
 
+/// An IPv6 CIDR (`fd00::/8`): valid in a policy, never matching the IPv4 datapath's traffic.
+fn is_ipv6_cidr(s: &str) -> bool {
+    s.split_once('/').is_some_and(|(a, p)| a.parse::<std::net::Ipv6Addr>().is_ok() && p.parse::<u8>().is_ok_and(|p| p <= 128))
+}
+
 fn proto_number(p: Option<&str>) -> Option<u8> {
     match p.unwrap_or("TCP") {
         "TCP" => Some(IPPROTO_TCP),
@@ -286,41 +291,48 @@ pub fn translate(objs: &Objects, node: &str, node_ips: &[Ipv4Addr], ids: &mut Id
     d.identities.insert(identity::HOST, "reserved:host".into());
     d.identities.insert(identity::WORLD, "reserved:world".into());
 
-    // Valid policies, and every ipBlock prefix they name.
+    // Every policy, and every ipBlock prefix they name. A policy is never left out whole: what
+    // cannot be translated is named (an error for the log and /metrics) and fails closed. A
+    // selector that does not parse selects no peer (its rule allows nothing through it) and, as
+    // the podSelector, every pod of the namespace (isolated, with no rule); an unknown policyType
+    // isolates both ways; a block that is not an IPv4 CIDR allows nothing.
     struct Pol<'a> {
         id: u32,
         name: String,
-        p: &'a NetworkPolicy,
+        spec: std::borrow::Cow<'a, NetworkPolicySpec>,
+        ns: String,
         ingress: bool,
         egress: bool,
+        /// The podSelector did not parse: the policy selects every pod of its namespace.
+        selects_all: bool,
     }
     let mut pols = Vec::new();
     let mut prefixes: BTreeSet<Cidr4> = BTreeSet::new();
     let mut live_policies = BTreeSet::new();
-    'policies: for np in &objs.network_policies {
+    for np in &objs.network_policies {
         let ns = np.metadata.namespace.clone().unwrap_or_else(|| "default".into());
         let name = format!("{ns}/{}", np.metadata.name.clone().unwrap_or_default());
-        let Some(spec) = &np.spec else {
-            errors.push(ObjectError::new("NetworkPolicy", name, "spec".into(), "missing"));
-            continue;
+        let mut bad = |field: String, msg: String| errors.push(ObjectError::new("NetworkPolicy", name.clone(), field, format!("{msg} (left untranslated; the policy still isolates the pods it selects)")));
+        // An object without a spec is the API's default one: every pod, Ingress, no rule.
+        let spec = match &np.spec {
+            Some(s) => std::borrow::Cow::Borrowed(s),
+            None => std::borrow::Cow::Owned(Default::default()),
         };
-        let mut bad = |field: String, msg: String| errors.push(ObjectError::new("NetworkPolicy", name.clone(), field, msg));
+        let mut selects_all = false;
         if let Err(e) = selects(&spec.pod_selector.clone().unwrap_or_default(), &BTreeMap::new()) {
-            bad(format!("spec.podSelector.{}", e.split(':').next().unwrap_or("")), e);
-            continue;
+            bad(format!("spec.podSelector.{}", e.split(':').next().unwrap_or("")), format!("{e}: selecting every pod of namespace {ns}"));
+            selects_all = true;
         }
-        let types: Vec<String> = spec.policy_types.clone().filter(|t| !t.is_empty()).unwrap_or_else(|| {
+        let mut types: Vec<String> = spec.policy_types.clone().filter(|t| !t.is_empty()).unwrap_or_else(|| {
             let mut t = vec!["Ingress".to_string()];
             if spec.egress.as_ref().is_some_and(|e| !e.is_empty()) {
                 t.push("Egress".into());
             }
             t
         });
-        for (i, t) in types.iter().enumerate() {
-            if t != "Ingress" && t != "Egress" {
-                bad(format!("spec.policyTypes[{i}]"), format!("{t:?} is not Ingress or Egress"));
-                continue 'policies;
-            }
+        if let Some((i, t)) = types.iter().enumerate().find(|(_, t)| *t != "Ingress" && *t != "Egress") {
+            bad(format!("spec.policyTypes[{i}]"), format!("{t:?} is not Ingress or Egress: isolating for both"));
+            types = vec!["Ingress".into(), "Egress".into()];
         }
         // Peers: selectors must parse, CIDRs must be IPv4 CIDRs.
         let sections = [("ingress", spec.ingress.as_ref().map(|r| r.iter().map(|r| &r.from).collect::<Vec<_>>())), ("egress", spec.egress.as_ref().map(|r| r.iter().map(|r| &r.to).collect::<Vec<_>>()))];
@@ -332,8 +344,7 @@ pub fn translate(objs: &Objects, node: &str, node_ips: &[Ipv4Addr], ids: &mut Id
                     for (what, sel) in [("podSelector", &peer.pod_selector), ("namespaceSelector", &peer.namespace_selector)] {
                         if let Some(sel) = sel {
                             if let Err(e) = selects(sel, &BTreeMap::new()) {
-                                bad(format!("{at}.{what}"), e);
-                                continue 'policies;
+                                bad(format!("{at}.{what}"), format!("{e}: this peer selects nothing"));
                             }
                         }
                     }
@@ -342,20 +353,19 @@ pub fn translate(objs: &Objects, node: &str, node_ips: &[Ipv4Addr], ids: &mut Id
                             Ok(c) => {
                                 prefixes.insert(c.network());
                             }
-                            Err(e) => {
-                                bad(format!("{at}.ipBlock.cidr"), e);
-                                continue 'policies;
+                            Err(_) if is_ipv6_cidr(&b.cidr) => {
+                                bad(format!("{at}.ipBlock.cidr"), format!("{} is IPv6, which the IPv4 datapath does not match: this peer allows nothing (IPv6 into or out of isolated pods is dropped)", b.cidr));
                             }
+                            Err(e) => bad(format!("{at}.ipBlock.cidr"), format!("{e}: this peer allows nothing")),
                         }
                         for (ei, e) in b.except.iter().flatten().enumerate() {
                             match e.parse::<Cidr4>() {
                                 Ok(c) => {
                                     prefixes.insert(c.network());
                                 }
-                                Err(err) => {
-                                    bad(format!("{at}.ipBlock.except[{ei}]"), err);
-                                    continue 'policies;
-                                }
+                                // An IPv6 exception never applies to IPv4 traffic.
+                                Err(_) if is_ipv6_cidr(e) => {}
+                                Err(err) => bad(format!("{at}.ipBlock.except[{ei}]"), format!("{err}: this peer allows nothing")),
                             }
                         }
                     }
@@ -368,7 +378,8 @@ pub fn translate(objs: &Objects, node: &str, node_ips: &[Ipv4Addr], ids: &mut Id
             continue;
         };
         d.policies.insert(id, name.clone());
-        pols.push(Pol { id, name, p: np, ingress: types.iter().any(|t| t == "Ingress"), egress: types.iter().any(|t| t == "Egress") });
+        let (ingress, egress) = (types.iter().any(|t| t == "Ingress"), types.iter().any(|t| t == "Egress"));
+        pols.push(Pol { id, name, spec, ns, ingress, egress, selects_all });
     }
     // ipBlock prefixes get identities of their own; a pod address inside one stays the pod's.
     for c in &prefixes {
@@ -387,6 +398,11 @@ pub fn translate(objs: &Objects, node: &str, node_ips: &[Ipv4Addr], ids: &mut Id
         let mut out = BTreeSet::new();
         if let Some(b) = &peer.ip_block {
             let Ok(cidr) = b.cidr.parse::<Cidr4>() else { return out };
+            // An exception that does not parse excepts everything (fails closed); an IPv6 one
+            // nothing.
+            if b.except.iter().flatten().any(|e| e.parse::<Cidr4>().is_err() && !is_ipv6_cidr(e)) {
+                return out;
+            }
             let except: Vec<Cidr4> = b.except.iter().flatten().filter_map(|e| e.parse().ok()).collect();
             for (c, id) in &cidr_ids {
                 if cidr.covers(c) && !except.iter().any(|e| e.covers(c)) {
@@ -424,9 +440,8 @@ pub fn translate(objs: &Objects, node: &str, node_ips: &[Ipv4Addr], ids: &mut Id
         let ep_id = u32::from(ep.ip);
         let mut entry = PolEndpoint { ep_id, ..Default::default() };
         for pol in &pols {
-            let ns = pol.p.metadata.namespace.clone().unwrap_or_else(|| "default".into());
-            let spec = pol.p.spec.as_ref().expect("validated");
-            if ns != ep.ns || !selects(&spec.pod_selector.clone().unwrap_or_default(), &ep.labels).unwrap_or(false) {
+            let (ns, spec) = (pol.ns.clone(), &*pol.spec);
+            if ns != ep.ns || !(pol.selects_all || selects(&spec.pod_selector.clone().unwrap_or_default(), &ep.labels).unwrap_or(false)) {
                 continue;
             }
             for (dir, on, flag) in [(DIR_INGRESS, pol.ingress, EP_F_INGRESS), (DIR_EGRESS, pol.egress, EP_F_EGRESS)] {
@@ -440,6 +455,10 @@ pub fn translate(objs: &Objects, node: &str, node_ips: &[Ipv4Addr], ids: &mut Id
                     } else {
                         entry.egress_policy = pol.id;
                     }
+                }
+                if pol.selects_all {
+                    // Selected because its selector could not be read: isolated, nothing allowed.
+                    continue;
                 }
                 let rules: Vec<(&Option<Vec<NetworkPolicyPeer>>, &Option<Vec<NetworkPolicyPort>>)> = if dir == DIR_INGRESS {
                     spec.ingress.iter().flatten().map(|r| (&r.from, &r.ports)).collect()
@@ -539,14 +558,38 @@ kind: NetworkPolicy\nmetadata: {name: pg-in, namespace: db}\nspec: {podSelector:
     }
 
     #[test]
-    fn invalid_policies_are_named_with_their_field_and_left_out_whole() {
-        let bad = "---\nkind: NetworkPolicy\nmetadata: {name: bad, namespace: db}\nspec: {podSelector: {}, ingress: [{from: [{ipBlock: {cidr: 10.0.0.0/33}}]}]}\n\
----\nkind: NetworkPolicy\nmetadata: {name: worse, namespace: db}\nspec: {podSelector: {matchExpressions: [{key: a, operator: Near}]}}\n";
-        let (d, e) = translate(&objs(&format!("{BASE}{bad}")), "n1", &[], &mut Ids::default());
+    fn what_cannot_be_translated_is_named_and_fails_closed() {
+        let extra = "---\nkind: Pod\nmetadata: {name: v, namespace: v6, labels: {app: v}}\nspec: {nodeName: n1, containers: [{name: c}]}\nstatus: {podIP: 10.0.0.6}\n\
+---\nkind: Pod\nmetadata: {name: w, namespace: sel, labels: {app: w}}\nspec: {nodeName: n1, containers: [{name: c}]}\nstatus: {podIP: 10.0.0.7}\n\
+---\nkind: NetworkPolicy\nmetadata: {name: bad, namespace: db}\nspec: {podSelector: {}, ingress: [{from: [{ipBlock: {cidr: 10.0.0.0/33}}, {podSelector: {matchLabels: {app: pg}}}]}]}\n\
+---\nkind: NetworkPolicy\nmetadata: {name: only-v6, namespace: v6}\nspec: {podSelector: {}, policyTypes: [Ingress, Egress], ingress: [{from: [{ipBlock: {cidr: 'fd00::/8'}}]}], egress: [{to: [{ipBlock: {cidr: '::/0'}}]}]}\n\
+---\nkind: NetworkPolicy\nmetadata: {name: worse, namespace: sel}\nspec: {podSelector: {matchExpressions: [{key: a, operator: Near}]}, ingress: [{}]}\n";
+        let (d, e) = translate(&objs(&format!("{BASE}{extra}")), "n1", &[], &mut Ids::default());
         let text: Vec<String> = e.iter().map(|e| e.to_string()).collect();
-        assert!(text.iter().any(|t| t.starts_with("NetworkPolicy db/bad: spec.ingress[0].from[0].ipBlock.cidr:")), "{text:?}");
-        assert!(text.iter().any(|t| t.starts_with("NetworkPolicy db/worse: spec.podSelector.")), "{text:?}");
-        assert_eq!(d.policies.values().cloned().collect::<Vec<_>>(), vec!["db/pg-in".to_string()]);
+        for want in [
+            "NetworkPolicy db/bad: spec.ingress[0].from[0].ipBlock.cidr:",
+            "NetworkPolicy v6/only-v6: spec.ingress[0].from[0].ipBlock.cidr: fd00::/8 is IPv6",
+            "NetworkPolicy v6/only-v6: spec.egress[0].to[0].ipBlock.cidr: ::/0 is IPv6",
+            "NetworkPolicy sel/worse: spec.podSelector.",
+        ] {
+            assert!(text.iter().any(|t| t.starts_with(want)), "{want} in {text:?}");
+        }
+        // No policy is left out.
+        let names: BTreeSet<String> = d.policies.values().cloned().collect();
+        assert_eq!(names, ["db/bad", "db/pg-in", "sel/worse", "v6/only-v6"].map(String::from).into());
+        let ep = |ip: &str| d.endpoints.get(&ip.parse::<Ipv4Addr>().unwrap()).copied();
+        let rules_of = |ip: &str| d.rules.keys().filter(|(_, k)| u32::from_be(k.ep_id_be) == u32::from(ip.parse::<Ipv4Addr>().unwrap())).count();
+        // The IPv6-only policy still isolates its pod both ways, with nothing allowed.
+        assert_eq!(ep("10.0.0.6").map(|e| e.flags), Some(EP_F_INGRESS | EP_F_EGRESS));
+        assert_eq!(rules_of("10.0.0.6"), 0);
+        // A podSelector that does not parse selects every pod of its namespace, allowing nothing
+        // (its rule `ingress: [{}]` would allow everything).
+        assert_eq!(ep("10.0.0.7").map(|e| e.flags), Some(EP_F_INGRESS));
+        assert_eq!(rules_of("10.0.0.7"), 0);
+        // The bad block allows nothing; the rule's other peer (pg itself) still does.
+        let pg = d.ipcache[&"10.0.0.5/32".parse().unwrap()];
+        assert!(d.rules.keys().any(|(_, k)| u32::from_be(k.ep_id_be) == u32::from(Ipv4Addr::new(10, 0, 0, 5)) && u32::from_be(k.identity_be) == pg));
+        assert!(!d.rules.keys().any(|(_, k)| u32::from_be(k.identity_be) == identity::ANY), "nothing became an any-peer rule");
     }
 
     #[test]
