@@ -333,3 +333,34 @@ fn deny_events_are_rate_limited_per_pod_peer_and_port() {
     let total: u64 = n.dp.maps.pol_names.iter().flatten().map(|(id, _)| n.dp.maps.policy_drops(id, DIR_INGRESS)).sum();
     assert_eq!(total, 51);
 }
+
+#[test]
+fn a_client_from_outside_is_judged_as_itself_not_as_the_node_that_masqueraded_it() {
+    // b accepts pods of t and the block 203.0.113.0/24 only. A ClusterIP of b reached from
+    // outside the cluster is masqueraded to the node's address (kube-proxy's clusterCIDR rule):
+    // b's policy must judge the real client, as kube-proxy with Calico does, not "the node".
+    let mut n = setup("a");
+    let b_in = "kind: NetworkPolicy\nmetadata: {name: b-accepts, namespace: t}\nspec:\n  podSelector: {matchLabels: {app: b}}\n  ingress: [{from: [{podSelector: {}}, {ipBlock: {cidr: 203.0.113.0/24}}]}]\n";
+    let pols = POLICIES.replace(&POLICIES[POLICIES.find("kind: NetworkPolicy\nmetadata: {name: b-accepts").unwrap()..POLICIES.find("---\nkind: NetworkPolicy\nmetadata: {name: c-to-b").unwrap()], &format!("{b_in}"));
+    n.apply(&format!("{}---\n{pols}", pods("a")));
+    n.dp.apply_yaml("kind: Service\nmetadata: {name: b, namespace: t}\nspec: {clusterIP: 172.30.7.11, ports: [{port: 80, targetPort: 8080}]}\n---\nkind: EndpointSlice\nmetadata: {name: b-1, namespace: t, labels: {kubernetes.io/service-name: b}}\naddressType: IPv4\nports: [{port: 8080}]\nendpoints: [{addresses: [10.0.0.11], nodeName: node1}]\n");
+    let mut cfg = n.dp.maps.config.get(&0, 0).unwrap();
+    let (net, mask) = dataplane_agent::reconcile::Cidr4 { addr: ip("10.0.0.0"), prefix: 16 }.addr_mask_be();
+    cfg.cluster_cidr_be = net;
+    cfg.cluster_mask_be = mask;
+    n.dp.maps.set_config(cfg).unwrap();
+    let through = |n: &Node, client: &str, port: u16| -> (std::net::Ipv4Addr, u32) {
+        let r = n.dp.from_world(&tcp((ip(client), port), (ip("172.30.7.11"), 80), true, b""));
+        assert_ne!(r.action, TC_ACT_SHOT, "{client} at the node");
+        let t = tuple(&r.data);
+        assert_eq!(t.dst, ip(B));
+        (t.src, n.into_pod(&r.data).action)
+    };
+    // Masqueraded either way; the stranger is dropped at b, the allowed block's client passes.
+    let (src, verdict) = through(&n, "198.51.100.7", 43000);
+    assert_eq!((src, verdict), (ip("192.168.0.2"), TC_ACT_SHOT), "a client outside every allowed block");
+    let (src, verdict) = through(&n, "203.0.113.9", 43001);
+    assert_eq!((src, verdict), (ip("192.168.0.2"), TC_ACT_OK), "a client of the allowed block");
+    // The node's own traffic still is the node: always allowed in (kubelet probes).
+    assert_eq!(n.into_pod(&tcp((ip("192.168.0.2"), 43002), (ip(B), 8080), true, b"")).action, TC_ACT_OK);
+}

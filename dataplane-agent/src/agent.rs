@@ -77,6 +77,10 @@ pub struct RunConfig {
     pub xdp: bool,
     /// `--pod-source-check strict`: a pod may send only with its own address.
     pub source_check: bool,
+    /// `--refusals-per-second`, `--refusal-burst`.
+    pub refusals: (u32, u32),
+    /// `--conntrack-max-per-source` (0: no limit).
+    pub ct_per_source_max: u32,
     /// cgroup (v2) for the socket hooks; `None` leaves host processes alone.
     pub cgroup: Option<PathBuf>,
     pub service_cidrs: BTreeSet<Cidr4>,
@@ -152,6 +156,9 @@ pub fn node_config(cfg: &RunConfig, node: &model::NodeContext, objs: &Objects) -
         ct_timeout_s: cfg.ct_timeouts,
         host_netns_cookie: cfg.host_netns_cookie,
         flags: if cfg.source_check { dataplane_common::CFG_F_SOURCE_CHECK } else { 0 },
+        refusals_per_s: cfg.refusals.0,
+        refusal_burst: cfg.refusals.1,
+        ct_per_source_max: cfg.ct_per_source_max,
         ..Default::default()
     }
 }
@@ -343,6 +350,7 @@ fn spawn_conntrack_gc(pin_dir: PathBuf, observed: Arc<Observed>) -> anyhow::Resu
     use dataplane_common::{names, stat};
     let mut ct = Conntrack::from_pins(&pin_dir)?;
     let mut pol_ct = PolicyConntrack::from_pins(&pin_dir)?;
+    let mut sources = crate::bpf::conntrack::SourceCounts::from_pins(&pin_dir)?;
     let stats_pin = pin_dir.join(names::STATS);
     let mut stats = aya::maps::PerCpuArray::<_, u64>::try_from(aya::maps::Map::PerCpuArray(aya::maps::MapData::from_pin(&stats_pin)?))?;
     std::thread::Builder::new().name("conntrack-gc".into()).spawn(move || {
@@ -359,6 +367,7 @@ fn spawn_conntrack_gc(pin_dir: PathBuf, observed: Arc<Observed>) -> anyhow::Resu
                 .saturating_sub(total(&stats, stat::POL_CT_AGENT_DELETED))
                 .saturating_sub(pol_run.live_lru);
             observed.policy_gc_done(&pol_run, pol_ct.caps, pol_evicted);
+            observed.sources_counted(sources.recount(&run.sources, &pol_run.sources));
             // What the LRU map lost without anyone deleting it: evictions.
             let evicted = total(&stats, stat::CT_CREATED)
                 .saturating_sub(total(&stats, stat::CT_DELETED))

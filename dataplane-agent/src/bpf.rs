@@ -50,6 +50,8 @@ pub struct BpfMaps {
     pub id_names: HashMap<MapData, u32, SvcName>,
     /// Host sockets translated by the socket hooks: `(cookie, backend) -> Service address`.
     pub sock_rev: HashMap<MapData, SockRevKey, SockRevValue>,
+    /// Assured connections per source: [Service, policy] (`--conntrack-max-per-source`).
+    pub ct_sources: HashMap<MapData, u32, [u32; 2]>,
     /// This node's and its pods' addresses (anti-spoofing), and its pod interfaces.
     pub local_addrs: HashMap<MapData, u32, LocalAddr>,
     pub pod_ifaces: HashMap<MapData, u32, PodIface>,
@@ -117,6 +119,7 @@ impl BpfMaps {
             pod_names: conv(names::POD_NAMES, HashMap::try_from(get(names::POD_NAMES)?))?,
             id_names: conv(names::IDENTITY_NAMES, HashMap::try_from(get(names::IDENTITY_NAMES)?))?,
             sock_rev: conv(names::SOCK_REV, HashMap::try_from(get(names::SOCK_REV)?))?,
+            ct_sources: conv(names::CT_SOURCES, HashMap::try_from(get(names::CT_SOURCES)?))?,
             local_addrs: conv(names::LOCAL_ADDRS, HashMap::try_from(get(names::LOCAL_ADDRS)?))?,
             pod_ifaces: conv(names::POD_IFACES, HashMap::try_from(get(names::POD_IFACES)?))?,
             caps,
@@ -134,7 +137,7 @@ impl BpfMaps {
                 names::CONFIG => Map::Array(data),
                 names::CHASH => Map::HashOfMaps(data),
                 names::SVC_STATS => Map::PerCpuHashMap(data),
-                names::CONNTRACK | names::FRAGMENTS | names::AFFINITY | names::POL_CONNTRACK | names::POL_FRAGMENTS | names::POL_EVENT_LIMIT | names::SOCK_REV => {
+                names::CONNTRACK | names::FRAGMENTS | names::AFFINITY | names::POL_CONNTRACK | names::POL_FRAGMENTS | names::POL_EVENT_LIMIT | names::SOCK_REV | names::CT_SOURCES => {
                     Map::LruHashMap(data)
                 }
                 _ => Map::HashMap(data),
@@ -371,6 +374,11 @@ impl BpfMaps {
     /// Drops counted against policy `id` in direction `dir`, summed over CPUs.
     pub fn policy_drops(&self, id: u32, dir: u8) -> u64 {
         self.pol_drops.get(&(id * 2 + dir as u32), 0).map(|v| v.iter().sum()).unwrap_or(0)
+    }
+
+    /// The datapath's counts of assured connections of source `src`: [Service, policy].
+    pub fn ct_sources(&self, src: Ipv4Addr) -> [u32; 2] {
+        self.ct_sources.get(&u32::from_ne_bytes(src.octets()), 0).unwrap_or([0, 0])
     }
 
     /// Sum over CPUs of each counter.

@@ -202,6 +202,20 @@ pub struct RunArgs {
     /// interface (pods may then send with any source address).
     #[arg(long, env = "FERRY_POD_SOURCE_CHECK", default_value = "strict", value_parser = ["strict", "off"])]
     pub pod_source_check: String,
+    /// Most established connections one source address may hold in each conntrack (Service,
+    /// policy) beyond the reach of eviction; more stay evictable (LRU), so one pod or client
+    /// flooding connections cannot crowd out everyone else's. 0: no limit. Default: an eighth
+    /// of --conntrack-capacity.
+    #[arg(long, env = "FERRY_CONNTRACK_MAX_PER_SOURCE")]
+    pub conntrack_max_per_source: Option<u32>,
+    /// Refusals (TCP RST, ICMP port unreachable, ICMP fragmentation needed) the node sends per
+    /// second, as the kernel's net.ipv4.icmp_msgs_per_sec; more are dropped and counted
+    /// (refusal_limited), so the node cannot be used to reflect a flood.
+    #[arg(long, env = "FERRY_REFUSALS_PER_SECOND", default_value_t = dataplane_common::REFUSALS_PER_S_DEFAULT, value_parser = clap::value_parser!(u32).range(1..))]
+    pub refusals_per_second: u32,
+    /// Refusals sent at once before --refusals-per-second applies (net.ipv4.icmp_msgs_burst).
+    #[arg(long, env = "FERRY_REFUSAL_BURST", default_value_t = dataplane_common::REFUSAL_BURST_DEFAULT, value_parser = clap::value_parser!(u32).range(1..))]
+    pub refusal_burst: u32,
     /// IP:PORT for /healthz, /livez and /readyz (kube-proxy's flag and port); empty disables.
     #[arg(long, env = "FERRY_HEALTHZ_BIND_ADDRESS", default_value = "0.0.0.0:10256")]
     pub healthz_bind_address: String,
@@ -333,6 +347,8 @@ impl RunArgs {
             },
             xdp: self.nodeport_acceleration == "xdp",
             source_check: self.pod_source_check == "strict",
+            refusals: (self.refusals_per_second, self.refusal_burst),
+            ct_per_source_max: self.conntrack_max_per_source.unwrap_or(self.conntrack_capacity.max(1024) / 8),
             cgroup,
             service_cidrs,
             cluster_cidr,

@@ -43,7 +43,7 @@ pub fn conntrack_capacities(n: u32) -> [(&'static str, u32); 2] {
 pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/ferry";
 
 /// (name, key size, value size) of every pinned map, checked before re-using a pin.
-fn expected_layout() -> [(&'static str, u32, u32); 27] {
+fn expected_layout() -> [(&'static str, u32, u32); 28] {
     use std::mem::size_of;
     [
         (names::SERVICES, size_of::<Lb4Key>() as u32, size_of::<Lb4Service>() as u32),
@@ -66,6 +66,7 @@ fn expected_layout() -> [(&'static str, u32, u32); 27] {
         (names::POL_CONNTRACK_ASSURED, size_of::<PolCtKey>() as u32, size_of::<PolCtEntry>() as u32),
         (names::POL_FRAGMENTS, size_of::<PolFragKey>() as u32, 4),
         (names::POL_EVENT_LIMIT, size_of::<PolEvKey>() as u32, 8),
+        (names::CT_SOURCES, 4, 8),
         (names::POL_DROPS, 4, 8),
         (names::POL_NAMES, 4, size_of::<SvcName>() as u32),
         (names::POD_NAMES, 4, size_of::<SvcName>() as u32),

@@ -61,6 +61,8 @@ struct CtFigures {
     pol_caps: (u32, u32),
     pol_deleted: (u64, u64),
     pol_evictions: u64,
+    /// The most assured connections any one source holds: (Service, policy).
+    source_max: (u32, u32),
 }
 
 /// The agent's observable state, shared by the loop and the HTTP server.
@@ -94,6 +96,11 @@ impl Observed {
         c.took = run.took;
         c.interval = next;
         c.connections = run.connections.clone();
+    }
+
+    /// The per-source counts were recounted: the highest (Service, policy).
+    pub fn sources_counted(&self, max: (u32, u32)) {
+        self.ct.lock().unwrap().source_max = max;
     }
 
     /// The policy conntrack collector finished a run; `evicted`: the LRU map's evictions so far.
@@ -279,6 +286,9 @@ fn map_metrics(out: &mut String, maps: &BpfMaps, dir: &std::path::Path, ct: &CtF
     );
     let _ = writeln!(out, "ferry_conntrack_evictions_total{{map=\"{}\"}} {}", names::CONNTRACK, ct.evictions);
     let _ = writeln!(out, "ferry_conntrack_evictions_total{{map=\"{}\"}} {}", names::POL_CONNTRACK, ct.pol_evictions);
+    help(out, "ferry_conntrack_source_max_assured", "gauge", "The most assured (never evicted) connections any one source address holds, by conntrack map, at the last garbage collection: compare with --conntrack-max-per-source (ferry_datapath_events_total{event=\"ct_source_limit\"} counts connections kept out).");
+    let _ = writeln!(out, "ferry_conntrack_source_max_assured{{map=\"{}\"}} {}", names::CONNTRACK_ASSURED, ct.source_max.0);
+    let _ = writeln!(out, "ferry_conntrack_source_max_assured{{map=\"{}\"}} {}", names::POL_CONNTRACK_ASSURED, ct.source_max.1);
     let totals = maps.stat_totals();
     help(out, "ferry_datapath_events_total", "counter", "Datapath events by kind, summed over CPUs.");
     for (i, name) in stat::NAMES {

@@ -51,11 +51,14 @@ pub mod names {
     pub const LOCAL_ADDRS: &str = "local4_v1";
     /// This node's pod interfaces, by ifindex: the pod's address behind each.
     pub const POD_IFACES: &str = "pod_if4_v1";
+    /// Assured connections per source address, [Service conntrack, policy conntrack]: what
+    /// `--conntrack-max-per-source` is checked against (recounted by the garbage collector).
+    pub const CT_SOURCES: &str = "ct_src4_v1";
     /// Every map the agent pins, in the order it creates and checks them.
-    pub const ALL: [&str; 29] = [
+    pub const ALL: [&str; 30] = [
         SERVICES, SLOTS, BACKENDS, CONNTRACK, CONNTRACK_ASSURED, FRAGMENTS, SERVICE_CIDRS, STATS, AFFINITY, SOURCE_RANGES, CONFIG, CHASH, SVC_STATS, SVC_NAMES,
         POL_IPCACHE, POL_ENDPOINTS, POL_RULES, POL_CONNTRACK, POL_CONNTRACK_ASSURED, POL_FRAGMENTS, POL_EVENT_LIMIT, POL_DROPS, POL_EVENTS, POL_NAMES,
-        POD_NAMES, IDENTITY_NAMES, SOCK_REV, LOCAL_ADDRS, POD_IFACES,
+        POD_NAMES, IDENTITY_NAMES, SOCK_REV, LOCAL_ADDRS, POD_IFACES, CT_SOURCES,
     ];
 }
 
@@ -122,7 +125,14 @@ pub mod capacity {
     pub const LOCAL_ADDRS: u32 = 16_384;
     /// This node's pod interfaces.
     pub const POD_IFACES: u32 = 16_384;
+    /// Source addresses with assured connections (LRU: a source pushed out restarts from 0
+    /// until the next recount).
+    pub const CT_SOURCES: u32 = 65_536;
 }
+
+/// `ct_src4_v1` value slots.
+pub const CT_SOURCE_SERVICE: usize = 0;
+pub const CT_SOURCE_POLICY: usize = 1;
 
 /// Entries of a consistent-hashing table whose service entry says `table_size: 0` (written by an
 /// agent from before table sizes varied), and the smallest size the agent uses. Prime.
@@ -371,7 +381,9 @@ pub struct NodeConfig {
     /// and this burst; 0 takes `REFUSALS_PER_S_DEFAULT` and `REFUSAL_BURST_DEFAULT`.
     pub refusals_per_s: u32,
     pub refusal_burst: u32,
-    /// Most conntrack entries one source address may hold in the assured maps; 0: no limit.
+    /// Most assured (established, never evicted) connections one source address may hold in
+    /// each conntrack (Service, policy); more stay in the LRU map, where pressure evicts them
+    /// first. 0: no limit.
     pub ct_per_source_max: u32,
     pub pad: u32,
 }
@@ -382,6 +394,9 @@ pub const CFG_F_SOURCE_CHECK: u32 = 1 << 0;
 pub const REFUSALS_PER_S_DEFAULT: u32 = 1000;
 /// The kernel's `icmp_msgs_burst` default.
 pub const REFUSAL_BURST_DEFAULT: u32 = 50;
+/// `NodeConfig::refusals_per_s`: no limit (trace and packet tests, which check answers, not
+/// rates).
+pub const REFUSALS_UNLIMITED: u32 = u32::MAX;
 
 /// Per-CPU counters of one frontend (`svc_id`): packets and bytes (IP total length) the
 /// datapath translated for it, both directions. The agent creates the entry with the frontend.
@@ -540,10 +555,14 @@ pub enum DropReason {
     /// A VLAN-tagged frame from a pod: a pod's interface carries untagged frames only, and a tag
     /// (even VLAN 0) would carry a packet past the checks that parse untagged ones.
     VlanFromPod = 19,
+    /// A refusal (TCP RST, ICMP unreachable or fragmentation needed) over the node's refusal rate
+    /// (`--refusals-per-second`, as the kernel's icmp_ratelimit): the packet is dropped instead
+    /// of answered, so the node cannot be used to reflect a flood.
+    RefusalLimited = 20,
 }
 
 impl DropReason {
-    pub const ALL: [DropReason; 19] = [
+    pub const ALL: [DropReason; 20] = [
         DropReason::Malformed,
         DropReason::NoService,
         DropReason::SctpPortNat,
@@ -563,6 +582,7 @@ impl DropReason {
         DropReason::SpoofedArp,
         DropReason::NotIpv4Isolated,
         DropReason::VlanFromPod,
+        DropReason::RefusalLimited,
     ];
 
     pub const fn name(self) -> &'static str {
@@ -586,6 +606,7 @@ impl DropReason {
             DropReason::SpoofedArp => "spoofed_arp",
             DropReason::NotIpv4Isolated => "not_ipv4_isolated",
             DropReason::VlanFromPod => "vlan_from_pod",
+            DropReason::RefusalLimited => "refusal_limited",
         }
     }
 
@@ -610,6 +631,7 @@ impl DropReason {
             17 => DropReason::SpoofedArp,
             18 => DropReason::NotIpv4Isolated,
             19 => DropReason::VlanFromPod,
+            20 => DropReason::RefusalLimited,
             _ => DropReason::Malformed,
         }
     }
@@ -696,11 +718,8 @@ pub mod stat {
     pub const POL_RECHECKED: u32 = 56;
     /// ... and no longer allowed: its connection was cut (`policy_ingress`/`policy_egress`).
     pub const POL_REVOKED: u32 = 57;
-    /// A refusal (TCP RST, ICMP unreachable) not sent: over `--refusals-per-second`; the packet
-    /// was dropped instead, as the kernel's icmp_ratelimit does.
-    pub const REFUSAL_LIMITED: u32 = 58;
-    /// A connection stayed in the LRU conntrack map (evictable) because its source already holds
-    /// `--conntrack-max-per-source` assured entries.
+    /// A connection stayed in an LRU conntrack map (Service or policy; evictable) because its
+    /// source already holds `--conntrack-max-per-source` assured connections there.
     pub const CT_SOURCE_LIMIT: u32 = 59;
     /// A policy connection could not move to the full assured policy map: it stays in the LRU one.
     pub const POL_CT_ASSURED_FULL: u32 = 60;
@@ -710,7 +729,7 @@ pub mod stat {
     pub const POL_CT_DELETED: u32 = 62;
     /// ... and by the agent's garbage collector: what is neither there nor deleted was evicted.
     pub const POL_CT_AGENT_DELETED: u32 = 63;
-    pub const NAMES: [(u32, &str); 40] = [
+    pub const NAMES: [(u32, &str); 39] = [
         (PACKETS, "packets"),
         (PASS, "pass"),
         (CT_NEW, "ct_new"),
@@ -745,7 +764,6 @@ pub mod stat {
         (POL_EVENTS_SUPPRESSED, "pol_events_suppressed"),
         (POL_RECHECKED, "pol_rechecked"),
         (POL_REVOKED, "pol_revoked"),
-        (REFUSAL_LIMITED, "refusal_limited"),
         (CT_SOURCE_LIMIT, "ct_source_limit"),
         (POL_CT_ASSURED_FULL, "pol_ct_assured_full"),
         (POL_CT_CREATED, "pol_ct_created"),

@@ -18,11 +18,11 @@ use aya_ebpf::helpers::bpf_ktime_get_ns;
 use dataplane_common::{
     ct_timeout, stat, Ct4Entry, Ct4Key, DropReason, CT_F_REPLY, CT_S_ASSURED, CT_S_BACKEND_CLOSED_FIRST, CT_S_ESTABLISHED, CT_S_FIN_ORIG,
     CT_S_FIN_REPLY, CT_S_RST, CT_S_SEQ_ORIG, CT_S_SEQ_REPLY, CT_S_TIME_WAIT,
-    CT_S_SEEN_REPLY, CT_TIMEOUT_DEFAULT_S, IPPROTO_TCP,
+    CT_S_SEEN_REPLY, CT_SOURCE_SERVICE, CT_TIMEOUT_DEFAULT_S, IPPROTO_TCP,
 };
 
 use crate::{
-    maps::{cfg4_v4, ct4_assured_v2, ct4_v2, ct_scratch},
+    maps::{cfg4_v4, ct4_assured_v2, ct4_v2, ct_scratch, ct_src4_v1, src_scratch},
     parse::{Ipv4Packet, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
     stats,
 };
@@ -276,9 +276,20 @@ pub fn track(hit: &mut Hit, key: &mut Ct4Key, p: &mut Ipv4Packet, out: &mut Ct4E
     out.last_seen_ns = now;
     out.expires_ns = now + timeout_ns(p.proto, st);
     let pkey = peer_key(out, p.proto);
-    if moving && move_pair(key, &pkey, out, want_assured) {
-        out.state ^= CT_S_ASSURED;
-        return;
+    // The move to the assured map is counted against the connection's source
+    // (`--conntrack-max-per-source`), in calls beside `move_pair`'s, not inside it: the deepest
+    // call chain (ICMP errors) ends there with no stack to spare.
+    if moving && (!want_assured || admit_pair(key, &pkey, out)) {
+        if move_pair(key, &pkey, out, want_assured) {
+            out.state ^= CT_S_ASSURED;
+            if !want_assured {
+                release_pair(key, &pkey, out);
+            }
+            return;
+        }
+        if want_assured {
+            release_pair(key, &pkey, out);
+        }
     }
     // SAFETY: as above; written field by field so a concurrent update of the translation (a
     // reopened tuple) is not undone.
@@ -295,6 +306,74 @@ pub fn track(hit: &mut Hit, key: &mut Ct4Key, p: &mut Ipv4Packet, out: &mut Ct4E
             (*pp).expires_ns = out.expires_ns;
         }
     }
+}
+
+/// `source_admit`'s key and value, built in a per-CPU slot.
+#[repr(C)]
+pub struct SrcScratch {
+    pub key: u32,
+    pub val: [u32; 2],
+}
+
+/// May source `src_be` hold one more assured connection in conntrack `table`
+/// (`CT_SOURCE_SERVICE`, `CT_SOURCE_POLICY`)? Counts it if so; if not (its
+/// `--conntrack-max-per-source` reached) the connection stays in the LRU map, counted. The
+/// garbage collector recounts from the maps, so what the datapath misses (expiry) heals.
+#[inline(always)]
+pub fn source_admit(src_be: u32, table: usize) -> bool {
+    let max = cfg4_v4.get(0).map(|c| c.ct_per_source_max).unwrap_or(0);
+    if max == 0 || table > 1 {
+        return true;
+    }
+    let Some(sc) = src_scratch.get_ptr_mut(0) else { return true };
+    // SAFETY: this CPU's slot.
+    let sc = unsafe { &mut *sc };
+    sc.key = src_be;
+    match ct_src4_v1.get_ptr_mut(&sc.key) {
+        Some(c) => {
+            // SAFETY: pointer from a successful lookup.
+            let n = unsafe { (*c)[table] };
+            if n >= max {
+                stats::count(stat::CT_SOURCE_LIMIT);
+                return false;
+            }
+            unsafe { (*c)[table] = n + 1 };
+        }
+        None => {
+            sc.val = [0, 0];
+            sc.val[table] = 1;
+            let _ = ct_src4_v1.insert(&sc.key, &sc.val, 0);
+        }
+    }
+    true
+}
+
+/// An assured connection of `src_be` left conntrack `table`'s assured map.
+#[inline(always)]
+pub fn source_release(src_be: u32, table: usize) {
+    if table > 1 {
+        return;
+    }
+    let Some(sc) = src_scratch.get_ptr_mut(0) else { return };
+    // SAFETY: this CPU's slot.
+    let sc = unsafe { &mut *sc };
+    sc.key = src_be;
+    if let Some(c) = ct_src4_v1.get_ptr_mut(&sc.key) {
+        // SAFETY: pointer from a successful lookup.
+        unsafe { (*c)[table] = (*c)[table].saturating_sub(1) };
+    }
+}
+
+/// `source_admit` for the connection of entry `e` at `key` (its peer at `pkey`).
+#[inline(never)]
+fn admit_pair(key: &Ct4Key, pkey: &Ct4Key, e: &Ct4Entry) -> bool {
+    source_admit(if e.flags & CT_F_REPLY == 0 { key.saddr_be } else { pkey.saddr_be }, CT_SOURCE_SERVICE)
+}
+
+/// `source_release` for the connection of entry `e` at `key` (its peer at `pkey`).
+#[inline(never)]
+fn release_pair(key: &Ct4Key, pkey: &Ct4Key, e: &Ct4Entry) {
+    source_release(if e.flags & CT_F_REPLY == 0 { key.saddr_be } else { pkey.saddr_be }, CT_SOURCE_SERVICE)
 }
 
 /// Moves a connection's two entries to the assured map (`to_assured`) or back to the LRU map,
@@ -320,6 +399,7 @@ fn move_pair(key: &Ct4Key, pkey: &Ct4Key, e: &Ct4Entry, to_assured: bool) -> boo
         }
         None => false,
     };
+    // The connection's source: the original direction's.
     if to_assured {
         if ct4_assured_v2.insert(key, &sc.mine, 0).is_err() {
             stats::count(stat::CT_ASSURED_FULL);

@@ -131,6 +131,7 @@ fn tc_entry(ctx: &TcContext, hook: Hook) -> i32 {
             DropReason::PolicyEgress as u32 | lb::DROP_CODE
         }
         Ok(Verdict::Redirect) => return nat::fib_redirect(ctx).unwrap_or_else(drop),
+        Ok(Verdict::TooBig | Verdict::Reject) if !reject::refusal_allowed() => DropReason::RefusalLimited as u32 | lb::DROP_CODE,
         Ok(Verdict::TooBig) => reject::ferry_frag_needed(ctx.skb.skb, nat::fib_mtu()),
         Ok(Verdict::Reject) => {
             let r = reject::ferry_refuse(ctx.skb.skb);

@@ -66,6 +66,21 @@ pub static lb4_aff_v1: LruHashMap<AffinityKey, AffinityValue, { capacity::AFFINI
 #[btf_map]
 pub static lb4_src_v1: LpmTrie<SrcRangeData, u32, { capacity::SOURCE_RANGES as usize }> = LpmTrie::new();
 
+/// Assured connections per source address: [Service conntrack, policy conntrack].
+#[btf_map]
+pub static ct_src4_v1: LruHashMap<u32, [u32; 2], { capacity::CT_SOURCES as usize }> = LruHashMap::new();
+
+/// Per-CPU scratch of `conntrack::source_admit`: the source's key and new counts, kept off the
+/// stack (the deepest call chain, ICMP errors through conntrack moves, has no room left).
+#[btf_map]
+pub static src_scratch: PerCpuArray<crate::conntrack::SrcScratch, 1> = PerCpuArray::new();
+
+/// The node's refusal token bucket (`reject::refusal_allowed`): [tokens in thousandths, last
+/// refill in ns]. One for the node, as the kernel's icmp_global; not pinned (a new program
+/// starts with a full bucket).
+#[btf_map]
+pub static refusal_bucket: Array<[u64; 2], 1> = Array::new();
+
 /// This node's settings (one entry), written by the agent.
 #[btf_map]
 pub static cfg4_v4: Array<NodeConfig, 1> = Array::new();

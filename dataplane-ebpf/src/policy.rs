@@ -14,13 +14,13 @@ use aya_ebpf::{btf_maps::lpm_trie::Key, programs::TcContext};
 use dataplane_common::{
     identity, stat, Ct4Key, DropReason, PolCtEntry, PolCtKey, PolEndpoint, PolEvKey, PolFragKey, PolRuleKey, PolicyEvent, CT_S_ESTABLISHED, DIR_INGRESS,
     EP_F_EGRESS, EP_F_INGRESS, EV_FROM_NODE, EV_NOT_ISOLATED, EV_RULE, IPPROTO_ICMP, IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP, PCT_F_ORIG, PCT_F_REPLY,
-    PCT_F_TRANSLATED, RULE_PREFIX_FULL, VERDICT_ALLOW, VERDICT_DENY,
+    PCT_F_TRANSLATED, RULE_PREFIX_FULL, VERDICT_ALLOW, VERDICT_DENY, CT_F_REPLY, CT_F_SNAT, CT_SOURCE_POLICY, LOCAL_HOST,
 };
 
 use crate::{
-    conntrack::{is_closed, next_state_of, now, reversed, seq_moves, timeout_ns, SECOND},
+    conntrack::{is_closed, next_state_of, now, reversed, seq_moves, source_admit, source_release, timeout_ns, SECOND},
     maps::{
-        cfg4_v4, pol_ct4_assured_v2, pol_ct4_v2, pol_drop_v1, pol_entry_scratch, pol_ep4_v1, pol_events_v2, pol_evlimit4_v1, pol_frag4_v1, pol_ipcache4_v1, pol_rule4_v1,
+        cfg4_v4, local4_v1, pol_ct4_assured_v2, pol_ct4_v2, pol_drop_v1, pol_entry_scratch, pol_ep4_v1, pol_events_v2, pol_evlimit4_v1, pol_frag4_v1, pol_ipcache4_v1, pol_rule4_v1,
         pol_scratch,
     },
     parse::{self, Ipv4Packet},
@@ -162,6 +162,26 @@ fn decide(ep: &PolEndpoint, peer_be: u32, dir: u8, proto: u8, dport_be: u16) -> 
     }
 }
 
+/// The peer a connection into a pod is judged on: its source, except for a connection from
+/// outside that a Service translated to this node's address on its way here (a ClusterIP
+/// reached from outside the cluster): the real client, from the Service conntrack's reply
+/// entry, as kube-proxy with Calico judges it (before masquerade). Only the node's own traffic
+/// is the node. `t`: the packet's tuple as it enters the pod.
+#[inline(never)]
+fn ingress_peer(t: &Ct4Key) -> u32 {
+    // SAFETY: map values read in place.
+    let host = unsafe { local4_v1.get(&t.saddr_be).is_some_and(|l| l.kind == LOCAL_HOST) };
+    if !host {
+        return t.saddr_be;
+    }
+    let reply = reversed(t);
+    match crate::conntrack::lookup(&reply, now()) {
+        // SAFETY: pointer from a successful lookup.
+        Some(hit) if unsafe { (*hit.ptr).flags } & (CT_F_REPLY | CT_F_SNAT) == (CT_F_REPLY | CT_F_SNAT) => unsafe { (*hit.ptr).nat_daddr_be },
+        _ => t.saddr_be,
+    }
+}
+
 /// Is the connection of entry `e` (at `key`) still allowed by the current policies? Decided as
 /// its first packet was: its pod, direction, peer and port.
 #[inline(always)]
@@ -171,7 +191,7 @@ fn still_allowed(key: &PolCtKey, e: &PolCtEntry) -> bool {
         return true;
     };
     let fwd = group(key, e)[0].tuple;
-    let peer = if e.dir == DIR_INGRESS { fwd.saddr_be } else { fwd.daddr_be };
+    let peer = if e.dir == DIR_INGRESS { ingress_peer(&fwd) } else { fwd.daddr_be };
     decide(ep, peer, e.dir, fwd.proto, fwd.dport_be).allowed
 }
 
@@ -227,9 +247,18 @@ fn track(key: &PolCtKey, hit: &PHit, p: &Ipv4Packet, now: u64) {
         return;
     }
     let expires = now + timeout_ns(p.proto, st);
-    let want_assured = st & CT_S_ESTABLISHED != 0 && !(p.proto == IPPROTO_TCP && is_closed(st));
+    let mut want_assured = st & CT_S_ESTABLISHED != 0 && !(p.proto == IPPROTO_TCP && is_closed(st));
     // SAFETY: as above.
     let keys = group(key, unsafe { &*ptr });
+    // The connection moves as a whole; its source (the forward tuple's) is counted against
+    // `--conntrack-max-per-source`.
+    let src = keys[0].tuple.saddr_be;
+    let assured_now = pol_ct4_assured_v2.get_ptr(&keys[0]).is_some();
+    if want_assured && !assured_now && !source_admit(src, CT_SOURCE_POLICY) {
+        want_assured = false;
+    } else if !want_assured && assured_now {
+        source_release(src, CT_SOURCE_POLICY);
+    }
     for k in keys.iter() {
         let (from_assured, ptr) = match pol_ct4_assured_v2.get_ptr_mut(k) {
             Some(ptr) => (true, ptr),
@@ -418,7 +447,7 @@ fn fresh(ctx: &TcContext, key: &PolCtKey, p: &Ipv4Packet, dir: u32) -> bool {
     };
     let ep_addr = if ingress { p.daddr_be } else if orig.proto != 0 { orig.saddr_be } else { p.saddr_be };
     let Some(ep) = (unsafe { pol_ep4_v1.get(&ep_addr) }) else { return true };
-    let peer = if ingress { p.saddr_be } else { p.daddr_be };
+    let peer = if ingress { ingress_peer(&key.tuple) } else { p.daddr_be };
     let d = decide(ep, peer, dir, p.proto, key.tuple.dport_be);
     event(&key.tuple, dir, &d, ep_addr, now);
     if d.allowed {

@@ -40,6 +40,49 @@ pub extern "C" fn ferry_refuse(skb: *mut aya_ebpf::bindings::__sk_buff) -> u32 {
     }
 }
 
+/// May the node send one more refusal now? A token bucket of `NodeConfig::refusals_per_s`
+/// refusals a second, `refusal_burst` deep (the kernel's icmp_msgs_per_sec and icmp_msgs_burst
+/// defaults when 0), shared by every CPU. Updates race between CPUs without a lock: a few
+/// refusals more or fewer than the rate at worst, never a flood.
+#[inline(always)]
+pub fn refusal_allowed() -> bool {
+    let (mut rate, mut burst) = match crate::maps::cfg4_v4.get(0) {
+        Some(c) => (c.refusals_per_s as u64, c.refusal_burst as u64),
+        None => (0, 0),
+    };
+    if rate == dataplane_common::REFUSALS_UNLIMITED as u64 {
+        return true;
+    }
+    if rate == 0 {
+        rate = dataplane_common::REFUSALS_PER_S_DEFAULT as u64;
+    }
+    // Bounded so that the products below fit in 64 bits.
+    rate = rate.min(10_000_000);
+    if burst == 0 {
+        burst = dataplane_common::REFUSAL_BURST_DEFAULT as u64;
+    }
+    let Some(b) = crate::maps::refusal_bucket.get_ptr_mut(0) else { return true };
+    let now = crate::conntrack::now();
+    // SAFETY: pointer from a successful lookup.
+    let (tokens, last) = unsafe { ((*b)[0], (*b)[1]) };
+    let cap = burst * 1000;
+    // Thousandths of a token earned since the last refill (a full bucket the first time).
+    let earned = if last == 0 { cap } else { now.saturating_sub(last).min(100_000_000_000) * rate / 1_000_000 };
+    let mut t = tokens + earned;
+    if t > cap {
+        t = cap;
+    }
+    let allowed = t >= 1000;
+    if allowed {
+        t -= 1000;
+    }
+    unsafe {
+        (*b)[0] = t;
+        (*b)[1] = now;
+    }
+    allowed
+}
+
 /// `frag_needed` as a global BPF function, as [`ferry_refuse`].
 #[unsafe(no_mangle)]
 #[inline(never)]

@@ -14,7 +14,7 @@ use std::{
 };
 
 use aya::maps::{HashMap, Map, MapData, MapError, PerCpuArray, PerCpuValues};
-use dataplane_common::{names, Ct4Entry, Ct4Key, PolCtEntry, PolCtKey, CT_F_REPLY};
+use dataplane_common::{names, Ct4Entry, Ct4Key, PolCtEntry, PolCtKey, CT_F_REPLY, PCT_F_REPLY};
 
 use crate::error::LoadError;
 
@@ -186,6 +186,9 @@ pub struct GcRun {
     pub deleted_assured: u64,
     /// Live forward entries (connections) by (protocol, state name).
     pub connections: std::collections::BTreeMap<(u8, &'static str), u64>,
+    /// Assured connections by source address (network order): `--conntrack-max-per-source`'s
+    /// counts, recounted.
+    pub sources: std::collections::BTreeMap<u32, u32>,
     pub took: Duration,
 }
 
@@ -228,6 +231,9 @@ pub fn collect(ct: &mut Conntrack, now: u64) -> GcRun {
             }
             if !row.is_reply() {
                 *run.connections.entry((row.key.proto, state_name(&row.entry, row.key.proto))).or_default() += 1;
+                if row.assured {
+                    *run.sources.entry(row.key.saddr_be).or_default() += 1;
+                }
             }
             continue;
         }
@@ -288,12 +294,47 @@ impl PolicyConntrack {
             let (live, deleted) = if assured { (&mut run.live_assured, &mut run.deleted_assured) } else { (&mut run.live_lru, &mut run.deleted_lru) };
             if entry.expires_ns > now {
                 *live += 1;
+                if assured && entry.flags & PCT_F_REPLY == 0 {
+                    *run.sources.entry(key.tuple.saddr_be).or_default() += 1;
+                }
             } else if map.get(&key, 0).is_ok_and(|e| e.expires_ns <= now) && map.remove(&key).is_ok() {
                 *deleted += 1;
             }
         }
         run.took = started.elapsed();
         run
+    }
+}
+
+/// The per-source counts of assured connections (`ct_src4_v1`), which the datapath keeps as
+/// connections move in and out of the assured maps and the collector sets to what the maps
+/// hold after each run (expiries and deletions the datapath does not count heal there).
+pub struct SourceCounts {
+    map: HashMap<MapData, u32, [u32; 2]>,
+}
+
+impl SourceCounts {
+    pub fn from_pins(dir: &Path) -> Result<Self, LoadError> {
+        let data = MapData::from_pin(dir.join(names::CT_SOURCES)).map_err(|source| LoadError::Map { name: names::CT_SOURCES, source })?;
+        Ok(SourceCounts { map: HashMap::try_from(Map::LruHashMap(data)).map_err(|source| LoadError::Map { name: names::CT_SOURCES, source })? })
+    }
+
+    /// Sets every source's counts to `service` and `policy` (from one collector run each);
+    /// sources with none are removed. Returns the highest count of any source in each.
+    pub fn recount(&mut self, service: &std::collections::BTreeMap<u32, u32>, policy: &std::collections::BTreeMap<u32, u32>) -> (u32, u32) {
+        let have: Vec<u32> = self.map.keys().flatten().collect();
+        for src in have {
+            if !service.contains_key(&src) && !policy.contains_key(&src) {
+                let _ = self.map.remove(&src);
+            }
+        }
+        for src in service.keys().chain(policy.keys()) {
+            let want = [service.get(src).copied().unwrap_or(0), policy.get(src).copied().unwrap_or(0)];
+            if self.map.get(src, 0).ok() != Some(want) {
+                let _ = self.map.insert(src, want, 0);
+            }
+        }
+        (service.values().copied().max().unwrap_or(0), policy.values().copied().max().unwrap_or(0))
     }
 }
 

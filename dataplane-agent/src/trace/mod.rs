@@ -398,7 +398,7 @@ impl Runner {
         let (cluster_cidr_be, cluster_mask_be) = cluster_cidr.map(|c| c.addr_mask_be()).unwrap_or((0, 0));
         // As the agent configures a node: anti-spoofing on (`--pod-source-check strict`).
         let flags = dataplane_common::CFG_F_SOURCE_CHECK;
-        maps.set_config(dataplane_common::NodeConfig { snat_addr_be, snat_port_min: 61000, snat_port_max: 65535, cluster_cidr_be, cluster_mask_be, flags, ..Default::default() })
+        maps.set_config(dataplane_common::NodeConfig { snat_addr_be, snat_port_min: 61000, snat_port_max: 65535, cluster_cidr_be, cluster_mask_be, flags, refusals_per_s: dataplane_common::REFUSALS_UNLIMITED, ..Default::default() })
             .map_err(|e| vec![e.to_string()])?;
         let mtu = sc.node.mtu.unwrap_or(1500);
         if mtu < 576 {
