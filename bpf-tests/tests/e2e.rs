@@ -463,3 +463,35 @@ fn pods_under_the_hooked_cgroup_keep_the_tc_path() {
     assert!(lines.iter().all(|l| !l.starts_with("ERR")), "{lines:?}");
     assert_eq!(events("sock_xlate"), sock0 + 3);
 }
+
+#[test]
+fn the_host_identity_follows_the_nodes_addresses_and_leaves_out_service_addresses() {
+    let (c, _d) = cluster(&ALL, &ALL);
+    let ns = &c.nodes[0].ns;
+    let host_of = |ip: &str| -> bool {
+        let maps = dataplane_agent::bpf::BpfMaps::from_pins(&c.nodes[0].pin.path).unwrap();
+        let key = aya::maps::lpm_trie::Key::new(32, u32::from_ne_bytes(ip.parse::<Ipv4Addr>().unwrap().octets()));
+        maps.pol_ipcache.get(&key, 0).ok() == Some(dataplane_common::identity::HOST)
+    };
+    let wait_for = |what: &str, want: bool, ip: &str| {
+        let start = Instant::now();
+        while host_of(ip) != want {
+            assert!(start.elapsed() < std::time::Duration::from_secs(15), "{what}: {ip} host={} after 15 s", !want);
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+    };
+    assert!(host_of(&c.nodes[0].ip.to_string()), "the node's address is the host");
+    // An address added to the running node becomes the host, without any object changing.
+    // (veths: the test machine has no dummy module)
+    ns.exec_ok(&["ip", "link", "add", "extra0", "type", "veth", "peer", "name", "extra1"]);
+    ns.exec_ok(&["ip", "addr", "add", "192.0.2.77/32", "dev", "extra0"]);
+    wait_for("added", true, "192.0.2.77");
+    // Service addresses on kube-ipvs0 (kube-proxy's IPVS leftovers) never are.
+    ns.exec_ok(&["ip", "link", "add", "kube-ipvs0", "type", "veth", "peer", "name", "kipvs1"]);
+    ns.exec_ok(&["ip", "addr", "add", "10.96.0.1/32", "dev", "kube-ipvs0"]);
+    // Removing the address takes the identity away again.
+    ns.exec_ok(&["ip", "addr", "del", "192.0.2.77/32", "dev", "extra0"]);
+    wait_for("removed", false, "192.0.2.77");
+    assert!(!host_of("10.96.0.1"), "a kube-ipvs0 address became the host");
+    assert!(!host_of("127.0.0.1"), "loopback is not the host");
+}

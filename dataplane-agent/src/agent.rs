@@ -267,16 +267,21 @@ pub async fn run(mut cfg: RunConfig) -> anyhow::Result<()> {
     att.xdp = cfg.xdp;
     att.sync_interfaces(&mut ebpf, &cfg.pod_interfaces, &external);
 
-    // Link events come from a blocking netlink socket on its own thread.
-    let (link_tx, mut link_rx) = tokio::sync::mpsc::channel::<()>(1);
-    let events = LinkEvents::open().context("subscribing to netlink link events")?;
+    // Link, address and route events come from a blocking netlink socket on its own thread.
+    let (link_tx, mut link_rx) = tokio::sync::mpsc::channel::<u8>(16);
+    let events = LinkEvents::open().context("subscribing to netlink link, address and route events")?;
     std::thread::Builder::new().name("link-events".into()).spawn(move || loop {
-        if let Err(e) = events.wait() {
-            error!(error = %e, "netlink link events");
-            return;
-        }
-        if link_tx.blocking_send(()).is_err() {
-            return;
+        match events.wait() {
+            Err(e) => {
+                error!(error = %e, "netlink link events");
+                return;
+            }
+            Ok(0) => {}
+            Ok(kinds) => {
+                if link_tx.blocking_send(kinds).is_err() {
+                    return;
+                }
+            }
         }
     })?;
 
@@ -299,8 +304,9 @@ pub async fn run(mut cfg: RunConfig) -> anyhow::Result<()> {
                 }
             }
             // Host traffic into pods leaves from any of the node's addresses (a bridge gateway
-            // as often as the node IP): all of them are the node for NetworkPolicy.
-            pol.host_ips = attach::local_addresses().into_iter().map(|(_, ip)| ip).filter(|ip| !ip.is_loopback()).collect();
+            // as often as the node IP): all of them are the node for NetworkPolicy; re-read at
+            // every sync, and a change of addresses or routes triggers one.
+            pol.host_ips = attach::host_addresses(&attach::local_addresses(), &cfg.service_cidrs);
             let out = sync_objects(&cfg, &node, &mut rec, &mut pol, &mut maps, &objs, errors, &observed);
             health.update(&out.health_checks).await;
             if out.ok {
@@ -315,7 +321,24 @@ pub async fn run(mut cfg: RunConfig) -> anyhow::Result<()> {
         tokio::select! {
             _ = tokio::signal::ctrl_c() => break,
             _ = term.recv() => break,
-            Some(()) = link_rx.recv() => att.sync_interfaces(&mut ebpf, &cfg.pod_interfaces, &external),
+            Some(kinds) = link_rx.recv() => {
+                if kinds & attach::EV_LINK != 0 {
+                    att.sync_interfaces(&mut ebpf, &cfg.pod_interfaces, &external);
+                }
+                if kinds & attach::EV_ADDR_ROUTE != 0 && !retry.waiting() {
+                    // The node's addresses or its routes to pods changed: sync again (writing
+                    // only what differs), after the usual batching delay.
+                    tokio::time::sleep(cfg.min_sync_period).await;
+                    let mut more = 0;
+                    while let Ok(k) = link_rx.try_recv() {
+                        more |= k;
+                    }
+                    if more & attach::EV_LINK != 0 {
+                        att.sync_interfaces(&mut ebpf, &cfg.pod_interfaces, &external);
+                    }
+                    pending = read_logged(&mut source);
+                }
+            }
             _ = retry.wait() => pending = read_logged(&mut source),
             _ = changed(&source) => {
                 observed.change_pending();

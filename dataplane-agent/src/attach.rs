@@ -289,12 +289,21 @@ pub fn cgroup2_root() -> Option<std::path::PathBuf> {
     })
 }
 
-/// A netlink socket subscribed to link events (RTMGRP_LINK) of the current network namespace.
+/// What a netlink event was about (a bit set).
+pub const EV_LINK: u8 = 1;
+/// An IPv4 address or route came or went: the node's own addresses (NetworkPolicy's "host") and
+/// the routes to its pods (anti-spoofing) are read again.
+pub const EV_ADDR_ROUTE: u8 = 2;
+
+/// A netlink socket subscribed to link, IPv4 address and IPv4 route events (RTMGRP_LINK,
+/// RTMGRP_IPV4_IFADDR, RTMGRP_IPV4_ROUTE) of the current network namespace.
 pub struct LinkEvents(OwnedFd);
 
 impl LinkEvents {
     pub fn open() -> std::io::Result<Self> {
         const RTMGRP_LINK: u32 = 1;
+        const RTMGRP_IPV4_IFADDR: u32 = 0x10;
+        const RTMGRP_IPV4_ROUTE: u32 = 0x40;
         unsafe {
             let fd = libc::socket(libc::AF_NETLINK, libc::SOCK_RAW | libc::SOCK_CLOEXEC, libc::NETLINK_ROUTE);
             if fd < 0 {
@@ -303,7 +312,7 @@ impl LinkEvents {
             let fd = OwnedFd::from_raw_fd(fd);
             let mut sa: libc::sockaddr_nl = std::mem::zeroed();
             sa.nl_family = libc::AF_NETLINK as u16;
-            sa.nl_groups = RTMGRP_LINK;
+            sa.nl_groups = RTMGRP_LINK | RTMGRP_IPV4_IFADDR | RTMGRP_IPV4_ROUTE;
             if libc::bind(fd.as_raw_fd(), &sa as *const _ as *const libc::sockaddr, std::mem::size_of::<libc::sockaddr_nl>() as u32) < 0 {
                 return Err(std::io::Error::last_os_error());
             }
@@ -311,24 +320,93 @@ impl LinkEvents {
         }
     }
 
-    /// Blocks until at least one link event arrives (the content does not matter: we rescan).
-    pub fn wait(&self) -> std::io::Result<()> {
+    /// Blocks until at least one event arrives; returns what the events were about (`EV_*`; the
+    /// content does not matter beyond that: the caller rescans). Lost events (ENOBUFS) count as
+    /// every kind.
+    pub fn wait(&self) -> std::io::Result<u8> {
         let mut buf = [0u8; 16384];
         let n = unsafe { libc::recv(self.0.as_raw_fd(), buf.as_mut_ptr() as *mut _, buf.len(), 0) };
         if n < 0 {
             let e = std::io::Error::last_os_error();
-            // ENOBUFS: events were lost; a rescan covers them.
-            if e.raw_os_error() != Some(libc::ENOBUFS) {
-                return Err(e);
+            if e.raw_os_error() == Some(libc::ENOBUFS) {
+                return Ok(EV_LINK | EV_ADDR_ROUTE);
             }
+            return Err(e);
         }
-        Ok(())
+        Ok(event_kinds(&buf[..n as usize]))
     }
+}
+
+/// The `EV_*` kinds of the netlink messages in `buf`.
+pub fn event_kinds(buf: &[u8]) -> u8 {
+    const RTM_NEWLINK: u16 = 16;
+    const RTM_DELLINK: u16 = 17;
+    const RTM_NEWADDR: u16 = 20;
+    const RTM_DELADDR: u16 = 21;
+    const RTM_NEWROUTE: u16 = 24;
+    const RTM_DELROUTE: u16 = 25;
+    let mut kinds = 0;
+    let mut off = 0;
+    // Bounded by the buffer: each message is at least a header long.
+    while off + 16 <= buf.len() {
+        let len = u32::from_ne_bytes([buf[off], buf[off + 1], buf[off + 2], buf[off + 3]]) as usize;
+        let ty = u16::from_ne_bytes([buf[off + 4], buf[off + 5]]);
+        kinds |= match ty {
+            RTM_NEWLINK | RTM_DELLINK => EV_LINK,
+            RTM_NEWADDR | RTM_DELADDR | RTM_NEWROUTE | RTM_DELROUTE => EV_ADDR_ROUTE,
+            _ => 0,
+        };
+        if len < 16 {
+            break;
+        }
+        off += (len + 3) & !3;
+    }
+    kinds
+}
+
+/// The node's own addresses for NetworkPolicy (its "host" identity): every IPv4 address of its
+/// interfaces except loopback, the Service addresses kube-proxy's IPVS mode leaves on
+/// `kube-ipvs0`, and anything inside the Service CIDRs (a ClusterIP is never the node).
+pub fn host_addresses(addrs: &[(String, std::net::Ipv4Addr)], service_cidrs: &std::collections::BTreeSet<crate::reconcile::Cidr4>) -> Vec<std::net::Ipv4Addr> {
+    let mut out: Vec<std::net::Ipv4Addr> = addrs
+        .iter()
+        .filter(|(dev, ip)| !ip.is_loopback() && dev != "kube-ipvs0" && !service_cidrs.iter().any(|c| c.contains(*ip)))
+        .map(|(_, ip)| *ip)
+        .collect();
+    out.sort();
+    out.dedup();
+    out
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_host_is_the_nodes_own_addresses_only() {
+        let addrs: Vec<(String, std::net::Ipv4Addr)> =
+            [("lo", "127.0.0.1"), ("eth0", "192.168.0.2"), ("cni0", "10.244.1.1"), ("kube-ipvs0", "10.96.0.1"), ("kube-ipvs0", "10.96.0.10"), ("dummy0", "10.96.5.5"), ("eth0", "192.168.0.2")]
+                .iter()
+                .map(|(d, a)| (d.to_string(), a.parse().unwrap()))
+                .collect();
+        let cidrs = ["10.96.0.0/12".parse().unwrap()].into();
+        assert_eq!(host_addresses(&addrs, &cidrs), vec!["10.244.1.1".parse::<std::net::Ipv4Addr>().unwrap(), "192.168.0.2".parse().unwrap()]);
+    }
+
+    #[test]
+    fn netlink_events_are_told_apart() {
+        let msg = |ty: u16| {
+            let mut m = vec![0u8; 16];
+            m[..4].copy_from_slice(&16u32.to_ne_bytes());
+            m[4..6].copy_from_slice(&ty.to_ne_bytes());
+            m
+        };
+        assert_eq!(event_kinds(&msg(16)), EV_LINK);
+        assert_eq!(event_kinds(&msg(20)), EV_ADDR_ROUTE);
+        assert_eq!(event_kinds(&[msg(21), msg(17)].concat()), EV_LINK | EV_ADDR_ROUTE);
+        assert_eq!(event_kinds(&msg(3)), 0);
+        assert_eq!(event_kinds(&[1, 2, 3]), 0);
+    }
 
     #[test]
     fn patterns() {
