@@ -242,6 +242,8 @@ pub struct Pod {
     pub name: String,
     pub ip: Ipv4Addr,
     pub ns: Netns,
+    /// The node's end of the pod's veth.
+    pub host_if: String,
 }
 
 pub struct Node {
@@ -454,7 +456,7 @@ impl Cluster {
             self.echo.push(Proc { child, what: format!("ferry-load in {name}") });
             wait_listening(&ns, LOAD_TCP_PORT, name);
         }
-        self.pods.push(Pod { name: name.to_string(), ip, ns });
+        self.pods.push(Pod { name: name.to_string(), ip, ns, host_if });
         // The server must be listening before anyone connects.
         let deadline = Instant::now() + Duration::from_secs(5);
         while !self.pod(name).ns.cmd(&["ss", "-Hltn", &format!("sport = :{ECHO_TCP_PORT}")]).output().is_ok_and(|o| !o.stdout.is_empty()) {

@@ -3,4 +3,5 @@ pub mod fakeapi;
 pub mod fixture;
 pub mod lab;
 pub mod podnet;
+pub mod raw;
 pub use dataplane_agent::packet;

@@ -124,12 +124,12 @@ fn tc_entry(ctx: &TcContext, hook: Hook) -> i32 {
         // Not IPv4 (ARP, IPv6): not ours in this version.
         return TC_ACT_OK;
     }
+    // NetworkPolicy egress: on the packet as it leaves the pod, after Service translation
+    // (policies see the backend, as Kubernetes requires); its drop reason as the check gives it
+    // (policy_egress, or frag_unknown for a later fragment without its first).
+    let denied = if egress && matches!(Verdict::decode(code), Ok(Verdict::Pass | Verdict::Redirect)) { policy::check(ctx, dataplane_common::DIR_EGRESS) } else { 0 };
     let result = match Verdict::decode(code) {
-        // NetworkPolicy egress: on the packet as it leaves the pod, after Service translation
-        // (policies see the backend, as Kubernetes requires).
-        Ok(Verdict::Pass | Verdict::Redirect) if egress && policy::check(ctx, dataplane_common::DIR_EGRESS) != 0 => {
-            DropReason::PolicyEgress as u32 | lb::DROP_CODE
-        }
+        _ if denied != 0 => denied | lb::DROP_CODE,
         Ok(Verdict::Redirect) => return nat::fib_redirect(ctx).unwrap_or_else(drop),
         Ok(Verdict::TooBig | Verdict::Reject) if !reject::refusal_allowed() => DropReason::RefusalLimited as u32 | lb::DROP_CODE,
         Ok(Verdict::TooBig) => reject::ferry_frag_needed(ctx.skb.skb, nat::fib_mtu()),
