@@ -495,3 +495,47 @@ fn the_host_identity_follows_the_nodes_addresses_and_leaves_out_service_addresse
     assert!(!host_of("10.96.0.1"), "a kube-ipvs0 address became the host");
     assert!(!host_of("127.0.0.1"), "loopback is not the host");
 }
+
+#[test]
+fn a_policy_change_cuts_established_flows_it_no_longer_allows_within_a_second() {
+    let (mut c, _d) = cluster(&ALL, &ALL);
+    let role = |n: &str| match n {
+        "n1-pod1" => "client",
+        "n2-pod2" => "other",
+        _ => "server",
+    };
+    // Servers accept the client; then a rewrite that allows only `other`; meanwhile an unrelated
+    // change (a new policy on another pod) must cut nothing.
+    let allow = |who: &str| {
+        format!(
+            "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {{name: servers, namespace: lab}}\nspec:\n  podSelector: {{matchLabels: {{role: server}}}}\n  ingress: [{{from: [{{podSelector: {{matchLabels: {{role: {who}}}}}}}]}}]\n"
+        )
+    };
+    let unrelated = "---\napiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: other-in, namespace: lab}\nspec:\n  podSelector: {matchLabels: {role: other}}\n  ingress: [{}]\n";
+    c.write_manifest("policy.yaml", &format!("{}{}", pods_yaml(&c, role), allow("client")));
+    let server = format!("{}:{}", c.pod_ip("n1-pod2"), lab::ECHO_TCP_PORT);
+    let server_udp = format!("{}:{}", c.pod_ip("n2-pod1"), lab::ECHO_UDP_PORT);
+    let mut tcp = c.session("n1-pod1", "tcp-session", &server);
+    let mut udp = c.session("n1-pod1", "udp-session", &server_udp);
+    assert_eq!(tcp.backend(), "n1-pod2");
+    assert_eq!(udp.backend(), "n2-pod1");
+    // An unrelated change: both flows go on (decided again, still allowed).
+    c.write_manifest("policy.yaml", &format!("{}{}{unrelated}", pods_yaml(&c, role), allow("client")));
+    for _ in 0..3 {
+        assert_eq!(tcp.backend(), "n1-pod2", "after an unrelated policy change");
+        assert_eq!(udp.backend(), "n2-pod1", "after an unrelated policy change");
+    }
+    // The client is no longer allowed: once the agents synced (within a second of the write),
+    // the next request of each established flow is cut.
+    let t = Instant::now();
+    c.write_manifest("policy.yaml", &format!("{}{}{unrelated}", pods_yaml(&c, role), allow("other")));
+    assert!(t.elapsed() < std::time::Duration::from_secs(1), "the agents took {:?} to sync the change", t.elapsed());
+    let (a, b) = (tcp.ask(), udp.ask());
+    assert!(a.starts_with("ERR"), "the TCP connection still works after its policy went: {a}");
+    assert!(b.starts_with("ERR"), "the UDP flow still works after its policy went: {b}");
+    // Counted where each server lives.
+    for i in 0..2 {
+        let maps = dataplane_agent::bpf::BpfMaps::from_pins(&c.nodes[i].pin.path).unwrap();
+        assert!(maps.stat_totals()[dataplane_common::stat::POL_REVOKED as usize] >= 1, "node{} revoked nothing", i + 1);
+    }
+}
