@@ -430,6 +430,16 @@ fn network_policy_allows_and_refuses_real_connections_and_monitor_names_them() {
     let text = String::from_utf8_lossy(&out.stdout);
     eprintln!("inspect policies:\n{text}");
     assert!(text.lines().any(|l| l.starts_with("lab/n1-pod2") && l.contains("ingress") && l.contains("lab:role=client") && l.contains("TCP/8080") && l.contains("lab/servers-from-clients")), "{text}");
+    // inspect policy-conntrack shows the client's connections into the server, decided under the
+    // current policies.
+    let out = std::process::Command::new(lab::agent_bin()).args(["inspect", "policy-conntrack", "--pin-dir"]).arg(&c.nodes[0].pin.path).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    eprintln!("inspect policy-conntrack:\n{text}");
+    let client = c.pod_ip("n1-pod1").to_string();
+    assert!(
+        text.lines().any(|l| l.starts_with("lab/n1-pod2") && l.contains("ingress") && l.contains(&format!("{client}:")) && l.contains("lab/servers-from-clients") && l.contains("current")),
+        "{text}"
+    );
 }
 
 #[test]

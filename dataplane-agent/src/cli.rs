@@ -101,6 +101,9 @@ pub enum InspectWhat {
     /// NetworkPolicy: identities (label sets and ipBlock prefixes), isolated pods and their
     /// rules, and drops per policy.
     Policies,
+    /// Connections NetworkPolicy allowed and tracks: pod, direction, peer, state, the deciding
+    /// policy, whether decided under the current policies, age and expiry.
+    PolicyConntrack,
 }
 
 #[derive(Args)]

@@ -168,6 +168,59 @@ pub fn conntrack(pin_dir: &Path) -> Result<String, LoadError> {
     Ok(out)
 }
 
+/// One row per connection the policy conntrack tracks (its forward entry): the pod and direction
+/// it was decided for, the peer, the Service address it went through, state, map, the deciding
+/// policy, whether it was decided under the current policies (`stale`: decided again at its next
+/// packet), age, idle time and time left.
+pub fn policy_conntrack(pin_dir: &Path) -> Result<String, LoadError> {
+    use dataplane_common::{DIR_INGRESS, PCT_F_REPLY, PCT_F_TRANSLATED};
+    let maps = BpfMaps::from_pins(pin_dir)?;
+    let (d, _) = maps.dump_policy();
+    let now = monotonic_ns();
+    let generation = maps.config.get(&0, 0).map(|c| c.pol_generation).unwrap_or(0);
+    let entries = crate::bpf::conntrack::PolicyConntrack::from_pins(pin_dir)?.rows();
+    let mut rows = Vec::new();
+    let mut expired = 0;
+    for (k, e, assured) in &entries {
+        if e.expires_ns <= now {
+            expired += 1;
+            continue;
+        }
+        if e.flags & PCT_F_REPLY != 0 {
+            continue;
+        }
+        let t = &k.tuple;
+        let pod = d.pod_names.get(&ip(e.ep_addr_be)).cloned().unwrap_or_else(|| ip(e.ep_addr_be).to_string());
+        let policy = match e.policy_id {
+            0 => "-".to_string(),
+            id => d.policies.get(&id).cloned().unwrap_or_else(|| format!("#{id}")),
+        };
+        rows.push(vec![
+            pod,
+            if e.dir == DIR_INGRESS { "ingress" } else { "egress" }.to_string(),
+            proto_name(t.proto).to_string(),
+            addr(t.saddr_be, t.sport_be),
+            addr(t.daddr_be, t.dport_be),
+            if e.flags & PCT_F_TRANSLATED != 0 { addr(e.peer_addr_be, e.peer_port_be) } else { "-".into() },
+            state_name(&dataplane_common::Ct4Entry { state: e.state, ..Default::default() }, t.proto).to_string(),
+            if *assured { "assured" } else { "new" }.to_string(),
+            policy,
+            if e.generation == generation { "current" } else { "stale" }.to_string(),
+            k.ifindex.to_string(),
+            secs(now.saturating_sub(e.created_ns)),
+            secs(now.saturating_sub(e.last_seen_ns)),
+            secs(e.expires_ns.saturating_sub(now)),
+        ]);
+    }
+    rows.sort();
+    let mut out = table(
+        &["POD", "DIRECTION", "PROTO", "SOURCE", "DESTINATION", "VIA SERVICE", "STATE", "MAP", "ALLOWED BY", "DECIDED", "IFINDEX", "AGE", "IDLE", "EXPIRES IN"],
+        &rows,
+    );
+    let _ = writeln!(out, "{} connections ({} entries; {expired} expired, awaiting garbage collection; policy generation {generation})", rows.len(), entries.len());
+    Ok(out)
+}
+
 /// Identities, isolated pods and their rules, drops per policy.
 pub fn policies(pin_dir: &Path) -> Result<String, LoadError> {
     use dataplane_common::{identity, DIR_INGRESS, EP_F_EGRESS, EP_F_INGRESS, RULE_PREFIX_ALL_PORTS, RULE_PREFIX_PROTO};

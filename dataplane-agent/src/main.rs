@@ -55,6 +55,7 @@ fn main() -> anyhow::Result<()> {
                 InspectWhat::Backends => inspect::backends(&pin_dir),
                 InspectWhat::Conntrack => inspect::conntrack(&pin_dir),
                 InspectWhat::Policies => inspect::policies(&pin_dir),
+                InspectWhat::PolicyConntrack => inspect::policy_conntrack(&pin_dir),
             };
             print!("{}", out.map_err(|e| anyhow::anyhow!("{}: {e}", pin_dir.display()))?);
             Ok(())
