@@ -472,13 +472,15 @@ pub struct PolicyState {
     pub ids: crate::netpol::Ids,
     /// The node's addresses besides `NodeContext::ips` (its interfaces' own).
     pub host_ips: Vec<std::net::Ipv4Addr>,
+    /// Untranslated policy parts already logged.
+    pub reported: BTreeSet<String>,
 }
 
 impl PolicyState {
     /// Reads the policy maps back (a restart rewrites nothing that did not change).
     pub fn restore(maps: &BpfMaps) -> Self {
         let (applied, ids) = maps.dump_policy();
-        PolicyState { applied, ids, host_ips: Vec::new() }
+        PolicyState { applied, ids, host_ips: Vec::new(), reported: BTreeSet::new() }
     }
 
     /// Compiles the policies of `objs` and writes the differences.
@@ -542,11 +544,16 @@ pub fn sync_objects(
     let (pw, pd, perr, pmap) = pol.sync(maps, objs, node);
     st.writes += pw;
     st.deletes += pd;
-    for e in &perr {
-        if e.kind == "NetworkPolicy" {
+    // Each untranslated part is said once (again only if it goes away and comes back).
+    let parts: BTreeSet<String> = perr.iter().filter(|e| e.kind == "NetworkPolicy").map(|e| e.to_string()).collect();
+    for e in perr.iter().filter(|e| e.kind == "NetworkPolicy" && !pol.reported.contains(&e.to_string())) {
+        if e.ipv6_only {
+            info!(object = %e.name, field = %e.field, detail = %e.message, "IPv6 part of a NetworkPolicy: the IPv4 datapath leaves it out (it allows nothing; the policy still isolates its pods)");
+        } else {
             warn!(object = %e.name, field = %e.field, error = %e.message, "part of a NetworkPolicy left untranslated: it fails closed (allows nothing), the policy still isolates its pods");
         }
     }
+    pol.reported = parts;
     observed.policy_untranslated(&perr.iter().filter(|e| e.kind == "NetworkPolicy").cloned().collect::<Vec<_>>());
     errors.extend(perr.into_iter().filter(|e| e.kind != "NetworkPolicy"));
     map_errors.extend(pmap);

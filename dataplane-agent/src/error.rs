@@ -9,11 +9,19 @@ pub struct ObjectError {
     pub name: String,
     pub field: String,
     pub message: String,
+    /// Not an error in the object: an IPv6 part, valid, that the IPv4 datapath leaves out (a
+    /// `trace` run does not fail on it; the agent says it once).
+    pub ipv6_only: bool,
 }
 
 impl ObjectError {
     pub fn new(kind: &'static str, name: String, field: String, message: impl Into<String>) -> Self {
-        ObjectError { kind, name, field, message: message.into() }
+        ObjectError { kind, name, field, message: message.into(), ipv6_only: false }
+    }
+
+    /// A valid IPv6 part of an object, left out by the IPv4 datapath.
+    pub fn ipv6(kind: &'static str, name: String, field: String, message: impl Into<String>) -> Self {
+        ObjectError { ipv6_only: true, ..Self::new(kind, name, field, message) }
     }
 }
 

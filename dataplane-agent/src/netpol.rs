@@ -312,6 +312,7 @@ pub fn translate(objs: &Objects, node: &str, node_ips: &[Ipv4Addr], ids: &mut Id
     for np in &objs.network_policies {
         let ns = np.metadata.namespace.clone().unwrap_or_else(|| "default".into());
         let name = format!("{ns}/{}", np.metadata.name.clone().unwrap_or_default());
+        let mut v6_notes = Vec::new();
         let mut bad = |field: String, msg: String| errors.push(ObjectError::new("NetworkPolicy", name.clone(), field, format!("{msg} (left untranslated; the policy still isolates the pods it selects)")));
         // An object without a spec is the API's default one: every pod, Ingress, no rule.
         let spec = match &np.spec {
@@ -354,7 +355,12 @@ pub fn translate(objs: &Objects, node: &str, node_ips: &[Ipv4Addr], ids: &mut Id
                                 prefixes.insert(c.network());
                             }
                             Err(_) if is_ipv6_cidr(&b.cidr) => {
-                                bad(format!("{at}.ipBlock.cidr"), format!("{} is IPv6, which the IPv4 datapath does not match: this peer allows nothing (IPv6 into or out of isolated pods is dropped)", b.cidr));
+                                v6_notes.push(ObjectError::ipv6(
+                                    "NetworkPolicy",
+                                    name.clone(),
+                                    format!("{at}.ipBlock.cidr"),
+                                    format!("{} is IPv6, which the IPv4 datapath does not match: this peer allows nothing (IPv6 into or out of isolated pods is dropped)", b.cidr),
+                                ));
                             }
                             Err(e) => bad(format!("{at}.ipBlock.cidr"), format!("{e}: this peer allows nothing")),
                         }
@@ -375,8 +381,10 @@ pub fn translate(objs: &Objects, node: &str, node_ips: &[Ipv4Addr], ids: &mut Id
         live_policies.insert(name.clone());
         let Some(id) = alloc(&mut ids.policies, &mut used_pols, &name, 1, dataplane_common::capacity::POLICIES) else {
             bad("metadata.name".into(), "out of policy ids".into());
+            errors.append(&mut v6_notes);
             continue;
         };
+        errors.append(&mut v6_notes);
         d.policies.insert(id, name.clone());
         let (ingress, egress) = (types.iter().any(|t| t == "Ingress"), types.iter().any(|t| t == "Egress"));
         pols.push(Pol { id, name, spec, ns, ingress, egress, selects_all });
