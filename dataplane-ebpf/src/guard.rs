@@ -7,7 +7,8 @@
 //!   the interface it came in on: strict reverse-path filtering, by FIB lookup, as Calico does.
 //!   Cilium drops the same packets (`DROP_INVALID_SIP`).
 //! - Nothing arriving from outside the node (another node, a client) may claim the address of a
-//!   pod of this node or of the node itself.
+//!   pod of this node, of the node itself or of a Service; a pod of another node only where the
+//!   route back to it leaves (strict reverse path).
 //! - A pod's interface carries untagged frames only: a VLAN tag (even VLAN 0, which the kernel
 //!   strips and delivers as untagged) would carry a packet past every check that parses
 //!   untagged frames.
@@ -16,6 +17,7 @@
 //!   datapath exists nothing reaches an isolated pod unpoliced. ARP passes (a pod must resolve
 //!   its gateway), checked as above when it comes from a pod.
 use aya_ebpf::{
+    btf_maps::lpm_trie::Key,
     bindings::{bpf_fib_lookup, BPF_FIB_LKUP_RET_FRAG_NEEDED, BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS, BPF_FIB_LOOKUP_SKIP_NEIGH},
     helpers::bpf_fib_lookup as fib_lookup,
     programs::TcContext,
@@ -24,7 +26,7 @@ use dataplane_common::{DropReason, CFG_F_SOURCE_CHECK, EP_F_EGRESS, EP_F_INGRESS
 
 use crate::{
     lb::Hook,
-    maps::{cfg4_v4, local4_v1, pod_if4_v1, pol_ep4_v1},
+    maps::{cfg4_v4, local4_v1, pod_if4_v1, pol_ep4_v1, pol_podname4_v1, svc_cidr4_v1},
     parse::{ETH_LEN, ETH_P_IP},
 };
 
@@ -56,7 +58,7 @@ fn guard(ctx: &TcContext, hook: Hook) -> Result<(), DropReason> {
         Hook::FromWorld => {
             if eth_proto == ETH_P_IP {
                 let saddr: u32 = ctx.load(SADDR_OFF).map_err(|_| DropReason::Malformed)?;
-                if unsafe { local4_v1.get(&saddr) }.is_some() {
+                if !world_source_ok(ctx, ifindex, saddr) {
                     return Err(DropReason::SpoofedSource);
                 }
             }
@@ -87,6 +89,23 @@ fn guard(ctx: &TcContext, hook: Hook) -> Result<(), DropReason> {
         },
         Hook::ToWorld => Ok(()),
     }
+}
+
+/// May a packet arriving from outside the node on `ifindex` carry source `saddr_be`? Never an
+/// address of this node or of its pods, nor a Service address (nothing outside sends from a
+/// ClusterIP: a forged "reply" from one would take a pod to that Service's backends). A pod of
+/// another node only by the route back to it (strict reverse path, as Calico does for workload
+/// addresses): its traffic comes in where the route to its node leaves, a host elsewhere
+/// claiming its address does not.
+#[inline(always)]
+pub fn world_source_ok(ctx: &TcContext, ifindex: u32, saddr_be: u32) -> bool {
+    if unsafe { local4_v1.get(&saddr_be) }.is_some() || svc_cidr4_v1.get(&Key::new(32, saddr_be)).is_some() {
+        return false;
+    }
+    if unsafe { pol_podname4_v1.get(&saddr_be) }.is_some() {
+        return reverse_path(ctx, ifindex, saddr_be) == ifindex;
+    }
+    true
 }
 
 /// May the pod behind `ifindex` send with source `saddr_be`? (Always, with `--pod-source-check

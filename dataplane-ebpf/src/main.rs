@@ -115,7 +115,7 @@ fn tc_entry(ctx: &TcContext, hook: Hook) -> i32 {
     }
     // NetworkPolicy egress is decided after Service translation; whether a decision is needed at
     // all (and the untranslated tuple) is known only before it.
-    let egress = hook == Hook::FromPod && policy::egress_pre(ctx) != 0;
+    let pre = if hook == Hook::FromPod { policy::egress_pre(ctx) } else { policy::PRE_NONE };
     // The Service path, the policy check and the answers are global BPF functions: each is
     // verified once, on its own, and here they are opaque calls with scalar results, so the
     // verifier's work adds up instead of multiplying.
@@ -127,7 +127,11 @@ fn tc_entry(ctx: &TcContext, hook: Hook) -> i32 {
     // NetworkPolicy egress: on the packet as it leaves the pod, after Service translation
     // (policies see the backend, as Kubernetes requires); its drop reason as the check gives it
     // (policy_egress, or frag_unknown for a later fragment without its first).
-    let denied = if egress && matches!(Verdict::decode(code), Ok(Verdict::Pass | Verdict::Redirect)) { policy::check(ctx, dataplane_common::DIR_EGRESS) } else { 0 };
+    // A reply of a connection into the pod needs no decision, unless the Service path just sent
+    // it somewhere new (a forged "reply" from a Service address would otherwise take the pod to
+    // that Service's backends unchecked).
+    let decide = pre == policy::PRE_DECIDE || (pre == policy::PRE_REPLY && policy::dst_changed(ctx));
+    let denied = if decide && matches!(Verdict::decode(code), Ok(Verdict::Pass | Verdict::Redirect)) { policy::check(ctx, dataplane_common::DIR_EGRESS) } else { 0 };
     let result = match Verdict::decode(code) {
         _ if denied != 0 => denied | lb::DROP_CODE,
         Ok(Verdict::Redirect) => return nat::fib_redirect(ctx).unwrap_or_else(drop),

@@ -14,7 +14,7 @@ use aya_ebpf::{btf_maps::lpm_trie::Key, programs::TcContext};
 use dataplane_common::{
     identity, stat, Ct4Key, DropReason, PolCtEntry, PolCtKey, PolEndpoint, PolEvKey, PolFragKey, PolRuleKey, PolicyEvent, CT_S_ESTABLISHED, DIR_INGRESS,
     EP_F_EGRESS, EP_F_INGRESS, EV_FROM_NODE, EV_NOT_ISOLATED, EV_RULE, IPPROTO_ICMP, IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP, PCT_F_ORIG, PCT_F_REPLY,
-    PCT_F_TRANSLATED, RULE_PREFIX_FULL, VERDICT_ALLOW, VERDICT_DENY, CT_F_REPLY, CT_F_SNAT, CT_SOURCE_POLICY, LOCAL_HOST,
+    PCT_F_TRANSLATED, RULE_PREFIX_FULL, VERDICT_ALLOW, VERDICT_DENY, CT_F_REPLY, CT_F_SNAT, CT_SOURCE_POLICY, DIR_EGRESS, LOCAL_HOST, LOCAL_POD,
 };
 
 use crate::{
@@ -23,7 +23,7 @@ use crate::{
         cfg4_v4, local4_v1, pol_ct4_assured_v2, pol_ct4_v2, pol_drop_v1, pol_entry_scratch, pol_ep4_v1, pol_events_v2, pol_evlimit4_v1, pol_frag4_v1, pol_ipcache4_v1, pol_rule4_v1,
         pol_scratch,
     },
-    parse::{self, Ipv4Packet},
+    parse::{self, Ipv4Packet, TCP_ACK, TCP_SYN},
     stats,
 };
 
@@ -370,18 +370,38 @@ fn event(key: &Ct4Key, dir: u8, d: &Decision, ep_be: u32, now: u64) {
     }
 }
 
-/// On a packet leaving a pod, before Service translation: 0 when no egress decision is needed
-/// (no policy selects the pod, or the packet is the reply of a connection into the pod, which
-/// must be judged before it is translated back to the Service address), otherwise 1, with the
-/// untranslated tuple saved for `check`.
+/// `egress_pre`'s answers: no decision (a pod not tracked), a decision after Service
+/// translation, or a reply of a connection into the pod (decided only if translation sends it
+/// to a new destination: `dst_changed`).
+pub const PRE_NONE: u32 = 0;
+pub const PRE_DECIDE: u32 = 1;
+pub const PRE_REPLY: u32 = 2;
+
+/// Is `addr_be` a pod whose connections the policy conntrack tracks? A pod some policy selects,
+/// or any pod of this node the agent knows: connections are tracked before a policy isolates
+/// the pod, so those it still allows keep flowing when one does.
+#[inline(always)]
+fn tracked(addr_be: u32) -> Option<u32> {
+    if let Some(ep) = unsafe { pol_ep4_v1.get(&addr_be) } {
+        return Some(ep.flags);
+    }
+    match unsafe { local4_v1.get(&addr_be) } {
+        Some(l) if l.kind == LOCAL_POD => Some(0),
+        _ => None,
+    }
+}
+
+/// On a packet leaving a pod, before Service translation: `PRE_NONE`, `PRE_REPLY` (the reply of
+/// a connection into the pod, which must be judged before it is translated back to the Service
+/// address), or `PRE_DECIDE`; the untranslated tuple saved for `check` and `dst_changed`.
 #[inline(never)]
 pub fn egress_pre(ctx: &TcContext) -> u32 {
     let p = match parse::parse_ipv4(ctx) {
         Ok(Some(p)) => p,
-        _ => return 0,
+        _ => return PRE_NONE,
     };
-    if pol_ep4_v1.get_ptr(&p.saddr_be).is_none() {
-        return 0;
+    if tracked(p.saddr_be).is_none() {
+        return PRE_NONE;
     }
     let (sport_be, dport_be) = if p.frag_off != 0 { (0, 0) } else { policy_ports(ctx, &p) };
     let orig = Ct4Key { saddr_be: p.saddr_be, daddr_be: p.daddr_be, sport_be, dport_be, proto: p.proto, pad: [0; 3] };
@@ -391,18 +411,32 @@ pub fn egress_pre(ctx: &TcContext) -> u32 {
         unsafe { *slot = orig };
     }
     if p.frag_off != 0 {
-        return 1;
+        return PRE_DECIDE;
     }
-    let key = PolCtKey { tuple: orig, ifindex: unsafe { (*ctx.skb.skb).ifindex } };
+    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    let key = PolCtKey { tuple: orig, ifindex };
     let now = now();
     if let Some(hit) = lookup(&key, now) {
         // SAFETY: pointer from a successful lookup.
         let flags = unsafe { (*hit.ptr).flags };
         if flags & (PCT_F_REPLY | PCT_F_ORIG) == PCT_F_REPLY && follow(&key, &hit, &p, now) {
-            return 0;
+            if p.more_frags {
+                // Its later fragments carry no ports: they follow this verdict.
+                let _ = pol_frag4_v1.insert(&PolFragKey { saddr_be: p.saddr_be, daddr_be: p.daddr_be, ifindex, id_be: p.id_be, proto: p.proto, dir: DIR_EGRESS }, &1, 0);
+            }
+            return PRE_REPLY;
         }
     }
-    1
+    PRE_DECIDE
+}
+
+/// After the Service path: does the packet now go to another destination than the pod sent it
+/// to (`egress_pre`'s saved tuple)?
+#[inline(never)]
+pub fn dst_changed(ctx: &TcContext) -> bool {
+    let Ok(Some(p)) = parse::parse_ipv4(ctx) else { return false };
+    let Some(orig) = pol_scratch.get(0) else { return false };
+    p.daddr_be != orig.daddr_be || (p.frag_off == 0 && matches!(p.proto, IPPROTO_TCP | IPPROTO_UDP | IPPROTO_SCTP) && p.dport_be != orig.dport_be)
 }
 
 /// For an ICMP error (unreachable, time exceeded, parameter problem): the tuple of the flow it is
@@ -437,7 +471,7 @@ fn fresh(ctx: &TcContext, key: &PolCtKey, p: &Ipv4Packet, dir: u32) -> bool {
     let dir = dir as u8;
     let ingress = dir == DIR_INGRESS;
     let now = now();
-    if p.proto == IPPROTO_ICMP && related(ctx, p.l4_off, key.ifindex) {
+    if p.proto == IPPROTO_ICMP && related(ctx, p.l4_off, key.ifindex, p.daddr_be) {
         return true;
     }
     let none = Ct4Key::default();
@@ -446,12 +480,25 @@ fn fresh(ctx: &TcContext, key: &PolCtKey, p: &Ipv4Packet, dir: u32) -> bool {
         _ => &none,
     };
     let ep_addr = if ingress { p.daddr_be } else if orig.proto != 0 { orig.saddr_be } else { p.saddr_be };
-    let Some(ep) = (unsafe { pol_ep4_v1.get(&ep_addr) }) else { return true };
+    let unselected = PolEndpoint { ep_id: 0, flags: 0, ingress_policy: 0, egress_policy: 0 };
+    // SAFETY: map value read in place.
+    let selected = unsafe { pol_ep4_v1.get(&ep_addr) };
+    if selected.is_none() && tracked(ep_addr).is_none() {
+        return true;
+    }
     let peer = if ingress { ingress_peer(&key.tuple) } else { p.daddr_be };
-    let d = decide(ep, peer, dir, p.proto, key.tuple.dport_be);
-    event(&key.tuple, dir, &d, ep_addr, now);
+    let d = decide(selected.unwrap_or(&unselected), peer, dir, p.proto, key.tuple.dport_be);
+    if selected.is_some() {
+        event(&key.tuple, dir, &d, ep_addr, now);
+    }
+    // A TCP packet in the middle of a connection no entry knows (cut by a policy change, or
+    // older than Ferry) opens no connection: only a rule allowing this very direction may let
+    // its replies back; otherwise it passes untracked when its own direction is open.
+    let opens = p.proto != IPPROTO_TCP || p.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN || d.reason == EV_RULE;
     if d.allowed {
-        remember(key, orig, p, d.policy_id, (ep_addr as u64) << 8 | dir as u64);
+        if opens {
+            remember(key, orig, p, d.policy_id, (ep_addr as u64) << 8 | dir as u64);
+        }
     } else if let Some(c) = pol_drop_v1.get_ptr_mut(d.policy_id * 2 + dir as u32) {
         // SAFETY: per-CPU slot.
         unsafe { *c += 1 };
@@ -476,8 +523,13 @@ fn same_service(hit: &PHit, orig: &Ct4Key, key: &PolCtKey) -> bool {
 /// Is the ICMP packet at `l4_off` an error about a connection this pod interface (`ifindex`)
 /// tracks? Related to that connection only: its quoted tuple must be an entry here.
 #[inline(never)]
-fn related(ctx: &TcContext, l4_off: usize, ifindex: u32) -> bool {
+fn related(ctx: &TcContext, l4_off: usize, ifindex: u32, daddr_be: u32) -> bool {
     let Some(t) = icmp_related(ctx, l4_off) else { return false };
+    // Sent to whoever sent the quoted packet, as netfilter requires: an error carried to anyone
+    // else (with any payload) is not related to anything.
+    if daddr_be != t.daddr_be {
+        return false;
+    }
     let now = now();
     let rk = PolCtKey { tuple: t, ifindex };
     lookup(&rk, now).is_some() || lookup(&rev(&rk), now).is_some()
@@ -514,7 +566,7 @@ pub extern "C" fn ferry_policy_check(skb: *mut aya_ebpf::bindings::__sk_buff, di
     // The pod: the destination into it; the source out of it, as it sent the packet (a reply
     // translated back leaves with the Service address as source).
     let ep_addr = if ingress { p.daddr_be } else if orig.proto != 0 { orig.saddr_be } else { p.saddr_be };
-    let Some(ep_flags) = (unsafe { pol_ep4_v1.get(&ep_addr).map(|e| e.flags) }) else { return 0 };
+    let Some(ep_flags) = tracked(ep_addr) else { return 0 };
     let ifindex = unsafe { (*skb).ifindex };
     let isolated = ep_flags & if ingress { EP_F_INGRESS } else { EP_F_EGRESS } != 0;
     let denied = if ingress { DropReason::PolicyIngress } else { DropReason::PolicyEgress } as u32;

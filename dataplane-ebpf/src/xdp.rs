@@ -140,8 +140,13 @@ pub fn try_nodeport(ctx: &XdpContext) -> Result<u32, DropReason> {
         return Ok(PASS);
     }
     // Nothing from outside may claim an address of this node or of its pods (see guard.rs).
-    if unsafe { local4_v1.get(&u32::from_ne_bytes([ip[12], ip[13], ip[14], ip[15]])) }.is_some() {
+    let saddr = u32::from_ne_bytes([ip[12], ip[13], ip[14], ip[15]]);
+    if unsafe { local4_v1.get(&saddr) }.is_some() {
         return Err(DropReason::SpoofedSource);
+    }
+    // A pod of another node, or a Service address: the tc path's guard checks the route back.
+    if unsafe { crate::maps::pol_podname4_v1.get(&saddr) }.is_some() || crate::maps::svc_cidr4_v1.get(&aya_ebpf::btf_maps::lpm_trie::Key::new(32, saddr)).is_some() {
+        return Ok(PASS);
     }
     let tot_len = u16::from_be_bytes([ip[2], ip[3]]) as usize;
     let l4_off = ETH_LEN + 20;
