@@ -500,6 +500,23 @@ impl Cluster {
         Session::new(Proc { child, what: format!("{mode} from {pod}") })
     }
 
+    /// Pod objects for every pod of the lab, labelled `role: <role(name)>`, in namespace `lab`.
+    pub fn pods_yaml(&self, role: impl Fn(&str) -> &'static str) -> String {
+        self.pods
+            .iter()
+            .map(|p| {
+                // Pod addresses are 10.201.<node number>.x.
+                let node = &self.nodes[(p.ip.octets()[2] as usize).saturating_sub(1).min(self.nodes.len() - 1)].name;
+                format!(
+                    "apiVersion: v1\nkind: Pod\nmetadata: {{name: {}, namespace: lab, labels: {{role: {}}}}}\nspec: {{nodeName: {node}, containers: [{{name: echo, ports: [{{name: echo, containerPort: 8080}}]}}]}}\nstatus: {{podIP: {}}}\n---\n",
+                    p.name,
+                    role(&p.name),
+                    p.ip
+                )
+            })
+            .collect()
+    }
+
     pub fn pod(&self, name: &str) -> &Pod {
         self.pods.iter().find(|p| p.name == name).unwrap_or_else(|| panic!("no pod {name}"))
     }

@@ -81,19 +81,7 @@ fn lab(extra_args: &[&str]) -> (Cluster, TempDir) {
     c.add_pod(0, INTRUDER, Ipv4Addr::new(10, 201, 1, 13));
     c.add_pod(0, LOCKED, Ipv4Addr::new(10, 201, 1, 14));
     c.add_pod(0, EGRESS_LOCKED, Ipv4Addr::new(10, 201, 1, 15));
-    let pods: String = c
-        .pods
-        .iter()
-        .map(|p| {
-            let node = if p.ip.octets()[2] == 1 { "node1" } else { "node2" };
-            format!(
-                "apiVersion: v1\nkind: Pod\nmetadata: {{name: {}, namespace: lab, labels: {{role: {}}}}}\nspec: {{nodeName: {node}, containers: [{{name: echo}}]}}\nstatus: {{podIP: {}}}\n---\n",
-                p.name,
-                role(&p.name),
-                p.ip
-            )
-        })
-        .collect();
+    let pods = c.pods_yaml(role);
     std::fs::write(dir.path.join("policy.yaml"), format!("{pods}{POLICIES}")).unwrap();
     c.start_agents();
     for i in 0..2 {

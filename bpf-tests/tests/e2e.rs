@@ -346,17 +346,7 @@ fn xdp_acceleration_translates_in_xdp() {
 
 /// Pod objects for the lab's pods, labelled `role: <role>` by `role(name)`.
 fn pods_yaml(c: &Cluster, role: impl Fn(&str) -> &'static str) -> String {
-    lab::PODS
-        .iter()
-        .map(|(ni, name, _)| {
-            format!(
-                "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: lab, labels: {{role: {}}}}}\nspec: {{nodeName: {}, containers: [{{name: echo, ports: [{{name: echo, containerPort: 8080}}]}}]}}\nstatus: {{podIP: {}}}\n---\n",
-                role(name),
-                c.nodes[*ni].name,
-                c.pod_ip(name)
-            )
-        })
-        .collect()
+    c.pods_yaml(role)
 }
 
 #[test]

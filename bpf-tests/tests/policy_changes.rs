@@ -35,18 +35,7 @@ fn servers_deny() -> String {
 }
 
 fn pods_yaml(c: &Cluster) -> String {
-    c.pods
-        .iter()
-        .map(|p| {
-            let node = if p.ip.octets()[2] == 1 { "node1" } else { "node2" };
-            format!(
-                "apiVersion: v1\nkind: Pod\nmetadata: {{name: {}, namespace: lab, labels: {{role: {}}}}}\nspec: {{nodeName: {node}, containers: [{{name: echo}}]}}\nstatus: {{podIP: {}}}\n---\n",
-                p.name,
-                role(&p.name),
-                p.ip
-            )
-        })
-        .collect()
+    c.pods_yaml(role)
 }
 
 fn lab_with(pols: &[String]) -> (Cluster, TempDir) {
