@@ -498,6 +498,10 @@ impl Runner {
     /// pod leaves on its destination's, unless `skb` names one.
     fn run_skb(&self, prog: &str, pkt: &[u8], skb: &SkbIn) -> Result<(Run, u32), String> {
         let mut skb = *skb;
+        // From outside: in on the node's uplink, where the route back to a remote pod leaves.
+        if prog == progs::FROM_WORLD && skb.ifindex == 0 {
+            skb.ifindex = self.net.uplink;
+        }
         let addr_at = if prog == progs::FROM_POD { 26..30 } else { 30..34 };
         if (prog == progs::FROM_POD || prog == progs::TO_POD) && skb.ifindex == 0 {
             if let Some(a) = pkt.get(addr_at) {

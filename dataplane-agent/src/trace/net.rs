@@ -14,6 +14,8 @@ pub struct TraceNet {
     orig: std::fs::File,
     /// Pod address -> the ifindex of its interface (host side).
     ifaces: RefCell<BTreeMap<Ipv4Addr, u32>>,
+    /// The node's link to the outside (`t0`): where packets from outside come in.
+    pub uplink: u32,
 }
 
 fn ip(args: &[&str]) -> Result<(), String> {
@@ -32,7 +34,7 @@ impl TraceNet {
         let orig = std::fs::File::open("/proc/thread-self/ns/net").map_err(|e| format!("own network namespace: {e}"))?;
         ip(&["netns", "add", &name])?;
         // From here on, dropping the guard removes the namespace.
-        let net = TraceNet { name, orig, ifaces: RefCell::default() };
+        let mut net = TraceNet { name, orig, ifaces: RefCell::default(), uplink: 0 };
         let n = net.name.as_str();
         let mtu = mtu.to_string();
         ip(&["-n", n, "link", "set", "lo", "up"])?;
@@ -50,6 +52,11 @@ impl TraceNet {
         // FIB lookups answer only where forwarding is on (this thread now sees this namespace's
         // /proc/sys/net).
         std::fs::write("/proc/sys/net/ipv4/ip_forward", "1").map_err(|e| format!("ip_forward in {n}: {e}"))?;
+        let t0 = std::ffi::CString::new("t0").expect("name");
+        net.uplink = unsafe { libc::if_nametoindex(t0.as_ptr()) };
+        if net.uplink == 0 {
+            return Err(format!("t0 in {}: {}", net.name, std::io::Error::last_os_error()));
+        }
         Ok(net)
     }
 }
