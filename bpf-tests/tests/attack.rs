@@ -362,7 +362,7 @@ fn udp_exchange(c: &Cluster, pod: &str, port: u16, to: SocketAddrV4) -> Option<S
 
 #[test]
 fn forged_remote_pod_and_service_sources_from_outside_open_nothing() {
-    let (c, _d) = lab(&[]);
+    let (c, _d) = lab(&["--external-source-check", "strict"]);
     let (server1, server2, other2) = (pod_ip(&c, "n1-pod2"), pod_ip(&c, "n2-pod1"), pod_ip(&c, "n2-pod2"));
     let egress_locked = pod_ip(&c, EGRESS_LOCKED);
     let udp_rx = |pod: &str| in_pod(&c, pod, || snmp("Udp:InDatagrams") + snmp("Udp:NoPorts"));

@@ -39,10 +39,22 @@ fn pods_yaml(c: &Cluster) -> String {
 }
 
 fn lab_with(pols: &[String]) -> (Cluster, TempDir) {
+    lab_args(pols, &[])
+}
+
+/// A UDP Service (10.96.0.71:53) in front of port 7071 of n1-pod2.
+const BIG_VIP: &str = "10.96.0.71:53";
+const BIG_SVC: &str = "apiVersion: v1\nkind: Service\nmetadata: {name: big, namespace: lab}\nspec:\n  clusterIP: 10.96.0.71\n  ports: [{name: u, port: 53, protocol: UDP, targetPort: 7071}]\n---\n\
+apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {name: big-1, namespace: lab, labels: {kubernetes.io/service-name: big}}\naddressType: IPv4\n\
+ports: [{name: u, port: 7071, protocol: UDP}]\nendpoints:\n- addresses: [10.201.1.12]\n  conditions: {ready: true}\n";
+
+fn lab_args(pols: &[String], args: &[&str]) -> (Cluster, TempDir) {
     let dir = TempDir::new(&format!("polchg-{}", lab::run_id()));
     let servers = [Ipv4Addr::new(10, 201, 1, 12), Ipv4Addr::new(10, 201, 2, 11)];
-    std::fs::write(dir.path.join("echo.yaml"), echo_yaml(&servers, &servers)).unwrap();
-    let mut c = Cluster::new(&dir.path);
+    std::fs::write(dir.path.join("echo.yaml"), format!("{}---\n{BIG_SVC}", echo_yaml(&servers, &servers))).unwrap();
+    let mut opts = lab::LabOptions::default();
+    opts.agent_args = args.iter().map(|s| s.to_string()).collect();
+    let mut c = Cluster::with_options(&dir.path, opts);
     std::fs::write(dir.path.join("policy.yaml"), format!("{}{}", pods_yaml(&c), pols.join("---\n"))).unwrap();
     c.start_agents();
     (c, dir)
@@ -192,9 +204,11 @@ fn large_udp_replies_of_an_egress_isolated_server_arrive_whole() {
             let _in = cli_ns.enter();
             let u = UdpSocket::bind("0.0.0.0:0").unwrap();
             u.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
-            (0..3)
-                .map(|_| {
-                    u.send_to(b"query", SocketAddrV4::new(server, 7071)).unwrap();
+            // Directly, twice, then through the Service (its reply translated back on the way).
+            let to = [SocketAddrV4::new(server, 7071), SocketAddrV4::new(server, 7071), BIG_VIP.parse().unwrap()];
+            to.iter()
+                .map(|to| {
+                    u.send_to(b"query", to).unwrap();
                     let mut buf = [0u8; 8000];
                     u.recv_from(&mut buf).map(|(n, _)| n).unwrap_or(0)
                 })
@@ -203,5 +217,36 @@ fn large_udp_replies_of_an_egress_isolated_server_arrive_whole() {
         .join()
         .unwrap()
     });
-    assert_eq!(got, vec![4000; 3], "4000-byte replies of a server isolated both ways");
+    assert_eq!(got, vec![4000; 3], "4000-byte replies of a server isolated both ways (direct, direct, through its ClusterIP)");
+}
+
+#[test]
+fn connections_whose_entries_expired_keep_flowing_into_and_out_of_isolated_pods() {
+    // Entries of established connections expire after 3 s idle; the connections go on, as with
+    // the kernel's conntrack (a segment in mid-connection is picked up again).
+    let client_in = policy("client-in", "client", "Ingress", "");
+    let servers = policy("servers", "server", "Ingress, Egress", "  ingress: [{from: [{podSelector: {matchLabels: {role: client}}}]}]\n");
+    let (c, _d) = lab_args(&[client_in, servers], &["--conntrack-tcp-timeout-established", "3s"]);
+    // The client (isolated for ingress) to an unselected pod; to a server (isolated both ways).
+    let mut to_other = c.session("n1-pod1", "tcp-session", &format!("{}:{}", c.pod("n2-pod2").ip, lab::ECHO_TCP_PORT));
+    let mut to_server = c.session("n1-pod1", "tcp-session", &format!("{}:{}", c.pod("n1-pod2").ip, lab::ECHO_TCP_PORT));
+    assert_eq!(to_other.backend(), "n2-pod2");
+    assert_eq!(to_server.backend(), "n1-pod2");
+    std::thread::sleep(Duration::from_secs(6));
+    for _ in 0..3 {
+        assert_eq!(to_other.backend(), "n2-pod2", "after the entries expired");
+        assert_eq!(to_server.backend(), "n1-pod2", "after the entries expired");
+    }
+}
+
+#[test]
+fn replies_of_an_egress_isolated_backend_reach_a_masqueraded_client_outside() {
+    // Servers accept anyone and send nothing of their own; a client outside the cluster reaches
+    // them through the ClusterIPs (masqueraded: --cluster-cidr): their replies are replies.
+    let servers = policy("servers", "server", "Ingress, Egress", "  ingress: [{}]\n");
+    let (c, _d) = lab_args(&[servers], &["--cluster-cidr", "10.201.0.0/16"]);
+    let tcp = c.client_outside(&["tcp", lab::TCP_VIP, "6"]);
+    assert!(tcp.iter().all(|l| !l.starts_with("ERR")), "{tcp:?}");
+    let udp = c.client_outside(&["udp", lab::UDP_VIP, "6"]);
+    assert!(udp.iter().all(|l| !l.starts_with("ERR")), "{udp:?}");
 }

@@ -77,6 +77,8 @@ pub struct RunConfig {
     pub xdp: bool,
     /// `--pod-source-check strict`: a pod may send only with its own address.
     pub source_check: bool,
+    /// `--external-source-check strict`: remote pod sources by strict reverse path.
+    pub external_strict: bool,
     /// `--refusals-per-second`, `--refusal-burst`.
     pub refusals: (u32, u32),
     /// `--conntrack-max-per-source` (0: no limit).
@@ -155,7 +157,7 @@ pub fn node_config(cfg: &RunConfig, node: &model::NodeContext, objs: &Objects) -
         cluster_mask_be,
         ct_timeout_s: cfg.ct_timeouts,
         host_netns_cookie: cfg.host_netns_cookie,
-        flags: if cfg.source_check { dataplane_common::CFG_F_SOURCE_CHECK } else { 0 },
+        flags: if cfg.source_check { dataplane_common::CFG_F_SOURCE_CHECK } else { 0 } | if cfg.external_strict { dataplane_common::CFG_F_EXTERNAL_STRICT } else { 0 },
         refusals_per_s: cfg.refusals.0,
         refusal_burst: cfg.refusals.1,
         ct_per_source_max: cfg.ct_per_source_max,

@@ -137,7 +137,7 @@ impl BpfMaps {
                 names::CONFIG => Map::Array(data),
                 names::CHASH => Map::HashOfMaps(data),
                 names::SVC_STATS => Map::PerCpuHashMap(data),
-                names::CONNTRACK | names::FRAGMENTS | names::AFFINITY | names::POL_CONNTRACK | names::POL_FRAGMENTS | names::POL_EVENT_LIMIT | names::SOCK_REV | names::CT_SOURCES => {
+                names::CONNTRACK | names::FRAGMENTS | names::AFFINITY | names::POL_CONNTRACK | names::POL_FRAGMENTS | names::POL_EVENT_LIMIT | names::SOCK_REV | names::CT_SOURCES | names::POL_REVOKED => {
                     Map::LruHashMap(data)
                 }
                 _ => Map::HashMap(data),

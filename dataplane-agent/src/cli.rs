@@ -219,6 +219,12 @@ pub struct RunArgs {
     /// Refusals sent at once before --refusals-per-second applies (net.ipv4.icmp_msgs_burst).
     #[arg(long, env = "FERRY_REFUSAL_BURST", default_value_t = dataplane_common::REFUSAL_BURST_DEFAULT, value_parser = clap::value_parser!(u32).range(1..))]
     pub refusal_burst: u32,
+    /// Packets from outside the node that claim the address of a pod of another node: `loose`
+    /// accepts them from any interface (Calico's default), `strict` only from the interface the
+    /// route back to that pod leaves by (a host elsewhere cannot claim it; nodes with several
+    /// equal-cost routes to each other need `loose`: the check follows one next hop).
+    #[arg(long, env = "FERRY_EXTERNAL_SOURCE_CHECK", default_value = "loose", value_parser = ["loose", "strict"])]
+    pub external_source_check: String,
     /// IP:PORT for /healthz, /livez and /readyz (kube-proxy's flag and port); empty disables.
     #[arg(long, env = "FERRY_HEALTHZ_BIND_ADDRESS", default_value = "0.0.0.0:10256")]
     pub healthz_bind_address: String,
@@ -350,6 +356,7 @@ impl RunArgs {
             },
             xdp: self.nodeport_acceleration == "xdp",
             source_check: self.pod_source_check == "strict",
+            external_strict: self.external_source_check == "strict",
             refusals: (self.refusals_per_second, self.refusal_burst),
             ct_per_source_max: self.conntrack_max_per_source.unwrap_or(self.conntrack_capacity.max(1024) / 8),
             cgroup,

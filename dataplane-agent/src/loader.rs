@@ -23,7 +23,7 @@ pub fn object() -> Result<&'static [u8], LoadError> {
 
 /// Capacities for a private copy (trace, tests): a handful of flows need no half-gigabyte
 /// conntrack table, and several copies may be loaded at once.
-pub const PRIVATE_CAPACITIES: [(&str, u32); 7] = [
+pub const PRIVATE_CAPACITIES: [(&str, u32); 8] = [
     (names::CONNTRACK, 8_192),
     (names::CONNTRACK_ASSURED, 8_192),
     (names::FRAGMENTS, 1_024),
@@ -31,19 +31,26 @@ pub const PRIVATE_CAPACITIES: [(&str, u32); 7] = [
     (names::AFFINITY, 4_096),
     (names::POL_CONNTRACK, 4_096),
     (names::POL_CONNTRACK_ASSURED, 4_096),
+    (names::POL_REVOKED, 1_024),
 ];
 
 /// The conntrack capacities for `--conntrack-capacity N`: N entries for assured connections, half
 /// as many (at least 1024) for new and closing ones.
-pub fn conntrack_capacities(n: u32) -> [(&'static str, u32); 2] {
-    [(names::CONNTRACK_ASSURED, n.max(1024)), (names::CONNTRACK, (n / 2).max(1024))]
+pub fn conntrack_capacities(n: u32) -> [(&'static str, u32); 4] {
+    [
+        (names::CONNTRACK_ASSURED, n.max(1024)),
+        (names::CONNTRACK, (n / 2).max(1024)),
+        // The policy conntrack tracks every pod's connections too: the same sizes.
+        (names::POL_CONNTRACK_ASSURED, n.max(1024)),
+        (names::POL_CONNTRACK, (n / 2).max(1024)),
+    ]
 }
 
 /// Where a node's maps live.
 pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/ferry";
 
 /// (name, key size, value size) of every pinned map, checked before re-using a pin.
-fn expected_layout() -> [(&'static str, u32, u32); 28] {
+fn expected_layout() -> [(&'static str, u32, u32); 29] {
     use std::mem::size_of;
     [
         (names::SERVICES, size_of::<Lb4Key>() as u32, size_of::<Lb4Service>() as u32),
@@ -67,6 +74,7 @@ fn expected_layout() -> [(&'static str, u32, u32); 28] {
         (names::POL_FRAGMENTS, size_of::<PolFragKey>() as u32, 4),
         (names::POL_EVENT_LIMIT, size_of::<PolEvKey>() as u32, 8),
         (names::CT_SOURCES, 4, 8),
+        (names::POL_REVOKED, size_of::<PolCtKey>() as u32, 8),
         (names::POL_DROPS, 4, 8),
         (names::POL_NAMES, 4, size_of::<SvcName>() as u32),
         (names::POD_NAMES, 4, size_of::<SvcName>() as u32),

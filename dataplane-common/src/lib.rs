@@ -51,14 +51,17 @@ pub mod names {
     pub const LOCAL_ADDRS: &str = "local4_v1";
     /// This node's pod interfaces, by ifindex: the pod's address behind each.
     pub const POD_IFACES: &str = "pod_if4_v1";
+    /// Policy conntrack tuples a policy change cut, per pod interface, with when they were last
+    /// seen: a packet of one opens no new connection unless a rule allows its direction.
+    pub const POL_REVOKED: &str = "pol_revoked4_v1";
     /// Assured connections per source address, [Service conntrack, policy conntrack]: what
     /// `--conntrack-max-per-source` is checked against (recounted by the garbage collector).
     pub const CT_SOURCES: &str = "ct_src4_v1";
     /// Every map the agent pins, in the order it creates and checks them.
-    pub const ALL: [&str; 30] = [
+    pub const ALL: [&str; 31] = [
         SERVICES, SLOTS, BACKENDS, CONNTRACK, CONNTRACK_ASSURED, FRAGMENTS, SERVICE_CIDRS, STATS, AFFINITY, SOURCE_RANGES, CONFIG, CHASH, SVC_STATS, SVC_NAMES,
         POL_IPCACHE, POL_ENDPOINTS, POL_RULES, POL_CONNTRACK, POL_CONNTRACK_ASSURED, POL_FRAGMENTS, POL_EVENT_LIMIT, POL_DROPS, POL_EVENTS, POL_NAMES,
-        POD_NAMES, IDENTITY_NAMES, SOCK_REV, LOCAL_ADDRS, POD_IFACES, CT_SOURCES,
+        POD_NAMES, IDENTITY_NAMES, SOCK_REV, LOCAL_ADDRS, POD_IFACES, CT_SOURCES, POL_REVOKED,
     ];
 }
 
@@ -128,6 +131,7 @@ pub mod capacity {
     /// Source addresses with assured connections (LRU: a source pushed out restarts from 0
     /// until the next recount).
     pub const CT_SOURCES: u32 = 65_536;
+    pub const POL_REVOKED: u32 = 65_536;
 }
 
 /// `ct_src4_v1` value slots.
@@ -390,6 +394,9 @@ pub struct NodeConfig {
 
 /// `NodeConfig.flags`: a pod may send only with its own address (anti-spoofing, guard.rs).
 pub const CFG_F_SOURCE_CHECK: u32 = 1 << 0;
+/// `NodeConfig.flags`: a packet from outside claiming a pod of another node must arrive where
+/// the route back to it leaves (strict reverse path; off: loose, any route will do).
+pub const CFG_F_EXTERNAL_STRICT: u32 = 1 << 1;
 /// The kernel's default `icmp_ratelimit`/`icmp_msgs_per_sec` class: 1 000 a second.
 pub const REFUSALS_PER_S_DEFAULT: u32 = 1000;
 /// The kernel's `icmp_msgs_burst` default.

@@ -22,7 +22,7 @@ use aya_ebpf::{
     helpers::bpf_fib_lookup as fib_lookup,
     programs::TcContext,
 };
-use dataplane_common::{DropReason, CFG_F_SOURCE_CHECK, EP_F_EGRESS, EP_F_INGRESS, LOCAL_POD};
+use dataplane_common::{DropReason, CFG_F_EXTERNAL_STRICT, CFG_F_SOURCE_CHECK, EP_F_EGRESS, EP_F_INGRESS, LOCAL_POD};
 
 use crate::{
     lb::Hook,
@@ -95,15 +95,19 @@ fn guard(ctx: &TcContext, hook: Hook) -> Result<(), DropReason> {
 /// address of this node or of its pods, nor a Service address (nothing outside sends from a
 /// ClusterIP: a forged "reply" from one would take a pod to that Service's backends). A pod of
 /// another node only by the route back to it (strict reverse path, as Calico does for workload
-/// addresses): its traffic comes in where the route to its node leaves, a host elsewhere
-/// claiming its address does not.
+/// addresses) with `--external-source-check strict`: its traffic comes in where the route to its
+/// node leaves, a host elsewhere claiming its address does not. (The lookup follows one next
+/// hop, so nodes with several equal-cost routes to each other need the default, loose.)
 #[inline(always)]
 pub fn world_source_ok(ctx: &TcContext, ifindex: u32, saddr_be: u32) -> bool {
     if unsafe { local4_v1.get(&saddr_be) }.is_some() || svc_cidr4_v1.get(&Key::new(32, saddr_be)).is_some() {
         return false;
     }
-    if unsafe { pol_podname4_v1.get(&saddr_be) }.is_some() {
-        return reverse_path(ctx, ifindex, saddr_be) == ifindex;
+    if cfg4_v4.get(0).is_some_and(|c| c.flags & CFG_F_EXTERNAL_STRICT != 0) && unsafe { pol_podname4_v1.get(&saddr_be) }.is_some() {
+        // As the kernel's rp_filter looks the source up: from the packet's destination, so
+        // source-based routing rules apply.
+        let daddr: u32 = ctx.load(SADDR_OFF + 4).unwrap_or(0);
+        return reverse_path(ctx, ifindex, saddr_be, daddr) == ifindex;
     }
     true
 }
@@ -119,7 +123,7 @@ fn source_ok(ctx: &TcContext, ifindex: u32, saddr_be: u32) -> bool {
         // A known address: only its own pod's interface may use it, never the node's.
         Some(l) => l.kind == LOCAL_POD && l.ifindex == ifindex,
         // Not one the agent knows (yet): the route back to it must leave by this interface.
-        None => reverse_path(ctx, ifindex, saddr_be) == ifindex,
+        None => reverse_path(ctx, ifindex, saddr_be, 0) == ifindex,
     }
 }
 
@@ -127,13 +131,14 @@ fn source_ok(ctx: &TcContext, ifindex: u32, saddr_be: u32) -> bool {
 /// in on `ifindex` (0 when there is no forwarding route: a local, broadcast or unreachable
 /// address). A separate BPF subprogram: its 64-byte lookup frame is not added to the caller's.
 #[inline(never)]
-fn reverse_path(ctx: &TcContext, ifindex: u32, addr_be: u32) -> u32 {
+fn reverse_path(ctx: &TcContext, ifindex: u32, addr_be: u32, from_be: u32) -> u32 {
     let mut params: bpf_fib_lookup = unsafe { core::mem::zeroed() };
     params.family = 2; // AF_INET
     // A length (any below the MTU) so the MTU is not checked against this packet.
     params.__bindgen_anon_1.tot_len = 20;
     params.ifindex = ifindex;
     params.__bindgen_anon_4.ipv4_dst = addr_be;
+    params.__bindgen_anon_3.ipv4_src = from_be;
     let ret = unsafe { fib_lookup(ctx.skb.skb as *mut _, &mut params, core::mem::size_of::<bpf_fib_lookup>() as i32, BPF_FIB_LOOKUP_SKIP_NEIGH) };
     match ret as u32 {
         BPF_FIB_LKUP_RET_SUCCESS | BPF_FIB_LKUP_RET_NO_NEIGH | BPF_FIB_LKUP_RET_FRAG_NEEDED => params.ifindex,

@@ -66,6 +66,10 @@ pub static lb4_aff_v1: LruHashMap<AffinityKey, AffinityValue, { capacity::AFFINI
 #[btf_map]
 pub static lb4_src_v1: LpmTrie<SrcRangeData, u32, { capacity::SOURCE_RANGES as usize }> = LpmTrie::new();
 
+/// Policy conntrack tuples a policy change cut (per pod interface) → when last seen.
+#[btf_map]
+pub static pol_revoked4_v1: LruHashMap<PolCtKey, u64, { capacity::POL_REVOKED as usize }> = LruHashMap::new();
+
 /// Assured connections per source address: [Service conntrack, policy conntrack].
 #[btf_map]
 pub static ct_src4_v1: LruHashMap<u32, [u32; 2], { capacity::CT_SOURCES as usize }> = LruHashMap::new();

@@ -20,7 +20,7 @@ use dataplane_common::{
 use crate::{
     conntrack::{is_closed, next_state_of, now, reversed, seq_moves, source_admit, source_release, timeout_ns, SECOND},
     maps::{
-        cfg4_v4, local4_v1, pol_ct4_assured_v2, pol_ct4_v2, pol_drop_v1, pol_entry_scratch, pol_ep4_v1, pol_events_v2, pol_evlimit4_v1, pol_frag4_v1, pol_ipcache4_v1, pol_rule4_v1,
+        cfg4_v4, local4_v1, pol_revoked4_v1, pol_ct4_assured_v2, pol_ct4_v2, pol_drop_v1, pol_entry_scratch, pol_ep4_v1, pol_events_v2, pol_evlimit4_v1, pol_frag4_v1, pol_ipcache4_v1, pol_rule4_v1,
         pol_scratch,
     },
     parse::{self, Ipv4Packet, TCP_ACK, TCP_SYN},
@@ -206,12 +206,32 @@ fn recheck(key: &PolCtKey, ptr: *mut PolCtEntry) -> bool {
         stats::count(stat::POL_RECHECKED);
         return true;
     }
+    let now = now();
     for k in group(key, e).iter() {
         let _ = pol_ct4_assured_v2.remove(k);
         lru_remove(k);
+        // Remembered as cut: the pod's own next packets must not reopen it (see `fresh`).
+        let _ = pol_revoked4_v1.insert(k, &now, 0);
     }
     stats::count(stat::POL_REVOKED);
     false
+}
+
+/// How long a cut connection's tuple stays remembered after its last packet.
+const REVOKED_FOR_NS: u64 = 120 * SECOND;
+
+/// Was the connection of `key` (on this pod interface) cut by a policy change, and has it been
+/// seen within `REVOKED_FOR_NS`? Refreshes the memory when so.
+#[inline(always)]
+fn was_revoked(key: &PolCtKey, now: u64) -> bool {
+    match pol_revoked4_v1.get_ptr_mut(key) {
+        // SAFETY: pointer from a successful lookup.
+        Some(t) if now.saturating_sub(unsafe { *t }) < REVOKED_FOR_NS => {
+            unsafe { *t = now };
+            true
+        }
+        _ => false,
+    }
 }
 
 /// A packet of the connection of `key`'s entry: when the policies changed since it was decided,
@@ -430,13 +450,17 @@ pub fn egress_pre(ctx: &TcContext) -> u32 {
     PRE_DECIDE
 }
 
-/// After the Service path: does the packet now go to another destination than the pod sent it
-/// to (`egress_pre`'s saved tuple)?
+/// After the Service path: did it send the packet to a Service's backend (a forward
+/// translation: the pod addressed a Service frontend, and the destination changed)? A reply's
+/// reverse translation (back to a masqueraded client) is not one.
 #[inline(never)]
 pub fn dst_changed(ctx: &TcContext) -> bool {
     let Ok(Some(p)) = parse::parse_ipv4(ctx) else { return false };
     let Some(orig) = pol_scratch.get(0) else { return false };
-    p.daddr_be != orig.daddr_be || (p.frag_off == 0 && matches!(p.proto, IPPROTO_TCP | IPPROTO_UDP | IPPROTO_SCTP) && p.dport_be != orig.dport_be)
+    let changed = p.daddr_be != orig.daddr_be || (p.frag_off == 0 && matches!(p.proto, IPPROTO_TCP | IPPROTO_UDP | IPPROTO_SCTP) && p.dport_be != orig.dport_be);
+    changed
+        && (crate::lb::lb4_lookup_service(orig.daddr_be, orig.dport_be, orig.proto, dataplane_common::SCOPE_INTERNAL).is_some()
+            || crate::lb::lb4_lookup_service(orig.daddr_be, 0, 0, dataplane_common::SCOPE_INTERNAL).is_some())
 }
 
 /// For an ICMP error (unreachable, time exceeded, parameter problem): the tuple of the flow it is
@@ -491,10 +515,11 @@ fn fresh(ctx: &TcContext, key: &PolCtKey, p: &Ipv4Packet, dir: u32) -> bool {
     if selected.is_some() {
         event(&key.tuple, dir, &d, ep_addr, now);
     }
-    // A TCP packet in the middle of a connection no entry knows (cut by a policy change, or
-    // older than Ferry) opens no connection: only a rule allowing this very direction may let
-    // its replies back; otherwise it passes untracked when its own direction is open.
-    let opens = p.proto != IPPROTO_TCP || p.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN || d.reason == EV_RULE;
+    // A packet of a connection a policy change cut opens it again only if a rule allows this
+    // very direction (or it is a new TCP connection): the pod's own next packets, passing
+    // because their direction is open, must not let the cut peer back in as their replies.
+    // Anything else no entry knows (expired, evicted, older than Ferry) opens as usual.
+    let opens = d.reason == EV_RULE || (p.proto == IPPROTO_TCP && p.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN) || !was_revoked(key, now);
     if d.allowed {
         if opens {
             remember(key, orig, p, d.policy_id, (ep_addr as u64) << 8 | dir as u64);
@@ -568,9 +593,19 @@ pub extern "C" fn ferry_policy_check(skb: *mut aya_ebpf::bindings::__sk_buff, di
     let ep_addr = if ingress { p.daddr_be } else if orig.proto != 0 { orig.saddr_be } else { p.saddr_be };
     let Some(ep_flags) = tracked(ep_addr) else { return 0 };
     let ifindex = unsafe { (*skb).ifindex };
+    // A local pod's address on another pod's interface (anti-spoofing off): never decided, nor
+    // tracked, as that pod's.
+    if let Some(l) = unsafe { local4_v1.get(&ep_addr) } {
+        if l.kind == LOCAL_POD && l.ifindex != 0 && l.ifindex != ifindex {
+            return DropReason::SpoofedSource as u32;
+        }
+    }
     let isolated = ep_flags & if ingress { EP_F_INGRESS } else { EP_F_EGRESS } != 0;
     let denied = if ingress { DropReason::PolicyIngress } else { DropReason::PolicyEgress } as u32;
-    let fkey = PolFragKey { saddr_be: p.saddr_be, daddr_be: p.daddr_be, ifindex, id_be: p.id_be, proto: p.proto, dir };
+    // Fragments are known by their addresses as the pod sent them (egress: before translation,
+    // as `egress_pre` records a reply's), as they arrive (ingress).
+    let (fsrc, fdst) = if orig.proto != 0 { (orig.saddr_be, orig.daddr_be) } else { (p.saddr_be, p.daddr_be) };
+    let fkey = PolFragKey { saddr_be: fsrc, daddr_be: fdst, ifindex, id_be: p.id_be, proto: p.proto, dir };
     if p.frag_off != 0 {
         // A later fragment carries no ports: it gets its first fragment's verdict.
         if !isolated || pol_frag4_v1.get_ptr(&fkey).is_some() {
