@@ -364,3 +364,30 @@ fn a_client_from_outside_is_judged_as_itself_not_as_the_node_that_masqueraded_it
     // The node's own traffic still is the node: always allowed in (kubelet probes).
     assert_eq!(n.into_pod(&tcp((ip("192.168.0.2"), 43002), (ip(B), 8080), true, b"")).action, TC_ACT_OK);
 }
+
+#[test]
+fn a_cut_flow_reopens_only_once_the_policies_allow_it_again() {
+    let mut n = setup("a");
+    let q = udp((ip(C), 47000), (ip(B), 53), b"q");
+    let a = udp((ip(B), 53), (ip(C), 47000), b"a");
+    assert_eq!(n.pass(&q), (TC_ACT_OK, TC_ACT_OK));
+    assert_eq!(n.pass(&a), (TC_ACT_OK, TC_ACT_OK));
+    // b stops accepting c: c's next datagram is cut.
+    let tighter = POLICIES.replace(", {podSelector: {matchLabels: {app: c}}}", "");
+    n.apply(&format!("{}---\n{tighter}", pods("a")));
+    assert_eq!(n.pass(&q).1, TC_ACT_SHOT, "cut");
+    // An unrelated change: still cut, and b's own datagram (b is isolated for egress: it may not
+    // start one) does not reopen it either.
+    n.apply(&format!("{}---\n{tighter}", pods("a2")));
+    assert_eq!(n.pass(&q).1, TC_ACT_SHOT, "still cut after an unrelated change");
+    // b is no longer isolated for ingress (only for egress): c's flow is allowed again, and b's
+    // answers pass as its replies.
+    let egress_only = tighter.replace("spec: {podSelector: {}, policyTypes: [Ingress, Egress]}", "spec: {podSelector: {}, policyTypes: [Egress]}").replace(
+        "kind: NetworkPolicy\nmetadata: {name: b-accepts, namespace: t}\nspec:\n  podSelector: {matchLabels: {app: b}}\n  ingress: [{from: [{podSelector: {matchLabels: {app: a}}}]}]\n---\n",
+        "",
+    );
+    assert_ne!(egress_only, tighter, "the edit applied");
+    n.apply(&format!("{}---\n{egress_only}", pods("a")));
+    assert_eq!(n.pass(&q), (TC_ACT_OK, TC_ACT_OK), "c's datagram once b accepts it again");
+    assert_eq!(n.pass(&a), (TC_ACT_OK, TC_ACT_OK), "b's answer, a reply again");
+}

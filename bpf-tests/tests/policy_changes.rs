@@ -250,3 +250,37 @@ fn replies_of_an_egress_isolated_backend_reach_a_masqueraded_client_outside() {
     let udp = c.client_outside(&["udp", lab::UDP_VIP, "6"]);
     assert!(udp.iter().all(|l| !l.starts_with("ERR")), "{udp:?}");
 }
+
+#[test]
+fn a_cut_connection_resumes_once_the_policies_allow_it_again() {
+    // The server is isolated both ways (clients in; nothing out). A policy change cuts the
+    // client's TCP connection and UDP flow; a later change allows them again, by the rule or by
+    // lifting ingress isolation (egress still denied: the flows' packets are replies).
+    let both = |rules: &str| policy("servers", "server", "Ingress, Egress", rules);
+    let allow = both("  ingress: [{from: [{podSelector: {matchLabels: {role: client}}}]}]\n");
+    let (mut c, _d) = lab_with(&[allow.clone()]);
+    let server = c.pod("n1-pod2").ip;
+    let mut tcp = c.session("n1-pod1", "tcp-session", &format!("{server}:{}", lab::ECHO_TCP_PORT));
+    let mut udp = c.session("n1-pod1", "udp-session", &format!("{server}:{}", lab::ECHO_UDP_PORT));
+    let ok = |s: &mut lab::Session| !s.ask().starts_with("ERR");
+    assert!(ok(&mut tcp) && ok(&mut udp), "before");
+    for (how, again) in [("the ingress rule back", allow.clone()), ("ingress isolation lifted", policy("servers", "server", "Egress", ""))] {
+        c.write_manifest("policy.yaml", &format!("{}{}", pods_yaml(&c), both("")));
+        // (An answer that came late, after its ask timed out, is read by the next ask: the
+        // second one counts.)
+        let cut = |s: &mut lab::Session| {
+            let _ = s.ask();
+            !ok(s)
+        };
+        assert!(cut(&mut tcp) && cut(&mut udp), "cut ({how})");
+        c.write_manifest("policy.yaml", &format!("{}{again}", pods_yaml(&c)));
+        // The TCP connection may first wait out a retransmission backoff; a few tries.
+        let resumed = |s: &mut lab::Session| (0..5).any(|_| ok(s));
+        assert!(resumed(&mut tcp), "the TCP connection after {how}");
+        assert!(resumed(&mut udp), "the UDP flow after {how}");
+        // (Unchanged after the first round: written without waiting for a sync.)
+        set_policies(&c, &[allow.clone()]);
+        std::thread::sleep(Duration::from_millis(500));
+        assert!(resumed(&mut tcp) && resumed(&mut udp), "with the rule back after {how}");
+    }
+}

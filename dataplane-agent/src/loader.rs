@@ -74,7 +74,7 @@ fn expected_layout() -> [(&'static str, u32, u32); 29] {
         (names::POL_FRAGMENTS, size_of::<PolFragKey>() as u32, 4),
         (names::POL_EVENT_LIMIT, size_of::<PolEvKey>() as u32, 8),
         (names::CT_SOURCES, 4, 8),
-        (names::POL_REVOKED, size_of::<PolCtKey>() as u32, 8),
+        (names::POL_REVOKED, size_of::<PolCtKey>() as u32, size_of::<dataplane_common::PolRevoked>() as u32),
         (names::POL_DROPS, 4, 8),
         (names::POL_NAMES, 4, size_of::<SvcName>() as u32),
         (names::POD_NAMES, 4, size_of::<SvcName>() as u32),

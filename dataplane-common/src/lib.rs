@@ -903,6 +903,19 @@ pub struct PolCtEntry {
     pub expires_ns: u64,
 }
 
+/// Value of `pol_revoked4_v1`: a connection a policy change cut, as it was decided (its pod,
+/// direction and forward tuple), the policy generation that cut it, and when it was last seen.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PolRevoked {
+    pub last_seen_ns: u64,
+    pub fwd: Ct4Key,
+    pub ep_addr_be: u32,
+    pub generation: u32,
+    pub dir: u8,
+    pub pad: [u8; 7],
+}
+
 /// Key of the policy fragment map: a fragmented datagram as the check saw its first fragment.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
@@ -1006,6 +1019,7 @@ mod pod {
     unsafe impl aya::Pod for PolCtKey {}
     unsafe impl aya::Pod for PolCtEntry {}
     unsafe impl aya::Pod for PolFragKey {}
+    unsafe impl aya::Pod for PolRevoked {}
     unsafe impl aya::Pod for PolEvKey {}
     unsafe impl aya::Pod for PolicyEvent {}
     unsafe impl aya::Pod for AffinityKey {}

@@ -68,7 +68,7 @@ pub static lb4_src_v1: LpmTrie<SrcRangeData, u32, { capacity::SOURCE_RANGES as u
 
 /// Policy conntrack tuples a policy change cut (per pod interface) → when last seen.
 #[btf_map]
-pub static pol_revoked4_v1: LruHashMap<PolCtKey, u64, { capacity::POL_REVOKED as usize }> = LruHashMap::new();
+pub static pol_revoked4_v1: LruHashMap<PolCtKey, dataplane_common::PolRevoked, { capacity::POL_REVOKED as usize }> = LruHashMap::new();
 
 /// Assured connections per source address: [Service conntrack, policy conntrack].
 #[btf_map]

@@ -12,7 +12,7 @@
 //! current rules (and cut, its entries deleted, if they no longer allow it).
 use aya_ebpf::{btf_maps::lpm_trie::Key, programs::TcContext};
 use dataplane_common::{
-    identity, stat, Ct4Key, DropReason, PolCtEntry, PolCtKey, PolEndpoint, PolEvKey, PolFragKey, PolRuleKey, PolicyEvent, CT_S_ESTABLISHED, DIR_INGRESS,
+    identity, stat, Ct4Key, DropReason, PolCtEntry, PolCtKey, PolRevoked, PolEndpoint, PolEvKey, PolFragKey, PolRuleKey, PolicyEvent, CT_S_ESTABLISHED, DIR_INGRESS,
     EP_F_EGRESS, EP_F_INGRESS, EV_FROM_NODE, EV_NOT_ISOLATED, EV_RULE, IPPROTO_ICMP, IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP, PCT_F_ORIG, PCT_F_REPLY,
     PCT_F_TRANSLATED, RULE_PREFIX_FULL, VERDICT_ALLOW, VERDICT_DENY, CT_F_REPLY, CT_F_SNAT, CT_SOURCE_POLICY, DIR_EGRESS, LOCAL_HOST, LOCAL_POD,
 };
@@ -186,13 +186,18 @@ fn ingress_peer(t: &Ct4Key) -> u32 {
 /// its first packet was: its pod, direction, peer and port.
 #[inline(always)]
 fn still_allowed(key: &PolCtKey, e: &PolCtEntry) -> bool {
-    let Some(ep) = (unsafe { pol_ep4_v1.get(&e.ep_addr_be) }) else {
+    allowed_now(e.ep_addr_be, e.dir, &group(key, e)[0].tuple)
+}
+
+/// Would the current policies allow the connection `fwd` of pod `ep_addr_be` in direction `dir`?
+#[inline(always)]
+fn allowed_now(ep_addr_be: u32, dir: u8, fwd: &Ct4Key) -> bool {
+    let Some(ep) = (unsafe { pol_ep4_v1.get(&ep_addr_be) }) else {
         // No policy selects the pod any more.
         return true;
     };
-    let fwd = group(key, e)[0].tuple;
-    let peer = if e.dir == DIR_INGRESS { ingress_peer(&fwd) } else { fwd.daddr_be };
-    decide(ep, peer, e.dir, fwd.proto, fwd.dport_be).allowed
+    let peer = if dir == DIR_INGRESS { ingress_peer(fwd) } else { fwd.daddr_be };
+    decide(ep, peer, dir, fwd.proto, fwd.dport_be).allowed
 }
 
 /// When the policies changed since the connection of `key`'s entry (at `ptr`) was decided:
@@ -206,32 +211,54 @@ fn recheck(key: &PolCtKey, ptr: *mut PolCtEntry) -> bool {
         stats::count(stat::POL_RECHECKED);
         return true;
     }
-    let now = now();
-    for k in group(key, e).iter() {
+    let keys = group(key, e);
+    let Some(r) = pol_entry_scratch.get_ptr_mut(0) else { return false };
+    // The tombstone is built in the per-CPU entry scratch (its layout's first bytes), off the
+    // stack.
+    let t = unsafe { &mut *(r as *mut PolRevoked) };
+    t.last_seen_ns = now();
+    t.fwd = keys[0].tuple;
+    t.ep_addr_be = e.ep_addr_be;
+    t.generation = generation();
+    t.dir = e.dir;
+    for k in keys.iter() {
         let _ = pol_ct4_assured_v2.remove(k);
         lru_remove(k);
         // Remembered as cut: the pod's own next packets must not reopen it (see `fresh`).
-        let _ = pol_revoked4_v1.insert(k, &now, 0);
+        let _ = pol_revoked4_v1.insert(k, &*t, 0);
     }
     stats::count(stat::POL_REVOKED);
     false
 }
+
+// `recheck` builds a tombstone in the entry scratch.
+const _: () = assert!(core::mem::size_of::<PolRevoked>() <= core::mem::size_of::<PolCtEntry>());
 
 /// How long a cut connection's tuple stays remembered after its last packet.
 const REVOKED_FOR_NS: u64 = 120 * SECOND;
 
 /// Was the connection of `key` (on this pod interface) cut by a policy change, and has it been
 /// seen within `REVOKED_FOR_NS`? Refreshes the memory when so.
-#[inline(always)]
+/// Once the policies changed again, the cut connection is decided again as it was first: if the
+/// current policies allow it, it is forgotten and may reopen.
+#[inline(never)]
 fn was_revoked(key: &PolCtKey, now: u64) -> bool {
-    match pol_revoked4_v1.get_ptr_mut(key) {
-        // SAFETY: pointer from a successful lookup.
-        Some(t) if now.saturating_sub(unsafe { *t }) < REVOKED_FOR_NS => {
-            unsafe { *t = now };
-            true
-        }
-        _ => false,
+    let Some(t) = pol_revoked4_v1.get_ptr_mut(key) else { return false };
+    // SAFETY: pointer from a successful lookup; fields read in place.
+    let t = unsafe { &mut *t };
+    if now.saturating_sub(t.last_seen_ns) >= REVOKED_FOR_NS {
+        return false;
     }
+    let gen = generation();
+    if t.generation != gen {
+        if allowed_now(t.ep_addr_be, t.dir, &t.fwd) {
+            let _ = pol_revoked4_v1.remove(key);
+            return false;
+        }
+        t.generation = gen;
+    }
+    t.last_seen_ns = now;
+    true
 }
 
 /// A packet of the connection of `key`'s entry: when the policies changed since it was decided,
