@@ -9,7 +9,13 @@
 //! or from that pod, so a tuple forged or seen elsewhere opens nothing. Every entry carries the
 //! policy generation it was decided under; when the agent changes what policies allow it bumps
 //! the generation, and the next packet of an older connection is decided again against the
-//! current rules (and cut, its entries deleted, if they no longer allow it).
+//! current rules (and cut, its entries deleted, if they no longer allow it; the cut tuples are
+//! remembered in `pol_revoked4_v1` so the pod's own packets do not reopen them, until a later
+//! change allows them again).
+//!
+//! Every pod of the node is tracked, selected or not (an unselected pod's connections are
+//! allowed and tracked without events), so that a policy that starts isolating a pod keeps the
+//! connections it still allows.
 use aya_ebpf::{btf_maps::lpm_trie::Key, programs::TcContext};
 use dataplane_common::{
     identity, stat, Ct4Key, DropReason, PolCtEntry, PolCtKey, PolRevoked, PolEndpoint, PolEvKey, PolFragKey, PolRuleKey, PolicyEvent, CT_S_ESTABLISHED, DIR_INGRESS,
