@@ -5,7 +5,7 @@
 use std::{
     collections::BTreeMap,
     fs::File,
-    os::fd::{AsRawFd, FromRawFd, OwnedFd},
+    os::fd::{AsRawFd, OwnedFd},
     path::Path,
 };
 
@@ -304,20 +304,7 @@ impl LinkEvents {
         const RTMGRP_LINK: u32 = 1;
         const RTMGRP_IPV4_IFADDR: u32 = 0x10;
         const RTMGRP_IPV4_ROUTE: u32 = 0x40;
-        unsafe {
-            let fd = libc::socket(libc::AF_NETLINK, libc::SOCK_RAW | libc::SOCK_CLOEXEC, libc::NETLINK_ROUTE);
-            if fd < 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            let fd = OwnedFd::from_raw_fd(fd);
-            let mut sa: libc::sockaddr_nl = std::mem::zeroed();
-            sa.nl_family = libc::AF_NETLINK as u16;
-            sa.nl_groups = RTMGRP_LINK | RTMGRP_IPV4_IFADDR | RTMGRP_IPV4_ROUTE;
-            if libc::bind(fd.as_raw_fd(), &sa as *const _ as *const libc::sockaddr, std::mem::size_of::<libc::sockaddr_nl>() as u32) < 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(LinkEvents(fd))
-        }
+        crate::netlink::open(libc::NETLINK_ROUTE, RTMGRP_LINK | RTMGRP_IPV4_IFADDR | RTMGRP_IPV4_ROUTE, None).map(LinkEvents)
     }
 
     /// Blocks until at least one event arrives; returns what the events were about (`EV_*`; the
@@ -345,23 +332,14 @@ pub fn event_kinds(buf: &[u8]) -> u8 {
     const RTM_DELADDR: u16 = 21;
     const RTM_NEWROUTE: u16 = 24;
     const RTM_DELROUTE: u16 = 25;
-    let mut kinds = 0;
-    let mut off = 0;
-    // Bounded by the buffer: each message is at least a header long.
-    while off + 16 <= buf.len() {
-        let len = u32::from_ne_bytes([buf[off], buf[off + 1], buf[off + 2], buf[off + 3]]) as usize;
-        let ty = u16::from_ne_bytes([buf[off + 4], buf[off + 5]]);
-        kinds |= match ty {
+    crate::netlink::messages(buf)
+        .map_while(Result::ok)
+        .map(|(ty, _)| match ty {
             RTM_NEWLINK | RTM_DELLINK => EV_LINK,
             RTM_NEWADDR | RTM_DELADDR | RTM_NEWROUTE | RTM_DELROUTE => EV_ADDR_ROUTE,
             _ => 0,
-        };
-        if len < 16 {
-            break;
-        }
-        off += (len + 3) & !3;
-    }
-    kinds
+        })
+        .fold(0, |k, e| k | e)
 }
 
 /// The node's own addresses for NetworkPolicy (its "host" identity): every IPv4 address of its

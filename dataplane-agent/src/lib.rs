@@ -12,6 +12,7 @@ pub mod observe;
 pub mod loader;
 pub mod model;
 pub mod monitor;
+pub mod netlink;
 pub mod netpol;
 pub mod packet;
 pub mod reconcile;

@@ -1,26 +1,15 @@
 //! The node's IPv4 unicast routes of the main table (one netlink dump), and the interface each
 //! address is routed through: how the agent finds the interface of each pod of the node (a
 //! routed CNI gives every pod a route over its own interface) for anti-spoofing.
-use std::{
-    io,
-    net::Ipv4Addr,
-    os::fd::{AsRawFd, FromRawFd, OwnedFd},
-};
+use std::{io, net::Ipv4Addr};
 
 const RTM_NEWROUTE: u16 = 24;
 const RTM_GETROUTE: u16 = 26;
-const NLMSG_ERROR: u16 = 2;
-const NLMSG_DONE: u16 = 3;
-const NLM_F_REQUEST: u16 = 1;
-const NLM_F_DUMP: u16 = 0x300;
 const RTA_DST: u16 = 1;
 const RTA_OIF: u16 = 4;
 const RTA_TABLE: u16 = 15;
 const RT_TABLE_MAIN: u32 = 254;
 const RTN_UNICAST: u8 = 1;
-/// Bounds of one dump: receive calls, and messages in all.
-const MAX_RECVS: usize = 100_000;
-const MAX_MESSAGES: usize = 10_000_000;
 
 /// A route: destination network (host order), prefix length, output interface.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -36,57 +25,22 @@ pub struct Routes(pub Vec<Route>);
 impl Routes {
     /// Dumps the main table's unicast IPv4 routes of the current network namespace.
     pub fn read() -> io::Result<Routes> {
-        let fd = unsafe { libc::socket(libc::AF_NETLINK, libc::SOCK_RAW | libc::SOCK_CLOEXEC, libc::NETLINK_ROUTE) };
-        if fd < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-        // nlmsghdr (16) + rtmsg (12).
-        let mut req = [0u8; 28];
-        req[0..4].copy_from_slice(&28u32.to_ne_bytes());
-        req[4..6].copy_from_slice(&RTM_GETROUTE.to_ne_bytes());
-        req[6..8].copy_from_slice(&(NLM_F_REQUEST | NLM_F_DUMP).to_ne_bytes());
-        req[8..12].copy_from_slice(&1u32.to_ne_bytes());
-        req[16] = libc::AF_INET as u8;
-        if unsafe { libc::send(fd.as_raw_fd(), req.as_ptr() as *const _, req.len(), 0) } < 0 {
-            return Err(io::Error::last_os_error());
-        }
+        use crate::netlink::{self, NLM_F_DUMP, NLM_F_REQUEST};
+        let fd = netlink::open(libc::NETLINK_ROUTE, 0, Some(std::time::Duration::from_secs(2)))?;
+        // rtmsg: the family, the rest zero.
+        let mut rtmsg = [0u8; 12];
+        rtmsg[0] = libc::AF_INET as u8;
+        netlink::send(&fd, RTM_GETROUTE, NLM_F_REQUEST | NLM_F_DUMP, &rtmsg)?;
         let mut out = Vec::new();
-        let mut buf = vec![0u8; 1 << 16];
-        let mut messages = 0;
-        for _ in 0..MAX_RECVS {
-            let n = unsafe { libc::recv(fd.as_raw_fd(), buf.as_mut_ptr() as *mut _, buf.len(), 0) };
-            if n < 0 {
-                return Err(io::Error::last_os_error());
+        let err = netlink::recv_all(&fd, |kind, body| {
+            if kind == RTM_NEWROUTE {
+                out.extend(parse_route(body));
             }
-            let mut msgs = &buf[..n as usize];
-            while msgs.len() >= 16 {
-                messages += 1;
-                if messages > MAX_MESSAGES {
-                    return Err(io::Error::other("route dump: too many messages"));
-                }
-                let len = u32::from_ne_bytes(msgs[0..4].try_into().unwrap_or_default()) as usize;
-                let kind = u16::from_ne_bytes([msgs[4], msgs[5]]);
-                if len < 16 || len > msgs.len() {
-                    return Err(io::Error::other("route dump: truncated message"));
-                }
-                match kind {
-                    NLMSG_DONE => return Ok(Routes(out)),
-                    NLMSG_ERROR => {
-                        let errno = msgs.get(16..20).map(|b| i32::from_ne_bytes(b.try_into().unwrap_or_default())).unwrap_or(0);
-                        return Err(io::Error::from_raw_os_error(-errno));
-                    }
-                    RTM_NEWROUTE => {
-                        if let Some(r) = parse_route(&msgs[16..len]) {
-                            out.push(r);
-                        }
-                    }
-                    _ => {}
-                }
-                msgs = &msgs[((len + 3) & !3).min(msgs.len())..];
-            }
+        })?;
+        if err != 0 {
+            return Err(io::Error::from_raw_os_error(-err));
         }
-        Err(io::Error::other("route dump: no end"))
+        Ok(Routes(out))
     }
 
     /// The interface the most specific route to `ip` leaves by.

@@ -15,14 +15,11 @@ use std::{
     os::fd::{AsRawFd, FromRawFd, OwnedFd},
 };
 
+use crate::netlink::{self, NLM_F_ACK, NLM_F_DUMP, NLM_F_REQUEST};
+
 const NETLINK_SOCK_DIAG: i32 = 4;
 const SOCK_DIAG_BY_FAMILY: u16 = 20;
 const SOCK_DESTROY: u16 = 21;
-const NLM_F_REQUEST: u16 = 1;
-const NLM_F_ACK: u16 = 4;
-const NLM_F_DUMP: u16 = 0x300;
-const NLMSG_ERROR: u16 = 2;
-const NLMSG_DONE: u16 = 3;
 /// A connected UDP socket's state in sock_diag (TCP_ESTABLISHED).
 const UDP_CONNECTED: u8 = 1;
 
@@ -61,16 +58,6 @@ struct Msg {
     id: SockId,
 }
 
-#[repr(C)]
-#[derive(Clone, Copy, Default)]
-struct NlHdr {
-    len: u32,
-    kind: u16,
-    flags: u16,
-    seq: u32,
-    pid: u32,
-}
-
 /// A connected UDP socket of this network namespace.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct UdpSock {
@@ -86,57 +73,12 @@ fn as_bytes<T: Copy>(v: &T) -> &[u8] {
 }
 
 fn open() -> io::Result<OwnedFd> {
-    let fd = unsafe { libc::socket(libc::AF_NETLINK, libc::SOCK_RAW | libc::SOCK_CLOEXEC, NETLINK_SOCK_DIAG) };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
     // Never block forever on the kernel's answer.
-    let tv = libc::timeval { tv_sec: 2, tv_usec: 0 };
-    unsafe { libc::setsockopt(fd.as_raw_fd(), libc::SOL_SOCKET, libc::SO_RCVTIMEO, &tv as *const _ as *const libc::c_void, std::mem::size_of_val(&tv) as u32) };
-    Ok(fd)
+    netlink::open(NETLINK_SOCK_DIAG, 0, Some(std::time::Duration::from_secs(2)))
 }
 
 fn send(fd: &OwnedFd, kind: u16, flags: u16, req: &Req) -> io::Result<()> {
-    let hdr = NlHdr { len: (std::mem::size_of::<NlHdr>() + std::mem::size_of::<Req>()) as u32, kind, flags, seq: 1, pid: 0 };
-    let mut buf = as_bytes(&hdr).to_vec();
-    buf.extend_from_slice(as_bytes(req));
-    let n = unsafe { libc::send(fd.as_raw_fd(), buf.as_ptr() as *const libc::c_void, buf.len(), 0) };
-    if n < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
-}
-
-/// Reads messages until `NLMSG_DONE` or an error/ack, calling `f` on each payload of `kind`.
-/// Returns the ack's error code (0 when none came or it was a success).
-fn recv_all(fd: &OwnedFd, mut f: impl FnMut(&[u8])) -> io::Result<i32> {
-    let mut buf = vec![0u8; 64 * 1024];
-    // Bounded: a dump ends with NLMSG_DONE; the socket's timeout bounds every read.
-    for _ in 0..100_000 {
-        let n = unsafe { libc::recv(fd.as_raw_fd(), buf.as_mut_ptr() as *mut libc::c_void, buf.len(), 0) };
-        if n < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        let mut off = 0;
-        let n = n as usize;
-        while off + std::mem::size_of::<NlHdr>() <= n {
-            // SAFETY: bounds checked; read unaligned.
-            let h: NlHdr = unsafe { std::ptr::read_unaligned(buf[off..].as_ptr() as *const NlHdr) };
-            let len = h.len as usize;
-            if len < std::mem::size_of::<NlHdr>() || off + len > n {
-                return Err(io::Error::new(io::ErrorKind::InvalidData, "truncated netlink message"));
-            }
-            let payload = &buf[off + std::mem::size_of::<NlHdr>()..off + len];
-            match h.kind {
-                NLMSG_DONE => return Ok(0),
-                NLMSG_ERROR => return Ok(if payload.len() >= 4 { i32::from_ne_bytes([payload[0], payload[1], payload[2], payload[3]]) } else { 0 }),
-                _ => f(payload),
-            }
-            off += (len + 3) & !3;
-        }
-    }
-    Err(io::Error::new(io::ErrorKind::TimedOut, "sock_diag: no end of dump"))
+    netlink::send(fd, kind, flags, as_bytes(req))
 }
 
 /// Every connected UDP socket of this network namespace.
@@ -145,7 +87,7 @@ pub fn connected_udp() -> io::Result<Vec<UdpSock>> {
     let req = Req { family: libc::AF_INET as u8, protocol: libc::IPPROTO_UDP as u8, states: 1 << UDP_CONNECTED, ..Default::default() };
     send(&fd, SOCK_DIAG_BY_FAMILY, NLM_F_REQUEST | NLM_F_DUMP, &req)?;
     let mut out = Vec::new();
-    let err = recv_all(&fd, |p| {
+    let err = netlink::recv_all(&fd, |_, p| {
         if p.len() < std::mem::size_of::<Msg>() {
             return;
         }
@@ -177,7 +119,7 @@ pub fn destroy(s: &UdpSock) -> io::Result<()> {
     let id: SockId = unsafe { std::ptr::read_unaligned(s.id.as_ptr() as *const SockId) };
     let req = Req { family: libc::AF_INET as u8, protocol: libc::IPPROTO_UDP as u8, states: u32::MAX, id, ..Default::default() };
     send(&fd, SOCK_DESTROY, NLM_F_REQUEST | NLM_F_ACK, &req)?;
-    match recv_all(&fd, |_| {})? {
+    match netlink::recv_all(&fd, |_, _| {})? {
         0 => Ok(()),
         // Gone meanwhile.
         e if -e == libc::ENOENT => Ok(()),
@@ -241,6 +183,5 @@ mod tests {
     fn layouts_are_the_kernels() {
         assert_eq!(std::mem::size_of::<SockId>(), 48);
         assert_eq!(std::mem::size_of::<Req>(), 56);
-        assert_eq!(std::mem::size_of::<NlHdr>(), 16);
     }
 }
