@@ -537,12 +537,10 @@ fn fresh(ctx: &TcContext, key: &PolCtKey, p: &Ipv4Packet, dir: u32) -> bool {
         _ => &none,
     };
     let ep_addr = if ingress { p.daddr_be } else if orig.proto != 0 { orig.saddr_be } else { p.saddr_be };
+    // A pod `ferry_policy_check` found tracked: selected by a policy, or not (then open both ways).
     let unselected = PolEndpoint { ep_id: 0, flags: 0, ingress_policy: 0, egress_policy: 0 };
     // SAFETY: map value read in place.
     let selected = unsafe { pol_ep4_v1.get(&ep_addr) };
-    if selected.is_none() && tracked(ep_addr).is_none() {
-        return true;
-    }
     let peer = if ingress { ingress_peer(&key.tuple) } else { p.daddr_be };
     let d = decide(selected.unwrap_or(&unselected), peer, dir, p.proto, key.tuple.dport_be);
     if selected.is_some() {
