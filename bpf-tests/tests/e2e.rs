@@ -107,19 +107,77 @@ fn established_connection_survives_an_agent_restart() {
     let mut s = c.session("n1-pod1", "tcp-session", lab::TCP_VIP);
     let mine = s.backend();
     c.stop_agent(0);
-    assert!(c.agent_log(0).contains("stopping: detaching"), "{}", c.agent_log(0));
-    // Detached for real: the node's interfaces carry no Ferry program any more.
-    let net = c.nodes[0].ns.cmd(&["bpftool", "net", "show"]).output().unwrap();
-    assert!(!String::from_utf8_lossy(&net.stdout).contains("ferry_"), "{}", String::from_utf8_lossy(&net.stdout));
+    assert!(c.agent_log(0).contains("stopping: the programs stay attached"), "{}", c.agent_log(0));
+    // Still attached with the agent gone: the node's interfaces carry Ferry's programs through
+    // the pinned links, and the connection keeps working.
+    let links = c.nodes[0].ns.cmd(&[lab::agent_bin().to_str().unwrap(), "inspect", "links", "--pin-dir", c.nodes[0].pin.path.to_str().unwrap()]).output().unwrap();
+    let links = String::from_utf8_lossy(&links.stdout).to_string();
+    for (hook, prog, n) in [("ingress", "ferry_from_pod", 2), ("egress", "ferry_to_pod", 2), ("ingress", "ferry_from_world", 2), ("connect4", "ferry_connect4", 1)] {
+        assert_eq!(links.lines().filter(|l| l.contains(&format!(" {hook} ")) && l.contains(prog) && l.ends_with("attached")).count(), n, "{prog}:\n{links}");
+    }
+    assert!(!links.contains("defunct"), "{links}");
+    assert_eq!(s.backend(), mine);
+    let t = tally(&c.client_in_pod("n1-pod2", &["tcp", lab::TCP_VIP, "6"]));
+    assert_eq!(t.values().sum::<usize>(), 6, "new connections while the agent is down: {t:?}");
+    let links_before = link_ids(&c, 0);
     c.start_agent(0);
     // The pinned maps were re-adopted: nothing rewritten, the connection keeps its backend.
     let log = c.agent_log(0);
     // Two frontends; six backends (three pods, each as a TCP and a UDP backend).
     assert!(log.lines().any(|l| l.contains("maps restored") && l.contains("frontends=2 backends=6")), "{log}");
     assert!(log.lines().filter(|l| l.contains("synced")).last().unwrap().contains("writes=0 deletes=0"), "{log}");
+    // The same links, given the new agent's programs in place (no new link, no gap).
+    assert!(log.matches("adopted: program replaced in place").count() >= links_before.len(), "{log}");
+    assert_eq!(link_ids(&c, 0).into_iter().map(|(id, _)| id).collect::<Vec<_>>(), links_before.iter().map(|(id, _)| *id).collect::<Vec<_>>());
+    assert!(link_ids(&c, 0).iter().zip(&links_before).all(|(a, b)| a.1 != b.1), "every link carries a new program: {links_before:?}");
     for _ in 0..3 {
         assert_eq!(s.backend(), mine);
     }
+}
+
+/// (link id, program id) of every link pinned for node `i`, by pin name.
+fn link_ids(c: &Cluster, i: usize) -> Vec<(u32, u32)> {
+    let dir = c.nodes[i].pin.path.join("links");
+    let mut names: Vec<_> = std::fs::read_dir(&dir).unwrap().flatten().map(|e| e.path()).collect();
+    names.sort();
+    assert!(names.len() >= 7, "{names:?}");
+    names
+        .iter()
+        .map(|p| {
+            let fd = dataplane_agent::links::obj_get(p).unwrap();
+            let li = dataplane_agent::links::link_info(std::os::fd::AsFd::as_fd(&fd)).unwrap();
+            (li.id, li.prog_id)
+        })
+        .collect()
+}
+
+/// Links in the kernel that run a Ferry program.
+fn ferry_links() -> usize {
+    let names = dataplane_agent::links::program_names();
+    let out = std::process::Command::new("bpftool").args(["link", "show", "--json"]).output().unwrap();
+    let links: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
+    links.iter().filter(|l| l["prog_id"].as_u64().and_then(|id| names.get(&(id as u32))).is_some_and(|n| n.starts_with("ferry_"))).count()
+}
+
+#[test]
+fn run_cleanup_removes_ferry_from_the_node() {
+    let (mut c, _d) = cluster(&ALL, &ALL);
+    c.stop_agent(0);
+    let pin = c.nodes[0].pin.path.clone();
+    let before = ferry_links();
+    let out = c.nodes[0].ns.cmd(&[lab::agent_bin().to_str().unwrap(), "run", "--cleanup", "--pin-dir", pin.to_str().unwrap()]).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains("detached 12 links") && text.contains("removed 31 pinned maps"), "{text}");
+    assert!(!pin.exists(), "{text}");
+    // The node's twelve links are gone from the kernel (bpftool 7.1 lists no TCX links under
+    // `net show`: the kernel's link list is what counts; node2's agent keeps its own).
+    assert_eq!(before - ferry_links(), 12);
+    let cg = std::process::Command::new("bpftool").args(["cgroup", "show", c.nodes[0].cgroup.to_str().unwrap()]).output().unwrap();
+    assert!(!String::from_utf8_lossy(&cg.stdout).contains("ferry_"), "{}", String::from_utf8_lossy(&cg.stdout));
+    // Again: nothing left, nothing to do, no error.
+    let out = c.nodes[0].ns.cmd(&[lab::agent_bin().to_str().unwrap(), "run", "--cleanup", "--pin-dir", pin.to_str().unwrap()]).output().unwrap();
+    assert!(out.status.success() && String::from_utf8_lossy(&out.stdout).contains("detached 0 links"), "{out:?}");
 }
 
 #[test]

@@ -1,7 +1,9 @@
-//! The daemon: restore the maps, read the sources, attach, then keep the datapath equal to the
-//! sources until told to stop. Detaches on SIGINT/SIGTERM; the pinned maps (services,
-//! conntrack) stay, so traffic keeps flowing while the agent is down and the next start
-//! re-adopts them: established connections keep their backends and nothing is flushed.
+//! The daemon: adopt the pinned maps and links and swap in this version's programs (the datapath
+//! serves from its first instant, before any source is read), read the sources, then keep the
+//! datapath equal to them until told to stop. Stopping (SIGTERM, SIGINT) and dying (SIGKILL, a
+//! panic, an OOM kill) alike leave the programs attached and the maps pinned: traffic keeps
+//! flowing while the agent is down, and the next start adopts both without a gap; established
+//! connections keep their backends and nothing is flushed. Only `run --cleanup` removes Ferry.
 use std::{
     collections::{BTreeMap, BTreeSet},
     net::{Ipv4Addr, SocketAddr},
@@ -94,6 +96,12 @@ pub struct RunConfig {
     pub health_timeout: Duration,
     /// Watch events within this window are applied together.
     pub min_sync_period: Duration,
+    /// `--enable-network-policy`: false leaves NetworkPolicy to the CNI (no Pod, Namespace or
+    /// NetworkPolicy is read; no pod is isolated or tracked for policy).
+    pub network_policy: bool,
+    /// `--cleanup-kube-proxy`: remove kube-proxy's rules once the datapath is attached and the
+    /// first sync succeeded (the take-over; kube-proxy must be stopped first).
+    pub cleanup_kube_proxy: bool,
 }
 
 enum Source {
@@ -206,68 +214,31 @@ pub async fn run(mut cfg: RunConfig) -> anyhow::Result<()> {
     rec.algorithm = cfg.algorithm;
     let mut pol = PolicyState::restore(&maps);
 
-    let source = match &cfg.source {
-        SourceConfig::Manifests { path, .. } => Source::Manifests { path: path.clone(), last: None, reading: None },
-        SourceConfig::Kube { kubeconfig, master } => {
-            let client = crate::sources::kube::client(kubeconfig.as_deref(), master.as_deref()).await?;
-            Source::Kube(KubeSource::start(client, &cfg.node.name))
-        }
+    // The datapath first: the links an earlier agent pinned get this version's programs in place
+    // (no moment without a program), missing ones are attached, and from here on the node
+    // serves from the pinned maps, whether or not the sources can be read.
+    let mut external = match &cfg.external_interfaces {
+        Some(p) => Some(p.clone()),
+        None if !cfg.node.ips.is_empty() => Some(external_of(&cfg.node.ips)),
+        // Known once the Node object is read; until then the interfaces an earlier agent
+        // attached as external stay so.
+        None => None,
     };
-    let watch = match &source {
-        Source::Kube(k) => Some(k.stats.clone()),
-        _ => None,
-    };
-    let observed = Arc::new(Observed::new(cfg.pin_dir.clone(), cfg.health_timeout, watch));
-    match (cfg.healthz_bind, cfg.metrics_bind) {
-        (Some(h), Some(m)) if h == m => serve(h, &observed, true, true).await?,
-        (h, m) => {
-            if let Some(h) = h {
-                serve(h, &observed, true, false).await?;
-            }
-            if let Some(m) = m {
-                serve(m, &observed, false, true).await?;
-            }
-        }
-    }
-
-    spawn_conntrack_gc(cfg.pin_dir.clone(), observed.clone())?;
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    if let Source::Kube(k) = &source {
-        info!("waiting for the initial lists of Services, EndpointSlices and this node's Node");
-        tokio::select! {
-            _ = k.wait_ready() => {}
-            _ = tokio::signal::ctrl_c() => return Ok(()),
-            _ = term.recv() => return Ok(()),
-        }
-    }
-    let mut source = source;
-    let first = source.read().map_err(anyhow::Error::msg)?;
-    let node = node_context(&cfg, &first.0);
-    if node.ips.is_empty() {
-        warn!("no node address (--node-ip, or InternalIP/ExternalIP of the Node object): NodePorts answer nowhere and NodePort traffic from outside to a backend on another node is dropped (no_node_address)");
-    }
-    let mut node_cfg = node_config(&cfg, &node, &first.0);
-    maps.set_config(node_cfg)?;
-    let external = match &cfg.external_interfaces {
-        Some(p) => p.clone(),
-        None => {
-            let names = attach::interfaces_with(&node.ips);
-            info!(interfaces = %if names.is_empty() { "none".to_string() } else { names.join(",") }, "external interfaces (holding the node's addresses)");
-            IfacePatterns::parse(&names.join(","))
-        }
-    };
-    if let Some(cg) = &cfg.cgroup {
-        attach::attach_cgroup(&mut ebpf, cg).with_context(|| format!("attaching socket hooks to cgroup {}", cg.display()))?;
-        info!(cgroup = %cg.display(), "socket hooks attached");
-    }
-    for (flag, patterns) in [("--pod-interfaces", &cfg.pod_interfaces), ("--external-interfaces", &external)] {
-        for name in patterns.missing_names() {
+    let mut att = Attachments::new(&cfg.pin_dir);
+    att.xdp = cfg.xdp;
+    att.sync_cgroup(&mut ebpf, cfg.cgroup.as_deref()).with_context(|| format!("socket hooks on cgroup {}", cfg.cgroup.as_deref().unwrap_or(std::path::Path::new("-")).display()))?;
+    for (flag, patterns) in [("--pod-interfaces", Some(&cfg.pod_interfaces)), ("--external-interfaces", external.as_ref())] {
+        for name in patterns.map(IfacePatterns::missing_names).unwrap_or_default() {
             warn!(flag, interface = %name, "no such interface in this network namespace; attaching when it appears");
         }
     }
-    let mut att = Attachments::default();
-    att.xdp = cfg.xdp;
-    att.sync_interfaces(&mut ebpf, &cfg.pod_interfaces, &external);
+    att.sync_interfaces(&mut ebpf, &cfg.pod_interfaces, external.as_ref());
+    info!(
+        links = att.links(),
+        interfaces = att.attached().len(),
+        pin_dir = %cfg.pin_dir.display(),
+        "datapath attached: serving from the pinned maps (the sources are read next)"
+    );
 
     // Link, address and route events come from a blocking netlink socket on its own thread.
     let (link_tx, mut link_rx) = tokio::sync::mpsc::channel::<u8>(16);
@@ -287,15 +258,90 @@ pub async fn run(mut cfg: RunConfig) -> anyhow::Result<()> {
         }
     })?;
 
+    let source = match &cfg.source {
+        SourceConfig::Manifests { path, .. } => Source::Manifests { path: path.clone(), last: None, reading: None },
+        SourceConfig::Kube { kubeconfig, master } => {
+            let client = crate::sources::kube::client(kubeconfig.as_deref(), master.as_deref()).await?;
+            Source::Kube(KubeSource::start(client, &cfg.node.name, cfg.network_policy))
+        }
+    };
+    let watch = match &source {
+        Source::Kube(k) => Some(k.stats.clone()),
+        _ => None,
+    };
+    let observed = Arc::new(Observed::new(cfg.pin_dir.clone(), cfg.health_timeout, watch));
+    observed.datapath(att.live(), att.links());
+    match (cfg.healthz_bind, cfg.metrics_bind) {
+        (Some(h), Some(m)) if h == m => serve(h, &observed, true, true).await?,
+        (h, m) => {
+            if let Some(h) = h {
+                serve(h, &observed, true, false).await?;
+            }
+            if let Some(m) = m {
+                serve(m, &observed, false, true).await?;
+            }
+        }
+    }
+
+    spawn_conntrack_gc(cfg.pin_dir.clone(), observed.clone())?;
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let stopping = |att: &Attachments| {
+        info!(
+            links = att.links(),
+            pin_dir = %cfg.pin_dir.display(),
+            "stopping: the programs stay attached and the maps pinned, the datapath serves on without the agent (`dataplane-agent run --cleanup` removes Ferry from the node)"
+        );
+    };
+    if let Source::Kube(k) = &source {
+        info!("waiting for the initial lists of Services, EndpointSlices and this node's Node (the datapath serves meanwhile)");
+        let mut every = tokio::time::interval(Duration::from_secs(30));
+        every.tick().await;
+        loop {
+            tokio::select! {
+                _ = k.wait_ready() => break,
+                _ = tokio::signal::ctrl_c() => return Ok(stopping(&att)),
+                _ = term.recv() => return Ok(stopping(&att)),
+                _ = every.tick() => warn!("still waiting for the API server's initial lists; the datapath keeps serving from the pinned maps"),
+                Some(kinds) = link_rx.recv() => {
+                    if kinds & attach::EV_LINK != 0 {
+                        att.sync_interfaces(&mut ebpf, &cfg.pod_interfaces, external.as_ref());
+                        observed.datapath(att.live(), att.links());
+                    }
+                }
+            }
+        }
+    }
+    let mut source = source;
+    let first = source.read().map_err(anyhow::Error::msg)?;
+    let node = node_context(&cfg, &first.0);
+    if node.ips.is_empty() {
+        warn!("no node address (--node-ip, or InternalIP/ExternalIP of the Node object): NodePorts answer nowhere and NodePort traffic from outside to a backend on another node is dropped (no_node_address)");
+    }
+    let mut node_cfg = node_config(&cfg, &node, &first.0);
+    maps.set_config(node_cfg)?;
+    if external.is_none() {
+        external = Some(external_of(&node.ips));
+        att.sync_interfaces(&mut ebpf, &cfg.pod_interfaces, external.as_ref());
+    }
+    observed.datapath(att.live(), att.links());
+
     let mut health = crate::health::HealthServers::new(observed.clone());
     let mut retry = Backoff::default();
     let mut pending = Some(first);
+    let mut took_over = !cfg.cleanup_kube_proxy;
     let mut tick = tokio::time::interval(match &cfg.source {
         SourceConfig::Manifests { poll, .. } => *poll,
         SourceConfig::Kube { .. } => Duration::from_secs(3600),
     });
+    // The links are checked again now and then: /livez reports a datapath someone detached.
+    let mut recheck = tokio::time::interval(Duration::from_secs(10));
     loop {
-        if let Some((objs, errors)) = pending.take() {
+        if let Some((mut objs, errors)) = pending.take() {
+            if !cfg.network_policy {
+                objs.network_policies.clear();
+                objs.pods.clear();
+                objs.namespaces.clear();
+            }
             let node = node_context(&cfg, &objs);
             let want = node_config(&cfg, &node, &objs);
             rec.host_addrs = node.ips.iter().copied().chain(attach::local_addresses().into_iter().map(|(_, ip)| ip)).collect();
@@ -316,6 +362,15 @@ pub async fn run(mut cfg: RunConfig) -> anyhow::Result<()> {
                 if let Source::Manifests { last, reading, .. } = &mut source {
                     *last = *reading;
                 }
+                if !took_over {
+                    // The take-over: kube-proxy's rules go only now that Ferry's datapath is
+                    // attached and holds every Service.
+                    took_over = true;
+                    match crate::cleanup::cleanup_kube_proxy(false) {
+                        Ok(report) => info!(report = %report.trim_end().replace('\n', "; "), "took over from kube-proxy: its rules are removed"),
+                        Err(e) => error!(error = %e, "removing kube-proxy's rules (Ferry serves; kube-proxy's rules still match first)"),
+                    }
+                }
             } else {
                 retry.fail();
             }
@@ -323,9 +378,11 @@ pub async fn run(mut cfg: RunConfig) -> anyhow::Result<()> {
         tokio::select! {
             _ = tokio::signal::ctrl_c() => break,
             _ = term.recv() => break,
+            _ = recheck.tick() => observed.datapath(att.live(), att.links()),
             Some(kinds) = link_rx.recv() => {
                 if kinds & attach::EV_LINK != 0 {
-                    att.sync_interfaces(&mut ebpf, &cfg.pod_interfaces, &external);
+                    att.sync_interfaces(&mut ebpf, &cfg.pod_interfaces, external.as_ref());
+                    observed.datapath(att.live(), att.links());
                 }
                 if kinds & attach::EV_ADDR_ROUTE != 0 && !retry.waiting() {
                     // The node's addresses or its routes to pods changed: sync again (writing
@@ -336,7 +393,8 @@ pub async fn run(mut cfg: RunConfig) -> anyhow::Result<()> {
                         more |= k;
                     }
                     if more & attach::EV_LINK != 0 {
-                        att.sync_interfaces(&mut ebpf, &cfg.pod_interfaces, &external);
+                        att.sync_interfaces(&mut ebpf, &cfg.pod_interfaces, external.as_ref());
+                        observed.datapath(att.live(), att.links());
                     }
                     pending = read_logged(&mut source);
                 }
@@ -362,10 +420,15 @@ pub async fn run(mut cfg: RunConfig) -> anyhow::Result<()> {
             }
         }
     }
-    info!(interfaces = att.attached().len(), pin_dir = %cfg.pin_dir.display(), "stopping: detaching; the maps stay pinned and traffic keeps flowing");
-    att.detach_all(&mut ebpf);
-    drop(ebpf); // closes the cgroup links
+    stopping(&att);
     Ok(())
+}
+
+/// The external interfaces when none are given: those holding the node's addresses.
+fn external_of(ips: &[Ipv4Addr]) -> IfacePatterns {
+    let names = attach::interfaces_with(ips);
+    info!(interfaces = %if names.is_empty() { "none".to_string() } else { names.join(",") }, "external interfaces (holding the node's addresses)");
+    IfacePatterns::parse(&names.join(","))
 }
 
 /// The conntrack garbage collector, on its own thread with its own handles on the pinned maps:

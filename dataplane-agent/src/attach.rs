@@ -1,21 +1,19 @@
 //! Attaching the programs: tc on every pod-facing interface whose name matches the configured
-//! patterns (and on new ones as netlink reports them), the socket hooks on a cgroup. Everything
-//! attached here is detached when the [`Attachments`] are dropped (shutdown); the maps stay
-//! pinned for the next start.
+//! patterns (and on new ones as netlink reports them), XDP on external ones when asked, the
+//! socket hooks on a cgroup. Every attachment is a pinned bpf link ([`Attachments`]): it stays
+//! when the agent stops or dies, and the next agent swaps its programs in place.
 use std::{
     collections::BTreeMap,
     fs::File,
-    os::fd::{AsRawFd, OwnedFd},
-    path::Path,
+    os::fd::{AsFd, AsRawFd, OwnedFd},
+    path::{Path, PathBuf},
 };
 
 use aya::{
     programs::{
-        tc::{self, SchedClassifierLinkId},
-        xdp::{XdpLinkId, XdpMode},
+        xdp::XdpMode,
         CgroupAttachMode, CgroupSockAddr, SchedClassifier, TcAttachType, Xdp,
     },
-    util::KernelVersion,
     Ebpf,
 };
 use dataplane_common::progs;
@@ -142,128 +140,292 @@ pub fn local_addresses() -> Vec<(String, std::net::Ipv4Addr)> {
     out
 }
 
-/// tc (and XDP) attachments by interface, kept so they can be dropped when an interface vanishes.
-#[derive(Default)]
+/// Which hook a pinned link sits on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Hook {
+    Tc(TcAttachType),
+    Xdp,
+    Cgroup(&'static str),
+}
+
+/// A link Ferry wants: its pin name, program and hook, and what it is attached to.
+#[derive(Clone, Debug)]
+struct Want {
+    pin: String,
+    prog: &'static str,
+    hook: Hook,
+    /// The interface (name, ifindex) or the cgroup (path, id).
+    target: (String, u64),
+}
+
+impl Want {
+    fn what(&self) -> String {
+        match self.hook {
+            Hook::Tc(d) => format!("{} ({})", self.prog, if d == TcAttachType::Ingress { "ingress" } else { "egress" }),
+            Hook::Xdp => format!("{} (XDP)", self.prog),
+            Hook::Cgroup(_) => self.prog.to_string(),
+        }
+    }
+
+    /// Whether the pinned link `li` is this one's hook on this one's target (and still live).
+    fn matches(&self, li: &crate::links::LinkInfo) -> bool {
+        use crate::links::*;
+        match self.hook {
+            Hook::Tc(d) => li.kind == LINK_TYPE_TCX && li.ifindex as u64 == self.target.1 && li.attach_type == if d == TcAttachType::Ingress { 46 } else { 47 },
+            Hook::Xdp => li.kind == LINK_TYPE_XDP && li.ifindex as u64 == self.target.1,
+            Hook::Cgroup(_) => li.kind == LINK_TYPE_CGROUP && li.cgroup_id == self.target.1,
+        }
+    }
+}
+
+/// The socket hooks: (pin name suffix, program).
+const CGROUP_HOOKS: [(&str, &str); 4] =
+    [("connect4", progs::SOCK_CONNECT4), ("sendmsg4", progs::SOCK_SENDMSG4), ("recvmsg4", progs::SOCK_RECVMSG4), ("getpeername4", progs::SOCK_GETPEERNAME4)];
+
+/// Every attachment of the agent, each a bpf link pinned under `<pin-dir>/links/` (see
+/// [`crate::links`]): `<ifindex>-<pod|external>-<ingress|egress|xdp>` on interfaces and
+/// `cgroup-<hook>` for the socket hooks. The pins outlive the process: nothing here detaches on
+/// drop. A starting agent adopts the pins it finds and gives each its own program in place;
+/// [`remove_all`] (`run --cleanup`) is what takes Ferry off a node.
 pub struct Attachments {
-    tc: BTreeMap<String, (u32, Role, Vec<(&'static str, SchedClassifierLinkId)>)>,
+    dir: PathBuf,
     /// `--nodeport-acceleration=xdp`: the XDP NodePort program on external interfaces too.
     pub xdp: bool,
-    xdp_links: BTreeMap<String, XdpLinkId>,
+    /// Links that carry this process's programs, by pin name.
+    held: BTreeMap<String, OwnedFd>,
+    /// Attached interfaces: name -> (ifindex, role).
+    ifaces: BTreeMap<String, (u32, Role)>,
 }
 
 impl Attachments {
-    /// Attaches to every matching interface not yet attached (pod patterns first); forgets
-    /// vanished ones (their links went with the device). Errors on one interface are logged and
-    /// do not stop the others.
-    pub fn sync_interfaces(&mut self, ebpf: &mut Ebpf, pods: &IfacePatterns, external: &IfacePatterns) {
-        let present: BTreeMap<String, (u32, Role)> = interfaces()
-            .into_iter()
-            .filter_map(|(n, i)| {
-                let role = if pods.matches(&n) {
-                    Role::Pod
-                } else if external.matches(&n) {
-                    Role::External
-                } else {
-                    return None;
-                };
-                Some((n, (i, role)))
-            })
-            .collect();
-        self.tc.retain(|name, (idx, role, _)| {
-            let keep = present.get(name) == Some(&(*idx, *role));
-            if !keep {
-                info!("interface {name} gone or changed: its attachments went with it");
-            }
-            keep
-        });
-        self.xdp_links.retain(|name, _| self.tc.contains_key(name));
-        for (name, (idx, role)) in present {
-            if self.tc.contains_key(&name) {
+    pub fn new(pin_dir: &Path) -> Self {
+        Attachments { dir: pin_dir.join(crate::links::DIR), xdp: false, held: BTreeMap::new(), ifaces: BTreeMap::new() }
+    }
+
+    /// The pin names under the links directory.
+    fn pins(&self) -> Vec<String> {
+        let Ok(rd) = std::fs::read_dir(&self.dir) else { return Vec::new() };
+        rd.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect()
+    }
+
+    /// Interfaces with an external link pinned by an earlier agent: external until this agent
+    /// knows its node's addresses (before the first API list, or with the API server away).
+    fn pinned_external(&self) -> Vec<u32> {
+        self.pins().iter().filter_map(|p| p.strip_suffix("-external-ingress").and_then(|i| i.parse().ok())).collect()
+    }
+
+    /// Makes every matching interface carry its programs, each through a pinned link: a link
+    /// already pinned (by an earlier agent) gets this agent's program in place; a missing one is
+    /// attached and pinned; pins nobody wants any more (interfaces gone, patterns changed, XDP
+    /// turned off) are detached and removed. `external: None`: the external interfaces are not
+    /// known yet; those an earlier agent attached stay external. Errors on one interface are
+    /// logged and do not stop the others.
+    pub fn sync_interfaces(&mut self, ebpf: &mut Ebpf, pods: &IfacePatterns, external: Option<&IfacePatterns>) {
+        let keep_external = self.pinned_external();
+        let mut wants = Vec::new();
+        let mut ifaces = BTreeMap::new();
+        for (name, idx) in interfaces() {
+            let role = if pods.matches(&name) {
+                Role::Pod
+            } else if external.map_or(keep_external.contains(&idx), |e| e.matches(&name)) {
+                Role::External
+            } else {
                 continue;
+            };
+            let r = if role == Role::Pod { "pod" } else { "external" };
+            for (prog, dir) in role.programs() {
+                let d = if *dir == TcAttachType::Ingress { "ingress" } else { "egress" };
+                wants.push(Want { pin: format!("{idx}-{r}-{d}"), prog, hook: Hook::Tc(*dir), target: (name.clone(), idx as u64) });
             }
-            match attach_tc(ebpf, &name, role) {
-                Ok(links) => {
-                    let what: Vec<String> = role.programs().iter().map(|(p, d)| format!("{p} ({})", if *d == TcAttachType::Ingress { "ingress" } else { "egress" })).collect();
-                    info!("interface {name} (ifindex {idx}): attached {}", what.join(" and "));
-                    if role == Role::External && self.xdp {
-                        match attach_xdp(ebpf, &name) {
-                            Ok(id) => {
-                                info!("interface {name}: attached {} (XDP; tc stays as the fallback)", progs::XDP_NODEPORT);
-                                self.xdp_links.insert(name.clone(), id);
-                            }
-                            Err(e) => warn!("interface {name}: cannot attach XDP, NodePorts use the tc path only: {e}"),
-                        }
-                    }
-                    self.tc.insert(name, (idx, role, links));
-                }
-                Err(e) => warn!("interface {name}: cannot attach: {e} (will retry on the next link event)"),
+            if role == Role::External && self.xdp {
+                wants.push(Want { pin: format!("{idx}-external-xdp"), prog: progs::XDP_NODEPORT, hook: Hook::Xdp, target: (name.clone(), idx as u64) });
             }
+            ifaces.insert(name, (idx, role));
+        }
+        for (name, (idx, role)) in &self.ifaces {
+            if ifaces.get(name) != Some(&(*idx, *role)) {
+                info!("interface {name} (ifindex {idx}) gone or changed: its links are removed");
+            }
+        }
+        self.apply(ebpf, &wants, |p| !p.starts_with("cgroup-"));
+        self.ifaces = ifaces.into_iter().filter(|(_, (idx, _))| wants.iter().any(|w| w.target.1 == *idx as u64 && self.held.contains_key(&w.pin))).collect();
+    }
+
+    /// The socket hooks on `cgroup` (or none), the same way: adopted in place, attached and
+    /// pinned when missing, removed when the cgroup changed or the hooks were turned off.
+    pub fn sync_cgroup(&mut self, ebpf: &mut Ebpf, cgroup: Option<&Path>) -> Result<(), LoadError> {
+        let mut wants = Vec::new();
+        if let Some(cg) = cgroup {
+            let id = crate::links::cgroup_id(cg).map_err(|e| std::io::Error::new(e.kind(), format!("cgroup {}: {e}", cg.display())))?;
+            for (hook, prog) in CGROUP_HOOKS {
+                wants.push(Want { pin: format!("cgroup-{hook}"), prog, hook: Hook::Cgroup(hook), target: (cg.display().to_string(), id) });
+            }
+        }
+        let failed = self.apply(ebpf, &wants, |p| p.starts_with("cgroup-"));
+        match failed.into_iter().next() {
+            Some((name, e)) => Err(LoadError::Attach { what: name, error: e }),
+            None => Ok(()),
         }
     }
 
+    /// Brings the pins selected by `mine` to exactly `wants`; returns the failures.
+    fn apply(&mut self, ebpf: &mut Ebpf, wants: &[Want], mine: impl Fn(&str) -> bool) -> Vec<(String, String)> {
+        let mut failed = Vec::new();
+        if let Err(e) = std::fs::create_dir_all(&self.dir) {
+            warn!("{}: {e}", self.dir.display());
+        }
+        for w in wants {
+            if let Some(fd) = self.held.get(&w.pin) {
+                // Still on its interface? (A link outlives the device it was attached to.)
+                if crate::links::link_info(fd.as_fd()).is_ok_and(|li| w.matches(&li)) {
+                    continue;
+                }
+                self.held.remove(&w.pin);
+            }
+            match self.adopt_or_attach(ebpf, w) {
+                Ok((fd, how)) => {
+                    info!("{} {}: attached {} ({how})", if matches!(w.hook, Hook::Cgroup(_)) { "cgroup" } else { "interface" }, describe(w), w.what());
+                    self.held.insert(w.pin.clone(), fd);
+                }
+                Err(e) => {
+                    warn!("{} {}: cannot attach {}: {e} (will retry on the next link event)", if matches!(w.hook, Hook::Cgroup(_)) { "cgroup" } else { "interface" }, describe(w), w.what());
+                    failed.push((w.pin.clone(), e));
+                }
+            }
+        }
+        for pin in self.pins() {
+            if mine(&pin) && !wants.iter().any(|w| w.pin == pin) {
+                let fd = self.held.remove(&pin);
+                let path = self.dir.join(&pin);
+                remove_link(&path, fd);
+                info!("link {pin}: detached and unpinned (no longer wanted)");
+            }
+        }
+        failed
+    }
+
+    /// The pinned link of `w`, given this process's program in place; or a new one, pinned.
+    fn adopt_or_attach(&mut self, ebpf: &mut Ebpf, w: &Want) -> Result<(OwnedFd, &'static str), String> {
+        let path = self.dir.join(&w.pin);
+        let prog = ebpf.program(w.prog).ok_or_else(|| format!("program {} missing", w.prog))?;
+        let prog_fd = prog.fd().map_err(|e| e.to_string())?.as_fd().try_clone_to_owned().map_err(|e| e.to_string())?;
+        // A pin of the same hook under another role (an interface whose role changed) is
+        // renamed rather than detached: its program is swapped in place too.
+        let other = match w.hook {
+            Hook::Tc(_) | Hook::Xdp => {
+                let suffix = w.pin.rsplit('-').next().unwrap_or("");
+                let idx = w.pin.split('-').next().unwrap_or("");
+                self.pins().into_iter().find(|p| *p != w.pin && p.split('-').next() == Some(idx) && p.ends_with(&format!("-{suffix}")))
+            }
+            Hook::Cgroup(_) => None,
+        };
+        for candidate in [Some(w.pin.clone()), other].into_iter().flatten() {
+            let cpath = self.dir.join(&candidate);
+            let Ok(fd) = crate::links::obj_get(&cpath) else { continue };
+            match crate::links::link_info(fd.as_fd()) {
+                Ok(li) if w.matches(&li) => {
+                    crate::links::link_update(fd.as_fd(), prog_fd.as_fd()).map_err(|e| format!("BPF_LINK_UPDATE of the pinned link {}: {e}", cpath.display()))?;
+                    if candidate != w.pin {
+                        crate::links::obj_pin(fd.as_fd(), &path).map_err(|e| format!("pinning {}: {e}", path.display()))?;
+                        let _ = std::fs::remove_file(&cpath);
+                    }
+                    return Ok((fd, "adopted: program replaced in place"));
+                }
+                // Defunct (its interface went away) or something else: not reusable.
+                _ if candidate == w.pin => remove_link(&cpath, Some(fd)),
+                _ => {}
+            }
+        }
+        let fd_link: aya::programs::links::FdLink = match w.hook {
+            Hook::Tc(dir) => {
+                let p: &mut SchedClassifier = ebpf.program_mut(w.prog).ok_or("program missing")?.try_into().map_err(|e: aya::programs::ProgramError| e.to_string())?;
+                let id = p.attach(&w.target.0, dir).map_err(|e| e.to_string())?;
+                let link = p.take_link(id).map_err(|e| e.to_string())?;
+                link.try_into().map_err(|e: aya::programs::links::LinkError| format!("not a TCX link (kernel 6.6+ needed): {e}"))?
+            }
+            Hook::Xdp => {
+                let p: &mut Xdp = ebpf.program_mut(w.prog).ok_or("program missing")?.try_into().map_err(|e: aya::programs::ProgramError| e.to_string())?;
+                let id = p.attach(&w.target.0, XdpMode::Driver).or_else(|_| p.attach(&w.target.0, XdpMode::Skb)).map_err(|e| e.to_string())?;
+                let link = p.take_link(id).map_err(|e| e.to_string())?;
+                link.try_into().map_err(|e: aya::programs::links::LinkError| format!("not an XDP link (kernel 5.9+ needed): {e}"))?
+            }
+            Hook::Cgroup(_) => {
+                let f = File::open(&w.target.0).map_err(|e| e.to_string())?;
+                let p: &mut CgroupSockAddr = ebpf.program_mut(w.prog).ok_or("program missing")?.try_into().map_err(|e: aya::programs::ProgramError| e.to_string())?;
+                // bpf_link attachments to a cgroup always coexist with others; BPF_LINK_CREATE
+                // rejects the ALLOW_MULTI flag AllowMultiple would pass: the default mode is right.
+                let id = p.attach(&f, CgroupAttachMode::default()).map_err(|e| e.to_string())?;
+                let link = p.take_link(id).map_err(|e| e.to_string())?;
+                link.try_into().map_err(|e: aya::programs::links::LinkError| format!("not a cgroup link: {e}"))?
+            }
+        };
+        let _ = std::fs::remove_file(&path);
+        fd_link.pin(&path).map_err(|e| format!("pinning {}: {e}", path.display()))?;
+        let fd = crate::links::obj_get(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+        Ok((fd, "new link, pinned"))
+    }
+
+    /// The interfaces attached.
     pub fn attached(&self) -> Vec<String> {
-        self.tc.keys().cloned().collect()
+        self.ifaces.keys().cloned().collect()
     }
 
-    /// Detaches everything explicitly (also done implicitly when the object is dropped).
-    pub fn detach_all(&mut self, ebpf: &mut Ebpf) {
-        for (name, id) in std::mem::take(&mut self.xdp_links) {
-            if let Some(p) = ebpf.program_mut(progs::XDP_NODEPORT).and_then(|p| <&mut Xdp>::try_from(p).ok()) {
-                if let Err(err) = p.detach(id) {
-                    log::debug!("detaching XDP from {name}: {err}");
-                }
-            }
+    /// Links carrying this process's programs.
+    pub fn links(&self) -> usize {
+        self.held.len()
+    }
+
+    /// Whether every held link is still attached to what it was attached to (for /livez).
+    pub fn live(&self) -> bool {
+        self.held.values().all(|fd| crate::links::link_info(fd.as_fd()).is_ok_and(|li| li.ifindex != 0 || li.kind == crate::links::LINK_TYPE_CGROUP))
+    }
+}
+
+fn describe(w: &Want) -> String {
+    match w.hook {
+        Hook::Cgroup(_) => w.target.0.clone(),
+        _ => format!("{} (ifindex {})", w.target.0, w.target.1),
+    }
+}
+
+/// Detaches a pinned link (`BPF_LINK_DETACH`, so no other holder keeps it attached) and removes
+/// its pin.
+fn remove_link(path: &Path, fd: Option<OwnedFd>) {
+    if let Some(fd) = fd.or_else(|| crate::links::obj_get(path).ok()) {
+        if let Err(e) = crate::links::link_detach(fd.as_fd()) {
+            log::debug!("detaching {}: {e}", path.display());
         }
-        for (name, (_, _, links)) in std::mem::take(&mut self.tc) {
-            for (prog, id) in links {
-                if let Some(p) = ebpf.program_mut(prog).and_then(|p| <&mut SchedClassifier>::try_from(p).ok()) {
-                    if let Err(err) = p.detach(id) {
-                        // The interface may be gone already, which detached it.
-                        log::debug!("detaching {prog} from {name}: {err}");
-                    }
-                }
-            }
-            info!("interface {name}: detached");
+    }
+    if let Err(e) = std::fs::remove_file(path) {
+        if e.kind() != std::io::ErrorKind::NotFound {
+            warn!("removing {}: {e}", path.display());
         }
     }
 }
 
-fn attach_tc(ebpf: &mut Ebpf, iface: &str, role: Role) -> Result<Vec<(&'static str, SchedClassifierLinkId)>, String> {
-    // TCX (kernel 6.6+) needs no qdisc; the netlink fallback needs clsact.
-    if KernelVersion::current().map(|v| v < KernelVersion::new(6, 6, 0)).unwrap_or(true) {
-        if let Err(e) = tc::qdisc_add_clsact(iface) {
-            if !matches!(&e, tc::TcError::IoError(io) if io.kind() == std::io::ErrorKind::AlreadyExists) {
-                return Err(format!("adding clsact qdisc: {e}"));
-            }
-        }
-    }
+/// `run --cleanup`: detaches every link pinned under `pin_dir` and removes the pins, links and
+/// maps both (the maps are freed once no program uses them). Returns what was removed.
+pub fn remove_all(pin_dir: &Path) -> std::io::Result<(Vec<String>, Vec<String>)> {
+    let links_dir = pin_dir.join(crate::links::DIR);
     let mut links = Vec::new();
-    for (prog, dir) in role.programs() {
-        let res = ebpf
-            .program_mut(prog)
-            .ok_or_else(|| format!("program {prog} missing"))
-            .and_then(|p| <&mut SchedClassifier>::try_from(p).map_err(|e| e.to_string()))
-            .and_then(|p| p.attach(iface, *dir).map_err(|e| format!("{prog}: {e}")));
-        match res {
-            Ok(id) => links.push((*prog, id)),
-            Err(e) => {
-                // Undo a half attachment so the retry starts clean.
-                for (p, id) in links {
-                    if let Some(p) = ebpf.program_mut(p).and_then(|p| <&mut SchedClassifier>::try_from(p).ok()) {
-                        let _ = p.detach(id);
-                    }
-                }
-                return Err(e);
-            }
+    if let Ok(rd) = std::fs::read_dir(&links_dir) {
+        for e in rd.flatten() {
+            remove_link(&e.path(), None);
+            links.push(e.file_name().to_string_lossy().into_owned());
         }
+        std::fs::remove_dir(&links_dir)?;
     }
-    Ok(links)
-}
-
-/// Attaches the XDP NodePort program: in the driver when it supports XDP, else generic.
-fn attach_xdp(ebpf: &mut Ebpf, iface: &str) -> Result<XdpLinkId, String> {
-    let p: &mut Xdp = ebpf.program_mut(progs::XDP_NODEPORT).ok_or("program missing")?.try_into().map_err(|e| format!("{e}"))?;
-    p.attach(iface, XdpMode::Driver).or_else(|_| p.attach(iface, XdpMode::Skb)).map_err(|e| e.to_string())
+    let mut maps = Vec::new();
+    if let Ok(rd) = std::fs::read_dir(pin_dir) {
+        for e in rd.flatten() {
+            std::fs::remove_file(e.path())?;
+            maps.push(e.file_name().to_string_lossy().into_owned());
+        }
+        std::fs::remove_dir(pin_dir)?;
+    }
+    links.sort();
+    maps.sort();
+    Ok((links, maps))
 }
 
 /// Attaches the socket hooks to a cgroup (v2). Processes in that cgroup and below (the host

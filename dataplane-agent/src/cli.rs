@@ -104,6 +104,9 @@ pub enum InspectWhat {
     /// Connections NetworkPolicy allowed and tracks: pod, direction, peer, state, the deciding
     /// policy, whether decided under the current policies, age and expiry.
     PolicyConntrack,
+    /// The datapath's attachments: every bpf link pinned under <pin-dir>/links, the interface
+    /// or cgroup it is attached to, the program it runs, and whether it is still attached.
+    Links,
 }
 
 #[derive(Args)]
@@ -246,6 +249,21 @@ pub struct RunArgs {
     /// exit without touching the node.
     #[arg(long)]
     pub print_config: bool,
+    /// NetworkPolicy enforcement (`--enable-network-policy=false` for a cluster whose CNI
+    /// already enforces it: no Pod, Namespace or NetworkPolicy is read, no pod isolated).
+    #[arg(long, env = "FERRY_ENABLE_NETWORK_POLICY", default_value_t = true, action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
+    pub enable_network_policy: bool,
+    /// The take-over from kube-proxy: once Ferry's datapath is attached and its first sync
+    /// succeeded, remove kube-proxy's iptables chains and nftables tables (as
+    /// `dataplane-agent cleanup-kube-proxy` does). Stop kube-proxy first: it would put them back.
+    #[arg(long, env = "FERRY_CLEANUP_KUBE_PROXY", default_value_t = false, action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
+    pub cleanup_kube_proxy: bool,
+    /// Remove Ferry from this node and exit (kube-proxy's flag name): detach every program
+    /// (the links pinned under <pin-dir>/links) and remove every pinned map. The only thing that
+    /// takes Ferry's datapath away; stopping or killing the agent never does. Connections
+    /// translated by Ferry break: run it after kube-proxy is back (see deploy/README.md).
+    #[arg(long)]
+    pub cleanup: bool,
 }
 
 fn parse_cidrs(flag: &str, v: &[String]) -> anyhow::Result<Vec<Cidr4>> {
@@ -367,6 +385,8 @@ impl RunArgs {
             metrics_bind: parse_bind("--metrics-bind-address", &self.metrics_bind_address)?,
             health_timeout: Duration::from_secs(self.healthz_timeout_seconds.max(1)),
             min_sync_period: period,
+            network_policy: self.enable_network_policy,
+            cleanup_kube_proxy: self.cleanup_kube_proxy,
         })
     }
 }
@@ -382,7 +402,7 @@ pub fn describe(cfg: &agent::RunConfig) -> String {
         SourceConfig::Kube { .. } => "API server (in-cluster)".into(),
     };
     format!(
-        "node: {}\nsource: {source}\nnode IPs: {}\nNodePort addresses: {}\nservice CIDRs: {}\ncluster CIDR: {} ({:?})\npin dir: {}\ncgroup: {}\nalgorithm: {:?}\nNodePort acceleration: {}\nSNAT ports: {}-{}\nconntrack capacity: {}\nconntrack timeouts: {}\nhealthz: {}\nmetrics: {}\n",
+        "node: {}\nsource: {source}\nnode IPs: {}\nNodePort addresses: {}\nservice CIDRs: {}\ncluster CIDR: {} ({:?})\npin dir: {}\ncgroup: {}\nalgorithm: {:?}\nNodePort acceleration: {}\nSNAT ports: {}-{}\nconntrack capacity: {}\nconntrack timeouts: {}\nhealthz: {}\nmetrics: {}\nNetworkPolicy: {}\nkube-proxy take-over: {}\n",
         cfg.node.name,
         list(cfg.node.ips.iter().map(|i| i.to_string()).collect()),
         list(cfg.node.nodeport_addresses.iter().map(|c| c.to_string()).collect()),
@@ -412,6 +432,8 @@ pub fn describe(cfg: &agent::RunConfig) -> String {
         },
         bind(cfg.healthz_bind),
         bind(cfg.metrics_bind),
+        if cfg.network_policy { "enforced" } else { "off (--enable-network-policy=false)" },
+        if cfg.cleanup_kube_proxy { "remove kube-proxy's rules after the first sync" } else { "off" },
     )
 }
 

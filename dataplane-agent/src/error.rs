@@ -63,6 +63,8 @@ pub enum LoadError {
     MissingMap { name: &'static str },
     #[error("map {name}: {source}")]
     Map { name: &'static str, source: aya::maps::MapError },
+    #[error("link {what}: {error}")]
+    Attach { what: String, error: String },
     #[error("{0}")]
     Io(#[from] std::io::Error),
 }

@@ -293,3 +293,23 @@ mod tests {
         assert_eq!(t, "A    LONGER\nxyz  1\nq    22\n");
     }
 }
+
+/// `inspect links`: every pinned link, what it is attached to and the program it runs. The
+/// datapath as the kernel has it, with or without a running agent.
+pub fn links(pin_dir: &Path) -> Result<String, LoadError> {
+    let links = crate::links::pinned(pin_dir)?;
+    let ifnames: BTreeMap<u32, String> = crate::attach::interfaces().into_iter().map(|(n, i)| (i, n)).collect();
+    let rows: Vec<Vec<String>> = links
+        .iter()
+        .map(|l| {
+            let hook = l.pin.rsplit('-').next().unwrap_or("?").to_string();
+            let target = match l.info.kind {
+                crate::links::LINK_TYPE_CGROUP => format!("cgroup id {}", l.info.cgroup_id),
+                _ if l.info.ifindex == 0 => "(interface gone)".into(),
+                _ => format!("{} (ifindex {})", ifnames.get(&l.info.ifindex).map(String::as_str).unwrap_or("?"), l.info.ifindex),
+            };
+            vec![l.pin.clone(), hook, target, format!("{} (id {})", l.program, l.info.prog_id), l.info.id.to_string(), if l.live() { "attached" } else { "defunct" }.into()]
+        })
+        .collect();
+    Ok(table(&["PIN", "HOOK", "ATTACHED TO", "PROGRAM", "LINK ID", "STATE"], &rows))
+}

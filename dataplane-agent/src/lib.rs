@@ -8,6 +8,7 @@ pub mod error;
 pub mod health;
 pub mod http;
 pub mod inspect;
+pub mod links;
 pub mod observe;
 pub mod loader;
 pub mod model;

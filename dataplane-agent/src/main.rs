@@ -24,6 +24,11 @@ fn main() -> anyhow::Result<()> {
     match cli.cmd {
         Cmd::Run(args) => {
             init_logs("info", args.logging_format == "json");
+            if args.cleanup {
+                let (links, maps) = dataplane_agent::attach::remove_all(&args.pin_dir).map_err(|e| anyhow::anyhow!("--cleanup: {}: {e}", args.pin_dir.display()))?;
+                println!("{}: detached {} links ({}), removed {} pinned maps", args.pin_dir.display(), links.len(), if links.is_empty() { "-".into() } else { links.join(", ") }, maps.len());
+                return Ok(());
+            }
             let print = args.print_config;
             let cfg = args.config()?;
             if print {
@@ -56,6 +61,7 @@ fn main() -> anyhow::Result<()> {
                 InspectWhat::Conntrack => inspect::conntrack(&pin_dir),
                 InspectWhat::Policies => inspect::policies(&pin_dir),
                 InspectWhat::PolicyConntrack => inspect::policy_conntrack(&pin_dir),
+                InspectWhat::Links => inspect::links(&pin_dir),
             };
             print!("{}", out.map_err(|e| anyhow::anyhow!("{}: {e}", pin_dir.display()))?);
             Ok(())

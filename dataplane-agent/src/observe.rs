@@ -40,6 +40,10 @@ struct State {
     conntrack_flushed: u64,
     /// False while this node is being removed (kube-proxy's nodeEligible).
     node_eligible: bool,
+    /// Every link the agent wants is attached (and still on its interface or cgroup).
+    attached: bool,
+    /// Links carrying the agent's programs.
+    links: usize,
 }
 
 /// What the conntrack garbage collector last found (see `bpf::conntrack`): the only source of
@@ -78,7 +82,9 @@ pub struct Observed {
 
 impl Observed {
     pub fn new(pin_dir: PathBuf, health_timeout: Duration, watch: Option<Arc<WatchStats>>) -> Self {
-        Observed { state: Mutex::new(State { node_eligible: true, ..Default::default() }), ct: Mutex::default(), pin_dir, health_timeout, watch }
+        // The first sync is a change like any other: /healthz fails if it waits too long.
+        let state = State { node_eligible: true, pending_since: Some(SystemTime::now()), ..Default::default() };
+        Observed { state: Mutex::new(state), ct: Mutex::default(), pin_dir, health_timeout, watch }
     }
 
     /// A garbage collector run ended; `evicted`: the LRU map's evictions so far (estimated from
@@ -152,6 +158,13 @@ impl Observed {
         }
     }
 
+    /// What the datapath's links are: all attached (`live`), and how many.
+    pub fn datapath(&self, live: bool, links: usize) {
+        let mut s = self.state.lock().unwrap();
+        s.attached = live;
+        s.links = links;
+    }
+
     /// kube-proxy's rule: unhealthy when a change has waited longer than the timeout.
     pub fn healthy(&self) -> bool {
         let s = self.state.lock().unwrap();
@@ -165,14 +178,27 @@ impl Observed {
         self.state.lock().unwrap().ready
     }
 
-    /// `/healthz` as kube-proxy answers it: 200 or 503 with lastUpdated, currentTime and
+    /// `/healthz` as kube-proxy answers it (KEP-3836): 200 when the agent serves and is in sync
+    /// (no change has waited longer than the timeout, the first sync included) and the node is
+    /// eligible; 503 while it is being deleted or carries the ToBeDeletedByClusterAutoscaler
+    /// taint, so load balancers drain it. The body has lastUpdated, currentTime and
     /// nodeEligible.
     pub fn healthz(&self) -> (u16, String) {
         let healthy = self.healthy();
         let s = self.state.lock().unwrap();
         let last = s.last_updated.map(rfc3339).unwrap_or_else(|| rfc3339(SystemTime::UNIX_EPOCH));
         let body = format!(r#"{{"lastUpdated": "{last}","currentTime": "{}", "nodeEligible": {}}}"#, rfc3339(SystemTime::now()), s.node_eligible);
-        (if healthy { 200 } else { 503 }, body)
+        (if healthy && s.node_eligible && s.attached { 200 } else { 503 }, body)
+    }
+
+    /// `/livez`: whether the process is alive and its datapath attached; nothing else. A stuck
+    /// sync, an unreachable API server or a node being deleted leave it at 200, so the kubelet
+    /// never restarts the agent in a loop over them (a restart would fix none of them).
+    pub fn livez(&self) -> (u16, String) {
+        let s = self.state.lock().unwrap();
+        let last = s.last_updated.map(rfc3339).unwrap_or_else(|| rfc3339(SystemTime::UNIX_EPOCH));
+        let body = format!(r#"{{"lastUpdated": "{last}","currentTime": "{}", "datapathAttached": {}, "links": {}}}"#, rfc3339(SystemTime::now()), s.attached, s.links);
+        (if s.attached { 200 } else { 503 }, body)
     }
 
     /// The Prometheus text exposition of everything.
@@ -187,6 +213,10 @@ impl Observed {
             let _ = writeln!(out, "ferry_sync_duration_seconds_bucket{{le=\"+Inf\"}} {}", s.hist_count);
             let _ = writeln!(out, "ferry_sync_duration_seconds_sum {}", s.hist_sum);
             let _ = writeln!(out, "ferry_sync_duration_seconds_count {}", s.hist_count);
+            help(&mut out, "ferry_datapath_attached", "gauge", "1 when every link the agent wants carries its program (what /livez reports).");
+            let _ = writeln!(out, "ferry_datapath_attached {}", s.attached as u8);
+            help(&mut out, "ferry_datapath_links", "gauge", "bpf links carrying the agent's programs (pinned under <pin-dir>/links).");
+            let _ = writeln!(out, "ferry_datapath_links {}", s.links);
             help(&mut out, "ferry_sync_failures_total", "counter", "Syncs whose map writes failed (retried).");
             let _ = writeln!(out, "ferry_sync_failures_total {}", s.syncs_failed);
             help(&mut out, "ferry_objects", "gauge", "Objects seen at the last sync, by kind.");
@@ -338,8 +368,12 @@ pub async fn spawn_server(addr: SocketAddr, observed: Arc<Observed>, with_health
         let o = observed.clone();
         async move {
             match path.as_str() {
-                "/healthz" | "/livez" if with_health => {
+                "/healthz" if with_health => {
                     let (code, body) = o.healthz();
+                    crate::http::response(code, "application/json", "", &body)
+                }
+                "/livez" if with_health => {
+                    let (code, body) = o.livez();
                     crate::http::response(code, "application/json", "", &body)
                 }
                 "/readyz" if with_health => {
@@ -395,8 +429,9 @@ mod tests {
     #[test]
     fn healthz_fails_when_a_change_waits_too_long() {
         let o = Observed::new(PathBuf::from("/nonexistent"), Duration::from_millis(50), None);
+        o.datapath(true, 3);
         assert!(o.healthy() && !o.ready());
-        o.change_pending();
+        // The first sync has not happened within the timeout.
         std::thread::sleep(Duration::from_millis(80));
         let (code, body) = o.healthz();
         assert_eq!(code, 503);
@@ -413,5 +448,34 @@ mod tests {
         assert!(m.contains("ferry_sync_duration_seconds_bucket{le=\"0.005\"} 1\n"), "{m}");
         assert!(m.contains("ferry_sync_duration_seconds_bucket{le=\"0.0025\"} 0\n"), "{m}");
         assert!(m.contains("ferry_objects{kind=\"Service\"} 2\n"), "{m}");
+        assert!(m.contains("ferry_datapath_links 3\n"), "{m}");
+    }
+
+    #[test]
+    fn livez_is_the_datapath_and_healthz_the_sync_and_the_node() {
+        let o = Observed::new(PathBuf::from("/nonexistent"), Duration::from_millis(50), None);
+        let sync = |o: &Observed, eligible: bool| {
+            o.synced(Duration::from_millis(1), true, &SyncStats::default(), [("Service", 0), ("EndpointSlice", 0), ("Node", 1), ("Pod", 0), ("Namespace", 0), ("NetworkPolicy", 0)], 0, eligible)
+        };
+        // Nothing attached yet: neither.
+        assert_eq!(o.livez().0, 503);
+        o.datapath(true, 4);
+        sync(&o, true);
+        assert_eq!((o.livez().0, o.healthz().0), (200, 200));
+        let v: serde_json::Value = serde_json::from_str(&o.livez().1).unwrap();
+        assert_eq!((v["datapathAttached"].clone(), v["links"].clone()), (serde_json::json!(true), serde_json::json!(4)));
+        // A node being deleted or drained by the autoscaler: /healthz 503, /livez still 200.
+        sync(&o, false);
+        let (code, body) = o.healthz();
+        assert_eq!((code, o.livez().0), (503, 200));
+        assert_eq!(serde_json::from_str::<serde_json::Value>(&body).unwrap()["nodeEligible"], false);
+        // A stuck sync: /healthz 503 after the timeout, /livez stays 200 (no restart loop).
+        sync(&o, true);
+        o.change_pending();
+        std::thread::sleep(Duration::from_millis(80));
+        assert_eq!((o.healthz().0, o.livez().0), (503, 200));
+        // The datapath detached under the agent: /livez fails, a restart re-attaches.
+        o.datapath(false, 3);
+        assert_eq!(o.livez().0, 503);
     }
 }

@@ -56,9 +56,9 @@ pub struct KubeSource {
     services: Store<Service>,
     slices: Store<EndpointSlice>,
     nodes: Store<Node>,
-    pods: Store<Pod>,
-    namespaces: Store<Namespace>,
-    policies: Store<NetworkPolicy>,
+    /// Pods, Namespaces and NetworkPolicies: `None` with `--enable-network-policy=false`
+    /// (nothing of them is listed or watched).
+    policy: Option<(Store<Pod>, Store<Namespace>, Store<NetworkPolicy>)>,
     pub changed: Arc<Notify>,
     pub stats: Arc<WatchStats>,
 }
@@ -85,7 +85,8 @@ pub async fn client(kubeconfig: Option<&Path>, master: Option<&str>) -> anyhow::
 
 impl KubeSource {
     /// Starts the watches. `node` is this node's name: only its Node object is watched.
-    pub fn start(client: Client, node: &str) -> KubeSource {
+    /// `policy`: also Pods, Namespaces and NetworkPolicies.
+    pub fn start(client: Client, node: &str, policy: bool) -> KubeSource {
         let changed = Arc::new(Notify::new());
         let stats = Arc::new(WatchStats::default());
         let selector = watcher::Config::default().labels(PROXYABLE);
@@ -94,10 +95,14 @@ impl KubeSource {
         let nodes = spawn_reflector(Api::<Node>::all(client.clone()), watcher::Config::default().fields(&format!("metadata.name={node}")), &changed, &stats);
         // NetworkPolicy: every pod's address and labels (peers may be anywhere), namespaces'
         // labels, the policies.
-        let pods = spawn_reflector(Api::<Pod>::all(client.clone()), watcher::Config::default(), &changed, &stats);
-        let namespaces = spawn_reflector(Api::<Namespace>::all(client.clone()), watcher::Config::default(), &changed, &stats);
-        let policies = spawn_reflector(Api::<NetworkPolicy>::all(client), watcher::Config::default(), &changed, &stats);
-        KubeSource { services, slices, nodes, pods, namespaces, policies, changed, stats }
+        let policy = policy.then(|| {
+            (
+                spawn_reflector(Api::<Pod>::all(client.clone()), watcher::Config::default(), &changed, &stats),
+                spawn_reflector(Api::<Namespace>::all(client.clone()), watcher::Config::default(), &changed, &stats),
+                spawn_reflector(Api::<NetworkPolicy>::all(client), watcher::Config::default(), &changed, &stats),
+            )
+        });
+        KubeSource { services, slices, nodes, policy, changed, stats }
     }
 
     /// Waits until every store holds its initial list.
@@ -105,9 +110,11 @@ impl KubeSource {
         let _ = self.services.wait_until_ready().await;
         let _ = self.slices.wait_until_ready().await;
         let _ = self.nodes.wait_until_ready().await;
-        let _ = self.pods.wait_until_ready().await;
-        let _ = self.namespaces.wait_until_ready().await;
-        let _ = self.policies.wait_until_ready().await;
+        if let Some((pods, namespaces, policies)) = &self.policy {
+            let _ = pods.wait_until_ready().await;
+            let _ = namespaces.wait_until_ready().await;
+            let _ = policies.wait_until_ready().await;
+        }
     }
 
     /// A consistent copy of what the stores hold now.
@@ -119,9 +126,9 @@ impl KubeSource {
             services: own(self.services.state()),
             endpoint_slices: own(self.slices.state()),
             nodes: own(self.nodes.state()),
-            pods: own(self.pods.state()),
-            namespaces: own(self.namespaces.state()),
-            network_policies: own(self.policies.state()),
+            pods: self.policy.as_ref().map(|p| own(p.0.state())).unwrap_or_default(),
+            namespaces: self.policy.as_ref().map(|p| own(p.1.state())).unwrap_or_default(),
+            network_policies: self.policy.as_ref().map(|p| own(p.2.state())).unwrap_or_default(),
         }
     }
 }
