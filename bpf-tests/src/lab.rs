@@ -524,6 +524,18 @@ impl Cluster {
     /// Starts (or restarts) the agent of node `i` and waits until it has attached to every pod
     /// interface of its node and synced the manifests.
     pub fn start_agent(&mut self, i: usize) {
+        let since = self.spawn_agent(i, &agent_bin(), true, &[]);
+        let pods_here = PODS.iter().filter(|(ni, _, _)| *ni == i).count();
+        self.wait_log(i, |l| {
+            let l = &l[since.min(l.len())..];
+            l.matches("attached ferry_from_pod").count() >= pods_here && l.contains("synced ")
+        });
+    }
+
+    /// Starts the agent `bin` on node `i` with the lab's flags, reading the lab's manifests when
+    /// `manifests` (else `extra` must name a source), plus `extra`; returns where its output
+    /// starts in the node's log. Does not wait.
+    pub fn spawn_agent(&mut self, i: usize, bin: &Path, manifests: bool, extra: &[&str]) -> usize {
         let log = self.logs.path.join(format!("{}.log", self.nodes[i].name));
         // Only what this agent writes counts (a restart appends to the same log).
         let since = self.agent_log(i).len();
@@ -533,15 +545,12 @@ impl Cluster {
         let acceleration = if self.xdp { "xdp" } else { "none" };
         let n = &mut self.nodes[i];
         let logf = std::fs::OpenOptions::new().create(true).append(true).open(&log).unwrap();
+        let source: Vec<&str> = if manifests { vec!["--manifests", self.manifests.to_str().unwrap()] } else { vec![] };
         let child = n
             .ns
-            .cmd(&[
-                agent_bin().to_str().unwrap(),
-                "run",
-                "--node",
-                &n.name,
-                "--manifests",
-                self.manifests.to_str().unwrap(),
+            .cmd(&[bin.to_str().unwrap(), "run", "--node", &n.name])
+            .args(&source)
+            .args([
                 "--pin-dir",
                 n.pin.path.to_str().unwrap(),
                 "--pod-interfaces",
@@ -560,16 +569,22 @@ impl Cluster {
                 "100",
             ])
             .args(&self.opts.agent_args)
+            .args(extra)
             .stdout(logf.try_clone().unwrap())
             .stderr(logf)
             .spawn()
             .expect("start agent");
         n.agent = Some(Proc { child, what: format!("agent on {}", n.name) });
-        let pods_here = PODS.iter().filter(|(ni, _, _)| *ni == i).count();
-        self.wait_log(i, |l| {
-            let l = &l[since.min(l.len())..];
-            l.matches("attached ferry_from_pod").count() >= pods_here && l.contains("synced ")
-        });
+        since
+    }
+
+    /// Kills the agent of node `i` with SIGKILL (as the OOM killer or a node's hard stop does)
+    /// and reaps it.
+    pub fn kill_agent(&mut self, i: usize) {
+        if let Some(mut a) = self.nodes[i].agent.take() {
+            let _ = a.child.kill();
+            let _ = a.child.wait();
+        }
     }
 
     pub fn start_agents(&mut self) {

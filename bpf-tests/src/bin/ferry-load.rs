@@ -56,6 +56,18 @@
 //!       a new socket (what an application does when its socket is destroyed), ready for the
 //!       next ask.
 //!
+//!   steady TCP_ADDR UDP_ADDR [--msg-ms 50] [--conn-ms 100] [--udp-ms 100] [--timeout-ms 900]
+//!          [--max-s 600]
+//!       Production's steady load, three loops at once until a line on stdin (or --max-s):
+//!       one long-lived TCP connection asking ECHO every --msg-ms (each answer from the backend
+//!       of the first); a new TCP connection every --conn-ms (ECHO, then close); a UDP query from
+//!       a new socket every --udp-ms. Anything not answered within --timeout-ms fails (so a lost
+//!       SYN, which TCP would retransmit after a second, counts). Prints `ready` once the
+//!       long-lived connection has its first answer; at the end one line per loop,
+//!       `long asked=N ok=N broken=B moved=M`, `conn ok=N failed=F worst_ms=W`,
+//!       `udp ok=N failed=F worst_ms=W`, each first failure as `error LOOP AT_MS KIND`, and last
+//!       `OK ok, FAILED failed`.
+//!
 //! Forged packets (as an attacker sends them; needs CAP_NET_RAW):
 //!   forge-tcp SRC:PORT DST:PORT FLAGS SEQ ACK [--count N]
 //!       N hand-built TCP segments (FLAGS from `SAFRP`, no payload, valid checksums) from a raw
@@ -96,6 +108,7 @@ fn main() {
         Some("sctp") => sctp_clients(&args),
         Some("session") => session(&args),
         Some("forge-tcp") => forge_tcp(&args),
+        Some("steady") => steady(&args),
         _ => {
             eprintln!("usage: see the comment at the top of ferry-load.rs");
             2
@@ -1227,4 +1240,140 @@ mod tests {
         assert!(s.crc_ok);
         assert_eq!((s.sport, s.dport, s.chunk_type, &s.info[..]), (1000, 2000, CHUNK_HEARTBEAT, &b"0123456789abcdef"[..]));
     }
+}
+
+/// What one `steady` loop saw.
+#[derive(Default)]
+struct Steady {
+    ok: u64,
+    failed: u64,
+    worst: Duration,
+    /// (ms since the start, kind) of the first few failures.
+    errors: Vec<(u128, String)>,
+}
+
+impl Steady {
+    fn record(&mut self, started: Instant, t0: Instant, r: Result<String, String>) -> Option<String> {
+        let took = t0.elapsed();
+        self.worst = self.worst.max(took);
+        match r {
+            Ok(name) => {
+                self.ok += 1;
+                Some(name)
+            }
+            Err(e) => {
+                self.failed += 1;
+                if self.errors.len() < 5 {
+                    self.errors.push((t0.duration_since(started).as_millis(), e));
+                }
+                None
+            }
+        }
+    }
+}
+
+/// Runs `op` every `period` (never two at once) until `stop`; each result into the tally.
+fn steady_loop(period: Duration, stop: &std::sync::atomic::AtomicBool, started: Instant, deadline: Instant, mut op: impl FnMut() -> Result<String, String>) -> Steady {
+    let mut st = Steady::default();
+    let mut next = Instant::now();
+    while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
+        let t0 = Instant::now();
+        st.record(started, t0, op());
+        next += period;
+        let now = Instant::now();
+        if next > now {
+            std::thread::sleep(next - now);
+        } else {
+            next = now;
+        }
+    }
+    st
+}
+
+fn steady(a: &Args) -> i32 {
+    let tcp = a.addr(1);
+    let udp = SocketAddr::V4(a.addr(2));
+    let timeout = a.ms("--timeout-ms", 900);
+    let (msg, conn, udp_every) = (a.ms("--msg-ms", 50), a.ms("--conn-ms", 100), a.ms("--udp-ms", 100));
+    let started = Instant::now();
+    let deadline = started + a.secs("--max-s", 600.0);
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    // The long-lived connection: up and answered before `ready`.
+    let mut long = match connect_from(tcp, None, timeout) {
+        Ok(s) => s,
+        Err(e) => {
+            println!("error long 0 connect-{}", kind(&e));
+            println!("0 ok, 1 failed");
+            return 1;
+        }
+    };
+    let first = match echo_once(&mut long, timeout) {
+        Ok(l) => l.split_whitespace().next().unwrap_or("").to_string(),
+        Err(e) => {
+            println!("error long 0 {e}");
+            println!("0 ok, 1 failed");
+            return 1;
+        }
+    };
+    println!("ready");
+    let _ = io::stdout().flush();
+    let (s1, s2, s3) = (stop.clone(), stop.clone(), stop.clone());
+    let long_t = std::thread::spawn(move || {
+        let mut broken = false;
+        let mut moved = 0u64;
+        let st = steady_loop(msg, &s1, started, deadline, || {
+            if broken {
+                // A broken connection stays broken: every later message fails too.
+                return Err("broken".into());
+            }
+            let r = echo_once(&mut long, timeout);
+            match &r {
+                Err(_) => broken = true,
+                Ok(l) if l.split_whitespace().next() != Some(first.as_str()) => moved += 1,
+                Ok(_) => {}
+            }
+            r
+        });
+        (st, broken, moved)
+    });
+    let conn_t = std::thread::spawn(move || {
+        steady_loop(conn, &s2, started, deadline, || {
+            let mut s = connect_from(tcp, None, timeout).map_err(|e| format!("connect-{}", kind(&e)))?;
+            echo_once(&mut s, timeout.saturating_sub(Duration::from_millis(1)).max(Duration::from_millis(1)))
+        })
+    });
+    let udp_t = std::thread::spawn(move || {
+        let mut seq = 0u64;
+        steady_loop(udp_every, &s3, started, deadline, || {
+            seq += 1;
+            let u = UdpSocket::bind("0.0.0.0:0").map_err(|e| format!("bind-{}", kind(&e)))?;
+            u.set_read_timeout(Some(timeout)).map_err(|e| format!("setsockopt-{}", kind(&e)))?;
+            udp_exchange(&u, Some(udp), seq, 0).map_err(|e| if timed_out(&e) { "timeout".into() } else { kind_or_text(&e) })
+        })
+    });
+    // Until told (a line or EOF on stdin) or the deadline.
+    let waiter = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let mut line = String::new();
+            let _ = io::stdin().lock().read_line(&mut line);
+            stop.store(true, Ordering::Relaxed);
+        })
+    };
+    let (long_st, broken, moved) = long_t.join().unwrap_or_default();
+    let conn_st = conn_t.join().unwrap_or_default();
+    let udp_st = udp_t.join().unwrap_or_default();
+    drop(waiter);
+    println!("long asked={} ok={} broken={} moved={moved}", long_st.ok + long_st.failed, long_st.ok, broken as u8);
+    println!("conn ok={} failed={} worst_ms={}", conn_st.ok, conn_st.failed, conn_st.worst.as_millis());
+    println!("udp ok={} failed={} worst_ms={}", udp_st.ok, udp_st.failed, udp_st.worst.as_millis());
+    for (what, st) in [("long", &long_st), ("conn", &conn_st), ("udp", &udp_st)] {
+        for (at, e) in &st.errors {
+            println!("error {what} {at} {e}");
+        }
+    }
+    let ok = long_st.ok + conn_st.ok + udp_st.ok;
+    let failed = long_st.failed + conn_st.failed + udp_st.failed + moved;
+    println!("{ok} ok, {failed} failed");
+    if failed == 0 { 0 } else { 1 }
 }

@@ -1,0 +1,166 @@
+//! Hitless restarts, under production's steady load: a long-lived TCP connection exchanging a
+//! message every 50 ms, a new TCP connection every 100 ms and a UDP query every 100 ms, from a
+//! pod to a ClusterIP and from outside to a source-translated NodePort (its backend on the other
+//! node), all through node1, whose agent is restarted, killed, kept down, or started with the
+//! API server unreachable. Every request must be answered within 900 ms (a lost SYN, which TCP
+//! retransmits after a second, fails), and the long-lived connections must neither break nor
+//! change backend: 0 failed, asserted.
+//!
+//! The upgrade across a map layout change, and its rollback, is in `upgrade.rs`.
+use std::time::{Duration, Instant};
+
+use bpf_tests::lab::{self, services_yaml, At, Cluster, LabOptions, LoadProc, Svc, SvcPort, TempDir, LOAD_TCP_PORT, LOAD_UDP_PORT};
+
+/// Pod -> ClusterIP (backends on both nodes) and outside -> NodePort (eTP=Cluster, its backend on
+/// node2: node1 translates the source).
+pub fn steady_services() -> Vec<Svc> {
+    vec![
+        Svc::new("steady", "ClusterIP", "10.96.3.10")
+            .port(SvcPort::new("TCP", 80, LOAD_TCP_PORT))
+            .port(SvcPort::new("UDP", 53, LOAD_UDP_PORT))
+            .pods(&["n1-pod2", "n2-pod1", "n2-pod2"]),
+        Svc::new("steady-np", "NodePort", "10.96.3.11")
+            .port(SvcPort::new("TCP", 80, LOAD_TCP_PORT).node_port(30300))
+            .port(SvcPort::new("UDP", 53, LOAD_UDP_PORT).node_port(30301))
+            .pods(&["n2-pod1"]),
+    ]
+}
+
+fn lab() -> (Cluster, TempDir) {
+    let dir = TempDir::new(&format!("restart-{}", lab::run_id()));
+    std::fs::write(dir.path.join("steady.yaml"), services_yaml(&steady_services())).unwrap();
+    let mut c = Cluster::with_options(&dir.path, LabOptions { load_servers: true, offloads: true, ..Default::default() });
+    c.start_agents();
+    (c, dir)
+}
+
+/// The two steady loads, running.
+pub struct Load(Vec<(&'static str, LoadProc)>, Instant);
+
+pub fn start_load(c: &Cluster) -> Load {
+    let mut procs = Vec::new();
+    for (what, at, tcp, udp) in
+        [("pod -> ClusterIP", At::Pod("n1-pod1"), "10.96.3.10:80", "10.96.3.10:53"), ("outside -> NodePort (SNAT)", At::Outside, "192.168.77.1:30300", "192.168.77.1:30301")]
+    {
+        let mut p = c.load_spawn(at, &["steady", tcp, udp, "--max-s", "300"]);
+        let first = p.line();
+        assert_eq!(first, "ready", "{what}: {first} {:?}", p.finish());
+        procs.push((what, p));
+    }
+    Load(procs, Instant::now())
+}
+
+impl Load {
+    /// Stops the loads and asserts 0 failures, 0 broken or moved connections, and that each
+    /// loop really ran for the whole time.
+    pub fn finish(self, during: &str) {
+        let secs = self.1.elapsed().as_secs_f64();
+        let mut report = Vec::new();
+        let mut bad = false;
+        for (what, p) in self.0 {
+            let lines = p.finish();
+            let last = lines.last().cloned().unwrap_or_default();
+            let field = |prefix: &str, key: &str| -> u64 {
+                lines.iter().find(|l| l.starts_with(prefix)).and_then(|l| l.split_whitespace().find_map(|w| w.strip_prefix(&format!("{key}=")))).and_then(|v| v.parse().ok()).unwrap_or(0)
+            };
+            // At least half the requests the period allows (the loops wait for each answer).
+            let (long, conn, udp) = (field("long", "ok"), field("conn", "ok"), field("udp", "ok"));
+            let enough = long as f64 >= secs * 20.0 * 0.5 && conn as f64 >= secs * 10.0 * 0.5 && udp as f64 >= secs * 10.0 * 0.5;
+            if !last.ends_with(" 0 failed") || field("long", "broken") != 0 || field("long", "moved") != 0 || !enough {
+                bad = true;
+            }
+            report.push(format!("{what} ({secs:.1} s):\n  {}", lines.join("\n  ")));
+        }
+        assert!(!bad, "failures through {during}:\n{}", report.join("\n"));
+        eprintln!("{during}: {}", report.join("\n"));
+    }
+}
+
+/// Waits (bounded) until node `i`'s log, from `since`, satisfies `f`.
+fn wait_since(c: &mut Cluster, i: usize, since: usize, f: impl Fn(&str) -> bool) {
+    c.wait_log(i, |l| f(&l[since.min(l.len())..]));
+}
+
+#[test]
+fn a_sigterm_restart_loses_nothing() {
+    let (mut c, _d) = lab();
+    let load = start_load(&c);
+    std::thread::sleep(Duration::from_secs(1));
+    c.stop_agent(0);
+    c.start_agent(0);
+    std::thread::sleep(Duration::from_secs(2));
+    load.finish("a SIGTERM restart of node1's agent");
+}
+
+#[test]
+fn sigkill_then_a_restart_loses_nothing() {
+    let (mut c, _d) = lab();
+    let load = start_load(&c);
+    std::thread::sleep(Duration::from_secs(1));
+    c.kill_agent(0);
+    std::thread::sleep(Duration::from_secs(1));
+    c.start_agent(0);
+    std::thread::sleep(Duration::from_secs(2));
+    load.finish("SIGKILL of node1's agent, then a restart");
+}
+
+#[test]
+fn ten_seconds_without_the_agent_lose_nothing() {
+    let (mut c, _d) = lab();
+    let load = start_load(&c);
+    std::thread::sleep(Duration::from_secs(1));
+    c.stop_agent(0);
+    std::thread::sleep(Duration::from_secs(10));
+    c.start_agent(0);
+    std::thread::sleep(Duration::from_secs(2));
+    load.finish("node1's agent down for 10 s");
+}
+
+#[test]
+fn a_start_with_the_api_server_unreachable_serves_from_the_pinned_maps() {
+    let (mut c, _d) = lab();
+    let load = start_load(&c);
+    std::thread::sleep(Duration::from_secs(1));
+    c.stop_agent(0);
+    // Nothing listens on 127.0.0.1:1 in node1's namespace: every list fails, and keeps failing.
+    let since = c.spawn_agent(0, &lab::agent_bin(), false, &["--master", "http://127.0.0.1:1", "--healthz-timeout-seconds", "2"]);
+    wait_since(&mut c, 0, since, |l| l.contains("datapath attached") && l.contains("waiting for the initial lists"));
+    let log = c.agent_log(0)[since..].to_string();
+    assert!(log.matches("adopted: program replaced in place").count() >= 12, "{log}");
+    std::thread::sleep(Duration::from_secs(4));
+    // Alive, its datapath attached: /livez 200 (the kubelet leaves it alone); not in sync:
+    // /healthz 503 once the first sync has waited longer than the timeout.
+    let ns = c.nodes[0].ns.name.clone();
+    let live = bpf_tests::fakeapi::http_get_in(&ns, "127.0.0.1:10256", "/livez").expect("/livez answers");
+    let health = bpf_tests::fakeapi::http_get_in(&ns, "127.0.0.1:10256", "/healthz").expect("/healthz answers");
+    assert_eq!((live.0, health.0), (200, 503), "{live:?} {health:?}");
+    assert!(live.1.contains("\"datapathAttached\": true"), "{live:?}");
+    let agent = c.nodes[0].agent.as_mut().unwrap();
+    assert!(agent.child.try_wait().unwrap().is_none(), "the agent exited:\n{}", c.agent_log(0));
+    load.finish("a start of node1's agent with the API server unreachable");
+    // Back to the manifests: the usual start, nothing rewritten.
+    c.stop_agent(0);
+    c.start_agent(0);
+    let log = c.agent_log(0);
+    assert!(log.lines().filter(|l| l.contains("synced")).last().unwrap().contains("writes=0 deletes=0"), "{log}");
+}
+
+/// The load can fail: taking Ferry off node1 (`run --cleanup`) for two seconds while it runs is
+/// seen, as broken connections and failed requests (what the old agent's detach-on-stop did
+/// at every restart).
+#[test]
+fn the_load_sees_an_outage() {
+    let (mut c, _d) = lab();
+    let load = start_load(&c);
+    std::thread::sleep(Duration::from_secs(1));
+    c.stop_agent(0);
+    let pin = c.nodes[0].pin.path.to_str().unwrap().to_string();
+    let out = c.nodes[0].ns.cmd(&[lab::agent_bin().to_str().unwrap(), "run", "--cleanup", "--pin-dir", &pin]).output().unwrap();
+    assert!(out.status.success(), "{out:?}");
+    std::thread::sleep(Duration::from_secs(2));
+    c.start_agent(0);
+    std::thread::sleep(Duration::from_secs(1));
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| load.finish("an outage")));
+    let msg = result.expect_err("an outage went unseen").downcast::<String>().map(|b| *b).unwrap_or_default();
+    assert!(msg.contains("failures through an outage") && msg.contains("broken=1"), "{msg}");
+}
