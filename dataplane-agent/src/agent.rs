@@ -187,7 +187,9 @@ pub async fn run(mut cfg: RunConfig) -> anyhow::Result<()> {
         // the tc path.
         cfg.host_netns_cookie = crate::sockets::own_netns_cookie().context("reading the node's network namespace cookie (SO_NETNS_COOKIE, kernel 5.14+)")?;
     }
-    let mut ebpf = loader::load_with(Some(&cfg.pin_dir), &loader::conntrack_capacities(cfg.conntrack_capacity)).context("loading the datapath")?;
+    // Maps of another layout or capacity (an upgrade, a rollback) are copied into new ones here
+    // while the programs an earlier agent attached keep serving from the old ones.
+    let (mut ebpf, migration) = loader::load_pinned(&cfg.pin_dir, &loader::conntrack_capacities(cfg.conntrack_capacity)).context("loading the datapath")?;
     attach::load_programs(&mut ebpf).context("loading programs")?;
     let mut maps = BpfMaps::from_ebpf(&mut ebpf)?;
     let applied = maps.dump_applied();
@@ -200,14 +202,6 @@ pub async fn run(mut cfg: RunConfig) -> anyhow::Result<()> {
             frontends = applied.frontends.len(),
             backends = applied.backends.len(),
             "maps restored from a previous run (nothing is flushed; the first sync writes only differences)"
-        );
-    }
-    let unused = loader::unused_pins(&cfg.pin_dir);
-    if !unused.is_empty() {
-        warn!(
-            pin_dir = %cfg.pin_dir.display(),
-            maps = %unused.join(","),
-            "pinned maps this version does not use (an older layout); they hold memory until removed (rm them once no older agent runs)"
         );
     }
     let mut rec = Reconciler::restore(applied);
@@ -233,6 +227,18 @@ pub async fn run(mut cfg: RunConfig) -> anyhow::Result<()> {
         }
     }
     att.sync_interfaces(&mut ebpf, &cfg.pod_interfaces, external.as_ref());
+    if !migration.is_empty() {
+        info!("programs swapped: the old maps are copied once more and replaced");
+    }
+    migration.finish().context("finishing the migration of the pinned maps")?;
+    let unused = loader::unused_pins(&cfg.pin_dir);
+    if !unused.is_empty() {
+        warn!(
+            pin_dir = %cfg.pin_dir.display(),
+            maps = %unused.join(","),
+            "pinned maps no version of Ferry recorded (from before layouts were recorded); they hold memory until removed (rm them once no older agent runs)"
+        );
+    }
     info!(
         links = att.links(),
         interfaces = att.attached().len(),

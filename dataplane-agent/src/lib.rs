@@ -11,6 +11,7 @@ pub mod inspect;
 pub mod links;
 pub mod observe;
 pub mod loader;
+pub mod migrate;
 pub mod model;
 pub mod monitor;
 pub mod netlink;

@@ -48,23 +48,23 @@ pub struct LinkInfo {
 }
 
 /// `union bpf_attr`, zeroed, as bytes.
-struct Attr([u8; 128]);
+pub(crate) struct Attr(pub(crate) [u8; 128]);
 
 impl Attr {
-    fn new() -> Self {
+    pub(crate) fn new() -> Self {
         Attr([0; 128])
     }
-    fn u32(mut self, off: usize, v: u32) -> Self {
+    pub(crate) fn u32(mut self, off: usize, v: u32) -> Self {
         self.0[off..off + 4].copy_from_slice(&v.to_ne_bytes());
         self
     }
-    fn u64(mut self, off: usize, v: u64) -> Self {
+    pub(crate) fn u64(mut self, off: usize, v: u64) -> Self {
         self.0[off..off + 8].copy_from_slice(&v.to_ne_bytes());
         self
     }
 }
 
-fn sys_bpf(cmd: u32, mut attr: Attr) -> io::Result<i64> {
+pub(crate) fn sys_bpf(cmd: u32, mut attr: Attr) -> io::Result<i64> {
     let r = unsafe { libc::syscall(libc::SYS_bpf, cmd, attr.0.as_mut_ptr(), attr.0.len() as u32) };
     if r < 0 {
         return Err(io::Error::last_os_error());
@@ -72,7 +72,7 @@ fn sys_bpf(cmd: u32, mut attr: Attr) -> io::Result<i64> {
     Ok(r)
 }
 
-fn c_path(path: &Path) -> io::Result<CString> {
+pub(crate) fn c_path(path: &Path) -> io::Result<CString> {
     CString::new(path.as_os_str().as_bytes()).map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, format!("{}: NUL in path", path.display())))
 }
 

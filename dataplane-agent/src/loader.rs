@@ -1,7 +1,7 @@
 //! Loading the datapath: the object built into this binary, maps pinned by name under the pin
 //! directory (re-used across restarts so conntrack and service state survive), programs loaded
 //! and handed to the attachers.
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use aya::{maps::MapInfo, Ebpf, EbpfLoader};
 use dataplane_common::{
@@ -85,10 +85,10 @@ fn expected_layout() -> [(&'static str, u32, u32); 29] {
     ]
 }
 
-fn check_pinned(dir: &Path) -> Result<(), LoadError> {
+fn check_pinned(dir: &Path, migrated: &[&str]) -> Result<(), LoadError> {
     for (name, key, value) in expected_layout() {
         let path = dir.join(name);
-        if !path.exists() {
+        if !path.exists() || migrated.contains(&name) {
             continue;
         }
         let info = MapInfo::from_pin(&path).map_err(|source| LoadError::Map { name, source })?;
@@ -112,7 +112,7 @@ fn is_bpffs(path: &Path) -> bool {
 /// layout changed, such as `ct4_v1` after `ct4_v2` replaced it). They hold memory until removed.
 pub fn unused_pins(dir: &Path) -> Vec<String> {
     let Ok(rd) = std::fs::read_dir(dir) else { return Vec::new() };
-    let mut out: Vec<String> = rd.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).filter(|n| !names::ALL.contains(&n.as_str()) && n != crate::links::DIR).collect();
+    let mut out: Vec<String> = rd.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).filter(|n| !names::ALL.contains(&n.as_str()) && n != crate::links::DIR && n != crate::migrate::LAYOUTS).collect();
     out.sort();
     out
 }
@@ -123,25 +123,50 @@ pub fn load(pin_dir: Option<&Path>) -> Result<Ebpf, LoadError> {
     load_with(pin_dir, &[])
 }
 
-/// As [`load`], with some maps' capacities overridden (`(name, max_entries)`).
+/// As [`load`], with some maps' capacities overridden (`(name, max_entries)`). A pinned map of
+/// another layout or capacity is migrated at once (see [`load_pinned`]).
 pub fn load_with(pin_dir: Option<&Path>, max_entries: &[(&'static str, u32)]) -> Result<Ebpf, LoadError> {
+    match pin_dir {
+        Some(dir) => {
+            let (ebpf, migration) = load_pinned(dir, max_entries)?;
+            migration.finish()?;
+            Ok(ebpf)
+        }
+        None => {
+            let mut loader = EbpfLoader::new();
+            for (name, n) in max_entries {
+                loader.map_max_entries(name, *n);
+            }
+            Ok(loader.load(object()?)?)
+        }
+    }
+}
+
+/// Loads the object over the maps pinned in `dir` (created and pinned when missing). A pinned
+/// map whose layout or capacity differs from this build's (an upgrade, a rollback, a new
+/// `--conntrack-capacity`) is not touched: a new map is created beside it and filled from it
+/// while the programs attached to the old one keep serving. The caller swaps the programs, then
+/// calls [`crate::migrate::Migration::finish`], which puts the new maps in place.
+pub fn load_pinned(dir: &Path, max_entries: &[(&'static str, u32)]) -> Result<(Ebpf, crate::migrate::Migration), LoadError> {
     let obj = object()?;
     let mut loader = EbpfLoader::new();
     for (name, n) in max_entries {
         loader.map_max_entries(name, *n);
     }
-    let paths: Vec<(&'static str, PathBuf)>;
-    if let Some(dir) = pin_dir {
-        let parent = dir.parent().unwrap_or(Path::new("/"));
-        if !is_bpffs(parent) && !is_bpffs(dir) {
-            return Err(LoadError::NoBpffs { path: parent.display().to_string() });
-        }
-        std::fs::create_dir_all(dir)?;
-        check_pinned(dir)?;
-        paths = names::ALL.iter().map(|n| (*n, dir.join(n))).collect();
-        for (n, p) in &paths {
-            loader.map_pin_path(n, p.as_path());
+    let parent = dir.parent().unwrap_or(Path::new("/"));
+    if !is_bpffs(parent) && !is_bpffs(dir) {
+        return Err(LoadError::NoBpffs { path: parent.display().to_string() });
+    }
+    std::fs::create_dir_all(dir)?;
+    let moves = crate::migrate::plan(dir, max_entries)?;
+    check_pinned(dir, &moves.iter().map(|m| m.name).collect::<Vec<_>>())?;
+    for n in names::ALL {
+        if !moves.iter().any(|m| m.name == n) {
+            loader.map_pin_path(n, dir.join(n));
         }
     }
-    Ok(loader.load(obj)?)
+    let ebpf = loader.load(obj)?;
+    let migration = crate::migrate::Migration::new(dir, moves);
+    migration.first_pass(&ebpf)?;
+    Ok((ebpf, migration))
 }

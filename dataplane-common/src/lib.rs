@@ -7,6 +7,9 @@
 //! name instead of being changed in place, so an old pinned map is never misread.
 #![no_std]
 
+#[cfg(feature = "user")]
+pub mod layout;
+
 /// Pinned map names. The `_v1` suffix is the layout version (see the crate docs).
 pub mod names {
     pub const SERVICES: &str = "lb4_svc_v2";
@@ -1028,4 +1031,54 @@ mod pod {
     unsafe impl aya::Pod for NodeConfig {}
     unsafe impl aya::Pod for LocalAddr {}
     unsafe impl aya::Pod for PodIface {}
+}
+
+#[cfg(all(test, feature = "user"))]
+mod layout_tests {
+    use super::layout::{tiling_error, Described};
+    use super::*;
+
+    fn check<T: Described>() {
+        let f = T::fields();
+        assert_eq!(tiling_error(&f, core::mem::size_of::<T>(), core::mem::align_of::<T>()), None, "{}: a field is missing from its list in layout.rs", core::any::type_name::<T>());
+    }
+
+    #[test]
+    fn every_described_type_lists_all_its_fields() {
+        check::<Lb4Key>();
+        check::<Lb4Service>();
+        check::<AffinityKey>();
+        check::<AffinityValue>();
+        check::<Lb4SlotKey>();
+        check::<Lb4Backend>();
+        check::<Ct4Key>();
+        check::<Ct4Entry>();
+        check::<NodeConfig>();
+        check::<SvcCounters>();
+        check::<SvcName>();
+        check::<Frag4Key>();
+        check::<Frag4Ports>();
+        check::<SockRevKey>();
+        check::<SockRevValue>();
+        check::<LocalAddr>();
+        check::<PodIface>();
+        check::<PolEndpoint>();
+        check::<PolRuleKey>();
+        check::<PolCtKey>();
+        check::<PolCtEntry>();
+        check::<PolRevoked>();
+        check::<PolFragKey>();
+        check::<PolEvKey>();
+        check::<SrcRangeData>();
+    }
+
+    #[test]
+    fn a_field_left_out_is_seen() {
+        let mut f = <Ct4Entry as Described>::fields();
+        f.remove(4);
+        assert_eq!(tiling_error(&f, core::mem::size_of::<Ct4Entry>(), 8), Some("backend_id"));
+        let mut f = <Ct4Entry as Described>::fields();
+        f.pop();
+        assert_eq!(tiling_error(&f, core::mem::size_of::<Ct4Entry>(), 8), Some("(end of struct)"));
+    }
 }

@@ -1,0 +1,585 @@
+//! Upgrades and rollbacks across a map layout change, without breaking a connection.
+//!
+//! Every agent records the layout of each map it pins (its key and value fields by name, offset
+//! and size, from `dataplane_common::layout`) in the pinned map `<pin-dir>/layouts`. A starting
+//! agent compares what is pinned with what it needs:
+//! - same layout: the pin is used as it is (the common case: a restart, an upgrade that changed
+//!   no map);
+//! - another layout (a newer or an older Ferry changed the key or value, whether or not it
+//!   renamed the map, which the crate's rule asks for: `ct4_v2` -> `ct4_v3`), or another capacity
+//!   (`--conntrack-capacity`): a new map is created beside the old one and every entry is copied
+//!   over, field by field: a field moves by name and size, a field the other side lacks is zero.
+//!
+//! The copy runs while the old programs keep serving from the old maps. Then the agent swaps the
+//! programs (link update, see `attach.rs`), copies again what the old programs added meanwhile
+//! (without overwriting what the new ones wrote), pins the new maps in place of the old ones and
+//! removes the old pins. A rollback is the same thing in the other direction: the older agent
+//! reads the newer one's layouts from the `layouts` map, so it needs no knowledge of the future.
+use std::{
+    collections::BTreeMap,
+    io,
+    os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd},
+    path::{Path, PathBuf},
+};
+
+use dataplane_common::{
+    layout::{Described, Field},
+    names, AffinityKey, AffinityValue, Ct4Entry, Ct4Key, Frag4Key, Frag4Ports, Lb4Backend, Lb4Key, Lb4Service, Lb4SlotKey, LocalAddr, NodeConfig, PodIface,
+    PolCtEntry, PolCtKey, PolEndpoint, PolEvKey, PolFragKey, PolRevoked, SockRevKey, SockRevValue, SvcCounters, SvcName,
+};
+use log::{info, warn};
+
+use crate::links::{obj_get, obj_pin, sys_bpf, Attr};
+
+/// The pinned map of layouts: map name (NUL-padded) -> layout text.
+pub const LAYOUTS: &str = "layouts";
+const NAME_LEN: usize = 32;
+const TEXT_LEN: usize = 2048;
+
+/// A map's key and value, field by field.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MapLayout {
+    pub name: &'static str,
+    pub key_size: u32,
+    pub value_size: u32,
+    pub key: Vec<Field>,
+    pub value: Vec<Field>,
+}
+
+fn layout<K: Described, V: Described>(name: &'static str) -> MapLayout {
+    MapLayout { name, key_size: std::mem::size_of::<K>() as u32, value_size: std::mem::size_of::<V>() as u32, key: K::fields(), value: V::fields() }
+}
+
+/// The layout of every map this build pins (the ring buffer of policy events has none: it is
+/// never copied, only recreated).
+pub fn layouts() -> Vec<MapLayout> {
+    vec![
+        layout::<Lb4Key, Lb4Service>(names::SERVICES),
+        layout::<Lb4SlotKey, u32>(names::SLOTS),
+        layout::<u32, Lb4Backend>(names::BACKENDS),
+        layout::<Ct4Key, Ct4Entry>(names::CONNTRACK),
+        layout::<Ct4Key, Ct4Entry>(names::CONNTRACK_ASSURED),
+        layout::<Frag4Key, Frag4Ports>(names::FRAGMENTS),
+        layout::<[u8; 8], u32>(names::SERVICE_CIDRS),
+        layout::<u32, u64>(names::STATS),
+        layout::<AffinityKey, AffinityValue>(names::AFFINITY),
+        layout::<[u8; 12], u32>(names::SOURCE_RANGES),
+        layout::<u32, NodeConfig>(names::CONFIG),
+        layout::<u32, u32>(names::CHASH),
+        layout::<u32, SvcCounters>(names::SVC_STATS),
+        layout::<u32, SvcName>(names::SVC_NAMES),
+        layout::<[u8; 8], u32>(names::POL_IPCACHE),
+        layout::<u32, PolEndpoint>(names::POL_ENDPOINTS),
+        layout::<[u8; 16], u32>(names::POL_RULES),
+        layout::<PolCtKey, PolCtEntry>(names::POL_CONNTRACK),
+        layout::<PolCtKey, PolCtEntry>(names::POL_CONNTRACK_ASSURED),
+        layout::<PolFragKey, u32>(names::POL_FRAGMENTS),
+        layout::<PolEvKey, u64>(names::POL_EVENT_LIMIT),
+        layout::<u32, [u32; 2]>(names::CT_SOURCES),
+        layout::<PolCtKey, PolRevoked>(names::POL_REVOKED),
+        layout::<u32, u64>(names::POL_DROPS),
+        layout::<u32, SvcName>(names::POL_NAMES),
+        layout::<u32, SvcName>(names::POD_NAMES),
+        layout::<u32, SvcName>(names::IDENTITY_NAMES),
+        layout::<SockRevKey, SockRevValue>(names::SOCK_REV),
+        layout::<u32, LocalAddr>(names::LOCAL_ADDRS),
+        layout::<u32, PodIface>(names::POD_IFACES),
+    ]
+}
+
+fn fields_text(fields: &[Field]) -> String {
+    fields.iter().map(|f| format!("{}@{}+{}", f.name, f.offset, f.size)).collect::<Vec<_>>().join(",")
+}
+
+impl MapLayout {
+    /// The recorded form: `key=SIZE:name@off+size,...;value=SIZE:...`.
+    pub fn text(&self) -> String {
+        format!("key={}:{};value={}:{}", self.key_size, fields_text(&self.key), self.value_size, fields_text(&self.value))
+    }
+}
+
+/// A layout as recorded by some version: sizes and (name, offset, size) of each field.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Recorded {
+    pub key_size: u32,
+    pub value_size: u32,
+    pub key: Vec<(String, usize, usize)>,
+    pub value: Vec<(String, usize, usize)>,
+}
+
+impl Recorded {
+    pub fn parse(text: &str) -> Option<Recorded> {
+        let part = |p: &str, tag: &str| -> Option<(u32, Vec<(String, usize, usize)>)> {
+            let (size, fields) = p.strip_prefix(tag)?.split_once(':')?;
+            let fields = fields
+                .split(',')
+                .filter(|f| !f.is_empty())
+                .map(|f| {
+                    let (name, rest) = f.split_once('@')?;
+                    let (off, size) = rest.split_once('+')?;
+                    Some((name.to_string(), off.parse().ok()?, size.parse().ok()?))
+                })
+                .collect::<Option<Vec<_>>>()?;
+            Some((size.parse().ok()?, fields))
+        };
+        let (k, v) = text.split_once(';')?;
+        let (key_size, key) = part(k, "key=")?;
+        let (value_size, value) = part(v, "value=")?;
+        Some(Recorded { key_size, value_size, key, value })
+    }
+
+    fn of(l: &MapLayout) -> Recorded {
+        Recorded::parse(&l.text()).expect("own layout parses")
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Raw map access (any key and value size, per-CPU values, maps of maps)
+
+const BPF_MAP_CREATE: u32 = 0;
+const BPF_MAP_LOOKUP_ELEM: u32 = 1;
+const BPF_MAP_UPDATE_ELEM: u32 = 2;
+const BPF_MAP_GET_NEXT_KEY: u32 = 4;
+const BPF_MAP_GET_FD_BY_ID: u32 = 14;
+const BPF_OBJ_GET_INFO_BY_FD: u32 = 15;
+const BPF_ANY: u64 = 0;
+const BPF_NOEXIST: u64 = 1;
+
+const MAP_HASH: u32 = 1;
+const MAP_ARRAY: u32 = 2;
+const MAP_PERCPU_HASH: u32 = 5;
+const MAP_PERCPU_ARRAY: u32 = 6;
+const MAP_LRU_PERCPU_HASH: u32 = 10;
+const MAP_HASH_OF_MAPS: u32 = 13;
+const MAP_RINGBUF: u32 = 27;
+
+/// What the kernel says of a map.
+#[derive(Clone, Copy, Debug)]
+pub struct MapInfo {
+    pub kind: u32,
+    pub key_size: u32,
+    pub value_size: u32,
+    pub max_entries: u32,
+}
+
+pub fn map_info(fd: BorrowedFd<'_>) -> io::Result<MapInfo> {
+    let mut info = [0u8; 88];
+    sys_bpf(BPF_OBJ_GET_INFO_BY_FD, Attr::new().u32(0, fd.as_raw_fd() as u32).u32(4, info.len() as u32).u64(8, info.as_mut_ptr() as u64))?;
+    let at = |o: usize| u32::from_ne_bytes(info[o..o + 4].try_into().unwrap());
+    Ok(MapInfo { kind: at(0), key_size: at(8), value_size: at(12), max_entries: at(16) })
+}
+
+fn percpu(kind: u32) -> bool {
+    matches!(kind, MAP_PERCPU_HASH | MAP_PERCPU_ARRAY | MAP_LRU_PERCPU_HASH)
+}
+
+fn is_array(kind: u32) -> bool {
+    matches!(kind, MAP_ARRAY | MAP_PERCPU_ARRAY)
+}
+
+fn possible_cpus() -> usize {
+    aya::util::nr_cpus().unwrap_or(1)
+}
+
+/// The bytes a lookup of a value of `info` fills.
+fn value_buf_len(info: &MapInfo) -> usize {
+    if percpu(info.kind) { (info.value_size as usize).div_ceil(8) * 8 * possible_cpus() } else { info.value_size as usize }
+}
+
+fn next_key(fd: BorrowedFd<'_>, key: Option<&[u8]>, next: &mut [u8]) -> io::Result<bool> {
+    let a = Attr::new().u32(0, fd.as_raw_fd() as u32).u64(8, key.map_or(0, |k| k.as_ptr() as u64)).u64(16, next.as_mut_ptr() as u64);
+    match sys_bpf(BPF_MAP_GET_NEXT_KEY, a) {
+        Ok(_) => Ok(true),
+        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
+fn lookup(fd: BorrowedFd<'_>, key: &[u8], value: &mut [u8]) -> io::Result<bool> {
+    let a = Attr::new().u32(0, fd.as_raw_fd() as u32).u64(8, key.as_ptr() as u64).u64(16, value.as_mut_ptr() as u64);
+    match sys_bpf(BPF_MAP_LOOKUP_ELEM, a) {
+        Ok(_) => Ok(true),
+        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
+fn update(fd: BorrowedFd<'_>, key: &[u8], value: &[u8], flags: u64) -> io::Result<()> {
+    sys_bpf(BPF_MAP_UPDATE_ELEM, Attr::new().u32(0, fd.as_raw_fd() as u32).u64(8, key.as_ptr() as u64).u64(16, value.as_ptr() as u64).u64(24, flags)).map(drop)
+}
+
+fn map_fd_by_id(id: u32) -> io::Result<OwnedFd> {
+    let fd = sys_bpf(BPF_MAP_GET_FD_BY_ID, Attr::new().u32(0, id))?;
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
+/// Creates the `layouts` map (a plain hash, made by the agent, not the object).
+fn create_layouts_map() -> io::Result<OwnedFd> {
+    let name = b"ferry_layouts\0";
+    let mut a = Attr::new().u32(0, MAP_HASH).u32(4, NAME_LEN as u32).u32(8, TEXT_LEN as u32).u32(12, 128);
+    a.0[28..28 + name.len()].copy_from_slice(name);
+    let fd = sys_bpf(BPF_MAP_CREATE, a)?;
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
+fn name_key(name: &str) -> [u8; NAME_LEN] {
+    let mut k = [0u8; NAME_LEN];
+    let b = name.as_bytes();
+    k[..b.len().min(NAME_LEN)].copy_from_slice(&b[..b.len().min(NAME_LEN)]);
+    k
+}
+
+/// Every recorded layout under `dir`: pin name -> layout text.
+pub fn recorded(dir: &Path) -> BTreeMap<String, String> {
+    let mut out = BTreeMap::new();
+    let Ok(fd) = obj_get(&dir.join(LAYOUTS)) else { return out };
+    let (mut key, mut next, mut text) = ([0u8; NAME_LEN], [0u8; NAME_LEN], vec![0u8; TEXT_LEN]);
+    let mut first = true;
+    for _ in 0..1024 {
+        match next_key(fd.as_fd(), (!first).then_some(&key[..]), &mut next) {
+            Ok(true) => {}
+            _ => break,
+        }
+        first = false;
+        key = next;
+        if lookup(fd.as_fd(), &key, &mut text).unwrap_or(false) {
+            let name = String::from_utf8_lossy(&key[..key.iter().position(|&c| c == 0).unwrap_or(NAME_LEN)]).into_owned();
+            let t = String::from_utf8_lossy(&text[..text.iter().position(|&c| c == 0).unwrap_or(TEXT_LEN)]).into_owned();
+            out.insert(name, t);
+        }
+    }
+    out
+}
+
+/// Records this build's layouts (and forgets the names in `gone`).
+fn record(dir: &Path, gone: &[String]) -> io::Result<()> {
+    let path = dir.join(LAYOUTS);
+    let fd = match obj_get(&path) {
+        Ok(fd) => fd,
+        Err(_) => {
+            let fd = create_layouts_map()?;
+            obj_pin(fd.as_fd(), &path)?;
+            fd
+        }
+    };
+    for l in layouts() {
+        let mut text = [0u8; TEXT_LEN];
+        let t = l.text();
+        text[..t.len().min(TEXT_LEN)].copy_from_slice(&t.as_bytes()[..t.len().min(TEXT_LEN)]);
+        update(fd.as_fd(), &name_key(l.name), &text, BPF_ANY)?;
+    }
+    for g in gone {
+        let _ = sys_bpf(3 /* BPF_MAP_DELETE_ELEM */, Attr::new().u32(0, fd.as_raw_fd() as u32).u64(8, name_key(g).as_ptr() as u64));
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// The plan and the copy
+
+/// A map to be created anew and filled from an old pin.
+#[derive(Debug)]
+pub struct Move {
+    pub name: &'static str,
+    /// The old pin (the same name, or an older/newer name of the same map).
+    pub from: String,
+    pub old: Recorded,
+    /// Why: "layout" or "capacity".
+    pub why: &'static str,
+}
+
+/// The name without its `_vN` layout version: the same map across versions.
+pub fn base_name(name: &str) -> &str {
+    match name.rfind("_v") {
+        Some(i) if i + 2 < name.len() && name[i + 2..].bytes().all(|b| b.is_ascii_digit()) => &name[..i],
+        _ => name,
+    }
+}
+
+/// The temporary pin of a new map until it replaces an old one of the same name.
+fn staging(name: &str) -> String {
+    format!(".{name}.new")
+}
+
+/// Decides, before the object is loaded, which pinned maps are used as they are and which are
+/// replaced by new maps filled from them. `capacities`: the max_entries this start asks for.
+/// A pin of another layout that no version recorded (an agent from before layouts were
+/// recorded) cannot be read field by field: refused by name, the running datapath untouched.
+pub fn plan(dir: &Path, capacities: &[(&'static str, u32)]) -> Result<Vec<Move>, crate::error::LoadError> {
+    let rec = recorded(dir);
+    let pins: Vec<String> = std::fs::read_dir(dir).map(|rd| rd.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect()).unwrap_or_default();
+    for p in pins.iter().filter(|p| p.starts_with('.') && p.ends_with(".new")) {
+        // A copy an interrupted start left behind: never pinned in place, so never served.
+        let _ = std::fs::remove_file(dir.join(p));
+    }
+    let mut moves = Vec::new();
+    for l in layouts() {
+        let mine = Recorded::of(&l);
+        let path = dir.join(l.name);
+        if path.exists() {
+            let info = obj_get(&path).and_then(|fd| map_info(fd.as_fd())).map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", path.display())))?;
+            let cap = capacities.iter().find(|(n, _)| *n == l.name).map(|(_, c)| *c);
+            match rec.get(l.name).and_then(|t| Recorded::parse(t)) {
+                Some(old) if old != mine => moves.push(Move { name: l.name, from: l.name.to_string(), old, why: "layout" }),
+                Some(old) if cap.is_some_and(|c| c != info.max_entries) => moves.push(Move { name: l.name, from: l.name.to_string(), old, why: "capacity" }),
+                Some(_) => {}
+                None if info.key_size == l.key_size && info.value_size == l.value_size => {
+                    // Pinned by an agent that recorded no layouts: same name, same sizes, same map
+                    // (the naming rule). A capacity change is carried over the same way.
+                    if cap.is_some_and(|c| c != info.max_entries) {
+                        moves.push(Move { name: l.name, from: l.name.to_string(), old: mine.clone(), why: "capacity" });
+                    }
+                }
+                None => {
+                    let (what, found, expected) =
+                        if info.key_size != l.key_size { ("key size", info.key_size, l.key_size) } else { ("value size", info.value_size, l.value_size) };
+                    return Err(crate::error::LoadError::PinnedMismatch { path: path.display().to_string(), what, found, expected });
+                }
+            }
+            continue;
+        }
+        // Not pinned under this name: the same map under another version's name?
+        let other = pins.iter().filter(|p| *p != l.name && base_name(p) == base_name(l.name) && rec.contains_key(*p)).max();
+        if let Some(p) = other {
+            if let Some(old) = rec.get(p).and_then(|t| Recorded::parse(t)) {
+                moves.push(Move { name: l.name, from: p.clone(), old, why: "layout" });
+            }
+        }
+    }
+    Ok(moves)
+}
+
+/// Converts one key or value from the old layout to the new one: fields by name and size; the
+/// rest zero. The same layout copies as is.
+fn convert(old: &[u8], old_fields: &[(String, usize, usize)], new_fields: &[Field], new_size: usize) -> Vec<u8> {
+    let mut out = vec![0u8; new_size];
+    for f in new_fields {
+        if let Some((_, off, size)) = old_fields.iter().find(|(n, _, s)| n == f.name && *s == f.size) {
+            if off + size <= old.len() && f.offset + f.size <= new_size {
+                out[f.offset..f.offset + f.size].copy_from_slice(&old[*off..off + size]);
+            }
+        }
+    }
+    out
+}
+
+/// What one copy did.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Copied {
+    pub copied: u64,
+    pub failed: u64,
+}
+
+/// Copies every entry of `from` (old layout) into `to` (this build's `l`). `flags`: BPF_ANY for
+/// the first pass, BPF_NOEXIST for the second (entries the new programs wrote stay theirs).
+fn copy(from: BorrowedFd<'_>, old: &Recorded, to: BorrowedFd<'_>, l: &MapLayout, flags: u64) -> io::Result<Copied> {
+    let oi = map_info(from)?;
+    let ni = map_info(to)?;
+    let mut c = Copied::default();
+    if oi.kind == MAP_RINGBUF || ni.kind == MAP_RINGBUF || (flags == BPF_NOEXIST && is_array(ni.kind)) {
+        return Ok(c);
+    }
+    let (mut key, mut next) = (vec![0u8; oi.key_size as usize], vec![0u8; oi.key_size as usize]);
+    let mut val = vec![0u8; value_buf_len(&oi)];
+    let cpus = if percpu(oi.kind) { possible_cpus() } else { 1 };
+    let (ostride, nstride) = ((oi.value_size as usize).div_ceil(8) * 8, (ni.value_size as usize).div_ceil(8) * 8);
+    let mut first = true;
+    // Bounded: a map changing under the walk can send it back to its start.
+    for _ in 0..(oi.max_entries as u64 * 2 + 16) {
+        if !next_key(from, (!first).then_some(&key[..]), &mut next)? {
+            break;
+        }
+        first = false;
+        std::mem::swap(&mut key, &mut next);
+        if !lookup(from, &key, &mut val)? {
+            continue;
+        }
+        let nk = convert(&key, &old.key, &l.key, ni.key_size as usize);
+        let nv = if oi.kind == MAP_HASH_OF_MAPS {
+            // The value is the inner map: its id read back, its fd written.
+            let id = u32::from_ne_bytes(val[..4].try_into().unwrap());
+            let inner = map_fd_by_id(id)?;
+            let r = update(to, &nk, &(inner.as_raw_fd() as u32).to_ne_bytes(), flags);
+            tally(&mut c, r)?;
+            continue;
+        } else if cpus > 1 {
+            let mut v = vec![0u8; nstride * cpus];
+            for cpu in 0..cpus {
+                let conv = convert(&val[cpu * ostride..cpu * ostride + oi.value_size as usize], &old.value, &l.value, ni.value_size as usize);
+                v[cpu * nstride..cpu * nstride + conv.len()].copy_from_slice(&conv);
+            }
+            v
+        } else {
+            convert(&val[..oi.value_size as usize], &old.value, &l.value, ni.value_size as usize)
+        };
+        tally(&mut c, update(to, &nk, &nv, flags))?;
+    }
+    Ok(c)
+}
+
+fn tally(c: &mut Copied, r: io::Result<()>) -> io::Result<()> {
+    match r {
+        Ok(()) => c.copied += 1,
+        // Already written by the new programs (second pass), or the new map is full.
+        Err(e) if e.raw_os_error() == Some(libc::EEXIST) => {}
+        Err(e) if matches!(e.raw_os_error(), Some(libc::E2BIG) | Some(libc::ENOSPC) | Some(libc::ENOMEM)) => c.failed += 1,
+        Err(e) => return Err(e),
+    }
+    Ok(())
+}
+
+/// A migration in progress: the new maps are loaded (pinned aside), filled once from the old
+/// ones, and wait for the programs to be swapped before [`Migration::finish`].
+pub struct Migration {
+    dir: PathBuf,
+    moves: Vec<Move>,
+}
+
+impl Migration {
+    /// Nothing to migrate.
+    pub fn none(dir: &Path) -> Self {
+        Migration { dir: dir.to_path_buf(), moves: Vec::new() }
+    }
+
+    pub fn new(dir: &Path, moves: Vec<Move>) -> Self {
+        Migration { dir: dir.to_path_buf(), moves }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.moves.is_empty()
+    }
+
+    /// Where the new map of a move is pinned until it takes the old one's place.
+    fn new_pin(&self, m: &Move) -> PathBuf {
+        if m.from == m.name { self.dir.join(staging(m.name)) } else { self.dir.join(m.name) }
+    }
+
+    /// Pins the new maps aside and fills them from the old pins (the old programs serve on).
+    pub fn first_pass(&self, ebpf: &aya::Ebpf) -> Result<(), crate::error::LoadError> {
+        let layouts = layouts();
+        for m in &self.moves {
+            let l = layouts.iter().find(|l| l.name == m.name).expect("a move is of a known map");
+            let new_pin = self.new_pin(m);
+            let map = ebpf.map(m.name).ok_or(crate::error::LoadError::MissingMap { name: m.name })?;
+            let _ = std::fs::remove_file(&new_pin);
+            map.pin(&new_pin).map_err(|e| io::Error::other(format!("pinning {}: {e}", new_pin.display())))?;
+            let (from, to) = (obj_get(&self.dir.join(&m.from))?, obj_get(&new_pin)?);
+            let c = copy(from.as_fd(), &m.old, to.as_fd(), l, BPF_ANY).map_err(|e| io::Error::new(e.kind(), format!("copying {} into {}: {e}", m.from, m.name)))?;
+            info!(
+                "map {}: {} changed ({}), {} entries copied from {} while the old programs serve{}",
+                m.name,
+                m.why,
+                describe_change(&m.old, l),
+                c.copied,
+                m.from,
+                if c.failed > 0 { format!("; {} did not fit", c.failed) } else { String::new() }
+            );
+        }
+        Ok(())
+    }
+
+    /// After the programs were swapped: copies what the old programs added since the first
+    /// pass, puts the new maps in place of the old pins, and records this build's layouts. Maps
+    /// another version recorded and this one does not use are removed (their state lives on in
+    /// the maps they were copied into).
+    pub fn finish(self) -> io::Result<()> {
+        let layouts = layouts();
+        for m in &self.moves {
+            let l = layouts.iter().find(|l| l.name == m.name).expect("known map");
+            let new_pin = self.new_pin(m);
+            let old_pin = self.dir.join(&m.from);
+            if let (Ok(from), Ok(to)) = (obj_get(&old_pin), obj_get(&new_pin)) {
+                let c = copy(from.as_fd(), &m.old, to.as_fd(), l, BPF_NOEXIST)?;
+                if c.copied > 0 {
+                    info!("map {}: {} more entries copied from {} (made by the old programs before the swap)", m.name, c.copied, m.from);
+                }
+            }
+            std::fs::remove_file(&old_pin)?;
+            if m.from == m.name {
+                std::fs::rename(&new_pin, self.dir.join(m.name))?;
+            }
+        }
+        let rec = recorded(&self.dir);
+        let ours: Vec<&str> = layouts.iter().map(|l| l.name).collect();
+        let mut gone = Vec::new();
+        for name in rec.keys().filter(|n| !ours.contains(&n.as_str())) {
+            let p = self.dir.join(name);
+            if p.exists() {
+                match std::fs::remove_file(&p) {
+                    Ok(()) => info!("map {name}: pinned by another version of Ferry, not used by this one: removed"),
+                    Err(e) => warn!("map {name}: {e}"),
+                }
+            }
+            gone.push(name.clone());
+        }
+        record(&self.dir, &gone)
+    }
+}
+
+/// "value 56 -> 64 bytes: + upgrade_mark; - gone" in words.
+fn describe_change(old: &Recorded, l: &MapLayout) -> String {
+    let mut parts = Vec::new();
+    for (what, os, of, ns, nf) in [("key", old.key_size, &old.key, l.key_size, &l.key), ("value", old.value_size, &old.value, l.value_size, &l.value)] {
+        let added: Vec<&str> = nf.iter().filter(|f| !of.iter().any(|(n, _, s)| n == f.name && *s == f.size)).map(|f| f.name).collect();
+        let removed: Vec<&str> = of.iter().filter(|(n, _, s)| !nf.iter().any(|f| f.name == n && f.size == *s)).map(|(n, _, _)| n.as_str()).collect();
+        if os != ns || !added.is_empty() || !removed.is_empty() {
+            let mut p = format!("{what} {os} -> {ns} bytes");
+            if !added.is_empty() {
+                p += &format!(", new (zero): {}", added.join(" "));
+            }
+            if !removed.is_empty() {
+                p += &format!(", dropped: {}", removed.join(" "));
+            }
+            parts.push(p);
+        }
+    }
+    if parts.is_empty() { "same fields".into() } else { parts.join("; ") }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn layouts_round_trip_and_cover_every_pinned_map() {
+        for l in layouts() {
+            let r = Recorded::parse(&l.text()).unwrap();
+            assert_eq!((r.key_size, r.value_size), (l.key_size, l.value_size));
+            assert!(l.text().len() < TEXT_LEN, "{}", l.name);
+        }
+        let named: Vec<&str> = layouts().iter().map(|l| l.name).collect();
+        for n in names::ALL.iter().filter(|n| **n != names::POL_EVENTS) {
+            assert!(named.contains(n), "{n} has no layout");
+        }
+    }
+
+    #[test]
+    fn base_names_span_versions() {
+        assert_eq!(base_name("ct4_v2"), "ct4");
+        assert_eq!(base_name("ct4_assured_v13"), "ct4_assured");
+        assert_eq!(base_name("pol_ct4_v2"), "pol_ct4");
+        assert_eq!(base_name("layouts"), "layouts");
+        assert_eq!(base_name("x_v"), "x_v");
+    }
+
+    #[test]
+    fn fields_move_by_name_and_new_ones_are_zero() {
+        // Old: a u32 at 0 and a u64 at 8. New: the u64 first, a new u32, the old u32 last.
+        let old = Recorded::parse("key=4:value@0+4;value=16:a@0+4,b@8+8").unwrap();
+        let new = [
+            Field { name: "b", offset: 0, size: 8, align: 8 },
+            Field { name: "c", offset: 8, size: 4, align: 4 },
+            Field { name: "a", offset: 12, size: 4, align: 4 },
+        ];
+        let mut v = vec![0u8; 16];
+        v[..4].copy_from_slice(&7u32.to_ne_bytes());
+        v[8..].copy_from_slice(&9u64.to_ne_bytes());
+        let n = convert(&v, &old.value, &new, 16);
+        assert_eq!(u64::from_ne_bytes(n[..8].try_into().unwrap()), 9);
+        assert_eq!(u32::from_ne_bytes(n[8..12].try_into().unwrap()), 0);
+        assert_eq!(u32::from_ne_bytes(n[12..].try_into().unwrap()), 7);
+        // A field whose size changed is not carried (its meaning may have too).
+        let resized = [Field { name: "a", offset: 0, size: 8, align: 8 }];
+        assert_eq!(convert(&v, &old.value, &resized, 8), vec![0u8; 8]);
+    }
+}
