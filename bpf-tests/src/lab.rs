@@ -524,7 +524,12 @@ impl Cluster {
     /// Starts (or restarts) the agent of node `i` and waits until it has attached to every pod
     /// interface of its node and synced the manifests.
     pub fn start_agent(&mut self, i: usize) {
-        let since = self.spawn_agent(i, &agent_bin(), true, &[]);
+        self.start_agent_bin(i, &agent_bin());
+    }
+
+    /// [`Cluster::start_agent`] with another build of the agent (an upgrade, a rollback).
+    pub fn start_agent_bin(&mut self, i: usize, bin: &Path) {
+        let since = self.spawn_agent(i, bin, true, &[]);
         let pods_here = PODS.iter().filter(|(ni, _, _)| *ni == i).count();
         self.wait_log(i, |l| {
             let l = &l[since.min(l.len())..];

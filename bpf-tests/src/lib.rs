@@ -4,4 +4,5 @@ pub mod fixture;
 pub mod lab;
 pub mod podnet;
 pub mod raw;
+pub mod steady;
 pub use dataplane_agent::packet;

@@ -7,24 +7,12 @@
 //! change backend: 0 failed, asserted.
 //!
 //! The upgrade across a map layout change, and its rollback, is in `upgrade.rs`.
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use bpf_tests::lab::{self, services_yaml, At, Cluster, LabOptions, LoadProc, Svc, SvcPort, TempDir, LOAD_TCP_PORT, LOAD_UDP_PORT};
-
-/// Pod -> ClusterIP (backends on both nodes) and outside -> NodePort (eTP=Cluster, its backend on
-/// node2: node1 translates the source).
-pub fn steady_services() -> Vec<Svc> {
-    vec![
-        Svc::new("steady", "ClusterIP", "10.96.3.10")
-            .port(SvcPort::new("TCP", 80, LOAD_TCP_PORT))
-            .port(SvcPort::new("UDP", 53, LOAD_UDP_PORT))
-            .pods(&["n1-pod2", "n2-pod1", "n2-pod2"]),
-        Svc::new("steady-np", "NodePort", "10.96.3.11")
-            .port(SvcPort::new("TCP", 80, LOAD_TCP_PORT).node_port(30300))
-            .port(SvcPort::new("UDP", 53, LOAD_UDP_PORT).node_port(30301))
-            .pods(&["n2-pod1"]),
-    ]
-}
+use bpf_tests::{
+    lab::{self, services_yaml, Cluster, LabOptions, TempDir},
+    steady::{start_load, steady_services},
+};
 
 fn lab() -> (Cluster, TempDir) {
     let dir = TempDir::new(&format!("restart-{}", lab::run_id()));
@@ -32,48 +20,6 @@ fn lab() -> (Cluster, TempDir) {
     let mut c = Cluster::with_options(&dir.path, LabOptions { load_servers: true, offloads: true, ..Default::default() });
     c.start_agents();
     (c, dir)
-}
-
-/// The two steady loads, running.
-pub struct Load(Vec<(&'static str, LoadProc)>, Instant);
-
-pub fn start_load(c: &Cluster) -> Load {
-    let mut procs = Vec::new();
-    for (what, at, tcp, udp) in
-        [("pod -> ClusterIP", At::Pod("n1-pod1"), "10.96.3.10:80", "10.96.3.10:53"), ("outside -> NodePort (SNAT)", At::Outside, "192.168.77.1:30300", "192.168.77.1:30301")]
-    {
-        let mut p = c.load_spawn(at, &["steady", tcp, udp, "--max-s", "300"]);
-        let first = p.line();
-        assert_eq!(first, "ready", "{what}: {first} {:?}", p.finish());
-        procs.push((what, p));
-    }
-    Load(procs, Instant::now())
-}
-
-impl Load {
-    /// Stops the loads and asserts 0 failures, 0 broken or moved connections, and that each
-    /// loop really ran for the whole time.
-    pub fn finish(self, during: &str) {
-        let secs = self.1.elapsed().as_secs_f64();
-        let mut report = Vec::new();
-        let mut bad = false;
-        for (what, p) in self.0 {
-            let lines = p.finish();
-            let last = lines.last().cloned().unwrap_or_default();
-            let field = |prefix: &str, key: &str| -> u64 {
-                lines.iter().find(|l| l.starts_with(prefix)).and_then(|l| l.split_whitespace().find_map(|w| w.strip_prefix(&format!("{key}=")))).and_then(|v| v.parse().ok()).unwrap_or(0)
-            };
-            // At least half the requests the period allows (the loops wait for each answer).
-            let (long, conn, udp) = (field("long", "ok"), field("conn", "ok"), field("udp", "ok"));
-            let enough = long as f64 >= secs * 20.0 * 0.5 && conn as f64 >= secs * 10.0 * 0.5 && udp as f64 >= secs * 10.0 * 0.5;
-            if !last.ends_with(" 0 failed") || field("long", "broken") != 0 || field("long", "moved") != 0 || !enough {
-                bad = true;
-            }
-            report.push(format!("{what} ({secs:.1} s):\n  {}", lines.join("\n  ")));
-        }
-        assert!(!bad, "failures through {during}:\n{}", report.join("\n"));
-        eprintln!("{during}: {}", report.join("\n"));
-    }
 }
 
 /// Waits (bounded) until node `i`'s log, from `since`, satisfies `f`.

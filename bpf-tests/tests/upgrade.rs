@@ -1,0 +1,146 @@
+//! An upgrade across a map layout change, and its rollback, under production's steady load (see
+//! `restart.rs`): the test builds a second agent from this very tree with the conntrack value
+//! changed (a new field, `upgrade_mark`, so 56 -> 64 bytes, and the maps renamed `ct4_v2` ->
+//! `ct4_v3` as the layout rule asks), then replaces node1's agent by it and back. Established
+//! connections keep their backends, no request fails, and the maps are migrated both ways.
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+    sync::OnceLock,
+    time::Duration,
+};
+
+use bpf_tests::{
+    lab::{self, services_yaml, Cluster, LabOptions, TempDir},
+    steady,
+};
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+}
+
+fn sh(cmd: &mut Command) {
+    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
+    assert!(out.status.success(), "{cmd:?}:\n{}\n{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+}
+
+/// Replaces `from` by `to` in `file`, exactly `n` times.
+fn patch(file: &Path, from: &str, to: &str, n: usize) {
+    let s = std::fs::read_to_string(file).unwrap();
+    assert_eq!(s.matches(from).count(), n, "{}: {from:?}", file.display());
+    std::fs::write(file, s.replace(from, to)).unwrap();
+}
+
+/// Replaces the identifier `from` (whole words only) by `to` in every .rs file under `dir`.
+fn rename_ident(dir: &Path, from: &str, to: &str) {
+    for e in std::fs::read_dir(dir).unwrap().flatten() {
+        let p = e.path();
+        if p.extension().is_some_and(|x| x == "rs") {
+            let s = std::fs::read_to_string(&p).unwrap();
+            let mut out = String::with_capacity(s.len());
+            let mut rest = s.as_str();
+            while let Some(i) = rest.find(from) {
+                let before = rest[..i].chars().next_back();
+                let after = rest[i + from.len()..].chars().next();
+                let word = |c: Option<char>| c.is_some_and(|c| c.is_alphanumeric() || c == '_');
+                out.push_str(&rest[..i]);
+                out.push_str(if word(before) || word(after) { from } else { to });
+                rest = &rest[i + from.len()..];
+            }
+            out.push_str(rest);
+            std::fs::write(&p, out).unwrap();
+        }
+    }
+}
+
+/// The agent built from a copy of this tree with the conntrack value changed, built once per
+/// test run (its dependencies are cached in target/upgrade-test).
+fn changed_agent() -> &'static Path {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        let root = repo();
+        let src = TempDir::new(&format!("upgrade-src-{}", lab::run_id()));
+        let files = Command::new("git").args(["ls-files", "-co", "--exclude-standard", "-z"]).current_dir(&root).output().expect("git ls-files");
+        assert!(files.status.success());
+        for f in String::from_utf8_lossy(&files.stdout).split('\0').filter(|f| !f.is_empty()) {
+            let to = src.path.join(f);
+            std::fs::create_dir_all(to.parent().unwrap()).unwrap();
+            if root.join(f).is_file() {
+                std::fs::copy(root.join(f), &to).unwrap();
+            }
+        }
+        let common = src.path.join("dataplane-common/src/lib.rs");
+        patch(
+            &common,
+            "    /// Past this the entry counts as absent on the packet path, and garbage collection deletes it.\n    pub expires_ns: u64,\n}",
+            "    /// Past this the entry counts as absent on the packet path, and garbage collection deletes it.\n    pub expires_ns: u64,\n    /// The upgrade test's new field.\n    pub upgrade_mark: u64,\n}",
+            1,
+        );
+        patch(&common, "size_of::<Ct4Entry>() == 56", "size_of::<Ct4Entry>() == 64", 1);
+        patch(&common, "\"ct4_v2\"", "\"ct4_v3\"", 1);
+        patch(&common, "\"ct4_assured_v2\"", "\"ct4_assured_v3\"", 1);
+        patch(&src.path.join("dataplane-common/src/layout.rs"), "last_seen_ns, expires_ns });\nfields!(NodeConfig", "last_seen_ns, expires_ns, upgrade_mark });\nfields!(NodeConfig", 1);
+        rename_ident(&src.path.join("dataplane-ebpf/src"), "ct4_v2", "ct4_v3");
+        rename_ident(&src.path.join("dataplane-ebpf/src"), "ct4_assured_v2", "ct4_assured_v3");
+        let target = root.join("target/upgrade-test");
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        sh(Command::new(&cargo).args(["run", "-q", "-p", "xtask", "--", "build-ebpf"]).current_dir(&src.path).env("CARGO_TARGET_DIR", &target));
+        let object = target.join("bpfel-unknown-none/release/dataplane-ebpf");
+        sh(Command::new(&cargo).args(["build", "-q", "-p", "dataplane-agent", "--bin", "dataplane-agent"]).current_dir(&src.path).env("CARGO_TARGET_DIR", &target).env("FERRY_EBPF_OBJECT", &object));
+        let bin = target.join("debug/dataplane-agent");
+        // Kept beside the lab's other binaries for the rest of the run (the source copy goes).
+        let kept = root.join("target/upgrade-test/dataplane-agent-ct4-v3");
+        std::fs::copy(&bin, &kept).unwrap();
+        kept
+    })
+}
+
+/// (key size, value size) of a map pinned under node `i`'s pin directory, or None.
+fn pinned(c: &Cluster, i: usize, name: &str) -> Option<(u32, u32)> {
+    let fd = dataplane_agent::links::obj_get(&c.nodes[i].pin.path.join(name)).ok()?;
+    let info = dataplane_agent::migrate::map_info(std::os::fd::AsFd::as_fd(&fd)).ok()?;
+    Some((info.key_size, info.value_size))
+}
+
+#[test]
+fn an_upgrade_across_a_conntrack_layout_change_and_its_rollback_lose_nothing() {
+    let changed = changed_agent();
+    let dir = TempDir::new(&format!("upgrade-{}", lab::run_id()));
+    std::fs::write(dir.path.join("steady.yaml"), services_yaml(&steady::steady_services())).unwrap();
+    let mut c = Cluster::with_options(&dir.path, LabOptions { load_servers: true, offloads: true, ..Default::default() });
+    c.start_agents();
+    let load = steady::start_load(&c);
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(pinned(&c, 0, "ct4_assured_v2"), Some((16, 56)));
+
+    // The upgrade.
+    c.stop_agent(0);
+    let since = c.agent_log(0).len();
+    c.start_agent_bin(0, changed);
+    let log = c.agent_log(0)[since..].to_string();
+    let copied = |map: &str, from: &str| -> u64 {
+        log.lines()
+            .find(|l| l.contains(&format!("map {map}: layout changed")) && l.contains(&format!("copied from {from} ")))
+            .and_then(|l| l.split(" entries copied").next()?.rsplit(' ').next()?.parse().ok())
+            .unwrap_or_else(|| panic!("no migration of {map} from {from}:\n{log}"))
+    };
+    assert!(log.contains("value 56 -> 64 bytes, new (zero): upgrade_mark"), "{log}");
+    // The long-lived connections (and what the short ones left) are assured entries.
+    assert!(copied("ct4_assured_v3", "ct4_assured_v2") >= 4, "{log}");
+    copied("ct4_v3", "ct4_v2");
+    assert!(log.matches("adopted: program replaced in place").count() >= 12, "{log}");
+    assert_eq!((pinned(&c, 0, "ct4_assured_v3"), pinned(&c, 0, "ct4_assured_v2")), (Some((16, 64)), None));
+    assert_eq!((pinned(&c, 0, "ct4_v3"), pinned(&c, 0, "ct4_v2")), (Some((16, 64)), None));
+    std::thread::sleep(Duration::from_secs(2));
+
+    // The rollback: the older agent reads the newer layout from the pinned record.
+    c.stop_agent(0);
+    let since = c.agent_log(0).len();
+    c.start_agent(0);
+    let log = c.agent_log(0)[since..].to_string();
+    assert!(log.contains("map ct4_assured_v2: layout changed (value 64 -> 56 bytes, dropped: upgrade_mark)"), "{log}");
+    assert!(log.contains("map ct4_assured_v3: pinned by another version of Ferry, not used by this one: removed"), "{log}");
+    assert_eq!((pinned(&c, 0, "ct4_assured_v2"), pinned(&c, 0, "ct4_assured_v3")), (Some((16, 56)), None));
+    std::thread::sleep(Duration::from_secs(2));
+    load.finish("an upgrade across a conntrack layout change and its rollback");
+}
