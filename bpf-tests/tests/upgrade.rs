@@ -139,7 +139,7 @@ fn an_upgrade_across_a_conntrack_layout_change_and_its_rollback_lose_nothing() {
     c.start_agent(0);
     let log = c.agent_log(0)[since..].to_string();
     assert!(log.contains("map ct4_assured_v2: layout changed (value 64 -> 56 bytes, dropped: upgrade_mark)"), "{log}");
-    assert!(log.contains("map ct4_assured_v3: pinned by another version of Ferry, not used by this one: removed"), "{log}");
+    assert!(log.contains("map ct4_assured_v2: pinned in place of ct4_assured_v3, which is removed"), "{log}");
     assert_eq!((pinned(&c, 0, "ct4_assured_v2"), pinned(&c, 0, "ct4_assured_v3")), (Some((16, 56)), None));
     std::thread::sleep(Duration::from_secs(2));
     load.finish("an upgrade across a conntrack layout change and its rollback");

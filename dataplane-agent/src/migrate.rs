@@ -497,6 +497,9 @@ impl Migration {
             std::fs::remove_file(&old_pin)?;
             if m.from == m.name {
                 std::fs::rename(&new_pin, self.dir.join(m.name))?;
+                info!("map {}: the new map is pinned in place of the old one", m.name);
+            } else {
+                info!("map {}: pinned in place of {}, which is removed", m.name, m.from);
             }
         }
         let rec = recorded(&self.dir);
