@@ -240,3 +240,30 @@ fn cleanup_removes_exactly_kube_proxys_rules() {
     assert!(again.lines().filter(|l| l.starts_with("ip")).all(|l| l.contains(": 0 kube-proxy chains and 0 jumps")), "{again}");
     assert!(again.contains("nftables: no kube-proxy table"), "{again}");
 }
+
+/// The take-over (`run --cleanup-kube-proxy`): kube-proxy's rules go only once Ferry's datapath
+/// is attached and its first sync succeeded. An agent that cannot sync (the API server
+/// unreachable) leaves them alone, so a node is never without a working proxy.
+#[test]
+fn the_take_over_removes_kube_proxys_rules_only_after_the_first_sync() {
+    use bpf_tests::lab::{Cluster, TempDir};
+    assert!(have("nft"), "no nft on this machine (cargo xtask setup installs nftables)");
+    let dir = TempDir::new(&format!("takeover-{}", run_id()));
+    std::fs::write(dir.path.join("none.yaml"), "").unwrap();
+    let mut c = Cluster::new(&dir.path);
+    pipe(&c.nodes[0].ns, &["nft", "-f", "-"], NFT_KUBE_PROXY);
+    let rules = |c: &Cluster| output(&c.nodes[0].ns, &["nft", "list", "tables"]).contains("table ip kube-proxy");
+    // Cannot sync: attached, serving from whatever is pinned, kube-proxy's rules untouched.
+    let since = c.spawn_agent(0, &agent_bin(), false, &["--master", "http://127.0.0.1:1", "--cleanup-kube-proxy"]);
+    c.wait_log(0, |l| l[since..].contains("datapath attached"));
+    std::thread::sleep(std::time::Duration::from_secs(2));
+    assert!(rules(&c), "kube-proxy's rules removed before any sync:\n{}", c.agent_log(0));
+    c.stop_agent(0);
+    // Syncs: the rules go, after the datapath is attached and the sync done.
+    let since = c.spawn_agent(0, &agent_bin(), true, &["--cleanup-kube-proxy"]);
+    c.wait_log(0, |l| l[since..].contains("took over from kube-proxy"));
+    let log = c.agent_log(0)[since..].to_string();
+    let at = |s: &str| log.find(s).unwrap_or_else(|| panic!("{s:?} not in:\n{log}"));
+    assert!(at("datapath attached") < at("synced ") && at("synced ") < at("took over from kube-proxy"), "{log}");
+    assert!(!rules(&c), "{log}");
+}

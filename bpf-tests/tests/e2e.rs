@@ -597,3 +597,27 @@ fn a_policy_change_cuts_established_flows_it_no_longer_allows_within_a_second() 
         assert!(maps.stat_totals()[dataplane_common::stat::POL_REVOKED as usize] >= 1, "node{} revoked nothing", i + 1);
     }
 }
+
+#[test]
+fn network_policy_off_leaves_policy_to_the_cni_and_clears_what_was_enforced() {
+    let (mut c, _d) = cluster(&ALL, &ALL);
+    let role = |n: &str| if n == "n1-pod2" { "server" } else { "other" };
+    let policy = "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: deny-all, namespace: lab}\nspec:\n  podSelector: {matchLabels: {role: server}}\n  policyTypes: [Ingress]\n";
+    let yaml = format!("{}{policy}", pods_yaml(&c, role));
+    c.write_manifest("policy.yaml", &yaml);
+    c.wait_log(0, |l| l.lines().any(|l| l.contains("synced") && l.contains("isolated_pods=1")));
+    let addr = format!("{}:8080", c.pod_ip("n1-pod2"));
+    let out = c.client_in_pod("n2-pod1", &["tcp", &addr, "1"]);
+    assert!(out.iter().all(|l| l.starts_with("ERR")), "enforced: {out:?}");
+    // The same node and manifests with --enable-network-policy=false: nothing is isolated, the
+    // policy state left by the previous agent is removed.
+    c.stop_agent(0);
+    let since = c.spawn_agent(0, &lab::agent_bin(), true, &["--enable-network-policy=false"]);
+    c.wait_log(0, |l| l[since..].contains("synced "));
+    let log = c.agent_log(0)[since..].to_string();
+    assert!(log.lines().any(|l| l.contains("synced") && l.contains("policies=0 isolated_pods=0")), "{log}");
+    let t = tally(&c.client_in_pod("n2-pod1", &["tcp", &addr, "3"]));
+    assert_eq!(t.get("n1-pod2"), Some(&3), "not enforced: {t:?}\n{log}");
+    let policies = c.nodes[0].ns.cmd(&[lab::agent_bin().to_str().unwrap(), "inspect", "policies", "--pin-dir", c.nodes[0].pin.path.to_str().unwrap()]).output().unwrap();
+    assert!(!String::from_utf8_lossy(&policies.stdout).contains("deny-all"), "{}", String::from_utf8_lossy(&policies.stdout));
+}
