@@ -256,3 +256,56 @@ fn pinned_maps_of_an_older_layout_are_named_as_unused() {
     assert!(st.success());
     assert_eq!(loader::unused_pins(&dir.path), vec!["ct4_v1".to_string()]);
 }
+
+#[test]
+fn a_new_conntrack_capacity_keeps_the_tracked_connections() {
+    let pin = pin_dir();
+    let (ebpf, mut maps) = load_pinned(&pin.path);
+    let mut rec = Reconciler::new();
+    rec.sync(&desired(SVC), &Default::default(), &mut maps);
+    run_prog(&ebpf, dataplane_common::progs::FROM_POD, &tcp((ip("10.0.0.2"), 4000), (ip("172.30.0.10"), 80), true, b""));
+    drop((ebpf, maps, rec));
+    let listed = |dir: &std::path::Path| dataplane_agent::inspect::conntrack(dir).unwrap();
+    assert!(listed(&pin.path).contains("10.0.0.2:4000"), "{}", listed(&pin.path));
+
+    // A restart with twice the capacity (`--conntrack-capacity`): a bigger map, the same entries.
+    let caps: Vec<(&'static str, u32)> = loader::PRIVATE_CAPACITIES.iter().map(|&(n, c)| (n, if n == names::CONNTRACK { c * 2 } else { c })).collect();
+    let ebpf = loader::load_with(Some(&pin.path), &caps).unwrap();
+    let fd = dataplane_agent::links::obj_get(&pin.path.join(names::CONNTRACK)).unwrap();
+    let info = dataplane_agent::migrate::map_info(std::os::fd::AsFd::as_fd(&fd)).unwrap();
+    assert_eq!(info.max_entries, caps.iter().find(|(n, _)| *n == names::CONNTRACK).unwrap().1);
+    assert!(listed(&pin.path).contains("10.0.0.2:4000"), "{}", listed(&pin.path));
+    drop(ebpf);
+}
+
+#[test]
+fn a_map_of_another_recorded_layout_under_the_same_name_is_converted_field_by_field() {
+    let pin = pin_dir();
+    std::fs::create_dir_all(&pin.path).unwrap();
+    // A backend map as a newer Ferry could have it: a `weight` field appended (12 bytes).
+    let path = pin.path.join(names::BACKENDS);
+    let st = Command::new("bpftool")
+        .args(["map", "create", path.to_str().unwrap(), "type", "hash", "key", "4", "value", "12", "entries", "64", "name", names::BACKENDS, "flags", "1"])
+        .status()
+        .unwrap();
+    assert!(st.success());
+    // Backend 7: 10.0.1.9:8080/TCP, flags 1, weight 5.
+    let st = Command::new("bpftool")
+        .args(["map", "update", "pinned", path.to_str().unwrap(), "key", "7", "0", "0", "0", "value", "10", "0", "1", "9", "0x1f", "0x90", "6", "1", "5", "0", "0", "0"])
+        .status()
+        .unwrap();
+    assert!(st.success());
+    dataplane_agent::migrate::record_one(&pin.path, names::BACKENDS, "key=4:value@0+4;value=12:addr_be@0+4,port_be@4+2,proto@6+1,flags@7+1,weight@8+4").unwrap();
+    let ebpf = loader::load_with(Some(&pin.path), &loader::PRIVATE_CAPACITIES).unwrap();
+    let fd = dataplane_agent::links::obj_get(&path).unwrap();
+    let info = dataplane_agent::migrate::map_info(std::os::fd::AsFd::as_fd(&fd)).unwrap();
+    assert_eq!((info.key_size, info.value_size), (4, 8));
+    let maps = BpfMaps::from_pins(&pin.path).unwrap();
+    let be = maps.dump_applied().backends;
+    assert_eq!(be.len(), 1, "{be:?}");
+    let (b, id) = be.iter().next().unwrap();
+    assert_eq!((*id, b.addr, b.port), ((7, 1), ip("10.0.1.9"), 8080), "{be:?}");
+    // Recorded now as this build's layout: the next start uses the pin as it is.
+    assert!(dataplane_agent::migrate::recorded(&pin.path)[names::BACKENDS].starts_with("key=4:value@0+4;value=8:"));
+    drop(ebpf);
+}

@@ -143,8 +143,9 @@ pub struct RunArgs {
     /// net.ipv4.ip_local_port_range so it never meets the node's own connections.
     #[arg(long, env = "FERRY_SNAT_PORTS", default_value = "61000-65535")]
     pub snat_ports: String,
-    /// Connections the datapath tracks (each direction of a connection is one entry). Kept
-    /// across restarts with the pinned maps: a new value applies once the pins are removed.
+    /// Connections the datapath tracks (each direction of a connection is one entry). A new
+    /// value takes effect at the next start: the tracked connections are copied into maps of
+    /// the new size while the old ones keep serving.
     #[arg(long, env = "FERRY_CONNTRACK_CAPACITY", default_value_t = dataplane_common::capacity::CONNTRACK)]
     pub conntrack_capacity: u32,
     /// Idle timeout of an established TCP connection in conntrack (kube-proxy's flag; Go

@@ -112,7 +112,7 @@ fn is_bpffs(path: &Path) -> bool {
 /// layout changed, such as `ct4_v1` after `ct4_v2` replaced it). They hold memory until removed.
 pub fn unused_pins(dir: &Path) -> Vec<String> {
     let Ok(rd) = std::fs::read_dir(dir) else { return Vec::new() };
-    let mut out: Vec<String> = rd.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).filter(|n| !names::ALL.contains(&n.as_str()) && n != crate::links::DIR && n != crate::migrate::LAYOUTS).collect();
+    let mut out: Vec<String> = rd.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).filter(|n| !names::ALL.contains(&n.as_str()) && n != crate::links::DIR && n != crate::migrate::LAYOUTS && !n.starts_with("new__")).collect();
     out.sort();
     out
 }

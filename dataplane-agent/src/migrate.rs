@@ -274,6 +274,23 @@ fn record(dir: &Path, gone: &[String]) -> io::Result<()> {
     Ok(())
 }
 
+/// Records `text` as the layout of the map pinned as `name` under `dir` (what an agent of that
+/// layout would have recorded; for tests and repairs).
+pub fn record_one(dir: &Path, name: &str, text: &str) -> io::Result<()> {
+    let path = dir.join(LAYOUTS);
+    let fd = match obj_get(&path) {
+        Ok(fd) => fd,
+        Err(_) => {
+            let fd = create_layouts_map()?;
+            obj_pin(fd.as_fd(), &path)?;
+            fd
+        }
+    };
+    let mut t = [0u8; TEXT_LEN];
+    t[..text.len().min(TEXT_LEN)].copy_from_slice(&text.as_bytes()[..text.len().min(TEXT_LEN)]);
+    update(fd.as_fd(), &name_key(name), &t, BPF_ANY)
+}
+
 // ---------------------------------------------------------------------------------------------
 // The plan and the copy
 
@@ -296,10 +313,13 @@ pub fn base_name(name: &str) -> &str {
     }
 }
 
-/// The temporary pin of a new map until it replaces an old one of the same name.
+/// The temporary pin of a new map until it replaces an old one of the same name (bpffs allows
+/// no dot in a name).
 fn staging(name: &str) -> String {
-    format!(".{name}.new")
+    format!("{STAGING}{name}")
 }
+
+const STAGING: &str = "new__";
 
 /// Decides, before the object is loaded, which pinned maps are used as they are and which are
 /// replaced by new maps filled from them. `capacities`: the max_entries this start asks for.
@@ -308,7 +328,7 @@ fn staging(name: &str) -> String {
 pub fn plan(dir: &Path, capacities: &[(&'static str, u32)]) -> Result<Vec<Move>, crate::error::LoadError> {
     let rec = recorded(dir);
     let pins: Vec<String> = std::fs::read_dir(dir).map(|rd| rd.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect()).unwrap_or_default();
-    for p in pins.iter().filter(|p| p.starts_with('.') && p.ends_with(".new")) {
+    for p in pins.iter().filter(|p| p.starts_with(STAGING)) {
         // A copy an interrupted start left behind: never pinned in place, so never served.
         let _ = std::fs::remove_file(dir.join(p));
     }
@@ -462,7 +482,7 @@ impl Migration {
             let new_pin = self.new_pin(m);
             let map = ebpf.map(m.name).ok_or(crate::error::LoadError::MissingMap { name: m.name })?;
             let _ = std::fs::remove_file(&new_pin);
-            map.pin(&new_pin).map_err(|e| io::Error::other(format!("pinning {}: {e}", new_pin.display())))?;
+            map.pin(&new_pin).map_err(|e| io::Error::other(format!("pinning {}: {e:?}", new_pin.display())))?;
             let (from, to) = (obj_get(&self.dir.join(&m.from))?, obj_get(&new_pin)?);
             let c = copy(from.as_fd(), &m.old, to.as_fd(), l, BPF_ANY).map_err(|e| io::Error::new(e.kind(), format!("copying {} into {}: {e}", m.from, m.name)))?;
             info!(
