@@ -98,11 +98,32 @@ fn daemonset_replaces_kube_proxy_without_privileged() {
     let node = agent.env.iter().flatten().find(|e| e.name == "FERRY_HOSTNAME_OVERRIDE").expect("node name");
     assert_eq!(node.value_from.as_ref().and_then(|v| v.field_ref.as_ref()).map(|f| f.field_path.as_str()), Some("spec.nodeName"));
 
-    // The takeover runs first, with the same image.
-    let init = pod.init_containers.iter().flatten().find(|c| c.name == "cleanup-kube-proxy").expect("cleanup init container");
-    assert_eq!(init.command.as_deref(), Some(&["dataplane-agent".to_string(), "cleanup-kube-proxy".to_string()][..]));
-    assert_eq!(init.image, agent.image);
-    assert_ne!(init.security_context.as_ref().and_then(|s| s.privileged), Some(true));
+    // The take-over happens in the agent, after its first sync: no init container removes
+    // kube-proxy's rules before Ferry can serve.
+    assert!(pod.init_containers.iter().flatten().next().is_none(), "no init container");
+    assert_eq!(data["FERRY_CLEANUP_KUBE_PROXY"], "true");
+    assert_eq!(data["FERRY_ENABLE_NETWORK_POLICY"], "true");
+    // bpffs writes under AppArmor and SELinux: unconfined and spc_t, as Cilium's agent.
+    assert_eq!(sc.app_armor_profile.as_ref().map(|p| p.type_.as_str()), Some("Unconfined"));
+    assert_eq!(sc.se_linux_options.as_ref().and_then(|o| o.type_.as_deref()), Some("spc_t"));
+    let annotations = ds.spec.template.metadata.as_ref().and_then(|m| m.annotations.as_ref()).unwrap();
+    assert_eq!(annotations["container.apparmor.security.beta.kubernetes.io/ferry"], "unconfined");
+    // One agent per node at a time.
+    let ru = ds.spec.update_strategy.as_ref().and_then(|u| u.rolling_update.as_ref()).unwrap();
+    assert_eq!(ru.max_surge, Some(k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::Int(0)));
+}
+
+#[test]
+fn the_uninstall_daemonset_runs_cleanup_on_the_same_pin_dir() {
+    let ds: DaemonSet = one("uninstall/cleanup.yaml", "DaemonSet");
+    let cm: ConfigMap = one("configmap.yaml", "ConfigMap");
+    let pod = ds.spec.template.spec.as_ref().unwrap();
+    let c = &pod.containers[0];
+    let cmd = c.command.as_ref().unwrap().join(" ");
+    assert!(cmd.contains(&format!("dataplane-agent run --cleanup --pin-dir {} &&", cm.data.as_ref().unwrap()["FERRY_PIN_DIR"])), "{cmd}");
+    let k = kustomization();
+    assert_eq!(c.image.as_deref(), Some(format!("{}:{}", k["images"][0]["name"].as_str().unwrap(), k["images"][0]["newTag"].as_str().unwrap()).as_str()));
+    assert!(pod.tolerations.iter().flatten().any(|t| t.operator.as_deref() == Some("Exists") && t.key.is_none()));
 }
 
 #[test]
