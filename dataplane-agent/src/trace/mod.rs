@@ -147,7 +147,7 @@ pub struct NodeSpec {
     pub mtu: Option<u16>,
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Deserialize)]
 pub struct ScenarioConfig {
     #[serde(default, rename = "clusterCIDR")]
     pub cluster_cidr: Option<String>,
@@ -157,6 +157,20 @@ pub struct ScenarioConfig {
     pub masquerade_all: bool,
     #[serde(default, rename = "nodePortAddresses")]
     pub node_port_addresses: Vec<String>,
+    /// The agent's `--enable-network-policy` (default true): false leaves NetworkPolicy to the
+    /// CNI, so the file's policies isolate nothing.
+    #[serde(default = "yes", rename = "enableNetworkPolicy")]
+    pub enable_network_policy: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+impl Default for ScenarioConfig {
+    fn default() -> Self {
+        ScenarioConfig { cluster_cidr: None, service_cidrs: Vec::new(), masquerade_all: false, node_port_addresses: Vec::new(), enable_network_policy: true }
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -371,7 +385,11 @@ impl Runner {
                 }
             }
         }
-        let (objs, oerr) = parse_objects(sc, source);
+        let (mut objs, oerr) = parse_objects(sc, source);
+        if !sc.config.enable_network_policy {
+            // As the agent with --enable-network-policy=false: no policy isolates anything.
+            objs.network_policies.clear();
+        }
         errors.extend(oerr.iter().map(|e| e.to_string()));
         let nodeport_addresses: Vec<Cidr4> = parse_list(&sc.config.node_port_addresses, "config.nodePortAddresses", &mut errors);
         let node = model::NodeContext {
