@@ -251,22 +251,30 @@ pub fn recorded(dir: &Path) -> BTreeMap<String, String> {
     out
 }
 
-/// Records this build's layouts (and forgets the names in `gone`).
-fn record(dir: &Path, gone: &[String]) -> io::Result<()> {
+/// The pinned `layouts` map, created and pinned when missing.
+fn layouts_map(dir: &Path) -> io::Result<OwnedFd> {
     let path = dir.join(LAYOUTS);
-    let fd = match obj_get(&path) {
-        Ok(fd) => fd,
+    match obj_get(&path) {
+        Ok(fd) => Ok(fd),
         Err(_) => {
             let fd = create_layouts_map()?;
             obj_pin(fd.as_fd(), &path)?;
-            fd
+            Ok(fd)
         }
-    };
+    }
+}
+
+fn write_layout(fd: BorrowedFd<'_>, name: &str, text: &str) -> io::Result<()> {
+    let mut t = [0u8; TEXT_LEN];
+    t[..text.len().min(TEXT_LEN)].copy_from_slice(&text.as_bytes()[..text.len().min(TEXT_LEN)]);
+    update(fd, &name_key(name), &t, BPF_ANY)
+}
+
+/// Records this build's layouts (and forgets the names in `gone`).
+fn record(dir: &Path, gone: &[String]) -> io::Result<()> {
+    let fd = layouts_map(dir)?;
     for l in layouts() {
-        let mut text = [0u8; TEXT_LEN];
-        let t = l.text();
-        text[..t.len().min(TEXT_LEN)].copy_from_slice(&t.as_bytes()[..t.len().min(TEXT_LEN)]);
-        update(fd.as_fd(), &name_key(l.name), &text, BPF_ANY)?;
+        write_layout(fd.as_fd(), l.name, &l.text())?;
     }
     for g in gone {
         let _ = sys_bpf(3 /* BPF_MAP_DELETE_ELEM */, Attr::new().u32(0, fd.as_raw_fd() as u32).u64(8, name_key(g).as_ptr() as u64));
@@ -277,18 +285,7 @@ fn record(dir: &Path, gone: &[String]) -> io::Result<()> {
 /// Records `text` as the layout of the map pinned as `name` under `dir` (what an agent of that
 /// layout would have recorded; for tests and repairs).
 pub fn record_one(dir: &Path, name: &str, text: &str) -> io::Result<()> {
-    let path = dir.join(LAYOUTS);
-    let fd = match obj_get(&path) {
-        Ok(fd) => fd,
-        Err(_) => {
-            let fd = create_layouts_map()?;
-            obj_pin(fd.as_fd(), &path)?;
-            fd
-        }
-    };
-    let mut t = [0u8; TEXT_LEN];
-    t[..text.len().min(TEXT_LEN)].copy_from_slice(&text.as_bytes()[..text.len().min(TEXT_LEN)]);
-    update(fd.as_fd(), &name_key(name), &t, BPF_ANY)
+    write_layout(layouts_map(dir)?.as_fd(), name, text)
 }
 
 // ---------------------------------------------------------------------------------------------
