@@ -278,6 +278,14 @@ impl Attachments {
             if let Some(fd) = self.held.get(&w.pin) {
                 // Still on its interface? (A link outlives the device it was attached to.)
                 if crate::links::link_info(fd.as_fd()).is_ok_and(|li| w.matches(&li)) {
+                    // Its pin removed by hand: pinned again, or the link would go with this process.
+                    let path = self.dir.join(&w.pin);
+                    if !path.exists() {
+                        match crate::links::obj_pin(fd.as_fd(), &path) {
+                            Ok(()) => warn!("link {}: its pin had been removed; pinned again", w.pin),
+                            Err(e) => warn!("link {}: its pin had been removed and cannot be restored: {e}", w.pin),
+                        }
+                    }
                     continue;
                 }
                 self.held.remove(&w.pin);
@@ -375,9 +383,12 @@ impl Attachments {
         self.held.len()
     }
 
-    /// Whether every held link is still attached to what it was attached to (for /livez).
+    /// Whether every held link is still attached to what it was attached to, and pinned, so it
+    /// outlives this process (for /livez).
     pub fn live(&self) -> bool {
-        self.held.values().all(|fd| crate::links::link_info(fd.as_fd()).is_ok_and(|li| li.ifindex != 0 || li.kind == crate::links::LINK_TYPE_CGROUP))
+        self.held.iter().all(|(pin, fd)| {
+            self.dir.join(pin).exists() && crate::links::link_info(fd.as_fd()).is_ok_and(|li| li.ifindex != 0 || li.kind == crate::links::LINK_TYPE_CGROUP)
+        })
     }
 }
 
