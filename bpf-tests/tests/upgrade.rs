@@ -133,6 +133,33 @@ fn an_upgrade_across_a_conntrack_layout_change_and_its_rollback_lose_nothing() {
     assert_eq!((pinned(&c, 0, "ct4_v3"), pinned(&c, 0, "ct4_v2")), (Some((16, 64)), None));
     std::thread::sleep(Duration::from_secs(2));
 
+    // A rollback to a version that cannot read the newer maps (here: their layouts forgotten,
+    // as if no agent had recorded them) refuses by name and leaves the running datapath alone.
+    c.stop_agent(0);
+    for m in ["ct4_v3", "ct4_assured_v3"] {
+        dataplane_agent::migrate::forget_one(&c.nodes[0].pin.path, m).unwrap();
+    }
+    let since = c.spawn_agent(0, &lab::agent_bin(), true, &[]);
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    let status = loop {
+        if let Some(st) = c.nodes[0].agent.as_mut().unwrap().child.try_wait().unwrap() {
+            break st;
+        }
+        assert!(std::time::Instant::now() < deadline, "the agent did not refuse:\n{}", c.agent_log(0));
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    c.nodes[0].agent = None;
+    let log = c.agent_log(0)[since..].to_string();
+    assert!(!status.success() && log.contains("ct4_v3 holds the running datapath's state in a layout no Ferry recorded") && log.contains("the running datapath is untouched"), "{status}:\n{log}");
+    assert!(!log.contains("adopted"), "{log}");
+    assert_eq!(pinned(&c, 0, "ct4_assured_v3"), Some((16, 64)));
+    // The newer agent again: its own maps, used as they are (and recorded again).
+    let since = c.agent_log(0).len();
+    c.start_agent_bin(0, changed);
+    let log = c.agent_log(0)[since..].to_string();
+    assert!(!log.contains("layout changed") && log.lines().filter(|l| l.contains("synced")).last().unwrap().contains("writes=0 deletes=0"), "{log}");
+    std::thread::sleep(Duration::from_secs(1));
+
     // The rollback: the older agent reads the newer layout from the pinned record.
     c.stop_agent(0);
     let since = c.agent_log(0).len();

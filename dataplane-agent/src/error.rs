@@ -63,6 +63,8 @@ pub enum LoadError {
     MissingMap { name: &'static str },
     #[error("map {name}: {source}")]
     Map { name: &'static str, source: aya::maps::MapError },
+    #[error("pinned map {path} holds the running datapath's state in a layout no Ferry recorded, so this version cannot carry it into {name}: not starting, the running datapath is untouched (run the version that pinned it, or `dataplane-agent run --cleanup` to start afresh, losing what it tracks)")]
+    Unmigratable { path: String, name: &'static str },
     #[error("link {what}: {error}")]
     Attach { what: String, error: String },
     #[error("{0}")]

@@ -157,6 +157,7 @@ const MAP_RINGBUF: u32 = 27;
 #[derive(Clone, Copy, Debug)]
 pub struct MapInfo {
     pub kind: u32,
+    pub id: u32,
     pub key_size: u32,
     pub value_size: u32,
     pub max_entries: u32,
@@ -166,7 +167,35 @@ pub fn map_info(fd: BorrowedFd<'_>) -> io::Result<MapInfo> {
     let mut info = [0u8; 88];
     sys_bpf(BPF_OBJ_GET_INFO_BY_FD, Attr::new().u32(0, fd.as_raw_fd() as u32).u32(4, info.len() as u32).u64(8, info.as_mut_ptr() as u64))?;
     let at = |o: usize| u32::from_ne_bytes(info[o..o + 4].try_into().unwrap());
-    Ok(MapInfo { kind: at(0), key_size: at(8), value_size: at(12), max_entries: at(16) })
+    Ok(MapInfo { kind: at(0), id: at(4), key_size: at(8), value_size: at(12), max_entries: at(16) })
+}
+
+/// The ids of the maps the programs on the links pinned under `dir` use: the running
+/// datapath's state, whichever version pinned it.
+pub fn live_map_ids(dir: &Path) -> Vec<u32> {
+    const BPF_PROG_GET_FD_BY_ID: u32 = 13;
+    let mut progs: Vec<u32> = std::fs::read_dir(dir.join(crate::links::DIR))
+        .map(|rd| rd.flatten().filter_map(|e| obj_get(&e.path()).ok().and_then(|fd| crate::links::link_info(fd.as_fd()).ok())).map(|li| li.prog_id).collect())
+        .unwrap_or_default();
+    progs.sort();
+    progs.dedup();
+    let mut maps = Vec::new();
+    for id in progs {
+        let Ok(fd) = sys_bpf(BPF_PROG_GET_FD_BY_ID, Attr::new().u32(0, id)) else { continue };
+        let fd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+        // struct bpf_prog_info: nr_map_ids at 52, map_ids (a pointer) at 56.
+        let mut ids = [0u32; 256];
+        let mut info = [0u8; 256];
+        info[52..56].copy_from_slice(&(ids.len() as u32).to_ne_bytes());
+        info[56..64].copy_from_slice(&(ids.as_mut_ptr() as u64).to_ne_bytes());
+        if sys_bpf(BPF_OBJ_GET_INFO_BY_FD, Attr::new().u32(0, fd.as_raw_fd() as u32).u32(4, info.len() as u32).u64(8, info.as_mut_ptr() as u64)).is_ok() {
+            let n = u32::from_ne_bytes(info[52..56].try_into().unwrap()) as usize;
+            maps.extend_from_slice(&ids[..n.min(ids.len())]);
+        }
+    }
+    maps.sort();
+    maps.dedup();
+    maps
 }
 
 fn percpu(kind: u32) -> bool {
@@ -282,6 +311,11 @@ fn record(dir: &Path, gone: &[String]) -> io::Result<()> {
     Ok(())
 }
 
+/// Forgets the recorded layout of `name` (as if no agent had recorded it; for tests).
+pub fn forget_one(dir: &Path, name: &str) -> io::Result<()> {
+    sys_bpf(3 /* BPF_MAP_DELETE_ELEM */, Attr::new().u32(0, layouts_map(dir)?.as_raw_fd() as u32).u64(8, name_key(name).as_ptr() as u64)).map(drop)
+}
+
 /// Records `text` as the layout of the map pinned as `name` under `dir` (what an agent of that
 /// layout would have recorded; for tests and repairs).
 pub fn record_one(dir: &Path, name: &str, text: &str) -> io::Result<()> {
@@ -330,6 +364,7 @@ pub fn plan(dir: &Path, capacities: &[(&'static str, u32)]) -> Result<Vec<Move>,
         let _ = std::fs::remove_file(dir.join(p));
     }
     let mut moves = Vec::new();
+    let mut live: Option<Vec<u32>> = None;
     for l in layouts() {
         let mine = Recorded::of(&l);
         let path = dir.join(l.name);
@@ -357,9 +392,18 @@ pub fn plan(dir: &Path, capacities: &[(&'static str, u32)]) -> Result<Vec<Move>,
         }
         // Not pinned under this name: the same map under another version's name?
         let other = pins.iter().filter(|p| *p != l.name && base_name(p) == base_name(l.name) && rec.contains_key(*p)).max();
-        if let Some(p) = other {
-            if let Some(old) = rec.get(p).and_then(|t| Recorded::parse(t)) {
-                moves.push(Move { name: l.name, from: p.clone(), old, why: "layout" });
+        if let Some(old) = other.and_then(|p| rec.get(p)).and_then(|t| Recorded::parse(t)) {
+            moves.push(Move { name: l.name, from: other.unwrap().clone(), old, why: "layout" });
+            continue;
+        }
+        // One whose layout nobody recorded cannot be read field by field. A leftover nothing uses
+        // is ignored (the log names it as unused); one the attached programs use holds the live
+        // state (connections), and starting without it would drop that: refused, by name.
+        let live = live.get_or_insert_with(|| live_map_ids(dir));
+        for p in pins.iter().filter(|p| *p != l.name && base_name(p) == base_name(l.name)) {
+            let id = obj_get(&dir.join(p)).and_then(|fd| map_info(fd.as_fd())).map(|i| i.id).unwrap_or(0);
+            if id != 0 && live.contains(&id) {
+                return Err(crate::error::LoadError::Unmigratable { path: dir.join(p).display().to_string(), name: l.name });
             }
         }
     }
