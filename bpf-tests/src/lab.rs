@@ -246,13 +246,16 @@ pub struct Pod {
     pub host_if: String,
 }
 
+/// Field order is drop order: the agent stops before its pin directory goes (a running agent
+/// would otherwise see its interfaces vanish and pin links again into a directory being
+/// removed), then the namespace.
 pub struct Node {
+    pub agent: Option<Proc>,
     pub name: String,
     pub ip: Ipv4Addr,
-    pub ns: Netns,
     pub pin: PinDir,
+    pub ns: Netns,
     pub cgroup: PathBuf,
-    pub agent: Option<Proc>,
 }
 
 /// What a lab is built with beyond the default topology. `Default` is the lab every existing
@@ -297,6 +300,15 @@ pub struct Cluster {
     pub opts: LabOptions,
 }
 
+impl Drop for Cluster {
+    /// The agents stop first, before the pods' interfaces and the pin directories go.
+    fn drop(&mut self) {
+        for n in &mut self.nodes {
+            n.agent.take();
+        }
+    }
+}
+
 /// Pod layout: (node index, pod name, pod ip).
 pub const PODS: [(usize, &str, [u8; 4]); 4] = [
     (0, "n1-pod1", [10, 201, 1, 11]),
@@ -331,7 +343,7 @@ impl Cluster {
             let pin = PinDir { path: PathBuf::from(format!("/sys/fs/bpf/ferry-lab-{id}-{name}")) };
             let node_cg = cgroup.path.join(&name);
             std::fs::create_dir_all(&node_cg).unwrap();
-            nodes.push(Node { name, ip: Ipv4Addr::new(192, 168, 77, i + 1), ns, pin, cgroup: node_cg, agent: None });
+            nodes.push(Node { agent: None, name, ip: Ipv4Addr::new(192, 168, 77, i + 1), pin, ns, cgroup: node_cg });
         }
         // The node-to-node link, created directly in the two namespaces.
         sh(&["ip", "-n", &nodes[0].ns.name, "link", "add", "eth0", "type", "veth", "peer", "name", "eth0", "netns", &nodes[1].ns.name]);
@@ -538,8 +550,8 @@ impl Cluster {
     }
 
     /// Starts the agent `bin` on node `i` with the lab's flags, reading the lab's manifests when
-    /// `manifests` (else `extra` must name a source), plus `extra`; returns where its output
-    /// starts in the node's log. Does not wait.
+    /// `manifests` (else `extra` must name a source), plus `extra` (whose `--cgroup` replaces the
+    /// lab's); returns where its output starts in the node's log. Does not wait.
     pub fn spawn_agent(&mut self, i: usize, bin: &Path, manifests: bool, extra: &[&str]) -> usize {
         let log = self.logs.path.join(format!("{}.log", self.nodes[i].name));
         // Only what this agent writes counts (a restart appends to the same log).
@@ -551,17 +563,18 @@ impl Cluster {
         let n = &mut self.nodes[i];
         let logf = std::fs::OpenOptions::new().create(true).append(true).open(&log).unwrap();
         let source: Vec<&str> = if manifests { vec!["--manifests", self.manifests.to_str().unwrap()] } else { vec![] };
+        // The node's cgroup for the socket hooks, unless `extra` names another.
+        let cgroup: Vec<&str> = if extra.contains(&"--cgroup") { vec![] } else { vec!["--cgroup", n.cgroup.to_str().unwrap()] };
         let child = n
             .ns
             .cmd(&[bin.to_str().unwrap(), "run", "--node", &n.name])
             .args(&source)
+            .args(&cgroup)
             .args([
                 "--pin-dir",
                 n.pin.path.to_str().unwrap(),
                 "--pod-interfaces",
                 "veth*",
-                "--cgroup",
-                n.cgroup.to_str().unwrap(),
                 "--service-cidr",
                 SERVICE_CIDR,
                 "--node-ip",

@@ -162,8 +162,13 @@ fn ferry_links() -> usize {
 #[test]
 fn run_cleanup_removes_ferry_from_the_node() {
     let (mut c, _d) = cluster(&ALL, &ALL);
-    c.stop_agent(0);
     let pin = c.nodes[0].pin.path.clone();
+    // Not while an agent runs on the directory: it would attach again at once.
+    let out = c.nodes[0].ns.cmd(&[lab::agent_bin().to_str().unwrap(), "run", "--cleanup", "--pin-dir", pin.to_str().unwrap()]).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(!out.status.success() && text.contains("an agent is running on") && text.contains(pin.to_str().unwrap()), "{out:?}");
+    assert!(pin.join("links").exists());
+    c.stop_agent(0);
     let before = ferry_links();
     let out = c.nodes[0].ns.cmd(&[lab::agent_bin().to_str().unwrap(), "run", "--cleanup", "--pin-dir", pin.to_str().unwrap()]).output().unwrap();
     let text = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
@@ -621,4 +626,47 @@ fn network_policy_off_leaves_policy_to_the_cni_and_clears_what_was_enforced() {
     assert_eq!(t.get("n1-pod2"), Some(&3), "not enforced: {t:?}\n{log}");
     let policies = c.nodes[0].ns.cmd(&[lab::agent_bin().to_str().unwrap(), "inspect", "policies", "--pin-dir", c.nodes[0].pin.path.to_str().unwrap()]).output().unwrap();
     assert!(!String::from_utf8_lossy(&policies.stdout).contains("deny-all"), "{}", String::from_utf8_lossy(&policies.stdout));
+}
+
+#[test]
+fn a_pin_removed_by_hand_is_pinned_again_and_livez_follows_the_datapath() {
+    let (mut c, _d) = cluster(&ALL, &ALL);
+    let pin = c.nodes[0].pin.path.join("links/cgroup-connect4");
+    let ns = c.nodes[0].ns.name.clone();
+    let livez = || bpf_tests::fakeapi::http_get_in(&ns, "127.0.0.1:10256", "/livez").map(|r| r.0);
+    assert_eq!(livez(), Some(200));
+    std::fs::remove_file(&pin).unwrap();
+    // Without a pin the link would go with the agent's process: the next check (every 10 s)
+    // pins it again.
+    let deadline = Instant::now() + std::time::Duration::from_secs(25);
+    while !pin.exists() {
+        assert!(Instant::now() < deadline, "not pinned again:\n{}", c.agent_log(0));
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    c.wait_log(0, |l| l.contains("link cgroup-connect4: its pin had been removed; pinned again"));
+    assert_eq!(livez(), Some(200));
+    // Host processes still reach the ClusterIP through it after a restart.
+    c.stop_agent(0);
+    c.start_agent(0);
+    let t = tally(&c.client_on_node(0, &["tcp", lab::TCP_VIP, "3"]));
+    assert_eq!(t.values().sum::<usize>(), 3, "{t:?}");
+}
+
+#[test]
+fn healthz_fails_while_the_node_is_drained_by_the_autoscaler_and_livez_does_not() {
+    let (mut c, _d) = cluster(&ALL, &ALL);
+    let ns = c.nodes[0].ns.name.clone();
+    let get = |path: &str| bpf_tests::fakeapi::http_get_in(&ns, "127.0.0.1:10256", path).unwrap();
+    assert_eq!((get("/healthz").0, get("/livez").0), (200, 200));
+    let node = "apiVersion: v1\nkind: Node\nmetadata: {name: node1}\nspec: {taints: [{key: ToBeDeletedByClusterAutoscaler, value: \"1700000000\", effect: NoSchedule}]}\nstatus: {addresses: [{type: InternalIP, address: 192.168.77.1}]}\n";
+    c.write_manifest("node1.yaml", node);
+    let (code, body) = get("/healthz");
+    assert_eq!(code, 503, "{body}");
+    assert!(body.contains("\"nodeEligible\": false"), "{body}");
+    assert_eq!(get("/livez").0, 200);
+    // Traffic is served all the same (the taint drains load balancers, not the node).
+    let t = tally(&c.client_in_pod("n1-pod1", &["tcp", lab::TCP_VIP, "3"]));
+    assert_eq!(t.values().sum::<usize>(), 3, "{t:?}");
+    c.write_manifest("node1.yaml", &node.replace("spec: {taints: [{key: ToBeDeletedByClusterAutoscaler, value: \"1700000000\", effect: NoSchedule}]}", "spec: {}"));
+    assert_eq!(get("/healthz").0, 200);
 }

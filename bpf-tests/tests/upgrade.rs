@@ -171,3 +171,52 @@ fn an_upgrade_across_a_conntrack_layout_change_and_its_rollback_lose_nothing() {
     std::thread::sleep(Duration::from_secs(2));
     load.finish("an upgrade across a conntrack layout change and its rollback");
 }
+
+/// The agent's exit status once it has stopped by itself (bounded: 15 s).
+fn exited(c: &mut Cluster, i: usize) -> std::process::ExitStatus {
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        if let Some(st) = c.nodes[i].agent.as_mut().unwrap().child.try_wait().unwrap() {
+            c.nodes[i].agent = None;
+            return st;
+        }
+        assert!(std::time::Instant::now() < deadline, "the agent did not stop:\n{}", c.agent_log(i));
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// An upgrade that stops half-way (after copying the maps, before swapping the programs), then a
+/// rollback, then the upgrade again: nothing the interrupted start left is ever taken for
+/// current state, and no connection breaks.
+#[test]
+fn an_upgrade_interrupted_after_the_copy_then_a_rollback_then_the_upgrade_again_lose_nothing() {
+    let changed = changed_agent();
+    let dir = TempDir::new(&format!("upgrade-{}", lab::run_id()));
+    std::fs::write(dir.path.join("steady.yaml"), services_yaml(&steady::steady_services())).unwrap();
+    let mut c = Cluster::with_options(&dir.path, LabOptions { load_servers: true, offloads: true, ..Default::default() });
+    c.start_agents();
+    let load = steady::start_load(&c);
+    std::thread::sleep(Duration::from_secs(1));
+    c.stop_agent(0);
+    // A cgroup that does not exist: the start fails after the copy, before any program is swapped.
+    let since = c.spawn_agent(0, changed, true, &["--cgroup", "/sys/fs/cgroup/ferry-no-such-cgroup"]);
+    let status = exited(&mut c, 0);
+    let log = c.agent_log(0)[since..].to_string();
+    assert!(!status.success() && log.contains("entries copied from ct4_v2") && log.contains("ferry-no-such-cgroup"), "{status}\n{log}");
+    // What it left: the copies, staged, never in place.
+    assert_eq!((pinned(&c, 0, "ct4_v3"), pinned(&c, 0, "new__ct4_v3").is_some(), pinned(&c, 0, "ct4_v2")), (None, true, Some((16, 56))));
+    // The rollback (the version still serving): removes the staged copies, uses its maps as they are.
+    let since = c.agent_log(0).len();
+    c.start_agent(0);
+    let log = c.agent_log(0)[since..].to_string();
+    assert!(!log.contains("layout changed") && pinned(&c, 0, "new__ct4_v3").is_none(), "{log}");
+    std::thread::sleep(Duration::from_secs(2));
+    // The upgrade again: copies the current state, not what the interrupted start copied.
+    c.stop_agent(0);
+    let since = c.agent_log(0).len();
+    c.start_agent_bin(0, changed);
+    let log = c.agent_log(0)[since..].to_string();
+    assert!(log.contains("map ct4_assured_v3: layout changed") && log.contains("map ct4_assured_v3: pinned in place of ct4_assured_v2, which is removed"), "{log}");
+    std::thread::sleep(Duration::from_secs(2));
+    load.finish("an interrupted upgrade, a rollback and the upgrade again");
+}

@@ -182,6 +182,12 @@ fn node_eligible(objs: &Objects, name: &str) -> bool {
 }
 
 pub async fn run(mut cfg: RunConfig) -> anyhow::Result<()> {
+    // First of all: a SIGTERM or SIGINT from here on is handled at a safe point (never in the
+    // middle of a migration or an attach), not by dying where the process stands.
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
+    // One agent per pin directory: a second one (a rolling update with surge) waits here.
+    let _lock = loader::PinLock::wait(&cfg.pin_dir).with_context(|| format!("locking the pin directory {}", cfg.pin_dir.display()))?;
     if cfg.cgroup.is_some() {
         // The socket hooks serve the node's own processes; pods (in the same cgroup tree) keep
         // the tc path.
@@ -290,7 +296,6 @@ pub async fn run(mut cfg: RunConfig) -> anyhow::Result<()> {
     }
 
     spawn_conntrack_gc(cfg.pin_dir.clone(), observed.clone())?;
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let stopping = |att: &Attachments| {
         info!(
             links = att.links(),
@@ -305,7 +310,7 @@ pub async fn run(mut cfg: RunConfig) -> anyhow::Result<()> {
         loop {
             tokio::select! {
                 _ = k.wait_ready() => break,
-                _ = tokio::signal::ctrl_c() => return Ok(stopping(&att)),
+                _ = int.recv() => return Ok(stopping(&att)),
                 _ = term.recv() => return Ok(stopping(&att)),
                 _ = every.tick() => warn!("still waiting for the API server's initial lists; the datapath keeps serving from the pinned maps"),
                 Some(kinds) = link_rx.recv() => {
@@ -339,7 +344,6 @@ pub async fn run(mut cfg: RunConfig) -> anyhow::Result<()> {
         SourceConfig::Manifests { poll, .. } => *poll,
         SourceConfig::Kube { .. } => Duration::from_secs(3600),
     });
-    // The links are checked again now and then: /livez reports a datapath someone detached.
     let mut recheck = tokio::time::interval(Duration::from_secs(10));
     loop {
         if let Some((mut objs, errors)) = pending.take() {
@@ -382,9 +386,17 @@ pub async fn run(mut cfg: RunConfig) -> anyhow::Result<()> {
             }
         }
         tokio::select! {
-            _ = tokio::signal::ctrl_c() => break,
+            _ = int.recv() => break,
             _ = term.recv() => break,
-            _ = recheck.tick() => observed.datapath(att.live(), att.links()),
+            _ = recheck.tick() => {
+                // Links are checked again now and then, not only on link events: a pin removed
+                // by hand is pinned again, a hook that failed to attach is retried.
+                att.sync_interfaces(&mut ebpf, &cfg.pod_interfaces, external.as_ref());
+                if let Err(e) = att.sync_cgroup(&mut ebpf, cfg.cgroup.as_deref()) {
+                    warn!(error = %e, "socket hooks");
+                }
+                observed.datapath(att.live(), att.links());
+            }
             Some(kinds) = link_rx.recv() => {
                 if kinds & attach::EV_LINK != 0 {
                     att.sync_interfaces(&mut ebpf, &cfg.pod_interfaces, external.as_ref());

@@ -17,7 +17,7 @@ use aya::{
     Ebpf,
 };
 use dataplane_common::progs;
-use log::{info, warn};
+use log::{error, info, warn};
 
 use crate::error::LoadError;
 
@@ -193,13 +193,18 @@ pub struct Attachments {
     pub xdp: bool,
     /// Links that carry this process's programs, by pin name.
     held: BTreeMap<String, OwnedFd>,
+    /// Pins wanted but not attached at the last try (retried on link events and every 10 s).
+    failed: std::collections::BTreeSet<String>,
+    /// The pin directory was removed under the running agent (`run --cleanup`): nothing is
+    /// pinned again.
+    gone: bool,
     /// Attached interfaces: name -> (ifindex, role).
     ifaces: BTreeMap<String, (u32, Role)>,
 }
 
 impl Attachments {
     pub fn new(pin_dir: &Path) -> Self {
-        Attachments { dir: pin_dir.join(crate::links::DIR), xdp: false, held: BTreeMap::new(), ifaces: BTreeMap::new() }
+        Attachments { dir: pin_dir.join(crate::links::DIR), xdp: false, held: BTreeMap::new(), failed: Default::default(), ifaces: BTreeMap::new(), gone: false }
     }
 
     /// The pin names under the links directory.
@@ -271,6 +276,16 @@ impl Attachments {
     /// Brings the pins selected by `mine` to exactly `wants`; returns the failures.
     fn apply(&mut self, ebpf: &mut Ebpf, wants: &[Want], mine: impl Fn(&str) -> bool) -> Vec<(String, String)> {
         let mut failed = Vec::new();
+        // Once this agent has pinned, its pin directory disappears only when someone removes
+        // Ferry (`run --cleanup`, rm -r): nothing is pinned again into a directory being removed.
+        // The links left go with this process; /livez turns 503.
+        if self.gone || (!self.held.is_empty() && !self.dir.exists()) {
+            if !self.gone {
+                error!("{}: the pin directory was removed under the running agent (run --cleanup?): nothing is attached or pinned any more", self.dir.display());
+                self.gone = true;
+            }
+            return failed;
+        }
         if let Err(e) = std::fs::create_dir_all(&self.dir) {
             warn!("{}: {e}", self.dir.display());
         }
@@ -301,6 +316,8 @@ impl Attachments {
                 }
             }
         }
+        self.failed.retain(|p| !mine(p));
+        self.failed.extend(failed.iter().map(|(p, _)| p.clone()));
         for pin in self.pins() {
             if mine(&pin) && !wants.iter().any(|w| w.pin == pin) {
                 let fd = self.held.remove(&pin);
@@ -386,7 +403,7 @@ impl Attachments {
     /// Whether every held link is still attached to what it was attached to, and pinned, so it
     /// outlives this process (for /livez).
     pub fn live(&self) -> bool {
-        self.held.iter().all(|(pin, fd)| {
+        !self.gone && self.failed.is_empty() && self.held.iter().all(|(pin, fd)| {
             self.dir.join(pin).exists() && crate::links::link_info(fd.as_fd()).is_ok_and(|li| li.ifindex != 0 || li.kind == crate::links::LINK_TYPE_CGROUP)
         })
     }

@@ -170,3 +170,43 @@ pub fn load_pinned(dir: &Path, max_entries: &[(&'static str, u32)]) -> Result<(E
     migration.first_pass(&ebpf)?;
     Ok((ebpf, migration))
 }
+
+/// The agent's hold on a pin directory (`flock` on the directory): one agent per node at a time,
+/// and `run --cleanup` refuses while an agent holds it. Released when the process ends, however
+/// it ends.
+pub struct PinLock(#[allow(dead_code)] std::fs::File);
+
+impl PinLock {
+    fn open(dir: &Path) -> std::io::Result<std::fs::File> {
+        use std::os::unix::fs::OpenOptionsExt;
+        std::fs::OpenOptions::new().read(true).custom_flags(libc::O_DIRECTORY).open(dir)
+    }
+
+    /// Takes the lock if nobody holds it; `Ok(None)` when another process does.
+    pub fn try_acquire(dir: &Path) -> std::io::Result<Option<PinLock>> {
+        use std::os::fd::AsRawFd;
+        let f = Self::open(dir)?;
+        if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
+            return Ok(Some(PinLock(f)));
+        }
+        let e = std::io::Error::last_os_error();
+        if e.kind() == std::io::ErrorKind::WouldBlock { Ok(None) } else { Err(e) }
+    }
+
+    /// Waits for the lock (an agent still stopping on this node), saying so every 10 s.
+    pub fn wait(dir: &Path) -> std::io::Result<PinLock> {
+        std::fs::create_dir_all(dir)?;
+        let started = std::time::Instant::now();
+        let mut said = std::time::Instant::now();
+        loop {
+            if let Some(l) = Self::try_acquire(dir)? {
+                return Ok(l);
+            }
+            if said.elapsed() >= std::time::Duration::from_secs(10) {
+                log::warn!("{}: another agent holds this pin directory; waiting for it to stop ({} s so far)", dir.display(), started.elapsed().as_secs());
+                said = std::time::Instant::now();
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+    }
+}

@@ -1,7 +1,8 @@
 //! Upgrades and rollbacks across a map layout change, without breaking a connection.
 //!
 //! Every agent records the layout of each map it pins (its key and value fields by name, offset
-//! and size, from `dataplane_common::layout`) in the pinned map `<pin-dir>/layouts`. A starting
+//! and size, from `dataplane_common::layout`) in the pinned map `<pin-dir>/layouts_v1`, keyed by
+//! the map's kernel id, so a record always describes the map object it was written for. A starting
 //! agent compares what is pinned with what it needs:
 //! - same layout: the pin is used as it is (the common case: a restart, an upgrade that changed
 //!   no map);
@@ -10,11 +11,12 @@
 //!   (`--conntrack-capacity`): a new map is created beside the old one and every entry is copied
 //!   over, field by field: a field moves by name and size, a field the other side lacks is zero.
 //!
-//! The copy runs while the old programs keep serving from the old maps. Then the agent swaps the
-//! programs (link update, see `attach.rs`), copies again what the old programs added meanwhile
-//! (without overwriting what the new ones wrote), pins the new maps in place of the old ones and
-//! removes the old pins. A rollback is the same thing in the other direction: the older agent
-//! reads the newer one's layouts from the `layouts` map, so it needs no knowledge of the future.
+//! The copy runs while the old programs keep serving from the old maps; the new maps wait pinned
+//! as `new__<name>` (removed by the next start if this one is interrupted). Then the agent swaps
+//! the programs (link update, see `attach.rs`), copies again what the old programs added
+//! meanwhile (without overwriting what the new ones wrote), renames the new maps into place (a
+//! rename replaces a pin of the same name atomically) and removes the old pins. A rollback is the same thing in the other direction: the older agent
+//! reads the newer one's layouts from the `layouts_v1` map, so it needs no knowledge of the future.
 use std::{
     collections::BTreeMap,
     io,
@@ -31,9 +33,8 @@ use log::{info, warn};
 
 use crate::links::{obj_get, obj_pin, sys_bpf, Attr};
 
-/// The pinned map of layouts: map name (NUL-padded) -> layout text.
-pub const LAYOUTS: &str = "layouts";
-const NAME_LEN: usize = 32;
+/// The pinned map of layouts: kernel map id -> layout text.
+pub const LAYOUTS: &str = "layouts_v1";
 const TEXT_LEN: usize = 2048;
 
 /// A map's key and value, field by field.
@@ -242,42 +243,59 @@ fn map_fd_by_id(id: u32) -> io::Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
 }
 
-/// Creates the `layouts` map (a plain hash, made by the agent, not the object).
+/// Creates the `layouts` map (a plain hash, made by the agent, not the object): map id -> layout.
 fn create_layouts_map() -> io::Result<OwnedFd> {
     let name = b"ferry_layouts\0";
-    let mut a = Attr::new().u32(0, MAP_HASH).u32(4, NAME_LEN as u32).u32(8, TEXT_LEN as u32).u32(12, 128);
+    let mut a = Attr::new().u32(0, MAP_HASH).u32(4, 4).u32(8, TEXT_LEN as u32).u32(12, 1024);
     a.0[28..28 + name.len()].copy_from_slice(name);
     let fd = sys_bpf(BPF_MAP_CREATE, a)?;
     Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
 }
 
-fn name_key(name: &str) -> [u8; NAME_LEN] {
-    let mut k = [0u8; NAME_LEN];
-    let b = name.as_bytes();
-    k[..b.len().min(NAME_LEN)].copy_from_slice(&b[..b.len().min(NAME_LEN)]);
-    k
+const BPF_MAP_DELETE_ELEM: u32 = 3;
+
+/// The kernel id of the map pinned at `path`.
+fn pinned_id(path: &Path) -> Option<u32> {
+    obj_get(path).and_then(|fd| map_info(fd.as_fd())).ok().map(|i| i.id)
 }
 
-/// Every recorded layout under `dir`: pin name -> layout text.
-pub fn recorded(dir: &Path) -> BTreeMap<String, String> {
+/// The maps pinned directly under `dir` (not the links, not the record itself): name -> id.
+fn pinned_maps(dir: &Path) -> BTreeMap<String, u32> {
+    let Ok(rd) = std::fs::read_dir(dir) else { return BTreeMap::new() };
+    rd.flatten()
+        .filter(|e| e.file_type().is_ok_and(|t| !t.is_dir()))
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n != LAYOUTS)
+        .filter_map(|n| Some((n.clone(), pinned_id(&dir.join(&n))?)))
+        .collect()
+}
+
+/// Every record: map id -> layout text.
+fn records(fd: BorrowedFd<'_>) -> BTreeMap<u32, String> {
     let mut out = BTreeMap::new();
-    let Ok(fd) = obj_get(&dir.join(LAYOUTS)) else { return out };
-    let (mut key, mut next, mut text) = ([0u8; NAME_LEN], [0u8; NAME_LEN], vec![0u8; TEXT_LEN]);
+    let (mut key, mut next, mut text) = ([0u8; 4], [0u8; 4], vec![0u8; TEXT_LEN]);
     let mut first = true;
-    for _ in 0..1024 {
-        match next_key(fd.as_fd(), (!first).then_some(&key[..]), &mut next) {
+    for _ in 0..4096 {
+        match next_key(fd, (!first).then_some(&key[..]), &mut next) {
             Ok(true) => {}
             _ => break,
         }
         first = false;
         key = next;
-        if lookup(fd.as_fd(), &key, &mut text).unwrap_or(false) {
-            let name = String::from_utf8_lossy(&key[..key.iter().position(|&c| c == 0).unwrap_or(NAME_LEN)]).into_owned();
-            let t = String::from_utf8_lossy(&text[..text.iter().position(|&c| c == 0).unwrap_or(TEXT_LEN)]).into_owned();
-            out.insert(name, t);
+        if lookup(fd, &key, &mut text).unwrap_or(false) {
+            out.insert(u32::from_ne_bytes(key), String::from_utf8_lossy(&text[..text.iter().position(|&c| c == 0).unwrap_or(TEXT_LEN)]).into_owned());
         }
     }
     out
+}
+
+/// The recorded layout of every map pinned under `dir`: pin name -> layout text. A record
+/// belongs to a map object (by its kernel id), not to a name: a map pinned anew under an old name
+/// is never read with the old map's layout, whatever moment a start was interrupted at.
+pub fn recorded(dir: &Path) -> BTreeMap<String, String> {
+    let Ok(fd) = obj_get(&dir.join(LAYOUTS)) else { return BTreeMap::new() };
+    let rec = records(fd.as_fd());
+    pinned_maps(dir).into_iter().filter_map(|(name, id)| Some((name, rec.get(&id)?.clone()))).collect()
 }
 
 /// The pinned `layouts` map, created and pinned when missing.
@@ -293,33 +311,44 @@ fn layouts_map(dir: &Path) -> io::Result<OwnedFd> {
     }
 }
 
-fn write_layout(fd: BorrowedFd<'_>, name: &str, text: &str) -> io::Result<()> {
+fn write_layout(fd: BorrowedFd<'_>, id: u32, text: &str) -> io::Result<()> {
     let mut t = [0u8; TEXT_LEN];
     t[..text.len().min(TEXT_LEN)].copy_from_slice(&text.as_bytes()[..text.len().min(TEXT_LEN)]);
-    update(fd, &name_key(name), &t, BPF_ANY)
+    update(fd, &id.to_ne_bytes(), &t, BPF_ANY)
 }
 
-/// Records this build's layouts (and forgets the names in `gone`).
-fn record(dir: &Path, gone: &[String]) -> io::Result<()> {
+/// Records this build's layout of every map it pins, and forgets the records of maps no longer
+/// pinned.
+fn record(dir: &Path) -> io::Result<()> {
     let fd = layouts_map(dir)?;
+    let pinned = pinned_maps(dir);
     for l in layouts() {
-        write_layout(fd.as_fd(), l.name, &l.text())?;
+        if let Some(id) = pinned.get(l.name) {
+            write_layout(fd.as_fd(), *id, &l.text())?;
+        }
     }
-    for g in gone {
-        let _ = sys_bpf(3 /* BPF_MAP_DELETE_ELEM */, Attr::new().u32(0, fd.as_raw_fd() as u32).u64(8, name_key(g).as_ptr() as u64));
+    let live: Vec<u32> = pinned.values().copied().collect();
+    for id in records(fd.as_fd()).keys().filter(|id| !live.contains(id)) {
+        let _ = sys_bpf(BPF_MAP_DELETE_ELEM, Attr::new().u32(0, fd.as_raw_fd() as u32).u64(8, id.to_ne_bytes().as_ptr() as u64));
     }
     Ok(())
 }
 
-/// Forgets the recorded layout of `name` (as if no agent had recorded it; for tests).
+fn pin_id(dir: &Path, name: &str) -> io::Result<u32> {
+    pinned_id(&dir.join(name)).ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, format!("{}: no pinned map", dir.join(name).display())))
+}
+
+/// Forgets the recorded layout of the map pinned as `name` (as if no agent had recorded it; for
+/// tests).
 pub fn forget_one(dir: &Path, name: &str) -> io::Result<()> {
-    sys_bpf(3 /* BPF_MAP_DELETE_ELEM */, Attr::new().u32(0, layouts_map(dir)?.as_raw_fd() as u32).u64(8, name_key(name).as_ptr() as u64)).map(drop)
+    let id = pin_id(dir, name)?;
+    sys_bpf(BPF_MAP_DELETE_ELEM, Attr::new().u32(0, layouts_map(dir)?.as_raw_fd() as u32).u64(8, id.to_ne_bytes().as_ptr() as u64)).map(drop)
 }
 
 /// Records `text` as the layout of the map pinned as `name` under `dir` (what an agent of that
 /// layout would have recorded; for tests and repairs).
 pub fn record_one(dir: &Path, name: &str, text: &str) -> io::Result<()> {
-    write_layout(layouts_map(dir)?.as_fd(), name, text)
+    write_layout(layouts_map(dir)?.as_fd(), pin_id(dir, name)?, text)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -512,7 +541,7 @@ impl Migration {
 
     /// Where the new map of a move is pinned until it takes the old one's place.
     fn new_pin(&self, m: &Move) -> PathBuf {
-        if m.from == m.name { self.dir.join(staging(m.name)) } else { self.dir.join(m.name) }
+        self.dir.join(staging(m.name))
     }
 
     /// Pins the new maps aside and fills them from the old pins (the old programs serve on).
@@ -525,6 +554,9 @@ impl Migration {
             let _ = std::fs::remove_file(&new_pin);
             map.pin(&new_pin).map_err(|e| io::Error::other(format!("pinning {}: {e:?}", new_pin.display())))?;
             let (from, to) = (obj_get(&self.dir.join(&m.from))?, obj_get(&new_pin)?);
+            // Recorded at once, under the new map's own id: wherever a start is interrupted
+            // from here on, every pinned map has its true layout (or none, while it is staged).
+            write_layout(layouts_map(&self.dir)?.as_fd(), map_info(to.as_fd())?.id, &l.text())?;
             let c = copy(from.as_fd(), &m.old, to.as_fd(), l, BPF_ANY).map_err(|e| io::Error::new(e.kind(), format!("copying {} into {}: {e}", m.from, m.name)))?;
             info!(
                 "map {}: {} changed ({}), {} entries copied from {} while the old programs serve{}",
@@ -555,28 +587,24 @@ impl Migration {
                     info!("map {}: {} more entries copied from {} (made by the old programs before the swap)", m.name, c.copied, m.from);
                 }
             }
-            std::fs::remove_file(&old_pin)?;
+            // A rename replaces a pin of the same name in one step: the name always holds a whole
+            // map, the old or the new.
+            std::fs::rename(&new_pin, self.dir.join(m.name))?;
             if m.from == m.name {
-                std::fs::rename(&new_pin, self.dir.join(m.name))?;
                 info!("map {}: the new map is pinned in place of the old one", m.name);
             } else {
+                std::fs::remove_file(&old_pin)?;
                 info!("map {}: pinned in place of {}, which is removed", m.name, m.from);
             }
         }
-        let rec = recorded(&self.dir);
         let ours: Vec<&str> = layouts.iter().map(|l| l.name).collect();
-        let mut gone = Vec::new();
-        for name in rec.keys().filter(|n| !ours.contains(&n.as_str())) {
-            let p = self.dir.join(name);
-            if p.exists() {
-                match std::fs::remove_file(&p) {
-                    Ok(()) => info!("map {name}: pinned by another version of Ferry, not used by this one: removed"),
-                    Err(e) => warn!("map {name}: {e}"),
-                }
+        for name in recorded(&self.dir).into_keys().filter(|n| !ours.contains(&n.as_str())) {
+            match std::fs::remove_file(self.dir.join(&name)) {
+                Ok(()) => info!("map {name}: pinned by another version of Ferry, not used by this one: removed"),
+                Err(e) => warn!("map {name}: {e}"),
             }
-            gone.push(name.clone());
         }
-        record(&self.dir, &gone)
+        record(&self.dir)
     }
 }
 
