@@ -309,3 +309,32 @@ fn a_map_of_another_recorded_layout_under_the_same_name_is_converted_field_by_fi
     assert!(dataplane_agent::migrate::recorded(&pin.path)[names::BACKENDS].starts_with("key=4:value@0+4;value=8:"));
     drop(ebpf);
 }
+
+#[test]
+fn a_copy_an_interrupted_start_had_already_swapped_in_is_put_in_place() {
+    use dataplane_agent::{attach::Attachments, links::obj_get, migrate::map_info};
+    let pin = pin_dir();
+    let cg = bpf_tests::lab::Cgroup::new(attach::cgroup2_root().expect("cgroup v2").join(format!("ferry-test-{}", run_id())));
+    let id_of = |name: &str| obj_get(&pin.path.join(name)).ok().and_then(|fd| map_info(std::os::fd::AsFd::as_fd(&fd)).ok()).map(|i| (i.id, i.max_entries));
+    let caps = |n: u32| -> Vec<(&'static str, u32)> { loader::PRIVATE_CAPACITIES.iter().copied().chain([(names::SERVICES, n)]).collect() };
+    drop(loader::load_with(Some(&pin.path), &caps(1024)).unwrap());
+    let (old_id, _) = id_of(names::SERVICES).unwrap();
+    // A start with another capacity copies the Service map into a staged new map, swaps its
+    // programs in (here the socket hooks, which read that map), and is killed before it puts the
+    // new map in place.
+    let (mut ebpf, migration) = loader::load_pinned(&pin.path, &caps(2048)).unwrap();
+    attach::load_programs(&mut ebpf).unwrap();
+    let mut att = Attachments::new(&pin.path);
+    att.sync_cgroup(&mut ebpf, Some(&cg.path)).unwrap();
+    let (staged_id, staged_cap) = id_of("new__lb4_svc_v2").expect("staged copy");
+    assert_eq!(staged_cap, 2048);
+    drop((migration, att, ebpf));
+    // The next start: the staged copy is what the attached programs use, so it goes into place.
+    let (ebpf, migration) = loader::load_pinned(&pin.path, &caps(2048)).unwrap();
+    migration.finish().unwrap();
+    assert_eq!(id_of(names::SERVICES), Some((staged_id, 2048)));
+    assert!(id_of("new__lb4_svc_v2").is_none() && staged_id != old_id);
+    drop(ebpf);
+    // Links first, then the cgroup they hold.
+    drop(pin);
+}

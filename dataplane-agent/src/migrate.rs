@@ -386,14 +386,24 @@ const STAGING: &str = "new__";
 /// A pin of another layout that no version recorded (an agent from before layouts were
 /// recorded) cannot be read field by field: refused by name, the running datapath untouched.
 pub fn plan(dir: &Path, capacities: &[(&'static str, u32)]) -> Result<Vec<Move>, crate::error::LoadError> {
+    let staged: Vec<String> = std::fs::read_dir(dir).map(|rd| rd.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).filter(|p| p.starts_with(STAGING)).collect()).unwrap_or_default();
+    let mut live: Option<Vec<u32>> = None;
+    for p in staged {
+        // What an interrupted start left: a copy the attached programs already use (it was
+        // killed after the swap) is the live state and goes into place; any other was never
+        // served and goes away.
+        let live = live.get_or_insert_with(|| live_map_ids(dir));
+        let id = pinned_id(&dir.join(&p)).unwrap_or(0);
+        if id != 0 && live.contains(&id) {
+            std::fs::rename(dir.join(&p), dir.join(&p[STAGING.len()..]))?;
+            info!("map {}: the copy an interrupted start had already swapped in is put in place", &p[STAGING.len()..]);
+        } else {
+            let _ = std::fs::remove_file(dir.join(&p));
+        }
+    }
     let rec = recorded(dir);
     let pins: Vec<String> = std::fs::read_dir(dir).map(|rd| rd.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect()).unwrap_or_default();
-    for p in pins.iter().filter(|p| p.starts_with(STAGING)) {
-        // A copy an interrupted start left behind: never pinned in place, so never served.
-        let _ = std::fs::remove_file(dir.join(p));
-    }
     let mut moves = Vec::new();
-    let mut live: Option<Vec<u32>> = None;
     for l in layouts() {
         let mine = Recorded::of(&l);
         let path = dir.join(l.name);
