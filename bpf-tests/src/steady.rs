@@ -4,7 +4,17 @@
 //! source-translated NodePort, through node1.
 use std::time::Instant;
 
-use crate::lab::{At, Cluster, LoadProc, Svc, SvcPort, LOAD_TCP_PORT, LOAD_UDP_PORT};
+use crate::lab::{self, services_yaml, At, Cluster, LabOptions, LoadProc, Svc, SvcPort, TempDir, LOAD_TCP_PORT, LOAD_UDP_PORT};
+
+/// The two-node lab with real offloads and the load servers, serving [`steady_services`], agents
+/// started.
+pub fn lab() -> (Cluster, TempDir) {
+    let dir = TempDir::new(&format!("steady-{}", lab::run_id()));
+    std::fs::write(dir.path.join("steady.yaml"), services_yaml(&steady_services())).unwrap();
+    let mut c = Cluster::with_options(&dir.path, LabOptions { load_servers: true, offloads: true, ..Default::default() });
+    c.start_agents();
+    (c, dir)
+}
 
 /// Pod -> ClusterIP (backends on both nodes) and outside -> NodePort (eTP=Cluster, its backend on
 /// node2: node1 translates the source).

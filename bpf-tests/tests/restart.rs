@@ -10,17 +10,9 @@
 use std::time::Duration;
 
 use bpf_tests::{
-    lab::{self, services_yaml, Cluster, LabOptions, TempDir},
-    steady::{start_load, steady_services},
+    lab::{self, Cluster},
+    steady::{lab, start_load},
 };
-
-fn lab() -> (Cluster, TempDir) {
-    let dir = TempDir::new(&format!("restart-{}", lab::run_id()));
-    std::fs::write(dir.path.join("steady.yaml"), services_yaml(&steady_services())).unwrap();
-    let mut c = Cluster::with_options(&dir.path, LabOptions { load_servers: true, offloads: true, ..Default::default() });
-    c.start_agents();
-    (c, dir)
-}
 
 /// Waits (bounded) until node `i`'s log, from `since`, satisfies `f`.
 fn wait_since(c: &mut Cluster, i: usize, since: usize, f: impl Fn(&str) -> bool) {

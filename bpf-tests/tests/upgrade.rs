@@ -11,7 +11,7 @@ use std::{
 };
 
 use bpf_tests::{
-    lab::{self, services_yaml, Cluster, LabOptions, TempDir},
+    lab::{self, Cluster, TempDir},
     steady,
 };
 
@@ -105,10 +105,7 @@ fn pinned(c: &Cluster, i: usize, name: &str) -> Option<(u32, u32)> {
 #[test]
 fn an_upgrade_across_a_conntrack_layout_change_and_its_rollback_lose_nothing() {
     let changed = changed_agent();
-    let dir = TempDir::new(&format!("upgrade-{}", lab::run_id()));
-    std::fs::write(dir.path.join("steady.yaml"), services_yaml(&steady::steady_services())).unwrap();
-    let mut c = Cluster::with_options(&dir.path, LabOptions { load_servers: true, offloads: true, ..Default::default() });
-    c.start_agents();
+    let (mut c, _dir) = steady::lab();
     let load = steady::start_load(&c);
     std::thread::sleep(Duration::from_secs(1));
     assert_eq!(pinned(&c, 0, "ct4_assured_v2"), Some((16, 56)));
@@ -140,15 +137,7 @@ fn an_upgrade_across_a_conntrack_layout_change_and_its_rollback_lose_nothing() {
         dataplane_agent::migrate::forget_one(&c.nodes[0].pin.path, m).unwrap();
     }
     let since = c.spawn_agent(0, &lab::agent_bin(), true, &[]);
-    let deadline = std::time::Instant::now() + Duration::from_secs(15);
-    let status = loop {
-        if let Some(st) = c.nodes[0].agent.as_mut().unwrap().child.try_wait().unwrap() {
-            break st;
-        }
-        assert!(std::time::Instant::now() < deadline, "the agent did not refuse:\n{}", c.agent_log(0));
-        std::thread::sleep(Duration::from_millis(50));
-    };
-    c.nodes[0].agent = None;
+    let status = exited(&mut c, 0);
     let log = c.agent_log(0)[since..].to_string();
     assert!(!status.success() && log.contains("ct4_v3 holds the running datapath's state in a layout no Ferry recorded") && log.contains("the running datapath is untouched"), "{status}:\n{log}");
     assert!(!log.contains("adopted"), "{log}");
@@ -191,10 +180,7 @@ fn exited(c: &mut Cluster, i: usize) -> std::process::ExitStatus {
 #[test]
 fn an_upgrade_interrupted_after_the_copy_then_a_rollback_then_the_upgrade_again_lose_nothing() {
     let changed = changed_agent();
-    let dir = TempDir::new(&format!("upgrade-{}", lab::run_id()));
-    std::fs::write(dir.path.join("steady.yaml"), services_yaml(&steady::steady_services())).unwrap();
-    let mut c = Cluster::with_options(&dir.path, LabOptions { load_servers: true, offloads: true, ..Default::default() });
-    c.start_agents();
+    let (mut c, _dir) = steady::lab();
     let load = steady::start_load(&c);
     std::thread::sleep(Duration::from_secs(1));
     c.stop_agent(0);
