@@ -186,8 +186,27 @@ pub async fn run(mut cfg: RunConfig) -> anyhow::Result<()> {
     // middle of a migration or an attach), not by dying where the process stands.
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
-    // One agent per pin directory: a second one (a rolling update with surge) waits here.
-    let _lock = loader::PinLock::wait(&cfg.pin_dir).with_context(|| format!("locking the pin directory {}", cfg.pin_dir.display()))?;
+    // One agent per pin directory: a second one (a rolling update with surge) waits here, and
+    // still stops when told to.
+    let _lock = {
+        let started = Instant::now();
+        let mut said = Instant::now();
+        loop {
+            std::fs::create_dir_all(&cfg.pin_dir).with_context(|| format!("creating the pin directory {}", cfg.pin_dir.display()))?;
+            if let Some(l) = loader::PinLock::try_acquire(&cfg.pin_dir).with_context(|| format!("locking the pin directory {}", cfg.pin_dir.display()))? {
+                break l;
+            }
+            if said.elapsed() >= Duration::from_secs(10) {
+                warn!(pin_dir = %cfg.pin_dir.display(), waited_s = started.elapsed().as_secs(), "another agent holds this pin directory; waiting for it to stop");
+                said = Instant::now();
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+                _ = term.recv() => return Ok(()),
+                _ = int.recv() => return Ok(()),
+            }
+        }
+    };
     if cfg.cgroup.is_some() {
         // The socket hooks serve the node's own processes; pods (in the same cgroup tree) keep
         // the tc path.
@@ -224,6 +243,9 @@ pub async fn run(mut cfg: RunConfig) -> anyhow::Result<()> {
         // attached as external stay so.
         None => None,
     };
+    // The last copy before the swap: only what the old programs wrote in the last moments is
+    // left for after it.
+    migration.catch_up().context("copying the pinned maps once more before the swap")?;
     let mut att = Attachments::new(&cfg.pin_dir);
     att.xdp = cfg.xdp;
     att.sync_cgroup(&mut ebpf, cfg.cgroup.as_deref()).with_context(|| format!("socket hooks on cgroup {}", cfg.cgroup.as_deref().unwrap_or(std::path::Path::new("-")).display()))?;
@@ -307,12 +329,21 @@ pub async fn run(mut cfg: RunConfig) -> anyhow::Result<()> {
         info!("waiting for the initial lists of Services, EndpointSlices and this node's Node (the datapath serves meanwhile)");
         let mut every = tokio::time::interval(Duration::from_secs(30));
         every.tick().await;
+        let mut recheck = tokio::time::interval(Duration::from_secs(10));
+        recheck.tick().await;
         loop {
             tokio::select! {
                 _ = k.wait_ready() => break,
                 _ = int.recv() => return Ok(stopping(&att)),
                 _ = term.recv() => return Ok(stopping(&att)),
                 _ = every.tick() => warn!("still waiting for the API server's initial lists; the datapath keeps serving from the pinned maps"),
+                _ = recheck.tick() => {
+                    att.sync_interfaces(&mut ebpf, &cfg.pod_interfaces, external.as_ref());
+                    if let Err(e) = att.sync_cgroup(&mut ebpf, cfg.cgroup.as_deref()) {
+                        warn!(error = %e, "socket hooks");
+                    }
+                    observed.datapath(att.live(), att.links());
+                }
                 Some(kinds) = link_rx.recv() => {
                     if kinds & attach::EV_LINK != 0 {
                         att.sync_interfaces(&mut ebpf, &cfg.pod_interfaces, external.as_ref());

@@ -65,6 +65,8 @@ pub enum LoadError {
     Map { name: &'static str, source: aya::maps::MapError },
     #[error("pinned map {path} holds the running datapath's state in a layout no Ferry recorded, so this version cannot carry it into {name}: not starting, the running datapath is untouched (run the version that pinned it, or `dataplane-agent run --cleanup` to start afresh, losing what it tracks)")]
     Unmigratable { path: String, name: &'static str },
+    #[error("pinned map {path}: its key changed in a way this version cannot carry over field by field ({detail}), so its entries cannot move into {name}: not starting, the running datapath is untouched")]
+    KeyChanged { path: String, name: &'static str, detail: String },
     #[error("link {what}: {error}")]
     Attach { what: String, error: String },
     #[error("{0}")]

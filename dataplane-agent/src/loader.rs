@@ -182,31 +182,19 @@ impl PinLock {
         std::fs::OpenOptions::new().read(true).custom_flags(libc::O_DIRECTORY).open(dir)
     }
 
-    /// Takes the lock if nobody holds it; `Ok(None)` when another process does.
+    /// Takes the lock if nobody holds it; `Ok(None)` when another process does (or the
+    /// directory was removed and made again while it was being locked: try again).
     pub fn try_acquire(dir: &Path) -> std::io::Result<Option<PinLock>> {
-        use std::os::fd::AsRawFd;
+        use std::os::{fd::AsRawFd, unix::fs::MetadataExt};
         let f = Self::open(dir)?;
-        if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
-            return Ok(Some(PinLock(f)));
+        if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+            let e = std::io::Error::last_os_error();
+            return if e.kind() == std::io::ErrorKind::WouldBlock { Ok(None) } else { Err(e) };
         }
-        let e = std::io::Error::last_os_error();
-        if e.kind() == std::io::ErrorKind::WouldBlock { Ok(None) } else { Err(e) }
-    }
-
-    /// Waits for the lock (an agent still stopping on this node), saying so every 10 s.
-    pub fn wait(dir: &Path) -> std::io::Result<PinLock> {
-        std::fs::create_dir_all(dir)?;
-        let started = std::time::Instant::now();
-        let mut said = std::time::Instant::now();
-        loop {
-            if let Some(l) = Self::try_acquire(dir)? {
-                return Ok(l);
-            }
-            if said.elapsed() >= std::time::Duration::from_secs(10) {
-                log::warn!("{}: another agent holds this pin directory; waiting for it to stop ({} s so far)", dir.display(), started.elapsed().as_secs());
-                said = std::time::Instant::now();
-            }
-            std::thread::sleep(std::time::Duration::from_millis(100));
+        // Locked what is still at the path (not a directory `run --cleanup` removed meanwhile).
+        match std::fs::metadata(dir) {
+            Ok(m) if m.ino() == f.metadata()?.ino() => Ok(Some(PinLock(f))),
+            _ => Ok(None),
         }
     }
 }

@@ -25,12 +25,18 @@ fn main() -> anyhow::Result<()> {
         Cmd::Run(args) => {
             init_logs("info", args.logging_format == "json");
             if args.cleanup {
-                if args.pin_dir.exists() && dataplane_agent::loader::PinLock::try_acquire(&args.pin_dir).map_err(|e| anyhow::anyhow!("--cleanup: {}: {e}", args.pin_dir.display()))?.is_none() {
-                    anyhow::bail!(
-                        "--cleanup: an agent is running on {} (it holds the directory's lock): stop it first (delete the DaemonSet), or it attaches again",
-                        args.pin_dir.display()
-                    );
-                }
+                // Held until everything is removed, so no agent starts on the directory meanwhile.
+                let _lock = if args.pin_dir.exists() {
+                    match dataplane_agent::loader::PinLock::try_acquire(&args.pin_dir).map_err(|e| anyhow::anyhow!("--cleanup: {}: {e}", args.pin_dir.display()))? {
+                        Some(l) => Some(l),
+                        None => anyhow::bail!(
+                            "--cleanup: an agent is running on {} (it holds the directory's lock): stop it first (delete the DaemonSet), or it attaches again",
+                            args.pin_dir.display()
+                        ),
+                    }
+                } else {
+                    None
+                };
                 let (links, maps) = dataplane_agent::attach::remove_all(&args.pin_dir).map_err(|e| anyhow::anyhow!("--cleanup: {}: {e}", args.pin_dir.display()))?;
                 println!("{}: detached {} links ({}), removed {} pinned maps", args.pin_dir.display(), links.len(), if links.is_empty() { "-".into() } else { links.join(", ") }, maps.len());
                 return Ok(());

@@ -402,51 +402,63 @@ pub fn plan(dir: &Path, capacities: &[(&'static str, u32)]) -> Result<Vec<Move>,
         }
     }
     let rec = recorded(dir);
-    let pins: Vec<String> = std::fs::read_dir(dir).map(|rd| rd.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect()).unwrap_or_default();
+    let pinned = pinned_maps(dir);
+    let live = live.unwrap_or_else(|| live_map_ids(dir));
     let mut moves = Vec::new();
     for l in layouts() {
         let mine = Recorded::of(&l);
-        let path = dir.join(l.name);
-        if path.exists() {
-            let info = obj_get(&path).and_then(|fd| map_info(fd.as_fd())).map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", path.display())))?;
-            let cap = capacities.iter().find(|(n, _)| *n == l.name).map(|(_, c)| *c);
-            match rec.get(l.name).and_then(|t| Recorded::parse(t)) {
-                Some(old) if old != mine => moves.push(Move { name: l.name, from: l.name.to_string(), old, why: "layout" }),
-                Some(old) if cap.is_some_and(|c| c != info.max_entries) => moves.push(Move { name: l.name, from: l.name.to_string(), old, why: "capacity" }),
-                Some(_) => {}
-                None if info.key_size == l.key_size && info.value_size == l.value_size => {
-                    // Pinned by an agent that recorded no layouts: same name, same sizes, same map
-                    // (the naming rule). A capacity change is carried over the same way.
-                    if cap.is_some_and(|c| c != info.max_entries) {
-                        moves.push(Move { name: l.name, from: l.name.to_string(), old: mine.clone(), why: "capacity" });
-                    }
-                }
-                None => {
-                    let (what, found, expected) =
-                        if info.key_size != l.key_size { ("key size", info.key_size, l.key_size) } else { ("value size", info.value_size, l.value_size) };
-                    return Err(crate::error::LoadError::PinnedMismatch { path: path.display().to_string(), what, found, expected });
-                }
-            }
+        // The same map under any version's name (`ct4_v2`, `ct4_v3`, ...), this build's own too.
+        let same: Vec<(&String, u32)> = pinned.iter().filter(|(p, _)| base_name(p) == base_name(l.name)).map(|(p, id)| (p, *id)).collect();
+        // Where the running datapath keeps this state: the one the attached programs use. After
+        // an upgrade killed past its swap, a rollback finds its own name pinned but stale, and
+        // the newer one live: the source is the live one, whatever the names say.
+        let source = match same.iter().find(|(_, id)| live.contains(id)) {
+            Some((p, _)) => Some((*p).clone()),
+            None if pinned.contains_key(l.name) => Some(l.name.to_string()),
+            // Nothing attached uses it: the newest recorded version (by number, not by text).
+            None => same.iter().filter(|(p, _)| rec.contains_key(*p)).max_by_key(|(p, _)| version(p)).map(|(p, _)| (*p).clone()),
+        };
+        let Some(from) = source else {
             continue;
-        }
-        // Not pinned under this name: the same map under another version's name?
-        let other = pins.iter().filter(|p| *p != l.name && base_name(p) == base_name(l.name) && rec.contains_key(*p)).max();
-        if let Some(old) = other.and_then(|p| rec.get(p)).and_then(|t| Recorded::parse(t)) {
-            moves.push(Move { name: l.name, from: other.unwrap().clone(), old, why: "layout" });
-            continue;
-        }
-        // One whose layout nobody recorded cannot be read field by field. A leftover nothing uses
-        // is ignored (the log names it as unused); one the attached programs use holds the live
-        // state (connections), and starting without it would drop that: refused, by name.
-        let live = live.get_or_insert_with(|| live_map_ids(dir));
-        for p in pins.iter().filter(|p| *p != l.name && base_name(p) == base_name(l.name)) {
-            let id = obj_get(&dir.join(p)).and_then(|fd| map_info(fd.as_fd())).map(|i| i.id).unwrap_or(0);
-            if id != 0 && live.contains(&id) {
-                return Err(crate::error::LoadError::Unmigratable { path: dir.join(p).display().to_string(), name: l.name });
+        };
+        let path = dir.join(&from);
+        let info = obj_get(&path).and_then(|fd| map_info(fd.as_fd())).map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", path.display())))?;
+        let cap = capacities.iter().find(|(n, _)| *n == l.name).map(|(_, c)| *c);
+        let old = match rec.get(&from).and_then(|t| Recorded::parse(t)) {
+            Some(old) => old,
+            // Pinned by an agent that recorded no layouts under this build's own name, with this
+            // build's sizes: the same map (the naming rule).
+            None if from == l.name && info.key_size == l.key_size && info.value_size == l.value_size => mine.clone(),
+            None if from == l.name => {
+                let (what, found, expected) = if info.key_size != l.key_size { ("key size", info.key_size, l.key_size) } else { ("value size", info.value_size, l.value_size) };
+                return Err(crate::error::LoadError::PinnedMismatch { path: path.display().to_string(), what, found, expected });
             }
+            // Another name, no record: it cannot be read field by field. A leftover nothing uses
+            // is only named in the log; one the attached programs use holds the live state, and
+            // starting without it would drop that: refused, by name.
+            None if live.contains(&info.id) => return Err(crate::error::LoadError::Unmigratable { path: path.display().to_string(), name: l.name }),
+            None => continue,
+        };
+        if old != mine {
+            // A key this build cannot rebuild field for field (a key field missing, renamed or
+            // resized on either side) would merge or scatter entries: refused, by name.
+            let names = |f: &[(String, usize, usize)]| f.iter().map(|(n, _, s)| (n.clone(), *s)).collect::<std::collections::BTreeSet<_>>();
+            if names(&old.key) != names(&mine.key) {
+                return Err(crate::error::LoadError::KeyChanged { path: path.display().to_string(), name: l.name, detail: describe_change(&old, &l) });
+            }
+            moves.push(Move { name: l.name, from, old, why: "layout" });
+        } else if from != l.name {
+            moves.push(Move { name: l.name, from, old, why: "layout" });
+        } else if cap.is_some_and(|c| c != info.max_entries) {
+            moves.push(Move { name: l.name, from, old, why: "capacity" });
         }
     }
     Ok(moves)
+}
+
+/// The `N` of a `_vN` name (0 without one).
+fn version(name: &str) -> u32 {
+    name.rfind("_v").and_then(|i| name[i + 2..].parse().ok()).unwrap_or(0)
 }
 
 /// Converts one key or value from the old layout to the new one: fields by name and size; the
@@ -470,37 +482,109 @@ pub struct Copied {
     pub failed: u64,
 }
 
-/// Copies every entry of `from` (old layout) into `to` (this build's `l`). `flags`: BPF_ANY for
-/// the first pass, BPF_NOEXIST for the second (entries the new programs wrote stay theirs).
-fn copy(from: BorrowedFd<'_>, old: &Recorded, to: BorrowedFd<'_>, l: &MapLayout, flags: u64) -> io::Result<Copied> {
-    let oi = map_info(from)?;
-    let ni = map_info(to)?;
-    let mut c = Copied::default();
-    if oi.kind == MAP_RINGBUF || ni.kind == MAP_RINGBUF || (flags == BPF_NOEXIST && is_array(ni.kind)) {
-        return Ok(c);
+/// How a pass writes into the new map.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Pass {
+    /// Before the swap: nobody else writes the new map; every entry is written.
+    Fill,
+    /// After the swap: entries the old programs made before the swap are added; where the new
+    /// programs already hold an entry, the one created first wins (by `created_ns` when both
+    /// layouts have it): a connection's own entry, not one a mid-stream packet made up.
+    Settle,
+}
+
+const MAP_LRU_HASH: u32 = 9;
+const BPF_MAP_LOOKUP_BATCH: u32 = 24;
+const BPF_EXIST: u64 = 2;
+
+/// Every (key, value) of a map: in batches of 4096 where the kernel can (plain and LRU hashes,
+/// arrays: two orders of magnitude fewer syscalls, so a pass over half a million connections
+/// takes a fraction of a second), else key by key.
+fn entries(fd: BorrowedFd<'_>, info: &MapInfo) -> io::Result<Vec<(Vec<u8>, Vec<u8>)>> {
+    let (ks, vs) = (info.key_size as usize, value_buf_len(info));
+    let mut out = Vec::new();
+    if matches!(info.kind, MAP_HASH | MAP_LRU_HASH | MAP_ARRAY) {
+        const CHUNK: usize = 4096;
+        let (mut keys, mut vals) = (vec![0u8; ks * CHUNK], vec![0u8; vs * CHUNK]);
+        let (mut token_in, mut token_out) = (0u64, 0u64);
+        let mut first = true;
+        let mut batched = true;
+        // Bounded: at most every entry, a chunk at a time, twice over.
+        for _ in 0..(info.max_entries as usize / CHUNK + 2) * 2 {
+            let mut a = Attr::new()
+                .u64(0, if first { 0 } else { &mut token_in as *mut u64 as u64 })
+                .u64(8, &mut token_out as *mut u64 as u64)
+                .u64(16, keys.as_mut_ptr() as u64)
+                .u64(24, vals.as_mut_ptr() as u64)
+                .u32(32, CHUNK as u32)
+                .u32(36, fd.as_raw_fd() as u32);
+            let r = crate::links::sys_bpf_mut(BPF_MAP_LOOKUP_BATCH, &mut a);
+            let n = u32::from_ne_bytes(a.0[32..36].try_into().unwrap()) as usize;
+            let done = match r {
+                Ok(_) => false,
+                Err(e) if e.raw_os_error() == Some(libc::ENOENT) => true,
+                Err(_) if first => {
+                    batched = false;
+                    break;
+                }
+                Err(e) => return Err(e),
+            };
+            for i in 0..n.min(CHUNK) {
+                out.push((keys[i * ks..(i + 1) * ks].to_vec(), vals[i * vs..(i + 1) * vs].to_vec()));
+            }
+            if done {
+                break;
+            }
+            token_in = token_out;
+            first = false;
+        }
+        if batched {
+            return Ok(out);
+        }
+        out.clear();
     }
-    let (mut key, mut next) = (vec![0u8; oi.key_size as usize], vec![0u8; oi.key_size as usize]);
-    let mut val = vec![0u8; value_buf_len(&oi)];
-    let cpus = if percpu(oi.kind) { possible_cpus() } else { 1 };
-    let (ostride, nstride) = ((oi.value_size as usize).div_ceil(8) * 8, (ni.value_size as usize).div_ceil(8) * 8);
+    let (mut key, mut next, mut val) = (vec![0u8; ks], vec![0u8; ks], vec![0u8; vs]);
     let mut first = true;
     // Bounded: a map changing under the walk can send it back to its start.
-    for _ in 0..(oi.max_entries as u64 * 2 + 16) {
-        if !next_key(from, (!first).then_some(&key[..]), &mut next)? {
+    for _ in 0..(info.max_entries as u64 * 2 + 16) {
+        if !next_key(fd, (!first).then_some(&key[..]), &mut next)? {
             break;
         }
         first = false;
         std::mem::swap(&mut key, &mut next);
-        if !lookup(from, &key, &mut val)? {
-            continue;
+        if lookup(fd, &key, &mut val)? {
+            out.push((key.clone(), val.clone()));
         }
+    }
+    Ok(out)
+}
+
+/// The `created_ns` of a value, when its layout has one.
+fn created(v: &[u8], fields: &[(String, usize, usize)]) -> Option<u64> {
+    let (_, off, size) = fields.iter().find(|(n, _, s)| n == "created_ns" && *s == 8)?;
+    Some(u64::from_ne_bytes(v.get(*off..off + size)?.try_into().ok()?))
+}
+
+/// Copies every entry of `from` (old layout) into `to` (this build's `l`), as `pass` says.
+fn copy(from: BorrowedFd<'_>, old: &Recorded, to: BorrowedFd<'_>, l: &MapLayout, pass: Pass) -> io::Result<Copied> {
+    let oi = map_info(from)?;
+    let ni = map_info(to)?;
+    let mut c = Copied::default();
+    if oi.kind == MAP_RINGBUF || ni.kind == MAP_RINGBUF || (pass == Pass::Settle && is_array(ni.kind)) {
+        return Ok(c);
+    }
+    let cpus = if percpu(oi.kind) { possible_cpus() } else { 1 };
+    let (ostride, nstride) = ((oi.value_size as usize).div_ceil(8) * 8, (ni.value_size as usize).div_ceil(8) * 8);
+    let new_fields: Vec<(String, usize, usize)> = l.value.iter().map(|f| (f.name.to_string(), f.offset, f.size)).collect();
+    let mut current = vec![0u8; value_buf_len(&ni)];
+    for (key, val) in entries(from, &oi)? {
         let nk = convert(&key, &old.key, &l.key, ni.key_size as usize);
         let nv = if oi.kind == MAP_HASH_OF_MAPS {
             // The value is the inner map: its id read back, its fd written.
             let id = u32::from_ne_bytes(val[..4].try_into().unwrap());
             let inner = map_fd_by_id(id)?;
-            let r = update(to, &nk, &(inner.as_raw_fd() as u32).to_ne_bytes(), flags);
-            tally(&mut c, r)?;
+            let flags = if pass == Pass::Fill { BPF_ANY } else { BPF_NOEXIST };
+            tally(&mut c, update(to, &nk, &(inner.as_raw_fd() as u32).to_ne_bytes(), flags))?;
             continue;
         } else if cpus > 1 {
             let mut v = vec![0u8; nstride * cpus];
@@ -511,6 +595,20 @@ fn copy(from: BorrowedFd<'_>, old: &Recorded, to: BorrowedFd<'_>, l: &MapLayout,
             v
         } else {
             convert(&val[..oi.value_size as usize], &old.value, &l.value, ni.value_size as usize)
+        };
+        let flags = match pass {
+            Pass::Fill => BPF_ANY,
+            Pass::Settle => {
+                if cpus == 1 && lookup(to, &nk, &mut current)? {
+                    // Both hold the connection: the older entry is its own.
+                    match (created(&val, &old.value), created(&current, &new_fields)) {
+                        (Some(o), Some(n)) if o < n => BPF_EXIST,
+                        _ => continue,
+                    }
+                } else {
+                    BPF_NOEXIST
+                }
+            }
         };
         tally(&mut c, update(to, &nk, &nv, flags))?;
     }
@@ -567,7 +665,7 @@ impl Migration {
             // Recorded at once, under the new map's own id: wherever a start is interrupted
             // from here on, every pinned map has its true layout (or none, while it is staged).
             write_layout(layouts_map(&self.dir)?.as_fd(), map_info(to.as_fd())?.id, &l.text())?;
-            let c = copy(from.as_fd(), &m.old, to.as_fd(), l, BPF_ANY).map_err(|e| io::Error::new(e.kind(), format!("copying {} into {}: {e}", m.from, m.name)))?;
+            let c = copy(from.as_fd(), &m.old, to.as_fd(), l, Pass::Fill).map_err(|e| io::Error::new(e.kind(), format!("copying {} into {}: {e}", m.from, m.name)))?;
             info!(
                 "map {}: {} changed ({}), {} entries copied from {} while the old programs serve{}",
                 m.name,
@@ -577,6 +675,21 @@ impl Migration {
                 m.from,
                 if c.failed > 0 { format!("; {} did not fit", c.failed) } else { String::new() }
             );
+        }
+        Ok(())
+    }
+
+    /// Right before the swap: copies again everything the old programs wrote since the first
+    /// pass (loading and verifying the programs takes a while), so that the new programs start
+    /// with all but the last moments' connections; those follow in [`Migration::finish`].
+    pub fn catch_up(&self) -> io::Result<()> {
+        let layouts = layouts();
+        for m in &self.moves {
+            let l = layouts.iter().find(|l| l.name == m.name).expect("known map");
+            let (from, to) = (obj_get(&self.dir.join(&m.from))?, obj_get(&self.new_pin(m))?);
+            let started = std::time::Instant::now();
+            let c = copy(from.as_fd(), &m.old, to.as_fd(), l, Pass::Fill)?;
+            log::debug!("map {}: {} entries copied again from {} right before the swap in {:?}", m.name, c.copied, m.from, started.elapsed());
         }
         Ok(())
     }
@@ -592,7 +705,7 @@ impl Migration {
             let new_pin = self.new_pin(m);
             let old_pin = self.dir.join(&m.from);
             if let (Ok(from), Ok(to)) = (obj_get(&old_pin), obj_get(&new_pin)) {
-                let c = copy(from.as_fd(), &m.old, to.as_fd(), l, BPF_NOEXIST)?;
+                let c = copy(from.as_fd(), &m.old, to.as_fd(), l, Pass::Settle)?;
                 if c.copied > 0 {
                     info!("map {}: {} more entries copied from {} (made by the old programs before the swap)", m.name, c.copied, m.from);
                 }
