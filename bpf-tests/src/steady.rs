@@ -1,7 +1,8 @@
 //! Production's steady load for restart and upgrade tests: a long-lived TCP connection
-//! exchanging a message every 50 ms, a new TCP connection every 100 ms and a UDP query every
-//! 100 ms (`ferry-load steady`), from a pod to a ClusterIP and from outside to a
-//! source-translated NodePort, through node1.
+//! exchanging a message every 50 ms, a new TCP connection every 100 ms, a UDP query every
+//! 100 ms, and recent connections (one more every 50 ms, the newest 40 kept and asked again
+//! every 100 ms, so some are always a moment old) (`ferry-load steady`), from a pod to a
+//! ClusterIP and from outside to a source-translated NodePort, through node1.
 use std::time::Instant;
 
 use crate::lab::{self, services_yaml, At, Cluster, LabOptions, LoadProc, Svc, SvcPort, TempDir, LOAD_TCP_PORT, LOAD_UDP_PORT};
@@ -61,9 +62,9 @@ impl Load {
                 lines.iter().find(|l| l.starts_with(prefix)).and_then(|l| l.split_whitespace().find_map(|w| w.strip_prefix(&format!("{key}=")))).and_then(|v| v.parse().ok()).unwrap_or(0)
             };
             // At least half the requests the period allows (the loops wait for each answer).
-            let (long, conn, udp) = (field("long", "ok"), field("conn", "ok"), field("udp", "ok"));
-            let enough = long as f64 >= secs * 20.0 * 0.5 && conn as f64 >= secs * 10.0 * 0.5 && udp as f64 >= secs * 10.0 * 0.5;
-            if !last.ends_with(" 0 failed") || field("long", "broken") != 0 || field("long", "moved") != 0 || !enough {
+            let (long, conn, udp, recent) = (field("long", "ok"), field("conn", "ok"), field("udp", "ok"), field("recent", "opened"));
+            let enough = long as f64 >= secs * 20.0 * 0.5 && conn as f64 >= secs * 10.0 * 0.5 && udp as f64 >= secs * 10.0 * 0.5 && recent as f64 >= secs * 20.0 * 0.5;
+            if !last.ends_with(" 0 failed") || field("long", "broken") != 0 || field("long", "moved") != 0 || field("recent", "moved") != 0 || !enough {
                 bad = true;
             }
             report.push(format!("{what} ({secs:.1} s):\n  {}", lines.join("\n  ")));

@@ -109,6 +109,10 @@ fn an_upgrade_across_a_conntrack_layout_change_and_its_rollback_lose_nothing() {
     let load = steady::start_load(&c);
     std::thread::sleep(Duration::from_secs(1));
     assert_eq!(pinned(&c, 0, "ct4_assured_v2"), Some((16, 56)));
+    // A busy node: 30 000 more tracked connections, so each pass over the maps takes a while and
+    // connections opened meanwhile (the load's recent ones, one every 50 ms) must keep their
+    // entries across the swap. (The README says how long the last pass leaves uncovered.)
+    fill_conntrack(&c, 0, 30_000);
 
     // The upgrade.
     c.stop_agent(0);
@@ -148,6 +152,12 @@ fn an_upgrade_across_a_conntrack_layout_change_and_its_rollback_lose_nothing() {
     let log = c.agent_log(0)[since..].to_string();
     assert!(!log.contains("layout changed") && log.lines().filter(|l| l.contains("synced")).last().unwrap().contains("writes=0 deletes=0"), "{log}");
     std::thread::sleep(Duration::from_secs(1));
+
+    // Stale maps under the older agent's own names (as an upgrade killed after its swap leaves
+    // them): the rollback must take the state from the maps the attached programs use.
+    for m in ["ct4_v2", "ct4_assured_v2"] {
+        plant_stale(&c, 0, m);
+    }
 
     // The rollback: the older agent reads the newer layout from the pinned record.
     c.stop_agent(0);
@@ -205,4 +215,33 @@ fn an_upgrade_interrupted_after_the_copy_then_a_rollback_then_the_upgrade_again_
     assert!(log.contains("map ct4_assured_v3: layout changed") && log.contains("map ct4_assured_v3: pinned in place of ct4_assured_v2, which is removed"), "{log}");
     std::thread::sleep(Duration::from_secs(2));
     load.finish("an interrupted upgrade, a rollback and the upgrade again");
+}
+
+/// Adds `n` established connections of clients nobody runs (203.0.x.y) to node `i`'s assured
+/// conntrack, as a busy node holds them.
+fn fill_conntrack(c: &Cluster, i: usize, n: u32) {
+    use aya::maps::{HashMap, Map, MapData};
+    use dataplane_common::{Ct4Entry, Ct4Key};
+    let data = MapData::from_pin(c.nodes[i].pin.path.join("ct4_assured_v2")).unwrap();
+    let mut m: HashMap<MapData, Ct4Key, Ct4Entry> = HashMap::try_from(Map::HashMap(data)).unwrap();
+    let now = dataplane_agent::bpf::conntrack::monotonic_ns();
+    for k in 0..n {
+        let key = Ct4Key { saddr_be: u32::from_be_bytes([203, 0, (k >> 8) as u8, k as u8]).to_be(), daddr_be: u32::from_be_bytes([10, 96, 3, 10]).to_be(), sport_be: ((k >> 16) as u16 + 1000).to_be(), dport_be: 80u16.to_be(), proto: 6, pad: [0; 3] };
+        let e = Ct4Entry { created_ns: now, last_seen_ns: now, expires_ns: now + 3_600_000_000_000, ..Default::default() };
+        m.insert(key, e, 0).unwrap();
+    }
+}
+
+/// Pins an empty map under `name` with the layout this (older) build records for it, beside
+/// the newer agent's live one.
+fn plant_stale(c: &Cluster, i: usize, name: &str) {
+    let dir = &c.nodes[i].pin.path;
+    let path = dir.join(name);
+    let st = Command::new("bpftool")
+        .args(["map", "create", path.to_str().unwrap(), "type", "hash", "key", "16", "value", "56", "entries", "1024", "name", name, "flags", "1"])
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let text = dataplane_agent::migrate::layouts().into_iter().find(|l| l.name == name).unwrap().text();
+    dataplane_agent::migrate::record_one(dir, name, &text).unwrap();
 }

@@ -214,7 +214,7 @@ pub async fn run(mut cfg: RunConfig) -> anyhow::Result<()> {
     }
     // Maps of another layout or capacity (an upgrade, a rollback) are copied into new ones here
     // while the programs an earlier agent attached keep serving from the old ones.
-    let (mut ebpf, migration) = loader::load_pinned(&cfg.pin_dir, &loader::conntrack_capacities(cfg.conntrack_capacity)).context("loading the datapath")?;
+    let (mut ebpf, mut migration) = loader::load_pinned(&cfg.pin_dir, &loader::conntrack_capacities(cfg.conntrack_capacity)).context("loading the datapath")?;
     attach::load_programs(&mut ebpf).context("loading programs")?;
     let mut maps = BpfMaps::from_ebpf(&mut ebpf)?;
     let applied = maps.dump_applied();

@@ -166,7 +166,7 @@ pub fn load_pinned(dir: &Path, max_entries: &[(&'static str, u32)]) -> Result<(E
         }
     }
     let ebpf = loader.load(obj)?;
-    let migration = crate::migrate::Migration::new(dir, moves);
+    let mut migration = crate::migrate::Migration::new(dir, moves);
     migration.first_pass(&ebpf)?;
     Ok((ebpf, migration))
 }

@@ -491,6 +491,11 @@ enum Pass {
     /// programs already hold an entry, the one created first wins (by `created_ns` when both
     /// layouts have it): a connection's own entry, not one a mid-stream packet made up.
     Settle,
+    /// Last: what the old programs removed since it was copied (closed, or moved from the LRU map
+    /// to the assured one) is removed from the new map, unless the new programs wrote it since.
+    /// Only once every map has its additions: a connection moving between maps is never in
+    /// neither.
+    Prune,
 }
 
 const MAP_LRU_HASH: u32 = 9;
@@ -565,25 +570,57 @@ fn created(v: &[u8], fields: &[(String, usize, usize)]) -> Option<u64> {
     Some(u64::from_ne_bytes(v.get(*off..off + size)?.try_into().ok()?))
 }
 
-/// Copies every entry of `from` (old layout) into `to` (this build's `l`), as `pass` says.
-fn copy(from: BorrowedFd<'_>, old: &Recorded, to: BorrowedFd<'_>, l: &MapLayout, pass: Pass) -> io::Result<Copied> {
+/// What the old map held when it was last copied (its own key and value bytes): the next pass
+/// writes only what changed since, and takes out of the new map what the old programs removed
+/// (a connection closed, or moved from the LRU map to the assured one).
+pub type Snapshot = std::collections::HashMap<Vec<u8>, Vec<u8>>;
+
+/// Copies `from` (old layout) into `to` (this build's `l`), as `pass` says. With `snap` (maps of
+/// plain values), only the differences from the last copy are written, and the snapshot is
+/// brought up to date: every pass after the first is as quick as reading the old map.
+fn copy(from: BorrowedFd<'_>, old: &Recorded, to: BorrowedFd<'_>, l: &MapLayout, pass: Pass, snap: &mut Snapshot) -> io::Result<Copied> {
     let oi = map_info(from)?;
     let ni = map_info(to)?;
     let mut c = Copied::default();
-    if oi.kind == MAP_RINGBUF || ni.kind == MAP_RINGBUF || (pass == Pass::Settle && is_array(ni.kind)) {
+    if oi.kind == MAP_RINGBUF || ni.kind == MAP_RINGBUF || (pass != Pass::Fill && is_array(ni.kind)) {
         return Ok(c);
     }
     let cpus = if percpu(oi.kind) { possible_cpus() } else { 1 };
+    // Per-CPU values and maps of maps are small (counters, hash tables): copied whole each time.
+    let diff = cpus == 1 && oi.kind != MAP_HASH_OF_MAPS;
     let (ostride, nstride) = ((oi.value_size as usize).div_ceil(8) * 8, (ni.value_size as usize).div_ceil(8) * 8);
     let new_fields: Vec<(String, usize, usize)> = l.value.iter().map(|f| (f.name.to_string(), f.offset, f.size)).collect();
+    let conv = |v: &[u8]| convert(&v[..oi.value_size as usize], &old.value, &l.value, ni.value_size as usize);
     let mut current = vec![0u8; value_buf_len(&ni)];
-    for (key, val) in entries(from, &oi)? {
+    let now = entries(from, &oi)?;
+    if diff && pass == Pass::Prune {
+        // Gone from the old map since the last copy: out of the new one too, unless the new
+        // programs have written it since (then it is theirs).
+        let present: std::collections::HashSet<&[u8]> = now.iter().map(|(k, _)| k.as_slice()).collect();
+        let gone: Vec<Vec<u8>> = snap.keys().filter(|k| !present.contains(k.as_slice())).cloned().collect();
+        for k in gone {
+            let was = snap.remove(&k).unwrap_or_default();
+            let nk = convert(&k, &old.key, &l.key, ni.key_size as usize);
+            if lookup(to, &nk, &mut current)? && current[..ni.value_size as usize] == conv(&was)[..] {
+                let _ = sys_bpf(BPF_MAP_DELETE_ELEM, Attr::new().u32(0, to.as_raw_fd() as u32).u64(8, nk.as_ptr() as u64));
+                c.copied += 1;
+            }
+        }
+    }
+    if pass == Pass::Prune {
+        return Ok(c);
+    }
+    for (key, val) in now {
+        let before = if diff { snap.get(&key).cloned() } else { None };
+        if before.as_deref() == Some(&val[..]) {
+            continue;
+        }
         let nk = convert(&key, &old.key, &l.key, ni.key_size as usize);
         let nv = if oi.kind == MAP_HASH_OF_MAPS {
             // The value is the inner map: its id read back, its fd written.
             let id = u32::from_ne_bytes(val[..4].try_into().unwrap());
             let inner = map_fd_by_id(id)?;
-            let flags = if pass == Pass::Fill { BPF_ANY } else { BPF_NOEXIST };
+            let flags = if pass == Pass::Settle { BPF_NOEXIST } else { BPF_ANY };
             tally(&mut c, update(to, &nk, &(inner.as_raw_fd() as u32).to_ne_bytes(), flags))?;
             continue;
         } else if cpus > 1 {
@@ -594,23 +631,39 @@ fn copy(from: BorrowedFd<'_>, old: &Recorded, to: BorrowedFd<'_>, l: &MapLayout,
             }
             v
         } else {
-            convert(&val[..oi.value_size as usize], &old.value, &l.value, ni.value_size as usize)
+            conv(&val)
         };
         let flags = match pass {
-            Pass::Fill => BPF_ANY,
+            Pass::Fill | Pass::Prune => BPF_ANY,
             Pass::Settle => {
-                if cpus == 1 && lookup(to, &nk, &mut current)? {
-                    // Both hold the connection: the older entry is its own.
+                if cpus > 1 || !lookup(to, &nk, &mut current)? {
+                    // Absent from the new map: new since the last copy (added), or copied and then
+                    // removed by the new programs (a connection that closed: left out).
+                    if before.is_some() {
+                        snap.insert(key, val);
+                        continue;
+                    }
+                    BPF_NOEXIST
+                } else if before.as_ref().is_some_and(|b| current[..ni.value_size as usize] == conv(b)[..]) {
+                    // Untouched by the new programs since the last copy: the old map's news win.
+                    BPF_EXIST
+                } else {
+                    // Both wrote it: the entry created first is the connection's own, not one a
+                    // mid-stream packet made up.
                     match (created(&val, &old.value), created(&current, &new_fields)) {
                         (Some(o), Some(n)) if o < n => BPF_EXIST,
-                        _ => continue,
+                        _ => {
+                            snap.insert(key, val);
+                            continue;
+                        }
                     }
-                } else {
-                    BPF_NOEXIST
                 }
             }
         };
         tally(&mut c, update(to, &nk, &nv, flags))?;
+        if diff {
+            snap.insert(key, val);
+        }
     }
     Ok(c)
 }
@@ -631,16 +684,19 @@ fn tally(c: &mut Copied, r: io::Result<()>) -> io::Result<()> {
 pub struct Migration {
     dir: PathBuf,
     moves: Vec<Move>,
+    /// Per move: the old map as last copied.
+    snaps: Vec<Snapshot>,
 }
 
 impl Migration {
     /// Nothing to migrate.
     pub fn none(dir: &Path) -> Self {
-        Migration { dir: dir.to_path_buf(), moves: Vec::new() }
+        Migration { dir: dir.to_path_buf(), moves: Vec::new(), snaps: Vec::new() }
     }
 
     pub fn new(dir: &Path, moves: Vec<Move>) -> Self {
-        Migration { dir: dir.to_path_buf(), moves }
+        let snaps = moves.iter().map(|_| Snapshot::new()).collect();
+        Migration { dir: dir.to_path_buf(), moves, snaps }
     }
 
     pub fn is_empty(&self) -> bool {
@@ -653,19 +709,20 @@ impl Migration {
     }
 
     /// Pins the new maps aside and fills them from the old pins (the old programs serve on).
-    pub fn first_pass(&self, ebpf: &aya::Ebpf) -> Result<(), crate::error::LoadError> {
+    pub fn first_pass(&mut self, ebpf: &aya::Ebpf) -> Result<(), crate::error::LoadError> {
         let layouts = layouts();
-        for m in &self.moves {
+        let dir = self.dir.clone();
+        for (m, snap) in self.moves.iter().zip(self.snaps.iter_mut()) {
             let l = layouts.iter().find(|l| l.name == m.name).expect("a move is of a known map");
-            let new_pin = self.new_pin(m);
+            let new_pin = dir.join(staging(m.name));
             let map = ebpf.map(m.name).ok_or(crate::error::LoadError::MissingMap { name: m.name })?;
             let _ = std::fs::remove_file(&new_pin);
             map.pin(&new_pin).map_err(|e| io::Error::other(format!("pinning {}: {e:?}", new_pin.display())))?;
-            let (from, to) = (obj_get(&self.dir.join(&m.from))?, obj_get(&new_pin)?);
+            let (from, to) = (obj_get(&dir.join(&m.from))?, obj_get(&new_pin)?);
             // Recorded at once, under the new map's own id: wherever a start is interrupted
             // from here on, every pinned map has its true layout (or none, while it is staged).
-            write_layout(layouts_map(&self.dir)?.as_fd(), map_info(to.as_fd())?.id, &l.text())?;
-            let c = copy(from.as_fd(), &m.old, to.as_fd(), l, Pass::Fill).map_err(|e| io::Error::new(e.kind(), format!("copying {} into {}: {e}", m.from, m.name)))?;
+            write_layout(layouts_map(&dir)?.as_fd(), map_info(to.as_fd())?.id, &l.text())?;
+            let c = copy(from.as_fd(), &m.old, to.as_fd(), l, Pass::Fill, snap).map_err(|e| io::Error::new(e.kind(), format!("copying {} into {}: {e}", m.from, m.name)))?;
             info!(
                 "map {}: {} changed ({}), {} entries copied from {} while the old programs serve{}",
                 m.name,
@@ -682,14 +739,26 @@ impl Migration {
     /// Right before the swap: copies again everything the old programs wrote since the first
     /// pass (loading and verifying the programs takes a while), so that the new programs start
     /// with all but the last moments' connections; those follow in [`Migration::finish`].
-    pub fn catch_up(&self) -> io::Result<()> {
+    pub fn catch_up(&mut self) -> io::Result<()> {
         let layouts = layouts();
-        for m in &self.moves {
-            let l = layouts.iter().find(|l| l.name == m.name).expect("known map");
-            let (from, to) = (obj_get(&self.dir.join(&m.from))?, obj_get(&self.new_pin(m))?);
-            let started = std::time::Instant::now();
-            let c = copy(from.as_fd(), &m.old, to.as_fd(), l, Pass::Fill)?;
-            log::debug!("map {}: {} entries copied again from {} right before the swap in {:?}", m.name, c.copied, m.from, started.elapsed());
+        let dir = self.dir.clone();
+        // Twice: the second round only has what changed during the first. It takes the slow
+        // (big) maps first and the quick ones last, so the maps where new connections appear
+        // (the small LRU ones) are current to within milliseconds when the programs are swapped.
+        let mut order: Vec<usize> = (0..self.moves.len()).collect();
+        let mut took = vec![std::time::Duration::ZERO; self.moves.len()];
+        for round in 1..=2 {
+            for &i in &order {
+                let (m, snap) = (&self.moves[i], &mut self.snaps[i]);
+                let l = layouts.iter().find(|l| l.name == m.name).expect("known map");
+                let (from, to) = (obj_get(&dir.join(&m.from))?, obj_get(&dir.join(staging(m.name)))?);
+                let started = std::time::Instant::now();
+                let c = copy(from.as_fd(), &m.old, to.as_fd(), l, Pass::Fill, snap)?;
+                took[i] = started.elapsed();
+                log::debug!("map {}: {} changed entries copied again from {} before the swap (round {round}) in {:?}", m.name, c.copied, m.from, took[i]);
+            }
+            // Slowest first next time.
+            order.sort_by(|a, b| took[*b].cmp(&took[*a]));
         }
         Ok(())
     }
@@ -698,18 +767,27 @@ impl Migration {
     /// pass, puts the new maps in place of the old pins, and records this build's layouts. Maps
     /// another version recorded and this one does not use are removed (their state lives on in
     /// the maps they were copied into).
-    pub fn finish(self) -> io::Result<()> {
+    pub fn finish(mut self) -> io::Result<()> {
         let layouts = layouts();
-        for m in &self.moves {
-            let l = layouts.iter().find(|l| l.name == m.name).expect("known map");
-            let new_pin = self.new_pin(m);
-            let old_pin = self.dir.join(&m.from);
-            if let (Ok(from), Ok(to)) = (obj_get(&old_pin), obj_get(&new_pin)) {
-                let c = copy(from.as_fd(), &m.old, to.as_fd(), l, Pass::Settle)?;
-                if c.copied > 0 {
-                    info!("map {}: {} more entries copied from {} (made by the old programs before the swap)", m.name, c.copied, m.from);
+        let mut snaps = std::mem::take(&mut self.snaps);
+        // The quick (small, hot) maps first: their news matter within milliseconds.
+        let mut order: Vec<usize> = (0..self.moves.len()).collect();
+        order.sort_by_key(|i| snaps[*i].len());
+        for pass in [Pass::Settle, Pass::Prune] {
+            for &i in &order {
+                let m = &self.moves[i];
+                let l = layouts.iter().find(|l| l.name == m.name).expect("known map");
+                if let (Ok(from), Ok(to)) = (obj_get(&self.dir.join(&m.from)), obj_get(&self.new_pin(m))) {
+                    let c = copy(from.as_fd(), &m.old, to.as_fd(), l, pass, &mut snaps[i])?;
+                    if c.copied > 0 && pass == Pass::Settle {
+                        info!("map {}: {} more entries copied from {} (made by the old programs before the swap)", m.name, c.copied, m.from);
+                    }
                 }
             }
+        }
+        for m in &self.moves {
+            let new_pin = self.new_pin(m);
+            let old_pin = self.dir.join(&m.from);
             // A rename replaces a pin of the same name in one step: the name always holds a whole
             // map, the old or the new.
             std::fs::rename(&new_pin, self.dir.join(m.name))?;

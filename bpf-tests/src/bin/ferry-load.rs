@@ -66,7 +66,10 @@
 //!       long-lived connection has its first answer; at the end one line per loop,
 //!       `long asked=N ok=N broken=B moved=M`, `conn ok=N failed=F worst_ms=W`,
 //!       `udp ok=N failed=F worst_ms=W`, each first failure as `error LOOP AT_MS KIND`, and last
-//!       `OK ok, FAILED failed`.
+//!       `OK ok, FAILED failed`. A fourth loop keeps recent connections: one more every
+//!       --recent-ms (50), the newest --recent-keep (40) kept open and each asked ECHO again every
+//!       100 ms, so some connections are always a moment old, whatever moment something happens
+//!       on the path: `recent opened=N ok=N failed=F moved=M`.
 //!
 //! Forged packets (as an attacker sends them; needs CAP_NET_RAW):
 //!   forge-tcp SRC:PORT DST:PORT FLAGS SEQ ACK [--count N]
@@ -1317,7 +1320,48 @@ fn steady(a: &Args) -> i32 {
     };
     println!("ready");
     let _ = io::stdout().flush();
-    let (s1, s2, s3) = (stop.clone(), stop.clone(), stop.clone());
+    let (s1, s2, s3, s4) = (stop.clone(), stop.clone(), stop.clone(), stop.clone());
+    let (recent_every, keep) = (a.ms("--recent-ms", 50), a.get::<usize>("--recent-keep", 40).clamp(1, 1000));
+    let recent_t = std::thread::spawn(move || {
+        // (connection, its backend, when it was last asked)
+        let mut kept: std::collections::VecDeque<(TcpStream, String, Instant)> = Default::default();
+        let (mut opened, mut moved) = (0u64, 0u64);
+        let st = steady_loop(recent_every, &s4, started, deadline, || {
+            let mut s = connect_from(tcp, None, timeout).map_err(|e| format!("connect-{}", kind(&e)))?;
+            let who = echo_once(&mut s, timeout)?.split_whitespace().next().unwrap_or("").to_string();
+            opened += 1;
+            kept.push_back((s, who, Instant::now()));
+            if kept.len() > keep {
+                kept.pop_front();
+            }
+            // Every kept connection not asked for 100 ms is asked now; the first failure ends
+            // this round (and counts).
+            let mut failure = None;
+            kept.retain_mut(|(s, who, last)| {
+                if failure.is_some() || last.elapsed() < Duration::from_millis(100) {
+                    return true;
+                }
+                *last = Instant::now();
+                match echo_once(s, timeout) {
+                    Ok(l) => {
+                        if l.split_whitespace().next() != Some(who.as_str()) {
+                            moved += 1;
+                        }
+                        true
+                    }
+                    Err(e) => {
+                        failure = Some(format!("kept-{e}"));
+                        false
+                    }
+                }
+            });
+            match failure {
+                Some(e) => Err(e),
+                None => Ok(String::new()),
+            }
+        });
+        (st, opened, moved)
+    });
     let long_t = std::thread::spawn(move || {
         let mut broken = false;
         let mut moved = 0u64;
@@ -1363,17 +1407,19 @@ fn steady(a: &Args) -> i32 {
     let (long_st, broken, moved) = long_t.join().unwrap_or_default();
     let conn_st = conn_t.join().unwrap_or_default();
     let udp_st = udp_t.join().unwrap_or_default();
+    let (recent_st, opened, recent_moved) = recent_t.join().unwrap_or_default();
     drop(waiter);
     println!("long asked={} ok={} broken={} moved={moved}", long_st.ok + long_st.failed, long_st.ok, broken as u8);
     println!("conn ok={} failed={} worst_ms={}", conn_st.ok, conn_st.failed, conn_st.worst.as_millis());
     println!("udp ok={} failed={} worst_ms={}", udp_st.ok, udp_st.failed, udp_st.worst.as_millis());
-    for (what, st) in [("long", &long_st), ("conn", &conn_st), ("udp", &udp_st)] {
+    println!("recent opened={opened} ok={} failed={} moved={recent_moved}", recent_st.ok, recent_st.failed);
+    for (what, st) in [("long", &long_st), ("conn", &conn_st), ("udp", &udp_st), ("recent", &recent_st)] {
         for (at, e) in &st.errors {
             println!("error {what} {at} {e}");
         }
     }
-    let ok = long_st.ok + conn_st.ok + udp_st.ok;
-    let failed = long_st.failed + conn_st.failed + udp_st.failed + moved;
+    let ok = long_st.ok + conn_st.ok + udp_st.ok + recent_st.ok;
+    let failed = long_st.failed + conn_st.failed + udp_st.failed + moved + recent_st.failed + recent_moved;
     println!("{ok} ok, {failed} failed");
     if failed == 0 { 0 } else { 1 }
 }
