@@ -338,3 +338,21 @@ fn a_copy_an_interrupted_start_had_already_swapped_in_is_put_in_place() {
     // Links first, then the cgroup they hold.
     drop(pin);
 }
+
+#[test]
+fn a_key_that_cannot_be_carried_field_for_field_is_refused_by_name() {
+    let pin = pin_dir();
+    drop(loader::load_with(Some(&pin.path), &loader::PRIVATE_CAPACITIES).unwrap());
+    // As a newer Ferry could record it: the backend map's key field renamed. Entries cannot be
+    // rebuilt key for key, so nothing is converted and the start is refused before any change.
+    dataplane_agent::migrate::record_one(&pin.path, names::BACKENDS, "key=4:backend_id@0+4;value=8:addr_be@0+4,port_be@4+2,proto@6+1,flags@7+1").unwrap();
+    match loader::load_with(Some(&pin.path), &loader::PRIVATE_CAPACITIES) {
+        Err(e @ LoadError::KeyChanged { .. }) => {
+            let msg = e.to_string();
+            assert!(msg.contains(pin.path.join(names::BACKENDS).to_str().unwrap()) && msg.contains("dropped: backend_id") && msg.contains("the running datapath is untouched"), "{msg}");
+        }
+        Err(e) => panic!("wrong error: {e}"),
+        Ok(_) => panic!("converted a key it cannot rebuild"),
+    }
+    assert!(!pin.path.join("new__lb4_be_v1").exists());
+}
