@@ -337,13 +337,7 @@ pub async fn run(mut cfg: RunConfig) -> anyhow::Result<()> {
                 _ = int.recv() => return Ok(stopping(&att)),
                 _ = term.recv() => return Ok(stopping(&att)),
                 _ = every.tick() => warn!("still waiting for the API server's initial lists; the datapath keeps serving from the pinned maps"),
-                _ = recheck.tick() => {
-                    att.sync_interfaces(&mut ebpf, &cfg.pod_interfaces, external.as_ref());
-                    if let Err(e) = att.sync_cgroup(&mut ebpf, cfg.cgroup.as_deref()) {
-                        warn!(error = %e, "socket hooks");
-                    }
-                    observed.datapath(att.live(), att.links());
-                }
+                _ = recheck.tick() => recheck_links(&mut att, &mut ebpf, &cfg, external.as_ref(), &observed),
                 Some(kinds) = link_rx.recv() => {
                     if kinds & attach::EV_LINK != 0 {
                         att.sync_interfaces(&mut ebpf, &cfg.pod_interfaces, external.as_ref());
@@ -419,15 +413,7 @@ pub async fn run(mut cfg: RunConfig) -> anyhow::Result<()> {
         tokio::select! {
             _ = int.recv() => break,
             _ = term.recv() => break,
-            _ = recheck.tick() => {
-                // Links are checked again now and then, not only on link events: a pin removed
-                // by hand is pinned again, a hook that failed to attach is retried.
-                att.sync_interfaces(&mut ebpf, &cfg.pod_interfaces, external.as_ref());
-                if let Err(e) = att.sync_cgroup(&mut ebpf, cfg.cgroup.as_deref()) {
-                    warn!(error = %e, "socket hooks");
-                }
-                observed.datapath(att.live(), att.links());
-            }
+            _ = recheck.tick() => recheck_links(&mut att, &mut ebpf, &cfg, external.as_ref(), &observed),
             Some(kinds) = link_rx.recv() => {
                 if kinds & attach::EV_LINK != 0 {
                     att.sync_interfaces(&mut ebpf, &cfg.pod_interfaces, external.as_ref());
@@ -471,6 +457,16 @@ pub async fn run(mut cfg: RunConfig) -> anyhow::Result<()> {
     }
     stopping(&att);
     Ok(())
+}
+
+/// Links are checked again now and then, not only on link events: a pin removed by hand is
+/// pinned again, a hook that failed to attach is retried, and /livez says what is attached.
+fn recheck_links(att: &mut Attachments, ebpf: &mut aya::Ebpf, cfg: &RunConfig, external: Option<&IfacePatterns>, observed: &Observed) {
+    att.sync_interfaces(ebpf, &cfg.pod_interfaces, external);
+    if let Err(e) = att.sync_cgroup(ebpf, cfg.cgroup.as_deref()) {
+        warn!(error = %e, "socket hooks");
+    }
+    observed.datapath(att.live(), att.links());
 }
 
 /// The external interfaces when none are given: those holding the node's addresses.
