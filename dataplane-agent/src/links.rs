@@ -74,11 +74,7 @@ pub(crate) fn sys_bpf_mut(cmd: u32, attr: &mut Attr) -> io::Result<i64> {
 }
 
 pub(crate) fn sys_bpf(cmd: u32, mut attr: Attr) -> io::Result<i64> {
-    let r = unsafe { libc::syscall(libc::SYS_bpf, cmd, attr.0.as_mut_ptr(), attr.0.len() as u32) };
-    if r < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(r)
+    sys_bpf_mut(cmd, &mut attr)
 }
 
 pub(crate) fn c_path(path: &Path) -> io::Result<CString> {

@@ -3,11 +3,8 @@
 //! and handed to the attachers.
 use std::path::Path;
 
-use aya::{maps::MapInfo, Ebpf, EbpfLoader};
-use dataplane_common::{
-    names, AffinityKey, AffinityValue, Ct4Entry, Ct4Key, Frag4Key, Frag4Ports, Lb4Backend, Lb4Key, Lb4Service, Lb4SlotKey, NodeConfig,
-    LocalAddr, PodIface, PolCtEntry, PolCtKey, PolEndpoint, PolEvKey, PolFragKey, PolRuleKey, SockRevKey, SockRevValue, SvcCounters, SvcName,
-};
+use aya::{Ebpf, EbpfLoader};
+use dataplane_common::names;
 
 use crate::error::LoadError;
 
@@ -48,58 +45,6 @@ pub fn conntrack_capacities(n: u32) -> [(&'static str, u32); 4] {
 
 /// Where a node's maps live.
 pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/ferry";
-
-/// (name, key size, value size) of every pinned map, checked before re-using a pin.
-fn expected_layout() -> [(&'static str, u32, u32); 29] {
-    use std::mem::size_of;
-    [
-        (names::SERVICES, size_of::<Lb4Key>() as u32, size_of::<Lb4Service>() as u32),
-        (names::SLOTS, size_of::<Lb4SlotKey>() as u32, 4),
-        (names::BACKENDS, 4, size_of::<Lb4Backend>() as u32),
-        (names::CONNTRACK, size_of::<Ct4Key>() as u32, size_of::<Ct4Entry>() as u32),
-        (names::CONNTRACK_ASSURED, size_of::<Ct4Key>() as u32, size_of::<Ct4Entry>() as u32),
-        (names::FRAGMENTS, size_of::<Frag4Key>() as u32, size_of::<Frag4Ports>() as u32),
-        (names::SERVICE_CIDRS, 8, 4),
-        (names::AFFINITY, size_of::<AffinityKey>() as u32, size_of::<AffinityValue>() as u32),
-        (names::SOURCE_RANGES, 12, 4),
-        (names::CONFIG, 4, size_of::<NodeConfig>() as u32),
-        (names::CHASH, 4, 4),
-        (names::SVC_STATS, 4, size_of::<SvcCounters>() as u32),
-        (names::SVC_NAMES, 4, size_of::<SvcName>() as u32),
-        (names::POL_IPCACHE, 8, 4),
-        (names::POL_ENDPOINTS, 4, size_of::<PolEndpoint>() as u32),
-        (names::POL_RULES, 4 + size_of::<PolRuleKey>() as u32, 4),
-        (names::POL_CONNTRACK, size_of::<PolCtKey>() as u32, size_of::<PolCtEntry>() as u32),
-        (names::POL_CONNTRACK_ASSURED, size_of::<PolCtKey>() as u32, size_of::<PolCtEntry>() as u32),
-        (names::POL_FRAGMENTS, size_of::<PolFragKey>() as u32, 4),
-        (names::POL_EVENT_LIMIT, size_of::<PolEvKey>() as u32, 8),
-        (names::CT_SOURCES, 4, 8),
-        (names::POL_REVOKED, size_of::<PolCtKey>() as u32, size_of::<dataplane_common::PolRevoked>() as u32),
-        (names::POL_DROPS, 4, 8),
-        (names::POL_NAMES, 4, size_of::<SvcName>() as u32),
-        (names::POD_NAMES, 4, size_of::<SvcName>() as u32),
-        (names::IDENTITY_NAMES, 4, size_of::<SvcName>() as u32),
-        (names::SOCK_REV, size_of::<SockRevKey>() as u32, size_of::<SockRevValue>() as u32),
-        (names::LOCAL_ADDRS, 4, size_of::<LocalAddr>() as u32),
-        (names::POD_IFACES, 4, size_of::<PodIface>() as u32),
-    ]
-}
-
-fn check_pinned(dir: &Path, migrated: &[&str]) -> Result<(), LoadError> {
-    for (name, key, value) in expected_layout() {
-        let path = dir.join(name);
-        if !path.exists() || migrated.contains(&name) {
-            continue;
-        }
-        let info = MapInfo::from_pin(&path).map_err(|source| LoadError::Map { name, source })?;
-        for (what, found, expected) in [("key size", info.key_size(), key), ("value size", info.value_size(), value)] {
-            if found != expected {
-                return Err(LoadError::PinnedMismatch { path: path.display().to_string(), what, found, expected });
-            }
-        }
-    }
-    Ok(())
-}
 
 fn is_bpffs(path: &Path) -> bool {
     const BPF_FS_MAGIC: i64 = 0xcafe4a11;
@@ -159,7 +104,6 @@ pub fn load_pinned(dir: &Path, max_entries: &[(&'static str, u32)]) -> Result<(E
     }
     std::fs::create_dir_all(dir)?;
     let moves = crate::migrate::plan(dir, max_entries)?;
-    check_pinned(dir, &moves.iter().map(|m| m.name).collect::<Vec<_>>())?;
     for n in names::ALL {
         if !moves.iter().any(|m| m.name == n) {
             loader.map_pin_path(n, dir.join(n));

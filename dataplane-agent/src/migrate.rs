@@ -689,11 +689,6 @@ pub struct Migration {
 }
 
 impl Migration {
-    /// Nothing to migrate.
-    pub fn none(dir: &Path) -> Self {
-        Migration { dir: dir.to_path_buf(), moves: Vec::new(), snaps: Vec::new() }
-    }
-
     pub fn new(dir: &Path, moves: Vec<Move>) -> Self {
         let snaps = moves.iter().map(|_| Snapshot::new()).collect();
         Migration { dir: dir.to_path_buf(), moves, snaps }
