@@ -35,22 +35,31 @@ pub enum SourceConfig {
     Kube { kubeconfig: Option<PathBuf>, master: Option<String> },
 }
 
-/// kube-proxy's `--detect-local-mode`: which sources count as in-cluster for ClusterIP traffic
-/// arriving from outside the node (the others are masqueraded).
-#[derive(Clone, Copy, PartialEq, Eq)]
+/// kube-proxy's `--detect-local-mode`: what is local traffic. ClusterIP traffic that is not is
+/// masqueraded; local traffic to an external address of a Service with externalTrafficPolicy
+/// Local is short-circuited to all its endpoints.
+#[derive(Clone, PartialEq, Eq)]
 pub enum LocalMode {
-    /// `--cluster-cidr`.
+    /// Sources in `--cluster-cidr` (none set: no local detector).
     ClusterCidr,
-    /// This node's podCIDR, from its Node object.
+    /// Sources in this node's podCIDR, from its Node object.
     NodeCidr,
+    /// Packets that come in from the pods' bridge (`--pod-bridge-interface`): the pods'
+    /// interfaces, where Ferry's pod hooks see them before the bridge.
+    BridgeInterface(String),
+    /// Packets that come in from interfaces named `--pod-interface-name-prefix`*: Ferry's pod
+    /// interfaces, which then are exactly those.
+    InterfaceNamePrefix(String),
 }
 
 impl std::fmt::Debug for LocalMode {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            LocalMode::ClusterCidr => "ClusterCIDR",
-            LocalMode::NodeCidr => "NodeCIDR",
-        })
+        match self {
+            LocalMode::ClusterCidr => f.write_str("ClusterCIDR"),
+            LocalMode::NodeCidr => f.write_str("NodeCIDR"),
+            LocalMode::BridgeInterface(b) => write!(f, "BridgeInterface {b}"),
+            LocalMode::InterfaceNamePrefix(p) => write!(f, "InterfaceNamePrefix {p}"),
+        }
     }
 }
 
@@ -155,7 +164,9 @@ pub fn node_config(cfg: &RunConfig, node: &model::NodeContext, objs: &Objects) -
             .and_then(|n| n.spec.as_ref())
             .and_then(|s| s.pod_cidrs.clone().or_else(|| s.pod_cidr.clone().map(|c| vec![c])))
             .and_then(|cidrs| cidrs.iter().find_map(|c| c.parse::<Cidr4>().ok())),
+        LocalMode::BridgeInterface(_) | LocalMode::InterfaceNamePrefix(_) => None,
     };
+    let by_iface = matches!(cfg.local_mode, LocalMode::BridgeInterface(_) | LocalMode::InterfaceNamePrefix(_));
     let (cluster_cidr_be, cluster_mask_be) = local.map(|c| c.addr_mask_be()).unwrap_or((0, 0));
     NodeConfig {
         snat_addr_be: node.ips.first().map(|ip| u32::from_ne_bytes(ip.octets())).unwrap_or(0),
@@ -165,7 +176,9 @@ pub fn node_config(cfg: &RunConfig, node: &model::NodeContext, objs: &Objects) -
         cluster_mask_be,
         ct_timeout_s: cfg.ct_timeouts,
         host_netns_cookie: cfg.host_netns_cookie,
-        flags: if cfg.source_check { dataplane_common::CFG_F_SOURCE_CHECK } else { 0 } | if cfg.external_strict { dataplane_common::CFG_F_EXTERNAL_STRICT } else { 0 },
+        flags: if cfg.source_check { dataplane_common::CFG_F_SOURCE_CHECK } else { 0 }
+            | if cfg.external_strict { dataplane_common::CFG_F_EXTERNAL_STRICT } else { 0 }
+            | if by_iface { dataplane_common::CFG_F_LOCAL_IFACE } else { 0 },
         refusals_per_s: cfg.refusals.0,
         refusal_burst: cfg.refusals.1,
         ct_per_source_max: cfg.ct_per_source_max,

@@ -172,20 +172,36 @@ pub struct RunArgs {
     /// Service holds is dropped. Comma-separated.
     #[arg(long = "service-cidr", env = "FERRY_SERVICE_CIDRS", value_delimiter = ',')]
     pub service_cidrs: Vec<String>,
-    /// The pods' CIDR range in the cluster (kube-proxy's flag). A ClusterIP reached from outside
-    /// the node by a source outside this range is served with the source masqueraded to the
-    /// node's address, as kube-proxy does; without it (and with --detect-local-mode
-    /// ClusterCIDR), ClusterIPs are served only to pods and the node itself.
+    /// The pods' CIDR range in the cluster (kube-proxy's flag; one per family, comma-separated,
+    /// the IPv6 one ignored by the IPv4 datapath). With --detect-local-mode ClusterCIDR it tells
+    /// local traffic: a ClusterIP reached by a source outside it is masqueraded to the node's
+    /// address, and a pod inside it reaching an externalTrafficPolicy Local address of a
+    /// Service gets every endpoint. Unset: no local detector (as kube-proxy without one).
     #[arg(long, env = "FERRY_CLUSTER_CIDR")]
     pub cluster_cidr: Option<String>,
-    /// What counts as in-cluster for the rule above (kube-proxy's flag): `ClusterCIDR`
-    /// (--cluster-cidr) or `NodeCIDR` (this node's podCIDR, from its Node object).
-    #[arg(long, env = "FERRY_DETECT_LOCAL_MODE", default_value = "ClusterCIDR", value_parser = ["ClusterCIDR", "NodeCIDR"])]
+    /// What is local traffic (kube-proxy's flag): `ClusterCIDR` (sources in --cluster-cidr),
+    /// `NodeCIDR` (sources in this node's podCIDR, from its Node object), `BridgeInterface`
+    /// (packets from the pods' bridge, --pod-bridge-interface) or `InterfaceNamePrefix`
+    /// (packets from interfaces named --pod-interface-name-prefix*).
+    #[arg(long, env = "FERRY_DETECT_LOCAL_MODE", default_value = "ClusterCIDR", value_parser = ["ClusterCIDR", "NodeCIDR", "BridgeInterface", "InterfaceNamePrefix"])]
     pub detect_local_mode: String,
-    /// This node's IPv4 addresses, on which NodePorts answer. Comma-separated. Default: the
-    /// InternalIP and ExternalIP addresses of its Node object.
+    /// The bridge the pods hang off (kube-proxy's flag), for --detect-local-mode BridgeInterface:
+    /// traffic entering through the pods' interfaces (--pod-interfaces) is local.
+    #[arg(long, env = "FERRY_POD_BRIDGE_INTERFACE")]
+    pub pod_bridge_interface: Option<String>,
+    /// Pod interfaces' name prefix (kube-proxy's flag), for --detect-local-mode
+    /// InterfaceNamePrefix: Ferry's pod interfaces become `<prefix>*`, and traffic entering
+    /// through them is local.
+    #[arg(long, env = "FERRY_POD_INTERFACE_NAME_PREFIX")]
+    pub pod_interface_name_prefix: Option<String>,
+    /// Masquerade every connection to a ClusterIP to the node's address (kube-proxy's flag).
+    #[arg(long, env = "FERRY_MASQUERADE_ALL", default_value_t = false, action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
+    pub masquerade_all: bool,
+    /// This node's addresses, on which NodePorts answer. Comma-separated; IPv6 ones are left to
+    /// the IPv6 datapath (not in this version). Default: the InternalIP and ExternalIP addresses
+    /// of its Node object.
     #[arg(long = "node-ip", env = "FERRY_NODE_IPS", value_delimiter = ',')]
-    pub node_ips: Vec<Ipv4Addr>,
+    pub node_ips: Vec<String>,
     /// NodePorts answer only on node addresses inside these CIDRs (kube-proxy's flag; all node
     /// addresses when empty). Comma-separated.
     #[arg(long = "nodeport-addresses", env = "FERRY_NODEPORT_ADDRESSES", value_delimiter = ',')]
@@ -267,8 +283,21 @@ pub struct RunArgs {
     pub cleanup: bool,
 }
 
+/// The IPv4 CIDRs of a flag's list. IPv6 entries (a dual-stack configuration) are left aside,
+/// with one note naming the flag, never a reason to refuse it.
 fn parse_cidrs(flag: &str, v: &[String]) -> anyhow::Result<Vec<Cidr4>> {
-    v.iter().filter(|s| !s.trim().is_empty()).map(|s| s.trim().parse::<Cidr4>().map_err(|e| anyhow::anyhow!("{flag}: {e}"))).collect()
+    let mut out = Vec::new();
+    let mut v6 = Vec::new();
+    for s in v.iter().flat_map(|s| s.split(',')).map(str::trim).filter(|s| !s.is_empty()) {
+        match crate::addr::parse_cidr(s).map_err(|e| anyhow::anyhow!("{flag}: {e}"))? {
+            crate::addr::Family::V4(c) => out.push(c),
+            crate::addr::Family::V6 => v6.push(s),
+        }
+    }
+    if !v6.is_empty() {
+        tracing::info!("{}", format!("{flag}: IPv6 entries {} apply to the IPv6 datapath, which this version does not have; the IPv4 datapath ignores them", v6.join(",")));
+    }
+    Ok(out)
 }
 
 fn parse_bind(flag: &str, v: &str) -> anyhow::Result<Option<SocketAddr>> {
@@ -340,7 +369,35 @@ impl RunArgs {
         };
         let service_cidrs: BTreeSet<Cidr4> = parse_cidrs("--service-cidr", &self.service_cidrs)?.into_iter().collect();
         let nodeport_addresses = parse_cidrs("--nodeport-addresses", &self.nodeport_addresses)?;
-        let cluster_cidr = parse_cidrs("--cluster-cidr", self.cluster_cidr.as_slice())?.into_iter().next();
+        let cluster_cidrs = parse_cidrs("--cluster-cidr", self.cluster_cidr.as_slice())?;
+        if cluster_cidrs.len() > 1 {
+            anyhow::bail!("--cluster-cidr: {:?} holds more than one IPv4 CIDR (one per family)", self.cluster_cidr.unwrap_or_default());
+        }
+        let cluster_cidr = cluster_cidrs.into_iter().next();
+        let mut node_ips = Vec::new();
+        for s in self.node_ips.iter().map(|s| s.trim()).filter(|s| !s.is_empty()) {
+            match crate::addr::parse_ip(s).map_err(|e| anyhow::anyhow!("--node-ip: {e}"))? {
+                crate::addr::Family::V4(a) => node_ips.push(a),
+                crate::addr::Family::V6 => tracing::info!("{}", format!("--node-ip: {s} is IPv6: the IPv4 datapath ignores it")),
+            }
+        }
+        let local_mode = match self.detect_local_mode.as_str() {
+            "NodeCIDR" => LocalMode::NodeCidr,
+            "BridgeInterface" => LocalMode::BridgeInterface(
+                self.pod_bridge_interface.clone().filter(|b| !b.trim().is_empty()).context("--detect-local-mode BridgeInterface needs --pod-bridge-interface")?,
+            ),
+            "InterfaceNamePrefix" => LocalMode::InterfaceNamePrefix(
+                self.pod_interface_name_prefix.clone().filter(|b| !b.trim().is_empty()).context("--detect-local-mode InterfaceNamePrefix needs --pod-interface-name-prefix")?,
+            ),
+            _ => LocalMode::ClusterCidr,
+        };
+        if local_mode == LocalMode::ClusterCidr && cluster_cidr.is_none() {
+            tracing::warn!("no --cluster-cidr: no local traffic detector (ClusterIP traffic from outside the cluster is not masqueraded; pods reaching an externalTrafficPolicy Local address get this node's endpoints only), as kube-proxy without one");
+        }
+        let pod_interfaces = match &local_mode {
+            LocalMode::InterfaceNamePrefix(p) => format!("{p}*"),
+            _ => self.pod_interfaces.clone(),
+        };
         let name = self.hostname_override.filter(|s| !s.trim().is_empty()).unwrap_or_else(hostname);
         if name.is_empty() {
             anyhow::bail!("--hostname-override: empty, and the host name could not be read");
@@ -352,9 +409,9 @@ impl RunArgs {
         };
         Ok(agent::RunConfig {
             source,
-            node: crate::model::NodeContext { name, ips: self.node_ips, nodeport_addresses, zone: None },
+            node: crate::model::NodeContext { name, ips: node_ips, nodeport_addresses, zone: None, masquerade_all: self.masquerade_all },
             pin_dir: self.pin_dir,
-            pod_interfaces: IfacePatterns::parse(&self.pod_interfaces),
+            pod_interfaces: IfacePatterns::parse(&pod_interfaces),
             external_interfaces: self.external_interfaces.as_deref().map(IfacePatterns::parse),
             snat_ports,
             conntrack_capacity: self.conntrack_capacity.max(1024),
@@ -381,7 +438,7 @@ impl RunArgs {
             cgroup,
             service_cidrs,
             cluster_cidr,
-            local_mode: if self.detect_local_mode == "NodeCIDR" { LocalMode::NodeCidr } else { LocalMode::ClusterCidr },
+            local_mode,
             healthz_bind: parse_bind("--healthz-bind-address", &self.healthz_bind_address)?,
             metrics_bind: parse_bind("--metrics-bind-address", &self.metrics_bind_address)?,
             health_timeout: Duration::from_secs(self.healthz_timeout_seconds.max(1)),

@@ -1,4 +1,5 @@
 //! Ferry's agent as a library: `main.rs` only wires these together, and tests import them.
+pub mod addr;
 pub mod agent;
 pub mod attach;
 pub mod bpf;

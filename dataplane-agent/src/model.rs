@@ -9,7 +9,11 @@ use std::{
 
 use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
 
-use crate::{error::ObjectError, reconcile::Cidr4};
+use crate::{
+    addr::{self, Family},
+    error::ObjectError,
+    reconcile::Cidr4,
+};
 
 /// L4 protocols a Service port can carry.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -166,8 +170,13 @@ impl fmt::Display for Frontend {
 pub struct DesiredFrontend {
     pub service: ServicePortName,
     pub backends: BTreeSet<L4Addr>,
-    /// With no backend, drop rather than refuse (traffic policy Local).
+    /// With no backend, drop rather than refuse: a traffic policy Local, and the Service has
+    /// usable endpoints, only none on this node. (With none anywhere, kube-proxy refuses.)
     pub drop_empty: bool,
+    /// New connections get this node's address as their source (kube-proxy's masquerade mark):
+    /// external addresses of a Service with externalTrafficPolicy Cluster, and ClusterIPs with
+    /// `--masquerade-all`.
+    pub masquerade: bool,
     /// A NodePort, LoadBalancer or external IP frontend.
     pub external_ip: bool,
     /// sessionAffinity ClientIP timeout; 0 for none.
@@ -178,7 +187,7 @@ pub struct DesiredFrontend {
 
 impl DesiredFrontend {
     pub fn new(service: ServicePortName, backends: BTreeSet<L4Addr>) -> Self {
-        DesiredFrontend { service, backends, drop_empty: false, external_ip: false, affinity_timeout_s: 0, source_ranges: BTreeSet::new() }
+        DesiredFrontend { service, backends, drop_empty: false, masquerade: false, external_ip: false, affinity_timeout_s: 0, source_ranges: BTreeSet::new() }
     }
 }
 
@@ -192,6 +201,9 @@ pub struct Desired {
     pub local_endpoints: BTreeSet<Ipv4Addr>,
     /// healthCheckNodePort -> what it reports (LoadBalancer Services with traffic policy Local).
     pub health_checks: BTreeMap<u16, HealthCheck>,
+    /// IPv6 addresses, CIDRs and EndpointSlices left aside by the IPv4 datapath (dual-stack
+    /// objects are normal, not errors): counted for `/metrics`.
+    pub ipv6_skipped: usize,
 }
 
 /// What a Service's healthCheckNodePort answers on this node (kube-proxy's service health
@@ -217,6 +229,9 @@ pub struct NodeContext {
     pub nodeport_addresses: Vec<Cidr4>,
     /// The node's `topology.kubernetes.io/zone` label, for EndpointSlice zone hints.
     pub zone: Option<String>,
+    /// kube-proxy's `--masquerade-all`: every ClusterIP connection gets the node's address as
+    /// its source.
+    pub masquerade_all: bool,
 }
 
 /// The label kube-proxy reads its zone from.
@@ -284,27 +299,43 @@ pub fn translate(services: &[Service], slices: &[EndpointSlice], node: &NodeCont
         if ips.iter().any(|ip| ip == "None") {
             continue; // headless: DNS only, nothing for a proxy to do
         }
-        let addrs = parse_ipv4s(&ips, "spec.clusterIPs", &err, &mut errors);
+        let v6 = &mut desired.ipv6_skipped;
+        let addrs = parse_ipv4s(&ips, "spec.clusterIPs", &err, &mut errors, v6);
         if addrs.is_empty() {
-            continue;
+            continue; // IPv6 only (or nothing readable, reported): nothing for this datapath
         }
-        let external_ips = parse_ipv4s(spec.external_ips.as_deref().unwrap_or(&[]), "spec.externalIPs", &err, &mut errors);
+        let external_ips = parse_ipv4s(spec.external_ips.as_deref().unwrap_or(&[]), "spec.externalIPs", &err, &mut errors, v6);
+        // kube-proxy programs VIP-mode load balancer addresses only: with `ipMode: Proxy` the
+        // load balancer delivers to the node itself, and the address must stay unclaimed here.
         let lb_ingress: Vec<String> = svc
             .status
             .as_ref()
             .and_then(|s| s.load_balancer.as_ref())
             .and_then(|lb| lb.ingress.as_ref())
-            .map(|ing| ing.iter().filter_map(|i| i.ip.clone()).collect())
+            .map(|ing| ing.iter().map(|i| if i.ip_mode.as_deref() == Some("Proxy") { String::new() } else { i.ip.clone().unwrap_or_default() }).collect())
             .unwrap_or_default();
-        let lb_ips = parse_ipv4s(&lb_ingress, "status.loadBalancer.ingress[].ip", &err, &mut errors);
+        let lb_ips = parse_ipv4s(&lb_ingress, "status.loadBalancer.ingress[].ip", &err, &mut errors, v6);
         let mut source_ranges = BTreeSet::new();
+        let mut allow_all = false;
         for (i, r) in spec.load_balancer_source_ranges.iter().flatten().enumerate() {
-            match r.trim().parse::<Cidr4>() {
-                Ok(c) => {
+            match addr::parse_cidr(r.trim()) {
+                // 0.0.0.0/0 allows everyone, as no range does (kube-proxy's IsZeroCIDR).
+                Ok(Family::V4(c)) if c.prefix == 0 => allow_all = true,
+                Ok(Family::V4(c)) => {
                     source_ranges.insert(c);
                 }
+                Ok(Family::V6) => *v6 += 1,
                 Err(e) => errors.push(err(&format!("spec.loadBalancerSourceRanges[{i}]"), e)),
             }
+        }
+        if allow_all {
+            source_ranges.clear();
+        }
+        // A load balancer whose VIP is also a local address of the nodes (routed to them)
+        // makes a node's request to it arrive from the VIP itself: kube-proxy lets those in
+        // when a range admits the node (its primary address).
+        if node.ips.first().is_some_and(|ip| source_ranges.iter().any(|c| c.contains(*ip))) {
+            source_ranges.extend(lb_ips.iter().map(|ip| Cidr4 { addr: *ip, prefix: 32 }));
         }
         let affinity_timeout_s = if spec.session_affinity.as_deref() == Some("ClientIP") {
             spec.session_affinity_config
@@ -340,18 +371,22 @@ pub fn translate(services: &[Service], slices: &[EndpointSlice], node: &NodeCont
             any_port = true;
             let port_name = port.name.clone().unwrap_or_default();
             let service = ServicePortName { namespace: ns.clone(), name: svc_name.clone(), port: port_name.clone() };
-            let eps = endpoints_for_port(slices, &port_name, proto, &node.name, &mut errors);
+            let eps = endpoints_for_port(slices, &port_name, proto, &node.name, &mut errors, &mut desired.ipv6_skipped);
             // Topology (hints written by the EndpointSlice controller for trafficDistribution
             // and topology-aware routing) narrows the cluster-wide endpoints only.
             let mode = topology_mode(&eps, &node.name, node.zone.as_deref());
             let cluster = usable(eps.iter().filter(|e| mode.allows(e, &node.name, node.zone.as_deref())));
             let local = usable(eps.iter().filter(|e| e.local));
+            // Usable endpoints anywhere: with none, a traffic policy Local refuses as Cluster
+            // does; with some, but none here, it drops (kube-proxy's hasEndpoints).
+            let any_usable = eps.iter().any(|e| e.ready || (e.serving && e.terminating));
             local_ready.extend(eps.iter().filter(|e| e.local && e.ready).map(|e| e.addr.addr));
             desired.local_endpoints.extend(eps.iter().filter(|e| e.local).map(|e| e.addr.addr));
-            let fe = |backends: &BTreeSet<L4Addr>, drop_empty: bool, external_ip: bool, ranges: &BTreeSet<Cidr4>| DesiredFrontend {
+            let fe = |backends: &BTreeSet<L4Addr>, policy_local: bool, external_ip: bool, ranges: &BTreeSet<Cidr4>| DesiredFrontend {
                 service: service.clone(),
                 backends: backends.clone(),
-                drop_empty,
+                drop_empty: policy_local && any_usable,
+                masquerade: if external_ip { !etp_local } else { node.masquerade_all },
                 external_ip,
                 affinity_timeout_s,
                 source_ranges: ranges.clone(),
@@ -363,9 +398,11 @@ pub fn translate(services: &[Service], slices: &[EndpointSlice], node: &NodeCont
             for addr in &addrs {
                 desired.frontends.insert(Frontend::internal(L4Addr { addr: *addr, port: number, proto }), fe(internal, itp_local, false, &none));
             }
-            // NodePort, LoadBalancer and external IPs: from pods and the node itself every
-            // endpoint serves (kube-proxy's short-circuit for externalTrafficPolicy Local); from
-            // outside, externalTrafficPolicy Local means this node's endpoints only, or a drop.
+            // NodePort, LoadBalancer and external IPs: to local traffic (pods, as the local
+            // detector tells them, and the node itself) every endpoint serves (kube-proxy's
+            // short-circuit for externalTrafficPolicy Local); to the rest, externalTrafficPolicy
+            // Local means this node's endpoints only, or a drop. With Cluster, every connection
+            // is masqueraded, whichever backend it gets.
             let external = if etp_local { &local } else { &cluster };
             let mut ext_addrs: Vec<(L4Addr, bool)> = Vec::new();
             if node_port_type {
@@ -407,16 +444,19 @@ fn port_number(p: i32) -> Option<u16> {
     u16::try_from(p).ok().filter(|p| *p != 0)
 }
 
-fn parse_ipv4s(ips: &[String], field: &str, err: &dyn Fn(&str, String) -> ObjectError, errors: &mut Vec<ObjectError>) -> Vec<Ipv4Addr> {
+/// The IPv4 addresses of an address list; IPv6 ones (dual-stack objects) are counted in `v6`
+/// and left aside, empty entries skipped, anything unreadable reported with its index.
+fn parse_ipv4s(ips: &[String], field: &str, err: &dyn Fn(&str, String) -> ObjectError, errors: &mut Vec<ObjectError>, v6: &mut usize) -> Vec<Ipv4Addr> {
     let mut out = Vec::new();
     for (i, ip) in ips.iter().enumerate() {
+        if ip.is_empty() {
+            continue;
+        }
         let f = if field.ends_with("[].ip") { field.replace("[]", &format!("[{i}]")) } else { format!("{field}[{i}]") };
-        match ip.parse::<std::net::IpAddr>() {
-            Ok(std::net::IpAddr::V4(a)) => out.push(a),
-            Ok(std::net::IpAddr::V6(_)) => {
-                errors.push(err(&f, format!("{ip}: IPv6 is not supported by this version of Ferry; the Service's IPv4 addresses are still served")))
-            }
-            Err(_) => errors.push(err(&f, format!("{ip:?} is not an IP address"))),
+        match addr::parse_ip(ip) {
+            Ok(Family::V4(a)) => out.push(a),
+            Ok(Family::V6) => *v6 += 1,
+            Err(e) => errors.push(err(&f, e)),
         }
     }
     out
@@ -489,13 +529,18 @@ fn usable<'a>(eps: impl Iterator<Item = &'a Endpoint> + Clone) -> BTreeSet<L4Add
 /// EndpointSlice ports to Service ports by name (the controller already resolved named
 /// targetPorts into numbers). Absent conditions: ready and serving are "unknown", which consumers
 /// treat as true; terminating absent is false.
-fn endpoints_for_port(slices: &[&EndpointSlice], port_name: &str, proto: Proto, node: &str, errors: &mut Vec<ObjectError>) -> Vec<Endpoint> {
+fn endpoints_for_port(slices: &[&EndpointSlice], port_name: &str, proto: Proto, node: &str, errors: &mut Vec<ObjectError>, v6: &mut usize) -> Vec<Endpoint> {
     let mut out = Vec::new();
     for slice in slices {
         let name = obj_name(&slice.metadata.namespace, &slice.metadata.name);
+        if slice.address_type == "IPv6" {
+            // The other family's slice of a dual-stack Service (counted once per port).
+            *v6 += 1;
+            continue;
+        }
         if slice.address_type != "IPv4" {
             errors.push(ObjectError::new("EndpointSlice", name.clone(), "addressType".into(),
-                format!("{:?} is not supported by this version of Ferry (IPv4 only)", slice.address_type)));
+                format!("{:?} is not supported (IPv4 and IPv6 only; FQDN slices are not for proxies)", slice.address_type)));
             continue;
         }
         let Some(port) = slice.ports.iter().flatten().find(|p| {
@@ -517,9 +562,11 @@ fn endpoints_for_port(slices: &[&EndpointSlice], port_name: &str, proto: Proto, 
             let hints = ep.hints.as_ref();
             let zone_hints: Vec<String> = hints.and_then(|h| h.for_zones.as_ref()).map(|z| z.iter().map(|z| z.name.clone()).collect()).unwrap_or_default();
             let node_hints: Vec<String> = hints.and_then(|h| h.for_nodes.as_ref()).map(|n| n.iter().map(|n| n.name.clone()).collect()).unwrap_or_default();
-            for (ai, a) in ep.addresses.iter().enumerate() {
-                match a.parse::<Ipv4Addr>() {
-                    Ok(addr) => out.push(Endpoint {
+            // The first address is the endpoint's (the others are fungible, and kube-proxy
+            // reads only the first).
+            for (ai, a) in ep.addresses.iter().enumerate().take(1) {
+                match addr::parse_ip(a) {
+                    Ok(Family::V4(addr)) => out.push(Endpoint {
                         addr: L4Addr { addr, port: number, proto },
                         local,
                         ready,
@@ -528,8 +575,9 @@ fn endpoints_for_port(slices: &[&EndpointSlice], port_name: &str, proto: Proto, 
                         zone_hints: zone_hints.clone(),
                         node_hints: node_hints.clone(),
                     }),
-                    Err(_) => errors.push(ObjectError::new("EndpointSlice", name.clone(),
-                        format!("endpoints[{ei}].addresses[{ai}]"), format!("{a:?} is not an IPv4 address"))),
+                    Ok(Family::V6) => errors.push(ObjectError::new("EndpointSlice", name.clone(),
+                        format!("endpoints[{ei}].addresses[{ai}]"), format!("{a:?} is IPv6 in an IPv4 slice"))),
+                    Err(e) => errors.push(ObjectError::new("EndpointSlice", name.clone(), format!("endpoints[{ei}].addresses[{ai}]"), e)),
                 }
             }
         }
@@ -554,7 +602,7 @@ mod tests {
         let mut errors = Vec::new();
         manifests::parse_str(yaml, "t", &mut objs, &mut errors);
         assert!(errors.is_empty(), "{errors:?}");
-        let node = NodeContext { name: "node1".into(), ips: vec!["192.168.0.2".parse().unwrap()], nodeport_addresses: vec![], zone: Some("zone-a".into()) };
+        let node = NodeContext { name: "node1".into(), ips: vec!["192.168.0.2".parse().unwrap()], nodeport_addresses: vec![], zone: Some("zone-a".into()), masquerade_all: false };
         let (d, e) = translate(&objs.services, &objs.endpoint_slices, &node);
         (d, e.iter().map(|e| e.to_string()).collect())
     }
@@ -652,25 +700,78 @@ mod tests {
     fn bad_fields_are_named_and_the_rest_is_kept() {
         let yaml = [
             svc("v6", "{clusterIPs: [172.30.0.2, 'fd00::2'], ports: [{port: 80}]}"),
+            svc("v6only", "{clusterIPs: ['fd00::3'], ports: [{port: 80}]}"),
             svc("badip", "{clusterIP: 172.30.0.300, ports: [{port: 80}]}"),
             svc("badport", "{clusterIP: 172.30.0.3, ports: [{port: 0}, {port: 81, protocol: ICMP}, {port: 82}]}"),
-            slice("badport", "addressType: IPv4\nports: [{port: 82}]\nendpoints: [{addresses: [10.0.0.1, not-an-ip]}]"),
+            slice("badport", "addressType: IPv4\nports: [{port: 82}]\nendpoints: [{addresses: [10.0.0.1, not-read]}, {addresses: [not-an-ip]}]"),
             slice("v6", "addressType: IPv6\nports: [{port: 80}]\nendpoints: [{addresses: ['fd00::5']}]"),
+            "kind: EndpointSlice\nmetadata: {name: v6-fqdn, namespace: ns, labels: {kubernetes.io/service-name: v6}}\naddressType: FQDN\nports: [{port: 80}]\nendpoints: [{addresses: [example.com]}]\n---\n".to_string(),
             "kind: EndpointSlice\nmetadata: {name: orphan, namespace: ns}\naddressType: IPv4\n---\n".to_string(),
         ]
         .concat();
         let (d, e) = translate_yaml(&yaml);
         let has = |s: &str| assert!(e.iter().any(|x| x.contains(s)), "no error containing {s:?} in {e:#?}");
-        has("Service ns/v6: spec.clusterIPs[1]: fd00::2: IPv6 is not supported");
         has("Service ns/badip: spec.clusterIPs[0]: \"172.30.0.300\" is not an IP address");
         has("Service ns/badport: spec.ports[0].port: 0 is not a port number");
         has("Service ns/badport: spec.ports[1].protocol: unsupported protocol \"ICMP\"");
-        has("EndpointSlice ns/badport-x: endpoints[0].addresses[1]: \"not-an-ip\" is not an IPv4 address");
-        has("EndpointSlice ns/v6-x: addressType: \"IPv6\" is not supported");
+        has("EndpointSlice ns/badport-x: endpoints[1].addresses[0]: \"not-an-ip\" is not an IP address");
         has("EndpointSlice ns/orphan: metadata.labels[kubernetes.io/service-name]: missing");
+        // Dual-stack objects are normal: their IPv6 half is left aside and counted, not an
+        // error; an IPv6-only Service is not this datapath's. FQDN slices are named.
+        assert!(!e.iter().any(|x| x.contains("v6") && !x.contains("FQDN")), "{e:#?}");
+        has("EndpointSlice ns/v6-fqdn: addressType: \"FQDN\" is not supported");
+        assert_eq!(d.ipv6_skipped, 3, "fd00::2, fd00::3, the IPv6 slice");
+        // Only an endpoint's first address is its address (kube-proxy's reading).
+        assert!(!e.iter().any(|x| x.contains("not-read")), "{e:#?}");
         // What was valid is still served.
         assert_eq!(d.frontends[&fe("172.30.0.3", 82, Proto::Tcp)].backends, [be("10.0.0.1", 82, Proto::Tcp)].into());
         assert!(d.frontends.contains_key(&fe("172.30.0.2", 80, Proto::Tcp)));
         assert_eq!(d.frontends.len(), 2, "{:?}", d.frontends.keys());
+    }
+
+    #[test]
+    fn legacy_leading_zero_addresses_read_as_kube_proxy_reads_them() {
+        let yaml = [
+            svc("old", "{type: LoadBalancer, clusterIP: 172.030.000.010, externalIPs: [192.168.099.011], ports: [{port: 80, nodePort: 30080}], loadBalancerSourceRanges: [' 010.000.000.000/8']}"),
+            "status: {loadBalancer: {ingress: [{ip: 001.002.003.004}, {ip: 5.6.7.8, ipMode: Proxy}]}}\n---\n".to_string(),
+            slice("old", "addressType: IPv4\nports: [{port: 8080}]\nendpoints: [{addresses: [010.180.000.001]}]"),
+        ]
+        .concat();
+        let (d, e) = translate_yaml(&yaml.replacen("---\nstatus", "status", 1));
+        assert!(e.is_empty(), "{e:#?}");
+        let want = [be("10.180.0.1", 8080, Proto::Tcp)].into();
+        assert_eq!(d.frontends[&fe("172.30.0.10", 80, Proto::Tcp)].backends, want);
+        assert_eq!(d.frontends[&ext("192.168.99.11", 80, Proto::Tcp)].backends, want);
+        let lb = &d.frontends[&ext("1.2.3.4", 80, Proto::Tcp)];
+        assert_eq!(lb.source_ranges, ["10.0.0.0/8".parse().unwrap()].into());
+        // ipMode Proxy: the load balancer proxies to the nodes; the address is not claimed.
+        assert!(!d.frontends.keys().any(|f| f.addr.addr == Ipv4Addr::new(5, 6, 7, 8)), "{:?}", d.frontends.keys());
+    }
+
+    #[test]
+    fn reject_without_any_endpoint_drop_without_a_local_one_masquerade_external_cluster() {
+        let yaml = [
+            svc("none", "{type: NodePort, externalTrafficPolicy: Local, internalTrafficPolicy: Local, clusterIP: 172.30.0.1, ports: [{port: 80, nodePort: 30001}]}"),
+            slice("none", "addressType: IPv4\nports: [{port: 80}]\nendpoints: [{addresses: [10.0.0.1], nodeName: node2, conditions: {ready: false, serving: false}}]"),
+            svc("remote", "{type: NodePort, externalTrafficPolicy: Local, internalTrafficPolicy: Local, clusterIP: 172.30.0.2, ports: [{port: 80, nodePort: 30002}]}"),
+            slice("remote", "addressType: IPv4\nports: [{port: 80}]\nendpoints: [{addresses: [10.0.0.2], nodeName: node2}]"),
+            svc("cluster", "{type: NodePort, clusterIP: 172.30.0.3, ports: [{port: 80, nodePort: 30003}]}"),
+            slice("cluster", "addressType: IPv4\nports: [{port: 80}]\nendpoints: [{addresses: [10.0.0.3], nodeName: node1}]"),
+        ]
+        .concat();
+        let (d, e) = translate_yaml(&yaml);
+        assert!(e.is_empty(), "{e:#?}");
+        let f = |fe: Frontend| (d.frontends[&fe].backends.len(), d.frontends[&fe].drop_empty, d.frontends[&fe].masquerade);
+        // No usable endpoint anywhere: refused (not dropped), whatever the policies say.
+        assert_eq!(f(fe("172.30.0.1", 80, Proto::Tcp)), (0, false, false));
+        assert_eq!(f(ext("192.168.0.2", 30001, Proto::Tcp)), (0, false, false));
+        // Endpoints elsewhere, none here: dropped.
+        assert_eq!(f(fe("172.30.0.2", 80, Proto::Tcp)), (0, true, false));
+        assert_eq!(f(ext("192.168.0.2", 30002, Proto::Tcp)), (0, true, false));
+        // externalTrafficPolicy Cluster: every connection to an external address is masqueraded,
+        // the internal-scope entry (pods) too; the ClusterIP is not.
+        assert_eq!(f(ext("192.168.0.2", 30003, Proto::Tcp)), (1, false, true));
+        assert_eq!(f(Frontend::internal(be("192.168.0.2", 30003, Proto::Tcp))), (1, false, true));
+        assert_eq!(f(fe("172.30.0.3", 80, Proto::Tcp)), (1, false, false));
     }
 }

@@ -8,9 +8,14 @@
 //! - per isolated pod of this node: which directions are isolated, and one rule entry per (peer
 //!   identity, direction, protocol, port block) that some policy allows.
 //!
-//! ipBlock selects addresses that are not pods' (pod addresses resolve to the pod's identity),
-//! as Cilium does: Kubernetes leaves ipBlock on pod addresses to the implementation, and pods are
-//! selected by labels.
+//! ipBlock selects addresses, pods' included, as Calico does and as the upstream e2e tests expect
+//! ("should enforce except clause while egress access to server in CIDR block"): a pod whose
+//! address lies in some ipBlock or except prefix gets an identity of its own label set *and* the
+//! set of those prefixes holding its address. Pods alike in both share it; a label peer selects
+//! it as it selects its label set, an ipBlock peer when the address is in the block and in none
+//! of its excepts. A pod matched by labels and by a block thus gets the union of the rules, and
+//! the packet path still makes one ipcache lookup and one rule lookup. A `/32` block on one
+//! replica's address selects that replica only, not every pod with its labels.
 use std::{
     collections::{BTreeMap, BTreeSet},
     net::Ipv4Addr,
@@ -157,6 +162,24 @@ fn pod_ip(p: &Pod) -> Option<Ipv4Addr> {
 }
 
 /// An IPv6 CIDR (`fd00::/8`): valid in a policy, never matching the IPv4 datapath's traffic.
+/// Every IPv4 ipBlock and except prefix the policies name (pod identities depend on them).
+fn block_prefixes(objs: &Objects) -> BTreeSet<Cidr4> {
+    let mut out = BTreeSet::new();
+    for np in &objs.network_policies {
+        let Some(spec) = &np.spec else { continue };
+        let ingress = spec.ingress.iter().flatten().flat_map(|r| r.from.iter().flatten());
+        let egress = spec.egress.iter().flatten().flat_map(|r| r.to.iter().flatten());
+        for b in ingress.chain(egress).filter_map(|p| p.ip_block.as_ref()) {
+            for c in std::iter::once(&b.cidr).chain(b.except.iter().flatten()) {
+                if let Ok(c) = c.parse::<Cidr4>() {
+                    out.insert(c.network());
+                }
+            }
+        }
+    }
+    out
+}
+
 fn is_ipv6_cidr(s: &str) -> bool {
     s.split_once('/').is_some_and(|(a, p)| a.parse::<std::net::Ipv6Addr>().is_ok() && p.parse::<u8>().is_ok_and(|p| p <= 128))
 }
@@ -259,7 +282,8 @@ pub fn translate(objs: &Objects, node: &str, node_ips: &[Ipv4Addr], ids: &mut Id
         ns_labels.get(ns).cloned().unwrap_or_else(|| [("kubernetes.io/metadata.name".to_string(), ns.to_string())].into())
     };
 
-    // Identities of pods.
+    // Identities of pods: their label set, and the ipBlock prefixes holding their address.
+    let all_prefixes = block_prefixes(objs);
     let mut live_identities = BTreeSet::new();
     let mut pods = Vec::new();
     for p in &objs.pods {
@@ -269,7 +293,11 @@ pub fn translate(objs: &Objects, node: &str, node_ips: &[Ipv4Addr], ids: &mut Id
         let Some(ip) = pod_ip(p) else { continue };
         let ns = p.metadata.namespace.clone().unwrap_or_else(|| "default".into());
         let labels: BTreeMap<String, String> = p.metadata.labels.clone().unwrap_or_default();
-        let set = format!("{ns}:{}", labels.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(","));
+        let mut set = format!("{ns}:{}", labels.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(","));
+        let holding: Vec<String> = all_prefixes.iter().filter(|c| c.contains(ip)).map(|c| c.to_string()).collect();
+        if !holding.is_empty() {
+            set = format!("{set}|in:{}", holding.join(","));
+        }
         live_identities.insert(set.clone());
         let Some(id) = alloc(&mut ids.identities, &mut used_ids, &set, identity::FIRST, dataplane_common::capacity::IDENTITIES) else {
             errors.push(ObjectError::new("Pod", format!("{ns}/{}", p.metadata.name.clone().unwrap_or_default()), "metadata.labels".into(), "out of identities"));
@@ -415,6 +443,13 @@ pub fn translate(objs: &Objects, node: &str, node_ips: &[Ipv4Addr], ids: &mut Id
             for (c, id) in &cidr_ids {
                 if cidr.covers(c) && !except.iter().any(|e| e.covers(c)) {
                     out.insert(*id);
+                }
+            }
+            // Pods whose address is in the block (their identity says which prefixes hold it, so
+            // every pod of that identity is in it too).
+            for p in &pods {
+                if cidr.contains(p.ip) && !except.iter().any(|e| e.contains(p.ip)) {
+                    out.insert(p.identity);
                 }
             }
             // This node's addresses are HOST in the ipcache.

@@ -173,6 +173,9 @@ pub fn frontend_flags(want: &DesiredFrontend, algorithm: Algorithm) -> u16 {
     if want.external_ip {
         f |= SVC_F_EXTERNAL_IP;
     }
+    if want.masquerade {
+        f |= dataplane_common::SVC_F_MASQ;
+    }
     if !want.source_ranges.is_empty() {
         f |= SVC_F_SOURCE_RANGES;
     }

@@ -192,6 +192,11 @@ pub const SVC_F_EXTERNAL_IP: u16 = 1 << 3;
 /// `Lb4Service.flags`: pick backends at random (kube-proxy's way) instead of by the frontend's
 /// consistent-hashing table (Maglev, the default, or rendezvous).
 pub const SVC_F_RANDOM: u16 = 1 << 4;
+/// `Lb4Service.flags`: every new connection to this frontend gets this node's address as its
+/// source (kube-proxy's masquerade mark): NodePort, LoadBalancer and external IP frontends of
+/// Services with externalTrafficPolicy Cluster, from outside and from pods alike, and every
+/// ClusterIP with `--masquerade-all`.
+pub const SVC_F_MASQ: u16 = 1 << 5;
 
 /// Value of the service map.
 #[repr(C)]
@@ -400,6 +405,11 @@ pub const CFG_F_SOURCE_CHECK: u32 = 1 << 0;
 /// `NodeConfig.flags`: a packet from outside claiming a pod of another node must arrive where
 /// the route back to it leaves (strict reverse path; off: loose, any route will do).
 pub const CFG_F_EXTERNAL_STRICT: u32 = 1 << 1;
+/// `NodeConfig.flags`: local traffic is what enters through a pod interface (kube-proxy's
+/// `--detect-local-mode` BridgeInterface and InterfaceNamePrefix); without it, a source inside
+/// `cluster_cidr_be/cluster_mask_be` (ClusterCIDR, NodeCIDR), and with neither no source is
+/// local (no local detector: kube-proxy without a cluster CIDR).
+pub const CFG_F_LOCAL_IFACE: u32 = 1 << 2;
 /// The kernel's default `icmp_ratelimit`/`icmp_msgs_per_sec` class: 1 000 a second.
 pub const REFUSALS_PER_S_DEFAULT: u32 = 1000;
 /// The kernel's `icmp_msgs_burst` default.

@@ -31,7 +31,14 @@ pub fn handle_icmp(ctx: &TcContext, p: &mut Ipv4Packet, hook: u32) -> u32 {
 fn icmp_error(ctx: &TcContext, p: &Ipv4Packet, hook: Hook) -> Result<Verdict, DropReason> {
     let icmp_type: u8 = ctx.load(p.l4_off).map_err(|_| DropReason::Malformed)?;
     if !matches!(icmp_type, ICMP_DEST_UNREACH | ICMP_TIME_EXCEEDED | ICMP_PARAMETERPROB) {
-        // Echo and friends are not translated: kube-proxy does not answer pings on ClusterIPs.
+        // Echo and friends are not translated: kube-proxy's nftables rules refuse them at a
+        // ClusterIP and drop them elsewhere in the service CIDRs, where they enter the node.
+        if matches!(hook, Hook::FromPod | Hook::FromWorld) {
+            return match crate::lb::other_protocol(p.daddr_be)? {
+                c if c == Verdict::Reject as u32 => Ok(Verdict::Reject),
+                _ => Ok(Verdict::Pass),
+            };
+        }
         return Ok(Verdict::Pass);
     }
     let icmp_check = p.l4_off + 2;

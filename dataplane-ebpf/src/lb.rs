@@ -10,7 +10,7 @@ use dataplane_common::{
     stat, AffinityKey, AffinityValue, Ct4Entry, Ct4Key, DropReason, Frag4Key, Frag4Ports, Lb4Backend, Lb4Key, Lb4Service, Lb4SlotKey,
     SrcRangeData, BE_F_HOST, BE_F_LOCAL, CHASH_TABLE_SIZE, CT_F_CLASH, CT_F_EXTERNAL, CT_F_FORWARD, CT_F_HAIRPIN, CT_F_LOCAL_BACKEND, CT_F_REDIRECT, CT_F_REPLY,
     CT_F_SNAT, IPPROTO_ICMP, IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP, SCOPE_EXTERNAL, SCOPE_INTERNAL, SVC_F_ADDR_ONLY, SVC_F_DROP_EMPTY,
-    SVC_F_RANDOM, SVC_F_SOURCE_RANGES,
+    SVC_F_EXTERNAL_IP, SVC_F_MASQ, SVC_F_RANDOM, SVC_F_SOURCE_RANGES, CFG_F_LOCAL_IFACE,
 };
 
 use crate::{
@@ -424,7 +424,7 @@ fn classify_inner(p: &mut Ipv4Packet, hook: Hook, out: &mut Ct4Entry, svc_out: &
         return Ok(pass);
     }
     if !matches!(p.proto, IPPROTO_TCP | IPPROTO_UDP | IPPROTO_SCTP) {
-        return Ok(pass);
+        return if new_allowed { other_protocol(p.daddr_be) } else { Ok(pass) };
     }
     if p.more_frags {
         // First fragment of a datagram: remember its ports for the fragments that follow.
@@ -436,10 +436,12 @@ fn classify_inner(p: &mut Ipv4Packet, hook: Hook, out: &mut Ct4Entry, svc_out: &
     if let Some(mut hit) = conntrack::lookup(&key, now) {
         // SAFETY: pointer from a successful lookup; read in place.
         let e = unsafe { &*hit.ptr };
-        if hook == Hook::FromWorld && e.flags & CT_F_EXTERNAL == 0 {
+        if hook == Hook::FromWorld && e.flags & CT_F_EXTERNAL == 0 && e.flags & (CT_F_SNAT | CT_F_REPLY) != CT_F_SNAT | CT_F_REPLY {
             // A reply to a pod's own connection that crosses the external interface: it is
             // translated on the pod's veth, after routing (here its new source, possibly a node
-            // address, would make the stack drop it as martian).
+            // address, would make the stack drop it as martian). Unless the pod's connection was
+            // masqueraded: then the reply is addressed to this node, and only here can it be
+            // turned back towards the pod.
             return Ok(pass);
         }
         if hook == Hook::ToPod && e.flags & CT_F_LOCAL_BACKEND != 0 {
@@ -477,33 +479,33 @@ fn classify_inner(p: &mut Ipv4Packet, hook: Hook, out: &mut Ct4Entry, svc_out: &
     if !new_allowed {
         return Ok(pass);
     }
-    let scope = if hook == Hook::FromWorld { SCOPE_EXTERNAL } else { SCOPE_INTERNAL };
-    let mut masq = Masq::RemoteBackend;
+    // Traffic the local detector calls local (kube-proxy's `--detect-local-mode`) sees the
+    // internal frontends: ClusterIPs, and every endpoint behind an external address whatever its
+    // externalTrafficPolicy (kube-proxy's short-circuit of pod traffic). Anything else sees the
+    // external frontends first (externalTrafficPolicy Local: this node's endpoints only), and
+    // ClusterIPs, masqueraded when a detector says the source is not local.
+    let local = source_local(hook, p.saddr_be);
+    let scope = if local == LOCAL_YES { SCOPE_INTERNAL } else { SCOPE_EXTERNAL };
     let svc = match lb4_lookup_service(p.daddr_be, p.dport_be, p.proto, scope) {
         Some(s) if s.flags & SVC_F_ADDR_ONLY == 0 => s,
-        // From outside: NodePort, LoadBalancer and external IP frontends, and ClusterIPs as
-        // kube-proxy serves them (translated; masqueraded when the source is not in-cluster).
-        _ if hook == Hook::FromWorld => match cluster_ip_from_outside(p) {
-            Some((s, always)) => {
-                masq = if always { Masq::Always } else { Masq::Never };
-                s
-            }
-            None => return Ok(pass),
-        },
-        _ => {
-            return match lb4_unserved(p.daddr_be) {
-                Unserved::UnexposedPort => Ok(Verdict::Reject as u32),
-                Unserved::NoService => Err(DropReason::NoService),
-                Unserved::NotService => {
-                    stats::count(stat::PASS);
-                    if hook == Hook::FromPod && (syn_only || p.proto != IPPROTO_TCP) {
-                        return Ok(STEP_CLASH);
+        _ => match cluster_ip(p, scope) {
+            Some(s) => s,
+            None => {
+                return match lb4_unserved(p.daddr_be) {
+                    Unserved::UnexposedPort => Ok(Verdict::Reject as u32),
+                    Unserved::NoService => Err(DropReason::NoService),
+                    Unserved::NotService => {
+                        stats::count(stat::PASS);
+                        if hook == Hook::FromPod && (syn_only || p.proto != IPPROTO_TCP) {
+                            return Ok(STEP_CLASH);
+                        }
+                        Ok(pass)
                     }
-                    Ok(pass)
-                }
-            };
-        }
+                };
+            }
+        },
     };
+    let masq = masquerade(&svc, local);
     if !lb4_source_allowed(&svc, p.saddr_be) {
         return Err(DropReason::SourceRange);
     }
@@ -513,6 +515,62 @@ fn classify_inner(p: &mut Ipv4Packet, hook: Hook, out: &mut Ct4Entry, svc_out: &
     *svc_out = svc;
     stats::count(if hook == Hook::FromWorld { stat::EXTERNAL_NEW } else { stat::CT_NEW });
     Ok(STEP_NEW | masq as u32)
+}
+
+/// [`source_local`]: the source is local traffic.
+pub const LOCAL_YES: u32 = 1;
+/// [`source_local`]: the source is not local traffic.
+pub const LOCAL_NO: u32 = 0;
+/// [`source_local`]: there is no local detector (no cluster CIDR): nothing is known.
+pub const LOCAL_UNKNOWN: u32 = 2;
+
+/// Is the packet local traffic, as kube-proxy's local traffic detector says? By the interface
+/// it came in on (BridgeInterface, InterfaceNamePrefix: a pod's), or by its source address
+/// (ClusterCIDR, NodeCIDR); `LOCAL_UNKNOWN` without a detector.
+#[inline(always)]
+pub fn source_local(hook: Hook, saddr_be: u32) -> u32 {
+    let Some(cfg) = cfg4_v4.get(0) else { return LOCAL_UNKNOWN };
+    if cfg.flags & CFG_F_LOCAL_IFACE != 0 {
+        return if hook == Hook::FromPod { LOCAL_YES } else { LOCAL_NO };
+    }
+    if cfg.cluster_mask_be == 0 {
+        return LOCAL_UNKNOWN;
+    }
+    if saddr_be & cfg.cluster_mask_be == cfg.cluster_cidr_be { LOCAL_YES } else { LOCAL_NO }
+}
+
+/// Is a new connection to `svc` masqueraded (its source becomes this node's address), as
+/// kube-proxy marks it: always for the frontends the agent flagged (external addresses of
+/// Services with externalTrafficPolicy Cluster; every ClusterIP with `--masquerade-all`), and a
+/// ClusterIP reached by traffic a local detector calls not local.
+#[inline(always)]
+pub fn masquerade(svc: &Lb4Service, local: u32) -> Masq {
+    if svc.flags & SVC_F_MASQ != 0 || (svc.flags & SVC_F_EXTERNAL_IP == 0 && local == LOCAL_NO) {
+        Masq::Always
+    } else {
+        Masq::Never
+    }
+}
+
+/// The ClusterIP frontend a packet that found no frontend of `scope` is addressed to: the
+/// external scope holds no ClusterIP, so traffic that is not local looks there next.
+#[inline(always)]
+fn cluster_ip(p: &Ipv4Packet, scope: u8) -> Option<Lb4Service> {
+    if scope != SCOPE_EXTERNAL {
+        return None;
+    }
+    lb4_lookup_service(p.daddr_be, p.dport_be, p.proto, SCOPE_INTERNAL).filter(|s| s.flags & SVC_F_ADDR_ONLY == 0 && s.flags & SVC_F_EXTERNAL_IP == 0)
+}
+
+/// A new packet of a protocol Services do not carry (ICMP echo, GRE, ...): kube-proxy's
+/// nftables rules refuse it at a ClusterIP and drop it elsewhere in the service CIDRs.
+#[inline(always)]
+pub fn other_protocol(daddr_be: u32) -> Result<u32, DropReason> {
+    match lb4_unserved(daddr_be) {
+        Unserved::UnexposedPort => Ok(Verdict::Reject as u32),
+        Unserved::NoService => Err(DropReason::NoService),
+        Unserved::NotService => Ok(Verdict::Pass as u32),
+    }
 }
 
 /// A pod's new direct (untranslated) flow whose reply tuple is a Service connection's
@@ -560,27 +618,12 @@ fn port_range(cfg: &dataplane_common::NodeConfig) -> (u16, u16) {
     }
 }
 
-/// The ClusterIP frontend a packet from outside the node is addressed to, and whether its source
-/// must be masqueraded: kube-proxy does so when the source is not in-cluster (outside
-/// `--cluster-cidr`, or the node's podCIDR), and not at all when it cannot tell (not set).
-#[inline(always)]
-fn cluster_ip_from_outside(p: &Ipv4Packet) -> Option<(Lb4Service, bool)> {
-    let svc = lb4_lookup_service(p.daddr_be, p.dport_be, p.proto, SCOPE_INTERNAL).filter(|s| s.flags & SVC_F_ADDR_ONLY == 0)?;
-    let cfg = cfg4_v4.get(0).copied().unwrap_or_default();
-    Some((svc, cfg.cluster_mask_be != 0 && p.saddr_be & cfg.cluster_mask_be != cfg.cluster_cidr_be))
-}
-
-/// When a connection from outside the node gets this node's address as its source.
+/// Whether a new connection gets this node's address as its source ([`masquerade`]).
 #[derive(Clone, Copy, PartialEq, Eq)]
 #[repr(u32)]
 pub enum Masq {
-    /// NodePort, LoadBalancer, external IPs: when the backend is on another node (its reply
-    /// must come back through here).
-    RemoteBackend,
-    /// A ClusterIP from a source that is not in-cluster (kube-proxy's clusterCIDR rule).
-    Always,
-    /// A ClusterIP from an in-cluster source.
     Never,
+    Always,
 }
 
 /// The `i`th port of a window starting at random offset `start` in `min..=max` (wrapping).
@@ -601,13 +644,11 @@ pub fn lb4_new_connection(p: &mut Ipv4Packet, svc: &mut Lb4Service, hook: u32, m
         Err(r) => return r as u32,
     };
     let Some(cfg) = cfg4_v4.get(0) else { return DropReason::NoNodeAddress as u32 };
-    // From outside to a backend on another node (externalTrafficPolicy Cluster): the reply must
-    // come back through this node, so the source becomes this node's address. Never towards the
-    // node itself (a hostNetwork endpoint): its replies leave through this node anyway, and a
-    // packet from the node to itself arriving from outside would be a martian.
-    let snat = from_world
-        && be.flags & BE_F_HOST == 0
-        && if masq == Masq::RemoteBackend as u32 { be.flags & BE_F_LOCAL == 0 } else { masq == Masq::Always as u32 };
+    // Masqueraded: the source becomes this node's address, so the reply comes back through this
+    // node whichever backend was picked. Never towards the node itself (a hostNetwork endpoint):
+    // the packet is delivered here (kube-proxy's mark is never applied to delivered packets),
+    // and one from the node to itself arriving from outside would be a martian.
+    let snat = masq == Masq::Always as u32 && be.flags & BE_F_HOST == 0;
     let hairpin = be.addr_be == p.saddr_be;
     let nat_saddr = if snat {
         if cfg.snat_addr_be == 0 {
@@ -673,8 +714,9 @@ fn create_pair(p: &mut Ipv4Packet, spec: &mut PairSpec, out: &mut Ct4Entry) -> u
     if spec.flags & CT_F_SNAT != 0 {
         fwd_flags |= CT_F_REDIRECT;
     }
-    if spec.flags & CT_F_EXTERNAL != 0 {
-        // Replies leave with the frontend (often a node address) as their source.
+    if spec.flags & (CT_F_EXTERNAL | CT_F_SNAT) != 0 {
+        // Replies leave with the frontend (often a node address) as their source, or come back
+        // to this node's address and go on to a pod of it.
         rev_flags |= CT_F_REDIRECT;
     }
     let expires_ns = now + conntrack::timeout_ns(p.proto, 0);

@@ -24,7 +24,7 @@ use dataplane_common::{
 use crate::{
     csum::{csum_replace2, csum_replace4},
     conntrack,
-    lb::{backend_alive, ct_key, lb4_lookup_service, lb4_new_connection, lb4_source_allowed, Hook, Masq, Verdict, DROP_CODE},
+    lb::{backend_alive, ct_key, lb4_lookup_service, lb4_new_connection, lb4_source_allowed, masquerade, source_local, Hook, Verdict, DROP_CODE, LOCAL_YES},
     maps::{local4_v1, path_scratch},
     parse::{Ipv4Packet, ETH_LEN, TCP_SYN},
     stats,
@@ -206,6 +206,11 @@ pub fn try_nodeport(ctx: &XdpContext) -> Result<u32, DropReason> {
         conntrack::track(&mut hit, &mut key, &mut p, &mut sc.e);
         return Verdict::decode_xdp(code);
     }
+    let local = source_local(Hook::FromWorld, p.saddr_be);
+    if local == LOCAL_YES {
+        // Local traffic (a pod of another node): it sees the internal frontends, in tc.
+        return Ok(PASS);
+    }
     let svc = match lb4_lookup_service(p.daddr_be, p.dport_be, p.proto, SCOPE_EXTERNAL) {
         Some(s) if s.flags & SVC_F_ADDR_ONLY == 0 => s,
         _ => return Ok(PASS),
@@ -218,7 +223,7 @@ pub fn try_nodeport(ctx: &XdpContext) -> Result<u32, DropReason> {
         return Ok(PASS);
     }
     sc.svc = svc;
-    let code = lb4_new_connection(&mut p, &mut sc.svc, Hook::FromWorld as u32, Masq::RemoteBackend as u32, &mut sc.e);
+    let code = lb4_new_connection(&mut p, &mut sc.svc, Hook::FromWorld as u32, masquerade(&svc, local) as u32, &mut sc.e);
     if code != 0 {
         return Err(DropReason::from_code(code));
     }

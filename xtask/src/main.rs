@@ -218,14 +218,8 @@ fn test(args: &[String]) -> Result<()> {
     // one test at a time so their traffic and timing do not compete on a small machine. Every test
     // file runs even after one fails (--no-fail-fast), so the summary counts them all.
     step("bpf-tests: BPF_PROG_TEST_RUN and namespace end-to-end", cargo().args(["test", "--no-fail-fast", "-p", "bpf-tests"]).args(args).args(["--", "--test-threads=1"]));
-    let scenarios: Vec<PathBuf> = {
-        let mut v: Vec<PathBuf> = std::fs::read_dir(root().join("bpf-tests/scenarios"))?
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| p.extension().is_some_and(|e| e == "yaml"))
-            .collect();
-        v.sort();
-        v
-    };
+    // Every scenario file, the ported upstream ones in kube-proxy/ and netpol/ included.
+    let scenarios = scenario_files(&root().join("bpf-tests/scenarios"))?;
     step("scenario files (dataplane-agent trace)", Command::new(root().join("target/debug/dataplane-agent")).arg("trace").arg("--scenario").args(&scenarios));
     // The same files with NodePort handling in XDP: both modes must agree on every flow.
     step(
@@ -261,4 +255,22 @@ fn bench(args: &[String]) -> Result<()> {
     // ferry-echo) in release: the lab takes them from the bench's own directory.
     run(cargo().args(["build", "--release", "-p", "bpf-tests", "-p", "dataplane-agent", "--bins"]))?;
     run(Command::new(root().join("target/release/bench")).args(args))
+}
+
+/// The `.yaml` files under `dir`, its subdirectories included, sorted.
+fn scenario_files(dir: &Path) -> Result<Vec<PathBuf>> {
+    let mut out = Vec::new();
+    let mut dirs = vec![dir.to_path_buf()];
+    while let Some(d) = dirs.pop() {
+        for e in std::fs::read_dir(&d).with_context(|| format!("reading {}", d.display()))? {
+            let p = e?.path();
+            if p.is_dir() {
+                dirs.push(p);
+            } else if p.extension().is_some_and(|e| e == "yaml") {
+                out.push(p);
+            }
+        }
+    }
+    out.sort();
+    Ok(out)
 }

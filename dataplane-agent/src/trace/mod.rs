@@ -141,6 +141,9 @@ pub struct NodeSpec {
     pub ips: Vec<String>,
     #[serde(default, rename = "podCIDR")]
     pub pod_cidr: Option<String>,
+    /// One podCIDR per family (the IPv6 one is left aside by the IPv4 datapath).
+    #[serde(default, rename = "podCIDRs")]
+    pub pod_cidrs: Vec<String>,
     /// The MTU of the node's path to other nodes and the outside (default 1500): what a
     /// redirected packet is checked against.
     #[serde(default)]
@@ -149,8 +152,21 @@ pub struct NodeSpec {
 
 #[derive(Debug, Deserialize)]
 pub struct ScenarioConfig {
+    /// kube-proxy's `--cluster-cidr`; absent (with detectLocalMode ClusterCIDR): no local
+    /// traffic detector.
     #[serde(default, rename = "clusterCIDR")]
     pub cluster_cidr: Option<String>,
+    /// One cluster CIDR per family (dual-stack `--cluster-cidr`).
+    #[serde(default, rename = "clusterCIDRs")]
+    pub cluster_cidrs: Vec<String>,
+    /// kube-proxy's `--detect-local-mode`: ClusterCIDR (default), NodeCIDR (node.podCIDR),
+    /// BridgeInterface or InterfaceNamePrefix (packets from this node's pod interfaces).
+    #[serde(default, rename = "detectLocalMode")]
+    pub detect_local_mode: Option<String>,
+    #[serde(default, rename = "podBridgeInterface")]
+    pub pod_bridge_interface: Option<String>,
+    #[serde(default, rename = "podInterfaceNamePrefix")]
+    pub pod_interface_name_prefix: Option<String>,
     #[serde(default, rename = "serviceCIDRs")]
     pub service_cidrs: Vec<String>,
     #[serde(default, rename = "masqueradeAll")]
@@ -169,7 +185,17 @@ fn yes() -> bool {
 
 impl Default for ScenarioConfig {
     fn default() -> Self {
-        ScenarioConfig { cluster_cidr: None, service_cidrs: Vec::new(), masquerade_all: false, node_port_addresses: Vec::new(), enable_network_policy: true }
+        ScenarioConfig {
+            cluster_cidr: None,
+            cluster_cidrs: Vec::new(),
+            detect_local_mode: None,
+            pod_bridge_interface: None,
+            pod_interface_name_prefix: None,
+            service_cidrs: Vec::new(),
+            masquerade_all: false,
+            node_port_addresses: Vec::new(),
+            enable_network_policy: true,
+        }
     }
 }
 
@@ -349,9 +375,28 @@ fn parse_objects(sc: &Scenario, source: &str) -> (Objects, Vec<ObjectError>) {
     (objs, errors)
 }
 
-/// Parses every CIDR of a config list; each bad one is reported with the list's name.
+/// Parses every CIDR of a config list; each bad one is reported with the list's name. IPv6
+/// entries are left aside, as the agent leaves them (one note per list).
 fn parse_list(list: &[String], field: &str, errors: &mut Vec<String>) -> Vec<Cidr4> {
-    list.iter().filter_map(|c| c.parse().map_err(|e| errors.push(format!("{field}: {e}"))).ok()).collect()
+    let mut v6 = 0;
+    let out = list
+        .iter()
+        .filter_map(|c| match crate::addr::parse_cidr(c.trim()) {
+            Ok(crate::addr::Family::V4(c)) => Some(c),
+            Ok(crate::addr::Family::V6) => {
+                v6 += 1;
+                None
+            }
+            Err(e) => {
+                errors.push(format!("{field}: {e}"));
+                None
+            }
+        })
+        .collect();
+    if v6 > 0 {
+        eprintln!("note: {field}: {v6} IPv6 entries left aside (the IPv4 datapath ignores them)");
+    }
+    out
 }
 
 impl Runner {
@@ -363,14 +408,37 @@ impl Runner {
             .node
             .ips
             .iter()
-            .filter_map(|s| s.parse().map_err(|_| errors.push(format!("node.ips: {s:?} is not an IPv4 address"))).ok())
+            .filter_map(|s| match crate::addr::parse_ip(s) {
+                Ok(crate::addr::Family::V4(a)) => Some(a),
+                Ok(crate::addr::Family::V6) => None,
+                Err(e) => {
+                    errors.push(format!("node.ips: {e}"));
+                    None
+                }
+            })
             .collect();
-        let pod_cidr = sc.node.pod_cidr.as_deref().and_then(|c| c.parse::<Cidr4>().map_err(|e| errors.push(format!("node.podCIDR: {e}"))).ok());
+        let pod_cidr = parse_list(&sc.node.pod_cidr.iter().chain(&sc.node.pod_cidrs).cloned().collect::<Vec<_>>(), "node.podCIDR(s)", &mut errors).into_iter().next();
         let cidrs: BTreeSet<Cidr4> = parse_list(&sc.config.service_cidrs, "config.serviceCIDRs", &mut errors).into_iter().collect();
-        let cluster_cidr = sc.config.cluster_cidr.as_deref().and_then(|c| c.parse::<Cidr4>().map_err(|e| errors.push(format!("config.clusterCIDR: {e}"))).ok());
-        if sc.config.masquerade_all {
-            errors.push("config.masqueradeAll: true is not supported (Ferry masquerades only what kube-proxy's clusterCIDR rule does)".into());
-        }
+        let cluster_cidr = parse_list(&sc.config.cluster_cidr.iter().chain(&sc.config.cluster_cidrs).cloned().collect::<Vec<_>>(), "config.clusterCIDR(s)", &mut errors).into_iter().next();
+        // kube-proxy's local traffic detector: a CIDR (or none), or the pods' interfaces.
+        let (local_cidr, local_iface) = match sc.config.detect_local_mode.as_deref().unwrap_or("ClusterCIDR") {
+            "ClusterCIDR" => (cluster_cidr, false),
+            "NodeCIDR" => (pod_cidr, false),
+            "BridgeInterface" if sc.config.pod_bridge_interface.is_some() => (None, true),
+            "InterfaceNamePrefix" if sc.config.pod_interface_name_prefix.is_some() => (None, true),
+            "BridgeInterface" => {
+                errors.push("config.detectLocalMode: BridgeInterface needs config.podBridgeInterface".into());
+                (None, false)
+            }
+            "InterfaceNamePrefix" => {
+                errors.push("config.detectLocalMode: InterfaceNamePrefix needs config.podInterfaceNamePrefix".into());
+                (None, false)
+            }
+            other => {
+                errors.push(format!("config.detectLocalMode: {other:?} is not ClusterCIDR, NodeCIDR, BridgeInterface or InterfaceNamePrefix"));
+                (None, false)
+            }
+        };
         let mut pod_ips = BTreeSet::new();
         for (i, p) in sc.pods.iter().enumerate() {
             let node = p.get("spec").and_then(|s| s.get("nodeName")).and_then(|n| n.as_str());
@@ -397,6 +465,7 @@ impl Runner {
             ips: node_ips.iter().copied().collect(),
             nodeport_addresses,
             zone: objs.zone_of(&sc.node.name),
+            masquerade_all: sc.config.masquerade_all,
         };
         let (desired, terr) = model::translate(&objs.services, &objs.endpoint_slices, &node);
         errors.extend(terr.iter().map(|e| e.to_string()));
@@ -413,9 +482,9 @@ impl Runner {
             return Err(map_errors);
         }
         let snat_addr_be = node.ips.first().map(|ip| u32::from_ne_bytes(ip.octets())).unwrap_or(0);
-        let (cluster_cidr_be, cluster_mask_be) = cluster_cidr.map(|c| c.addr_mask_be()).unwrap_or((0, 0));
+        let (cluster_cidr_be, cluster_mask_be) = local_cidr.map(|c| c.addr_mask_be()).unwrap_or((0, 0));
         // As the agent configures a node: anti-spoofing on (`--pod-source-check strict`).
-        let flags = dataplane_common::CFG_F_SOURCE_CHECK;
+        let flags = dataplane_common::CFG_F_SOURCE_CHECK | if local_iface { dataplane_common::CFG_F_LOCAL_IFACE } else { 0 };
         maps.set_config(dataplane_common::NodeConfig { snat_addr_be, snat_port_min: 61000, snat_port_max: 65535, cluster_cidr_be, cluster_mask_be, flags, refusals_per_s: dataplane_common::REFUSALS_UNLIMITED, ..Default::default() })
             .map_err(|e| vec![e.to_string()])?;
         let mtu = sc.node.mtu.unwrap_or(1500);
@@ -440,7 +509,7 @@ impl Runner {
     }
 
     fn origin(&self, src: Ipv4Addr) -> Origin {
-        if self.node_ips.contains(&src) {
+        if self.node_ips.contains(&src) || src.is_loopback() {
             Origin::Node
         } else if self.is_local_pod(src) {
             Origin::Pod
@@ -742,7 +811,7 @@ impl Runner {
             .into_iter()
             .map(|o| match o {
                 Outcome::To(a) if a == dst => {
-                    if self.node_ips.contains(dst.ip()) {
+                    if self.node_ips.contains(dst.ip()) || dst.ip().is_loopback() {
                         Outcome::Local
                     } else {
                         Outcome::Pass
