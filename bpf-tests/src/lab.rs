@@ -17,6 +17,9 @@ use std::{
 };
 
 pub const SERVICE_CIDR: &str = "10.96.0.0/16";
+/// The pods' range (the agents' `--cluster-cidr`, as the DaemonSet's ConfigMap sets it): the
+/// local traffic detector's.
+pub const CLUSTER_CIDR: &str = "10.201.0.0/16";
 pub const TCP_VIP: &str = "10.96.0.10:80";
 pub const UDP_VIP: &str = "10.96.0.20:53";
 pub const ECHO_TCP_PORT: u16 = 8080;
@@ -577,6 +580,8 @@ impl Cluster {
                 "veth*",
                 "--service-cidr",
                 SERVICE_CIDR,
+                "--cluster-cidr",
+                CLUSTER_CIDR,
                 "--node-ip",
                 &n.ip.to_string(),
                 "--external-interfaces",

@@ -358,6 +358,26 @@ fn outside_client_reaches_a_nodeport_whose_backend_is_on_another_node() {
 }
 
 #[test]
+fn cluster_policy_nodeport_backends_see_the_node_whichever_is_picked_and_whoever_asks() {
+    // kube-proxy masquerades every connection to an external address of an
+    // externalTrafficPolicy Cluster Service: the backend on node1 and the one on node2 both see
+    // node1's address, from outside and from a pod of node1, so a NetworkPolicy on them sees
+    // one source whichever backend was picked.
+    for xdp in MODES {
+        let (c, _d) = cluster_with_nodeports(&["n1-pod2", "n2-pod1"], &["n1-pod2"], xdp);
+        let node1 = "192.168.77.1".to_string();
+        let want: std::collections::BTreeSet<(String, String)> = [("n1-pod2".to_string(), node1.clone()), ("n2-pod1".to_string(), node1.clone())].into();
+        let outside = c.client_outside(&["tcp", lab::NODEPORT_CLUSTER, "40"]);
+        assert_eq!(who_and_source(&outside), want, "xdp={xdp}, from outside: {outside:?}");
+        let pod = c.client_in_pod("n1-pod1", &["tcp", lab::NODEPORT_CLUSTER, "40"]);
+        assert_eq!(who_and_source(&pod), want, "xdp={xdp}, from n1-pod1: {pod:?}");
+        // The ClusterIP is not masqueraded: the backends see the pod.
+        let vip = c.client_in_pod("n1-pod1", &["tcp", lab::TCP_VIP, "20"]);
+        assert!(who_and_source(&vip).iter().all(|(_, s)| s == "10.201.1.11"), "xdp={xdp}: {vip:?}");
+    }
+}
+
+#[test]
 fn local_nodeport_backend_sees_the_outside_client() {
     for xdp in MODES {
         let (c, _d) = cluster_with_nodeports(&["n2-pod1"], &["n1-pod2"], xdp);

@@ -57,9 +57,9 @@ fn remote_backend_gets_the_node_address_and_a_port_from_the_range() {
 }
 
 #[test]
-fn local_backend_keeps_the_client_address_and_replies_leave_as_the_nodeport() {
+fn local_backend_of_a_local_policy_keeps_the_client_address_and_replies_leave_as_the_nodeport() {
     let mut dp = Datapath::new();
-    nodeport(&mut dp, "web", "172.30.0.10", 30080, &[("10.0.0.7", "node1")]);
+    dp.apply_yaml(&nodeport_yaml("web", "172.30.0.10", 30080, &[("10.0.0.7", "node1")]).replace("type: NodePort", "type: NodePort\n  externalTrafficPolicy: Local"));
     let r = dp.from_world(&tcp((ip("203.0.113.9"), 40000), (ip(NODE), 30080), true, b""));
     assert_eq!(r.action, TC_ACT_OK, "DNAT only: the stack routes it to the pod");
     assert_eq!(r.data, tcp((ip("203.0.113.9"), 40000), (ip("10.0.0.7"), 8080), true, b""));
@@ -68,6 +68,44 @@ fn local_backend_keeps_the_client_address_and_replies_leave_as_the_nodeport() {
     let reply = dp.from_pod(&tcp((ip("10.0.0.7"), 8080), (ip("203.0.113.9"), 40000), false, b"ok"));
     assert!(forwarded(&reply));
     assert_eq!(reply.data[14..], tcp((ip(NODE), 30080), (ip("203.0.113.9"), 40000), false, b"ok")[14..]);
+}
+
+#[test]
+fn a_cluster_policy_nodeport_masquerades_to_a_local_backend_too() {
+    // kube-proxy masquerades every connection to an external address of an
+    // externalTrafficPolicy Cluster Service, whichever backend it gets.
+    let mut dp = Datapath::new();
+    nodeport(&mut dp, "web", "172.30.0.10", 30080, &[("10.0.0.7", "node1")]);
+    let r = dp.from_world(&tcp((ip("203.0.113.9"), 40000), (ip(NODE), 30080), true, b""));
+    assert!(forwarded(&r), "{r:?}");
+    let t = tuple(&r.data);
+    assert_eq!((t.src, t.dst, t.dport), (ip(NODE), ip("10.0.0.7"), 8080));
+    assert!((61000..=65535).contains(&t.sport), "source port {}", t.sport);
+    assert_checksums(&r.data);
+    // The pod answers the node; on its veth the reply becomes the NodePort's, to the client.
+    let reply = dp.from_pod(&tcp((ip("10.0.0.7"), 8080), (ip(NODE), t.sport), false, b"ok"));
+    assert!(forwarded(&reply));
+    assert_eq!(reply.data[14..], tcp((ip(NODE), 30080), (ip("203.0.113.9"), 40000), false, b"ok")[14..]);
+}
+
+#[test]
+fn a_pod_reaching_a_cluster_policy_nodeport_is_masqueraded_and_answered_through_the_node() {
+    let mut dp = Datapath::new();
+    nodeport(&mut dp, "web", "172.30.0.10", 30080, &[("10.180.0.1", "node2")]);
+    let r = dp.from_pod(&tcp((ip("10.0.0.2"), 40000), (ip(NODE), 30080), true, b""));
+    assert!(forwarded(&r), "{r:?}");
+    let t = tuple(&r.data);
+    assert_eq!((t.src, t.dst, t.dport), (ip(NODE), ip("10.180.0.1"), 8080), "masqueraded to the node");
+    assert!((61000..=65535).contains(&t.sport), "source port {}", t.sport);
+    assert_checksums(&r.data);
+    // The backend answers the node: the reply comes in from outside and is turned back towards
+    // the pod there, as coming from the NodePort.
+    let reply = dp.from_world(&tcp((ip("10.180.0.1"), 8080), (ip(NODE), t.sport), false, b"ok"));
+    assert!(forwarded(&reply), "{reply:?}");
+    assert_eq!(reply.data[14..], tcp((ip(NODE), 30080), (ip("10.0.0.2"), 40000), false, b"ok")[14..]);
+    // A packet from outside that claims the pod's tuple is not the pod's connection.
+    let forged = dp.from_world(&tcp((ip("10.0.0.2"), 40000), (ip(NODE), 30080), false, b"x"));
+    assert!(tuple(&forged.data).dst != ip("10.180.0.1") || forged.action == TC_ACT_SHOT, "{forged:?}");
 }
 
 #[test]

@@ -242,9 +242,9 @@ fn connections_whose_entries_expired_keep_flowing_into_and_out_of_isolated_pods(
 #[test]
 fn replies_of_an_egress_isolated_backend_reach_a_masqueraded_client_outside() {
     // Servers accept anyone and send nothing of their own; a client outside the cluster reaches
-    // them through the ClusterIPs (masqueraded: --cluster-cidr): their replies are replies.
+    // them through the ClusterIPs (masqueraded: the lab's --cluster-cidr): their replies are replies.
     let servers = policy("servers", "server", "Ingress, Egress", "  ingress: [{}]\n");
-    let (c, _d) = lab_args(&[servers], &["--cluster-cidr", "10.201.0.0/16"]);
+    let (c, _d) = lab_args(&[servers], &[]);
     let tcp = c.client_outside(&["tcp", lab::TCP_VIP, "6"]);
     assert!(tcp.iter().all(|l| !l.starts_with("ERR")), "{tcp:?}");
     let udp = c.client_outside(&["udp", lab::UDP_VIP, "6"]);

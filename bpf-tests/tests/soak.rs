@@ -97,17 +97,25 @@ fn bulk_services() -> Vec<Svc> {
         Svc::new("bulk-local", "NodePort", "10.96.1.12").local().port(tcp(80, LOAD_TCP_PORT).node_port(30101)).pods(&["n1-pod2"]),
         Svc::new("bulk-lb", "LoadBalancer", "10.96.1.13").lb_ip("172.20.1.10").port(tcp(80, LOAD_TCP_PORT).node_port(30102)).pods(&["n2-pod2"]),
         Svc::new("bulk-extip", "ClusterIP", "10.96.1.14").external_ip("172.20.2.10").port(tcp(80, LOAD_TCP_PORT)).pods(&["n1-pod2"]),
+        Svc::new("bulk-nodeport-here", "NodePort", "10.96.1.15").port(tcp(80, LOAD_TCP_PORT).node_port(30103)).pods(&["n1-pod2"]),
     ]
 }
 
-/// (what, where the client runs, address).
-fn bulk_paths() -> [(&'static str, At<'static>, &'static str); 5] {
+/// (what, where the client runs, address). Every external address of an externalTrafficPolicy
+/// Cluster Service is masqueraded, from outside and from pods, whichever backend it gets
+/// (kube-proxy's rule): to a pod of node1 the packets are redirected into its veth, and its
+/// replies back out.
+fn bulk_paths() -> [(&'static str, At<'static>, &'static str); 9] {
     [
         ("ClusterIP, pod on node1 -> pod on node2", At::Pod("n1-pod1"), "10.96.1.10:80"),
         ("NodePort eTP=Cluster, outside -> pod on node2 (SNAT)", At::Outside, "192.168.77.1:30100"),
         ("NodePort eTP=Local, outside -> pod on node1", At::Outside, "192.168.77.1:30101"),
         ("LoadBalancer IP, outside -> pod on node2 (SNAT)", At::Outside, "172.20.1.10:80"),
         ("externalIP, outside -> pod on node1", At::Outside, "172.20.2.10:80"),
+        ("NodePort eTP=Cluster, outside -> pod on node1 (SNAT)", At::Outside, "192.168.77.1:30103"),
+        ("NodePort eTP=Cluster, pod on node1 -> pod on node1 (SNAT)", At::Pod("n1-pod1"), "192.168.77.1:30103"),
+        ("NodePort eTP=Cluster, pod on node1 -> pod on node2 (SNAT)", At::Pod("n1-pod1"), "192.168.77.1:30100"),
+        ("LoadBalancer IP, pod on node1 -> pod on node2 (SNAT)", At::Pod("n1-pod1"), "172.20.1.10:80"),
     ]
 }
 

@@ -653,6 +653,9 @@ pub fn sync_objects(
 ) -> SyncOutcome {
     let started = Instant::now();
     let (desired, terr) = model::translate(&objs.services, &objs.endpoint_slices, node);
+    if observed.ipv6_skipped(desired.ipv6_skipped) {
+        info!(count = desired.ipv6_skipped, "IPv6 addresses and EndpointSlices of dual-stack Services are left to the IPv6 datapath, which this version does not have (counted in ferry_ipv6_objects_skipped)");
+    }
     errors.extend(terr);
     let udp_before = udp_backends(rec);
     let (mut st, mut map_errors) = rec.sync(&desired, &cfg.service_cidrs, maps);

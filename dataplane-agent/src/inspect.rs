@@ -72,7 +72,7 @@ pub fn services(pin_dir: &Path) -> Result<String, LoadError> {
             continue;
         }
         let mut flags = Vec::new();
-        for (bit, what) in [(SVC_F_DROP_EMPTY, "drop-if-empty"), (SVC_F_SOURCE_RANGES, "source-ranges"), (SVC_F_RANDOM, "random")] {
+        for (bit, what) in [(SVC_F_DROP_EMPTY, "drop-if-empty"), (SVC_F_SOURCE_RANGES, "source-ranges"), (SVC_F_RANDOM, "random"), (dataplane_common::SVC_F_MASQ, "masquerade")] {
             if s.flags & bit != 0 {
                 flags.push(what.to_string());
             }

@@ -161,7 +161,6 @@ fn pod_ip(p: &Pod) -> Option<Ipv4Addr> {
     st.pod_ips.iter().flatten().map(|i| i.ip.as_str()).chain(st.pod_ip.as_deref()).find_map(|s| s.parse().ok())
 }
 
-/// An IPv6 CIDR (`fd00::/8`): valid in a policy, never matching the IPv4 datapath's traffic.
 /// Every IPv4 ipBlock and except prefix the policies name (pod identities depend on them).
 fn block_prefixes(objs: &Objects) -> BTreeSet<Cidr4> {
     let mut out = BTreeSet::new();
@@ -180,6 +179,7 @@ fn block_prefixes(objs: &Objects) -> BTreeSet<Cidr4> {
     out
 }
 
+/// An IPv6 CIDR (`fd00::/8`): valid in a policy, never matching the IPv4 datapath's traffic.
 fn is_ipv6_cidr(s: &str) -> bool {
     s.split_once('/').is_some_and(|(a, p)| a.parse::<std::net::Ipv6Addr>().is_ok() && p.parse::<u8>().is_ok_and(|p| p <= 128))
 }

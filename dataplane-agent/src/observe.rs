@@ -33,6 +33,9 @@ struct State {
     syncs_failed: u64,
     objects: BTreeMap<&'static str, usize>,
     object_errors: usize,
+    /// IPv6 halves of dual-stack objects the IPv4 datapath left aside at the last sync.
+    ipv6_skipped: usize,
+    ipv6_noted: bool,
     /// (policy, field) of every NetworkPolicy part left untranslated at the last sync.
     untranslated: Vec<(String, String)>,
     writes: u64,
@@ -131,6 +134,16 @@ impl Observed {
         s.pending_since.get_or_insert_with(SystemTime::now);
     }
 
+    /// The IPv6 addresses and slices the last translation left aside; true the first time any
+    /// are (the agent says so once in its log).
+    pub fn ipv6_skipped(&self, n: usize) -> bool {
+        let mut s = self.state.lock().unwrap();
+        let first = n > 0 && !s.ipv6_noted;
+        s.ipv6_noted |= n > 0;
+        s.ipv6_skipped = n;
+        first
+    }
+
     /// A sync ended. `ok`: the maps now match the sources (map errors leave the change pending).
     pub fn synced(&self, took: Duration, ok: bool, st: &SyncStats, objects: [(&'static str, usize); 6], object_errors: usize, node_eligible: bool) {
         let mut s = self.state.lock().unwrap();
@@ -225,6 +238,8 @@ impl Observed {
             }
             help(&mut out, "ferry_object_errors", "gauge", "Objects (or fields) skipped as invalid at the last sync; the log names each.");
             let _ = writeln!(out, "ferry_object_errors {}", s.object_errors);
+            help(&mut out, "ferry_ipv6_objects_skipped", "gauge", "IPv6 addresses, CIDRs and EndpointSlices of dual-stack objects left aside by the IPv4 datapath at the last sync (normal in a dual-stack cluster; not errors).");
+            let _ = writeln!(out, "ferry_ipv6_objects_skipped {}", s.ipv6_skipped);
             help(&mut out, "ferry_policy_untranslated", "gauge", "NetworkPolicy parts Ferry could not translate, by policy and field (1 each); the policy still isolates the pods it selects, the part allows nothing. The log says why.");
             for (policy, field) in &s.untranslated {
                 let _ = writeln!(out, "ferry_policy_untranslated{{policy=\"{}\",field=\"{}\"}} 1", esc(policy), esc(field));

@@ -157,6 +157,15 @@ pub fn sctp_init(src: (Ipv4Addr, u16), dst: (Ipv4Addr, u16)) -> Vec<u8> {
     raw_ipv4(src.0, dst.0, IPPROTO_SCTP, &l4)
 }
 
+/// The Internet checksum (RFC 1071) of `data`, as ICMP carries it.
+pub fn inet_checksum(data: &[u8]) -> u16 {
+    let mut sum: u32 = data.chunks(2).map(|c| u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)]))).sum();
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
+}
+
 /// Ethernet + a 20-byte IPv4 header (valid checksum) + `l4` as given.
 pub fn raw_ipv4(src: Ipv4Addr, dst: Ipv4Addr, proto: u8, l4: &[u8]) -> Vec<u8> {
     ipv4_with(src, dst, proto, &[], l4, None)

@@ -132,6 +132,12 @@ pub struct Scenario {
     pub network_policies: Vec<serde_yaml::Value>,
     #[serde(default)]
     pub flows: Vec<Flow>,
+    /// Object errors the file means to show: each entry is a piece of an error's text (`Service
+    /// shop/old: spec.clusterIP`). An invalid object is named and left out, the rest is run, as
+    /// in the agent; each error is a failed line unless an entry here expects it, and each entry
+    /// no error matches is one too.
+    #[serde(default, rename = "expectErrors")]
+    pub expect_errors: Vec<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -351,6 +357,8 @@ pub struct Runner {
     mtu: u16,
     /// The namespace this thread runs the programs in (see net.rs); dropped last.
     net: net::TraceNet,
+    /// Invalid objects (or fields), named: left out, as the agent leaves them out.
+    pub object_errors: Vec<String>,
 }
 
 fn parse_objects(sc: &Scenario, source: &str) -> (Objects, Vec<ObjectError>) {
@@ -458,7 +466,7 @@ impl Runner {
             // As the agent with --enable-network-policy=false: no policy isolates anything.
             objs.network_policies.clear();
         }
-        errors.extend(oerr.iter().map(|e| e.to_string()));
+        let mut object_errors: Vec<String> = oerr.iter().map(|e| e.to_string()).collect();
         let nodeport_addresses: Vec<Cidr4> = parse_list(&sc.config.node_port_addresses, "config.nodePortAddresses", &mut errors);
         let node = model::NodeContext {
             name: sc.node.name.clone(),
@@ -468,7 +476,7 @@ impl Runner {
             masquerade_all: sc.config.masquerade_all,
         };
         let (desired, terr) = model::translate(&objs.services, &objs.endpoint_slices, &node);
-        errors.extend(terr.iter().map(|e| e.to_string()));
+        object_errors.extend(terr.iter().map(|e| e.to_string()));
         if !errors.is_empty() {
             return Err(errors);
         }
@@ -499,13 +507,13 @@ impl Runner {
         let mut pol = crate::agent::PolicyState::default();
         let (_, _, perr, pmap) = pol.sync(&mut maps, &objs, &node);
         // IPv6 parts of valid policies are left out, as the agent leaves them out; anything
-        // else untranslatable is an invalid object: the run fails, naming it.
-        let perr: Vec<_> = perr.into_iter().filter(|e| !e.ipv6_only).collect();
-        if !perr.is_empty() || !pmap.is_empty() {
-            return Err(perr.iter().map(|e| e.to_string()).chain(pmap).collect());
+        // else untranslatable is an invalid object, named (and fails closed, as in the agent).
+        object_errors.extend(perr.into_iter().filter(|e| !e.ipv6_only).map(|e| e.to_string()));
+        if !pmap.is_empty() {
+            return Err(pmap);
         }
         let events = ebpf.take_map(dataplane_common::names::POL_EVENTS).and_then(|m| aya::maps::RingBuf::try_from(m).ok());
-        Ok(Runner { ebpf, maps, xdp: false, node_ips, pod_cidr, pod_ips, events: events.into(), verdicts: Default::default(), cgroup: None, mtu, net })
+        Ok(Runner { ebpf, maps, xdp: false, node_ips, pod_cidr, pod_ips, events: events.into(), verdicts: Default::default(), cgroup: None, mtu, net, object_errors })
     }
 
     fn origin(&self, src: Ipv4Addr) -> Origin {
@@ -528,8 +536,11 @@ impl Runner {
             Ok(e) => e,
             Err(e) => return fail(e),
         };
+        if let Some(number) = other_protocol(&flow.proto) {
+            return self.other_protocol_flow(flow, number, &expect);
+        }
         let Some(proto) = Proto::parse_lower(&flow.proto) else {
-            return fail(format!("proto: {:?} is not tcp, udp or sctp", flow.proto));
+            return fail(format!("proto: {:?} is not tcp, udp, sctp, icmp or an IP protocol number", flow.proto));
         };
         let Ok(src) = flow.source.parse::<Ipv4Addr>() else {
             return fail(format!("source: {:?} is not an IPv4 address", flow.source));
@@ -568,6 +579,54 @@ impl Runner {
             r.line.push_str(&format!(" [policy: {}]", verdicts.into_iter().collect::<Vec<_>>().join("; ")));
         }
         r
+    }
+
+    /// A flow of a protocol Services do not carry: `icmp` (an echo request) or an IP protocol
+    /// number (8 bytes of zeros after the header), to an address (`destination` without a port,
+    /// or with port 0). From a pod or from outside only.
+    fn other_protocol_flow(&mut self, flow: &Flow, number: u8, expect: &Expect) -> FlowResult {
+        let fail = |why: String| FlowResult { name: flow.name.clone(), ok: false, line: format!("FAIL {}: {why}", flow.name) };
+        let Ok(src) = flow.source.parse::<Ipv4Addr>() else {
+            return fail(format!("source: {:?} is not an IPv4 address", flow.source));
+        };
+        let dst = flow.destination.strip_suffix(":0").unwrap_or(&flow.destination);
+        let Ok(dst) = dst.parse::<Ipv4Addr>() else {
+            return fail(format!("destination: {:?} is not an address (protocol {} has no ports)", flow.destination, flow.proto));
+        };
+        let origin = if flow.via.as_deref() == Some("outside") { Origin::External } else { self.origin(src) };
+        if origin == Origin::Node {
+            return fail("the node's own ICMP and raw IP are not probed by trace (no socket hook sees them); use a pod or outside source".into());
+        }
+        let l4 = if number == dataplane_common::IPPROTO_ICMP {
+            let mut m = vec![8u8, 0, 0, 0, 0x46, 0x52, 0, 1];
+            m.extend_from_slice(b"ferry-trace");
+            let c = packet::inet_checksum(&m);
+            m[2..4].copy_from_slice(&c.to_be_bytes());
+            m
+        } else {
+            vec![0u8; 8]
+        };
+        let pkt = packet::raw_ipv4(src, dst, number, &l4);
+        let mut outcomes = Vec::new();
+        for _ in 0..8 {
+            let before = self.maps.stat_totals();
+            let r = if origin == Origin::External { self.world(&pkt, &SkbIn::default()) } else { self.run_skb(progs::FROM_POD, &pkt, &SkbIn::default()) };
+            let (r, _) = match r {
+                Ok(r) => r,
+                Err(e) => return fail(e),
+            };
+            outcomes.push(match r.action {
+                TC_ACT_SHOT => Outcome::Drop(self.drop_reason(&before)),
+                TC_ACT_REDIRECT => match packet::refusal(&r.data) {
+                    Some(Refusal::IcmpUnreachable { to, code: 3, .. }) if to == src => Outcome::Reject,
+                    _ => Outcome::Error("redirected, and not as a refusal".into()),
+                },
+                TC_ACT_OK if r.data == pkt => if self.node_ips.contains(&dst) { Outcome::Local } else { Outcome::Pass },
+                TC_ACT_OK => Outcome::Error("passed, rewritten".into()),
+                other => Outcome::Error(format!("unexpected tc action {other}")),
+            });
+        }
+        judge(&flow.name, expect, &outcomes, origin, false)
     }
 
     /// Runs a program and collects the policy verdicts it reported.
@@ -823,6 +882,14 @@ impl Runner {
     }
 }
 
+/// `icmp` or an IP protocol number other than TCP's, UDP's and SCTP's.
+fn other_protocol(p: &str) -> Option<u8> {
+    match p.to_ascii_lowercase().as_str() {
+        "icmp" => Some(dataplane_common::IPPROTO_ICMP),
+        n => n.parse::<u8>().ok().filter(|n| !matches!(*n, dataplane_common::IPPROTO_TCP | dataplane_common::IPPROTO_UDP | dataplane_common::IPPROTO_SCTP)),
+    }
+}
+
 fn build(proto: Proto, src: (Ipv4Addr, u16), dst: (Ipv4Addr, u16)) -> Vec<u8> {
     match proto {
         Proto::Tcp => packet::tcp(src, dst, true, b""),
@@ -902,5 +969,24 @@ pub fn run_file(path: &Path, xdp: bool) -> Result<Vec<FlowResult>, Vec<String>> 
     }
     let mut runner = Runner::load(&sc, &path.display().to_string())?;
     runner.xdp = xdp;
-    Ok(sc.flows.iter().map(|f| runner.run_flow(f)).collect())
+    let mut results = object_error_results(&runner.object_errors, &sc.expect_errors);
+    results.extend(sc.flows.iter().map(|f| runner.run_flow(f)));
+    Ok(results)
+}
+
+/// One line per invalid object (ok when `expectErrors` expects it) and per expectation no
+/// error matched.
+fn object_error_results(errors: &[String], expected: &[String]) -> Vec<FlowResult> {
+    let mut out: Vec<FlowResult> = errors
+        .iter()
+        .map(|e| {
+            let ok = expected.iter().any(|x| e.contains(x.as_str()));
+            let line = if ok { format!("ok   invalid object left out, as expected: {e}") } else { format!("FAIL invalid object left out: {e}") };
+            FlowResult { name: e.clone(), ok, line }
+        })
+        .collect();
+    for x in expected.iter().filter(|x| !errors.iter().any(|e| e.contains(x.as_str()))) {
+        out.push(FlowResult { name: x.clone(), ok: false, line: format!("FAIL expectErrors: no object error contains {x:?}") });
+    }
+    out
 }
