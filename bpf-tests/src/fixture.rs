@@ -27,7 +27,7 @@ impl Datapath {
         let mut ebpf = loader::load_with(None, &all).expect("load eBPF object (run `cargo xtask build-ebpf`)");
         attach::load_programs(&mut ebpf).expect("verifier accepts every program");
         let maps = BpfMaps::from_ebpf(&mut ebpf).unwrap();
-        let node = model::NodeContext { name: "node1".into(), ips: vec!["192.168.0.2".parse().unwrap()], nodeport_addresses: vec![], zone: None, masquerade_all: false };
+        let node = model::NodeContext { name: "node1".into(), ips: vec!["192.168.0.2".parse().unwrap()], nodeport_addresses: vec![], nodeport_primary: false, zone: None, masquerade_all: false };
         let mut maps = maps;
         maps.set_config(dataplane_common::NodeConfig { snat_addr_be: u32::from_ne_bytes([192, 168, 0, 2]), snat_port_min: 61000, snat_port_max: 65535, refusals_per_s: dataplane_common::REFUSALS_UNLIMITED, ..Default::default() }).unwrap();
         Datapath { ebpf, maps, rec: Reconciler::new(), cidrs: BTreeSet::new(), node }

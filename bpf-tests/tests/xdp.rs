@@ -19,18 +19,22 @@ fn nodeport(endpoints: &[(&str, &str)], extra: &str) -> Datapath {
     dp
 }
 
+/// externalTrafficPolicy Local: the client's address is kept, so XDP only rewrites the
+/// destination. (With Cluster every connection is masqueraded and needs tc's redirect.)
+const LOCAL: &str = "  externalTrafficPolicy: Local\n";
+
 #[test]
 fn local_backend_is_translated_in_xdp_exactly() {
-    let dp = nodeport(&[("10.0.0.7", "node1")], "");
+    let dp = nodeport(&[("10.0.0.7", "node1")], LOCAL);
     for (first, payload) in [(true, &b""[..]), (false, &b"GET /"[..])] {
         let r = dp.xdp(&tcp((ip("203.0.113.9"), 40000), (ip(NODE), 30080), first, payload));
         assert_eq!(r.action, XDP_PASS, "handed to the stack, translated");
         assert_eq!(r.data, tcp((ip("203.0.113.9"), 40000), (ip("10.0.0.7"), 8080), first, payload));
     }
     // UDP too, checksum included (and a zero checksum stays zero).
-    let mut dp = nodeport(&[("10.0.0.7", "node1")], "");
+    let mut dp = nodeport(&[("10.0.0.7", "node1")], LOCAL);
     dp.apply_yaml(
-        "kind: Service\nmetadata: {name: dns, namespace: t}\nspec:\n  type: NodePort\n  clusterIP: 172.30.0.53\n  ports: [{port: 53, protocol: UDP, targetPort: 5353, nodePort: 30053}]\n---\n\
+        "kind: Service\nmetadata: {name: dns, namespace: t}\nspec:\n  type: NodePort\n  externalTrafficPolicy: Local\n  clusterIP: 172.30.0.53\n  ports: [{port: 53, protocol: UDP, targetPort: 5353, nodePort: 30053}]\n---\n\
          kind: EndpointSlice\nmetadata: {name: dns-1, namespace: t, labels: {kubernetes.io/service-name: dns}}\naddressType: IPv4\nports: [{port: 5353, protocol: UDP}]\nendpoints: [{addresses: [10.0.0.53], nodeName: node1}]\n",
     );
     let r = dp.xdp(&udp((ip("203.0.113.9"), 40001), (ip(NODE), 30053), b"query"));
@@ -56,11 +60,18 @@ fn what_xdp_cannot_finish_reaches_tc_untouched_and_tc_finishes_it() {
     let out = tuple(&t.data);
     assert_eq!((out.src, out.dst, out.dport), (ip(NODE), ip("10.180.0.1"), 8080));
     assert_eq!(dp.stat(stat::EXTERNAL_NEW), 1, "one new connection, created once (in XDP)");
+    // externalTrafficPolicy Cluster to a backend on this node: masqueraded too (kube-proxy's
+    // rule), so the packet needs the redirect into the pod's veth: tc finishes it.
+    let dp = nodeport(&[("10.0.0.7", "node1")], "");
+    let r = dp.xdp(&pkt);
+    assert_eq!((r.action, &r.data), (XDP_PASS, &pkt));
+    let out = tuple(&dp.from_world(&pkt).data);
+    assert_eq!((out.src, out.dst, out.dport), (ip(NODE), ip("10.0.0.7"), 8080));
 }
 
 #[test]
 fn xdp_leaves_everything_else_alone_and_drops_outside_source_ranges() {
-    let dp = nodeport(&[("10.0.0.7", "node1")], "  loadBalancerSourceRanges: [203.0.113.0/24]\n");
+    let dp = nodeport(&[("10.0.0.7", "node1")], "  externalTrafficPolicy: Local\n  loadBalancerSourceRanges: [203.0.113.0/24]\n");
     for pkt in [
         tcp((ip("203.0.113.9"), 1), (ip(NODE), 22), true, b""),             // not a NodePort
         tcp((ip("203.0.113.9"), 1), (ip("172.30.0.10"), 80), true, b""),    // a ClusterIP

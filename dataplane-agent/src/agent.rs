@@ -142,10 +142,12 @@ pub fn node_context(cfg: &RunConfig, objs: &Objects) -> model::NodeContext {
     let mut node = cfg.node.clone();
     node.zone = objs.zone_of(&node.name);
     if node.ips.is_empty() {
+        // InternalIPs first: the first is the node's primary address (kube-proxy's node IP,
+        // where `--nodeport-addresses primary` answers).
         let addrs = own_node(objs, &node.name).and_then(|n| n.status.as_ref()).and_then(|s| s.addresses.as_ref());
-        for a in addrs.into_iter().flatten() {
-            if matches!(a.type_.as_str(), "InternalIP" | "ExternalIP") {
-                if let Ok(ip) = a.address.parse::<Ipv4Addr>() {
+        for kind in ["InternalIP", "ExternalIP"] {
+            for a in addrs.into_iter().flatten().filter(|a| a.type_ == kind) {
+                if let Ok(crate::addr::Family::V4(ip)) = crate::addr::parse_ip(&a.address) {
                     if !node.ips.contains(&ip) {
                         node.ips.push(ip);
                     }

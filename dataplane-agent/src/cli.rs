@@ -202,8 +202,10 @@ pub struct RunArgs {
     /// of its Node object.
     #[arg(long = "node-ip", env = "FERRY_NODE_IPS", value_delimiter = ',')]
     pub node_ips: Vec<String>,
-    /// NodePorts answer only on node addresses inside these CIDRs (kube-proxy's flag; all node
-    /// addresses when empty). Comma-separated.
+    /// Where NodePorts answer (kube-proxy's flag): node addresses inside these CIDRs, and the
+    /// keywords `primary` (the node's primary address: the first --node-ip, else its Node
+    /// object's first InternalIP) and `all` (every node address). Comma-separated. Default:
+    /// `primary`, as kube-proxy's nftables mode.
     #[arg(long = "nodeport-addresses", env = "FERRY_NODEPORT_ADDRESSES", value_delimiter = ',')]
     pub nodeport_addresses: Vec<String>,
     /// How new connections pick a backend: `maglev` (consistent hashing: the same flow picks the
@@ -281,6 +283,30 @@ pub struct RunArgs {
     /// translated by Ferry break: run it after kube-proxy is back (see deploy/README.md).
     #[arg(long)]
     pub cleanup: bool,
+}
+
+/// `--nodeport-addresses` (and `config.nodePortAddresses` in scenarios): its IPv4 CIDRs and
+/// whether `primary` is among them. Unset (`default_primary`): `primary`, as kube-proxy's
+/// nftables mode. `all`: every node address. `localhost`: not served (Ferry, like nftables mode
+/// without the alpha localhost proxy, answers NodePorts on node addresses only), said once.
+pub fn parse_nodeport_addresses(flag: &str, v: &[String], default_primary: bool) -> anyhow::Result<(Vec<Cidr4>, bool)> {
+    let words: Vec<&str> = v.iter().flat_map(|s| s.split(',')).map(str::trim).filter(|s| !s.is_empty()).collect();
+    if words.is_empty() {
+        return Ok((Vec::new(), default_primary));
+    }
+    let primary = words.contains(&"primary");
+    if words.contains(&"localhost") {
+        tracing::info!("{flag}: localhost: NodePorts are not served on loopback (as kube-proxy's nftables mode without its alpha localhost proxy)");
+    }
+    let cidrs: Vec<String> = words.iter().filter(|w| !matches!(**w, "primary" | "all" | "localhost")).map(|w| w.to_string()).collect();
+    if words.contains(&"all") && (primary || !cidrs.is_empty()) {
+        anyhow::bail!("{flag}: `all` takes no other entries (every node address answers)");
+    }
+    Ok((parse_cidrs(flag, &cidrs)?, primary))
+}
+
+fn nodeport_addresses(flag: &str, v: &[String]) -> anyhow::Result<(Vec<Cidr4>, bool)> {
+    parse_nodeport_addresses(flag, v, true)
 }
 
 /// The IPv4 CIDRs of a flag's list. IPv6 entries (a dual-stack configuration) are left aside,
@@ -368,7 +394,7 @@ impl RunArgs {
             None => Some(crate::attach::cgroup2_root().context("no cgroup v2 mount found: pass --cgroup none to run without socket hooks")?),
         };
         let service_cidrs: BTreeSet<Cidr4> = parse_cidrs("--service-cidr", &self.service_cidrs)?.into_iter().collect();
-        let nodeport_addresses = parse_cidrs("--nodeport-addresses", &self.nodeport_addresses)?;
+        let (nodeport_addresses, nodeport_primary) = nodeport_addresses("--nodeport-addresses", &self.nodeport_addresses)?;
         let cluster_cidrs = parse_cidrs("--cluster-cidr", self.cluster_cidr.as_slice())?;
         if cluster_cidrs.len() > 1 {
             anyhow::bail!("--cluster-cidr: {:?} holds more than one IPv4 CIDR (one per family)", self.cluster_cidr.unwrap_or_default());
@@ -409,7 +435,7 @@ impl RunArgs {
         };
         Ok(agent::RunConfig {
             source,
-            node: crate::model::NodeContext { name, ips: node_ips, nodeport_addresses, zone: None, masquerade_all: self.masquerade_all },
+            node: crate::model::NodeContext { name, ips: node_ips, nodeport_addresses, nodeport_primary, zone: None, masquerade_all: self.masquerade_all },
             pin_dir: self.pin_dir,
             pod_interfaces: IfacePatterns::parse(&pod_interfaces),
             external_interfaces: self.external_interfaces.as_deref().map(IfacePatterns::parse),
@@ -463,7 +489,16 @@ pub fn describe(cfg: &agent::RunConfig) -> String {
         "node: {}\nsource: {source}\nnode IPs: {}\nNodePort addresses: {}\nservice CIDRs: {}\ncluster CIDR: {} ({:?})\npin dir: {}\ncgroup: {}\nalgorithm: {:?}\nNodePort acceleration: {}\nSNAT ports: {}-{}\nconntrack capacity: {}\nconntrack timeouts: {}\nhealthz: {}\nmetrics: {}\nNetworkPolicy: {}\nkube-proxy take-over: {}\n",
         cfg.node.name,
         list(cfg.node.ips.iter().map(|i| i.to_string()).collect()),
-        list(cfg.node.nodeport_addresses.iter().map(|c| c.to_string()).collect()),
+        {
+            let mut v: Vec<String> = cfg.node.nodeport_addresses.iter().map(|c| c.to_string()).collect();
+            if cfg.node.nodeport_primary {
+                v.insert(0, "primary".into());
+            }
+            if v.is_empty() {
+                v.push("all".into());
+            }
+            v.join(",")
+        },
         list(cfg.service_cidrs.iter().map(|c| c.to_string()).collect()),
         cfg.cluster_cidr.map(|c| c.to_string()).unwrap_or_else(|| "-".into()),
         cfg.local_mode,
@@ -551,6 +586,34 @@ mod tests {
             let e = parse_duration_s("--conntrack-udp-timeout", bad).unwrap_err().to_string();
             assert!(e.starts_with("--conntrack-udp-timeout:"), "{bad:?}: {e}");
         }
+    }
+
+    #[test]
+    fn dual_stack_and_keywords_as_kube_proxy_takes_them() {
+        let cfg = |extra: &[&str]| {
+            let mut a = vec!["dataplane-agent", "run", "--node", "n", "--cgroup", "none"];
+            a.extend_from_slice(extra);
+            let Cmd::Run(args) = Cli::try_parse_from(a).unwrap().cmd else { panic!("not run") };
+            args.config()
+        };
+        // IPv6 halves are left aside, never refused.
+        let c = cfg(&["--cluster-cidr", "10.244.0.0/16,fd00:10::/56", "--service-cidr", "10.96.0.0/12,fd00:96::/112", "--node-ip", "192.168.0.2,2001:db8::2", "--nodeport-addresses", "192.168.0.0/24,2001:db8::/64"]).unwrap();
+        assert_eq!(c.cluster_cidr, Some("10.244.0.0/16".parse().unwrap()));
+        assert_eq!(c.service_cidrs.len(), 1);
+        assert_eq!(c.node.ips, vec!["192.168.0.2".parse::<Ipv4Addr>().unwrap()]);
+        assert_eq!((c.node.nodeport_addresses.len(), c.node.nodeport_primary), (1, false));
+        // kube-proxy nftables mode's default is `primary`; `all` is every node address.
+        assert!(cfg(&[]).unwrap().node.nodeport_primary);
+        let all = cfg(&["--nodeport-addresses", "all"]).unwrap();
+        assert!(!all.node.nodeport_primary && all.node.nodeport_addresses.is_empty());
+        assert!(cfg(&["--nodeport-addresses", "all,10.0.0.0/8"]).err().unwrap().to_string().starts_with("--nodeport-addresses:"));
+        assert!(cfg(&["--cluster-cidr", "10.0.0.0/8,10.1.0.0/16"]).err().unwrap().to_string().starts_with("--cluster-cidr:"));
+        // The interface modes need their interface; InterfaceNamePrefix decides the pod interfaces.
+        assert!(cfg(&["--detect-local-mode", "BridgeInterface"]).err().unwrap().to_string().contains("--pod-bridge-interface"));
+        let p = cfg(&["--detect-local-mode", "InterfaceNamePrefix", "--pod-interface-name-prefix", "cali"]).unwrap();
+        assert_eq!(p.local_mode, LocalMode::InterfaceNamePrefix("cali".into()));
+        assert!(p.pod_interfaces.matches("cali1234") && !p.pod_interfaces.matches("veth1"));
+        assert!(cfg(&["--masquerade-all"]).unwrap().node.masquerade_all);
     }
 
     #[test]

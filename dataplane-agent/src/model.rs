@@ -225,8 +225,11 @@ pub struct NodeContext {
     /// The node's addresses, on which NodePorts answer.
     pub ips: Vec<Ipv4Addr>,
     /// kube-proxy's `--nodeport-addresses`: NodePorts answer only on node addresses inside these
-    /// (all node addresses when empty).
+    /// (all node addresses when empty and `nodeport_primary` is false).
     pub nodeport_addresses: Vec<Cidr4>,
+    /// kube-proxy's `primary` keyword (nftables mode's default): NodePorts answer on the node's
+    /// primary address (the first of `ips`) too.
+    pub nodeport_primary: bool,
     /// The node's `topology.kubernetes.io/zone` label, for EndpointSlice zone hints.
     pub zone: Option<String>,
     /// kube-proxy's `--masquerade-all`: every ClusterIP connection gets the node's address as
@@ -240,7 +243,8 @@ pub const LABEL_ZONE: &str = "topology.kubernetes.io/zone";
 impl NodeContext {
     /// The addresses NodePorts answer on.
     pub fn nodeport_ips(&self) -> impl Iterator<Item = Ipv4Addr> + '_ {
-        self.ips.iter().copied().filter(|ip| self.nodeport_addresses.is_empty() || self.nodeport_addresses.iter().any(|c| c.contains(*ip)))
+        let all = self.nodeport_addresses.is_empty() && !self.nodeport_primary;
+        self.ips.iter().enumerate().filter(move |(i, ip)| all || (self.nodeport_primary && *i == 0) || self.nodeport_addresses.iter().any(|c| c.contains(**ip))).map(|(_, ip)| *ip)
     }
 }
 
@@ -602,7 +606,7 @@ mod tests {
         let mut errors = Vec::new();
         manifests::parse_str(yaml, "t", &mut objs, &mut errors);
         assert!(errors.is_empty(), "{errors:?}");
-        let node = NodeContext { name: "node1".into(), ips: vec!["192.168.0.2".parse().unwrap()], nodeport_addresses: vec![], zone: Some("zone-a".into()), masquerade_all: false };
+        let node = NodeContext { name: "node1".into(), ips: vec!["192.168.0.2".parse().unwrap()], nodeport_addresses: vec![], nodeport_primary: false, zone: Some("zone-a".into()), masquerade_all: false };
         let (d, e) = translate(&objs.services, &objs.endpoint_slices, &node);
         (d, e.iter().map(|e| e.to_string()).collect())
     }

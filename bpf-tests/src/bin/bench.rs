@@ -137,7 +137,7 @@ fn policy_bench(runs: usize) {
         let mut errors = Vec::new();
         dataplane_agent::sources::manifests::parse_str(&yaml, "bench", &mut objs, &mut errors);
         assert!(errors.is_empty(), "{errors:?}");
-        let node = NodeContext { name: "n1".into(), ips: vec![ip("192.168.0.2")], nodeport_addresses: vec![], zone: None, masquerade_all: false };
+        let node = NodeContext { name: "n1".into(), ips: vec![ip("192.168.0.2")], nodeport_addresses: vec![], nodeport_primary: false, zone: None, masquerade_all: false };
         let mut pol = PolicyState::default();
         let t = Instant::now();
         let (w, _, e, me) = pol.sync(&mut maps, &objs, &node);

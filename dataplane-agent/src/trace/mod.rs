@@ -467,11 +467,17 @@ impl Runner {
             objs.network_policies.clear();
         }
         let mut object_errors: Vec<String> = oerr.iter().map(|e| e.to_string()).collect();
-        let nodeport_addresses: Vec<Cidr4> = parse_list(&sc.config.node_port_addresses, "config.nodePortAddresses", &mut errors);
+        // Absent: every address in node.ips (as the format always said); `primary`, `all` and
+        // CIDRs as the agent's flag.
+        let (nodeport_addresses, nodeport_primary) = crate::cli::parse_nodeport_addresses("config.nodePortAddresses", &sc.config.node_port_addresses, false).unwrap_or_else(|e| {
+            errors.push(e.to_string());
+            (Vec::new(), false)
+        });
         let node = model::NodeContext {
             name: sc.node.name.clone(),
             ips: node_ips.iter().copied().collect(),
             nodeport_addresses,
+            nodeport_primary,
             zone: objs.zone_of(&sc.node.name),
             masquerade_all: sc.config.masquerade_all,
         };
