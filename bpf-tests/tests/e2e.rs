@@ -361,8 +361,7 @@ fn outside_client_reaches_a_nodeport_whose_backend_is_on_another_node() {
 fn cluster_policy_nodeport_backends_see_the_node_whichever_is_picked_and_whoever_asks() {
     // kube-proxy masquerades every connection to an external address of an
     // externalTrafficPolicy Cluster Service: the backend on node1 and the one on node2 both see
-    // node1's address, from outside and from a pod of node1, so a NetworkPolicy on them sees
-    // one source whichever backend was picked.
+    // node1's address, from outside and from a pod of node1, whichever backend was picked.
     for xdp in MODES {
         let (c, _d) = cluster_with_nodeports(&["n1-pod2", "n2-pod1"], &["n1-pod2"], xdp);
         let node1 = "192.168.77.1".to_string();

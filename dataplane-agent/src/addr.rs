@@ -26,16 +26,17 @@ pub fn parse_ip(s: &str) -> Result<Family<Ipv4Addr>, String> {
     }
 }
 
-/// Dotted-quad IPv4 with leading zeros allowed (each octet decimal, at most 255).
+/// Dotted-quad IPv4 with leading zeros allowed, any number of them (each octet decimal, at most
+/// 255), as Go's pre-1.17 parser read it.
 fn sloppy_v4(s: &str) -> Option<Ipv4Addr> {
     let mut octets = [0u8; 4];
     let mut parts = s.split('.');
     for o in &mut octets {
         let p = parts.next()?;
-        if p.is_empty() || p.len() > 3 || !p.bytes().all(|b| b.is_ascii_digit()) {
+        if p.is_empty() || !p.bytes().all(|b| b.is_ascii_digit()) {
             return None;
         }
-        *o = p.parse::<u16>().ok().filter(|v| *v <= 255)? as u8;
+        *o = p.trim_start_matches('0').parse::<u16>().or_else(|e| if p.bytes().all(|b| b == b'0') { Ok(0) } else { Err(e) }).ok().filter(|v| *v <= 255)? as u8;
     }
     parts.next().is_none().then(|| Ipv4Addr::from(octets))
 }
@@ -74,6 +75,7 @@ mod tests {
         assert_eq!(v4("10.1.2.3"), "10.1.2.3");
         assert_eq!(v4("010.001.002.003"), "10.1.2.3", "leading zeros are decimal, not octal");
         assert_eq!(v4("172.030.000.041"), "172.30.0.41");
+        assert_eq!(v4("0010.00000.0.0001"), "10.0.0.1", "any number of leading zeros");
         assert_eq!(v4("::ffff:10.1.2.3"), "10.1.2.3");
         assert_eq!(parse_ip("fd00::1"), Ok(Family::V6));
         for bad in ["256.1.1.1", "1.2.3", "1.2.3.4.5", "0x0a.1.1.1", "1.2.3.0400", "", "a.b.c.d", "1..2.3"] {

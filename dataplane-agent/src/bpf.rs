@@ -313,11 +313,14 @@ impl BpfMaps {
         for (ifindex, p) in &if_put {
             note(self.pod_ifaces.insert(ifindex, *p, 0), format!("{} {ifindex}", names::POD_IFACES), &mut writes);
         }
-        for (c, id) in &ipc_put {
-            note(self.pol_ipcache.insert(&ip_key(c), *id, 0), format!("{} {c}", names::POL_IPCACHE), &mut writes);
-        }
+        // Rules before the ipcache entries that point at their identities: an address that moves
+        // to another identity (a pod relabelled, an ipBlock added that holds it) finds that
+        // identity's rules in place; the old identity's go only after the ipcache moved away.
         for ((prefix, k), id) in &rule_put {
             note(self.pol_rules.insert(&LpmKey::new(*prefix, *k), *id, 0), format!("{} {k:?}/{prefix}", names::POL_RULES), &mut writes);
+        }
+        for (c, id) in &ipc_put {
+            note(self.pol_ipcache.insert(&ip_key(c), *id, 0), format!("{} {c}", names::POL_IPCACHE), &mut writes);
         }
         for (id, n) in &id_put {
             note(self.id_names.insert(id, SvcName::new(n), 0), format!("{} {id}", names::IDENTITY_NAMES), &mut writes);

@@ -282,8 +282,11 @@ pub fn translate(objs: &Objects, node: &str, node_ips: &[Ipv4Addr], ids: &mut Id
         ns_labels.get(ns).cloned().unwrap_or_else(|| [("kubernetes.io/metadata.name".to_string(), ns.to_string())].into())
     };
 
-    // Identities of pods: their label set, and the ipBlock prefixes holding their address.
-    let all_prefixes = block_prefixes(objs);
+    // Identities of pods: their label set, and the ipBlock prefixes holding their address. Only
+    // prefixes that hold some pods and not others tell pods apart: one holding every pod (an
+    // `0.0.0.0/0`, the cluster's range) would re-key every pod for nothing.
+    let pod_addrs: Vec<Ipv4Addr> = objs.pods.iter().filter(|p| p.spec.as_ref().and_then(|s| s.host_network) != Some(true)).filter_map(pod_ip).collect();
+    let all_prefixes: BTreeSet<Cidr4> = block_prefixes(objs).into_iter().filter(|c| !pod_addrs.iter().all(|ip| c.contains(*ip))).collect();
     let mut live_identities = BTreeSet::new();
     let mut pods = Vec::new();
     for p in &objs.pods {
@@ -582,6 +585,27 @@ kind: Pod\nmetadata: {name: pg, namespace: db, labels: {app: pg}}\nspec: {nodeNa
 kind: Pod\nmetadata: {name: api, namespace: web, labels: {app: api}}\nspec: {nodeName: n2, containers: [{name: c}]}\nstatus: {podIP: 10.1.0.5}\n---\n\
 kind: Namespace\nmetadata: {name: web, labels: {env: prod}}\n---\n\
 kind: NetworkPolicy\nmetadata: {name: pg-in, namespace: db}\nspec: {podSelector: {matchLabels: {app: pg}}, ingress: [{from: [{namespaceSelector: {matchLabels: {env: prod}}}]}]}\n";
+
+    #[test]
+    fn ipblocks_split_pod_identities_only_where_they_split_pods() {
+        let node = ["192.168.0.2".parse().unwrap()];
+        let mut ids = Ids::default();
+        let (d, _) = translate(&objs(BASE), "n1", &node, &mut ids);
+        let id = |d: &DesiredPolicy, ip: &str| d.ipcache[&format!("{ip}/32").parse().unwrap()];
+        // A block holding every pod (here in another namespace) tells no pod apart: no re-keying.
+        let wide = "---\nkind: NetworkPolicy\nmetadata: {name: out, namespace: other}\nspec: {podSelector: {}, policyTypes: [Egress], egress: [{to: [{ipBlock: {cidr: 0.0.0.0/0, except: [172.16.0.0/12]}}]}]}\n";
+        let (d2, e) = translate(&objs(&format!("{BASE}{wide}")), "n1", &node, &mut ids);
+        assert!(e.is_empty(), "{e:?}");
+        assert_eq!((id(&d2, "10.0.0.5"), id(&d2, "10.1.0.5")), (id(&d, "10.0.0.5"), id(&d, "10.1.0.5")));
+        // One that holds pg only: pg gets an identity of its own, still selected by its labels.
+        let narrow = "---\nkind: NetworkPolicy\nmetadata: {name: out, namespace: other}\nspec: {podSelector: {}, policyTypes: [Egress], egress: [{to: [{ipBlock: {cidr: 10.0.0.0/24}}]}]}\n";
+        let (d3, _) = translate(&objs(&format!("{BASE}{narrow}")), "n1", &node, &mut ids);
+        assert_ne!(id(&d3, "10.0.0.5"), id(&d, "10.0.0.5"));
+        assert_eq!(id(&d3, "10.1.0.5"), id(&d, "10.1.0.5"));
+        assert!(d3.identities[&id(&d3, "10.0.0.5")].ends_with("|in:10.0.0.0/24"), "{:?}", d3.identities);
+        let peers: BTreeSet<u32> = d3.rules.keys().filter(|(_, k)| k.dir == DIR_INGRESS).map(|(_, k)| u32::from_be(k.identity_be)).collect();
+        assert!(peers.contains(&id(&d3, "10.0.0.5")) && peers.contains(&id(&d3, "10.1.0.5")), "{peers:?}");
+    }
 
     #[test]
     fn namespace_labels_decide_and_a_change_touches_only_its_rules() {

@@ -17,7 +17,7 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 use dataplane_common::{
-    stat, Ct4Entry, DropReason, CT_F_EXTERNAL, CT_F_FORWARD, CT_F_REDIRECT, IPPROTO_TCP, IPPROTO_UDP, SCOPE_EXTERNAL,
+    stat, Ct4Entry, DropReason, CT_F_EXTERNAL, CT_F_FORWARD, CT_F_LOCAL_BACKEND, CT_F_REDIRECT, IPPROTO_TCP, IPPROTO_UDP, SCOPE_EXTERNAL,
     SVC_F_ADDR_ONLY,
 };
 
@@ -103,6 +103,11 @@ fn forward_inner(ctx: &XdpContext, p: &Ipv4Packet, e: &Ct4Entry) -> Result<u32, 
         stats::count(stat::XDP_FORWARD);
         stats::count_service(e.svc_id, p.tot_len);
         return Ok(PASS);
+    }
+    if e.flags & CT_F_LOCAL_BACKEND != 0 {
+        // Masqueraded to a pod of this node: it goes into the pod's veth, which only tc can
+        // redirect to. No FIB lookup needed to know that.
+        return Ok(UNTOUCHED);
     }
     let ingress = unsafe { (*ctx.ctx).ingress_ifindex };
     let mut params: bpf_fib_lookup = unsafe { core::mem::zeroed() };

@@ -473,9 +473,20 @@ impl Runner {
             errors.push(e.to_string());
             (Vec::new(), false)
         });
+        // In the file's order: the first is the node's primary address (`primary`, and the
+        // masquerade source).
+        let mut ips_in_order: Vec<Ipv4Addr> = Vec::new();
+        for ip in sc.node.ips.iter().filter_map(|s| match crate::addr::parse_ip(s) {
+            Ok(crate::addr::Family::V4(a)) => Some(a),
+            _ => None,
+        }) {
+            if !ips_in_order.contains(&ip) {
+                ips_in_order.push(ip);
+            }
+        }
         let node = model::NodeContext {
             name: sc.node.name.clone(),
-            ips: node_ips.iter().copied().collect(),
+            ips: ips_in_order,
             nodeport_addresses,
             nodeport_primary,
             zone: objs.zone_of(&sc.node.name),
