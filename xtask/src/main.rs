@@ -3,6 +3,8 @@
 //! The eBPF crate is built with a different compiler than the rest (see ../shared/toolchain.md):
 //! Debian's rustc with its prebuilt `core` for bpfel-unknown-none, or, where that is missing,
 //! rustup nightly with rust-src and `-Z build-std=core`.
+mod k8s;
+
 use std::{
     path::{Path, PathBuf},
     process::{Command, ExitCode},
@@ -122,6 +124,7 @@ fn setup() -> Result<()> {
         run(Command::new("mount").args(["-t", "bpf", "bpf", "/sys/fs/bpf"])).context("mounting bpffs on /sys/fs/bpf")?;
         println!("setup: mounted bpffs on /sys/fs/bpf");
     }
+    k8s::build(&root())?;
     Ok(())
 }
 
