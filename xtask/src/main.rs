@@ -3,6 +3,7 @@
 //! The eBPF crate is built with a different compiler than the rest (see ../shared/toolchain.md):
 //! Debian's rustc with its prebuilt `core` for bpfel-unknown-none, or, where that is missing,
 //! rustup nightly with rust-src and `-Z build-std=core`.
+mod cluster;
 mod k8s;
 
 use std::{
@@ -23,6 +24,9 @@ const APT_PACKAGES: &[&str] = &[
     "clang-22",
     "bpftool",
     "iproute2",
+    // The test control plane's certificates and readiness checks (cargo xtask cluster).
+    "openssl",
+    "curl",
     "iptables",
     "nftables",
     "iputils-ping",
@@ -42,9 +46,15 @@ fn main() -> ExitCode {
         Some("test") => test(&args[1..]),
         Some("lab") => lab(&args[1..]),
         Some("bench") => bench(&args[1..]),
+        Some("cluster") => match args.get(1).map(String::as_str) {
+            Some("up") => k8s::bin_dir(&root()).and_then(|bins| cluster::up(&root(), &bins)),
+            Some("down") => cluster::down(&root()),
+            _ => Err(anyhow::anyhow!("usage: cargo xtask cluster up|down")),
+        },
         _ => {
             eprintln!(
-                "usage: cargo xtask <command>\n\n  setup       install the toolchain (root; idempotent) and mount bpffs\n  build-ebpf  build the kernel programs (release, BTF)\n  test        set up, build, and run every test: unit, bpf-tests, end-to-end, scenario files\n  lab         build a two-node cluster in network namespaces and show Ferry balancing it\n  bench       ns per packet, sync times, and throughput through the namespace lab, each beside a baseline measured in the same run\n              (--no-throughput: without the lab; --throughput-only: the lab alone)"
+                "usage: cargo xtask <command>\n\n  setup       install the toolchain (root; idempotent) and mount bpffs\n  build-ebpf  build the kernel programs (release, BTF)\n  test        set up, build, and run every test: unit, bpf-tests, end-to-end, scenario files\n  lab         build a two-node cluster in network namespaces and show Ferry balancing it\n  cluster     up|down: a real control plane (etcd, kube-apiserver, kube-controller-manager) in its own network namespace
+  bench       ns per packet, sync times, and throughput through the namespace lab, each beside a baseline measured in the same run\n              (--no-throughput: without the lab; --throughput-only: the lab alone)"
             );
             return ExitCode::from(2);
         }
