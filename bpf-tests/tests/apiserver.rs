@@ -108,7 +108,7 @@ impl Agent {
             .arg(format!("--net=/run/netns/{}", cp.ns))
             .arg(lab::agent_bin())
             .args(["run", "--node", "cp1", "--node-ip", "10.250.0.1", "--cgroup", "none", "--external-interfaces", "nomatch*", "--pod-interfaces", "nomatch*"])
-            .args(["--healthz-bind-address", "", "--metrics-bind-address", "", "--service-cidr", "10.96.0.0/16", "--cluster-cidr", "10.201.0.0/16"])
+            .args(["--healthz-bind-address", "", "--metrics-bind-address", "127.0.0.1:10249", "--service-cidr", "10.96.0.0/16", "--cluster-cidr", "10.201.0.0/16"])
             .arg("--kubeconfig")
             .arg(kubeconfig)
             .arg("--pin-dir")
@@ -136,6 +136,12 @@ impl Agent {
             assert!(Instant::now() < deadline, "no sync with {what:?} within 30 s:\n{log}");
             std::thread::sleep(Duration::from_millis(100));
         }
+    }
+
+    /// The agent's /metrics, from inside its namespace.
+    fn metrics(&self) -> String {
+        let out = Command::new("nsenter").arg(format!("--net=/run/netns/{}", self.ns)).args(["curl", "-s", "--max-time", "5", "http://127.0.0.1:10249/metrics"]).output().unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
     fn has_frontend(&self, addr: &str, port: u16) -> bool {
@@ -180,11 +186,20 @@ fn the_agent_follows_services_and_slices_of_a_real_api_server() {
     let (code, body) = cp.api("POST", "/api/v1/namespaces/default/services", Some(svc));
     assert_eq!(code, 201, "{body}");
     assert!(body.contains("\"ipFamilies\"") && body.contains("\"internalTrafficPolicy\": \"Cluster\""), "server-side defaults: {body}");
-    let slice = r#"{"apiVersion":"discovery.k8s.io/v1","kind":"EndpointSlice","metadata":{"name":"web-1","namespace":"default","labels":{"kubernetes.io/service-name":"web","endpointslice.kubernetes.io/managed-by":"ferry-test"}},"addressType":"IPv4","ports":[{"name":"http","port":8080,"protocol":"TCP"}],"endpoints":[{"addresses":["10.201.1.11"],"conditions":{"ready":true}}]}"#;
-    let (code, body) = cp.api("POST", "/apis/discovery.k8s.io/v1/namespaces/default/endpointslices", Some(slice));
+    // With the change-trigger time the EndpointSlice controller writes: kube-proxy's network
+    // programming latency is measured from it.
+    let trigger = dataplane_agent::observe::rfc3339(std::time::SystemTime::now());
+    let slice = r#"{"apiVersion":"discovery.k8s.io/v1","kind":"EndpointSlice","metadata":{"name":"web-1","namespace":"default","annotations":{"endpoints.kubernetes.io/last-change-trigger-time":"TRIGGER"},"labels":{"kubernetes.io/service-name":"web","endpointslice.kubernetes.io/managed-by":"ferry-test"}},"addressType":"IPv4","ports":[{"name":"http","port":8080,"protocol":"TCP"}],"endpoints":[{"addresses":["10.201.1.11"],"conditions":{"ready":true}}]}"#.replace("TRIGGER", &trigger);
+    let (code, body) = cp.api("POST", "/apis/discovery.k8s.io/v1/namespaces/default/endpointslices", Some(&slice));
     assert_eq!(code, 201, "{body}");
     agent.wait_synced("services=2 slices=2");
     assert!(agent.has_frontend("10.96.5.10", 80), "{}", agent.log());
+    // kube-proxy's metric names, for its dashboards.
+    let m = agent.metrics();
+    assert!(m.contains("kubeproxy_network_programming_duration_seconds_count 1\n"), "{m}");
+    assert!(m.contains("kubeproxy_sync_proxy_rules_duration_seconds_count "), "{m}");
+    let last: f64 = m.lines().find_map(|l| l.strip_prefix("kubeproxy_sync_proxy_rules_last_timestamp_seconds ")).and_then(|v| v.parse().ok()).unwrap_or(0.0);
+    assert!(last > 1.0e9, "{m}");
 
     // Deleted: the frontend goes.
     let (code, body) = cp.api("DELETE", "/api/v1/namespaces/default/services/web", None);

@@ -692,6 +692,9 @@ pub fn sync_objects(
         error!(error = %e, "sync");
     }
     let took = started.elapsed();
+    if map_errors.is_empty() {
+        observed.programmed(objs.endpoint_slices.iter());
+    }
     observed.synced(
         took,
         map_errors.is_empty(),

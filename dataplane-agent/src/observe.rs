@@ -17,6 +17,10 @@ use crate::{bpf::BpfMaps, reconcile::SyncStats, sources::kube::WatchStats};
 
 /// Upper bounds of the sync duration histogram, in seconds.
 const BUCKETS: [f64; 12] = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0];
+/// Upper bounds of the network programming latency histogram (object changed -> maps), seconds.
+const NP_BUCKETS: [f64; 16] = [0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0];
+/// The EndpointSlice controller's annotation: when the change that produced the slice happened.
+pub const TRIGGER_TIME: &str = "endpoints.kubernetes.io/last-change-trigger-time";
 
 #[derive(Default)]
 struct State {
@@ -36,6 +40,12 @@ struct State {
     /// IPv6 halves of dual-stack objects the IPv4 datapath left aside at the last sync.
     ipv6_skipped: usize,
     ipv6_noted: bool,
+    /// Network programming latency (kube-proxy's): per bucket, sum, count.
+    np_hist: [u64; NP_BUCKETS.len()],
+    np_sum: f64,
+    np_count: u64,
+    /// The trigger time of each EndpointSlice (namespace/name) already counted.
+    np_seen: BTreeMap<String, String>,
     /// (policy, field) of every NetworkPolicy part left untranslated at the last sync.
     untranslated: Vec<(String, String)>,
     writes: u64,
@@ -144,6 +154,32 @@ impl Observed {
         first
     }
 
+    /// After a sync that put the maps in line: every EndpointSlice whose change-trigger time is new
+    /// adds (now - that time) to the network programming latency, as kube-proxy measures it.
+    pub fn programmed<'a>(&self, slices: impl Iterator<Item = &'a k8s_openapi::api::discovery::v1::EndpointSlice>) {
+        let now = SystemTime::now();
+        let mut s = self.state.lock().unwrap();
+        let mut seen = BTreeMap::new();
+        for sl in slices {
+            let key = format!("{}/{}", sl.metadata.namespace.as_deref().unwrap_or(""), sl.metadata.name.as_deref().unwrap_or(""));
+            let Some(t) = sl.metadata.annotations.as_ref().and_then(|a| a.get(TRIGGER_TIME)) else { continue };
+            if s.np_seen.get(&key) != Some(t) {
+                if let Some(at) = parse_rfc3339(t) {
+                    let secs = now.duration_since(at).unwrap_or_default().as_secs_f64();
+                    for (i, b) in NP_BUCKETS.iter().enumerate() {
+                        if secs <= *b {
+                            s.np_hist[i] += 1;
+                        }
+                    }
+                    s.np_sum += secs;
+                    s.np_count += 1;
+                }
+            }
+            seen.insert(key, t.clone());
+        }
+        s.np_seen = seen;
+    }
+
     /// A sync ended. `ok`: the maps now match the sources (map errors leave the change pending).
     pub fn synced(&self, took: Duration, ok: bool, st: &SyncStats, objects: [(&'static str, usize); 6], object_errors: usize, node_eligible: bool) {
         let mut s = self.state.lock().unwrap();
@@ -226,6 +262,24 @@ impl Observed {
             let _ = writeln!(out, "ferry_sync_duration_seconds_bucket{{le=\"+Inf\"}} {}", s.hist_count);
             let _ = writeln!(out, "ferry_sync_duration_seconds_sum {}", s.hist_sum);
             let _ = writeln!(out, "ferry_sync_duration_seconds_count {}", s.hist_count);
+            // kube-proxy's names, so that its dashboards keep working.
+            help(&mut out, "kubeproxy_sync_proxy_rules_duration_seconds", "histogram", "kube-proxy's name for ferry_sync_duration_seconds: time to bring the datapath in line with the sources.");
+            for (i, b) in BUCKETS.iter().enumerate() {
+                let _ = writeln!(out, "kubeproxy_sync_proxy_rules_duration_seconds_bucket{{le=\"{b}\"}} {}", s.hist[i]);
+            }
+            let _ = writeln!(out, "kubeproxy_sync_proxy_rules_duration_seconds_bucket{{le=\"+Inf\"}} {}", s.hist_count);
+            let _ = writeln!(out, "kubeproxy_sync_proxy_rules_duration_seconds_sum {}", s.hist_sum);
+            let _ = writeln!(out, "kubeproxy_sync_proxy_rules_duration_seconds_count {}", s.hist_count);
+            help(&mut out, "kubeproxy_sync_proxy_rules_last_timestamp_seconds", "gauge", "When the datapath last matched the sources (unix seconds; kube-proxy's name).");
+            let last = s.last_updated.and_then(|t| t.duration_since(SystemTime::UNIX_EPOCH).ok()).map(|d| d.as_secs_f64()).unwrap_or(0.0);
+            let _ = writeln!(out, "kubeproxy_sync_proxy_rules_last_timestamp_seconds {last}");
+            help(&mut out, "kubeproxy_network_programming_duration_seconds", "histogram", "From an EndpointSlice change (its endpoints.kubernetes.io/last-change-trigger-time) to the datapath matching it (kube-proxy's name and measure).");
+            for (i, b) in NP_BUCKETS.iter().enumerate() {
+                let _ = writeln!(out, "kubeproxy_network_programming_duration_seconds_bucket{{le=\"{b}\"}} {}", s.np_hist[i]);
+            }
+            let _ = writeln!(out, "kubeproxy_network_programming_duration_seconds_bucket{{le=\"+Inf\"}} {}", s.np_count);
+            let _ = writeln!(out, "kubeproxy_network_programming_duration_seconds_sum {}", s.np_sum);
+            let _ = writeln!(out, "kubeproxy_network_programming_duration_seconds_count {}", s.np_count);
             help(&mut out, "ferry_datapath_attached", "gauge", "1 when every link the agent wants carries its program (what /livez reports).");
             let _ = writeln!(out, "ferry_datapath_attached {}", s.attached as u8);
             help(&mut out, "ferry_datapath_links", "gauge", "bpf links carrying the agent's programs (pinned under <pin-dir>/links).");
@@ -411,6 +465,42 @@ pub async fn spawn_server(addr: SocketAddr, observed: Arc<Observed>, with_health
 }
 
 /// RFC 3339 in UTC with nanoseconds, as Go's time.Time marshals to JSON.
+/// Parses what the API server writes for a time (`2026-12-02T14:00:00Z`, optionally with a
+/// fraction or an offset); None for anything else.
+pub fn parse_rfc3339(s: &str) -> Option<SystemTime> {
+    let b = s.as_bytes();
+    if b.len() < 20 || b[4] != b'-' || b[7] != b'-' || !matches!(b[10], b'T' | b't') || b[13] != b':' || b[16] != b':' {
+        return None;
+    }
+    let n = |r: std::ops::Range<usize>| s.get(r)?.parse::<i64>().ok();
+    let (y, mo, d, h, mi, se) = (n(0..4)?, n(5..7)?, n(8..10)?, n(11..13)?, n(14..16)?, n(17..19)?);
+    let mut rest = &s[19..];
+    let mut nanos = 0u32;
+    if let Some(f) = rest.strip_prefix('.') {
+        let digits = f.bytes().take_while(u8::is_ascii_digit).count();
+        let frac = &f[..digits];
+        nanos = format!("{:0<9}", &frac[..frac.len().min(9)]).parse().ok()?;
+        rest = &f[digits..];
+    }
+    let offset = match rest {
+        "Z" | "z" => 0,
+        o if o.len() == 6 && (o.starts_with('+') || o.starts_with('-')) => {
+            let m = o[1..3].parse::<i64>().ok()? * 3600 + o[4..6].parse::<i64>().ok()? * 60;
+            if o.starts_with('-') { -m } else { m }
+        }
+        _ => return None,
+    };
+    // Howard Hinnant's days_from_civil.
+    let y = if mo <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let doy = (153 * (if mo > 2 { mo - 3 } else { mo + 9 }) + 2) / 5 + d - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    let secs = days * 86_400 + h * 3600 + mi * 60 + se - offset;
+    Some(SystemTime::UNIX_EPOCH + std::time::Duration::new(u64::try_from(secs).ok()?, nanos))
+}
+
 pub fn rfc3339(t: SystemTime) -> String {
     let d = t.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();
     let secs = d.as_secs() as i64;
@@ -431,6 +521,37 @@ pub fn rfc3339(t: SystemTime) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn rfc3339_parses_what_it_prints_and_what_the_api_server_writes() {
+        let t = SystemTime::UNIX_EPOCH + std::time::Duration::new(1_796_000_123, 456_000_000);
+        assert_eq!(parse_rfc3339(&rfc3339(t)), Some(t));
+        assert_eq!(parse_rfc3339("1970-01-01T00:00:10Z"), Some(SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(10)));
+        assert_eq!(parse_rfc3339("1970-01-01T01:00:10+01:00"), Some(SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(10)));
+        assert_eq!(parse_rfc3339("2000-02-29T00:00:00Z"), Some(SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(951_782_400)));
+        for bad in ["", "2026-12-02", "2026-12-02 14:00:00Z", "2026-12-02T14:00:00", "x026-12-02T14:00:00Z"] {
+            assert_eq!(parse_rfc3339(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn network_programming_counts_each_slice_change_once() {
+        let o = Observed::new(PathBuf::from("/nonexistent"), Duration::from_millis(50), None);
+        let slice = |name: &str, t: &str| {
+            let mut s = k8s_openapi::api::discovery::v1::EndpointSlice::default();
+            s.metadata.name = Some(name.into());
+            s.metadata.annotations = Some([(TRIGGER_TIME.to_string(), t.to_string())].into());
+            s
+        };
+        let now = rfc3339(SystemTime::now() - std::time::Duration::from_millis(200));
+        let a = [slice("a", &now), slice("b", "not a time")];
+        o.programmed(a.iter());
+        o.programmed(a.iter());
+        let m = o.metrics();
+        assert!(m.contains("kubeproxy_network_programming_duration_seconds_count 1\n"), "{m}");
+        assert!(m.contains("kubeproxy_network_programming_duration_seconds_bucket{le=\"0.1\"} 0\n") && m.contains("kubeproxy_network_programming_duration_seconds_bucket{le=\"0.25\"} 1\n"), "{m}");
+        assert!(m.contains("kubeproxy_sync_proxy_rules_last_timestamp_seconds 0\n"), "{m}");
+    }
 
     #[test]
     fn rfc3339_matches_known_instants() {
