@@ -255,31 +255,18 @@ impl Observed {
         let mut out = String::new();
         {
             let s = self.state.lock().unwrap();
-            help(&mut out, "ferry_sync_duration_seconds", "histogram", "Time from reading the sources to the maps matching them.");
-            for (i, b) in BUCKETS.iter().enumerate() {
-                let _ = writeln!(out, "ferry_sync_duration_seconds_bucket{{le=\"{b}\"}} {}", s.hist[i]);
-            }
-            let _ = writeln!(out, "ferry_sync_duration_seconds_bucket{{le=\"+Inf\"}} {}", s.hist_count);
-            let _ = writeln!(out, "ferry_sync_duration_seconds_sum {}", s.hist_sum);
-            let _ = writeln!(out, "ferry_sync_duration_seconds_count {}", s.hist_count);
+            let sync = Histogram { buckets: &BUCKETS, counts: &s.hist, sum: s.hist_sum, count: s.hist_count };
+            sync.write(&mut out, "ferry_sync_duration_seconds", "Time from reading the sources to the maps matching them.");
             // kube-proxy's names, so that its dashboards keep working.
-            help(&mut out, "kubeproxy_sync_proxy_rules_duration_seconds", "histogram", "kube-proxy's name for ferry_sync_duration_seconds: time to bring the datapath in line with the sources.");
-            for (i, b) in BUCKETS.iter().enumerate() {
-                let _ = writeln!(out, "kubeproxy_sync_proxy_rules_duration_seconds_bucket{{le=\"{b}\"}} {}", s.hist[i]);
-            }
-            let _ = writeln!(out, "kubeproxy_sync_proxy_rules_duration_seconds_bucket{{le=\"+Inf\"}} {}", s.hist_count);
-            let _ = writeln!(out, "kubeproxy_sync_proxy_rules_duration_seconds_sum {}", s.hist_sum);
-            let _ = writeln!(out, "kubeproxy_sync_proxy_rules_duration_seconds_count {}", s.hist_count);
+            sync.write(&mut out, "kubeproxy_sync_proxy_rules_duration_seconds", "kube-proxy's name for ferry_sync_duration_seconds: time to bring the datapath in line with the sources.");
             help(&mut out, "kubeproxy_sync_proxy_rules_last_timestamp_seconds", "gauge", "When the datapath last matched the sources (unix seconds; kube-proxy's name).");
             let last = s.last_updated.and_then(|t| t.duration_since(SystemTime::UNIX_EPOCH).ok()).map(|d| d.as_secs_f64()).unwrap_or(0.0);
             let _ = writeln!(out, "kubeproxy_sync_proxy_rules_last_timestamp_seconds {last}");
-            help(&mut out, "kubeproxy_network_programming_duration_seconds", "histogram", "From an EndpointSlice change (its endpoints.kubernetes.io/last-change-trigger-time) to the datapath matching it (kube-proxy's name and measure).");
-            for (i, b) in NP_BUCKETS.iter().enumerate() {
-                let _ = writeln!(out, "kubeproxy_network_programming_duration_seconds_bucket{{le=\"{b}\"}} {}", s.np_hist[i]);
-            }
-            let _ = writeln!(out, "kubeproxy_network_programming_duration_seconds_bucket{{le=\"+Inf\"}} {}", s.np_count);
-            let _ = writeln!(out, "kubeproxy_network_programming_duration_seconds_sum {}", s.np_sum);
-            let _ = writeln!(out, "kubeproxy_network_programming_duration_seconds_count {}", s.np_count);
+            Histogram { buckets: &NP_BUCKETS, counts: &s.np_hist, sum: s.np_sum, count: s.np_count }.write(
+                &mut out,
+                "kubeproxy_network_programming_duration_seconds",
+                "From an EndpointSlice change (its endpoints.kubernetes.io/last-change-trigger-time) to the datapath matching it (kube-proxy's name and measure).",
+            );
             help(&mut out, "ferry_datapath_attached", "gauge", "1 when every link the agent wants carries its program (what /livez reports).");
             let _ = writeln!(out, "ferry_datapath_attached {}", s.attached as u8);
             help(&mut out, "ferry_datapath_links", "gauge", "bpf links carrying the agent's programs (pinned under <pin-dir>/links).");
@@ -324,6 +311,26 @@ impl Observed {
             }
         }
         out
+    }
+}
+
+/// A cumulative histogram as the exposition format writes it.
+struct Histogram<'a> {
+    buckets: &'a [f64],
+    counts: &'a [u64],
+    sum: f64,
+    count: u64,
+}
+
+impl Histogram<'_> {
+    fn write(&self, out: &mut String, name: &str, text: &str) {
+        help(out, name, "histogram", text);
+        for (b, n) in self.buckets.iter().zip(self.counts) {
+            let _ = writeln!(out, "{name}_bucket{{le=\"{b}\"}} {n}");
+        }
+        let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {}", self.count);
+        let _ = writeln!(out, "{name}_sum {}", self.sum);
+        let _ = writeln!(out, "{name}_count {}", self.count);
     }
 }
 
