@@ -1,0 +1,164 @@
+//! A real control plane for tests: etcd, kube-apiserver (TLS, RBAC, a service-account issuer)
+//! and kube-controller-manager from `cargo xtask setup`'s pinned upstream builds, started by
+//! `cargo xtask cluster up` in a network namespace of the caller's own, and the agent run
+//! against it as the DaemonSet's ServiceAccount.
+use std::{
+    net::Ipv4Addr,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use crate::lab::TempDir;
+use dataplane_agent::model::{Frontend, L4Addr, Proto};
+
+/// The repository's root.
+pub fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// A control plane of this test's own, taken down (processes, namespace, state) on drop.
+pub struct ControlPlane {
+    pub dir: TempDir,
+    pub ns: String,
+}
+
+impl ControlPlane {
+    pub fn up() -> ControlPlane {
+        let dir = TempDir::new(&format!("cp-{}", crate::lab::run_id()));
+        let out = Command::new(root().join("target/debug/xtask")).args(["cluster", "up"]).env("FERRY_CLUSTER_DIR", &dir.path).output().expect("xtask cluster up");
+        let cp = ControlPlane { ns: std::fs::read_to_string(dir.path.join("netns")).unwrap_or_default().trim().to_string(), dir };
+        assert!(out.status.success(), "cargo xtask cluster up: {}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        cp
+    }
+
+    /// An API request as the admin (system:masters): (HTTP status, body).
+    pub fn api(&self, method: &str, path: &str, body: Option<&str>) -> (u16, String) {
+        self.api_as(method, path, body, "application/json")
+    }
+
+    /// Creates every object of a manifest file of `deploy/` (YAML, as the API server takes it).
+    pub fn apply_deploy(&self, file: &str) {
+        let text = std::fs::read_to_string(root().join("deploy").join(file)).unwrap();
+        for doc in text.split("\n---").filter(|d| d.contains("kind:")) {
+            let v: serde_yaml::Value = serde_yaml::from_str(doc).unwrap();
+            let kind = v["kind"].as_str().unwrap();
+            let path = match kind {
+                "ServiceAccount" => format!("/api/v1/namespaces/{}/serviceaccounts", v["metadata"]["namespace"].as_str().unwrap()),
+                "ClusterRole" => "/apis/rbac.authorization.k8s.io/v1/clusterroles".into(),
+                "ClusterRoleBinding" => "/apis/rbac.authorization.k8s.io/v1/clusterrolebindings".into(),
+                other => panic!("{file}: {other} not expected"),
+            };
+            let (code, body) = self.api_as("POST", &path, Some(doc), "application/yaml");
+            assert_eq!(code, 201, "{file} {kind}: {body}");
+        }
+    }
+
+    /// A kubeconfig for the DaemonSet's ServiceAccount (kube-system/ferry), with a token from the
+    /// TokenRequest API, as the kubelet mounts one.
+    pub fn service_account_kubeconfig(&self) -> PathBuf {
+        let req = r#"{"apiVersion":"authentication.k8s.io/v1","kind":"TokenRequest","spec":{"expirationSeconds":3600}}"#;
+        let (code, body) = self.api("POST", "/api/v1/namespaces/kube-system/serviceaccounts/ferry/token", Some(req));
+        assert_eq!(code, 201, "{body}");
+        let v: serde_yaml::Value = serde_yaml::from_str(&body).unwrap();
+        let token = v["status"]["token"].as_str().unwrap();
+        let path = self.dir.path.join("ferry.kubeconfig");
+        let ca = self.dir.path.join("pki/ca.crt");
+        std::fs::write(
+            &path,
+            format!("apiVersion: v1\nkind: Config\nclusters:\n- name: c\n  cluster: {{server: \"https://127.0.0.1:6443\", certificate-authority: \"{}\"}}\nusers:\n- name: ferry\n  user: {{token: \"{token}\"}}\ncontexts:\n- name: c\n  context: {{cluster: c, user: ferry}}\ncurrent-context: c\n", ca.display()),
+        )
+        .unwrap();
+        path
+    }
+
+    pub fn api_as(&self, method: &str, path: &str, body: Option<&str>, content_type: &str) -> (u16, String) {
+        let pki = self.dir.path.join("pki");
+        let mut cmd = Command::new("nsenter");
+        cmd.arg(format!("--net=/run/netns/{}", self.ns)).args(["curl", "-s", "--max-time", "10", "-w", "\n%{http_code}", "-X", method, "--cacert"]);
+        cmd.arg(pki.join("ca.crt")).arg("--cert").arg(pki.join("admin.crt")).arg("--key").arg(pki.join("admin.key"));
+        if let Some(b) = body {
+            cmd.args(["-H", &format!("Content-Type: {content_type}"), "--data-binary", b]);
+        }
+        let out = cmd.arg(format!("https://127.0.0.1:6443{path}")).output().expect("curl");
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let (body, code) = text.rsplit_once('\n').unwrap_or(("", "0"));
+        (code.trim().parse().unwrap_or(0), body.to_string())
+    }
+}
+
+impl Drop for ControlPlane {
+    fn drop(&mut self) {
+        let _ = Command::new(root().join("target/debug/xtask")).args(["cluster", "down"]).env("FERRY_CLUSTER_DIR", &self.dir.path).output();
+    }
+}
+
+/// The agent in the control plane's namespace, with a pin dir of its own; stopped and cleaned
+/// up (`run --cleanup`) on drop.
+pub struct Agent {
+    pub child: Child,
+    pub ns: String,
+    pub pin: PathBuf,
+    pub log: PathBuf,
+}
+
+impl Agent {
+    pub fn start(cp: &ControlPlane, kubeconfig: &Path) -> Agent {
+        let pin = PathBuf::from(format!("/sys/fs/bpf/ferry-api-{}", crate::lab::run_id()));
+        let log = cp.dir.path.join("agent.log");
+        let child = Command::new("nsenter")
+            .arg(format!("--net=/run/netns/{}", cp.ns))
+            .arg(crate::lab::agent_bin())
+            .args(["run", "--node", "cp1", "--node-ip", "10.250.0.1", "--cgroup", "none", "--external-interfaces", "nomatch*", "--pod-interfaces", "nomatch*"])
+            .args(["--healthz-bind-address", "", "--metrics-bind-address", "127.0.0.1:10249", "--service-cidr", "10.96.0.0/16", "--cluster-cidr", "10.201.0.0/16"])
+            .arg("--kubeconfig")
+            .arg(kubeconfig)
+            .arg("--pin-dir")
+            .arg(&pin)
+            .stdout(std::fs::File::create(&log).unwrap())
+            .stderr(std::fs::File::options().append(true).open(&log).unwrap())
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("start the agent");
+        Agent { child, ns: cp.ns.clone(), pin, log }
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Waits (at most 30 s) for a sync line of the agent's log holding `what`.
+    pub fn wait_synced(&self, what: &str) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let log = self.log();
+            if log.lines().filter(|l| l.contains("synced")).last().is_some_and(|l| l.contains(what)) {
+                return;
+            }
+            assert!(Instant::now() < deadline, "no sync with {what:?} within 30 s:\n{log}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// The agent's /metrics, from inside its namespace.
+    pub fn metrics(&self) -> String {
+        let out = Command::new("nsenter").arg(format!("--net=/run/netns/{}", self.ns)).args(["curl", "-s", "--max-time", "5", "http://127.0.0.1:10249/metrics"]).output().unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    pub fn has_frontend(&self, addr: &str, port: u16) -> bool {
+        let maps = dataplane_agent::bpf::BpfMaps::from_pins(&self.pin).expect("pinned maps");
+        let fe = Frontend::internal(L4Addr { addr: addr.parse::<Ipv4Addr>().unwrap(), port, proto: Proto::Tcp });
+        maps.services.get(&dataplane_agent::reconcile::lb4_key(&fe), 0).is_ok()
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = Command::new("nsenter").arg(format!("--net=/run/netns/{}", self.ns)).arg(crate::lab::agent_bin()).args(["run", "--cleanup", "--cgroup", "none", "--pin-dir"]).arg(&self.pin).output();
+        let _ = std::fs::remove_dir_all(&self.pin);
+    }
+}
+
