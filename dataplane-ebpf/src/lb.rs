@@ -10,12 +10,12 @@ use dataplane_common::{
     stat, AffinityKey, AffinityValue, Ct4Entry, Ct4Key, DropReason, Frag4Key, Frag4Ports, Lb4Backend, Lb4Key, Lb4Service, Lb4SlotKey,
     SrcRangeData, BE_F_HOST, BE_F_LOCAL, CHASH_TABLE_SIZE, CT_F_CLASH, CT_F_EXTERNAL, CT_F_FORWARD, CT_F_HAIRPIN, CT_F_LOCAL_BACKEND, CT_F_REDIRECT, CT_F_REPLY,
     CT_F_SNAT, IPPROTO_ICMP, IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP, SCOPE_EXTERNAL, SCOPE_INTERNAL, SVC_F_ADDR_ONLY, SVC_F_DROP_EMPTY,
-    SVC_F_EXTERNAL_IP, SVC_F_MASQ, SVC_F_RANDOM, SVC_F_SOURCE_RANGES, CFG_F_LOCAL_IFACE,
+    SVC_F_EXTERNAL_IP, SVC_F_MASQ, SVC_F_RANDOM, SVC_F_SOURCE_RANGES, CFG_F_LOCAL_IFACE, LOCAL_HOST,
 };
 
 use crate::{
     conntrack,
-    maps::{cfg4_v4, frag4_v1, path_scratch, lb4_aff_v1, lb4_be_v1, lb4_chash_v2, lb4_slot_v1, lb4_src_v1, lb4_svc_v2, svc_cidr4_v1},
+    maps::{cfg4_v4, frag4_v1, local4_v1, path_scratch, lb4_aff_v1, lb4_be_v1, lb4_chash_v2, lb4_slot_v1, lb4_src_v1, lb4_svc_v2, svc_cidr4_v1},
     nat,
     parse::{Ipv4Packet, TCP_ACK, TCP_SYN},
     stats,
@@ -669,6 +669,12 @@ pub fn lb4_new_connection(p: &mut Ipv4Packet, svc: &mut Lb4Service, hook: u32, m
     }
     if from_world {
         flags |= CT_F_EXTERNAL;
+    } else if !snat && unsafe { local4_v1.get(&p.daddr_be) }.is_some_and(|l| l.kind == LOCAL_HOST) {
+        // A pod reaching a frontend that is an address of this node (a NodePort, an external
+        // IP on the node) without masquerade: the replies leave with that address as their
+        // source (and a hairpin's requests too), which the stack would drop as martian on the
+        // pod's veth. Both directions go straight to their next hop instead.
+        flags |= CT_F_REDIRECT;
     }
     if be.flags & BE_F_LOCAL != 0 && be.flags & BE_F_HOST == 0 {
         flags |= CT_F_LOCAL_BACKEND;
