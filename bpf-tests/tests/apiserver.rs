@@ -44,9 +44,10 @@ fn the_agent_follows_services_and_slices_of_a_real_api_server() {
     assert!(agent.has_frontend("10.96.5.10", 80), "{}", agent.log());
     // kube-proxy's metric names, for its dashboards.
     let m = agent.metrics();
-    assert!(m.contains("kubeproxy_network_programming_duration_seconds_count 1\n"), "{m}");
-    assert!(m.contains("kubeproxy_sync_proxy_rules_duration_seconds_count "), "{m}");
-    let last: f64 = m.lines().find_map(|l| l.strip_prefix("kubeproxy_sync_proxy_rules_last_timestamp_seconds ")).and_then(|v| v.parse().ok()).unwrap_or(0.0);
+    // With kube-proxy's label (v1.37.2's pkg/proxy/metrics: ip_family on each).
+    assert!(m.contains("kubeproxy_network_programming_duration_seconds_count{ip_family=\"IPv4\"} 1\n"), "{m}");
+    assert!(m.contains("kubeproxy_sync_proxy_rules_duration_seconds_count{ip_family=\"IPv4\"} "), "{m}");
+    let last: f64 = m.lines().find_map(|l| l.strip_prefix("kubeproxy_sync_proxy_rules_last_timestamp_seconds{ip_family=\"IPv4\"} ")).and_then(|v| v.parse().ok()).unwrap_or(0.0);
     assert!(last > 1.0e9, "{m}");
 
     // Deleted: the frontend goes.

@@ -256,15 +256,17 @@ impl Observed {
         {
             let s = self.state.lock().unwrap();
             let sync = Histogram { buckets: &BUCKETS, counts: &s.hist, sum: s.hist_sum, count: s.hist_count };
-            sync.write(&mut out, "ferry_sync_duration_seconds", "Time from reading the sources to the maps matching them.");
-            // kube-proxy's names, so that its dashboards keep working.
-            sync.write(&mut out, "kubeproxy_sync_proxy_rules_duration_seconds", "kube-proxy's name for ferry_sync_duration_seconds: time to bring the datapath in line with the sources.");
+            sync.write(&mut out, "ferry_sync_duration_seconds", "", "Time from reading the sources to the maps matching them.");
+            // kube-proxy's names and labels (the datapath's family), so that its dashboards keep
+            // working.
+            sync.write(&mut out, "kubeproxy_sync_proxy_rules_duration_seconds", KP_FAMILY, "kube-proxy's name for ferry_sync_duration_seconds: time to bring the datapath in line with the sources.");
             help(&mut out, "kubeproxy_sync_proxy_rules_last_timestamp_seconds", "gauge", "When the datapath last matched the sources (unix seconds; kube-proxy's name).");
             let last = s.last_updated.and_then(|t| t.duration_since(SystemTime::UNIX_EPOCH).ok()).map(|d| d.as_secs_f64()).unwrap_or(0.0);
-            let _ = writeln!(out, "kubeproxy_sync_proxy_rules_last_timestamp_seconds {last}");
+            let _ = writeln!(out, "kubeproxy_sync_proxy_rules_last_timestamp_seconds{{ip_family=\"IPv4\"}} {last}");
             Histogram { buckets: &NP_BUCKETS, counts: &s.np_hist, sum: s.np_sum, count: s.np_count }.write(
                 &mut out,
                 "kubeproxy_network_programming_duration_seconds",
+                KP_FAMILY,
                 "From an EndpointSlice change (its endpoints.kubernetes.io/last-change-trigger-time) to the datapath matching it (kube-proxy's name and measure).",
             );
             help(&mut out, "ferry_datapath_attached", "gauge", "1 when every link the agent wants carries its program (what /livez reports).");
@@ -323,16 +325,21 @@ struct Histogram<'a> {
 }
 
 impl Histogram<'_> {
-    fn write(&self, out: &mut String, name: &str, text: &str) {
+    /// `labels`: `""`, or label pairs each followed by a comma (`ip_family="IPv4",`).
+    fn write(&self, out: &mut String, name: &str, labels: &str, text: &str) {
         help(out, name, "histogram", text);
         for (b, n) in self.buckets.iter().zip(self.counts) {
-            let _ = writeln!(out, "{name}_bucket{{le=\"{b}\"}} {n}");
+            let _ = writeln!(out, "{name}_bucket{{{labels}le=\"{b}\"}} {n}");
         }
-        let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {}", self.count);
-        let _ = writeln!(out, "{name}_sum {}", self.sum);
-        let _ = writeln!(out, "{name}_count {}", self.count);
+        let _ = writeln!(out, "{name}_bucket{{{labels}le=\"+Inf\"}} {}", self.count);
+        let labels = if labels.is_empty() { String::new() } else { format!("{{{}}}", labels.trim_end_matches(',')) };
+        let _ = writeln!(out, "{name}_sum{labels} {}", self.sum);
+        let _ = writeln!(out, "{name}_count{labels} {}", self.count);
     }
 }
+
+/// kube-proxy labels its sync and programming metrics with the IP family they are about.
+const KP_FAMILY: &str = "ip_family=\"IPv4\",";
 
 fn help(out: &mut String, name: &str, kind: &str, text: &str) {
     let _ = writeln!(out, "# HELP {name} {text}\n# TYPE {name} {kind}");
@@ -555,9 +562,10 @@ mod tests {
         o.programmed(a.iter());
         o.programmed(a.iter());
         let m = o.metrics();
-        assert!(m.contains("kubeproxy_network_programming_duration_seconds_count 1\n"), "{m}");
-        assert!(m.contains("kubeproxy_network_programming_duration_seconds_bucket{le=\"0.1\"} 0\n") && m.contains("kubeproxy_network_programming_duration_seconds_bucket{le=\"0.25\"} 1\n"), "{m}");
-        assert!(m.contains("kubeproxy_sync_proxy_rules_last_timestamp_seconds 0\n"), "{m}");
+        assert!(m.contains("kubeproxy_network_programming_duration_seconds_count{ip_family=\"IPv4\"} 1\n"), "{m}");
+        assert!(m.contains("kubeproxy_network_programming_duration_seconds_bucket{ip_family=\"IPv4\",le=\"0.1\"} 0\n"), "{m}");
+        assert!(m.contains("kubeproxy_network_programming_duration_seconds_bucket{ip_family=\"IPv4\",le=\"0.25\"} 1\n"), "{m}");
+        assert!(m.contains("kubeproxy_sync_proxy_rules_last_timestamp_seconds{ip_family=\"IPv4\"} 0\n"), "{m}");
     }
 
     #[test]
