@@ -1,5 +1,6 @@
 //! Shared fixtures for tests that load Ferry's real programs.
 pub mod cluster;
+pub mod conformance;
 pub mod fakeapi;
 pub mod fixture;
 pub mod lab;

@@ -155,8 +155,12 @@ fn start(root: &Path, bins: &Path) -> Result<()> {
         "--initial-cluster=default=http://127.0.0.1:2380".into(),
         "--log-level=warn".into(),
     ])?;
+    // NodePorts from kube-proxy's own test cases (3001, ...) lie below the default range:
+    // `cargo xtask conformance` widens it for its control plane.
+    let node_ports = std::env::var("FERRY_NODE_PORT_RANGE").unwrap_or_else(|_| "30000-32767".into());
     let apiserver = spawn(&ns, &dir.join("kube-apiserver.log"), &[
         b("kube-apiserver"),
+        format!("--service-node-port-range={node_ports}"),
         "--etcd-servers=http://127.0.0.1:2379".into(),
         "--bind-address=0.0.0.0".into(),
         format!("--advertise-address={CP_ADDR}"),

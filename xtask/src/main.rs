@@ -1,4 +1,4 @@
-//! Orchestration: `cargo xtask setup | build-ebpf | test | lab | bench`.
+//! Orchestration: `cargo xtask setup | build-ebpf | test | lab | bench | cluster | conformance`.
 //!
 //! The eBPF crate is built with a different compiler than the rest (see ../shared/toolchain.md):
 //! Debian's rustc with its prebuilt `core` for bpfel-unknown-none, or, where that is missing,
@@ -46,6 +46,7 @@ fn main() -> ExitCode {
         Some("test") => test(&args[1..]),
         Some("lab") => lab(&args[1..]),
         Some("bench") => bench(&args[1..]),
+        Some("conformance") => conformance(&args[1..]),
         Some("cluster") => match args.get(1).map(String::as_str) {
             Some("up") => k8s::bin_dir(&root()).and_then(|bins| cluster::up(&root(), &bins)),
             Some("down") => cluster::down(&root()),
@@ -54,6 +55,8 @@ fn main() -> ExitCode {
         _ => {
             eprintln!(
                 "usage: cargo xtask <command>\n\n  setup       install the toolchain (root; idempotent) and mount bpffs\n  build-ebpf  build the kernel programs (release, BTF)\n  test        set up, build, and run every test: unit, bpf-tests, end-to-end, scenario files\n  lab         build a two-node cluster in network namespaces and show Ferry balancing it\n  cluster     up|down: a real control plane (etcd, kube-apiserver, kube-controller-manager) in its own network namespace
+  conformance [--scenarios DIR|FILE]... [--verbose]: every flow of the scenario files sent for real through the real kube-proxy
+              (nftables mode) and through Ferry, fed by a real API server; one line per flow that differs, `N agree, M differ` last
   bench       ns per packet, sync times, and throughput through the namespace lab, each beside a baseline measured in the same run\n              (--no-throughput: without the lab; --throughput-only: the lab alone)"
             );
             return ExitCode::from(2);
@@ -206,7 +209,8 @@ fn run_counted(cmd: &mut Command) -> (bool, usize, usize) {
         println!("{line}");
         let l = line.trim_start_matches("test result: ok. ").trim_start_matches("test result: FAILED. ");
         let mut words = l.split(|c: char| c == ' ' || c == ';' || c == ',').filter(|w| !w.is_empty());
-        if let (Some(p), Some("passed"), Some(f), Some("failed")) = (words.next(), words.next(), words.next(), words.next()) {
+        // `N passed, M failed`, and the conformance run's `N agree, M differ`.
+        if let (Some(p), Some("passed" | "agree"), Some(f), Some("failed" | "differ")) = (words.next(), words.next(), words.next(), words.next()) {
             if let (Ok(p), Ok(f)) = (p.parse::<usize>(), f.parse::<usize>()) {
                 passed += p;
                 failed += f;
@@ -239,6 +243,8 @@ fn test(args: &[String]) -> Result<()> {
         "scenario files, --nodeport-acceleration xdp",
         Command::new(root().join("target/debug/dataplane-agent")).args(["trace", "--nodeport-acceleration", "xdp", "--scenario"]).args(&scenarios),
     );
+    // Every flow again, for real, through the real kube-proxy and through Ferry.
+    step("conformance: Ferry against the real kube-proxy (nftables), flow by flow", &mut conformance_cmd(&[])?);
     println!();
     let failed: Vec<&str> = suites.iter().filter(|s| !s.ok).map(|s| s.name).collect();
     for s in &suites {
@@ -253,6 +259,38 @@ fn test(args: &[String]) -> Result<()> {
         bail!("failed: {}", failed.join(", "));
     }
     Ok(())
+}
+
+/// `target/debug/conformance` with the pinned kube-proxy, on `--scenarios` (default: every
+/// scenario file of the repository).
+fn conformance_cmd(args: &[String]) -> Result<Command> {
+    let kube_proxy = k8s::bin_dir(&root())?.join("kube-proxy");
+    let mut cmd = Command::new(root().join("target/debug/conformance"));
+    cmd.arg("--kube-proxy").arg(kube_proxy);
+    let mut given = false;
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        match a.as_str() {
+            "--scenarios" => {
+                let p = it.next().context("--scenarios takes a directory or a file")?;
+                cmd.arg(p);
+                given = true;
+            }
+            other => {
+                cmd.arg(other);
+            }
+        }
+    }
+    if !given {
+        cmd.arg(root().join("bpf-tests/scenarios"));
+    }
+    Ok(cmd)
+}
+
+fn conformance(args: &[String]) -> Result<()> {
+    setup()?;
+    build_all()?;
+    run(&mut conformance_cmd(args)?)
 }
 
 fn lab(args: &[String]) -> Result<()> {

@@ -1,0 +1,1048 @@
+//! `cargo xtask conformance`: Ferry checked flow by flow against the real kube-proxy.
+//!
+//! For each scenario file, its Services, EndpointSlices and Nodes are written to a real API
+//! server (`cargo xtask cluster`). Two copies of the scenario's node are built from network
+//! namespaces, the same on both sides: the real kube-proxy (nftables mode) runs on one, Ferry on
+//! the other, each with the file's configuration (a KubeProxyConfiguration for kube-proxy, the
+//! same settings as flags for Ferry) and each reading the API server. Then every flow is sent for
+//! real (kernel TCP and UDP sockets) from where its source lives, on both nodes at once, as many
+//! connections as it takes to see every backend. Servers on every backend, pod and outside
+//! address answer with the address they were reached on and the source they saw, so each
+//! connection says where it went and whether it was masqueraded; a refusal and a drop are told
+//! apart by the client's error (connection refused, or nothing).
+//!
+//! The topology of one node (`N`): `eth0` holds the node's addresses and leads to `W` (the
+//! world: clients outside, other nodes' pods, other nodes' hostNetwork endpoints, each an
+//! address on W's loopback); each of this node's pods is a namespace of its own behind a veth,
+//! routed as a routed CNI does (a /32 route per pod, proxy ARP for its gateway); `cp0` reaches
+//! the API server's namespace. Nothing is added to the root namespace.
+//!
+//! NetworkPolicy is not kube-proxy's job: policies are left out and Ferry runs with
+//! `--enable-network-policy=false`, so policy files are compared on their Service paths only.
+//! SCTP (no SCTP sockets in this kernel), ICMP and other-protocol flows, spoofed flows (`via`)
+//! and files that need a pod bridge are named as not compared, never skipped silently.
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    io::{BufRead, BufReader, Read, Write},
+    net::{Ipv4Addr, SocketAddr, SocketAddrV4},
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use dataplane_agent::trace::{Expect, Flow, Scenario};
+use serde_yaml::Value;
+
+use crate::{
+    cluster::ControlPlane,
+    lab::{self, Cgroup, Netns, PinDir, Proc, TempDir},
+};
+
+/// The API server's own service range (`cargo xtask cluster`): its default ServiceCIDR.
+const DEFAULT_SERVICE_CIDR: &str = "10.96.0.0/16";
+/// The gateway address pods and the node use (proxy-ARPed on the node, on `w0` in the world).
+const GATEWAY: &str = "169.254.1.1";
+/// Managed-by label of the EndpointSlices written here: not the EndpointSlice controller's.
+const MANAGED_BY: &str = "ferry-conformance";
+/// How long a connection attempt waits before it counts as dropped.
+const PROBE_TIMEOUT_MS: u64 = 400;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Proxy {
+    KubeProxy,
+    Ferry,
+}
+
+impl Proxy {
+    fn name(self) -> &'static str {
+        match self {
+            Proxy::KubeProxy => "kube-proxy",
+            Proxy::Ferry => "ferry",
+        }
+    }
+}
+
+/// Where an address lives in a node's topology.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Place {
+    Node,
+    Pod(usize),
+    /// A host outside the node: a namespace of its own behind the world's router.
+    World(usize),
+}
+
+/// Totals over all files.
+#[derive(Default)]
+pub struct Totals {
+    pub agree: usize,
+    pub differ: usize,
+    pub deliberate: usize,
+    pub not_compared: usize,
+    pub file_errors: usize,
+}
+
+/// What the files need of the addresses: where each lives, the ports servers answer on.
+struct Plan {
+    node_name: String,
+    node_ips: Vec<Ipv4Addr>,
+    pod_cidrs: Vec<lab_cidr::Cidr>,
+    places: BTreeMap<Ipv4Addr, Place>,
+    /// This node's pods, by address (index = `Place::Pod`).
+    pods: Vec<Ipv4Addr>,
+    /// Hosts outside the node, by address (index = `Place::World`).
+    remote: Vec<Ipv4Addr>,
+    tcp_ports: BTreeSet<u16>,
+    udp_ports: BTreeSet<u16>,
+    /// The prefix of the node's pod interfaces (InterfaceNamePrefix mode names them after it).
+    veth_prefix: String,
+}
+
+/// IPv4 CIDRs, small and local: what the plan needs to place addresses.
+mod lab_cidr {
+    use std::net::Ipv4Addr;
+
+    #[derive(Clone, Copy, Debug)]
+    pub struct Cidr {
+        pub net: u32,
+        pub len: u8,
+    }
+
+    impl Cidr {
+        pub fn parse(s: &str) -> Option<Cidr> {
+            let (a, l) = s.trim().split_once('/')?;
+            let addr: Ipv4Addr = a.parse().ok()?;
+            let len: u8 = l.parse().ok().filter(|l| *l <= 32)?;
+            let mask = if len == 0 { 0 } else { u32::MAX << (32 - len) };
+            Some(Cidr { net: u32::from(addr) & mask, len })
+        }
+
+        pub fn contains(&self, a: Ipv4Addr) -> bool {
+            let mask = if self.len == 0 { 0 } else { u32::MAX << (32 - self.len) };
+            u32::from(a) & mask == self.net
+        }
+    }
+}
+use lab_cidr::Cidr;
+
+fn str_at<'a>(v: &'a Value, path: &[&str]) -> Option<&'a str> {
+    path.iter().try_fold(v, |v, k| v.get(*k)).and_then(Value::as_str)
+}
+
+fn seq_at<'a>(v: &'a Value, path: &[&str]) -> Vec<&'a Value> {
+    path.iter().try_fold(v, |v, k| v.get(*k)).and_then(Value::as_sequence).map(|s| s.iter().collect()).unwrap_or_default()
+}
+
+/// Every IPv4 address a Service answers on besides node addresses: cluster IPs, external IPs,
+/// load-balancer ingress IPs.
+fn service_addresses(sc: &Scenario) -> BTreeSet<Ipv4Addr> {
+    let mut out = BTreeSet::new();
+    for s in &sc.services {
+        let mut add = |v: Option<&str>| {
+            if let Some(a) = v.and_then(|a| a.parse::<Ipv4Addr>().ok()) {
+                out.insert(a);
+            }
+        };
+        add(str_at(s, &["spec", "clusterIP"]));
+        seq_at(s, &["spec", "clusterIPs"]).into_iter().for_each(|v| add(v.as_str()));
+        seq_at(s, &["spec", "externalIPs"]).into_iter().for_each(|v| add(v.as_str()));
+        seq_at(s, &["status", "loadBalancer", "ingress"]).into_iter().for_each(|v| add(str_at(v, &["ip"])));
+    }
+    out
+}
+
+/// Why a flow cannot be sent for real here, if it cannot.
+fn not_comparable(flow: &Flow) -> Option<String> {
+    match flow.proto.as_str() {
+        "tcp" | "udp" => {}
+        "sctp" => return Some("sctp: this kernel has no SCTP sockets to send it with".into()),
+        p => return Some(format!("proto {p}: only TCP and UDP connections are sent")),
+    }
+    if flow.via.is_some() {
+        return Some("a spoofed packet (via): no socket sends one; the packet tests cover it".into());
+    }
+    if flow.destination.starts_with('[') || flow.source.contains(':') {
+        return Some("IPv6: not run yet".into());
+    }
+    None
+}
+
+impl Plan {
+    fn new(sc: &Scenario) -> Plan {
+        let node_ips: Vec<Ipv4Addr> = sc.node.ips.iter().filter_map(|a| a.parse().ok()).collect();
+        let pod_cidrs: Vec<Cidr> = sc.node.pod_cidr.iter().chain(&sc.node.pod_cidrs).filter_map(|c| Cidr::parse(c)).collect();
+        // Pods the file places on this node by name.
+        let listed_local: BTreeSet<Ipv4Addr> = sc
+            .pods
+            .iter()
+            .filter(|p| str_at(p, &["spec", "nodeName"]) == Some(sc.node.name.as_str()))
+            .flat_map(|p| str_at(p, &["status", "podIP"]).into_iter().chain(seq_at(p, &["status", "podIPs"]).into_iter().filter_map(|v| str_at(v, &["ip"]))))
+            .filter_map(|a| a.parse().ok())
+            .collect();
+        let vips = service_addresses(sc);
+        let veth_prefix = match sc.config.detect_local_mode.as_deref() {
+            Some("InterfaceNamePrefix") => sc.config.pod_interface_name_prefix.clone().unwrap_or_else(|| "veth".into()),
+            _ => "veth".into(),
+        };
+        let mut plan = Plan {
+            node_name: sc.node.name.clone(),
+            node_ips,
+            pod_cidrs,
+            places: BTreeMap::new(),
+            pods: Vec::new(),
+            remote: Vec::new(),
+            tcp_ports: BTreeSet::new(),
+            udp_ports: BTreeSet::new(),
+            veth_prefix,
+        };
+        let host = |plan: &mut Plan, a: Ipv4Addr| {
+            if a.is_loopback() || a.is_unspecified() || vips.contains(&a) || plan.places.contains_key(&a) {
+                return;
+            }
+            let place = if plan.node_ips.contains(&a) {
+                Place::Node
+            } else if listed_local.contains(&a) || plan.pod_cidrs.iter().any(|c| c.contains(a)) {
+                plan.pods.push(a);
+                Place::Pod(plan.pods.len() - 1)
+            } else {
+                plan.remote.push(a);
+                Place::World(plan.remote.len() - 1)
+            };
+            plan.places.insert(a, place);
+        };
+        for a in plan.node_ips.clone() {
+            host(&mut plan, a);
+        }
+        for slice in &sc.endpoint_slices {
+            if str_at(slice, &["addressType"]).is_some_and(|t| t != "IPv4") {
+                continue;
+            }
+            for e in seq_at(slice, &["endpoints"]) {
+                for a in seq_at(e, &["addresses"]).into_iter().filter_map(|v| v.as_str()?.parse().ok()) {
+                    host(&mut plan, a);
+                }
+            }
+            for p in seq_at(slice, &["ports"]) {
+                let Some(port) = p.get("port").and_then(Value::as_u64).and_then(|p| u16::try_from(p).ok()) else { continue };
+                match str_at(p, &["protocol"]).unwrap_or("TCP") {
+                    "UDP" => plan.udp_ports.insert(port),
+                    _ => plan.tcp_ports.insert(port),
+                };
+            }
+        }
+        for f in sc.flows.iter().filter(|f| not_comparable(f).is_none()) {
+            if let Ok(src) = f.source.parse::<Ipv4Addr>() {
+                host(&mut plan, src);
+            }
+            let Ok(dst) = f.destination.parse::<SocketAddrV4>() else { continue };
+            let mut ports = vec![dst.port()];
+            match Expect::parse(&f.expect) {
+                Ok(Expect::Pass) => host(&mut plan, *dst.ip()),
+                Ok(Expect::Backends(b)) => {
+                    for a in b {
+                        host(&mut plan, *a.ip());
+                        ports.push(a.port());
+                    }
+                }
+                _ => {}
+            }
+            let set = if f.proto == "udp" { &mut plan.udp_ports } else { &mut plan.tcp_ports };
+            set.extend(ports);
+        }
+        plan
+    }
+
+    fn place(&self, a: Ipv4Addr) -> Place {
+        if a.is_loopback() {
+            return Place::Node;
+        }
+        // Unknown addresses are sent from the world's router itself.
+        self.places.get(&a).copied().unwrap_or(Place::World(usize::MAX))
+    }
+}
+
+/// One copy of the scenario's node, with its proxy; everything removed on drop (the proxy and
+/// servers first, then the namespaces, whose removal takes their links along).
+struct Side {
+    proxy: Proxy,
+    procs: Vec<Proc>,
+    pin: Option<PinDir>,
+    cgroup: Option<Cgroup>,
+    node: Netns,
+    world: Netns,
+    pods: Vec<Netns>,
+    remote: Vec<Netns>,
+    dir: TempDir,
+}
+
+impl Drop for Side {
+    fn drop(&mut self) {
+        for p in self.procs.iter_mut().rev() {
+            p.stop();
+        }
+        if let Some(pin) = &self.pin {
+            let _ = self.node.cmd(&[lab::agent_bin().to_str().unwrap(), "run", "--cleanup", "--cgroup", "none", "--pin-dir", pin.path.to_str().unwrap()]).output();
+        }
+    }
+}
+
+fn ip(ns: &Netns, args: &[&str]) -> Result<(), String> {
+    let mut full = vec!["ip"];
+    full.extend_from_slice(args);
+    let out = ns.cmd(&full).output().map_err(|e| format!("ip {args:?}: {e}"))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!("ip {} in {}: {}", args.join(" "), ns.name, String::from_utf8_lossy(&out.stderr).trim()))
+    }
+}
+
+fn host_ip(args: &[&str]) -> Result<(), String> {
+    let out = Command::new("ip").args(args).output().map_err(|e| format!("ip {args:?}: {e}"))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!("ip {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim()))
+    }
+}
+
+/// A host behind `router`: a namespace of its own holding `addr` on its `eth0`, the router's
+/// side `ifname` with a /32 route to it and proxy ARP for the host's gateway.
+fn leaf(router: &Netns, name: &str, ifname: &str, addr: Ipv4Addr) -> Result<Netns, String> {
+    let host = Netns::new(name.to_string());
+    host_ip(&["link", "add", ifname, "netns", &router.name, "type", "veth", "peer", "name", "eth0", "netns", &host.name])?;
+    ip(&host, &["link", "set", "eth0", "up"])?;
+    ip(&host, &["addr", "add", &format!("{addr}/32"), "dev", "eth0"])?;
+    ip(&host, &["route", "add", "default", "via", GATEWAY, "dev", "eth0", "onlink"])?;
+    ip(router, &["link", "set", ifname, "up"])?;
+    ip(router, &["route", "add", &format!("{addr}/32"), "dev", ifname])?;
+    router.sysctl(&format!("net.ipv4.conf.{ifname}.proxy_arp=1"));
+    // Answered at once: the default delays proxy ARP answers by up to 0.8 s, longer than a probe
+    // waits.
+    router.sysctl(&format!("net.ipv4.neigh.{ifname}.proxy_delay=0"));
+    Ok(host)
+}
+
+/// Starts `conformance serve` in `ns` for `addrs` and the plan's ports; waits for its "ready".
+fn serve(ns: &Netns, addrs: &[Ipv4Addr], plan: &Plan, what: String) -> Result<Proc, String> {
+    let addrs: Vec<String> = addrs.iter().map(|a| a.to_string()).collect();
+    let tcp: Vec<String> = plan.tcp_ports.iter().map(|p| p.to_string()).collect();
+    let udp: Vec<String> = plan.udp_ports.iter().map(|p| p.to_string()).collect();
+    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+    let mut child = ns
+        .cmd(&[exe.to_str().unwrap(), "serve", &addrs.join(","), &tcp.join(","), &udp.join(",")])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .stdin(Stdio::null())
+        .spawn()
+        .map_err(|e| format!("{what}: {e}"))?;
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).map_err(|e| format!("{what}: {e}"))?;
+    let proc = Proc { child, what: what.clone() };
+    if line.trim() != "ready" {
+        return Err(format!("{what}: did not start ({line:?})"));
+    }
+    Ok(proc)
+}
+
+impl Side {
+    /// Builds the node, its pods and the world, joined to the control plane; starts servers.
+    fn build(proxy: Proxy, id: &str, cp: &ControlPlane, link: usize, plan: &Plan) -> Result<Side, String> {
+        let tag = match proxy {
+            Proxy::KubeProxy => "k",
+            Proxy::Ferry => "f",
+        };
+        let dir = TempDir::new(&format!("conf-{id}-{tag}"));
+        let node = Netns::new(format!("fc-{id}-{tag}n"));
+        let world = Netns::new(format!("fc-{id}-{tag}w"));
+        let mut side = Side { proxy, procs: Vec::new(), pin: None, cgroup: None, node, world, pods: Vec::new(), remote: Vec::new(), dir };
+        let (n, w) = (side.node.name.clone(), side.world.name.clone());
+        for ns in [&side.node, &side.world] {
+            // No ICMP rate limit: refusals to one client in quick succession are all answered
+            // (kube-proxy's come from the kernel, which limits them per destination).
+            for kv in ["net.ipv4.ip_forward=1", "net.ipv4.conf.all.rp_filter=0", "net.ipv4.conf.default.rp_filter=0", "net.ipv4.icmp_ratelimit=0", "net.ipv4.icmp_msgs_per_sec=100000"] {
+                ns.sysctl(kv);
+            }
+        }
+        // The control plane's link: cp0 in the node, `fcl<link>` in the control plane's namespace.
+        let cp_if = format!("fcl{id}{tag}");
+        let cp_addr = format!("10.250.{}.{}", 1 + link / 200, 2 + link % 200);
+        host_ip(&["link", "add", &cp_if, "netns", &cp.ns, "type", "veth", "peer", "name", "cp0", "netns", &n])?;
+        host_ip(&["-n", &cp.ns, "link", "set", &cp_if, "up"])?;
+        host_ip(&["-n", &cp.ns, "route", "add", &format!("{cp_addr}/32"), "dev", &cp_if])?;
+        ip(&side.node, &["link", "set", "cp0", "up"])?;
+        ip(&side.node, &["addr", "add", &format!("{cp_addr}/32"), "dev", "cp0"])?;
+        ip(&side.node, &["route", "add", "10.250.0.1/32", "dev", "cp0"])?;
+        // eth0 to the world.
+        host_ip(&["link", "add", "eth0", "netns", &n, "type", "veth", "peer", "name", "w0", "netns", &w])?;
+        ip(&side.node, &["link", "set", "eth0", "up"])?;
+        ip(&side.world, &["link", "set", "w0", "up"])?;
+        ip(&side.world, &["addr", "add", &format!("{GATEWAY}/32"), "dev", "w0"])?;
+        for a in &plan.node_ips {
+            ip(&side.node, &["addr", "add", &format!("{a}/32"), "dev", "eth0"])?;
+            ip(&side.world, &["route", "add", &format!("{a}/32"), "dev", "w0"])?;
+        }
+        ip(&side.node, &["route", "add", "default", "via", GATEWAY, "dev", "eth0", "onlink"])?;
+        if let Some(first) = plan.node_ips.first() {
+            ip(&side.world, &["route", "add", "default", "via", &first.to_string(), "dev", "w0", "onlink"])?;
+        }
+        // Pods: a namespace each, routed as a routed CNI does. Hosts outside: the same, behind
+        // the world's router (so that a client and a backend outside are two hosts, and a reply
+        // between them passes the node as it would).
+        for (i, a) in plan.pods.iter().enumerate() {
+            let veth = format!("{}p{i}", plan.veth_prefix);
+            side.pods.push(leaf(&side.node, &format!("fc-{id}-{tag}p{i}"), &veth, *a)?);
+        }
+        for (i, a) in plan.remote.iter().enumerate() {
+            side.remote.push(leaf(&side.world, &format!("fc-{id}-{tag}x{i}"), &format!("x{i}"), *a)?);
+        }
+        // Servers: the node (its addresses and loopback), each pod, the world.
+        let mut node_addrs = plan.node_ips.clone();
+        node_addrs.push(Ipv4Addr::LOCALHOST);
+        side.procs.push(serve(&side.node, &node_addrs, plan, format!("server on {n}"))?);
+        for (i, a) in plan.pods.iter().enumerate() {
+            let p = serve(&side.pods[i], &[*a], plan, format!("server in pod {a}"))?;
+            side.procs.push(p);
+        }
+        for (i, a) in plan.remote.iter().enumerate() {
+            let p = serve(&side.remote[i], &[*a], plan, format!("server on {a} outside"))?;
+            side.procs.push(p);
+        }
+        Ok(side)
+    }
+
+    fn log(&self) -> PathBuf {
+        self.dir.path.join(format!("{}.log", self.proxy.name()))
+    }
+
+    /// Starts the proxy with the file's configuration.
+    fn start_proxy(&mut self, sc: &Scenario, plan: &Plan, cp: &ControlPlane, kube_proxy: &Path, service_cidrs: &[String]) -> Result<(), String> {
+        let kubeconfig = self.dir.path.join("kubeconfig");
+        let admin = std::fs::read_to_string(cp.dir.path.join("admin.kubeconfig")).map_err(|e| e.to_string())?;
+        std::fs::write(&kubeconfig, admin.replace("https://127.0.0.1:6443", "https://10.250.0.1:6443")).map_err(|e| e.to_string())?;
+        let cfg = &sc.config;
+        let node_port_addresses: Vec<String> = if cfg.node_port_addresses.is_empty() {
+            // The scenario's default (every address of node.ips), said the same way to both.
+            plan.node_ips.iter().map(|a| format!("{a}/32")).collect()
+        } else {
+            cfg.node_port_addresses.iter().filter(|a| !a.contains(':')).cloned().collect()
+        };
+        let cluster_cidr = cfg.cluster_cidr.clone().or_else(|| cfg.cluster_cidrs.iter().find(|c| !c.contains(':')).cloned());
+        let mode = cfg.detect_local_mode.clone().unwrap_or_else(|| "ClusterCIDR".into());
+        let log = std::fs::File::create(self.log()).map_err(|e| e.to_string())?;
+        let child = match self.proxy {
+            Proxy::KubeProxy => {
+                let mut c = serde_json::json!({
+                    "apiVersion": "kubeproxy.config.k8s.io/v1alpha1",
+                    "kind": "KubeProxyConfiguration",
+                    "mode": "nftables",
+                    "clientConnection": {"kubeconfig": kubeconfig},
+                    "hostnameOverride": plan.node_name,
+                    "metricsBindAddress": "127.0.0.1:10249",
+                    "healthzBindAddress": "127.0.0.1:10256",
+                    "nodePortAddresses": node_port_addresses,
+                    "detectLocalMode": mode,
+                    "detectLocal": {"bridgeInterface": cfg.pod_bridge_interface.clone().unwrap_or_default(), "interfaceNamePrefix": cfg.pod_interface_name_prefix.clone().unwrap_or_default()},
+                    "nftables": {"masqueradeAll": cfg.masquerade_all, "minSyncPeriod": "100ms"},
+                    "conntrack": {"maxPerCore": 0, "min": 0},
+                });
+                if let Some(cc) = &cluster_cidr {
+                    c["clusterCIDR"] = cc.clone().into();
+                }
+                let path = self.dir.path.join("kube-proxy.yaml");
+                std::fs::write(&path, c.to_string()).map_err(|e| e.to_string())?;
+                self.node.cmd(&[kube_proxy.to_str().unwrap(), "--config", path.to_str().unwrap(), "-v=2"]).stdout(log.try_clone().unwrap()).stderr(log).stdin(Stdio::null()).spawn()
+            }
+            Proxy::Ferry => {
+                let pin = PinDir { path: PathBuf::from(format!("/sys/fs/bpf/{}", self.node.name)) };
+                let root = dataplane_agent::attach::cgroup2_root().ok_or("no cgroup v2 mount")?;
+                let cgroup = Cgroup::new(root.join(&self.node.name));
+                let mut args: Vec<String> = ["run", "--node", &plan.node_name, "--kubeconfig", kubeconfig.to_str().unwrap(), "--pin-dir", pin.path.to_str().unwrap()]
+                    .iter()
+                    .map(|s| s.to_string())
+                    .collect();
+                args.extend(["--cgroup".into(), cgroup.path.display().to_string(), "--pod-interfaces".into(), format!("{}p*", plan.veth_prefix)]);
+                args.extend(["--external-interfaces".into(), "eth0".into(), "--enable-network-policy=false".into(), "--min-sync-period-ms".into(), "100".into()]);
+                args.extend(["--metrics-bind-address".into(), "127.0.0.1:10249".into(), "--healthz-bind-address".into(), "127.0.0.1:10256".into()]);
+                args.extend(["--service-cidr".into(), service_cidrs.join(","), "--detect-local-mode".into(), mode]);
+                args.extend(["--nodeport-addresses".into(), node_port_addresses.join(",")]);
+                if let Some(cc) = &cluster_cidr {
+                    args.extend(["--cluster-cidr".into(), cc.clone()]);
+                }
+                if let Some(b) = &cfg.pod_bridge_interface {
+                    args.extend(["--pod-bridge-interface".into(), b.clone()]);
+                }
+                if let Some(p) = &cfg.pod_interface_name_prefix {
+                    args.extend(["--pod-interface-name-prefix".into(), p.clone()]);
+                }
+                if cfg.masquerade_all {
+                    args.push("--masquerade-all".into());
+                }
+                let bin = lab::agent_bin();
+                let mut full = vec![bin.to_str().unwrap()];
+                full.extend(args.iter().map(String::as_str));
+                let c = self.node.cmd(&full).stdout(log.try_clone().unwrap()).stderr(log).stdin(Stdio::null()).spawn();
+                self.pin = Some(pin);
+                self.cgroup = Some(cgroup);
+                c
+            }
+        }
+        .map_err(|e| format!("starting {}: {e}", self.proxy.name()))?;
+        self.procs.push(Proc { child, what: self.proxy.name().into() });
+        Ok(())
+    }
+
+    /// Waits (at most 60 s) until the proxy says it programmed its first full sync.
+    fn wait_synced(&mut self) -> Result<(), String> {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let out = self.node.cmd(&["curl", "-s", "--max-time", "2", "http://127.0.0.1:10249/metrics"]).output().map_err(|e| e.to_string())?;
+            let text = String::from_utf8_lossy(&out.stdout);
+            // kube-proxy labels it with the IP family; the value is the line's last field.
+            let last = text
+                .lines()
+                .filter(|l| l.starts_with("kubeproxy_sync_proxy_rules_last_timestamp_seconds") && !l.contains("IPv6"))
+                .find_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+                .unwrap_or(0.0);
+            if last > 0.0 {
+                return Ok(());
+            }
+            if let Some(p) = self.procs.last_mut() {
+                if let Ok(Some(st)) = p.child.try_wait() {
+                    return Err(format!("{} exited ({st}) before its first sync: {}", self.proxy.name(), tail(&self.log())));
+                }
+            }
+            if Instant::now() > deadline || interrupted() {
+                return Err(format!("{} made no sync within 60 s: {}", self.proxy.name(), tail(&self.log())));
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    fn netns_of(&self, place: Place) -> &Netns {
+        match place {
+            Place::Node => &self.node,
+            Place::World(i) => self.remote.get(i).unwrap_or(&self.world),
+            Place::Pod(i) => &self.pods[i],
+        }
+    }
+
+    /// Starts `count` connections of the flow from where its source lives.
+    fn probe(&self, plan: &Plan, src: Ipv4Addr, dst: SocketAddrV4, proto: &str, count: usize) -> Result<std::process::Child, String> {
+        let place = plan.place(src);
+        let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+        let cgroup = match (&self.cgroup, place) {
+            (Some(cg), Place::Node) => cg.path.display().to_string(),
+            _ => "-".into(),
+        };
+        self.netns_of(place)
+            .cmd(&[exe.to_str().unwrap(), "probe", &src.to_string(), &dst.to_string(), proto, &count.to_string(), &PROBE_TIMEOUT_MS.to_string(), &cgroup])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(|e| format!("probe: {e}"))
+    }
+}
+
+fn tail(path: &Path) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    format!("{} (log {}):\n{}", "last lines", path.display(), lines[lines.len().saturating_sub(15)..].join("\n"))
+}
+
+/// The API objects of a file, written to the API server after everything of the previous file
+/// is gone. Returns the service CIDRs in force and the objects the API server refused.
+fn load(cp: &ControlPlane, sc: &Scenario) -> Result<(Vec<String>, Vec<String>), String> {
+    let mut refused = Vec::new();
+    let mut namespaces: BTreeSet<String> = BTreeSet::new();
+    for o in sc.services.iter().chain(&sc.endpoint_slices) {
+        namespaces.insert(str_at(o, &["metadata", "namespace"]).unwrap_or("default").to_string());
+    }
+    for ns in namespaces.iter().filter(|n| !["default", "kube-system"].contains(&n.as_str())) {
+        let (code, body) = cp.api("POST", "/api/v1/namespaces", Some(&serde_json::json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}}).to_string()));
+        if code != 201 && code != 409 {
+            return Err(format!("namespace {ns}: {code} {body}"));
+        }
+    }
+    // ServiceCIDRs: the file's, and where it names none, one per /16 of its cluster IPs outside
+    // the API server's own range (the API server allocates cluster IPs from ServiceCIDRs only).
+    let mut cidrs: Vec<String> = sc.config.service_cidrs.iter().filter(|c| !c.contains(':')).cloned().collect();
+    let covered = |cidrs: &[String], a: Ipv4Addr| cidrs.iter().chain(std::iter::once(&DEFAULT_SERVICE_CIDR.to_string())).filter_map(|c| Cidr::parse(c)).any(|c| c.contains(a));
+    for s in &sc.services {
+        for a in str_at(s, &["spec", "clusterIP"]).into_iter().chain(seq_at(s, &["spec", "clusterIPs"]).into_iter().filter_map(|v| v.as_str())) {
+            if let Ok(a) = a.parse::<Ipv4Addr>() {
+                if !covered(&cidrs, a) {
+                    let o = a.octets();
+                    cidrs.push(format!("{}.{}.0.0/16", o[0], o[1]));
+                }
+            }
+        }
+    }
+    // Named after their CIDR: one the previous file had too is kept (a ServiceCIDR takes about
+    // 10 s to go).
+    let names: Vec<String> = cidrs.iter().map(|c| format!("conformance-{}", c.replace(['.', '/'], "-"))).collect();
+    reset(cp, &names)?;
+    for (name, c) in names.iter().zip(&cidrs) {
+        let obj = serde_json::json!({"apiVersion": "networking.k8s.io/v1", "kind": "ServiceCIDR", "metadata": {"name": name}, "spec": {"cidrs": [c]}});
+        let (code, body) = cp.api("POST", "/apis/networking.k8s.io/v1/servicecidrs", Some(&obj.to_string()));
+        if code != 201 && code != 409 {
+            refused.push(format!("ServiceCIDR {c}: {}", api_message(&body)));
+        }
+    }
+    // This node, and the file's other nodes.
+    let mut nodes: Vec<Value> = sc.nodes.clone();
+    if !nodes.iter().any(|n| str_at(n, &["metadata", "name"]) == Some(sc.node.name.as_str())) {
+        let addresses: Vec<Value> = sc.node.ips.iter().map(|a| serde_yaml::from_str(&format!("{{type: InternalIP, address: \"{a}\"}}")).unwrap()).collect();
+        let mut n: Value = serde_yaml::from_str(&format!("{{metadata: {{name: \"{}\"}}, spec: {{}}, status: {{}}}}", sc.node.name)).unwrap();
+        n["status"]["addresses"] = Value::Sequence(addresses);
+        if let Some(pc) = &sc.node.pod_cidr {
+            n["spec"]["podCIDR"] = pc.clone().into();
+        }
+        nodes.push(n);
+    }
+    for n in &nodes {
+        let name = str_at(n, &["metadata", "name"]).unwrap_or("?").to_string();
+        create(cp, "/api/v1/nodes", "v1", "Node", n, &format!("Node {name}"), &mut refused, |_| {});
+    }
+    // Services without selectors: their endpoints are the file's slices, not the controller's.
+    for s in &sc.services {
+        let ns = str_at(s, &["metadata", "namespace"]).unwrap_or("default");
+        let name = format!("Service {ns}/{}", str_at(s, &["metadata", "name"]).unwrap_or("?"));
+        // A cluster IP just put in a new ServiceCIDR is refused until that CIDR is ready.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let mut r = Vec::new();
+            create(cp, &format!("/api/v1/namespaces/{ns}/services"), "v1", "Service", s, &name, &mut r, |o| {
+                let lb_local = str_at(o, &["spec", "type"]) == Some("LoadBalancer") && str_at(o, &["spec", "externalTrafficPolicy"]) == Some("Local");
+                if let Some(spec) = o.get_mut("spec").and_then(Value::as_mapping_mut) {
+                    spec.remove("selector");
+                    // kube-proxy's unit tests set it where the API server allows it only on
+                    // LoadBalancers with externalTrafficPolicy Local; it changes no packet.
+                    if !lb_local {
+                        spec.remove("healthCheckNodePort");
+                    }
+                }
+            });
+            if r.iter().any(|e| e.contains("does not match the current range")) && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(200));
+                continue;
+            }
+            refused.extend(r);
+            break;
+        }
+    }
+    for e in &sc.endpoint_slices {
+        let ns = str_at(e, &["metadata", "namespace"]).unwrap_or("default");
+        let name = format!("EndpointSlice {ns}/{}", str_at(e, &["metadata", "name"]).unwrap_or("?"));
+        create(cp, &format!("/apis/discovery.k8s.io/v1/namespaces/{ns}/endpointslices"), "discovery.k8s.io/v1", "EndpointSlice", e, &name, &mut refused, |o| {
+            o["metadata"]["labels"]["endpointslice.kubernetes.io/managed-by"] = MANAGED_BY.into();
+        });
+    }
+    let mut all = vec![DEFAULT_SERVICE_CIDR.to_string()];
+    all.extend(cidrs);
+    Ok((all, refused))
+}
+
+fn api_message(body: &str) -> String {
+    serde_json::from_str::<serde_json::Value>(body).ok().and_then(|v| v["message"].as_str().map(str::to_string)).unwrap_or_else(|| body.chars().take(300).collect())
+}
+
+/// Creates one object (its status written through /status afterwards, as controllers do).
+fn create(cp: &ControlPlane, path: &str, api_version: &str, kind: &str, obj: &Value, name: &str, refused: &mut Vec<String>, edit: impl Fn(&mut Value)) {
+    let mut o = obj.clone();
+    o["apiVersion"] = api_version.into();
+    o["kind"] = kind.into();
+    let status = o.as_mapping_mut().and_then(|m| m.remove("status"));
+    edit(&mut o);
+    let json = |v: &Value| serde_json::to_string(v).unwrap_or_default();
+    let (code, body) = cp.api("POST", path, Some(&json(&o)));
+    if code != 201 {
+        refused.push(format!("{name}: {}", api_message(&body)));
+        return;
+    }
+    if let Some(status) = status.filter(|s| s.as_mapping().is_some_and(|m| !m.is_empty())) {
+        let obj_name = str_at(&o, &["metadata", "name"]).unwrap_or("?");
+        let patch = serde_json::json!({ "status": serde_json::to_value(&status).unwrap_or_default() });
+        let (code, body) = cp.api_as("PATCH", &format!("{path}/{obj_name}/status"), Some(&patch.to_string()), "application/merge-patch+json");
+        if code != 200 {
+            refused.push(format!("{name} status: {}", api_message(&body)));
+        }
+    }
+}
+
+/// Deletes what a previous file wrote: Services (but the API server's own), the slices written
+/// here, Nodes, ServiceCIDRs (but the default one and those named in `keep`), waiting until they
+/// are gone.
+fn reset(cp: &ControlPlane, keep: &[String]) -> Result<(), String> {
+    let list = |path: &str| -> Result<Vec<(String, String)>, String> {
+        let (code, body) = cp.api("GET", path, None);
+        if code != 200 {
+            return Err(format!("GET {path}: {code} {body}"));
+        }
+        let v: serde_json::Value = serde_json::from_str(&body).map_err(|e| format!("GET {path}: {e}"))?;
+        Ok(v["items"].as_array().into_iter().flatten().map(|i| (i["metadata"]["namespace"].as_str().unwrap_or("").to_string(), i["metadata"]["name"].as_str().unwrap_or("").to_string())).collect())
+    };
+    for (ns, name) in list("/api/v1/services")? {
+        if !(ns == "default" && name == "kubernetes") {
+            cp.api("DELETE", &format!("/api/v1/namespaces/{ns}/services/{name}"), None);
+        }
+    }
+    for (ns, name) in list(&format!("/apis/discovery.k8s.io/v1/endpointslices?labelSelector=endpointslice.kubernetes.io/managed-by%3D{MANAGED_BY}"))? {
+        cp.api("DELETE", &format!("/apis/discovery.k8s.io/v1/namespaces/{ns}/endpointslices/{name}"), None);
+    }
+    for (_, name) in list("/api/v1/nodes")? {
+        cp.api("DELETE", &format!("/api/v1/nodes/{name}"), None);
+    }
+    let stale = |list: Vec<(String, String)>| list.into_iter().filter(|(_, n)| n != "kubernetes" && !keep.contains(n)).count();
+    for (_, name) in list("/apis/networking.k8s.io/v1/servicecidrs")? {
+        if name != "kubernetes" && !keep.contains(&name) {
+            cp.api("DELETE", &format!("/apis/networking.k8s.io/v1/servicecidrs/{name}"), None);
+        }
+    }
+    // ServiceCIDRs go once their addresses are released (a finalizer); Services at once.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while stale(list("/apis/networking.k8s.io/v1/servicecidrs")?) > 0 || list("/api/v1/services")?.len() > 1 {
+        if Instant::now() > deadline {
+            return Err("objects of the previous file still there after 30 s".into());
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    Ok(())
+}
+
+/// What one connection attempt saw, as the probe prints it.
+fn outcome(line: &str, src: Ipv4Addr, dst: SocketAddrV4, plan: &Plan) -> String {
+    let mut it = line.split_whitespace();
+    match it.next() {
+        Some("TO") => {
+            let local: Option<SocketAddrV4> = it.next().and_then(|s| s.parse().ok());
+            let peer: Option<SocketAddrV4> = it.next().and_then(|s| s.parse().ok());
+            let (Some(local), Some(peer)) = (local, peer) else { return format!("bad answer {line:?}") };
+            // From the node itself the source is a node address either way.
+            let masq = if plan.place(src) != Place::Node && *peer.ip() != src { " masqueraded" } else { "" };
+            if local == dst {
+                let what = if plan.place(*dst.ip()) == Place::Node { "LOCAL" } else { "PASS" };
+                format!("{what}{masq}")
+            } else {
+                format!("{local}{masq}")
+            }
+        }
+        Some("REFUSED") => "REJECT".into(),
+        Some("DROP") => "DROP".into(),
+        _ => format!("error {line}"),
+    }
+}
+
+/// Is this flow's destination a Service with ClientIP session affinity? (Each proxy then keeps a
+/// client on one backend, which one is its own choice.)
+fn sticky(sc: &Scenario, dst: SocketAddrV4) -> bool {
+    sc.services.iter().filter(|s| str_at(s, &["spec", "sessionAffinity"]) == Some("ClientIP")).any(|s| {
+        let ports = seq_at(s, &["spec", "ports"]);
+        let on_port = ports.iter().any(|p| [p.get("port"), p.get("nodePort")].into_iter().flatten().any(|v| v.as_u64() == Some(dst.port() as u64)));
+        on_port
+    })
+}
+
+/// Runs one file on both sides and prints its lines; adds to `totals`.
+fn run_file(path: &Path, cp: &ControlPlane, kube_proxy: &Path, link: &mut usize, verbose: bool, totals: &mut Totals) -> Result<(), String> {
+    let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let sc: Scenario = serde_yaml::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;
+    let file = path.file_name().and_then(|f| f.to_str()).unwrap_or("?").to_string();
+    let mut compared: Vec<&Flow> = Vec::new();
+    for f in &sc.flows {
+        match not_comparable(f) {
+            Some(why) => {
+                println!("not compared  {file}: {}: {why}", f.name);
+                totals.not_compared += 1;
+            }
+            None => compared.push(f),
+        }
+    }
+    if sc.config.detect_local_mode.as_deref() == Some("BridgeInterface") {
+        for f in compared.drain(..) {
+            println!("not compared  {file}: {}: detectLocalMode BridgeInterface needs a pod bridge this topology does not build", f.name);
+            totals.not_compared += 1;
+        }
+    }
+    if compared.is_empty() {
+        return Ok(());
+    }
+    let plan = Plan::new(&sc);
+    let t0 = Instant::now();
+    let (service_cidrs, refused) = load(cp, &sc)?;
+    let t_load = t0.elapsed();
+    for r in &refused {
+        println!("note  {file}: the API server refused {r} (both proxies run without it)");
+    }
+    let id = lab::run_id();
+    let mut sides = Vec::new();
+    for proxy in [Proxy::KubeProxy, Proxy::Ferry] {
+        *link += 1;
+        let mut side = Side::build(proxy, &id, cp, *link, &plan).map_err(|e| format!("{file}: building the {} node: {e}", proxy.name()))?;
+        side.start_proxy(&sc, &plan, cp, kube_proxy, &service_cidrs).map_err(|e| format!("{file}: {e}"))?;
+        sides.push(side);
+    }
+    let t_build = t0.elapsed();
+    for side in &mut sides {
+        side.wait_synced().map_err(|e| format!("{file}: {e}"))?;
+    }
+    let t_sync = t0.elapsed();
+    let differ_before = totals.differ;
+    for f in compared {
+        if interrupted() {
+            break;
+        }
+        let (Ok(src), Ok(dst)) = (f.source.parse::<Ipv4Addr>(), f.destination.parse::<SocketAddrV4>()) else {
+            println!("not compared  {file}: {}: source or destination is not an IPv4 address (and port)", f.name);
+            totals.not_compared += 1;
+            continue;
+        };
+        let expect = Expect::parse(&f.expect).ok();
+        // Enough connections to see every backend of either proxy: about 12 per backend.
+        let count = match &expect {
+            Some(Expect::Backends(b)) => (12 * b.len() + 4).min(64),
+            _ => 3,
+        };
+        let children: Vec<Result<std::process::Child, String>> = sides.iter().map(|s| s.probe(&plan, src, dst, &f.proto, count)).collect();
+        let mut seen: Vec<BTreeSet<String>> = Vec::new();
+        for c in children {
+            let out = c?.wait_with_output().map_err(|e| e.to_string())?;
+            let stdout = String::from_utf8_lossy(&out.stdout);
+            let mut set: BTreeSet<String> = stdout.lines().map(|l| outcome(l, src, dst, &plan)).collect();
+            if !out.status.success() || set.is_empty() {
+                set.insert(format!("probe failed: {}", String::from_utf8_lossy(&out.stderr).trim()));
+            }
+            seen.push(set);
+        }
+        let (kp, fy) = (&seen[0], &seen[1]);
+        let agree = if sticky(&sc, dst) && kp.len() == 1 && fy.len() == 1 {
+            // One backend each, and both among the file's backends.
+            let within = |s: &BTreeSet<String>| match &expect {
+                Some(Expect::Backends(b)) => s.iter().all(|o| b.iter().any(|a| o.split(' ').next() == Some(&a.to_string()))),
+                _ => kp == fy,
+            };
+            within(kp) && within(fy) && kp.iter().next().map(|o| o.contains("masq")) == fy.iter().next().map(|o| o.contains("masq"))
+        } else {
+            kp == fy
+        };
+        let show = |s: &BTreeSet<String>| s.iter().cloned().collect::<Vec<_>>().join(", ");
+        let expected = expect.map(|e| e.to_string()).unwrap_or_else(|| "?".into());
+        match (agree, &f.kube_proxy_differs) {
+            (true, None) => {
+                totals.agree += 1;
+                if verbose {
+                    println!("agree  {file}: {}: {}", f.name, show(kp));
+                }
+            }
+            (false, Some(why)) => {
+                totals.deliberate += 1;
+                println!("deliberate  {file}: {}: kube-proxy {{{}}}, Ferry {{{}}} ({why})", f.name, show(kp), show(fy));
+            }
+            (true, Some(_)) => {
+                totals.differ += 1;
+                println!("differ  {file}: {}: marked kubeProxyDiffers, but both did {{{}}}", f.name, show(kp));
+            }
+            (false, None) => {
+                totals.differ += 1;
+                println!("differ  {file}: {}: kube-proxy {{{}}}, Ferry {{{}}} (the file expects {expected})", f.name, show(kp), show(fy));
+            }
+        }
+    }
+    if verbose {
+        println!("time  {file}: objects {:.1} s, namespaces {:.1} s, first syncs {:.1} s, flows {:.1} s", t_load.as_secs_f64(), (t_build - t_load).as_secs_f64(), (t_sync - t_build).as_secs_f64(), (t0.elapsed() - t_sync).as_secs_f64());
+    }
+    if totals.differ > differ_before {
+        // The proxies' logs, for whoever looks into the difference.
+        let keep = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/conformance");
+        let _ = std::fs::create_dir_all(&keep);
+        for side in &sides {
+            let to = keep.join(format!("{}.{}.log", file.trim_end_matches(".yaml"), side.proxy.name()));
+            if std::fs::copy(side.log(), &to).is_ok() {
+                println!("log  {}", to.display());
+            }
+        }
+    }
+    if let Some(secs) = std::env::var("FERRY_CONFORMANCE_PAUSE").ok().and_then(|s| s.parse::<u64>().ok()) {
+        // Debugging: the namespaces stay up this long before they are taken down.
+        println!("pause  {file}: namespaces {} and {} stay up for {secs} s", sides[0].node.name, sides[1].node.name);
+        let until = Instant::now() + Duration::from_secs(secs.min(3600));
+        while Instant::now() < until && !interrupted() {
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+    Ok(())
+}
+
+static INTERRUPTED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+extern "C" fn on_signal(_: libc::c_int) {
+    INTERRUPTED.store(true, std::sync::atomic::Ordering::SeqCst);
+}
+
+fn interrupted() -> bool {
+    INTERRUPTED.load(std::sync::atomic::Ordering::SeqCst)
+}
+
+/// `conformance [--verbose] --kube-proxy PATH FILE|DIR...`: returns whether nothing differed.
+/// Ctrl-C (or SIGTERM) stops after the current flow and takes everything down.
+pub fn main_run(args: &[String]) -> Result<bool, String> {
+    unsafe {
+        libc::signal(libc::SIGINT, on_signal as *const () as libc::sighandler_t);
+        libc::signal(libc::SIGTERM, on_signal as *const () as libc::sighandler_t);
+    }
+    let mut kube_proxy = None;
+    let mut verbose = false;
+    let mut paths = Vec::new();
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        match a.as_str() {
+            "--kube-proxy" => kube_proxy = it.next().map(PathBuf::from),
+            "--verbose" => verbose = true,
+            p => paths.push(PathBuf::from(p)),
+        }
+    }
+    let kube_proxy = kube_proxy.ok_or("--kube-proxy PATH is required (cargo xtask conformance passes the pinned build)")?;
+    let mut files = Vec::new();
+    for p in &paths {
+        collect(p, &mut files)?;
+    }
+    if files.is_empty() {
+        return Err("no scenario files given".into());
+    }
+    // kube-proxy's own test cases use NodePorts below the default range.
+    std::env::set_var("FERRY_NODE_PORT_RANGE", "1000-32767");
+    let cp = ControlPlane::up();
+    let mut totals = Totals::default();
+    let mut link = 0;
+    for f in &files {
+        if interrupted() {
+            println!("interrupted: taking everything down");
+            return Ok(false);
+        }
+        if let Err(e) = run_file(f, &cp, &kube_proxy, &mut link, verbose, &mut totals) {
+            println!("error  {e}");
+            totals.file_errors += 1;
+        }
+    }
+    println!("{} flows not compared (named above), {} deliberate differences (kubeProxyDiffers), {} files that could not run", totals.not_compared, totals.deliberate, totals.file_errors);
+    println!("{} agree, {} differ", totals.agree, totals.differ + totals.file_errors);
+    Ok(totals.differ == 0 && totals.file_errors == 0)
+}
+
+fn collect(p: &Path, out: &mut Vec<PathBuf>) -> Result<(), String> {
+    if p.is_dir() {
+        let mut entries: Vec<PathBuf> = std::fs::read_dir(p).map_err(|e| format!("{}: {e}", p.display()))?.flatten().map(|e| e.path()).collect();
+        entries.sort();
+        for e in entries {
+            if e.is_dir() || e.extension().is_some_and(|x| x == "yaml") {
+                collect(&e, out)?;
+            }
+        }
+    } else {
+        out.push(p.to_path_buf());
+    }
+    Ok(())
+}
+
+/// `conformance serve ADDRS TCP_PORTS UDP_PORTS`: answers every connection and datagram on
+/// each address and port with `LOCAL PEER`; prints `ready` once everything is bound (an address
+/// and port that cannot be bound, for instance one the proxy itself uses, is left out).
+pub fn serve_main(addrs: &str, tcp: &str, udp: &str) -> ! {
+    let list = |s: &str| s.split(',').filter(|s| !s.is_empty()).map(str::to_string).collect::<Vec<_>>();
+    for a in list(addrs) {
+        for p in list(tcp) {
+            if let Ok(l) = std::net::TcpListener::bind(format!("{a}:{p}")) {
+                std::thread::spawn(move || {
+                    for mut c in l.incoming().flatten() {
+                        let line = format!("{} {}\n", c.local_addr().map(|a| a.to_string()).unwrap_or_default(), c.peer_addr().map(|a| a.to_string()).unwrap_or_default());
+                        let _ = c.write_all(line.as_bytes());
+                    }
+                });
+            }
+        }
+        for p in list(udp) {
+            if let Ok(u) = std::net::UdpSocket::bind(format!("{a}:{p}")) {
+                std::thread::spawn(move || {
+                    let mut buf = [0u8; 2048];
+                    let local = u.local_addr().map(|a| a.to_string()).unwrap_or_default();
+                    while let Ok((_, peer)) = u.recv_from(&mut buf) {
+                        let _ = u.send_to(format!("{local} {peer}\n").as_bytes(), peer);
+                    }
+                });
+            }
+        }
+    }
+    println!("ready");
+    let _ = std::io::stdout().flush();
+    loop {
+        std::thread::sleep(Duration::from_secs(3600));
+    }
+}
+
+/// `conformance probe SRC DST PROTO COUNT TIMEOUT_MS CGROUP|-`: COUNT connections at once from
+/// SRC (a new source port each), one line each: `TO LOCAL PEER` (the server's answer),
+/// `REFUSED`, `DROP` (no answer within the timeout), or `ERR <error>`.
+pub fn probe_main(src: &str, dst: &str, proto: &str, count: usize, timeout_ms: u64, cgroup: &str) -> Result<(), String> {
+    if cgroup != "-" {
+        // The node's own processes run in the cgroup Ferry's socket hooks are attached to.
+        std::fs::write(Path::new(cgroup).join("cgroup.procs"), "0").map_err(|e| format!("joining {cgroup}: {e}"))?;
+    }
+    let src: Ipv4Addr = src.parse().map_err(|_| format!("bad source {src}"))?;
+    let dst: SocketAddr = dst.parse().map_err(|_| format!("bad destination {dst}"))?;
+    let timeout = Duration::from_millis(timeout_ms);
+    let udp = proto == "udp";
+    let handles: Vec<_> = (0..count.min(64)).map(|_| std::thread::spawn(move || attempt(src, dst, udp, timeout))).collect();
+    for h in handles {
+        println!("{}", h.join().unwrap_or_else(|_| "ERR panic".into()));
+    }
+    Ok(())
+}
+
+fn attempt(src: Ipv4Addr, dst: SocketAddr, udp: bool, timeout: Duration) -> String {
+    use socket2::{Domain, Socket, Type};
+    let sock = match Socket::new(Domain::IPV4, if udp { Type::DGRAM } else { Type::STREAM }, None) {
+        Ok(s) => s,
+        Err(e) => return format!("ERR socket: {e}"),
+    };
+    if let Err(e) = sock.bind(&SocketAddr::from((src, 0)).into()) {
+        return format!("ERR bind {src}: {e}");
+    }
+    let classify = |e: std::io::Error| match e.kind() {
+        std::io::ErrorKind::ConnectionRefused => "REFUSED".to_string(),
+        std::io::ErrorKind::TimedOut | std::io::ErrorKind::WouldBlock => "DROP".to_string(),
+        _ => format!("ERR {e}"),
+    };
+    let _ = sock.set_read_timeout(Some(timeout));
+    let mut buf = [0u8; 256];
+    let got = if udp {
+        if let Err(e) = sock.connect(&dst.into()) {
+            return classify(e);
+        }
+        let u: std::net::UdpSocket = sock.into();
+        if let Err(e) = u.send(b"?\n") {
+            return classify(e);
+        }
+        u.recv(&mut buf)
+    } else {
+        if let Err(e) = sock.connect_timeout(&dst.into(), timeout) {
+            return classify(e);
+        }
+        let mut t: std::net::TcpStream = sock.into();
+        let mut n = 0;
+        loop {
+            match t.read(&mut buf[n..]) {
+                Ok(0) => break Ok(n),
+                Ok(k) => {
+                    n += k;
+                    if buf[..n].contains(&b'\n') || n == buf.len() {
+                        break Ok(n);
+                    }
+                }
+                Err(e) => break Err(e),
+            }
+        }
+    };
+    match got {
+        Ok(n) => format!("TO {}", String::from_utf8_lossy(&buf[..n]).trim()),
+        Err(e) => classify(e),
+    }
+}
