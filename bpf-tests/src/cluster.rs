@@ -4,6 +4,7 @@
 //! against it as the DaemonSet's ServiceAccount.
 use std::{
     net::Ipv4Addr,
+    os::unix::process::CommandExt,
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     time::{Duration, Instant},
@@ -70,6 +71,60 @@ impl ControlPlane {
         )
         .unwrap();
         path
+    }
+
+    /// POSTs each body to `path` as the admin, a hundred requests per curl; asserts every one
+    /// was created.
+    pub fn create_many(&self, path: &str, bodies: &[String]) {
+        let pki = self.dir.path.join("pki");
+        for chunk in bodies.chunks(100) {
+            let mut cmd = Command::new("nsenter");
+            cmd.arg(format!("--net=/run/netns/{}", self.ns)).arg("curl");
+            for (i, b) in chunk.iter().enumerate() {
+                if i > 0 {
+                    cmd.arg("--next");
+                }
+                cmd.args(["-s", "-o", "/dev/null", "-w", "%{http_code}\n", "--max-time", "10", "--cacert"]).arg(pki.join("ca.crt"));
+                cmd.arg("--cert").arg(pki.join("admin.crt")).arg("--key").arg(pki.join("admin.key"));
+                cmd.args(["-H", "Content-Type: application/json", "--data-binary", b]).arg(format!("https://127.0.0.1:6443{path}"));
+            }
+            let out = cmd.output().expect("curl");
+            let codes = String::from_utf8_lossy(&out.stdout).into_owned();
+            assert_eq!(codes.lines().filter(|c| *c == "201").count(), chunk.len(), "POST {path}: {codes}");
+        }
+    }
+
+    /// The audit log's events (one JSON object a line): the agent's requests, as the API server
+    /// saw them.
+    pub fn audit(&self) -> Vec<serde_json::Value> {
+        let text = std::fs::read_to_string(self.dir.path.join("audit.log")).unwrap_or_default();
+        text.lines().filter_map(|l| serde_json::from_str(l).ok()).collect()
+    }
+
+    /// Kills kube-apiserver and starts it again with the same command line (its watch cache
+    /// starts afresh at etcd's current revision); waits (at most 120 s) until it is ready.
+    pub fn restart_apiserver(&self) {
+        let pids = std::fs::read_to_string(self.dir.path.join("pids")).unwrap();
+        let mut pids: Vec<i32> = pids.lines().map(|l| l.trim().parse().unwrap()).collect();
+        // `ip netns exec` execs the binary: the pid is kube-apiserver's, its command line too.
+        let cmdline = std::fs::read(format!("/proc/{}/cmdline", pids[1])).unwrap();
+        let args: Vec<String> = cmdline.split(|b| *b == 0).filter(|a| !a.is_empty()).map(|a| String::from_utf8_lossy(a).into_owned()).collect();
+        assert!(args[0].ends_with("kube-apiserver"), "{args:?}");
+        unsafe { libc::kill(-pids[1], libc::SIGKILL) };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Path::new(&format!("/proc/{}", pids[1])).exists() {
+            assert!(Instant::now() < deadline, "kube-apiserver did not die");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let log = std::fs::File::options().append(true).open(self.dir.path.join("kube-apiserver.log")).unwrap();
+        let child = Command::new("ip").args(["netns", "exec", &self.ns]).args(&args).stdin(Stdio::null()).stdout(log.try_clone().unwrap()).stderr(log).process_group(0).spawn().unwrap();
+        pids[1] = child.id() as i32;
+        std::fs::write(self.dir.path.join("pids"), pids.iter().map(|p| format!("{p}\n")).collect::<String>()).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while self.api("GET", "/readyz", None).0 != 200 {
+            assert!(Instant::now() < deadline, "kube-apiserver not ready again within 120 s");
+            std::thread::sleep(Duration::from_millis(300));
+        }
     }
 
     pub fn api_as(&self, method: &str, path: &str, body: Option<&str>, content_type: &str) -> (u16, String) {

@@ -78,3 +78,86 @@ fn narrowed_rbac_is_named_by_verb_and_resource() {
     // It never claims a sync it could not make.
     assert!(!agent.log().contains("synced"), "{}", agent.log());
 }
+
+/// The sum of a metric's samples whose labels hold every one of `labels`.
+fn metric_sum(text: &str, name: &str, labels: &[&str]) -> f64 {
+    text.lines()
+        .filter(|l| l.starts_with(&format!("{name}{{")) && labels.iter().all(|w| l.contains(w)))
+        .filter_map(|l| l.rsplit_once(' ').and_then(|(_, v)| v.parse::<f64>().ok()))
+        .sum()
+}
+
+/// The agent's requests of one verb, as (resource, requestURI), from the API server's audit log.
+fn requests(cp: &ControlPlane, verb: &str, stage: &str) -> Vec<(String, String)> {
+    cp.audit()
+        .iter()
+        .filter(|e| e["verb"] == verb && e["stage"] == stage)
+        .map(|e| (e["objectRef"]["resource"].as_str().unwrap_or("").to_string(), e["requestURI"].as_str().unwrap_or("").to_string()))
+        .collect()
+}
+
+#[test]
+fn initial_lists_come_from_the_watch_cache_in_pages_and_a_410_relists() {
+    let cp = ControlPlane::up();
+    cp.apply_deploy("serviceaccount.yaml");
+    cp.apply_deploy("clusterrole.yaml");
+    // More EndpointSlices than a page holds (500).
+    let slices: Vec<String> = (0..520)
+        .map(|i| format!(r#"{{"apiVersion":"discovery.k8s.io/v1","kind":"EndpointSlice","metadata":{{"name":"bulk-{i}","namespace":"default","labels":{{"kubernetes.io/service-name":"bulk","endpointslice.kubernetes.io/managed-by":"ferry-test"}}}},"addressType":"IPv4","ports":[{{"port":80,"protocol":"TCP"}}],"endpoints":[{{"addresses":["10.201.3.{}"]}}]}}"#, i % 250 + 1))
+        .collect();
+    cp.create_many("/apis/discovery.k8s.io/v1/namespaces/default/endpointslices", &slices);
+    let before = cp.api("GET", "/metrics", None).1;
+    let agent = Agent::start(&cp, &cp.service_account_kubeconfig());
+    agent.wait_synced("services=1 slices=521");
+    let after = cp.api("GET", "/metrics", None).1;
+
+    // Every LIST is paginated and a consistent read (no resourceVersion: served at etcd's
+    // current revision); EndpointSlices took two pages, the second by a continue token.
+    let lists = requests(&cp, "list", "ResponseComplete");
+    for r in ["services", "endpointslices", "nodes", "pods", "namespaces", "networkpolicies"] {
+        assert!(lists.iter().any(|(res, _)| res == r), "no LIST of {r}: {lists:?}");
+    }
+    for (r, uri) in &lists {
+        assert!(uri.contains("limit=500") && !uri.contains("resourceVersion="), "{r}: {uri}");
+    }
+    let slice_lists: Vec<&String> = lists.iter().filter(|(r, _)| r == "endpointslices").map(|(_, u)| u).collect();
+    assert_eq!(slice_lists.len(), 2, "{slice_lists:?}");
+    assert!(!slice_lists[0].contains("continue=") && slice_lists[1].contains("continue="), "{slice_lists:?}");
+    // Both pages came from the watch cache, none from etcd.
+    let from = |m: &str, storage: &str| metric_sum(m, "apiserver_storage_list_total", &["resource=\"endpointslices\"", &format!("storage=\"{storage}\"")]);
+    assert!(from(&after, "watchcache") - from(&before, "watchcache") >= 2.0, "watch cache lists: {} then {}", from(&before, "watchcache"), from(&after, "watchcache"));
+    assert_eq!(from(&after, "etcd"), from(&before, "etcd"), "an EndpointSlice LIST went to etcd");
+    // Every watch asks for bookmarks and resumes from the list's resource version.
+    let watches = requests(&cp, "watch", "ResponseStarted");
+    assert!(watches.len() >= 6, "{watches:?}");
+    for (r, uri) in &watches {
+        assert!(uri.contains("allowWatchBookmarks=true") && uri.contains("resourceVersion=") && !uri.contains("resourceVersion=0&"), "{r}: {uri}");
+    }
+
+    // A restarted API server's watch cache starts at etcd's current revision: a watch resumed
+    // from an older one (a write the agent does not watch moves etcd's revision on) is answered
+    // 410 Gone, and the agent relists.
+    let relists = |m: &str| m.lines().find_map(|l| l.strip_prefix("ferry_watch_relists_total ")).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    let relists_before = relists(&agent.metrics());
+    let (code, body) = cp.api("POST", "/api/v1/namespaces/default/configmaps", Some(r#"{"apiVersion":"v1","kind":"ConfigMap","metadata":{"name":"bump"}}"#));
+    assert_eq!(code, 201, "{body}");
+    let lists_before = requests(&cp, "list", "ResponseComplete").len();
+    cp.restart_apiserver();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !agent.log().contains("too old resource version") {
+        assert!(Instant::now() < deadline, "no 410 within 60 s:\n{}", agent.log());
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let svc = r#"{"apiVersion":"v1","kind":"Service","metadata":{"name":"after","namespace":"default"},"spec":{"clusterIP":"10.96.7.7","ports":[{"port":80}]}}"#;
+    let (code, body) = cp.api("POST", "/api/v1/namespaces/default/services", Some(svc));
+    assert_eq!(code, 201, "{body}");
+    agent.wait_synced("services=2 slices=521");
+    assert!(agent.has_frontend("10.96.7.7", 80), "{}", agent.log());
+    assert!(relists(&agent.metrics()) > relists_before, "{}", agent.metrics());
+    // The relist is again a paginated consistent read.
+    let relisted: Vec<(String, String)> = requests(&cp, "list", "ResponseComplete").split_off(lists_before);
+    assert!(!relisted.is_empty(), "no LIST after the restart");
+    for (r, uri) in &relisted {
+        assert!(uri.contains("limit=500") && !uri.contains("resourceVersion="), "{r}: {uri}");
+    }
+}

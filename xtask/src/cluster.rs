@@ -155,8 +155,16 @@ fn start(root: &Path, bins: &Path) -> Result<()> {
         "--initial-cluster=default=http://127.0.0.1:2380".into(),
         "--log-level=warn".into(),
     ])?;
+    // An audit log of the agent's requests only (the DaemonSet's ServiceAccount): tests read how
+    // it lists and watches (resourceVersion, limit, continue, allowWatchBookmarks).
+    std::fs::write(
+        dir.join("audit-policy.yaml"),
+        "apiVersion: audit.k8s.io/v1\nkind: Policy\nomitStages: [RequestReceived]\nrules:\n- level: Metadata\n  users: [\"system:serviceaccount:kube-system:ferry\"]\n- level: None\n",
+    )?;
     let apiserver = spawn(&ns, &dir.join("kube-apiserver.log"), &[
         b("kube-apiserver"),
+        format!("--audit-policy-file={}", d("audit-policy.yaml")),
+        format!("--audit-log-path={}", d("audit.log")),
         "--etcd-servers=http://127.0.0.1:2379".into(),
         "--bind-address=0.0.0.0".into(),
         format!("--advertise-address={CP_ADDR}"),

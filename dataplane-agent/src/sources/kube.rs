@@ -39,6 +39,27 @@ use super::Objects;
 /// `noHeadlessEndpoints`).
 pub const PROXYABLE: &str = "!service.kubernetes.io/service-proxy-name,!service.kubernetes.io/headless";
 
+/// Objects per LIST page (client-go's pager default, which kube-proxy's reflectors use).
+pub const PAGE_SIZE: u32 = 500;
+
+/// How every reflector lists and watches. Initial lists and relists are paginated (`limit=500`
+/// and `continue` tokens) consistent reads (no `resourceVersion`); watches resume from the last
+/// resource version seen and ask for bookmarks (`allowWatchBookmarks=true`), which keep that
+/// version fresh so that a reconnect rarely needs a relist.
+///
+/// Since Kubernetes 1.31 (ConsistentListFromCache) the API server serves such a consistent list
+/// from its watch cache, and since 1.34 (ListFromCacheSnapshot) its further pages too: etcd is
+/// asked only for its current revision. `resourceVersion=0` (kube-runtime's `any_semantic()`,
+/// client-go's first list) would be served from the cache on older servers as well, but the
+/// cache ignores `limit` for it (one unpaginated answer), kube-core drops `resourceVersion=0`
+/// whenever a page size is set anyway, and a relist at 0 after a 410 may go back in time;
+/// client-go too relists with a consistent read after a 410. Streaming lists (watch with
+/// `sendInitialEvents`, kube-proxy 1.37's default) are not used: kube-runtime does not fall
+/// back to a LIST where the WatchList feature is off (it is in 1.33, and before 1.27).
+pub fn watch_config() -> watcher::Config {
+    watcher::Config::default().page_size(PAGE_SIZE)
+}
+
 /// Counters of the watches, for metrics.
 #[derive(Debug, Default)]
 pub struct WatchStats {
@@ -89,17 +110,17 @@ impl KubeSource {
     pub fn start(client: Client, node: &str, policy: bool) -> KubeSource {
         let changed = Arc::new(Notify::new());
         let stats = Arc::new(WatchStats::default());
-        let selector = watcher::Config::default().labels(PROXYABLE);
+        let selector = watch_config().labels(PROXYABLE);
         let services = spawn_reflector(Api::<Service>::all(client.clone()), selector.clone(), &changed, &stats);
         let slices = spawn_reflector(Api::<EndpointSlice>::all(client.clone()), selector, &changed, &stats);
-        let nodes = spawn_reflector(Api::<Node>::all(client.clone()), watcher::Config::default().fields(&format!("metadata.name={node}")), &changed, &stats);
+        let nodes = spawn_reflector(Api::<Node>::all(client.clone()), watch_config().fields(&format!("metadata.name={node}")), &changed, &stats);
         // NetworkPolicy: every pod's address and labels (peers may be anywhere), namespaces'
         // labels, the policies.
         let policy = policy.then(|| {
             (
-                spawn_reflector(Api::<Pod>::all(client.clone()), watcher::Config::default(), &changed, &stats),
-                spawn_reflector(Api::<Namespace>::all(client.clone()), watcher::Config::default(), &changed, &stats),
-                spawn_reflector(Api::<NetworkPolicy>::all(client), watcher::Config::default(), &changed, &stats),
+                spawn_reflector(Api::<Pod>::all(client.clone()), watch_config(), &changed, &stats),
+                spawn_reflector(Api::<Namespace>::all(client.clone()), watch_config(), &changed, &stats),
+                spawn_reflector(Api::<NetworkPolicy>::all(client), watch_config(), &changed, &stats),
             )
         });
         KubeSource { services, slices, nodes, policy, changed, stats }
