@@ -161,3 +161,60 @@ fn initial_lists_come_from_the_watch_cache_in_pages_and_a_410_relists() {
         assert!(uri.contains("limit=500") && !uri.contains("resourceVersion="), "{r}: {uri}");
     }
 }
+
+#[test]
+fn policies_compile_from_pods_of_the_real_api_server() {
+    let cp = ControlPlane::up();
+    cp.apply_deploy("serviceaccount.yaml");
+    cp.apply_deploy("clusterrole.yaml");
+    let ns = r#"{"apiVersion":"v1","kind":"Namespace","metadata":{"name":"shop","labels":{"team":"shop"}}}"#;
+    assert_eq!(cp.api("POST", "/api/v1/namespaces", Some(ns)).0, 201);
+    // Pods as a kubelet would leave them: the spec from the user, the status (phase,
+    // addresses) written to the status subresource.
+    let pod = |name: &str, app: &str, node: &str, ip: &str| {
+        let spec = format!(r#"{{"apiVersion":"v1","kind":"Pod","metadata":{{"name":"{name}","namespace":"shop","labels":{{"app":"{app}"}}}},"spec":{{"nodeName":"{node}","containers":[{{"name":"c","image":"nginx","ports":[{{"name":"http","containerPort":8080}}]}}]}}}}"#);
+        // The namespace's default ServiceAccount (admission needs it) comes from the controller manager.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let (code, body) = cp.api("POST", "/api/v1/namespaces/shop/pods", Some(&spec));
+            if code == 201 {
+                break;
+            }
+            assert!(Instant::now() < deadline && body.contains("serviceaccount"), "{name}: {code} {body}");
+            std::thread::sleep(Duration::from_millis(300));
+        }
+        let status = format!(r#"{{"status":{{"phase":"Running","podIP":"{ip}","podIPs":[{{"ip":"{ip}"}}]}}}}"#);
+        let (code, body) = cp.api_as("PATCH", &format!("/api/v1/namespaces/shop/pods/{name}/status"), Some(&status), "application/merge-patch+json");
+        assert_eq!(code, 200, "{body}");
+    };
+    pod("server", "server", "cp1", "10.201.0.10");
+    pod("client", "client", "other", "10.201.1.10");
+    let np = r#"{"apiVersion":"networking.k8s.io/v1","kind":"NetworkPolicy","metadata":{"name":"server-in","namespace":"shop"},"spec":{"podSelector":{"matchLabels":{"app":"server"}},"ingress":[{"from":[{"podSelector":{"matchLabels":{"app":"client"}}}],"ports":[{"port":"http"}]}]}}"#;
+    let (code, body) = cp.api("POST", "/apis/networking.k8s.io/v1/namespaces/shop/networkpolicies", Some(np));
+    assert_eq!(code, 201, "{body}");
+
+    let agent = Agent::start(&cp, &cp.service_account_kubeconfig());
+    agent.wait_synced("policies=1");
+    let identity = |ip: &str| {
+        let maps = dataplane_agent::bpf::BpfMaps::from_pins(&agent.pin).expect("pinned maps");
+        maps.pol_ipcache.get(&aya::maps::lpm_trie::Key::new(32, u32::from_ne_bytes(ip.parse::<std::net::Ipv4Addr>().unwrap().octets())), 0).ok()
+    };
+    // Each pod has an identity of its own (namespace and labels) in the ipcache.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while identity("10.201.0.10").is_none() || identity("10.201.1.10").is_none() {
+        assert!(Instant::now() < deadline, "the pods' addresses are not in the ipcache:\n{}", agent.log());
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let (server, client) = (identity("10.201.0.10").unwrap(), identity("10.201.1.10").unwrap());
+    assert!(server >= dataplane_common::identity::FIRST && client >= dataplane_common::identity::FIRST && server != client, "{server} {client}");
+    assert!(!agent.log().contains("untranslated"), "the named port resolved from the pod's container ports:\n{}", agent.log());
+    // A deleted pod leaves the ipcache.
+    let (code, body) = cp.api("DELETE", "/api/v1/namespaces/shop/pods/client?gracePeriodSeconds=0", None);
+    assert_eq!(code, 200, "{body}");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while identity("10.201.1.10").is_some() {
+        assert!(Instant::now() < deadline, "the deleted pod stays in the ipcache:\n{}", agent.log());
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(identity("10.201.0.10"), Some(server));
+}

@@ -16,9 +16,9 @@ use std::{
     },
 };
 
-use futures::StreamExt;
+use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::api::{
-    core::v1::{Namespace, Node, Pod, Service},
+    core::v1::{Namespace, Node, Service},
     discovery::v1::EndpointSlice,
     networking::v1::NetworkPolicy,
 };
@@ -33,7 +33,7 @@ use kube::{
 use tokio::sync::Notify;
 use tracing::{info, warn};
 
-use super::Objects;
+use super::{pod::Pod, Objects};
 
 /// kube-proxy's selector for Services and EndpointSlices (pkg/proxy: `noProxyName` and
 /// `noHeadlessEndpoints`).
@@ -163,7 +163,10 @@ where
     let kind = K::kind(&Default::default()).to_string();
     let (changed, stats) = (changed.clone(), stats.clone());
     tokio::spawn(async move {
-        let mut stream = reflector::reflector(writer, watcher(api, cfg)).default_backoff().boxed();
+        // managedFields are never read (kube-proxy's informers trim them too); Pods are read
+        // into a type of their own that keeps only what the policy compiler reads.
+        let stripped = watcher(api, cfg).map_ok(|ev| ev.modify(|o| o.meta_mut().managed_fields = None));
+        let mut stream = reflector::reflector(writer, stripped).default_backoff().boxed();
         while let Some(ev) = stream.next().await {
             match ev {
                 Ok(watcher::Event::Init | watcher::Event::InitApply(_)) => {}

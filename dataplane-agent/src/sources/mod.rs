@@ -2,9 +2,10 @@
 //! `model::translate` turns into the desired datapath state.
 pub mod kube;
 pub mod manifests;
+pub mod pod;
 
 use k8s_openapi::api::{
-    core::v1::{Namespace, Node, Pod, Service},
+    core::v1::{Namespace, Node, Service},
     discovery::v1::EndpointSlice,
     networking::v1::NetworkPolicy,
 };
@@ -16,8 +17,9 @@ pub struct Objects {
     pub endpoint_slices: Vec<EndpointSlice>,
     /// Node objects: this node's own gives its zone (EndpointSlice zone hints).
     pub nodes: Vec<Node>,
-    /// For NetworkPolicy: every pod (addresses and labels), namespaces (labels), the policies.
-    pub pods: Vec<Pod>,
+    /// For NetworkPolicy: every pod (addresses and labels, only what the compiler reads: see
+    /// [`pod::Pod`]), namespaces (labels), the policies.
+    pub pods: Vec<pod::Pod>,
     pub namespaces: Vec<Namespace>,
     pub network_policies: Vec<NetworkPolicy>,
 }
