@@ -158,16 +158,23 @@ pub struct Agent {
 }
 
 impl Agent {
+    /// The agent as node `cp1`, with the test's flags.
     pub fn start(cp: &ControlPlane, kubeconfig: &Path) -> Agent {
+        let mut args: Vec<String> = ["--service-cidr", "10.96.0.0/16", "--cluster-cidr", "10.201.0.0/16", "--kubeconfig"].map(String::from).into();
+        args.push(kubeconfig.display().to_string());
+        Agent::start_args(cp, &args)
+    }
+
+    /// The agent with `args` after the ones every test needs (node, interfaces, endpoints).
+    pub fn start_args(cp: &ControlPlane, args: &[String]) -> Agent {
         let pin = PathBuf::from(format!("/sys/fs/bpf/ferry-api-{}", crate::lab::run_id()));
         let log = cp.dir.path.join("agent.log");
         let child = Command::new("nsenter")
             .arg(format!("--net=/run/netns/{}", cp.ns))
             .arg(crate::lab::agent_bin())
             .args(["run", "--node", "cp1", "--node-ip", "10.250.0.1", "--cgroup", "none", "--external-interfaces", "nomatch*", "--pod-interfaces", "nomatch*"])
-            .args(["--healthz-bind-address", "", "--metrics-bind-address", "127.0.0.1:10249", "--service-cidr", "10.96.0.0/16", "--cluster-cidr", "10.201.0.0/16"])
-            .arg("--kubeconfig")
-            .arg(kubeconfig)
+            .args(["--healthz-bind-address", "", "--metrics-bind-address", "127.0.0.1:10249"])
+            .args(args)
             .arg("--pin-dir")
             .arg(&pin)
             .stdout(std::fs::File::create(&log).unwrap())
@@ -199,6 +206,14 @@ impl Agent {
     pub fn metrics(&self) -> String {
         let out = Command::new("nsenter").arg(format!("--net=/run/netns/{}", self.ns)).args(["curl", "-s", "--max-time", "5", "http://127.0.0.1:10249/metrics"]).output().unwrap();
         String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// The service CIDRs in the datapath's map.
+    pub fn service_cidrs(&self) -> Vec<String> {
+        let maps = dataplane_agent::bpf::BpfMaps::from_pins(&self.pin).expect("pinned maps");
+        let mut out: Vec<String> = maps.service_cidrs.iter().flatten().map(|(k, _)| format!("{}/{}", Ipv4Addr::from(k.data().to_ne_bytes()), k.prefix_len())).collect();
+        out.sort();
+        out
     }
 
     pub fn has_frontend(&self, addr: &str, port: u16) -> bool {

@@ -79,6 +79,22 @@ fn narrowed_rbac_is_named_by_verb_and_resource() {
     assert!(!agent.log().contains("synced"), "{}", agent.log());
 }
 
+/// Waits (at most `secs`) until `done`; else fails with `why()`.
+fn wait_until(secs: u64, mut done: impl FnMut() -> bool, why: impl Fn() -> String) {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    while !done() {
+        assert!(Instant::now() < deadline, "within {secs} s: {}", why());
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// Creates a ClusterIP Service `name` at `ip`, port 80.
+fn create_service(cp: &ControlPlane, name: &str, ip: &str) {
+    let svc = format!(r#"{{"apiVersion":"v1","kind":"Service","metadata":{{"name":"{name}","namespace":"default"}},"spec":{{"clusterIP":"{ip}","ports":[{{"port":80}}]}}}}"#);
+    let (code, body) = cp.api("POST", "/api/v1/namespaces/default/services", Some(&svc));
+    assert_eq!(code, 201, "Service {name} at {ip}: {body}");
+}
+
 /// The sum of a metric's samples whose labels hold every one of `labels`.
 fn metric_sum(text: &str, name: &str, labels: &[&str]) -> f64 {
     text.lines()
@@ -113,8 +129,12 @@ fn initial_lists_come_from_the_watch_cache_in_pages_and_a_410_relists() {
 
     // Every LIST is paginated and a consistent read (no resourceVersion: served at etcd's
     // current revision); EndpointSlices took two pages, the second by a continue token.
-    let lists = requests(&cp, "list", "ResponseComplete");
-    for r in ["services", "endpointslices", "nodes", "pods", "namespaces", "networkpolicies"] {
+    let mut lists = requests(&cp, "list", "ResponseComplete");
+    // Besides the one-object LIST that asks whether ServiceCIDRs can be read.
+    let probe = "/apis/networking.k8s.io/v1/servicecidrs?&limit=1";
+    assert_eq!(lists.iter().filter(|(_, uri)| uri == probe).count(), 1, "{lists:?}");
+    lists.retain(|(_, uri)| uri != probe);
+    for r in ["services", "endpointslices", "nodes", "pods", "namespaces", "networkpolicies", "servicecidrs"] {
         assert!(lists.iter().any(|(res, _)| res == r), "no LIST of {r}: {lists:?}");
     }
     for (r, uri) in &lists {
@@ -129,7 +149,7 @@ fn initial_lists_come_from_the_watch_cache_in_pages_and_a_410_relists() {
     assert_eq!(from(&after, "etcd"), from(&before, "etcd"), "an EndpointSlice LIST went to etcd");
     // Every watch asks for bookmarks and resumes from the list's resource version.
     let watches = requests(&cp, "watch", "ResponseStarted");
-    assert!(watches.len() >= 6, "{watches:?}");
+    assert!(watches.len() >= 7, "{watches:?}");
     for (r, uri) in &watches {
         assert!(uri.contains("allowWatchBookmarks=true") && uri.contains("resourceVersion=") && !uri.contains("resourceVersion=0&"), "{r}: {uri}");
     }
@@ -143,14 +163,8 @@ fn initial_lists_come_from_the_watch_cache_in_pages_and_a_410_relists() {
     assert_eq!(code, 201, "{body}");
     let lists_before = requests(&cp, "list", "ResponseComplete").len();
     cp.restart_apiserver();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while !agent.log().contains("too old resource version") {
-        assert!(Instant::now() < deadline, "no 410 within 60 s:\n{}", agent.log());
-        std::thread::sleep(Duration::from_millis(200));
-    }
-    let svc = r#"{"apiVersion":"v1","kind":"Service","metadata":{"name":"after","namespace":"default"},"spec":{"clusterIP":"10.96.7.7","ports":[{"port":80}]}}"#;
-    let (code, body) = cp.api("POST", "/api/v1/namespaces/default/services", Some(svc));
-    assert_eq!(code, 201, "{body}");
+    wait_until(60, || agent.log().contains("too old resource version"), || format!("no 410:\n{}", agent.log()));
+    create_service(&cp, "after", "10.96.7.7");
     agent.wait_synced("services=2 slices=521");
     assert!(agent.has_frontend("10.96.7.7", 80), "{}", agent.log());
     assert!(relists(&agent.metrics()) > relists_before, "{}", agent.metrics());
@@ -200,21 +214,49 @@ fn policies_compile_from_pods_of_the_real_api_server() {
         maps.pol_ipcache.get(&aya::maps::lpm_trie::Key::new(32, u32::from_ne_bytes(ip.parse::<std::net::Ipv4Addr>().unwrap().octets())), 0).ok()
     };
     // Each pod has an identity of its own (namespace and labels) in the ipcache.
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while identity("10.201.0.10").is_none() || identity("10.201.1.10").is_none() {
-        assert!(Instant::now() < deadline, "the pods' addresses are not in the ipcache:\n{}", agent.log());
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    wait_until(30, || identity("10.201.0.10").is_some() && identity("10.201.1.10").is_some(), || format!("the pods' addresses are not in the ipcache:\n{}", agent.log()));
     let (server, client) = (identity("10.201.0.10").unwrap(), identity("10.201.1.10").unwrap());
     assert!(server >= dataplane_common::identity::FIRST && client >= dataplane_common::identity::FIRST && server != client, "{server} {client}");
     assert!(!agent.log().contains("untranslated"), "the named port resolved from the pod's container ports:\n{}", agent.log());
     // A deleted pod leaves the ipcache.
     let (code, body) = cp.api("DELETE", "/api/v1/namespaces/shop/pods/client?gracePeriodSeconds=0", None);
     assert_eq!(code, 200, "{body}");
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while identity("10.201.1.10").is_some() {
-        assert!(Instant::now() < deadline, "the deleted pod stays in the ipcache:\n{}", agent.log());
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    wait_until(30, || identity("10.201.1.10").is_none(), || format!("the deleted pod stays in the ipcache:\n{}", agent.log()));
     assert_eq!(identity("10.201.0.10"), Some(server));
+}
+
+#[test]
+fn service_cidr_objects_are_service_ranges() {
+    let cp = ControlPlane::up();
+    cp.apply_deploy("serviceaccount.yaml");
+    cp.apply_deploy("clusterrole.yaml");
+    // No --service-cidr: the API server's own ServiceCIDR (`kubernetes`, from its
+    // --service-cluster-ip-range) gives the range.
+    let kubeconfig = cp.service_account_kubeconfig().display().to_string();
+    let agent = Agent::start_args(&cp, &["--cluster-cidr".into(), "10.201.0.0/16".into(), "--kubeconfig".into(), kubeconfig]);
+    agent.wait_synced("services=1");
+    assert_eq!(agent.service_cidrs(), ["10.96.0.0/16"], "{}", agent.log());
+
+    // A range added: a Service can take an address in it, and both are in the datapath.
+    let sc = r#"{"apiVersion":"networking.k8s.io/v1","kind":"ServiceCIDR","metadata":{"name":"extra"},"spec":{"cidrs":["10.97.0.0/24"]}}"#;
+    let (code, body) = cp.api("POST", "/apis/networking.k8s.io/v1/servicecidrs", Some(sc));
+    assert_eq!(code, 201, "{body}");
+    // kube-controller-manager's service-cidr-controller puts its finalizer on it (`cluster up`
+    // returns once the API server is ready, and the controller may start seconds later; the
+    // API server allocates from a range without it, and lets it be deleted at once).
+    wait_until(60, || cp.api("GET", "/apis/networking.k8s.io/v1/servicecidrs/extra", None).1.contains("networking.k8s.io/service-cidr-finalizer"), || "no finalizer on the ServiceCIDR".into());
+    create_service(&cp, "extra", "10.97.0.10");
+    agent.wait_synced("services=2");
+    assert!(agent.has_frontend("10.97.0.10", 80), "{}", agent.log());
+    assert_eq!(agent.service_cidrs(), ["10.96.0.0/16", "10.97.0.0/24"], "{}", agent.log());
+    assert!(agent.log().contains("extra 10.97.0.0/24"), "the change is logged:\n{}", agent.log());
+
+    // Deleted: its finalizer holds it while the Service has its address; then it goes.
+    assert_eq!(cp.api("DELETE", "/apis/networking.k8s.io/v1/servicecidrs/extra", None).0, 200);
+    std::thread::sleep(Duration::from_secs(1));
+    let (code, body) = cp.api("GET", "/apis/networking.k8s.io/v1/servicecidrs/extra", None);
+    assert!(code == 200 && body.contains("deletionTimestamp"), "held by its finalizer: {code} {body}");
+    assert_eq!(agent.service_cidrs(), ["10.96.0.0/16", "10.97.0.0/24"], "{}", agent.log());
+    assert_eq!(cp.api("DELETE", "/api/v1/namespaces/default/services/extra", None).0, 200);
+    wait_until(60, || agent.service_cidrs() == ["10.96.0.0/16"], || format!("the deleted ServiceCIDR stays in the map: {:?}\n{}", agent.service_cidrs(), agent.log()));
 }

@@ -169,7 +169,8 @@ pub struct RunArgs {
     #[arg(long, env = "FERRY_CGROUP")]
     pub cgroup: Option<String>,
     /// Service CIDRs (kube-apiserver's --service-cluster-ip-range): an address in them that no
-    /// Service holds is dropped. Comma-separated.
+    /// Service holds is dropped. Comma-separated. With the API server, the ranges of the
+    /// ServiceCIDR objects (networking.k8s.io/v1) are added to them.
     #[arg(long = "service-cidr", env = "FERRY_SERVICE_CIDRS", value_delimiter = ',')]
     pub service_cidrs: Vec<String>,
     /// The pods' CIDR range in the cluster (kube-proxy's flag; one per family, comma-separated,

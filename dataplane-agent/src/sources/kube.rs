@@ -1,6 +1,6 @@
 //! The API-server source: reflectors (kube-runtime watchers feeding local stores) for Services,
-//! EndpointSlices, this node's Node object, and for NetworkPolicy Pods, Namespaces and
-//! NetworkPolicies. Every watch event wakes the agent, which then
+//! EndpointSlices, this node's Node object, ServiceCIDRs, and for NetworkPolicy Pods, Namespaces
+//! and NetworkPolicies. Every watch event wakes the agent, which then
 //! translates the stores' contents and lets the reconciler write only what differs from the maps.
 //! A relist (a watch that expired with 410 Gone, or a reconnect) replaces a store's contents
 //! atomically at its end, so it too becomes a diff, never a flush.
@@ -20,10 +20,10 @@ use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::api::{
     core::v1::{Namespace, Node, Service},
     discovery::v1::EndpointSlice,
-    networking::v1::NetworkPolicy,
+    networking::v1::{NetworkPolicy, ServiceCIDR},
 };
 use kube::{
-    api::Api,
+    api::{Api, ListParams},
     runtime::{
         reflector::{self, Store},
         watcher, WatchStreamExt,
@@ -80,6 +80,9 @@ pub struct KubeSource {
     /// Pods, Namespaces and NetworkPolicies: `None` with `--enable-network-policy=false`
     /// (nothing of them is listed or watched).
     policy: Option<(Store<Pod>, Store<Namespace>, Store<NetworkPolicy>)>,
+    /// ServiceCIDR objects: `None` where the API server has none (before 1.33, or the feature
+    /// off) or the agent may not list them (a ClusterRole from before): --service-cidr alone.
+    service_cidrs: Option<Store<ServiceCIDR>>,
     pub changed: Arc<Notify>,
     pub stats: Arc<WatchStats>,
 }
@@ -107,13 +110,27 @@ pub async fn client(kubeconfig: Option<&Path>, master: Option<&str>) -> anyhow::
 impl KubeSource {
     /// Starts the watches. `node` is this node's name: only its Node object is watched.
     /// `policy`: also Pods, Namespaces and NetworkPolicies.
-    pub fn start(client: Client, node: &str, policy: bool) -> KubeSource {
+    pub async fn start(client: Client, node: &str, policy: bool) -> KubeSource {
         let changed = Arc::new(Notify::new());
         let stats = Arc::new(WatchStats::default());
         let selector = watch_config().labels(PROXYABLE);
         let services = spawn_reflector(Api::<Service>::all(client.clone()), selector.clone(), &changed, &stats);
         let slices = spawn_reflector(Api::<EndpointSlice>::all(client.clone()), selector, &changed, &stats);
         let nodes = spawn_reflector(Api::<Node>::all(client.clone()), watch_config().fields(&format!("metadata.name={node}")), &changed, &stats);
+        // ServiceCIDRs only where they can be read: an older API server or ClusterRole must not
+        // hold the first sync back forever.
+        let cidrs = Api::<ServiceCIDR>::all(client.clone());
+        let service_cidrs = match cidrs.list(&ListParams::default().limit(1)).await {
+            Ok(_) => Some(spawn_reflector(cidrs, watch_config(), &changed, &stats)),
+            Err(kube::Error::Api(s)) if s.code == 404 => {
+                info!("the API server serves no ServiceCIDR objects (networking.k8s.io/v1, Kubernetes 1.33 and later): the service CIDRs are --service-cidr's alone");
+                None
+            }
+            Err(e) => {
+                warn!(error = %e, "ServiceCIDR objects (networking.k8s.io/v1 servicecidrs) cannot be listed (the ClusterRole needs list and watch on them): the service CIDRs are --service-cidr's alone");
+                None
+            }
+        };
         // NetworkPolicy: every pod's address and labels (peers may be anywhere), namespaces'
         // labels, the policies.
         let policy = policy.then(|| {
@@ -123,7 +140,7 @@ impl KubeSource {
                 spawn_reflector(Api::<NetworkPolicy>::all(client), watch_config(), &changed, &stats),
             )
         });
-        KubeSource { services, slices, nodes, policy, changed, stats }
+        KubeSource { services, slices, nodes, policy, service_cidrs, changed, stats }
     }
 
     /// Waits until every store holds its initial list.
@@ -131,6 +148,9 @@ impl KubeSource {
         let _ = self.services.wait_until_ready().await;
         let _ = self.slices.wait_until_ready().await;
         let _ = self.nodes.wait_until_ready().await;
+        if let Some(cidrs) = &self.service_cidrs {
+            let _ = cidrs.wait_until_ready().await;
+        }
         if let Some((pods, namespaces, policies)) = &self.policy {
             let _ = pods.wait_until_ready().await;
             let _ = namespaces.wait_until_ready().await;
@@ -150,6 +170,7 @@ impl KubeSource {
             pods: self.policy.as_ref().map(|p| own(p.0.state())).unwrap_or_default(),
             namespaces: self.policy.as_ref().map(|p| own(p.1.state())).unwrap_or_default(),
             network_policies: self.policy.as_ref().map(|p| own(p.2.state())).unwrap_or_default(),
+            service_cidrs: self.service_cidrs.as_ref().map(|s| own(s.state())).unwrap_or_default(),
         }
     }
 }
