@@ -260,3 +260,36 @@ fn service_cidr_objects_are_service_ranges() {
     assert_eq!(cp.api("DELETE", "/api/v1/namespaces/default/services/extra", None).0, 200);
     wait_until(60, || agent.service_cidrs() == ["10.96.0.0/16"], || format!("the deleted ServiceCIDR stays in the map: {:?}\n{}", agent.service_cidrs(), agent.log()));
 }
+
+#[test]
+fn a_kube_proxy_configuration_file_runs_the_agent() {
+    let cp = ControlPlane::up();
+    cp.apply_deploy("serviceaccount.yaml");
+    cp.apply_deploy("clusterrole.yaml");
+    // kube-proxy's file: the API server through clientConnection.kubeconfig, fields Ferry does
+    // not use (named in one warning), a proxy mode (Ferry is the proxy).
+    let file = cp.dir.path.join("kube-proxy.yaml");
+    let text = format!(
+        "apiVersion: kubeproxy.config.k8s.io/v1alpha1\nkind: KubeProxyConfiguration\nclientConnection:\n  kubeconfig: {}\n  qps: 50\nclusterCIDR: 10.201.0.0/16\nbindAddress: 10.250.0.1\nhealthzBindAddress: \"\"\nmetricsBindAddress: 127.0.0.1:10249\nmode: ipvs\nipvs: {{scheduler: rr}}\nconfigSyncPeriod: 15m0s\nnftables: {{minSyncPeriod: 0s}}\n",
+        cp.service_account_kubeconfig().display()
+    );
+    std::fs::write(&file, text).unwrap();
+    let agent = Agent::start_args(&cp, &["--config".into(), file.display().to_string()]);
+    agent.wait_synced("services=1 slices=1");
+    assert!(agent.has_frontend("10.96.0.1", 443), "{}", agent.log());
+    assert!(agent.metrics().contains("kubeproxy_sync_proxy_rules_last_timestamp_seconds"), "metricsBindAddress serves");
+    let log = agent.log();
+    let warnings: Vec<&str> = log.lines().filter(|l| l.contains("fields Ferry does not use")).collect();
+    assert_eq!(warnings.len(), 1, "{log}");
+    assert!(warnings[0].contains("clientConnection.qps, ipvs.scheduler, configSyncPeriod") && !warnings[0].contains("minSyncPeriod"), "{}", warnings[0]);
+    // The test's own --node-ip and --healthz-bind-address are ignored, as kube-proxy ignores
+    // flags the file carries; --node (--hostname-override) beats the file.
+    assert!(log.lines().any(|l| l.contains("which are ignored") && l.contains("--node-ip, --healthz-bind-address")), "{log}");
+    assert!(log.contains("mode \\\"ipvs\\\" is ignored: Ferry is the proxy") || log.contains("mode \"ipvs\" is ignored: Ferry is the proxy"), "{log}");
+
+    // A typo is refused, naming the file and the field.
+    std::fs::write(&file, "apiVersion: kubeproxy.config.k8s.io/v1alpha1\nkind: KubeProxyConfiguration\nclusterCidr: 10.201.0.0/16\n").unwrap();
+    let out = Command::new(bpf_tests::lab::agent_bin()).args(["run", "--cgroup", "none", "--config"]).arg(&file).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains(&format!("--config {}: clusterCidr: unknown field `clusterCidr`", file.display())), "{err}");
+}
