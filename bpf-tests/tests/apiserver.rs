@@ -241,9 +241,8 @@ fn service_cidr_objects_are_service_ranges() {
     let sc = r#"{"apiVersion":"networking.k8s.io/v1","kind":"ServiceCIDR","metadata":{"name":"extra"},"spec":{"cidrs":["10.97.0.0/24"]}}"#;
     let (code, body) = cp.api("POST", "/apis/networking.k8s.io/v1/servicecidrs", Some(sc));
     assert_eq!(code, 201, "{body}");
-    // kube-controller-manager's service-cidr-controller puts its finalizer on it (`cluster up`
-    // returns once the API server is ready, and the controller may start seconds later; the
-    // API server allocates from a range without it, and lets it be deleted at once).
+    // kube-controller-manager's service-cidr-controller puts its finalizer on it (the API
+    // server allocates from a range without one already, and would let it be deleted at once).
     wait_until(60, || cp.api("GET", "/apis/networking.k8s.io/v1/servicecidrs/extra", None).1.contains("networking.k8s.io/service-cidr-finalizer"), || "no finalizer on the ServiceCIDR".into());
     create_service(&cp, "extra", "10.97.0.10");
     agent.wait_synced("services=2");

@@ -209,6 +209,15 @@ fn start(root: &Path, bins: &Path) -> Result<()> {
         }
         std::thread::sleep(Duration::from_millis(500));
     }
+    // That slice is kube-apiserver's own (its endpoint reconciler writes it), so it does not
+    // show the controller manager's controllers running: the finalizer its
+    // service-cidr-controller puts on the default ServiceCIDR does (they start together).
+    while !get(&ns, &pki, "/apis/networking.k8s.io/v1/servicecidrs/kubernetes").is_some_and(|s| s.contains("networking.k8s.io/service-cidr-finalizer")) {
+        if Instant::now() > deadline {
+            bail!("kube-controller-manager's controllers did not start within 60 s; its log: {}", d("kube-controller-manager.log"));
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
     println!(
         "cluster: etcd, kube-apiserver and kube-controller-manager up in network namespace {ns} (API server https://127.0.0.1:6443 there, and {CP_ADDR}:6443)\nkubeconfig: {}\n(use it inside the namespace: ip netns exec {ns} ...; cargo xtask cluster down stops it)",
         d("admin.kubeconfig")
