@@ -4,6 +4,7 @@
 //! against it as the DaemonSet's ServiceAccount.
 use std::{
     net::Ipv4Addr,
+    os::unix::process::CommandExt,
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     time::{Duration, Instant},
@@ -72,6 +73,60 @@ impl ControlPlane {
         path
     }
 
+    /// POSTs each body to `path` as the admin, a hundred requests per curl; asserts every one
+    /// was created.
+    pub fn create_many(&self, path: &str, bodies: &[String]) {
+        let pki = self.dir.path.join("pki");
+        for chunk in bodies.chunks(100) {
+            let mut cmd = Command::new("nsenter");
+            cmd.arg(format!("--net=/run/netns/{}", self.ns)).arg("curl");
+            for (i, b) in chunk.iter().enumerate() {
+                if i > 0 {
+                    cmd.arg("--next");
+                }
+                cmd.args(["-s", "-o", "/dev/null", "-w", "%{http_code}\n", "--max-time", "10", "--cacert"]).arg(pki.join("ca.crt"));
+                cmd.arg("--cert").arg(pki.join("admin.crt")).arg("--key").arg(pki.join("admin.key"));
+                cmd.args(["-H", "Content-Type: application/json", "--data-binary", b]).arg(format!("https://127.0.0.1:6443{path}"));
+            }
+            let out = cmd.output().expect("curl");
+            let codes = String::from_utf8_lossy(&out.stdout).into_owned();
+            assert_eq!(codes.lines().filter(|c| *c == "201").count(), chunk.len(), "POST {path}: {codes}");
+        }
+    }
+
+    /// The audit log's events (one JSON object a line): the agent's requests, as the API server
+    /// saw them.
+    pub fn audit(&self) -> Vec<serde_json::Value> {
+        let text = std::fs::read_to_string(self.dir.path.join("audit.log")).unwrap_or_default();
+        text.lines().filter_map(|l| serde_json::from_str(l).ok()).collect()
+    }
+
+    /// Kills kube-apiserver and starts it again with the same command line (its watch cache
+    /// starts afresh at etcd's current revision); waits (at most 120 s) until it is ready.
+    pub fn restart_apiserver(&self) {
+        let pids = std::fs::read_to_string(self.dir.path.join("pids")).unwrap();
+        let mut pids: Vec<i32> = pids.lines().map(|l| l.trim().parse().unwrap()).collect();
+        // `ip netns exec` execs the binary: the pid is kube-apiserver's, its command line too.
+        let cmdline = std::fs::read(format!("/proc/{}/cmdline", pids[1])).unwrap();
+        let args: Vec<String> = cmdline.split(|b| *b == 0).filter(|a| !a.is_empty()).map(|a| String::from_utf8_lossy(a).into_owned()).collect();
+        assert!(args[0].ends_with("kube-apiserver"), "{args:?}");
+        unsafe { libc::kill(-pids[1], libc::SIGKILL) };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Path::new(&format!("/proc/{}", pids[1])).exists() {
+            assert!(Instant::now() < deadline, "kube-apiserver did not die");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let log = std::fs::File::options().append(true).open(self.dir.path.join("kube-apiserver.log")).unwrap();
+        let child = Command::new("ip").args(["netns", "exec", &self.ns]).args(&args).stdin(Stdio::null()).stdout(log.try_clone().unwrap()).stderr(log).process_group(0).spawn().unwrap();
+        pids[1] = child.id() as i32;
+        std::fs::write(self.dir.path.join("pids"), pids.iter().map(|p| format!("{p}\n")).collect::<String>()).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while self.api("GET", "/readyz", None).0 != 200 {
+            assert!(Instant::now() < deadline, "kube-apiserver not ready again within 120 s");
+            std::thread::sleep(Duration::from_millis(300));
+        }
+    }
+
     pub fn api_as(&self, method: &str, path: &str, body: Option<&str>, content_type: &str) -> (u16, String) {
         let pki = self.dir.path.join("pki");
         let mut cmd = Command::new("nsenter");
@@ -103,16 +158,23 @@ pub struct Agent {
 }
 
 impl Agent {
+    /// The agent as node `cp1`, with the test's flags.
     pub fn start(cp: &ControlPlane, kubeconfig: &Path) -> Agent {
+        let mut args: Vec<String> = ["--service-cidr", "10.96.0.0/16", "--cluster-cidr", "10.201.0.0/16", "--kubeconfig"].map(String::from).into();
+        args.push(kubeconfig.display().to_string());
+        Agent::start_args(cp, &args)
+    }
+
+    /// The agent with `args` after the ones every test needs (node, interfaces, endpoints).
+    pub fn start_args(cp: &ControlPlane, args: &[String]) -> Agent {
         let pin = PathBuf::from(format!("/sys/fs/bpf/ferry-api-{}", crate::lab::run_id()));
         let log = cp.dir.path.join("agent.log");
         let child = Command::new("nsenter")
             .arg(format!("--net=/run/netns/{}", cp.ns))
             .arg(crate::lab::agent_bin())
             .args(["run", "--node", "cp1", "--node-ip", "10.250.0.1", "--cgroup", "none", "--external-interfaces", "nomatch*", "--pod-interfaces", "nomatch*"])
-            .args(["--healthz-bind-address", "", "--metrics-bind-address", "127.0.0.1:10249", "--service-cidr", "10.96.0.0/16", "--cluster-cidr", "10.201.0.0/16"])
-            .arg("--kubeconfig")
-            .arg(kubeconfig)
+            .args(["--healthz-bind-address", "", "--metrics-bind-address", "127.0.0.1:10249"])
+            .args(args)
             .arg("--pin-dir")
             .arg(&pin)
             .stdout(std::fs::File::create(&log).unwrap())
@@ -144,6 +206,14 @@ impl Agent {
     pub fn metrics(&self) -> String {
         let out = Command::new("nsenter").arg(format!("--net=/run/netns/{}", self.ns)).args(["curl", "-s", "--max-time", "5", "http://127.0.0.1:10249/metrics"]).output().unwrap();
         String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// The service CIDRs in the datapath's map.
+    pub fn service_cidrs(&self) -> Vec<String> {
+        let maps = dataplane_agent::bpf::BpfMaps::from_pins(&self.pin).expect("pinned maps");
+        let mut out: Vec<String> = maps.service_cidrs.iter().flatten().map(|(k, _)| format!("{}/{}", Ipv4Addr::from(k.data().to_ne_bytes()), k.prefix_len())).collect();
+        out.sort();
+        out
     }
 
     pub fn has_frontend(&self, addr: &str, port: u16) -> bool {

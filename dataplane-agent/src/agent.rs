@@ -311,7 +311,7 @@ pub async fn run(mut cfg: RunConfig) -> anyhow::Result<()> {
         SourceConfig::Manifests { path, .. } => Source::Manifests { path: path.clone(), last: None, reading: None },
         SourceConfig::Kube { kubeconfig, master } => {
             let client = crate::sources::kube::client(kubeconfig.as_deref(), master.as_deref()).await?;
-            Source::Kube(KubeSource::start(client, &cfg.node.name, cfg.network_policy))
+            Source::Kube(KubeSource::start(client, &cfg.node.name, cfg.network_policy).await)
         }
     };
     let watch = match &source {
@@ -385,6 +385,7 @@ pub async fn run(mut cfg: RunConfig) -> anyhow::Result<()> {
         SourceConfig::Kube { .. } => Duration::from_secs(3600),
     });
     let mut recheck = tokio::time::interval(Duration::from_secs(10));
+    let mut service_ranges = BTreeSet::new();
     loop {
         if let Some((mut objs, errors)) = pending.take() {
             if !cfg.network_policy {
@@ -404,7 +405,13 @@ pub async fn run(mut cfg: RunConfig) -> anyhow::Result<()> {
             // Host traffic into pods leaves from any of the node's addresses (a bridge gateway
             // as often as the node IP): all of them are the node for NetworkPolicy; re-read at
             // every sync, and a change of addresses or routes triggers one.
-            pol.host_ips = attach::host_addresses(&attach::local_addresses(), &cfg.service_cidrs);
+            let (ranges, _) = objs.service_ranges(&cfg.service_cidrs);
+            if ranges != service_ranges {
+                let objects: Vec<String> = objs.service_cidrs.iter().map(|sc| format!("{} {}", sc.metadata.name.as_deref().unwrap_or(""), sc.spec.as_ref().and_then(|s| s.cidrs.clone()).unwrap_or_default().join(","))).collect();
+                info!(service_cidrs = %ranges.iter().map(|c| c.to_string()).collect::<Vec<_>>().join(","), flag = %cfg.service_cidrs.iter().map(|c| c.to_string()).collect::<Vec<_>>().join(","), objects = %objects.join("; "), "service CIDRs (--service-cidr and the ServiceCIDR objects)");
+                service_ranges = ranges;
+            }
+            pol.host_ips = attach::host_addresses(&attach::local_addresses(), &service_ranges);
             let out = sync_objects(&cfg, &node, &mut rec, &mut pol, &mut maps, &objs, errors, &observed);
             health.update(&out.health_checks).await;
             if out.ok {
@@ -660,7 +667,9 @@ pub fn sync_objects(
     }
     errors.extend(terr);
     let udp_before = udp_backends(rec);
-    let (mut st, mut map_errors) = rec.sync(&desired, &cfg.service_cidrs, maps);
+    let (ranges, rerr) = objs.service_ranges(&cfg.service_cidrs);
+    errors.extend(rerr);
+    let (mut st, mut map_errors) = rec.sync(&desired, &ranges, maps);
     if cfg.cgroup.is_some() {
         // Host processes' connected UDP sockets to a backend that left its Service move too.
         let after = udp_backends(rec);

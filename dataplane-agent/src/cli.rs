@@ -111,6 +111,17 @@ pub enum InspectWhat {
 
 #[derive(Args)]
 pub struct RunArgs {
+    /// A KubeProxyConfiguration file (kubeproxy.config.k8s.io/v1alpha1, YAML or JSON), as
+    /// kube-proxy's --config: its fields replace the flags they stand for (clusterCIDR,
+    /// hostnameOverride, bindAddress, healthzBindAddress, metricsBindAddress,
+    /// nodePortAddresses, detectLocalMode, detectLocal.*, clientConnection.kubeconfig,
+    /// iptables/nftables masqueradeAll and minSyncPeriod, conntrack timeouts, logging.format),
+    /// and those flags, given too, are ignored with a warning, as kube-proxy ignores them; only
+    /// --hostname-override and --logging-format beat the file. Ferry's own flags apply beside
+    /// it. Fields Ferry does not use are named in one warning; an unknown field or a wrong type
+    /// is an error.
+    #[arg(long, env = "FERRY_CONFIG")]
+    pub config: Option<PathBuf>,
     /// This node's name, as in its Node object and in EndpointSlice `nodeName` (kube-proxy's
     /// flag). Default: the host name.
     #[arg(long, env = "FERRY_HOSTNAME_OVERRIDE", alias = "node")]
@@ -169,7 +180,8 @@ pub struct RunArgs {
     #[arg(long, env = "FERRY_CGROUP")]
     pub cgroup: Option<String>,
     /// Service CIDRs (kube-apiserver's --service-cluster-ip-range): an address in them that no
-    /// Service holds is dropped. Comma-separated.
+    /// Service holds is dropped. Comma-separated. With the API server, the ranges of the
+    /// ServiceCIDR objects (networking.k8s.io/v1) are added to them.
     #[arg(long = "service-cidr", env = "FERRY_SERVICE_CIDRS", value_delimiter = ',')]
     pub service_cidrs: Vec<String>,
     /// The pods' CIDR range in the cluster (kube-proxy's flag; one per family, comma-separated,
@@ -344,6 +356,12 @@ fn hostname() -> String {
 /// whole seconds (rounded up). 0 keeps the default: kube-proxy leaves the kernel's value then,
 /// and Ferry's defaults are those values.
 pub fn parse_duration_s(flag: &str, v: &str) -> anyhow::Result<u32> {
+    let ms = parse_duration_ms(flag, v)?;
+    u32::try_from(ms.div_ceil(1000)).map_err(|_| anyhow::anyhow!("{flag}: {v:?} is too long"))
+}
+
+/// A Go duration in milliseconds.
+pub fn parse_duration_ms(flag: &str, v: &str) -> anyhow::Result<u64> {
     let bad = || anyhow::anyhow!("{flag}: {v:?} is not a duration such as 24h0m0s, 30s or 1h30m");
     let (mut total_ms, mut num, mut rest) = (0u64, String::new(), v.trim());
     if rest.is_empty() {
@@ -376,10 +394,23 @@ pub fn parse_duration_s(flag: &str, v: &str) -> anyhow::Result<u32> {
     if !num.is_empty() {
         return Err(bad());
     }
-    u32::try_from(total_ms.div_ceil(1000)).map_err(|_| bad())
+    Ok(total_ms)
 }
 
 impl RunArgs {
+    /// Every flag at its default (the environment left out).
+    pub fn defaults() -> RunArgs {
+        let cmd = <RunArgs as Args>::augment_args(clap::Command::new("run")).mut_args(|a| a.env(None));
+        <RunArgs as clap::FromArgMatches>::from_arg_matches(&cmd.get_matches_from(["run"])).expect("the defaults parse")
+    }
+
+    /// Applies `--config`'s file, if any (see [`crate::kpconfig`]); returns its notes for the
+    /// warnings, to be logged once logging is set up (the file may set its format).
+    pub fn read_config_file(&mut self) -> anyhow::Result<Option<(String, crate::kpconfig::Notes)>> {
+        let Some(path) = self.config.clone() else { return Ok(None) };
+        Ok(Some((path.display().to_string(), crate::kpconfig::apply(&path, self)?)))
+    }
+
     /// Checks every value and builds the agent's configuration; errors name the flag.
     pub fn config(self) -> anyhow::Result<agent::RunConfig> {
         let snat_ports = self

@@ -9,6 +9,7 @@ pub mod error;
 pub mod health;
 pub mod http;
 pub mod inspect;
+pub mod kpconfig;
 pub mod links;
 pub mod observe;
 pub mod loader;

@@ -22,8 +22,12 @@ fn init_logs(default_level: &str, json: bool) {
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.cmd {
-        Cmd::Run(args) => {
+        Cmd::Run(mut args) => {
+            let notes = args.read_config_file()?;
             init_logs("info", args.logging_format == "json");
+            if let Some((file, notes)) = notes {
+                notes.log(&file);
+            }
             if args.cleanup {
                 // Held until everything is removed, so no agent starts on the directory meanwhile.
                 let _lock = if args.pin_dir.exists() {

@@ -23,14 +23,15 @@ use std::{
 
 use dataplane_common::{identity, LocalAddr, PodIface, LOCAL_HOST, LOCAL_POD, PolEndpoint, PolRuleKey, DIR_EGRESS, DIR_INGRESS, EP_F_EGRESS, EP_F_INGRESS, IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP, RULE_PREFIX_ALL_PORTS, RULE_PREFIX_FULL, RULE_PREFIX_PROTO};
 use k8s_openapi::{
-    api::{
-        core::v1::Pod,
-        networking::v1::{NetworkPolicyPeer, NetworkPolicyPort, NetworkPolicySpec},
-    },
+    api::networking::v1::{NetworkPolicyPeer, NetworkPolicyPort, NetworkPolicySpec},
     apimachinery::pkg::{apis::meta::v1::LabelSelector, util::intstr::IntOrString},
 };
 
-use crate::{error::ObjectError, reconcile::Cidr4, sources::Objects};
+use crate::{
+    error::ObjectError,
+    reconcile::Cidr4,
+    sources::{pod::Pod, Objects},
+};
 
 /// A rule entry: LPM prefix length and key.
 pub type RuleEntry = (u32, PolRuleKey);

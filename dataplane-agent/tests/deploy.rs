@@ -141,7 +141,7 @@ fn rbac_grants_only_list_and_watch_on_what_the_agent_reads() {
         }
     }
     let want: BTreeSet<String> =
-        ["/services", "/nodes", "/pods", "/namespaces", "discovery.k8s.io/endpointslices", "networking.k8s.io/networkpolicies"].iter().map(|s| s.to_string()).collect();
+        ["/services", "/nodes", "/pods", "/namespaces", "discovery.k8s.io/endpointslices", "networking.k8s.io/networkpolicies", "networking.k8s.io/servicecidrs"].iter().map(|s| s.to_string()).collect();
     assert_eq!(granted, want);
     assert_eq!(binding.role_ref.name, role.metadata.name.clone().unwrap());
     let subject = &binding.subjects.as_ref().unwrap()[0];

@@ -158,9 +158,17 @@ fn start(root: &Path, bins: &Path) -> Result<()> {
     // NodePorts from kube-proxy's own test cases (3001, ...) lie below the default range:
     // `cargo xtask conformance` widens it for its control plane.
     let node_ports = std::env::var("FERRY_NODE_PORT_RANGE").unwrap_or_else(|_| "30000-32767".into());
+    // An audit log of the agent's requests only (the DaemonSet's ServiceAccount): tests read how
+    // it lists and watches (resourceVersion, limit, continue, allowWatchBookmarks).
+    std::fs::write(
+        dir.join("audit-policy.yaml"),
+        "apiVersion: audit.k8s.io/v1\nkind: Policy\nomitStages: [RequestReceived]\nrules:\n- level: Metadata\n  users: [\"system:serviceaccount:kube-system:ferry\"]\n- level: None\n",
+    )?;
     let apiserver = spawn(&ns, &dir.join("kube-apiserver.log"), &[
         b("kube-apiserver"),
         format!("--service-node-port-range={node_ports}"),
+        format!("--audit-policy-file={}", d("audit-policy.yaml")),
+        format!("--audit-log-path={}", d("audit.log")),
         "--etcd-servers=http://127.0.0.1:2379".into(),
         "--bind-address=0.0.0.0".into(),
         format!("--advertise-address={CP_ADDR}"),
@@ -202,6 +210,15 @@ fn start(root: &Path, bins: &Path) -> Result<()> {
     while !get(&ns, &pki, "/apis/discovery.k8s.io/v1/namespaces/default/endpointslices").is_some_and(|s| s.contains("\"kubernetes.io/service-name\"")) {
         if Instant::now() > deadline {
             bail!("kube-controller-manager wrote no EndpointSlice within 60 s; its log: {}", d("kube-controller-manager.log"));
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    // That slice is kube-apiserver's own (its endpoint reconciler writes it), so it does not
+    // show the controller manager's controllers running: the finalizer its
+    // service-cidr-controller puts on the default ServiceCIDR does (they start together).
+    while !get(&ns, &pki, "/apis/networking.k8s.io/v1/servicecidrs/kubernetes").is_some_and(|s| s.contains("networking.k8s.io/service-cidr-finalizer")) {
+        if Instant::now() > deadline {
+            bail!("kube-controller-manager's controllers did not start within 60 s; its log: {}", d("kube-controller-manager.log"));
         }
         std::thread::sleep(Duration::from_millis(500));
     }

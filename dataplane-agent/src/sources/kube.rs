@@ -1,6 +1,6 @@
 //! The API-server source: reflectors (kube-runtime watchers feeding local stores) for Services,
-//! EndpointSlices, this node's Node object, and for NetworkPolicy Pods, Namespaces and
-//! NetworkPolicies. Every watch event wakes the agent, which then
+//! EndpointSlices, this node's Node object, ServiceCIDRs, and for NetworkPolicy Pods, Namespaces
+//! and NetworkPolicies. Every watch event wakes the agent, which then
 //! translates the stores' contents and lets the reconciler write only what differs from the maps.
 //! A relist (a watch that expired with 410 Gone, or a reconnect) replaces a store's contents
 //! atomically at its end, so it too becomes a diff, never a flush.
@@ -16,14 +16,14 @@ use std::{
     },
 };
 
-use futures::StreamExt;
+use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::api::{
-    core::v1::{Namespace, Node, Pod, Service},
+    core::v1::{Namespace, Node, Service},
     discovery::v1::EndpointSlice,
-    networking::v1::NetworkPolicy,
+    networking::v1::{NetworkPolicy, ServiceCIDR},
 };
 use kube::{
-    api::Api,
+    api::{Api, ListParams},
     runtime::{
         reflector::{self, Store},
         watcher, WatchStreamExt,
@@ -33,11 +33,32 @@ use kube::{
 use tokio::sync::Notify;
 use tracing::{info, warn};
 
-use super::Objects;
+use super::{pod::Pod, Objects};
 
 /// kube-proxy's selector for Services and EndpointSlices (pkg/proxy: `noProxyName` and
 /// `noHeadlessEndpoints`).
 pub const PROXYABLE: &str = "!service.kubernetes.io/service-proxy-name,!service.kubernetes.io/headless";
+
+/// Objects per LIST page (client-go's pager default, which kube-proxy's reflectors use).
+pub const PAGE_SIZE: u32 = 500;
+
+/// How every reflector lists and watches. Initial lists and relists are paginated (`limit=500`
+/// and `continue` tokens) consistent reads (no `resourceVersion`); watches resume from the last
+/// resource version seen and ask for bookmarks (`allowWatchBookmarks=true`), which keep that
+/// version fresh so that a reconnect rarely needs a relist.
+///
+/// Since Kubernetes 1.31 (ConsistentListFromCache) the API server serves such a consistent list
+/// from its watch cache, and since 1.34 (ListFromCacheSnapshot) its further pages too: etcd is
+/// asked only for its current revision. `resourceVersion=0` (kube-runtime's `any_semantic()`,
+/// client-go's first list) would be served from the cache on older servers as well, but the
+/// cache ignores `limit` for it (one unpaginated answer), kube-core drops `resourceVersion=0`
+/// whenever a page size is set anyway, and a relist at 0 after a 410 may go back in time;
+/// client-go too relists with a consistent read after a 410. Streaming lists (watch with
+/// `sendInitialEvents`, kube-proxy 1.37's default) are not used: kube-runtime does not fall
+/// back to a LIST where the WatchList feature is off (it is in 1.33, and before 1.27).
+pub fn watch_config() -> watcher::Config {
+    watcher::Config::default().page_size(PAGE_SIZE)
+}
 
 /// Counters of the watches, for metrics.
 #[derive(Debug, Default)]
@@ -59,6 +80,9 @@ pub struct KubeSource {
     /// Pods, Namespaces and NetworkPolicies: `None` with `--enable-network-policy=false`
     /// (nothing of them is listed or watched).
     policy: Option<(Store<Pod>, Store<Namespace>, Store<NetworkPolicy>)>,
+    /// ServiceCIDR objects: `None` where the API server has none (before 1.33, or the feature
+    /// off) or the agent may not list them (a ClusterRole from before): --service-cidr alone.
+    service_cidrs: Option<Store<ServiceCIDR>>,
     pub changed: Arc<Notify>,
     pub stats: Arc<WatchStats>,
 }
@@ -86,23 +110,37 @@ pub async fn client(kubeconfig: Option<&Path>, master: Option<&str>) -> anyhow::
 impl KubeSource {
     /// Starts the watches. `node` is this node's name: only its Node object is watched.
     /// `policy`: also Pods, Namespaces and NetworkPolicies.
-    pub fn start(client: Client, node: &str, policy: bool) -> KubeSource {
+    pub async fn start(client: Client, node: &str, policy: bool) -> KubeSource {
         let changed = Arc::new(Notify::new());
         let stats = Arc::new(WatchStats::default());
-        let selector = watcher::Config::default().labels(PROXYABLE);
+        let selector = watch_config().labels(PROXYABLE);
         let services = spawn_reflector(Api::<Service>::all(client.clone()), selector.clone(), &changed, &stats);
         let slices = spawn_reflector(Api::<EndpointSlice>::all(client.clone()), selector, &changed, &stats);
-        let nodes = spawn_reflector(Api::<Node>::all(client.clone()), watcher::Config::default().fields(&format!("metadata.name={node}")), &changed, &stats);
+        let nodes = spawn_reflector(Api::<Node>::all(client.clone()), watch_config().fields(&format!("metadata.name={node}")), &changed, &stats);
+        // ServiceCIDRs only where they can be read: an older API server or ClusterRole must not
+        // hold the first sync back forever.
+        let cidrs = Api::<ServiceCIDR>::all(client.clone());
+        let service_cidrs = match cidrs.list(&ListParams::default().limit(1)).await {
+            Ok(_) => Some(spawn_reflector(cidrs, watch_config(), &changed, &stats)),
+            Err(kube::Error::Api(s)) if s.code == 404 => {
+                info!("the API server serves no ServiceCIDR objects (networking.k8s.io/v1, Kubernetes 1.33 and later): the service CIDRs are --service-cidr's alone");
+                None
+            }
+            Err(e) => {
+                warn!(error = %e, "ServiceCIDR objects (networking.k8s.io/v1 servicecidrs) cannot be listed (the ClusterRole needs list and watch on them): the service CIDRs are --service-cidr's alone");
+                None
+            }
+        };
         // NetworkPolicy: every pod's address and labels (peers may be anywhere), namespaces'
         // labels, the policies.
         let policy = policy.then(|| {
             (
-                spawn_reflector(Api::<Pod>::all(client.clone()), watcher::Config::default(), &changed, &stats),
-                spawn_reflector(Api::<Namespace>::all(client.clone()), watcher::Config::default(), &changed, &stats),
-                spawn_reflector(Api::<NetworkPolicy>::all(client), watcher::Config::default(), &changed, &stats),
+                spawn_reflector(Api::<Pod>::all(client.clone()), watch_config(), &changed, &stats),
+                spawn_reflector(Api::<Namespace>::all(client.clone()), watch_config(), &changed, &stats),
+                spawn_reflector(Api::<NetworkPolicy>::all(client), watch_config(), &changed, &stats),
             )
         });
-        KubeSource { services, slices, nodes, policy, changed, stats }
+        KubeSource { services, slices, nodes, policy, service_cidrs, changed, stats }
     }
 
     /// Waits until every store holds its initial list.
@@ -110,6 +148,9 @@ impl KubeSource {
         let _ = self.services.wait_until_ready().await;
         let _ = self.slices.wait_until_ready().await;
         let _ = self.nodes.wait_until_ready().await;
+        if let Some(cidrs) = &self.service_cidrs {
+            let _ = cidrs.wait_until_ready().await;
+        }
         if let Some((pods, namespaces, policies)) = &self.policy {
             let _ = pods.wait_until_ready().await;
             let _ = namespaces.wait_until_ready().await;
@@ -129,6 +170,7 @@ impl KubeSource {
             pods: self.policy.as_ref().map(|p| own(p.0.state())).unwrap_or_default(),
             namespaces: self.policy.as_ref().map(|p| own(p.1.state())).unwrap_or_default(),
             network_policies: self.policy.as_ref().map(|p| own(p.2.state())).unwrap_or_default(),
+            service_cidrs: self.service_cidrs.as_ref().map(|s| own(s.state())).unwrap_or_default(),
         }
     }
 }
@@ -142,7 +184,10 @@ where
     let kind = K::kind(&Default::default()).to_string();
     let (changed, stats) = (changed.clone(), stats.clone());
     tokio::spawn(async move {
-        let mut stream = reflector::reflector(writer, watcher(api, cfg)).default_backoff().boxed();
+        // managedFields are never read (kube-proxy's informers trim them too); Pods are read
+        // into a type of their own that keeps only what the policy compiler reads.
+        let stripped = watcher(api, cfg).map_ok(|ev| ev.modify(|o| o.meta_mut().managed_fields = None));
+        let mut stream = reflector::reflector(writer, stripped).default_backoff().boxed();
         while let Some(ev) = stream.next().await {
             match ev {
                 Ok(watcher::Event::Init | watcher::Event::InitApply(_)) => {}

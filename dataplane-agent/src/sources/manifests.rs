@@ -127,7 +127,8 @@ pub fn add_value(v: serde_yaml::Value, where_: &str, objs: &mut Objects, errors:
         "Pod" => push(&v, "Pod", name(), &mut objs.pods, errors),
         "Namespace" => push(&v, "Namespace", name(), &mut objs.namespaces, errors),
         "NetworkPolicy" => push(&v, "NetworkPolicy", name(), &mut objs.network_policies, errors),
-        "List" | "ServiceList" | "EndpointSliceList" | "NodeList" | "PodList" | "NamespaceList" | "NetworkPolicyList" => {
+        "ServiceCIDR" => push(&v, "ServiceCIDR", name(), &mut objs.service_cidrs, errors),
+        "List" | "ServiceList" | "EndpointSliceList" | "NodeList" | "PodList" | "NamespaceList" | "NetworkPolicyList" | "ServiceCIDRList" => {
             if let Some(items) = v.get("items").and_then(|i| i.as_sequence()) {
                 for (j, item) in items.iter().enumerate() {
                     add_value(item.clone(), &format!("{where_} item {}", j + 1), objs, errors);

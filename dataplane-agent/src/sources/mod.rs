@@ -2,12 +2,17 @@
 //! `model::translate` turns into the desired datapath state.
 pub mod kube;
 pub mod manifests;
+pub mod pod;
+
+use std::collections::BTreeSet;
 
 use k8s_openapi::api::{
-    core::v1::{Namespace, Node, Pod, Service},
+    core::v1::{Namespace, Node, Service},
     discovery::v1::EndpointSlice,
-    networking::v1::NetworkPolicy,
+    networking::v1::{NetworkPolicy, ServiceCIDR},
 };
+
+use crate::{error::ObjectError, reconcile::Cidr4};
 
 /// The objects the translation needs.
 #[derive(Clone, Debug, Default)]
@@ -16,13 +21,38 @@ pub struct Objects {
     pub endpoint_slices: Vec<EndpointSlice>,
     /// Node objects: this node's own gives its zone (EndpointSlice zone hints).
     pub nodes: Vec<Node>,
-    /// For NetworkPolicy: every pod (addresses and labels), namespaces (labels), the policies.
-    pub pods: Vec<Pod>,
+    /// For NetworkPolicy: every pod (addresses and labels, only what the compiler reads: see
+    /// [`pod::Pod`]), namespaces (labels), the policies.
+    pub pods: Vec<pod::Pod>,
     pub namespaces: Vec<Namespace>,
     pub network_policies: Vec<NetworkPolicy>,
+    /// ServiceCIDR objects (networking.k8s.io/v1): the Service address ranges, the API server's
+    /// own (`kubernetes`, from its --service-cluster-ip-range) and any added.
+    pub service_cidrs: Vec<ServiceCIDR>,
 }
 
 impl Objects {
+    /// The IPv4 Service ranges: `flag`'s (--service-cidr) and every ServiceCIDR object's, one
+    /// being deleted too (its finalizer keeps it while Services hold addresses in it). A CIDR
+    /// that does not parse is an error naming the object and the field; IPv6 ones are the IPv6
+    /// datapath's.
+    pub fn service_ranges(&self, flag: &BTreeSet<Cidr4>) -> (BTreeSet<Cidr4>, Vec<ObjectError>) {
+        let mut out = flag.clone();
+        let mut errors = Vec::new();
+        for sc in &self.service_cidrs {
+            for (i, c) in sc.spec.iter().flat_map(|s| s.cidrs.iter().flatten()).enumerate() {
+                match c.parse::<Cidr4>() {
+                    Ok(c) => {
+                        out.insert(c.network());
+                    }
+                    Err(_) if c.contains(':') => {}
+                    Err(e) => errors.push(ObjectError::new("ServiceCIDR", sc.metadata.name.clone().unwrap_or_default(), format!("spec.cidrs[{i}]"), format!("{c:?}: {e}"))),
+                }
+            }
+        }
+        (out, errors)
+    }
+
     /// The `topology.kubernetes.io/zone` label of the Node named `name`, if it is among them.
     pub fn zone_of(&self, name: &str) -> Option<String> {
         self.nodes
@@ -30,5 +60,28 @@ impl Objects {
             .find(|n| n.metadata.name.as_deref() == Some(name))
             .and_then(|n| n.metadata.labels.as_ref())
             .and_then(|l| l.get(crate::model::LABEL_ZONE).cloned())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn service_ranges_are_the_flags_and_the_objects() {
+        let mut objs = Objects::default();
+        let mut errors = Vec::new();
+        let yaml = "kind: ServiceCIDR\napiVersion: networking.k8s.io/v1\nmetadata: {name: kubernetes}\nspec: {cidrs: [10.96.0.0/16, \"fd00:96::/112\"]}\n---\n\
+kind: ServiceCIDR\napiVersion: networking.k8s.io/v1\nmetadata: {name: extra}\nspec: {cidrs: [10.97.0.1/24]}\n---\n\
+kind: ServiceCIDR\napiVersion: networking.k8s.io/v1\nmetadata: {name: typo}\nspec: {cidrs: [10.98.0.0/33]}\n";
+        manifests::parse_str(yaml, "f.yaml", &mut objs, &mut errors);
+        assert!(errors.is_empty(), "{errors:?}");
+        let flag: BTreeSet<Cidr4> = ["10.96.0.0/16".parse().unwrap(), "10.200.0.0/24".parse().unwrap()].into();
+        let (ranges, errors) = objs.service_ranges(&flag);
+        let got: Vec<String> = ranges.iter().map(|c| c.to_string()).collect();
+        assert_eq!(got, ["10.96.0.0/16", "10.97.0.0/24", "10.200.0.0/24"]);
+        assert_eq!(errors.len(), 1, "{errors:?}");
+        let e = errors[0].to_string();
+        assert!(e.contains("ServiceCIDR") && e.contains("typo") && e.contains("spec.cidrs[0]") && e.contains("10.98.0.0/33"), "{e}");
     }
 }
