@@ -415,7 +415,7 @@ impl Side {
     }
 
     /// Starts the proxy with the file's configuration.
-    fn start_proxy(&mut self, sc: &Scenario, plan: &Plan, cp: &ControlPlane, kube_proxy: &Path, service_cidrs: &[String]) -> Result<(), String> {
+    fn start_proxy(&mut self, sc: &Scenario, plan: &Plan, cp: &ControlPlane, kube_proxy: &Path) -> Result<(), String> {
         let kubeconfig = self.dir.path.join("kubeconfig");
         let admin = std::fs::read_to_string(cp.dir.path.join("admin.kubeconfig")).map_err(|e| e.to_string())?;
         std::fs::write(&kubeconfig, admin.replace("https://127.0.0.1:6443", "https://10.250.0.1:6443")).map_err(|e| e.to_string())?;
@@ -463,7 +463,8 @@ impl Side {
                 args.extend(["--cgroup".into(), cgroup.path.display().to_string(), "--pod-interfaces".into(), format!("{}p*", plan.veth_prefix)]);
                 args.extend(["--external-interfaces".into(), "eth0".into(), "--enable-network-policy=false".into(), "--min-sync-period-ms".into(), "100".into()]);
                 args.extend(["--metrics-bind-address".into(), "127.0.0.1:10249".into(), "--healthz-bind-address".into(), "127.0.0.1:10256".into()]);
-                args.extend(["--service-cidr".into(), service_cidrs.join(","), "--detect-local-mode".into(), mode]);
+                // No --service-cidr: the ranges come from the ServiceCIDR objects, as kube-proxy's do.
+                args.extend(["--detect-local-mode".into(), mode]);
                 args.extend(["--nodeport-addresses".into(), node_port_addresses.join(",")]);
                 if let Some(cc) = &cluster_cidr {
                     args.extend(["--cluster-cidr".into(), cc.clone()]);
@@ -550,8 +551,8 @@ fn tail(path: &Path) -> String {
 }
 
 /// The API objects of a file, written to the API server after everything of the previous file
-/// is gone. Returns the service CIDRs in force and the objects the API server refused.
-fn load(cp: &ControlPlane, sc: &Scenario) -> Result<(Vec<String>, Vec<String>), String> {
+/// is gone. Returns the objects the API server refused.
+fn load(cp: &ControlPlane, sc: &Scenario) -> Result<Vec<String>, String> {
     let mut refused = Vec::new();
     let mut namespaces: BTreeSet<String> = BTreeSet::new();
     for o in sc.services.iter().chain(&sc.endpoint_slices) {
@@ -589,16 +590,28 @@ fn load(cp: &ControlPlane, sc: &Scenario) -> Result<(Vec<String>, Vec<String>), 
         }
     }
     // This node, and the file's other nodes.
-    let mut nodes: Vec<Value> = sc.nodes.clone();
-    if !nodes.iter().any(|n| str_at(n, &["metadata", "name"]) == Some(sc.node.name.as_str())) {
-        let addresses: Vec<Value> = sc.node.ips.iter().map(|a| serde_yaml::from_str(&format!("{{type: InternalIP, address: \"{a}\"}}")).unwrap()).collect();
-        let mut n: Value = serde_yaml::from_str(&format!("{{metadata: {{name: \"{}\"}}, spec: {{}}, status: {{}}}}", sc.node.name)).unwrap();
-        n["status"]["addresses"] = Value::Sequence(addresses);
-        if let Some(pc) = &sc.node.pod_cidr {
-            n["spec"]["podCIDR"] = pc.clone().into();
+    // This node: the file's object for it (labels, zone) if it has one, with `node`'s addresses
+    // and podCIDR where that object has none (kube-proxy waits for its node's addresses).
+    let mut nodes: Vec<Value> = sc.nodes.iter().filter(|n| str_at(n, &["metadata", "name"]) != Some(sc.node.name.as_str())).cloned().collect();
+    let mut n: Value = sc
+        .nodes
+        .iter()
+        .find(|n| str_at(n, &["metadata", "name"]) == Some(sc.node.name.as_str()))
+        .cloned()
+        .unwrap_or_else(|| serde_yaml::from_str(&format!("{{metadata: {{name: \"{}\"}}}}", sc.node.name)).unwrap());
+    for key in ["spec", "status"] {
+        if n.get(key).is_none() {
+            n[key] = Value::Mapping(Default::default());
         }
-        nodes.push(n);
     }
+    if seq_at(&n, &["status", "addresses"]).is_empty() {
+        let addresses: Vec<Value> = sc.node.ips.iter().map(|a| serde_yaml::from_str(&format!("{{type: InternalIP, address: \"{a}\"}}")).unwrap()).collect();
+        n["status"]["addresses"] = Value::Sequence(addresses);
+    }
+    if let (None, Some(pc)) = (str_at(&n, &["spec", "podCIDR"]), &sc.node.pod_cidr) {
+        n["spec"]["podCIDR"] = pc.clone().into();
+    }
+    nodes.push(n);
     for n in &nodes {
         let name = str_at(n, &["metadata", "name"]).unwrap_or("?").to_string();
         create(cp, "/api/v1/nodes", "v1", "Node", n, &format!("Node {name}"), &mut refused, |_| {});
@@ -637,9 +650,7 @@ fn load(cp: &ControlPlane, sc: &Scenario) -> Result<(Vec<String>, Vec<String>), 
             o["metadata"]["labels"]["endpointslice.kubernetes.io/managed-by"] = MANAGED_BY.into();
         });
     }
-    let mut all = vec![DEFAULT_SERVICE_CIDR.to_string()];
-    all.extend(cidrs);
-    Ok((all, refused))
+    Ok(refused)
 }
 
 fn api_message(body: &str) -> String {
@@ -768,7 +779,7 @@ fn run_file(path: &Path, cp: &ControlPlane, kube_proxy: &Path, link: &mut usize,
     }
     let plan = Plan::new(&sc);
     let t0 = Instant::now();
-    let (service_cidrs, refused) = load(cp, &sc)?;
+    let refused = load(cp, &sc)?;
     let t_load = t0.elapsed();
     for r in &refused {
         println!("note  {file}: the API server refused {r} (both proxies run without it)");
@@ -778,7 +789,7 @@ fn run_file(path: &Path, cp: &ControlPlane, kube_proxy: &Path, link: &mut usize,
     for proxy in [Proxy::KubeProxy, Proxy::Ferry] {
         *link += 1;
         let mut side = Side::build(proxy, &id, cp, *link, &plan).map_err(|e| format!("{file}: building the {} node: {e}", proxy.name()))?;
-        side.start_proxy(&sc, &plan, cp, kube_proxy, &service_cidrs).map_err(|e| format!("{file}: {e}"))?;
+        side.start_proxy(&sc, &plan, cp, kube_proxy).map_err(|e| format!("{file}: {e}"))?;
         sides.push(side);
     }
     let t_build = t0.elapsed();
@@ -901,6 +912,7 @@ pub fn main_run(args: &[String]) -> Result<bool, String> {
         }
     }
     let kube_proxy = kube_proxy.ok_or("--kube-proxy PATH is required (cargo xtask conformance passes the pinned build)")?;
+    let kube_proxy = kube_proxy.canonicalize().map_err(|e| format!("--kube-proxy {}: {e} (cargo xtask setup builds it)", kube_proxy.display()))?;
     let mut files = Vec::new();
     for p in &paths {
         collect(p, &mut files)?;
@@ -978,7 +990,7 @@ pub fn serve_main(addrs: &str, tcp: &str, udp: &str) -> ! {
     }
 }
 
-/// `conformance probe SRC DST PROTO COUNT TIMEOUT_MS CGROUP|-`: COUNT connections at once from
+/// `conformance probe SRC DST PROTO COUNT TIMEOUT_MS CGROUP|-`: COUNT connections (one, then the rest at once) from
 /// SRC (a new source port each), one line each: `TO LOCAL PEER` (the server's answer),
 /// `REFUSED`, `DROP` (no answer within the timeout), or `ERR <error>`.
 pub fn probe_main(src: &str, dst: &str, proto: &str, count: usize, timeout_ms: u64, cgroup: &str) -> Result<(), String> {
@@ -990,7 +1002,10 @@ pub fn probe_main(src: &str, dst: &str, proto: &str, count: usize, timeout_ms: u
     let dst: SocketAddr = dst.parse().map_err(|_| format!("bad destination {dst}"))?;
     let timeout = Duration::from_millis(timeout_ms);
     let udp = proto == "udp";
-    let handles: Vec<_> = (0..count.min(64)).map(|_| std::thread::spawn(move || attempt(src, dst, udp, timeout))).collect();
+    // The first alone, then the rest at once: session affinity is recorded by a first
+    // connection, which the others then follow (concurrent first packets would each pick).
+    println!("{}", attempt(src, dst, udp, timeout));
+    let handles: Vec<_> = (1..count.min(64)).map(|_| std::thread::spawn(move || attempt(src, dst, udp, timeout))).collect();
     for h in handles {
         println!("{}", h.join().unwrap_or_else(|_| "ERR panic".into()));
     }
@@ -1009,6 +1024,9 @@ fn attempt(src: Ipv4Addr, dst: SocketAddr, udp: bool, timeout: Duration) -> Stri
     let classify = |e: std::io::Error| match e.kind() {
         std::io::ErrorKind::ConnectionRefused => "REFUSED".to_string(),
         std::io::ErrorKind::TimedOut | std::io::ErrorKind::WouldBlock => "DROP".to_string(),
+        // Denied on the node itself before anything was sent (a socket hook, or netfilter's
+        // output path for a datagram): not delivered and not refused, as `trace` counts it.
+        std::io::ErrorKind::PermissionDenied => "DROP".to_string(),
         _ => format!("ERR {e}"),
     };
     let _ = sock.set_read_timeout(Some(timeout));

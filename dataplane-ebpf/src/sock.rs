@@ -12,7 +12,7 @@ use aya_ebpf::{
 use dataplane_common::{stat, SockRevKey, SockRevValue, SCOPE_INTERNAL, SVC_F_ADDR_ONLY, SVC_F_DROP_EMPTY};
 
 use crate::{
-    lb::{lb4_choose_backend, lb4_lookup_service, lb4_unserved, Unserved},
+    lb::{lb4_choose_backend, lb4_lookup_service, lb4_source_allowed, lb4_unserved, Unserved},
     maps::{cfg4_v4, sock_rev4_v1},
     stats,
 };
@@ -53,7 +53,17 @@ pub fn sock4_xlate(ctx: &SockAddrContext) -> i32 {
             };
         }
     };
-    // The node's own traffic is always inside loadBalancerSourceRanges (kube-proxy allows it).
+    // loadBalancerSourceRanges apply to the node's own connections as kube-proxy applies them
+    // (its firewall chain runs on the output path too): by the source the connection will have,
+    // the socket's bound address, else the node's primary address (the one kube-proxy's
+    // allowFromNode adds the Service address for). Outside them: not delivered.
+    let sk = unsafe { (*sa).__bindgen_anon_1.sk };
+    let bound = if sk.is_null() { 0 } else { unsafe { (*sk).src_ip4 } };
+    let src = if bound != 0 { bound } else { cfg4_v4.get(0).map(|c| c.snat_addr_be).unwrap_or(0) };
+    if !lb4_source_allowed(&svc, src) {
+        stats::count(dataplane_common::DropReason::SourceRange.stat());
+        return refuse(EPERM);
+    }
     if svc.count == 0 && svc.flags & SVC_F_DROP_EMPTY != 0 {
         return refuse(EPERM);
     }
