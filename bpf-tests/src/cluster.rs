@@ -57,6 +57,12 @@ impl ControlPlane {
     /// A kubeconfig for the DaemonSet's ServiceAccount (kube-system/ferry), with a token from the
     /// TokenRequest API, as the kubelet mounts one.
     pub fn service_account_kubeconfig(&self) -> PathBuf {
+        self.service_account_kubeconfig_at("https://127.0.0.1:6443")
+    }
+
+    /// [`ControlPlane::service_account_kubeconfig`] for the API server at `server` (its
+    /// certificate names 127.0.0.1 and 10.250.0.1).
+    pub fn service_account_kubeconfig_at(&self, server: &str) -> PathBuf {
         let req = r#"{"apiVersion":"authentication.k8s.io/v1","kind":"TokenRequest","spec":{"expirationSeconds":3600}}"#;
         let (code, body) = self.api("POST", "/api/v1/namespaces/kube-system/serviceaccounts/ferry/token", Some(req));
         assert_eq!(code, 201, "{body}");
@@ -66,7 +72,7 @@ impl ControlPlane {
         let ca = self.dir.path.join("pki/ca.crt");
         std::fs::write(
             &path,
-            format!("apiVersion: v1\nkind: Config\nclusters:\n- name: c\n  cluster: {{server: \"https://127.0.0.1:6443\", certificate-authority: \"{}\"}}\nusers:\n- name: ferry\n  user: {{token: \"{token}\"}}\ncontexts:\n- name: c\n  context: {{cluster: c, user: ferry}}\ncurrent-context: c\n", ca.display()),
+            format!("apiVersion: v1\nkind: Config\nclusters:\n- name: c\n  cluster: {{server: \"{server}\", certificate-authority: \"{}\"}}\nusers:\n- name: ferry\n  user: {{token: \"{token}\"}}\ncontexts:\n- name: c\n  context: {{cluster: c, user: ferry}}\ncurrent-context: c\n", ca.display()),
         )
         .unwrap();
         path
@@ -147,10 +153,16 @@ impl Agent {
     }
 
     pub fn has_frontend(&self, addr: &str, port: u16) -> bool {
-        let maps = dataplane_agent::bpf::BpfMaps::from_pins(&self.pin).expect("pinned maps");
-        let fe = Frontend::internal(L4Addr { addr: addr.parse::<Ipv4Addr>().unwrap(), port, proto: Proto::Tcp });
-        maps.services.get(&dataplane_agent::reconcile::lb4_key(&fe), 0).is_ok()
+        backends(&self.pin, addr, port).is_some()
     }
+}
+
+/// The backend count of the TCP ClusterIP frontend `addr:port` in the maps pinned at `pin`
+/// (`None`: no such frontend).
+pub fn backends(pin: &Path, addr: &str, port: u16) -> Option<u16> {
+    let maps = dataplane_agent::bpf::BpfMaps::from_pins(pin).expect("pinned maps");
+    let fe = Frontend::internal(L4Addr { addr: addr.parse::<Ipv4Addr>().unwrap(), port, proto: Proto::Tcp });
+    maps.services.get(&dataplane_agent::reconcile::lb4_key(&fe), 0).ok().map(|s| s.count)
 }
 
 impl Drop for Agent {
