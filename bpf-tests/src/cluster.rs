@@ -78,6 +78,71 @@ impl ControlPlane {
         path
     }
 
+    /// Kills kube-apiserver (SIGKILL, as a crash) and starts it again with the same command line,
+    /// appending to its log; returns once it is ready again (at most 120 s). The pid file is
+    /// updated, so `cluster down` stops the new one.
+    pub fn restart_apiserver(&self) {
+        let pids_file = self.dir.path.join("pids");
+        let mut pids: Vec<i32> = std::fs::read_to_string(&pids_file).unwrap().lines().filter_map(|l| l.trim().parse().ok()).collect();
+        // `cluster up` writes etcd's, kube-apiserver's, kube-controller-manager's; `ip netns exec`
+        // execs, so the pid is the server's and its command line the server's.
+        let old = pids[1];
+        let cmdline = std::fs::read(format!("/proc/{old}/cmdline")).unwrap();
+        let args: Vec<String> = cmdline.split(|b| *b == 0).filter(|a| !a.is_empty()).map(|a| String::from_utf8_lossy(a).into_owned()).collect();
+        assert!(args[0].ends_with("kube-apiserver"), "pid {old} is not kube-apiserver: {args:?}");
+        unsafe { libc::kill(-old, libc::SIGKILL) };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        // Gone when its listener is (a zombie leader may still have threads holding it).
+        let listening = || Command::new("nsenter").arg(format!("--net=/run/netns/{}", self.ns)).args(["ss", "-Hltn", "sport = :6443"]).output().is_ok_and(|o| !o.stdout.is_empty());
+        while listening() {
+            assert!(Instant::now() < deadline, "kube-apiserver {old} still listens 10 s after SIGKILL");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let log = std::fs::OpenOptions::new().append(true).open(self.dir.path.join("kube-apiserver.log")).unwrap();
+        use std::os::unix::process::CommandExt;
+        let child = Command::new("ip")
+            .args(["netns", "exec", &self.ns])
+            .args(&args)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .process_group(0)
+            .spawn()
+            .expect("restart kube-apiserver");
+        pids[1] = child.id() as i32;
+        std::fs::write(&pids_file, pids.iter().map(|p| format!("{p}\n")).collect::<String>()).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while self.api("GET", "/readyz", None).0 != 200 {
+            if Instant::now() > deadline {
+                let log = std::fs::read_to_string(self.dir.path.join("kube-apiserver.log")).unwrap_or_default();
+                let tail: Vec<&str> = log.lines().rev().take(40).collect();
+                panic!("kube-apiserver not ready again within 120 s; its log ends:\n{}", tail.into_iter().rev().collect::<Vec<_>>().join("\n"));
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    /// A request to etcd's HTTP gateway (inside the namespace): its JSON answer.
+    pub fn etcd(&self, path: &str, body: &str) -> serde_json::Value {
+        let out = Command::new("nsenter")
+            .arg(format!("--net=/run/netns/{}", self.ns))
+            .args(["curl", "-sf", "--max-time", "10", "-X", "POST", "--data-binary", body])
+            .arg(format!("http://127.0.0.1:2379{path}"))
+            .output()
+            .expect("curl");
+        assert!(out.status.success(), "etcd {path} {body}: {}", String::from_utf8_lossy(&out.stderr));
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("etcd {path}: {e}: {}", String::from_utf8_lossy(&out.stdout)))
+    }
+
+    /// Compacts etcd at its current revision (physically: the history is gone, a watch from an
+    /// older resourceVersion gets 410 Gone); returns the revision.
+    pub fn compact_etcd(&self) -> i64 {
+        let status = self.etcd("/v3/maintenance/status", "{}");
+        let rev: i64 = status["header"]["revision"].as_str().and_then(|r| r.parse().ok()).unwrap_or_else(|| panic!("no revision: {status}"));
+        self.etcd("/v3/kv/compaction", &format!("{{\"revision\": {rev}, \"physical\": true}}"));
+        rev
+    }
+
     pub fn api_as(&self, method: &str, path: &str, body: Option<&str>, content_type: &str) -> (u16, String) {
         let pki = self.dir.path.join("pki");
         let mut cmd = Command::new("nsenter");
