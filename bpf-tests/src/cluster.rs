@@ -26,7 +26,10 @@ pub struct ControlPlane {
 impl ControlPlane {
     pub fn up() -> ControlPlane {
         let dir = TempDir::new(&format!("cp-{}", crate::lab::run_id()));
-        let out = Command::new(root().join("target/debug/xtask")).args(["cluster", "up"]).env("FERRY_CLUSTER_DIR", &dir.path).output().expect("xtask cluster up");
+        // In a process group of its own, as `cluster down` below: a Ctrl-C meant for the lab must
+        // not stop it half-way (with servers started and not yet in its pid file).
+        use std::os::unix::process::CommandExt;
+        let out = Command::new(root().join("target/debug/xtask")).args(["cluster", "up"]).env("FERRY_CLUSTER_DIR", &dir.path).process_group(0).output().expect("xtask cluster up");
         let cp = ControlPlane { ns: std::fs::read_to_string(dir.path.join("netns")).unwrap_or_default().trim().to_string(), dir };
         assert!(out.status.success(), "cargo xtask cluster up: {}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
         cp
@@ -160,7 +163,8 @@ impl ControlPlane {
 
 impl Drop for ControlPlane {
     fn drop(&mut self) {
-        let _ = Command::new(root().join("target/debug/xtask")).args(["cluster", "down"]).env("FERRY_CLUSTER_DIR", &self.dir.path).output();
+        use std::os::unix::process::CommandExt;
+        let _ = Command::new(root().join("target/debug/xtask")).args(["cluster", "down"]).env("FERRY_CLUSTER_DIR", &self.dir.path).process_group(0).output();
     }
 }
 
