@@ -189,6 +189,7 @@ fn slices_follow_readiness_and_scaling_past_one_slice() {
 
 #[test]
 fn network_policy_follows_pod_and_namespace_labels() {
+    let t0 = Instant::now();
     let mut l = lab();
     // A pod of another namespace, on node1.
     l.api.namespace("guest", &BTreeMap::new());
@@ -233,6 +234,14 @@ fn network_policy_follows_pod_and_namespace_labels() {
     api.call("DELETE", "/apis/networking.k8s.io/v1/namespaces/lab/networkpolicies/db", None, &[200]);
     expect(c, "n1-pod1", &db, &["n2-pod2"], 5);
     expect(c, "g-pod", &db, &["n2-pod2"], 5);
+    // Past the node lifecycle controller's 50 s grace period, the Leases the harness renews keep
+    // the nodes Ready (else the controller marks their pods not ready, and slices empty).
+    assert!(t0.elapsed() > Duration::from_secs(50), "{:?}", t0.elapsed());
+    for n in ["node1", "node2"] {
+        let node = api.call("GET", &format!("/api/v1/nodes/{n}"), None, &[200]);
+        let ready = node["status"]["conditions"].as_array().unwrap().iter().find(|c| c["type"] == "Ready").cloned().unwrap_or_default();
+        assert_eq!(ready["status"], "True", "{n}: {ready}");
+    }
 }
 
 /// The node1 agent's `ferry_watch_<what>_total`.
