@@ -27,7 +27,10 @@ pub struct ControlPlane {
 impl ControlPlane {
     pub fn up() -> ControlPlane {
         let dir = TempDir::new(&format!("cp-{}", crate::lab::run_id()));
-        let out = Command::new(root().join("target/debug/xtask")).args(["cluster", "up"]).env("FERRY_CLUSTER_DIR", &dir.path).output().expect("xtask cluster up");
+        // In a process group of its own, as `cluster down` below: a Ctrl-C meant for the lab must
+        // not stop it half-way (with servers started and not yet in its pid file).
+        use std::os::unix::process::CommandExt;
+        let out = Command::new(root().join("target/debug/xtask")).args(["cluster", "up"]).env("FERRY_CLUSTER_DIR", &dir.path).process_group(0).output().expect("xtask cluster up");
         let cp = ControlPlane { ns: std::fs::read_to_string(dir.path.join("netns")).unwrap_or_default().trim().to_string(), dir };
         assert!(out.status.success(), "cargo xtask cluster up: {}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
         cp
@@ -58,6 +61,12 @@ impl ControlPlane {
     /// A kubeconfig for the DaemonSet's ServiceAccount (kube-system/ferry), with a token from the
     /// TokenRequest API, as the kubelet mounts one.
     pub fn service_account_kubeconfig(&self) -> PathBuf {
+        self.service_account_kubeconfig_at("https://127.0.0.1:6443")
+    }
+
+    /// [`ControlPlane::service_account_kubeconfig`] for the API server at `server` (its
+    /// certificate names 127.0.0.1 and 10.250.0.1).
+    pub fn service_account_kubeconfig_at(&self, server: &str) -> PathBuf {
         let req = r#"{"apiVersion":"authentication.k8s.io/v1","kind":"TokenRequest","spec":{"expirationSeconds":3600}}"#;
         let (code, body) = self.api("POST", "/api/v1/namespaces/kube-system/serviceaccounts/ferry/token", Some(req));
         assert_eq!(code, 201, "{body}");
@@ -67,7 +76,7 @@ impl ControlPlane {
         let ca = self.dir.path.join("pki/ca.crt");
         std::fs::write(
             &path,
-            format!("apiVersion: v1\nkind: Config\nclusters:\n- name: c\n  cluster: {{server: \"https://127.0.0.1:6443\", certificate-authority: \"{}\"}}\nusers:\n- name: ferry\n  user: {{token: \"{token}\"}}\ncontexts:\n- name: c\n  context: {{cluster: c, user: ferry}}\ncurrent-context: c\n", ca.display()),
+            format!("apiVersion: v1\nkind: Config\nclusters:\n- name: c\n  cluster: {{server: \"{server}\", certificate-authority: \"{}\"}}\nusers:\n- name: ferry\n  user: {{token: \"{token}\"}}\ncontexts:\n- name: c\n  context: {{cluster: c, user: ferry}}\ncurrent-context: c\n", ca.display()),
         )
         .unwrap();
         path
@@ -101,30 +110,68 @@ impl ControlPlane {
         text.lines().filter_map(|l| serde_json::from_str(l).ok()).collect()
     }
 
-    /// Kills kube-apiserver and starts it again with the same command line (its watch cache
-    /// starts afresh at etcd's current revision); waits (at most 120 s) until it is ready.
+    /// Kills kube-apiserver (SIGKILL, as a crash) and starts it again with the same command line,
+    /// appending to its log; returns once it is ready again (at most 120 s). The pid file is
+    /// updated, so `cluster down` stops the new one.
     pub fn restart_apiserver(&self) {
-        let pids = std::fs::read_to_string(self.dir.path.join("pids")).unwrap();
-        let mut pids: Vec<i32> = pids.lines().map(|l| l.trim().parse().unwrap()).collect();
-        // `ip netns exec` execs the binary: the pid is kube-apiserver's, its command line too.
-        let cmdline = std::fs::read(format!("/proc/{}/cmdline", pids[1])).unwrap();
+        let pids_file = self.dir.path.join("pids");
+        let mut pids: Vec<i32> = std::fs::read_to_string(&pids_file).unwrap().lines().filter_map(|l| l.trim().parse().ok()).collect();
+        // `cluster up` writes etcd's, kube-apiserver's, kube-controller-manager's; `ip netns exec`
+        // execs, so the pid is the server's and its command line the server's.
+        let old = pids[1];
+        let cmdline = std::fs::read(format!("/proc/{old}/cmdline")).unwrap();
         let args: Vec<String> = cmdline.split(|b| *b == 0).filter(|a| !a.is_empty()).map(|a| String::from_utf8_lossy(a).into_owned()).collect();
-        assert!(args[0].ends_with("kube-apiserver"), "{args:?}");
-        unsafe { libc::kill(-pids[1], libc::SIGKILL) };
+        assert!(args[0].ends_with("kube-apiserver"), "pid {old} is not kube-apiserver: {args:?}");
+        unsafe { libc::kill(-old, libc::SIGKILL) };
         let deadline = Instant::now() + Duration::from_secs(10);
-        while Path::new(&format!("/proc/{}", pids[1])).exists() {
-            assert!(Instant::now() < deadline, "kube-apiserver did not die");
+        // Gone when its listener is (a zombie leader may still have threads holding it).
+        let listening = || Command::new("nsenter").arg(format!("--net=/run/netns/{}", self.ns)).args(["ss", "-Hltn", "sport = :6443"]).output().is_ok_and(|o| !o.stdout.is_empty());
+        while listening() {
+            assert!(Instant::now() < deadline, "kube-apiserver {old} still listens 10 s after SIGKILL");
             std::thread::sleep(Duration::from_millis(50));
         }
-        let log = std::fs::File::options().append(true).open(self.dir.path.join("kube-apiserver.log")).unwrap();
-        let child = Command::new("ip").args(["netns", "exec", &self.ns]).args(&args).stdin(Stdio::null()).stdout(log.try_clone().unwrap()).stderr(log).process_group(0).spawn().unwrap();
+        let log = std::fs::OpenOptions::new().append(true).open(self.dir.path.join("kube-apiserver.log")).unwrap();
+        let child = Command::new("ip")
+            .args(["netns", "exec", &self.ns])
+            .args(&args)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .process_group(0)
+            .spawn()
+            .expect("restart kube-apiserver");
         pids[1] = child.id() as i32;
-        std::fs::write(self.dir.path.join("pids"), pids.iter().map(|p| format!("{p}\n")).collect::<String>()).unwrap();
+        std::fs::write(&pids_file, pids.iter().map(|p| format!("{p}\n")).collect::<String>()).unwrap();
         let deadline = Instant::now() + Duration::from_secs(120);
         while self.api("GET", "/readyz", None).0 != 200 {
-            assert!(Instant::now() < deadline, "kube-apiserver not ready again within 120 s");
-            std::thread::sleep(Duration::from_millis(300));
+            if Instant::now() > deadline {
+                let log = std::fs::read_to_string(self.dir.path.join("kube-apiserver.log")).unwrap_or_default();
+                let tail: Vec<&str> = log.lines().rev().take(40).collect();
+                panic!("kube-apiserver not ready again within 120 s; its log ends:\n{}", tail.into_iter().rev().collect::<Vec<_>>().join("\n"));
+            }
+            std::thread::sleep(Duration::from_millis(200));
         }
+    }
+
+    /// A request to etcd's HTTP gateway (inside the namespace): its JSON answer.
+    pub fn etcd(&self, path: &str, body: &str) -> serde_json::Value {
+        let out = Command::new("nsenter")
+            .arg(format!("--net=/run/netns/{}", self.ns))
+            .args(["curl", "-sf", "--max-time", "10", "-X", "POST", "--data-binary", body])
+            .arg(format!("http://127.0.0.1:2379{path}"))
+            .output()
+            .expect("curl");
+        assert!(out.status.success(), "etcd {path} {body}: {}", String::from_utf8_lossy(&out.stderr));
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("etcd {path}: {e}: {}", String::from_utf8_lossy(&out.stdout)))
+    }
+
+    /// Compacts etcd at its current revision (physically: the history is gone, a watch from an
+    /// older resourceVersion gets 410 Gone); returns the revision.
+    pub fn compact_etcd(&self) -> i64 {
+        let status = self.etcd("/v3/maintenance/status", "{}");
+        let rev: i64 = status["header"]["revision"].as_str().and_then(|r| r.parse().ok()).unwrap_or_else(|| panic!("no revision: {status}"));
+        self.etcd("/v3/kv/compaction", &format!("{{\"revision\": {rev}, \"physical\": true}}"));
+        rev
     }
 
     pub fn api_as(&self, method: &str, path: &str, body: Option<&str>, content_type: &str) -> (u16, String) {
@@ -144,7 +191,8 @@ impl ControlPlane {
 
 impl Drop for ControlPlane {
     fn drop(&mut self) {
-        let _ = Command::new(root().join("target/debug/xtask")).args(["cluster", "down"]).env("FERRY_CLUSTER_DIR", &self.dir.path).output();
+        use std::os::unix::process::CommandExt;
+        let _ = Command::new(root().join("target/debug/xtask")).args(["cluster", "down"]).env("FERRY_CLUSTER_DIR", &self.dir.path).process_group(0).output();
     }
 }
 
@@ -217,10 +265,16 @@ impl Agent {
     }
 
     pub fn has_frontend(&self, addr: &str, port: u16) -> bool {
-        let maps = dataplane_agent::bpf::BpfMaps::from_pins(&self.pin).expect("pinned maps");
-        let fe = Frontend::internal(L4Addr { addr: addr.parse::<Ipv4Addr>().unwrap(), port, proto: Proto::Tcp });
-        maps.services.get(&dataplane_agent::reconcile::lb4_key(&fe), 0).is_ok()
+        backends(&self.pin, addr, port).is_some()
     }
+}
+
+/// The backend count of the TCP ClusterIP frontend `addr:port` in the maps pinned at `pin`
+/// (`None`: no such frontend).
+pub fn backends(pin: &Path, addr: &str, port: u16) -> Option<u16> {
+    let maps = dataplane_agent::bpf::BpfMaps::from_pins(pin).expect("pinned maps");
+    let fe = Frontend::internal(L4Addr { addr: addr.parse::<Ipv4Addr>().unwrap(), port, proto: Proto::Tcp });
+    maps.services.get(&dataplane_agent::reconcile::lb4_key(&fe), 0).ok().map(|s| s.count)
 }
 
 impl Drop for Agent {

@@ -297,6 +297,9 @@ pub struct Cluster {
     pub nodes: Vec<Node>,
     pub cgroup: Cgroup,
     pub manifests: PathBuf,
+    /// Agents read the API server with this kubeconfig instead of `manifests` (the lab through
+    /// a real control plane, `apilab`).
+    pub kubeconfig: Option<PathBuf>,
     pub logs: TempDir,
     /// Start agents with `--nodeport-acceleration xdp`.
     pub xdp: bool,
@@ -390,6 +393,7 @@ impl Cluster {
             nodes,
             cgroup,
             manifests: manifests.to_path_buf(),
+            kubeconfig: None,
             logs,
             xdp: false,
             opts,
@@ -520,8 +524,7 @@ impl Cluster {
         self.pods
             .iter()
             .map(|p| {
-                // Pod addresses are 10.201.<node number>.x.
-                let node = &self.nodes[(p.ip.octets()[2] as usize).saturating_sub(1).min(self.nodes.len() - 1)].name;
+                let node = self.node_of_pod(&p.name);
                 format!(
                     "apiVersion: v1\nkind: Pod\nmetadata: {{name: {}, namespace: lab, labels: {{role: {}}}}}\nspec: {{nodeName: {node}, containers: [{{name: echo, ports: [{{name: echo, containerPort: 8080}}]}}]}}\nstatus: {{podIP: {}}}\n---\n",
                     p.name,
@@ -530,6 +533,11 @@ impl Cluster {
                 )
             })
             .collect()
+    }
+
+    /// The node pod `name` runs on (pod addresses are 10.201.<node number>.x).
+    pub fn node_of_pod(&self, name: &str) -> &str {
+        &self.nodes[(self.pod(name).ip.octets()[2] as usize).saturating_sub(1).min(self.nodes.len() - 1)].name
     }
 
     pub fn pod(&self, name: &str) -> &Pod {
@@ -552,8 +560,8 @@ impl Cluster {
         });
     }
 
-    /// Starts the agent `bin` on node `i` with the lab's flags, reading the lab's manifests when
-    /// `manifests` (else `extra` must name a source), plus `extra` (whose `--cgroup` replaces the
+    /// Starts the agent `bin` on node `i` with the lab's flags, reading the lab's manifests (or
+    /// its API server, with `kubeconfig`) when `manifests` (else `extra` must name a source), plus `extra` (whose `--cgroup` replaces the
     /// lab's); returns where its output starts in the node's log. Does not wait.
     pub fn spawn_agent(&mut self, i: usize, bin: &Path, manifests: bool, extra: &[&str]) -> usize {
         let log = self.logs.path.join(format!("{}.log", self.nodes[i].name));
@@ -565,7 +573,11 @@ impl Cluster {
         let acceleration = if self.xdp { "xdp" } else { "none" };
         let n = &mut self.nodes[i];
         let logf = std::fs::OpenOptions::new().create(true).append(true).open(&log).unwrap();
-        let source: Vec<&str> = if manifests { vec!["--manifests", self.manifests.to_str().unwrap()] } else { vec![] };
+        let source: Vec<&str> = match (manifests, &self.kubeconfig) {
+            (true, Some(k)) => vec!["--kubeconfig", k.to_str().unwrap()],
+            (true, None) => vec!["--manifests", self.manifests.to_str().unwrap()],
+            (false, _) => vec![],
+        };
         // The node's cgroup for the socket hooks, unless `extra` names another.
         let cgroup: Vec<&str> = if extra.contains(&"--cgroup") { vec![] } else { vec!["--cgroup", n.cgroup.to_str().unwrap()] };
         let child = n

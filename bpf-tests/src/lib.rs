@@ -1,4 +1,5 @@
 //! Shared fixtures for tests that load Ferry's real programs.
+pub mod apilab;
 pub mod cluster;
 pub mod conformance;
 pub mod fakeapi;

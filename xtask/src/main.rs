@@ -54,7 +54,7 @@ fn main() -> ExitCode {
         },
         _ => {
             eprintln!(
-                "usage: cargo xtask <command>\n\n  setup       install the toolchain (root; idempotent) and mount bpffs\n  build-ebpf  build the kernel programs (release, BTF)\n  test        set up, build, and run every test: unit, bpf-tests, end-to-end, scenario files\n  lab         build a two-node cluster in network namespaces and show Ferry balancing it\n  cluster     up|down: a real control plane (etcd, kube-apiserver, kube-controller-manager) in its own network namespace
+                "usage: cargo xtask <command>\n\n  setup       install the toolchain (root; idempotent) and mount bpffs\n  build-ebpf  build the kernel programs (release, BTF)\n  test        set up, build, and run every test: unit, bpf-tests, end-to-end, scenario files\n  lab         build a two-node cluster in network namespaces and show Ferry balancing it\n              (--api-server: its objects from a real control plane, as cluster up starts it)\n  cluster     up|down: a real control plane (etcd, kube-apiserver, kube-controller-manager) in its own network namespace
   conformance [--scenarios DIR|FILE]... [--verbose]: every flow of the scenario files sent for real through the real kube-proxy
               (nftables mode) and through Ferry, fed by a real API server; one line per flow that differs, `N agree, M differ` last
   bench       ns per packet, sync times, and throughput through the namespace lab, each beside a baseline measured in the same run\n              (--no-throughput: without the lab; --throughput-only: the lab alone)"

@@ -2,9 +2,16 @@
 //! network namespaces, starts one agent per node with `deploy/examples/`, sends 100 requests to
 //! each ClusterIP from a pod (and 100 from node1's own host network), prints who answered, and
 //! tears everything down, also on failure or Ctrl-C.
+//!
+//! `--api-server`: the same lab and checks, its objects from a real control plane instead
+//! (`bpf_tests::apilab`): Services created through the API, nodes and pods registered, the
+//! EndpointSlices the controller's, the agents authenticated as the DaemonSet's ServiceAccount.
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use bpf_tests::lab::{self, Cluster};
+use bpf_tests::{
+    apilab::ApiLab,
+    lab::{self, Cluster},
+};
 
 static INTERRUPTED: AtomicBool = AtomicBool::new(false);
 
@@ -27,11 +34,28 @@ fn main() -> std::process::ExitCode {
         libc::signal(libc::SIGINT, on_signal as *const () as libc::sighandler_t);
         libc::signal(libc::SIGTERM, on_signal as *const () as libc::sighandler_t);
     }
-    let requests = std::env::args().nth(1).and_then(|n| n.parse().ok()).unwrap_or(100usize).to_string();
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let requests = args.iter().find_map(|n| n.parse().ok()).unwrap_or(100usize).to_string();
+    // Declared before the lab: dropped after it (its agents stop first).
+    let mut api = args.iter().any(|a| a == "--api-server").then(|| {
+        println!("lab: starting a control plane (etcd, kube-apiserver, kube-controller-manager)");
+        ApiLab::up()
+    });
+    checkpoint!();
     println!("lab: building node1, node2 (two pods each) in network namespaces");
     let mut c = Cluster::new(&lab::examples_dir());
     checkpoint!();
-    println!("lab {}: starting one agent per node with {}", c.id, lab::examples_dir().display());
+    if let Some(api) = &mut api {
+        api.join(&mut c);
+        api.apply_manifests(&c, &lab::examples_dir());
+        println!("lab {}: nodes, pods and the Services of {} registered with the API server in {}; EndpointSlices written by kube-controller-manager", c.id, lab::examples_dir().display(), api.cp.ns);
+        checkpoint!();
+    }
+    let source = match &c.kubeconfig {
+        Some(k) => format!("the API server (ServiceAccount kube-system/ferry, {})", k.display()),
+        None => lab::examples_dir().display().to_string(),
+    };
+    println!("lab {}: starting one agent per node with {source}", c.id);
     c.start_agents();
     checkpoint!();
     let runs = [
@@ -98,6 +122,7 @@ fn main() -> std::process::ExitCode {
         }
     }
     drop(c);
+    drop(api);
     println!("lab: torn down");
     if ok {
         println!("lab: every endpoint answered, no errors");
