@@ -19,8 +19,11 @@
 //!
 //! NetworkPolicy is not kube-proxy's job: policies are left out and Ferry runs with
 //! `--enable-network-policy=false`, so policy files are compared on their Service paths only.
-//! SCTP (no SCTP sockets in this kernel), ICMP and other-protocol flows, spoofed flows (`via`)
-//! and files that need a pod bridge are named as not compared, never skipped silently.
+//! ICMP and other IP protocols are sent from raw sockets: an echo reply or a protocol
+//! unreachable from the destination means delivered, a port unreachable means refused. SCTP is
+//! a HEARTBEAT over raw sockets (no SCTP module in this kernel), answered by the servers. Spoofed
+//! flows (`via`) and files that need a pod bridge are named as not compared, never skipped
+//! silently.
 use std::{
     collections::{BTreeMap, BTreeSet},
     io::{BufRead, BufReader, Read, Write},
@@ -93,6 +96,7 @@ struct Plan {
     remote: Vec<Ipv4Addr>,
     tcp_ports: BTreeSet<u16>,
     udp_ports: BTreeSet<u16>,
+    sctp_ports: BTreeSet<u16>,
     /// The prefix of the node's pod interfaces (InterfaceNamePrefix mode names them after it).
     veth_prefix: String,
 }
@@ -153,9 +157,9 @@ fn service_addresses(sc: &Scenario) -> BTreeSet<Ipv4Addr> {
 /// Why a flow cannot be sent for real here, if it cannot.
 fn not_comparable(flow: &Flow) -> Option<String> {
     match flow.proto.as_str() {
-        "tcp" | "udp" => {}
-        "sctp" => return Some("sctp: this kernel has no SCTP sockets to send it with".into()),
-        p => return Some(format!("proto {p}: only TCP and UDP connections are sent")),
+        "tcp" | "udp" | "icmp" | "sctp" => {}
+        p if p.parse::<u8>().is_ok_and(|n| ![6, 17, 132].contains(&n)) => {}
+        p => return Some(format!("proto {p}: not a protocol this run sends")),
     }
     if flow.via.is_some() {
         return Some("a spoofed packet (via): no socket sends one; the packet tests cover it".into());
@@ -192,6 +196,7 @@ impl Plan {
             remote: Vec::new(),
             tcp_ports: BTreeSet::new(),
             udp_ports: BTreeSet::new(),
+            sctp_ports: BTreeSet::new(),
             veth_prefix,
         };
         let host = |plan: &mut Plan, a: Ipv4Addr| {
@@ -225,6 +230,7 @@ impl Plan {
                 let Some(port) = p.get("port").and_then(Value::as_u64).and_then(|p| u16::try_from(p).ok()) else { continue };
                 match str_at(p, &["protocol"]).unwrap_or("TCP") {
                     "UDP" => plan.udp_ports.insert(port),
+                    "SCTP" => plan.sctp_ports.insert(port),
                     _ => plan.tcp_ports.insert(port),
                 };
             }
@@ -233,7 +239,7 @@ impl Plan {
             if let Ok(src) = f.source.parse::<Ipv4Addr>() {
                 host(&mut plan, src);
             }
-            let Ok(dst) = f.destination.parse::<SocketAddrV4>() else { continue };
+            let Some(dst) = destination(&f.destination) else { continue };
             let mut ports = vec![dst.port()];
             match Expect::parse(&f.expect) {
                 Ok(Expect::Pass) => host(&mut plan, *dst.ip()),
@@ -245,8 +251,13 @@ impl Plan {
                 }
                 _ => {}
             }
-            let set = if f.proto == "udp" { &mut plan.udp_ports } else { &mut plan.tcp_ports };
-            set.extend(ports);
+            match f.proto.as_str() {
+                "udp" => plan.udp_ports.extend(ports),
+                "tcp" => plan.tcp_ports.extend(ports),
+                "sctp" => plan.sctp_ports.extend(ports),
+                // ICMP and other protocols are answered by the hosts' kernels.
+                _ => {}
+            }
         }
         plan
     }
@@ -327,9 +338,10 @@ fn serve(ns: &Netns, addrs: &[Ipv4Addr], plan: &Plan, what: String) -> Result<Pr
     let addrs: Vec<String> = addrs.iter().map(|a| a.to_string()).collect();
     let tcp: Vec<String> = plan.tcp_ports.iter().map(|p| p.to_string()).collect();
     let udp: Vec<String> = plan.udp_ports.iter().map(|p| p.to_string()).collect();
+    let sctp: Vec<String> = plan.sctp_ports.iter().map(|p| p.to_string()).collect();
     let exe = std::env::current_exe().map_err(|e| e.to_string())?;
     let mut child = ns
-        .cmd(&[exe.to_str().unwrap(), "serve", &addrs.join(","), &tcp.join(","), &udp.join(",")])
+        .cmd(&[exe.to_str().unwrap(), "serve", &addrs.join(","), &tcp.join(","), &udp.join(","), &sctp.join(",")])
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .stdin(Stdio::null())
@@ -720,10 +732,29 @@ fn reset(cp: &ControlPlane, keep: &[String]) -> Result<(), String> {
     Ok(())
 }
 
+/// A flow's destination: `ip:port`, or an address alone (ICMP, other protocols) as port 0.
+fn destination(s: &str) -> Option<SocketAddrV4> {
+    s.parse::<SocketAddrV4>().ok().or_else(|| s.parse::<Ipv4Addr>().ok().map(|a| SocketAddrV4::new(a, 0)))
+}
+
 /// What one connection attempt saw, as the probe prints it.
 fn outcome(line: &str, src: Ipv4Addr, dst: SocketAddrV4, plan: &Plan) -> String {
     let mut it = line.split_whitespace();
+    let delivered = |from: &str| match from.parse::<Ipv4Addr>() {
+        Ok(a) if a == *dst.ip() => (if plan.place(a) == Place::Node { "LOCAL" } else { "PASS" }).to_string(),
+        _ => format!("answered by {from}"),
+    };
     match it.next() {
+        // ICMP and other protocols: the echo reply, or the ICMP error, that came back.
+        Some("ECHO") => delivered(it.next().unwrap_or("?")),
+        Some("UNREACH") => match (it.next(), it.next()) {
+            // Port unreachable: a refusal (kube-proxy's `reject`, Ferry's answer).
+            (Some("3"), _) => "REJECT".into(),
+            // Protocol unreachable: the packet reached a host that does not speak it.
+            (Some("2"), Some(from)) => delivered(from),
+            (code, from) => format!("unreachable code {} from {}", code.unwrap_or("?"), from.unwrap_or("?")),
+        },
+        Some("TIMEX") => "time exceeded (looped: nobody has the address)".into(),
         Some("TO") => {
             let local: Option<SocketAddrV4> = it.next().and_then(|s| s.parse().ok());
             let peer: Option<SocketAddrV4> = it.next().and_then(|s| s.parse().ok());
@@ -802,7 +833,7 @@ fn run_file(path: &Path, cp: &ControlPlane, kube_proxy: &Path, link: &mut usize,
         if interrupted() {
             break;
         }
-        let (Ok(src), Ok(dst)) = (f.source.parse::<Ipv4Addr>(), f.destination.parse::<SocketAddrV4>()) else {
+        let (Ok(src), Some(dst)) = (f.source.parse::<Ipv4Addr>(), destination(&f.destination)) else {
             println!("not compared  {file}: {}: source or destination is not an IPv4 address (and port)", f.name);
             totals.not_compared += 1;
             continue;
@@ -955,10 +986,11 @@ fn collect(p: &Path, out: &mut Vec<PathBuf>) -> Result<(), String> {
     Ok(())
 }
 
-/// `conformance serve ADDRS TCP_PORTS UDP_PORTS`: answers every connection and datagram on
-/// each address and port with `LOCAL PEER`; prints `ready` once everything is bound (an address
-/// and port that cannot be bound, for instance one the proxy itself uses, is left out).
-pub fn serve_main(addrs: &str, tcp: &str, udp: &str) -> ! {
+/// `conformance serve ADDRS TCP_PORTS UDP_PORTS SCTP_PORTS`: answers every connection and
+/// datagram on each address and port with `LOCAL PEER`, and every SCTP HEARTBEAT to an SCTP port
+/// with a HEARTBEAT ACK carrying `NONCE LOCAL PEER`; prints `ready` once everything is bound (an
+/// address and port that cannot be bound, for instance one the proxy itself uses, is left out).
+pub fn serve_main(addrs: &str, tcp: &str, udp: &str, sctp: &str) -> ! {
     let list = |s: &str| s.split(',').filter(|s| !s.is_empty()).map(str::to_string).collect::<Vec<_>>();
     for a in list(addrs) {
         for p in list(tcp) {
@@ -983,6 +1015,12 @@ pub fn serve_main(addrs: &str, tcp: &str, udp: &str) -> ! {
             }
         }
     }
+    let sctp_ports: Vec<u16> = list(sctp).iter().filter_map(|p| p.parse().ok()).collect();
+    if !sctp_ports.is_empty() {
+        if let Ok(raw) = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::RAW, Some(socket2::Protocol::from(IPPROTO_SCTP))) {
+            std::thread::spawn(move || sctp_server(raw, sctp_ports));
+        }
+    }
     println!("ready");
     let _ = std::io::stdout().flush();
     loop {
@@ -1001,6 +1039,23 @@ pub fn probe_main(src: &str, dst: &str, proto: &str, count: usize, timeout_ms: u
     let src: Ipv4Addr = src.parse().map_err(|_| format!("bad source {src}"))?;
     let dst: SocketAddr = dst.parse().map_err(|_| format!("bad destination {dst}"))?;
     let timeout = Duration::from_millis(timeout_ms);
+    if proto == "sctp" {
+        let SocketAddr::V4(dst) = dst else { return Err("IPv4 only".into()) };
+        println!("{}", sctp_attempt(src, dst, timeout));
+        let handles: Vec<_> = (1..count.min(64)).map(|_| std::thread::spawn(move || sctp_attempt(src, dst, timeout))).collect();
+        for h in handles {
+            println!("{}", h.join().unwrap_or_else(|_| "ERR panic".into()));
+        }
+        return Ok(());
+    }
+    if proto != "tcp" && proto != "udp" {
+        let number: u8 = if proto == "icmp" { 1 } else { proto.parse().map_err(|_| format!("bad protocol {proto}"))? };
+        let SocketAddr::V4(dst) = dst else { return Err("IPv4 only".into()) };
+        for seq in 0..count.min(8) {
+            println!("{}", raw_attempt(src, *dst.ip(), number, seq as u16, timeout));
+        }
+        return Ok(());
+    }
     let udp = proto == "udp";
     // The first alone, then the rest at once: session affinity is recorded by a first
     // connection, which the others then follow (concurrent first packets would each pick).
@@ -1063,4 +1118,191 @@ fn attempt(src: Ipv4Addr, dst: SocketAddr, udp: bool, timeout: Duration) -> Stri
         Ok(n) => format!("TO {}", String::from_utf8_lossy(&buf[..n]).trim()),
         Err(e) => classify(e),
     }
+}
+
+/// One packet of IP protocol `number` (an ICMP echo request for 1; eight zero bytes for any
+/// other) from `src` to `dst`, and what came back within `timeout`: `ECHO <from>`,
+/// `UNREACH <code> <from>` (an ICMP destination unreachable quoting this packet),
+/// `TIMEX <from>`, or `DROP`.
+fn raw_attempt(src: Ipv4Addr, dst: Ipv4Addr, number: u8, seq: u16, timeout: Duration) -> String {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let open = |p: i32| -> std::io::Result<Socket> {
+        let s = Socket::new(Domain::IPV4, Type::RAW, Some(Protocol::from(p)))?;
+        s.bind(&SocketAddr::from((src, 0)).into())?;
+        Ok(s)
+    };
+    // ICMP answers arrive on a raw ICMP socket whatever protocol was sent.
+    let (icmp, out) = match (open(1), if number == 1 { None } else { Some(open(number as i32)) }) {
+        (Ok(i), None) => (i, None),
+        (Ok(i), Some(Ok(o))) => (i, Some(o)),
+        (Err(e), _) | (_, Some(Err(e))) => return format!("ERR raw socket: {e}"),
+    };
+    let id = (std::process::id() as u16) ^ 0x5a5a;
+    let mut pkt = [0u8; 8];
+    if number == 1 {
+        pkt[0] = 8;
+        pkt[4..6].copy_from_slice(&id.to_be_bytes());
+        pkt[6..8].copy_from_slice(&seq.to_be_bytes());
+        let sum = !pkt.chunks(2).fold(0u32, |a, c| {
+            let a = a + u16::from_be_bytes([c[0], c[1]]) as u32;
+            (a & 0xffff) + (a >> 16)
+        }) as u16;
+        pkt[2..4].copy_from_slice(&sum.to_be_bytes());
+    }
+    let to: socket2::SockAddr = SocketAddr::from((dst, 0)).into();
+    if let Err(e) = out.as_ref().unwrap_or(&icmp).send_to(&pkt, &to) {
+        return match e.kind() {
+            std::io::ErrorKind::PermissionDenied => "DROP".into(),
+            _ => format!("ERR send: {e}"),
+        };
+    }
+    let deadline = Instant::now() + timeout;
+    let mut buf = [std::mem::MaybeUninit::<u8>::uninit(); 1500];
+    while let Some(left) = deadline.checked_duration_since(Instant::now()).filter(|d| !d.is_zero()) {
+        let _ = icmp.set_read_timeout(Some(left));
+        let Some(b) = raw_recv(&icmp, &mut buf) else { break };
+        let ihl = ((b.first().copied().unwrap_or(0) & 0x0f) as usize) * 4;
+        if b.len() < ihl + 8 {
+            continue;
+        }
+        let from = Ipv4Addr::new(b[12], b[13], b[14], b[15]);
+        let (kind, code) = (b[ihl], b[ihl + 1]);
+        match kind {
+            0 if number == 1 && b[ihl + 4..ihl + 6] == id.to_be_bytes() && b[ihl + 6..ihl + 8] == seq.to_be_bytes() => return format!("ECHO {from}"),
+            3 | 11 => {
+                // The quoted packet must be this one: its protocol and destination.
+                let q = ihl + 8;
+                if b.len() >= q + 20 && b[q + 9] == number && b[q + 16..q + 20] == dst.octets() {
+                    return if kind == 3 { format!("UNREACH {code} {from}") } else { format!("TIMEX {from}") };
+                }
+            }
+            _ => {}
+        }
+    }
+    "DROP".into()
+}
+
+// SCTP over raw IP sockets (this kernel has no SCTP module): one HEARTBEAT chunk out, one
+// HEARTBEAT ACK back, as `ferry-load` does in the lab. kube-proxy's conntrack takes a HEARTBEAT
+// as the start of a new association (multihoming), so both proxies translate it.
+const IPPROTO_SCTP: i32 = 132;
+const CHUNK_HEARTBEAT: u8 = 4;
+const CHUNK_HEARTBEAT_ACK: u8 = 5;
+const SCTP_VTAG: u32 = 0x4665_7272;
+
+/// An SCTP packet: common header and one chunk of `chunk_type` with a Heartbeat Info parameter
+/// holding `info`, CRC32c (little-endian on the wire) over it all.
+fn sctp_packet(sport: u16, dport: u16, chunk_type: u8, info: &[u8]) -> Vec<u8> {
+    let param_len = 4 + info.len();
+    let mut p = Vec::with_capacity(24 + info.len());
+    p.extend_from_slice(&sport.to_be_bytes());
+    p.extend_from_slice(&dport.to_be_bytes());
+    p.extend_from_slice(&SCTP_VTAG.to_be_bytes());
+    p.extend_from_slice(&[0; 4]);
+    p.extend_from_slice(&[chunk_type, 0]);
+    p.extend_from_slice(&((4 + param_len) as u16).to_be_bytes());
+    p.extend_from_slice(&1u16.to_be_bytes());
+    p.extend_from_slice(&(param_len as u16).to_be_bytes());
+    p.extend_from_slice(info);
+    p.resize(p.len().div_ceil(4) * 4, 0);
+    let c = dataplane_agent::packet::crc32c(&p);
+    p[8..12].copy_from_slice(&c.to_le_bytes());
+    p
+}
+
+/// An SCTP packet from an IPv4 datagram as a raw socket returns it: (source, destination,
+/// sport, dport, chunk type, Heartbeat Info).
+fn parse_sctp(d: &[u8]) -> Option<(SocketAddrV4, SocketAddrV4, u8, Vec<u8>)> {
+    let ihl = (*d.first()? & 0x0f) as usize * 4;
+    if d.len() < ihl + 20 || d[9] != IPPROTO_SCTP as u8 {
+        return None;
+    }
+    let s = &d[ihl..];
+    let port = |i: usize| u16::from_be_bytes([s[i], s[i + 1]]);
+    let param_len = (port(18) as usize).clamp(4, s.len() - 16);
+    let src = SocketAddrV4::new(Ipv4Addr::new(d[12], d[13], d[14], d[15]), port(0));
+    let dst = SocketAddrV4::new(Ipv4Addr::new(d[16], d[17], d[18], d[19]), port(2));
+    Some((src, dst, s[12], s[20..16 + param_len].to_vec()))
+}
+
+fn raw_recv(sock: &socket2::Socket, buf: &mut [std::mem::MaybeUninit<u8>]) -> Option<Vec<u8>> {
+    let (n, _) = sock.recv_from(buf).ok()?;
+    // SAFETY: recv_from initialized the first n bytes.
+    Some(buf[..n].iter().map(|x| unsafe { x.assume_init() }).collect())
+}
+
+fn sctp_server(raw: socket2::Socket, ports: Vec<u16>) {
+    let mut buf = [std::mem::MaybeUninit::<u8>::uninit(); 2048];
+    loop {
+        let Some(d) = raw_recv(&raw, &mut buf) else { continue };
+        let Some((src, dst, chunk, info)) = parse_sctp(&d) else { continue };
+        if chunk != CHUNK_HEARTBEAT || !ports.contains(&dst.port()) {
+            continue;
+        }
+        let nonce = String::from_utf8_lossy(&info).split_whitespace().next().unwrap_or("").to_string();
+        let answer = sctp_packet(dst.port(), src.port(), CHUNK_HEARTBEAT_ACK, format!("{nonce} {dst} {src}").as_bytes());
+        // From the address it was reached at (the kernel fills in the header's source only from
+        // a bound socket's address or the route: set it through a socket bound to it).
+        if let Ok(reply) = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::RAW, Some(socket2::Protocol::from(IPPROTO_SCTP))) {
+            if reply.bind(&SocketAddr::from((*dst.ip(), 0)).into()).is_ok() {
+                let _ = reply.send_to(&answer, &SocketAddr::from((*src.ip(), 0)).into());
+            }
+        }
+    }
+}
+
+/// One HEARTBEAT from `src` (a random port) to `dst`: `TO LOCAL PEER` from the answer,
+/// `REFUSED` (ICMP port unreachable quoting it), `UNREACH <code> <from>`, or `DROP`.
+fn sctp_attempt(src: Ipv4Addr, dst: SocketAddrV4, timeout: Duration) -> String {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let open = |p: i32| -> std::io::Result<Socket> {
+        let s = Socket::new(Domain::IPV4, Type::RAW, Some(Protocol::from(p)))?;
+        s.bind(&SocketAddr::from((src, 0)).into())?;
+        s.set_nonblocking(true)?;
+        Ok(s)
+    };
+    let (sctp, icmp) = match (open(IPPROTO_SCTP), open(1)) {
+        (Ok(a), Ok(b)) => (a, b),
+        (Err(e), _) | (_, Err(e)) => return format!("ERR raw socket: {e}"),
+    };
+    // A source port of its own per attempt (the attempts of one probe run at once).
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.subsec_nanos()).unwrap_or(0);
+    let seed = nanos ^ (std::process::id() << 8);
+    let sport = 20000 + ((seed.wrapping_mul(2654435761) % 2000) * 20 + n % 20) as u16;
+    let nonce = format!("{:08x}{:04x}", seed, sport);
+    if let Err(e) = sctp.send_to(&sctp_packet(sport, dst.port(), CHUNK_HEARTBEAT, nonce.as_bytes()), &SocketAddr::from((*dst.ip(), 0)).into()) {
+        return match e.kind() {
+            std::io::ErrorKind::PermissionDenied => "DROP".into(),
+            _ => format!("ERR send: {e}"),
+        };
+    }
+    let deadline = Instant::now() + timeout;
+    let mut buf = [std::mem::MaybeUninit::<u8>::uninit(); 2048];
+    while Instant::now() < deadline {
+        while let Some(d) = raw_recv(&sctp, &mut buf) {
+            if let Some((_, to, CHUNK_HEARTBEAT_ACK, info)) = parse_sctp(&d) {
+                let text = String::from_utf8_lossy(&info).to_string();
+                let mut w = text.split_whitespace();
+                if to.port() == sport && w.next() == Some(nonce.as_str()) {
+                    return format!("TO {} {}", w.next().unwrap_or("?"), w.next().unwrap_or("?"));
+                }
+            }
+        }
+        while let Some(b) = raw_recv(&icmp, &mut buf) {
+            let ihl = ((b.first().copied().unwrap_or(0) & 0x0f) as usize) * 4;
+            let q = ihl + 8;
+            // A destination unreachable quoting this packet: protocol, destination, source port.
+            if b.len() >= q + 24 && b[ihl] == 3 && b[q + 9] == IPPROTO_SCTP as u8 && b[q + 16..q + 20] == dst.ip().octets() {
+                let qihl = ((b[q] & 0x0f) as usize) * 4;
+                if b.len() >= q + qihl + 2 && u16::from_be_bytes([b[q + qihl], b[q + qihl + 1]]) == sport {
+                    let from = Ipv4Addr::new(b[12], b[13], b[14], b[15]);
+                    return if b[ihl + 1] == 3 { "REFUSED".into() } else { format!("UNREACH {} {from}", b[ihl + 1]) };
+                }
+            }
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    "DROP".into()
 }

@@ -291,9 +291,9 @@ fn an_api_server_restart_and_an_etcd_compaction_are_survived() {
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         let log = c.agent_log(0)[since..].to_string();
-        // The error itself (the message names 410 whatever the error).
-        let gone = |l: &&str| l.split_once("error=").is_some_and(|(_, e)| e.contains("410") || e.contains("too old resource version") || e.contains("Expired"));
-        if let Some(l) = log.lines().filter(|l| l.contains("watch failed")).find(gone) {
+        // The agent says it is a 410 and that it relists, and the error is the API server's.
+        let gone = |l: &&str| l.split_once("error=").is_some_and(|(_, e)| e.contains("too old resource version") || e.contains("Expired"));
+        if let Some(l) = log.lines().filter(|l| l.contains("watch expired (410 Gone): relisting")).find(gone) {
             eprintln!("node1's agent: {l}");
             break;
         }

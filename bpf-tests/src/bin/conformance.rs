@@ -9,7 +9,7 @@ fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let a: Vec<&str> = args.iter().map(String::as_str).collect();
     let r = match a.as_slice() {
-        ["serve", addrs, tcp, udp] => conformance::serve_main(addrs, tcp, udp),
+        ["serve", addrs, tcp, udp, sctp] => conformance::serve_main(addrs, tcp, udp, sctp),
         ["probe", src, dst, proto, count, timeout, cgroup] => {
             conformance::probe_main(src, dst, proto, count.parse().unwrap_or(1), timeout.parse().unwrap_or(400), cgroup).map(|_| true)
         }

@@ -203,7 +203,14 @@ where
                 }
                 Err(e) => {
                     stats.errors.fetch_add(1, Ordering::Relaxed);
-                    warn!(kind = %kind, error = %e, "watch failed; re-watching (a 410 Gone relists)");
+                    // Said as what comes next: a 410 Gone means a relist, anything else a retry
+                    // of the same list or watch, with backoff.
+                    match &e {
+                        watcher::Error::WatchError(s) if s.code == 410 => warn!(kind = %kind, error = %e, "watch expired (410 Gone): relisting"),
+                        watcher::Error::WatchStartFailed(kube::Error::Api(s)) if s.code == 410 => warn!(kind = %kind, error = %e, "watch expired (410 Gone): relisting"),
+                        watcher::Error::InitialListFailed(_) => warn!(kind = %kind, error = %e, "list failed; retrying with backoff"),
+                        _ => warn!(kind = %kind, error = %e, "watch failed; re-watching with backoff from the last resource version"),
+                    }
                 }
             }
         }
