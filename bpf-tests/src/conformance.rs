@@ -828,7 +828,7 @@ fn run_file(path: &Path, cp: &ControlPlane, kube_proxy: &Path, link: &mut usize,
         side.wait_synced().map_err(|e| format!("{file}: {e}"))?;
     }
     let t_sync = t0.elapsed();
-    let differ_before = totals.differ;
+    let (differ_before, agree_before) = (totals.differ, totals.agree);
     for f in compared {
         if interrupted() {
             break;
@@ -889,6 +889,8 @@ fn run_file(path: &Path, cp: &ControlPlane, kube_proxy: &Path, link: &mut usize,
             }
         }
     }
+    // One line per file, so a long run shows where it is.
+    println!("file  {file}: {} agree, {} differ", totals.agree - agree_before, totals.differ - differ_before);
     if verbose {
         println!("time  {file}: objects {:.1} s, namespaces {:.1} s, first syncs {:.1} s, flows {:.1} s", t_load.as_secs_f64(), (t_build - t_load).as_secs_f64(), (t_sync - t_build).as_secs_f64(), (t0.elapsed() - t_sync).as_secs_f64());
     }
