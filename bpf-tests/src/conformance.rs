@@ -474,6 +474,8 @@ impl Side {
                     .collect();
                 args.extend(["--cgroup".into(), cgroup.path.display().to_string(), "--pod-interfaces".into(), format!("{}p*", plan.veth_prefix)]);
                 args.extend(["--external-interfaces".into(), "eth0".into(), "--enable-network-policy=false".into(), "--min-sync-period-ms".into(), "100".into()]);
+                // No limit on refusals, as the kernel's ICMP rate limit is lifted for kube-proxy.
+                args.extend(["--refusals-per-second".into(), "1000000".into(), "--refusal-burst".into(), "1000000".into()]);
                 args.extend(["--metrics-bind-address".into(), "127.0.0.1:10249".into(), "--healthz-bind-address".into(), "127.0.0.1:10256".into()]);
                 // No --service-cidr: the ranges come from the ServiceCIDR objects, as kube-proxy's do.
                 args.extend(["--detect-local-mode".into(), mode]);

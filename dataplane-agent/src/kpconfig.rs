@@ -154,7 +154,7 @@ pub const SUPPORTED: &[(&str, &str)] = &[
     ("detectLocalMode", "--detect-local-mode"),
     ("detectLocal.bridgeInterface", "--pod-bridge-interface"),
     ("detectLocal.interfaceNamePrefix", "--pod-interface-name-prefix"),
-    ("iptables.masqueradeAll, nftables.masqueradeAll", "--masquerade-all (either)"),
+    ("iptables.masqueradeAll, nftables.masqueradeAll", "--masquerade-all (the section of `mode`: nftables.* in nftables mode, else iptables.*)"),
     ("nftables.minSyncPeriod, else iptables.minSyncPeriod", "--min-sync-period-ms"),
     ("conntrack.tcpEstablishedTimeout", "--conntrack-tcp-timeout-established"),
     ("conntrack.tcpCloseWaitTimeout", "--conntrack-tcp-timeout-close-wait"),
@@ -280,8 +280,10 @@ pub fn apply_str(text: &str, name: &str, args: &mut RunArgs) -> anyhow::Result<N
     let cc = f.client_connection.unwrap_or_default();
     args.kubeconfig = cc.kubeconfig.filter(|k| !k.is_empty()).map(Into::into);
     args.node_ips = f.bind_address.filter(|a| !matches!(a.as_str(), "" | "0.0.0.0" | "::")).into_iter().collect();
-    args.healthz_bind_address = f.healthz_bind_address.unwrap_or(defaults.healthz_bind_address);
-    args.metrics_bind_address = f.metrics_bind_address.unwrap_or(defaults.metrics_bind_address);
+    // kube-proxy's defaulting (v1alpha1 defaults.go): empty means the default address (kubeadm
+    // writes ""), an address without a port gets the default port.
+    args.healthz_bind_address = with_port(f.healthz_bind_address, &defaults.healthz_bind_address, 10256);
+    args.metrics_bind_address = with_port(f.metrics_bind_address, &defaults.metrics_bind_address, 10249);
     args.nodeport_addresses = f.node_port_addresses.unwrap_or_default();
     args.cluster_cidr = f.cluster_cidr.filter(|c| !c.is_empty());
     args.detect_local_mode = f.detect_local_mode.filter(|m| !m.is_empty()).unwrap_or(defaults.detect_local_mode);
@@ -292,7 +294,9 @@ pub fn apply_str(text: &str, name: &str, args: &mut RunArgs) -> anyhow::Result<N
     args.pod_bridge_interface = dl.bridge_interface.filter(|b| !b.is_empty());
     args.pod_interface_name_prefix = dl.interface_name_prefix.filter(|p| !p.is_empty());
     let (ipt, nft) = (f.iptables.unwrap_or_default(), f.nftables.unwrap_or_default());
-    args.masquerade_all = ipt.masquerade_all.unwrap_or(false) || nft.masquerade_all.unwrap_or(false);
+    // The mode's own section, as kube-proxy reads it (iptables' for "", iptables and ipvs).
+    let nft_mode = value.get("mode").and_then(|m| m.as_str()) == Some("nftables");
+    args.masquerade_all = if nft_mode { nft.masquerade_all } else { ipt.masquerade_all }.unwrap_or(false);
     args.min_sync_period_ms = match nft.min_sync_period.or(ipt.min_sync_period).filter(|p| !p.is_empty()) {
         Some(p) => {
             let field = if value.get("nftables").and_then(|n| n.get("minSyncPeriod")).is_some() { "nftables.minSyncPeriod" } else { "iptables.minSyncPeriod" };
@@ -337,6 +341,18 @@ impl Notes {
         if let Some(m) = &self.mode {
             tracing::warn!("--config {name}: mode {m:?} is ignored: Ferry is the proxy");
         }
+    }
+}
+
+/// A bind address from the file as kube-proxy defaults it: empty (or absent) gives `default`, an
+/// IP without a port gets `port`.
+fn with_port(v: Option<String>, default: &str, port: u16) -> String {
+    match v.filter(|a| !a.is_empty()) {
+        None => default.to_string(),
+        Some(a) => match a.parse::<std::net::IpAddr>() {
+            Ok(ip) => std::net::SocketAddr::new(ip, port).to_string(),
+            Err(_) => a,
+        },
     }
 }
 
@@ -433,9 +449,11 @@ winkernel:
         assert_eq!(cfg.node.name, "node-from-file");
         assert_eq!(cfg.cluster_cidr, Some("10.244.0.0/16".parse().unwrap()));
         assert!(matches!(&cfg.source, crate::agent::SourceConfig::Kube { kubeconfig: Some(k), .. } if k.to_str() == Some("/var/lib/kube-proxy/kubeconfig.conf")));
-        assert_eq!(cfg.healthz_bind, None, "an empty healthzBindAddress disables, as the flag");
+        assert_eq!(cfg.healthz_bind, Some("0.0.0.0:10256".parse().unwrap()), "an empty healthzBindAddress is kube-proxy's default, as kubeadm means it");
         assert_eq!(cfg.metrics_bind, Some("0.0.0.0:10249".parse().unwrap()));
-        assert!(cfg.node.masquerade_all, "nftables.masqueradeAll");
+        // mode "" is kube-proxy's iptables mode on Linux: iptables.masqueradeAll (false) applies,
+        // not nftables.masqueradeAll (true).
+        assert!(!cfg.node.masquerade_all, "iptables.masqueradeAll");
         assert_eq!(cfg.min_sync_period, std::time::Duration::from_secs(2), "nftables.minSyncPeriod");
         assert_eq!(cfg.ct_timeouts[dataplane_common::ct_timeout::TCP_ESTABLISHED], 12 * 3600);
         assert_eq!((cfg.node.nodeport_addresses.len(), cfg.node.nodeport_primary), (1, true));
@@ -482,5 +500,14 @@ winkernel:
         assert!(e.contains("kp.yaml: apiVersion: \"kubeproxy.config.k8s.io/v1beta1\""), "{e}");
         let e = apply_str("kind: KubeletConfiguration\napiVersion: kubeproxy.config.k8s.io/v1alpha1\n", "kp.yaml", &mut args(&[])).unwrap_err().to_string();
         assert!(e.contains("kind: \"KubeletConfiguration\""), "{e}");
+    }
+
+    #[test]
+    fn bind_addresses_are_defaulted_as_kube_proxy_does() {
+        assert_eq!(with_port(None, "0.0.0.0:10256", 10256), "0.0.0.0:10256");
+        assert_eq!(with_port(Some(String::new()), "127.0.0.1:10249", 10249), "127.0.0.1:10249");
+        assert_eq!(with_port(Some("0.0.0.0".into()), "127.0.0.1:10249", 10249), "0.0.0.0:10249");
+        assert_eq!(with_port(Some("::".into()), "127.0.0.1:10249", 10249), "[::]:10249");
+        assert_eq!(with_port(Some("10.0.0.1:9999".into()), "127.0.0.1:10249", 10249), "10.0.0.1:9999");
     }
 }
