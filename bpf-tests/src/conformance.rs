@@ -294,6 +294,13 @@ impl Drop for Side {
         for p in self.procs.iter_mut().rev() {
             p.stop();
         }
+        // What the proxy left running in the node: an iptables-restore of a large rule set
+        // outlives a kube-proxy stopped in the middle of its sync.
+        if let Ok(out) = Command::new("ip").args(["netns", "pids", &self.node.name]).output() {
+            for pid in String::from_utf8_lossy(&out.stdout).split_whitespace().filter_map(|p| p.parse::<i32>().ok()) {
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+            }
+        }
         if let Some(pin) = &self.pin {
             let _ = self.node.cmd(&[lab::agent_bin().to_str().unwrap(), "run", "--cleanup", "--cgroup", "none", "--pin-dir", pin.path.to_str().unwrap()]).output();
         }

@@ -194,21 +194,31 @@ impl Drop for Watch {
     }
 }
 
-/// New connections from the client pod (namespace `client`) to `dst`, one every `every`, until
-/// one reaches an address of `want`: when that connection started (None past `bound`, once
-/// `stop` is set, or on Ctrl-C).
+/// New connections from the client pod (namespace `client`) to `dst`, a new one every `every`
+/// whether the ones before have ended or not (a proxy that drops packets to an unassigned
+/// cluster IP makes a connection wait out its timeout), until one reaches an address of `want`:
+/// when that connection started (None past `bound`, once `stop` is set, or on Ctrl-C).
 fn reached(client: &str, dst: SocketAddrV4, want: &[Ipv4Addr], every: Duration, bound: Duration, stop: &AtomicBool) -> Option<Instant> {
-    let _in = lab::enter_named(client);
     let deadline = Instant::now() + bound;
+    let (tx, rx) = mpsc::channel();
     while Instant::now() < deadline && !interrupted() && !stop.load(Ordering::Relaxed) {
         let t = Instant::now();
-        let r = conformance::attempt(CLIENT, SocketAddr::V4(dst), false, Duration::from_millis(200));
-        // `TO LOCAL PEER`: LOCAL is the address and port the server was reached on.
-        let local = r.strip_prefix("TO ").and_then(|r| r.split_whitespace().next()).and_then(|a| a.parse::<SocketAddrV4>().ok());
-        if local.is_some_and(|a| want.contains(a.ip())) {
-            return Some(t);
+        let (tx, client) = (tx.clone(), client.to_string());
+        std::thread::spawn(move || {
+            let _in = lab::enter_named(&client);
+            let _ = tx.send((t, conformance::attempt(CLIENT, SocketAddr::V4(dst), false, Duration::from_millis(100))));
+        });
+        let mut hit: Option<Instant> = None;
+        while let Ok((started, r)) = rx.recv_timeout(every.saturating_sub(t.elapsed())) {
+            // `TO LOCAL PEER`: LOCAL is the address and port the server was reached on.
+            let local = r.strip_prefix("TO ").and_then(|r| r.split_whitespace().next()).and_then(|a| a.parse::<SocketAddrV4>().ok());
+            if local.is_some_and(|a| want.contains(a.ip())) {
+                hit = Some(hit.map_or(started, |h| h.min(started)));
+            }
         }
-        std::thread::sleep(every.saturating_sub(t.elapsed()));
+        if hit.is_some() {
+            return hit;
+        }
     }
     None
 }
@@ -233,9 +243,9 @@ struct Timed {
 /// One proxy's figures at one N.
 #[derive(Default)]
 struct Figures {
-    /// Start → the first sync's end (None: not within the bound), that sync's own duration, and
-    /// how many syncs the proxy counted by the time it was read (more than 1: the timestamp is the
-    /// latest one's).
+    /// Start → the first sync's end (None: not within the bound), the proxy's own sync time so far,
+    /// and how many syncs the proxy counted by the time it was read (more than 1: the timestamp is
+    /// the latest one's, the time their sum).
     synced: Option<(Duration, f64, f64)>,
     answered: Option<Duration>,
     change: Vec<Timed>,
@@ -254,7 +264,7 @@ fn timed_write(cp: &ControlPlane, client: &str, method: &str, path: &str, body: 
     let w = Watch::open(cp, watch.0)?;
     let stop = AtomicBool::new(false);
     std::thread::scope(|s| {
-        let poll = s.spawn(|| reached(client, dst, &[want], Duration::from_millis(2), CHANGE_BOUND, &stop));
+        let poll = s.spawn(|| reached(client, dst, &[want], Duration::from_millis(5), CHANGE_BOUND, &stop));
         // The connections under way before the write.
         std::thread::sleep(Duration::from_millis(50));
         let body = body();
@@ -362,7 +372,7 @@ fn measure_into(cp: &ControlPlane, proxy: Proxy, kube_proxy: &Path, n: usize, li
 /// Polls the proxy's /metrics every 500 ms (a scrape costs Ferry a walk of its hash maps; the
 /// figure is the proxy's own timestamp, whenever it is read) until its first sync is done (at
 /// most FULL_SYNC_BOUND from `started`): the time from `wall` (the start) to that sync's end,
-/// the sync's own duration (the histogram's mean), and the sync count.
+/// the proxy's own sync time so far (the histogram's sum), and the sync count.
 fn first_sync(side: &mut Side, wall: SystemTime, started: Instant) -> Result<Option<(Duration, f64, f64)>, String> {
     loop {
         let m = side.metrics()?;
@@ -370,7 +380,7 @@ fn first_sync(side: &mut Side, wall: SystemTime, started: Instant) -> Result<Opt
         if last > 0.0 {
             let (sum, count) = histogram(&m, SYNC_HIST);
             let at = SystemTime::UNIX_EPOCH + Duration::from_secs_f64(last);
-            return Ok(Some((at.duration_since(wall).unwrap_or_default(), sum / count.max(1.0), count)));
+            return Ok(Some((at.duration_since(wall).unwrap_or_default(), sum, count)));
         }
         side.check_running()?;
         if interrupted() {
@@ -449,9 +459,9 @@ fn print_table(n: usize, rows: &[(Proxy, Figures)], list: Duration) {
         table.push(r);
     };
     row(
-        "full sync: start → first sync done (own: that sync)",
+        "full sync: start → first sync done (own: its syncs)",
         &|f| match f.synced {
-            Some((d, own, count)) => format!("{} (own {}{})", fmt_d(d), fmt_s(own), if count > 1.0 { format!(", {count} syncs") } else { String::new() }),
+            Some((d, own, count)) => format!("{} (own {}{})", fmt_d(d), fmt_s(own), if count > 1.0 { format!(" in {count} syncs") } else { String::new() }),
             None => format!("> {}", fmt_d(FULL_SYNC_BOUND)),
         },
         format!("list all: {}", fmt_d(list)),
@@ -545,10 +555,10 @@ pub fn run(kube_proxy: Option<&Path>, sizes: &[usize]) -> Result<(), String> {
         }
         print_table(n, &rows, list);
     }
-    println!("\nfull sync: from the proxy's start to the end of its first sync (its own last_timestamp metric; own: that sync's duration metric), and to the");
-    println!("first connection from a pod to the last Service's ClusterIP that reaches an endpoint (a new connection every 20 ms). list all: GET of every");
+    println!("\nfull sync: from the proxy's start to the end of its first sync (its own last_timestamp metric; own: its sync_proxy_rules_duration so far), and");
+    println!("to the first connection from a pod to the last Service's ClusterIP that reaches an endpoint (a new connection every 20 ms). list all: GET of every");
     println!("Service and every EndpointSlice (what a starting proxy lists). Changes: from the start of the write (a curl to the API server) to the start of");
-    println!("the first connection through the ClusterIP that reaches the new endpoint (a new connection every 2 ms); the floor: the same write's event");
+    println!("the first connection through the ClusterIP that reaches the new endpoint (a new connection every 5 ms, each waiting at most 100 ms); the floor: the same write's event");
     println!("on a watch opened before it, and the write's own answer. own: the proxy's sync_proxy_rules_duration and network_programming_duration");
     println!("(from the slice's last-change-trigger-time, set to the write's start) over the runs. Both proxies sync at most every 100 ms (minSyncPeriod).");
     println!("Control-plane section: {:.0} s in all.", t_all.elapsed().as_secs_f64());
