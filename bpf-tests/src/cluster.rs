@@ -174,11 +174,19 @@ impl ControlPlane {
         rev
     }
 
-    pub fn api_as(&self, method: &str, path: &str, body: Option<&str>, content_type: &str) -> (u16, String) {
+    /// curl in the control plane's namespace with the admin's credentials: the request's own
+    /// options and URL to add.
+    pub fn curl(&self) -> Command {
         let pki = self.dir.path.join("pki");
         let mut cmd = Command::new("nsenter");
-        cmd.arg(format!("--net=/run/netns/{}", self.ns)).args(["curl", "-s", "--max-time", "10", "-w", "\n%{http_code}", "-X", method, "--cacert"]);
+        cmd.arg(format!("--net=/run/netns/{}", self.ns)).args(["curl", "-s", "--cacert"]);
         cmd.arg(pki.join("ca.crt")).arg("--cert").arg(pki.join("admin.crt")).arg("--key").arg(pki.join("admin.key"));
+        cmd
+    }
+
+    pub fn api_as(&self, method: &str, path: &str, body: Option<&str>, content_type: &str) -> (u16, String) {
+        let mut cmd = self.curl();
+        cmd.args(["--max-time", "10", "-w", "\n%{http_code}", "-X", method]);
         if let Some(b) = body {
             cmd.args(["-H", &format!("Content-Type: {content_type}"), "--data-binary", b]);
         }

@@ -52,14 +52,21 @@ const PROBE_TIMEOUT_MS: u64 = 400;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Proxy {
-    KubeProxy,
+    KubeProxy(KpMode),
     Ferry,
 }
 
+/// kube-proxy's `mode`: the conformance run uses nftables; the bench both.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KpMode {
+    Nftables,
+    Iptables,
+}
+
 impl Proxy {
-    fn name(self) -> &'static str {
+    pub(crate) fn name(self) -> &'static str {
         match self {
-            Proxy::KubeProxy => "kube-proxy",
+            Proxy::KubeProxy(_) => "kube-proxy",
             Proxy::Ferry => "ferry",
         }
     }
@@ -85,7 +92,7 @@ pub struct Totals {
 }
 
 /// What the files need of the addresses: where each lives, the ports servers answer on.
-struct Plan {
+pub(crate) struct Plan {
     node_name: String,
     node_ips: Vec<Ipv4Addr>,
     pod_cidrs: Vec<lab_cidr::Cidr>,
@@ -171,7 +178,7 @@ fn not_comparable(flow: &Flow) -> Option<String> {
 }
 
 impl Plan {
-    fn new(sc: &Scenario) -> Plan {
+    pub(crate) fn new(sc: &Scenario) -> Plan {
         let node_ips: Vec<Ipv4Addr> = sc.node.ips.iter().filter_map(|a| a.parse().ok()).collect();
         let pod_cidrs: Vec<Cidr> = sc.node.pod_cidr.iter().chain(&sc.node.pod_cidrs).filter_map(|c| Cidr::parse(c)).collect();
         // Pods the file places on this node by name.
@@ -262,6 +269,14 @@ impl Plan {
         plan
     }
 
+    /// The index of the pod namespace holding `a` (`Side::pods`), if a pod of this node does.
+    pub(crate) fn pod(&self, a: Ipv4Addr) -> Option<usize> {
+        match self.place(a) {
+            Place::Pod(i) => Some(i),
+            _ => None,
+        }
+    }
+
     fn place(&self, a: Ipv4Addr) -> Place {
         if a.is_loopback() {
             return Place::Node;
@@ -273,14 +288,14 @@ impl Plan {
 
 /// One copy of the scenario's node, with its proxy; everything removed on drop (the proxy and
 /// servers first, then the namespaces, whose removal takes their links along).
-struct Side {
+pub(crate) struct Side {
     proxy: Proxy,
     procs: Vec<Proc>,
     pin: Option<PinDir>,
     cgroup: Option<Cgroup>,
-    node: Netns,
-    world: Netns,
-    pods: Vec<Netns>,
+    pub(crate) node: Netns,
+    pub(crate) world: Netns,
+    pub(crate) pods: Vec<Netns>,
     remote: Vec<Netns>,
     dir: TempDir,
 }
@@ -289,6 +304,13 @@ impl Drop for Side {
     fn drop(&mut self) {
         for p in self.procs.iter_mut().rev() {
             p.stop();
+        }
+        // What the proxy left running in the node: an iptables-restore of a large rule set
+        // outlives a kube-proxy stopped in the middle of its sync.
+        if let Ok(out) = Command::new("ip").args(["netns", "pids", &self.node.name]).output() {
+            for pid in String::from_utf8_lossy(&out.stdout).split_whitespace().filter_map(|p| p.parse::<i32>().ok()) {
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+            }
         }
         if let Some(pin) = &self.pin {
             let _ = self.node.cmd(&[lab::agent_bin().to_str().unwrap(), "run", "--cleanup", "--cgroup", "none", "--pin-dir", pin.path.to_str().unwrap()]).output();
@@ -358,9 +380,10 @@ fn serve(ns: &Netns, addrs: &[Ipv4Addr], plan: &Plan, what: String) -> Result<Pr
 
 impl Side {
     /// Builds the node, its pods and the world, joined to the control plane; starts servers.
-    fn build(proxy: Proxy, id: &str, cp: &ControlPlane, link: usize, plan: &Plan) -> Result<Side, String> {
+    pub(crate) fn build(proxy: Proxy, id: &str, cp: &ControlPlane, link: usize, plan: &Plan) -> Result<Side, String> {
         let tag = match proxy {
-            Proxy::KubeProxy => "k",
+            Proxy::KubeProxy(KpMode::Nftables) => "k",
+            Proxy::KubeProxy(KpMode::Iptables) => "i",
             Proxy::Ferry => "f",
         };
         let dir = TempDir::new(&format!("conf-{id}-{tag}"));
@@ -422,12 +445,12 @@ impl Side {
         Ok(side)
     }
 
-    fn log(&self) -> PathBuf {
+    pub(crate) fn log(&self) -> PathBuf {
         self.dir.path.join(format!("{}.log", self.proxy.name()))
     }
 
     /// Starts the proxy with the file's configuration.
-    fn start_proxy(&mut self, sc: &Scenario, plan: &Plan, cp: &ControlPlane, kube_proxy: &Path) -> Result<(), String> {
+    pub(crate) fn start_proxy(&mut self, sc: &Scenario, plan: &Plan, cp: &ControlPlane, kube_proxy: &Path) -> Result<(), String> {
         let kubeconfig = self.dir.path.join("kubeconfig");
         let admin = std::fs::read_to_string(cp.dir.path.join("admin.kubeconfig")).map_err(|e| e.to_string())?;
         std::fs::write(&kubeconfig, admin.replace("https://127.0.0.1:6443", "https://10.250.0.1:6443")).map_err(|e| e.to_string())?;
@@ -442,11 +465,15 @@ impl Side {
         let mode = cfg.detect_local_mode.clone().unwrap_or_else(|| "ClusterCIDR".into());
         let log = std::fs::File::create(self.log()).map_err(|e| e.to_string())?;
         let child = match self.proxy {
-            Proxy::KubeProxy => {
+            Proxy::KubeProxy(kp_mode) => {
+                let mode_name = match kp_mode {
+                    KpMode::Nftables => "nftables",
+                    KpMode::Iptables => "iptables",
+                };
                 let mut c = serde_json::json!({
                     "apiVersion": "kubeproxy.config.k8s.io/v1alpha1",
                     "kind": "KubeProxyConfiguration",
-                    "mode": "nftables",
+                    "mode": mode_name,
                     "clientConnection": {"kubeconfig": kubeconfig},
                     "hostnameOverride": plan.node_name,
                     "metricsBindAddress": "127.0.0.1:10249",
@@ -454,9 +481,10 @@ impl Side {
                     "nodePortAddresses": node_port_addresses,
                     "detectLocalMode": mode,
                     "detectLocal": {"bridgeInterface": cfg.pod_bridge_interface.clone().unwrap_or_default(), "interfaceNamePrefix": cfg.pod_interface_name_prefix.clone().unwrap_or_default()},
-                    "nftables": {"masqueradeAll": cfg.masquerade_all, "minSyncPeriod": "100ms"},
                     "conntrack": {"maxPerCore": 0, "min": 0},
                 });
+                // The mode's own block (the other mode's stays at its defaults).
+                c[mode_name] = serde_json::json!({"masqueradeAll": cfg.masquerade_all, "minSyncPeriod": "100ms"});
                 if let Some(cc) = &cluster_cidr {
                     c["clusterCIDR"] = cc.clone().into();
                 }
@@ -510,27 +538,31 @@ impl Side {
     fn wait_synced(&mut self) -> Result<(), String> {
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
-            let out = self.node.cmd(&["curl", "-s", "--max-time", "2", "http://127.0.0.1:10249/metrics"]).output().map_err(|e| e.to_string())?;
-            let text = String::from_utf8_lossy(&out.stdout);
-            // kube-proxy labels it with the IP family; the value is the line's last field.
-            let last = text
-                .lines()
-                .filter(|l| l.starts_with("kubeproxy_sync_proxy_rules_last_timestamp_seconds") && !l.contains("IPv6"))
-                .find_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-                .unwrap_or(0.0);
-            if last > 0.0 {
+            if metric(&self.metrics()?, "kubeproxy_sync_proxy_rules_last_timestamp_seconds") > 0.0 {
                 return Ok(());
             }
-            if let Some(p) = self.procs.last_mut() {
-                if let Ok(Some(st)) = p.child.try_wait() {
-                    return Err(format!("{} exited ({st}) before its first sync: {}", self.proxy.name(), tail(&self.log())));
-                }
-            }
+            self.check_running()?;
             if Instant::now() > deadline || interrupted() {
                 return Err(format!("{} made no sync within 60 s: {}", self.proxy.name(), tail(&self.log())));
             }
             std::thread::sleep(Duration::from_millis(100));
         }
+    }
+
+    /// The proxy's /metrics, from inside the node.
+    pub(crate) fn metrics(&self) -> Result<String, String> {
+        let out = self.node.cmd(&["curl", "-s", "--max-time", "2", "http://127.0.0.1:10249/metrics"]).output().map_err(|e| e.to_string())?;
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// An error (with the log's last lines) once the proxy has exited.
+    pub(crate) fn check_running(&mut self) -> Result<(), String> {
+        if let Some(p) = self.procs.last_mut() {
+            if let Ok(Some(st)) = p.child.try_wait() {
+                return Err(format!("{} exited ({st}): {}", self.proxy.name(), tail(&self.log())));
+            }
+        }
+        Ok(())
     }
 
     fn netns_of(&self, place: Place) -> &Netns {
@@ -558,7 +590,16 @@ impl Side {
     }
 }
 
-fn tail(path: &Path) -> String {
+/// A metric's value in a /metrics text: its IPv4 (or unlabelled) sample (kube-proxy labels its
+/// sync metrics with the IP family; the value is the line's last field); 0 when absent.
+pub(crate) fn metric(text: &str, name: &str) -> f64 {
+    text.lines()
+        .filter(|l| l.strip_prefix(name).is_some_and(|r| r.starts_with([' ', '{'])) && !l.contains("IPv6"))
+        .find_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .unwrap_or(0.0)
+}
+
+pub(crate) fn tail(path: &Path) -> String {
     let text = std::fs::read_to_string(path).unwrap_or_default();
     let lines: Vec<&str> = text.lines().collect();
     format!("{} (log {}):\n{}", "last lines", path.display(), lines[lines.len().saturating_sub(15)..].join("\n"))
@@ -819,7 +860,7 @@ fn run_file(path: &Path, cp: &ControlPlane, kube_proxy: &Path, link: &mut usize,
     }
     let id = lab::run_id();
     let mut sides = Vec::new();
-    for proxy in [Proxy::KubeProxy, Proxy::Ferry] {
+    for proxy in [Proxy::KubeProxy(KpMode::Nftables), Proxy::Ferry] {
         *link += 1;
         let mut side = Side::build(proxy, &id, cp, *link, &plan).map_err(|e| format!("{file}: building the {} node: {e}", proxy.name()))?;
         side.start_proxy(&sc, &plan, cp, kube_proxy).map_err(|e| format!("{file}: {e}"))?;
@@ -924,17 +965,23 @@ extern "C" fn on_signal(_: libc::c_int) {
     INTERRUPTED.store(true, std::sync::atomic::Ordering::SeqCst);
 }
 
-fn interrupted() -> bool {
+pub(crate) fn interrupted() -> bool {
     INTERRUPTED.load(std::sync::atomic::Ordering::SeqCst)
+}
+
+/// Ctrl-C (or SIGTERM) sets the flag [`interrupted`] reads: the runs stop at their next check and
+/// everything is taken down by the guards' drops.
+pub(crate) fn catch_signals() {
+    unsafe {
+        libc::signal(libc::SIGINT, on_signal as *const () as libc::sighandler_t);
+        libc::signal(libc::SIGTERM, on_signal as *const () as libc::sighandler_t);
+    }
 }
 
 /// `conformance [--verbose] --kube-proxy PATH FILE|DIR...`: returns whether nothing differed.
 /// Ctrl-C (or SIGTERM) stops after the current flow and takes everything down.
 pub fn main_run(args: &[String]) -> Result<bool, String> {
-    unsafe {
-        libc::signal(libc::SIGINT, on_signal as *const () as libc::sighandler_t);
-        libc::signal(libc::SIGTERM, on_signal as *const () as libc::sighandler_t);
-    }
+    catch_signals();
     let mut kube_proxy = None;
     let mut verbose = false;
     let mut paths = Vec::new();
@@ -1071,7 +1118,7 @@ pub fn probe_main(src: &str, dst: &str, proto: &str, count: usize, timeout_ms: u
     Ok(())
 }
 
-fn attempt(src: Ipv4Addr, dst: SocketAddr, udp: bool, timeout: Duration) -> String {
+pub(crate) fn attempt(src: Ipv4Addr, dst: SocketAddr, udp: bool, timeout: Duration) -> String {
     use socket2::{Domain, Socket, Type};
     let sock = match Socket::new(Domain::IPV4, if udp { Type::DGRAM } else { Type::STREAM }, None) {
         Ok(s) => s,

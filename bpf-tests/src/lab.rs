@@ -136,12 +136,17 @@ impl Netns {
     /// Moves the calling thread (only it) into this namespace until the guard drops: test runs
     /// and FIB lookups then see this namespace's devices and routes.
     pub fn enter(&self) -> Entered {
-        use std::os::fd::AsRawFd;
-        let orig = std::fs::File::open("/proc/thread-self/ns/net").expect("own network namespace");
-        let f = std::fs::File::open(format!("/run/netns/{}", self.name)).unwrap_or_else(|e| panic!("netns {}: {e}", self.name));
-        assert_eq!(unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) }, 0, "setns {}: {}", self.name, std::io::Error::last_os_error());
-        Entered { orig }
+        enter_named(&self.name)
     }
+}
+
+/// [`Netns::enter`] by the namespace's name, for a thread that does not hold its `Netns`.
+pub fn enter_named(name: &str) -> Entered {
+    use std::os::fd::AsRawFd;
+    let orig = std::fs::File::open("/proc/thread-self/ns/net").expect("own network namespace");
+    let f = std::fs::File::open(format!("/run/netns/{name}")).unwrap_or_else(|e| panic!("netns {name}: {e}"));
+    assert_eq!(unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) }, 0, "setns {name}: {}", std::io::Error::last_os_error());
+    Entered { orig }
 }
 
 impl Drop for Entered {

@@ -5,6 +5,7 @@ pub mod conformance;
 pub mod fakeapi;
 pub mod fixture;
 pub mod lab;
+pub mod netprog;
 pub mod podnet;
 pub mod raw;
 pub mod steady;

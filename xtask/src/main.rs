@@ -57,7 +57,7 @@ fn main() -> ExitCode {
                 "usage: cargo xtask <command>\n\n  setup       install the toolchain (root; idempotent) and mount bpffs\n  build-ebpf  build the kernel programs (release, BTF)\n  test        set up, build, and run every test: unit, bpf-tests, end-to-end, scenario files\n  lab         build a two-node cluster in network namespaces and show Ferry balancing it\n              (--api-server: its objects from a real control plane, as cluster up starts it)\n  cluster     up|down: a real control plane (etcd, kube-apiserver, kube-controller-manager) in its own network namespace
   conformance [--scenarios DIR|FILE]... [--verbose]: every flow of the scenario files sent for real through the real kube-proxy
               (nftables mode) and through Ferry, fed by a real API server; one line per flow that differs, `N agree, M differ` last
-  bench       ns per packet, sync times, and throughput through the namespace lab, each beside a baseline measured in the same run\n              (--no-throughput: without the lab; --throughput-only: the lab alone)"
+  bench       ns per packet, sync times, network programming against a real API server (Ferry, kube-proxy nftables and iptables),\n              and throughput through the namespace lab, each beside a baseline measured in the same run\n              (--no-throughput: without the lab; --throughput-only: the lab alone; --control-plane-only [--services 1000,10000]:\n              network programming alone)"
             );
             return ExitCode::from(2);
         }
@@ -305,7 +305,19 @@ fn bench(args: &[String]) -> Result<()> {
     // The bench and everything its throughput part runs in the lab (agents, ferry-load,
     // ferry-echo) in release: the lab takes them from the bench's own directory.
     run(cargo().args(["build", "--release", "-p", "bpf-tests", "-p", "dataplane-agent", "--bins"]))?;
-    run(Command::new(root().join("target/release/bench")).args(args))
+    let mut cmd = Command::new(root().join("target/release/bench"));
+    cmd.args(args);
+    // The control-plane section's kube-proxy rows: the pinned build (the bench says when it is
+    // missing).
+    if !args.iter().any(|a| a == "--kube-proxy") {
+        match k8s::bin_dir(&root()) {
+            Ok(dir) => {
+                cmd.arg("--kube-proxy").arg(dir.join("kube-proxy"));
+            }
+            Err(e) => println!("bench: no kube-proxy build ({e:#})"),
+        }
+    }
+    run(&mut cmd)
 }
 
 /// The `.yaml` files under `dir`, its subdirectories included, sorted.

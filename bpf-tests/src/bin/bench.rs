@@ -13,8 +13,14 @@
 //! NodePort and a ClusterIP, and short connections through the NodePort, each beside the same
 //! traffic sent to the pod's own address (nothing translated) in the same lab, alternating, and
 //! beside the lab before its agents start (no Ferry at all). Gbit/s, and the whole machine's CPU
-//! time (/proc/stat) per GB or per connection. Arguments: `[RUNS] [--no-throughput |
-//! --throughput-only] [--verbose]` (verbose: every throughput run's figures on stderr).
+//! time (/proc/stat) per GB or per connection.
+//! Network programming against a real API server (`bpf_tests::netprog`): Ferry, kube-proxy
+//! nftables and kube-proxy iptables side by side at 1 000 and 10 000 Services, from an object
+//! written to traffic reaching the new endpoint, beside the API server's own watch latency;
+//! included when the kube-proxy binary is built (`--kube-proxy PATH`, which xtask passes).
+//! Arguments: `[RUNS] [--no-throughput | --throughput-only | --control-plane-only]
+//! [--services 1000,10000] [--kube-proxy PATH] [--verbose]` (verbose: every throughput run's
+//! figures on stderr).
 use std::{
     net::Ipv4Addr,
     time::{Duration, Instant},
@@ -176,13 +182,47 @@ fn median(mut v: Vec<u64>) -> u64 {
     v[v.len() / 2]
 }
 
+/// The control-plane section's arguments: `--kube-proxy PATH` (None, said, when it is not
+/// built) and `--services N,N`.
+struct CpArgs {
+    kube_proxy: Option<std::path::PathBuf>,
+    services: Vec<usize>,
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let runs: usize = args.iter().find_map(|s| s.parse().ok()).unwrap_or(20_000);
+    if let [cmd, addrs, tcp, udp] = args.as_slice() {
+        if cmd == "serve" {
+            // The control-plane section's servers in its pods (as the conformance binary's).
+            bpf_tests::conformance::serve_main(addrs, tcp, udp);
+        }
+    }
+    let mut runs = 20_000;
+    let mut cp = CpArgs { kube_proxy: None, services: vec![1_000, 10_000] };
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        match a.as_str() {
+            "--kube-proxy" => cp.kube_proxy = it.next().map(Into::into),
+            "--services" => cp.services = it.next().map(|s| s.split(',').filter_map(|n| n.trim().replace('_', "").parse().ok()).collect()).unwrap_or_default(),
+            a => runs = a.parse().unwrap_or(runs),
+        }
+    }
+    if let Some(p) = cp.kube_proxy.take() {
+        if p.exists() {
+            cp.kube_proxy = Some(p);
+        } else {
+            println!("kube-proxy not built ({} missing; `cargo xtask setup` builds it)", p.display());
+        }
+    }
     VERBOSE.store(args.iter().any(|a| a == "--verbose"), std::sync::atomic::Ordering::Relaxed);
-    // `--throughput-only` skips the per-packet and sync sections; `--no-throughput` the lab.
+    // `--throughput-only` skips the per-packet and sync sections; `--no-throughput` the lab;
+    // `--control-plane-only` runs only the section against a real API server.
     if args.iter().any(|a| a == "--throughput-only") {
         throughput_bench();
+        return;
+    }
+    if args.iter().any(|a| a == "--control-plane-only") {
+        control_plane_bench(&cp, true);
         return;
     }
     println!("Ferry bench: median of {runs} single BPF_PROG_TEST_RUN runs per figure (kernel-measured ns)\n");
@@ -254,8 +294,31 @@ fn main() {
     println!("resync same: translation and diff only, zero map writes. one endpoint: the writes that change touches.");
     nodeport_bench(runs);
     policy_bench(runs);
+    control_plane_bench(&cp, false);
     if !args.iter().any(|a| a == "--no-throughput") {
         throughput_bench();
+    }
+}
+
+/// Network programming against a real API server (`bpf_tests::netprog`): run when asked for
+/// (`--control-plane-only`, Ferry alone if kube-proxy is not built), else when kube-proxy is
+/// built; skipped with a line saying why otherwise.
+fn control_plane_bench(cp: &CpArgs, asked: bool) {
+    if cp.kube_proxy.is_none() && !asked {
+        println!("\nNetwork programming against a real API server: skipped (needs the kube-proxy binary: `cargo xtask setup` builds it; `--control-plane-only` runs Ferry's rows alone)");
+        return;
+    }
+    if cp.services.is_empty() {
+        println!("\nNetwork programming against a real API server: skipped (--services names no count)");
+        return;
+    }
+    // The agent of this bench's own build (release under `cargo xtask bench`).
+    bpf_tests::lab::use_bin_dir(std::env::current_exe().unwrap().parent().unwrap().to_path_buf());
+    if let Err(e) = bpf_tests::netprog::run(cp.kube_proxy.as_deref(), &cp.services) {
+        println!("network programming section: {e}");
+        if e.starts_with("interrupted") {
+            std::process::exit(130);
+        }
     }
 }
 
