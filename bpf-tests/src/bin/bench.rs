@@ -191,10 +191,10 @@ struct CpArgs {
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    if let [cmd, addrs, tcp, udp] = args.as_slice() {
+    if let [cmd, addrs, tcp, udp, sctp] = args.as_slice() {
         if cmd == "serve" {
             // The control-plane section's servers in its pods (as the conformance binary's).
-            bpf_tests::conformance::serve_main(addrs, tcp, udp);
+            bpf_tests::conformance::serve_main(addrs, tcp, udp, sctp);
         }
     }
     let mut runs = 20_000;
