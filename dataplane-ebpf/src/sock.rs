@@ -9,7 +9,7 @@ use aya_ebpf::{
     helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_set_retval},
     programs::SockAddrContext,
 };
-use dataplane_common::{stat, SockRevKey, SockRevValue, SCOPE_INTERNAL, SVC_F_ADDR_ONLY, SVC_F_DROP_EMPTY};
+use dataplane_common::{stat, SockRevKey, SockRevValue, SCOPE_INTERNAL, SVC_F_ADDR_ONLY, SVC_F_DROP_EMPTY, SVC_F_SOURCE_RANGES};
 
 use crate::{
     lb::{lb4_choose_backend, lb4_lookup_service, lb4_source_allowed, lb4_unserved, Unserved},
@@ -57,12 +57,15 @@ pub fn sock4_xlate(ctx: &SockAddrContext) -> i32 {
     // (its firewall chain runs on the output path too): by the source the connection will have,
     // the socket's bound address, else the node's primary address (the one kube-proxy's
     // allowFromNode adds the Service address for). Outside them: not delivered.
-    let sk = unsafe { (*sa).__bindgen_anon_1.sk };
-    let bound = if sk.is_null() { 0 } else { unsafe { (*sk).src_ip4 } };
-    let src = if bound != 0 { bound } else { cfg4_v4.get(0).map(|c| c.snat_addr_be).unwrap_or(0) };
-    if !lb4_source_allowed(&svc, src) {
-        stats::count(dataplane_common::DropReason::SourceRange.stat());
-        return refuse(EPERM);
+    // Only frontends with ranges pay for finding the source.
+    if svc.flags & SVC_F_SOURCE_RANGES != 0 {
+        let sk = unsafe { (*sa).__bindgen_anon_1.sk };
+        let bound = if sk.is_null() { 0 } else { unsafe { (*sk).src_ip4 } };
+        let src = if bound != 0 { bound } else { cfg4_v4.get(0).map(|c| c.snat_addr_be).unwrap_or(0) };
+        if !lb4_source_allowed(&svc, src) {
+            stats::count(dataplane_common::DropReason::SourceRange.stat());
+            return refuse(EPERM);
+        }
     }
     if svc.count == 0 && svc.flags & SVC_F_DROP_EMPTY != 0 {
         return refuse(EPERM);
