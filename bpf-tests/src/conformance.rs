@@ -95,7 +95,7 @@ pub struct Totals {
 pub(crate) struct Plan {
     node_name: String,
     node_ips: Vec<Ipv4Addr>,
-    pod_cidrs: Vec<lab_cidr::Cidr>,
+    pod_cidrs: Vec<Cidr>,
     places: BTreeMap<Ipv4Addr, Place>,
     /// This node's pods, by address (index = `Place::Pod`).
     pods: Vec<Ipv4Addr>,
@@ -108,32 +108,7 @@ pub(crate) struct Plan {
     veth_prefix: String,
 }
 
-/// IPv4 CIDRs, small and local: what the plan needs to place addresses.
-mod lab_cidr {
-    use std::net::Ipv4Addr;
-
-    #[derive(Clone, Copy, Debug)]
-    pub struct Cidr {
-        pub net: u32,
-        pub len: u8,
-    }
-
-    impl Cidr {
-        pub fn parse(s: &str) -> Option<Cidr> {
-            let (a, l) = s.trim().split_once('/')?;
-            let addr: Ipv4Addr = a.parse().ok()?;
-            let len: u8 = l.parse().ok().filter(|l| *l <= 32)?;
-            let mask = if len == 0 { 0 } else { u32::MAX << (32 - len) };
-            Some(Cidr { net: u32::from(addr) & mask, len })
-        }
-
-        pub fn contains(&self, a: Ipv4Addr) -> bool {
-            let mask = if self.len == 0 { 0 } else { u32::MAX << (32 - self.len) };
-            u32::from(a) & mask == self.net
-        }
-    }
-}
-use lab_cidr::Cidr;
+use dataplane_agent::reconcile::Cidr4 as Cidr;
 
 fn str_at<'a>(v: &'a Value, path: &[&str]) -> Option<&'a str> {
     path.iter().try_fold(v, |v, k| v.get(*k)).and_then(Value::as_str)
@@ -180,7 +155,7 @@ fn not_comparable(flow: &Flow) -> Option<String> {
 impl Plan {
     pub(crate) fn new(sc: &Scenario) -> Plan {
         let node_ips: Vec<Ipv4Addr> = sc.node.ips.iter().filter_map(|a| a.parse().ok()).collect();
-        let pod_cidrs: Vec<Cidr> = sc.node.pod_cidr.iter().chain(&sc.node.pod_cidrs).filter_map(|c| Cidr::parse(c)).collect();
+        let pod_cidrs: Vec<Cidr> = sc.node.pod_cidr.iter().chain(&sc.node.pod_cidrs).filter_map(|c| c.trim().parse::<Cidr>().ok()).collect();
         // Pods the file places on this node by name.
         let listed_local: BTreeSet<Ipv4Addr> = sc
             .pods
@@ -622,7 +597,7 @@ fn load(cp: &ControlPlane, sc: &Scenario) -> Result<Vec<String>, String> {
     // ServiceCIDRs: the file's, and where it names none, one per /16 of its cluster IPs outside
     // the API server's own range (the API server allocates cluster IPs from ServiceCIDRs only).
     let mut cidrs: Vec<String> = sc.config.service_cidrs.iter().filter(|c| !c.contains(':')).cloned().collect();
-    let covered = |cidrs: &[String], a: Ipv4Addr| cidrs.iter().chain(std::iter::once(&DEFAULT_SERVICE_CIDR.to_string())).filter_map(|c| Cidr::parse(c)).any(|c| c.contains(a));
+    let covered = |cidrs: &[String], a: Ipv4Addr| cidrs.iter().chain(std::iter::once(&DEFAULT_SERVICE_CIDR.to_string())).filter_map(|c| c.trim().parse::<Cidr>().ok()).any(|c| c.contains(a));
     for s in &sc.services {
         for a in str_at(s, &["spec", "clusterIP"]).into_iter().chain(seq_at(s, &["spec", "clusterIPs"]).into_iter().filter_map(|v| v.as_str())) {
             if let Ok(a) = a.parse::<Ipv4Addr>() {
