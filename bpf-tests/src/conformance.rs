@@ -87,6 +87,8 @@ pub struct Totals {
     pub agree: usize,
     pub differ: usize,
     pub deliberate: usize,
+    /// NetworkPolicy verdicts Ferry gave as the file says (kube-proxy enforces none).
+    pub policy: usize,
     pub not_compared: usize,
     pub file_errors: usize,
 }
@@ -526,7 +528,7 @@ impl Side {
                     .map(|s| s.to_string())
                     .collect();
                 args.extend(["--cgroup".into(), cgroup.path.display().to_string(), "--pod-interfaces".into(), format!("{}p*", plan.veth_prefix)]);
-                args.extend(["--external-interfaces".into(), "eth0".into(), "--enable-network-policy=false".into(), "--min-sync-period-ms".into(), "100".into()]);
+                args.extend(["--external-interfaces".into(), "eth0".into(), format!("--enable-network-policy={}", cfg.enable_network_policy), "--min-sync-period-ms".into(), "100".into()]);
                 // No limit on refusals, as the kernel's ICMP rate limit is lifted for kube-proxy.
                 args.extend(["--refusals-per-second".into(), "1000000".into(), "--refusal-burst".into(), "1000000".into()]);
                 args.extend(["--metrics-bind-address".into(), "127.0.0.1:10249".into(), "--healthz-bind-address".into(), "127.0.0.1:10256".into()]);
@@ -635,12 +637,28 @@ pub(crate) fn tail(path: &Path) -> String {
 fn load(cp: &ControlPlane, sc: &Scenario) -> Result<Vec<String>, String> {
     let mut refused = Vec::new();
     let mut namespaces: BTreeSet<String> = BTreeSet::new();
-    for o in sc.services.iter().chain(&sc.endpoint_slices) {
+    for o in sc.services.iter().chain(&sc.endpoint_slices).chain(&sc.pods).chain(&sc.network_policies) {
         namespaces.insert(str_at(o, &["metadata", "namespace"]).unwrap_or("default").to_string());
     }
-    for ns in namespaces.iter().filter(|n| !["default", "kube-system"].contains(&n.as_str())) {
-        let (code, body) = cp.api("POST", "/api/v1/namespaces", Some(&serde_json::json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}}).to_string()));
-        if code != 201 && code != 409 {
+    namespaces.extend(sc.namespaces.iter().filter_map(|n| str_at(n, &["metadata", "name"]).map(str::to_string)));
+    for ns in &namespaces {
+        // Namespaces stay from file to file (one takes long to go); their labels are the file's
+        // (which policies select), or none but the name.
+        let labels = sc.namespaces.iter().find(|n| str_at(n, &["metadata", "name"]) == Some(ns.as_str())).and_then(|n| n["metadata"].get("labels").cloned());
+        let mut labels: serde_json::Map<String, serde_json::Value> = labels.and_then(|l| serde_json::to_value(l).ok()).and_then(|v| v.as_object().cloned()).unwrap_or_default();
+        labels.insert("kubernetes.io/metadata.name".into(), ns.clone().into());
+        let path = format!("/api/v1/namespaces/{ns}");
+        let (code, body) = cp.api("GET", &path, None);
+        let (code, body) = match code {
+            404 => cp.api("POST", "/api/v1/namespaces", Some(&serde_json::json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns, "labels": labels}}).to_string())),
+            200 => {
+                let mut v: serde_json::Value = serde_json::from_str(&body).map_err(|e| format!("namespace {ns}: {e}"))?;
+                v["metadata"]["labels"] = serde_json::Value::Object(labels);
+                cp.api("PUT", &path, Some(&v.to_string()))
+            }
+            _ => (code, body),
+        };
+        if ![200, 201].contains(&code) {
             return Err(format!("namespace {ns}: {code} {body}"));
         }
     }
@@ -730,6 +748,42 @@ fn load(cp: &ControlPlane, sc: &Scenario) -> Result<Vec<String>, String> {
             o["metadata"]["labels"]["endpointslice.kubernetes.io/managed-by"] = MANAGED_BY.into();
         });
     }
+    // Pods (for the policies that select them): bound to their node, with the file's status, as
+    // a kubelet would report it; nothing runs them.
+    for p in &sc.pods {
+        let ns = str_at(p, &["metadata", "namespace"]).unwrap_or("default");
+        let name = format!("Pod {ns}/{}", str_at(p, &["metadata", "name"]).unwrap_or("?"));
+        let mut pod = p.clone();
+        if let Some(ip) = str_at(p, &["status", "podIP"]).map(str::to_string) {
+            if seq_at(p, &["status", "podIPs"]).is_empty() {
+                pod["status"]["podIPs"] = serde_yaml::from_str(&format!("[{{ip: \"{ip}\"}}]")).unwrap();
+            }
+        }
+        // The namespace's default ServiceAccount, which admission wants, comes a moment after
+        // the namespace.
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let mut r = Vec::new();
+            create(cp, &format!("/api/v1/namespaces/{ns}/pods"), "v1", "Pod", &pod, &name, &mut r, |o| {
+                for c in o["spec"].get_mut("containers").and_then(Value::as_sequence_mut).into_iter().flatten() {
+                    if c.get("image").is_none() {
+                        c["image"] = "registry.k8s.io/pause:3.10".into();
+                    }
+                }
+            });
+            if r.iter().any(|e| e.contains("serviceaccount") && e.contains("not found")) && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(200));
+                continue;
+            }
+            refused.extend(r);
+            break;
+        }
+    }
+    for np in &sc.network_policies {
+        let ns = str_at(np, &["metadata", "namespace"]).unwrap_or("default");
+        let name = format!("NetworkPolicy {ns}/{}", str_at(np, &["metadata", "name"]).unwrap_or("?"));
+        create(cp, &format!("/apis/networking.k8s.io/v1/namespaces/{ns}/networkpolicies"), "networking.k8s.io/v1", "NetworkPolicy", np, &name, &mut refused, |_| {});
+    }
     Ok(refused)
 }
 
@@ -783,6 +837,13 @@ fn reset(cp: &ControlPlane, keep: &[String]) -> Result<(), String> {
     for (_, name) in list("/api/v1/nodes")? {
         cp.api("DELETE", &format!("/api/v1/nodes/{name}"), None);
     }
+    // No kubelet confirms a Pod's end here: they go at once.
+    for (ns, name) in list("/api/v1/pods")? {
+        cp.api("DELETE", &format!("/api/v1/namespaces/{ns}/pods/{name}?gracePeriodSeconds=0"), None);
+    }
+    for (ns, name) in list("/apis/networking.k8s.io/v1/networkpolicies")? {
+        cp.api("DELETE", &format!("/apis/networking.k8s.io/v1/namespaces/{ns}/networkpolicies/{name}"), None);
+    }
     let stale = |list: Vec<(String, String)>| list.into_iter().filter(|(_, n)| n != "kubernetes" && !keep.contains(n)).count();
     for (_, name) in list("/apis/networking.k8s.io/v1/servicecidrs")? {
         if name != "kubernetes" && !keep.contains(&name) {
@@ -791,7 +852,7 @@ fn reset(cp: &ControlPlane, keep: &[String]) -> Result<(), String> {
     }
     // ServiceCIDRs go once their addresses are released (a finalizer); Services at once.
     let deadline = Instant::now() + Duration::from_secs(30);
-    while stale(list("/apis/networking.k8s.io/v1/servicecidrs")?) > 0 || list("/api/v1/services")?.len() > 1 {
+    while stale(list("/apis/networking.k8s.io/v1/servicecidrs")?) > 0 || list("/api/v1/services")?.len() > 1 || !list("/api/v1/pods")?.is_empty() {
         if Instant::now() > deadline {
             return Err("objects of the previous file still there after 30 s".into());
         }
@@ -963,6 +1024,24 @@ fn run_file(path: &Path, cp: &ControlPlane, kube_proxy: &Path, link: &mut usize,
         };
         let (kp_file, fy_file) = (against_file(f, &expect, plan.place(src), sticky, kp), against_file(f, &expect, plan.place(src), sticky, fy));
         let show = |s: &BTreeSet<String>| s.iter().cloned().collect::<Vec<_>>().join(", ");
+        // A NetworkPolicy verdict is the CNI's job, not kube-proxy's: Ferry, which enforces the
+        // file's policies here, is held to the file alone.
+        let policy_verdict = sc.config.enable_network_policy && !sc.network_policies.is_empty() && matches!(&expect, Some(Expect::Drop(Some(r))) if r.starts_with("policy_"));
+        if policy_verdict {
+            match &fy_file {
+                None => {
+                    totals.policy += 1;
+                    if verbose {
+                        println!("policy  {file}: {}: Ferry {{{}}} as the file says (kube-proxy, which enforces no NetworkPolicy: {{{}}})", f.name, show(fy), show(kp));
+                    }
+                }
+                Some(expected) => {
+                    totals.differ += 1;
+                    println!("differ  {file}: {}: Ferry did {{{}}}, the file expects {expected} (a NetworkPolicy verdict; kube-proxy enforces none)", f.name, show(fy));
+                }
+            }
+            continue;
+        }
         match (agree, &f.kube_proxy_differs, &fy_file) {
             (true, None, None) if kp_file.is_none() => {
                 totals.agree += 1;
@@ -1081,7 +1160,10 @@ pub fn main_run(args: &[String]) -> Result<bool, String> {
             totals.file_errors += 1;
         }
     }
-    println!("{} flows not compared (named above), {} deliberate differences (kubeProxyDiffers), {} files that could not run", totals.not_compared, totals.deliberate, totals.file_errors);
+    println!(
+        "{} flows not compared (named above), {} deliberate differences (kubeProxyDiffers), {} NetworkPolicy verdicts held to the file (Ferry only), {} files that could not run",
+        totals.not_compared, totals.deliberate, totals.policy, totals.file_errors
+    );
     println!("{} agree, {} differ", totals.agree, totals.differ + totals.file_errors);
     Ok(totals.differ == 0 && totals.file_errors == 0)
 }
