@@ -719,10 +719,9 @@ fn load(cp: &ControlPlane, sc: &Scenario) -> Result<Vec<String>, String> {
         let ns = str_at(s, &["metadata", "namespace"]).unwrap_or("default");
         let name = format!("Service {ns}/{}", str_at(s, &["metadata", "name"]).unwrap_or("?"));
         // A cluster IP just put in a new ServiceCIDR is refused until that CIDR is ready.
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            let mut r = Vec::new();
-            create(cp, &format!("/api/v1/namespaces/{ns}/services"), "v1", "Service", s, &name, &mut r, |o| {
+        let again = |e: &str| e.contains("does not match the current range");
+        create_retrying(Duration::from_secs(10), &again, &mut refused, |r| {
+            create(cp, &format!("/api/v1/namespaces/{ns}/services"), "v1", "Service", s, &name, r, |o| {
                 let lb_local = str_at(o, &["spec", "type"]) == Some("LoadBalancer") && str_at(o, &["spec", "externalTrafficPolicy"]) == Some("Local");
                 if let Some(spec) = o.get_mut("spec").and_then(Value::as_mapping_mut) {
                     spec.remove("selector");
@@ -732,14 +731,8 @@ fn load(cp: &ControlPlane, sc: &Scenario) -> Result<Vec<String>, String> {
                         spec.remove("healthCheckNodePort");
                     }
                 }
-            });
-            if r.iter().any(|e| e.contains("does not match the current range")) && Instant::now() < deadline {
-                std::thread::sleep(Duration::from_millis(200));
-                continue;
-            }
-            refused.extend(r);
-            break;
-        }
+            })
+        });
     }
     for e in &sc.endpoint_slices {
         let ns = str_at(e, &["metadata", "namespace"]).unwrap_or("default");
@@ -761,23 +754,16 @@ fn load(cp: &ControlPlane, sc: &Scenario) -> Result<Vec<String>, String> {
         }
         // The namespace's default ServiceAccount, which admission wants, comes a moment after
         // the namespace.
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            let mut r = Vec::new();
-            create(cp, &format!("/api/v1/namespaces/{ns}/pods"), "v1", "Pod", &pod, &name, &mut r, |o| {
+        let again = |e: &str| e.contains("serviceaccount") && e.contains("not found");
+        create_retrying(Duration::from_secs(20), &again, &mut refused, |r| {
+            create(cp, &format!("/api/v1/namespaces/{ns}/pods"), "v1", "Pod", &pod, &name, r, |o| {
                 for c in o["spec"].get_mut("containers").and_then(Value::as_sequence_mut).into_iter().flatten() {
                     if c.get("image").is_none() {
                         c["image"] = "registry.k8s.io/pause:3.10".into();
                     }
                 }
-            });
-            if r.iter().any(|e| e.contains("serviceaccount") && e.contains("not found")) && Instant::now() < deadline {
-                std::thread::sleep(Duration::from_millis(200));
-                continue;
-            }
-            refused.extend(r);
-            break;
-        }
+            })
+        });
     }
     for np in &sc.network_policies {
         let ns = str_at(np, &["metadata", "namespace"]).unwrap_or("default");
@@ -785,6 +771,22 @@ fn load(cp: &ControlPlane, sc: &Scenario) -> Result<Vec<String>, String> {
         create(cp, &format!("/apis/networking.k8s.io/v1/namespaces/{ns}/networkpolicies"), "networking.k8s.io/v1", "NetworkPolicy", np, &name, &mut refused, |_| {});
     }
     Ok(refused)
+}
+
+/// Runs `attempt` (which adds what the API server refused to its list) again while a refusal
+/// is one that passes (`again`), for at most `within`; then keeps its refusals.
+fn create_retrying(within: Duration, again: &dyn Fn(&str) -> bool, refused: &mut Vec<String>, mut attempt: impl FnMut(&mut Vec<String>)) {
+    let deadline = Instant::now() + within;
+    loop {
+        let mut r = Vec::new();
+        attempt(&mut r);
+        if r.iter().any(|e| again(e)) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(200));
+            continue;
+        }
+        refused.extend(r);
+        return;
+    }
 }
 
 fn api_message(body: &str) -> String {
