@@ -158,6 +158,52 @@ fn not_comparable(flow: &Flow) -> Option<String> {
     None
 }
 
+/// How one flow came out.
+#[derive(Debug, PartialEq)]
+enum Verdict {
+    /// Both proxies did the same, and it is what the file says.
+    Agree,
+    /// A NetworkPolicy verdict Ferry gave as the file says (kube-proxy enforces none).
+    Policy,
+    /// Marked `kubeProxyDiffers`; Ferry did what the file says, kube-proxy something else.
+    Deliberate(String),
+    /// Anything else, with what each did and what the file says.
+    Differ(String),
+}
+
+/// Judges one flow: what kube-proxy (`kp`) and Ferry (`fy`) did, each a set of outcomes over
+/// the flow's connections, against each other and against the file.
+fn judge(f: &Flow, expect: &Option<Expect>, policy_file: bool, sticky: bool, src_place: Place, kp: &BTreeSet<String>, fy: &BTreeSet<String>) -> Verdict {
+    let show = |s: &BTreeSet<String>| s.iter().cloned().collect::<Vec<_>>().join(", ");
+    let (kp_file, fy_file) = (against_file(f, expect, src_place, sticky, kp), against_file(f, expect, src_place, sticky, fy));
+    // Ferry, which enforces the file's policies, is held to the file alone on a policy verdict.
+    if policy_file && matches!(expect, Some(Expect::Drop(Some(r))) if r.starts_with("policy_")) {
+        return match fy_file {
+            None => Verdict::Policy,
+            Some(expected) => Verdict::Differ(format!("Ferry did {{{}}}, the file expects {expected} (a NetworkPolicy verdict; kube-proxy enforces none)", show(fy))),
+        };
+    }
+    let agree = if sticky && kp.len() == 1 && fy.len() == 1 {
+        // One backend each (which one is each proxy's choice; the file holds both to its list).
+        kp.iter().next().map(|o| o.contains("masq")) == fy.iter().next().map(|o| o.contains("masq"))
+    } else {
+        kp == fy
+    };
+    match (agree, &f.kube_proxy_differs, fy_file) {
+        (true, None, None) if kp_file.is_none() => Verdict::Agree,
+        // Alike, and not what the file says: a wrong expectation, or a flow this topology cannot
+        // deliver. Either way it must be looked at.
+        (true, None, fy_file) => Verdict::Differ(format!("both did {{{}}}, the file expects {}", show(kp), fy_file.or(kp_file).unwrap_or_default())),
+        (false, Some(why), None) => Verdict::Deliberate(why.clone()),
+        (false, Some(_), Some(expected)) => Verdict::Differ(format!("marked kubeProxyDiffers, but Ferry did {{{}}} where the file expects {expected}", show(fy))),
+        (true, Some(_), _) => Verdict::Differ(format!("marked kubeProxyDiffers, but both did {{{}}}", show(kp))),
+        (false, None, _) => {
+            let expected = expect.as_ref().map(|e| e.to_string()).unwrap_or_else(|| "?".into());
+            Verdict::Differ(format!("kube-proxy {{{}}}, Ferry {{{}}} (the file expects {expected})", show(kp), show(fy)))
+        }
+    }
+}
+
 /// Does what one proxy did match the file's expectation? `None` if it does, else what the file
 /// expected. Each proxy is held to the file, not only to the other: two proxies that fail alike
 /// (a harness that cannot deliver a flow, say) must not pass as agreeing.
@@ -1017,63 +1063,29 @@ fn run_file(path: &Path, cp: &ControlPlane, kube_proxy: &Path, link: &mut usize,
             seen.push(set);
         }
         let (kp, fy) = (&seen[0], &seen[1]);
-        let sticky = sticky(&sc, &plan, dst);
-        let agree = if sticky && kp.len() == 1 && fy.len() == 1 {
-            // One backend each (which one is each proxy's choice): held to the file below.
-            kp.iter().next().map(|o| o.contains("masq")) == fy.iter().next().map(|o| o.contains("masq"))
-        } else {
-            kp == fy
-        };
-        let (kp_file, fy_file) = (against_file(f, &expect, plan.place(src), sticky, kp), against_file(f, &expect, plan.place(src), sticky, fy));
+        // A NetworkPolicy verdict is the CNI's job, not kube-proxy's.
+        let policy_file = sc.config.enable_network_policy && !sc.network_policies.is_empty();
         let show = |s: &BTreeSet<String>| s.iter().cloned().collect::<Vec<_>>().join(", ");
-        // A NetworkPolicy verdict is the CNI's job, not kube-proxy's: Ferry, which enforces the
-        // file's policies here, is held to the file alone.
-        let policy_verdict = sc.config.enable_network_policy && !sc.network_policies.is_empty() && matches!(&expect, Some(Expect::Drop(Some(r))) if r.starts_with("policy_"));
-        if policy_verdict {
-            match &fy_file {
-                None => {
-                    totals.policy += 1;
-                    if verbose {
-                        println!("policy  {file}: {}: Ferry {{{}}} as the file says (kube-proxy, which enforces no NetworkPolicy: {{{}}})", f.name, show(fy), show(kp));
-                    }
-                }
-                Some(expected) => {
-                    totals.differ += 1;
-                    println!("differ  {file}: {}: Ferry did {{{}}}, the file expects {expected} (a NetworkPolicy verdict; kube-proxy enforces none)", f.name, show(fy));
-                }
-            }
-            continue;
-        }
-        match (agree, &f.kube_proxy_differs, &fy_file) {
-            (true, None, None) if kp_file.is_none() => {
+        match judge(f, &expect, policy_file, sticky(&sc, &plan, dst), plan.place(src), kp, fy) {
+            Verdict::Agree => {
                 totals.agree += 1;
                 if verbose {
                     println!("agree  {file}: {}: {}", f.name, show(kp));
                 }
             }
-            (true, None, _) => {
-                // Alike, and not what the file says: a wrong expectation, or a flow this
-                // topology cannot deliver. Either way it must be looked at.
-                totals.differ += 1;
-                let expected = fy_file.or(kp_file).unwrap_or_default();
-                println!("differ  {file}: {}: both did {{{}}}, the file expects {expected}", f.name, show(kp));
+            Verdict::Policy => {
+                totals.policy += 1;
+                if verbose {
+                    println!("policy  {file}: {}: Ferry {{{}}} as the file says (kube-proxy, which enforces no NetworkPolicy: {{{}}})", f.name, show(fy), show(kp));
+                }
             }
-            (false, Some(why), None) => {
+            Verdict::Deliberate(why) => {
                 totals.deliberate += 1;
                 println!("deliberate  {file}: {}: kube-proxy {{{}}}, Ferry {{{}}} ({why})", f.name, show(kp), show(fy));
             }
-            (false, Some(_), Some(expected)) => {
+            Verdict::Differ(why) => {
                 totals.differ += 1;
-                println!("differ  {file}: {}: marked kubeProxyDiffers, but Ferry did {{{}}} where the file expects {expected}", f.name, show(fy));
-            }
-            (true, Some(_), _) => {
-                totals.differ += 1;
-                println!("differ  {file}: {}: marked kubeProxyDiffers, but both did {{{}}}", f.name, show(kp));
-            }
-            (false, None, _) => {
-                totals.differ += 1;
-                let expected = expect.as_ref().map(|e| e.to_string()).unwrap_or_else(|| "?".into());
-                println!("differ  {file}: {}: kube-proxy {{{}}}, Ferry {{{}}} (the file expects {expected})", f.name, show(kp), show(fy));
+                println!("differ  {file}: {}: {why}", f.name);
             }
         }
     }
@@ -1504,4 +1516,83 @@ fn sctp_attempt(src: Ipv4Addr, dst: SocketAddrV4, timeout: Duration) -> String {
         std::thread::sleep(Duration::from_millis(2));
     }
     "DROP".into()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn flow(yaml: &str) -> (Flow, Option<Expect>) {
+        let f: Flow = serde_yaml::from_str(yaml).unwrap();
+        let e = Expect::parse(&f.expect).ok();
+        (f, e)
+    }
+
+    fn set(items: &[&str]) -> BTreeSet<String> {
+        items.iter().map(|s| s.to_string()).collect()
+    }
+
+    const TWO: &str = "{name: n, proto: tcp, source: 10.0.0.2, destination: 172.30.0.1:80, expect: [\"10.0.0.5:80\", \"10.180.0.5:80\"], masquerade: false}";
+    const POD: Place = Place::Pod(0);
+
+    #[test]
+    fn two_proxies_failing_alike_do_not_agree() {
+        let (f, e) = flow(TWO);
+        let both = set(&["10.0.0.5:80", "DROP"]);
+        let v = judge(&f, &e, false, false, POD, &both, &both);
+        assert!(matches!(&v, Verdict::Differ(w) if w.contains("both did") && w.contains("the file expects [10.0.0.5:80, 10.180.0.5:80]")), "{v:?}");
+        let right = set(&["10.0.0.5:80", "10.180.0.5:80"]);
+        assert_eq!(judge(&f, &e, false, false, POD, &right, &right), Verdict::Agree);
+        // Every backend must be seen, and no other.
+        let one = set(&["10.0.0.5:80"]);
+        assert!(matches!(judge(&f, &e, false, false, POD, &one, &one), Verdict::Differ(_)));
+        let extra = set(&["10.0.0.5:80", "10.180.0.5:80", "10.180.0.6:80"]);
+        assert!(matches!(judge(&f, &e, false, false, POD, &extra, &extra), Verdict::Differ(_)));
+    }
+
+    #[test]
+    fn masquerade_is_held_to_the_file_for_sources_off_the_node() {
+        let (f, e) = flow(TWO);
+        let masq = set(&["10.0.0.5:80 masqueraded", "10.180.0.5:80 masqueraded"]);
+        assert!(matches!(judge(&f, &e, false, false, POD, &masq, &masq), Verdict::Differ(_)));
+        // From the node the source is a node address either way: not judged.
+        assert_eq!(judge(&f, &e, false, false, Place::Node, &masq, &masq), Verdict::Agree);
+    }
+
+    #[test]
+    fn different_outcomes_differ_and_a_marked_one_needs_ferry_right() {
+        let (mut f, e) = flow(TWO);
+        let right = set(&["10.0.0.5:80", "10.180.0.5:80"]);
+        let reject = set(&["REJECT"]);
+        assert!(matches!(judge(&f, &e, false, false, POD, &reject, &right), Verdict::Differ(w) if w.starts_with("kube-proxy {REJECT}")));
+        f.kube_proxy_differs = Some("README: why".into());
+        assert_eq!(judge(&f, &e, false, false, POD, &reject, &right), Verdict::Deliberate("README: why".into()));
+        assert!(matches!(judge(&f, &e, false, false, POD, &right, &reject), Verdict::Differ(w) if w.contains("marked kubeProxyDiffers, but Ferry did {REJECT}")));
+        assert!(matches!(judge(&f, &e, false, false, POD, &right, &right), Verdict::Differ(w) if w.contains("but both did")));
+    }
+
+    #[test]
+    fn affinity_keeps_one_backend_each_from_the_list() {
+        let (f, e) = flow(TWO);
+        let (a, b) = (set(&["10.0.0.5:80"]), set(&["10.180.0.5:80"]));
+        assert_eq!(judge(&f, &e, false, true, POD, &a, &b), Verdict::Agree);
+        let other = set(&["10.180.0.9:80"]);
+        assert!(matches!(judge(&f, &e, false, true, POD, &a, &other), Verdict::Differ(_)));
+        let two = set(&["10.0.0.5:80", "10.180.0.5:80"]);
+        assert!(matches!(judge(&f, &e, false, true, POD, &two, &two), Verdict::Differ(_)), "affinity broken on both sides");
+    }
+
+    #[test]
+    fn a_policy_verdict_holds_ferry_alone_to_the_file() {
+        let (f, e) = flow("{name: n, proto: tcp, source: 10.0.0.2, destination: 10.0.0.3:80, expect: {DROP: policy_ingress}}");
+        let (pass, drop) = (set(&["PASS"]), set(&["DROP"]));
+        assert_eq!(judge(&f, &e, true, false, POD, &pass, &drop), Verdict::Policy);
+        assert!(matches!(judge(&f, &e, true, false, POD, &pass, &pass), Verdict::Differ(w) if w.contains("NetworkPolicy verdict")));
+        // Without the file's policies enforced, it is an ordinary flow: both passing is wrong.
+        assert!(matches!(judge(&f, &e, false, false, POD, &pass, &pass), Verdict::Differ(_)));
+        // A plain DROP is compared as usual.
+        let (f, e) = flow("{name: n, proto: tcp, source: 10.0.0.2, destination: 10.0.0.3:80, expect: DROP}");
+        assert!(matches!(judge(&f, &e, true, false, POD, &pass, &drop), Verdict::Differ(_)));
+        assert_eq!(judge(&f, &e, true, false, POD, &drop, &drop), Verdict::Agree);
+    }
 }
