@@ -68,6 +68,38 @@ pub fn load_bin() -> PathBuf {
     target_dir().join("ferry-load")
 }
 
+/// An XDP program that passes every frame (`ferry_bench_empty_xdp`), attached in the driver to
+/// `dev` in `ns`; detached when the returned object is dropped.
+pub fn xdp_pass_on(ns: &Netns, dev: &str) -> aya::Ebpf {
+    use aya::programs::{xdp::XdpMode, Xdp};
+    let name = dataplane_common::progs::BENCH_EMPTY_XDP;
+    let mut ebpf = dataplane_agent::loader::load_with(None, &dataplane_agent::loader::PRIVATE_CAPACITIES).expect("the eBPF object (cargo xtask build-ebpf)");
+    let p: &mut Xdp = ebpf.program_mut(name).unwrap_or_else(|| panic!("{name} missing")).try_into().unwrap();
+    p.load().unwrap_or_else(|e| panic!("loading {name}: {e}"));
+    let _in = ns.enter();
+    p.attach(dev, XdpMode::Driver).unwrap_or_else(|e| panic!("attaching {name} to {dev} in {}: {e}", ns.name));
+    ebpf
+}
+
+/// Starts `args` in `ns` with its output discarded (a server).
+fn quiet(ns: &Netns, args: &[&str], what: String) -> Proc {
+    let child = ns.cmd(args).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap_or_else(|e| panic!("start {what}: {e}"));
+    Proc { child, what }
+}
+
+/// The sum of a veth's per-queue XDP counter `what` (`ethtool -S`), e.g. `xdp_tx_errors`.
+pub fn xdp_counter(ns: &Netns, dev: &str, what: &str) -> u64 {
+    let out = ns.cmd(&["ethtool", "-S", dev]).output().unwrap_or_else(|e| panic!("ethtool -S {dev} in {}: {e}", ns.name));
+    let text = String::from_utf8_lossy(&out.stdout);
+    let suffix = format!("_{what}:");
+    let found: Vec<u64> = text
+        .lines()
+        .filter_map(|l| l.trim().split_once(' ').filter(|(k, _)| k.starts_with("rx_queue_") && k.ends_with(&suffix)).map(|(_, v)| v.trim().parse().unwrap()))
+        .collect();
+    assert!(!found.is_empty(), "no rx_queue_*_{what} in `ethtool -S {dev}` in {}:\n{text}", ns.name);
+    found.iter().sum()
+}
+
 /// Runs a command to completion; panics with its output if it fails (setup steps must work).
 pub fn sh(args: &[&str]) {
     let out = Command::new(args[0]).args(&args[1..]).output().unwrap_or_else(|e| panic!("{args:?}: {e}"));
@@ -281,6 +313,10 @@ pub struct LabOptions {
     /// Checks that TSO and GSO are on for every veth (as on real nodes, and as veths start) and
     /// turns GRO on for the node-side ends, so super-packets arrive on ingress too. Needs ethtool.
     pub offloads: bool,
+    /// With XDP acceleration, leaves the veths that feed the agents' XDP programs as they start
+    /// (no XDP program on ext0's peer, checksum offload on): what [`Cluster::prepare_xdp_peers`]
+    /// otherwise fixes, for the test that shows XDP_TX failing without it.
+    pub bare_xdp_peers: bool,
 }
 
 impl LabOptions {
@@ -293,10 +329,15 @@ impl LabOptions {
 /// The whole lab. Field order is drop order: processes first, then pods, nodes, cgroups, files.
 pub struct Cluster {
     pub id: String,
+    /// XDP programs the lab attached to veth peers ([`Cluster::prepare_xdp_peers`]), detached
+    /// when dropped.
+    pub peer_xdp: Vec<aya::Ebpf>,
     pub echo: Vec<Proc>,
     /// hostNetwork `ferry-load` servers (one per node), stopped before the namespaces go.
     pub host_servers: Vec<Proc>,
     pub pods: Vec<Pod>,
+    /// Hosts behind the client's namespace ([`Cluster::add_outside_host`]).
+    pub outside_hosts: Vec<Netns>,
     /// A client outside the cluster, attached to node1 (`ext0`) and routed to both nodes.
     pub outside: Netns,
     pub nodes: Vec<Node>,
@@ -391,9 +432,11 @@ impl Cluster {
         }
         let mut c = Cluster {
             id,
+            peer_xdp: Vec::new(),
             echo: Vec::new(),
             host_servers: Vec::new(),
             pods: Vec::new(),
+            outside_hosts: Vec::new(),
             outside,
             nodes,
             cgroup,
@@ -432,6 +475,53 @@ impl Cluster {
         wait_listening(&self.nodes[i].ns, LOAD_TCP_PORT, &self.nodes[i].name);
     }
 
+    /// Sets up the veths that feed the agents' XDP programs as XDP_TX on a veth needs them (once;
+    /// not with [`LabOptions::bare_xdp_peers`]). XDP_TX on a veth puts the frame on the peer's
+    /// XDP ring, which only an XDP program on the peer drains (the kernel's veth_xdp_flush kicks
+    /// the peer only when it has one; GRO on the peer gives it the ring but leaves the frames
+    /// there), else the frame is dropped as an xdp_tx_error. And a veth's sender leaves TCP and
+    /// UDP checksums partial for the receiver to trust, a mark XDP_TX drops with the skb: the
+    /// frame then arrives with a checksum that fails. A NIC has neither problem (the wire
+    /// carries complete checksums, the NIC transmits XDP_TX frames itself), so the lab makes its
+    /// links behave as one: checksums completed by every sender into an XDP interface
+    /// (`tx off`, the client's eth0 and both ends of the node link), and an XDP_PASS program on
+    /// ext0's peer, the client's eth0 (the node link's ends carry the agents' own).
+    pub fn prepare_xdp_peers(&mut self) {
+        if !self.peer_xdp.is_empty() || self.opts.bare_xdp_peers {
+            return;
+        }
+        self.outside.exec_ok(&["ethtool", "-K", "eth0", "tx", "off"]);
+        for n in &self.nodes {
+            n.ns.exec_ok(&["ethtool", "-K", "eth0", "tx", "off"]);
+        }
+        self.peer_xdp.push(xdp_pass_on(&self.outside, "eth0"));
+    }
+
+    /// A host on the client's side of node1: a namespace behind the client's, which routes for
+    /// it (proxy ARP on its eth0). node1 reaches it by ext0, the interface the client comes in
+    /// by, so a masqueraded NodePort connection from the client to it is the one-armed case
+    /// XDP sends back out with XDP_TX. Starts `ferry-load serve` there (TCP on
+    /// [`LOAD_TCP_PORT`]) and returns once it listens.
+    pub fn add_outside_host(&mut self, name: &str, ip: Ipv4Addr) {
+        let ns = Netns::new(format!("ferry-{}-{name}", self.id));
+        let ifname = format!("h{}", self.outside_hosts.len());
+        let out = &self.outside;
+        sh(&["ip", "-n", &ns.name, "link", "add", "eth0", "type", "veth", "peer", "name", &ifname, "netns", &out.name]);
+        ns.exec_ok(&["ip", "addr", "add", &format!("{ip}/32"), "dev", "eth0"]);
+        ns.exec_ok(&["ip", "link", "set", "eth0", "up"]);
+        ns.exec_ok(&["ip", "route", "add", "default", "via", OUTSIDE_CLIENT, "dev", "eth0", "onlink"]);
+        out.exec_ok(&["ip", "link", "set", &ifname, "up"]);
+        out.exec_ok(&["ip", "route", "add", &format!("{ip}/32"), "dev", &ifname]);
+        out.sysctl("net.ipv4.ip_forward=1");
+        for kv in ["net.ipv4.conf.all.rp_filter=0", "net.ipv4.conf.default.rp_filter=0", "net.ipv4.conf.eth0.proxy_arp=1", "net.ipv4.neigh.eth0.proxy_delay=0"] {
+            out.sysctl(kv);
+        }
+        out.sysctl(&format!("net.ipv4.conf.{ifname}.rp_filter=0"));
+        self.echo.push(quiet(&ns, &[load_bin().to_str().unwrap(), "serve", "--name", name, "--tcp", &LOAD_TCP_PORT.to_string()], format!("ferry-load on {name}")));
+        wait_listening(&ns, LOAD_TCP_PORT, name);
+        self.outside_hosts.push(ns);
+    }
+
     /// Adds a pod to node `ni` (namespace, veth to the node, routes) and starts its echo server.
     /// Works while the agents run: they attach to the new veth on the netlink link event.
     pub fn add_pod(&mut self, ni: usize, name: &str, ip: Ipv4Addr) {
@@ -460,24 +550,9 @@ impl Cluster {
             .expect("start ferry-echo");
         self.echo.push(Proc { child, what: format!("echo in {name}") });
         if self.opts.load_servers {
-            let child = ns
-                .cmd(&[
-                    load_bin().to_str().unwrap(),
-                    "serve",
-                    "--name",
-                    name,
-                    "--tcp",
-                    &LOAD_TCP_PORT.to_string(),
-                    "--udp",
-                    &LOAD_UDP_PORT.to_string(),
-                    "--sctp",
-                    &LOAD_SCTP_PORT.to_string(),
-                ])
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .expect("start ferry-load");
-            self.echo.push(Proc { child, what: format!("ferry-load in {name}") });
+            let (bin, tcp, udp, sctp) = (load_bin(), LOAD_TCP_PORT.to_string(), LOAD_UDP_PORT.to_string(), LOAD_SCTP_PORT.to_string());
+            let args = [bin.to_str().unwrap(), "serve", "--name", name, "--tcp", &tcp, "--udp", &udp, "--sctp", &sctp];
+            self.echo.push(quiet(&ns, &args, format!("ferry-load in {name}")));
             wait_listening(&ns, LOAD_TCP_PORT, name);
         }
         self.pods.push(Pod { name: name.to_string(), ip, ns, host_if });
@@ -576,6 +651,9 @@ impl Cluster {
         // and, on node1, the link to the client outside.
         let external = if i == 0 { "eth0,ext0" } else { "eth0" };
         let acceleration = if self.xdp { "xdp" } else { "none" };
+        if self.xdp {
+            self.prepare_xdp_peers();
+        }
         let n = &mut self.nodes[i];
         let logf = std::fs::OpenOptions::new().create(true).append(true).open(&log).unwrap();
         let source: Vec<&str> = match (manifests, &self.kubeconfig) {

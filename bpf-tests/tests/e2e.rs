@@ -427,6 +427,80 @@ fn xdp_acceleration_translates_in_xdp() {
     assert!(xdp_forwarded >= 20, "XDP translated {xdp_forwarded} packets");
 }
 
+/// NodePort (externalTrafficPolicy Cluster) on node1 whose only endpoint is the host beside the
+/// client outside ([`one_armed`]).
+const NODEPORT_ONE_ARMED: &str = "192.168.77.1:30090";
+const BESIDE_CLIENT: &str = "172.20.0.5";
+
+/// The lab with XDP acceleration and a backend outside the cluster on the client's side of node1
+/// (reached, like the client, by ext0): a NodePort connection from the client to it is the
+/// one-armed load balancer, both directions translated in XDP and sent back out ext0 with
+/// XDP_TX. With `bare`, the veth that XDP_TX sends to is left as created.
+fn one_armed(bare: bool) -> (Cluster, TempDir) {
+    let dir = TempDir::new(&format!("e2e-{}", lab::run_id()));
+    std::fs::write(
+        dir.path.join("one-armed.yaml"),
+        format!(
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: beside, namespace: lab}}\nspec:\n  type: NodePort\n  clusterIP: 10.96.0.40\n  \
+             ports: [{{name: load, port: 80, protocol: TCP, targetPort: {port}, nodePort: 30090}}]\n---\n\
+             apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: beside-1, namespace: lab, labels: {{kubernetes.io/service-name: beside}}}}\n\
+             addressType: IPv4\nports: [{{name: load, port: {port}, protocol: TCP}}]\nendpoints:\n- addresses: [{BESIDE_CLIENT}]\n  conditions: {{ready: true}}\n",
+            port = lab::LOAD_TCP_PORT
+        ),
+    )
+    .unwrap();
+    let mut c = Cluster::with_options(&dir.path, lab::LabOptions { bare_xdp_peers: bare, ..Default::default() });
+    c.add_outside_host("beside", BESIDE_CLIENT.parse().unwrap());
+    c.xdp = true;
+    c.start_agents();
+    (c, dir)
+}
+
+/// `N ok, M failed`, the last line of a `ferry-load churn`: (N, M).
+fn churn_result(lines: &[String]) -> (usize, usize) {
+    let last = lines.last().map(String::as_str).unwrap_or("");
+    let n: Vec<usize> = last.split(|ch: char| !ch.is_ascii_digit()).filter_map(|w| w.parse().ok()).collect();
+    assert!(last.ends_with(" failed") && n.len() == 2, "not a churn result: {lines:?}");
+    (n[0], n[1])
+}
+
+#[test]
+fn one_armed_nodeport_in_xdp_loses_nothing_on_veths_set_up_for_xdp_tx() {
+    let (c, _d) = one_armed(false);
+    let node1 = &c.nodes[0].ns;
+    // The agent says what a veth needs for XDP_TX.
+    let log = c.agent_log(0);
+    assert!(log.contains("attached ferry_xdp_nodeport (XDP") && log.lines().any(|l| l.contains("interface ext0 (ifindex") && l.contains("a veth: its XDP_TX frames")), "{log}");
+    let (errors, sent) = (lab::xdp_counter(node1, "ext0", "xdp_tx_errors"), lab::xdp_counter(node1, "ext0", "xdp_tx"));
+    let churn = c.load(lab::At::Outside, &["churn", NODEPORT_ONE_ARMED, "--count", "400", "--concurrency", "8", "--timeout-ms", "3000", "--deadline-s", "120"]);
+    assert_eq!(churn_result(&churn), (400, 0), "{churn:?}");
+    assert!(churn.iter().any(|l| l == "backend beside 400"), "{churn:?}");
+    let mb = (4 << 20).to_string();
+    let bulk = c.load(lab::At::Outside, &["bulk", NODEPORT_ONE_ARMED, "--up", &mb, "--down", &mb, "--deadline-s", "60"]);
+    assert!(bulk.len() == 1 && bulk[0].ends_with(" result=ok") && bulk[0].contains(&format!(" up={mb}/{mb} ")) && bulk[0].contains(&format!(" down={mb}/{mb} ")), "{bulk:?}");
+    // It was XDP that carried them, both ways: every connection's packets (at least 3 each way
+    // for 400 connections, and the 8 MiB in segments of at most 1500 bytes), none lost to XDP_TX.
+    let tx = lab::xdp_counter(node1, "ext0", "xdp_tx") - sent;
+    assert!(tx >= 400 * 6 + (8 << 20) / 1500, "{tx} frames sent by XDP_TX");
+    assert_eq!(lab::xdp_counter(node1, "ext0", "xdp_tx_errors"), errors, "XDP_TX errors on node1's ext0");
+    let maps = dataplane_agent::bpf::BpfMaps::from_pins(&c.nodes[0].pin.path).unwrap();
+    let xdp_tx = maps.stat_totals()[dataplane_common::stat::XDP_TX as usize];
+    assert!(xdp_tx >= tx, "the XDP program counted {xdp_tx} XDP_TX, the veth {tx}");
+}
+
+#[test]
+fn one_armed_nodeport_in_xdp_fails_on_a_bare_veth() {
+    // The control: the same traffic over a veth whose peer has no XDP program. The XDP program
+    // answers XDP_TX as above; the veth drops every such frame (no ring to put it on).
+    let (c, _d) = one_armed(true);
+    let node1 = &c.nodes[0].ns;
+    let errors = lab::xdp_counter(node1, "ext0", "xdp_tx_errors");
+    let churn = c.load(lab::At::Outside, &["churn", NODEPORT_ONE_ARMED, "--count", "20", "--concurrency", "4", "--timeout-ms", "500", "--deadline-s", "30"]);
+    let (ok, failed) = churn_result(&churn);
+    assert!(ok == 0 && failed == 20, "{churn:?}");
+    assert!(lab::xdp_counter(node1, "ext0", "xdp_tx_errors") >= errors + 20, "XDP_TX errors on node1's ext0 did not rise");
+}
+
 /// Pod objects for the lab's pods, labelled `role: <role>` by `role(name)`.
 fn pods_yaml(c: &Cluster, role: impl Fn(&str) -> &'static str) -> String {
     c.pods_yaml(role)

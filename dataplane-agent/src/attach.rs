@@ -308,6 +308,17 @@ impl Attachments {
             match self.adopt_or_attach(ebpf, w) {
                 Ok((fd, how)) => {
                     info!("{} {}: attached {} ({how})", if matches!(w.hook, Hook::Cgroup(_)) { "cgroup" } else { "interface" }, describe(w), w.what());
+                    if matches!(w.hook, Hook::Xdp) && driver(&w.target.0).as_deref() == Some("veth") {
+                        warn!(
+                            "interface {}: a veth: its XDP_TX frames (the one-armed NodePort, a remote backend behind the interface the client came in by) go to \
+                             the peer's XDP ring, which only an XDP program on the peer drains (GRO on the peer is not enough: the frames stay queued); \
+                             without one they are dropped and `ethtool -S {}` counts rx_queue_*_xdp_tx_errors. The peer must also send complete \
+                             checksums (`ethtool -K <peer> tx off`), as a wire does: a frame sent back by XDP_TX loses the partial-checksum mark. \
+                             Without both, use --nodeport-acceleration none on this node (README, XDP acceleration)",
+                            describe(w),
+                            w.target.0
+                        );
+                    }
                     self.held.insert(w.pin.clone(), fd);
                 }
                 Err(e) => {
@@ -407,6 +418,40 @@ impl Attachments {
             self.dir.join(pin).exists() && crate::links::link_info(fd.as_fd()).is_ok_and(|li| li.ifindex != 0 || li.kind == crate::links::LINK_TYPE_CGROUP)
         })
     }
+}
+
+/// The driver of interface `name` in this network namespace (`ethtool -i`), e.g. `veth`; None when
+/// the interface is gone or has no ethtool driver information.
+pub fn driver(name: &str) -> Option<String> {
+    const SIOCETHTOOL: libc::c_ulong = 0x8946;
+    const ETHTOOL_GDRVINFO: u32 = 3;
+    /// `struct ethtool_drvinfo`: cmd, then driver[32], version, fw_version, bus_info,
+    /// erom_version (32 each), reserved2[12] and five u32 counts.
+    #[repr(C)]
+    struct DrvInfo {
+        cmd: u32,
+        driver: [u8; 32],
+        rest: [u8; 32 * 4 + 12 + 4 * 5],
+    }
+    let mut info = DrvInfo { cmd: ETHTOOL_GDRVINFO, driver: [0; 32], rest: [0; 32 * 4 + 12 + 4 * 5] };
+    let mut ifr: libc::ifreq = unsafe { std::mem::zeroed() };
+    if name.is_empty() || name.len() >= ifr.ifr_name.len() {
+        return None;
+    }
+    for (d, s) in ifr.ifr_name.iter_mut().zip(name.bytes()) {
+        *d = s as libc::c_char;
+    }
+    ifr.ifr_ifru.ifru_data = &mut info as *mut DrvInfo as *mut libc::c_char;
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return None;
+    }
+    let fd = unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+    if unsafe { libc::ioctl(fd.as_raw_fd(), SIOCETHTOOL, &mut ifr) } < 0 {
+        return None;
+    }
+    let end = info.driver.iter().position(|&b| b == 0).unwrap_or(info.driver.len());
+    Some(String::from_utf8_lossy(&info.driver[..end]).into_owned())
 }
 
 fn describe(w: &Want) -> String {

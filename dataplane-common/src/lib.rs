@@ -92,7 +92,8 @@ pub mod progs {
     pub const XDP_NODEPORT: &str = "ferry_xdp_nodeport";
     /// An empty classifier: the baseline of `cargo xtask bench`. Never attached.
     pub const BENCH_EMPTY: &str = "ferry_bench_empty";
-    /// An empty XDP program: the XDP baseline of `cargo xtask bench`. Never attached.
+    /// An empty XDP program (XDP_PASS): the XDP baseline of `cargo xtask bench`; the lab attaches
+    /// it to veth peers that must drain XDP_TX frames.
     pub const BENCH_EMPTY_XDP: &str = "ferry_bench_empty_xdp";
 }
 

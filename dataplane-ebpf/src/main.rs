@@ -82,7 +82,8 @@ pub fn ferry_keep_maps(_ctx: TcContext) -> i32 {
     TC_ACT_OK
 }
 
-/// Does nothing: the XDP floor of `cargo xtask bench`. Never attached.
+/// Does nothing: the XDP floor of `cargo xtask bench`, and the XDP_PASS program the lab puts on a
+/// veth peer so that it drains the XDP_TX frames sent to it (`bpf_tests::lab::xdp_pass_on`).
 #[xdp]
 pub fn ferry_bench_empty_xdp(_ctx: XdpContext) -> u32 {
     xdp_action::XDP_PASS
