@@ -214,6 +214,15 @@ fn pods_behind_links_without_ferrys_programs_answer_through_services() {
     }
     eprintln!("{}", report.join("\n"));
     assert_eq!(bad, 0, "expected every bulk transfer verified and 300 of 300 connections answered on every path; {bad} failed:\n{}\n{}", report.join("\n"), all_drops(&c));
+    // Connections from outside the node to them are not served (README): node1's agent names
+    // each such endpoint with its interface, once; node2's has no endpoint of its own there.
+    let log = c.agent_log(0);
+    for (ip, iface) in [("10.201.1.21", "cnipod0"), ("10.201.1.22", "cbr0")] {
+        let lines: Vec<&str> = log.lines().filter(|l| l.contains("--pod-interfaces does not match") && l.contains(ip) && l.contains(iface)).collect();
+        assert_eq!(lines.len(), 1, "node1 warns once about {ip} over {iface}:\n{log}");
+    }
+    assert_eq!(log.lines().filter(|l| l.contains("--pod-interfaces does not match")).count(), 2, "{log}");
+    assert!(!c.agent_log(1).contains("--pod-interfaces does not match"), "{}", c.agent_log(1));
 }
 
 // -------------------------------------------------------------------------------------------
