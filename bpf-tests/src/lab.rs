@@ -361,6 +361,19 @@ impl Drop for Cluster {
     }
 }
 
+/// How a pod added with [`Cluster::add_pod_linked`] is joined to its node.
+#[derive(Clone, Debug)]
+pub enum PodLink {
+    /// A veth whose node side is `veth…`, which the lab's agents attach to (`--pod-interfaces veth*`).
+    Veth,
+    /// A veth whose node side has this name: one no pattern of the agents matches (another CNI's
+    /// naming), so no Ferry program sits on it.
+    Named(String),
+    /// A veth whose node side `port` is a port of the L2 bridge `bridge` (created with the pods'
+    /// gateway address on first use), the pod routed over the bridge: no Ferry program on either.
+    Bridge { bridge: String, port: String },
+}
+
 /// Pod layout: (node index, pod name, pod ip).
 pub const PODS: [(usize, &str, [u8; 4]); 4] = [
     (0, "n1-pod1", [10, 201, 1, 11]),
@@ -525,18 +538,44 @@ impl Cluster {
     /// Adds a pod to node `ni` (namespace, veth to the node, routes) and starts its echo server.
     /// Works while the agents run: they attach to the new veth on the netlink link event.
     pub fn add_pod(&mut self, ni: usize, name: &str, ip: Ipv4Addr) {
+        self.add_pod_linked(ni, name, ip, PodLink::Veth);
+    }
+
+    /// [`Cluster::add_pod`] with the pod joined to its node by `link`.
+    pub fn add_pod_linked(&mut self, ni: usize, name: &str, ip: Ipv4Addr, link: PodLink) {
         let node = &self.nodes[ni];
         let gw = format!("10.201.{}.1", ni + 1);
         let ns = Netns::new(format!("ferry-{}-{name}", self.id));
-        let host_if = format!("veth{}{}", self.id, self.pods.len());
+        let host_if = match &link {
+            PodLink::Veth => format!("veth{}{}", self.id, self.pods.len()),
+            PodLink::Named(n) => n.clone(),
+            PodLink::Bridge { port, .. } => port.clone(),
+        };
         sh(&["ip", "-n", &ns.name, "link", "add", "eth0", "type", "veth", "peer", "name", &host_if, "netns", &node.ns.name]);
         ns.exec_ok(&["ip", "addr", "add", &format!("{ip}/32"), "dev", "eth0"]);
         ns.exec_ok(&["ip", "link", "set", "eth0", "up"]);
         ns.exec_ok(&["ip", "route", "add", &gw, "dev", "eth0", "scope", "link"]);
         ns.exec_ok(&["ip", "route", "add", "default", "via", &gw, "dev", "eth0"]);
-        node.ns.exec_ok(&["ip", "addr", "add", &format!("{gw}/32"), "dev", &host_if]);
+        // The interface the node routes the pod over: the veth itself, or the bridge it hangs off.
+        let routed = match &link {
+            PodLink::Bridge { bridge, .. } => {
+                let exists = node.ns.cmd(&["ip", "link", "show", bridge]).output().is_ok_and(|o| o.status.success());
+                if !exists {
+                    node.ns.exec_ok(&["ip", "link", "add", bridge, "type", "bridge"]);
+                    node.ns.exec_ok(&["ip", "addr", "add", &format!("{gw}/32"), "dev", bridge]);
+                    node.ns.exec_ok(&["ip", "link", "set", bridge, "up"]);
+                    node.ns.sysctl(&format!("net.ipv4.conf.{bridge}.rp_filter=0"));
+                }
+                node.ns.exec_ok(&["ip", "link", "set", &host_if, "master", bridge]);
+                bridge.clone()
+            }
+            _ => {
+                node.ns.exec_ok(&["ip", "addr", "add", &format!("{gw}/32"), "dev", &host_if]);
+                host_if.clone()
+            }
+        };
         node.ns.exec_ok(&["ip", "link", "set", &host_if, "up"]);
-        node.ns.exec_ok(&["ip", "route", "add", &format!("{ip}/32"), "dev", &host_if]);
+        node.ns.exec_ok(&["ip", "route", "add", &format!("{ip}/32"), "dev", &routed]);
         node.ns.sysctl(&format!("net.ipv4.conf.{host_if}.rp_filter=0"));
         if self.opts.offloads {
             offloads(&ns, "eth0", false);

@@ -7,7 +7,7 @@ use std::net::Ipv4Addr;
 use bpf_tests::{fixture::*, packet::*};
 use dataplane_agent::bpf::conntrack::{monotonic_ns, CtRow};
 use dataplane_common::{
-    ct_timeout, names, stat, Ct4Entry, CT_F_CLASH, CT_S_ASSURED, CT_S_ESTABLISHED, CT_S_FIN_ORIG, CT_S_FIN_REPLY, CT_S_SEEN_REPLY,
+    ct_timeout, names, stat, Ct4Entry, CT_F_CLASH, CT_F_LOCAL_BACKEND, CT_F_REPLY_AT_SOURCE, CT_S_ASSURED, CT_S_ESTABLISHED, CT_S_FIN_ORIG, CT_S_FIN_REPLY, CT_S_SEEN_REPLY,
     CT_TIMEOUT_DEFAULT_S,
 };
 
@@ -305,6 +305,76 @@ fn a_direct_flow_clashing_with_a_live_service_connection_gets_another_source_por
     let back = dp.from_pod(&udp(be, (src.0, t.sport), b"d"));
     assert_eq!(tuple(&back.data), tuple(&udp(be, src, b"d")), "the direct reply leaving the backend");
     assert_eq!(tuple(&dp.to_pod(&back.data).data), tuple(&udp(be, src, b"d")), "the direct reply was translated twice");
+}
+
+/// A ClusterIP whose one endpoint, 10.0.0.5, is a pod of this node (node1).
+fn web_local() -> String {
+    web(&[BACKEND]).replace("- addresses: [10.180.0.1]", "- {addresses: [10.0.0.5], nodeName: node1}")
+}
+
+/// The reply entries of the Service connections (the clashing flows' left out).
+fn service_replies(dp: &Datapath) -> Vec<CtRow> {
+    dp.maps.ct.rows().into_iter().filter(|r| r.is_reply() && r.entry.flags & CT_F_CLASH == 0).collect()
+}
+
+#[test]
+fn a_local_backend_behind_a_link_without_ferrys_programs_is_answered_translated() {
+    // A pod of this node behind a link the agent did not attach to (a CNI naming its links
+    // otherwise than --pod-interfaces, a bridge, a tunnel, a route over another interface): its
+    // replies never pass a from-pod hook, so the to-pod hook on the client's veth is the first
+    // to see them and must translate them (kube-proxy's conntrack does, whatever the link).
+    let mut dp = Datapath::new();
+    dp.apply_yaml(&web_local());
+    let syn = from_client(&dp, "S");
+    let be = backend_of(&syn);
+    assert_eq!(be, (ip("10.0.0.5"), 8080));
+    let reply = service_replies(&dp);
+    assert_eq!(reply.len(), 1, "{reply:#?}");
+    assert!(reply[0].entry.flags & CT_F_LOCAL_BACKEND != 0, "{reply:#?}");
+    assert_eq!(reply[0].entry.flags & CT_F_REPLY_AT_SOURCE, 0, "no reply has left the backend yet: {reply:#?}");
+    // The SYN-ACK entering the client's veth, never translated before: translated here.
+    let synack = from_backend(&dp, be, "SA");
+    assert_eq!(synack.action, TC_ACT_OK);
+    assert_eq!(tuple(&synack.data), tuple(&tcp_flags(svc(80), client(), "SA", b"")), "the backend's reply reached the client untranslated");
+    assert_checksums(&synack.data);
+    // The same when the backend's link is an external interface: passed there (a pod's
+    // connection), translated entering the client.
+    let seen = dp.from_world(&tcp_flags(be, client(), "A", b"x"));
+    assert_eq!(tuple(&seen.data), tuple(&tcp_flags(be, client(), "A", b"")), "from-world passes a pod connection's reply");
+    assert_eq!(tuple(&dp.to_pod(&seen.data).data), tuple(&tcp_flags(svc(80), client(), "A", b"")));
+    assert_eq!(service_replies(&dp)[0].entry.flags & CT_F_REPLY_AT_SOURCE, 0, "{:#?}", service_replies(&dp));
+
+    // Behind one of Ferry's pod links the reply is translated leaving the backend, and the
+    // connection is marked so that it is never translated twice.
+    let mut dp = Datapath::new();
+    dp.apply_yaml(&web_local());
+    let be = backend_of(&from_client(&dp, "S"));
+    let left = dp.from_pod(&tcp_flags(be, client(), "SA", b""));
+    assert_eq!(tuple(&left.data), tuple(&tcp_flags(svc(80), client(), "SA", b"")));
+    let reply = service_replies(&dp);
+    assert!(reply[0].entry.flags & CT_F_REPLY_AT_SOURCE != 0, "{reply:#?}");
+    assert_eq!(dp.to_pod(&left.data).data, left.data, "translated again entering the client");
+}
+
+#[test]
+fn a_clashing_direct_reply_before_any_service_reply_is_not_translated_twice() {
+    // The Service connection has had no reply yet when the pod's direct flow clashes with it:
+    // the direct flow's reply, translated leaving the backend, becomes the Service connection's
+    // reply tuple, and the to-pod hook must not take it for an untranslated Service reply.
+    let mut dp = Datapath::new();
+    dp.apply_yaml(&web_local());
+    let src = (ip(CLIENT.0), 5000);
+    let be = backend_of(&dp.from_pod(&udp(src, svc(53), b"q")));
+    let direct = dp.from_pod(&udp(src, be, b"direct"));
+    let t = tuple(&direct.data);
+    assert_ne!(t.sport, src.1, "the clashing flow kept its port");
+    let back = dp.from_pod(&udp(be, (src.0, t.sport), b"d"));
+    assert_eq!(tuple(&back.data), tuple(&udp(be, src, b"d")), "the direct reply leaving the backend");
+    assert_eq!(tuple(&dp.to_pod(&back.data).data), tuple(&udp(be, src, b"d")), "the direct reply was translated twice");
+    // The Service's own reply afterwards: translated once, leaving the backend.
+    let answered = dp.from_pod(&udp(be, src, b"a"));
+    assert_eq!(tuple(&answered.data), tuple(&udp(svc(53), src, b"a")));
+    assert_eq!(dp.to_pod(&answered.data).data, answered.data);
 }
 
 #[test]

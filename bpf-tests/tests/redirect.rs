@@ -194,6 +194,48 @@ fn a_local_backends_super_packets_to_an_outside_client_leave_by_segments() {
 }
 
 #[test]
+fn a_pods_unmasqueraded_nodeport_connection_to_a_local_backend_is_redirected_both_ways() {
+    // A pod reaching a NodePort on this node's address without masquerade (externalTrafficPolicy
+    // Local: a pod's traffic is not masqueraded, kube-proxy's short-circuit) whose backend is a
+    // pod of this node: the replies leave the backend with the node's address as their source,
+    // which the stack would drop as martian on the backend's veth. The connection carries
+    // CT_F_REDIRECT (lb4_new_connection: the frontend is a LOCAL_HOST address of local4_v1) and
+    // both directions go to their next hop through the FIB.
+    let _rt = routes();
+    let mut dp = Datapath::new();
+    dp.apply_yaml(&nodeport("10.0.0.5", "node1", true));
+    // The node's addresses in local4_v1 (LOCAL_HOST), as the agent's policy sync writes them.
+    dp.apply_policy_yaml("", &mut PolicyState::default());
+    let pod = (ip("10.0.0.2"), 40000);
+    let np = (ip(NODE), 30080);
+    let be = (ip("10.0.0.5"), 8080);
+    let syn = dp.from_pod(&tcp_flags(pod, np, "S", b""));
+    let t = tuple(&syn.data);
+    assert_eq!((t.src, t.sport, t.dst, t.dport), (pod.0, pod.1, be.0, be.1), "not masqueraded, to the backend");
+    let rows = dp.maps.ct.rows();
+    assert_eq!(rows.len(), 2, "{rows:#?}");
+    for r in &rows {
+        assert!(r.entry.flags & dataplane_common::CT_F_REDIRECT != 0, "CT_F_REDIRECT on {r:#?}");
+        assert_eq!(r.entry.flags & (dataplane_common::CT_F_SNAT | dataplane_common::CT_F_EXTERNAL), 0, "{r:#?}");
+    }
+    assert_eq!(syn.action, TC_ACT_REDIRECT, "the request: {syn:?}");
+    let reply = dp.from_pod(&tcp_flags(be, pod, "SA", b""));
+    assert_eq!(reply.action, TC_ACT_REDIRECT, "the reply: {reply:?}");
+    let t = tuple(&reply.data);
+    assert_eq!((t.src, t.sport, t.dst, t.dport), (np.0, np.1, pod.0, pod.1), "the reply as the NodePort");
+    assert_checksums(&reply.data);
+
+    // Its counterpart through the ClusterIP: no node address involved, nothing redirected.
+    let mut dp = Datapath::new();
+    dp.apply_yaml(&nodeport("10.0.0.5", "node1", true));
+    let syn = dp.from_pod(&tcp_flags(pod, (ip("172.30.0.20"), 80), "S", b""));
+    assert_eq!((syn.action, tuple(&syn.data).dst), (TC_ACT_OK, be.0));
+    assert!(dp.maps.ct.rows().iter().all(|r| r.entry.flags & dataplane_common::CT_F_REDIRECT == 0), "{:#?}", dp.maps.ct.rows());
+    let reply = dp.from_pod(&tcp_flags(be, pod, "SA", b""));
+    assert_eq!((reply.action, tuple(&reply.data).src), (TC_ACT_OK, ip("172.30.0.20")));
+}
+
+#[test]
 fn icmp_errors_from_nodeport_backends_reach_the_outside_client() {
     let _rt = routes();
     let up = (ip(NODE), 30053);

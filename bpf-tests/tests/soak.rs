@@ -163,6 +163,69 @@ fn bulk_16mib_each_way_over_a_1400_byte_inter_node_mtu() {
 }
 
 // -------------------------------------------------------------------------------------------
+// Pods of a node behind links Ferry has no program on
+
+#[test]
+fn pods_behind_links_without_ferrys_programs_answer_through_services() {
+    // Two pods of node1 that no agent pattern (`veth*`) reaches: one behind a veth named as
+    // another CNI names it, one behind an L2 bridge (the pods routed over the bridge). Their
+    // replies enter the node where no from-pod hook translates them: the to-pod hook of the
+    // client's veth must (kube-proxy's conntrack does, whatever the link). A pod of node2 and
+    // node1's own processes reach them too (translated on node2, and at connect()).
+    let pods = [("n1-cni", Ipv4Addr::new(10, 201, 1, 21), lab::PodLink::Named("cnipod0".into())), ("n1-bridged", Ipv4Addr::new(10, 201, 1, 22), lab::PodLink::Bridge { bridge: "cbr0".into(), port: "brport0".into() })];
+    let mut svcs = vec![
+        Svc::new("odd-cni", "ClusterIP", "10.96.1.30").port(tcp(80, LOAD_TCP_PORT)),
+        Svc::new("odd-bridged", "ClusterIP", "10.96.1.31").port(tcp(80, LOAD_TCP_PORT)),
+        // A NodePort on node1's address (externalTrafficPolicy Local: not masqueraded for pods),
+        // whose replies are redirected.
+        Svc::new("odd-nodeport", "NodePort", "10.96.1.32").local().port(tcp(80, LOAD_TCP_PORT).node_port(30130)),
+    ];
+    svcs[0].endpoints.push((pods[0].1, "node1".into()));
+    svcs[1].endpoints.push((pods[1].1, "node1".into()));
+    svcs[2].endpoints.push((pods[0].1, "node1".into()));
+    let dir = TempDir::new(&format!("soak-{}", lab::run_id()));
+    std::fs::write(dir.path.join("soak.yaml"), services_yaml(&svcs)).unwrap();
+    let mut c = Cluster::with_options(&dir.path, LabOptions::soak());
+    for (name, ip, link) in &pods {
+        c.add_pod_linked(0, name, *ip, link.clone());
+    }
+    c.start_agents();
+    let paths: [(&str, At, &str, &str); 7] = [
+        ("ClusterIP, pod on node1 -> pod behind another CNI's link", At::Pod("n1-pod1"), "10.96.1.30:80", "n1-cni"),
+        ("ClusterIP, pod on node1 -> pod behind a bridge", At::Pod("n1-pod1"), "10.96.1.31:80", "n1-bridged"),
+        ("NodePort eTP=Local, pod on node1 -> pod behind another CNI's link", At::Pod("n1-pod1"), "192.168.77.1:30130", "n1-cni"),
+        ("ClusterIP, pod on node2 -> pod behind another CNI's link", At::Pod("n2-pod1"), "10.96.1.30:80", "n1-cni"),
+        ("ClusterIP, pod on node2 -> pod behind a bridge", At::Pod("n2-pod1"), "10.96.1.31:80", "n1-bridged"),
+        ("ClusterIP, node1 itself -> pod behind another CNI's link", At::Node(0), "10.96.1.30:80", "n1-cni"),
+        ("ClusterIP, node1 itself -> pod behind a bridge", At::Node(0), "10.96.1.31:80", "n1-bridged"),
+    ];
+    let mib4 = (4u64 << 20).to_string();
+    let mut report = Vec::new();
+    let mut bad = 0;
+    for (what, at, addr, who) in paths {
+        // A few MB each way, verified byte by byte, then 300 short connections, 8 at a time.
+        let bulk = c.load(at, &["bulk", addr, "--up", &mib4, "--down", &mib4, "--stall-s", "10", "--deadline-s", "30"]);
+        let line = bulk.join(" ");
+        let bulk_ok = field(&line, "result") == "ok" && field(&line, "up") == format!("{mib4}/{mib4}") && field(&line, "down") == format!("{mib4}/{mib4}");
+        let churn = c.load(at, &["churn", addr, "--count", "300", "--concurrency", "8", "--timeout-ms", "3000", "--deadline-s", "60", "--max-failures", "20"]);
+        let churn_ok = ok_failed(&churn) == (300, 0) && churn.contains(&format!("backend {who} 300"));
+        bad += usize::from(!bulk_ok) + usize::from(!churn_ok);
+        report.push(format!("{} {what}: {line}; churn: {}", if bulk_ok && churn_ok { "ok  " } else { "FAIL" }, churn.join(" | ")));
+    }
+    eprintln!("{}", report.join("\n"));
+    assert_eq!(bad, 0, "expected every bulk transfer verified and 300 of 300 connections answered on every path; {bad} failed:\n{}\n{}", report.join("\n"), all_drops(&c));
+    // Connections from outside the node to them are not served (README): node1's agent names
+    // each such endpoint with its interface, once; node2's has no endpoint of its own there.
+    let log = c.agent_log(0);
+    for (ip, iface) in [("10.201.1.21", "cnipod0"), ("10.201.1.22", "cbr0")] {
+        let lines: Vec<&str> = log.lines().filter(|l| l.contains("--pod-interfaces does not match") && l.contains(ip) && l.contains(iface)).collect();
+        assert_eq!(lines.len(), 1, "node1 warns once about {ip} over {iface}:\n{log}");
+    }
+    assert_eq!(log.lines().filter(|l| l.contains("--pod-interfaces does not match")).count(), 2, "{log}");
+    assert!(!c.agent_log(1).contains("--pod-interfaces does not match"), "{}", c.agent_log(1));
+}
+
+// -------------------------------------------------------------------------------------------
 // Connection churn (items 4 and 6)
 
 #[test]

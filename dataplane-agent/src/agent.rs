@@ -630,6 +630,29 @@ impl PolicyState {
     }
 }
 
+/// The endpoints of this node (not its own addresses: hostNetwork endpoints) whose route leaves
+/// over an interface that is neither a pod interface nor an external one (`external`, or by
+/// default those holding the node's addresses), with that interface's name: their replies enter
+/// the node where no Ferry program sees them. Reads the routes only when there are endpoints to
+/// check.
+fn unhooked_endpoints(local: &BTreeSet<Ipv4Addr>, node_ips: &[Ipv4Addr], pods: &IfacePatterns, external: Option<&IfacePatterns>) -> Vec<(Ipv4Addr, String)> {
+    let candidates: Vec<Ipv4Addr> = local.iter().copied().filter(|ip| !node_ips.contains(ip)).collect();
+    if candidates.is_empty() {
+        return Vec::new();
+    }
+    let Ok(routes) = crate::routes::Routes::read() else { return Vec::new() };
+    let names: BTreeMap<u32, String> = attach::interfaces().into_iter().map(|(n, i)| (i, n)).collect();
+    let holding = if external.is_none() { attach::interfaces_with(node_ips) } else { Vec::new() };
+    let hooked = |name: &str| pods.matches(name) || external.map_or(holding.iter().any(|h| h == name), |e| e.matches(name));
+    candidates
+        .into_iter()
+        .filter_map(|ip| {
+            let name = names.get(&routes.oif(ip)?)?;
+            (!hooked(name)).then(|| (ip, name.clone()))
+        })
+        .collect()
+}
+
 /// (Service address and port, backend address and port) of every UDP ClusterIP frontend, as
 /// applied: what the socket hooks translate host sockets with.
 fn udp_backends(rec: &Reconciler) -> BTreeSet<((Ipv4Addr, u16), (Ipv4Addr, u16))> {
@@ -662,6 +685,15 @@ pub fn sync_objects(
 ) -> SyncOutcome {
     let started = Instant::now();
     let (desired, terr) = model::translate(&objs.services, &objs.endpoint_slices, node);
+    for (ip, iface) in unhooked_endpoints(&desired.local_endpoints, &node.ips, &cfg.pod_interfaces, cfg.external_interfaces.as_ref()) {
+        if observed.unhooked_endpoint(ip, &iface) {
+            warn!(
+                endpoint = %ip,
+                interface = %iface,
+                "an endpoint of this node is routed over an interface that --pod-interfaces does not match: pods and this node reach it through its Services, but connections from outside the node (NodePort, LoadBalancer, external IPs) get no answer, as no Ferry program sees its replies enter the node; add the interface to --pod-interfaces"
+            );
+        }
+    }
     if observed.ipv6_skipped(desired.ipv6_skipped) {
         info!(count = desired.ipv6_skipped, "IPv6 addresses and EndpointSlices of dual-stack Services are left to the IPv6 datapath, which this version does not have (counted in ferry_ipv6_objects_skipped)");
     }

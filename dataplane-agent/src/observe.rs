@@ -40,6 +40,9 @@ struct State {
     /// IPv6 halves of dual-stack objects the IPv4 datapath left aside at the last sync.
     ipv6_skipped: usize,
     ipv6_noted: bool,
+    /// (endpoint, interface) pairs already warned about: local endpoints routed over a link no
+    /// `--pod-interfaces` pattern matches.
+    unhooked_noted: std::collections::BTreeSet<(std::net::Ipv4Addr, String)>,
     /// Network programming latency (kube-proxy's): per bucket, sum, count.
     np_hist: [u64; NP_BUCKETS.len()],
     np_sum: f64,
@@ -152,6 +155,12 @@ impl Observed {
         s.ipv6_noted |= n > 0;
         s.ipv6_skipped = n;
         first
+    }
+
+    /// Whether the local endpoint `ip`, routed over `iface` (which no pod interface pattern
+    /// matches), is new: warned about once per pair.
+    pub fn unhooked_endpoint(&self, ip: std::net::Ipv4Addr, iface: &str) -> bool {
+        self.state.lock().unwrap().unhooked_noted.insert((ip, iface.to_string()))
     }
 
     /// After a sync that put the maps in line: every EndpointSlice whose change-trigger time is new

@@ -304,10 +304,18 @@ pub const CT_F_EXTERNAL: u32 = 1 << 5;
 /// implicit source-port remap on a clash).
 pub const CT_F_CLASH: u32 = 1 << 6;
 
-/// `Ct4Entry.flags`: the backend is a pod of this node. Its replies are translated where they
-/// leave it (the from-pod hook on its veth) and never again on their way into the client: there
-/// the translated tuple may be another flow's (a clashing direct flow's reply, remapped back).
+/// `Ct4Entry.flags`: the backend is a pod of this node (its endpoint's nodeName). Says nothing
+/// about where its replies are translated: a pod behind a link the agent does not attach to (a
+/// CNI naming its links otherwise, a bridge, a tunnel, a route through another interface) sends
+/// them past every from-pod hook (see `CT_F_REPLY_AT_SOURCE`).
 pub const CT_F_LOCAL_BACKEND: u32 = 1 << 7;
+/// `Ct4Entry.flags`, on a reply entry: the from-pod hook translated a reply of this connection
+/// where it left the backend's veth, so the backend is behind one of Ferry's pod links and its
+/// replies are never translated again on their way into the client (there the translated tuple
+/// may be another flow's: a clashing direct flow's reply, remapped back). Set by the datapath on
+/// the first such reply; without it the to-pod hook translates the reply, wherever it entered
+/// the node (as netfilter's conntrack does on any interface).
+pub const CT_F_REPLY_AT_SOURCE: u32 = 1 << 8;
 
 /// `Ct4Entry.state`: lifecycle bits, the same in both entries of a connection.
 /// The reply direction has sent a packet.

@@ -9,7 +9,7 @@ use aya_ebpf::{helpers::bpf_get_prandom_u32, helpers::bpf_ktime_get_ns, programs
 use dataplane_common::{
     stat, AffinityKey, AffinityValue, Ct4Entry, Ct4Key, DropReason, Frag4Key, Frag4Ports, Lb4Backend, Lb4Key, Lb4Service, Lb4SlotKey,
     SrcRangeData, BE_F_HOST, BE_F_LOCAL, CHASH_TABLE_SIZE, CT_F_CLASH, CT_F_EXTERNAL, CT_F_FORWARD, CT_F_HAIRPIN, CT_F_LOCAL_BACKEND, CT_F_REDIRECT, CT_F_REPLY,
-    CT_F_SNAT, IPPROTO_ICMP, IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP, SCOPE_EXTERNAL, SCOPE_INTERNAL, SVC_F_ADDR_ONLY, SVC_F_DROP_EMPTY,
+    CT_F_REPLY_AT_SOURCE, CT_F_SNAT, IPPROTO_ICMP, IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP, SCOPE_EXTERNAL, SCOPE_INTERNAL, SVC_F_ADDR_ONLY, SVC_F_DROP_EMPTY,
     SVC_F_EXTERNAL_IP, SVC_F_MASQ, SVC_F_RANDOM, SVC_F_SOURCE_RANGES, CFG_F_LOCAL_IFACE, LOCAL_HOST,
 };
 
@@ -434,6 +434,10 @@ fn classify_inner(p: &mut Ipv4Packet, hook: Hook, out: &mut Ct4Entry, svc_out: &
     let mut key = ct_key(p);
     let syn_only = p.proto == IPPROTO_TCP && (p.tcp_flags & (TCP_SYN | TCP_ACK)) == TCP_SYN;
     if let Some(mut hit) = conntrack::lookup(&key, now) {
+        // A reply leaving a pod's veth: translated here, from now on never again into the client.
+        if hook == Hook::FromPod && unsafe { (*hit.ptr).flags } & (CT_F_REPLY | CT_F_REPLY_AT_SOURCE) == CT_F_REPLY {
+            mark_reply_at_source(hit.ptr, p.proto);
+        }
         // SAFETY: pointer from a successful lookup; read in place.
         let e = unsafe { &*hit.ptr };
         if hook == Hook::FromWorld && e.flags & CT_F_EXTERNAL == 0 && e.flags & (CT_F_SNAT | CT_F_REPLY) != CT_F_SNAT | CT_F_REPLY {
@@ -444,8 +448,10 @@ fn classify_inner(p: &mut Ipv4Packet, hook: Hook, out: &mut Ct4Entry, svc_out: &
             // turned back towards the pod.
             return Ok(pass);
         }
-        if hook == Hook::ToPod && e.flags & CT_F_LOCAL_BACKEND != 0 {
-            // Translated where it left the backend pod already.
+        if hook == Hook::ToPod && e.flags & CT_F_REPLY_AT_SOURCE != 0 {
+            // Translated where it left the backend pod already. Only then: a backend behind a
+            // link without Ferry's programs (another CNI's naming, a bridge, a tunnel) sends its
+            // replies past every from-pod hook, and this is the first place that sees them.
             return Ok(pass);
         }
         if !new_allowed && e.flags & CT_F_REPLY == 0 {
@@ -515,6 +521,30 @@ fn classify_inner(p: &mut Ipv4Packet, hook: Hook, out: &mut Ct4Entry, svc_out: &
     *svc_out = svc;
     stats::count(if hook == Hook::FromWorld { stat::EXTERNAL_NEW } else { stat::CT_NEW });
     Ok(STEP_NEW | masq as u32)
+}
+
+/// A reply entry met on a pod's veth, on its way out of the backend: its replies are translated
+/// there, never again going into the client (`CT_F_REPLY_AT_SOURCE`). A remapped direct flow's
+/// reply (`CT_F_CLASH`) becomes the Service connection's reply tuple once translated: that
+/// connection's replies leave the same backend through the same veth, so its reply entry is
+/// marked too, before the to-pod hook can take this packet for one of them.
+// A separate BPF subprogram: once per connection, off the per-packet path.
+#[inline(never)]
+fn mark_reply_at_source(e: *mut Ct4Entry, proto: u8) {
+    // SAFETY: pointer from a successful lookup; a lost race only writes the same bit twice.
+    let e = unsafe { &mut *e };
+    e.flags |= CT_F_REPLY_AT_SOURCE;
+    if e.flags & CT_F_CLASH == 0 {
+        return;
+    }
+    let key = Ct4Key { saddr_be: e.nat_saddr_be, daddr_be: e.nat_daddr_be, sport_be: e.nat_sport_be, dport_be: e.nat_dport_be, proto, pad: [0; 3] };
+    if let Some(hit) = conntrack::lookup(&key, conntrack::now()) {
+        // SAFETY: as above.
+        let svc = unsafe { &mut *hit.ptr };
+        if svc.flags & CT_F_REPLY != 0 {
+            svc.flags |= CT_F_REPLY_AT_SOURCE;
+        }
+    }
 }
 
 /// [`source_local`]: the source is local traffic.
