@@ -267,10 +267,11 @@ fn a_kube_proxy_configuration_file_runs_the_agent() {
     cp.apply_deploy("serviceaccount.yaml");
     cp.apply_deploy("clusterrole.yaml");
     // kube-proxy's file: the API server through clientConnection.kubeconfig, fields Ferry does
-    // not use (named in one warning), a proxy mode (Ferry is the proxy).
+    // not use (named in one warning), a proxy mode (Ferry is the proxy), two typos (named in
+    // another warning, left out).
     let file = cp.dir.path.join("kube-proxy.yaml");
     let text = format!(
-        "apiVersion: kubeproxy.config.k8s.io/v1alpha1\nkind: KubeProxyConfiguration\nclientConnection:\n  kubeconfig: {}\n  qps: 50\nclusterCIDR: 10.201.0.0/16\nbindAddress: 10.250.0.1\nhealthzBindAddress: \"\"\nmetricsBindAddress: 127.0.0.1:10249\nmode: ipvs\nipvs: {{scheduler: rr}}\nconfigSyncPeriod: 15m0s\nnftables: {{minSyncPeriod: 0s}}\n",
+        "apiVersion: kubeproxy.config.k8s.io/v1alpha1\nkind: KubeProxyConfiguration\nclientConnection:\n  kubeconfig: {}\n  qps: 50\nclusterCIDR: 10.201.0.0/16\nbindAddress: 10.250.0.1\nhealthzBindAddress: \"\"\nmetricsBindAddress: 127.0.0.1:10249\nmode: ipvs\nipvs: {{scheduler: rr}}\nconfigSyncPeriod: 15m0s\nnftables: {{minSyncPeriod: 0s, masqueradeAl: true}}\nclusterCidr: 10.9.0.0/16\n",
         cp.service_account_kubeconfig().display()
     );
     std::fs::write(&file, text).unwrap();
@@ -287,9 +288,15 @@ fn a_kube_proxy_configuration_file_runs_the_agent() {
     assert!(log.lines().any(|l| l.contains("which are ignored") && l.contains("--node-ip, --healthz-bind-address")), "{log}");
     assert!(log.contains("mode \\\"ipvs\\\" is ignored: Ferry is the proxy") || log.contains("mode \"ipvs\" is ignored: Ferry is the proxy"), "{log}");
 
-    // A typo is refused, naming the file and the field.
-    std::fs::write(&file, "apiVersion: kubeproxy.config.k8s.io/v1alpha1\nkind: KubeProxyConfiguration\nclusterCidr: 10.201.0.0/16\n").unwrap();
+    // Unknown fields (typos) are named in one warning and left out; the file is used.
+    let unknown: Vec<&str> = log.lines().filter(|l| l.contains("unknown fields, ignored")).collect();
+    assert_eq!(unknown.len(), 1, "{log}");
+    assert!(unknown[0].contains("clusterCidr, nftables.masqueradeAl"), "{}", unknown[0]);
+
+    // A known field of the wrong type is refused, naming the file and the field (before
+    // anything is attached: the agent is not in the test's namespace here).
+    std::fs::write(&file, "apiVersion: kubeproxy.config.k8s.io/v1alpha1\nkind: KubeProxyConfiguration\nclusterCIDR: [10.201.0.0/16]\n").unwrap();
     let out = Command::new(bpf_tests::lab::agent_bin()).args(["run", "--cgroup", "none", "--config"]).arg(&file).output().unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success() && err.contains(&format!("--config {}: clusterCidr: unknown field `clusterCidr`", file.display())), "{err}");
+    assert!(!out.status.success() && err.contains(&format!("--config {}: clusterCIDR: invalid type", file.display())), "{err}");
 }
