@@ -262,6 +262,44 @@ fn service_cidr_objects_are_service_ranges() {
 }
 
 #[test]
+fn service_cidr_objects_are_followed_when_the_api_server_is_down_at_the_agents_start() {
+    let cp = ControlPlane::up();
+    cp.apply_deploy("serviceaccount.yaml");
+    cp.apply_deploy("clusterrole.yaml");
+    let kubeconfig = cp.service_account_kubeconfig().display().to_string();
+    let sc = r#"{"apiVersion":"networking.k8s.io/v1","kind":"ServiceCIDR","metadata":{"name":"extra"},"spec":{"cidrs":["10.97.0.0/24"]}}"#;
+    let (code, body) = cp.api("POST", "/apis/networking.k8s.io/v1/servicecidrs", Some(sc));
+    assert_eq!(code, 201, "{body}");
+    // The agent starts while the API server is down (a control plane restarting with the
+    // node): its first look at the ServiceCIDR objects fails; it must not give up on them.
+    let args = cp.stop_apiserver();
+    let agent = Agent::start_args(&cp, &["--cluster-cidr".into(), "10.201.0.0/16".into(), "--kubeconfig".into(), kubeconfig]);
+    wait_until(30, || agent.log().matches("ServiceCIDR objects cannot be listed yet").count() >= 2, || format!("no retry of the ServiceCIDR list, said in the log:
+{}", agent.log()));
+    assert!(agent.log().contains("retry_in"), "the delay is said:
+{}", agent.log());
+    cp.start_apiserver(&args);
+    // No --service-cidr: both ranges come from the objects, from the first sync on.
+    agent.wait_synced("services=1");
+    assert_eq!(agent.service_cidrs(), ["10.96.0.0/16", "10.97.0.0/24"], "{}", agent.log());
+    let log = agent.log();
+    let first = log.lines().find(|l| l.contains("synced")).unwrap_or("");
+    let ranges = log.lines().position(|l| l.contains("10.96.0.0/16,10.97.0.0/24")).unwrap_or(usize::MAX);
+    assert!(ranges < log.lines().position(|l| l.contains("synced")).unwrap_or(0), "the first sync ({first}) has the objects' ranges:
+{log}");
+    assert!(log.contains("ServiceCIDR objects (networking.k8s.io/v1) are served"), "{log}");
+    // And they are watched: one added later is honoured.
+    let sc = r#"{"apiVersion":"networking.k8s.io/v1","kind":"ServiceCIDR","metadata":{"name":"more"},"spec":{"cidrs":["10.98.0.0/24"]}}"#;
+    assert_eq!(cp.api("POST", "/apis/networking.k8s.io/v1/servicecidrs", Some(sc)).0, 201);
+    wait_until(30, || agent.service_cidrs() == ["10.96.0.0/16", "10.97.0.0/24", "10.98.0.0/24"], || format!("the new ServiceCIDR is not in the map: {:?}\n{}", agent.service_cidrs(), agent.log()));
+
+    // A restart under a running agent: the objects stay followed (the reflector re-watches).
+    cp.restart_apiserver();
+    assert_eq!(cp.api("DELETE", "/apis/networking.k8s.io/v1/servicecidrs/more", None).0, 200);
+    wait_until(60, || agent.service_cidrs() == ["10.96.0.0/16", "10.97.0.0/24"], || format!("the deleted ServiceCIDR stays in the map: {:?}\n{}", agent.service_cidrs(), agent.log()));
+}
+
+#[test]
 fn a_kube_proxy_configuration_file_runs_the_agent() {
     let cp = ControlPlane::up();
     cp.apply_deploy("serviceaccount.yaml");
