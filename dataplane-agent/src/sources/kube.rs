@@ -9,6 +9,7 @@
 //! proxy's) and headless ones are excluded by the watches' label selectors; ExternalName and
 //! headless Services are skipped again by the translation, whatever the source.
 use std::{
+    collections::BTreeSet,
     path::Path,
     sync::{
         atomic::{AtomicU64, Ordering},
@@ -74,6 +75,41 @@ pub struct WatchStats {
     /// Notified at each completed list: the ServiceCIDR probe asks again (the API server is
     /// back, or was replaced by another version).
     pub relisted: Arc<Notify>,
+    /// Service events (adds, updates, deletes, each object of a list), as kube-proxy counts
+    /// them (kubeproxy_sync_proxy_rules_service_changes_total).
+    pub service_changes: AtomicU64,
+    /// EndpointSlice events, likewise (kubeproxy_sync_proxy_rules_endpoint_changes_total).
+    pub endpoint_changes: AtomicU64,
+    /// The Services (namespace/name) with Service events, and those with EndpointSlice events,
+    /// that no snapshot has read yet: kube-proxy's pending changes.
+    pending: std::sync::Mutex<(BTreeSet<String>, BTreeSet<String>)>,
+}
+
+impl WatchStats {
+    /// (Services with pending Service changes, Services with pending endpoint changes).
+    pub fn pending(&self) -> (usize, usize) {
+        let p = self.pending.lock().unwrap();
+        (p.0.len(), p.1.len())
+    }
+
+    /// Counts an event of a Service or an EndpointSlice (`kind`) as kube-proxy's trackers do.
+    fn change(&self, kind: &str, meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) {
+        let ns = meta.namespace.as_deref().unwrap_or("");
+        let mut p = self.pending.lock().unwrap();
+        match kind {
+            "Service" => {
+                self.service_changes.fetch_add(1, Ordering::Relaxed);
+                p.0.insert(format!("{ns}/{}", meta.name.as_deref().unwrap_or("")));
+            }
+            "EndpointSlice" => {
+                self.endpoint_changes.fetch_add(1, Ordering::Relaxed);
+                // Pending by the Service the slice belongs to, as kube-proxy's tracker keys them.
+                let svc = meta.labels.as_ref().and_then(|l| l.get("kubernetes.io/service-name")).map(String::as_str).unwrap_or("");
+                p.1.insert(format!("{ns}/{svc}"));
+            }
+            _ => {}
+        }
+    }
 }
 
 /// The three stores and the signal that one of them changed.
@@ -205,6 +241,9 @@ impl KubeSource {
         fn own<K: Clone>(v: Vec<Arc<K>>) -> Vec<K> {
             v.into_iter().map(|o| (*o).clone()).collect()
         }
+        // Read now: no longer pending (an event after this wakes the loop again). Taken before
+        // the stores are read, so an event between the two is counted pending, never lost.
+        *self.stats.pending.lock().unwrap() = Default::default();
         Objects {
             services: own(self.services.state()),
             endpoint_slices: own(self.slices.state()),
@@ -292,6 +331,10 @@ where
         let stripped = watcher(api, cfg).map_ok(|ev| ev.modify(|o| o.meta_mut().managed_fields = None));
         let mut stream = reflector::reflector(writer, stripped).default_backoff().boxed();
         while let Some(ev) = stream.next().await {
+            match &ev {
+                Ok(watcher::Event::InitApply(o) | watcher::Event::Apply(o) | watcher::Event::Delete(o)) => stats.change(&kind, o.meta()),
+                _ => {}
+            }
             match ev {
                 Ok(watcher::Event::Init | watcher::Event::InitApply(_)) => {}
                 Ok(watcher::Event::InitDone) => {
