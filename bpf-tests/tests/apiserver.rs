@@ -64,6 +64,9 @@ fn the_agent_follows_services_and_slices_of_a_real_api_server() {
     assert!(value(&m, "process_resident_memory_bytes") > 1e6 && value(&m, "process_open_fds") >= 3.0 && value(&m, "process_max_fds") >= value(&m, "process_open_fds"), "{m}");
     assert!((now - 600.0..=now).contains(&value(&m, "process_start_time_seconds")) && value(&m, "process_cpu_seconds_total") > 0.0, "{m}");
     assert_eq!(value(&m, "kubeproxy_sync_proxy_rules_no_local_endpoints_total{ip_family=\"IPv4\",traffic_policy=\"internal\"}"), 0.0, "{m}");
+    // client-go's request counter: the lists and the watches (at least one of each of the four
+    // resources besides NetworkPolicy's three), all answered 200.
+    assert!(value(&m, "rest_client_requests_total{code=\"200\",host=\"127.0.0.1:6443\",method=\"GET\"}") >= 8.0, "{m}");
     // With kube-proxy's label (v1.37.2's pkg/proxy/metrics: ip_family on each).
     assert!(m.contains("kubeproxy_network_programming_duration_seconds_count{ip_family=\"IPv4\"} 1\n"), "{m}");
     assert!(m.contains("kubeproxy_sync_proxy_rules_duration_seconds_count{ip_family=\"IPv4\"} "), "{m}");

@@ -354,6 +354,13 @@ impl Observed {
             let _ = writeln!(out, "{name} {v}");
         }
         process_metrics(&mut out);
+        let requests = crate::sources::kube::rest_requests();
+        if !requests.is_empty() {
+            help(&mut out, "rest_client_requests_total", "counter", "Number of HTTP requests, partitioned by status code, method, and host.");
+            for ((code, host, method), n) in requests {
+                let _ = writeln!(out, "rest_client_requests_total{{code=\"{}\",host=\"{}\",method=\"{}\"}} {n}", esc(&code), esc(&host), esc(&method));
+            }
+        }
         if let Some(w) = &self.watch {
             for (name, what, v) in [
                 ("ferry_watch_events_total", "API watch events applied.", &w.events),

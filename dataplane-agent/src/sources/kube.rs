@@ -174,7 +174,64 @@ pub async fn client(kubeconfig: Option<&Path>, master: Option<&str>) -> anyhow::
     if let Some(m) = master {
         config.cluster_url = m.parse().map_err(|e| anyhow::anyhow!("--master {m:?}: {e}"))?;
     }
-    Ok(Client::try_from(config)?)
+    // Requests are relative to the cluster URL where this layer sees them: the host is its.
+    let host = config.cluster_url.authority().map(|a| a.to_string()).unwrap_or_default();
+    Ok(kube::client::ClientBuilder::try_from(config)?.with_layer(&CountRequests { host }).build())
+}
+
+/// client-go's rest_client_requests_total: (code, host, method) -> requests. The code is the
+/// HTTP status, or `<error>` when no response came (as client-go writes it); a watch counts
+/// when its response starts.
+static REST_REQUESTS: std::sync::Mutex<std::collections::BTreeMap<(String, String, String), u64>> = std::sync::Mutex::new(std::collections::BTreeMap::new());
+
+/// The API requests made so far, by (code, host, method).
+pub fn rest_requests() -> Vec<((String, String, String), u64)> {
+    REST_REQUESTS.lock().unwrap().iter().map(|(k, v)| (k.clone(), *v)).collect()
+}
+
+/// A tower layer on kube's client stack that counts each request's outcome in [`REST_REQUESTS`].
+struct CountRequests {
+    host: String,
+}
+
+impl<S> tower::Layer<S> for CountRequests {
+    type Service = Counted<S>;
+    fn layer(&self, inner: S) -> Counted<S> {
+        Counted { inner, host: self.host.clone() }
+    }
+}
+
+struct Counted<S> {
+    inner: S,
+    host: String,
+}
+
+impl<S, B, R> tower::Service<http::Request<B>> for Counted<S>
+where
+    S: tower::Service<http::Request<B>, Response = http::Response<R>>,
+    S::Future: Send + 'static,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = std::pin::Pin<Box<dyn std::future::Future<Output = Result<S::Response, S::Error>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<Result<(), S::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: http::Request<B>) -> Self::Future {
+        let key = (self.host.clone(), req.method().to_string());
+        let answer = self.inner.call(req);
+        Box::pin(async move {
+            let out = answer.await;
+            let code = match &out {
+                Ok(r) => r.status().as_u16().to_string(),
+                Err(_) => "<error>".to_string(),
+            };
+            *REST_REQUESTS.lock().unwrap().entry((code, key.0, key.1)).or_default() += 1;
+            out
+        })
+    }
 }
 
 impl KubeSource {
