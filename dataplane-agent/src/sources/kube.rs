@@ -388,9 +388,8 @@ where
         let stripped = watcher(api, cfg).map_ok(|ev| ev.modify(|o| o.meta_mut().managed_fields = None));
         let mut stream = reflector::reflector(writer, stripped).default_backoff().boxed();
         while let Some(ev) = stream.next().await {
-            match &ev {
-                Ok(watcher::Event::InitApply(o) | watcher::Event::Apply(o) | watcher::Event::Delete(o)) => stats.change(&kind, o.meta()),
-                _ => {}
+            if let Ok(watcher::Event::InitApply(o) | watcher::Event::Apply(o) | watcher::Event::Delete(o)) = &ev {
+                stats.change(&kind, o.meta());
             }
             match ev {
                 Ok(watcher::Event::Init | watcher::Event::InitApply(_)) => {}
