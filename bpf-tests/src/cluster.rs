@@ -114,8 +114,15 @@ impl ControlPlane {
     /// appending to its log; returns once it is ready again (at most 120 s). The pid file is
     /// updated, so `cluster down` stops the new one.
     pub fn restart_apiserver(&self) {
+        let args = self.stop_apiserver();
+        self.start_apiserver(&args);
+    }
+
+    /// Kills kube-apiserver (SIGKILL, as a crash) and returns once its port is closed; returns
+    /// its command line, for [`ControlPlane::start_apiserver`].
+    pub fn stop_apiserver(&self) -> Vec<String> {
         let pids_file = self.dir.path.join("pids");
-        let mut pids: Vec<i32> = std::fs::read_to_string(&pids_file).unwrap().lines().filter_map(|l| l.trim().parse().ok()).collect();
+        let pids: Vec<i32> = std::fs::read_to_string(&pids_file).unwrap().lines().filter_map(|l| l.trim().parse().ok()).collect();
         // `cluster up` writes etcd's, kube-apiserver's, kube-controller-manager's; `ip netns exec`
         // execs, so the pid is the server's and its command line the server's.
         let old = pids[1];
@@ -130,10 +137,19 @@ impl ControlPlane {
             assert!(Instant::now() < deadline, "kube-apiserver {old} still listens 10 s after SIGKILL");
             std::thread::sleep(Duration::from_millis(50));
         }
+        args
+    }
+
+    /// Starts kube-apiserver with `args` (from [`ControlPlane::stop_apiserver`]), appending to
+    /// its log; returns once it is ready (at most 120 s). The pid file is updated, so `cluster
+    /// down` stops it.
+    pub fn start_apiserver(&self, args: &[String]) {
+        let pids_file = self.dir.path.join("pids");
+        let mut pids: Vec<i32> = std::fs::read_to_string(&pids_file).unwrap().lines().filter_map(|l| l.trim().parse().ok()).collect();
         let log = std::fs::OpenOptions::new().append(true).open(self.dir.path.join("kube-apiserver.log")).unwrap();
         let child = Command::new("ip")
             .args(["netns", "exec", &self.ns])
-            .args(&args)
+            .args(args)
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log)

@@ -24,8 +24,10 @@ use std::{
 
 use serde_json::{json, Value};
 
-/// The resources the agent reads: URL path, kind, apiVersion.
-const RESOURCES: [(&str, &str, &str); 6] = [
+/// The resources the agent reads: URL path, kind, apiVersion. ServiceCIDRs are answered 404
+/// (an API server before 1.33) until [`FakeApi::serve_service_cidrs`].
+const RESOURCES: [(&str, &str, &str); 7] = [
+    ("/apis/networking.k8s.io/v1/servicecidrs", "ServiceCIDR", "networking.k8s.io/v1"),
     ("/api/v1/services", "Service", "v1"),
     ("/apis/discovery.k8s.io/v1/endpointslices", "EndpointSlice", "discovery.k8s.io/v1"),
     ("/api/v1/nodes", "Node", "v1"),
@@ -53,6 +55,8 @@ struct State {
     /// Bumped to end every open watch (a dropped connection).
     generation: u64,
     requests: Vec<String>,
+    /// ServiceCIDRs are served (else 404, as before Kubernetes 1.33).
+    service_cidrs: bool,
 }
 
 pub struct FakeApi {
@@ -194,6 +198,11 @@ impl FakeApi {
         cv.notify_all();
     }
 
+    /// From now on ServiceCIDR objects are served (the API server upgraded to 1.33 or later).
+    pub fn serve_service_cidrs(&self) {
+        self.shared.0.lock().unwrap().service_cidrs = true;
+    }
+
     /// Ends every open watch (a dropped connection); clients re-watch from their version.
     pub fn drop_watches(&self) {
         let (m, cv) = &*self.shared;
@@ -258,7 +267,8 @@ fn serve(mut s: TcpStream, shared: Arc<(Mutex<State>, Condvar)>, stop: Arc<Atomi
     shared.0.lock().unwrap().requests.push(first.trim().to_string());
     let (path, query) = target.split_once('?').unwrap_or((&target, ""));
     let q: BTreeMap<String, String> = query.split('&').filter_map(|kv| kv.split_once('=')).map(|(k, v)| (k.to_string(), decode(v))).collect();
-    let Some(&(_, kind, api_version)) = RESOURCES.iter().find(|r| r.0 == path) else {
+    let served = |r: &&(&str, &str, &str)| r.1 != "ServiceCIDR" || shared.0.lock().unwrap().service_cidrs;
+    let Some(&(_, kind, api_version)) = RESOURCES.iter().filter(served).find(|r| r.0 == path) else {
         write_json(&mut s, 404, &json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "NotFound", "code": 404}));
         return;
     };

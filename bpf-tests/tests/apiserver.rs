@@ -28,6 +28,9 @@ fn the_agent_follows_services_and_slices_of_a_real_api_server() {
     // The `kubernetes` Service and the slice kube-controller-manager wrote for it.
     agent.wait_synced("services=1 slices=1");
     assert!(agent.has_frontend("10.96.0.1", 443), "{}", agent.log());
+    let m0 = agent.metrics();
+    // The initial lists count as changes, as kube-proxy's informers deliver each object.
+    assert!(value(&m0, "kubeproxy_sync_proxy_rules_service_changes_total") >= 1.0 && value(&m0, "kubeproxy_sync_proxy_rules_endpoint_changes_total") >= 1.0, "{m0}");
 
     // A Service as kubectl would send it: the API server fills in its defaults.
     let svc = r#"{"apiVersion":"v1","kind":"Service","metadata":{"name":"web","namespace":"default"},"spec":{"clusterIP":"10.96.5.10","ports":[{"name":"http","port":80,"targetPort":8080}]}}"#;
@@ -44,11 +47,43 @@ fn the_agent_follows_services_and_slices_of_a_real_api_server() {
     assert!(agent.has_frontend("10.96.5.10", 80), "{}", agent.log());
     // kube-proxy's metric names, for its dashboards.
     let m = agent.metrics();
+    // The changes moved kube-proxy's counters (a Service and a slice, each at least one event),
+    // and the sync read them all: nothing pending.
+    for (name, before) in [("kubeproxy_sync_proxy_rules_service_changes_total", &m0), ("kubeproxy_sync_proxy_rules_endpoint_changes_total", &m0)] {
+        assert!(value(&m, name) >= value(before, name) + 1.0, "{name}: {} then {}", value(before, name), value(&m, name));
+    }
+    let pending = |m: &str| value(m, "kubeproxy_sync_proxy_rules_service_changes_pending") + value(m, "kubeproxy_sync_proxy_rules_endpoint_changes_pending");
+    wait_until(10, || pending(&agent.metrics()) == 0.0, || format!("changes stay pending:\n{}", agent.metrics()));
+    let queued = value(&m, "kubeproxy_sync_proxy_rules_last_queued_timestamp_seconds{ip_family=\"IPv4\"}");
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs_f64();
+    // (A sync queued by a later event may still be under way: no order with the last sync.)
+    assert!(queued > now - 120.0 && queued <= now, "{m}");
+    assert!(value(&m, "kubeproxy_sync_full_proxy_rules_duration_seconds_count{ip_family=\"IPv4\"}") >= 2.0, "{m}");
+    assert!(m.contains("kubeproxy_sync_proxy_rules_duration_seconds_bucket{ip_family=\"IPv4\",le=\"16.384\"} "), "kube-proxy's buckets: {m}");
+    // The agent's own process (client_golang's process collector's names).
+    assert!(value(&m, "process_resident_memory_bytes") > 1e6 && value(&m, "process_open_fds") >= 3.0 && value(&m, "process_max_fds") >= value(&m, "process_open_fds"), "{m}");
+    assert!((now - 600.0..=now).contains(&value(&m, "process_start_time_seconds")) && value(&m, "process_cpu_seconds_total") > 0.0, "{m}");
+    assert_eq!(value(&m, "kubeproxy_sync_proxy_rules_no_local_endpoints_total{ip_family=\"IPv4\",traffic_policy=\"internal\"}"), 0.0, "{m}");
+    // client-go's request counter: the lists and the watches (at least one of each of the four
+    // resources besides NetworkPolicy's three), all answered 200.
+    assert!(value(&m, "rest_client_requests_total{code=\"200\",host=\"127.0.0.1:6443\",method=\"GET\"}") >= 8.0, "{m}");
     // With kube-proxy's label (v1.37.2's pkg/proxy/metrics: ip_family on each).
     assert!(m.contains("kubeproxy_network_programming_duration_seconds_count{ip_family=\"IPv4\"} 1\n"), "{m}");
     assert!(m.contains("kubeproxy_sync_proxy_rules_duration_seconds_count{ip_family=\"IPv4\"} "), "{m}");
     let last: f64 = m.lines().find_map(|l| l.strip_prefix("kubeproxy_sync_proxy_rules_last_timestamp_seconds{ip_family=\"IPv4\"} ")).and_then(|v| v.parse().ok()).unwrap_or(0.0);
     assert!(last > 1.0e9, "{m}");
+
+    // internalTrafficPolicy Local with its only endpoint on another node: counted, as
+    // kube-proxy counts it.
+    let svc = r#"{"apiVersion":"v1","kind":"Service","metadata":{"name":"local","namespace":"default"},"spec":{"clusterIP":"10.96.5.11","internalTrafficPolicy":"Local","ports":[{"port":80}]}}"#;
+    assert_eq!(cp.api("POST", "/api/v1/namespaces/default/services", Some(svc)).0, 201);
+    let slice = r#"{"apiVersion":"discovery.k8s.io/v1","kind":"EndpointSlice","metadata":{"name":"local-1","namespace":"default","labels":{"kubernetes.io/service-name":"local","endpointslice.kubernetes.io/managed-by":"ferry-test"}},"addressType":"IPv4","ports":[{"port":80,"protocol":"TCP"}],"endpoints":[{"addresses":["10.201.2.11"],"nodeName":"elsewhere","conditions":{"ready":true}}]}"#;
+    assert_eq!(cp.api("POST", "/apis/discovery.k8s.io/v1/namespaces/default/endpointslices", Some(slice)).0, 201);
+    agent.wait_synced("services=3 slices=3");
+    let m = agent.metrics();
+    assert_eq!(value(&m, "kubeproxy_sync_proxy_rules_no_local_endpoints_total{ip_family=\"IPv4\",traffic_policy=\"internal\"}"), 1.0, "{m}");
+    assert_eq!(value(&m, "kubeproxy_sync_proxy_rules_no_local_endpoints_total{ip_family=\"IPv4\",traffic_policy=\"external\"}"), 0.0, "{m}");
+    assert_eq!(cp.api("DELETE", "/api/v1/namespaces/default/services/local", None).0, 200);
 
     // Deleted: the frontend goes.
     let (code, body) = cp.api("DELETE", "/api/v1/namespaces/default/services/web", None);
@@ -78,6 +113,12 @@ fn narrowed_rbac_is_named_by_verb_and_resource() {
     }
     // It never claims a sync it could not make.
     assert!(!agent.log().contains("synced"), "{}", agent.log());
+}
+
+/// The value of the sample `series` (a name, with its labels if it has any) in `text`; fails if
+/// there is none.
+fn value(text: &str, series: &str) -> f64 {
+    text.lines().find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok()).unwrap_or_else(|| panic!("no {series} in:\n{text}"))
 }
 
 /// Waits (at most `secs`) until `done`; else fails with `why()`.
@@ -262,15 +303,54 @@ fn service_cidr_objects_are_service_ranges() {
 }
 
 #[test]
+fn service_cidr_objects_are_followed_when_the_api_server_is_down_at_the_agents_start() {
+    let cp = ControlPlane::up();
+    cp.apply_deploy("serviceaccount.yaml");
+    cp.apply_deploy("clusterrole.yaml");
+    let kubeconfig = cp.service_account_kubeconfig().display().to_string();
+    let sc = r#"{"apiVersion":"networking.k8s.io/v1","kind":"ServiceCIDR","metadata":{"name":"extra"},"spec":{"cidrs":["10.97.0.0/24"]}}"#;
+    let (code, body) = cp.api("POST", "/apis/networking.k8s.io/v1/servicecidrs", Some(sc));
+    assert_eq!(code, 201, "{body}");
+    // The agent starts while the API server is down (a control plane restarting with the
+    // node): its first look at the ServiceCIDR objects fails; it must not give up on them.
+    let args = cp.stop_apiserver();
+    let agent = Agent::start_args(&cp, &["--cluster-cidr".into(), "10.201.0.0/16".into(), "--kubeconfig".into(), kubeconfig]);
+    wait_until(30, || agent.log().matches("ServiceCIDR objects cannot be listed yet").count() >= 2, || format!("no retry of the ServiceCIDR list, said in the log:
+{}", agent.log()));
+    assert!(agent.log().contains("retry_in"), "the delay is said:
+{}", agent.log());
+    cp.start_apiserver(&args);
+    // No --service-cidr: both ranges come from the objects, from the first sync on.
+    agent.wait_synced("services=1");
+    assert_eq!(agent.service_cidrs(), ["10.96.0.0/16", "10.97.0.0/24"], "{}", agent.log());
+    let log = agent.log();
+    let first = log.lines().find(|l| l.contains("synced")).unwrap_or("");
+    let ranges = log.lines().position(|l| l.contains("10.96.0.0/16,10.97.0.0/24")).unwrap_or(usize::MAX);
+    assert!(ranges < log.lines().position(|l| l.contains("synced")).unwrap_or(0), "the first sync ({first}) has the objects' ranges:
+{log}");
+    assert!(log.contains("ServiceCIDR objects (networking.k8s.io/v1) are served"), "{log}");
+    // And they are watched: one added later is honoured.
+    let sc = r#"{"apiVersion":"networking.k8s.io/v1","kind":"ServiceCIDR","metadata":{"name":"more"},"spec":{"cidrs":["10.98.0.0/24"]}}"#;
+    assert_eq!(cp.api("POST", "/apis/networking.k8s.io/v1/servicecidrs", Some(sc)).0, 201);
+    wait_until(30, || agent.service_cidrs() == ["10.96.0.0/16", "10.97.0.0/24", "10.98.0.0/24"], || format!("the new ServiceCIDR is not in the map: {:?}\n{}", agent.service_cidrs(), agent.log()));
+
+    // A restart under a running agent: the objects stay followed (the reflector re-watches).
+    cp.restart_apiserver();
+    assert_eq!(cp.api("DELETE", "/apis/networking.k8s.io/v1/servicecidrs/more", None).0, 200);
+    wait_until(60, || agent.service_cidrs() == ["10.96.0.0/16", "10.97.0.0/24"], || format!("the deleted ServiceCIDR stays in the map: {:?}\n{}", agent.service_cidrs(), agent.log()));
+}
+
+#[test]
 fn a_kube_proxy_configuration_file_runs_the_agent() {
     let cp = ControlPlane::up();
     cp.apply_deploy("serviceaccount.yaml");
     cp.apply_deploy("clusterrole.yaml");
     // kube-proxy's file: the API server through clientConnection.kubeconfig, fields Ferry does
-    // not use (named in one warning), a proxy mode (Ferry is the proxy).
+    // not use (named in one warning), a proxy mode (Ferry is the proxy), two typos (named in
+    // another warning, left out).
     let file = cp.dir.path.join("kube-proxy.yaml");
     let text = format!(
-        "apiVersion: kubeproxy.config.k8s.io/v1alpha1\nkind: KubeProxyConfiguration\nclientConnection:\n  kubeconfig: {}\n  qps: 50\nclusterCIDR: 10.201.0.0/16\nbindAddress: 10.250.0.1\nhealthzBindAddress: \"\"\nmetricsBindAddress: 127.0.0.1:10249\nmode: ipvs\nipvs: {{scheduler: rr}}\nconfigSyncPeriod: 15m0s\nnftables: {{minSyncPeriod: 0s}}\n",
+        "apiVersion: kubeproxy.config.k8s.io/v1alpha1\nkind: KubeProxyConfiguration\nclientConnection:\n  kubeconfig: {}\n  qps: 50\nclusterCIDR: 10.201.0.0/16\nbindAddress: 10.250.0.1\nhealthzBindAddress: \"\"\nmetricsBindAddress: 127.0.0.1:10249\nmode: ipvs\nipvs: {{scheduler: rr}}\nconfigSyncPeriod: 15m0s\nnftables: {{minSyncPeriod: 0s, masqueradeAl: true}}\nclusterCidr: 10.9.0.0/16\n",
         cp.service_account_kubeconfig().display()
     );
     std::fs::write(&file, text).unwrap();
@@ -287,9 +367,15 @@ fn a_kube_proxy_configuration_file_runs_the_agent() {
     assert!(log.lines().any(|l| l.contains("which are ignored") && l.contains("--node-ip, --healthz-bind-address")), "{log}");
     assert!(log.contains("mode \\\"ipvs\\\" is ignored: Ferry is the proxy") || log.contains("mode \"ipvs\" is ignored: Ferry is the proxy"), "{log}");
 
-    // A typo is refused, naming the file and the field.
-    std::fs::write(&file, "apiVersion: kubeproxy.config.k8s.io/v1alpha1\nkind: KubeProxyConfiguration\nclusterCidr: 10.201.0.0/16\n").unwrap();
+    // Unknown fields (typos) are named in one warning and left out; the file is used.
+    let unknown: Vec<&str> = log.lines().filter(|l| l.contains("unknown fields, ignored")).collect();
+    assert_eq!(unknown.len(), 1, "{log}");
+    assert!(unknown[0].contains("nftables.masqueradeAl, clusterCidr"), "in the file's order: {}", unknown[0]);
+
+    // A known field of the wrong type is refused, naming the file and the field (before
+    // anything is attached: the agent is not in the test's namespace here).
+    std::fs::write(&file, "apiVersion: kubeproxy.config.k8s.io/v1alpha1\nkind: KubeProxyConfiguration\nclusterCIDR: [10.201.0.0/16]\n").unwrap();
     let out = Command::new(bpf_tests::lab::agent_bin()).args(["run", "--cgroup", "none", "--config"]).arg(&file).output().unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success() && err.contains(&format!("--config {}: clusterCidr: unknown field `clusterCidr`", file.display())), "{err}");
+    assert!(!out.status.success() && err.contains(&format!("--config {}: clusterCIDR: invalid type", file.display())), "{err}");
 }

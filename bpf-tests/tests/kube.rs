@@ -349,3 +349,25 @@ fn unreachable_api_server_keeps_the_pinned_datapath_and_is_not_ready() {
     assert_eq!(web_backends(&n), Some(2), "the maps from before stay in place");
     assert!(n.log().contains("waiting for the initial lists"), "{}", n.log());
 }
+
+#[test]
+fn service_cidrs_are_asked_for_again_after_a_404_when_another_resource_relists() {
+    let mut n = Node::new();
+    n.start();
+    // An API server without ServiceCIDR objects: 404, noted once, the first sync not held back
+    // (readyz answered 200 in start).
+    n.wait("the 404 to be noted", || n.log().contains("serves no ServiceCIDR objects"));
+    let cidrs = |n: &Node| -> Vec<String> {
+        let maps = BpfMaps::from_pins(&n.pin.path).expect("pinned maps");
+        maps.service_cidrs.iter().flatten().map(|(k, _)| format!("{}/{}", Ipv4Addr::from(k.data().to_ne_bytes()), k.prefix_len())).collect()
+    };
+    assert!(cidrs(&n).is_empty(), "{:?}", cidrs(&n));
+    // The API server is upgraded: it serves them now, and the agent's watches expire (410), so
+    // the agent relists; the relist makes it ask for ServiceCIDRs again.
+    n.api.apply("apiVersion: networking.k8s.io/v1\nkind: ServiceCIDR\nmetadata: {name: extra}\nspec: {cidrs: [10.97.0.0/24]}");
+    n.api.serve_service_cidrs();
+    n.api.compact_and_drop_watches();
+    n.wait("the ServiceCIDR's range in the map", || cidrs(&n) == ["10.97.0.0/24"]);
+    assert!(n.log().contains("ServiceCIDR objects (networking.k8s.io/v1) are served"), "{}", n.log());
+    assert_eq!(n.log().matches("serves no ServiceCIDR objects").count(), 1, "the 404 is said once:\n{}", n.log());
+}

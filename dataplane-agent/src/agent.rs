@@ -736,6 +736,7 @@ pub fn sync_objects(
     if map_errors.is_empty() {
         observed.programmed(objs.endpoint_slices.iter());
     }
+    observed.no_local_endpoints(desired.no_local_endpoints);
     observed.synced(
         took,
         map_errors.is_empty(),

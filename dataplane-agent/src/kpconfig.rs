@@ -5,8 +5,9 @@
 //! the file. Ferry applies that rule to the flags the file has fields for (their environment
 //! variables too), naming any it ignores; its own flags (`--pin-dir`, `--pod-interfaces`, ...)
 //! and `--master` keep working beside the file. Fields Ferry has no use for are named in one
-//! warning; an unknown field (a typo) or a value of the wrong type is an error naming the file
-//! and the field.
+//! warning. An unknown field (a typo, or one of a newer kube-proxy) is named in a warning and
+//! left out, the rest of the file used, as kube-proxy's lenient fallback does; a value of the
+//! wrong type on a known field is an error naming the file and the field.
 use std::{collections::BTreeMap, path::Path};
 
 use serde::Deserialize;
@@ -16,7 +17,8 @@ use crate::cli::RunArgs;
 pub const API_VERSION: &str = "kubeproxy.config.k8s.io/v1alpha1";
 
 // Every field of kube-proxy's types, those Ferry does not use too: they are read for their
-// names (an unknown one is an error) and types (a wrong one is an error), not their values.
+// names (an unknown one is named in a warning, see `decode`) and types (a wrong one is an
+// error), not their values.
 #[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 #[allow(dead_code)]
@@ -211,8 +213,59 @@ const UNSUPPORTED: &[&str] = &[
 #[derive(Debug, Default, PartialEq)]
 pub struct Notes {
     pub unsupported: Vec<String>,
+    /// Fields kube-proxy's types do not have (typos, or fields of a newer version), by dotted
+    /// path: left out, as kube-proxy's lenient decoding leaves them.
+    pub unknown: Vec<String>,
     pub ignored_flags: Vec<&'static str>,
     pub mode: Option<String>,
+}
+
+/// kube-proxy's decoding (cmd/kube-proxy/app/options.go, `loadConfig`): strict first; on a
+/// strict error (an unknown field) it logs the error and decodes leniently, so the file is used
+/// without the fields it does not know. Here each unknown field is taken out of `value` and the
+/// strict decoding tried again, so that every unknown field is named (by its dotted path), not
+/// only the first, and an error of any other kind (a known field of the wrong type) still
+/// fails, naming that field. Returns the file's fields and the unknown ones, in file order.
+fn decode(mut value: serde_yaml::Value) -> Result<(File, Vec<String>), String> {
+    use serde_path_to_error::Segment;
+    let mut unknown = Vec::new();
+    // Each round takes one key out of the file: bounded by the keys it has.
+    for _ in 0..=keys(&value) {
+        let e = match serde_path_to_error::deserialize::<_, File>(value.clone()) {
+            Ok(f) => return Ok((f, unknown)),
+            Err(e) => e,
+        };
+        let at = e.path().to_string();
+        let segments: Vec<Segment> = e.path().iter().cloned().collect();
+        let message = e.into_inner().to_string();
+        // serde's wording for a key no field of the type is named.
+        let removed = match segments.split_last() {
+            Some((Segment::Map { key }, parents)) if message.starts_with("unknown field `") => {
+                let parent = parents.iter().try_fold(&mut value, |v, s| match s {
+                    Segment::Map { key } => v.get_mut(key.as_str()),
+                    Segment::Seq { index } => v.get_mut(*index),
+                    _ => None,
+                });
+                parent.and_then(|p| p.as_mapping_mut()).and_then(|m| m.remove(key.as_str())).is_some()
+            }
+            _ => false,
+        };
+        if !removed {
+            return Err(format!("{}{message}", if at == "." { String::new() } else { format!("{at}: ") }));
+        }
+        unknown.push(at);
+    }
+    Err("unknown fields without end".into())
+}
+
+/// The keys of a YAML value's mappings, at every depth.
+fn keys(v: &serde_yaml::Value) -> usize {
+    match v {
+        serde_yaml::Value::Mapping(m) => m.len() + m.values().map(keys).sum::<usize>(),
+        serde_yaml::Value::Sequence(s) => s.iter().map(keys).sum(),
+        serde_yaml::Value::Tagged(t) => keys(&t.value),
+        _ => 0,
+    }
 }
 
 fn set(v: &serde_yaml::Value) -> bool {
@@ -240,17 +293,14 @@ pub fn apply(path: &Path, args: &mut RunArgs) -> anyhow::Result<Notes> {
 
 pub fn apply_str(text: &str, name: &str, args: &mut RunArgs) -> anyhow::Result<Notes> {
     let value: serde_yaml::Value = serde_yaml::from_str(text).map_err(|e| anyhow::anyhow!("--config {name}: not YAML or JSON: {e}"))?;
-    let f: File = serde_path_to_error::deserialize(value.clone()).map_err(|e| {
-        let at = e.path().to_string();
-        anyhow::anyhow!("--config {name}: {}{}", if at == "." { String::new() } else { format!("{at}: ") }, e.into_inner())
-    })?;
+    let (f, unknown) = decode(value.clone()).map_err(|e| anyhow::anyhow!("--config {name}: {e}"))?;
     if f.api_version.as_deref() != Some(API_VERSION) {
         anyhow::bail!("--config {name}: apiVersion: {:?} is not {API_VERSION:?}", f.api_version.unwrap_or_default());
     }
     if f.kind.as_deref() != Some("KubeProxyConfiguration") {
         anyhow::bail!("--config {name}: kind: {:?} is not \"KubeProxyConfiguration\"", f.kind.unwrap_or_default());
     }
-    let mut notes = Notes { unsupported: UNSUPPORTED.iter().filter(|p| lookup(&value, p).is_some_and(set)).map(|p| p.to_string()).collect(), ..Default::default() };
+    let mut notes = Notes { unsupported: UNSUPPORTED.iter().filter(|p| lookup(&value, p).is_some_and(set)).map(|p| p.to_string()).collect(), unknown, ..Default::default() };
     notes.mode = f.mode.filter(|m| !m.is_empty());
 
     // The settings the file carries: what the command line gave for them is replaced (the
@@ -332,6 +382,12 @@ pub fn apply_str(text: &str, name: &str, args: &mut RunArgs) -> anyhow::Result<N
 impl Notes {
     /// The warnings, one line each.
     pub fn log(&self, name: &str) {
+        if !self.unknown.is_empty() {
+            tracing::warn!(
+                "--config {name}: unknown fields, ignored (kube-proxy too decodes the file leniently when strict decoding fails; check them for typos): {}",
+                self.unknown.join(", ")
+            );
+        }
         if !self.unsupported.is_empty() {
             tracing::warn!("--config {name}: fields Ferry does not use, ignored: {}", self.unsupported.join(", "));
         }
@@ -481,13 +537,37 @@ winkernel:
     }
 
     #[test]
-    fn typos_and_wrong_types_name_the_file_and_the_field() {
+    fn unknown_fields_are_named_and_left_out_as_kube_proxys_lenient_decoding_does() {
+        // Typos at the top and in sections, and a field of some newer version: all named (in
+        // file order, by dotted path), none applied, the rest of the file used.
+        let file = "apiVersion: kubeproxy.config.k8s.io/v1alpha1\nkind: KubeProxyConfiguration\nclusterCidr: 10.0.0.0/8\nclusterCIDR: 10.244.0.0/16\n\
+iptables: {masqueradeAl: true, masqueradeAll: true}\nconntrack: {udpTimeout: 45s, futureKnob: {deep: 1}}\nhostnameOverride: node-a\n";
+        let mut a = args(&[]);
+        let notes = apply_str(file, "/etc/kp.yaml", &mut a).unwrap();
+        assert_eq!(notes.unknown, ["clusterCidr", "iptables.masqueradeAl", "conntrack.futureKnob"]);
+        assert!(notes.unsupported.is_empty() && notes.ignored_flags.is_empty(), "{notes:?}");
+        let cfg = a.config().unwrap();
+        assert_eq!(cfg.cluster_cidr, Some("10.244.0.0/16".parse().unwrap()));
+        assert!(cfg.node.masquerade_all, "iptables.masqueradeAll, beside its typo");
+        assert_eq!(cfg.ct_timeouts[dataplane_common::ct_timeout::UDP], 45);
+        assert_eq!(cfg.node.name, "node-a");
+        // A file without unknown fields has none to name.
+        assert!(apply_str(KUBEADM, "kp.yaml", &mut args(&[])).unwrap().unknown.is_empty());
+        // An unknown field does not hide a wrong type elsewhere, before or after it.
+        for body in ["clusterCidr: x\nnftables: {masqueradeAll: yes-please}\n", "nftables: {masqueradeAll: yes-please}\nclusterCidr: x\n"] {
+            let e = apply_str(&format!("apiVersion: kubeproxy.config.k8s.io/v1alpha1\nkind: KubeProxyConfiguration\n{body}"), "/etc/kp.yaml", &mut args(&[])).unwrap_err().to_string();
+            assert!(e.starts_with("--config /etc/kp.yaml: nftables.masqueradeAll: "), "{e}");
+        }
+    }
+
+    #[test]
+    fn wrong_types_name_the_file_and_the_field() {
         let head = "apiVersion: kubeproxy.config.k8s.io/v1alpha1\nkind: KubeProxyConfiguration\n";
         let err = |body: &str| apply_str(&format!("{head}{body}"), "/etc/kp.yaml", &mut args(&[])).unwrap_err().to_string();
-        let e = err("clusterCidr: 10.0.0.0/8\n");
-        assert!(e.starts_with("--config /etc/kp.yaml: ") && e.contains("unknown field `clusterCidr`"), "{e}");
-        let e = err("iptables: {masqueradeAl: true}\n");
-        assert!(e.contains("/etc/kp.yaml: iptables.masqueradeAl: unknown field `masqueradeAl`"), "{e}");
+        let e = err("clusterCIDR: [10.0.0.0/8]\n");
+        assert!(e.starts_with("--config /etc/kp.yaml: clusterCIDR: invalid type"), "{e}");
+        let e = err("iptables: {masqueradeAll: 3}\n");
+        assert!(e.contains("/etc/kp.yaml: iptables.masqueradeAll: invalid type"), "{e}");
         let e = err("nftables: {masqueradeAll: yes-please}\n");
         assert!(e.contains("/etc/kp.yaml: nftables.masqueradeAll: "), "{e}");
         let e = err("conntrack: {tcpEstablishedTimeout: 1d}\n");

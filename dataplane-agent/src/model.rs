@@ -204,6 +204,10 @@ pub struct Desired {
     /// IPv6 addresses, CIDRs and EndpointSlices left aside by the IPv4 datapath (dual-stack
     /// objects are normal, not errors): counted for `/metrics`.
     pub ipv6_skipped: usize,
+    /// Service ports whose traffic policy Local finds no endpoint on this node while the
+    /// Service has usable ones elsewhere (their traffic is dropped here), as kube-proxy counts
+    /// them for kubeproxy_sync_proxy_rules_no_local_endpoints_total: (internal, external).
+    pub no_local_endpoints: (usize, usize),
 }
 
 /// What a Service's healthCheckNodePort answers on this node (kube-proxy's service health
@@ -408,6 +412,12 @@ pub fn translate(services: &[Service], slices: &[EndpointSlice], node: &NodeCont
             // Local means this node's endpoints only, or a drop. With Cluster, every connection
             // is masqueraded, whichever backend it gets.
             let external = if etp_local { &local } else { &cluster };
+            // kube-proxy's counts: a policy Local with usable endpoints, none of them here
+            // (externalTrafficPolicy only where the Service is reachable from outside).
+            if any_usable && local.is_empty() {
+                desired.no_local_endpoints.0 += itp_local as usize;
+                desired.no_local_endpoints.1 += (etp_local && (node_port_type || !external_ips.is_empty())) as usize;
+            }
             let mut ext_addrs: Vec<(L4Addr, bool)> = Vec::new();
             if node_port_type {
                 match port.node_port.map(port_number) {
@@ -777,5 +787,11 @@ mod tests {
         assert_eq!(f(ext("192.168.0.2", 30003, Proto::Tcp)), (1, false, true));
         assert_eq!(f(Frontend::internal(be("192.168.0.2", 30003, Proto::Tcp))), (1, false, true));
         assert_eq!(f(fe("172.30.0.3", 80, Proto::Tcp)), (1, false, false));
+        // kube-proxy's no_local_endpoints counts: only "remote" (usable endpoints, none here),
+        // once per policy; "none" is refused, not counted.
+        assert_eq!(d.no_local_endpoints, (1, 1));
+        // externalTrafficPolicy Local on a Service not reachable from outside counts for nothing.
+        let (d, _) = translate_yaml(&[svc("inner", "{externalTrafficPolicy: Local, clusterIP: 172.30.0.4, ports: [{port: 80}]}"), slice("inner", "addressType: IPv4\nports: [{port: 80}]\nendpoints: [{addresses: [10.0.0.4], nodeName: node2}]")].concat());
+        assert_eq!(d.no_local_endpoints, (0, 0));
     }
 }

@@ -15,10 +15,33 @@ use tokio::net::TcpListener;
 
 use crate::{bpf::BpfMaps, reconcile::SyncStats, sources::kube::WatchStats};
 
-/// Upper bounds of the sync duration histogram, in seconds.
-const BUCKETS: [f64; 12] = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0];
-/// Upper bounds of the network programming latency histogram (object changed -> maps), seconds.
-const NP_BUCKETS: [f64; 16] = [0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0];
+/// Upper bounds of the sync duration histogram, in seconds: kube-proxy's (pkg/proxy/metrics,
+/// `ExponentialBuckets(0.001, 2, 15)`), so that its dashboards' quantiles read the same.
+const BUCKETS: [f64; 15] = [0.001, 0.002, 0.004, 0.008, 0.016, 0.032, 0.064, 0.128, 0.256, 0.512, 1.024, 2.048, 4.096, 8.192, 16.384];
+/// Upper bounds of the network programming latency histogram (object changed -> maps), seconds:
+/// kube-proxy's (`MergeBuckets`, which starts with a 0 bucket, of 0.25 s and 0.5 s, every second
+/// to 59 s, every 5 s to 115 s, every 30 s to 300 s).
+const NP_BUCKETS: [f64; 81] = {
+    let mut b = [0.0; 81];
+    b[1] = 0.25;
+    b[2] = 0.5;
+    let mut i = 0;
+    while i < 59 {
+        b[3 + i] = (i + 1) as f64;
+        i += 1;
+    }
+    i = 0;
+    while i < 12 {
+        b[62 + i] = 60.0 + 5.0 * i as f64;
+        i += 1;
+    }
+    i = 0;
+    while i < 7 {
+        b[74 + i] = 120.0 + 30.0 * i as f64;
+        i += 1;
+    }
+    b
+};
 /// The EndpointSlice controller's annotation: when the change that produced the slice happened.
 pub const TRIGGER_TIME: &str = "endpoints.kubernetes.io/last-change-trigger-time";
 
@@ -30,6 +53,10 @@ struct State {
     last_updated: Option<SystemTime>,
     /// Since when a change has waited to be applied (None: nothing waits).
     pending_since: Option<SystemTime>,
+    /// When a change last asked for a sync (kube-proxy's last queued timestamp).
+    last_queued: Option<SystemTime>,
+    /// Service ports with a traffic policy Local and no endpoint here: (internal, external).
+    no_local_endpoints: (usize, usize),
     /// Observed cumulative counts per bucket, sum and count of sync durations.
     hist: [u64; BUCKETS.len()],
     hist_sum: f64,
@@ -44,7 +71,7 @@ struct State {
     /// `--pod-interfaces` pattern matches.
     unhooked_noted: std::collections::BTreeSet<(std::net::Ipv4Addr, String)>,
     /// Network programming latency (kube-proxy's): per bucket, sum, count.
-    np_hist: [u64; NP_BUCKETS.len()],
+    np_hist: Vec<u64>,
     np_sum: f64,
     np_count: u64,
     /// The trigger time of each EndpointSlice (namespace/name) already counted.
@@ -99,7 +126,7 @@ pub struct Observed {
 impl Observed {
     pub fn new(pin_dir: PathBuf, health_timeout: Duration, watch: Option<Arc<WatchStats>>) -> Self {
         // The first sync is a change like any other: /healthz fails if it waits too long.
-        let state = State { node_eligible: true, pending_since: Some(SystemTime::now()), ..Default::default() };
+        let state = State { node_eligible: true, pending_since: Some(SystemTime::now()), np_hist: vec![0; NP_BUCKETS.len()], ..Default::default() };
         Observed { state: Mutex::new(state), ct: Mutex::default(), pin_dir, health_timeout, watch }
     }
 
@@ -144,7 +171,15 @@ impl Observed {
     /// A change arrived from a source and is about to be applied.
     pub fn change_pending(&self) {
         let mut s = self.state.lock().unwrap();
-        s.pending_since.get_or_insert_with(SystemTime::now);
+        let now = SystemTime::now();
+        s.pending_since.get_or_insert(now);
+        s.last_queued = Some(now);
+    }
+
+    /// The last translation's Service ports with a traffic policy Local and no endpoint on this
+    /// node: (internalTrafficPolicy, externalTrafficPolicy).
+    pub fn no_local_endpoints(&self, counts: (usize, usize)) {
+        self.state.lock().unwrap().no_local_endpoints = counts;
     }
 
     /// The IPv6 addresses and slices the last translation left aside; true the first time any
@@ -268,16 +303,22 @@ impl Observed {
             sync.write(&mut out, "ferry_sync_duration_seconds", "", "Time from reading the sources to the maps matching them.");
             // kube-proxy's names and labels (the datapath's family), so that its dashboards keep
             // working.
-            sync.write(&mut out, "kubeproxy_sync_proxy_rules_duration_seconds", KP_FAMILY, "kube-proxy's name for ferry_sync_duration_seconds: time to bring the datapath in line with the sources.");
-            help(&mut out, "kubeproxy_sync_proxy_rules_last_timestamp_seconds", "gauge", "When the datapath last matched the sources (unix seconds; kube-proxy's name).");
-            let last = s.last_updated.and_then(|t| t.duration_since(SystemTime::UNIX_EPOCH).ok()).map(|d| d.as_secs_f64()).unwrap_or(0.0);
-            let _ = writeln!(out, "kubeproxy_sync_proxy_rules_last_timestamp_seconds{{ip_family=\"IPv4\"}} {last}");
-            Histogram { buckets: &NP_BUCKETS, counts: &s.np_hist, sum: s.np_sum, count: s.np_count }.write(
-                &mut out,
-                "kubeproxy_network_programming_duration_seconds",
-                KP_FAMILY,
-                "From an EndpointSlice change (its endpoints.kubernetes.io/last-change-trigger-time) to the datapath matching it (kube-proxy's name and measure).",
-            );
+            // kube-proxy's names, help texts, labels and buckets (pkg/proxy/metrics, v1.37), so
+            // that its dashboards and alerts work unchanged. Every Ferry sync computes the whole
+            // desired state from every object (and writes only what differs): a full sync in
+            // kube-proxy's terms; there are no partial ones, so no partial histogram.
+            sync.write(&mut out, "kubeproxy_sync_proxy_rules_duration_seconds", KP_FAMILY, "SyncProxyRules latency in seconds");
+            sync.write(&mut out, "kubeproxy_sync_full_proxy_rules_duration_seconds", KP_FAMILY, "SyncProxyRules latency in seconds for full resyncs");
+            let unix = |t: Option<SystemTime>| t.and_then(|t| t.duration_since(SystemTime::UNIX_EPOCH).ok()).map(|d| d.as_secs_f64()).unwrap_or(0.0);
+            help(&mut out, "kubeproxy_sync_proxy_rules_last_timestamp_seconds", "gauge", "The last time proxy rules were successfully synced");
+            let _ = writeln!(out, "kubeproxy_sync_proxy_rules_last_timestamp_seconds{{ip_family=\"IPv4\"}} {}", unix(s.last_updated));
+            help(&mut out, "kubeproxy_sync_proxy_rules_last_queued_timestamp_seconds", "gauge", "The last time a sync of proxy rules was queued");
+            let _ = writeln!(out, "kubeproxy_sync_proxy_rules_last_queued_timestamp_seconds{{ip_family=\"IPv4\"}} {}", unix(s.last_queued));
+            help(&mut out, "kubeproxy_sync_proxy_rules_no_local_endpoints_total", "gauge", "Number of services with a Local traffic policy and no endpoints");
+            for (policy, n) in [("internal", s.no_local_endpoints.0), ("external", s.no_local_endpoints.1)] {
+                let _ = writeln!(out, "kubeproxy_sync_proxy_rules_no_local_endpoints_total{{ip_family=\"IPv4\",traffic_policy=\"{policy}\"}} {n}");
+            }
+            Histogram { buckets: &NP_BUCKETS, counts: &s.np_hist, sum: s.np_sum, count: s.np_count }.write(&mut out, "kubeproxy_network_programming_duration_seconds", KP_FAMILY, "In Cluster Network Programming Latency in seconds");
             help(&mut out, "ferry_datapath_attached", "gauge", "1 when every link the agent wants carries its program (what /livez reports).");
             let _ = writeln!(out, "ferry_datapath_attached {}", s.attached as u8);
             help(&mut out, "ferry_datapath_links", "gauge", "bpf links carrying the agent's programs (pinned under <pin-dir>/links).");
@@ -304,6 +345,30 @@ impl Observed {
             let _ = writeln!(out, "ferry_conntrack_flushed_total {}", s.conntrack_flushed);
             help(&mut out, "ferry_ready", "gauge", "1 after the first full sync.");
             let _ = writeln!(out, "ferry_ready {}", s.ready as u8);
+        }
+        // kube-proxy's change counters: every Service and EndpointSlice event (the initial
+        // lists' too, as kube-proxy's informers deliver each object), and the Services with
+        // changes the next sync has not read yet. Without an API-server source, zeros.
+        let (svc_total, ep_total, (svc_pending, ep_pending)) = match &self.watch {
+            Some(w) => (w.service_changes.load(Ordering::Relaxed), w.endpoint_changes.load(Ordering::Relaxed), w.pending()),
+            None => (0, 0, (0, 0)),
+        };
+        for (name, kind, help_text, v) in [
+            ("kubeproxy_sync_proxy_rules_endpoint_changes_pending", "gauge", "Pending proxy rules Endpoint changes", ep_pending as u64),
+            ("kubeproxy_sync_proxy_rules_endpoint_changes_total", "counter", "Cumulative proxy rules Endpoint changes", ep_total),
+            ("kubeproxy_sync_proxy_rules_service_changes_pending", "gauge", "Pending proxy rules Service changes", svc_pending as u64),
+            ("kubeproxy_sync_proxy_rules_service_changes_total", "counter", "Cumulative proxy rules Service changes", svc_total),
+        ] {
+            help(&mut out, name, kind, help_text);
+            let _ = writeln!(out, "{name} {v}");
+        }
+        process_metrics(&mut out);
+        let requests = crate::sources::kube::rest_requests();
+        if !requests.is_empty() {
+            help(&mut out, "rest_client_requests_total", "counter", "Number of HTTP requests, partitioned by status code, method, and host.");
+            for ((code, host, method), n) in requests {
+                let _ = writeln!(out, "rest_client_requests_total{{code=\"{}\",host=\"{}\",method=\"{}\"}} {n}", esc(&code), esc(&host), esc(&method));
+            }
         }
         if let Some(w) = &self.watch {
             for (name, what, v) in [
@@ -345,6 +410,41 @@ impl Histogram<'_> {
         let _ = writeln!(out, "{name}_sum{labels} {}", self.sum);
         let _ = writeln!(out, "{name}_count{labels} {}", self.count);
     }
+}
+
+/// The standard process metrics (client_golang's process collector, which kube-proxy serves):
+/// names and help texts as it writes them, read from /proc/self. A figure that cannot be read is
+/// left out.
+fn process_metrics(out: &mut String) {
+    // sysconf(_SC_CLK_TCK) and the page size: the units of /proc/self/stat.
+    let tick = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(1) as f64;
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    // The fields after the command (which may hold spaces), from field 3 (state) on.
+    let f: Vec<&str> = stat.rsplit_once(')').map(|(_, rest)| rest.split_whitespace().collect()).unwrap_or_default();
+    let field = |n: usize| f.get(n - 3).and_then(|v| v.parse::<f64>().ok());
+    let mut write = |name: &str, kind: &str, text: &str, v: Option<f64>| {
+        if let Some(v) = v {
+            help(out, name, kind, text);
+            let _ = if v.is_infinite() { writeln!(out, "{name} +Inf") } else { writeln!(out, "{name} {v}") };
+        }
+    };
+    write("process_cpu_seconds_total", "counter", "Total user and system CPU time spent in seconds.", field(14).zip(field(15)).map(|(u, s)| (u + s) / tick));
+    let limits = std::fs::read_to_string("/proc/self/limits").unwrap_or_default();
+    let limit = |what: &str| -> Option<f64> {
+        let l = limits.lines().find(|l| l.starts_with(what))?;
+        match l[what.len()..].split_whitespace().next()? {
+            "unlimited" => Some(f64::INFINITY),
+            v => v.parse().ok(),
+        }
+    };
+    write("process_max_fds", "gauge", "Maximum number of open file descriptors.", limit("Max open files"));
+    write("process_open_fds", "gauge", "Number of open file descriptors.", std::fs::read_dir("/proc/self/fd").ok().map(|d| d.count() as f64));
+    write("process_resident_memory_bytes", "gauge", "Resident memory size in bytes.", field(24).map(|p| p * page));
+    let btime = std::fs::read_to_string("/proc/stat").ok().and_then(|s| s.lines().find_map(|l| l.strip_prefix("btime ")?.trim().parse::<f64>().ok()));
+    write("process_start_time_seconds", "gauge", "Start time of the process since unix epoch in seconds.", field(22).zip(btime).map(|(t, b)| b + t / tick));
+    write("process_virtual_memory_bytes", "gauge", "Virtual memory size in bytes.", field(23));
+    write("process_virtual_memory_max_bytes", "gauge", "Maximum amount of virtual memory available in bytes.", limit("Max address space"));
 }
 
 /// kube-proxy labels its sync and programming metrics with the IP family they are about.
@@ -572,9 +672,58 @@ mod tests {
         o.programmed(a.iter());
         let m = o.metrics();
         assert!(m.contains("kubeproxy_network_programming_duration_seconds_count{ip_family=\"IPv4\"} 1\n"), "{m}");
-        assert!(m.contains("kubeproxy_network_programming_duration_seconds_bucket{ip_family=\"IPv4\",le=\"0.1\"} 0\n"), "{m}");
+        assert!(m.contains("kubeproxy_network_programming_duration_seconds_bucket{ip_family=\"IPv4\",le=\"0\"} 0\n"), "{m}");
         assert!(m.contains("kubeproxy_network_programming_duration_seconds_bucket{ip_family=\"IPv4\",le=\"0.25\"} 1\n"), "{m}");
         assert!(m.contains("kubeproxy_sync_proxy_rules_last_timestamp_seconds{ip_family=\"IPv4\"} 0\n"), "{m}");
+    }
+
+    /// The bucket bounds of a histogram, as written.
+    fn les(m: &str, name: &str) -> Vec<String> {
+        m.lines().filter(|l| l.starts_with(&format!("{name}_bucket{{"))).filter_map(|l| Some(l.split_once("le=\"")?.1.split_once('"')?.0.to_string())).collect()
+    }
+
+    #[test]
+    fn kube_proxys_metrics_have_its_names_labels_and_buckets() {
+        let o = Observed::new(PathBuf::from("/nonexistent"), Duration::from_secs(1), Some(Arc::new(WatchStats::default())));
+        o.change_pending();
+        o.no_local_endpoints((2, 1));
+        o.synced(Duration::from_millis(3), true, &SyncStats::default(), [("Service", 0), ("EndpointSlice", 0), ("Node", 1), ("Pod", 0), ("Namespace", 0), ("NetworkPolicy", 0)], 0, true);
+        let m = o.metrics();
+        // kube-proxy's ExponentialBuckets(0.001, 2, 15), for the sync histograms.
+        let exp: Vec<String> = (0..15).map(|i| format!("{}", (0.001 * f64::from(1u32 << i) * 1000.0).round() / 1000.0)).chain(["+Inf".to_string()]).collect();
+        assert_eq!(exp[14], "16.384");
+        for name in ["kubeproxy_sync_proxy_rules_duration_seconds", "kubeproxy_sync_full_proxy_rules_duration_seconds"] {
+            assert_eq!(les(&m, name), exp, "{name}");
+            assert!(m.contains(&format!("{name}_bucket{{ip_family=\"IPv4\",le=\"0.004\"}} 1\n")) && m.contains(&format!("{name}_count{{ip_family=\"IPv4\"}} 1\n")), "{m}");
+        }
+        assert!(m.contains("# HELP kubeproxy_sync_full_proxy_rules_duration_seconds SyncProxyRules latency in seconds for full resyncs\n"), "{m}");
+        // kube-proxy's MergeBuckets: 0, 0.25, 0.5, 1..59, 60..115 by 5, 120..300 by 30.
+        let np = les(&m, "kubeproxy_network_programming_duration_seconds");
+        let want: Vec<String> = ["0", "0.25", "0.5"].map(String::from).into_iter().chain((1..60).map(|i| i.to_string())).chain((60..120).step_by(5).map(|i| i.to_string())).chain((120..=300).step_by(30).map(|i| i.to_string())).chain(["+Inf".to_string()]).collect();
+        assert_eq!(np, want);
+        for (line, help) in [
+            ("kubeproxy_sync_proxy_rules_no_local_endpoints_total{ip_family=\"IPv4\",traffic_policy=\"internal\"} 2\n", "Number of services with a Local traffic policy and no endpoints"),
+            ("kubeproxy_sync_proxy_rules_no_local_endpoints_total{ip_family=\"IPv4\",traffic_policy=\"external\"} 1\n", "Number of services with a Local traffic policy and no endpoints"),
+            ("kubeproxy_sync_proxy_rules_endpoint_changes_total 0\n", "Cumulative proxy rules Endpoint changes"),
+            ("kubeproxy_sync_proxy_rules_endpoint_changes_pending 0\n", "Pending proxy rules Endpoint changes"),
+            ("kubeproxy_sync_proxy_rules_service_changes_total 0\n", "Cumulative proxy rules Service changes"),
+            ("kubeproxy_sync_proxy_rules_service_changes_pending 0\n", "Pending proxy rules Service changes"),
+        ] {
+            assert!(m.contains(line), "{line}: {m}");
+            let name = line.split(['{', ' ']).next().unwrap();
+            assert!(m.contains(&format!("# HELP {name} {help}\n")), "{name}: {m}");
+        }
+        let value = |name: &str| m.lines().find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse::<f64>().ok()).unwrap_or_else(|| panic!("{name}: {m}"));
+        let now = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap().as_secs_f64();
+        let queued = value("kubeproxy_sync_proxy_rules_last_queued_timestamp_seconds{ip_family=\"IPv4\"}");
+        assert!(queued > now - 60.0 && queued <= value("kubeproxy_sync_proxy_rules_last_timestamp_seconds{ip_family=\"IPv4\"}"), "{m}");
+        // The process metrics of client_golang's collector, from /proc/self: this test process's.
+        assert!(value("process_resident_memory_bytes") > 1e6 && value("process_virtual_memory_bytes") >= value("process_resident_memory_bytes"), "{m}");
+        assert!(value("process_open_fds") >= 3.0 && value("process_max_fds") >= value("process_open_fds"), "{m}");
+        let start = value("process_start_time_seconds");
+        assert!(start > now - 3600.0 && start <= now + 1.0, "started {start}, now {now}");
+        assert!(value("process_cpu_seconds_total") >= 0.0 && m.contains("# TYPE process_cpu_seconds_total counter\n"), "{m}");
+        assert!(m.contains("# HELP process_resident_memory_bytes Resident memory size in bytes.\n"), "{m}");
     }
 
     #[test]
@@ -605,8 +754,8 @@ mod tests {
         let v: serde_json::Value = serde_json::from_str(&body).unwrap();
         assert_ne!(v["lastUpdated"], "1970-01-01T00:00:00.000000000Z");
         let m = o.metrics();
-        assert!(m.contains("ferry_sync_duration_seconds_bucket{le=\"0.005\"} 1\n"), "{m}");
-        assert!(m.contains("ferry_sync_duration_seconds_bucket{le=\"0.0025\"} 0\n"), "{m}");
+        assert!(m.contains("ferry_sync_duration_seconds_bucket{le=\"0.004\"} 1\n"), "{m}");
+        assert!(m.contains("ferry_sync_duration_seconds_bucket{le=\"0.002\"} 0\n"), "{m}");
         assert!(m.contains("ferry_objects{kind=\"Service\"} 2\n"), "{m}");
         assert!(m.contains("ferry_datapath_links 3\n"), "{m}");
     }

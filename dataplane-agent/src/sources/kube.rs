@@ -9,11 +9,13 @@
 //! proxy's) and headless ones are excluded by the watches' label selectors; ExternalName and
 //! headless Services are skipped again by the translation, whatever the source.
 use std::{
+    collections::BTreeSet,
     path::Path,
     sync::{
         atomic::{AtomicU64, Ordering},
         Arc,
     },
+    time::{Duration, Instant},
 };
 
 use futures::{StreamExt, TryStreamExt};
@@ -70,6 +72,44 @@ pub struct WatchStats {
     pub errors: AtomicU64,
     /// Relists completed (including the initial list of each resource).
     pub relists: AtomicU64,
+    /// Notified at each completed list: the ServiceCIDR probe asks again (the API server is
+    /// back, or was replaced by another version).
+    pub relisted: Arc<Notify>,
+    /// Service events (adds, updates, deletes, each object of a list), as kube-proxy counts
+    /// them (kubeproxy_sync_proxy_rules_service_changes_total).
+    pub service_changes: AtomicU64,
+    /// EndpointSlice events, likewise (kubeproxy_sync_proxy_rules_endpoint_changes_total).
+    pub endpoint_changes: AtomicU64,
+    /// The Services (namespace/name) with Service events, and those with EndpointSlice events,
+    /// that no snapshot has read yet: kube-proxy's pending changes.
+    pending: std::sync::Mutex<(BTreeSet<String>, BTreeSet<String>)>,
+}
+
+impl WatchStats {
+    /// (Services with pending Service changes, Services with pending endpoint changes).
+    pub fn pending(&self) -> (usize, usize) {
+        let p = self.pending.lock().unwrap();
+        (p.0.len(), p.1.len())
+    }
+
+    /// Counts an event of a Service or an EndpointSlice (`kind`) as kube-proxy's trackers do.
+    fn change(&self, kind: &str, meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) {
+        let ns = meta.namespace.as_deref().unwrap_or("");
+        let mut p = self.pending.lock().unwrap();
+        match kind {
+            "Service" => {
+                self.service_changes.fetch_add(1, Ordering::Relaxed);
+                p.0.insert(format!("{ns}/{}", meta.name.as_deref().unwrap_or("")));
+            }
+            "EndpointSlice" => {
+                self.endpoint_changes.fetch_add(1, Ordering::Relaxed);
+                // Pending by the Service the slice belongs to, as kube-proxy's tracker keys them.
+                let svc = meta.labels.as_ref().and_then(|l| l.get("kubernetes.io/service-name")).map(String::as_str).unwrap_or("");
+                p.1.insert(format!("{ns}/{svc}"));
+            }
+            _ => {}
+        }
+    }
 }
 
 /// The three stores and the signal that one of them changed.
@@ -80,12 +120,42 @@ pub struct KubeSource {
     /// Pods, Namespaces and NetworkPolicies: `None` with `--enable-network-policy=false`
     /// (nothing of them is listed or watched).
     policy: Option<(Store<Pod>, Store<Namespace>, Store<NetworkPolicy>)>,
-    /// ServiceCIDR objects: `None` where the API server has none (before 1.33, or the feature
-    /// off) or the agent may not list them (a ClusterRole from before): --service-cidr alone.
-    service_cidrs: Option<Store<ServiceCIDR>>,
+    /// ServiceCIDR objects: empty while the API server serves none (before 1.33, or the
+    /// feature off) or they cannot be listed yet (see [`spawn_service_cidrs`]).
+    service_cidrs: Store<ServiceCIDR>,
+    /// What the ServiceCIDR probe last found.
+    cidr_state: tokio::sync::watch::Receiver<CidrState>,
+    /// When the other stores first held their lists: the first sync waits for the ServiceCIDR
+    /// decision at most [`CIDR_GRACE`] from then (kept here, as `wait_ready` is polled anew).
+    base_ready_at: std::sync::Mutex<Option<Instant>>,
     pub changed: Arc<Notify>,
     pub stats: Arc<WatchStats>,
 }
+
+/// What the agent knows of the API server's ServiceCIDR objects.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CidrState {
+    /// Not yet known: the probe's LIST failed for a reason that may pass (the API server
+    /// restarting or unreachable, a 5xx, a timeout); retried with backoff.
+    Unknown,
+    /// Listed and watched.
+    Served,
+    /// 404: this API server serves no ServiceCIDR objects (before 1.33, or the feature off);
+    /// checked again every [`CIDR_RECHECK`] and whenever another resource relists (an
+    /// upgraded or reconfigured API server).
+    NotServed,
+    /// 401/403: the agent may not list them (a ClusterRole from before they existed); retried
+    /// with backoff, as RBAC can be fixed without restarting the agent.
+    Forbidden,
+}
+
+/// The probe's backoff after a failure other than 404: from the first to the last, doubling.
+const CIDR_BACKOFF: (Duration, Duration) = (Duration::from_millis(500), Duration::from_secs(60));
+/// How often a "not served" answer is checked again.
+pub const CIDR_RECHECK: Duration = Duration::from_secs(300);
+/// How long the first sync waits for the ServiceCIDR objects once the other lists are in: it
+/// goes ahead with --service-cidr's ranges after that, the objects follow when they can be read.
+const CIDR_GRACE: Duration = Duration::from_secs(10);
 
 /// A client from `--kubeconfig` and `--master` (kube-proxy's flags), else the in-cluster
 /// service account (KUBERNETES_SERVICE_HOST/PORT, which the DaemonSet points at the API server
@@ -104,7 +174,64 @@ pub async fn client(kubeconfig: Option<&Path>, master: Option<&str>) -> anyhow::
     if let Some(m) = master {
         config.cluster_url = m.parse().map_err(|e| anyhow::anyhow!("--master {m:?}: {e}"))?;
     }
-    Ok(Client::try_from(config)?)
+    // Requests are relative to the cluster URL where this layer sees them: the host is its.
+    let host = config.cluster_url.authority().map(|a| a.to_string()).unwrap_or_default();
+    Ok(kube::client::ClientBuilder::try_from(config)?.with_layer(&CountRequests { host }).build())
+}
+
+/// client-go's rest_client_requests_total: (code, host, method) -> requests. The code is the
+/// HTTP status, or `<error>` when no response came (as client-go writes it); a watch counts
+/// when its response starts.
+static REST_REQUESTS: std::sync::Mutex<std::collections::BTreeMap<(String, String, String), u64>> = std::sync::Mutex::new(std::collections::BTreeMap::new());
+
+/// The API requests made so far, by (code, host, method).
+pub fn rest_requests() -> Vec<((String, String, String), u64)> {
+    REST_REQUESTS.lock().unwrap().iter().map(|(k, v)| (k.clone(), *v)).collect()
+}
+
+/// A tower layer on kube's client stack that counts each request's outcome in [`REST_REQUESTS`].
+struct CountRequests {
+    host: String,
+}
+
+impl<S> tower::Layer<S> for CountRequests {
+    type Service = Counted<S>;
+    fn layer(&self, inner: S) -> Counted<S> {
+        Counted { inner, host: self.host.clone() }
+    }
+}
+
+struct Counted<S> {
+    inner: S,
+    host: String,
+}
+
+impl<S, B, R> tower::Service<http::Request<B>> for Counted<S>
+where
+    S: tower::Service<http::Request<B>, Response = http::Response<R>>,
+    S::Future: Send + 'static,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = std::pin::Pin<Box<dyn std::future::Future<Output = Result<S::Response, S::Error>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<Result<(), S::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: http::Request<B>) -> Self::Future {
+        let key = (self.host.clone(), req.method().to_string());
+        let answer = self.inner.call(req);
+        Box::pin(async move {
+            let out = answer.await;
+            let code = match &out {
+                Ok(r) => r.status().as_u16().to_string(),
+                Err(_) => "<error>".to_string(),
+            };
+            *REST_REQUESTS.lock().unwrap().entry((code, key.0, key.1)).or_default() += 1;
+            out
+        })
+    }
 }
 
 impl KubeSource {
@@ -117,20 +244,7 @@ impl KubeSource {
         let services = spawn_reflector(Api::<Service>::all(client.clone()), selector.clone(), &changed, &stats);
         let slices = spawn_reflector(Api::<EndpointSlice>::all(client.clone()), selector, &changed, &stats);
         let nodes = spawn_reflector(Api::<Node>::all(client.clone()), watch_config().fields(&format!("metadata.name={node}")), &changed, &stats);
-        // ServiceCIDRs only where they can be read: an older API server or ClusterRole must not
-        // hold the first sync back forever.
-        let cidrs = Api::<ServiceCIDR>::all(client.clone());
-        let service_cidrs = match cidrs.list(&ListParams::default().limit(1)).await {
-            Ok(_) => Some(spawn_reflector(cidrs, watch_config(), &changed, &stats)),
-            Err(kube::Error::Api(s)) if s.code == 404 => {
-                info!("the API server serves no ServiceCIDR objects (networking.k8s.io/v1, Kubernetes 1.33 and later): the service CIDRs are --service-cidr's alone");
-                None
-            }
-            Err(e) => {
-                warn!(error = %e, "ServiceCIDR objects (networking.k8s.io/v1 servicecidrs) cannot be listed (the ClusterRole needs list and watch on them): the service CIDRs are --service-cidr's alone");
-                None
-            }
-        };
+        let (service_cidrs, cidr_state) = spawn_service_cidrs(Api::<ServiceCIDR>::all(client.clone()), &changed, &stats);
         // NetworkPolicy: every pod's address and labels (peers may be anywhere), namespaces'
         // labels, the policies.
         let policy = policy.then(|| {
@@ -140,22 +254,43 @@ impl KubeSource {
                 spawn_reflector(Api::<NetworkPolicy>::all(client), watch_config(), &changed, &stats),
             )
         });
-        KubeSource { services, slices, nodes, policy, service_cidrs, changed, stats }
+        KubeSource { services, slices, nodes, policy, service_cidrs, cidr_state, base_ready_at: Default::default(), changed, stats }
     }
 
-    /// Waits until every store holds its initial list.
+    /// Waits until every store holds its initial list, and the ServiceCIDR objects' too, or
+    /// their absence is known (404), or [`CIDR_GRACE`] has passed since the rest were in: a
+    /// ClusterRole that does not grant them must not hold the first sync back for longer. (A
+    /// 403 is not taken as final: a restarting API server answers it until its RBAC caches are
+    /// filled, and the other lists completing makes the probe ask again at once.) Cancel-safe
+    /// (the caller polls it anew).
     pub async fn wait_ready(&self) {
         let _ = self.services.wait_until_ready().await;
         let _ = self.slices.wait_until_ready().await;
         let _ = self.nodes.wait_until_ready().await;
-        if let Some(cidrs) = &self.service_cidrs {
-            let _ = cidrs.wait_until_ready().await;
-        }
         if let Some((pods, namespaces, policies)) = &self.policy {
             let _ = pods.wait_until_ready().await;
             let _ = namespaces.wait_until_ready().await;
             let _ = policies.wait_until_ready().await;
         }
+        let since = *self.base_ready_at.lock().unwrap().get_or_insert_with(Instant::now);
+        let mut state = self.cidr_state.clone();
+        let decided = async {
+            let Ok(s) = state.wait_for(|s| matches!(s, CidrState::Served | CidrState::NotServed)).await.map(|s| *s) else { return };
+            if s == CidrState::Served {
+                let _ = self.service_cidrs.wait_until_ready().await;
+            }
+        };
+        if tokio::time::timeout((since + CIDR_GRACE).saturating_duration_since(Instant::now()), decided).await.is_err() {
+            warn!(
+                waited = ?CIDR_GRACE,
+                "the ServiceCIDR objects are not listed yet: the first sync goes ahead with --service-cidr's ranges; the objects' are added as soon as they can be read"
+            );
+        }
+    }
+
+    /// What the agent knows of the ServiceCIDR objects now.
+    pub fn service_cidr_state(&self) -> CidrState {
+        *self.cidr_state.borrow()
     }
 
     /// A consistent copy of what the stores hold now.
@@ -163,6 +298,9 @@ impl KubeSource {
         fn own<K: Clone>(v: Vec<Arc<K>>) -> Vec<K> {
             v.into_iter().map(|o| (*o).clone()).collect()
         }
+        // Read now: no longer pending (an event after this wakes the loop again). Taken before
+        // the stores are read, so an event between the two is counted pending, never lost.
+        *self.stats.pending.lock().unwrap() = Default::default();
         Objects {
             services: own(self.services.state()),
             endpoint_slices: own(self.slices.state()),
@@ -170,9 +308,62 @@ impl KubeSource {
             pods: self.policy.as_ref().map(|p| own(p.0.state())).unwrap_or_default(),
             namespaces: self.policy.as_ref().map(|p| own(p.1.state())).unwrap_or_default(),
             network_policies: self.policy.as_ref().map(|p| own(p.2.state())).unwrap_or_default(),
-            service_cidrs: self.service_cidrs.as_ref().map(|s| own(s.state())).unwrap_or_default(),
+            service_cidrs: own(self.service_cidrs.state()),
         }
     }
+}
+
+/// The ServiceCIDR objects, as kube-proxy follows them (an informer that retries until the
+/// API server answers), with one difference: an API server that answers 404 (none served) is
+/// not retried in a loop but checked again every [`CIDR_RECHECK`] and at every relist of
+/// another resource, the service ranges meanwhile --service-cidr's. A LIST of one object asks;
+/// once it succeeds the reflector takes over (its own retries and relists as every other's).
+/// A failure that may pass (the API server down or restarting, a 5xx, a timeout) and a 401/403
+/// are retried with backoff, each said in the log with the delay; a relist of another resource
+/// (the API server is back) retries at once.
+fn spawn_service_cidrs(api: Api<ServiceCIDR>, changed: &Arc<Notify>, stats: &Arc<WatchStats>) -> (Store<ServiceCIDR>, tokio::sync::watch::Receiver<CidrState>) {
+    let (reader, writer) = reflector::store::<ServiceCIDR>();
+    let (tx, rx) = tokio::sync::watch::channel(CidrState::Unknown);
+    let (changed, stats) = (changed.clone(), stats.clone());
+    let relisted = stats.relisted.clone();
+    tokio::spawn(async move {
+        let mut delay = CIDR_BACKOFF.0;
+        loop {
+            let (state, wait) = match api.list(&ListParams::default().limit(1)).await {
+                Ok(_) => {
+                    if tx.send_replace(CidrState::Served) != CidrState::Served {
+                        info!("ServiceCIDR objects (networking.k8s.io/v1) are served: listing and watching them; the service CIDRs are --service-cidr's and theirs");
+                    }
+                    break;
+                }
+                Err(kube::Error::Api(s)) if s.code == 404 => {
+                    if *tx.borrow() != CidrState::NotServed {
+                        info!(recheck = ?CIDR_RECHECK, "the API server serves no ServiceCIDR objects (networking.k8s.io/v1, Kubernetes 1.33 and later): the service CIDRs are --service-cidr's alone; checked again periodically and whenever another resource relists");
+                    }
+                    delay = CIDR_BACKOFF.0;
+                    (CidrState::NotServed, CIDR_RECHECK)
+                }
+                Err(e) => {
+                    let forbidden = matches!(&e, kube::Error::Api(s) if s.code == 401 || s.code == 403);
+                    if forbidden {
+                        warn!(error = %e, retry_in = ?delay, "ServiceCIDR objects (networking.k8s.io/v1 servicecidrs) may not be listed (the ClusterRole needs list and watch on them): retrying with backoff; meanwhile the service CIDRs are --service-cidr's");
+                    } else {
+                        warn!(error = %e, retry_in = ?delay, "ServiceCIDR objects cannot be listed yet (the API server unreachable or failing): retrying with backoff; meanwhile the service CIDRs are --service-cidr's");
+                    }
+                    let wait = delay;
+                    delay = (delay * 2).min(CIDR_BACKOFF.1);
+                    (if forbidden { CidrState::Forbidden } else { *tx.borrow() }, wait)
+                }
+            };
+            tx.send_replace(state);
+            tokio::select! {
+                _ = tokio::time::sleep(wait) => {}
+                _ = relisted.notified() => {}
+            }
+        }
+        run_reflector(writer, api, watch_config(), changed, stats).await;
+    });
+    (reader, rx)
 }
 
 fn spawn_reflector<K>(api: Api<K>, cfg: watcher::Config, changed: &Arc<Notify>, stats: &Arc<WatchStats>) -> Store<K>
@@ -181,20 +372,32 @@ where
     K::DynamicType: Default + Eq + std::hash::Hash + Clone + Send + Sync,
 {
     let (reader, writer) = reflector::store::<K>();
+    tokio::spawn(run_reflector(writer, api, cfg, changed.clone(), stats.clone()));
+    reader
+}
+
+async fn run_reflector<K>(writer: reflector::store::Writer<K>, api: Api<K>, cfg: watcher::Config, changed: Arc<Notify>, stats: Arc<WatchStats>)
+where
+    K: Resource + Clone + std::fmt::Debug + serde::de::DeserializeOwned + Send + Sync + 'static,
+    K::DynamicType: Default + Eq + std::hash::Hash + Clone + Send + Sync,
+{
     let kind = K::kind(&Default::default()).to_string();
-    let (changed, stats) = (changed.clone(), stats.clone());
-    tokio::spawn(async move {
+    {
         // managedFields are never read (kube-proxy's informers trim them too); Pods are read
         // into a type of their own that keeps only what the policy compiler reads.
         let stripped = watcher(api, cfg).map_ok(|ev| ev.modify(|o| o.meta_mut().managed_fields = None));
         let mut stream = reflector::reflector(writer, stripped).default_backoff().boxed();
         while let Some(ev) = stream.next().await {
+            if let Ok(watcher::Event::InitApply(o) | watcher::Event::Apply(o) | watcher::Event::Delete(o)) = &ev {
+                stats.change(&kind, o.meta());
+            }
             match ev {
                 Ok(watcher::Event::Init | watcher::Event::InitApply(_)) => {}
                 Ok(watcher::Event::InitDone) => {
                     stats.relists.fetch_add(1, Ordering::Relaxed);
                     stats.events.fetch_add(1, Ordering::Relaxed);
                     info!(kind = %kind, "list complete");
+                    stats.relisted.notify_one();
                     changed.notify_one();
                 }
                 Ok(watcher::Event::Apply(_) | watcher::Event::Delete(_)) => {
@@ -214,6 +417,5 @@ where
                 }
             }
         }
-    });
-    reader
+    }
 }
