@@ -24,11 +24,18 @@ fn the_agent_follows_services_and_slices_of_a_real_api_server() {
     // RBAC decides what it may read, for real.
     cp.apply_deploy("serviceaccount.yaml");
     cp.apply_deploy("clusterrole.yaml");
+    // A slice changed ten minutes before the agent starts: a change it did not see happen, which
+    // kube-proxy leaves out of its network programming latency (else every restart would add
+    // each slice's age).
+    let before = dataplane_agent::observe::rfc3339(std::time::SystemTime::now() - std::time::Duration::from_secs(600));
+    let old = r#"{"apiVersion":"discovery.k8s.io/v1","kind":"EndpointSlice","metadata":{"name":"old-1","namespace":"default","annotations":{"endpoints.kubernetes.io/last-change-trigger-time":"TRIGGER"},"labels":{"kubernetes.io/service-name":"old","endpointslice.kubernetes.io/managed-by":"ferry-test"}},"addressType":"IPv4","ports":[{"port":80,"protocol":"TCP"}],"endpoints":[{"addresses":["10.201.1.12"],"conditions":{"ready":true}}]}"#.replace("TRIGGER", &before);
+    assert_eq!(cp.api("POST", "/apis/discovery.k8s.io/v1/namespaces/default/endpointslices", Some(&old)).0, 201);
     let agent = Agent::start(&cp, &cp.service_account_kubeconfig());
-    // The `kubernetes` Service and the slice kube-controller-manager wrote for it.
-    agent.wait_synced("services=1 slices=1");
+    // The `kubernetes` Service and the slice kube-controller-manager wrote for it, and the old one.
+    agent.wait_synced("services=1 slices=2");
     assert!(agent.has_frontend("10.96.0.1", 443), "{}", agent.log());
     let m0 = agent.metrics();
+    assert!(m0.contains("kubeproxy_network_programming_duration_seconds_count{ip_family=\"IPv4\"} 0\n"), "{m0}");
     // The initial lists count as changes, as kube-proxy's informers deliver each object.
     assert!(value(&m0, "kubeproxy_sync_proxy_rules_service_changes_total") >= 1.0 && value(&m0, "kubeproxy_sync_proxy_rules_endpoint_changes_total") >= 1.0, "{m0}");
 
@@ -43,7 +50,7 @@ fn the_agent_follows_services_and_slices_of_a_real_api_server() {
     let slice = r#"{"apiVersion":"discovery.k8s.io/v1","kind":"EndpointSlice","metadata":{"name":"web-1","namespace":"default","annotations":{"endpoints.kubernetes.io/last-change-trigger-time":"TRIGGER"},"labels":{"kubernetes.io/service-name":"web","endpointslice.kubernetes.io/managed-by":"ferry-test"}},"addressType":"IPv4","ports":[{"name":"http","port":8080,"protocol":"TCP"}],"endpoints":[{"addresses":["10.201.1.11"],"conditions":{"ready":true}}]}"#.replace("TRIGGER", &trigger);
     let (code, body) = cp.api("POST", "/apis/discovery.k8s.io/v1/namespaces/default/endpointslices", Some(&slice));
     assert_eq!(code, 201, "{body}");
-    agent.wait_synced("services=2 slices=2");
+    agent.wait_synced("services=2 slices=3");
     assert!(agent.has_frontend("10.96.5.10", 80), "{}", agent.log());
     // kube-proxy's metric names, for its dashboards.
     let m = agent.metrics();
@@ -79,7 +86,7 @@ fn the_agent_follows_services_and_slices_of_a_real_api_server() {
     assert_eq!(cp.api("POST", "/api/v1/namespaces/default/services", Some(svc)).0, 201);
     let slice = r#"{"apiVersion":"discovery.k8s.io/v1","kind":"EndpointSlice","metadata":{"name":"local-1","namespace":"default","labels":{"kubernetes.io/service-name":"local","endpointslice.kubernetes.io/managed-by":"ferry-test"}},"addressType":"IPv4","ports":[{"port":80,"protocol":"TCP"}],"endpoints":[{"addresses":["10.201.2.11"],"nodeName":"elsewhere","conditions":{"ready":true}}]}"#;
     assert_eq!(cp.api("POST", "/apis/discovery.k8s.io/v1/namespaces/default/endpointslices", Some(slice)).0, 201);
-    agent.wait_synced("services=3 slices=3");
+    agent.wait_synced("services=3 slices=4");
     let m = agent.metrics();
     assert_eq!(value(&m, "kubeproxy_sync_proxy_rules_no_local_endpoints_total{ip_family=\"IPv4\",traffic_policy=\"internal\"}"), 1.0, "{m}");
     assert_eq!(value(&m, "kubeproxy_sync_proxy_rules_no_local_endpoints_total{ip_family=\"IPv4\",traffic_policy=\"external\"}"), 0.0, "{m}");

@@ -76,6 +76,9 @@ struct State {
     np_count: u64,
     /// The trigger time of each EndpointSlice (namespace/name) already counted.
     np_seen: BTreeMap<String, String>,
+    /// Trigger times before this are changes made before the agent started: not measured, as
+    /// kube-proxy's endpoints change tracker skips them (its trackerStartTime).
+    np_since: Option<SystemTime>,
     /// (policy, field) of every NetworkPolicy part left untranslated at the last sync.
     untranslated: Vec<(String, String)>,
     writes: u64,
@@ -126,7 +129,8 @@ pub struct Observed {
 impl Observed {
     pub fn new(pin_dir: PathBuf, health_timeout: Duration, watch: Option<Arc<WatchStats>>) -> Self {
         // The first sync is a change like any other: /healthz fails if it waits too long.
-        let state = State { node_eligible: true, pending_since: Some(SystemTime::now()), np_hist: vec![0; NP_BUCKETS.len()], ..Default::default() };
+        let now = SystemTime::now();
+        let state = State { node_eligible: true, pending_since: Some(now), np_since: Some(now), np_hist: vec![0; NP_BUCKETS.len()], ..Default::default() };
         Observed { state: Mutex::new(state), ct: Mutex::default(), pin_dir, health_timeout, watch }
     }
 
@@ -199,7 +203,9 @@ impl Observed {
     }
 
     /// After a sync that put the maps in line: every EndpointSlice whose change-trigger time is new
-    /// adds (now - that time) to the network programming latency, as kube-proxy measures it.
+    /// adds (now - that time) to the network programming latency, as kube-proxy measures it; a
+    /// trigger time from before the agent started is a change this agent did not see happen (every
+    /// restart would otherwise add each slice's age) and is left out, as kube-proxy leaves it.
     pub fn programmed<'a>(&self, slices: impl Iterator<Item = &'a k8s_openapi::api::discovery::v1::EndpointSlice>) {
         let now = SystemTime::now();
         let mut s = self.state.lock().unwrap();
@@ -208,7 +214,7 @@ impl Observed {
             let key = format!("{}/{}", sl.metadata.namespace.as_deref().unwrap_or(""), sl.metadata.name.as_deref().unwrap_or(""));
             let Some(t) = sl.metadata.annotations.as_ref().and_then(|a| a.get(TRIGGER_TIME)) else { continue };
             if s.np_seen.get(&key) != Some(t) {
-                if let Some(at) = parse_rfc3339(t) {
+                if let Some(at) = parse_rfc3339(t).filter(|at| s.np_since.is_none_or(|since| *at >= since)) {
                     let secs = now.duration_since(at).unwrap_or_default().as_secs_f64();
                     for (i, b) in NP_BUCKETS.iter().enumerate() {
                         if secs <= *b {
@@ -660,6 +666,7 @@ mod tests {
     #[test]
     fn network_programming_counts_each_slice_change_once() {
         let o = Observed::new(PathBuf::from("/nonexistent"), Duration::from_millis(50), None);
+        o.state.lock().unwrap().np_since = Some(SystemTime::now() - std::time::Duration::from_secs(1));
         let slice = |name: &str, t: &str| {
             let mut s = k8s_openapi::api::discovery::v1::EndpointSlice::default();
             s.metadata.name = Some(name.into());
@@ -675,6 +682,29 @@ mod tests {
         assert!(m.contains("kubeproxy_network_programming_duration_seconds_bucket{ip_family=\"IPv4\",le=\"0\"} 0\n"), "{m}");
         assert!(m.contains("kubeproxy_network_programming_duration_seconds_bucket{ip_family=\"IPv4\",le=\"0.25\"} 1\n"), "{m}");
         assert!(m.contains("kubeproxy_sync_proxy_rules_last_timestamp_seconds{ip_family=\"IPv4\"} 0\n"), "{m}");
+    }
+
+    #[test]
+    fn network_programming_leaves_out_changes_made_before_the_agent_started() {
+        let o = Observed::new(PathBuf::from("/nonexistent"), Duration::from_millis(50), None);
+        let slice = |name: &str, t: SystemTime| {
+            let mut s = k8s_openapi::api::discovery::v1::EndpointSlice::default();
+            s.metadata.name = Some(name.into());
+            s.metadata.annotations = Some([(TRIGGER_TIME.to_string(), rfc3339(t))].into());
+            s
+        };
+        // Slices written ten minutes and a second before the start: the first sync measures neither.
+        let old = [slice("a", SystemTime::now() - std::time::Duration::from_secs(600)), slice("b", SystemTime::now() - std::time::Duration::from_secs(1))];
+        o.programmed(old.iter());
+        let m = o.metrics();
+        assert!(m.contains("kubeproxy_network_programming_duration_seconds_count{ip_family=\"IPv4\"} 0\n"), "{m}");
+        // A change after the start is measured.
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        let new = [old[0].clone(), slice("b", SystemTime::now())];
+        o.programmed(new.iter());
+        let m = o.metrics();
+        assert!(m.contains("kubeproxy_network_programming_duration_seconds_count{ip_family=\"IPv4\"} 1\n"), "{m}");
+        assert!(m.contains("kubeproxy_network_programming_duration_seconds_bucket{ip_family=\"IPv4\",le=\"0.25\"} 1\n"), "{m}");
     }
 
     /// The bucket bounds of a histogram, as written.
