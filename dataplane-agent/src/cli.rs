@@ -118,8 +118,9 @@ pub struct RunArgs {
     /// iptables/nftables masqueradeAll and minSyncPeriod, conntrack timeouts, logging.format),
     /// and those flags, given too, are ignored with a warning, as kube-proxy ignores them; only
     /// --hostname-override and --logging-format beat the file. Ferry's own flags apply beside
-    /// it. Fields Ferry does not use are named in one warning; an unknown field or a wrong type
-    /// is an error.
+    /// it. Fields Ferry does not use are named in one warning, unknown fields (typos, a newer
+    /// kube-proxy's) in another and left out, as kube-proxy's lenient decoding does; a wrong type
+    /// or value is an error naming the field.
     #[arg(long, env = "FERRY_CONFIG")]
     pub config: Option<PathBuf>,
     /// This node's name, as in its Node object and in EndpointSlice `nodeName` (kube-proxy's
@@ -323,7 +324,7 @@ fn nodeport_addresses(flag: &str, v: &[String]) -> anyhow::Result<(Vec<Cidr4>, b
 
 /// The IPv4 CIDRs of a flag's list. IPv6 entries (a dual-stack configuration) are left aside,
 /// with one note naming the flag, never a reason to refuse it.
-fn parse_cidrs(flag: &str, v: &[String]) -> anyhow::Result<Vec<Cidr4>> {
+pub(crate) fn parse_cidrs(flag: &str, v: &[String]) -> anyhow::Result<Vec<Cidr4>> {
     let mut out = Vec::new();
     let mut v6 = Vec::new();
     for s in v.iter().flat_map(|s| s.split(',')).map(str::trim).filter(|s| !s.is_empty()) {
@@ -338,7 +339,7 @@ fn parse_cidrs(flag: &str, v: &[String]) -> anyhow::Result<Vec<Cidr4>> {
     Ok(out)
 }
 
-fn parse_bind(flag: &str, v: &str) -> anyhow::Result<Option<SocketAddr>> {
+pub(crate) fn parse_bind(flag: &str, v: &str) -> anyhow::Result<Option<SocketAddr>> {
     if v.trim().is_empty() {
         return Ok(None);
     }

@@ -347,6 +347,13 @@ pub fn apply_str(text: &str, name: &str, args: &mut RunArgs) -> anyhow::Result<N
     // The mode's own section, as kube-proxy reads it (iptables' for "", iptables and ipvs).
     let nft_mode = value.get("mode").and_then(|m| m.as_str()) == Some("nftables");
     args.masquerade_all = if nft_mode { nft.masquerade_all } else { ipt.masquerade_all }.unwrap_or(false);
+    // The other mode's section, set: named, or an operator who set nftables.masqueradeAll with
+    // mode "" (iptables) would not learn that it has no effect.
+    let other = if nft_mode { ("iptables.masqueradeAll", ipt.masquerade_all) } else { ("nftables.masqueradeAll", nft.masquerade_all) };
+    if other.1 == Some(true) {
+        let mode = value.get("mode").and_then(|m| m.as_str()).unwrap_or("");
+        notes.unsupported.push(format!("{} (mode {mode:?} reads {}.masqueradeAll)", other.0, if nft_mode { "nftables" } else { "iptables" }));
+    }
     args.min_sync_period_ms = match nft.min_sync_period.or(ipt.min_sync_period).filter(|p| !p.is_empty()) {
         Some(p) => {
             let field = if value.get("nftables").and_then(|n| n.get("minSyncPeriod")).is_some() { "nftables.minSyncPeriod" } else { "iptables.minSyncPeriod" };
@@ -376,6 +383,14 @@ pub fn apply_str(text: &str, name: &str, args: &mut RunArgs) -> anyhow::Result<N
             None => {}
         }
     }
+    // Values the flags' parsers check later, checked here too so that an error names the
+    // file's field, not the flag it stands for.
+    if let Some(c) = &args.cluster_cidr {
+        crate::cli::parse_cidrs(&format!("--config {name}: clusterCIDR"), std::slice::from_ref(c))?;
+    }
+    crate::cli::parse_nodeport_addresses(&format!("--config {name}: nodePortAddresses"), &args.nodeport_addresses, true)?;
+    crate::cli::parse_bind(&format!("--config {name}: healthzBindAddress"), &args.healthz_bind_address)?;
+    crate::cli::parse_bind(&format!("--config {name}: metricsBindAddress"), &args.metrics_bind_address)?;
     Ok(notes)
 }
 
@@ -499,7 +514,7 @@ winkernel:
         let mut a = args(&[]);
         let notes = apply_str(KUBEADM, "kp.yaml", &mut a).unwrap();
         // Unset ("", 0, false, null) is kube-proxy's default: only what the file sets is named.
-        assert_eq!(notes.unsupported, ["logging.options", "nftables.masqueradeBit", "nftables.syncPeriod", "ipvs.scheduler"]);
+        assert_eq!(notes.unsupported, ["logging.options", "nftables.masqueradeBit", "nftables.syncPeriod", "ipvs.scheduler", "nftables.masqueradeAll (mode \"\" reads iptables.masqueradeAll)"]);
         assert!(notes.ignored_flags.is_empty() && notes.mode.is_none(), "{notes:?}");
         let cfg = a.config().unwrap();
         assert_eq!(cfg.node.name, "node-from-file");
@@ -574,6 +589,11 @@ iptables: {masqueradeAl: true, masqueradeAll: true}\nconntrack: {udpTimeout: 45s
         assert!(e.contains("/etc/kp.yaml: conntrack.tcpEstablishedTimeout: "), "{e}");
         let e = err("nodePortAddresses: 10.0.0.0/8\n");
         assert!(e.contains("nodePortAddresses: "), "{e}");
+        // Values, not only types, are named by the file's field.
+        let e = err("clusterCIDR: notacidr\n");
+        assert!(e.starts_with("--config /etc/kp.yaml: clusterCIDR: \"notacidr\" is not a CIDR"), "{e}");
+        let e = err("metricsBindAddress: 10.0.0.1:http\n");
+        assert!(e.starts_with("--config /etc/kp.yaml: metricsBindAddress: "), "{e}");
         let e = err("detectLocalMode: LocalCIDR\n");
         assert!(e.contains("detectLocalMode: \"LocalCIDR\""), "{e}");
         let e = apply_str("apiVersion: kubeproxy.config.k8s.io/v1beta1\nkind: KubeProxyConfiguration\n", "kp.yaml", &mut args(&[])).unwrap_err().to_string();
