@@ -1147,6 +1147,7 @@ pub fn main_run(args: &[String]) -> Result<bool, String> {
         match a.as_str() {
             "--kube-proxy" => kube_proxy = it.next().map(PathBuf::from),
             "--verbose" => verbose = true,
+            o if o.starts_with('-') => return Err(format!("{o}: not an option (conformance --kube-proxy PATH [--verbose] FILE_OR_DIR...)")),
             p => paths.push(PathBuf::from(p)),
         }
     }
@@ -1158,6 +1159,12 @@ pub fn main_run(args: &[String]) -> Result<bool, String> {
     }
     if files.is_empty() {
         return Err("no scenario files given".into());
+    }
+    // Every file read before anything starts: a file this run cannot understand is named with
+    // its flow and field at once, not after minutes of traffic.
+    let unreadable: Vec<String> = files.iter().filter_map(|f| check_file(f).err()).collect();
+    if !unreadable.is_empty() {
+        return Err(format!("{} scenario file(s) cannot be read:\n  {}", unreadable.len(), unreadable.join("\n  ")));
     }
     // kube-proxy's own test cases use NodePorts below the default range.
     std::env::set_var("FERRY_NODE_PORT_RANGE", "1000-32767");
@@ -1180,6 +1187,16 @@ pub fn main_run(args: &[String]) -> Result<bool, String> {
     );
     println!("{} agree, {} differ", totals.agree, totals.differ + totals.file_errors);
     Ok(totals.differ == 0 && totals.file_errors == 0)
+}
+
+/// A scenario file parses, and so does every flow's expectation (as `trace` reads them).
+fn check_file(path: &Path) -> Result<(), String> {
+    let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let sc: Scenario = serde_yaml::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;
+    for f in &sc.flows {
+        Expect::parse(&f.expect).map_err(|e| format!("{}: flow {:?}: expect: {e}", path.display(), f.name))?;
+    }
+    Ok(())
 }
 
 fn collect(p: &Path, out: &mut Vec<PathBuf>) -> Result<(), String> {

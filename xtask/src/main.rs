@@ -27,6 +27,8 @@ const APT_PACKAGES: &[&str] = &[
     // The test control plane's certificates and readiness checks (cargo xtask cluster).
     "openssl",
     "curl",
+    // Unpacks the Go toolchain module on a machine without Go (xtask/src/k8s.rs).
+    "unzip",
     "iptables",
     "nftables",
     "iputils-ping",
@@ -262,32 +264,40 @@ fn test(args: &[String]) -> Result<()> {
 }
 
 /// `target/debug/conformance` with the pinned kube-proxy, on `--scenarios` (default: every
-/// scenario file of the repository).
+/// scenario file of the repository). Arguments are checked before anything is built.
 fn conformance_cmd(args: &[String]) -> Result<Command> {
-    let kube_proxy = k8s::bin_dir(&root())?.join("kube-proxy");
-    let mut cmd = Command::new(root().join("target/debug/conformance"));
-    cmd.arg("--kube-proxy").arg(kube_proxy);
-    let mut given = false;
+    let mut paths = Vec::new();
+    let mut verbose = false;
     let mut it = args.iter();
     while let Some(a) = it.next() {
         match a.as_str() {
             "--scenarios" => {
-                let p = it.next().context("--scenarios takes a directory or a file")?;
-                cmd.arg(p);
-                given = true;
+                let p = it.next().filter(|p| !p.starts_with('-')).context("--scenarios takes a directory or a scenario file")?;
+                if !Path::new(p).exists() {
+                    bail!("--scenarios {p}: no such file or directory");
+                }
+                paths.push(p.clone());
             }
-            other => {
-                cmd.arg(other);
-            }
+            "--verbose" => verbose = true,
+            other => bail!("conformance: unexpected argument {other:?} (usage: cargo xtask conformance [--scenarios DIR_OR_FILE]... [--verbose])"),
         }
     }
-    if !given {
+    let kube_proxy = k8s::bin_dir(&root())?.join("kube-proxy");
+    let mut cmd = Command::new(root().join("target/debug/conformance"));
+    cmd.arg("--kube-proxy").arg(kube_proxy);
+    if verbose {
+        cmd.arg("--verbose");
+    }
+    if paths.is_empty() {
         cmd.arg(root().join("bpf-tests/scenarios"));
     }
+    cmd.args(paths);
     Ok(cmd)
 }
 
 fn conformance(args: &[String]) -> Result<()> {
+    // Arguments first: a typo costs no build.
+    conformance_cmd(args)?;
     setup()?;
     build_all()?;
     run(&mut conformance_cmd(args)?)
