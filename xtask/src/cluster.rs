@@ -100,7 +100,9 @@ pub fn up(root: &Path, bins: &Path) -> Result<()> {
 }
 
 fn alive(pid: i32) -> bool {
-    unsafe { libc::kill(pid, 0) == 0 }
+    // A zombie (exited, not yet reaped by whoever adopted it) still answers kill(pid, 0).
+    let zombie = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok().and_then(|s| s.rsplit_once(") ").map(|(_, rest)| rest.starts_with('Z'))).unwrap_or(false);
+    unsafe { libc::kill(pid, 0) == 0 && !zombie }
 }
 
 fn start(root: &Path, bins: &Path) -> Result<()> {
