@@ -1,7 +1,8 @@
 //! The upstream Kubernetes binaries the tests, the lab and the benchmarks run beside Ferry
 //! (kube-apiserver, kube-controller-manager, kube-proxy, etcd), built from the pinned Go modules
-//! under `xtask/k8s/` with the machine's Go and its module proxy, and cached by a stamp of the
-//! pins: a second run costs a hash and a few `stat`s.
+//! under `xtask/k8s/` with the machine's Go (or, where it has none, the Go toolchain that the
+//! module proxy serves as `golang.org/toolchain`, fetched once into `target/go`) and the module
+//! proxy, and cached by a stamp of the pins: a second run costs a hash and a few `stat`s.
 use std::{
     path::{Path, PathBuf},
     process::Command,
@@ -45,20 +46,81 @@ fn stamp(root: &Path) -> Result<String> {
             eat(&std::fs::read(&p).with_context(|| format!("reading {}", p.display()))?);
         }
     }
-    eat(go_version()?.as_bytes());
+    eat(go_version(root)?.as_bytes());
     eat(KUBE_VERSION.0.as_bytes());
     Ok(format!("{h:016x}"))
 }
 
-fn go_version() -> Result<String> {
-    let out = Command::new("go").arg("version").env("GOTOOLCHAIN", "local").output().context(
-        "Go is needed to build the upstream Kubernetes binaries the tests run (kube-apiserver, kube-controller-manager, kube-proxy, etcd): install Go 1.26 or newer",
-    )?;
+/// The Go release fetched when the machine has none (the pins need 1.26).
+const GO_FETCHED: &str = "1.26.8";
+
+/// The `go` to build with: the machine's, else the one `fetch_go` put under `target/go`.
+fn go(root: &Path) -> Result<PathBuf> {
+    let machine = Command::new("go").arg("version").env("GOTOOLCHAIN", "local").output();
+    if machine.is_ok_and(|o| o.status.success()) {
+        return Ok(PathBuf::from("go"));
+    }
+    let fetched = root.join("target/go/bin/go");
+    if fetched.exists() {
+        return Ok(fetched);
+    }
+    bail!(
+        "Go is needed to build the upstream Kubernetes binaries the tests run (kube-apiserver, kube-controller-manager, kube-proxy, etcd): none on PATH and none fetched yet; `cargo xtask setup` fetches go{GO_FETCHED} from the Go module proxy, or install Go 1.26 or newer"
+    )
+}
+
+/// Without a Go on the machine: Go's own toolchain module (what `GOTOOLCHAIN` downloads) from
+/// the module proxy (`$GOPROXY`'s first URL, else proxy.golang.org), unpacked into `target/go`.
+fn fetch_go(root: &Path) -> Result<()> {
+    if go(root).is_ok() {
+        return Ok(());
+    }
+    let arch = match std::env::consts::ARCH {
+        "x86_64" => "amd64",
+        "aarch64" => "arm64",
+        other => bail!("no Go on PATH, and no Go toolchain module for the architecture {other}: install Go 1.26 or newer"),
+    };
+    let proxy = std::env::var("GOPROXY").ok().and_then(|p| p.split([',', '|']).find(|u| u.starts_with("http")).map(|u| u.trim_end_matches('/').to_string()));
+    let proxy = proxy.unwrap_or_else(|| "https://proxy.golang.org".into());
+    let version = format!("v0.0.1-go{GO_FETCHED}.linux-{arch}");
+    let url = format!("{proxy}/golang.org/toolchain/@v/{version}.zip");
+    println!("setup: no Go on PATH: fetching go{GO_FETCHED} from {url}");
+    let scratch = root.join("target/.go-fetch");
+    let _ = std::fs::remove_dir_all(&scratch);
+    std::fs::create_dir_all(&scratch)?;
+    let zip = scratch.join("go.zip");
+    let st = Command::new("curl").args(["-fsSL", "--retry", "3", "-o"]).arg(&zip).arg(&url).status().context("running curl")?;
+    if !st.success() {
+        bail!("fetching the Go toolchain: curl {url} failed ({st}): install Go 1.26 or newer, or set GOPROXY to a module proxy that serves golang.org/toolchain");
+    }
+    let st = Command::new("unzip").args(["-q"]).arg(&zip).arg("-d").arg(&scratch).status().context("running unzip")?;
+    if !st.success() {
+        bail!("unpacking {}: unzip failed ({st})", zip.display());
+    }
+    // The module zip holds golang.org/toolchain@VERSION/{bin,pkg,src,...}, without modes.
+    let tree = scratch.join(format!("golang.org/toolchain@{version}"));
+    for dir in [tree.join("bin"), tree.join("pkg/tool").join(format!("linux_{arch}"))] {
+        for e in std::fs::read_dir(&dir).with_context(|| format!("{}: not in the toolchain module", dir.display()))?.flatten() {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(e.path(), std::fs::Permissions::from_mode(0o755))?;
+        }
+    }
+    let dest = root.join("target/go");
+    let _ = std::fs::remove_dir_all(&dest);
+    std::fs::rename(&tree, &dest)?;
+    let _ = std::fs::remove_dir_all(&scratch);
+    println!("setup: {} ready", go_version(root)?);
+    Ok(())
+}
+
+fn go_version(root: &Path) -> Result<String> {
+    let out = Command::new(go(root)?).arg("version").env("GOTOOLCHAIN", "local").output().context("running go version")?;
     Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
 }
 
 /// Builds what is missing; says what it found.
 pub fn build(root: &Path) -> Result<PathBuf> {
+    fetch_go(root)?;
     let dir = bin_dir(root)?;
     for (module, pkgs, bins) in MODULES {
         if bins.iter().all(|b| dir.join(b).exists()) {
@@ -82,7 +144,7 @@ pub fn build(root: &Path) -> Result<PathBuf> {
                 ldflags += &format!(" -X {pkg}.gitVersion={v} -X {pkg}.gitMajor={major} -X {pkg}.gitMinor={minor} -X {pkg}.gitTreeState=clean");
             }
         }
-        let out = Command::new("go")
+        let out = Command::new(go(root)?)
             .args(["build", "-trimpath", "-ldflags", &ldflags, "-o"])
             .arg(&target)
             .args(pkgs)
