@@ -113,6 +113,9 @@ impl ApiLab {
         sh(&["ip", "-n", &self.cp.ns, "addr", "add", "10.250.1.2/30", "dev", "lab0"]);
         sh(&["ip", "-n", &self.cp.ns, "link", "set", "lab0", "up"]);
         sh(&["ip", "-n", &self.cp.ns, "route", "add", "192.168.77.0/24", "via", "10.250.1.1"]);
+        // And the pods (10.201.<node>.0/24): `default/kubernetes` from a pod is DNATed, not
+        // masqueraded, so the API server answers the pod's own address.
+        sh(&["ip", "-n", &self.cp.ns, "route", "add", "10.201.0.0/16", "via", "10.250.1.1"]);
         node1.ns.exec_ok(&["ip", "addr", "add", "10.250.1.1/30", "dev", "cp0"]);
         node1.ns.exec_ok(&["ip", "link", "set", "cp0", "up"]);
         node1.ns.exec_ok(&["ip", "route", "add", &format!("{CP_ADDR}/32"), "via", "10.250.1.2", "dev", "cp0"]);

@@ -101,6 +101,22 @@ fn main() -> std::process::ExitCode {
             ok &= who == want_who && src == want_src;
         }
     }
+    if api.is_some() {
+        // The API server through `default/kubernetes` (10.96.0.1:443, its endpoint the control
+        // plane's 10.250.0.1:6443), from a pod of each node: what in-cluster clients use.
+        checkpoint!();
+        println!("\n{:<24} {:<20} {:<10}", "from", "Service", "answered");
+        for pod in ["n1-pod1", "n2-pod1"] {
+            let out = c.pod(pod).ns.cmd(&["curl", "-sk", "--max-time", "3", "https://10.96.0.1:443/readyz"]).output();
+            let answer = match out {
+                Ok(o) if o.stdout == b"ok" => "ok".to_string(),
+                Ok(o) => format!("ERR {}", String::from_utf8_lossy(&o.stdout).trim()),
+                Err(e) => format!("ERR {e}"),
+            };
+            println!("{pod:<24} {:<20} {answer:<10}", "default/kubernetes");
+            ok &= answer == "ok";
+        }
+    }
     println!();
     for (i, n) in c.nodes.iter().enumerate() {
         for l in c.agent_log(i).lines().filter(|l| l.contains("synced") || l.contains("maps ")).take(2) {
