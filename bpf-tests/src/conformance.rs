@@ -1194,7 +1194,7 @@ fn check_file(path: &Path) -> Result<(), String> {
     let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
     let sc: Scenario = serde_yaml::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;
     for f in &sc.flows {
-        Expect::parse(&f.expect).map_err(|e| format!("{}: flow {:?}: expect: {e}", path.display(), f.name))?;
+        Expect::parse(&f.expect).map_err(|e| format!("{}: flow {:?}: {e}", path.display(), f.name))?;
     }
     Ok(())
 }
