@@ -67,6 +67,7 @@ fn main() -> std::process::ExitCode {
     for (from, proto, vip, host) in runs {
         checkpoint!();
         let lines = if host { c.client_on_node(0, &[proto, vip, &requests]) } else { c.client_in_pod("n1-pod1", &[proto, vip, &requests]) };
+        checkpoint!();
         table.push((from, proto, vip, lab::tally(&lines)));
     }
     println!("\n{:<24} {:<5} {:<14} {:<10} {:>7}", "from", "proto", "ClusterIP", "answered", "count");
@@ -89,6 +90,7 @@ fn main() -> std::process::ExitCode {
         ("Local", lab::NODEPORT_LOCAL, "n1-pod2", lab::OUTSIDE_CLIENT),
     ] {
         let lines = c.client_outside(&["tcp", addr, &requests]);
+        checkpoint!();
         let mut seen = std::collections::BTreeMap::new();
         for l in &lines {
             let mut w = l.split_whitespace();
