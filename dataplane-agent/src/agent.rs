@@ -634,7 +634,7 @@ impl PolicyState {
 /// over an interface that is neither a pod interface nor an external one (`external`, or by
 /// default those holding the node's addresses), with that interface's name: their replies enter
 /// the node where no Ferry program sees them. Reads the routes only when there are endpoints to
-/// check.
+/// check (the agent passes those new since the last sync).
 fn unhooked_endpoints(local: &BTreeSet<Ipv4Addr>, node_ips: &[Ipv4Addr], pods: &IfacePatterns, external: Option<&IfacePatterns>) -> Vec<(Ipv4Addr, String)> {
     let candidates: Vec<Ipv4Addr> = local.iter().copied().filter(|ip| !node_ips.contains(ip)).collect();
     if candidates.is_empty() {
@@ -685,7 +685,7 @@ pub fn sync_objects(
 ) -> SyncOutcome {
     let started = Instant::now();
     let (desired, terr) = model::translate(&objs.services, &objs.endpoint_slices, node);
-    for (ip, iface) in unhooked_endpoints(&desired.local_endpoints, &node.ips, &cfg.pod_interfaces, cfg.external_interfaces.as_ref()) {
+    for (ip, iface) in unhooked_endpoints(&observed.endpoints_to_check(&desired.local_endpoints), &node.ips, &cfg.pod_interfaces, cfg.external_interfaces.as_ref()) {
         if observed.unhooked_endpoint(ip, &iface) {
             warn!(
                 endpoint = %ip,

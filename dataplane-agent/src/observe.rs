@@ -70,6 +70,8 @@ struct State {
     /// (endpoint, interface) pairs already warned about: local endpoints routed over a link no
     /// `--pod-interfaces` pattern matches.
     unhooked_noted: std::collections::BTreeSet<(std::net::Ipv4Addr, String)>,
+    /// The local endpoints whose route was looked at (those of the last sync).
+    endpoints_checked: std::collections::BTreeSet<std::net::Ipv4Addr>,
     /// Network programming latency (kube-proxy's): per bucket, sum, count.
     np_hist: Vec<u64>,
     np_sum: f64,
@@ -194,6 +196,15 @@ impl Observed {
         s.ipv6_noted |= n > 0;
         s.ipv6_skipped = n;
         first
+    }
+
+    /// The local endpoints new since the last sync (the only ones whose route is read), and
+    /// `local` remembered as the checked ones: a sync without new endpoints reads no routes.
+    pub fn endpoints_to_check(&self, local: &std::collections::BTreeSet<std::net::Ipv4Addr>) -> std::collections::BTreeSet<std::net::Ipv4Addr> {
+        let mut s = self.state.lock().unwrap();
+        let fresh = local.difference(&s.endpoints_checked).copied().collect();
+        s.endpoints_checked.clone_from(local);
+        fresh
     }
 
     /// Whether the local endpoint `ip`, routed over `iface` (which no pod interface pattern
@@ -682,6 +693,17 @@ mod tests {
         assert!(m.contains("kubeproxy_network_programming_duration_seconds_bucket{ip_family=\"IPv4\",le=\"0\"} 0\n"), "{m}");
         assert!(m.contains("kubeproxy_network_programming_duration_seconds_bucket{ip_family=\"IPv4\",le=\"0.25\"} 1\n"), "{m}");
         assert!(m.contains("kubeproxy_sync_proxy_rules_last_timestamp_seconds{ip_family=\"IPv4\"} 0\n"), "{m}");
+    }
+
+    #[test]
+    fn only_new_local_endpoints_have_their_route_read() {
+        let o = Observed::new(PathBuf::from("/nonexistent"), Duration::from_millis(50), None);
+        let set = |v: &[u8]| v.iter().map(|d| std::net::Ipv4Addr::new(10, 0, 0, *d)).collect::<std::collections::BTreeSet<_>>();
+        assert_eq!(o.endpoints_to_check(&set(&[1, 2])), set(&[1, 2]));
+        assert_eq!(o.endpoints_to_check(&set(&[1, 2])), set(&[]), "an unchanged sync reads no routes");
+        assert_eq!(o.endpoints_to_check(&set(&[2, 3])), set(&[3]));
+        // An endpoint that left and came back is looked at again (its pod may be elsewhere now).
+        assert_eq!(o.endpoints_to_check(&set(&[1, 2, 3])), set(&[1]));
     }
 
     #[test]
