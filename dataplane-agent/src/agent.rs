@@ -77,6 +77,8 @@ pub struct RunConfig {
     pub snat_ports: (u16, u16),
     /// Entries of the assured conntrack map; the LRU one gets half (`--conntrack-capacity`).
     pub conntrack_capacity: u32,
+    /// Entries of the flat consistent-hashing table array (`--lb-table-entries`).
+    pub lb_table_entries: u32,
     /// Conntrack timeouts in seconds by `dataplane_common::ct_timeout` index (0: the default).
     pub ct_timeouts: [u32; dataplane_common::ct_timeout::COUNT],
     /// The agent's own network namespace (the node's), whose sockets the socket hooks translate;
@@ -229,7 +231,7 @@ pub async fn run(mut cfg: RunConfig) -> anyhow::Result<()> {
     }
     // Maps of another layout or capacity (an upgrade, a rollback) are copied into new ones here
     // while the programs an earlier agent attached keep serving from the old ones.
-    let (mut ebpf, mut migration) = loader::load_pinned(&cfg.pin_dir, &loader::conntrack_capacities(cfg.conntrack_capacity)).context("loading the datapath")?;
+    let (mut ebpf, mut migration) = loader::load_pinned(&cfg.pin_dir, &loader::capacities(cfg.conntrack_capacity, cfg.lb_table_entries)).context("loading the datapath")?;
     attach::load_programs(&mut ebpf).context("loading programs")?;
     let mut maps = BpfMaps::from_ebpf(&mut ebpf)?;
     let applied = maps.dump_applied();
@@ -274,6 +276,7 @@ pub async fn run(mut cfg: RunConfig) -> anyhow::Result<()> {
         info!("programs swapped: the old maps are copied once more and replaced");
     }
     migration.finish().context("finishing the migration of the pinned maps")?;
+    loader::remove_replaced(&cfg.pin_dir);
     let unused = loader::unused_pins(&cfg.pin_dir);
     if !unused.is_empty() {
         warn!(
@@ -701,6 +704,11 @@ pub fn sync_objects(
         error!(error = %e, "sync");
     }
     let took = started.elapsed();
+    // Table regions retired a second ago or more are freed after one synchronize point (an RCU
+    // grace period, about 10 ms here): at most once a second, after the maps are programmed.
+    if let Err(e) = maps.reclaim_tables(Duration::from_secs(1)) {
+        warn!(error = %e, "freeing retired hashing table regions (they stay reserved; retried after the next sync)");
+    }
     if map_errors.is_empty() {
         observed.programmed(objs.endpoint_slices.iter());
     }

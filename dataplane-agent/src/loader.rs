@@ -20,7 +20,9 @@ pub fn object() -> Result<&'static [u8], LoadError> {
 
 /// Capacities for a private copy (trace, tests): a handful of flows need no half-gigabyte
 /// conntrack table, and several copies may be loaded at once.
-pub const PRIVATE_CAPACITIES: [(&str, u32); 8] = [
+pub const PRIVATE_CAPACITIES: [(&str, u32); 9] = [
+    // 1 048 576 table entries (4 MiB).
+    (names::CHASH, 1_048_576 / dataplane_common::CHASH_PER_ELEMENT),
     (names::CONNTRACK, 8_192),
     (names::CONNTRACK_ASSURED, 8_192),
     (names::FRAGMENTS, 1_024),
@@ -43,6 +45,14 @@ pub fn conntrack_capacities(n: u32) -> [(&'static str, u32); 4] {
     ]
 }
 
+/// The capacities a start asks for: conntrack (`--conntrack-capacity`) and the table array
+/// (`--lb-table-entries`, in entries; the map holds two an element).
+pub fn capacities(conntrack: u32, table_entries: u32) -> Vec<(&'static str, u32)> {
+    let mut v = conntrack_capacities(conntrack).to_vec();
+    v.push((names::CHASH, table_entries.div_ceil(dataplane_common::CHASH_PER_ELEMENT)));
+    v
+}
+
 /// Where a node's maps live.
 pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/ferry";
 
@@ -60,6 +70,29 @@ pub fn unused_pins(dir: &Path) -> Vec<String> {
     let mut out: Vec<String> = rd.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).filter(|n| !names::ALL.contains(&n.as_str()) && n != crate::links::DIR && n != crate::migrate::LAYOUTS && !n.starts_with("new__")).collect();
     out.sort();
     out
+}
+
+/// Removes the pins of maps this build replaced by maps of another kind (`names::REPLACED`)
+/// once no attached program uses them (after the swap): their content was rebuilt, not copied,
+/// and a rolled-back agent must find no stale copy (it starts from an empty one, as on a fresh
+/// node, and picks at random until its first sync writes its tables).
+pub fn remove_replaced(dir: &Path) {
+    let pinned: Vec<&str> = names::REPLACED.iter().copied().filter(|n| dir.join(n).exists()).collect();
+    if pinned.is_empty() {
+        return;
+    }
+    let live = crate::migrate::live_map_ids(dir);
+    for name in pinned {
+        let path = dir.join(name);
+        let id = crate::links::obj_get(&path).and_then(|fd| crate::migrate::map_info(std::os::fd::AsFd::as_fd(&fd))).map(|i| i.id).unwrap_or(0);
+        if live.contains(&id) {
+            log::warn!("map {name}: replaced by {} but still used by an attached program; kept", names::CHASH);
+        } else if let Err(e) = std::fs::remove_file(&path) {
+            log::warn!("map {name}: replaced by {}; removing its pin: {e}", names::CHASH);
+        } else {
+            log::info!("map {name}: replaced by {} (tables rebuilt by the first sync); its pin is removed", names::CHASH);
+        }
+    }
 }
 
 /// Loads the object. With `pin_dir`, every map is pinned there by name and an existing pin is

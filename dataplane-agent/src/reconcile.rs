@@ -484,7 +484,7 @@ impl Reconciler {
             af.source_ranges.insert(*c);
         }
         let flags = frontend_flags(desired, self.algorithm);
-        let entry = Lb4Service { svc_id, count: new.len() as u16, flags, affinity_timeout_s: desired.affinity_timeout_s, table_size: af.table.len() as u32 };
+        let entry = Lb4Service { svc_id, count: new.len() as u16, flags, affinity_timeout_s: desired.affinity_timeout_s, table_off: 0, table_len: af.table.len() as u32 };
         if af.entry != Some(entry) {
             ops.put_service(lb4_key(fe), entry)?;
             st.writes += 1;
@@ -797,7 +797,7 @@ mod tests {
                 assert!(r.maps.backends.contains_key(id), "{what}: slot {slot} names backend {id}, which is gone");
             }
             let table = r.maps.tables.get(&svc.svc_id).map(Vec::as_slice).unwrap_or_default();
-            assert_eq!(svc.table_size as usize, table.len(), "{what}: table size in the entry");
+            assert_eq!(svc.table_len as usize, table.len(), "{what}: table size in the entry");
             assert!(table.iter().all(|id| r.maps.backends.contains_key(id)), "{what}: the table names a backend that is gone");
         }
     }
@@ -953,12 +953,14 @@ mod tests {
 
     #[test]
     fn hashing_tables_are_written_with_the_slots_and_replaced_on_change() {
+        use crate::select::table_size;
         let mut r = Recorder::default();
         let mut rec = Reconciler::new();
         rec.sync(&desired(&[1, 2, 3]), &BTreeSet::new(), &mut r);
-        assert!(r.ops.contains(&"put_table 1 (1021 entries)".to_string()), "{:?}", r.ops);
+        let m3 = table_size(3);
+        assert!(r.ops.contains(&format!("put_table 1 ({m3} entries)")), "{:?}", r.ops);
         let svc = r.maps.services.values().find(|s| s.svc_id == 1).unwrap();
-        assert_eq!((svc.flags & SVC_F_RANDOM, svc.table_size), (0, 1021));
+        assert_eq!((svc.flags & SVC_F_RANDOM, svc.table_len as usize), (0, m3));
         r.ops.clear();
         rec.sync(&desired(&[1, 2, 3]), &BTreeSet::new(), &mut r);
         assert!(r.ops.is_empty(), "{:?}", r.ops);
@@ -966,20 +968,22 @@ mod tests {
         rec.sync(&desired(&[1, 2]), &BTreeSet::new(), &mut r);
         let line = r.ops.iter().find(|o| o.starts_with("put_table")).unwrap();
         let n: usize = line.split(['(', ' ']).nth(3).unwrap().parse().unwrap();
-        assert!(n > 1021 / 4 && n < 1021 / 2, "{line}");
-        // 103 backends need more than 1021 entries: a 4093-entry table, and the entry says so
-        // (written after the table, as the datapath indexes the table by it).
+        assert!(n > m3 / 4 && n < m3 / 2, "{line}");
+        // 103 backends need a larger table, and the entry says so (written after the table, as
+        // the datapath indexes the table by it).
         r.ops.clear();
         rec.sync(&desired(&(1..=103).collect::<Vec<u8>>()), &BTreeSet::new(), &mut r);
-        let table_at = r.ops.iter().position(|o| o == "put_table 1 (4093 entries)").unwrap_or_else(|| panic!("{:?}", r.ops));
+        let m103 = table_size(103);
+        assert!(m103 > m3);
+        let table_at = r.ops.iter().position(|o| *o == format!("put_table 1 ({m103} entries)")).unwrap_or_else(|| panic!("{:?}", r.ops));
         let entry_at = r.ops.iter().position(|o| o == "put_service 1 count=103").unwrap();
         assert!(table_at < entry_at);
-        assert_eq!(r.maps.services.values().find(|s| s.svc_id == 1).unwrap().table_size, 4093);
+        assert_eq!(r.maps.services.values().find(|s| s.svc_id == 1).unwrap().table_len as usize, m103);
         // No backend left: the table goes.
         r.ops.clear();
         rec.sync(&desired(&[]), &BTreeSet::new(), &mut r);
         assert!(r.ops.contains(&"del_table 1".to_string()), "{:?}", r.ops);
-        assert_eq!(r.maps.services.values().find(|s| s.svc_id == 1).unwrap().table_size, 0);
+        assert_eq!(r.maps.services.values().find(|s| s.svc_id == 1).unwrap().table_len, 0);
     }
 
     #[test]
