@@ -92,6 +92,16 @@ fn the_same_flow_picks_the_same_backend_after_a_restart() {
     // Forget the connections: every flow chooses again, from the restored table.
     clear_conntrack(&mut maps);
     assert_eq!(picks(&ebpf, 400), before);
+    // The restart adopted web's region from its service entry: a Service added now gets
+    // another one, and web keeps picking as before.
+    let both = format!("{}---\n{}", web(&[1, 2, 3, 4]), other());
+    let (_, errs) = rec.sync(&desired(&both), &Default::default(), &mut maps);
+    assert!(errs.is_empty(), "{errs:?}");
+    let regions: Vec<(u32, u32)> = maps.services.iter().flatten().map(|(_, s)| s).filter(|s| s.table_len > 0).map(|s| (s.table_off, s.table_off + s.table_len)).collect();
+    assert_eq!(regions.len(), 2, "{regions:?}");
+    assert!(regions[0].1 <= regions[1].0 || regions[1].1 <= regions[0].0, "regions overlap: {regions:?}");
+    clear_conntrack(&mut maps);
+    assert_eq!(picks(&ebpf, 400), before);
 }
 
 /// Flows of backends other than the removed one that moved, out of 1000 flows.

@@ -185,7 +185,10 @@ pub fn frontend_flags(want: &DesiredFrontend, algorithm: Algorithm) -> u16 {
 /// Counts of one sync, for logs, metrics and tests.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct SyncStats {
+    /// Map entries written: updates, and hashing table entries (written as memory, no syscall).
     pub writes: usize,
+    /// Of `writes`, the hashing table entries.
+    pub table_entries: usize,
     pub deletes: usize,
     pub conntrack_flushed: usize,
     /// Host UDP sockets destroyed because their backend left (see `sockets`).
@@ -472,7 +475,9 @@ impl Reconciler {
                 .map(|i| self.applied.backends.get(&order[i]).map(|(id, _)| *id).unwrap_or(0))
                 .collect();
             if table != af.table {
-                st.writes += ops.put_table(svc_id, &table, &af.table)?;
+                let n = ops.put_table(svc_id, &table, &af.table)?;
+                st.writes += n;
+                st.table_entries += n;
                 af.table = table;
             }
             af.table_of = order;

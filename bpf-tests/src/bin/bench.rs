@@ -18,7 +18,7 @@
 //! nftables and kube-proxy iptables side by side at 1 000 and 10 000 Services, from an object
 //! written to traffic reaching the new endpoint, beside the API server's own watch latency;
 //! included when the kube-proxy binary is built (`--kube-proxy PATH`, which xtask passes).
-//! Arguments: `[RUNS] [--no-throughput | --throughput-only | --control-plane-only]
+//! Arguments: `[RUNS] [--no-throughput | --throughput-only | --control-plane-only | --sync-only]
 //! [--services 1000,10000] [--kube-proxy PATH] [--verbose]` (verbose: every throughput run's
 //! figures on stderr).
 use std::{
@@ -41,7 +41,7 @@ use dataplane_agent::{
 use bpf_tests::lab::{At, Cluster};
 use dataplane_common::{progs, Lb4SlotKey};
 
-const BACKENDS_PER_SERVICE: u32 = 2;
+const BACKENDS_PER_SERVICE: u32 = 3;
 
 fn desired(services: u32, generation: u32) -> Desired {
     let mut d = Desired::default();
@@ -216,7 +216,8 @@ fn main() {
     }
     VERBOSE.store(args.iter().any(|a| a == "--verbose"), std::sync::atomic::Ordering::Relaxed);
     // `--throughput-only` skips the per-packet and sync sections; `--no-throughput` the lab;
-    // `--control-plane-only` runs only the section against a real API server.
+    // `--control-plane-only` runs only the section against a real API server; `--sync-only` only
+    // the first table (per packet and sync times).
     if args.iter().any(|a| a == "--throughput-only") {
         throughput_bench();
         return;
@@ -226,18 +227,26 @@ fn main() {
         return;
     }
     println!("Ferry bench: median of {runs} single BPF_PROG_TEST_RUN runs per figure (kernel-measured ns)\n");
-    println!("{:>9} {:>7} | {:>12} | {:>10} | {:>14} | {:>14} | {:>11} | {:>15} | {:>14}", "services", "select", "empty prog", "ct hit", "new conn", "full sync", "resync same", "one endpoint", "bare writes");
-    println!("{}", "-".repeat(126));
-    for services in [10u32, 1_000, 100_000] {
-        let mut ebpf = loader::load(None).expect("eBPF object (cargo xtask build-ebpf)");
+    println!(
+        "{:>9} {:>7} | {:>12} | {:>10} | {:>14} | {:>14} | {:>14} | {:>11} | {:>15} | {:>14}",
+        "services", "select", "empty prog", "ct hit", "new conn", "full sync", "restart", "resync same", "one endpoint", "bare writes"
+    );
+    println!("{}", "-".repeat(143));
+    for services in [10u32, 1_000, 10_000, 100_000] {
+        // Room for every table (251 entries each for these few backends) and backend.
+        let table = dataplane_agent::select::table_size(BACKENDS_PER_SERVICE as usize) as u32;
+        let caps = [
+            (dataplane_common::names::CHASH, (services * table).div_ceil(dataplane_common::CHASH_PER_ELEMENT).max(1024)),
+            (dataplane_common::names::BACKENDS, (services * BACKENDS_PER_SERVICE + 16).max(dataplane_common::capacity::BACKENDS)),
+        ];
+        let mut ebpf = loader::load_with(None, &caps).expect("eBPF object (cargo xtask build-ebpf)");
         attach::load_programs(&mut ebpf).unwrap();
         let empty_prog: &mut SchedClassifier = ebpf.program_mut(progs::BENCH_EMPTY).unwrap().try_into().unwrap();
         empty_prog.load().unwrap();
         let mut maps = BpfMaps::from_ebpf(&mut ebpf).unwrap();
-        // Consistent hashing (the default) writes a table per frontend (1021 entries for these
-        // Services' few backends): measured up to 1 000 Services; 100 000 tables would take the
-        // bench minutes, so that row picks at random.
-        let algorithm = if services > 1_000 { Algorithm::Random } else { Algorithm::default() };
+        // Consistent hashing (the default): a table per frontend, written as memory into the
+        // flat table array.
+        let algorithm = Algorithm::default();
         let mut rec = Reconciler::new();
         rec.algorithm = algorithm;
 
@@ -250,18 +259,31 @@ fn main() {
         let (same, _) = rec.sync(&d, &Default::default(), &mut maps);
         let resync = t.elapsed();
         assert_eq!(same.writes + same.deletes, 0);
+        // A restart over the same maps: the applied view and the table regions read back (one
+        // mapping of the table array, no syscall per table entry), then the first sync, which
+        // finds nothing to write. The object load and the link swap are not included.
+        let t = Instant::now();
+        let mut restarted = Reconciler::restore(maps.dump_applied());
+        restarted.algorithm = algorithm;
+        let (again, errs) = restarted.sync(&d, &Default::default(), &mut maps);
+        let restart = t.elapsed();
+        assert!(errs.is_empty(), "{errs:?}");
+        assert_eq!(again.writes + again.deletes, 0, "a restart rewrote entries");
+        rec = restarted;
         let d1 = desired(services, 1);
         let t = Instant::now();
         let (one, _) = rec.sync(&d1, &Default::default(), &mut maps);
         let one_change = t.elapsed();
-        // The floor: as many bare map updates as the full sync made (into the roomiest map, under
-        // a service id no frontend uses; removed after).
+        // The floor: as many bare map updates as the full sync made syscalls (its table entries
+        // are memory writes), into the roomiest map, under a service id no frontend uses;
+        // removed after.
+        let updates = (st.writes - st.table_entries) as u32;
         let t = Instant::now();
-        for slot in 0..st.writes as u32 {
+        for slot in 0..updates {
             maps.slots.insert(Lb4SlotKey { svc_id: u32::MAX, slot }, 0, 0).unwrap();
         }
         let bare = t.elapsed();
-        for slot in 0..st.writes as u32 {
+        for slot in 0..updates {
             maps.slots.remove(&Lb4SlotKey { svc_id: u32::MAX, slot }).unwrap();
         }
 
@@ -280,9 +302,10 @@ fn main() {
                 .collect(),
         );
         println!(
-            "{services:>9} {:>7} | {empty:>9} ns | {hit:>7} ns | {new:>11} ns | {:>11.1?} | {:>11.1?} | {:>6.1?} ({} ops) | {:>11.1?}",
+            "{services:>9} {:>7} | {empty:>9} ns | {hit:>7} ns | {new:>11} ns | {:>11.1?} | {:>11.1?} | {:>11.1?} | {:>6.1?} ({} ops) | {:>11.1?}",
             if algorithm == Algorithm::Random { "random" } else { "chash" },
             full,
+            restart,
             resync,
             one_change,
             one.writes + one.deletes,
@@ -290,7 +313,17 @@ fn main() {
         );
     }
     println!("\nct hit: one conntrack lookup and the rewrite; new conn: service lookup, hashing table (or random slot), backend lookup, two conntrack inserts.");
-    println!("full sync writes {} entries per Service (service, {} slots, {} backends) plus the address entry, and with chash (maglev) a 1021-entry table.", 1 + 2 * BACKENDS_PER_SERVICE, BACKENDS_PER_SERVICE, BACKENDS_PER_SERVICE);
+    println!(
+        "full sync writes {} entries per Service (service, name with counters, {} slots, {} backends) plus the address entry, and with chash (maglev) a {}-entry table through mmap; bare writes: as many map updates as the full sync made syscalls.",
+        2 + 2 * BACKENDS_PER_SERVICE,
+        BACKENDS_PER_SERVICE,
+        BACKENDS_PER_SERVICE,
+        dataplane_agent::select::table_size(BACKENDS_PER_SERVICE as usize)
+    );
+    println!("restart: the maps read back into the reconciler (tables through one mapping) and the first sync, which writes nothing.");
+    if args.iter().any(|a| a == "--sync-only") {
+        return;
+    }
     println!("resync same: translation and diff only, zero map writes. one endpoint: the writes that change touches.");
     nodeport_bench(runs);
     policy_bench(runs);
