@@ -82,17 +82,22 @@ fn changed_agent() -> &'static Path {
         patch(&src.path.join("dataplane-common/src/layout.rs"), "last_seen_ns, expires_ns });\nfields!(NodeConfig", "last_seen_ns, expires_ns, upgrade_mark });\nfields!(NodeConfig", 1);
         rename_ident(&src.path.join("dataplane-ebpf/src"), "ct4_v2", "ct4_v3");
         rename_ident(&src.path.join("dataplane-ebpf/src"), "ct4_assured_v2", "ct4_assured_v3");
-        let target = root.join("target/upgrade-test");
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        sh(Command::new(&cargo).args(["run", "-q", "-p", "xtask", "--", "build-ebpf"]).current_dir(&src.path).env("CARGO_TARGET_DIR", &target));
-        let object = target.join("bpfel-unknown-none/release/dataplane-ebpf");
-        sh(Command::new(&cargo).args(["build", "-q", "-p", "dataplane-agent", "--bin", "dataplane-agent"]).current_dir(&src.path).env("CARGO_TARGET_DIR", &target).env("FERRY_EBPF_OBJECT", &object));
-        let bin = target.join("debug/dataplane-agent");
-        // Kept beside the lab's other binaries for the rest of the run (the source copy goes).
-        let kept = root.join("target/upgrade-test/dataplane-agent-ct4-v3");
-        std::fs::copy(&bin, &kept).unwrap();
-        kept
+        build_agent(&src.path, "dataplane-agent-ct4-v3")
     })
+}
+
+/// Builds the eBPF object and the agent of the source tree at `src` (dependencies cached in
+/// target/upgrade-test) and keeps the agent there as `name`, beside the lab's other binaries
+/// for the rest of the run (the source copy goes).
+fn build_agent(src: &Path, name: &str) -> PathBuf {
+    let target = repo().join("target/upgrade-test");
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    sh(Command::new(&cargo).args(["run", "-q", "-p", "xtask", "--", "build-ebpf"]).current_dir(src).env("CARGO_TARGET_DIR", &target));
+    let object = target.join("bpfel-unknown-none/release/dataplane-ebpf");
+    sh(Command::new(&cargo).args(["build", "-q", "-p", "dataplane-agent", "--bin", "dataplane-agent"]).current_dir(src).env("CARGO_TARGET_DIR", &target).env("FERRY_EBPF_OBJECT", &object));
+    let kept = target.join(name);
+    std::fs::copy(target.join("debug/dataplane-agent"), &kept).unwrap();
+    kept
 }
 
 /// (key size, value size) of a map pinned under node `i`'s pin directory, or None.
@@ -264,14 +269,7 @@ fn per_frontend_tables_agent() -> &'static Path {
         std::io::Write::write_all(tar.stdin.as_mut().unwrap(), &archive.stdout).unwrap();
         drop(tar.stdin.take());
         assert!(tar.wait().unwrap().success());
-        let target = root.join("target/upgrade-test");
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        sh(Command::new(&cargo).args(["run", "-q", "-p", "xtask", "--", "build-ebpf"]).current_dir(&src.path).env("CARGO_TARGET_DIR", &target));
-        let object = target.join("bpfel-unknown-none/release/dataplane-ebpf");
-        sh(Command::new(&cargo).args(["build", "-q", "-p", "dataplane-agent", "--bin", "dataplane-agent"]).current_dir(&src.path).env("CARGO_TARGET_DIR", &target).env("FERRY_EBPF_OBJECT", &object));
-        let kept = root.join("target/upgrade-test/dataplane-agent-chash-v2");
-        std::fs::copy(target.join("debug/dataplane-agent"), &kept).unwrap();
-        kept
+        build_agent(&src.path, "dataplane-agent-chash-v2")
     })
 }
 
