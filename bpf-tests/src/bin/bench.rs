@@ -233,11 +233,13 @@ fn main() {
     );
     println!("{}", "-".repeat(143));
     for services in [10u32, 1_000, 10_000, 100_000] {
-        // Room for every table (251 entries each for these few backends) and backend.
+        // Room for every table (251 entries each for these few backends), backend and slot.
         let table = dataplane_agent::select::table_size(BACKENDS_PER_SERVICE as usize) as u32;
         let caps = [
             (dataplane_common::names::CHASH, (services * table).div_ceil(dataplane_common::CHASH_PER_ELEMENT).max(1024)),
             (dataplane_common::names::BACKENDS, (services * BACKENDS_PER_SERVICE + 16).max(dataplane_common::capacity::BACKENDS)),
+            // The Services' slots and, beside them, the bare writes' (as many as the sync's).
+            (dataplane_common::names::SLOTS, (services * 16).max(dataplane_common::capacity::SLOTS)),
         ];
         let mut ebpf = loader::load_with(None, &caps).expect("eBPF object (cargo xtask build-ebpf)");
         attach::load_programs(&mut ebpf).unwrap();
