@@ -361,7 +361,7 @@ pub fn proto_name(p: u8) -> &'static str {
 
 fn map_metrics(out: &mut String, maps: &BpfMaps, dir: &std::path::Path, ct: &CtFigures) {
     use dataplane_common::names;
-    help(out, "ferry_map_entries", "gauge", "Entries in each pinned map (arrays count every slot; conntrack as of the last garbage collection).");
+    help(out, "ferry_map_entries", "gauge", "Entries in each pinned map (arrays count every slot, but the hashing table array counts the table entries service entries point at; conntrack as of the last garbage collection).");
     let mut usage = crate::bpf::map_usage(dir);
     if ct.runs > 0 {
         usage.push(crate::bpf::MapUsage { name: names::CONNTRACK, entries: ct.live_lru, capacity: ct.caps.0 });
@@ -372,7 +372,7 @@ fn map_metrics(out: &mut String, maps: &BpfMaps, dir: &std::path::Path, ct: &CtF
     for u in &usage {
         let _ = writeln!(out, "ferry_map_entries{{map=\"{}\"}} {}", u.name, u.entries);
     }
-    help(out, "ferry_map_capacity", "gauge", "Capacity (max_entries) of each pinned map.");
+    help(out, "ferry_map_capacity", "gauge", "Capacity (max_entries) of each pinned map; of the hashing table array, in table entries.");
     for u in &usage {
         let _ = writeln!(out, "ferry_map_capacity{{map=\"{}\"}} {}", u.name, u.capacity);
     }
