@@ -221,7 +221,9 @@ impl BpfMaps {
     pub fn chash_table(&mut self, svc_id: u32) -> Option<Vec<u32>> {
         let r = match self.tables.live.get(&svc_id) {
             Some(r) => *r,
-            // Not adopted (inspection of pins): found in the service map.
+            // Adopted (`dump_applied`): the frontend has no table.
+            None if self.tables.arena.is_some() => return None,
+            // Not adopted (a one-off look at the pins): found in the service map.
             None => self.services.iter().flatten().find(|(_, s)| s.svc_id == svc_id && s.flags & SVC_F_ADDR_ONLY == 0 && s.table_len > 0).map(|(_, s)| Region { off: s.table_off, len: s.table_len })?,
         };
         let m = self.tables.mapped(&self.chash).ok()?;
