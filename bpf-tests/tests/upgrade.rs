@@ -265,7 +265,9 @@ fn per_frontend_tables_agent() -> &'static Path {
         let src = TempDir::new(&format!("upgrade-old-{}", lab::run_id()));
         let archive = Command::new("git").args(["archive", "--format=tar", PER_FRONTEND_TABLES]).current_dir(&root).output().expect("git archive");
         assert!(archive.status.success(), "git archive {PER_FRONTEND_TABLES}: {}", String::from_utf8_lossy(&archive.stderr));
-        let mut tar = Command::new("tar").args(["-x", "-C"]).arg(&src.path).stdin(std::process::Stdio::piped()).spawn().expect("tar");
+        // `-m`: the files get the time of extraction, not the commit's, so cargo rebuilds what an
+        // earlier build in the shared target directory (another source copy) left.
+        let mut tar = Command::new("tar").args(["-x", "-m", "-C"]).arg(&src.path).stdin(std::process::Stdio::piped()).spawn().expect("tar");
         std::io::Write::write_all(tar.stdin.as_mut().unwrap(), &archive.stdout).unwrap();
         drop(tar.stdin.take());
         assert!(tar.wait().unwrap().success());
@@ -291,17 +293,21 @@ fn a_rollback_to_per_frontend_tables_and_the_upgrade_to_the_flat_array_lose_noth
     let log = c.agent_log(0)[since..].to_string();
     assert!(log.contains("map lb4_svc_v2: layout changed (value 20 -> 16 bytes"), "{log}");
     assert_eq!((pinned(&c, 0, "lb4_svc_v2"), pinned(&c, 0, "lb4_svc_v3")), (Some((8, 16)), None));
+    // Its own table map; the flat array, which another version recorded and this one does not
+    // use, is unpinned after the swap.
     assert!(pinned(&c, 0, "lb4_chash_v2").is_some(), "{log}");
+    assert!(log.contains("map lb4_chash_flat_v1: pinned by another version of Ferry, not used by this one: removed") && pinned(&c, 0, "lb4_chash_flat_v1").is_none(), "{log}");
     std::thread::sleep(Duration::from_secs(2));
 
     // The upgrade: service entries into lb4_svc_v3 (table_off and table_len 0: random until the
-    // first sync), the tables rebuilt into the flat array, lb4_chash_v2 unpinned after the swap.
+    // first sync), the tables rebuilt into a new flat array, lb4_chash_v2 unpinned after the
+    // swap (a rollback must not find its stale tables).
     c.stop_agent(0);
     let since = c.agent_log(0).len();
     c.start_agent(0);
     let log = c.agent_log(0)[since..].to_string();
     assert!(log.contains("map lb4_svc_v3: layout changed (value 16 -> 20 bytes"), "{log}");
-    assert!(log.contains("map lb4_chash_v2: replaced by lb4_chash_flat_v1 (tables rebuilt by the first sync); its pin is removed"), "{log}");
+    assert!(log.contains("map lb4_chash_v2: pinned by another version of Ferry, not used by this one: removed"), "{log}");
     assert_eq!((pinned(&c, 0, "lb4_svc_v3"), pinned(&c, 0, "lb4_svc_v2"), pinned(&c, 0, "lb4_chash_v2")), (Some((8, 20)), None, None));
     let maps = dataplane_agent::bpf::BpfMaps::from_pins(&c.nodes[0].pin.path).unwrap();
     let frontends: Vec<dataplane_common::Lb4Service> = maps.services.iter().flatten().map(|(_, s)| s).filter(|s| s.flags & dataplane_common::SVC_F_ADDR_ONLY == 0 && s.count > 0).collect();

@@ -276,7 +276,6 @@ pub async fn run(mut cfg: RunConfig) -> anyhow::Result<()> {
         info!("programs swapped: the old maps are copied once more and replaced");
     }
     migration.finish().context("finishing the migration of the pinned maps")?;
-    loader::remove_replaced(&cfg.pin_dir);
     let unused = loader::unused_pins(&cfg.pin_dir);
     if !unused.is_empty() {
         warn!(

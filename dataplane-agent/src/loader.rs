@@ -72,29 +72,6 @@ pub fn unused_pins(dir: &Path) -> Vec<String> {
     out
 }
 
-/// Removes the pins of maps this build replaced by maps of another kind (`names::REPLACED`)
-/// once no attached program uses them (after the swap): their content was rebuilt, not copied,
-/// and a rolled-back agent must find no stale copy (it starts from an empty one, as on a fresh
-/// node, and picks at random until its first sync writes its tables).
-pub fn remove_replaced(dir: &Path) {
-    let pinned: Vec<&str> = names::REPLACED.iter().copied().filter(|n| dir.join(n).exists()).collect();
-    if pinned.is_empty() {
-        return;
-    }
-    let live = crate::migrate::live_map_ids(dir);
-    for name in pinned {
-        let path = dir.join(name);
-        let id = crate::links::obj_get(&path).and_then(|fd| crate::migrate::map_info(std::os::fd::AsFd::as_fd(&fd))).map(|i| i.id).unwrap_or(0);
-        if live.contains(&id) {
-            log::warn!("map {name}: replaced by {} but still used by an attached program; kept", names::CHASH);
-        } else if let Err(e) = std::fs::remove_file(&path) {
-            log::warn!("map {name}: replaced by {}; removing its pin: {e}", names::CHASH);
-        } else {
-            log::info!("map {name}: replaced by {} (tables rebuilt by the first sync); its pin is removed", names::CHASH);
-        }
-    }
-}
-
 /// Loads the object. With `pin_dir`, every map is pinned there by name and an existing pin is
 /// re-used (after a layout check); without, all maps are private to this process (trace, tests).
 pub fn load(pin_dir: Option<&Path>) -> Result<Ebpf, LoadError> {

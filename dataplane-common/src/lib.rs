@@ -63,12 +63,6 @@ pub mod names {
     /// Assured connections per source address, [Service conntrack, policy conntrack]: what
     /// `--conntrack-max-per-source` is checked against (recounted by the garbage collector).
     pub const CT_SOURCES: &str = "ct_src4_v1";
-    /// Maps of older builds that this one replaced by maps of another kind, whose content is
-    /// rebuilt rather than copied (`lb4_chash_v2` by `lb4_chash_flat_v1`). Removed once the
-    /// programs that used them are swapped out: left pinned, an older agent rolled back to would
-    /// read its stale tables (backend ids since given to other Services) instead of picking at
-    /// random until its first sync.
-    pub const REPLACED: [&str; 1] = ["lb4_chash_v2"];
     /// Every map the agent pins, in the order it creates and checks them.
     pub const ALL: [&str; 31] = [
         SERVICES, SLOTS, BACKENDS, CONNTRACK, CONNTRACK_ASSURED, FRAGMENTS, SERVICE_CIDRS, STATS, AFFINITY, SOURCE_RANGES, CONFIG, CHASH, SVC_STATS, SVC_NAMES,
