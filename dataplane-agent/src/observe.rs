@@ -59,6 +59,22 @@ struct State {
     links: usize,
 }
 
+impl State {
+    /// One EndpointSlice change programmed: its trigger time `t` (RFC 3339) to `now`.
+    fn np_observe(&mut self, now: SystemTime, t: &str) {
+        if let Some(at) = parse_rfc3339(t) {
+            let secs = now.duration_since(at).unwrap_or_default().as_secs_f64();
+            for (i, b) in NP_BUCKETS.iter().enumerate() {
+                if secs <= *b {
+                    self.np_hist[i] += 1;
+                }
+            }
+            self.np_sum += secs;
+            self.np_count += 1;
+        }
+    }
+}
+
 /// What the conntrack garbage collector last found (see `bpf::conntrack`): the only source of
 /// conntrack figures, so a scrape never walks the maps.
 #[derive(Default)]
@@ -164,20 +180,29 @@ impl Observed {
             let key = format!("{}/{}", sl.metadata.namespace.as_deref().unwrap_or(""), sl.metadata.name.as_deref().unwrap_or(""));
             let Some(t) = sl.metadata.annotations.as_ref().and_then(|a| a.get(TRIGGER_TIME)) else { continue };
             if s.np_seen.get(&key) != Some(t) {
-                if let Some(at) = parse_rfc3339(t) {
-                    let secs = now.duration_since(at).unwrap_or_default().as_secs_f64();
-                    for (i, b) in NP_BUCKETS.iter().enumerate() {
-                        if secs <= *b {
-                            s.np_hist[i] += 1;
-                        }
-                    }
-                    s.np_sum += secs;
-                    s.np_count += 1;
-                }
+                s.np_observe(now, t);
             }
             seen.insert(key, t.clone());
         }
         s.np_seen = seen;
+    }
+
+    /// As [`Observed::programmed`] for the slices of one change alone (`None`: deleted); the
+    /// others are as they were.
+    pub fn programmed_changed<'a>(&self, slices: impl Iterator<Item = (&'a (String, String), Option<&'a k8s_openapi::api::discovery::v1::EndpointSlice>)>) {
+        let now = SystemTime::now();
+        let mut s = self.state.lock().unwrap();
+        for ((ns, name), sl) in slices {
+            let key = format!("{ns}/{name}");
+            let Some(t) = sl.and_then(|sl| sl.metadata.annotations.as_ref()).and_then(|a| a.get(TRIGGER_TIME)) else {
+                s.np_seen.remove(&key);
+                continue;
+            };
+            if s.np_seen.get(&key) != Some(t) {
+                s.np_observe(now, t);
+            }
+            s.np_seen.insert(key, t.clone());
+        }
     }
 
     /// A sync ended. `ok`: the maps now match the sources (map errors leave the change pending).

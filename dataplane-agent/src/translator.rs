@@ -82,9 +82,9 @@ impl Translator {
         Self::default()
     }
 
-    /// Is there a translation to change (a full one was made, for this node context)?
-    pub fn ready_for(&self, node: &NodeContext) -> bool {
-        self.node.as_ref() == Some(node) && !self.duplicates
+    /// Has a full translation been made (that changes can be applied to)?
+    pub fn is_built(&self) -> bool {
+        self.node.is_some() && !self.duplicates
     }
 
     /// Translates every object anew, as [`model::translate`] does (same result, same errors in
