@@ -117,22 +117,29 @@ pub struct RunConfig {
 }
 
 enum Source {
-    /// `last`: fingerprint of the manifests the maps match; `reading`: of the ones last read.
-    Manifests { path: PathBuf, last: Option<u64>, reading: Option<u64> },
+    /// `last`: fingerprint of the manifests the maps match; `reading`: of the ones last read;
+    /// `cache`: the files as last parsed.
+    Manifests { path: PathBuf, last: Option<u64>, reading: Option<u64>, cache: manifests::Cache },
     Kube(KubeSource),
 }
 
 impl Source {
     fn read(&mut self) -> Result<(Objects, Vec<ObjectError>), String> {
         match self {
-            Source::Manifests { path, reading, .. } => {
+            Source::Manifests { path, reading, cache, .. } => {
                 // Fingerprint first: a change made while reading is seen at the next tick.
                 *reading = manifests::fingerprint(path).ok();
-                let (mut objs, errors) = manifests::read(path).map_err(|e| format!("manifests {}: {e}", path.display()))?;
-                objs.changed = Changed::Compare;
-                Ok((objs, errors))
+                manifests::read_changed(path, cache).map_err(|e| format!("manifests {}: {e}", path.display()))
             }
             Source::Kube(k) => Ok((k.snapshot(), Vec::new())),
+        }
+    }
+
+    /// Makes the next read hold every object (`Changed::All`).
+    fn read_all_next(&mut self) {
+        match self {
+            Source::Manifests { cache, .. } => *cache = Default::default(),
+            Source::Kube(k) => k.read_all_next(),
         }
     }
 }
@@ -313,7 +320,7 @@ pub async fn run(mut cfg: RunConfig) -> anyhow::Result<()> {
     })?;
 
     let source = match &cfg.source {
-        SourceConfig::Manifests { path, .. } => Source::Manifests { path: path.clone(), last: None, reading: None },
+        SourceConfig::Manifests { path, .. } => Source::Manifests { path: path.clone(), last: None, reading: None, cache: Default::default() },
         SourceConfig::Kube { kubeconfig, master } => {
             let client = crate::sources::kube::client(kubeconfig.as_deref(), master.as_deref()).await?;
             Source::Kube(KubeSource::start(client, &cfg.node.name, cfg.network_policy).await)
@@ -398,6 +405,13 @@ pub async fn run(mut cfg: RunConfig) -> anyhow::Result<()> {
     let mut host_addrs = BTreeSet::new();
     loop {
         if let Some((mut objs, errors)) = pending.take() {
+            if matches!(objs.changed, Changed::Only(_)) && !tr.is_built() {
+                // Changes need a translation to change (there is none after a read that held an
+                // object twice): everything is read again.
+                source.read_all_next();
+                pending = read_logged(&mut source);
+                continue;
+            }
             if !cfg.network_policy {
                 objs.network_policies.clear();
                 objs.pods.clear();
@@ -685,7 +699,6 @@ pub fn sync_objects(
     let started = Instant::now();
     let changes = match &objs.changed {
         Changed::All => None,
-        Changed::Compare => tr.changes_from(&objs.services, &objs.endpoint_slices),
         Changed::Only(ch) => Some(ch.clone()),
     };
     let (delta, terr, translated) = match changes {

@@ -71,7 +71,7 @@ pub struct Translator {
     with_errors: BTreeSet<Key>,
     next_order: u64,
     /// Set when the last full read held two objects of one key (manifests can): then only a
-    /// full translation is exact, and [`Translator::changes_from`] says so.
+    /// full translation is exact, and [`Translator::is_built`] says no.
     duplicates: bool,
     /// Services translated since this translator was made.
     pub translated: usize,
@@ -201,39 +201,6 @@ impl Translator {
             self.retranslate(&key, &mut delta);
         }
         (delta, Work { translated: self.translated - before, full: false })
-    }
-
-    /// The changes that make this translation `services` and `slices` (a full read of a source
-    /// that does not say what changed: manifests), comparing object by object; `None` when only
-    /// a full translation is exact (none made yet, or objects of one key twice).
-    pub fn changes_from(&self, services: &[Service], slices: &[EndpointSlice]) -> Option<Changes> {
-        if self.node.is_none() || self.duplicates {
-            return None;
-        }
-        let mut ch = Changes::default();
-        let mut seen = BTreeSet::new();
-        for s in services {
-            let key = model::service_key(s);
-            if !seen.insert(key.clone()) {
-                return None;
-            }
-            if self.services.get(&key).map(|(_, o)| o) != Some(s) {
-                ch.services.insert(key, Some(s.clone()));
-            }
-        }
-        ch.services.extend(self.services.keys().filter(|k| !seen.contains(*k)).map(|k| (k.clone(), None)));
-        seen.clear();
-        for s in slices {
-            let key = model::slice_key(s);
-            if !seen.insert(key.clone()) {
-                return None;
-            }
-            if self.slices.get(&key) != Some(s) {
-                ch.slices.insert(key, Some(s.clone()));
-            }
-        }
-        ch.slices.extend(self.slices.keys().filter(|k| !seen.contains(*k)).map(|k| (k.clone(), None)));
-        Some(ch)
     }
 
     /// Every error of the objects as they are now: slices without a Service, then the Services'
@@ -490,8 +457,6 @@ mod tests {
             for ip in before.local_endpoints.symmetric_difference(&want.local_endpoints) {
                 assert!(delta.local_endpoints.contains(ip), "step {i}: {ip}");
             }
-            // A full read compares to the same changes.
-            assert!(t.changes_from(&w.services, &w.slices()).unwrap().is_empty(), "step {i}");
         }
         // Another node context: everything is translated again.
         let other = NodeContext { zone: None, ..node() };
@@ -518,11 +483,5 @@ mod tests {
         assert_eq!(delta.frontends, [fe].into());
         assert_eq!(delta.cluster_ips, ["172.30.0.8".parse().unwrap()].into());
         assert_eq!(t.desired.frontends[&fe].backends.len(), 2);
-        // The manifests' way: a full read compared object by object finds the one slice.
-        let mut slices = slices;
-        slices[8] = slice("s8-x", Some("s8"), &[]);
-        let ch = t.changes_from(&services, &slices).unwrap();
-        assert!(ch.services.is_empty());
-        assert_eq!(ch.slices.keys().cloned().collect::<Vec<_>>(), vec![key("s7-x"), key("s8-x")]);
     }
 }

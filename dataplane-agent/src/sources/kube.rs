@@ -175,6 +175,11 @@ impl KubeSource {
         }
     }
 
+    /// Makes the next snapshot hold every object.
+    pub fn read_all_next(&self) {
+        self.dirty.lock().unwrap().all = true;
+    }
+
     /// A consistent copy of what the stores hold now: after a list or relist of Services or
     /// EndpointSlices all of them; otherwise only those changed since the last read (their keys
     /// are taken before the stores are read, so a change that lands meanwhile is read again next

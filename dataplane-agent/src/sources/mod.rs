@@ -39,11 +39,8 @@ pub enum Changed {
     /// `services` and `endpoint_slices` hold them all, and all are translated anew.
     #[default]
     All,
-    /// They hold them all, and only what differs from the last translation needs translating
-    /// (compared object by object): a source that re-reads everything (manifests).
-    Compare,
     /// `services` and `endpoint_slices` are empty: these are the objects changed since the last
-    /// read (the API server's watch events).
+    /// read (the API server's watch events, the manifest files whose bytes changed).
     Only(crate::translator::Changes),
 }
 
