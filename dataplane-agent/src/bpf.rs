@@ -848,7 +848,7 @@ impl MapOps for BpfMaps {
             Err(source) => Err(MapOpError::Syscall { map: names::SVC_STATS, op: "delete", what: format!("counters of frontend {svc_id}"), source }),
         }
     }
-    fn flush_conntrack(&mut self, gone: &BTreeSet<(u32, u32)>, gone_services: &BTreeSet<u32>) -> Result<usize, MapOpError> {
+    fn flush_conntrack(&mut self, gone: &BTreeSet<(u32, u32)>, gone_services: &BTreeSet<u32>, walk: bool) -> Result<usize, MapOpError> {
         // Clients stuck to a backend that left (or whose Service went) choose again.
         let stale: Vec<AffinityKey> = self
             .affinity
@@ -860,8 +860,12 @@ impl MapOps for BpfMaps {
         for k in &stale {
             del(&mut self.affinity, names::AFFINITY, k, || format!("{k:?}"))?;
         }
-        // One (batched) pass over both tables, only when endpoints went away; never on the
-        // packet path.
+        if !walk {
+            // TCP alone: its connections keep their backend, nothing in the tables is doomed.
+            return Ok(0);
+        }
+        // One (batched) pass over both tables, only when UDP or SCTP endpoints went away; never
+        // on the packet path.
         let doomed: Vec<conntrack::CtRow> = self
             .ct
             .rows()

@@ -99,7 +99,9 @@ pub trait MapOps {
     /// removed backend or Service served, and the session-affinity entries pointing at them.
     /// TCP connections keep their backend until they end, as with kube-proxy (graceful
     /// termination). Returns how many conntrack entries went.
-    fn flush_conntrack(&mut self, gone: &BTreeSet<(u32, u32)>, gone_services: &BTreeSet<u32>) -> Result<usize, MapOpError>;
+    /// `walk`: some of them served UDP or SCTP; false (TCP alone, whose connections keep their
+    /// backend) spares the walk over the conntrack tables, and only affinity entries go.
+    fn flush_conntrack(&mut self, gone: &BTreeSet<(u32, u32)>, gone_services: &BTreeSet<u32>, walk: bool) -> Result<usize, MapOpError>;
 }
 
 /// What is in the maps now, as the datapath sees it (restored from the maps at start-up).
@@ -236,6 +238,9 @@ pub struct Reconciler {
     users: Option<std::collections::HashMap<u32, usize>>,
     /// Backends given an id in the current sync.
     allocated: Vec<(L4Addr, u32)>,
+    /// A UDP or SCTP frontend lost a backend, or went, in the current sync: its conntrack is
+    /// flushed.
+    gone_not_tcp: bool,
 }
 
 impl Reconciler {
@@ -244,7 +249,7 @@ impl Reconciler {
     pub fn restore(applied: Applied) -> Self {
         let next_svc_id = applied.frontends.values().map(|f| f.svc_id).max().unwrap_or(0) + 1;
         let next_backend_id = applied.backends.values().map(|(id, _)| *id).max().unwrap_or(0) + 1;
-        Reconciler { applied, next_svc_id, next_backend_id, algorithm: Algorithm::default(), host_addrs: BTreeSet::new(), users: None, allocated: Vec::new() }
+        Reconciler { applied, next_svc_id, next_backend_id, algorithm: Algorithm::default(), host_addrs: BTreeSet::new(), users: None, allocated: Vec::new(), gone_not_tcp: false }
     }
 
     pub fn new() -> Self {
@@ -260,6 +265,7 @@ impl Reconciler {
         let mut gone_svcs = BTreeSet::new();
         let first_new_backend = self.next_backend_id;
         self.allocated.clear();
+        self.gone_not_tcp = false;
 
         // Backends whose locality changed are rewritten in place (same id) before any slot or
         // service entry is touched.
@@ -307,7 +313,7 @@ impl Reconciler {
         let highest = self.applied.backends.values().map(|(id, _)| *id).max().unwrap_or(0);
         self.next_backend_id = first_new_backend.max(highest.saturating_add(1));
 
-        flush(&gone_pairs, &gone_svcs, ops, &mut st, &mut errors);
+        flush(&gone_pairs, &gone_svcs, self.gone_not_tcp, ops, &mut st, &mut errors);
         (st, errors)
     }
 
@@ -331,6 +337,7 @@ impl Reconciler {
             match remove_frontend(fe, &mut af, ops, st) {
                 Ok(()) => {
                     gone_svcs.insert(af.svc_id);
+                    self.gone_not_tcp |= fe.addr.proto != Proto::Tcp;
                 }
                 Err(e) => {
                     errors.push(format!("removing frontend {fe}: {e}"));
@@ -435,6 +442,7 @@ impl Reconciler {
         let mut gone_svcs = BTreeSet::new();
         let first_new_backend = self.next_backend_id;
         self.allocated.clear();
+        self.gone_not_tcp = false;
 
         let mut moved: Vec<(L4Addr, u32, u8)> = Vec::new();
         for ip in &delta.local_endpoints {
@@ -517,7 +525,7 @@ impl Reconciler {
         self.next_backend_id = highest_new.map_or(first_new_backend, |h| first_new_backend.max(h.saturating_add(1)));
         self.users = Some(users);
 
-        flush(&gone_pairs, &gone_svcs, ops, &mut st, &mut errors);
+        flush(&gone_pairs, &gone_svcs, self.gone_not_tcp, ops, &mut st, &mut errors);
         (st, errors)
     }
 
@@ -541,6 +549,7 @@ impl Reconciler {
                 for be in serving.iter().filter(|b| !desired.backends.contains(b)) {
                     if let Some((id, _)) = self.applied.backends.get(be) {
                         gone_pairs.insert((af.svc_id, *id));
+                        self.gone_not_tcp |= fe.addr.proto != Proto::Tcp;
                     }
                 }
             }
@@ -648,9 +657,9 @@ impl Reconciler {
 }
 
 /// Flushes the conntrack of removed backends and frontends.
-fn flush(gone_pairs: &BTreeSet<(u32, u32)>, gone_svcs: &BTreeSet<u32>, ops: &mut dyn MapOps, st: &mut SyncStats, errors: &mut Vec<String>) {
+fn flush(gone_pairs: &BTreeSet<(u32, u32)>, gone_svcs: &BTreeSet<u32>, walk: bool, ops: &mut dyn MapOps, st: &mut SyncStats, errors: &mut Vec<String>) {
     if !gone_pairs.is_empty() || !gone_svcs.is_empty() {
-        match ops.flush_conntrack(gone_pairs, gone_svcs) {
+        match ops.flush_conntrack(gone_pairs, gone_svcs, walk) {
             Ok(n) => st.conntrack_flushed = n,
             Err(e) => errors.push(format!("flushing conntrack of removed endpoints: {e}")),
         }
@@ -750,6 +759,8 @@ mod tests {
         puts_left: Option<usize>,
         /// Every delete fails.
         fail_deletes: bool,
+        /// The `walk` of every conntrack flush.
+        walks: Vec<bool>,
     }
 
     impl Recorder {
@@ -861,7 +872,8 @@ mod tests {
             self.maps.ranges.remove(&(id, c));
             Ok(())
         }
-        fn flush_conntrack(&mut self, gone: &BTreeSet<(u32, u32)>, svcs: &BTreeSet<u32>) -> Result<usize, MapOpError> {
+        fn flush_conntrack(&mut self, gone: &BTreeSet<(u32, u32)>, svcs: &BTreeSet<u32>, walk: bool) -> Result<usize, MapOpError> {
+            self.walks.push(walk);
             self.ops.push(format!("flush {gone:?} {svcs:?}"));
             Ok(0)
         }
@@ -1397,10 +1409,29 @@ mod tests {
             vec![format!("put_backend {id}"), format!("put_slot {svc}/1 -> {id}"), format!("del_backend {}", 2 * 42 + 2), format!("flush {{({svc}, {})}} {{}}", 2 * 42 + 2)],
         );
         assert_eq!((st.writes, st.deletes), (2, 1));
+        assert_eq!(r.walks, [false], "TCP connections keep their backend: no conntrack walk");
         // And the full sync of the same state finds nothing left to do.
         r.ops.clear();
         rec.sync(&t.desired, &BTreeSet::new(), &mut r);
         assert!(r.ops.is_empty(), "{:?}", r.ops);
+    }
+
+    #[test]
+    fn only_udp_and_sctp_frontends_losing_backends_walk_conntrack() {
+        for proto in [Proto::Tcp, Proto::Udp, Proto::Sctp] {
+            let mut d = desired(&[1, 2]);
+            let (fe, want) = d.frontends.pop_first().unwrap();
+            let fe = Frontend::internal(L4Addr { proto, ..fe.addr });
+            d.frontends.insert(fe, DesiredFrontend { backends: want.backends.iter().map(|b| L4Addr { proto, ..*b }).collect(), ..want });
+            let mut r = Recorder::default();
+            let mut rec = rec();
+            rec.sync(&d, &BTreeSet::new(), &mut r);
+            let mut one = d.clone();
+            one.frontends.values_mut().next().unwrap().backends.pop_first();
+            rec.sync(&one, &BTreeSet::new(), &mut r);
+            rec.sync(&Desired::default(), &BTreeSet::new(), &mut r);
+            assert_eq!(r.walks, [proto != Proto::Tcp; 2], "{proto}");
+        }
     }
 
     #[test]
