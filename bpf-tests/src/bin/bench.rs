@@ -40,6 +40,13 @@ use dataplane_agent::{
 };
 use bpf_tests::lab::{At, Cluster};
 use dataplane_common::{progs, Lb4SlotKey};
+use k8s_openapi::{
+    api::{
+        core::v1::{Service, ServicePort, ServiceSpec},
+        discovery::v1::{Endpoint, EndpointPort, EndpointSlice},
+    },
+    apimachinery::pkg::apis::meta::v1::ObjectMeta,
+};
 
 const BACKENDS_PER_SERVICE: u32 = 3;
 
@@ -59,6 +66,41 @@ fn desired(services: u32, generation: u32) -> Desired {
         d.cluster_ips.insert(vip);
     }
     d
+}
+
+/// The Services and EndpointSlices that `desired(services, generation)` translates from: as the
+/// agent holds them, for the one-endpoint change through its incremental path.
+fn objects(services: u32, generation: u32) -> (Vec<Service>, Vec<EndpointSlice>) {
+    let d = desired(services, generation);
+    let mut svcs = Vec::with_capacity(services as usize);
+    let mut slices = Vec::with_capacity(services as usize);
+    for (fe, want) in &d.frontends {
+        svcs.push(service_object(&want.service.name, fe.addr.addr));
+        slices.push(slice_object(&want.service.name, &want.backends));
+    }
+    (svcs, slices)
+}
+
+fn service_object(name: &str, vip: Ipv4Addr) -> Service {
+    Service {
+        metadata: ObjectMeta { name: Some(name.into()), namespace: Some("bench".into()), ..Default::default() },
+        spec: Some(ServiceSpec { cluster_ip: Some(vip.to_string()), ports: Some(vec![ServicePort { port: 80, ..Default::default() }]), ..Default::default() }),
+        ..Default::default()
+    }
+}
+
+fn slice_object(service: &str, backends: &std::collections::BTreeSet<L4Addr>) -> EndpointSlice {
+    EndpointSlice {
+        metadata: ObjectMeta {
+            name: Some(format!("{service}-x")),
+            namespace: Some("bench".into()),
+            labels: Some([(dataplane_agent::model::LABEL_SERVICE_NAME.to_string(), service.to_string())].into()),
+            ..Default::default()
+        },
+        address_type: "IPv4".into(),
+        ports: Some(vec![EndpointPort { port: Some(8080), ..Default::default() }]),
+        endpoints: Some(backends.iter().map(|b| Endpoint { addresses: vec![b.addr.to_string()], ..Default::default() }).collect()),
+    }
 }
 
 fn run_ns(ebpf: &Ebpf, prog: &str, pkt: &[u8]) -> u64 {
@@ -228,10 +270,10 @@ fn main() {
     }
     println!("Ferry bench: median of {runs} single BPF_PROG_TEST_RUN runs per figure (kernel-measured ns)\n");
     println!(
-        "{:>9} {:>7} | {:>12} | {:>10} | {:>14} | {:>14} | {:>14} | {:>11} | {:>15} | {:>14}",
-        "services", "select", "empty prog", "ct hit", "new conn", "full sync", "restart", "resync same", "one endpoint", "bare writes"
+        "{:>9} {:>7} | {:>12} | {:>10} | {:>14} | {:>14} | {:>14} | {:>11} | {:>17} | {:>15} | {:>14}",
+        "services", "select", "empty prog", "ct hit", "new conn", "full sync", "restart", "resync same", "one endpoint", "(translate all)", "bare writes"
     );
-    println!("{}", "-".repeat(143));
+    println!("{}", "-".repeat(163));
     for services in [10u32, 1_000, 10_000, 100_000] {
         // Room for every table (251 entries each for these few backends), backend and slot.
         let table = dataplane_agent::select::table_size(BACKENDS_PER_SERVICE as usize) as u32;
@@ -253,6 +295,14 @@ fn main() {
         rec.algorithm = algorithm;
 
         let d = desired(services, 0);
+        // The agent's translation of the same objects (made outside the timings).
+        let node = dataplane_agent::model::NodeContext::default();
+        let mut tr = dataplane_agent::translator::Translator::new();
+        {
+            let (svcs, slices) = objects(services, 0);
+            tr.rebuild(&svcs, &slices, &node);
+        }
+        assert!(tr.desired == d, "the objects translate to the bench's desired state");
         let t = Instant::now();
         let (st, errs) = rec.sync(&d, &Default::default(), &mut maps);
         let full = t.elapsed();
@@ -272,10 +322,30 @@ fn main() {
         assert!(errs.is_empty(), "{errs:?}");
         assert_eq!(again.writes + again.deletes, 0, "a restart rewrote entries");
         rec = restarted;
+        // One endpoint of Service 0 replaced, as the agent takes it from a watch event: that
+        // EndpointSlice retranslated, its frontend's entries written.
         let d1 = desired(services, 1);
+        let first = d1.frontends.values().next().unwrap();
+        let mut changes = dataplane_agent::translator::Changes::default();
+        let changed = slice_object(&first.service.name, &first.backends);
+        changes.slices.insert(dataplane_agent::model::slice_key(&changed), Some(changed));
         let t = Instant::now();
-        let (one, _) = rec.sync(&d1, &Default::default(), &mut maps);
+        let (delta, work) = tr.apply(changes, &node);
+        let (one, errs) = rec.sync_changed(&tr.desired, &delta, &Default::default(), &mut maps);
         let one_change = t.elapsed();
+        assert!(errs.is_empty() && work.translated == 1, "{errs:?} {work:?}");
+        assert!(tr.desired == d1);
+        // The same change back the way every change went before the translation was kept:
+        // every Service translated, every frontend compared.
+        let back = {
+            let (svcs, slices) = objects(services, 0);
+            let t = Instant::now();
+            let (d0, _) = dataplane_agent::model::translate(&svcs, &slices, &node);
+            let (back, errs) = rec.sync(&d0, &Default::default(), &mut maps);
+            let took = t.elapsed();
+            assert!(errs.is_empty() && back.writes > 0, "{errs:?}");
+            took
+        };
         // The floor: as many bare map updates as the full sync made syscalls (its table entries
         // are memory writes), into the roomiest map, under a service id no frontend uses;
         // removed after.
@@ -304,13 +374,14 @@ fn main() {
                 .collect(),
         );
         println!(
-            "{services:>9} {:>7} | {empty:>9} ns | {hit:>7} ns | {new:>11} ns | {:>11.1?} | {:>11.1?} | {:>11.1?} | {:>6.1?} ({} ops) | {:>11.1?}",
+            "{services:>9} {:>7} | {empty:>9} ns | {hit:>7} ns | {new:>11} ns | {:>11.1?} | {:>11.1?} | {:>11.1?} | {:>8.1?} ({} ops) | {:>15.1?} | {:>11.1?}",
             if algorithm == Algorithm::Random { "random" } else { "chash" },
             full,
             restart,
             resync,
             one_change,
             one.writes + one.deletes,
+            back,
             bare
         );
     }
@@ -323,10 +394,10 @@ fn main() {
         dataplane_agent::select::table_size(BACKENDS_PER_SERVICE as usize)
     );
     println!("restart: the maps read back into the reconciler (tables through one mapping) and the first sync, which writes nothing.");
+    println!("resync same: the diff of every frontend, zero map writes. one endpoint: the agent's path for one EndpointSlice changed (its Service translated again, its frontend's entries written), and the writes it makes; (translate all): the same change back as every change went before, every Service translated and every frontend compared.");
     if args.iter().any(|a| a == "--sync-only") {
         return;
     }
-    println!("resync same: translation and diff only, zero map writes. one endpoint: the writes that change touches.");
     nodeport_bench(runs);
     policy_bench(runs);
     control_plane_bench(&cp, false);
