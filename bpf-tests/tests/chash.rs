@@ -92,6 +92,16 @@ fn the_same_flow_picks_the_same_backend_after_a_restart() {
     // Forget the connections: every flow chooses again, from the restored table.
     clear_conntrack(&mut maps);
     assert_eq!(picks(&ebpf, 400), before);
+    // The restart adopted web's region from its service entry: a Service added now gets
+    // another one, and web keeps picking as before.
+    let both = format!("{}---\n{}", web(&[1, 2, 3, 4]), other());
+    let (_, errs) = rec.sync(&desired(&both), &Default::default(), &mut maps);
+    assert!(errs.is_empty(), "{errs:?}");
+    let regions: Vec<(u32, u32)> = maps.services.iter().flatten().map(|(_, s)| s).filter(|s| s.table_len > 0).map(|s| (s.table_off, s.table_off + s.table_len)).collect();
+    assert_eq!(regions.len(), 2, "{regions:?}");
+    assert!(regions[0].1 <= regions[1].0 || regions[1].1 <= regions[0].0, "regions overlap: {regions:?}");
+    clear_conntrack(&mut maps);
+    assert_eq!(picks(&ebpf, 400), before);
 }
 
 /// Flows of backends other than the removed one that moved, out of 1000 flows.
@@ -213,18 +223,19 @@ fn with_300_backends_two_nodes_with_different_backend_ids_pick_the_same_backends
 }
 
 #[test]
-fn a_service_entry_from_an_older_agent_uses_a_1021_entry_table() {
-    // Agents before tables grew wrote 0 where `table_size` is now (it was padding), and always
-    // 1021-entry tables: the datapath reads 0 as 1021.
+fn a_service_entry_without_a_table_picks_live_backends_at_random() {
+    // What an entry migrated from `lb4_svc_v2` says until the first sync writes its table (the
+    // old `table_size` field is gone: `table_off` and `table_len` start at 0).
     let mut dp = Datapath::new();
     dp.apply_yaml(&web(&[1, 2, 3, 4, 5]));
     let key = dataplane_agent::reconcile::lb4_key(dp.rec.applied.frontends.keys().next().unwrap());
     let entry = dp.maps.services.get(&key, 0).unwrap();
-    assert_eq!(entry.table_size, 1021);
-    let before = picks(&dp.ebpf, 600);
-    dp.maps.services.insert(key, Lb4Service { table_size: 0, ..entry }, 0).unwrap();
+    assert_eq!(entry.table_len, 251);
+    dp.maps.services.insert(key, Lb4Service { table_off: 0, table_len: 0, ..entry }, 0).unwrap();
     clear_conntrack(&mut dp.maps);
-    assert_eq!(picks(&dp.ebpf, 600), before);
+    let got: std::collections::BTreeSet<Ipv4Addr> = picks(&dp.ebpf, 600).into_iter().collect();
+    let want: std::collections::BTreeSet<Ipv4Addr> = (1..=5).map(|i| Ipv4Addr::new(10, 0, 1, i)).collect();
+    assert_eq!(got, want);
 }
 
 fn l4(s: &str) -> dataplane_agent::model::L4Addr {
@@ -232,21 +243,118 @@ fn l4(s: &str) -> dataplane_agent::model::L4Addr {
     dataplane_agent::model::L4Addr { addr: addr.parse().unwrap(), port: port.parse().unwrap(), proto: dataplane_agent::model::Proto::Tcp }
 }
 
+/// Frontend `svc_id`'s table as the kernel's own lookups of the flat array see it, at the region
+/// its service entry points at.
+fn kernel_table(dp: &Datapath, svc_id: u32) -> (Lb4Service, Vec<u32>) {
+    let entry = dp.maps.services.iter().flatten().map(|(_, s)| s).find(|s| s.svc_id == svc_id).expect("a service entry");
+    let table = (entry.table_off..entry.table_off + entry.table_len).map(|i| dp.maps.chash.get(&(i / 2), 0).unwrap()[(i % 2) as usize]).collect();
+    (entry, table)
+}
+
 #[test]
 fn tables_written_through_mmap_read_back_entry_by_entry() {
-    // The agent fills tables as memory (8 bytes an entry, as the kernel lays out array values):
-    // a new table (5), one patched in place (6, the same size), one replaced by a larger (150).
-    // The kernel's own per-entry lookups must see the same ids.
+    // The agent fills tables as memory (4 bytes an entry, two an array element): a new table
+    // (5), one patched in place (6, the same size and region), one in a new region (150). The
+    // kernel's own per-entry lookups must see the same ids.
     let mut dp = Datapath::new();
-    for (n, size) in [(5, 1021), (6, 1021), (150, 4093)] {
+    let mut regions = Vec::new();
+    for (n, size) in [(5, 251), (6, 251), (150, 4093)] {
         dp.apply_yaml(&web_n(n));
         let af = dp.rec.applied.frontends.values().next().unwrap().clone();
         assert_eq!(af.table.len(), size);
-        let inner = dp.maps.chash.get(&af.svc_id, 0).unwrap();
-        let kernel: Vec<u32> = (0..inner.len()).map(|i| inner.get(&i, 0).unwrap()).collect();
+        let (entry, kernel) = kernel_table(&dp, af.svc_id);
         assert_eq!(kernel, af.table, "n={n}");
         assert_eq!(dp.maps.chash_table(af.svc_id).unwrap(), af.table);
         let ids: std::collections::BTreeSet<u32> = af.table.iter().copied().collect();
         assert_eq!(ids.len(), n as usize);
+        regions.push((entry.table_off, entry.table_len));
     }
+    assert_eq!(regions[0], regions[1], "a table of the same size is patched in place");
+    assert!(regions[2].0 >= regions[1].0 + regions[1].1, "the larger table overlaps the region it replaced: {regions:?}");
+}
+
+#[test]
+fn every_backend_is_in_the_table_and_the_busiest_has_at_most_1_1x_the_mean() {
+    // The issue's balance target, read from the kernel's array: every size class and both sides
+    // of its thresholds, up to 1 000 endpoints.
+    let mut dp = Datapath::new();
+    for n in [1u32, 2, 3, 25, 26, 102, 103, 300, 1000] {
+        dp.apply_yaml(&web_n(n));
+        let af = dp.rec.applied.frontends.values().next().unwrap().clone();
+        let (entry, table) = kernel_table(&dp, af.svc_id);
+        let mut per: BTreeMap<u32, u32> = BTreeMap::new();
+        for id in &table {
+            *per.entry(*id).or_default() += 1;
+        }
+        let ids: std::collections::BTreeSet<u32> = af.slots.iter().map(|b| dp.rec.applied.backends[b].0).collect();
+        assert_eq!(per.keys().copied().collect::<std::collections::BTreeSet<_>>(), ids, "n={n}: the table's backends are not the Service's");
+        let mean = entry.table_len as f64 / n as f64;
+        let max = *per.values().max().unwrap();
+        assert!(max as f64 <= 1.1 * mean, "n={n}: busiest backend has {max} of {} entries, {:.3}x the mean", entry.table_len, max as f64 / mean);
+        assert!(entry.table_len >= 10 * n, "n={n}: {} entries", entry.table_len);
+    }
+}
+
+/// `n` Services `s0..`, each with the endpoints `eps` gives it.
+fn services(n: u32, eps: impl Fn(u32) -> u32) -> String {
+    (0..n)
+        .map(|i| {
+            let e: String = (0..eps(i)).map(|j| format!("- addresses: [{}]\n", Ipv4Addr::from(0x0a01_0000 + i * 256 + j))).collect();
+            format!(
+                "kind: Service\nmetadata: {{name: s{i}, namespace: t}}\nspec: {{clusterIP: {}, ports: [{{port: 80}}]}}\n---\n\
+                 kind: EndpointSlice\nmetadata: {{name: s{i}-1, namespace: t, labels: {{kubernetes.io/service-name: s{i}}}}}\naddressType: IPv4\nports: [{{port: 80}}]\nendpoints:\n{e}---\n",
+                Ipv4Addr::from(0xac1e_0100 + i)
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn a_replaced_region_is_reused_only_after_a_synchronize_point() {
+    // s0 grows from 3 to 30 endpoints: its table moves to a 1021-entry region, and its old
+    // 251-entry region may still be read by a program that read the old entry. New Services
+    // synced right after must not get it; once a synchronize point has passed, they may.
+    let mut dp = Datapath::new();
+    dp.apply_yaml(&services(2, |_| 3));
+    let s0 = kernel_table(&dp, 1).0;
+    assert_eq!((s0.table_off, s0.table_len), (0, 251));
+    dp.apply_yaml(&services(2, |i| if i == 0 { 30 } else { 3 }));
+    assert_eq!(kernel_table(&dp, 1).0.table_len, 1021);
+    let (used, _) = dp.maps.table_usage();
+    assert_eq!(used, 251 + 251 + 1021, "the retired region is still counted as used");
+    dp.apply_yaml(&services(4, |i| if i == 0 { 30 } else { 3 }));
+    for id in [3, 4] {
+        let e = kernel_table(&dp, id).0;
+        assert!(e.table_off >= 251, "frontend {id} got entries {}.. of the retired region", e.table_off);
+    }
+    // Reclaimed after a synchronize point: best fit puts the next 251-entry table there.
+    assert_eq!(dp.maps.reclaim_tables(std::time::Duration::ZERO).unwrap(), 251);
+    dp.apply_yaml(&services(5, |i| if i == 0 { 30 } else { 3 }));
+    assert_eq!(kernel_table(&dp, 5).0.table_off, 0);
+    // Every frontend still picks only its own backends.
+    for id in 1..=5u32 {
+        let (_, t) = kernel_table(&dp, id);
+        let fe = dp.rec.applied.frontends.values().find(|f| f.svc_id == id).unwrap();
+        let own: std::collections::BTreeSet<u32> = fe.slots.iter().map(|b| dp.rec.applied.backends[b].0).collect();
+        assert!(t.iter().all(|b| own.contains(b)), "frontend {id}'s table names another Service's backend");
+    }
+}
+
+#[test]
+fn a_full_table_array_names_the_frontend_and_leaves_everything_else_as_it_was() {
+    // 1024 entries: four 251-entry tables fit, a fifth does not.
+    let mut dp = Datapath::with_capacities(&[(dataplane_common::names::CHASH, 512)]);
+    dp.apply_yaml(&services(4, |_| 3));
+    let before: Vec<(Lb4Service, Vec<u32>)> = (1..=4).map(|id| kernel_table(&dp, id)).collect();
+    let errors = dp.try_apply_yaml(&services(5, |_| 3));
+    assert_eq!(errors.len(), 1, "{errors:?}");
+    assert!(errors[0].contains("t/s4") && errors[0].contains("lb4_chash_flat_v1") && errors[0].contains("--lb-table-entries"), "{}", errors[0]);
+    let after: Vec<(Lb4Service, Vec<u32>)> = (1..=4).map(|id| kernel_table(&dp, id)).collect();
+    assert_eq!(before, after);
+    assert_eq!(dp.maps.table_usage(), (1004, 1024));
+    // The other frontends keep serving; the one that failed left no service entry.
+    assert!(dp.maps.services.iter().flatten().all(|(_, s)| s.svc_id <= 4), "a service entry of the frontend that did not fit");
+    clear_conntrack(&mut dp.maps);
+    let r = run_prog(&dp.ebpf, progs::FROM_POD, &tcp((ip("10.0.0.2"), 10000), (ip("172.30.1.3"), 80), true, b""));
+    assert!([ip("10.1.3.0"), ip("10.1.3.1"), ip("10.1.3.2")].contains(&tuple(&r.data).dst), "{:?}", tuple(&r.data));
 }

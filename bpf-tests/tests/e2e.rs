@@ -281,7 +281,12 @@ fn inspection_and_metrics_show_live_traffic_by_service_name() {
     assert!(page.contains("ferry_map_entries{map=\"ct4_v2\"} 10"), "{page}");
     assert!(page.lines().any(|l| l.starts_with("ferry_conntrack_gc_runs_total ") && !l.ends_with(" 0")), "{page}");
     assert!(page.contains("ferry_conntrack_evictions_total{map=\"ct4_v2\"} 0"), "{page}");
-    assert!(page.lines().any(|l| l.starts_with("ferry_map_entries{map=\"lb4_svc_v2\"} ")), "{page}");
+    assert!(page.lines().any(|l| l.starts_with("ferry_map_entries{map=\"lb4_svc_v3\"} ")), "{page}");
+    // The hashing tables: 251 entries for each frontend with endpoints (the lab's have a few), of
+    // the table array's default capacity.
+    let tables: u64 = page.lines().find_map(|l| l.strip_prefix("ferry_map_entries{map=\"lb4_chash_flat_v1\"} ")).and_then(|v| v.parse().ok()).unwrap_or_else(|| panic!("{page}"));
+    assert!(tables > 0 && tables % 251 == 0, "{tables} table entries: {page}");
+    assert!(page.contains(&format!("ferry_map_capacity{{map=\"lb4_chash_flat_v1\"}} {}", dataplane_common::capacity::CHASH_ENTRIES)), "{page}");
     assert!(page.contains("ferry_drops_total{reason=\"no_service\"} 0"), "{page}");
     let (code, health) = bpf_tests::fakeapi::http_get_in(&c.nodes[0].ns.name, "127.0.0.1:10256", "/healthz").unwrap();
     assert_eq!(code, 200, "{health}");

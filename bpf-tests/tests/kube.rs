@@ -250,7 +250,7 @@ fn api_server_source_lists_watches_relists_and_survives_restarts() {
     let page = n.metrics();
     // Services web, web2, hl and ext (another proxy's is not even listed); the slices of web and
     // web2 (the headless one's carries the headless label).
-    for line in ["ferry_objects{kind=\"Service\"} 4", "ferry_objects{kind=\"EndpointSlice\"} 2", "ferry_objects{kind=\"Node\"} 1", "ferry_map_capacity{map=\"lb4_svc_v2\"} 262144"] {
+    for line in ["ferry_objects{kind=\"Service\"} 4", "ferry_objects{kind=\"EndpointSlice\"} 2", "ferry_objects{kind=\"Node\"} 1", "ferry_map_capacity{map=\"lb4_svc_v3\"} 262144"] {
         assert!(page.contains(line), "{line} missing from\n{page}");
     }
     assert!(page.contains("ferry_service_packets_total{service=\"default/web:http\",frontend=\"10.96.1.10:80/TCP\",scope=\"internal\"} 0"), "{page}");

@@ -82,17 +82,22 @@ fn changed_agent() -> &'static Path {
         patch(&src.path.join("dataplane-common/src/layout.rs"), "last_seen_ns, expires_ns });\nfields!(NodeConfig", "last_seen_ns, expires_ns, upgrade_mark });\nfields!(NodeConfig", 1);
         rename_ident(&src.path.join("dataplane-ebpf/src"), "ct4_v2", "ct4_v3");
         rename_ident(&src.path.join("dataplane-ebpf/src"), "ct4_assured_v2", "ct4_assured_v3");
-        let target = root.join("target/upgrade-test");
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        sh(Command::new(&cargo).args(["run", "-q", "-p", "xtask", "--", "build-ebpf"]).current_dir(&src.path).env("CARGO_TARGET_DIR", &target));
-        let object = target.join("bpfel-unknown-none/release/dataplane-ebpf");
-        sh(Command::new(&cargo).args(["build", "-q", "-p", "dataplane-agent", "--bin", "dataplane-agent"]).current_dir(&src.path).env("CARGO_TARGET_DIR", &target).env("FERRY_EBPF_OBJECT", &object));
-        let bin = target.join("debug/dataplane-agent");
-        // Kept beside the lab's other binaries for the rest of the run (the source copy goes).
-        let kept = root.join("target/upgrade-test/dataplane-agent-ct4-v3");
-        std::fs::copy(&bin, &kept).unwrap();
-        kept
+        build_agent(&src.path, "dataplane-agent-ct4-v3")
     })
+}
+
+/// Builds the eBPF object and the agent of the source tree at `src` (dependencies cached in
+/// target/upgrade-test) and keeps the agent there as `name`, beside the lab's other binaries
+/// for the rest of the run (the source copy goes).
+fn build_agent(src: &Path, name: &str) -> PathBuf {
+    let target = repo().join("target/upgrade-test");
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    sh(Command::new(&cargo).args(["run", "-q", "-p", "xtask", "--", "build-ebpf"]).current_dir(src).env("CARGO_TARGET_DIR", &target));
+    let object = target.join("bpfel-unknown-none/release/dataplane-ebpf");
+    sh(Command::new(&cargo).args(["build", "-q", "-p", "dataplane-agent", "--bin", "dataplane-agent"]).current_dir(src).env("CARGO_TARGET_DIR", &target).env("FERRY_EBPF_OBJECT", &object));
+    let kept = target.join(name);
+    std::fs::copy(target.join("debug/dataplane-agent"), &kept).unwrap();
+    kept
 }
 
 /// (key size, value size) of a map pinned under node `i`'s pin directory, or None.
@@ -244,4 +249,76 @@ fn plant_stale(c: &Cluster, i: usize, name: &str) {
     assert!(st.success());
     let text = dataplane_agent::migrate::layouts().into_iter().find(|l| l.name == name).unwrap().text();
     dataplane_agent::migrate::record_one(dir, name, &text).unwrap();
+}
+
+/// The last commit whose hashing tables were one inner array per frontend (`lb4_chash_v2`, a
+/// hash of arrays, and `lb4_svc_v2` with `table_size`): the Ferry nodes run before the flat
+/// table array.
+const PER_FRONTEND_TABLES: &str = "916fe3b";
+
+/// The agent of [`PER_FRONTEND_TABLES`], built once per test run from git (its dependencies are
+/// cached in target/upgrade-test, as the changed agent's).
+fn per_frontend_tables_agent() -> &'static Path {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        let root = repo();
+        let src = TempDir::new(&format!("upgrade-old-{}", lab::run_id()));
+        let archive = Command::new("git").args(["archive", "--format=tar", PER_FRONTEND_TABLES]).current_dir(&root).output().expect("git archive");
+        assert!(archive.status.success(), "git archive {PER_FRONTEND_TABLES}: {}", String::from_utf8_lossy(&archive.stderr));
+        // `-m`: the files get the time of extraction, not the commit's, so cargo rebuilds what an
+        // earlier build in the shared target directory (another source copy) left.
+        let mut tar = Command::new("tar").args(["-x", "-m", "-C"]).arg(&src.path).stdin(std::process::Stdio::piped()).spawn().expect("tar");
+        std::io::Write::write_all(tar.stdin.as_mut().unwrap(), &archive.stdout).unwrap();
+        drop(tar.stdin.take());
+        assert!(tar.wait().unwrap().success());
+        build_agent(&src.path, "dataplane-agent-chash-v2")
+    })
+}
+
+#[test]
+fn a_rollback_to_per_frontend_tables_and_the_upgrade_to_the_flat_array_lose_nothing() {
+    let old = per_frontend_tables_agent();
+    let (mut c, _dir) = steady::lab();
+    let load = steady::start_load(&c);
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(pinned(&c, 0, "lb4_svc_v3"), Some((8, 20)));
+    assert_eq!(pinned(&c, 0, "lb4_chash_flat_v1"), Some((4, 8)));
+
+    // The rollback: the older agent takes the service entries into lb4_svc_v2 (no table fields:
+    // table_size 0) and makes its own lb4_chash_v2; until its first sync writes the tables, its
+    // programs find none and pick at random. Connections keep their backends (conntrack).
+    c.stop_agent(0);
+    let since = c.agent_log(0).len();
+    c.start_agent_bin(0, old);
+    let log = c.agent_log(0)[since..].to_string();
+    assert!(log.contains("map lb4_svc_v2: layout changed (value 20 -> 16 bytes"), "{log}");
+    assert_eq!((pinned(&c, 0, "lb4_svc_v2"), pinned(&c, 0, "lb4_svc_v3")), (Some((8, 16)), None));
+    // Its own table map; the flat array, which another version recorded and this one does not
+    // use, is unpinned after the swap.
+    assert!(pinned(&c, 0, "lb4_chash_v2").is_some(), "{log}");
+    assert!(log.contains("map lb4_chash_flat_v1: pinned by another version of Ferry, not used by this one: removed") && pinned(&c, 0, "lb4_chash_flat_v1").is_none(), "{log}");
+    std::thread::sleep(Duration::from_secs(2));
+
+    // The upgrade: service entries into lb4_svc_v3 (table_off and table_len 0: random until the
+    // first sync), the tables rebuilt into a new flat array, lb4_chash_v2 unpinned after the
+    // swap (a rollback must not find its stale tables).
+    c.stop_agent(0);
+    let since = c.agent_log(0).len();
+    c.start_agent(0);
+    let log = c.agent_log(0)[since..].to_string();
+    assert!(log.contains("map lb4_svc_v3: layout changed (value 16 -> 20 bytes"), "{log}");
+    assert!(log.contains("map lb4_chash_v2: pinned by another version of Ferry, not used by this one: removed"), "{log}");
+    assert_eq!((pinned(&c, 0, "lb4_svc_v3"), pinned(&c, 0, "lb4_svc_v2"), pinned(&c, 0, "lb4_chash_v2")), (Some((8, 20)), None, None));
+    let maps = dataplane_agent::bpf::BpfMaps::from_pins(&c.nodes[0].pin.path).unwrap();
+    let frontends: Vec<dataplane_common::Lb4Service> = maps.services.iter().flatten().map(|(_, s)| s).filter(|s| s.flags & dataplane_common::SVC_F_ADDR_ONLY == 0 && s.count > 0).collect();
+    assert!(!frontends.is_empty() && frontends.iter().all(|s| s.table_len > 0), "a frontend without its table after the first sync: {frontends:?}");
+    std::thread::sleep(Duration::from_secs(1));
+    // A restart over the flat array adopts every table: nothing to write.
+    c.stop_agent(0);
+    let since = c.agent_log(0).len();
+    c.start_agent(0);
+    let log = c.agent_log(0)[since..].to_string();
+    assert!(log.lines().filter(|l| l.contains("synced")).last().unwrap().contains("writes=0 deletes=0"), "{log}");
+    std::thread::sleep(Duration::from_secs(2));
+    load.finish("a rollback to per-frontend tables and the upgrade to the flat array");
 }

@@ -24,7 +24,8 @@ use crate::{
     loader, model,
     observe::Observed,
     reconcile::{Cidr4, Reconciler},
-    sources::{kube::KubeSource, manifests, Objects},
+    sources::{kube::KubeSource, manifests, Changed, Objects},
+    translator::Translator,
 };
 
 /// Where Services, EndpointSlices and Nodes come from.
@@ -77,6 +78,8 @@ pub struct RunConfig {
     pub snat_ports: (u16, u16),
     /// Entries of the assured conntrack map; the LRU one gets half (`--conntrack-capacity`).
     pub conntrack_capacity: u32,
+    /// Entries of the flat consistent-hashing table array (`--lb-table-entries`).
+    pub lb_table_entries: u32,
     /// Conntrack timeouts in seconds by `dataplane_common::ct_timeout` index (0: the default).
     pub ct_timeouts: [u32; dataplane_common::ct_timeout::COUNT],
     /// The agent's own network namespace (the node's), whose sockets the socket hooks translate;
@@ -114,20 +117,29 @@ pub struct RunConfig {
 }
 
 enum Source {
-    /// `last`: fingerprint of the manifests the maps match; `reading`: of the ones last read.
-    Manifests { path: PathBuf, last: Option<u64>, reading: Option<u64> },
+    /// `last`: fingerprint of the manifests the maps match; `reading`: of the ones last read;
+    /// `cache`: the files as last parsed.
+    Manifests { path: PathBuf, last: Option<u64>, reading: Option<u64>, cache: manifests::Cache },
     Kube(KubeSource),
 }
 
 impl Source {
     fn read(&mut self) -> Result<(Objects, Vec<ObjectError>), String> {
         match self {
-            Source::Manifests { path, reading, .. } => {
+            Source::Manifests { path, reading, cache, .. } => {
                 // Fingerprint first: a change made while reading is seen at the next tick.
                 *reading = manifests::fingerprint(path).ok();
-                manifests::read(path).map_err(|e| format!("manifests {}: {e}", path.display()))
+                manifests::read_changed(path, cache).map_err(|e| format!("manifests {}: {e}", path.display()))
             }
             Source::Kube(k) => Ok((k.snapshot(), Vec::new())),
+        }
+    }
+
+    /// Makes the next read hold every object (`Changed::All`).
+    fn read_all_next(&mut self) {
+        match self {
+            Source::Manifests { cache, .. } => *cache = Default::default(),
+            Source::Kube(k) => k.read_all_next(),
         }
     }
 }
@@ -229,7 +241,7 @@ pub async fn run(mut cfg: RunConfig) -> anyhow::Result<()> {
     }
     // Maps of another layout or capacity (an upgrade, a rollback) are copied into new ones here
     // while the programs an earlier agent attached keep serving from the old ones.
-    let (mut ebpf, mut migration) = loader::load_pinned(&cfg.pin_dir, &loader::conntrack_capacities(cfg.conntrack_capacity)).context("loading the datapath")?;
+    let (mut ebpf, mut migration) = loader::load_pinned(&cfg.pin_dir, &loader::capacities(cfg.conntrack_capacity, cfg.lb_table_entries)).context("loading the datapath")?;
     attach::load_programs(&mut ebpf).context("loading programs")?;
     let mut maps = BpfMaps::from_ebpf(&mut ebpf)?;
     let applied = maps.dump_applied();
@@ -308,7 +320,7 @@ pub async fn run(mut cfg: RunConfig) -> anyhow::Result<()> {
     })?;
 
     let source = match &cfg.source {
-        SourceConfig::Manifests { path, .. } => Source::Manifests { path: path.clone(), last: None, reading: None },
+        SourceConfig::Manifests { path, .. } => Source::Manifests { path: path.clone(), last: None, reading: None, cache: Default::default() },
         SourceConfig::Kube { kubeconfig, master } => {
             let client = crate::sources::kube::client(kubeconfig.as_deref(), master.as_deref()).await?;
             Source::Kube(KubeSource::start(client, &cfg.node.name, cfg.network_policy).await)
@@ -386,8 +398,20 @@ pub async fn run(mut cfg: RunConfig) -> anyhow::Result<()> {
     });
     let mut recheck = tokio::time::interval(Duration::from_secs(10));
     let mut service_ranges = BTreeSet::new();
+    // The translation between syncs; the next sync writes everything that differs (not only
+    // what changed) after a sync whose writes failed, and when the node's addresses change.
+    let mut tr = Translator::new();
+    let mut full_next = true;
+    let mut host_addrs = BTreeSet::new();
     loop {
         if let Some((mut objs, errors)) = pending.take() {
+            if matches!(objs.changed, Changed::Only(_)) && !tr.is_built() {
+                // Changes need a translation to change (there is none after a read that held an
+                // object twice): everything is read again.
+                source.read_all_next();
+                pending = read_logged(&mut source);
+                continue;
+            }
             if !cfg.network_policy {
                 objs.network_policies.clear();
                 objs.pods.clear();
@@ -396,6 +420,10 @@ pub async fn run(mut cfg: RunConfig) -> anyhow::Result<()> {
             let node = node_context(&cfg, &objs);
             let want = node_config(&cfg, &node, &objs);
             rec.host_addrs = node.ips.iter().copied().chain(attach::local_addresses().into_iter().map(|(_, ip)| ip)).collect();
+            if rec.host_addrs != host_addrs {
+                host_addrs = rec.host_addrs.clone();
+                full_next = true;
+            }
             if want != node_cfg {
                 match maps.set_config(want) {
                     Ok(()) => node_cfg = want,
@@ -412,7 +440,8 @@ pub async fn run(mut cfg: RunConfig) -> anyhow::Result<()> {
                 service_ranges = ranges;
             }
             pol.host_ips = attach::host_addresses(&attach::local_addresses(), &service_ranges);
-            let out = sync_objects(&cfg, &node, &mut rec, &mut pol, &mut maps, &objs, errors, &observed);
+            let out = sync_objects(&cfg, &node, &mut rec, &mut tr, full_next, &mut pol, &mut maps, &objs, errors, &observed);
+            full_next = !out.ok;
             health.update(&out.health_checks).await;
             if out.ok {
                 retry = Backoff::default();
@@ -653,12 +682,14 @@ fn unhooked_endpoints(local: &BTreeSet<Ipv4Addr>, node_ips: &[Ipv4Addr], pods: &
         .collect()
 }
 
-/// (Service address and port, backend address and port) of every UDP ClusterIP frontend, as
-/// applied: what the socket hooks translate host sockets with.
-fn udp_backends(rec: &Reconciler) -> BTreeSet<((Ipv4Addr, u16), (Ipv4Addr, u16))> {
-    rec.applied
-        .frontends
-        .iter()
+/// (Service address and port, backend address and port) of every UDP ClusterIP frontend (of
+/// `only`, when given), as applied: what the socket hooks translate host sockets with.
+fn udp_backends(rec: &Reconciler, only: Option<&BTreeSet<model::Frontend>>) -> BTreeSet<((Ipv4Addr, u16), (Ipv4Addr, u16))> {
+    let frontends: Box<dyn Iterator<Item = (&model::Frontend, &crate::reconcile::AppliedFrontend)>> = match only {
+        Some(set) => Box::new(set.iter().filter_map(|fe| rec.applied.frontends.get_key_value(fe))),
+        None => Box::new(rec.applied.frontends.iter()),
+    };
+    frontends
         .filter(|(fe, _)| fe.scope == model::Scope::Internal && fe.addr.proto == model::Proto::Udp)
         .flat_map(|(fe, af)| af.slots.iter().map(move |b| ((fe.addr.addr, fe.addr.port), (b.addr, b.port))))
         .collect()
@@ -672,11 +703,16 @@ pub struct SyncOutcome {
     pub stats: crate::reconcile::SyncStats,
 }
 
-/// Translates and reconciles once. Object errors are logged and skipped; everything else syncs.
+/// Translates and reconciles once: only the Services `objs` says changed, and only their
+/// frontends are written, unless `full` (or everything changed): then every frontend is compared
+/// with the maps. Object errors are logged and skipped; everything else syncs.
+#[allow(clippy::too_many_arguments)]
 pub fn sync_objects(
     cfg: &RunConfig,
     node: &model::NodeContext,
     rec: &mut Reconciler,
+    tr: &mut Translator,
+    full: bool,
     pol: &mut PolicyState,
     maps: &mut BpfMaps,
     objs: &Objects,
@@ -684,7 +720,23 @@ pub fn sync_objects(
     observed: &Observed,
 ) -> SyncOutcome {
     let started = Instant::now();
-    let (desired, terr) = model::translate(&objs.services, &objs.endpoint_slices, node);
+    let changes = match &objs.changed {
+        Changed::All => None,
+        Changed::Only(ch) => Some(ch.clone()),
+    };
+    let (delta, terr, translated) = match changes {
+        // (Changes alone cannot be translated anew: they are applied whatever the translation.)
+        Some(ch) if tr.is_built() || matches!(objs.changed, Changed::Only(_)) => {
+            let (delta, work) = tr.apply(ch, node);
+            (Some(delta).filter(|_| !work.full && !full), tr.errors(), work.translated)
+        }
+        _ => {
+            let before = tr.translated;
+            let e = tr.rebuild(&objs.services, &objs.endpoint_slices, node);
+            (None, e, tr.translated - before)
+        }
+    };
+    let desired = &tr.desired;
     for (ip, iface) in unhooked_endpoints(&observed.endpoints_to_check(&desired.local_endpoints), &node.ips, &cfg.pod_interfaces, cfg.external_interfaces.as_ref()) {
         if observed.unhooked_endpoint(ip, &iface) {
             warn!(
@@ -698,13 +750,17 @@ pub fn sync_objects(
         info!(count = desired.ipv6_skipped, "IPv6 addresses and EndpointSlices of dual-stack Services are left to the IPv6 datapath, which this version does not have (counted in ferry_ipv6_objects_skipped)");
     }
     errors.extend(terr);
-    let udp_before = udp_backends(rec);
+    let only = delta.as_ref().map(|d| &d.frontends);
+    let udp_before = if cfg.cgroup.is_some() { udp_backends(rec, only) } else { BTreeSet::new() };
     let (ranges, rerr) = objs.service_ranges(&cfg.service_cidrs);
     errors.extend(rerr);
-    let (mut st, mut map_errors) = rec.sync(&desired, &ranges, maps);
+    let (mut st, mut map_errors) = match &delta {
+        Some(delta) => rec.sync_changed(desired, delta, &ranges, maps),
+        None => rec.sync(desired, &ranges, maps),
+    };
     if cfg.cgroup.is_some() {
         // Host processes' connected UDP sockets to a backend that left its Service move too.
-        let after = udp_backends(rec);
+        let after = udp_backends(rec, only);
         let gone: BTreeSet<_> = udp_before.into_iter().filter(|pair| !after.contains(pair)).collect();
         let (n, errs) = crate::sockets::destroy_translated(&gone, |cookie, be| maps.translated_from(cookie, be));
         st.sockets_destroyed = n;
@@ -733,17 +789,26 @@ pub fn sync_objects(
         error!(error = %e, "sync");
     }
     let took = started.elapsed();
-    if map_errors.is_empty() {
-        observed.programmed(objs.endpoint_slices.iter());
+    // Table regions retired a second ago or more are freed after one synchronize point (an RCU
+    // grace period, about 10 ms here): at most once a second, after the maps are programmed.
+    if let Err(e) = maps.reclaim_tables(Duration::from_secs(1)) {
+        warn!(error = %e, "freeing retired hashing table regions (they stay reserved; retried after the next sync)");
     }
     observed.no_local_endpoints(desired.no_local_endpoints);
+    if map_errors.is_empty() {
+        match &objs.changed {
+            Changed::Only(ch) => observed.programmed_changed(ch.slices.iter().map(|(k, s)| (k, s.as_ref()))),
+            _ => observed.programmed(objs.endpoint_slices.iter()),
+        }
+    }
+    let (services, slices) = tr.counts();
     observed.synced(
         took,
         map_errors.is_empty(),
         &st,
         [
-            ("Service", objs.services.len()),
-            ("EndpointSlice", objs.endpoint_slices.len()),
+            ("Service", services),
+            ("EndpointSlice", slices),
             ("Node", objs.nodes.len()),
             ("Pod", objs.pods.len()),
             ("Namespace", objs.namespaces.len()),
@@ -753,9 +818,11 @@ pub fn sync_objects(
         node_eligible(objs, &node.name),
     );
     info!(
-        services = objs.services.len(),
-        slices = objs.endpoint_slices.len(),
+        services,
+        slices,
         frontends = desired.frontends.len(),
+        translated,
+        changed_frontends = delta.as_ref().map_or(desired.frontends.len(), |d| d.frontends.len()),
         policies = pol.applied.policies.len(),
         isolated_pods = pol.applied.endpoints.len(),
         took = ?took,
@@ -765,5 +832,5 @@ pub fn sync_objects(
         sockets_destroyed = st.sockets_destroyed,
         "synced"
     );
-    SyncOutcome { ok: map_errors.is_empty(), health_checks: desired.health_checks, stats: st }
+    SyncOutcome { ok: map_errors.is_empty(), health_checks: desired.health_checks.clone(), stats: st }
 }

@@ -1,6 +1,7 @@
 //! The only code that touches BPF maps: typed wrappers over aya, the [`MapOps`] implementation
 //! the reconciler drives, and the dump that restores the applied view at start-up.
 pub mod conntrack;
+pub mod tables;
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -9,7 +10,7 @@ use std::{
 };
 
 use aya::{
-    maps::{lpm_trie::Key as LpmKey, Array, HashMap, HashOfMaps, IterableMap, LpmTrie, Map, MapData, MapError, PerCpuArray, PerCpuHashMap, PerCpuValues},
+    maps::{lpm_trie::Key as LpmKey, Array, HashMap, IterableMap, LpmTrie, Map, MapData, MapError, PerCpuArray, PerCpuHashMap, PerCpuValues},
     sys::SyscallError,
     Ebpf,
 };
@@ -18,6 +19,7 @@ use dataplane_common::{
     SvcCounters, SvcName, LocalAddr, PodIface, PolCtEntry, PolCtKey, PolEndpoint, PolRuleKey, IPPROTO_TCP, SVC_F_ADDR_ONLY,
 };
 
+use self::tables::{Region, TableArena};
 use crate::{
     error::{LoadError, MapOpError},
     reconcile::{frontend_from_key, l4addr_from_backend, Applied, AppliedFrontend, Cidr4, MapOps},
@@ -35,7 +37,10 @@ pub struct BpfMaps {
     pub affinity: HashMap<MapData, AffinityKey, AffinityValue>,
     pub source_ranges: LpmTrie<MapData, SrcRangeData, u32>,
     pub config: Array<MapData, NodeConfig>,
-    pub chash: HashOfMaps<MapData, u32, Array<MapData, u32>>,
+    /// Every frontend's consistent-hashing table, each in its region (see [`Tables`]).
+    pub chash: Array<MapData, [u32; 2]>,
+    /// Where each frontend's table is in `chash`, and the array mapped into this process.
+    pub tables: Tables,
     pub svc_stats: PerCpuHashMap<MapData, u32, SvcCounters>,
     pub svc_names: HashMap<MapData, u32, SvcName>,
     pub pol_ipcache: LpmTrie<MapData, u32, u32>,
@@ -69,7 +74,9 @@ struct Caps {
 
 fn capacity_of(m: &Map, compiled: u32) -> u32 {
     match m {
-        Map::HashMap(d) | Map::LruHashMap(d) | Map::HashOfMaps(d) => d.info().map(|i| i.max_entries()).unwrap_or(compiled),
+        Map::HashMap(d) | Map::LruHashMap(d) => d.info().map(|i| i.max_entries()).unwrap_or(compiled),
+        // The table array's capacity counts entries, two an element.
+        Map::Array(d) => d.info().map(|i| i.max_entries().saturating_mul(dataplane_common::CHASH_PER_ELEMENT)).unwrap_or(compiled),
         _ => compiled,
     }
 }
@@ -94,7 +101,7 @@ impl BpfMaps {
             services: capacity_of(&svc, capacity::SERVICES),
             slots: capacity_of(&slots, capacity::SLOTS),
             backends: capacity_of(&be, capacity::BACKENDS),
-            chash: capacity_of(&chash, capacity::SERVICES),
+            chash: capacity_of(&chash, capacity::CHASH_ENTRIES),
         };
         Ok(BpfMaps {
             services: conv(names::SERVICES, HashMap::try_from(svc))?,
@@ -106,7 +113,8 @@ impl BpfMaps {
             affinity: conv(names::AFFINITY, HashMap::try_from(get(names::AFFINITY)?))?,
             source_ranges: conv(names::SOURCE_RANGES, LpmTrie::try_from(get(names::SOURCE_RANGES)?))?,
             config: conv(names::CONFIG, Array::try_from(get(names::CONFIG)?))?,
-            chash: conv(names::CHASH, HashOfMaps::try_from(chash))?,
+            chash: conv(names::CHASH, Array::try_from(chash))?,
+            tables: Tables::default(),
             svc_stats: conv(names::SVC_STATS, PerCpuHashMap::try_from(get(names::SVC_STATS)?))?,
             svc_names: conv(names::SVC_NAMES, HashMap::try_from(get(names::SVC_NAMES)?))?,
             pol_ipcache: conv(names::POL_IPCACHE, LpmTrie::try_from(get(names::POL_IPCACHE)?))?,
@@ -134,8 +142,7 @@ impl BpfMaps {
                 names::SERVICE_CIDRS | names::SOURCE_RANGES | names::POL_IPCACHE | names::POL_RULES => Map::LpmTrie(data),
                 names::STATS | names::POL_DROPS => Map::PerCpuArray(data),
                 names::POL_EVENTS => Map::RingBuf(data),
-                names::CONFIG => Map::Array(data),
-                names::CHASH => Map::HashOfMaps(data),
+                names::CONFIG | names::CHASH => Map::Array(data),
                 names::SVC_STATS => Map::PerCpuHashMap(data),
                 names::CONNTRACK | names::FRAGMENTS | names::AFFINITY | names::POL_CONNTRACK | names::POL_FRAGMENTS | names::POL_EVENT_LIMIT | names::SOCK_REV | names::CT_SOURCES | names::POL_REVOKED => {
                     Map::LruHashMap(data)
@@ -147,7 +154,7 @@ impl BpfMaps {
     }
 
     /// Reads the maps back into the reconciler's view (restore, then reconcile).
-    pub fn dump_applied(&self) -> Applied {
+    pub fn dump_applied(&mut self) -> Applied {
         let mut applied = Applied::default();
         let mut by_id = BTreeMap::new();
         for (id, be) in self.backends.iter().flatten() {
@@ -163,13 +170,19 @@ impl BpfMaps {
             ranges.entry(d.svc_id).or_default().insert(Cidr4 { addr: Ipv4Addr::from(d.addr_be.to_ne_bytes()), prefix });
         }
         let slots: BTreeMap<Lb4SlotKey, u32> = self.slots.iter().flatten().collect();
-        for (key, svc) in self.services.iter().flatten() {
+        let services: Vec<(Lb4Key, Lb4Service)> = self.services.iter().flatten().collect();
+        // The table regions the service entries point at: the allocator's state, and the tables
+        // read back through one mapping of the array (no syscall per entry or per table).
+        let regions = services.iter().filter(|(_, s)| s.flags & SVC_F_ADDR_ONLY == 0 && s.table_len > 0).map(|(_, s)| (s.svc_id, Region { off: s.table_off, len: s.table_len }));
+        self.tables.adopt(self.caps.chash, regions);
+        for (key, svc) in services {
             if svc.flags & SVC_F_ADDR_ONLY != 0 {
                 applied.cluster_ips.insert(Ipv4Addr::from(key.addr_be.to_ne_bytes()));
                 continue;
             }
             let Some(fe) = frontend_from_key(&key) else { continue };
             let service = self.svc_names.get(&svc.svc_id, 0).ok().and_then(|n| n.as_str().parse().ok());
+            let table = self.chash_table(svc.svc_id).unwrap_or_default();
             // Every slot, also past the count (an update that stopped before raising it), and as
             // they are: a backend in two slots (a crash between a slot move and the count) is
             // dropped from the second by the next sync.
@@ -186,9 +199,12 @@ impl BpfMaps {
                     svc_id: svc.svc_id,
                     service,
                     slots: list,
-                    entry: Some(svc),
+                    // The offset is the map layer's (`put_service` fills it in): the reconciler
+                    // compares entries without it. A refused region reads as no table, so the
+                    // first sync writes one and switches the entry to it.
+                    entry: Some(Lb4Service { table_off: 0, table_len: if table.is_empty() { 0 } else { svc.table_len }, ..svc }),
                     source_ranges: ranges.remove(&svc.svc_id).unwrap_or_default(),
-                    table: self.chash_table(svc.svc_id).unwrap_or_default(),
+                    table,
                     // Unknown: the first sync builds each table once and writes it only if it differs.
                     table_of: Vec::new(),
                 },
@@ -200,12 +216,38 @@ impl BpfMaps {
         applied
     }
 
-    /// Reads frontend `svc_id`'s consistent-hashing table back, if it has one (through mmap:
-    /// one syscall, not one per entry).
-    pub fn chash_table(&self, svc_id: u32) -> Option<Vec<u32>> {
-        let inner = self.chash.get(&svc_id, 0).ok()?;
-        let mapped = MappedTable::new(inner.map(), false).ok()?;
-        Some((0..mapped.entries).map(|i| mapped.get(i)).collect())
+    /// Reads frontend `svc_id`'s consistent-hashing table back, if its service entry points at
+    /// one (through the mapping of the array: no syscall per entry).
+    pub fn chash_table(&mut self, svc_id: u32) -> Option<Vec<u32>> {
+        let r = match self.tables.live.get(&svc_id) {
+            Some(r) => *r,
+            // Adopted (`dump_applied`): the frontend has no table.
+            None if self.tables.arena.is_some() => return None,
+            // Not adopted (a one-off look at the pins): found in the service map.
+            None => self.services.iter().flatten().find(|(_, s)| s.svc_id == svc_id && s.flags & SVC_F_ADDR_ONLY == 0 && s.table_len > 0).map(|(_, s)| Region { off: s.table_off, len: s.table_len })?,
+        };
+        let m = self.tables.mapped(&self.chash).ok()?;
+        if r.off as u64 + r.len as u64 > m.entries as u64 {
+            return None;
+        }
+        Some((r.off..r.off + r.len).map(|i| m.get(i as usize)).collect())
+    }
+
+    /// Entries of the table array in use (quarantine included) and its capacity, as this agent
+    /// allocates them.
+    pub fn table_usage(&self) -> (u64, u32) {
+        (self.tables.arena.as_ref().map_or(0, |a| a.used()), self.caps.chash)
+    }
+
+    /// Frees the table regions retired at least `age` ago (and every other one retired before
+    /// now) once a synchronize point has passed: one RCU grace period for all of them. The agent
+    /// calls it after each sync, so a busy node waits at most one grace period a second for it;
+    /// an allocation that finds no room also synchronizes at once. Returns the entries freed.
+    pub fn reclaim_tables(&mut self, age: std::time::Duration) -> Result<u64, MapOpError> {
+        match self.tables.arena.as_ref().and_then(|a| a.oldest_retired()) {
+            Some(t) if t.elapsed() >= age => self.tables.synchronize(),
+            _ => Ok(0),
+        }
     }
 
     /// The Service address a host socket (`cookie`) connected to backend `be` was translated
@@ -411,6 +453,15 @@ pub fn map_usage(dir: &Path) -> Vec<MapUsage> {
         }
         let Ok(data) = MapData::from_pin(dir.join(name)) else { continue };
         let Ok(info) = data.info() else { continue };
+        if name == names::CHASH {
+            // Table entries the service entries point at, of all the array's entries.
+            let used = MapData::from_pin(dir.join(names::SERVICES))
+                .ok()
+                .and_then(|d| HashMap::<MapData, Lb4Key, Lb4Service>::try_from(Map::HashMap(d)).ok())
+                .map_or(0, |m| m.iter().flatten().filter(|(_, s)| s.flags & SVC_F_ADDR_ONLY == 0).map(|(_, s)| s.table_len as u64).sum());
+            out.push(MapUsage { name, entries: used, capacity: info.max_entries().saturating_mul(dataplane_common::CHASH_PER_ELEMENT) });
+            continue;
+        }
         match info.map_type() {
             // Every slot of an array exists: nothing to walk.
             Ok(aya::maps::MapType::Array | aya::maps::MapType::PerCpuArray) => {
@@ -446,53 +497,176 @@ pub fn map_usage(dir: &Path) -> Vec<MapUsage> {
     out
 }
 
-/// A consistent-hashing table's array (created `BPF_F_MMAPABLE`) mapped into this process, so
-/// its entries are read and written as memory. The kernel stores array values 8-byte aligned:
-/// entry `i` is the `u32` at byte `8 i`.
-struct MappedTable {
+/// The table array (created `BPF_F_MMAPABLE`) mapped into this process, so its entries are read
+/// and written as memory. Entry `i` is the `u32` at byte `4 i` (two entries an 8-byte element).
+struct MappedTables {
     ptr: *mut libc::c_void,
     len: usize,
     entries: usize,
 }
 
-impl MappedTable {
-    const STRIDE: usize = 8;
-
-    fn new(map: &MapData, write: bool) -> std::io::Result<Self> {
+impl MappedTables {
+    fn new(map: &MapData) -> std::io::Result<Self> {
         use std::os::fd::{AsFd, AsRawFd};
-        let entries = map.info().map_err(std::io::Error::other)?.max_entries() as usize;
+        let elements = map.info().map_err(std::io::Error::other)?.max_entries() as usize;
+        let entries = elements * dataplane_common::CHASH_PER_ELEMENT as usize;
         let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(1) as usize;
-        let len = (entries * Self::STRIDE).div_ceil(page) * page;
-        let prot = if write { libc::PROT_READ | libc::PROT_WRITE } else { libc::PROT_READ };
+        let len = (entries * 4).div_ceil(page) * page;
         // SAFETY: a fresh shared mapping of the map's fd; the kernel checks the length against
-        // the array's size and refuses maps without BPF_F_MMAPABLE.
-        let ptr = unsafe { libc::mmap(std::ptr::null_mut(), len, prot, libc::MAP_SHARED, map.fd().as_fd().as_raw_fd(), 0) };
+        // the array's size and refuses maps without BPF_F_MMAPABLE. Only the pages touched are
+        // backed in this process.
+        let ptr = unsafe { libc::mmap(std::ptr::null_mut(), len, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_SHARED, map.fd().as_fd().as_raw_fd(), 0) };
         if ptr == libc::MAP_FAILED {
             return Err(std::io::Error::last_os_error());
         }
-        Ok(MappedTable { ptr, len, entries })
+        Ok(MappedTables { ptr, len, entries })
     }
 
     fn slot(&self, i: usize) -> &std::sync::atomic::AtomicU32 {
-        assert!(i < self.entries, "entry {i} of a {}-entry table", self.entries);
-        // SAFETY: inside the mapping (checked above), 8-byte aligned (the mapping is page
-        // aligned); atomic because a linked table is read by the datapath at the same time.
-        unsafe { &*(self.ptr.cast::<u8>().add(i * Self::STRIDE) as *const std::sync::atomic::AtomicU32) }
+        assert!(i < self.entries, "entry {i} of a {}-entry table array", self.entries);
+        // SAFETY: inside the mapping (checked above), 4-byte aligned (the mapping is page
+        // aligned); atomic because the datapath reads live tables at the same time.
+        unsafe { &*(self.ptr.cast::<u8>().add(i * 4) as *const std::sync::atomic::AtomicU32) }
     }
 
     fn get(&self, i: usize) -> u32 {
         self.slot(i).load(std::sync::atomic::Ordering::Relaxed)
     }
 
-    fn set(&mut self, i: usize, id: u32) {
+    fn set(&self, i: usize, id: u32) {
         self.slot(i).store(id, std::sync::atomic::Ordering::Relaxed)
     }
 }
 
-impl Drop for MappedTable {
+impl Drop for MappedTables {
     fn drop(&mut self) {
         // SAFETY: the mapping made in `new`, unmapped once.
         unsafe { libc::munmap(self.ptr, self.len) };
+    }
+}
+
+/// A synchronize point for userspace: an update of a map of maps returns only after an RCU
+/// grace period (`maybe_wait_bpf_programs` in the kernel's syscall.c: every non-sleepable program
+/// running when it began has ended). A one-slot array of maps made for this alone, never pinned.
+struct RcuBarrier {
+    outer: std::os::fd::OwnedFd,
+    inner: std::os::fd::OwnedFd,
+}
+
+impl RcuBarrier {
+    fn new() -> std::io::Result<Self> {
+        use crate::links::{sys_bpf, Attr};
+        use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+        const BPF_MAP_CREATE: u32 = 0;
+        const MAP_ARRAY: u32 = 2;
+        const MAP_ARRAY_OF_MAPS: u32 = 12;
+        let inner = sys_bpf(BPF_MAP_CREATE, Attr::new().u32(0, MAP_ARRAY).u32(4, 4).u32(8, 4).u32(12, 1))?;
+        let inner = unsafe { OwnedFd::from_raw_fd(inner as i32) };
+        let outer = sys_bpf(BPF_MAP_CREATE, Attr::new().u32(0, MAP_ARRAY_OF_MAPS).u32(4, 4).u32(8, 4).u32(12, 1).u32(20, inner.as_raw_fd() as u32))?;
+        Ok(RcuBarrier { outer: unsafe { OwnedFd::from_raw_fd(outer as i32) }, inner })
+    }
+
+    /// Returns once every BPF program that was running when it was called has ended.
+    fn wait(&self) -> std::io::Result<()> {
+        use crate::links::{sys_bpf, Attr};
+        use std::os::fd::AsRawFd;
+        const BPF_MAP_UPDATE_ELEM: u32 = 2;
+        let key = 0u32;
+        let value = self.inner.as_raw_fd() as u32;
+        sys_bpf(BPF_MAP_UPDATE_ELEM, Attr::new().u32(0, self.outer.as_raw_fd() as u32).u64(8, &key as *const u32 as u64).u64(16, &value as *const u32 as u64)).map(drop)
+    }
+}
+
+/// Where each frontend's table is in the flat table array, and the array as memory. A full sync
+/// is memory writes plus one service entry update per frontend: no syscall per entry, no map of
+/// maps (whose every update waits an RCU grace period).
+///
+/// - A new table, or one of another size, goes to a new region ([`TableArena`], best fit),
+///   written before `put_service` switches the frontend's entry to it (`pending` until then).
+/// - A table of the same size is patched in place: the datapath may meet a mix of old and new
+///   entries for a moment, every one of them a live backend.
+/// - The region an entry stopped pointing at is retired: reused only after a synchronize point
+///   ([`RcuBarrier`]) that began after the switch (see `tables.rs`).
+/// - A restart adopts the regions the service entries point at ([`BpfMaps::dump_applied`]);
+///   the rest of the array is free after one synchronize (an earlier agent may have retired a
+///   region just before it stopped).
+#[derive(Default)]
+pub struct Tables {
+    mapped: Option<MappedTables>,
+    arena: Option<TableArena>,
+    /// Frontend id -> the region its service entry points at.
+    live: std::collections::HashMap<u32, Region>,
+    /// Frontend id -> a region written whose service entry does not point at it yet.
+    pending: std::collections::HashMap<u32, Region>,
+    barrier: Option<RcuBarrier>,
+    /// Adopted free space must pass a synchronize before it is handed out.
+    adopted: bool,
+}
+
+impl Tables {
+    fn mapped(&mut self, map: &Array<MapData, [u32; 2]>) -> std::io::Result<&MappedTables> {
+        if self.mapped.is_none() {
+            self.mapped = Some(MappedTables::new(map.map())?);
+        }
+        Ok(self.mapped.as_ref().expect("mapped above"))
+    }
+
+    /// Takes over the regions the service entries point at (`(frontend id, region)`): a region
+    /// past the array's end or overlapping another is not adopted (that frontend gets a new table
+    /// at the next sync).
+    fn adopt(&mut self, capacity: u32, regions: impl Iterator<Item = (u32, Region)>) {
+        let regions: Vec<(u32, Region)> = regions.collect();
+        let (arena, refused) = TableArena::rebuild(capacity, regions.iter().map(|(_, r)| *r));
+        for r in &refused {
+            log::warn!("table array {}: a service entry points at entries {}..{} (past the end or shared): not adopted, the next sync writes a new table", names::CHASH, r.off, r.off as u64 + r.len as u64);
+        }
+        self.live = regions.into_iter().filter(|(_, r)| !refused.contains(r)).collect();
+        self.pending.clear();
+        self.arena = Some(arena);
+        self.adopted = true;
+    }
+
+    fn arena(&mut self, capacity: u32) -> &mut TableArena {
+        self.arena.get_or_insert_with(|| TableArena::new(capacity))
+    }
+
+    /// Waits for a synchronize point, then frees every region retired before it. Returns the
+    /// entries freed.
+    fn synchronize(&mut self) -> Result<u64, MapOpError> {
+        let other = |message: String| MapOpError::Other { map: names::CHASH, what: "retired table regions".into(), message };
+        if self.barrier.is_none() {
+            self.barrier = Some(RcuBarrier::new().map_err(|e| other(format!("creating the synchronize map: {e}")))?);
+        }
+        let Some(arena) = self.arena.as_mut() else { return Ok(0) };
+        let epoch = arena.begin_synchronize();
+        self.barrier.as_ref().expect("created above").wait().map_err(|e| other(format!("synchronize: {e}")))?;
+        self.adopted = false;
+        Ok(self.arena.as_mut().map_or(0, |a| a.synchronized(epoch)))
+    }
+
+    /// Frontend `svc_id`'s service entry now points at `region` (or at no table).
+    fn switched(&mut self, svc_id: u32, region: Option<Region>) {
+        if region.is_some() && self.pending.get(&svc_id).copied() == region {
+            self.pending.remove(&svc_id);
+        }
+        let old = match region {
+            Some(r) => self.live.insert(svc_id, r),
+            None => self.live.remove(&svc_id),
+        };
+        if let (Some(old), Some(arena)) = (old.filter(|o| Some(*o) != region), self.arena.as_mut()) {
+            arena.retire(old, std::time::Instant::now());
+        }
+    }
+}
+
+impl BpfMaps {
+    fn table_full(&self, what: String) -> MapOpError {
+        let (used, largest) = self.tables.arena.as_ref().map_or((0, 0), |a| (a.used(), a.largest_free()));
+        MapOpError::Full {
+            map: names::CHASH,
+            capacity: self.caps.chash,
+            what: format!("{what} ({used} entries in use, the largest free region has {largest}; raise --lb-table-entries)"),
+        }
     }
 }
 
@@ -540,12 +714,38 @@ impl MapOps for BpfMaps {
     fn del_slot(&mut self, key: Lb4SlotKey) -> Result<(), MapOpError> {
         del(&mut self.slots, names::SLOTS, &key, || format!("slot {}/{}", key.svc_id, key.slot))
     }
-    fn put_service(&mut self, key: Lb4Key, svc: Lb4Service) -> Result<(), MapOpError> {
-        put(&mut self.services, names::SERVICES, self.caps.services, key, svc, || format!("{key:?}"))
+    fn put_service(&mut self, key: Lb4Key, mut svc: Lb4Service) -> Result<(), MapOpError> {
+        // The table's offset is this layer's: the region `put_table` wrote last for the frontend.
+        let frontend = svc.flags & SVC_F_ADDR_ONLY == 0;
+        let region = if frontend && svc.table_len > 0 {
+            let r = self.tables.pending.get(&svc.svc_id).or(self.tables.live.get(&svc.svc_id)).copied().filter(|r| r.len == svc.table_len);
+            let r = r.ok_or_else(|| MapOpError::Other {
+                map: names::SERVICES,
+                what: format!("{key:?}"),
+                message: format!("no table of {} entries written for frontend {}", svc.table_len, svc.svc_id),
+            })?;
+            svc.table_off = r.off;
+            Some(r)
+        } else {
+            svc.table_off = 0;
+            svc.table_len = 0;
+            None
+        };
+        put(&mut self.services, names::SERVICES, self.caps.services, key, svc, || format!("{key:?}"))?;
+        if frontend {
+            self.tables.switched(svc.svc_id, region);
+        }
+        Ok(())
     }
     fn del_service(&mut self, key: Lb4Key) -> Result<(), MapOpError> {
-        del(&mut self.services, names::SERVICES, &key, || format!("{key:?}"))
+        let was = self.services.get(&key, 0).ok();
+        del(&mut self.services, names::SERVICES, &key, || format!("{key:?}"))?;
+        if let Some(was) = was.filter(|s| s.flags & SVC_F_ADDR_ONLY == 0) {
+            self.tables.switched(was.svc_id, None);
+        }
+        Ok(())
     }
+
     fn put_service_cidr(&mut self, c: Cidr4) -> Result<(), MapOpError> {
         let key = LpmKey::new(c.prefix as u32, u32::from_ne_bytes(c.addr.octets()));
         self.service_cidrs
@@ -560,53 +760,59 @@ impl MapOps for BpfMaps {
         }
     }
     fn put_table(&mut self, svc_id: u32, table: &[u32], old: &[u32]) -> Result<usize, MapOpError> {
-        let what = || format!("table of frontend {svc_id} ({} entries)", table.len());
-        let err = |op: &'static str, source: MapError| MapOpError::Syscall { map: names::CHASH, op, what: what(), source };
+        let n = table.len() as u32;
+        let what = || format!("a table of {} entries for frontend {svc_id}", table.len());
         let mmap_err = |e: std::io::Error| MapOpError::Other { map: names::CHASH, what: what(), message: format!("mmap: {e}") };
-        // Entries are written as memory through mmap, never one syscall each. Every syscall
-        // (find, create, map) comes before the first entry is written, so an error leaves the
-        // old table whole.
-        if old.len() == table.len() {
-            // Same size: patched in place. Replacing the array in the outer map would make the
-            // kernel wait for an RCU grace period (milliseconds) on every change; the datapath
-            // may meet a mix of old and new entries for a moment, all of them live backends.
-            if let Ok(inner) = self.chash.get(&svc_id, 0) {
-                let mut mapped = MappedTable::new(inner.map(), true).map_err(mmap_err)?;
-                if mapped.entries == table.len() {
-                    let mut changed = 0;
-                    for (i, (new, was)) in table.iter().zip(old).enumerate() {
-                        if new != was || mapped.get(i) != *new {
-                            mapped.set(i, *new);
-                            changed += usize::from(new != was);
-                        }
-                    }
-                    return Ok(changed);
+        let cap = self.caps.chash;
+        // The region written last (one not switched to yet, else the live one): the same size is
+        // patched in place.
+        let current = self.tables.pending.get(&svc_id).or(self.tables.live.get(&svc_id)).copied().filter(|r| r.len == n);
+        if let Some(r) = current {
+            let m = self.tables.mapped(&self.chash).map_err(mmap_err)?;
+            let mut changed = 0;
+            for (i, new) in table.iter().enumerate() {
+                let at = r.off as usize + i;
+                if m.get(at) != *new {
+                    m.set(at, *new);
+                }
+                changed += usize::from(old.get(i) != Some(new));
+            }
+            return Ok(changed);
+        }
+        // A new region, written before the service entry is switched to it: the datapath never
+        // sees it half filled. Every call that can fail comes before the first write.
+        self.tables.mapped(&self.chash).map_err(mmap_err)?;
+        if self.tables.adopted {
+            self.tables.synchronize()?;
+        }
+        let region = match self.tables.arena(cap).alloc(n) {
+            Some(r) => r,
+            None if self.tables.arena(cap).quarantined() > 0 => {
+                self.tables.synchronize()?;
+                match self.tables.arena(cap).alloc(n) {
+                    Some(r) => r,
+                    None => return Err(self.table_full(what())),
                 }
             }
-        }
-        // New, or another size: a new array, filled before one update of the outer map links
-        // it in, so the datapath never sees it half filled.
-        let inner = Array::<MapData, u32>::create(table.len() as u32, dataplane_common::CHASH_INNER_FLAGS).map_err(|e| err("create", e))?;
-        let mut mapped = MappedTable::new(inner.map(), true).map_err(mmap_err)?;
+            None => return Err(self.table_full(what())),
+        };
+        let m = self.tables.mapped.as_ref().expect("mapped above");
         for (i, id) in table.iter().enumerate() {
-            mapped.set(i, *id);
+            m.set(region.off as usize + i, *id);
         }
-        drop(mapped);
-        self.chash.insert(svc_id, &inner, 0).map_err(|source| {
-            if is_full(&source) {
-                MapOpError::Full { map: names::CHASH, capacity: self.caps.chash, what: what() }
-            } else {
-                err("insert", source)
-            }
-        })?;
+        if let Some(unused) = self.tables.pending.insert(svc_id, region) {
+            // Written for an entry update that never happened: nothing can be reading it.
+            self.tables.arena(cap).free(unused);
+        }
         Ok(table.len())
     }
     fn del_table(&mut self, svc_id: u32) -> Result<(), MapOpError> {
-        match self.chash.remove(&svc_id) {
-            Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
-            Err(MapError::SyscallError(SyscallError { ref io_error, .. })) if io_error.raw_os_error() == Some(libc::ENOENT) => Ok(()),
-            Err(source) => Err(MapOpError::Syscall { map: names::CHASH, op: "delete", what: format!("table of frontend {svc_id}"), source }),
+        // A region the entry never pointed at goes at once; the live one when the entry stops
+        // pointing at it (`put_service`, `del_service`).
+        if let Some(r) = self.tables.pending.remove(&svc_id) {
+            self.tables.arena(self.caps.chash).free(r);
         }
+        Ok(())
     }
     fn put_source_range(&mut self, svc_id: u32, c: Cidr4) -> Result<(), MapOpError> {
         let key = LpmKey::new(32 + c.prefix as u32, SrcRangeData { svc_id, addr_be: u32::from_ne_bytes(c.addr.octets()) });
@@ -642,7 +848,7 @@ impl MapOps for BpfMaps {
             Err(source) => Err(MapOpError::Syscall { map: names::SVC_STATS, op: "delete", what: format!("counters of frontend {svc_id}"), source }),
         }
     }
-    fn flush_conntrack(&mut self, gone: &BTreeSet<(u32, u32)>, gone_services: &BTreeSet<u32>) -> Result<usize, MapOpError> {
+    fn flush_conntrack(&mut self, gone: &BTreeSet<(u32, u32)>, gone_services: &BTreeSet<u32>, walk: bool) -> Result<usize, MapOpError> {
         // Clients stuck to a backend that left (or whose Service went) choose again.
         let stale: Vec<AffinityKey> = self
             .affinity
@@ -654,8 +860,12 @@ impl MapOps for BpfMaps {
         for k in &stale {
             del(&mut self.affinity, names::AFFINITY, k, || format!("{k:?}"))?;
         }
-        // One (batched) pass over both tables, only when endpoints went away; never on the
-        // packet path.
+        if !walk {
+            // TCP alone: its connections keep their backend, nothing in the tables is doomed.
+            return Ok(0);
+        }
+        // One (batched) pass over both tables, only when UDP or SCTP endpoints went away; never
+        // on the packet path.
         let doomed: Vec<conntrack::CtRow> = self
             .ct
             .rows()

@@ -160,6 +160,12 @@ pub struct RunArgs {
     /// the new size while the old ones keep serving.
     #[arg(long, env = "FERRY_CONNTRACK_CAPACITY", default_value_t = dataplane_common::capacity::CONNTRACK)]
     pub conntrack_capacity: u32,
+    /// Entries of all consistent-hashing tables together (4 bytes each, allocated when the map
+    /// is created): a table takes 251 entries up to 25 endpoints, 1021 up to 102,
+    /// then 4093, 16381, 65521. A frontend whose table does not fit is reported by name and left
+    /// as it was. A new value takes effect at the next start (the tables are copied over).
+    #[arg(long, env = "FERRY_LB_TABLE_ENTRIES", default_value_t = dataplane_common::capacity::CHASH_ENTRIES)]
+    pub lb_table_entries: u32,
     /// Idle timeout of an established TCP connection in conntrack (kube-proxy's flag; Go
     /// duration such as `24h0m0s`). For each of these timeouts, 0 keeps the default (kube-proxy
     /// leaves the kernel's value).
@@ -473,6 +479,7 @@ impl RunArgs {
             external_interfaces: self.external_interfaces.as_deref().map(IfacePatterns::parse),
             snat_ports,
             conntrack_capacity: self.conntrack_capacity.max(1024),
+            lb_table_entries: self.lb_table_entries.max(65_536),
             host_netns_cookie: 0,
             ct_timeouts: {
                 use dataplane_common::ct_timeout as t;

@@ -25,3 +25,4 @@ pub mod select;
 pub mod sockets;
 pub mod sources;
 pub mod trace;
+pub mod translator;

@@ -20,7 +20,9 @@ pub fn object() -> Result<&'static [u8], LoadError> {
 
 /// Capacities for a private copy (trace, tests): a handful of flows need no half-gigabyte
 /// conntrack table, and several copies may be loaded at once.
-pub const PRIVATE_CAPACITIES: [(&str, u32); 8] = [
+pub const PRIVATE_CAPACITIES: [(&str, u32); 9] = [
+    // 1 048 576 table entries (4 MiB).
+    (names::CHASH, 1_048_576 / dataplane_common::CHASH_PER_ELEMENT),
     (names::CONNTRACK, 8_192),
     (names::CONNTRACK_ASSURED, 8_192),
     (names::FRAGMENTS, 1_024),
@@ -41,6 +43,14 @@ pub fn conntrack_capacities(n: u32) -> [(&'static str, u32); 4] {
         (names::POL_CONNTRACK_ASSURED, n.max(1024)),
         (names::POL_CONNTRACK, (n / 2).max(1024)),
     ]
+}
+
+/// The capacities a start asks for: conntrack (`--conntrack-capacity`) and the table array
+/// (`--lb-table-entries`, in entries; the map holds two an element).
+pub fn capacities(conntrack: u32, table_entries: u32) -> Vec<(&'static str, u32)> {
+    let mut v = conntrack_capacities(conntrack).to_vec();
+    v.push((names::CHASH, table_entries.div_ceil(dataplane_common::CHASH_PER_ELEMENT)));
+    v
 }
 
 /// Where a node's maps live.

@@ -66,7 +66,7 @@ pub fn layouts() -> Vec<MapLayout> {
         layout::<AffinityKey, AffinityValue>(names::AFFINITY),
         layout::<[u8; 12], u32>(names::SOURCE_RANGES),
         layout::<u32, NodeConfig>(names::CONFIG),
-        layout::<u32, u32>(names::CHASH),
+        layout::<u32, [u32; 2]>(names::CHASH),
         layout::<u32, SvcCounters>(names::SVC_STATS),
         layout::<u32, SvcName>(names::SVC_NAMES),
         layout::<[u8; 8], u32>(names::POL_IPCACHE),

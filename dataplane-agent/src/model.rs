@@ -268,190 +268,248 @@ fn obj_name(ns: &Option<String>, name: &Option<String>) -> String {
 /// that cannot be understood are reported (with the object and the field) and skipped; the rest
 /// still counts.
 pub fn translate(services: &[Service], slices: &[EndpointSlice], node: &NodeContext) -> (Desired, Vec<ObjectError>) {
-    let mut errors = Vec::new();
+    let (by_service, mut errors) = slices_by_service(slices);
     let mut desired = Desired::default();
-
-    // Index endpoints by (namespace, service name) once: O(slices), not O(services*slices).
-    let mut by_service: BTreeMap<(String, String), Vec<&EndpointSlice>> = BTreeMap::new();
-    for slice in slices {
-        let ns = slice.metadata.namespace.clone().unwrap_or_else(|| "default".into());
-        let Some(svc) = slice.metadata.labels.as_ref().and_then(|l| l.get(LABEL_SERVICE_NAME)) else {
-            errors.push(ObjectError::new("EndpointSlice", obj_name(&slice.metadata.namespace, &slice.metadata.name),
-                format!("metadata.labels[{LABEL_SERVICE_NAME}]"), "missing: the slice belongs to no Service"));
-            continue;
-        };
-        by_service.entry((ns, svc.clone())).or_default().push(slice);
-    }
-
     for svc in services {
-        let name = obj_name(&svc.metadata.namespace, &svc.metadata.name);
-        let err = |field: &str, msg: String| ObjectError::new("Service", name.clone(), field.to_string(), msg);
-        if svc.metadata.labels.as_ref().is_some_and(|l| l.contains_key(LABEL_SERVICE_PROXY_NAME)) {
-            continue;
-        }
-        let Some(spec) = &svc.spec else {
-            errors.push(err("spec", "missing".into()));
-            continue;
-        };
-        if spec.type_.as_deref() == Some("ExternalName") {
-            continue;
-        }
-        let ips: Vec<String> = match (&spec.cluster_ips, &spec.cluster_ip) {
-            (Some(ips), _) if !ips.is_empty() => ips.clone(),
-            (_, Some(ip)) => vec![ip.clone()],
-            _ => {
-                errors.push(err("spec.clusterIP", "missing".into()));
-                continue;
-            }
-        };
-        if ips.iter().any(|ip| ip == "None") {
-            continue; // headless: DNS only, nothing for a proxy to do
-        }
-        let v6 = &mut desired.ipv6_skipped;
-        let addrs = parse_ipv4s(&ips, "spec.clusterIPs", &err, &mut errors, v6);
-        if addrs.is_empty() {
-            continue; // IPv6 only (or nothing readable, reported): nothing for this datapath
-        }
-        let external_ips = parse_ipv4s(spec.external_ips.as_deref().unwrap_or(&[]), "spec.externalIPs", &err, &mut errors, v6);
-        // kube-proxy programs VIP-mode load balancer addresses only: with `ipMode: Proxy` the
-        // load balancer delivers to the node itself, and the address must stay unclaimed here.
-        let lb_ingress: Vec<String> = svc
-            .status
-            .as_ref()
-            .and_then(|s| s.load_balancer.as_ref())
-            .and_then(|lb| lb.ingress.as_ref())
-            .map(|ing| ing.iter().map(|i| if i.ip_mode.as_deref() == Some("Proxy") { String::new() } else { i.ip.clone().unwrap_or_default() }).collect())
-            .unwrap_or_default();
-        let lb_ips = parse_ipv4s(&lb_ingress, "status.loadBalancer.ingress[].ip", &err, &mut errors, v6);
-        let mut source_ranges = BTreeSet::new();
-        let mut allow_all = false;
-        for (i, r) in spec.load_balancer_source_ranges.iter().flatten().enumerate() {
-            match addr::parse_cidr(r.trim()) {
-                // 0.0.0.0/0 allows everyone, as no range does (kube-proxy's IsZeroCIDR).
-                Ok(Family::V4(c)) if c.prefix == 0 => allow_all = true,
-                Ok(Family::V4(c)) => {
-                    source_ranges.insert(c);
-                }
-                Ok(Family::V6) => *v6 += 1,
-                Err(e) => errors.push(err(&format!("spec.loadBalancerSourceRanges[{i}]"), e)),
-            }
-        }
-        if allow_all {
-            source_ranges.clear();
-        }
-        // A load balancer whose VIP is also a local address of the nodes (routed to them)
-        // makes a node's request to it arrive from the VIP itself: kube-proxy lets those in
-        // when a range admits the node (its primary address).
-        if node.ips.first().is_some_and(|ip| source_ranges.iter().any(|c| c.contains(*ip))) {
-            source_ranges.extend(lb_ips.iter().map(|ip| Cidr4 { addr: *ip, prefix: 32 }));
-        }
-        let affinity_timeout_s = if spec.session_affinity.as_deref() == Some("ClientIP") {
-            spec.session_affinity_config
-                .as_ref()
-                .and_then(|c| c.client_ip.as_ref())
-                .and_then(|c| c.timeout_seconds)
-                .map(|t| t.clamp(1, 86_400) as u32)
-                .unwrap_or(DEFAULT_AFFINITY_TIMEOUT_S)
-        } else {
-            0
-        };
-        let etp_local = spec.external_traffic_policy.as_deref() == Some("Local");
-        let itp_local = spec.internal_traffic_policy.as_deref() == Some("Local");
-        let node_port_type = matches!(spec.type_.as_deref(), Some("NodePort" | "LoadBalancer"));
+        let part = translate_service(svc, by_service.get(&service_key(svc)).map(Vec::as_slice).unwrap_or(&[]), node);
+        errors.extend(part.errors.iter().cloned());
+        part.desired.merge_into(&mut desired);
+    }
+    (desired, dedup_errors(errors))
+}
 
-        let ns = svc.metadata.namespace.clone().unwrap_or_else(|| "default".into());
-        let svc_name = svc.metadata.name.clone().unwrap_or_default();
-        let slices = by_service.get(&(ns.clone(), svc_name.clone())).map(Vec::as_slice).unwrap_or(&[]);
-        let mut any_port = false;
-        let mut local_ready: BTreeSet<Ipv4Addr> = BTreeSet::new();
-        for (pi, port) in spec.ports.iter().flatten().enumerate() {
-            let proto = match Proto::from_k8s(port.protocol.as_deref()) {
-                Ok(p) => p,
-                Err(e) => {
-                    errors.push(err(&format!("spec.ports[{pi}].protocol"), e));
-                    continue;
-                }
-            };
-            let Some(number) = port_number(port.port) else {
-                errors.push(err(&format!("spec.ports[{pi}].port"), format!("{} is not a port number (1-65535)", port.port)));
+/// A Service's key: (namespace, name), as EndpointSlices name it.
+pub type Key = (String, String);
+
+pub fn service_key(svc: &Service) -> Key {
+    (svc.metadata.namespace.clone().unwrap_or_else(|| "default".into()), svc.metadata.name.clone().unwrap_or_default())
+}
+
+/// An EndpointSlice's own key: (namespace, name).
+pub fn slice_key(slice: &EndpointSlice) -> Key {
+    (slice.metadata.namespace.clone().unwrap_or_else(|| "default".into()), slice.metadata.name.clone().unwrap_or_default())
+}
+
+/// The Service an EndpointSlice belongs to (its `kubernetes.io/service-name` label), or the
+/// error a slice without one is.
+pub fn slice_owner(slice: &EndpointSlice) -> Result<Key, ObjectError> {
+    let ns = slice.metadata.namespace.clone().unwrap_or_else(|| "default".into());
+    match slice.metadata.labels.as_ref().and_then(|l| l.get(LABEL_SERVICE_NAME)) {
+        Some(svc) => Ok((ns, svc.clone())),
+        None => Err(ObjectError::new("EndpointSlice", obj_name(&slice.metadata.namespace, &slice.metadata.name),
+            format!("metadata.labels[{LABEL_SERVICE_NAME}]"), "missing: the slice belongs to no Service")),
+    }
+}
+
+/// Endpoints indexed by (namespace, service name) once: O(slices), not O(services*slices); and
+/// the slices that belong to no Service.
+fn slices_by_service(slices: &[EndpointSlice]) -> (BTreeMap<Key, Vec<&EndpointSlice>>, Vec<ObjectError>) {
+    let mut errors = Vec::new();
+    let mut by_service: BTreeMap<Key, Vec<&EndpointSlice>> = BTreeMap::new();
+    for slice in slices {
+        match slice_owner(slice) {
+            Ok(k) => by_service.entry(k).or_default().push(slice),
+            Err(e) => errors.push(e),
+        }
+    }
+    (by_service, errors)
+}
+
+/// What one Service asks of the datapath (its part of [`Desired`]), and its errors.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ServiceDesired {
+    pub desired: Desired,
+    pub errors: Vec<ObjectError>,
+}
+
+impl Desired {
+    /// Adds one Service's part: what it shares with earlier ones (a frontend, a health check
+    /// port) is its own from now on, as in [`translate`], where later Services win.
+    pub fn merge_into(&self, into: &mut Desired) {
+        into.frontends.extend(self.frontends.iter().map(|(k, v)| (*k, v.clone())));
+        into.cluster_ips.extend(self.cluster_ips.iter().copied());
+        into.local_endpoints.extend(self.local_endpoints.iter().copied());
+        into.health_checks.extend(self.health_checks.iter().map(|(k, v)| (*k, v.clone())));
+        into.ipv6_skipped += self.ipv6_skipped;
+        into.no_local_endpoints.0 += self.no_local_endpoints.0;
+        into.no_local_endpoints.1 += self.no_local_endpoints.1;
+    }
+}
+
+/// Translates one Service with its EndpointSlices (those labelled with its name).
+pub fn translate_service(svc: &Service, slices: &[&EndpointSlice], node: &NodeContext) -> ServiceDesired {
+    let mut part = ServiceDesired::default();
+    translate_service_into(svc, slices, node, &mut part.desired, &mut part.errors);
+    part.errors = dedup_errors(std::mem::take(&mut part.errors));
+    part
+}
+
+fn translate_service_into(svc: &Service, slices: &[&EndpointSlice], node: &NodeContext, desired: &mut Desired, errors: &mut Vec<ObjectError>) {
+    let name = obj_name(&svc.metadata.namespace, &svc.metadata.name);
+    let err = |field: &str, msg: String| ObjectError::new("Service", name.clone(), field.to_string(), msg);
+    if svc.metadata.labels.as_ref().is_some_and(|l| l.contains_key(LABEL_SERVICE_PROXY_NAME)) {
+        return;
+    }
+    let Some(spec) = &svc.spec else {
+        errors.push(err("spec", "missing".into()));
+        return;
+    };
+    if spec.type_.as_deref() == Some("ExternalName") {
+        return;
+    }
+    let ips: Vec<String> = match (&spec.cluster_ips, &spec.cluster_ip) {
+        (Some(ips), _) if !ips.is_empty() => ips.clone(),
+        (_, Some(ip)) => vec![ip.clone()],
+        _ => {
+            errors.push(err("spec.clusterIP", "missing".into()));
+            return;
+        }
+    };
+    if ips.iter().any(|ip| ip == "None") {
+        return; // headless: DNS only, nothing for a proxy to do
+    }
+    let v6 = &mut desired.ipv6_skipped;
+    let addrs = parse_ipv4s(&ips, "spec.clusterIPs", &err, errors, v6);
+    if addrs.is_empty() {
+        return; // IPv6 only (or nothing readable, reported): nothing for this datapath
+    }
+    let external_ips = parse_ipv4s(spec.external_ips.as_deref().unwrap_or(&[]), "spec.externalIPs", &err, errors, v6);
+    // kube-proxy programs VIP-mode load balancer addresses only: with `ipMode: Proxy` the
+    // load balancer delivers to the node itself, and the address must stay unclaimed here.
+    let lb_ingress: Vec<String> = svc
+        .status
+        .as_ref()
+        .and_then(|s| s.load_balancer.as_ref())
+        .and_then(|lb| lb.ingress.as_ref())
+        .map(|ing| ing.iter().map(|i| if i.ip_mode.as_deref() == Some("Proxy") { String::new() } else { i.ip.clone().unwrap_or_default() }).collect())
+        .unwrap_or_default();
+    let lb_ips = parse_ipv4s(&lb_ingress, "status.loadBalancer.ingress[].ip", &err, errors, v6);
+    let mut source_ranges = BTreeSet::new();
+    let mut allow_all = false;
+    for (i, r) in spec.load_balancer_source_ranges.iter().flatten().enumerate() {
+        match addr::parse_cidr(r.trim()) {
+            // 0.0.0.0/0 allows everyone, as no range does (kube-proxy's IsZeroCIDR).
+            Ok(Family::V4(c)) if c.prefix == 0 => allow_all = true,
+            Ok(Family::V4(c)) => {
+                source_ranges.insert(c);
+            }
+            Ok(Family::V6) => *v6 += 1,
+            Err(e) => errors.push(err(&format!("spec.loadBalancerSourceRanges[{i}]"), e)),
+        }
+    }
+    if allow_all {
+        source_ranges.clear();
+    }
+    // A load balancer whose VIP is also a local address of the nodes (routed to them)
+    // makes a node's request to it arrive from the VIP itself: kube-proxy lets those in
+    // when a range admits the node (its primary address).
+    if node.ips.first().is_some_and(|ip| source_ranges.iter().any(|c| c.contains(*ip))) {
+        source_ranges.extend(lb_ips.iter().map(|ip| Cidr4 { addr: *ip, prefix: 32 }));
+    }
+    let affinity_timeout_s = if spec.session_affinity.as_deref() == Some("ClientIP") {
+        spec.session_affinity_config
+            .as_ref()
+            .and_then(|c| c.client_ip.as_ref())
+            .and_then(|c| c.timeout_seconds)
+            .map(|t| t.clamp(1, 86_400) as u32)
+            .unwrap_or(DEFAULT_AFFINITY_TIMEOUT_S)
+    } else {
+        0
+    };
+    let etp_local = spec.external_traffic_policy.as_deref() == Some("Local");
+    let itp_local = spec.internal_traffic_policy.as_deref() == Some("Local");
+    let node_port_type = matches!(spec.type_.as_deref(), Some("NodePort" | "LoadBalancer"));
+
+    let ns = svc.metadata.namespace.clone().unwrap_or_else(|| "default".into());
+    let svc_name = svc.metadata.name.clone().unwrap_or_default();
+    let mut any_port = false;
+    let mut local_ready: BTreeSet<Ipv4Addr> = BTreeSet::new();
+    for (pi, port) in spec.ports.iter().flatten().enumerate() {
+        let proto = match Proto::from_k8s(port.protocol.as_deref()) {
+            Ok(p) => p,
+            Err(e) => {
+                errors.push(err(&format!("spec.ports[{pi}].protocol"), e));
                 continue;
-            };
-            any_port = true;
-            let port_name = port.name.clone().unwrap_or_default();
-            let service = ServicePortName { namespace: ns.clone(), name: svc_name.clone(), port: port_name.clone() };
-            let eps = endpoints_for_port(slices, &port_name, proto, &node.name, &mut errors, &mut desired.ipv6_skipped);
-            // Topology (hints written by the EndpointSlice controller for trafficDistribution
-            // and topology-aware routing) narrows the cluster-wide endpoints only.
-            let mode = topology_mode(&eps, &node.name, node.zone.as_deref());
-            let cluster = usable(eps.iter().filter(|e| mode.allows(e, &node.name, node.zone.as_deref())));
-            let local = usable(eps.iter().filter(|e| e.local));
-            // Usable endpoints anywhere: with none, a traffic policy Local refuses as Cluster
-            // does; with some, but none here, it drops (kube-proxy's hasEndpoints).
-            let any_usable = eps.iter().any(|e| e.ready || (e.serving && e.terminating));
-            local_ready.extend(eps.iter().filter(|e| e.local && e.ready).map(|e| e.addr.addr));
-            desired.local_endpoints.extend(eps.iter().filter(|e| e.local).map(|e| e.addr.addr));
-            let fe = |backends: &BTreeSet<L4Addr>, policy_local: bool, external_ip: bool, ranges: &BTreeSet<Cidr4>| DesiredFrontend {
-                service: service.clone(),
-                backends: backends.clone(),
-                drop_empty: policy_local && any_usable,
-                masquerade: if external_ip { !etp_local } else { node.masquerade_all },
-                external_ip,
-                affinity_timeout_s,
-                source_ranges: ranges.clone(),
-            };
-            let none = BTreeSet::new();
-            // ClusterIP: internal traffic only; internalTrafficPolicy Local keeps it on the node
-            // and drops it when the node has no endpoint.
-            let internal = if itp_local { &local } else { &cluster };
-            for addr in &addrs {
-                desired.frontends.insert(Frontend::internal(L4Addr { addr: *addr, port: number, proto }), fe(internal, itp_local, false, &none));
             }
-            // NodePort, LoadBalancer and external IPs: to local traffic (pods, as the local
-            // detector tells them, and the node itself) every endpoint serves (kube-proxy's
-            // short-circuit for externalTrafficPolicy Local); to the rest, externalTrafficPolicy
-            // Local means this node's endpoints only, or a drop. With Cluster, every connection
-            // is masqueraded, whichever backend it gets.
-            let external = if etp_local { &local } else { &cluster };
-            // kube-proxy's counts: a policy Local with usable endpoints, none of them here
-            // (externalTrafficPolicy only where the Service is reachable from outside).
-            if any_usable && local.is_empty() {
-                desired.no_local_endpoints.0 += itp_local as usize;
-                desired.no_local_endpoints.1 += (etp_local && (node_port_type || !external_ips.is_empty())) as usize;
-            }
-            let mut ext_addrs: Vec<(L4Addr, bool)> = Vec::new();
-            if node_port_type {
-                match port.node_port.map(port_number) {
-                    Some(Some(np)) => ext_addrs.extend(node.nodeport_ips().map(|ip| (L4Addr { addr: ip, port: np, proto }, false))),
-                    Some(None) => errors.push(err(&format!("spec.ports[{pi}].nodePort"), format!("{:?} is not a port number (1-65535)", port.node_port))),
-                    // LoadBalancer with allocateLoadBalancerNodePorts false has none; NodePort
-                    // without one has not been allocated yet.
-                    None => {}
-                }
-            }
-            ext_addrs.extend(external_ips.iter().map(|ip| (L4Addr { addr: *ip, port: number, proto }, false)));
-            if spec.type_.as_deref() == Some("LoadBalancer") {
-                ext_addrs.extend(lb_ips.iter().map(|ip| (L4Addr { addr: *ip, port: number, proto }, true)));
-            }
-            for (a, is_lb) in ext_addrs {
-                let ranges = if is_lb { &source_ranges } else { &none };
-                desired.frontends.insert(Frontend { addr: a, scope: Scope::Internal }, fe(&cluster, false, true, ranges));
-                desired.frontends.insert(Frontend { addr: a, scope: Scope::External }, fe(external, etp_local, true, ranges));
-            }
+        };
+        let Some(number) = port_number(port.port) else {
+            errors.push(err(&format!("spec.ports[{pi}].port"), format!("{} is not a port number (1-65535)", port.port)));
+            continue;
+        };
+        any_port = true;
+        let port_name = port.name.clone().unwrap_or_default();
+        let service = ServicePortName { namespace: ns.clone(), name: svc_name.clone(), port: port_name.clone() };
+        let eps = endpoints_for_port(slices, &port_name, proto, &node.name, errors, &mut desired.ipv6_skipped);
+        // Topology (hints written by the EndpointSlice controller for trafficDistribution
+        // and topology-aware routing) narrows the cluster-wide endpoints only.
+        let mode = topology_mode(&eps, &node.name, node.zone.as_deref());
+        let cluster = usable(eps.iter().filter(|e| mode.allows(e, &node.name, node.zone.as_deref())));
+        let local = usable(eps.iter().filter(|e| e.local));
+        // Usable endpoints anywhere: with none, a traffic policy Local refuses as Cluster
+        // does; with some, but none here, it drops (kube-proxy's hasEndpoints).
+        let any_usable = eps.iter().any(|e| e.ready || (e.serving && e.terminating));
+        local_ready.extend(eps.iter().filter(|e| e.local && e.ready).map(|e| e.addr.addr));
+        desired.local_endpoints.extend(eps.iter().filter(|e| e.local).map(|e| e.addr.addr));
+        let fe = |backends: &BTreeSet<L4Addr>, policy_local: bool, external_ip: bool, ranges: &BTreeSet<Cidr4>| DesiredFrontend {
+            service: service.clone(),
+            backends: backends.clone(),
+            drop_empty: policy_local && any_usable,
+            masquerade: if external_ip { !etp_local } else { node.masquerade_all },
+            external_ip,
+            affinity_timeout_s,
+            source_ranges: ranges.clone(),
+        };
+        let none = BTreeSet::new();
+        // ClusterIP: internal traffic only; internalTrafficPolicy Local keeps it on the node
+        // and drops it when the node has no endpoint.
+        let internal = if itp_local { &local } else { &cluster };
+        for addr in &addrs {
+            desired.frontends.insert(Frontend::internal(L4Addr { addr: *addr, port: number, proto }), fe(internal, itp_local, false, &none));
         }
-        if any_port {
-            desired.cluster_ips.extend(addrs);
+        // NodePort, LoadBalancer and external IPs: to local traffic (pods, as the local
+        // detector tells them, and the node itself) every endpoint serves (kube-proxy's
+        // short-circuit for externalTrafficPolicy Local); to the rest, externalTrafficPolicy
+        // Local means this node's endpoints only, or a drop. With Cluster, every connection
+        // is masqueraded, whichever backend it gets.
+        let external = if etp_local { &local } else { &cluster };
+        // kube-proxy's counts: a policy Local with usable endpoints, none of them here
+        // (externalTrafficPolicy only where the Service is reachable from outside).
+        if any_usable && local.is_empty() {
+            desired.no_local_endpoints.0 += itp_local as usize;
+            desired.no_local_endpoints.1 += (etp_local && (node_port_type || !external_ips.is_empty())) as usize;
         }
-        if etp_local && spec.type_.as_deref() == Some("LoadBalancer") {
-            match spec.health_check_node_port.map(port_number) {
-                Some(Some(hc)) => {
-                    desired.health_checks.insert(hc, HealthCheck { namespace: ns.clone(), name: svc_name.clone(), local_endpoints: local_ready.len() });
-                }
-                Some(None) => errors.push(err("spec.healthCheckNodePort", format!("{:?} is not a port number (1-65535)", spec.health_check_node_port))),
+        let mut ext_addrs: Vec<(L4Addr, bool)> = Vec::new();
+        if node_port_type {
+            match port.node_port.map(port_number) {
+                Some(Some(np)) => ext_addrs.extend(node.nodeport_ips().map(|ip| (L4Addr { addr: ip, port: np, proto }, false))),
+                Some(None) => errors.push(err(&format!("spec.ports[{pi}].nodePort"), format!("{:?} is not a port number (1-65535)", port.node_port))),
+                // LoadBalancer with allocateLoadBalancerNodePorts false has none; NodePort
+                // without one has not been allocated yet.
                 None => {}
             }
         }
+        ext_addrs.extend(external_ips.iter().map(|ip| (L4Addr { addr: *ip, port: number, proto }, false)));
+        if spec.type_.as_deref() == Some("LoadBalancer") {
+            ext_addrs.extend(lb_ips.iter().map(|ip| (L4Addr { addr: *ip, port: number, proto }, true)));
+        }
+        for (a, is_lb) in ext_addrs {
+            let ranges = if is_lb { &source_ranges } else { &none };
+            desired.frontends.insert(Frontend { addr: a, scope: Scope::Internal }, fe(&cluster, false, true, ranges));
+            desired.frontends.insert(Frontend { addr: a, scope: Scope::External }, fe(external, etp_local, true, ranges));
+        }
     }
-    (desired, dedup_errors(errors))
+    if any_port {
+        desired.cluster_ips.extend(addrs);
+    }
+    if etp_local && spec.type_.as_deref() == Some("LoadBalancer") {
+        match spec.health_check_node_port.map(port_number) {
+            Some(Some(hc)) => {
+                desired.health_checks.insert(hc, HealthCheck { namespace: ns.clone(), name: svc_name.clone(), local_endpoints: local_ready.len() });
+            }
+            Some(None) => errors.push(err("spec.healthCheckNodePort", format!("{:?} is not a port number (1-65535)", spec.health_check_node_port))),
+            None => {}
+        }
+    }
 }
 
 fn port_number(p: i32) -> Option<u16> {
@@ -600,7 +658,7 @@ fn endpoints_for_port(slices: &[&EndpointSlice], port_name: &str, proto: Proto, 
 }
 
 /// Dedupes errors that the per-port loop reports once per port.
-fn dedup_errors(mut errors: Vec<ObjectError>) -> Vec<ObjectError> {
+pub fn dedup_errors(mut errors: Vec<ObjectError>) -> Vec<ObjectError> {
     let mut seen = BTreeSet::new();
     errors.retain(|e| seen.insert(e.to_string()));
     errors

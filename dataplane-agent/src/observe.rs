@@ -94,6 +94,22 @@ struct State {
     links: usize,
 }
 
+impl State {
+    /// One EndpointSlice change programmed: its trigger time `t` (RFC 3339) to `now`.
+    fn np_observe(&mut self, now: SystemTime, t: &str) {
+        if let Some(at) = parse_rfc3339(t).filter(|at| self.np_since.is_none_or(|since| *at >= since)) {
+            let secs = now.duration_since(at).unwrap_or_default().as_secs_f64();
+            for (i, b) in NP_BUCKETS.iter().enumerate() {
+                if secs <= *b {
+                    self.np_hist[i] += 1;
+                }
+            }
+            self.np_sum += secs;
+            self.np_count += 1;
+        }
+    }
+}
+
 /// What the conntrack garbage collector last found (see `bpf::conntrack`): the only source of
 /// conntrack figures, so a scrape never walks the maps.
 #[derive(Default)]
@@ -225,20 +241,29 @@ impl Observed {
             let key = format!("{}/{}", sl.metadata.namespace.as_deref().unwrap_or(""), sl.metadata.name.as_deref().unwrap_or(""));
             let Some(t) = sl.metadata.annotations.as_ref().and_then(|a| a.get(TRIGGER_TIME)) else { continue };
             if s.np_seen.get(&key) != Some(t) {
-                if let Some(at) = parse_rfc3339(t).filter(|at| s.np_since.is_none_or(|since| *at >= since)) {
-                    let secs = now.duration_since(at).unwrap_or_default().as_secs_f64();
-                    for (i, b) in NP_BUCKETS.iter().enumerate() {
-                        if secs <= *b {
-                            s.np_hist[i] += 1;
-                        }
-                    }
-                    s.np_sum += secs;
-                    s.np_count += 1;
-                }
+                s.np_observe(now, t);
             }
             seen.insert(key, t.clone());
         }
         s.np_seen = seen;
+    }
+
+    /// As [`Observed::programmed`] for the slices of one change alone (`None`: deleted); the
+    /// others are as they were.
+    pub fn programmed_changed<'a>(&self, slices: impl Iterator<Item = (&'a (String, String), Option<&'a k8s_openapi::api::discovery::v1::EndpointSlice>)>) {
+        let now = SystemTime::now();
+        let mut s = self.state.lock().unwrap();
+        for ((ns, name), sl) in slices {
+            let key = format!("{ns}/{name}");
+            let Some(t) = sl.and_then(|sl| sl.metadata.annotations.as_ref()).and_then(|a| a.get(TRIGGER_TIME)) else {
+                s.np_seen.remove(&key);
+                continue;
+            };
+            if s.np_seen.get(&key) != Some(t) {
+                s.np_observe(now, t);
+            }
+            s.np_seen.insert(key, t.clone());
+        }
     }
 
     /// A sync ended. `ok`: the maps now match the sources (map errors leave the change pending).
@@ -487,7 +512,7 @@ pub fn proto_name(p: u8) -> &'static str {
 
 fn map_metrics(out: &mut String, maps: &BpfMaps, dir: &std::path::Path, ct: &CtFigures) {
     use dataplane_common::names;
-    help(out, "ferry_map_entries", "gauge", "Entries in each pinned map (arrays count every slot; conntrack as of the last garbage collection).");
+    help(out, "ferry_map_entries", "gauge", "Entries in each pinned map (arrays count every slot, but the hashing table array counts the table entries service entries point at; conntrack as of the last garbage collection).");
     let mut usage = crate::bpf::map_usage(dir);
     if ct.runs > 0 {
         usage.push(crate::bpf::MapUsage { name: names::CONNTRACK, entries: ct.live_lru, capacity: ct.caps.0 });
@@ -498,7 +523,7 @@ fn map_metrics(out: &mut String, maps: &BpfMaps, dir: &std::path::Path, ct: &CtF
     for u in &usage {
         let _ = writeln!(out, "ferry_map_entries{{map=\"{}\"}} {}", u.name, u.entries);
     }
-    help(out, "ferry_map_capacity", "gauge", "Capacity (max_entries) of each pinned map.");
+    help(out, "ferry_map_capacity", "gauge", "Capacity (max_entries) of each pinned map; of the hashing table array, in table entries.");
     for u in &usage {
         let _ = writeln!(out, "ferry_map_capacity{{map=\"{}\"}} {}", u.name, u.capacity);
     }

@@ -11,8 +11,8 @@
 //!   claims the `r`-th entry of its permutation if it is still free. Each backend has room for
 //!   `floor(M/N)` or `ceil(M/N)` entries, so with `M >= 10 N` the busiest has at most 1.1x the
 //!   mean and every backend has entries. Removing a backend moves its entries and a few of the
-//!   others': at most 3.9% of them for any N up to 1000 (the worst near 45 backends in 1021
-//!   entries; 1% at 3 backends, 2.7% at 100, 0.9% at 300, 0.5% at 1000). Maglev's own
+//!   others': at most 5.2% of them up to 25 backends (251 entries), 3.9% from 26 to 1000 (the
+//!   worst near 45 backends in 1021 entries; 2.7% at 100, 0.9% at 300, 0.5% at 1000). Maglev's own
 //!   turn-by-turn filling, where a backend whose choice is taken takes its next free entry at
 //!   once, gives the same spread but moves up to twice as many (7.4%): each skip shifts the
 //!   choices after it.
@@ -27,9 +27,13 @@
 use crate::{model::L4Addr, reconcile::Algorithm};
 
 /// The table sizes, smallest first: primes, each about four times the last, so a Service
-/// crosses few thresholds as it grows. The first is the size an old agent always used.
-pub const TABLE_SIZES: [usize; 4] = [1021, 4093, 16381, 65521];
-const _: () = assert!(TABLE_SIZES[0] == dataplane_common::CHASH_TABLE_SIZE as usize);
+/// crosses few thresholds as it grows. They start at 251 (up to 25 backends): every table lives
+/// in one array (`lb4_chash_flat_v1`) whose memory is fixed at load time, and most Services have
+/// a few endpoints (1021 entries for 3 backends took 100 000 Services to 408 MB, 817 MB with the
+/// 8-byte elements of the per-frontend arrays before). Not smaller: a table of 61 or 127
+/// entries moves up to 7% of the other backends' entries when a backend of five goes (each
+/// entry is 1.6% of a 61-entry table), 251 moves 2.5% in that case, 1021 2.7%.
+pub const TABLE_SIZES: [usize; 5] = [251, 1021, 4093, 16381, 65521];
 
 /// Entries per backend a table must have. The default table gives every backend `floor(M/N)` or
 /// `ceil(M/N)` entries, so the busiest has at most `(M/N + 1) / (M/N)` of the mean: 1.1x at 10.
@@ -215,7 +219,7 @@ mod tests {
         for m in TABLE_SIZES {
             assert!((2..m).take_while(|d| d * d <= m).all(|d| m % d != 0), "{m} is not prime");
         }
-        for (n, m) in [(0, 1021), (1, 1021), (102, 1021), (103, 4093), (409, 4093), (410, 16381), (1000, 16381), (1638, 16381), (1639, 65521), (100_000, 65521)] {
+        for (n, m) in [(0, 251), (1, 251), (25, 251), (26, 1021), (102, 1021), (103, 4093), (409, 4093), (410, 16381), (1000, 16381), (1638, 16381), (1639, 65521), (100_000, 65521)] {
             assert_eq!(table_size(n), m, "n={n}");
         }
         for n in 1..=6552 {
@@ -227,7 +231,7 @@ mod tests {
     fn the_default_gives_every_backend_entries_and_the_busiest_at_most_1_1x_the_mean() {
         // The counts, and both sides of each size threshold (the tightest cases). With
         // the fixed 1021 entries, 300 backends left 13 without traffic and one at 3.5x.
-        for n in [1, 2, 3, 7, 10, 50, 100, 102, 103, 300, 409, 410, 1000] {
+        for n in [1, 2, 3, 7, 10, 25, 26, 50, 100, 102, 103, 300, 409, 410, 1000] {
             let c = counts(Algorithm::default(), n);
             let mean = table_size(n as usize) as f64 / n as f64;
             let (min, max) = (*c.iter().min().unwrap(), *c.iter().max().unwrap());

@@ -53,7 +53,7 @@ macro_rules! scalar {
 scalar!(u32, u64, [u32; 2], [u8; 8], [u8; 12], [u8; 16]);
 
 fields!(Lb4Key { addr_be, port_be, proto, scope });
-fields!(Lb4Service { svc_id, count, flags, affinity_timeout_s, table_size });
+fields!(Lb4Service { svc_id, count, flags, affinity_timeout_s, table_off, table_len });
 fields!(AffinityKey { svc_id, client_be });
 fields!(AffinityValue { backend_id, pad, last_used_ns });
 fields!(Lb4SlotKey { svc_id, slot });

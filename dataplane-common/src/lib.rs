@@ -12,7 +12,7 @@ pub mod layout;
 
 /// Pinned map names. The `_v1` suffix is the layout version (see the crate docs).
 pub mod names {
-    pub const SERVICES: &str = "lb4_svc_v2";
+    pub const SERVICES: &str = "lb4_svc_v3";
     pub const SLOTS: &str = "lb4_slot_v1";
     pub const BACKENDS: &str = "lb4_be_v1";
     /// Connection tracking, LRU: new, unreplied and closing connections (evicted first under
@@ -27,7 +27,10 @@ pub mod names {
     pub const AFFINITY: &str = "lb4_aff_v1";
     pub const SOURCE_RANGES: &str = "lb4_src_v1";
     pub const CONFIG: &str = "cfg4_v4";
-    pub const CHASH: &str = "lb4_chash_v2";
+    /// Every frontend's consistent-hashing table, each in a region of one flat mmapable array
+    /// (`Lb4Service::table_off`, `table_len`). Replaced `lb4_chash_v2`, a hash of one inner array
+    /// per frontend, whose every new table cost an RCU grace period to link in.
+    pub const CHASH: &str = "lb4_chash_flat_v1";
     pub const SVC_STATS: &str = "lb4_svc_stat_v1";
     pub const SVC_NAMES: &str = "lb4_svc_name_v1";
     pub const POL_IPCACHE: &str = "pol_ipcache4_v1";
@@ -100,6 +103,10 @@ pub mod progs {
 /// Map capacities. The agent may override the large ones at load time.
 pub mod capacity {
     pub const SERVICES: u32 = 262_144;
+    /// Entries (backend ids) of all consistent-hashing tables together, in `lb4_chash_flat_v1`
+    /// (`--lb-table-entries`; the map holds half as many elements, two entries each). 64 MiB:
+    /// 66 000 Services of up to 25 endpoints (251 entries each), or 16 000 of up to 102 (1021).
+    pub const CHASH_ENTRIES: u32 = 16_777_216;
     pub const SLOTS: u32 = 1_048_576;
     pub const BACKENDS: u32 = 262_144;
     /// Assured (established) connections, two entries each; `--conntrack-capacity`.
@@ -142,20 +149,15 @@ pub mod capacity {
 pub const CT_SOURCE_SERVICE: usize = 0;
 pub const CT_SOURCE_POLICY: usize = 1;
 
-/// Entries of a consistent-hashing table whose service entry says `table_size: 0` (written by an
-/// agent from before table sizes varied), and the smallest size the agent uses. Prime.
-pub const CHASH_TABLE_SIZE: u32 = 1021;
-
-/// `BPF_F_INNER_MAP`: inner arrays of one map-of-maps may differ in size (kernel 5.10). The
-/// verifier then calls the lookup helper instead of inlining a fixed-size bounds check.
-pub const BPF_F_INNER_MAP: u32 = 1 << 12;
-/// `BPF_F_MMAPABLE`: the agent may fill an array through `mmap` instead of one syscall per entry
-/// (kernel 5.5).
+/// `BPF_F_MMAPABLE`: the agent writes consistent-hashing tables through `mmap` instead of one
+/// syscall per entry (kernel 5.5).
 pub const BPF_F_MMAPABLE: u32 = 1 << 10;
-/// Flags of every consistent-hashing table: the kernel accepts an inner map only if its flags
-/// equal the template's (`lb4_chash_v2`'s inner `Array`), so the agent creates its arrays with
-/// exactly these.
-pub const CHASH_INNER_FLAGS: u32 = BPF_F_INNER_MAP | BPF_F_MMAPABLE;
+/// Flags of the flat table array (`lb4_chash_flat_v1`).
+pub const CHASH_FLAT_FLAGS: u32 = BPF_F_MMAPABLE;
+/// Table entries (backend ids) per element of `lb4_chash_flat_v1`: the kernel stores array
+/// values 8-byte aligned, so a `u32` value would waste half of every element; a `[u32; 2]` packs
+/// two entries and entry `i` of the array is the `u32` at byte `4 i` of the mapping.
+pub const CHASH_PER_ELEMENT: u32 = 2;
 
 pub const IPPROTO_ICMP: u8 = 1;
 pub const IPPROTO_TCP: u8 = 6;
@@ -210,11 +212,14 @@ pub struct Lb4Service {
     pub flags: u16,
     /// sessionAffinity ClientIP timeout in seconds; 0 for no affinity.
     pub affinity_timeout_s: u32,
-    /// Entries of this frontend's consistent-hashing table in `lb4_chash_v2` (the datapath
-    /// picks entry `hash % table_size`); it grows with the number of backends. 0 means
-    /// `CHASH_TABLE_SIZE`: entries written by an agent from before sizes varied (this field was
-    /// padding then) still work.
-    pub table_size: u32,
+    /// This frontend's consistent-hashing table: entries `table_off .. table_off + table_len`
+    /// of `lb4_chash_flat_v1` (the datapath picks entry `table_off + hash % table_len`). Both 0:
+    /// no table, pick at random (also what an entry migrated from `lb4_svc_v2` says until the
+    /// first sync writes its table). The region is the agent's (`bpf::TableArena`): a table of
+    /// another size is written to a new region before this entry is switched to it, and the old
+    /// region is reused only after an RCU grace period.
+    pub table_off: u32,
+    pub table_len: u32,
 }
 
 /// Key of the session affinity map: a client of a frontend.
@@ -994,7 +999,7 @@ pub struct PolicyEvent {
 // The layouts are part of the ABI: a change here must come with a new map name.
 const _: () = {
     assert!(core::mem::size_of::<Lb4Key>() == 8);
-    assert!(core::mem::size_of::<Lb4Service>() == 16);
+    assert!(core::mem::size_of::<Lb4Service>() == 20);
     assert!(core::mem::size_of::<AffinityKey>() == 8);
     assert!(core::mem::size_of::<AffinityValue>() == 16);
     assert!(core::mem::size_of::<SrcRangeData>() == 8);

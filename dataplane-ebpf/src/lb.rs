@@ -8,14 +8,14 @@
 use aya_ebpf::{helpers::bpf_get_prandom_u32, helpers::bpf_ktime_get_ns, programs::TcContext};
 use dataplane_common::{
     stat, AffinityKey, AffinityValue, Ct4Entry, Ct4Key, DropReason, Frag4Key, Frag4Ports, Lb4Backend, Lb4Key, Lb4Service, Lb4SlotKey,
-    SrcRangeData, BE_F_HOST, BE_F_LOCAL, CHASH_TABLE_SIZE, CT_F_CLASH, CT_F_EXTERNAL, CT_F_FORWARD, CT_F_HAIRPIN, CT_F_LOCAL_BACKEND, CT_F_REDIRECT, CT_F_REPLY,
+    SrcRangeData, BE_F_HOST, BE_F_LOCAL, CHASH_PER_ELEMENT, CT_F_CLASH, CT_F_EXTERNAL, CT_F_FORWARD, CT_F_HAIRPIN, CT_F_LOCAL_BACKEND, CT_F_REDIRECT, CT_F_REPLY,
     CT_F_REPLY_AT_SOURCE, CT_F_SNAT, IPPROTO_ICMP, IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP, SCOPE_EXTERNAL, SCOPE_INTERNAL, SVC_F_ADDR_ONLY, SVC_F_DROP_EMPTY,
     SVC_F_EXTERNAL_IP, SVC_F_MASQ, SVC_F_RANDOM, SVC_F_SOURCE_RANGES, CFG_F_LOCAL_IFACE, LOCAL_HOST,
 };
 
 use crate::{
     conntrack,
-    maps::{cfg4_v4, frag4_v1, local4_v1, path_scratch, lb4_aff_v1, lb4_be_v1, lb4_chash_v2, lb4_slot_v1, lb4_src_v1, lb4_svc_v2, svc_cidr4_v1},
+    maps::{cfg4_v4, frag4_v1, local4_v1, path_scratch, lb4_aff_v1, lb4_be_v1, lb4_chash_flat_v1, lb4_slot_v1, lb4_src_v1, lb4_svc_v3, svc_cidr4_v1},
     nat,
     parse::{Ipv4Packet, TCP_ACK, TCP_SYN},
     stats,
@@ -77,7 +77,7 @@ fn frag_key(p: &Ipv4Packet) -> Frag4Key {
 pub fn lb4_lookup_service(addr_be: u32, port_be: u16, proto: u8, scope: u8) -> Option<Lb4Service> {
     let key = Lb4Key { addr_be, port_be, proto, scope };
     // SAFETY: the value is copied out at once.
-    unsafe { lb4_svc_v2.get(&key).copied() }
+    unsafe { lb4_svc_v3.get(&key).copied() }
 }
 
 /// Is `client` allowed by the frontend's loadBalancerSourceRanges (when it has any)?
@@ -185,15 +185,13 @@ pub fn lb4_select_backend(svc: &Lb4Service, hash: u32) -> Result<(u32, Lb4Backen
     if count == 0 {
         return Err(DropReason::NoBackend);
     }
-    if svc.flags & SVC_F_RANDOM == 0 {
-        // 0: written by an agent from before table sizes varied, whose tables all had 1021
-        // entries. Between the agent swapping in a table of another size and rewriting this
-        // entry, an index past the array's end misses (random pick below) and a smaller size
-        // uses the array's start: every id in it is a live backend either way.
-        let size = if svc.table_size == 0 { CHASH_TABLE_SIZE } else { svc.table_size };
-        let idx = hash % size;
-        // SAFETY: the value is copied out at once.
-        if let Some(id) = unsafe { lb4_chash_v2.get_value(&svc.svc_id, &idx).copied() } {
+    if svc.flags & SVC_F_RANDOM == 0 && svc.table_len != 0 {
+        // The frontend's region of the flat table array. An entry past the array's end (never
+        // written so by the agent) misses and falls back to the random pick below; the agent
+        // reuses a region only after every program that may have read the old entry has ended.
+        let idx = svc.table_off.wrapping_add(hash % svc.table_len);
+        if let Some(pair) = lb4_chash_flat_v1.get(idx / CHASH_PER_ELEMENT) {
+            let id = pair[(idx % CHASH_PER_ELEMENT) as usize];
             if let Some(be) = unsafe { lb4_be_v1.get(&id).copied() } {
                 return Ok((id, be));
             }
@@ -492,33 +490,31 @@ fn classify_inner(p: &mut Ipv4Packet, hook: Hook, out: &mut Ct4Entry, svc_out: &
     // ClusterIPs, masqueraded when a detector says the source is not local.
     let local = source_local(hook, p.saddr_be);
     let scope = if local == LOCAL_YES { SCOPE_INTERNAL } else { SCOPE_EXTERNAL };
-    let svc = match lb4_lookup_service(p.daddr_be, p.dport_be, p.proto, scope) {
-        Some(s) if s.flags & SVC_F_ADDR_ONLY == 0 => s,
-        _ => match cluster_ip(p, scope) {
-            Some(s) => s,
-            None => {
-                return match lb4_unserved(p.daddr_be) {
-                    Unserved::UnexposedPort => Ok(Verdict::Reject as u32),
-                    Unserved::NoService => Err(DropReason::NoService),
-                    Unserved::NotService => {
-                        stats::count(stat::PASS);
-                        if hook == Hook::FromPod && (syn_only || p.proto != IPPROTO_TCP) {
-                            return Ok(STEP_CLASH);
-                        }
-                        Ok(pass)
-                    }
-                };
+    // Read straight into the caller's scratch: a copy in this frame would push the deepest call
+    // chain (from_pod -> service path -> classify -> conntrack) past the verifier's 512 bytes.
+    let found = (lookup_into(p.daddr_be, p.dport_be, p.proto, scope, svc_out) && svc_out.flags & SVC_F_ADDR_ONLY == 0)
+        || (scope == SCOPE_EXTERNAL && cluster_ip_into(p, svc_out));
+    if !found {
+        return match lb4_unserved(p.daddr_be) {
+            Unserved::UnexposedPort => Ok(Verdict::Reject as u32),
+            Unserved::NoService => Err(DropReason::NoService),
+            Unserved::NotService => {
+                stats::count(stat::PASS);
+                if hook == Hook::FromPod && (syn_only || p.proto != IPPROTO_TCP) {
+                    return Ok(STEP_CLASH);
+                }
+                Ok(pass)
             }
-        },
-    };
-    let masq = masquerade(&svc, local);
-    if !lb4_source_allowed(&svc, p.saddr_be) {
+        };
+    }
+    let svc: &Lb4Service = svc_out;
+    let masq = masquerade(svc, local);
+    if !lb4_source_allowed(svc, p.saddr_be) {
         return Err(DropReason::SourceRange);
     }
     if svc.count == 0 {
-        return lb4_empty(&svc).map(|v| v as u32);
+        return lb4_empty(svc).map(|v| v as u32);
     }
-    *svc_out = svc;
     stats::count(if hook == Hook::FromWorld { stat::EXTERNAL_NEW } else { stat::CT_NEW });
     Ok(STEP_NEW | masq as u32)
 }
@@ -582,14 +578,25 @@ pub fn masquerade(svc: &Lb4Service, local: u32) -> Masq {
     }
 }
 
-/// The ClusterIP frontend a packet that found no frontend of `scope` is addressed to: the
-/// external scope holds no ClusterIP, so traffic that is not local looks there next.
+/// The ClusterIP frontend a packet that found no external frontend is addressed to (the external
+/// scope holds no ClusterIP, so traffic that is not local looks there next), into `out`.
 #[inline(always)]
-fn cluster_ip(p: &Ipv4Packet, scope: u8) -> Option<Lb4Service> {
-    if scope != SCOPE_EXTERNAL {
-        return None;
+fn cluster_ip_into(p: &Ipv4Packet, out: &mut Lb4Service) -> bool {
+    lookup_into(p.daddr_be, p.dport_be, p.proto, SCOPE_INTERNAL, out) && out.flags & SVC_F_ADDR_ONLY == 0 && out.flags & SVC_F_EXTERNAL_IP == 0
+}
+
+/// [`lb4_lookup_service`] into `out` (left as it was when there is none).
+#[inline(always)]
+fn lookup_into(addr_be: u32, port_be: u16, proto: u8, scope: u8, out: &mut Lb4Service) -> bool {
+    let key = Lb4Key { addr_be, port_be, proto, scope };
+    // SAFETY: the value is copied out at once.
+    match unsafe { lb4_svc_v3.get(&key) } {
+        Some(s) => {
+            *out = *s;
+            true
+        }
+        None => false,
     }
-    lb4_lookup_service(p.daddr_be, p.dport_be, p.proto, SCOPE_INTERNAL).filter(|s| s.flags & SVC_F_ADDR_ONLY == 0 && s.flags & SVC_F_EXTERNAL_IP == 0)
 }
 
 /// A new packet of a protocol Services do not carry (ICMP echo, GRE, ...): kube-proxy's

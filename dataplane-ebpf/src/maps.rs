@@ -2,7 +2,7 @@
 //! `bpftool map dump pinned /sys/fs/bpf/ferry/<name>` prints named fields. The agent pins them by
 //! name (see `dataplane_common::names`); the symbol names here must match those names.
 use aya_ebpf::{
-    btf_maps::{Array, HashMap, HashOfMaps, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf},
+    btf_maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf},
     macros::btf_map,
 };
 /// Maps written only by the agent need no preallocation (Cilium's LB maps do the same): memory
@@ -16,7 +16,7 @@ use dataplane_common::{
 
 /// Service frontends: `addr:port/proto` per scope (and `addr:0/0` for "this is a ClusterIP").
 #[btf_map]
-pub static lb4_svc_v2: HashMap<Lb4Key, Lb4Service, { capacity::SERVICES as usize }, NO_PREALLOC> =
+pub static lb4_svc_v3: HashMap<Lb4Key, Lb4Service, { capacity::SERVICES as usize }, NO_PREALLOC> =
     HashMap::new();
 
 /// Backend slots of each frontend, dense `0..count`: `(svc_id, slot) -> backend id`.
@@ -89,17 +89,19 @@ pub static refusal_bucket: Array<[u64; 2], 1> = Array::new();
 #[btf_map]
 pub static cfg4_v4: Array<NodeConfig, 1> = Array::new();
 
-/// Each frontend's consistent-hashing table (Maglev or rendezvous, built by the agent):
-/// `svc_id -> [backend id; table_size]`, one inner array per frontend so memory follows the
-/// number of frontends. Tables grow with the number of backends (`Lb4Service::table_size`), so
-/// the inner template carries `BPF_F_INNER_MAP` (arrays of any size fit; its 1021 entries are
-/// only the template's) and `BPF_F_MMAPABLE` (the agent fills tables through mmap).
+/// Every frontend's consistent-hashing table (Maglev or rendezvous, built by the agent), each in
+/// its own region `table_off .. table_off + table_len` (`Lb4Service`), two entries per element.
+/// One flat array instead of an inner array per frontend: the agent writes tables through mmap
+/// (`BPF_F_MMAPABLE`) and switches a frontend to a new region with one update of its service
+/// entry; linking an inner array into a map of maps made the kernel wait an RCU grace period per
+/// frontend. A plain array lookup is also inlined by the verifier (no helper call). The agent
+/// sets the capacity at load time (`--lb-table-entries`).
 #[btf_map]
-pub static lb4_chash_v2: HashOfMaps<
-    u32,
-    Array<u32, { dataplane_common::CHASH_TABLE_SIZE as usize }, { dataplane_common::CHASH_INNER_FLAGS as usize }>,
-    { capacity::SERVICES as usize },
-> = HashOfMaps::new();
+pub static lb4_chash_flat_v1: Array<
+    [u32; dataplane_common::CHASH_PER_ELEMENT as usize],
+    { (capacity::CHASH_ENTRIES / dataplane_common::CHASH_PER_ELEMENT) as usize },
+    { dataplane_common::CHASH_FLAT_FLAGS as usize },
+> = Array::new();
 
 /// Per-CPU packet and byte counters of each frontend: `svc_id -> counters`. The agent creates
 /// the entry with the frontend and removes it with it; the datapath only increments.

@@ -18,7 +18,7 @@
 //! nftables and kube-proxy iptables side by side at 1 000 and 10 000 Services, from an object
 //! written to traffic reaching the new endpoint, beside the API server's own watch latency;
 //! included when the kube-proxy binary is built (`--kube-proxy PATH`, which xtask passes).
-//! Arguments: `[RUNS] [--no-throughput | --throughput-only | --control-plane-only]
+//! Arguments: `[RUNS] [--no-throughput | --throughput-only | --control-plane-only | --sync-only]
 //! [--services 1000,10000] [--kube-proxy PATH] [--verbose]` (verbose: every throughput run's
 //! figures on stderr).
 use std::{
@@ -40,8 +40,15 @@ use dataplane_agent::{
 };
 use bpf_tests::lab::{At, Cluster};
 use dataplane_common::{progs, Lb4SlotKey};
+use k8s_openapi::{
+    api::{
+        core::v1::{Service, ServicePort, ServiceSpec},
+        discovery::v1::{Endpoint, EndpointPort, EndpointSlice},
+    },
+    apimachinery::pkg::apis::meta::v1::ObjectMeta,
+};
 
-const BACKENDS_PER_SERVICE: u32 = 2;
+const BACKENDS_PER_SERVICE: u32 = 3;
 
 fn desired(services: u32, generation: u32) -> Desired {
     let mut d = Desired::default();
@@ -59,6 +66,41 @@ fn desired(services: u32, generation: u32) -> Desired {
         d.cluster_ips.insert(vip);
     }
     d
+}
+
+/// The Services and EndpointSlices that `desired(services, generation)` translates from: as the
+/// agent holds them, for the one-endpoint change through its incremental path.
+fn objects(services: u32, generation: u32) -> (Vec<Service>, Vec<EndpointSlice>) {
+    let d = desired(services, generation);
+    let mut svcs = Vec::with_capacity(services as usize);
+    let mut slices = Vec::with_capacity(services as usize);
+    for (fe, want) in &d.frontends {
+        svcs.push(service_object(&want.service.name, fe.addr.addr));
+        slices.push(slice_object(&want.service.name, &want.backends));
+    }
+    (svcs, slices)
+}
+
+fn service_object(name: &str, vip: Ipv4Addr) -> Service {
+    Service {
+        metadata: ObjectMeta { name: Some(name.into()), namespace: Some("bench".into()), ..Default::default() },
+        spec: Some(ServiceSpec { cluster_ip: Some(vip.to_string()), ports: Some(vec![ServicePort { port: 80, ..Default::default() }]), ..Default::default() }),
+        ..Default::default()
+    }
+}
+
+fn slice_object(service: &str, backends: &std::collections::BTreeSet<L4Addr>) -> EndpointSlice {
+    EndpointSlice {
+        metadata: ObjectMeta {
+            name: Some(format!("{service}-x")),
+            namespace: Some("bench".into()),
+            labels: Some([(dataplane_agent::model::LABEL_SERVICE_NAME.to_string(), service.to_string())].into()),
+            ..Default::default()
+        },
+        address_type: "IPv4".into(),
+        ports: Some(vec![EndpointPort { port: Some(8080), ..Default::default() }]),
+        endpoints: Some(backends.iter().map(|b| Endpoint { addresses: vec![b.addr.to_string()], ..Default::default() }).collect()),
+    }
 }
 
 fn run_ns(ebpf: &Ebpf, prog: &str, pkt: &[u8]) -> u64 {
@@ -216,7 +258,8 @@ fn main() {
     }
     VERBOSE.store(args.iter().any(|a| a == "--verbose"), std::sync::atomic::Ordering::Relaxed);
     // `--throughput-only` skips the per-packet and sync sections; `--no-throughput` the lab;
-    // `--control-plane-only` runs only the section against a real API server.
+    // `--control-plane-only` runs only the section against a real API server; `--sync-only` only
+    // the first table (per packet and sync times).
     if args.iter().any(|a| a == "--throughput-only") {
         throughput_bench();
         return;
@@ -226,22 +269,40 @@ fn main() {
         return;
     }
     println!("Ferry bench: median of {runs} single BPF_PROG_TEST_RUN runs per figure (kernel-measured ns)\n");
-    println!("{:>9} {:>7} | {:>12} | {:>10} | {:>14} | {:>14} | {:>11} | {:>15} | {:>14}", "services", "select", "empty prog", "ct hit", "new conn", "full sync", "resync same", "one endpoint", "bare writes");
-    println!("{}", "-".repeat(126));
-    for services in [10u32, 1_000, 100_000] {
-        let mut ebpf = loader::load(None).expect("eBPF object (cargo xtask build-ebpf)");
+    println!(
+        "{:>9} {:>7} | {:>12} | {:>10} | {:>14} | {:>14} | {:>14} | {:>11} | {:>17} | {:>15} | {:>14}",
+        "services", "select", "empty prog", "ct hit", "new conn", "full sync", "restart", "resync same", "one endpoint", "(translate all)", "bare writes"
+    );
+    println!("{}", "-".repeat(163));
+    for services in [10u32, 1_000, 10_000, 100_000] {
+        // Room for every table (251 entries each for these few backends), backend and slot.
+        let table = dataplane_agent::select::table_size(BACKENDS_PER_SERVICE as usize) as u32;
+        let caps = [
+            (dataplane_common::names::CHASH, (services * table).div_ceil(dataplane_common::CHASH_PER_ELEMENT).max(1024)),
+            (dataplane_common::names::BACKENDS, (services * BACKENDS_PER_SERVICE + 16).max(dataplane_common::capacity::BACKENDS)),
+            // The Services' slots and, beside them, the bare writes' (as many as the sync's).
+            (dataplane_common::names::SLOTS, (services * 16).max(dataplane_common::capacity::SLOTS)),
+        ];
+        let mut ebpf = loader::load_with(None, &caps).expect("eBPF object (cargo xtask build-ebpf)");
         attach::load_programs(&mut ebpf).unwrap();
         let empty_prog: &mut SchedClassifier = ebpf.program_mut(progs::BENCH_EMPTY).unwrap().try_into().unwrap();
         empty_prog.load().unwrap();
         let mut maps = BpfMaps::from_ebpf(&mut ebpf).unwrap();
-        // Consistent hashing (the default) writes a table per frontend (1021 entries for these
-        // Services' few backends): measured up to 1 000 Services; 100 000 tables would take the
-        // bench minutes, so that row picks at random.
-        let algorithm = if services > 1_000 { Algorithm::Random } else { Algorithm::default() };
+        // Consistent hashing (the default): a table per frontend, written as memory into the
+        // flat table array.
+        let algorithm = Algorithm::default();
         let mut rec = Reconciler::new();
         rec.algorithm = algorithm;
 
         let d = desired(services, 0);
+        // The agent's translation of the same objects (made outside the timings).
+        let node = dataplane_agent::model::NodeContext::default();
+        let mut tr = dataplane_agent::translator::Translator::new();
+        {
+            let (svcs, slices) = objects(services, 0);
+            tr.rebuild(&svcs, &slices, &node);
+        }
+        assert!(tr.desired == d, "the objects translate to the bench's desired state");
         let t = Instant::now();
         let (st, errs) = rec.sync(&d, &Default::default(), &mut maps);
         let full = t.elapsed();
@@ -250,18 +311,51 @@ fn main() {
         let (same, _) = rec.sync(&d, &Default::default(), &mut maps);
         let resync = t.elapsed();
         assert_eq!(same.writes + same.deletes, 0);
+        // A restart over the same maps: the applied view and the table regions read back (one
+        // mapping of the table array, no syscall per table entry), then the first sync, which
+        // finds nothing to write. The object load and the link swap are not included.
+        let t = Instant::now();
+        let mut restarted = Reconciler::restore(maps.dump_applied());
+        restarted.algorithm = algorithm;
+        let (again, errs) = restarted.sync(&d, &Default::default(), &mut maps);
+        let restart = t.elapsed();
+        assert!(errs.is_empty(), "{errs:?}");
+        assert_eq!(again.writes + again.deletes, 0, "a restart rewrote entries");
+        rec = restarted;
+        // One endpoint of Service 0 replaced, as the agent takes it from a watch event: that
+        // EndpointSlice retranslated, its frontend's entries written.
         let d1 = desired(services, 1);
+        let first = d1.frontends.values().next().unwrap();
+        let mut changes = dataplane_agent::translator::Changes::default();
+        let changed = slice_object(&first.service.name, &first.backends);
+        changes.slices.insert(dataplane_agent::model::slice_key(&changed), Some(changed));
         let t = Instant::now();
-        let (one, _) = rec.sync(&d1, &Default::default(), &mut maps);
+        let (delta, work) = tr.apply(changes, &node);
+        let (one, errs) = rec.sync_changed(&tr.desired, &delta, &Default::default(), &mut maps);
         let one_change = t.elapsed();
-        // The floor: as many bare map updates as the full sync made (into the roomiest map, under
-        // a service id no frontend uses; removed after).
+        assert!(errs.is_empty() && work.translated == 1, "{errs:?} {work:?}");
+        assert!(tr.desired == d1);
+        // The same change back the way every change went before the translation was kept:
+        // every Service translated, every frontend compared.
+        let back = {
+            let (svcs, slices) = objects(services, 0);
+            let t = Instant::now();
+            let (d0, _) = dataplane_agent::model::translate(&svcs, &slices, &node);
+            let (back, errs) = rec.sync(&d0, &Default::default(), &mut maps);
+            let took = t.elapsed();
+            assert!(errs.is_empty() && back.writes > 0, "{errs:?}");
+            took
+        };
+        // The floor: as many bare map updates as the full sync made syscalls (its table entries
+        // are memory writes), into the roomiest map, under a service id no frontend uses;
+        // removed after.
+        let updates = (st.writes - st.table_entries) as u32;
         let t = Instant::now();
-        for slot in 0..st.writes as u32 {
+        for slot in 0..updates {
             maps.slots.insert(Lb4SlotKey { svc_id: u32::MAX, slot }, 0, 0).unwrap();
         }
         let bare = t.elapsed();
-        for slot in 0..st.writes as u32 {
+        for slot in 0..updates {
             maps.slots.remove(&Lb4SlotKey { svc_id: u32::MAX, slot }).unwrap();
         }
 
@@ -280,18 +374,30 @@ fn main() {
                 .collect(),
         );
         println!(
-            "{services:>9} {:>7} | {empty:>9} ns | {hit:>7} ns | {new:>11} ns | {:>11.1?} | {:>11.1?} | {:>6.1?} ({} ops) | {:>11.1?}",
+            "{services:>9} {:>7} | {empty:>9} ns | {hit:>7} ns | {new:>11} ns | {:>11.1?} | {:>11.1?} | {:>11.1?} | {:>8.1?} ({} ops) | {:>15.1?} | {:>11.1?}",
             if algorithm == Algorithm::Random { "random" } else { "chash" },
             full,
+            restart,
             resync,
             one_change,
             one.writes + one.deletes,
+            back,
             bare
         );
     }
     println!("\nct hit: one conntrack lookup and the rewrite; new conn: service lookup, hashing table (or random slot), backend lookup, two conntrack inserts.");
-    println!("full sync writes {} entries per Service (service, {} slots, {} backends) plus the address entry, and with chash (maglev) a 1021-entry table.", 1 + 2 * BACKENDS_PER_SERVICE, BACKENDS_PER_SERVICE, BACKENDS_PER_SERVICE);
-    println!("resync same: translation and diff only, zero map writes. one endpoint: the writes that change touches.");
+    println!(
+        "full sync writes {} entries per Service (service, name with counters, {} slots, {} backends) plus the address entry, and with chash (maglev) a {}-entry table through mmap; bare writes: as many map updates as the full sync made syscalls.",
+        2 + 2 * BACKENDS_PER_SERVICE,
+        BACKENDS_PER_SERVICE,
+        BACKENDS_PER_SERVICE,
+        dataplane_agent::select::table_size(BACKENDS_PER_SERVICE as usize)
+    );
+    println!("restart: the maps read back into the reconciler (tables through one mapping) and the first sync, which writes nothing.");
+    println!("resync same: the diff of every frontend, zero map writes. one endpoint: the agent's path for one EndpointSlice changed (its Service translated again, its frontend's entries written), and the writes it makes; (translate all): the same change back as every change went before, every Service translated and every frontend compared.");
+    if args.iter().any(|a| a == "--sync-only") {
+        return;
+    }
     nodeport_bench(runs);
     policy_bench(runs);
     control_plane_bench(&cp, false);

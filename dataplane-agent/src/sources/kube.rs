@@ -13,7 +13,7 @@ use std::{
     path::Path,
     sync::{
         atomic::{AtomicU64, Ordering},
-        Arc,
+        Arc, Mutex,
     },
     time::{Duration, Instant},
 };
@@ -27,7 +27,7 @@ use k8s_openapi::api::{
 use kube::{
     api::{Api, ListParams},
     runtime::{
-        reflector::{self, Store},
+        reflector::{self, ObjectRef, Store},
         watcher, WatchStreamExt,
     },
     Client, Resource,
@@ -35,7 +35,11 @@ use kube::{
 use tokio::sync::Notify;
 use tracing::{info, warn};
 
-use super::{pod::Pod, Objects};
+use super::{pod::Pod, Changed, Objects};
+use crate::{
+    model::{self, Key},
+    translator::Changes,
+};
 
 /// kube-proxy's selector for Services and EndpointSlices (pkg/proxy: `noProxyName` and
 /// `noHeadlessEndpoints`).
@@ -130,6 +134,17 @@ pub struct KubeSource {
     base_ready_at: std::sync::Mutex<Option<Instant>>,
     pub changed: Arc<Notify>,
     pub stats: Arc<WatchStats>,
+    /// Services and EndpointSlices changed since the last read.
+    dirty: Arc<Mutex<Dirty>>,
+}
+
+/// What the watches changed since the last read: these keys, or everything (the first list and
+/// every relist).
+#[derive(Debug)]
+struct Dirty {
+    all: bool,
+    services: BTreeSet<Key>,
+    slices: BTreeSet<Key>,
 }
 
 /// What the agent knows of the API server's ServiceCIDR objects.
@@ -241,8 +256,9 @@ impl KubeSource {
         let changed = Arc::new(Notify::new());
         let stats = Arc::new(WatchStats::default());
         let selector = watch_config().labels(PROXYABLE);
-        let services = spawn_reflector(Api::<Service>::all(client.clone()), selector.clone(), &changed, &stats);
-        let slices = spawn_reflector(Api::<EndpointSlice>::all(client.clone()), selector, &changed, &stats);
+        let dirty = Arc::new(Mutex::new(Dirty { all: true, services: BTreeSet::new(), slices: BTreeSet::new() }));
+        let services = spawn_reflector_marking(Api::<Service>::all(client.clone()), selector.clone(), &changed, &stats, marker(&dirty, |d| &mut d.services, model::service_key));
+        let slices = spawn_reflector_marking(Api::<EndpointSlice>::all(client.clone()), selector, &changed, &stats, marker(&dirty, |d| &mut d.slices, model::slice_key));
         let nodes = spawn_reflector(Api::<Node>::all(client.clone()), watch_config().fields(&format!("metadata.name={node}")), &changed, &stats);
         let (service_cidrs, cidr_state) = spawn_service_cidrs(Api::<ServiceCIDR>::all(client.clone()), &changed, &stats);
         // NetworkPolicy: every pod's address and labels (peers may be anywhere), namespaces'
@@ -254,7 +270,7 @@ impl KubeSource {
                 spawn_reflector(Api::<NetworkPolicy>::all(client), watch_config(), &changed, &stats),
             )
         });
-        KubeSource { services, slices, nodes, policy, service_cidrs, cidr_state, base_ready_at: Default::default(), changed, stats }
+        KubeSource { services, slices, nodes, policy, service_cidrs, cidr_state, base_ready_at: Default::default(), changed, stats, dirty }
     }
 
     /// Waits until every store holds its initial list, and the ServiceCIDR objects' too, or
@@ -293,7 +309,15 @@ impl KubeSource {
         *self.cidr_state.borrow()
     }
 
-    /// A consistent copy of what the stores hold now.
+    /// Makes the next snapshot hold every object.
+    pub fn read_all_next(&self) {
+        self.dirty.lock().unwrap().all = true;
+    }
+
+    /// A consistent copy of what the stores hold now: after a list or relist of Services or
+    /// EndpointSlices all of them; otherwise only those changed since the last read (their keys
+    /// are taken before the stores are read, so a change that lands meanwhile is read again next
+    /// time rather than missed).
     pub fn snapshot(&self) -> Objects {
         fn own<K: Clone>(v: Vec<Arc<K>>) -> Vec<K> {
             v.into_iter().map(|o| (*o).clone()).collect()
@@ -301,14 +325,44 @@ impl KubeSource {
         // Read now: no longer pending (an event after this wakes the loop again). Taken before
         // the stores are read, so an event between the two is counted pending, never lost.
         *self.stats.pending.lock().unwrap() = Default::default();
-        Objects {
-            services: own(self.services.state()),
-            endpoint_slices: own(self.slices.state()),
+        let dirty = {
+            let mut d = self.dirty.lock().unwrap();
+            Dirty { all: std::mem::replace(&mut d.all, false), services: std::mem::take(&mut d.services), slices: std::mem::take(&mut d.slices) }
+        };
+        let mut objs = Objects {
             nodes: own(self.nodes.state()),
             pods: self.policy.as_ref().map(|p| own(p.0.state())).unwrap_or_default(),
             namespaces: self.policy.as_ref().map(|p| own(p.1.state())).unwrap_or_default(),
             network_policies: self.policy.as_ref().map(|p| own(p.2.state())).unwrap_or_default(),
             service_cidrs: own(self.service_cidrs.state()),
+            ..Default::default()
+        };
+        if dirty.all {
+            objs.services = own(self.services.state());
+            objs.endpoint_slices = own(self.slices.state());
+        } else {
+            fn get<K: Resource<DynamicType = ()> + Clone>(store: &Store<K>, (ns, name): &Key) -> Option<K> {
+                store.get(&ObjectRef::new(name).within(ns)).map(|o| (*o).clone())
+            }
+            objs.changed = Changed::Only(Changes {
+                services: dirty.services.iter().map(|k| (k.clone(), get(&self.services, k))).collect(),
+                slices: dirty.slices.iter().map(|k| (k.clone(), get(&self.slices, k))).collect(),
+            });
+        }
+        objs
+    }
+}
+
+/// Marks an object's key (from `key`) in the set `of` picks, or everything on `None`.
+fn marker<K: 'static>(dirty: &Arc<Mutex<Dirty>>, of: fn(&mut Dirty) -> &mut BTreeSet<Key>, key: fn(&K) -> Key) -> impl Fn(Option<&K>) + Send + 'static {
+    let dirty = dirty.clone();
+    move |obj| {
+        let mut d = dirty.lock().unwrap();
+        match obj {
+            Some(o) => {
+                of(&mut d).insert(key(o));
+            }
+            None => d.all = true,
         }
     }
 }
@@ -361,7 +415,7 @@ fn spawn_service_cidrs(api: Api<ServiceCIDR>, changed: &Arc<Notify>, stats: &Arc
                 _ = relisted.notified() => {}
             }
         }
-        run_reflector(writer, api, watch_config(), changed, stats).await;
+        run_reflector(writer, api, watch_config(), changed, stats, |_: Option<&ServiceCIDR>| {}).await;
     });
     (reader, rx)
 }
@@ -371,12 +425,22 @@ where
     K: Resource + Clone + std::fmt::Debug + serde::de::DeserializeOwned + Send + Sync + 'static,
     K::DynamicType: Default + Eq + std::hash::Hash + Clone + Send + Sync,
 {
+    spawn_reflector_marking(api, cfg, changed, stats, |_: Option<&K>| {})
+}
+
+/// A reflector that also calls `mark` with each object added, changed or deleted, and with
+/// `None` when a list or relist completes.
+fn spawn_reflector_marking<K>(api: Api<K>, cfg: watcher::Config, changed: &Arc<Notify>, stats: &Arc<WatchStats>, mark: impl Fn(Option<&K>) + Send + 'static) -> Store<K>
+where
+    K: Resource + Clone + std::fmt::Debug + serde::de::DeserializeOwned + Send + Sync + 'static,
+    K::DynamicType: Default + Eq + std::hash::Hash + Clone + Send + Sync,
+{
     let (reader, writer) = reflector::store::<K>();
-    tokio::spawn(run_reflector(writer, api, cfg, changed.clone(), stats.clone()));
+    tokio::spawn(run_reflector(writer, api, cfg, changed.clone(), stats.clone(), mark));
     reader
 }
 
-async fn run_reflector<K>(writer: reflector::store::Writer<K>, api: Api<K>, cfg: watcher::Config, changed: Arc<Notify>, stats: Arc<WatchStats>)
+async fn run_reflector<K>(writer: reflector::store::Writer<K>, api: Api<K>, cfg: watcher::Config, changed: Arc<Notify>, stats: Arc<WatchStats>, mark: impl Fn(Option<&K>) + Send + 'static)
 where
     K: Resource + Clone + std::fmt::Debug + serde::de::DeserializeOwned + Send + Sync + 'static,
     K::DynamicType: Default + Eq + std::hash::Hash + Clone + Send + Sync,
@@ -394,13 +458,18 @@ where
             match ev {
                 Ok(watcher::Event::Init | watcher::Event::InitApply(_)) => {}
                 Ok(watcher::Event::InitDone) => {
+                    // The store now holds the new list: it is read whole.
+                    mark(None);
                     stats.relists.fetch_add(1, Ordering::Relaxed);
                     stats.events.fetch_add(1, Ordering::Relaxed);
                     info!(kind = %kind, "list complete");
                     stats.relisted.notify_one();
                     changed.notify_one();
                 }
-                Ok(watcher::Event::Apply(_) | watcher::Event::Delete(_)) => {
+                Ok(watcher::Event::Apply(o) | watcher::Event::Delete(o)) => {
+                    // The store has it already: marked after, so a read between the two reads
+                    // it and reads it again next time.
+                    mark(Some(&o));
                     stats.events.fetch_add(1, Ordering::Relaxed);
                     changed.notify_one();
                 }

@@ -3,15 +3,18 @@
 //! NetworkPolicy, and `List`s of them), re-read
 //! when anything in it changes.
 use std::{
-    collections::hash_map::DefaultHasher,
+    collections::{hash_map::DefaultHasher, BTreeMap, BTreeSet, HashMap},
     hash::{Hash, Hasher},
     path::{Path, PathBuf},
 };
 
 use serde::Deserialize;
 
-use super::Objects;
-use crate::error::ObjectError;
+use super::{Changed, Objects};
+use crate::{
+    error::ObjectError,
+    model::{self, Key},
+};
 
 /// Files a manifest path stands for, sorted: the file itself, or a directory's `*.yaml`,
 /// `*.yml` and `*.json` files (not recursive).
@@ -48,6 +51,132 @@ pub fn read(path: &Path) -> std::io::Result<(Objects, Vec<ObjectError>)> {
         parse_str(&text, &f.display().to_string(), &mut objs, &mut errors);
     }
     Ok((objs, errors))
+}
+
+/// What the files under a manifest path held when last read, file by file, so that a read
+/// parses only the files whose bytes changed and says which Services and EndpointSlices changed.
+#[derive(Default)]
+pub struct Cache {
+    files: BTreeMap<PathBuf, FileRead>,
+    /// Service and EndpointSlice keys -> the files holding them.
+    services: HashMap<Key, BTreeSet<PathBuf>>,
+    slices: HashMap<Key, BTreeSet<PathBuf>>,
+}
+
+struct FileRead {
+    hash: u64,
+    objs: Objects,
+    errors: Vec<ObjectError>,
+}
+
+/// Reads `path` as [`read`] does, parsing again only the files whose bytes changed since the
+/// last read into `cache`: Services and EndpointSlices come as `Changed::Only` (those of the
+/// changed files), everything else whole. The first read, and any read where an object's key
+/// is held twice (only a full translation is exact then), hold everything (`Changed::All`).
+pub fn read_changed(path: &Path, cache: &mut Cache) -> std::io::Result<(Objects, Vec<ObjectError>)> {
+    let files = files(path)?;
+    let first = cache.files.is_empty();
+    let mut touched: Vec<(Objects, Objects)> = Vec::new();
+    let gone: Vec<PathBuf> = cache.files.keys().filter(|f| !files.contains(f)).cloned().collect();
+    for f in gone {
+        let old = cache.files.remove(&f).expect("listed");
+        cache.forget(&f, &old.objs);
+        touched.push((old.objs, Objects::default()));
+    }
+    for f in &files {
+        let bytes = std::fs::read(f)?;
+        let mut h = DefaultHasher::new();
+        bytes.hash(&mut h);
+        let hash = h.finish();
+        if cache.files.get(f).is_some_and(|r| r.hash == hash) {
+            continue;
+        }
+        let mut objs = Objects::default();
+        let mut errors = Vec::new();
+        parse_str(&String::from_utf8_lossy(&bytes), &f.display().to_string(), &mut objs, &mut errors);
+        for k in objs.services.iter().map(model::service_key) {
+            cache.services.entry(k).or_default().insert(f.clone());
+        }
+        for k in objs.endpoint_slices.iter().map(model::slice_key) {
+            cache.slices.entry(k).or_default().insert(f.clone());
+        }
+        let old = cache.files.insert(f.clone(), FileRead { hash, objs: objs.clone(), errors });
+        if let Some(old) = old {
+            cache.forget_keys(f, &old.objs, &objs);
+            touched.push((old.objs, objs));
+        } else {
+            touched.push((Objects::default(), objs));
+        }
+    }
+    let mut out = Objects::default();
+    let mut errors = Vec::new();
+    for r in cache.files.values() {
+        let o = &r.objs;
+        out.nodes.extend(o.nodes.iter().cloned());
+        out.pods.extend(o.pods.iter().cloned());
+        out.namespaces.extend(o.namespaces.iter().cloned());
+        out.network_policies.extend(o.network_policies.iter().cloned());
+        out.service_cidrs.extend(o.service_cidrs.iter().cloned());
+        errors.extend(r.errors.iter().cloned());
+    }
+    let duplicates = cache.files.values().any(|r| has_duplicates(&r.objs)) || cache.services.values().chain(cache.slices.values()).any(|s| s.len() > 1);
+    if first || duplicates {
+        for r in cache.files.values() {
+            out.services.extend(r.objs.services.iter().cloned());
+            out.endpoint_slices.extend(r.objs.endpoint_slices.iter().cloned());
+        }
+        return Ok((out, errors));
+    }
+    let mut ch = crate::translator::Changes::default();
+    for (old, new) in &touched {
+        for k in old.services.iter().chain(&new.services).map(model::service_key) {
+            let now = cache.services.get(&k).and_then(|fs| fs.first()).and_then(|f| cache.files[f].objs.services.iter().find(|o| model::service_key(o) == k));
+            ch.services.insert(k, now.cloned());
+        }
+        for k in old.endpoint_slices.iter().chain(&new.endpoint_slices).map(model::slice_key) {
+            let now = cache.slices.get(&k).and_then(|fs| fs.first()).and_then(|f| cache.files[f].objs.endpoint_slices.iter().find(|o| model::slice_key(o) == k));
+            ch.slices.insert(k, now.cloned());
+        }
+    }
+    out.changed = Changed::Only(ch);
+    Ok((out, errors))
+}
+
+impl Cache {
+    /// File `f`, which held `objs`, is gone.
+    fn forget(&mut self, f: &Path, objs: &Objects) {
+        self.forget_keys(f, objs, &Objects::default());
+    }
+
+    /// File `f` held `old` and now holds `new`: the keys it no longer holds are no longer its.
+    fn forget_keys(&mut self, f: &Path, old: &Objects, new: &Objects) {
+        let still: BTreeSet<Key> = new.services.iter().map(model::service_key).collect();
+        for k in old.services.iter().map(model::service_key).filter(|k| !still.contains(k)) {
+            drop_file(&mut self.services, k, f);
+        }
+        let still: BTreeSet<Key> = new.endpoint_slices.iter().map(model::slice_key).collect();
+        for k in old.endpoint_slices.iter().map(model::slice_key).filter(|k| !still.contains(k)) {
+            drop_file(&mut self.slices, k, f);
+        }
+    }
+}
+
+fn drop_file(index: &mut HashMap<Key, BTreeSet<PathBuf>>, k: Key, f: &Path) {
+    if let Some(set) = index.get_mut(&k) {
+        set.remove(f);
+        if set.is_empty() {
+            index.remove(&k);
+        }
+    }
+}
+
+/// Does one file hold a Service or EndpointSlice key twice?
+fn has_duplicates(objs: &Objects) -> bool {
+    let mut seen = BTreeSet::new();
+    !objs.services.iter().all(|o| seen.insert(model::service_key(o))) || {
+        seen.clear();
+        !objs.endpoint_slices.iter().all(|o| seen.insert(model::slice_key(o)))
+    }
 }
 
 /// Parses a multi-document YAML text (`source` names it in errors) into `objs`.
@@ -93,6 +222,47 @@ mod tests {
         assert_eq!(errors.len(), 1);
         let e = errors[0].to_string();
         assert!(e.contains("Service shop/bad") && e.contains("spec.ports[0].port"), "{e}");
+    }
+
+    #[test]
+    fn a_read_parses_only_the_files_that_changed_and_names_their_objects() {
+        use crate::translator::Changes;
+        let dir = std::env::temp_dir().join(format!("ferry-manifests-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let svc = |name: &str, ip: &str| format!("kind: Service\nmetadata: {{name: {name}, namespace: x}}\nspec: {{clusterIP: {ip}, ports: [{{port: 80}}]}}\n---\n");
+        std::fs::write(dir.join("a.yaml"), svc("a", "172.30.0.1") + &svc("b", "172.30.0.2")).unwrap();
+        std::fs::write(dir.join("c.yaml"), svc("c", "172.30.0.3")).unwrap();
+        let mut cache = Cache::default();
+        let changes = |cache: &mut Cache| -> Changes {
+            let (objs, errors) = read_changed(&dir, cache).unwrap();
+            assert!(errors.is_empty(), "{errors:?}");
+            match objs.changed {
+                Changed::Only(ch) => ch,
+                Changed::All => panic!("a whole read"),
+            }
+        };
+        let (objs, _) = read_changed(&dir, &mut cache).unwrap();
+        assert!(matches!(objs.changed, Changed::All) && objs.services.len() == 3, "the first read is whole");
+        assert!(changes(&mut cache).is_empty(), "nothing changed");
+        // b changes: a.yaml is parsed again, and its Services are named (a as it is).
+        std::fs::write(dir.join("a.yaml"), svc("a", "172.30.0.1") + &svc("b", "172.30.0.22")).unwrap();
+        let ch = changes(&mut cache);
+        assert_eq!(ch.services.keys().map(|k| k.1.as_str()).collect::<Vec<_>>(), ["a", "b"]);
+        assert_eq!(ch.services[&("x".into(), "b".into())].as_ref().unwrap().spec.as_ref().unwrap().cluster_ip.as_deref(), Some("172.30.0.22"));
+        // b moves to c.yaml: still there; a.yaml removed: a is gone.
+        std::fs::write(dir.join("a.yaml"), svc("a", "172.30.0.1")).unwrap();
+        std::fs::write(dir.join("c.yaml"), svc("c", "172.30.0.3") + &svc("b", "172.30.0.22")).unwrap();
+        let ch = changes(&mut cache);
+        assert!(ch.services[&("x".into(), "b".into())].is_some(), "{ch:?}");
+        std::fs::remove_file(dir.join("a.yaml")).unwrap();
+        let ch = changes(&mut cache);
+        assert_eq!(ch.services.len(), 1);
+        assert!(ch.services[&("x".into(), "a".into())].is_none());
+        // The same Service in two files: a whole read (only a full translation is exact).
+        std::fs::write(dir.join("d.yaml"), svc("c", "172.30.0.4")).unwrap();
+        let (objs, _) = read_changed(&dir, &mut cache).unwrap();
+        assert!(matches!(objs.changed, Changed::All) && objs.services.len() == 3);
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

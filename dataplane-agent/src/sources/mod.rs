@@ -29,6 +29,19 @@ pub struct Objects {
     /// ServiceCIDR objects (networking.k8s.io/v1): the Service address ranges, the API server's
     /// own (`kubernetes`, from its --service-cluster-ip-range) and any added.
     pub service_cidrs: Vec<ServiceCIDR>,
+    /// What this read says of Services and EndpointSlices.
+    pub changed: Changed,
+}
+
+/// What a read holds of Services and EndpointSlices.
+#[derive(Clone, Debug, Default)]
+pub enum Changed {
+    /// `services` and `endpoint_slices` hold them all, and all are translated anew.
+    #[default]
+    All,
+    /// `services` and `endpoint_slices` are empty: these are the objects changed since the last
+    /// read (the API server's watch events, the manifest files whose bytes changed).
+    Only(crate::translator::Changes),
 }
 
 impl Objects {

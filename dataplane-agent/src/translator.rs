@@ -1,0 +1,491 @@
+//! The translation kept between syncs, so that a change costs what it touches: each Service's
+//! part of [`Desired`] is kept with the objects it was made from, and a change retranslates only
+//! the Services whose object or EndpointSlices changed (a new node context retranslates all).
+//! The merged [`Desired`] is kept up to date, and [`Delta`] says which of its entries may differ
+//! from the last sync's, for `Reconciler::sync_changed` to write those alone.
+//!
+//! The result is [`model::translate`]'s over the same objects: a frontend or health check port
+//! that two Services claim goes to the later one, in the order of the last full read (a Service
+//! added since counts as the last).
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap},
+    net::Ipv4Addr,
+};
+
+use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
+
+use crate::{
+    error::ObjectError,
+    model::{self, Desired, Frontend, Key, NodeContext, ServiceDesired},
+};
+
+/// Objects changed since the last sync, by key: the object as it is now, `None` when deleted.
+#[derive(Clone, Debug, Default)]
+pub struct Changes {
+    pub services: BTreeMap<Key, Option<Service>>,
+    pub slices: BTreeMap<Key, Option<EndpointSlice>>,
+}
+
+impl Changes {
+    pub fn is_empty(&self) -> bool {
+        self.services.is_empty() && self.slices.is_empty()
+    }
+}
+
+/// What may differ in [`Desired`] from the previous sync's.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Delta {
+    pub frontends: BTreeSet<Frontend>,
+    pub cluster_ips: BTreeSet<Ipv4Addr>,
+    pub local_endpoints: BTreeSet<Ipv4Addr>,
+}
+
+/// How many Services a sync translated, for logs and tests.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Work {
+    pub translated: usize,
+    /// Everything was translated anew (the first sync, a new node context, a full read).
+    pub full: bool,
+}
+
+#[derive(Default)]
+pub struct Translator {
+    /// The merged translation of every Service.
+    pub desired: Desired,
+    node: Option<NodeContext>,
+    /// Service -> (its order, the object).
+    services: HashMap<Key, (u64, Service)>,
+    slices: HashMap<Key, EndpointSlice>,
+    /// Slice -> the Service it belongs to (its label when last seen).
+    slice_owner: HashMap<Key, Key>,
+    slices_of: HashMap<Key, BTreeSet<Key>>,
+    /// Slices without a Service label, with their error.
+    orphans: BTreeMap<Key, ObjectError>,
+    parts: HashMap<Key, ServiceDesired>,
+    /// Frontend -> the Services claiming it, by order (the last wins).
+    fe_owners: HashMap<Frontend, BTreeMap<u64, Key>>,
+    hc_owners: HashMap<u16, BTreeMap<u64, Key>>,
+    cluster_ip_refs: HashMap<Ipv4Addr, usize>,
+    local_refs: HashMap<Ipv4Addr, usize>,
+    /// Services whose part has errors.
+    with_errors: BTreeSet<Key>,
+    next_order: u64,
+    /// Set when the last full read held two objects of one key (manifests can): then only a
+    /// full translation is exact, and [`Translator::is_built`] says no.
+    duplicates: bool,
+    /// Services translated since this translator was made.
+    pub translated: usize,
+}
+
+impl Translator {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Has a full translation been made (that changes can be applied to)?
+    pub fn is_built(&self) -> bool {
+        self.node.is_some() && !self.duplicates
+    }
+
+    /// Translates every object anew, as [`model::translate`] does (same result, same errors in
+    /// the same order).
+    pub fn rebuild(&mut self, services: &[Service], slices: &[EndpointSlice], node: &NodeContext) -> Vec<ObjectError> {
+        let translated = self.translated;
+        *self = Translator { node: Some(node.clone()), translated, ..Default::default() };
+        let mut errors = Vec::new();
+        for s in slices {
+            let key = model::slice_key(s);
+            if self.slices.insert(key.clone(), s.clone()).is_some() {
+                self.duplicates = true;
+            }
+            match model::slice_owner(s) {
+                Ok(owner) => {
+                    self.slices_of.entry(owner.clone()).or_default().insert(key.clone());
+                    self.slice_owner.insert(key, owner);
+                }
+                Err(e) => {
+                    errors.push(e.clone());
+                    self.orphans.insert(key, e);
+                }
+            }
+        }
+        for svc in services {
+            let key = model::service_key(svc);
+            let order = self.next_order;
+            self.next_order += 1;
+            if self.services.insert(key.clone(), (order, svc.clone())).is_some() {
+                self.duplicates = true;
+            }
+        }
+        if self.duplicates {
+            // Exactly as translate does, object by object; no part is kept.
+            let (d, e) = model::translate(services, slices, node);
+            self.desired = d;
+            return e;
+        }
+        let mut delta = Delta::default();
+        for svc in services {
+            let key = model::service_key(svc);
+            let part = self.translate_one(&key);
+            errors.extend(part.errors.iter().cloned());
+            self.add_part(key, part, &mut delta);
+        }
+        model::dedup_errors(errors)
+    }
+
+    /// Applies `changes` and retranslates the Services they touch; with another node context,
+    /// every Service (then `Work::full`, and the whole of `desired` may have changed).
+    pub fn apply(&mut self, changes: Changes, node: &NodeContext) -> (Delta, Work) {
+        let mut delta = Delta::default();
+        let mut affected: BTreeSet<Key> = BTreeSet::new();
+        for (key, slice) in changes.slices {
+            if let Some(owner) = self.slice_owner.remove(&key) {
+                if let Some(set) = self.slices_of.get_mut(&owner) {
+                    set.remove(&key);
+                    if set.is_empty() {
+                        self.slices_of.remove(&owner);
+                    }
+                }
+                affected.insert(owner);
+            }
+            self.orphans.remove(&key);
+            match slice {
+                Some(s) => {
+                    match model::slice_owner(&s) {
+                        Ok(owner) => {
+                            self.slices_of.entry(owner.clone()).or_default().insert(key.clone());
+                            self.slice_owner.insert(key.clone(), owner.clone());
+                            affected.insert(owner);
+                        }
+                        Err(e) => {
+                            self.orphans.insert(key.clone(), e);
+                        }
+                    }
+                    self.slices.insert(key, s);
+                }
+                None => {
+                    self.slices.remove(&key);
+                }
+            }
+        }
+        for (key, svc) in changes.services {
+            match svc {
+                Some(s) => {
+                    let order = match self.services.get(&key) {
+                        Some((o, _)) => *o,
+                        None => {
+                            self.next_order += 1;
+                            self.next_order - 1
+                        }
+                    };
+                    self.services.insert(key.clone(), (order, s));
+                }
+                None => {
+                    self.services.remove(&key);
+                }
+            }
+            affected.insert(key);
+        }
+        if self.node.as_ref() != Some(node) {
+            self.node = Some(node.clone());
+            affected = self.services.keys().cloned().collect();
+            affected.extend(self.parts.keys().cloned());
+            let before = self.translated;
+            for key in affected {
+                self.retranslate(&key, &mut delta);
+            }
+            return (delta, Work { translated: self.translated - before, full: true });
+        }
+        let before = self.translated;
+        for key in affected {
+            self.retranslate(&key, &mut delta);
+        }
+        (delta, Work { translated: self.translated - before, full: false })
+    }
+
+    /// Every error of the objects as they are now: slices without a Service, then the Services'
+    /// (by key).
+    pub fn errors(&self) -> Vec<ObjectError> {
+        let mut out: Vec<ObjectError> = self.orphans.values().cloned().collect();
+        for k in &self.with_errors {
+            out.extend(self.parts.get(k).into_iter().flat_map(|p| p.errors.iter().cloned()));
+        }
+        model::dedup_errors(out)
+    }
+
+    pub fn counts(&self) -> (usize, usize) {
+        (self.services.len(), self.slices.len())
+    }
+
+    fn translate_one(&mut self, key: &Key) -> ServiceDesired {
+        let Some((_, svc)) = self.services.get(key) else { return ServiceDesired::default() };
+        let slices: Vec<&EndpointSlice> = self.slices_of.get(key).into_iter().flatten().filter_map(|k| self.slices.get(k)).collect();
+        self.translated += 1;
+        model::translate_service(svc, &slices, self.node.as_ref().expect("a node context"))
+    }
+
+    fn retranslate(&mut self, key: &Key, delta: &mut Delta) {
+        self.remove_part(key, delta);
+        if self.services.contains_key(key) {
+            let part = self.translate_one(key);
+            self.add_part(key.clone(), part, delta);
+        }
+    }
+
+    fn add_part(&mut self, key: Key, part: ServiceDesired, delta: &mut Delta) {
+        let order = self.services.get(&key).map(|(o, _)| *o).unwrap_or(u64::MAX);
+        let d = &part.desired;
+        for (fe, want) in &d.frontends {
+            let owners = self.fe_owners.entry(*fe).or_default();
+            owners.insert(order, key.clone());
+            if owners.last_key_value().map(|(o, _)| *o) == Some(order) {
+                self.desired.frontends.insert(*fe, want.clone());
+            }
+            delta.frontends.insert(*fe);
+        }
+        for (port, hc) in &d.health_checks {
+            let owners = self.hc_owners.entry(*port).or_default();
+            owners.insert(order, key.clone());
+            if owners.last_key_value().map(|(o, _)| *o) == Some(order) {
+                self.desired.health_checks.insert(*port, hc.clone());
+            }
+        }
+        for ip in &d.cluster_ips {
+            *self.cluster_ip_refs.entry(*ip).or_default() += 1;
+            self.desired.cluster_ips.insert(*ip);
+            delta.cluster_ips.insert(*ip);
+        }
+        for ip in &d.local_endpoints {
+            *self.local_refs.entry(*ip).or_default() += 1;
+            self.desired.local_endpoints.insert(*ip);
+            delta.local_endpoints.insert(*ip);
+        }
+        self.desired.ipv6_skipped += d.ipv6_skipped;
+        self.desired.no_local_endpoints.0 += d.no_local_endpoints.0;
+        self.desired.no_local_endpoints.1 += d.no_local_endpoints.1;
+        if !part.errors.is_empty() {
+            self.with_errors.insert(key.clone());
+        }
+        self.parts.insert(key, part);
+    }
+
+    fn remove_part(&mut self, key: &Key, delta: &mut Delta) {
+        let Some(part) = self.parts.remove(key) else { return };
+        self.with_errors.remove(key);
+        let d = &part.desired;
+        for fe in d.frontends.keys() {
+            delta.frontends.insert(*fe);
+            disown(&mut self.fe_owners, &mut self.desired.frontends, &self.parts, key, fe, |p| &p.desired.frontends);
+        }
+        for port in d.health_checks.keys() {
+            disown(&mut self.hc_owners, &mut self.desired.health_checks, &self.parts, key, port, |p| &p.desired.health_checks);
+        }
+        release(&d.cluster_ips, &mut self.cluster_ip_refs, &mut self.desired.cluster_ips, &mut delta.cluster_ips);
+        release(&d.local_endpoints, &mut self.local_refs, &mut self.desired.local_endpoints, &mut delta.local_endpoints);
+        self.desired.ipv6_skipped -= d.ipv6_skipped;
+        self.desired.no_local_endpoints.0 -= d.no_local_endpoints.0;
+        self.desired.no_local_endpoints.1 -= d.no_local_endpoints.1;
+    }
+}
+
+/// `key` lets go of `k` (a frontend, a health check port): the latest other claimant's value
+/// takes its place, or with none left it leaves `merged`.
+fn disown<K: Copy + Eq + std::hash::Hash + Ord, V: Clone>(
+    owners: &mut HashMap<K, BTreeMap<u64, Key>>,
+    merged: &mut BTreeMap<K, V>,
+    parts: &HashMap<Key, ServiceDesired>,
+    key: &Key,
+    k: &K,
+    of: impl Fn(&ServiceDesired) -> &BTreeMap<K, V>,
+) {
+    let Some(o) = owners.get_mut(k) else { return };
+    o.retain(|_, claimant| claimant != key);
+    match o.last_key_value() {
+        None => {
+            owners.remove(k);
+            merged.remove(k);
+        }
+        Some((_, winner)) => {
+            if let Some(w) = parts.get(winner).and_then(|p| of(p).get(k)) {
+                merged.insert(*k, w.clone());
+            }
+        }
+    }
+}
+
+/// Drops one reference to each of `ips`; those left with none leave `set`.
+fn release(ips: &BTreeSet<Ipv4Addr>, refs: &mut HashMap<Ipv4Addr, usize>, set: &mut BTreeSet<Ipv4Addr>, changed: &mut BTreeSet<Ipv4Addr>) {
+    for ip in ips {
+        changed.insert(*ip);
+        let n = refs.entry(*ip).or_default();
+        *n = n.saturating_sub(1);
+        if *n == 0 {
+            refs.remove(ip);
+            set.remove(ip);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sources::{manifests, Objects};
+
+    fn node() -> NodeContext {
+        NodeContext { name: "node1".into(), ips: vec!["192.168.0.2".parse().unwrap()], zone: Some("zone-a".into()), ..Default::default() }
+    }
+
+    fn objs(yaml: &str) -> Objects {
+        let mut objs = Objects::default();
+        let mut errors = Vec::new();
+        manifests::parse_str(yaml, "t", &mut objs, &mut errors);
+        assert!(errors.is_empty(), "{errors:?}");
+        objs
+    }
+
+    fn svc(name: &str, spec: &str) -> Service {
+        objs(&format!("kind: Service\nmetadata: {{name: {name}, namespace: ns}}\nspec: {spec}\n")).services.remove(0)
+    }
+
+    fn slice(name: &str, owner: Option<&str>, eps: &[&str]) -> EndpointSlice {
+        let labels = owner.map(|o| format!(", labels: {{kubernetes.io/service-name: {o}}}")).unwrap_or_default();
+        let eps: String = eps.iter().map(|e| format!("- {{addresses: [{e}], nodeName: {}}}\n", if e.ends_with(".1") { "node1" } else { "node2" })).collect();
+        let eps = if eps.is_empty() { "endpoints: []\n".to_string() } else { format!("endpoints:\n{eps}") };
+        objs(&format!("kind: EndpointSlice\nmetadata: {{name: {name}, namespace: ns{labels}}}\naddressType: IPv4\nports: [{{port: 8080}}]\n{eps}")).endpoint_slices.remove(0)
+    }
+
+    fn key(name: &str) -> Key {
+        ("ns".into(), name.into())
+    }
+
+    /// The objects as a full read would list them: services in order, slices by key.
+    #[derive(Default)]
+    struct World {
+        services: Vec<Service>,
+        slices: BTreeMap<Key, EndpointSlice>,
+    }
+
+    impl World {
+        fn put_service(&mut self, s: Service, ch: &mut Changes) {
+            let k = model::service_key(&s);
+            match self.services.iter_mut().find(|o| model::service_key(o) == k) {
+                Some(o) => *o = s.clone(),
+                None => self.services.push(s.clone()),
+            }
+            ch.services.insert(k, Some(s));
+        }
+        fn del_service(&mut self, name: &str, ch: &mut Changes) {
+            self.services.retain(|o| model::service_key(o) != key(name));
+            ch.services.insert(key(name), None);
+        }
+        fn put_slice(&mut self, s: EndpointSlice, ch: &mut Changes) {
+            let k = model::slice_key(&s);
+            self.slices.insert(k.clone(), s.clone());
+            ch.slices.insert(k, Some(s));
+        }
+        fn del_slice(&mut self, name: &str, ch: &mut Changes) {
+            self.slices.remove(&key(name));
+            ch.slices.insert(key(name), None);
+        }
+        fn slices(&self) -> Vec<EndpointSlice> {
+            self.slices.values().cloned().collect()
+        }
+    }
+
+    fn error_set(e: &[ObjectError]) -> BTreeSet<String> {
+        e.iter().map(|e| e.to_string()).collect()
+    }
+
+    #[test]
+    fn every_change_gives_what_a_full_translation_gives() {
+        let mut w = World::default();
+        let mut ch = Changes::default();
+        w.put_service(svc("a", "{clusterIP: 172.30.0.1, ports: [{port: 80}]}"), &mut ch);
+        w.put_service(svc("b", "{clusterIP: 172.30.0.2, externalIPs: [192.0.2.9], ports: [{port: 80}]}"), &mut ch);
+        w.put_service(svc("lb", "{type: LoadBalancer, externalTrafficPolicy: Local, healthCheckNodePort: 32000, clusterIP: 172.30.0.3, ports: [{port: 80, nodePort: 30080}]}"), &mut ch);
+        w.put_slice(slice("a-1", Some("a"), &["10.0.0.1", "10.0.0.2"]), &mut ch);
+        w.put_slice(slice("b-1", Some("b"), &["10.0.1.2"]), &mut ch);
+        w.put_slice(slice("lb-1", Some("lb"), &["10.0.2.1"]), &mut ch);
+        w.put_slice(slice("orphan", None, &["10.0.9.9"]), &mut ch);
+        let mut t = Translator::new();
+        let errors = t.rebuild(&w.services, &w.slices(), &node());
+        let (want, want_errors) = model::translate(&w.services, &w.slices(), &node());
+        assert_eq!(t.desired, want);
+        assert_eq!(errors, want_errors);
+        let steps: Vec<Box<dyn Fn(&mut World, &mut Changes)>> = vec![
+            // An endpoint added, one removed.
+            Box::new(|w, ch| w.put_slice(slice("a-1", Some("a"), &["10.0.0.1", "10.0.0.3"]), ch)),
+            // A second slice, then its label moves to another Service.
+            Box::new(|w, ch| w.put_slice(slice("a-2", Some("a"), &["10.0.0.4"]), ch)),
+            Box::new(|w, ch| w.put_slice(slice("a-2", Some("b"), &["10.0.0.4"]), ch)),
+            // A label lost, then found again.
+            Box::new(|w, ch| w.put_slice(slice("a-2", None, &["10.0.0.4"]), ch)),
+            Box::new(|w, ch| w.put_slice(slice("a-2", Some("a"), &["10.0.0.4"]), ch)),
+            // A Service claiming b's external address: the later one wins, and b has it back once
+            // the other goes.
+            Box::new(|w, ch| w.put_service(svc("c", "{clusterIP: 172.30.0.4, externalIPs: [192.0.2.9], ports: [{port: 80}]}"), ch)),
+            Box::new(|w, ch| w.put_slice(slice("c-1", Some("c"), &["10.0.3.1"]), ch)),
+            Box::new(|w, ch| w.del_service("c", ch)),
+            // The same ClusterIP twice, one goes: the address stays.
+            Box::new(|w, ch| w.put_service(svc("d", "{clusterIP: 172.30.0.1, ports: [{port: 81}]}"), ch)),
+            Box::new(|w, ch| w.del_service("d", ch)),
+            // A local endpoint leaves, the health check says so; an invalid Service, fixed.
+            Box::new(|w, ch| w.put_slice(slice("lb-1", Some("lb"), &["10.0.2.2"]), ch)),
+            Box::new(|w, ch| w.put_service(svc("bad", "{clusterIP: 172.30.0.300, ports: [{port: 80}]}"), ch)),
+            Box::new(|w, ch| w.put_service(svc("bad", "{clusterIP: 172.30.0.30, ports: [{port: 80}]}"), ch)),
+            // Slices deleted, a Service deleted before its slice, nothing at all.
+            Box::new(|w, ch| w.del_slice("a-1", ch)),
+            Box::new(|w, ch| w.del_service("b", ch)),
+            Box::new(|w, ch| w.del_slice("b-1", ch)),
+            Box::new(|w, ch| w.del_slice("orphan", ch)),
+            Box::new(|_, _| {}),
+        ];
+        for (i, step) in steps.iter().enumerate() {
+            let mut ch = Changes::default();
+            step(&mut w, &mut ch);
+            let before = t.desired.clone();
+            let (delta, work) = t.apply(ch, &node());
+            let (want, want_errors) = model::translate(&w.services, &w.slices(), &node());
+            assert_eq!(t.desired, want, "step {i}");
+            assert_eq!(error_set(&t.errors()), error_set(&want_errors), "step {i}");
+            assert!(!work.full && work.translated <= 2, "step {i}: {work:?}");
+            // Whatever differs is in the delta.
+            for fe in before.frontends.keys().chain(want.frontends.keys()) {
+                if before.frontends.get(fe) != want.frontends.get(fe) {
+                    assert!(delta.frontends.contains(fe), "step {i}: {fe} changed, not in the delta");
+                }
+            }
+            for ip in before.cluster_ips.symmetric_difference(&want.cluster_ips) {
+                assert!(delta.cluster_ips.contains(ip), "step {i}: {ip}");
+            }
+            for ip in before.local_endpoints.symmetric_difference(&want.local_endpoints) {
+                assert!(delta.local_endpoints.contains(ip), "step {i}: {ip}");
+            }
+        }
+        // Another node context: everything is translated again.
+        let other = NodeContext { zone: None, ..node() };
+        let (_, work) = t.apply(Changes::default(), &other);
+        assert!(work.full && work.translated == w.services.len(), "{work:?}");
+        assert_eq!(t.desired, model::translate(&w.services, &w.slices(), &other).0);
+    }
+
+    #[test]
+    fn one_endpoint_among_many_services_retranslates_one_service() {
+        let n = 2_000;
+        let services: Vec<Service> = (0..n).map(|i| svc(&format!("s{i}"), &format!("{{clusterIP: 172.30.{}.{}, ports: [{{port: 80}}]}}", i / 250, i % 250 + 1))).collect();
+        let slices: Vec<EndpointSlice> = (0..n).map(|i| slice(&format!("s{i}-x"), Some(&format!("s{i}")), &[&format!("10.1.{}.{}", i / 250, i % 250 + 2)])).collect();
+        let mut t = Translator::new();
+        t.rebuild(&services, &slices, &node());
+        assert_eq!(t.translated, n);
+        let mut ch = Changes::default();
+        let changed = slice("s7-x", Some("s7"), &["10.1.0.9", "10.1.0.10"]);
+        ch.slices.insert(model::slice_key(&changed), Some(changed.clone()));
+        let (delta, work) = t.apply(ch, &node());
+        assert_eq!(work, Work { translated: 1, full: false });
+        assert_eq!(t.translated, n + 1);
+        let fe = Frontend::internal(model::L4Addr { addr: "172.30.0.8".parse().unwrap(), port: 80, proto: model::Proto::Tcp });
+        assert_eq!(delta.frontends, [fe].into());
+        assert_eq!(delta.cluster_ips, ["172.30.0.8".parse().unwrap()].into());
+        assert_eq!(t.desired.frontends[&fe].backends.len(), 2);
+    }
+}
