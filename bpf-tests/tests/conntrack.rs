@@ -459,3 +459,91 @@ fn snat_ports_of_closed_connections_are_reused() {
     assert_eq!(open(&dp, 4), Some(p2));
     assert_eq!(dp.stat(stat::PORT_REUSE), 2);
 }
+
+/// `web` over `backends` and, beside it, `web2` (172.30.0.11, the same ports, with `affinity`
+/// on both when set) over `other`: the backends `other` names stay in the maps whatever `web`
+/// has.
+fn two_services(backends: &[&str], other: &[&str], affinity: bool) -> String {
+    let aff = if affinity { ", sessionAffinity: ClientIP" } else { "" };
+    let svc = |name: &str, vip: &str, eps: &[&str]| {
+        let eps: String = eps.iter().map(|a| format!("- addresses: [{a}]\n")).collect();
+        format!(
+            "kind: Service\nmetadata: {{name: {name}, namespace: t}}\nspec: {{clusterIP: {vip}{aff}, ports: [{{name: http, port: 80, targetPort: 8080}}, {{name: dns, port: 53, protocol: UDP, targetPort: 5353}}]}}\n---\n\
+             kind: EndpointSlice\nmetadata: {{name: {name}-1, namespace: t, labels: {{kubernetes.io/service-name: {name}}}}}\naddressType: IPv4\n\
+             ports: [{{name: http, port: 8080}}, {{name: dns, port: 5353, protocol: UDP}}]\nendpoints:\n{eps}"
+        )
+    };
+    format!("{}\n---\n{}", svc("web", SVC, backends), svc("web2", "172.30.0.11", other))
+}
+
+/// Keys of `lb4_gone_v1`: (frontend, backend id) pairs taken out.
+fn gone_pairs(dp: &Datapath) -> Vec<(u32, u32)> {
+    dp.maps.gone.keys().map(|k| k.unwrap()).map(|k| (k.svc_id, k.backend_id)).collect()
+}
+
+#[test]
+fn a_udp_connection_moves_off_a_backend_that_left_its_service_without_a_conntrack_walk() {
+    const B: [&str; 2] = ["10.180.0.1", "10.180.0.2"];
+    let mut dp = Datapath::new();
+    dp.apply_yaml(&two_services(&B, &B, false));
+    let udp_be = backend_of(&dp.from_pod(&udp(client(), svc(53), b"q")));
+    let tcp_client = (ip(CLIENT.0), 40001);
+    let tcp_be = backend_of(&dp.from_pod(&tcp_flags(tcp_client, svc(80), "S", b"")));
+    dp.to_pod(&tcp_flags(tcp_be, tcp_client, "SA", b""));
+    let left = udp_be.0.to_string();
+    let stays: Vec<&str> = B.iter().copied().filter(|b| *b != left).collect();
+    let rows_before = dp.maps.ct.rows().len();
+    // The UDP connection's backend leaves web; web2 keeps it, so it stays in the backend map
+    // (the datapath's own check of the backend would not see it go).
+    dp.apply_yaml(&two_services(&stays, &B, false));
+    let udp_fe = dp.rec.applied.frontends.iter().find(|(fe, _)| fe.addr.port == 53 && fe.addr.addr == ip(SVC)).map(|(_, af)| af.svc_id).unwrap();
+    let left_id = dp.rec.applied.backends.iter().find(|(b, _)| b.addr == udp_be.0 && b.port == 5353).map(|(_, (id, _))| *id).unwrap();
+    assert_eq!(gone_pairs(&dp), vec![(udp_fe, left_id)], "only the UDP port's pair is marked: TCP keeps its backend");
+    assert_eq!(dp.maps.ct.rows().len(), rows_before, "the sync removed no conntrack entry (no walk)");
+    // Its next datagram moves to a backend web still has; the TCP connection keeps its own.
+    let reopens = dp.stat(stat::CT_REOPEN);
+    let next = backend_of(&dp.from_pod(&udp(client(), svc(53), b"q2")));
+    assert_eq!(next, (ip(stays[0]), 5353));
+    assert_eq!(dp.stat(stat::CT_REOPEN), reopens + 1);
+    assert_eq!(backend_of(&dp.from_pod(&tcp_flags(tcp_client, svc(80), "A", b"x"))), tcp_be, "graceful termination: TCP keeps its backend");
+    // It stays there (no reopen per packet).
+    assert_eq!(backend_of(&dp.from_pod(&udp(client(), svc(53), b"q3"))), next);
+    assert_eq!(dp.stat(stat::CT_REOPEN), reopens + 1);
+    // The backend comes back: unmarked, and a connection to it is left alone again.
+    dp.apply_yaml(&two_services(&B, &B, false));
+    assert_eq!(gone_pairs(&dp), vec![]);
+    let other_port = (ip(CLIENT.0), 40002);
+    for port in 40002..40100 {
+        let c = (ip(CLIENT.0), port);
+        if backend_of(&dp.from_pod(&udp(c, svc(53), b"q"))) == udp_be {
+            let before = dp.stat(stat::CT_REOPEN);
+            assert_eq!(backend_of(&dp.from_pod(&udp(c, svc(53), b"q2"))), udp_be);
+            assert_eq!(dp.stat(stat::CT_REOPEN), before);
+            return;
+        }
+    }
+    panic!("no client port from {other_port:?} on reached {udp_be:?}");
+}
+
+#[test]
+fn an_affinity_client_chooses_again_when_its_backend_leaves_the_service() {
+    const B: [&str; 2] = ["10.180.0.1", "10.180.0.2"];
+    let mut dp = Datapath::new();
+    dp.apply_yaml(&two_services(&B, &B, true));
+    let first = backend_of(&dp.from_pod(&tcp_flags(client(), svc(80), "S", b"")));
+    // Affinity: every new connection of this client gets the same backend.
+    for port in 41000..41010 {
+        assert_eq!(backend_of(&dp.from_pod(&tcp_flags((ip(CLIENT.0), port), svc(80), "S", b""))), first);
+    }
+    let stays: Vec<&str> = B.iter().copied().filter(|b| *b != first.0.to_string()).collect();
+    let affinity_before = dp.maps.affinity.keys().count();
+    dp.apply_yaml(&two_services(&stays, &B, true));
+    assert_eq!(dp.maps.affinity.keys().count(), affinity_before, "no walk over the affinity map: the entry stays");
+    assert!(!gone_pairs(&dp).is_empty(), "a TCP port with affinity marks its lost backend");
+    // The client's next connection chooses again, and sticks to its new choice.
+    let next = backend_of(&dp.from_pod(&tcp_flags((ip(CLIENT.0), 42000), svc(80), "S", b"")));
+    assert_eq!(next, (ip(stays[0]), 8080));
+    for port in 42001..42010 {
+        assert_eq!(backend_of(&dp.from_pod(&tcp_flags((ip(CLIENT.0), port), svc(80), "S", b""))), next);
+    }
+}

@@ -98,7 +98,7 @@ fn udp_client_moves_off_a_removed_endpoint_at_once() {
     assert!(rest.contains(&next.as_str()));
     assert!(started.elapsed().as_secs_f64() < 1.0, "answered after {:?}: a timeout, not an immediate move", started.elapsed());
     let log = c.agent_log(0);
-    assert!(log.lines().any(|l| l.contains("synced") && !l.contains("conntrack_flushed=0") && l.contains("conntrack_flushed=")), "{log}");
+    assert!(log.lines().any(|l| l.contains("synced") && !l.contains("backends_left=0") && l.contains("backends_left=")), "{log}");
 }
 
 #[test]

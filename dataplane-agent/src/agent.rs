@@ -119,7 +119,8 @@ pub struct RunConfig {
 enum Source {
     /// `last`: fingerprint of the manifests the maps match; `reading`: of the ones last read;
     /// `cache`: the files as last parsed.
-    Manifests { path: PathBuf, last: Option<u64>, reading: Option<u64>, cache: manifests::Cache },
+    /// `watch`: wakes the loop when a file changes (inotify), ahead of the poll.
+    Manifests { path: PathBuf, last: Option<u64>, reading: Option<u64>, cache: manifests::Cache, watch: Option<manifests::Watcher> },
     Kube(KubeSource),
 }
 
@@ -320,7 +321,16 @@ pub async fn run(mut cfg: RunConfig) -> anyhow::Result<()> {
     })?;
 
     let source = match &cfg.source {
-        SourceConfig::Manifests { path, .. } => Source::Manifests { path: path.clone(), last: None, reading: None, cache: Default::default() },
+        SourceConfig::Manifests { path, .. } => {
+            let watch = match manifests::Watcher::new(path) {
+                Ok(w) => Some(w),
+                Err(e) => {
+                    warn!(path = %path.display(), error = %e, "manifests: no inotify watch; changes are seen at the next poll (--min-sync-period-ms)");
+                    None
+                }
+            };
+            Source::Manifests { path: path.clone(), last: None, reading: None, cache: Default::default(), watch }
+        }
         SourceConfig::Kube { kubeconfig, master } => {
             let client = crate::sources::kube::client(kubeconfig.as_deref(), master.as_deref()).await?;
             Source::Kube(KubeSource::start(client, &cfg.node.name, cfg.network_policy).await)
@@ -403,8 +413,14 @@ pub async fn run(mut cfg: RunConfig) -> anyhow::Result<()> {
     let mut tr = Translator::new();
     let mut full_next = true;
     let mut host_addrs = BTreeSet::new();
+    // When the last sync started: the next waits until --min-sync-period after it (kube-proxy's
+    // BoundedFrequencyRunner), so a change after a quiet spell is synced at once and a burst of
+    // changes is batched.
+    let mut last_sync: Option<tokio::time::Instant> = None;
+    let hold_off = |last: Option<tokio::time::Instant>| last.map_or_else(tokio::time::Instant::now, |l| l + cfg.min_sync_period);
     loop {
         if let Some((mut objs, errors)) = pending.take() {
+            last_sync = Some(tokio::time::Instant::now());
             if matches!(objs.changed, Changed::Only(_)) && !tr.is_built() {
                 // Changes need a translation to change (there is none after a read that held an
                 // object twice): everything is read again.
@@ -472,8 +488,8 @@ pub async fn run(mut cfg: RunConfig) -> anyhow::Result<()> {
                 }
                 if kinds & attach::EV_ADDR_ROUTE != 0 && !retry.waiting() {
                     // The node's addresses or its routes to pods changed: sync again (writing
-                    // only what differs), after the usual batching delay.
-                    tokio::time::sleep(cfg.min_sync_period).await;
+                    // only what differs), no sooner than --min-sync-period after the last sync.
+                    tokio::time::sleep_until(hold_off(last_sync)).await;
                     let mut more = 0;
                     while let Ok(k) = link_rx.try_recv() {
                         more |= k;
@@ -487,21 +503,17 @@ pub async fn run(mut cfg: RunConfig) -> anyhow::Result<()> {
             }
             _ = retry.wait() => pending = read_logged(&mut source),
             _ = changed(&source) => {
-                observed.change_pending();
-                tokio::time::sleep(cfg.min_sync_period).await;
-                pending = read_logged(&mut source);
+                if matches!(source, Source::Kube(_)) || manifests_changed(&source, &retry) {
+                    observed.change_pending();
+                    tokio::time::sleep_until(hold_off(last_sync)).await;
+                    pending = read_logged(&mut source);
+                }
             }
             _ = tick.tick() => {
-                if let Source::Manifests { path, last, .. } = &source {
-                    match manifests::fingerprint(path) {
-                        Ok(fp) if Some(fp) == *last => {}
-                        Ok(_) if retry.waiting() => {}
-                        Ok(_) => {
-                            observed.change_pending();
-                            pending = read_logged(&mut source);
-                        }
-                        Err(e) => warn!(path = %path.display(), error = %e, "manifests unreadable"),
-                    }
+                if manifests_changed(&source, &retry) {
+                    observed.change_pending();
+                    tokio::time::sleep_until(hold_off(last_sync)).await;
+                    pending = read_logged(&mut source);
                 }
             }
         }
@@ -594,11 +606,25 @@ fn read_logged(source: &mut Source) -> Option<(Objects, Vec<ObjectError>)> {
     }
 }
 
-/// Resolves when the API-server source reports a change (never for manifests: they are polled).
+/// Resolves when the API-server source reports a change, or inotify a change of a manifest
+/// file (never without a watch: the manifests are polled then).
 async fn changed(source: &Source) {
     match source {
         Source::Kube(k) => k.changed.notified().await,
-        Source::Manifests { .. } => std::future::pending().await,
+        Source::Manifests { watch: Some(w), .. } => w.changed.notified().await,
+        Source::Manifests { watch: None, .. } => std::future::pending().await,
+    }
+}
+
+/// The manifests differ from those the maps match (and no failed sync is waiting for its retry).
+fn manifests_changed(source: &Source, retry: &Backoff) -> bool {
+    let Source::Manifests { path, last, .. } = source else { return false };
+    match manifests::fingerprint(path) {
+        Ok(fp) => Some(fp) != *last && !retry.waiting(),
+        Err(e) => {
+            warn!(path = %path.display(), error = %e, "manifests unreadable");
+            false
+        }
     }
 }
 
@@ -828,7 +854,7 @@ pub fn sync_objects(
         took = ?took,
         writes = st.writes,
         deletes = st.deletes,
-        conntrack_flushed = st.conntrack_flushed,
+        backends_left = st.backends_left,
         sockets_destroyed = st.sockets_destroyed,
         "synced"
     );

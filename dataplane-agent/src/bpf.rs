@@ -15,8 +15,8 @@ use aya::{
     Ebpf,
 };
 use dataplane_common::{
-    capacity, names, AffinityKey, AffinityValue, Lb4Backend, SockRevKey, SockRevValue, Lb4Key, Lb4Service, Lb4SlotKey, NodeConfig, SrcRangeData,
-    SvcCounters, SvcName, LocalAddr, PodIface, PolCtEntry, PolCtKey, PolEndpoint, PolRuleKey, IPPROTO_TCP, SVC_F_ADDR_ONLY,
+    capacity, names, AffinityKey, AffinityValue, Lb4PairKey, Lb4Backend, SockRevKey, SockRevValue, Lb4Key, Lb4Service, Lb4SlotKey, NodeConfig, SrcRangeData,
+    SvcCounters, SvcName, LocalAddr, PodIface, PolCtEntry, PolCtKey, PolEndpoint, PolRuleKey, SVC_F_ADDR_ONLY,
 };
 
 use self::tables::{Region, TableArena};
@@ -35,6 +35,8 @@ pub struct BpfMaps {
     pub service_cidrs: LpmTrie<MapData, u32, u32>,
     pub stats: PerCpuArray<MapData, u64>,
     pub affinity: HashMap<MapData, AffinityKey, AffinityValue>,
+    /// (frontend, backend) pairs taken out (`lb4_gone_v1`).
+    pub gone: HashMap<MapData, Lb4PairKey, u64>,
     pub source_ranges: LpmTrie<MapData, SrcRangeData, u32>,
     pub config: Array<MapData, NodeConfig>,
     /// Every frontend's consistent-hashing table, each in its region (see [`Tables`]).
@@ -111,6 +113,7 @@ impl BpfMaps {
             service_cidrs: conv(names::SERVICE_CIDRS, LpmTrie::try_from(get(names::SERVICE_CIDRS)?))?,
             stats: conv(names::STATS, PerCpuArray::try_from(get(names::STATS)?))?,
             affinity: conv(names::AFFINITY, HashMap::try_from(get(names::AFFINITY)?))?,
+            gone: conv(names::GONE, HashMap::try_from(get(names::GONE)?))?,
             source_ranges: conv(names::SOURCE_RANGES, LpmTrie::try_from(get(names::SOURCE_RANGES)?))?,
             config: conv(names::CONFIG, Array::try_from(get(names::CONFIG)?))?,
             chash: conv(names::CHASH, Array::try_from(chash))?,
@@ -144,7 +147,7 @@ impl BpfMaps {
                 names::POL_EVENTS => Map::RingBuf(data),
                 names::CONFIG | names::CHASH => Map::Array(data),
                 names::SVC_STATS => Map::PerCpuHashMap(data),
-                names::CONNTRACK | names::FRAGMENTS | names::AFFINITY | names::POL_CONNTRACK | names::POL_FRAGMENTS | names::POL_EVENT_LIMIT | names::SOCK_REV | names::CT_SOURCES | names::POL_REVOKED => {
+                names::CONNTRACK | names::FRAGMENTS | names::AFFINITY | names::GONE | names::POL_CONNTRACK | names::POL_FRAGMENTS | names::POL_EVENT_LIMIT | names::SOCK_REV | names::CT_SOURCES | names::POL_REVOKED => {
                     Map::LruHashMap(data)
                 }
                 _ => Map::HashMap(data),
@@ -213,6 +216,7 @@ impl BpfMaps {
         for (key, _) in self.service_cidrs.iter().flatten() {
             applied.service_cidrs.insert(Cidr4 { addr: Ipv4Addr::from(key.data().to_ne_bytes()), prefix: key.prefix_len() as u8 });
         }
+        applied.gone = self.gone.keys().flatten().map(|k| (k.svc_id, k.backend_id)).collect();
         applied
     }
 
@@ -848,42 +852,13 @@ impl MapOps for BpfMaps {
             Err(source) => Err(MapOpError::Syscall { map: names::SVC_STATS, op: "delete", what: format!("counters of frontend {svc_id}"), source }),
         }
     }
-    fn flush_conntrack(&mut self, gone: &BTreeSet<(u32, u32)>, gone_services: &BTreeSet<u32>, walk: bool) -> Result<usize, MapOpError> {
-        // Clients stuck to a backend that left (or whose Service went) choose again.
-        let stale: Vec<AffinityKey> = self
-            .affinity
-            .iter()
-            .flatten()
-            .filter(|(k, v)| gone.contains(&(k.svc_id, v.backend_id)) || gone_services.contains(&k.svc_id))
-            .map(|(k, _)| k)
-            .collect();
-        for k in &stale {
-            del(&mut self.affinity, names::AFFINITY, k, || format!("{k:?}"))?;
-        }
-        if !walk {
-            // TCP alone: its connections keep their backend, nothing in the tables is doomed.
-            return Ok(0);
-        }
-        // One (batched) pass over both tables, only when UDP or SCTP endpoints went away; never
-        // on the packet path.
-        let doomed: Vec<conntrack::CtRow> = self
-            .ct
-            .rows()
-            .into_iter()
-            .filter(|r| r.key.proto != IPPROTO_TCP && (gone.contains(&(r.entry.svc_id, r.entry.backend_id)) || gone_services.contains(&r.entry.svc_id)))
-            .collect();
-        let (mut n, mut lru) = (0, 0);
-        for r in &doomed {
-            let from_lru = self.ct.remove(r).map_err(|source| MapOpError::Syscall {
-                map: if r.assured { names::CONNTRACK_ASSURED } else { names::CONNTRACK },
-                op: "delete",
-                what: format!("{:?}", r.key),
-                source,
-            })?;
-            lru += from_lru as u64;
-            n += 1;
-        }
-        conntrack::count_agent_deletes(&mut self.stats, dataplane_common::stat::CT_AGENT_DELETED, lru);
-        Ok(n)
+    fn mark_gone(&mut self, svc_id: u32, backend_id: u32) -> Result<(), MapOpError> {
+        let k = Lb4PairKey { svc_id, backend_id };
+        // An LRU map: never full, the oldest pair makes room.
+        self.gone.insert(k, conntrack::monotonic_ns(), 0).map_err(|source| MapOpError::Syscall { map: names::GONE, op: "insert", what: format!("{k:?}"), source })
+    }
+    fn unmark_gone(&mut self, svc_id: u32, backend_id: u32) -> Result<(), MapOpError> {
+        let k = Lb4PairKey { svc_id, backend_id };
+        del(&mut self.gone, names::GONE, &k, || format!("{k:?}"))
     }
 }

@@ -20,7 +20,7 @@ pub fn object() -> Result<&'static [u8], LoadError> {
 
 /// Capacities for a private copy (trace, tests): a handful of flows need no half-gigabyte
 /// conntrack table, and several copies may be loaded at once.
-pub const PRIVATE_CAPACITIES: [(&str, u32); 9] = [
+pub const PRIVATE_CAPACITIES: [(&str, u32); 10] = [
     // 1 048 576 table entries (4 MiB).
     (names::CHASH, 1_048_576 / dataplane_common::CHASH_PER_ELEMENT),
     (names::CONNTRACK, 8_192),
@@ -28,6 +28,7 @@ pub const PRIVATE_CAPACITIES: [(&str, u32); 9] = [
     (names::FRAGMENTS, 1_024),
     (names::SOCK_REV, 1_024),
     (names::AFFINITY, 4_096),
+    (names::GONE, 1_024),
     (names::POL_CONNTRACK, 4_096),
     (names::POL_CONNTRACK_ASSURED, 4_096),
     (names::POL_REVOKED, 1_024),

@@ -26,7 +26,7 @@ use std::{
 
 use dataplane_common::{
     layout::{Described, Field},
-    names, AffinityKey, AffinityValue, Ct4Entry, Ct4Key, Frag4Key, Frag4Ports, Lb4Backend, Lb4Key, Lb4Service, Lb4SlotKey, LocalAddr, NodeConfig, PodIface,
+    names, AffinityKey, AffinityValue, Lb4PairKey, Ct4Entry, Ct4Key, Frag4Key, Frag4Ports, Lb4Backend, Lb4Key, Lb4Service, Lb4SlotKey, LocalAddr, NodeConfig, PodIface,
     PolCtEntry, PolCtKey, PolEndpoint, PolEvKey, PolFragKey, PolRevoked, SockRevKey, SockRevValue, SvcCounters, SvcName,
 };
 use log::{info, warn};
@@ -64,6 +64,7 @@ pub fn layouts() -> Vec<MapLayout> {
         layout::<[u8; 8], u32>(names::SERVICE_CIDRS),
         layout::<u32, u64>(names::STATS),
         layout::<AffinityKey, AffinityValue>(names::AFFINITY),
+        layout::<Lb4PairKey, u64>(names::GONE),
         layout::<[u8; 12], u32>(names::SOURCE_RANGES),
         layout::<u32, NodeConfig>(names::CONFIG),
         layout::<u32, [u32; 2]>(names::CHASH),

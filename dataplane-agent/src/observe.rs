@@ -85,7 +85,7 @@ struct State {
     untranslated: Vec<(String, String)>,
     writes: u64,
     deletes: u64,
-    conntrack_flushed: u64,
+    backends_left: u64,
     /// False while this node is being removed (kube-proxy's nodeEligible).
     node_eligible: bool,
     /// Every link the agent wants is attached (and still on its interface or cgroup).
@@ -279,7 +279,7 @@ impl Observed {
         s.hist_count += 1;
         s.writes += st.writes as u64;
         s.deletes += st.deletes as u64;
-        s.conntrack_flushed += st.conntrack_flushed as u64;
+        s.backends_left += st.backends_left as u64;
         s.objects = objects.into_iter().collect();
         s.object_errors = object_errors;
         s.node_eligible = node_eligible;
@@ -383,8 +383,8 @@ impl Observed {
             let _ = writeln!(out, "ferry_map_writes_total {}", s.writes);
             help(&mut out, "ferry_map_deletes_total", "counter", "Map entries deleted by syncs.");
             let _ = writeln!(out, "ferry_map_deletes_total {}", s.deletes);
-            help(&mut out, "ferry_conntrack_flushed_total", "counter", "UDP/SCTP conntrack entries removed because their endpoint went away.");
-            let _ = writeln!(out, "ferry_conntrack_flushed_total {}", s.conntrack_flushed);
+            help(&mut out, "ferry_backends_left_total", "counter", "Endpoints taken out of a UDP/SCTP or session-affinity Service port (lb4_gone_v1): its connections move to another endpoint at their next packet.");
+            let _ = writeln!(out, "ferry_backends_left_total {}", s.backends_left);
             help(&mut out, "ferry_ready", "gauge", "1 after the first full sync.");
             let _ = writeln!(out, "ferry_ready {}", s.ready as u8);
         }

@@ -95,13 +95,14 @@ pub trait MapOps {
     fn put_frontend_name(&mut self, svc_id: u32, name: &str) -> Result<(), MapOpError>;
     /// Removes frontend `svc_id`'s name and counters.
     fn del_frontend_meta(&mut self, svc_id: u32) -> Result<(), MapOpError>;
-    /// Deletes the conntrack entries (both directions) of UDP and SCTP connections that a
-    /// removed backend or Service served, and the session-affinity entries pointing at them.
-    /// TCP connections keep their backend until they end, as with kube-proxy (graceful
-    /// termination). Returns how many conntrack entries went.
-    /// `walk`: some of them served UDP or SCTP; false (TCP alone, whose connections keep their
-    /// backend) spares the walk over the conntrack tables, and only affinity entries go.
-    fn flush_conntrack(&mut self, gone: &BTreeSet<(u32, u32)>, gone_services: &BTreeSet<u32>, walk: bool) -> Result<usize, MapOpError>;
+    /// Marks backend `backend_id` as taken out of frontend `svc_id` (`lb4_gone_v1`): the
+    /// datapath moves UDP and SCTP connections tracked to the pair at their next packet, and
+    /// sessionAffinity clients stuck to it choose again, as kube-proxy's conntrack flush does,
+    /// with no walk over conntrack or affinity. TCP connections keep their backend until they
+    /// end (graceful termination).
+    fn mark_gone(&mut self, svc_id: u32, backend_id: u32) -> Result<(), MapOpError>;
+    /// Takes the mark away: the backend joins the frontend again.
+    fn unmark_gone(&mut self, svc_id: u32, backend_id: u32) -> Result<(), MapOpError>;
 }
 
 /// What is in the maps now, as the datapath sees it (restored from the maps at start-up).
@@ -112,6 +113,11 @@ pub struct Applied {
     pub frontends: BTreeMap<Frontend, AppliedFrontend>,
     pub cluster_ips: BTreeSet<Ipv4Addr>,
     pub service_cidrs: BTreeSet<Cidr4>,
+    /// (frontend, backend) pairs marked as taken out (`lb4_gone_v1`) of frontends that still
+    /// exist: unmarked when the backend comes back. (Pairs of removed frontends are marked but
+    /// not kept here: their ids are not handed out again while the agent runs, and a restart
+    /// reads every mark back.)
+    pub gone: BTreeSet<(u32, u32)>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -192,7 +198,9 @@ pub struct SyncStats {
     /// Of `writes`, the hashing table entries.
     pub table_entries: usize,
     pub deletes: usize,
-    pub conntrack_flushed: usize,
+    /// (frontend, backend) pairs marked as taken out of a UDP or SCTP frontend, or one with
+    /// session affinity: their connections move at their next packet.
+    pub backends_left: usize,
     /// Host UDP sockets destroyed because their backend left (see `sockets`).
     pub sockets_destroyed: usize,
 }
@@ -238,9 +246,6 @@ pub struct Reconciler {
     users: Option<std::collections::HashMap<u32, usize>>,
     /// Backends given an id in the current sync.
     allocated: Vec<(L4Addr, u32)>,
-    /// A UDP or SCTP frontend lost a backend, or went, in the current sync: its conntrack is
-    /// flushed.
-    gone_not_tcp: bool,
 }
 
 impl Reconciler {
@@ -249,7 +254,7 @@ impl Reconciler {
     pub fn restore(applied: Applied) -> Self {
         let next_svc_id = applied.frontends.values().map(|f| f.svc_id).max().unwrap_or(0) + 1;
         let next_backend_id = applied.backends.values().map(|(id, _)| *id).max().unwrap_or(0) + 1;
-        Reconciler { applied, next_svc_id, next_backend_id, algorithm: Algorithm::default(), host_addrs: BTreeSet::new(), users: None, allocated: Vec::new(), gone_not_tcp: false }
+        Reconciler { applied, next_svc_id, next_backend_id, algorithm: Algorithm::default(), host_addrs: BTreeSet::new(), users: None, allocated: Vec::new() }
     }
 
     pub fn new() -> Self {
@@ -262,10 +267,9 @@ impl Reconciler {
         let mut st = SyncStats::default();
         let mut errors = Vec::new();
         let mut gone_pairs = BTreeSet::new();
-        let mut gone_svcs = BTreeSet::new();
+        let mut removed_pairs = BTreeSet::new();
         let first_new_backend = self.next_backend_id;
         self.allocated.clear();
-        self.gone_not_tcp = false;
 
         // Backends whose locality changed are rewritten in place (same id) before any slot or
         // service entry is touched.
@@ -287,7 +291,7 @@ impl Reconciler {
         }
 
         let stale: Vec<Frontend> = self.applied.frontends.keys().filter(|fe| !desired.frontends.contains_key(fe)).copied().collect();
-        self.remove_stale(&stale, ops, &mut st, &mut errors, &mut gone_svcs);
+        self.remove_stale(&stale, ops, &mut st, &mut errors, &mut removed_pairs);
 
         let add: Vec<Ipv4Addr> = desired.cluster_ips.difference(&self.applied.cluster_ips).copied().collect();
         let del: Vec<Ipv4Addr> = self.applied.cluster_ips.difference(&desired.cluster_ips).copied().collect();
@@ -313,7 +317,7 @@ impl Reconciler {
         let highest = self.applied.backends.values().map(|(id, _)| *id).max().unwrap_or(0);
         self.next_backend_id = first_new_backend.max(highest.saturating_add(1));
 
-        flush(&gone_pairs, &gone_svcs, self.gone_not_tcp, ops, &mut st, &mut errors);
+        self.mark_gone(&gone_pairs, &removed_pairs, ops, &mut st, &mut errors);
         (st, errors)
     }
 
@@ -331,13 +335,18 @@ impl Reconciler {
     }
 
     /// Removes frontends no longer wanted.
-    fn remove_stale(&mut self, stale: &[Frontend], ops: &mut dyn MapOps, st: &mut SyncStats, errors: &mut Vec<String>, gone_svcs: &mut BTreeSet<u32>) {
+    fn remove_stale(&mut self, stale: &[Frontend], ops: &mut dyn MapOps, st: &mut SyncStats, errors: &mut Vec<String>, removed_pairs: &mut BTreeSet<(u32, u32)>) {
         for fe in stale {
             let Some(mut af) = self.applied.frontends.remove(fe) else { continue };
+            let pairs: Vec<(u32, u32)> = if needs_marks(fe, af.entry.as_ref()) {
+                af.serving().iter().filter_map(|b| self.applied.backends.get(b)).map(|(id, _)| (af.svc_id, *id)).collect()
+            } else {
+                Vec::new()
+            };
             match remove_frontend(fe, &mut af, ops, st) {
                 Ok(()) => {
-                    gone_svcs.insert(af.svc_id);
-                    self.gone_not_tcp |= fe.addr.proto != Proto::Tcp;
+                    removed_pairs.extend(pairs);
+                    self.applied.gone.retain(|(s, _)| *s != af.svc_id);
                 }
                 Err(e) => {
                     errors.push(format!("removing frontend {fe}: {e}"));
@@ -371,6 +380,12 @@ impl Reconciler {
     }
 
     fn delete_backends(&mut self, unused: &[(L4Addr, u32)], ops: &mut dyn MapOps, st: &mut SyncStats, errors: &mut Vec<String>) {
+        if !self.applied.gone.is_empty() && !unused.is_empty() {
+            // Their marks stay in the map (restarts read them back) but need no unmarking from
+            // this agent: a deleted backend's id is not handed out again while it runs.
+            let ids: BTreeSet<u32> = unused.iter().map(|(_, id)| *id).collect();
+            self.applied.gone.retain(|(_, b)| !ids.contains(b));
+        }
         for (be, id) in unused {
             match ops.del_backend(*id) {
                 Ok(()) => {
@@ -439,10 +454,9 @@ impl Reconciler {
         let mut st = SyncStats::default();
         let mut errors = Vec::new();
         let mut gone_pairs = BTreeSet::new();
-        let mut gone_svcs = BTreeSet::new();
+        let mut removed_pairs = BTreeSet::new();
         let first_new_backend = self.next_backend_id;
         self.allocated.clear();
-        self.gone_not_tcp = false;
 
         let mut moved: Vec<(L4Addr, u32, u8)> = Vec::new();
         for ip in &delta.local_endpoints {
@@ -489,7 +503,7 @@ impl Reconciler {
         for fe in &stale {
             count(self, fe, &mut users, false, &mut candidates);
         }
-        self.remove_stale(&stale, ops, &mut st, &mut errors, &mut gone_svcs);
+        self.remove_stale(&stale, ops, &mut st, &mut errors, &mut removed_pairs);
         for fe in &stale {
             count(self, fe, &mut users, true, &mut candidates);
         }
@@ -525,7 +539,7 @@ impl Reconciler {
         self.next_backend_id = highest_new.map_or(first_new_backend, |h| first_new_backend.max(h.saturating_add(1)));
         self.users = Some(users);
 
-        flush(&gone_pairs, &gone_svcs, self.gone_not_tcp, ops, &mut st, &mut errors);
+        self.mark_gone(&gone_pairs, &removed_pairs, ops, &mut st, &mut errors);
         (st, errors)
     }
 
@@ -544,12 +558,12 @@ impl Reconciler {
     ) -> Result<(), MapOpError> {
         if let Some(mut af) = self.applied.frontends.remove(fe) {
             let serving: Vec<L4Addr> = af.serving().to_vec();
+            let marks = needs_marks(fe, af.entry.as_ref()) || desired.affinity_timeout_s != 0;
             let res = self.write_frontend(fe, desired, &mut af, local, ops, st);
-            if res.is_ok() {
+            if res.is_ok() && marks {
                 for be in serving.iter().filter(|b| !desired.backends.contains(b)) {
                     if let Some((id, _)) = self.applied.backends.get(be) {
                         gone_pairs.insert((af.svc_id, *id));
-                        self.gone_not_tcp |= fe.addr.proto != Proto::Tcp;
                     }
                 }
             }
@@ -598,6 +612,12 @@ impl Reconciler {
                 continue;
             }
             let id = self.backend_id(be, local, ops, st)?;
+            if self.applied.gone.contains(&(svc_id, id)) {
+                // Back in the frontend: its connections stay (and new ones stop moving off it).
+                ops.unmark_gone(svc_id, id)?;
+                self.applied.gone.remove(&(svc_id, id));
+                st.deletes += 1;
+            }
             ops.put_slot(Lb4SlotKey { svc_id, slot: i as u32 }, id)?;
             st.writes += 1;
             // `new` is dense and written in order: slot i exists already or is the next one.
@@ -656,12 +676,32 @@ impl Reconciler {
     }
 }
 
-/// Flushes the conntrack of removed backends and frontends.
-fn flush(gone_pairs: &BTreeSet<(u32, u32)>, gone_svcs: &BTreeSet<u32>, walk: bool, ops: &mut dyn MapOps, st: &mut SyncStats, errors: &mut Vec<String>) {
-    if !gone_pairs.is_empty() || !gone_svcs.is_empty() {
-        match ops.flush_conntrack(gone_pairs, gone_svcs, walk) {
-            Ok(n) => st.conntrack_flushed = n,
-            Err(e) => errors.push(format!("flushing conntrack of removed endpoints: {e}")),
+/// Whether a frontend's lost backends are marked (`lb4_gone_v1`): UDP and SCTP connections move
+/// off them, and so do affinity clients; TCP connections without affinity keep their backend and
+/// never look.
+fn needs_marks(fe: &Frontend, entry: Option<&Lb4Service>) -> bool {
+    fe.addr.proto != Proto::Tcp || entry.is_some_and(|e| e.affinity_timeout_s != 0)
+}
+
+impl Reconciler {
+    /// Marks the pairs of this sync as taken out: `gone` of frontends that stay (kept, to be
+    /// unmarked if the backend comes back), `removed` of frontends that went.
+    fn mark_gone(&mut self, gone: &BTreeSet<(u32, u32)>, removed: &BTreeSet<(u32, u32)>, ops: &mut dyn MapOps, st: &mut SyncStats, errors: &mut Vec<String>) {
+        for &(svc_id, backend_id) in gone.iter().chain(removed) {
+            // A pair of a frontend that stays and got its backend back in the same sync is not
+            // gone (a backend moved between slots is not in `gone`).
+            match ops.mark_gone(svc_id, backend_id) {
+                Ok(()) => {
+                    st.writes += 1;
+                    st.backends_left += 1;
+                    // Kept only while the backend is (a deleted one's id is not handed out again).
+                    let used = self.users.as_ref().is_none_or(|u| u.get(&backend_id).is_some_and(|n| *n > 0));
+                    if gone.contains(&(svc_id, backend_id)) && used {
+                        self.applied.gone.insert((svc_id, backend_id));
+                    }
+                }
+                Err(e) => errors.push(format!("marking backend {backend_id} as gone from frontend {svc_id}: {e}")),
+            }
         }
     }
 }
@@ -759,8 +799,6 @@ mod tests {
         puts_left: Option<usize>,
         /// Every delete fails.
         fail_deletes: bool,
-        /// The `walk` of every conntrack flush.
-        walks: Vec<bool>,
     }
 
     impl Recorder {
@@ -872,10 +910,15 @@ mod tests {
             self.maps.ranges.remove(&(id, c));
             Ok(())
         }
-        fn flush_conntrack(&mut self, gone: &BTreeSet<(u32, u32)>, svcs: &BTreeSet<u32>, walk: bool) -> Result<usize, MapOpError> {
-            self.walks.push(walk);
-            self.ops.push(format!("flush {gone:?} {svcs:?}"));
-            Ok(0)
+        fn mark_gone(&mut self, svc_id: u32, backend_id: u32) -> Result<(), MapOpError> {
+            self.put(names::GONE)?;
+            self.ops.push(format!("gone {svc_id}/{backend_id}"));
+            Ok(())
+        }
+        fn unmark_gone(&mut self, svc_id: u32, backend_id: u32) -> Result<(), MapOpError> {
+            self.del(names::GONE)?;
+            self.ops.push(format!("back {svc_id}/{backend_id}"));
+            Ok(())
         }
     }
 
@@ -1019,7 +1062,7 @@ mod tests {
         rec.sync(&desired(&[1, 3, 4]), &BTreeSet::new(), &mut r);
         // Slot 1 (backend 2) takes the last backend (4); the count shrinks; slot 3 goes; backend 2
         // goes after nothing points at it; its UDP conntrack is flushed.
-        assert_eq!(r.ops, vec!["put_slot 1/1 -> 4", "put_service 1 count=3", "del_slot 1/3", "del_backend 2", "flush {(1, 2)} {}"]);
+        assert_eq!(r.ops, vec!["put_slot 1/1 -> 4", "put_service 1 count=3", "del_slot 1/3", "del_backend 2"]);
         assert_eq!(datapath_view(&r), [be(1), be(3), be(4)].into());
     }
 
@@ -1040,7 +1083,7 @@ mod tests {
         rec.sync(&desired(&[1]), &BTreeSet::new(), &mut r);
         r.ops.clear();
         rec.sync(&Desired::default(), &BTreeSet::new(), &mut r);
-        assert_eq!(r.ops, vec!["del_service", "del_slot 1/0", "del_meta 1", "del_service", "del_backend 1", "flush {} {1}"]);
+        assert_eq!(r.ops, vec!["del_service", "del_slot 1/0", "del_meta 1", "del_service", "del_backend 1"]);
         assert!(r.maps.services.is_empty() && r.maps.slots.is_empty() && r.maps.backends.is_empty());
     }
 
@@ -1406,10 +1449,10 @@ mod tests {
         let svc = 43;
         assert_eq!(
             r.ops,
-            vec![format!("put_backend {id}"), format!("put_slot {svc}/1 -> {id}"), format!("del_backend {}", 2 * 42 + 2), format!("flush {{({svc}, {})}} {{}}", 2 * 42 + 2)],
+            vec![format!("put_backend {id}"), format!("put_slot {svc}/1 -> {id}"), format!("del_backend {}", 2 * 42 + 2)],
+            "TCP connections keep their backend: nothing marked"
         );
         assert_eq!((st.writes, st.deletes), (2, 1));
-        assert_eq!(r.walks, [false], "TCP connections keep their backend: no conntrack walk");
         // And the full sync of the same state finds nothing left to do.
         r.ops.clear();
         rec.sync(&t.desired, &BTreeSet::new(), &mut r);
@@ -1417,20 +1460,56 @@ mod tests {
     }
 
     #[test]
-    fn only_udp_and_sctp_frontends_losing_backends_walk_conntrack() {
-        for proto in [Proto::Tcp, Proto::Udp, Proto::Sctp] {
+    fn lost_backends_of_udp_sctp_and_affinity_frontends_are_marked_and_unmarked_when_back() {
+        for (proto, affinity) in [(Proto::Tcp, 0), (Proto::Tcp, 60), (Proto::Udp, 0), (Proto::Sctp, 0)] {
             let mut d = desired(&[1, 2]);
             let (fe, want) = d.frontends.pop_first().unwrap();
             let fe = Frontend::internal(L4Addr { proto, ..fe.addr });
-            d.frontends.insert(fe, DesiredFrontend { backends: want.backends.iter().map(|b| L4Addr { proto, ..*b }).collect(), ..want });
+            let backends: BTreeSet<L4Addr> = want.backends.iter().map(|b| L4Addr { proto, ..*b }).collect();
+            d.frontends.insert(fe, DesiredFrontend { backends: backends.clone(), affinity_timeout_s: affinity, ..want.clone() });
+            // Another port of the Service with the same endpoints keeps them in the maps.
+            let fe2 = Frontend::internal(L4Addr { port: 81, ..fe.addr });
+            d.frontends.insert(fe2, DesiredFrontend { backends, ..want });
             let mut r = Recorder::default();
             let mut rec = rec();
             rec.sync(&d, &BTreeSet::new(), &mut r);
+            let svc = rec.applied.frontends[&fe].svc_id;
+            let ids: Vec<u32> = d.frontends[&fe].backends.iter().map(|b| rec.applied.backends[b].0).collect();
+            let marks = |r: &Recorder| r.ops.iter().filter(|o| o.starts_with("gone ") || o.starts_with("back ")).cloned().collect::<Vec<_>>();
+            let marked = proto != Proto::Tcp || affinity != 0;
+            // The first backend leaves the first port (it stays in the maps as the other's).
             let mut one = d.clone();
-            one.frontends.values_mut().next().unwrap().backends.pop_first();
-            rec.sync(&one, &BTreeSet::new(), &mut r);
-            rec.sync(&Desired::default(), &BTreeSet::new(), &mut r);
-            assert_eq!(r.walks, [proto != Proto::Tcp; 2], "{proto}");
+            one.frontends.get_mut(&fe).unwrap().backends.pop_first();
+            r.ops.clear();
+            let (st, errs) = rec.sync(&one, &BTreeSet::new(), &mut r);
+            assert!(errs.is_empty(), "{errs:?}");
+            assert_eq!(marks(&r), if marked { vec![format!("gone {svc}/{}", ids[0])] } else { vec![] }, "{proto} affinity {affinity}");
+            assert_eq!(st.backends_left, marked as usize);
+            assert_eq!(rec.applied.gone.contains(&(svc, ids[0])), marked);
+            // It comes back: unmarked before its slot is written.
+            r.ops.clear();
+            rec.sync(&d, &BTreeSet::new(), &mut r);
+            if marked {
+                let back = r.ops.iter().position(|o| *o == format!("back {svc}/{}", ids[0])).expect("unmarked");
+                let slot = r.ops.iter().position(|o| o.starts_with(&format!("put_slot {svc}/"))).expect("slot written");
+                assert!(back < slot, "{:?}", r.ops);
+            } else {
+                assert_eq!(marks(&r), Vec::<String>::new());
+            }
+            assert!(rec.applied.gone.is_empty());
+            // The first port goes: both its backends marked, none kept (its id is not reused).
+            let mut other = d.clone();
+            other.frontends.remove(&fe);
+            r.ops.clear();
+            rec.sync(&other, &BTreeSet::new(), &mut r);
+            assert_eq!(marks(&r), if marked { ids.iter().map(|id| format!("gone {svc}/{id}")).collect() } else { vec![] }, "{:?}", r.ops);
+            assert!(rec.applied.gone.is_empty());
+            // A backend that leaves the maps altogether takes its marks out of memory (its id is
+            // not handed out again while the agent runs).
+            let mut fewer = other.clone();
+            fewer.frontends.get_mut(&fe2).unwrap().backends.pop_first();
+            rec.sync(&fewer, &BTreeSet::new(), &mut r);
+            assert!(rec.applied.gone.is_empty(), "{:?}", rec.applied.gone);
         }
     }
 

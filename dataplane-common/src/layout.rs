@@ -55,6 +55,7 @@ scalar!(u32, u64, [u32; 2], [u8; 8], [u8; 12], [u8; 16]);
 fields!(Lb4Key { addr_be, port_be, proto, scope });
 fields!(Lb4Service { svc_id, count, flags, affinity_timeout_s, table_off, table_len });
 fields!(AffinityKey { svc_id, client_be });
+fields!(Lb4PairKey { svc_id, backend_id });
 fields!(AffinityValue { backend_id, pad, last_used_ns });
 fields!(Lb4SlotKey { svc_id, slot });
 fields!(Lb4Backend { addr_be, port_be, proto, flags });

@@ -63,11 +63,17 @@ pub mod names {
     /// Assured connections per source address, [Service conntrack, policy conntrack]: what
     /// `--conntrack-max-per-source` is checked against (recounted by the garbage collector).
     pub const CT_SOURCES: &str = "ct_src4_v1";
+    /// (frontend, backend) pairs the agent took out of a frontend, with when (`Lb4PairKey` ->
+    /// monotonic ns): a UDP or SCTP connection tracked to such a pair moves to another backend
+    /// at its next packet, and a sessionAffinity client stuck to one chooses again. What
+    /// kube-proxy does by deleting conntrack entries, without a walk over conntrack. LRU: the
+    /// oldest go first; the agent removes a pair's when the backend joins the frontend again.
+    pub const GONE: &str = "lb4_gone_v1";
     /// Every map the agent pins, in the order it creates and checks them.
-    pub const ALL: [&str; 31] = [
+    pub const ALL: [&str; 32] = [
         SERVICES, SLOTS, BACKENDS, CONNTRACK, CONNTRACK_ASSURED, FRAGMENTS, SERVICE_CIDRS, STATS, AFFINITY, SOURCE_RANGES, CONFIG, CHASH, SVC_STATS, SVC_NAMES,
         POL_IPCACHE, POL_ENDPOINTS, POL_RULES, POL_CONNTRACK, POL_CONNTRACK_ASSURED, POL_FRAGMENTS, POL_EVENT_LIMIT, POL_DROPS, POL_EVENTS, POL_NAMES,
-        POD_NAMES, IDENTITY_NAMES, SOCK_REV, LOCAL_ADDRS, POD_IFACES, CT_SOURCES, POL_REVOKED,
+        POD_NAMES, IDENTITY_NAMES, SOCK_REV, LOCAL_ADDRS, POD_IFACES, CT_SOURCES, POL_REVOKED, GONE,
     ];
 }
 
@@ -118,6 +124,8 @@ pub mod capacity {
     pub const STATS: u32 = 64;
     pub const SOCK_REVNAT: u32 = 65_536;
     pub const AFFINITY: u32 = 262_144;
+    /// Backends taken out of frontends and not back (`lb4_gone_v1`).
+    pub const GONE: u32 = 65_536;
     pub const SOURCE_RANGES: u32 = 16_384;
     /// Addresses and CIDRs with an identity (every pod of the cluster, every ipBlock prefix).
     pub const POL_IPCACHE: u32 = 262_144;
@@ -220,6 +228,14 @@ pub struct Lb4Service {
     /// region is reused only after an RCU grace period.
     pub table_off: u32,
     pub table_len: u32,
+}
+
+/// Key of `lb4_gone_v1`: a backend of a frontend.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Lb4PairKey {
+    pub svc_id: u32,
+    pub backend_id: u32,
 }
 
 /// Key of the session affinity map: a client of a frontend.
@@ -1001,6 +1017,7 @@ const _: () = {
     assert!(core::mem::size_of::<Lb4Key>() == 8);
     assert!(core::mem::size_of::<Lb4Service>() == 20);
     assert!(core::mem::size_of::<AffinityKey>() == 8);
+    assert!(core::mem::size_of::<Lb4PairKey>() == 8);
     assert!(core::mem::size_of::<AffinityValue>() == 16);
     assert!(core::mem::size_of::<SrcRangeData>() == 8);
     assert!(core::mem::size_of::<NodeConfig>() == 80);
@@ -1050,6 +1067,7 @@ mod pod {
     unsafe impl aya::Pod for PolEvKey {}
     unsafe impl aya::Pod for PolicyEvent {}
     unsafe impl aya::Pod for AffinityKey {}
+    unsafe impl aya::Pod for Lb4PairKey {}
     unsafe impl aya::Pod for AffinityValue {}
     unsafe impl aya::Pod for SrcRangeData {}
     unsafe impl aya::Pod for NodeConfig {}
@@ -1072,6 +1090,7 @@ mod layout_tests {
         check::<Lb4Key>();
         check::<Lb4Service>();
         check::<AffinityKey>();
+        check::<Lb4PairKey>();
         check::<AffinityValue>();
         check::<Lb4SlotKey>();
         check::<Lb4Backend>();

@@ -7,7 +7,7 @@
 //! endpoints and connections.
 use aya_ebpf::{helpers::bpf_get_prandom_u32, helpers::bpf_ktime_get_ns, programs::TcContext};
 use dataplane_common::{
-    stat, AffinityKey, AffinityValue, Ct4Entry, Ct4Key, DropReason, Frag4Key, Frag4Ports, Lb4Backend, Lb4Key, Lb4Service, Lb4SlotKey,
+    stat, AffinityKey, AffinityValue, Ct4Entry, Ct4Key, DropReason, Frag4Key, Frag4Ports, Lb4Backend, Lb4Key, Lb4PairKey, Lb4Service, Lb4SlotKey,
     SrcRangeData, BE_F_HOST, BE_F_LOCAL, CHASH_PER_ELEMENT, CT_F_CLASH, CT_F_EXTERNAL, CT_F_FORWARD, CT_F_HAIRPIN, CT_F_LOCAL_BACKEND, CT_F_REDIRECT, CT_F_REPLY,
     CT_F_REPLY_AT_SOURCE, CT_F_SNAT, IPPROTO_ICMP, IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP, SCOPE_EXTERNAL, SCOPE_INTERNAL, SVC_F_ADDR_ONLY, SVC_F_DROP_EMPTY,
     SVC_F_EXTERNAL_IP, SVC_F_MASQ, SVC_F_RANDOM, SVC_F_SOURCE_RANGES, CFG_F_LOCAL_IFACE, LOCAL_HOST,
@@ -15,7 +15,7 @@ use dataplane_common::{
 
 use crate::{
     conntrack,
-    maps::{cfg4_v4, frag4_v1, local4_v1, path_scratch, lb4_aff_v1, lb4_be_v1, lb4_chash_flat_v1, lb4_slot_v1, lb4_src_v1, lb4_svc_v3, svc_cidr4_v1},
+    maps::{cfg4_v4, frag4_v1, local4_v1, path_scratch, lb4_aff_v1, lb4_be_v1, lb4_chash_flat_v1, lb4_gone_v1, lb4_slot_v1, lb4_src_v1, lb4_svc_v3, svc_cidr4_v1},
     nat,
     parse::{Ipv4Packet, TCP_ACK, TCP_SYN},
     stats,
@@ -137,7 +137,7 @@ pub fn lb4_choose_backend(svc: &Lb4Service, client_be: u32, hash: u32) -> Result
     if let Some(a) = lb4_aff_v1.get_ptr_mut(&key) {
         // SAFETY: pointer from a successful lookup.
         let (id, last) = unsafe { ((*a).backend_id, (*a).last_used_ns) };
-        if now.saturating_sub(last) < svc.affinity_timeout_s as u64 * 1_000_000_000 {
+        if now.saturating_sub(last) < svc.affinity_timeout_s as u64 * 1_000_000_000 && !pair_gone(svc.svc_id, id) {
             if let Some(be) = unsafe { lb4_be_v1.get(&id).copied() } {
                 unsafe { (*a).last_used_ns = now };
                 return Ok((id, be));
@@ -201,6 +201,21 @@ pub fn lb4_select_backend(svc: &Lb4Service, hash: u32) -> Result<(u32, Lb4Backen
     let id = unsafe { lb4_slot_v1.get(&Lb4SlotKey { svc_id: svc.svc_id, slot }).copied() }.ok_or(DropReason::NoBackend)?;
     let be = unsafe { lb4_be_v1.get(&id).copied() }.ok_or(DropReason::NoBackend)?;
     Ok((id, be))
+}
+
+/// Has the agent taken this backend out of this frontend (`lb4_gone_v1`)?
+#[inline(always)]
+pub fn pair_gone(svc_id: u32, backend_id: u32) -> bool {
+    // SAFETY: presence only.
+    unsafe { lb4_gone_v1.get(&Lb4PairKey { svc_id, backend_id }).is_some() }
+}
+
+/// A UDP or SCTP connection whose backend left its Service (still a backend of another one, or
+/// not): it moves at its next packet, as after kube-proxy's conntrack flush. TCP connections keep
+/// their backend until they end (graceful termination), so this is never asked for them.
+#[inline(always)]
+pub fn left_service(e: &Ct4Entry, proto: u8) -> bool {
+    proto != IPPROTO_TCP && e.flags & CT_F_CLASH == 0 && pair_gone(e.svc_id, e.backend_id)
 }
 
 /// Is the backend this connection was pinned to still a backend (same id, same address)?
@@ -471,7 +486,7 @@ fn classify_inner(p: &mut Ipv4Packet, hook: Hook, out: &mut Ct4Entry, svc_out: &
             // TCP: an established connection keeps its backend until it ends (graceful
             // termination, as with kube-proxy); only a new SYN on the same tuple moves. A SYN on
             // a closed connection's tuple starts a new connection (netfilter reopens TIME_WAIT).
-            && ((!backend_alive(e) && (p.proto != IPPROTO_TCP || syn_only)) || (syn_only && closed));
+            && (((p.proto != IPPROTO_TCP || syn_only) && !backend_alive(e)) || left_service(e, p.proto) || (syn_only && closed));
         if !reopen {
             conntrack::track(&mut hit, &mut key, p, out);
             stats::count(if out.flags & CT_F_REPLY != 0 { stat::CT_REPLY } else { stat::CT_FORWARD });

@@ -10,7 +10,7 @@ use aya_ebpf::{
 const NO_PREALLOC: usize = 1;
 
 use dataplane_common::{
-    capacity, AffinityKey, LocalAddr, PodIface, AffinityValue, Ct4Entry, Ct4Key, Frag4Key, Frag4Ports, Lb4Backend, Lb4Key, Lb4Service,
+    capacity, AffinityKey, Lb4PairKey, LocalAddr, PodIface, AffinityValue, Ct4Entry, Ct4Key, Frag4Key, Frag4Ports, Lb4Backend, Lb4Key, Lb4Service,
     Lb4SlotKey, NodeConfig, PolCtEntry, PolCtKey, PolEndpoint, PolEvKey, PolFragKey, PolRuleKey, PolicyEvent, SockRevKey, SockRevValue, SrcRangeData, SvcCounters, SvcName,
 };
 
@@ -56,6 +56,11 @@ pub static stats_v1: PerCpuArray<u64, { capacity::STATS as usize }> = PerCpuArra
 #[btf_map]
 pub static sock_rev4_v1: LruHashMap<SockRevKey, SockRevValue, { capacity::SOCK_REVNAT as usize }> =
     LruHashMap::new();
+
+/// Backends the agent took out of frontends: `(frontend, backend) -> when` (see
+/// `dataplane_common::names::GONE`). Read only for UDP and SCTP connections and affinity hits.
+#[btf_map]
+pub static lb4_gone_v1: LruHashMap<Lb4PairKey, u64, { capacity::GONE as usize }> = LruHashMap::new();
 
 /// sessionAffinity ClientIP: `(frontend, client) -> backend, last used`. LRU: idle clients go
 /// first; the timeout is checked on use.

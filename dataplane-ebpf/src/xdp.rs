@@ -24,7 +24,7 @@ use dataplane_common::{
 use crate::{
     csum::{csum_replace2, csum_replace4},
     conntrack,
-    lb::{backend_alive, ct_key, lb4_lookup_service, lb4_new_connection, lb4_source_allowed, masquerade, source_local, Hook, Verdict, DROP_CODE, LOCAL_YES},
+    lb::{backend_alive, ct_key, left_service, lb4_lookup_service, lb4_new_connection, lb4_source_allowed, masquerade, source_local, Hook, Verdict, DROP_CODE, LOCAL_YES},
     maps::{local4_v1, path_scratch},
     parse::{Ipv4Packet, ETH_LEN, TCP_SYN},
     stats,
@@ -197,7 +197,7 @@ pub fn try_nodeport(ctx: &XdpContext) -> Result<u32, DropReason> {
         // Connections pods opened, ones whose backend left (tc re-balances them), and a SYN on a
         // closed connection's tuple (tc reopens it or retires stale entries) go to tc.
         let syn_on_closed = p.proto == IPPROTO_TCP && p.tcp_flags & TCP_SYN != 0 && conntrack::is_closed(e.state);
-        if e.flags & CT_F_EXTERNAL == 0 || (e.flags & CT_F_FORWARD != 0 && !backend_alive(e)) || syn_on_closed {
+        if e.flags & CT_F_EXTERNAL == 0 || (e.flags & CT_F_FORWARD != 0 && (!backend_alive(e) || left_service(e, p.proto))) || syn_on_closed {
             return Ok(PASS);
         }
         // Translated (the tuple does not depend on the lifecycle) and only then tracked, when

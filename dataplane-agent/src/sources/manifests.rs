@@ -31,14 +31,94 @@ pub fn files(path: &Path) -> std::io::Result<Vec<PathBuf>> {
     }
 }
 
-/// A fingerprint of the path's contents (names and bytes), to notice changes cheaply.
+/// A file's metadata as far as it tells a change: size, modification time, inode (a file
+/// replaced by rename, as editors and ConfigMap volumes do, gets a new one).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+struct Stamp {
+    len: u64,
+    mtime: (i64, i64),
+    ctime: (i64, i64),
+    ino: (u64, u64),
+}
+
+/// A file modified this recently may be modified again within the file system's timestamp
+/// granularity (a jiffy on some) without its time changing: its bytes are read too.
+const SETTLE: std::time::Duration = std::time::Duration::from_secs(2);
+
+impl Stamp {
+    fn of(f: &Path) -> std::io::Result<Stamp> {
+        use std::os::unix::fs::MetadataExt;
+        let m = std::fs::metadata(f)?;
+        Ok(Stamp { len: m.len(), mtime: (m.mtime(), m.mtime_nsec()), ctime: (m.ctime(), m.ctime_nsec()), ino: (m.dev(), m.ino()) })
+    }
+
+    /// Modified at least [`SETTLE`] before now.
+    fn settled(&self) -> bool {
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+        let newest = self.mtime.max(self.ctime);
+        let changed = std::time::Duration::new(newest.0.max(0) as u64, newest.1.clamp(0, 999_999_999) as u32);
+        now.saturating_sub(changed) >= SETTLE
+    }
+}
+
+/// A fingerprint of the path's files (names and metadata; the bytes only of files modified in
+/// the last [`SETTLE`]), to notice changes cheaply: a poll reads no settled file.
 pub fn fingerprint(path: &Path) -> std::io::Result<u64> {
     let mut h = DefaultHasher::new();
     for f in files(path)? {
         f.hash(&mut h);
-        std::fs::read(&f)?.hash(&mut h);
+        let st = Stamp::of(&f)?;
+        st.hash(&mut h);
+        if !st.settled() {
+            std::fs::read(&f)?.hash(&mut h);
+        }
     }
     Ok(h.finish())
+}
+
+/// Wakes the agent when a manifest file is written, renamed, removed or touched: inotify on the
+/// directory (for a single file, on the directory holding it, as editors and ConfigMap volumes
+/// replace files by rename). Written files are seen when closed, not while being written.
+pub struct Watcher {
+    pub changed: std::sync::Arc<tokio::sync::Notify>,
+}
+
+impl Watcher {
+    pub fn new(path: &Path) -> std::io::Result<Watcher> {
+        use std::os::unix::ffi::OsStrExt;
+        let dir = if path.is_dir() { path.to_path_buf() } else { path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new(".")).to_path_buf() };
+        let c = std::ffi::CString::new(dir.as_os_str().as_bytes()).map_err(std::io::Error::other)?;
+        // SAFETY: plain syscalls; the descriptor is owned by the thread below.
+        let fd = unsafe { libc::inotify_init1(libc::IN_CLOEXEC) };
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let mask = libc::IN_CLOSE_WRITE | libc::IN_MOVED_TO | libc::IN_MOVED_FROM | libc::IN_DELETE | libc::IN_ATTRIB | libc::IN_DELETE_SELF | libc::IN_MOVE_SELF;
+        if unsafe { libc::inotify_add_watch(fd, c.as_ptr(), mask) } < 0 {
+            let e = std::io::Error::last_os_error();
+            unsafe { libc::close(fd) };
+            return Err(std::io::Error::new(e.kind(), format!("inotify on {}: {e}", dir.display())));
+        }
+        let changed = std::sync::Arc::new(tokio::sync::Notify::new());
+        let notify = changed.clone();
+        std::thread::Builder::new().name("manifests-watch".into()).spawn(move || {
+            let mut buf = [0u8; 4096];
+            loop {
+                // SAFETY: reads into a buffer of the given length.
+                let n = unsafe { libc::read(fd, buf.as_mut_ptr().cast(), buf.len()) };
+                if n < 0 && std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted {
+                    continue;
+                }
+                if n <= 0 {
+                    break;
+                }
+                // One wake-up for any number of events: the agent compares fingerprints.
+                notify.notify_one();
+            }
+            unsafe { libc::close(fd) };
+        })?;
+        Ok(Watcher { changed })
+    }
 }
 
 /// Reads every object under `path`. Documents that cannot be parsed are reported with the file,
@@ -65,6 +145,9 @@ pub struct Cache {
 
 struct FileRead {
     hash: u64,
+    /// The file's metadata when read, if it had settled then: the next read skips the file while
+    /// its metadata stays the same.
+    settled: Option<Stamp>,
     objs: Objects,
     errors: Vec<ObjectError>,
 }
@@ -84,11 +167,17 @@ pub fn read_changed(path: &Path, cache: &mut Cache) -> std::io::Result<(Objects,
         touched.push((old.objs, Objects::default()));
     }
     for f in &files {
+        let stamp = Stamp::of(f)?;
+        if cache.files.get(f).is_some_and(|r| r.settled == Some(stamp)) {
+            continue;
+        }
+        let settled = stamp.settled().then_some(stamp);
         let bytes = std::fs::read(f)?;
         let mut h = DefaultHasher::new();
         bytes.hash(&mut h);
         let hash = h.finish();
-        if cache.files.get(f).is_some_and(|r| r.hash == hash) {
+        if let Some(r) = cache.files.get_mut(f).filter(|r| r.hash == hash) {
+            r.settled = settled;
             continue;
         }
         let mut objs = Objects::default();
@@ -100,7 +189,7 @@ pub fn read_changed(path: &Path, cache: &mut Cache) -> std::io::Result<(Objects,
         for k in objs.endpoint_slices.iter().map(model::slice_key) {
             cache.slices.entry(k).or_default().insert(f.clone());
         }
-        let old = cache.files.insert(f.clone(), FileRead { hash, objs: objs.clone(), errors });
+        let old = cache.files.insert(f.clone(), FileRead { hash, settled, objs: objs.clone(), errors });
         if let Some(old) = old {
             cache.forget_keys(f, &old.objs, &objs);
             touched.push((old.objs, objs));
