@@ -254,6 +254,8 @@ struct Figures {
     change_own: Option<((f64, f64), (f64, f64))>,
     create: Vec<Timed>,
     create_own: Option<(f64, f64)>,
+    /// The proxy's resident memory after the runs (`process_resident_memory_bytes`), bytes.
+    rss: Option<f64>,
     error: Option<String>,
 }
 
@@ -366,6 +368,7 @@ fn measure_into(cp: &ControlPlane, proxy: Proxy, kube_proxy: &Path, n: usize, li
     }
     let m2 = side.metrics()?;
     f.create_own = Some(delta(&m1, &m2, SYNC_HIST));
+    f.rss = Some(metric(&m2, "process_resident_memory_bytes")).filter(|b| *b > 0.0);
     Ok(())
 }
 
@@ -475,6 +478,7 @@ fn print_table(n: usize, rows: &[(Proxy, Figures)], list: Duration) {
     );
     row(&format!("Service created → ClusterIP answers (median of {CREATE_RUNS}, min–max)"), &|f| median_of(f.create.iter().map(|t| t.seen), CHANGE_BOUND), floor(all(&|f| f.create.clone())));
     row("  own: sync (mean)", &|f| f.create_own.map(|(s, c)| format!("{} ({c} syncs)", fmt_s(s))).unwrap_or_else(|| "-".into()), String::new());
+    row("resident memory after the runs", &|f| f.rss.map(|b| format!("{:.0} MiB", b / (1024.0 * 1024.0))).unwrap_or_else(|| "-".into()), String::new());
     let widths: Vec<usize> = (0..table[0].len()).map(|c| table.iter().map(|r| r.get(c).map_or(0, |s| s.chars().count())).max().unwrap_or(0)).collect();
     println!();
     for (i, r) in table.iter().enumerate() {

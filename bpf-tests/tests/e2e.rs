@@ -173,8 +173,9 @@ fn run_cleanup_removes_ferry_from_the_node() {
     let out = c.nodes[0].ns.cmd(&[lab::agent_bin().to_str().unwrap(), "run", "--cleanup", "--pin-dir", pin.to_str().unwrap()]).output().unwrap();
     let text = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{text}");
-    // 31 maps and the `layouts` record.
-    assert!(text.contains("detached 12 links") && text.contains("removed 32 pinned maps"), "{text}");
+    // Every map of names::ALL and the `layouts` record.
+    let maps = dataplane_common::names::ALL.len() + 1;
+    assert!(text.contains("detached 12 links") && text.contains(&format!("removed {maps} pinned maps")), "{text}");
     assert!(!pin.exists(), "{text}");
     // The node's twelve links are gone from the kernel (bpftool 7.1 lists no TCX links under
     // `net show`: the kernel's link list is what counts; node2's agent keeps its own).
@@ -687,6 +688,13 @@ fn a_policy_change_cuts_established_flows_it_no_longer_allows_within_a_second() 
         assert_eq!(tcp.backend(), "n1-pod2", "after an unrelated policy change");
         assert_eq!(udp.backend(), "n2-pod1", "after an unrelated policy change");
     }
+    // A change of endpoints alone leaves the policy compiler idle, and the policies in force.
+    let since = c.agent_log(0).len();
+    set_endpoints(&mut c, &ALL[..2], &ALL[..2]);
+    let log = c.agent_log(0)[since..].to_string();
+    assert!(log.lines().any(|l| l.contains("synced") && l.contains("policies=2") && l.contains("policies_compiled=false")), "{log}");
+    assert_eq!(tcp.backend(), "n1-pod2", "after an endpoint change");
+    assert_eq!(udp.backend(), "n2-pod1", "after an endpoint change");
     // The client is no longer allowed: once the agents synced (within a second of the write),
     // the next request of each established flow is cut.
     let t = Instant::now();

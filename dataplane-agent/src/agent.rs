@@ -417,6 +417,12 @@ pub async fn run(mut cfg: RunConfig) -> anyhow::Result<()> {
     // BoundedFrequencyRunner), so a change after a quiet spell is synced at once and a burst of
     // changes is batched.
     let mut last_sync: Option<tokio::time::Instant> = None;
+    // The Pods, Namespaces and NetworkPolicies as last read (moved, not copied, between the
+    // reads and the syncs), and whether the policies must be compiled again although none of
+    // them changed: the node's addresses, its routes or a failed write.
+    let mut policy_objs = Objects::default();
+    let mut policy_dirty = true;
+    let mut last_node: Option<model::NodeContext> = None;
     let hold_off = |last: Option<tokio::time::Instant>| last.map_or_else(tokio::time::Instant::now, |l| l + cfg.min_sync_period);
     loop {
         if let Some((mut objs, errors)) = pending.take() {
@@ -433,12 +439,22 @@ pub async fn run(mut cfg: RunConfig) -> anyhow::Result<()> {
                 objs.pods.clear();
                 objs.namespaces.clear();
             }
+            if objs.policy_unchanged {
+                objs.pods = std::mem::take(&mut policy_objs.pods);
+                objs.namespaces = std::mem::take(&mut policy_objs.namespaces);
+                objs.network_policies = std::mem::take(&mut policy_objs.network_policies);
+            }
             let node = node_context(&cfg, &objs);
+            if last_node.as_ref() != Some(&node) {
+                last_node = Some(node.clone());
+                policy_dirty = true;
+            }
             let want = node_config(&cfg, &node, &objs);
             rec.host_addrs = node.ips.iter().copied().chain(attach::local_addresses().into_iter().map(|(_, ip)| ip)).collect();
             if rec.host_addrs != host_addrs {
                 host_addrs = rec.host_addrs.clone();
                 full_next = true;
+                policy_dirty = true;
             }
             if want != node_cfg {
                 match maps.set_config(want) {
@@ -455,9 +471,18 @@ pub async fn run(mut cfg: RunConfig) -> anyhow::Result<()> {
                 info!(service_cidrs = %ranges.iter().map(|c| c.to_string()).collect::<Vec<_>>().join(","), flag = %cfg.service_cidrs.iter().map(|c| c.to_string()).collect::<Vec<_>>().join(","), objects = %objects.join("; "), "service CIDRs (--service-cidr and the ServiceCIDR objects)");
                 service_ranges = ranges;
             }
-            pol.host_ips = attach::host_addresses(&attach::local_addresses(), &service_ranges);
+            let host_ips = attach::host_addresses(&attach::local_addresses(), &service_ranges);
+            if host_ips != pol.host_ips {
+                pol.host_ips = host_ips;
+                policy_dirty = true;
+            }
+            objs.policy_unchanged &= !policy_dirty;
             let out = sync_objects(&cfg, &node, &mut rec, &mut tr, full_next, &mut pol, &mut maps, &objs, errors, &observed);
             full_next = !out.ok;
+            policy_dirty = !out.ok;
+            policy_objs.pods = std::mem::take(&mut objs.pods);
+            policy_objs.namespaces = std::mem::take(&mut objs.namespaces);
+            policy_objs.network_policies = std::mem::take(&mut objs.network_policies);
             health.update(&out.health_checks).await;
             if out.ok {
                 retry = Backoff::default();
@@ -485,6 +510,10 @@ pub async fn run(mut cfg: RunConfig) -> anyhow::Result<()> {
                 if kinds & attach::EV_LINK != 0 {
                     att.sync_interfaces(&mut ebpf, &cfg.pod_interfaces, external.as_ref());
                     observed.datapath(att.live(), att.links());
+                }
+                if kinds & attach::EV_ADDR_ROUTE != 0 {
+                    // Routes place this node's pods for the policy maps.
+                    policy_dirty = true;
                 }
                 if kinds & attach::EV_ADDR_ROUTE != 0 && !retry.waiting() {
                     // The node's addresses or its routes to pods changed: sync again (writing
@@ -792,22 +821,27 @@ pub fn sync_objects(
         st.sockets_destroyed = n;
         map_errors.extend(errs);
     }
-    let (pw, pd, perr, pmap) = pol.sync(maps, objs, node);
-    st.writes += pw;
-    st.deletes += pd;
-    // Each untranslated part is said once (again only if it goes away and comes back).
-    let parts: BTreeSet<String> = perr.iter().filter(|e| e.kind == "NetworkPolicy").map(|e| e.to_string()).collect();
-    for e in perr.iter().filter(|e| e.kind == "NetworkPolicy" && !pol.reported.contains(&e.to_string())) {
-        if e.ipv6_only {
-            info!(object = %e.name, field = %e.field, detail = %e.message, "IPv6 part of a NetworkPolicy: the IPv4 datapath leaves it out (it allows nothing; the policy still isolates its pods)");
-        } else {
-            warn!(object = %e.name, field = %e.field, error = %e.message, "part of a NetworkPolicy left untranslated: it fails closed (allows nothing), the policy still isolates its pods");
+    // Compiled only when a Pod, Namespace or NetworkPolicy changed, or the node did (its
+    // addresses, its routes), or a write failed: a Service or endpoint change leaves it idle.
+    let compile = !objs.policy_unchanged || full;
+    if compile {
+        let (pw, pd, perr, pmap) = pol.sync(maps, objs, node);
+        st.writes += pw;
+        st.deletes += pd;
+        // Each untranslated part is said once (again only if it goes away and comes back).
+        let parts: BTreeSet<String> = perr.iter().filter(|e| e.kind == "NetworkPolicy").map(|e| e.to_string()).collect();
+        for e in perr.iter().filter(|e| e.kind == "NetworkPolicy" && !pol.reported.contains(&e.to_string())) {
+            if e.ipv6_only {
+                info!(object = %e.name, field = %e.field, detail = %e.message, "IPv6 part of a NetworkPolicy: the IPv4 datapath leaves it out (it allows nothing; the policy still isolates its pods)");
+            } else {
+                warn!(object = %e.name, field = %e.field, error = %e.message, "part of a NetworkPolicy left untranslated: it fails closed (allows nothing), the policy still isolates its pods");
+            }
         }
+        pol.reported = parts;
+        observed.policy_untranslated(&perr.iter().filter(|e| e.kind == "NetworkPolicy").cloned().collect::<Vec<_>>());
+        errors.extend(perr.into_iter().filter(|e| e.kind != "NetworkPolicy"));
+        map_errors.extend(pmap);
     }
-    pol.reported = parts;
-    observed.policy_untranslated(&perr.iter().filter(|e| e.kind == "NetworkPolicy").cloned().collect::<Vec<_>>());
-    errors.extend(perr.into_iter().filter(|e| e.kind != "NetworkPolicy"));
-    map_errors.extend(pmap);
     for e in &errors {
         warn!(kind = %e.kind, object = %e.name, field = %e.field, error = %e.message, "skipped an invalid object; everything else syncs");
     }
@@ -851,6 +885,7 @@ pub fn sync_objects(
         changed_frontends = delta.as_ref().map_or(desired.frontends.len(), |d| d.frontends.len()),
         policies = pol.applied.policies.len(),
         isolated_pods = pol.applied.endpoints.len(),
+        policies_compiled = compile,
         took = ?took,
         writes = st.writes,
         deletes = st.deletes,

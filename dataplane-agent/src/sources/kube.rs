@@ -145,6 +145,8 @@ struct Dirty {
     all: bool,
     services: BTreeSet<Key>,
     slices: BTreeSet<Key>,
+    /// A Pod, Namespace or NetworkPolicy changed (or was relisted).
+    policy: bool,
 }
 
 /// What the agent knows of the API server's ServiceCIDR objects.
@@ -256,7 +258,7 @@ impl KubeSource {
         let changed = Arc::new(Notify::new());
         let stats = Arc::new(WatchStats::default());
         let selector = watch_config().labels(PROXYABLE);
-        let dirty = Arc::new(Mutex::new(Dirty { all: true, services: BTreeSet::new(), slices: BTreeSet::new() }));
+        let dirty = Arc::new(Mutex::new(Dirty { all: true, services: BTreeSet::new(), slices: BTreeSet::new(), policy: true }));
         let services = spawn_reflector_marking(Api::<Service>::all(client.clone()), selector.clone(), &changed, &stats, marker(&dirty, |d| &mut d.services, model::service_key));
         let slices = spawn_reflector_marking(Api::<EndpointSlice>::all(client.clone()), selector, &changed, &stats, marker(&dirty, |d| &mut d.slices, model::slice_key));
         let nodes = spawn_reflector(Api::<Node>::all(client.clone()), watch_config().fields(&format!("metadata.name={node}")), &changed, &stats);
@@ -265,9 +267,9 @@ impl KubeSource {
         // labels, the policies.
         let policy = policy.then(|| {
             (
-                spawn_reflector(Api::<Pod>::all(client.clone()), watch_config(), &changed, &stats),
-                spawn_reflector(Api::<Namespace>::all(client.clone()), watch_config(), &changed, &stats),
-                spawn_reflector(Api::<NetworkPolicy>::all(client), watch_config(), &changed, &stats),
+                spawn_reflector_marking(Api::<Pod>::all(client.clone()), watch_config(), &changed, &stats, policy_marker(&dirty)),
+                spawn_reflector_marking(Api::<Namespace>::all(client.clone()), watch_config(), &changed, &stats, policy_marker(&dirty)),
+                spawn_reflector_marking(Api::<NetworkPolicy>::all(client), watch_config(), &changed, &stats, policy_marker(&dirty)),
             )
         });
         KubeSource { services, slices, nodes, policy, service_cidrs, cidr_state, base_ready_at: Default::default(), changed, stats, dirty }
@@ -327,16 +329,25 @@ impl KubeSource {
         *self.stats.pending.lock().unwrap() = Default::default();
         let dirty = {
             let mut d = self.dirty.lock().unwrap();
-            Dirty { all: std::mem::replace(&mut d.all, false), services: std::mem::take(&mut d.services), slices: std::mem::take(&mut d.slices) }
+            Dirty {
+                all: std::mem::replace(&mut d.all, false),
+                services: std::mem::take(&mut d.services),
+                slices: std::mem::take(&mut d.slices),
+                policy: std::mem::replace(&mut d.policy, false),
+            }
         };
-        let mut objs = Objects {
-            nodes: own(self.nodes.state()),
-            pods: self.policy.as_ref().map(|p| own(p.0.state())).unwrap_or_default(),
-            namespaces: self.policy.as_ref().map(|p| own(p.1.state())).unwrap_or_default(),
-            network_policies: self.policy.as_ref().map(|p| own(p.2.state())).unwrap_or_default(),
-            service_cidrs: own(self.service_cidrs.state()),
-            ..Default::default()
-        };
+        let mut objs = Objects { nodes: own(self.nodes.state()), service_cidrs: own(self.service_cidrs.state()), ..Default::default() };
+        // The policy stores are copied only when one of them changed: a Service or endpoint
+        // change leaves the compiler idle and copies no Pod.
+        match &self.policy {
+            Some(p) if dirty.policy || dirty.all => {
+                objs.pods = own(p.0.state());
+                objs.namespaces = own(p.1.state());
+                objs.network_policies = own(p.2.state());
+            }
+            Some(_) => objs.policy_unchanged = true,
+            None => {}
+        }
         if dirty.all {
             objs.services = own(self.services.state());
             objs.endpoint_slices = own(self.slices.state());
@@ -351,6 +362,12 @@ impl KubeSource {
         }
         objs
     }
+}
+
+/// Marks the policy objects changed.
+fn policy_marker<K: 'static>(dirty: &Arc<Mutex<Dirty>>) -> impl Fn(Option<&K>) + Send + 'static {
+    let dirty = dirty.clone();
+    move |_| dirty.lock().unwrap().policy = true
 }
 
 /// Marks an object's key (from `key`) in the set `of` picks, or everything on `None`.

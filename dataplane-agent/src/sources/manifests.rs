@@ -199,12 +199,17 @@ pub fn read_changed(path: &Path, cache: &mut Cache) -> std::io::Result<(Objects,
     }
     let mut out = Objects::default();
     let mut errors = Vec::new();
+    // Pods, Namespaces and NetworkPolicies only when a file that holds or held one changed.
+    let policy_objects = |o: &Objects| !o.pods.is_empty() || !o.namespaces.is_empty() || !o.network_policies.is_empty();
+    out.policy_unchanged = !first && !touched.iter().any(|(old, new)| policy_objects(old) || policy_objects(new));
     for r in cache.files.values() {
         let o = &r.objs;
         out.nodes.extend(o.nodes.iter().cloned());
-        out.pods.extend(o.pods.iter().cloned());
-        out.namespaces.extend(o.namespaces.iter().cloned());
-        out.network_policies.extend(o.network_policies.iter().cloned());
+        if !out.policy_unchanged {
+            out.pods.extend(o.pods.iter().cloned());
+            out.namespaces.extend(o.namespaces.iter().cloned());
+            out.network_policies.extend(o.network_policies.iter().cloned());
+        }
         out.service_cidrs.extend(o.service_cidrs.iter().cloned());
         errors.extend(r.errors.iter().cloned());
     }

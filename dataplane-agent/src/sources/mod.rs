@@ -31,6 +31,9 @@ pub struct Objects {
     pub service_cidrs: Vec<ServiceCIDR>,
     /// What this read says of Services and EndpointSlices.
     pub changed: Changed,
+    /// Pods, Namespaces and NetworkPolicies are as at the last read (and left empty here): the
+    /// policy compiler need not run for them. False (the default) when unknown.
+    pub policy_unchanged: bool,
 }
 
 /// What a read holds of Services and EndpointSlices.
