@@ -399,9 +399,11 @@ fn removed_udp_backend_is_left_at_once_tcp_stays() {
     dp.from_pod(&tcp((ip(CLIENT), 5000), (ip(VIP), 80), true, b""));
     assert_eq!(conntrack(&dp).len(), 4);
     dp.apply_yaml(&format!("{}---\n{}", svc(VIP, 53, "UDP", 53, &["10.0.1.2"]), svc(VIP, 80, "TCP", 80, &["10.0.1.2"])));
-    // The UDP entries went with their endpoint; the TCP connection keeps its (terminating) one.
-    assert_eq!(conntrack(&dp).len(), 2);
+    // The sync walks no conntrack: every entry is still there. The UDP flow moves at its next
+    // packet (its pair replaced by a new one); the TCP connection keeps its (terminating) one.
+    assert_eq!(conntrack(&dp).len(), 4);
     assert_eq!(tuple(&dp.from_pod(&udp((ip(CLIENT), 5000), (ip(VIP), 53), b"q")).data).dst, ip("10.0.1.2"));
+    assert_eq!(conntrack(&dp).len(), 4, "the UDP flow's old pair replaced, not kept beside the new one");
     assert_eq!(tuple(&dp.from_pod(&tcp((ip(CLIENT), 5000), (ip(VIP), 80), false, b"x")).data).dst, ip("10.0.1.1"));
     // ...until that tuple opens a new connection: a fresh SYN goes to a live backend.
     assert_eq!(tuple(&dp.from_pod(&tcp((ip(CLIENT), 5000), (ip(VIP), 80), true, b"")).data).dst, ip("10.0.1.2"));

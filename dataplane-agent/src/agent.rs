@@ -305,10 +305,15 @@ pub async fn run(mut cfg: RunConfig) -> anyhow::Result<()> {
     // Link, address and route events come from a blocking netlink socket on its own thread.
     let (link_tx, mut link_rx) = tokio::sync::mpsc::channel::<u8>(16);
     let events = LinkEvents::open().context("subscribing to netlink link, address and route events")?;
+    // Cleared if the thread ends: route changes are then no longer announced, and every sync
+    // compiles the policies again (they place this node's pods by route).
+    let events_alive = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let alive = events_alive.clone();
     std::thread::Builder::new().name("link-events".into()).spawn(move || loop {
         match events.wait() {
             Err(e) => {
-                error!(error = %e, "netlink link events");
+                error!(error = %e, "netlink link events: link, address and route changes are now seen only by the 10 s recheck and at each sync");
+                alive.store(false, std::sync::atomic::Ordering::Relaxed);
                 return;
             }
             Ok(0) => {}
@@ -476,7 +481,7 @@ pub async fn run(mut cfg: RunConfig) -> anyhow::Result<()> {
                 pol.host_ips = host_ips;
                 policy_dirty = true;
             }
-            objs.policy_unchanged &= !policy_dirty;
+            objs.policy_unchanged &= !policy_dirty && events_alive.load(std::sync::atomic::Ordering::Relaxed);
             let out = sync_objects(&cfg, &node, &mut rec, &mut tr, full_next, &mut pol, &mut maps, &objs, errors, &observed);
             full_next = !out.ok;
             policy_dirty = !out.ok;

@@ -383,7 +383,7 @@ impl Observed {
             let _ = writeln!(out, "ferry_map_writes_total {}", s.writes);
             help(&mut out, "ferry_map_deletes_total", "counter", "Map entries deleted by syncs.");
             let _ = writeln!(out, "ferry_map_deletes_total {}", s.deletes);
-            help(&mut out, "ferry_backends_left_total", "counter", "Endpoints taken out of a UDP/SCTP or session-affinity Service port (lb4_gone_v1): its connections move to another endpoint at their next packet.");
+            help(&mut out, "ferry_backends_left_total", "counter", "Endpoints taken out of a Service port (lb4_gone_v1): its UDP/SCTP connections and affinity clients move to another endpoint at their next packet.");
             let _ = writeln!(out, "ferry_backends_left_total {}", s.backends_left);
             help(&mut out, "ferry_ready", "gauge", "1 after the first full sync.");
             let _ = writeln!(out, "ferry_ready {}", s.ready as u8);

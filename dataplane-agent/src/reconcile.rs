@@ -95,11 +95,11 @@ pub trait MapOps {
     fn put_frontend_name(&mut self, svc_id: u32, name: &str) -> Result<(), MapOpError>;
     /// Removes frontend `svc_id`'s name and counters.
     fn del_frontend_meta(&mut self, svc_id: u32) -> Result<(), MapOpError>;
-    /// Marks backend `backend_id` as taken out of frontend `svc_id` (`lb4_gone_v1`): the
-    /// datapath moves UDP and SCTP connections tracked to the pair at their next packet, and
-    /// sessionAffinity clients stuck to it choose again, as kube-proxy's conntrack flush does,
-    /// with no walk over conntrack or affinity. TCP connections keep their backend until they
-    /// end (graceful termination).
+    /// Marks backend `backend_id` as taken out of frontend `svc_id` (`lb4_gone_v1`; every
+    /// protocol): the datapath moves UDP and SCTP connections tracked to the pair at their next
+    /// packet, and sessionAffinity clients stuck to it choose again, as kube-proxy's conntrack
+    /// flush does, with no walk over conntrack or affinity. TCP connections keep their backend
+    /// until they end (graceful termination).
     fn mark_gone(&mut self, svc_id: u32, backend_id: u32) -> Result<(), MapOpError>;
     /// Takes the mark away: the backend joins the frontend again.
     fn unmark_gone(&mut self, svc_id: u32, backend_id: u32) -> Result<(), MapOpError>;
@@ -246,15 +246,29 @@ pub struct Reconciler {
     users: Option<std::collections::HashMap<u32, usize>>,
     /// Backends given an id in the current sync.
     allocated: Vec<(L4Addr, u32)>,
+    /// (frontend, backend) pairs taken out by a write that failed part way: marked once a later
+    /// write of the frontend (or its removal) completes, unless the backend is back by then.
+    pending_gone: BTreeSet<(u32, u32)>,
 }
 
 impl Reconciler {
     /// Starts from what the maps already hold, re-adopting service and backend ids so that a
     /// restart rewrites nothing that did not change and conntrack entries stay meaningful.
     pub fn restore(applied: Applied) -> Self {
-        let next_svc_id = applied.frontends.values().map(|f| f.svc_id).max().unwrap_or(0) + 1;
+        // Past every marked frontend too: a removed frontend's id handed out again would let the
+        // new one's backends unmark the old one's connections.
+        let next_svc_id = applied.frontends.values().map(|f| f.svc_id).chain(applied.gone.iter().map(|(s, _)| *s)).max().unwrap_or(0) + 1;
         let next_backend_id = applied.backends.values().map(|(id, _)| *id).max().unwrap_or(0) + 1;
-        Reconciler { applied, next_svc_id, next_backend_id, algorithm: Algorithm::default(), host_addrs: BTreeSet::new(), users: None, allocated: Vec::new() }
+        Reconciler {
+            applied,
+            next_svc_id,
+            next_backend_id,
+            algorithm: Algorithm::default(),
+            host_addrs: BTreeSet::new(),
+            users: None,
+            allocated: Vec::new(),
+            pending_gone: BTreeSet::new(),
+        }
     }
 
     pub fn new() -> Self {
@@ -338,17 +352,17 @@ impl Reconciler {
     fn remove_stale(&mut self, stale: &[Frontend], ops: &mut dyn MapOps, st: &mut SyncStats, errors: &mut Vec<String>, removed_pairs: &mut BTreeSet<(u32, u32)>) {
         for fe in stale {
             let Some(mut af) = self.applied.frontends.remove(fe) else { continue };
-            let pairs: Vec<(u32, u32)> = if needs_marks(fe, af.entry.as_ref()) {
-                af.serving().iter().filter_map(|b| self.applied.backends.get(b)).map(|(id, _)| (af.svc_id, *id)).collect()
-            } else {
-                Vec::new()
-            };
+            let pairs: Vec<(u32, u32)> = af.serving().iter().filter_map(|b| self.applied.backends.get(b)).map(|(id, _)| (af.svc_id, *id)).collect();
             match remove_frontend(fe, &mut af, ops, st) {
                 Ok(()) => {
                     removed_pairs.extend(pairs);
-                    self.applied.gone.retain(|(s, _)| *s != af.svc_id);
+                    removed_pairs.extend(take_range(&mut self.pending_gone, af.svc_id));
+                    take_range(&mut self.applied.gone, af.svc_id);
                 }
                 Err(e) => {
+                    // Marked when the removal completes (the service entry may be gone already,
+                    // and with it what the frontend served).
+                    self.pending_gone.extend(pairs);
                     errors.push(format!("removing frontend {fe}: {e}"));
                     // What is left of it, for the next sync to remove.
                     self.applied.frontends.insert(*fe, af);
@@ -380,20 +394,21 @@ impl Reconciler {
     }
 
     fn delete_backends(&mut self, unused: &[(L4Addr, u32)], ops: &mut dyn MapOps, st: &mut SyncStats, errors: &mut Vec<String>) {
-        if !self.applied.gone.is_empty() && !unused.is_empty() {
-            // Their marks stay in the map (restarts read them back) but need no unmarking from
-            // this agent: a deleted backend's id is not handed out again while it runs.
-            let ids: BTreeSet<u32> = unused.iter().map(|(_, id)| *id).collect();
-            self.applied.gone.retain(|(_, b)| !ids.contains(b));
-        }
+        let mut deleted = BTreeSet::new();
         for (be, id) in unused {
             match ops.del_backend(*id) {
                 Ok(()) => {
                     st.deletes += 1;
                     self.applied.backends.remove(be);
+                    deleted.insert(*id);
                 }
                 Err(e) => errors.push(format!("removing backend {be}: {e}")),
             }
+        }
+        if !self.applied.gone.is_empty() && !deleted.is_empty() {
+            // Their marks stay in the map (restarts read them back) but need no unmarking from
+            // this agent: a deleted backend's id is not handed out again while it runs.
+            self.applied.gone.retain(|(_, b)| !deleted.contains(b));
         }
     }
 
@@ -557,15 +572,18 @@ impl Reconciler {
         gone_pairs: &mut BTreeSet<(u32, u32)>,
     ) -> Result<(), MapOpError> {
         if let Some(mut af) = self.applied.frontends.remove(fe) {
-            let serving: Vec<L4Addr> = af.serving().to_vec();
-            let marks = needs_marks(fe, af.entry.as_ref()) || desired.affinity_timeout_s != 0;
+            let lost: Vec<(u32, u32)> =
+                af.serving().iter().filter(|b| !desired.backends.contains(b)).filter_map(|b| self.applied.backends.get(b)).map(|(id, _)| (af.svc_id, *id)).collect();
             let res = self.write_frontend(fe, desired, &mut af, local, ops, st);
-            if res.is_ok() && marks {
-                for be in serving.iter().filter(|b| !desired.backends.contains(b)) {
-                    if let Some((id, _)) = self.applied.backends.get(be) {
-                        gone_pairs.insert((af.svc_id, *id));
-                    }
+            if res.is_ok() {
+                gone_pairs.extend(lost);
+                // Pairs an earlier failed write took out: marked now, unless the backend is back.
+                if !self.pending_gone.is_empty() {
+                    let serving: BTreeSet<u32> = af.serving().iter().filter_map(|b| self.applied.backends.get(b)).map(|(id, _)| *id).collect();
+                    gone_pairs.extend(take_range(&mut self.pending_gone, af.svc_id).into_iter().filter(|(_, b)| !serving.contains(b)));
                 }
+            } else {
+                self.pending_gone.extend(lost);
             }
             self.applied.frontends.insert(*fe, af);
             return res;
@@ -607,16 +625,26 @@ impl Reconciler {
         if new.len() > u16::MAX as usize {
             return Err(MapOpError::Full { map: dataplane_common::names::SLOTS, capacity: u16::MAX as u32, what: format!("{} backends", new.len()) });
         }
+        // Marks of this frontend's backends (one back, or read back by a restart) go before its
+        // slots name them: a marked backend's connections would move at every packet.
+        let marked = self.applied.gone.range((svc_id, 0)..=(svc_id, u32::MAX)).next().is_some();
         for (i, be) in new.iter().enumerate() {
-            if af.slots.get(i) == Some(be) {
+            let same = af.slots.get(i) == Some(be);
+            if same && !marked {
                 continue;
             }
-            let id = self.backend_id(be, local, ops, st)?;
-            if self.applied.gone.contains(&(svc_id, id)) {
-                // Back in the frontend: its connections stay (and new ones stop moving off it).
+            let id = match (same, self.applied.backends.get(be)) {
+                (true, Some((id, _))) => *id,
+                (true, None) => continue,
+                (false, _) => self.backend_id(be, local, ops, st)?,
+            };
+            if marked && self.applied.gone.contains(&(svc_id, id)) {
                 ops.unmark_gone(svc_id, id)?;
                 self.applied.gone.remove(&(svc_id, id));
                 st.deletes += 1;
+            }
+            if same {
+                continue;
             }
             ops.put_slot(Lb4SlotKey { svc_id, slot: i as u32 }, id)?;
             st.writes += 1;
@@ -676,11 +704,13 @@ impl Reconciler {
     }
 }
 
-/// Whether a frontend's lost backends are marked (`lb4_gone_v1`): UDP and SCTP connections move
-/// off them, and so do affinity clients; TCP connections without affinity keep their backend and
-/// never look.
-fn needs_marks(fe: &Frontend, entry: Option<&Lb4Service>) -> bool {
-    fe.addr.proto != Proto::Tcp || entry.is_some_and(|e| e.affinity_timeout_s != 0)
+/// Takes the pairs of frontend `svc_id` out of `set`.
+fn take_range(set: &mut BTreeSet<(u32, u32)>, svc_id: u32) -> Vec<(u32, u32)> {
+    let keys: Vec<(u32, u32)> = set.range((svc_id, 0)..=(svc_id, u32::MAX)).copied().collect();
+    for k in &keys {
+        set.remove(k);
+    }
+    keys
 }
 
 impl Reconciler {
@@ -1062,7 +1092,7 @@ mod tests {
         rec.sync(&desired(&[1, 3, 4]), &BTreeSet::new(), &mut r);
         // Slot 1 (backend 2) takes the last backend (4); the count shrinks; slot 3 goes; backend 2
         // goes after nothing points at it; its UDP conntrack is flushed.
-        assert_eq!(r.ops, vec!["put_slot 1/1 -> 4", "put_service 1 count=3", "del_slot 1/3", "del_backend 2"]);
+        assert_eq!(r.ops, vec!["put_slot 1/1 -> 4", "put_service 1 count=3", "del_slot 1/3", "del_backend 2", "gone 1/2"]);
         assert_eq!(datapath_view(&r), [be(1), be(3), be(4)].into());
     }
 
@@ -1083,7 +1113,7 @@ mod tests {
         rec.sync(&desired(&[1]), &BTreeSet::new(), &mut r);
         r.ops.clear();
         rec.sync(&Desired::default(), &BTreeSet::new(), &mut r);
-        assert_eq!(r.ops, vec!["del_service", "del_slot 1/0", "del_meta 1", "del_service", "del_backend 1"]);
+        assert_eq!(r.ops, vec!["del_service", "del_slot 1/0", "del_meta 1", "del_service", "del_backend 1", "gone 1/1"]);
         assert!(r.maps.services.is_empty() && r.maps.slots.is_empty() && r.maps.backends.is_empty());
     }
 
@@ -1298,7 +1328,8 @@ mod tests {
     #[test]
     fn an_existing_frontend_that_fails_at_any_write_keeps_a_true_view_and_no_dangling_slot() {
         // [1, 2, 3, 4] -> [1, 3, 4, 5] with a source range: a slot move, a new backend, a slot,
-        // the table, the range, the entry. Whatever write fails, the view says what the maps
+        // the table, the range, the entry, and the mark of the backend that left (lb4_gone_v1).
+        // Whatever write fails, the view says what the maps
         // hold, the datapath never meets a missing backend, and the next sync converges, even
         // when the Service has gone back to what it was meanwhile.
         let before = desired(&[1, 2, 3, 4]);
@@ -1335,7 +1366,7 @@ mod tests {
                 }
             }
         }
-        assert_eq!(failures, 2 * 6, "every write of the update failed once");
+        assert_eq!(failures, 2 * 7, "every write of the update failed once");
     }
 
     /// What differs between two desired states, as the translator's delta says it.
@@ -1449,10 +1480,9 @@ mod tests {
         let svc = 43;
         assert_eq!(
             r.ops,
-            vec![format!("put_backend {id}"), format!("put_slot {svc}/1 -> {id}"), format!("del_backend {}", 2 * 42 + 2)],
-            "TCP connections keep their backend: nothing marked"
+            vec![format!("put_backend {id}"), format!("put_slot {svc}/1 -> {id}"), format!("del_backend {}", 2 * 42 + 2), format!("gone {svc}/{}", 2 * 42 + 2)],
         );
-        assert_eq!((st.writes, st.deletes), (2, 1));
+        assert_eq!((st.writes, st.deletes), (3, 1));
         // And the full sync of the same state finds nothing left to do.
         r.ops.clear();
         rec.sync(&t.desired, &BTreeSet::new(), &mut r);
@@ -1460,7 +1490,7 @@ mod tests {
     }
 
     #[test]
-    fn lost_backends_of_udp_sctp_and_affinity_frontends_are_marked_and_unmarked_when_back() {
+    fn lost_backends_are_marked_and_unmarked_when_back() {
         for (proto, affinity) in [(Proto::Tcp, 0), (Proto::Tcp, 60), (Proto::Udp, 0), (Proto::Sctp, 0)] {
             let mut d = desired(&[1, 2]);
             let (fe, want) = d.frontends.pop_first().unwrap();
@@ -1476,7 +1506,8 @@ mod tests {
             let svc = rec.applied.frontends[&fe].svc_id;
             let ids: Vec<u32> = d.frontends[&fe].backends.iter().map(|b| rec.applied.backends[b].0).collect();
             let marks = |r: &Recorder| r.ops.iter().filter(|o| o.starts_with("gone ") || o.starts_with("back ")).cloned().collect::<Vec<_>>();
-            let marked = proto != Proto::Tcp || affinity != 0;
+            // Every protocol: TCP connections never look (graceful termination), affinity does.
+            let marked = true;
             // The first backend leaves the first port (it stays in the maps as the other's).
             let mut one = d.clone();
             one.frontends.get_mut(&fe).unwrap().backends.pop_first();
@@ -1511,6 +1542,51 @@ mod tests {
             rec.sync(&fewer, &BTreeSet::new(), &mut r);
             assert!(rec.applied.gone.is_empty(), "{:?}", rec.applied.gone);
         }
+    }
+
+    #[test]
+    fn a_failed_write_marks_its_lost_backends_when_a_later_write_completes() {
+        let d = desired(&[1, 2, 3]);
+        let mut r = Recorder::default();
+        let mut rec = rec();
+        rec.sync(&d, &BTreeSet::new(), &mut r);
+        let (fe, _) = d.frontends.first_key_value().unwrap();
+        let svc = rec.applied.frontends[fe].svc_id;
+        let id2 = rec.applied.backends[&be(2)].0;
+        let mut less = d.clone();
+        less.frontends.values_mut().next().unwrap().backends.remove(&be(2));
+        // Every delete fails: the slot past the count stays, the write is incomplete.
+        r.fail_deletes = true;
+        let (_, errs) = rec.sync(&less, &BTreeSet::new(), &mut r);
+        assert!(!errs.is_empty());
+        r.fail_deletes = false;
+        r.ops.clear();
+        let (_, errs) = rec.sync(&less, &BTreeSet::new(), &mut r);
+        assert!(errs.is_empty(), "{errs:?}");
+        assert!(r.ops.contains(&format!("gone {svc}/{id2}")), "{:?}", r.ops);
+    }
+
+    #[test]
+    fn marks_read_back_for_backends_a_frontend_serves_are_removed_by_the_first_sync() {
+        let d = desired(&[1, 2]);
+        let mut r = Recorder::default();
+        let mut rec = rec();
+        rec.sync(&d, &BTreeSet::new(), &mut r);
+        let (fe, _) = d.frontends.first_key_value().unwrap();
+        let svc = rec.applied.frontends[fe].svc_id;
+        let id1 = rec.applied.backends[&be(1)].0;
+        // A restart reads back a mark for a backend the frontend serves (an older agent put it
+        // back without unmarking), and one of a frontend gone (its id is not handed out again).
+        let mut applied = rec.applied.clone();
+        applied.gone.insert((svc, id1));
+        applied.gone.insert((svc + 10, id1));
+        let mut rec = Reconciler::restore(applied);
+        r.ops.clear();
+        rec.sync(&d, &BTreeSet::new(), &mut r);
+        assert_eq!(r.ops.first(), Some(&format!("back {svc}/{id1}")), "{:?}", r.ops);
+        assert!(!r.ops.iter().any(|o| o.starts_with("gone ")), "{:?}", r.ops);
+        assert_eq!(rec.applied.gone, BTreeSet::from([(svc + 10, id1)]));
+        assert!(rec.next_svc_id > svc + 10);
     }
 
     #[test]

@@ -65,7 +65,8 @@ pub mod names {
     pub const CT_SOURCES: &str = "ct_src4_v1";
     /// (frontend, backend) pairs the agent took out of a frontend, with when (`Lb4PairKey` ->
     /// monotonic ns): a UDP or SCTP connection tracked to such a pair moves to another backend
-    /// at its next packet, and a sessionAffinity client stuck to one chooses again. What
+    /// at its next packet, and a sessionAffinity client stuck to one chooses again (TCP
+    /// connections keep their backend: graceful termination). What
     /// kube-proxy does by deleting conntrack entries, without a walk over conntrack. LRU: the
     /// oldest go first; the agent removes a pair's when the backend joins the frontend again.
     pub const GONE: &str = "lb4_gone_v1";

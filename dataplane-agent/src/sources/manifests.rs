@@ -157,6 +157,12 @@ struct FileRead {
 /// changed files), everything else whole. The first read, and any read where an object's key
 /// is held twice (only a full translation is exact then), hold everything (`Changed::All`).
 pub fn read_changed(path: &Path, cache: &mut Cache) -> std::io::Result<(Objects, Vec<ObjectError>)> {
+    // A read that fails part way (a file gone between the listing and its read) has already
+    // changed the cache: the next read starts over and holds everything, so no change is lost.
+    read_changed_in(path, cache).inspect_err(|_| *cache = Cache::default())
+}
+
+fn read_changed_in(path: &Path, cache: &mut Cache) -> std::io::Result<(Objects, Vec<ObjectError>)> {
     let files = files(path)?;
     let first = cache.files.is_empty();
     let mut touched: Vec<(Objects, Objects)> = Vec::new();
