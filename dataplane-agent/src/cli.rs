@@ -276,8 +276,10 @@ pub struct RunArgs {
     /// stuck sync), in seconds.
     #[arg(long, env = "FERRY_HEALTHZ_TIMEOUT_SECONDS", default_value_t = 60)]
     pub healthz_timeout_seconds: u64,
-    /// API events arriving within this many milliseconds are applied in one sync (kube-proxy's
-    /// --iptables-min-sync-period, in milliseconds). Manifests are checked this often too.
+    /// At most one sync per this many milliseconds (kube-proxy's --iptables-min-sync-period, in
+    /// milliseconds): a change after a quiet spell is synced at once, the changes of a burst
+    /// together this long after the last sync. Manifests are also polled this often (besides
+    /// their inotify watch).
     #[arg(long, env = "FERRY_MIN_SYNC_PERIOD_MS", default_value_t = 100, alias = "poll-ms")]
     pub min_sync_period_ms: u64,
     /// Log format (kube-proxy's flag): `text` (key=value fields) or `json` (one object per line).
