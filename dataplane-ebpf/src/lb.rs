@@ -75,9 +75,8 @@ fn frag_key(p: &Ipv4Packet) -> Frag4Key {
 /// Looks up the Service frontend for `addr:port/proto` as seen from `scope`.
 #[inline(always)]
 pub fn lb4_lookup_service(addr_be: u32, port_be: u16, proto: u8, scope: u8) -> Option<Lb4Service> {
-    let key = Lb4Key { addr_be, port_be, proto, scope };
     // SAFETY: the value is copied out at once.
-    unsafe { lb4_svc_v3.get(&key).copied() }
+    unsafe { lb4_svc_v3.get(&Lb4Key { addr_be, port_be, proto, scope }).copied() }
 }
 
 /// Is `client` allowed by the frontend's loadBalancerSourceRanges (when it has any)?
@@ -603,15 +602,7 @@ fn cluster_ip_into(p: &Ipv4Packet, out: &mut Lb4Service) -> bool {
 /// [`lb4_lookup_service`] into `out` (left as it was when there is none).
 #[inline(always)]
 fn lookup_into(addr_be: u32, port_be: u16, proto: u8, scope: u8, out: &mut Lb4Service) -> bool {
-    let key = Lb4Key { addr_be, port_be, proto, scope };
-    // SAFETY: the value is copied out at once.
-    match unsafe { lb4_svc_v3.get(&key) } {
-        Some(s) => {
-            *out = *s;
-            true
-        }
-        None => false,
-    }
+    lb4_lookup_service(addr_be, port_be, proto, scope).map(|s| *out = s).is_some()
 }
 
 /// A new packet of a protocol Services do not carry (ICMP echo, GRE, ...): kube-proxy's
