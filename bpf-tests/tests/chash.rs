@@ -274,6 +274,27 @@ fn tables_written_through_mmap_read_back_entry_by_entry() {
 }
 
 #[test]
+fn tables_past_the_first_mapped_window_read_back_and_only_the_used_front_is_mapped() {
+    // The agent maps the array only as far as tables are written (a mapping of an array is
+    // resident in full from mmap on): 300 tables of 1021 entries cross the first 1 MiB window
+    // (262,144 entries), so the mapping grows while they are written, and every table, before
+    // and after the growth, must read back as the kernel sees it.
+    let mut dp = Datapath::new();
+    dp.apply_yaml(&services(300, |_| 30));
+    let (used, capacity) = dp.maps.table_usage();
+    assert_eq!(used, 300 * 1021);
+    for id in [1, 150, 256, 257, 300] {
+        let (entry, kernel) = kernel_table(&dp, id);
+        let fe = dp.rec.applied.frontends.values().find(|f| f.svc_id == id).unwrap();
+        assert_eq!(kernel, fe.table, "frontend {id} at entries {}..", entry.table_off);
+        assert_eq!(dp.maps.chash_table(id).unwrap(), fe.table, "frontend {id}");
+    }
+    let mapped = dp.maps.tables_mapped_bytes();
+    assert!(mapped >= used as usize * 4 && mapped <= used as usize * 4 + (1 << 20), "{mapped} bytes mapped for {used} entries in use");
+    assert!(mapped < capacity as usize * 4, "{mapped} bytes mapped: the whole {capacity}-entry array");
+}
+
+#[test]
 fn every_backend_is_in_the_table_and_the_busiest_has_at_most_1_1x_the_mean() {
     // The balance target, read from the kernel's array: every size class and both sides
     // of its thresholds, up to 1 000 endpoints.

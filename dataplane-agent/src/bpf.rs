@@ -230,11 +230,17 @@ impl BpfMaps {
             // Not adopted (a one-off look at the pins): found in the service map.
             None => self.services.iter().flatten().find(|(_, s)| s.svc_id == svc_id && s.flags & SVC_F_ADDR_ONLY == 0 && s.table_len > 0).map(|(_, s)| Region { off: s.table_off, len: s.table_len })?,
         };
-        let m = self.tables.mapped(&self.chash).ok()?;
-        if r.off as u64 + r.len as u64 > m.entries as u64 {
+        let m = self.tables.mapped(&self.chash, r.end()).ok()?;
+        if r.end() > m.mapped_entries() as u64 {
             return None;
         }
         Some((r.off..r.off + r.len).map(|i| m.get(i as usize)).collect())
+    }
+
+    /// Bytes of the table array mapped into this process (the front part in use, see
+    /// `MappedTables`).
+    pub fn tables_mapped_bytes(&self) -> usize {
+        self.tables.mapped.as_ref().map_or(0, |m| m.len)
     }
 
     /// Entries of the table array in use (quarantine included) and its capacity, as this agent
@@ -503,11 +509,23 @@ pub fn map_usage(dir: &Path) -> Vec<MapUsage> {
 
 /// The table array (created `BPF_F_MMAPABLE`) mapped into this process, so its entries are read
 /// and written as memory. Entry `i` is the `u32` at byte `4 i` (two entries an 8-byte element).
+///
+/// Only the part in use is mapped: the kernel maps every page of an array mapping at `mmap` time
+/// (`remap_vmalloc_range`), so a mapping of the whole array would count all of it in this
+/// process's resident memory however little is used. The window grows (unmap, map again, larger)
+/// as regions further in are written; allocations are best fit from the front.
 struct MappedTables {
+    fd: std::os::fd::RawFd,
     ptr: *mut libc::c_void,
+    /// Bytes mapped (0: nothing yet).
     len: usize,
+    /// Entries of the whole array.
     entries: usize,
+    page: usize,
 }
+
+/// The window grows in steps of this many bytes (256 Ki entries).
+const TABLE_WINDOW_STEP: usize = 1 << 20;
 
 impl MappedTables {
     fn new(map: &MapData) -> std::io::Result<Self> {
@@ -515,19 +533,45 @@ impl MappedTables {
         let elements = map.info().map_err(std::io::Error::other)?.max_entries() as usize;
         let entries = elements * dataplane_common::CHASH_PER_ELEMENT as usize;
         let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(1) as usize;
-        let len = (entries * 4).div_ceil(page) * page;
-        // SAFETY: a fresh shared mapping of the map's fd; the kernel checks the length against
-        // the array's size and refuses maps without BPF_F_MMAPABLE. Only the pages touched are
-        // backed in this process.
-        let ptr = unsafe { libc::mmap(std::ptr::null_mut(), len, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_SHARED, map.fd().as_fd().as_raw_fd(), 0) };
+        // The fd stays open as long as the map's handle, which outlives this mapping (both in the
+        // same `BpfMaps`).
+        Ok(MappedTables { fd: map.fd().as_fd().as_raw_fd(), ptr: std::ptr::null_mut(), len: 0, entries, page })
+    }
+
+    /// Entries mapped now.
+    fn mapped_entries(&self) -> usize {
+        (self.len / 4).min(self.entries)
+    }
+
+    /// Maps at least entries `0..end` (`end` at most the array's size).
+    fn cover(&mut self, end: usize) -> std::io::Result<()> {
+        if end <= self.mapped_entries() {
+            return Ok(());
+        }
+        let whole = (self.entries * 4).div_ceil(self.page) * self.page;
+        let len = (end * 4).div_ceil(TABLE_WINDOW_STEP).saturating_mul(TABLE_WINDOW_STEP).min(whole);
+        // SAFETY: a fresh shared mapping of the map's fd, no longer than the array (the kernel
+        // checks the length and refuses maps without BPF_F_MMAPABLE).
+        let ptr = unsafe { libc::mmap(std::ptr::null_mut(), len, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_SHARED, self.fd, 0) };
         if ptr == libc::MAP_FAILED {
             return Err(std::io::Error::last_os_error());
         }
-        Ok(MappedTables { ptr, len, entries })
+        self.unmap();
+        self.ptr = ptr;
+        self.len = len;
+        Ok(())
+    }
+
+    fn unmap(&mut self) {
+        if self.len > 0 {
+            // SAFETY: the mapping made by `cover`, unmapped once.
+            unsafe { libc::munmap(self.ptr, self.len) };
+            self.len = 0;
+        }
     }
 
     fn slot(&self, i: usize) -> &std::sync::atomic::AtomicU32 {
-        assert!(i < self.entries, "entry {i} of a {}-entry table array", self.entries);
+        assert!(i < self.mapped_entries(), "entry {i} past the {} entries mapped of the table array", self.mapped_entries());
         // SAFETY: inside the mapping (checked above), 4-byte aligned (the mapping is page
         // aligned); atomic because the datapath reads live tables at the same time.
         unsafe { &*(self.ptr.cast::<u8>().add(i * 4) as *const std::sync::atomic::AtomicU32) }
@@ -544,8 +588,7 @@ impl MappedTables {
 
 impl Drop for MappedTables {
     fn drop(&mut self) {
-        // SAFETY: the mapping made in `new`, unmapped once.
-        unsafe { libc::munmap(self.ptr, self.len) };
+        self.unmap();
     }
 }
 
@@ -608,11 +651,14 @@ pub struct Tables {
 }
 
 impl Tables {
-    fn mapped(&mut self, map: &Array<MapData, [u32; 2]>) -> std::io::Result<&MappedTables> {
+    /// The array mapped at least up to entry `end` (exclusive; past the array's end: up to it).
+    fn mapped(&mut self, map: &Array<MapData, [u32; 2]>, end: u64) -> std::io::Result<&MappedTables> {
         if self.mapped.is_none() {
             self.mapped = Some(MappedTables::new(map.map())?);
         }
-        Ok(self.mapped.as_ref().expect("mapped above"))
+        let m = self.mapped.as_mut().expect("made above");
+        m.cover(end.min(m.entries as u64) as usize)?;
+        Ok(m)
     }
 
     /// Takes over the regions the service entries point at (`(frontend id, region)`): a region
@@ -772,7 +818,7 @@ impl MapOps for BpfMaps {
         // patched in place.
         let current = self.tables.pending.get(&svc_id).or(self.tables.live.get(&svc_id)).copied().filter(|r| r.len == n);
         if let Some(r) = current {
-            let m = self.tables.mapped(&self.chash).map_err(mmap_err)?;
+            let m = self.tables.mapped(&self.chash, r.end()).map_err(mmap_err)?;
             let mut changed = 0;
             for (i, new) in table.iter().enumerate() {
                 let at = r.off as usize + i;
@@ -785,7 +831,7 @@ impl MapOps for BpfMaps {
         }
         // A new region, written before the service entry is switched to it: the datapath never
         // sees it half filled. Every call that can fail comes before the first write.
-        self.tables.mapped(&self.chash).map_err(mmap_err)?;
+        self.tables.mapped(&self.chash, 0).map_err(mmap_err)?;
         if self.tables.adopted {
             self.tables.synchronize()?;
         }
@@ -800,7 +846,13 @@ impl MapOps for BpfMaps {
             }
             None => return Err(self.table_full(what())),
         };
-        let m = self.tables.mapped.as_ref().expect("mapped above");
+        let m = match self.tables.mapped(&self.chash, region.end()) {
+            Ok(m) => m,
+            Err(e) => {
+                self.tables.arena(cap).free(region);
+                return Err(mmap_err(e));
+            }
+        };
         for (i, id) in table.iter().enumerate() {
             m.set(region.off as usize + i, *id);
         }

@@ -23,7 +23,7 @@ pub struct Region {
 }
 
 impl Region {
-    fn end(&self) -> u64 {
+    pub fn end(&self) -> u64 {
         self.off as u64 + self.len as u64
     }
 }
