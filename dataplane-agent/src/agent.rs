@@ -488,6 +488,12 @@ pub async fn run(mut cfg: RunConfig) -> anyhow::Result<()> {
             policy_objs.pods = std::mem::take(&mut objs.pods);
             policy_objs.namespaces = std::mem::take(&mut objs.namespaces);
             policy_objs.network_policies = std::mem::take(&mut objs.network_policies);
+            if matches!(objs.changed, Changed::All) {
+                // A full read's copies (and the reflectors' list buffers before it) are freed
+                // now: hand their pages back rather than keep the peak resident.
+                drop(objs);
+                release_freed_memory();
+            }
             health.update(&out.health_checks).await;
             if out.ok {
                 retry = Backoff::default();
@@ -554,6 +560,16 @@ pub async fn run(mut cfg: RunConfig) -> anyhow::Result<()> {
     }
     stopping(&att);
     Ok(())
+}
+
+/// Returns the allocator's free pages to the kernel (glibc keeps a heap's high-water mark
+/// resident otherwise: the copies of a full read would stay in the agent's RSS for good).
+fn release_freed_memory() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: no arguments beyond the pad to keep; thread-safe in glibc.
+    unsafe {
+        libc::malloc_trim(0);
+    }
 }
 
 /// Links are checked again now and then, not only on link events: a pin removed by hand is
@@ -862,8 +878,8 @@ pub fn sync_objects(
     observed.no_local_endpoints(desired.no_local_endpoints);
     if map_errors.is_empty() {
         match &objs.changed {
-            Changed::Only(ch) => observed.programmed_changed(ch.slices.iter().map(|(k, s)| (k, s.as_ref()))),
-            _ => observed.programmed(objs.endpoint_slices.iter()),
+            Changed::Only(ch) => observed.programmed_changed(ch.slices.iter().map(|(k, s)| (k, s.as_deref()))),
+            _ => observed.programmed(objs.endpoint_slices.iter().map(|s| &**s)),
         }
     }
     let (services, slices) = tr.counts();

@@ -267,10 +267,10 @@ fn obj_name(ns: &Option<String>, name: &Option<String>) -> String {
 /// Translates Services and EndpointSlices into the desired datapath state of `node`. Objects
 /// that cannot be understood are reported (with the object and the field) and skipped; the rest
 /// still counts.
-pub fn translate(services: &[Service], slices: &[EndpointSlice], node: &NodeContext) -> (Desired, Vec<ObjectError>) {
+pub fn translate<S: std::borrow::Borrow<Service>, E: std::borrow::Borrow<EndpointSlice>>(services: &[S], slices: &[E], node: &NodeContext) -> (Desired, Vec<ObjectError>) {
     let (by_service, mut errors) = slices_by_service(slices);
     let mut desired = Desired::default();
-    for svc in services {
+    for svc in services.iter().map(std::borrow::Borrow::borrow) {
         let part = translate_service(svc, by_service.get(&service_key(svc)).map(Vec::as_slice).unwrap_or(&[]), node);
         errors.extend(part.errors.iter().cloned());
         part.desired.merge_into(&mut desired);
@@ -303,10 +303,10 @@ pub fn slice_owner(slice: &EndpointSlice) -> Result<Key, ObjectError> {
 
 /// Endpoints indexed by (namespace, service name) once: O(slices), not O(services*slices); and
 /// the slices that belong to no Service.
-fn slices_by_service(slices: &[EndpointSlice]) -> (BTreeMap<Key, Vec<&EndpointSlice>>, Vec<ObjectError>) {
+fn slices_by_service<E: std::borrow::Borrow<EndpointSlice>>(slices: &[E]) -> (BTreeMap<Key, Vec<&EndpointSlice>>, Vec<ObjectError>) {
     let mut errors = Vec::new();
     let mut by_service: BTreeMap<Key, Vec<&EndpointSlice>> = BTreeMap::new();
-    for slice in slices {
+    for slice in slices.iter().map(std::borrow::Borrow::borrow) {
         match slice_owner(slice) {
             Ok(k) => by_service.entry(k).or_default().push(slice),
             Err(e) => errors.push(e),

@@ -1466,10 +1466,10 @@ mod tests {
         assert!(errs.is_empty());
         assert_eq!(st.writes, n * 7, "name, 2 backends, 2 slots, entry, the ClusterIP's entry");
         // s42's second endpoint is replaced.
-        let mut slice = objs.endpoint_slices[42].clone();
+        let mut slice = objs.endpoint_slices[42].as_ref().clone();
         slice.endpoints.as_mut().unwrap()[1].addresses = vec!["10.3.0.1".into()];
         let mut ch = crate::translator::Changes::default();
-        ch.slices.insert(crate::model::slice_key(&slice), Some(slice));
+        ch.slices.insert(crate::model::slice_key(&slice), Some(std::sync::Arc::new(slice)));
         r.ops.clear();
         let (delta, work) = t.apply(ch, &node);
         assert_eq!(work.translated, 1);

@@ -10,6 +10,7 @@
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
     net::Ipv4Addr,
+    sync::Arc,
 };
 
 use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
@@ -22,8 +23,8 @@ use crate::{
 /// Objects changed since the last sync, by key: the object as it is now, `None` when deleted.
 #[derive(Clone, Debug, Default)]
 pub struct Changes {
-    pub services: BTreeMap<Key, Option<Service>>,
-    pub slices: BTreeMap<Key, Option<EndpointSlice>>,
+    pub services: BTreeMap<Key, Option<Arc<Service>>>,
+    pub slices: BTreeMap<Key, Option<Arc<EndpointSlice>>>,
 }
 
 impl Changes {
@@ -48,14 +49,32 @@ pub struct Work {
     pub full: bool,
 }
 
+/// An object the translator keeps: the same allocation when it is shared already (the API
+/// server's stores hand out `Arc`s), a copy otherwise.
+pub trait Shared<T>: std::borrow::Borrow<T> {
+    fn shared(&self) -> Arc<T>;
+}
+
+impl<T: Clone> Shared<T> for T {
+    fn shared(&self) -> Arc<T> {
+        Arc::new(self.clone())
+    }
+}
+
+impl<T> Shared<T> for Arc<T> {
+    fn shared(&self) -> Arc<T> {
+        self.clone()
+    }
+}
+
 #[derive(Default)]
 pub struct Translator {
     /// The merged translation of every Service.
     pub desired: Desired,
     node: Option<NodeContext>,
     /// Service -> (its order, the object).
-    services: HashMap<Key, (u64, Service)>,
-    slices: HashMap<Key, EndpointSlice>,
+    services: HashMap<Key, (u64, Arc<Service>)>,
+    slices: HashMap<Key, Arc<EndpointSlice>>,
     /// Slice -> the Service it belongs to (its label when last seen).
     slice_owner: HashMap<Key, Key>,
     slices_of: HashMap<Key, BTreeSet<Key>>,
@@ -89,16 +108,16 @@ impl Translator {
 
     /// Translates every object anew, as [`model::translate`] does (same result, same errors in
     /// the same order).
-    pub fn rebuild(&mut self, services: &[Service], slices: &[EndpointSlice], node: &NodeContext) -> Vec<ObjectError> {
+    pub fn rebuild(&mut self, services: &[impl Shared<Service>], slices: &[impl Shared<EndpointSlice>], node: &NodeContext) -> Vec<ObjectError> {
         let translated = self.translated;
         *self = Translator { node: Some(node.clone()), translated, ..Default::default() };
         let mut errors = Vec::new();
         for s in slices {
-            let key = model::slice_key(s);
-            if self.slices.insert(key.clone(), s.clone()).is_some() {
+            let key = model::slice_key(s.borrow());
+            if self.slices.insert(key.clone(), s.shared()).is_some() {
                 self.duplicates = true;
             }
-            match model::slice_owner(s) {
+            match model::slice_owner(s.borrow()) {
                 Ok(owner) => {
                     self.slices_of.entry(owner.clone()).or_default().insert(key.clone());
                     self.slice_owner.insert(key, owner);
@@ -110,10 +129,10 @@ impl Translator {
             }
         }
         for svc in services {
-            let key = model::service_key(svc);
+            let key = model::service_key(svc.borrow());
             let order = self.next_order;
             self.next_order += 1;
-            if self.services.insert(key.clone(), (order, svc.clone())).is_some() {
+            if self.services.insert(key.clone(), (order, svc.shared())).is_some() {
                 self.duplicates = true;
             }
         }
@@ -125,7 +144,7 @@ impl Translator {
         }
         let mut delta = Delta::default();
         for svc in services {
-            let key = model::service_key(svc);
+            let key = model::service_key(svc.borrow());
             let part = self.translate_one(&key);
             errors.extend(part.errors.iter().cloned());
             self.add_part(key, part, &mut delta);
@@ -219,7 +238,7 @@ impl Translator {
 
     fn translate_one(&mut self, key: &Key) -> ServiceDesired {
         let Some((_, svc)) = self.services.get(key) else { return ServiceDesired::default() };
-        let slices: Vec<&EndpointSlice> = self.slices_of.get(key).into_iter().flatten().filter_map(|k| self.slices.get(k)).collect();
+        let slices: Vec<&EndpointSlice> = self.slices_of.get(key).into_iter().flatten().filter_map(|k| self.slices.get(k)).map(|s| &**s).collect();
         self.translated += 1;
         model::translate_service(svc, &slices, self.node.as_ref().expect("a node context"))
     }
@@ -344,14 +363,14 @@ mod tests {
     }
 
     fn svc(name: &str, spec: &str) -> Service {
-        objs(&format!("kind: Service\nmetadata: {{name: {name}, namespace: ns}}\nspec: {spec}\n")).services.remove(0)
+        Arc::unwrap_or_clone(objs(&format!("kind: Service\nmetadata: {{name: {name}, namespace: ns}}\nspec: {spec}\n")).services.remove(0))
     }
 
     fn slice(name: &str, owner: Option<&str>, eps: &[&str]) -> EndpointSlice {
         let labels = owner.map(|o| format!(", labels: {{kubernetes.io/service-name: {o}}}")).unwrap_or_default();
         let eps: String = eps.iter().map(|e| format!("- {{addresses: [{e}], nodeName: {}}}\n", if e.ends_with(".1") { "node1" } else { "node2" })).collect();
         let eps = if eps.is_empty() { "endpoints: []\n".to_string() } else { format!("endpoints:\n{eps}") };
-        objs(&format!("kind: EndpointSlice\nmetadata: {{name: {name}, namespace: ns{labels}}}\naddressType: IPv4\nports: [{{port: 8080}}]\n{eps}")).endpoint_slices.remove(0)
+        objs(&format!("kind: EndpointSlice\nmetadata: {{name: {name}, namespace: ns{labels}}}\naddressType: IPv4\nports: [{{port: 8080}}]\n{eps}")).endpoint_slices.remove(0).as_ref().clone()
     }
 
     fn key(name: &str) -> Key {
@@ -372,7 +391,7 @@ mod tests {
                 Some(o) => *o = s.clone(),
                 None => self.services.push(s.clone()),
             }
-            ch.services.insert(k, Some(s));
+            ch.services.insert(k, Some(Arc::new(s)));
         }
         fn del_service(&mut self, name: &str, ch: &mut Changes) {
             self.services.retain(|o| model::service_key(o) != key(name));
@@ -381,7 +400,7 @@ mod tests {
         fn put_slice(&mut self, s: EndpointSlice, ch: &mut Changes) {
             let k = model::slice_key(&s);
             self.slices.insert(k.clone(), s.clone());
-            ch.slices.insert(k, Some(s));
+            ch.slices.insert(k, Some(Arc::new(s)));
         }
         fn del_slice(&mut self, name: &str, ch: &mut Changes) {
             self.slices.remove(&key(name));
@@ -479,7 +498,7 @@ mod tests {
         assert_eq!(t.translated, n);
         let mut ch = Changes::default();
         let changed = slice("s7-x", Some("s7"), &["10.1.0.9", "10.1.0.10"]);
-        ch.slices.insert(model::slice_key(&changed), Some(changed.clone()));
+        ch.slices.insert(model::slice_key(&changed), Some(Arc::new(changed.clone())));
         let (delta, work) = t.apply(ch, &node());
         assert_eq!(work, Work { translated: 1, full: false });
         assert_eq!(t.translated, n + 1);

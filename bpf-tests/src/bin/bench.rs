@@ -259,7 +259,7 @@ fn main() {
     VERBOSE.store(args.iter().any(|a| a == "--verbose"), std::sync::atomic::Ordering::Relaxed);
     // `--throughput-only` skips the per-packet and sync sections; `--no-throughput` the lab;
     // `--control-plane-only` runs only the section against a real API server; `--sync-only` only
-    // the first table (per packet and sync times).
+    // the first table (per packet and sync times); `--packet-only` the per-packet figures.
     if args.iter().any(|a| a == "--throughput-only") {
         throughput_bench();
         return;
@@ -274,7 +274,11 @@ fn main() {
         "services", "select", "empty prog", "ct hit", "new conn", "full sync", "restart", "resync same", "one endpoint", "(translate all)", "bare writes"
     );
     println!("{}", "-".repeat(163));
-    for services in [10u32, 1_000, 10_000, 100_000] {
+    // `--packet-only`: the per-packet figures alone (10 Services, then the NodePort table), for a
+    // quick look at a datapath change.
+    let packet_only = args.iter().any(|a| a == "--packet-only");
+    let sizes: &[u32] = if packet_only { &[10] } else { &[10, 1_000, 10_000, 100_000] };
+    for &services in sizes {
         // Room for every table (251 entries each for these few backends), backend and slot.
         let table = dataplane_agent::select::table_size(BACKENDS_PER_SERVICE as usize) as u32;
         let caps = [
@@ -328,7 +332,7 @@ fn main() {
         let first = d1.frontends.values().next().unwrap();
         let mut changes = dataplane_agent::translator::Changes::default();
         let changed = slice_object(&first.service.name, &first.backends);
-        changes.slices.insert(dataplane_agent::model::slice_key(&changed), Some(changed));
+        changes.slices.insert(dataplane_agent::model::slice_key(&changed), Some(std::sync::Arc::new(changed)));
         let t = Instant::now();
         let (delta, work) = tr.apply(changes, &node);
         let (one, errs) = rec.sync_changed(&tr.desired, &delta, &Default::default(), &mut maps);
@@ -399,6 +403,9 @@ fn main() {
         return;
     }
     nodeport_bench(runs);
+    if packet_only {
+        return;
+    }
     policy_bench(runs);
     control_plane_bench(&cp, false);
     if !args.iter().any(|a| a == "--no-throughput") {

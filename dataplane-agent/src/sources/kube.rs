@@ -349,11 +349,12 @@ impl KubeSource {
             None => {}
         }
         if dirty.all {
-            objs.services = own(self.services.state());
-            objs.endpoint_slices = own(self.slices.state());
+            // Shared with the stores, not copied.
+            objs.services = self.services.state();
+            objs.endpoint_slices = self.slices.state();
         } else {
-            fn get<K: Resource<DynamicType = ()> + Clone>(store: &Store<K>, (ns, name): &Key) -> Option<K> {
-                store.get(&ObjectRef::new(name).within(ns)).map(|o| (*o).clone())
+            fn get<K: Resource<DynamicType = ()> + Clone>(store: &Store<K>, (ns, name): &Key) -> Option<Arc<K>> {
+                store.get(&ObjectRef::new(name).within(ns))
             }
             objs.changed = Changed::Only(Changes {
                 services: dirty.services.iter().map(|k| (k.clone(), get(&self.services, k))).collect(),

@@ -8,6 +8,11 @@ use std::{
     path::{Path, PathBuf},
 };
 
+use k8s_openapi::api::{
+    core::v1::{Namespace, Node, Service},
+    discovery::v1::EndpointSlice,
+    networking::v1::{NetworkPolicy, ServiceCIDR},
+};
 use serde::Deserialize;
 
 use super::{Changed, Objects};
@@ -189,10 +194,10 @@ fn read_changed_in(path: &Path, cache: &mut Cache) -> std::io::Result<(Objects, 
         let mut objs = Objects::default();
         let mut errors = Vec::new();
         parse_str(&String::from_utf8_lossy(&bytes), &f.display().to_string(), &mut objs, &mut errors);
-        for k in objs.services.iter().map(model::service_key) {
+        for k in objs.services.iter().map(|o| model::service_key(o)) {
             cache.services.entry(k).or_default().insert(f.clone());
         }
-        for k in objs.endpoint_slices.iter().map(model::slice_key) {
+        for k in objs.endpoint_slices.iter().map(|o| model::slice_key(o)) {
             cache.slices.entry(k).or_default().insert(f.clone());
         }
         let old = cache.files.insert(f.clone(), FileRead { hash, settled, objs: objs.clone(), errors });
@@ -229,11 +234,11 @@ fn read_changed_in(path: &Path, cache: &mut Cache) -> std::io::Result<(Objects, 
     }
     let mut ch = crate::translator::Changes::default();
     for (old, new) in &touched {
-        for k in old.services.iter().chain(&new.services).map(model::service_key) {
+        for k in old.services.iter().chain(&new.services).map(|o| model::service_key(o)) {
             let now = cache.services.get(&k).and_then(|fs| fs.first()).and_then(|f| cache.files[f].objs.services.iter().find(|o| model::service_key(o) == k));
             ch.services.insert(k, now.cloned());
         }
-        for k in old.endpoint_slices.iter().chain(&new.endpoint_slices).map(model::slice_key) {
+        for k in old.endpoint_slices.iter().chain(&new.endpoint_slices).map(|o| model::slice_key(o)) {
             let now = cache.slices.get(&k).and_then(|fs| fs.first()).and_then(|f| cache.files[f].objs.endpoint_slices.iter().find(|o| model::slice_key(o) == k));
             ch.slices.insert(k, now.cloned());
         }
@@ -250,12 +255,12 @@ impl Cache {
 
     /// File `f` held `old` and now holds `new`: the keys it no longer holds are no longer its.
     fn forget_keys(&mut self, f: &Path, old: &Objects, new: &Objects) {
-        let still: BTreeSet<Key> = new.services.iter().map(model::service_key).collect();
-        for k in old.services.iter().map(model::service_key).filter(|k| !still.contains(k)) {
+        let still: BTreeSet<Key> = new.services.iter().map(|o| model::service_key(o)).collect();
+        for k in old.services.iter().map(|o| model::service_key(o)).filter(|k| !still.contains(k)) {
             drop_file(&mut self.services, k, f);
         }
-        let still: BTreeSet<Key> = new.endpoint_slices.iter().map(model::slice_key).collect();
-        for k in old.endpoint_slices.iter().map(model::slice_key).filter(|k| !still.contains(k)) {
+        let still: BTreeSet<Key> = new.endpoint_slices.iter().map(|o| model::slice_key(o)).collect();
+        for k in old.endpoint_slices.iter().map(|o| model::slice_key(o)).filter(|k| !still.contains(k)) {
             drop_file(&mut self.slices, k, f);
         }
     }
@@ -384,20 +389,20 @@ pub fn add_value(v: serde_yaml::Value, where_: &str, objs: &mut Objects, errors:
         let n = md.and_then(|m| m.get("name")).and_then(|n| n.as_str()).unwrap_or("<unnamed>");
         format!("{ns}/{n} ({where_})")
     };
-    fn push<T: serde::de::DeserializeOwned>(v: &serde_yaml::Value, kind: &'static str, name: String, list: &mut Vec<T>, errors: &mut Vec<ObjectError>) {
-        match typed(v) {
-            Ok(o) => list.push(o),
+    fn push<T: serde::de::DeserializeOwned, L: From<T>>(v: &serde_yaml::Value, kind: &'static str, name: String, list: &mut Vec<L>, errors: &mut Vec<ObjectError>) {
+        match typed::<T>(v) {
+            Ok(o) => list.push(o.into()),
             Err((field, msg)) => errors.push(ObjectError::new(kind, name, field, msg)),
         }
     }
     match kind.as_str() {
-        "Service" => push(&v, "Service", name(), &mut objs.services, errors),
-        "EndpointSlice" => push(&v, "EndpointSlice", name(), &mut objs.endpoint_slices, errors),
-        "Node" => push(&v, "Node", name(), &mut objs.nodes, errors),
-        "Pod" => push(&v, "Pod", name(), &mut objs.pods, errors),
-        "Namespace" => push(&v, "Namespace", name(), &mut objs.namespaces, errors),
-        "NetworkPolicy" => push(&v, "NetworkPolicy", name(), &mut objs.network_policies, errors),
-        "ServiceCIDR" => push(&v, "ServiceCIDR", name(), &mut objs.service_cidrs, errors),
+        "Service" => push::<Service, _>(&v, "Service", name(), &mut objs.services, errors),
+        "EndpointSlice" => push::<EndpointSlice, _>(&v, "EndpointSlice", name(), &mut objs.endpoint_slices, errors),
+        "Node" => push::<Node, _>(&v, "Node", name(), &mut objs.nodes, errors),
+        "Pod" => push::<super::pod::Pod, _>(&v, "Pod", name(), &mut objs.pods, errors),
+        "Namespace" => push::<Namespace, _>(&v, "Namespace", name(), &mut objs.namespaces, errors),
+        "NetworkPolicy" => push::<NetworkPolicy, _>(&v, "NetworkPolicy", name(), &mut objs.network_policies, errors),
+        "ServiceCIDR" => push::<ServiceCIDR, _>(&v, "ServiceCIDR", name(), &mut objs.service_cidrs, errors),
         "List" | "ServiceList" | "EndpointSliceList" | "NodeList" | "PodList" | "NamespaceList" | "NetworkPolicyList" | "ServiceCIDRList" => {
             if let Some(items) = v.get("items").and_then(|i| i.as_sequence()) {
                 for (j, item) in items.iter().enumerate() {

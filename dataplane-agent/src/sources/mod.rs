@@ -4,7 +4,7 @@ pub mod kube;
 pub mod manifests;
 pub mod pod;
 
-use std::collections::BTreeSet;
+use std::{collections::BTreeSet, sync::Arc};
 
 use k8s_openapi::api::{
     core::v1::{Namespace, Node, Service},
@@ -17,8 +17,10 @@ use crate::{error::ObjectError, reconcile::Cidr4};
 /// The objects the translation needs.
 #[derive(Clone, Debug, Default)]
 pub struct Objects {
-    pub services: Vec<Service>,
-    pub endpoint_slices: Vec<EndpointSlice>,
+    /// Shared with the API-server source's stores and the translator: one copy of each object
+    /// in the agent, however many hold it.
+    pub services: Vec<Arc<Service>>,
+    pub endpoint_slices: Vec<Arc<EndpointSlice>>,
     /// Node objects: this node's own gives its zone (EndpointSlice zone hints).
     pub nodes: Vec<Node>,
     /// For NetworkPolicy: every pod (addresses and labels, only what the compiler reads: see
