@@ -286,7 +286,7 @@ pub fn translate(objs: &Objects, node: &str, node_ips: &[Ipv4Addr], ids: &mut Id
     // Identities of pods: their label set, and the ipBlock prefixes holding their address. Only
     // prefixes that hold some pods and not others tell pods apart: one holding every pod (an
     // `0.0.0.0/0`, the cluster's range) would re-key every pod for nothing.
-    let pod_addrs: Vec<Ipv4Addr> = objs.pods.iter().filter(|p| p.spec.as_ref().and_then(|s| s.host_network) != Some(true)).filter_map(pod_ip).collect();
+    let pod_addrs: Vec<Ipv4Addr> = objs.pods.iter().filter(|p| p.spec.as_ref().and_then(|s| s.host_network) != Some(true)).filter_map(|p| pod_ip(p)).collect();
     let all_prefixes: BTreeSet<Cidr4> = block_prefixes(objs).into_iter().filter(|c| !pod_addrs.iter().all(|ip| c.contains(*ip))).collect();
     let mut live_identities = BTreeSet::new();
     let mut pods = Vec::new();

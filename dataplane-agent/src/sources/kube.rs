@@ -341,7 +341,8 @@ impl KubeSource {
         // change leaves the compiler idle and copies no Pod.
         match &self.policy {
             Some(p) if dirty.policy || dirty.all => {
-                objs.pods = own(p.0.state());
+                // Shared with the store, not copied.
+                objs.pods = p.0.state();
                 objs.namespaces = own(p.1.state());
                 objs.network_policies = own(p.2.state());
             }

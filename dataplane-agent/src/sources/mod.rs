@@ -25,7 +25,7 @@ pub struct Objects {
     pub nodes: Vec<Node>,
     /// For NetworkPolicy: every pod (addresses and labels, only what the compiler reads: see
     /// [`pod::Pod`]), namespaces (labels), the policies.
-    pub pods: Vec<pod::Pod>,
+    pub pods: Vec<Arc<pod::Pod>>,
     pub namespaces: Vec<Namespace>,
     pub network_policies: Vec<NetworkPolicy>,
     /// ServiceCIDR objects (networking.k8s.io/v1): the Service address ranges, the API server's
