@@ -292,6 +292,15 @@ fn tables_past_the_first_mapped_window_read_back_and_only_the_used_front_is_mapp
     let mapped = dp.maps.tables_mapped_bytes();
     assert!(mapped >= used as usize * 4 && mapped <= used as usize * 4 + (1 << 20), "{mapped} bytes mapped for {used} entries in use");
     assert!(mapped < capacity as usize * 4, "{mapped} bytes mapped: the whole {capacity}-entry array");
+    // A restart reads every table back through a fresh mapping, which grows the same way.
+    let want = dp.rec.applied.frontends.clone();
+    dp.maps.tables = Default::default();
+    let back = dp.maps.dump_applied();
+    assert_eq!(back.frontends.len(), 300);
+    for (fe, a) in &want {
+        assert_eq!(back.frontends[fe].table, a.table, "frontend {} read back after a restart", a.svc_id);
+    }
+    assert_eq!(dp.maps.tables_mapped_bytes(), mapped);
 }
 
 #[test]

@@ -428,6 +428,7 @@ pub async fn run(mut cfg: RunConfig) -> anyhow::Result<()> {
     let mut policy_objs = Objects::default();
     let mut policy_dirty = true;
     let mut last_node: Option<model::NodeContext> = None;
+    let mut last_trim: Option<std::time::Instant> = None;
     let hold_off = |last: Option<tokio::time::Instant>| last.map_or_else(tokio::time::Instant::now, |l| l + cfg.min_sync_period);
     loop {
         if let Some((mut objs, errors)) = pending.take() {
@@ -488,11 +489,14 @@ pub async fn run(mut cfg: RunConfig) -> anyhow::Result<()> {
             policy_objs.pods = std::mem::take(&mut objs.pods);
             policy_objs.namespaces = std::mem::take(&mut objs.namespaces);
             policy_objs.network_policies = std::mem::take(&mut objs.network_policies);
-            if matches!(objs.changed, Changed::All) {
-                // A full read's copies (and the reflectors' list buffers before it) are freed
-                // now: hand their pages back rather than keep the peak resident.
+            if matches!(objs.changed, Changed::All) && last_trim.is_none_or(|t| t.elapsed() >= TRIM_EVERY) {
+                // What a full read left behind (the reflectors' list buffers, a full
+                // translation's temporaries, a manifests read's parse) is freed now: hand its
+                // pages back rather than keep the peak resident. At most every TRIM_EVERY (a
+                // manifests directory with a duplicate key makes every read a full one).
                 drop(objs);
                 release_freed_memory();
+                last_trim = Some(std::time::Instant::now());
             }
             health.update(&out.health_checks).await;
             if out.ok {
@@ -562,10 +566,13 @@ pub async fn run(mut cfg: RunConfig) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// How often at most `release_freed_memory` runs after full reads.
+const TRIM_EVERY: Duration = Duration::from_secs(30);
+
 /// Returns the allocator's free pages to the kernel (glibc keeps a heap's high-water mark
-/// resident otherwise: the copies of a full read would stay in the agent's RSS for good).
+/// resident otherwise: a full read's temporaries would stay in the agent's RSS for good).
 fn release_freed_memory() {
-    #[cfg(target_env = "gnu")]
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: no arguments beyond the pad to keep; thread-safe in glibc.
     unsafe {
         libc::malloc_trim(0);

@@ -230,6 +230,11 @@ impl BpfMaps {
             // Not adopted (a one-off look at the pins): found in the service map.
             None => self.services.iter().flatten().find(|(_, s)| s.svc_id == svc_id && s.flags & SVC_F_ADDR_ONLY == 0 && s.table_len > 0).map(|(_, s)| Region { off: s.table_off, len: s.table_len })?,
         };
+        // A region past the array's end (a corrupted or foreign pin) is refused before it is
+        // mapped: mapping up to it would map the whole array.
+        if r.end() > self.caps.chash as u64 {
+            return None;
+        }
         let m = self.tables.mapped(&self.chash, r.end()).ok()?;
         if r.end() > m.mapped_entries() as u64 {
             return None;
@@ -515,7 +520,6 @@ pub fn map_usage(dir: &Path) -> Vec<MapUsage> {
 /// process's resident memory however little is used. The window grows (unmap, map again, larger)
 /// as regions further in are written; allocations are best fit from the front.
 struct MappedTables {
-    fd: std::os::fd::RawFd,
     ptr: *mut libc::c_void,
     /// Bytes mapped (0: nothing yet).
     len: usize,
@@ -529,13 +533,10 @@ const TABLE_WINDOW_STEP: usize = 1 << 20;
 
 impl MappedTables {
     fn new(map: &MapData) -> std::io::Result<Self> {
-        use std::os::fd::{AsFd, AsRawFd};
         let elements = map.info().map_err(std::io::Error::other)?.max_entries() as usize;
         let entries = elements * dataplane_common::CHASH_PER_ELEMENT as usize;
         let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(1) as usize;
-        // The fd stays open as long as the map's handle, which outlives this mapping (both in the
-        // same `BpfMaps`).
-        Ok(MappedTables { fd: map.fd().as_fd().as_raw_fd(), ptr: std::ptr::null_mut(), len: 0, entries, page })
+        Ok(MappedTables { ptr: std::ptr::null_mut(), len: 0, entries, page })
     }
 
     /// Entries mapped now.
@@ -543,8 +544,10 @@ impl MappedTables {
         (self.len / 4).min(self.entries)
     }
 
-    /// Maps at least entries `0..end` (`end` at most the array's size).
-    fn cover(&mut self, end: usize) -> std::io::Result<()> {
+    /// Maps at least entries `0..end` (`end` at most the array's size) of `map`, the array this
+    /// mapping was made for (its fd is not kept: the map's handle is the one owner).
+    fn cover(&mut self, map: &MapData, end: usize) -> std::io::Result<()> {
+        use std::os::fd::{AsFd, AsRawFd};
         if end <= self.mapped_entries() {
             return Ok(());
         }
@@ -552,7 +555,7 @@ impl MappedTables {
         let len = (end * 4).div_ceil(TABLE_WINDOW_STEP).saturating_mul(TABLE_WINDOW_STEP).min(whole);
         // SAFETY: a fresh shared mapping of the map's fd, no longer than the array (the kernel
         // checks the length and refuses maps without BPF_F_MMAPABLE).
-        let ptr = unsafe { libc::mmap(std::ptr::null_mut(), len, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_SHARED, self.fd, 0) };
+        let ptr = unsafe { libc::mmap(std::ptr::null_mut(), len, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_SHARED, map.fd().as_fd().as_raw_fd(), 0) };
         if ptr == libc::MAP_FAILED {
             return Err(std::io::Error::last_os_error());
         }
@@ -657,7 +660,7 @@ impl Tables {
             self.mapped = Some(MappedTables::new(map.map())?);
         }
         let m = self.mapped.as_mut().expect("made above");
-        m.cover(end.min(m.entries as u64) as usize)?;
+        m.cover(map.map(), end.min(m.entries as u64) as usize)?;
         Ok(m)
     }
 
