@@ -444,6 +444,9 @@ pub async fn run(mut cfg: RunConfig) -> anyhow::Result<()> {
                 objs.network_policies.clear();
                 objs.pods.clear();
                 objs.namespaces.clear();
+                // Nothing to compile after the first sync (which empties the policy maps) and
+                // after a change of the node's addresses.
+                objs.policy_unchanged = true;
             }
             if objs.policy_unchanged {
                 objs.pods = std::mem::take(&mut policy_objs.pods);

@@ -45,6 +45,9 @@ use crate::{
 /// `noHeadlessEndpoints`).
 pub const PROXYABLE: &str = "!service.kubernetes.io/service-proxy-name,!service.kubernetes.io/headless";
 
+/// The annotation `kubectl apply` keeps a copy of the object in: dropped from every object kept.
+const LAST_APPLIED: &str = "kubectl.kubernetes.io/last-applied-configuration";
+
 /// Objects per LIST page (client-go's pager default, which kube-proxy's reflectors use).
 pub const PAGE_SIZE: u32 = 500;
 
@@ -459,6 +462,15 @@ where
     reader
 }
 
+/// What no reader of a kept object needs: its managedFields and kubectl's last-applied copy.
+fn trim<K: Resource>(o: &mut K) {
+    let meta = o.meta_mut();
+    meta.managed_fields = None;
+    if let Some(a) = meta.annotations.as_mut() {
+        a.remove(LAST_APPLIED);
+    }
+}
+
 async fn run_reflector<K>(writer: reflector::store::Writer<K>, api: Api<K>, cfg: watcher::Config, changed: Arc<Notify>, stats: Arc<WatchStats>, mark: impl Fn(Option<&K>) + Send + 'static)
 where
     K: Resource + Clone + std::fmt::Debug + serde::de::DeserializeOwned + Send + Sync + 'static,
@@ -466,9 +478,10 @@ where
 {
     let kind = K::kind(&Default::default()).to_string();
     {
-        // managedFields are never read (kube-proxy's informers trim them too); Pods are read
+        // managedFields are never read (kube-proxy's informers trim them too), nor is kubectl's
+        // copy of the last applied object (often larger than the object itself); Pods are read
         // into a type of their own that keeps only what the policy compiler reads.
-        let stripped = watcher(api, cfg).map_ok(|ev| ev.modify(|o| o.meta_mut().managed_fields = None));
+        let stripped = watcher(api, cfg).map_ok(|ev| ev.modify(trim));
         let mut stream = reflector::reflector(writer, stripped).default_backoff().boxed();
         while let Some(ev) = stream.next().await {
             if let Ok(watcher::Event::InitApply(o) | watcher::Event::Apply(o) | watcher::Event::Delete(o)) = &ev {
@@ -505,5 +518,28 @@ where
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kept_objects_lose_managed_fields_and_the_last_applied_copy_only() {
+        let mut svc: Service = serde_json::from_value(serde_json::json!({
+            "metadata": {
+                "name": "web", "namespace": "default",
+                "annotations": {LAST_APPLIED: "{\"kind\":\"Service\",\"spec\":{}}", "service.kubernetes.io/topology-mode": "Auto"},
+                "managedFields": [{"manager": "kubectl", "operation": "Apply"}]
+            },
+            "spec": {"clusterIP": "10.96.0.10"}
+        }))
+        .unwrap();
+        trim(&mut svc);
+        assert!(svc.metadata.managed_fields.is_none());
+        let a = svc.metadata.annotations.as_ref().unwrap();
+        assert_eq!(a.keys().collect::<Vec<_>>(), ["service.kubernetes.io/topology-mode"]);
+        assert_eq!(svc.spec.unwrap().cluster_ip.as_deref(), Some("10.96.0.10"));
     }
 }
