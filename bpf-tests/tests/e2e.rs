@@ -732,6 +732,16 @@ fn network_policy_off_leaves_policy_to_the_cni_and_clears_what_was_enforced() {
     assert_eq!(t.get("n1-pod2"), Some(&3), "not enforced: {t:?}\n{log}");
     let policies = c.nodes[0].ns.cmd(&[lab::agent_bin().to_str().unwrap(), "inspect", "policies", "--pin-dir", c.nodes[0].pin.path.to_str().unwrap()]).output().unwrap();
     assert!(!String::from_utf8_lossy(&policies.stdout).contains("deny-all"), "{}", String::from_utf8_lossy(&policies.stdout));
+    // The first sync emptied the policy maps; a change of the policy objects afterwards compiles
+    // nothing (they are not enforced) and isolates nothing.
+    assert!(log.lines().any(|l| l.contains("synced") && l.contains("policies_compiled=true")), "{log}");
+    let since = c.agent_log(0).len();
+    c.write_manifest("policy.yaml", &format!("{yaml}---
+{}", policy.replace("deny-all", "deny-all-2")));
+    let log = c.agent_log(0)[since..].to_string();
+    assert!(log.lines().any(|l| l.contains("synced") && l.contains("policies=0 isolated_pods=0 policies_compiled=false")), "{log}");
+    let t = tally(&c.client_in_pod("n2-pod1", &["tcp", &addr, "3"]));
+    assert_eq!(t.get("n1-pod2"), Some(&3), "not enforced after the change: {t:?}\n{log}");
 }
 
 #[test]
