@@ -462,12 +462,25 @@ where
     reader
 }
 
-/// What no reader of a kept object needs: its managedFields and kubectl's last-applied copy.
-fn trim<K: Resource>(o: &mut K) {
+/// What no reader of a kept object needs: its managedFields, kubectl's last-applied copy and its
+/// owners; a Service's selector (its EndpointSlices say where it goes); an EndpointSlice's
+/// endpoint references (the Pod behind each address) and deprecated topology. About a third of
+/// an EndpointSlice with three endpoints.
+fn trim<K: Resource + 'static>(o: &mut K) {
     let meta = o.meta_mut();
     meta.managed_fields = None;
+    meta.owner_references = None;
     if let Some(a) = meta.annotations.as_mut() {
         a.remove(LAST_APPLIED);
+    }
+    let any = o as &mut dyn std::any::Any;
+    if let Some(spec) = any.downcast_mut::<Service>().and_then(|s| s.spec.as_mut()) {
+        spec.selector = None;
+    } else if let Some(slice) = any.downcast_mut::<EndpointSlice>() {
+        for e in slice.endpoints.iter_mut().flatten() {
+            e.target_ref = None;
+            e.deprecated_topology = None;
+        }
     }
 }
 
@@ -526,20 +539,47 @@ mod tests {
     use super::*;
 
     #[test]
-    fn kept_objects_lose_managed_fields_and_the_last_applied_copy_only() {
+    fn kept_objects_lose_what_no_reader_needs_only() {
         let mut svc: Service = serde_json::from_value(serde_json::json!({
             "metadata": {
                 "name": "web", "namespace": "default",
                 "annotations": {LAST_APPLIED: "{\"kind\":\"Service\",\"spec\":{}}", "service.kubernetes.io/topology-mode": "Auto"},
                 "managedFields": [{"manager": "kubectl", "operation": "Apply"}]
             },
-            "spec": {"clusterIP": "10.96.0.10"}
+            "spec": {"clusterIP": "10.96.0.10", "selector": {"app": "web"}, "ports": [{"port": 80}]}
         }))
         .unwrap();
         trim(&mut svc);
         assert!(svc.metadata.managed_fields.is_none());
         let a = svc.metadata.annotations.as_ref().unwrap();
         assert_eq!(a.keys().collect::<Vec<_>>(), ["service.kubernetes.io/topology-mode"]);
-        assert_eq!(svc.spec.unwrap().cluster_ip.as_deref(), Some("10.96.0.10"));
+        let spec = svc.spec.unwrap();
+        assert_eq!((spec.cluster_ip.as_deref(), spec.ports.unwrap().len(), spec.selector), (Some("10.96.0.10"), 1, None));
+
+        let mut slice: EndpointSlice = serde_json::from_value(serde_json::json!({
+            "metadata": {
+                "name": "web-abc", "namespace": "default",
+                "labels": {"kubernetes.io/service-name": "web"},
+                "ownerReferences": [{"apiVersion": "v1", "kind": "Service", "name": "web", "uid": "u1"}]
+            },
+            "addressType": "IPv4",
+            "endpoints": [{
+                "addresses": ["10.0.0.5"], "conditions": {"ready": true, "serving": true, "terminating": false},
+                "nodeName": "n1", "zone": "z1", "hints": {"forZones": [{"name": "z1"}]},
+                "targetRef": {"kind": "Pod", "name": "web-1", "namespace": "default", "uid": "u2"},
+                "deprecatedTopology": {"kubernetes.io/hostname": "n1"}
+            }],
+            "ports": [{"port": 8080, "protocol": "TCP"}]
+        }))
+        .unwrap();
+        let before = slice.clone();
+        trim(&mut slice);
+        assert!(slice.metadata.owner_references.is_none());
+        let (e, b) = (&slice.endpoints.as_ref().unwrap()[0], &before.endpoints.as_ref().unwrap()[0]);
+        assert!(e.target_ref.is_none() && e.deprecated_topology.is_none());
+        // Everything translation reads is kept, and translates the same.
+        assert_eq!(slice.metadata.labels, before.metadata.labels);
+        assert_eq!((&e.addresses, &e.conditions, &e.node_name, &e.zone, &e.hints), (&b.addresses, &b.conditions, &b.node_name, &b.zone, &b.hints));
+        assert_eq!(slice.ports, before.ports);
     }
 }
