@@ -44,7 +44,28 @@ pub fn send_ip(frames: &[Vec<u8>]) {
 
 /// Sends whole Ethernet frames out of interface `ifname` (AF_PACKET).
 pub fn send_frames(ifname: &str, frames: &[Vec<u8>]) {
+    send_frames_with(ifname, frames, false)
+}
+
+/// As [`send_frames`], with only the Ethernet header in the skb's linear part and the IPv4 and L4
+/// headers in a page fragment, as some drivers deliver frames: a `PACKET_VNET_HDR` socket, each
+/// frame after a virtio-net header with `hdr_len` 14 (the kernel makes the linear part that
+/// long). Only for frames of a page or more (smaller ones are made linear whole): the interface
+/// and its peer need an MTU above 4 096.
+pub fn send_frames_paged(ifname: &str, frames: &[Vec<u8>]) {
+    assert!(frames.iter().all(|f| f.len() >= 4096), "frames under a page are sent linear");
+    send_frames_with(ifname, frames, true)
+}
+
+/// linux/if_packet.h
+const PACKET_VNET_HDR: libc::c_int = 15;
+
+fn send_frames_with(ifname: &str, frames: &[Vec<u8>], paged: bool) {
     let fd = unsafe { OwnedFd::from_raw_fd(check(libc::socket(libc::AF_PACKET, libc::SOCK_RAW, 0), "packet socket")) };
+    if paged {
+        let on: libc::c_int = 1;
+        check(unsafe { libc::setsockopt(fd.as_raw_fd(), libc::SOL_PACKET, PACKET_VNET_HDR, &on as *const _ as *const libc::c_void, 4) }, "PACKET_VNET_HDR");
+    }
     let name = std::ffi::CString::new(ifname).unwrap();
     let ifindex = unsafe { libc::if_nametoindex(name.as_ptr()) };
     assert!(ifindex > 0, "no interface {ifname}");
@@ -54,8 +75,11 @@ pub fn send_frames(ifname: &str, frames: &[Vec<u8>]) {
         sa.sll_ifindex = ifindex as i32;
         sa.sll_halen = 6;
         sa.sll_addr[..6].copy_from_slice(&f[..6]);
-        let n = unsafe { libc::sendto(fd.as_raw_fd(), f.as_ptr() as *const libc::c_void, f.len(), 0, &sa as *const _ as *const libc::sockaddr, std::mem::size_of::<libc::sockaddr_ll>() as u32) };
-        assert_eq!(n, f.len() as isize, "send on {ifname}: {}", std::io::Error::last_os_error());
+        // virtio_net_hdr: flags 0, no GSO, hdr_len 14 (little endian), no checksum offload.
+        let mut buf = if paged { vec![0, 0, 14, 0, 0, 0, 0, 0, 0, 0] } else { Vec::new() };
+        buf.extend_from_slice(f);
+        let n = unsafe { libc::sendto(fd.as_raw_fd(), buf.as_ptr() as *const libc::c_void, buf.len(), 0, &sa as *const _ as *const libc::sockaddr, std::mem::size_of::<libc::sockaddr_ll>() as u32) };
+        assert_eq!(n, buf.len() as isize, "send on {ifname}: {}", std::io::Error::last_os_error());
     }
 }
 

@@ -17,7 +17,7 @@ use std::{
 use bpf_tests::{
     lab::{self, echo_yaml, Cluster, LabOptions, TempDir},
     packet::*,
-    raw::{connect_from, in_ns, mac_of, send_frames, send_ip, snmp},
+    raw::{connect_from, in_ns, mac_of, send_frames, send_frames_paged, send_ip, snmp},
 };
 
 const INTRUDER: &str = "n1-pod3";
@@ -289,6 +289,48 @@ fn fragments_ipv6_vlan_tags_and_icmp_pass_no_policy_unchecked() {
         in_pod(&c, INTRUDER, || send_ip(&[echo(intruder, locked, 0x4242, false), echo(intruder, locked, 0x4343, true), raw_ipv4(intruder, locked, 47, &[0, 0, 8, 0])]))
     });
     assert_eq!(n, 0, "ICMP and GRE into the locked pod after it pinged the intruder");
+}
+
+#[test]
+fn headers_in_a_page_fragment_are_judged_and_translated_like_linear_ones() {
+    // Every read of the datapath is a direct one of the skb's linear part, made to hold the
+    // headers first. Frames whose linear part holds the Ethernet header alone (a packet socket
+    // with a virtio-net header: frames of a page or more, so the links get a jumbo MTU) must get
+    // exactly what linear ones get: through where allowed, translated, and stopped where not.
+    let (c, _d) = lab(&[]);
+    let node = &c.nodes[0].ns;
+    let pods = ["n1-pod1", "n1-pod2", INTRUDER, LOCKED];
+    for pod in pods {
+        c.pod(pod).ns.exec_ok(&["ip", "link", "set", "dev", "eth0", "mtu", "9000"]);
+        node.exec_ok(&["ip", "link", "set", "dev", &c.pod(pod).host_if, "mtu", "9000"]);
+    }
+    let (client, server, intruder, locked) = (pod_ip(&c, "n1-pod1"), pod_ip(&c, "n1-pod2"), pod_ip(&c, INTRUDER), pod_ip(&c, LOCKED));
+    let big = vec![0x5a; 5000];
+    let frame = |from: &str, src: (Ipv4Addr, u16), dst: (Ipv4Addr, u16)| {
+        let mut f = udp(src, dst, &big);
+        f[..6].copy_from_slice(&mac_of(node, &c.pod(from).host_if));
+        f
+    };
+    let sent = |from: &str, to: &str, frames: Vec<Vec<u8>>| reaching(&c, to, || in_pod(&c, from, || send_frames_paged("eth0", &frames)));
+    // Controls: no policy selects the intruder or the client; the locked pod may reach intruders.
+    let n = sent(INTRUDER, "n1-pod1", vec![frame(INTRUDER, (intruder, 33000), (client, lab::ECHO_UDP_PORT)); 3]);
+    assert!(n >= 3, "control: the intruder's paged datagrams reach the client: {n}");
+    let n = sent(LOCKED, INTRUDER, vec![frame(LOCKED, (locked, 33000), (intruder, lab::ECHO_UDP_PORT)); 3]);
+    assert!(n >= 3, "control: the locked pod's paged datagrams reach an intruder: {n}");
+    // Through a Service: the client to the UDP ClusterIP, whose backends are the servers (one on
+    // each node; the one on this node gets some of these flows), which accept the client.
+    let vip: SocketAddrV4 = lab::UDP_VIP.parse().unwrap();
+    let n = sent("n1-pod1", "n1-pod2", (0..16).map(|i| frame("n1-pod1", (client, 34000 + i), (*vip.ip(), vip.port()))).collect());
+    assert!(n >= 1, "control: the client's paged datagrams to the ClusterIP reach the server on this node translated");
+    // Attacks: the locked pod out to the client (egress isolated); the intruder claiming the
+    // client's address, which the server's policy would let in.
+    let n = sent(LOCKED, "n1-pod1", vec![frame(LOCKED, (locked, 33001), (client, lab::ECHO_UDP_PORT)); 5]);
+    assert_eq!(n, 0, "paged datagrams out of the locked pod");
+    let n = sent(INTRUDER, "n1-pod2", vec![frame(INTRUDER, (client, 33002), (server, lab::ECHO_UDP_PORT)); 5]);
+    assert_eq!(n, 0, "paged datagrams from the intruder with the client's address into the server");
+    let drops = |r: dataplane_common::DropReason| dataplane_agent::bpf::BpfMaps::from_pins(&c.nodes[0].pin.path).unwrap().stat_totals()[r.stat() as usize];
+    assert!(drops(dataplane_common::DropReason::PolicyEgress) >= 5 && drops(dataplane_common::DropReason::SpoofedSource) >= 5);
+    assert_eq!(drops(dataplane_common::DropReason::Malformed), 0, "a paged frame was taken for a short one");
 }
 
 #[test]

@@ -252,12 +252,11 @@ fn seq_bit(reply: bool) -> u32 {
 /// the maps when the connection becomes established or closes. Returns the entry to translate
 /// the packet with.
 ///
-/// The entry is written to `out`.
+/// The entry is written to `out`. `now` is the time the lookup used (one clock read per packet).
 // A separate BPF subprogram (the tc and XDP paths, and its moves between maps, would otherwise
 // multiply into every path that follows); `&mut` arguments only, see lb::handle_ipv4.
 #[inline(never)]
-pub fn track(hit: &mut Hit, key: &mut Ct4Key, p: &mut Ipv4Packet, out: &mut Ct4Entry) {
-    let now = now();
+pub fn track(hit: &mut Hit, key: &mut Ct4Key, p: &mut Ipv4Packet, out: &mut Ct4Entry, now: u64) {
     // SAFETY: pointer from a successful lookup; copied (into the caller's scratch) before use.
     *out = unsafe { *hit.ptr };
     let st = next_state(out, p, now);

@@ -27,7 +27,7 @@ use dataplane_common::{DropReason, CFG_F_EXTERNAL_STRICT, CFG_F_SOURCE_CHECK, EP
 use crate::{
     lb::Hook,
     maps::{cfg4_v4, local4_v1, pod_if4_v1, pol_ep4_v1, pol_podname4_v1, svc_cidr4_v1},
-    parse::{ETH_LEN, ETH_P_IP},
+    parse::{read, ETH_LEN, ETH_P_IP},
 };
 
 const ETH_P_ARP: u16 = 0x0806;
@@ -52,12 +52,12 @@ pub extern "C" fn ferry_guard(skb: *mut aya_ebpf::bindings::__sk_buff, hook: u32
 
 #[inline(always)]
 fn guard(ctx: &TcContext, hook: Hook) -> Result<(), DropReason> {
-    let eth_proto = ctx.load::<[u8; 2]>(12).map(u16::from_be_bytes).map_err(|_| DropReason::Malformed)?;
+    let eth_proto = read::<[u8; 2]>(ctx, 12).map(u16::from_be_bytes)?;
     let ifindex = unsafe { (*ctx.skb.skb).ifindex };
     match hook {
         Hook::FromWorld => {
             if eth_proto == ETH_P_IP {
-                let saddr: u32 = ctx.load(SADDR_OFF).map_err(|_| DropReason::Malformed)?;
+                let saddr: u32 = read(ctx, SADDR_OFF)?;
                 if !world_source_ok(ctx, ifindex, saddr) {
                     return Err(DropReason::SpoofedSource);
                 }
@@ -70,11 +70,11 @@ fn guard(ctx: &TcContext, hook: Hook) -> Result<(), DropReason> {
             }
             match eth_proto {
                 ETH_P_IP => {
-                    let saddr: u32 = ctx.load(SADDR_OFF).map_err(|_| DropReason::Malformed)?;
+                    let saddr: u32 = read(ctx, SADDR_OFF)?;
                     if source_ok(ctx, ifindex, saddr) { Ok(()) } else { Err(DropReason::SpoofedSource) }
                 }
                 ETH_P_ARP => {
-                    let spa: u32 = ctx.load(ARP_SPA_OFF).map_err(|_| DropReason::Malformed)?;
+                    let spa: u32 = read(ctx, ARP_SPA_OFF)?;
                     // 0.0.0.0: an address probe (RFC 5227), which claims nothing.
                     if spa == 0 || source_ok(ctx, ifindex, spa) { Ok(()) } else { Err(DropReason::SpoofedArp) }
                 }

@@ -247,39 +247,43 @@ pub fn backend_alive(e: &Ct4Entry) -> bool {
 #[inline(always)]
 fn service_path(skb: *mut aya_ebpf::bindings::__sk_buff, hook: Hook) -> u32 {
     let ctx = &TcContext::new(skb);
-    let mut p = match crate::parse::parse_ipv4(ctx) {
+    let Some(sc) = path_scratch.get_ptr_mut(0) else { return DROP_CODE | DropReason::CtInsert as u32 };
+    // SAFETY: per-CPU slot, used by this packet only.
+    let sc = unsafe { &mut *sc };
+    sc.p = match crate::parse::parse_ipv4(ctx) {
         Ok(Some(p)) => p,
         Ok(None) => return NOT_IPV4,
         Err(r) => return DROP_CODE | r as u32,
     };
+    let p = &mut sc.p;
     if p.proto == IPPROTO_ICMP && p.frag_off == 0 {
-        return crate::icmp::handle_icmp(ctx, &mut p, hook as u32);
+        return crate::icmp::handle_icmp(ctx, p, hook as u32);
     }
-    let Some(sc) = path_scratch.get_ptr_mut(0) else { return DROP_CODE | DropReason::CtInsert as u32 };
-    // SAFETY: per-CPU slot, used by this packet only.
-    let sc = unsafe { &mut *sc };
     // `&mut` everywhere: a BPF subprogram takes at most five register arguments, and LLVM would
     // split a read-only struct pointer into one argument per field it reads.
-    let step = classify(&mut p, hook as u32, &mut sc.e, &mut sc.svc);
+    let step = classify(p, hook as u32, &mut sc.e, &mut sc.svc);
     if step & STEP_NEW != 0 {
-        let code = lb4_new_connection(&mut p, &mut sc.svc, hook as u32, step & !STEP_NEW, &mut sc.e);
+        let code = lb4_new_connection(p, &mut sc.svc, hook as u32, step & !STEP_NEW, &mut sc.e);
         if code != 0 {
             return DROP_CODE | code;
         }
     } else if step == STEP_CLASH {
-        if !direct_flow_clash(&mut p, &mut sc.e) {
+        if !direct_flow_clash(p, &mut sc.e) {
             return Verdict::Pass as u32;
         }
     } else if step != Verdict::Translate as u32 {
         return step;
     }
-    translate(ctx, &mut p, &mut sc.e, hook as u32)
+    translate(ctx, p, &mut sc.e, hook as u32)
 }
 
-/// What the Service path's steps hand each other, per CPU (`maps::path_scratch`).
+/// What the Service path's steps hand each other, per CPU (`maps::path_scratch`): off the stack,
+/// which the deepest chain of steps fills.
 #[repr(C)]
 #[derive(Clone, Copy)]
 pub struct PathScratch {
+    /// The packet, parsed.
+    pub p: crate::parse::Ipv4Packet,
     /// The connection entry the packet is translated with.
     pub e: Ct4Entry,
     /// The frontend of a new connection.
@@ -487,7 +491,7 @@ fn classify_inner(p: &mut Ipv4Packet, hook: Hook, out: &mut Ct4Entry, svc_out: &
             // a closed connection's tuple starts a new connection (netfilter reopens TIME_WAIT).
             && (((p.proto != IPPROTO_TCP || syn_only) && !backend_alive(e)) || left_service(e, p.proto) || (syn_only && closed));
         if !reopen {
-            conntrack::track(&mut hit, &mut key, p, out);
+            conntrack::track(&mut hit, &mut key, p, out, now);
             stats::count(if out.flags & CT_F_REPLY != 0 { stat::CT_REPLY } else { stat::CT_FORWARD });
             return Ok(translate);
         }

@@ -92,6 +92,8 @@ pub fn ferry_bench_empty_xdp(_ctx: XdpContext) -> u32 {
 #[inline(always)]
 fn tc_entry(ctx: &TcContext, hook: Hook) -> i32 {
     stats::count(stat::PACKETS);
+    // Every parse below reads the headers in place.
+    parse::pull_headers(ctx);
     // Anti-spoofing, and frames that are not IPv4 kept from isolated pods: before anything else
     // (see guard.rs).
     if hook != Hook::ToWorld {

@@ -1,5 +1,6 @@
 //! Packet parsing: Ethernet, IPv4 (options and fragments included) and the L4 ports. Every read
-//! goes through `bpf_skb_load_bytes`, so a short packet is an error, never an out-of-bounds read.
+//! is a bounds-checked direct read ([`read`]) of the headers [`pull_headers`] made linear, so a
+//! short packet is an error, never an out-of-bounds read, and no read is a helper call.
 use aya_ebpf::programs::TcContext;
 use dataplane_common::{DropReason, IPPROTO_ICMP, IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP};
 
@@ -42,14 +43,61 @@ pub const TCP_SYN: u8 = 0x02;
 pub const TCP_RST: u8 = 0x04;
 pub const TCP_ACK: u8 = 0x10;
 
+/// The most header bytes a parse reads: Ethernet, IPv4 with the longest options, a TCP header
+/// without options.
+pub const HEADERS_MAX: u32 = (ETH_LEN + 60 + 20) as u32;
+
+/// Makes the headers of the packet in `ctx` direct-readable: pulls up to [`HEADERS_MAX`] bytes
+/// (or the whole packet, when shorter) into the skb's linear part when they are not already
+/// there (they already are in what a socket or GRO built; a driver may leave them in a page
+/// fragment). Once per packet, before anything reads it (every packet pointer taken before is
+/// invalid after).
+#[inline(always)]
+pub fn pull_headers(ctx: &TcContext) {
+    let want = if ctx.len() < HEADERS_MAX { ctx.len() } else { HEADERS_MAX };
+    if ctx.data() + (want as usize) > ctx.data_end() {
+        // A failure leaves the packet as it is: the reads then find it short (malformed).
+        let _ = ctx.pull_data(want);
+    }
+}
+
+/// The `T` at `off` bytes into the frame, in place in the packet (no helper call, no copy),
+/// bounds checked: `Malformed` past the linear part, which [`pull_headers`] made cover every
+/// header a parse reads. `T` is a byte array (integers: [`read`]).
+#[inline(always)]
+pub fn at<T>(ctx: &TcContext, off: usize) -> Result<&T, DropReason> {
+    at_mut(ctx, off).map(|r| &*r)
+}
+
+/// [`at`], writable: a tc program's direct writes (the kernel unclones a cloned skb before the
+/// program runs, as `bpf_skb_store_bytes` would).
+#[inline(always)]
+pub fn at_mut<T>(ctx: &TcContext, off: usize) -> Result<&mut T, DropReason> {
+    let data = ctx.data();
+    if data + off + core::mem::size_of::<T>() > ctx.data_end() {
+        return Err(DropReason::Malformed);
+    }
+    // SAFETY: inside [data, data_end), checked just above (and by the verifier); byte arrays
+    // have no alignment; nothing else holds a reference into the packet meanwhile.
+    Ok(unsafe { &mut *((data + off) as *mut T) })
+}
+
+/// [`at`], copied out: for an integer read as wire bytes.
+#[inline(always)]
+pub fn read<T: Copy>(ctx: &TcContext, off: usize) -> Result<T, DropReason> {
+    // SAFETY: a pointer into the packet, read unaligned.
+    at::<T>(ctx, off).map(|r| unsafe { core::ptr::read_unaligned(r as *const T) })
+}
+
 /// Returns `Ok(None)` for a non-IPv4 frame (passed untouched), the parsed packet otherwise.
 #[inline(always)]
 pub fn parse_ipv4(ctx: &TcContext) -> Result<Option<Ipv4Packet>, DropReason> {
-    let eth_proto: u16 = ctx.load::<[u8; 2]>(12).map(u16::from_be_bytes).map_err(|_| DropReason::Malformed)?;
+    let eth = at::<[u8; 2]>(ctx, 12)?;
+    let eth_proto = u16::from_be_bytes([eth[0], eth[1]]);
     if eth_proto != ETH_P_IP {
         return Ok(None);
     }
-    let hdr: [u8; 20] = ctx.load(ETH_LEN).map_err(|_| DropReason::Malformed)?;
+    let hdr = at::<[u8; 20]>(ctx, ETH_LEN)?;
     if hdr[0] >> 4 != 4 {
         return Err(DropReason::Malformed);
     }
@@ -91,12 +139,12 @@ pub fn parse_ipv4(ctx: &TcContext) -> Result<Option<Ipv4Packet>, DropReason> {
             if l4_len < min {
                 return Err(DropReason::Malformed);
             }
-            let ports: [u8; 4] = ctx.load(p.l4_off).map_err(|_| DropReason::Malformed)?;
+            let ports = at::<[u8; 4]>(ctx, p.l4_off)?;
             p.sport_be = u16::from_ne_bytes([ports[0], ports[1]]);
             p.dport_be = u16::from_ne_bytes([ports[2], ports[3]]);
             if p.proto == IPPROTO_TCP {
                 // Sequence number, acknowledgment, data offset, flags.
-                let h: [u8; 10] = ctx.load(p.l4_off + 4).map_err(|_| DropReason::Malformed)?;
+                let h = at::<[u8; 10]>(ctx, p.l4_off + 4)?;
                 p.tcp_flags = h[9];
                 let doff = ((h[8] >> 4) as usize) * 4;
                 p.tcp_next = tcp_next(u32::from_be_bytes([h[0], h[1], h[2], h[3]]), l4_len.saturating_sub(doff), p.tcp_flags);

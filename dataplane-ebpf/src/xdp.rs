@@ -208,7 +208,7 @@ pub fn try_nodeport(ctx: &XdpContext) -> Result<u32, DropReason> {
             return Ok(PASS);
         }
         // The scratch entry was used; tracking may overwrite it.
-        conntrack::track(&mut hit, &mut key, &mut p, &mut sc.e);
+        conntrack::track(&mut hit, &mut key, &mut p, &mut sc.e, now);
         return Verdict::decode_xdp(code);
     }
     let local = source_local(Hook::FromWorld, p.saddr_be);
