@@ -98,8 +98,8 @@ impl Watcher {
         if fd < 0 {
             return Err(std::io::Error::last_os_error());
         }
-        let mask = libc::IN_CLOSE_WRITE | libc::IN_MOVED_TO | libc::IN_MOVED_FROM | libc::IN_DELETE | libc::IN_ATTRIB | libc::IN_DELETE_SELF | libc::IN_MOVE_SELF;
-        if unsafe { libc::inotify_add_watch(fd, c.as_ptr(), mask) } < 0 {
+        let watch = move || unsafe { libc::inotify_add_watch(fd, c.as_ptr(), WATCH_MASK) };
+        if watch() < 0 {
             let e = std::io::Error::last_os_error();
             unsafe { libc::close(fd) };
             return Err(std::io::Error::new(e.kind(), format!("inotify on {}: {e}", dir.display())));
@@ -119,11 +119,39 @@ impl Watcher {
                 }
                 // One wake-up for any number of events: the agent compares fingerprints.
                 notify.notify_one();
+                if watch_ended(&buf[..n as usize]) {
+                    // The directory was removed or moved away (a volume remounted, a directory
+                    // replaced by rename): watch the path again once it exists, so that changes
+                    // keep waking the agent at once instead of at the next poll.
+                    while watch() < 0 {
+                        std::thread::sleep(REWATCH_EVERY);
+                    }
+                    notify.notify_one();
+                }
             }
             unsafe { libc::close(fd) };
         })?;
         Ok(Watcher { changed })
     }
+}
+
+const WATCH_MASK: u32 = libc::IN_CLOSE_WRITE | libc::IN_MOVED_TO | libc::IN_MOVED_FROM | libc::IN_DELETE | libc::IN_ATTRIB | libc::IN_DELETE_SELF | libc::IN_MOVE_SELF;
+/// How often a watch whose directory went away tries the path again.
+const REWATCH_EVERY: std::time::Duration = std::time::Duration::from_millis(200);
+
+/// Do the inotify events in `buf` end the watch (the directory itself deleted or moved; the
+/// kernel then drops the watch, `IN_IGNORED`)?
+fn watch_ended(buf: &[u8]) -> bool {
+    let mut at = 0;
+    let head = std::mem::size_of::<libc::inotify_event>();
+    let mut ended = false;
+    while at + head <= buf.len() {
+        // SAFETY: a whole event header inside the buffer, read unaligned.
+        let ev: libc::inotify_event = unsafe { std::ptr::read_unaligned(buf[at..].as_ptr().cast()) };
+        ended |= ev.mask & (libc::IN_DELETE_SELF | libc::IN_MOVE_SELF | libc::IN_IGNORED) != 0;
+        at += head + ev.len as usize;
+    }
+    ended
 }
 
 /// Reads every object under `path`. Documents that cannot be parsed are reported with the file,
@@ -327,6 +355,38 @@ mod tests {
         assert_eq!(errors.len(), 1);
         let e = errors[0].to_string();
         assert!(e.contains("Service shop/bad") && e.contains("spec.ports[0].port"), "{e}");
+    }
+
+    #[test]
+    fn the_watch_follows_its_directory_removed_and_made_again() {
+        use std::time::Duration;
+        struct Gone(PathBuf);
+        impl Drop for Gone {
+            fn drop(&mut self) {
+                let _ = std::fs::remove_dir_all(&self.0);
+            }
+        }
+        let dir = Gone(std::env::temp_dir().join(format!("ferry-rewatch-{}", std::process::id())));
+        std::fs::create_dir_all(&dir.0).unwrap();
+        let w = Watcher::new(&dir.0).unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread().enable_time().build().unwrap();
+        let woke = |within: Duration| rt.block_on(async { tokio::time::timeout(within, w.changed.notified()).await }).is_ok();
+        std::fs::write(dir.0.join("a.yaml"), GOOD).unwrap();
+        assert!(woke(Duration::from_secs(5)), "a write wakes the agent");
+        // The directory goes (a volume remounted, a directory replaced) and comes back.
+        std::fs::remove_dir_all(&dir.0).unwrap();
+        assert!(woke(Duration::from_secs(5)), "the removal wakes the agent");
+        std::thread::sleep(Duration::from_millis(300));
+        std::fs::create_dir_all(&dir.0).unwrap();
+        // Wake-ups of the removal and of the watch made again, drained (bounded).
+        std::thread::sleep(REWATCH_EVERY * 3);
+        for _ in 0..10 {
+            if !woke(Duration::from_millis(100)) {
+                break;
+            }
+        }
+        std::fs::write(dir.0.join("b.yaml"), GOOD).unwrap();
+        assert!(woke(Duration::from_secs(5)), "a write into the directory made again wakes the agent");
     }
 
     #[test]
