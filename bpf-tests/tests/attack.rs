@@ -312,16 +312,27 @@ fn headers_in_a_page_fragment_are_judged_and_translated_like_linear_ones() {
         f
     };
     let sent = |from: &str, to: &str, frames: Vec<Vec<u8>>| reaching(&c, to, || in_pod(&c, from, || send_frames_paged("eth0", &frames)));
+    // Datagrams a socket read whole with a valid checksum (the echo servers read every one), and
+    // checksum or header errors.
+    let udp_seen = |pod: &str| in_pod(&c, pod, || (snmp("Udp:InDatagrams"), snmp("Udp:InCsumErrors") + snmp("Ip:InHdrErrors")));
+    let delivered = |from: &str, to: &str, frames: Vec<Vec<u8>>| {
+        let before = udp_seen(to);
+        let n = sent(from, to, frames);
+        let after = udp_seen(to);
+        assert_eq!(after.1, before.1, "checksum or header errors at {to}");
+        (n, after.0 - before.0)
+    };
     // Controls: no policy selects the intruder or the client; the locked pod may reach intruders.
-    let n = sent(INTRUDER, "n1-pod1", vec![frame(INTRUDER, (intruder, 33000), (client, lab::ECHO_UDP_PORT)); 3]);
-    assert!(n >= 3, "control: the intruder's paged datagrams reach the client: {n}");
-    let n = sent(LOCKED, INTRUDER, vec![frame(LOCKED, (locked, 33000), (intruder, lab::ECHO_UDP_PORT)); 3]);
-    assert!(n >= 3, "control: the locked pod's paged datagrams reach an intruder: {n}");
+    let (n, read) = delivered(INTRUDER, "n1-pod1", vec![frame(INTRUDER, (intruder, 33000), (client, lab::ECHO_UDP_PORT)); 3]);
+    assert!(n >= 3 && read >= 3, "control: the intruder's paged datagrams reach the client: {n} packets, {read} read");
+    let (n, read) = delivered(LOCKED, INTRUDER, vec![frame(LOCKED, (locked, 33000), (intruder, lab::ECHO_UDP_PORT)); 3]);
+    assert!(n >= 3 && read >= 3, "control: the locked pod's paged datagrams reach an intruder: {n} packets, {read} read");
     // Through a Service: the client to the UDP ClusterIP, whose backends are the servers (one on
-    // each node; the one on this node gets some of these flows), which accept the client.
+    // each node; the one on this node gets some of these flows), which accept the client. Read
+    // by the server's socket: addresses, ports and both checksums rewritten right.
     let vip: SocketAddrV4 = lab::UDP_VIP.parse().unwrap();
-    let n = sent("n1-pod1", "n1-pod2", (0..16).map(|i| frame("n1-pod1", (client, 34000 + i), (*vip.ip(), vip.port()))).collect());
-    assert!(n >= 1, "control: the client's paged datagrams to the ClusterIP reach the server on this node translated");
+    let (n, read) = delivered("n1-pod1", "n1-pod2", (0..16).map(|i| frame("n1-pod1", (client, 34000 + i), (*vip.ip(), vip.port()))).collect());
+    assert!(n >= 1 && read >= 1, "control: the client's paged datagrams to the ClusterIP reach the server on this node translated: {n} packets, {read} read");
     // Attacks: the locked pod out to the client (egress isolated); the intruder claiming the
     // client's address, which the server's policy would let in.
     let n = sent(LOCKED, "n1-pod1", vec![frame(LOCKED, (locked, 33001), (client, lab::ECHO_UDP_PORT)); 5]);

@@ -1,6 +1,7 @@
 //! Packet rewrites with incremental checksum updates (`bpf_l4_csum_replace` for the L4 checksum,
 //! so the kernel's own checksum state, CHECKSUM_PARTIAL on veth, stays consistent; RFC 1624 in
-//! software for the IPv4 header's). Addresses and ports are raw wire bytes throughout.
+//! software for the IPv4 header's), written with `bpf_skb_store_bytes`. Addresses and ports are
+//! raw wire bytes throughout.
 use aya_ebpf::{
     bindings::{bpf_fib_lookup, BPF_FIB_LKUP_RET_FRAG_NEEDED, BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS, TC_ACT_OK},
     helpers::{bpf_fib_lookup as fib_lookup, bpf_redirect, bpf_redirect_neigh},
@@ -12,7 +13,7 @@ use crate::{maps::fib_scratch, stats};
 
 use crate::{
     csum::csum_replace4,
-    parse::{at_mut, l4_csum_off, Ipv4Packet, ETH_LEN, IP_CHECK_OFF, IP_DADDR_OFF, IP_SADDR_OFF},
+    parse::{l4_csum_off, read, Ipv4Packet, ETH_LEN, IP_CHECK_OFF, IP_DADDR_OFF, IP_SADDR_OFF},
 };
 
 const BPF_F_PSEUDO_HDR: u64 = 0x10;
@@ -41,54 +42,53 @@ fn l4_flags(proto: u8) -> u64 {
 /// the tuple in `e`. Later fragments get the address rewrite only: they carry no L4 header, and
 /// the first fragment's L4 checksum already accounts for the whole datagram.
 ///
-/// The L4 checksum goes through the kernel's helpers, which keep the skb's checksum state
+/// The L4 checksum goes through the kernel's helper, which keeps the skb's checksum state
 /// consistent (`skb->csum` under CHECKSUM_COMPLETE, the pseudo-header sum under
-/// CHECKSUM_PARTIAL); the header fields are then written in place, with the IPv4 checksum
-/// updated in software (RFC 1624). An address change and its IPv4 checksum change cancel out in
-/// any sum over the header, as a port change and its L4 checksum change do, so this is exactly
-/// what `bpf_skb_store_bytes` and `bpf_l3_csum_replace` would do, minus a helper call per field.
+/// CHECKSUM_PARTIAL). The IPv4 checksum is updated in software (RFC 1624) and written with both
+/// addresses in one store (bytes 10 to 19 of the header), the ports in another: an address
+/// change and its IPv4 checksum change cancel out in any sum over the header, as a port change
+/// and its L4 checksum change do, so this is what a store and a `bpf_l3_csum_replace` per field
+/// did, in fewer helper calls.
 #[inline(always)]
 pub fn rewrite(ctx: &TcContext, p: &Ipv4Packet, e: &Ct4Entry) -> Result<(), DropReason> {
+    const _: () = assert!(IP_SADDR_OFF == IP_CHECK_OFF + 2 && IP_DADDR_OFF == IP_SADDR_OFF + 4);
     // Offset of the L4 checksum, 0 for none. Not an Option: LLVM may spill the undefined payload
     // of a None, and the verifier rejects reading an uninitialised register.
     let l4_check = match (p.frag_off, l4_csum_off(p.proto)) {
         (0, Some(o)) => p.l4_off + o,
         _ => 0,
     };
-    let ports = p.frag_off == 0 && matches!(p.proto, IPPROTO_TCP | IPPROTO_UDP | IPPROTO_SCTP);
-    if l4_check != 0 {
-        let flags = l4_flags(p.proto);
-        for (from, to) in [(p.saddr_be, e.nat_saddr_be), (p.daddr_be, e.nat_daddr_be)] {
-            if from != to {
+    let flags = l4_flags(p.proto);
+    let addrs = [(p.saddr_be, e.nat_saddr_be), (p.daddr_be, e.nat_daddr_be)];
+    if addrs.iter().any(|(from, to)| from != to) {
+        let old: [u8; 2] = read(ctx, ETH_LEN + IP_CHECK_OFF).map_err(|_| DropReason::Rewrite)?;
+        let mut check = u16::from_be_bytes(old);
+        for (from, to) in addrs {
+            if from == to {
+                continue;
+            }
+            if l4_check != 0 {
                 ctx.l4_csum_replace(l4_check, from as u64, to as u64, 4 | BPF_F_PSEUDO_HDR | flags).map_err(|_| DropReason::Rewrite)?;
             }
+            check = csum_replace4(check, from, to);
         }
+        let c = check.to_be_bytes();
+        let (s, d) = (e.nat_saddr_be.to_ne_bytes(), e.nat_daddr_be.to_ne_bytes());
+        let hdr: [u8; 10] = [c[0], c[1], s[0], s[1], s[2], s[3], d[0], d[1], d[2], d[3]];
+        ctx.store(ETH_LEN + IP_CHECK_OFF, &hdr, 0).map_err(|_| DropReason::Rewrite)?;
+    }
+    if p.frag_off != 0 || (p.sport_be == e.nat_sport_be && p.dport_be == e.nat_dport_be) {
+        return Ok(());
+    }
+    if l4_check != 0 {
         for (from, to) in [(p.sport_be, e.nat_sport_be), (p.dport_be, e.nat_dport_be)] {
             if from != to {
                 ctx.l4_csum_replace(l4_check, from as u64, to as u64, 2 | flags).map_err(|_| DropReason::Rewrite)?;
             }
         }
     }
-    // In place (the helpers above moved no bytes, but packet pointers are taken anew after them).
-    let ip = at_mut::<[u8; 20]>(ctx, ETH_LEN).map_err(|_| DropReason::Rewrite)?;
-    let mut check = u16::from_be_bytes([ip[IP_CHECK_OFF], ip[IP_CHECK_OFF + 1]]);
-    if e.nat_saddr_be != p.saddr_be {
-        check = csum_replace4(check, p.saddr_be, e.nat_saddr_be);
-        ip[IP_SADDR_OFF..IP_SADDR_OFF + 4].copy_from_slice(&e.nat_saddr_be.to_ne_bytes());
-    }
-    if e.nat_daddr_be != p.daddr_be {
-        check = csum_replace4(check, p.daddr_be, e.nat_daddr_be);
-        ip[IP_DADDR_OFF..IP_DADDR_OFF + 4].copy_from_slice(&e.nat_daddr_be.to_ne_bytes());
-    }
-    ip[IP_CHECK_OFF..IP_CHECK_OFF + 2].copy_from_slice(&check.to_be_bytes());
-    if !ports || (p.sport_be == e.nat_sport_be && p.dport_be == e.nat_dport_be) {
-        return Ok(());
-    }
-    // At most 74 (14 + 60): masked so that the verifier sees it bounded (the Service path keeps
-    // the parsed packet in a map, whose values it knows nothing of).
-    let l4 = at_mut::<[u8; 4]>(ctx, p.l4_off & 0x7f).map_err(|_| DropReason::Rewrite)?;
-    l4[0..2].copy_from_slice(&e.nat_sport_be.to_ne_bytes());
-    l4[2..4].copy_from_slice(&e.nat_dport_be.to_ne_bytes());
+    let (s, d) = (e.nat_sport_be.to_ne_bytes(), e.nat_dport_be.to_ne_bytes());
+    ctx.store(p.l4_off, &[s[0], s[1], d[0], d[1]], 0).map_err(|_| DropReason::Rewrite)?;
     if p.proto == IPPROTO_SCTP {
         if p.more_frags {
             // The CRC covers the whole datagram, whose length a first fragment does not give.

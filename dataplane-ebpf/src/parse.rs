@@ -1,6 +1,7 @@
 //! Packet parsing: Ethernet, IPv4 (options and fragments included) and the L4 ports. Every read
-//! is a bounds-checked direct read ([`read`]) of the headers [`pull_headers`] made linear, so a
-//! short packet is an error, never an out-of-bounds read, and no read is a helper call.
+//! is a bounds-checked direct read ([`at`], [`read`]) of the headers [`pull_headers`] made
+//! linear, so a short packet is an error, never an out-of-bounds read, and no read is a helper
+//! call.
 use aya_ebpf::programs::TcContext;
 use dataplane_common::{DropReason, IPPROTO_ICMP, IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP};
 
@@ -43,43 +44,60 @@ pub const TCP_SYN: u8 = 0x02;
 pub const TCP_RST: u8 = 0x04;
 pub const TCP_ACK: u8 = 0x10;
 
-/// The most header bytes a parse reads: Ethernet, IPv4 with the longest options, a TCP header
-/// without options.
-pub const HEADERS_MAX: u32 = (ETH_LEN + 60 + 20) as u32;
-
-/// Makes the headers of the packet in `ctx` direct-readable: pulls up to [`HEADERS_MAX`] bytes
-/// (or the whole packet, when shorter) into the skb's linear part when they are not already
-/// there (they already are in what a socket or GRO built; a driver may leave them in a page
-/// fragment). Once per packet, before anything reads it (every packet pointer taken before is
-/// invalid after).
+/// Makes the headers of the packet in `ctx` direct-readable where they are not: a driver may
+/// leave them in a page fragment (what a socket or GRO builds has them in the linear part, and
+/// is left alone). Pulls only as far as the reads go: Ethernet and the IPv4 header (or an ARP
+/// packet's sender address), then the L4 ports, and for TCP its flags; a pull copies, so none
+/// happens for a packet already readable. Once per packet, before anything reads it (packet
+/// pointers taken before are invalid after).
 #[inline(always)]
 pub fn pull_headers(ctx: &TcContext) {
-    let want = if ctx.len() < HEADERS_MAX { ctx.len() } else { HEADERS_MAX };
-    if ctx.data() + (want as usize) > ctx.data_end() {
-        // A failure leaves the packet as it is: the reads then find it short (malformed).
-        let _ = ctx.pull_data(want);
+    // Ethernet + a minimal IPv4 header, which also covers an ARP packet's sender address.
+    let base = ETH_LEN + 20;
+    if !pulled(ctx, base) {
+        return;
     }
+    let Ok(eth) = at::<[u8; 2]>(ctx, 12) else { return };
+    if u16::from_be_bytes([eth[0], eth[1]]) != ETH_P_IP {
+        return;
+    }
+    let Ok(ip) = at::<[u8; 10]>(ctx, ETH_LEN) else { return };
+    let l4_off = ETH_LEN + ((ip[0] & 0x0f) as usize) * 4;
+    let later_fragment = u16::from_be_bytes([ip[6], ip[7]]) & IP_OFFSET != 0;
+    let want = match ip[9] {
+        _ if later_fragment => ETH_LEN + 20,
+        // Ports, sequence number, acknowledgment, data offset and flags.
+        IPPROTO_TCP => l4_off + 14,
+        IPPROTO_UDP | IPPROTO_SCTP => l4_off + 4,
+        _ => l4_off,
+    };
+    pulled(ctx, want);
+}
+
+/// Is the frame's linear part `want` bytes long (or the whole frame, when shorter), after
+/// pulling them in if it was not? A failed pull (out of memory) leaves the packet as it is:
+/// the reads then find it short.
+#[inline(always)]
+fn pulled(ctx: &TcContext, want: usize) -> bool {
+    let want = if (ctx.len() as usize) < want { ctx.len() as usize } else { want };
+    ctx.data() + want <= ctx.data_end() || ctx.pull_data(want as u32).is_ok()
 }
 
 /// The `T` at `off` bytes into the frame, in place in the packet (no helper call, no copy),
 /// bounds checked: `Malformed` past the linear part, which [`pull_headers`] made cover every
-/// header a parse reads. `T` is a byte array (integers: [`read`]).
+/// header a parse reads. `T` is a byte array (integers: [`read`]). Read only: a direct write
+/// would make the verifier unclone every cloned skb (every TCP segment a socket sends) before
+/// the program runs, rewritten or not; writes go through `bpf_skb_store_bytes`, which makes
+/// writable only what it writes, only in packets that are rewritten (as Cilium does).
 #[inline(always)]
 pub fn at<T>(ctx: &TcContext, off: usize) -> Result<&T, DropReason> {
-    at_mut(ctx, off).map(|r| &*r)
-}
-
-/// [`at`], writable: a tc program's direct writes (the kernel unclones a cloned skb before the
-/// program runs, as `bpf_skb_store_bytes` would).
-#[inline(always)]
-pub fn at_mut<T>(ctx: &TcContext, off: usize) -> Result<&mut T, DropReason> {
     let data = ctx.data();
     if data + off + core::mem::size_of::<T>() > ctx.data_end() {
         return Err(DropReason::Malformed);
     }
     // SAFETY: inside [data, data_end), checked just above (and by the verifier); byte arrays
-    // have no alignment; nothing else holds a reference into the packet meanwhile.
-    Ok(unsafe { &mut *((data + off) as *mut T) })
+    // have no alignment.
+    Ok(unsafe { &*((data + off) as *const T) })
 }
 
 /// [`at`], copied out: for an integer read as wire bytes.
