@@ -263,9 +263,9 @@ fn tables_written_through_mmap_read_back_entry_by_entry() {
         let af = dp.rec.applied.frontends.values().next().unwrap().clone();
         assert_eq!(af.table.len(), size);
         let (entry, kernel) = kernel_table(&dp, af.svc_id);
-        assert_eq!(kernel, af.table, "n={n}");
-        assert_eq!(dp.maps.chash_table(af.svc_id).unwrap(), af.table);
-        let ids: std::collections::BTreeSet<u32> = af.table.iter().copied().collect();
+        assert_eq!(kernel, af.table.to_vec(), "n={n}");
+        assert_eq!(dp.maps.chash_table(af.svc_id).unwrap(), af.table.to_vec());
+        let ids: std::collections::BTreeSet<u32> = af.table.iter().collect();
         assert_eq!(ids.len(), n as usize);
         regions.push((entry.table_off, entry.table_len));
     }
@@ -286,8 +286,8 @@ fn tables_past_the_first_mapped_window_read_back_and_only_the_used_front_is_mapp
     for id in [1, 150, 256, 257, 300] {
         let (entry, kernel) = kernel_table(&dp, id);
         let fe = dp.rec.applied.frontends.values().find(|f| f.svc_id == id).unwrap();
-        assert_eq!(kernel, fe.table, "frontend {id} at entries {}..", entry.table_off);
-        assert_eq!(dp.maps.chash_table(id).unwrap(), fe.table, "frontend {id}");
+        assert_eq!(kernel, fe.table.to_vec(), "frontend {id} at entries {}..", entry.table_off);
+        assert_eq!(dp.maps.chash_table(id).unwrap(), fe.table.to_vec(), "frontend {id}");
     }
     let mapped = dp.maps.tables_mapped_bytes();
     assert!(mapped >= used as usize * 4 && mapped <= used as usize * 4 + (1 << 20), "{mapped} bytes mapped for {used} entries in use");

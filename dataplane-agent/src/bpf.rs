@@ -207,7 +207,7 @@ impl BpfMaps {
                     // first sync writes one and switches the entry to it.
                     entry: Some(Lb4Service { table_off: 0, table_len: if table.is_empty() { 0 } else { svc.table_len }, ..svc }),
                     source_ranges: ranges.remove(&svc.svc_id).unwrap_or_default(),
-                    table,
+                    table: crate::reconcile::Table::new(&table),
                     // Unknown: the first sync builds each table once and writes it only if it differs.
                     table_of: Vec::new(),
                 },

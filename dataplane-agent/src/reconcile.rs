@@ -134,16 +134,69 @@ pub struct AppliedFrontend {
     pub entry: Option<Lb4Service>,
     pub source_ranges: BTreeSet<Cidr4>,
     /// The consistent-hashing table as written (backend ids); empty when there is none.
-    pub table: Vec<u32>,
+    pub table: Table,
     /// The sorted backends `table` was built from; empty when unknown (restored from the maps).
     /// The same backends again need no new table.
     pub table_of: Vec<L4Addr>,
 }
 
+/// A consistent-hashing table as the reconciler remembers it: its distinct backend ids, and for
+/// each entry the index of its id, two bytes an entry where the map holds four (a table has at
+/// most 65,521 entries, so never more distinct ids than a `u16` counts). 10,000 frontends'
+/// default tables take 5 MB here instead of 10.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Table {
+    ids: Vec<u32>,
+    at: Vec<u16>,
+}
+
+impl Table {
+    pub fn new(entries: &[u32]) -> Table {
+        let mut ids: Vec<u32> = Vec::new();
+        let mut index: std::collections::HashMap<u32, u16> = std::collections::HashMap::new();
+        let at = entries
+            .iter()
+            .map(|id| {
+                *index.entry(*id).or_insert_with(|| {
+                    ids.push(*id);
+                    (ids.len() - 1) as u16
+                })
+            })
+            .collect();
+        Table { ids, at }
+    }
+
+    pub fn len(&self) -> usize {
+        self.at.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.at.is_empty()
+    }
+
+    pub fn clear(&mut self) {
+        *self = Table::default();
+    }
+
+    /// The backend id of each entry, in order.
+    pub fn iter(&self) -> impl Iterator<Item = u32> + '_ {
+        self.at.iter().map(|i| self.ids[*i as usize])
+    }
+
+    pub fn to_vec(&self) -> Vec<u32> {
+        self.iter().collect()
+    }
+
+    /// Does it hold exactly `entries`?
+    pub fn holds(&self, entries: &[u32]) -> bool {
+        self.len() == entries.len() && self.iter().zip(entries).all(|(a, b)| a == *b)
+    }
+}
+
 impl AppliedFrontend {
     /// A frontend with nothing written yet.
     fn new(svc_id: u32) -> Self {
-        AppliedFrontend { svc_id, service: None, slots: Vec::new(), entry: None, source_ranges: BTreeSet::new(), table: Vec::new(), table_of: Vec::new() }
+        AppliedFrontend { svc_id, service: None, slots: Vec::new(), entry: None, source_ranges: BTreeSet::new(), table: Table::default(), table_of: Vec::new() }
     }
 
     /// The backends the datapath picks from: the first `count` slots.
@@ -455,7 +508,7 @@ impl Reconciler {
     fn refs_of(&self, af: &AppliedFrontend) -> Vec<u32> {
         let mut ids: Vec<u32> = af.slots.iter().chain(&af.table_of).filter_map(|b| self.applied.backends.get(b)).map(|(id, _)| *id).collect();
         if af.table_of.is_empty() {
-            ids.extend(af.table.iter().copied());
+            ids.extend(af.table.iter());
         }
         ids
     }
@@ -668,11 +721,11 @@ impl Reconciler {
                 .into_iter()
                 .map(|i| self.applied.backends.get(&order[i]).map(|(id, _)| *id).unwrap_or(0))
                 .collect();
-            if table != af.table {
-                let n = ops.put_table(svc_id, &table, &af.table)?;
+            if !af.table.holds(&table) {
+                let n = ops.put_table(svc_id, &table, &af.table.to_vec())?;
                 st.writes += n;
                 st.table_entries += n;
-                af.table = table;
+                af.table = Table::new(&table);
             }
             af.table_of = order;
         }
@@ -1018,7 +1071,7 @@ mod tests {
     fn in_view(rec: &Reconciler) -> (PerFrontend, BTreeMap<u32, Lb4Backend>) {
         let fronts = rec.applied.frontends.values().map(|f| {
             let slots = f.slots.iter().map(|b| rec.applied.backends[b].0).collect();
-            (f.svc_id, (slots, f.entry, f.table.clone(), f.source_ranges.clone(), f.service.as_ref().map(|s| s.to_string())))
+            (f.svc_id, (slots, f.entry, f.table.to_vec(), f.source_ranges.clone(), f.service.as_ref().map(|s| s.to_string())))
         });
         let backends = rec.applied.backends.iter().map(|(b, (id, flags))| (*id, lb4_backend(b, *flags)));
         (fronts.collect(), backends.collect())
@@ -1050,6 +1103,25 @@ mod tests {
         f.source_ranges.insert("192.0.2.0/24".parse().unwrap());
         d.frontends.insert(Frontend::internal(fe), f);
         d
+    }
+
+    #[test]
+    fn a_remembered_table_gives_back_exactly_its_entries() {
+        // The largest table, every entry a different id (the most a u16 index must count).
+        let widest: Vec<u32> = (0..65_521u32).map(|i| i * 7 + 1).collect();
+        let some: Vec<u32> = (0..251u32).map(|i| [9, 4, 9, 1_000_000][i as usize % 4]).collect();
+        for entries in [widest, some, Vec::new()] {
+            let t = Table::new(&entries);
+            assert_eq!((t.to_vec(), t.len(), t.is_empty()), (entries.clone(), entries.len(), entries.is_empty()));
+            assert!(t.holds(&entries));
+            let mut other = entries.clone();
+            if let Some(last) = other.last_mut() {
+                *last += 1;
+                assert!(!t.holds(&other));
+            }
+            other.push(1);
+            assert!(!t.holds(&other));
+        }
     }
 
     #[test]
