@@ -151,7 +151,12 @@ pub struct Table {
 }
 
 impl Table {
+    /// A table of more distinct ids than a `u16` counts is none the agent builds (a corrupted
+    /// pin read back): it is remembered as no table, and the next sync writes one anew.
     pub fn new(entries: &[u32]) -> Table {
+        if entries.len() > usize::from(u16::MAX) + 1 && entries.iter().collect::<std::collections::HashSet<_>>().len() > usize::from(u16::MAX) + 1 {
+            return Table::default();
+        }
         let mut ids: Vec<u32> = Vec::new();
         let mut index: std::collections::HashMap<u32, u16> = std::collections::HashMap::new();
         let at = entries
@@ -1110,6 +1115,8 @@ mod tests {
         // The largest table, every entry a different id (the most a u16 index must count).
         let widest: Vec<u32> = (0..65_521u32).map(|i| i * 7 + 1).collect();
         let some: Vec<u32> = (0..251u32).map(|i| [9, 4, 9, 1_000_000][i as usize % 4]).collect();
+        let too_wide: Vec<u32> = (0..70_000u32).collect();
+        assert!(Table::new(&too_wide).is_empty(), "more distinct ids than a u16 counts: no table");
         for entries in [widest, some, Vec::new()] {
             let t = Table::new(&entries);
             assert_eq!((t.to_vec(), t.len(), t.is_empty()), (entries.clone(), entries.len(), entries.is_empty()));

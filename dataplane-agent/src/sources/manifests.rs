@@ -99,6 +99,7 @@ impl Watcher {
             return Err(std::io::Error::last_os_error());
         }
         let watch = move || unsafe { libc::inotify_add_watch(fd, c.as_ptr(), WATCH_MASK) };
+        let shown = dir.display().to_string();
         if watch() < 0 {
             let e = std::io::Error::last_os_error();
             unsafe { libc::close(fd) };
@@ -119,14 +120,27 @@ impl Watcher {
                 }
                 // One wake-up for any number of events: the agent compares fingerprints.
                 notify.notify_one();
-                if watch_ended(&buf[..n as usize]) {
-                    // The directory was removed or moved away (a volume remounted, a directory
-                    // replaced by rename): watch the path again once it exists, so that changes
-                    // keep waking the agent at once instead of at the next poll.
-                    while watch() < 0 {
+                let (ended, moved) = watch_events(&buf[..n as usize]);
+                for wd in moved {
+                    // A directory moved away keeps its watch: dropped, it is not the path's.
+                    unsafe { libc::inotify_rm_watch(fd, wd) };
+                }
+                if ended {
+                    // The directory was removed or moved away (replaced by a new one, say):
+                    // watch the path again once it exists, so that changes keep waking the
+                    // agent at once instead of at the next poll.
+                    loop {
+                        if watch() >= 0 {
+                            notify.notify_one();
+                            break;
+                        }
+                        let e = std::io::Error::last_os_error();
+                        if !matches!(e.raw_os_error(), Some(libc::ENOENT) | Some(libc::ENOTDIR)) {
+                            tracing::warn!(path = %shown, error = %e, "manifests: the inotify watch could not be made again; changes are seen at the next poll (--min-sync-period-ms)");
+                            break;
+                        }
                         std::thread::sleep(REWATCH_EVERY);
                     }
-                    notify.notify_one();
                 }
             }
             unsafe { libc::close(fd) };
@@ -139,19 +153,23 @@ const WATCH_MASK: u32 = libc::IN_CLOSE_WRITE | libc::IN_MOVED_TO | libc::IN_MOVE
 /// How often a watch whose directory went away tries the path again.
 const REWATCH_EVERY: std::time::Duration = std::time::Duration::from_millis(200);
 
-/// Do the inotify events in `buf` end the watch (the directory itself deleted or moved; the
-/// kernel then drops the watch, `IN_IGNORED`)?
-fn watch_ended(buf: &[u8]) -> bool {
+/// What the inotify events in `buf` say of the watch itself: whether it ended (the directory
+/// deleted or moved away; the kernel drops a deleted directory's watch, `IN_IGNORED`), and the
+/// watches of directories moved away, which the kernel keeps.
+fn watch_events(buf: &[u8]) -> (bool, Vec<i32>) {
     let mut at = 0;
     let head = std::mem::size_of::<libc::inotify_event>();
-    let mut ended = false;
+    let (mut ended, mut moved) = (false, Vec::new());
     while at + head <= buf.len() {
         // SAFETY: a whole event header inside the buffer, read unaligned.
         let ev: libc::inotify_event = unsafe { std::ptr::read_unaligned(buf[at..].as_ptr().cast()) };
         ended |= ev.mask & (libc::IN_DELETE_SELF | libc::IN_MOVE_SELF | libc::IN_IGNORED) != 0;
+        if ev.mask & libc::IN_MOVE_SELF != 0 {
+            moved.push(ev.wd);
+        }
         at += head + ev.len as usize;
     }
-    ended
+    (ended, moved)
 }
 
 /// Reads every object under `path`. Documents that cannot be parsed are reported with the file,
@@ -387,6 +405,22 @@ mod tests {
         }
         std::fs::write(dir.0.join("b.yaml"), GOOD).unwrap();
         assert!(woke(Duration::from_secs(5)), "a write into the directory made again wakes the agent");
+        // Replaced by rename: the old directory moved aside, a new one moved in.
+        let aside = Gone(dir.0.with_extension("old"));
+        let fresh = Gone(dir.0.with_extension("new"));
+        std::fs::create_dir_all(&fresh.0).unwrap();
+        std::fs::rename(&dir.0, &aside.0).unwrap();
+        std::fs::rename(&fresh.0, &dir.0).unwrap();
+        std::thread::sleep(REWATCH_EVERY * 3);
+        for _ in 0..10 {
+            if !woke(Duration::from_millis(100)) {
+                break;
+            }
+        }
+        std::fs::write(aside.0.join("c.yaml"), GOOD).unwrap();
+        assert!(!woke(Duration::from_millis(500)), "a write into the directory moved aside is not the path's");
+        std::fs::write(dir.0.join("c.yaml"), GOOD).unwrap();
+        assert!(woke(Duration::from_secs(5)), "a write into the directory moved in wakes the agent");
     }
 
     #[test]
