@@ -154,20 +154,21 @@ impl Table {
     /// A table of more distinct ids than a `u16` counts is none the agent builds (a corrupted
     /// pin read back): it is remembered as no table, and the next sync writes one anew.
     pub fn new(entries: &[u32]) -> Table {
-        if entries.len() > usize::from(u16::MAX) + 1 && entries.iter().collect::<std::collections::HashSet<_>>().len() > usize::from(u16::MAX) + 1 {
-            return Table::default();
-        }
         let mut ids: Vec<u32> = Vec::new();
         let mut index: std::collections::HashMap<u32, u16> = std::collections::HashMap::new();
-        let at = entries
-            .iter()
-            .map(|id| {
-                *index.entry(*id).or_insert_with(|| {
+        let mut at = Vec::with_capacity(entries.len());
+        for id in entries {
+            let i = match index.get(id) {
+                Some(i) => *i,
+                None => {
+                    let Ok(i) = u16::try_from(ids.len()) else { return Table::default() };
                     ids.push(*id);
-                    (ids.len() - 1) as u16
-                })
-            })
-            .collect();
+                    index.insert(*id, i);
+                    i
+                }
+            };
+            at.push(i);
+        }
         Table { ids, at }
     }
 

@@ -91,13 +91,18 @@ fn pulled(ctx: &TcContext, want: usize) -> bool {
 /// writable only what it writes, only in packets that are rewritten (as Cilium does).
 #[inline(always)]
 pub fn at<T>(ctx: &TcContext, off: usize) -> Result<&T, DropReason> {
-    let data = ctx.data();
-    if data + off + core::mem::size_of::<T>() > ctx.data_end() {
-        return Err(DropReason::Malformed);
+    // SAFETY: inside the packet (bounded); byte arrays have no alignment.
+    bounded::<T>(ctx.data(), ctx.data_end(), off).map(|p| unsafe { &*p }).ok_or(DropReason::Malformed)
+}
+
+/// A `T` at `off` bytes into the packet `[data, data_end)`, or `None` past its end: the bounds
+/// check of every direct packet access, tc's and XDP's (the verifier checks it too).
+#[inline(always)]
+pub fn bounded<T>(data: usize, data_end: usize, off: usize) -> Option<*mut T> {
+    if data + off + core::mem::size_of::<T>() > data_end {
+        return None;
     }
-    // SAFETY: inside [data, data_end), checked just above (and by the verifier); byte arrays
-    // have no alignment.
-    Ok(unsafe { &*((data + off) as *const T) })
+    Some((data + off) as *mut T)
 }
 
 /// [`at`], copied out: for an integer read as wire bytes.

@@ -34,11 +34,7 @@ const PASS: u32 = xdp_action::XDP_PASS;
 
 #[inline(always)]
 fn ptr_at<T>(ctx: &XdpContext, off: usize) -> Option<*mut T> {
-    let start = ctx.data();
-    if start + off + core::mem::size_of::<T>() > ctx.data_end() {
-        return None;
-    }
-    Some((start + off) as *mut T)
+    crate::parse::bounded(ctx.data(), ctx.data_end(), off)
 }
 
 #[inline(always)]
