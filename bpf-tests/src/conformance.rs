@@ -563,7 +563,7 @@ impl Side {
                 }
                 let path = self.dir.path.join("kube-proxy.yaml");
                 std::fs::write(&path, c.to_string()).map_err(|e| e.to_string())?;
-                self.node.cmd(&[kube_proxy.to_str().unwrap(), "--config", path.to_str().unwrap(), "-v=2"]).stdout(log.try_clone().unwrap()).stderr(log).stdin(Stdio::null()).spawn()
+                self.node.cmd(&[kube_proxy.to_str().unwrap(), "--config", path.to_str().unwrap(), "-v=2", "--vmodule=proxier=4"]).stdout(log.try_clone().unwrap()).stderr(log).stdin(Stdio::null()).spawn()
             }
             Proxy::Ferry => {
                 let pin = PinDir { path: PathBuf::from(format!("/sys/fs/bpf/{}", self.node.name)) };
@@ -608,10 +608,16 @@ impl Side {
     }
 
     /// Waits (at most 60 s) until the proxy says it programmed its first full sync.
-    fn wait_synced(&mut self) -> Result<(), String> {
+    /// Waits for the proxy's first sync. `zone`: this node's Node has a zone label, and
+    /// kube-proxy must also have synced with it (see [`topology_synced`]).
+    fn wait_synced(&mut self, zone: bool) -> Result<(), String> {
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
-            if metric(&self.metrics()?, "kubeproxy_sync_proxy_rules_last_timestamp_seconds") > 0.0 {
+            let kp_topology = match self.proxy {
+                Proxy::KubeProxy(_) if zone => topology_synced(&std::fs::read_to_string(self.log()).unwrap_or_default()),
+                _ => true,
+            };
+            if kp_topology && metric(&self.metrics()?, "kubeproxy_sync_proxy_rules_last_timestamp_seconds") > 0.0 {
                 return Ok(());
             }
             self.check_running()?;
@@ -661,6 +667,17 @@ impl Side {
             .spawn()
             .map_err(|e| format!("probe: {e}"))
     }
+}
+
+/// Has kube-proxy (its log at `-v=2 --vmodule=proxier=4`) completed a sync that began after it
+/// took this node's topology labels? Its first sync waits for Services and EndpointSlices only:
+/// the Node's labels come through a handler of their own, which may run after that sync (the
+/// sync then ignores zone hints, "node is missing label") and asks for another one. A
+/// comparison must wait for that one.
+fn topology_synced(log: &str) -> bool {
+    let Some(at) = log.find("\"Updated proxier node topology labels\"") else { return false };
+    let after = &log[at..];
+    after.find("\"Syncing nftables rules\"").or_else(|| after.find("\"Syncing iptables rules\"")).is_some_and(|s| after[s..].contains("\"SyncProxyRules complete\""))
 }
 
 /// A metric's value in a /metrics text: its IPv4 (or unlabelled) sample (kube-proxy labels its
@@ -1021,8 +1038,9 @@ fn run_file(path: &Path, cp: &ControlPlane, kube_proxy: &Path, link: &mut usize,
         sides.push(side);
     }
     let t_build = t0.elapsed();
+    let zone = sc.nodes.iter().any(|n| str_at(n, &["metadata", "name"]) == Some(sc.node.name.as_str()) && str_at(n, &["metadata", "labels", "topology.kubernetes.io/zone"]).is_some());
     for side in &mut sides {
-        side.wait_synced().map_err(|e| format!("{file}: {e}"))?;
+        side.wait_synced(zone).map_err(|e| format!("{file}: {e}"))?;
     }
     let t_sync = t0.elapsed();
     let (differ_before, agree_before) = (totals.differ, totals.agree);
@@ -1586,6 +1604,20 @@ mod tests {
         assert_eq!(judge(&f, &e, false, false, POD, &reject, &right), Verdict::Deliberate("README: why".into()));
         assert!(matches!(judge(&f, &e, false, false, POD, &right, &reject), Verdict::Differ(w) if w.contains("marked kubeProxyDiffers, but Ferry did {REJECT}")));
         assert!(matches!(judge(&f, &e, false, false, POD, &right, &right), Verdict::Differ(w) if w.contains("but both did")));
+    }
+
+    #[test]
+    fn kube_proxy_counts_as_synced_with_its_zone_only_after_a_sync_begun_after_the_labels() {
+        let labels = "I1203 16:55:15.950000 1 proxier.go:909] \"Updated proxier node topology labels\" labels={\"topology.kubernetes.io/zone\":\"a\"}\n";
+        let sync = "I1203 16:55:15.960000 1 proxier.go:1206] \"Syncing nftables rules\" fullSync=true\n";
+        let done = "I1203 16:55:15.990000 1 proxier.go:1200] \"SyncProxyRules complete\" elapsed=\"30ms\"\n";
+        // The first sync ran before the handler: not yet.
+        assert!(!topology_synced(&format!("{sync}{done}{labels}")));
+        assert!(!topology_synced(&format!("{sync}{done}{labels}{sync}")));
+        assert!(topology_synced(&format!("{sync}{done}{labels}{sync}{done}")));
+        // A sync in progress when the labels came: its end does not count.
+        assert!(!topology_synced(&format!("{sync}{labels}{done}")));
+        assert!(!topology_synced(""));
     }
 
     #[test]
