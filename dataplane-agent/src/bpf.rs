@@ -177,6 +177,12 @@ impl BpfMaps {
         // The table regions the service entries point at: the allocator's state, and the tables
         // read back through one mapping of the array (no syscall per entry or per table).
         let regions = services.iter().filter(|(_, s)| s.flags & SVC_F_ADDR_ONLY == 0 && s.table_len > 0).map(|(_, s)| (s.svc_id, Region { off: s.table_off, len: s.table_len }));
+        // One window over all of them, mapped once (read in the map's order, they would grow it
+        // from anywhere); a region past the array's end is refused by `chash_table` below.
+        let (lo, hi) = regions.clone().fold((u64::MAX, 0), |(lo, hi), (_, r)| (lo.min(r.off as u64), hi.max(r.end())));
+        if lo < hi {
+            let _ = self.tables.mapped(&self.chash, lo, hi);
+        }
         self.tables.adopt(self.caps.chash, regions);
         for (key, svc) in services {
             if svc.flags & SVC_F_ADDR_ONLY != 0 {
@@ -235,17 +241,26 @@ impl BpfMaps {
         if r.end() > self.caps.chash as u64 {
             return None;
         }
-        let m = self.tables.mapped(&self.chash, r.end()).ok()?;
-        if r.end() > m.mapped_entries() as u64 {
+        let m = self.tables.mapped(&self.chash, r.off as u64, r.end()).ok()?;
+        if !m.covers(r.off as usize, r.end() as usize) {
             return None;
         }
         Some((r.off..r.off + r.len).map(|i| m.get(i as usize)).collect())
     }
 
-    /// Bytes of the table array mapped into this process (the front part in use, see
-    /// `MappedTables`).
+    /// Bytes of the table array mapped into this process now (a window over the tables a sync
+    /// reached, see `MappedTables`).
     pub fn tables_mapped_bytes(&self) -> usize {
         self.tables.mapped.as_ref().map_or(0, |m| m.len)
+    }
+
+    /// Unmaps the table array's window: the agent calls it after each sync, so that its resident
+    /// memory does not count the tables' pages (the map's own memory) between syncs. The next
+    /// table written or read maps the window it needs again.
+    pub fn unmap_tables(&mut self) {
+        if let Some(m) = self.tables.mapped.as_mut() {
+            m.unmap();
+        }
     }
 
     /// Entries of the table array in use (quarantine included) and its capacity, as this agent
@@ -512,15 +527,21 @@ pub fn map_usage(dir: &Path) -> Vec<MapUsage> {
     out
 }
 
-/// The table array (created `BPF_F_MMAPABLE`) mapped into this process, so its entries are read
-/// and written as memory. Entry `i` is the `u32` at byte `4 i` (two entries an 8-byte element).
+/// The table array (created `BPF_F_MMAPABLE`), a window of it mapped into this process, so its
+/// entries are read and written as memory. Entry `i` is the `u32` at byte `4 i` of the array
+/// (two entries an 8-byte element).
 ///
-/// Only the part in use is mapped: the kernel maps every page of an array mapping at `mmap` time
-/// (`remap_vmalloc_range`), so a mapping of the whole array would count all of it in this
-/// process's resident memory however little is used. The window grows (unmap, map again, larger)
-/// as regions further in are written; allocations are best fit from the front.
+/// Only a window is mapped, and only while a sync writes or reads tables: the kernel maps every
+/// page of an array mapping at `mmap` time (`remap_vmalloc_range`), so a mapping counts all of
+/// its pages in this process's resident memory, though they are the map's (kernel memory, the
+/// same whether mapped or not). The window starts at the page of the first entry needed (the
+/// mapping's offset) and grows (unmap, map again, larger) as entries further out are reached;
+/// the agent unmaps it after each sync ([`BpfMaps::unmap_tables`]), so one change maps the pages
+/// of the tables it touches, not the array's front up to them.
 struct MappedTables {
     ptr: *mut libc::c_void,
+    /// The first entry mapped (at a page boundary).
+    lo: usize,
     /// Bytes mapped (0: nothing yet).
     len: usize,
     /// Entries of the whole array.
@@ -528,7 +549,7 @@ struct MappedTables {
     page: usize,
 }
 
-/// The window grows in steps of this many bytes (256 Ki entries).
+/// The window's end grows in steps of this many bytes (256 Ki entries).
 const TABLE_WINDOW_STEP: usize = 1 << 20;
 
 impl MappedTables {
@@ -536,32 +557,48 @@ impl MappedTables {
         let elements = map.info().map_err(std::io::Error::other)?.max_entries() as usize;
         let entries = elements * dataplane_common::CHASH_PER_ELEMENT as usize;
         let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(1) as usize;
-        Ok(MappedTables { ptr: std::ptr::null_mut(), len: 0, entries, page })
+        Ok(MappedTables { ptr: std::ptr::null_mut(), lo: 0, len: 0, entries, page })
     }
 
-    /// Entries mapped now.
-    fn mapped_entries(&self) -> usize {
-        (self.len / 4).min(self.entries)
+    /// The entries mapped now: `lo..hi`.
+    fn window(&self) -> std::ops::Range<usize> {
+        self.lo..(self.lo + self.len / 4).min(self.entries)
     }
 
-    /// Maps at least entries `0..end` (`end` at most the array's size) of `map`, the array this
-    /// mapping was made for (its fd is not kept: the map's handle is the one owner).
-    fn cover(&mut self, map: &MapData, end: usize) -> std::io::Result<()> {
+    /// Are entries `start..end` mapped?
+    fn covers(&self, start: usize, end: usize) -> bool {
+        let w = self.window();
+        start >= w.start && end <= w.end
+    }
+
+    /// Maps at least entries `start..end` (`end` at most the array's size) of `map`, the array
+    /// this mapping was made for (its fd is not kept: the map's handle is the one owner), with
+    /// what was mapped already.
+    fn cover(&mut self, map: &MapData, start: usize, end: usize) -> std::io::Result<()> {
         use std::os::fd::{AsFd, AsRawFd};
-        if end <= self.mapped_entries() {
+        if start >= end || self.covers(start, end) {
             return Ok(());
         }
+        let (start, end) = if self.len > 0 { (start.min(self.lo), end.max(self.window().end)) } else { (start, end) };
         let whole = (self.entries * 4).div_ceil(self.page) * self.page;
-        let len = (end * 4).div_ceil(TABLE_WINDOW_STEP).saturating_mul(TABLE_WINDOW_STEP).min(whole);
-        // SAFETY: a fresh shared mapping of the map's fd, no longer than the array (the kernel
-        // checks the length and refuses maps without BPF_F_MMAPABLE).
-        let ptr = unsafe { libc::mmap(std::ptr::null_mut(), len, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_SHARED, map.fd().as_fd().as_raw_fd(), 0) };
+        let from = (start * 4) / self.page * self.page;
+        let mut to = (end * 4).div_ceil(TABLE_WINDOW_STEP).saturating_mul(TABLE_WINDOW_STEP).min(whole);
+        if self.len > 0 {
+            // At least twice what it was: a sync writing tables one after another maps each
+            // page a bounded number of times, not once per step.
+            to = to.max(from.saturating_add(2 * self.len)).min(whole);
+        }
+        // SAFETY: a fresh shared mapping of the map's fd at a page-aligned offset, ending inside
+        // the array (the kernel checks offset and length, and refuses maps without
+        // BPF_F_MMAPABLE).
+        let ptr = unsafe { libc::mmap(std::ptr::null_mut(), to - from, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_SHARED, map.fd().as_fd().as_raw_fd(), from as libc::off_t) };
         if ptr == libc::MAP_FAILED {
             return Err(std::io::Error::last_os_error());
         }
         self.unmap();
         self.ptr = ptr;
-        self.len = len;
+        self.lo = from / 4;
+        self.len = to - from;
         Ok(())
     }
 
@@ -570,14 +607,15 @@ impl MappedTables {
             // SAFETY: the mapping made by `cover`, unmapped once.
             unsafe { libc::munmap(self.ptr, self.len) };
             self.len = 0;
+            self.lo = 0;
         }
     }
 
     fn slot(&self, i: usize) -> &std::sync::atomic::AtomicU32 {
-        assert!(i < self.mapped_entries(), "entry {i} past the {} entries mapped of the table array", self.mapped_entries());
+        assert!(self.covers(i, i + 1), "entry {i} outside the entries {:?} mapped of the table array", self.window());
         // SAFETY: inside the mapping (checked above), 4-byte aligned (the mapping is page
         // aligned); atomic because the datapath reads live tables at the same time.
-        unsafe { &*(self.ptr.cast::<u8>().add(i * 4) as *const std::sync::atomic::AtomicU32) }
+        unsafe { &*(self.ptr.cast::<u8>().add((i - self.lo) * 4) as *const std::sync::atomic::AtomicU32) }
     }
 
     fn get(&self, i: usize) -> u32 {
@@ -654,13 +692,14 @@ pub struct Tables {
 }
 
 impl Tables {
-    /// The array mapped at least up to entry `end` (exclusive; past the array's end: up to it).
-    fn mapped(&mut self, map: &Array<MapData, [u32; 2]>, end: u64) -> std::io::Result<&MappedTables> {
+    /// The array mapped at least over entries `start..end` (past the array's end: up to it).
+    fn mapped(&mut self, map: &Array<MapData, [u32; 2]>, start: u64, end: u64) -> std::io::Result<&MappedTables> {
         if self.mapped.is_none() {
             self.mapped = Some(MappedTables::new(map.map())?);
         }
         let m = self.mapped.as_mut().expect("made above");
-        m.cover(map.map(), end.min(m.entries as u64) as usize)?;
+        let end = end.min(m.entries as u64) as usize;
+        m.cover(map.map(), (start as usize).min(end), end)?;
         Ok(m)
     }
 
@@ -821,7 +860,7 @@ impl MapOps for BpfMaps {
         // patched in place.
         let current = self.tables.pending.get(&svc_id).or(self.tables.live.get(&svc_id)).copied().filter(|r| r.len == n);
         if let Some(r) = current {
-            let m = self.tables.mapped(&self.chash, r.end()).map_err(mmap_err)?;
+            let m = self.tables.mapped(&self.chash, r.off as u64, r.end()).map_err(mmap_err)?;
             let mut changed = 0;
             for (i, new) in table.iter().enumerate() {
                 let at = r.off as usize + i;
@@ -834,7 +873,7 @@ impl MapOps for BpfMaps {
         }
         // A new region, written before the service entry is switched to it: the datapath never
         // sees it half filled. Every call that can fail comes before the first write.
-        self.tables.mapped(&self.chash, 0).map_err(mmap_err)?;
+        self.tables.mapped(&self.chash, 0, 0).map_err(mmap_err)?;
         if self.tables.adopted {
             self.tables.synchronize()?;
         }
@@ -849,7 +888,7 @@ impl MapOps for BpfMaps {
             }
             None => return Err(self.table_full(what())),
         };
-        let m = match self.tables.mapped(&self.chash, region.end()) {
+        let m = match self.tables.mapped(&self.chash, region.off as u64, region.end()) {
             Ok(m) => m,
             Err(e) => {
                 self.tables.arena(cap).free(region);
