@@ -549,7 +549,7 @@ struct MappedTables {
     page: usize,
 }
 
-/// The window's end grows in steps of this many bytes (256 Ki entries).
+/// A growing window's end grows in steps of this many bytes (256 Ki entries).
 const TABLE_WINDOW_STEP: usize = 1 << 20;
 
 impl MappedTables {
@@ -582,7 +582,9 @@ impl MappedTables {
         let (start, end) = if self.len > 0 { (start.min(self.lo), end.max(self.window().end)) } else { (start, end) };
         let whole = (self.entries * 4).div_ceil(self.page) * self.page;
         let from = (start * 4) / self.page * self.page;
-        let mut to = (end * 4).div_ceil(TABLE_WINDOW_STEP).saturating_mul(TABLE_WINDOW_STEP).min(whole);
+        // A first window covers the pages asked for (a change patches a table or two); one that
+        // grows (a sync writing many) grows by steps.
+        let mut to = if self.len == 0 { (end * 4).div_ceil(self.page) * self.page } else { (end * 4).div_ceil(TABLE_WINDOW_STEP).saturating_mul(TABLE_WINDOW_STEP) }.min(whole);
         if self.len > 0 {
             // At least twice what it was: a sync writing tables one after another maps each
             // page a bounded number of times, not once per step.
