@@ -7,12 +7,13 @@ use std::{
     net::Ipv4Addr,
 };
 
-use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
+use k8s_openapi::api::core::v1::Service;
 
 use crate::{
     addr::{self, Family},
     error::ObjectError,
     reconcile::Cidr4,
+    sources::slice::EndpointSlice,
 };
 
 /// L4 protocols a Service port can carry.
@@ -294,7 +295,7 @@ pub fn slice_key(slice: &EndpointSlice) -> Key {
 /// error a slice without one is.
 pub fn slice_owner(slice: &EndpointSlice) -> Result<Key, ObjectError> {
     let ns = slice.metadata.namespace.clone().unwrap_or_else(|| "default".into());
-    match slice.metadata.labels.as_ref().and_then(|l| l.get(LABEL_SERVICE_NAME)) {
+    match &slice.service_name {
         Some(svc) => Ok((ns, svc.clone())),
         None => Err(ObjectError::new("EndpointSlice", obj_name(&slice.metadata.namespace, &slice.metadata.name),
             format!("metadata.labels[{LABEL_SERVICE_NAME}]"), "missing: the slice belongs to no Service")),

@@ -13,7 +13,7 @@ use std::{
 use dataplane_common::{stat, DropReason, IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP, SCOPE_EXTERNAL, SVC_F_ADDR_ONLY};
 use tokio::net::TcpListener;
 
-use crate::{bpf::BpfMaps, reconcile::SyncStats, sources::kube::WatchStats};
+use crate::{bpf::BpfMaps, reconcile::SyncStats, sources::{kube::WatchStats, slice::EndpointSlice}};
 
 /// Upper bounds of the sync duration histogram, in seconds: kube-proxy's (pkg/proxy/metrics,
 /// `ExponentialBuckets(0.001, 2, 15)`), so that its dashboards' quantiles read the same.
@@ -233,13 +233,13 @@ impl Observed {
     /// adds (now - that time) to the network programming latency, as kube-proxy measures it; a
     /// trigger time from before the agent started is a change this agent did not see happen (every
     /// restart would otherwise add each slice's age) and is left out, as kube-proxy leaves it.
-    pub fn programmed<'a>(&self, slices: impl Iterator<Item = &'a k8s_openapi::api::discovery::v1::EndpointSlice>) {
+    pub fn programmed<'a>(&self, slices: impl Iterator<Item = &'a EndpointSlice>) {
         let now = SystemTime::now();
         let mut s = self.state.lock().unwrap();
         let mut seen = BTreeMap::new();
         for sl in slices {
             let key = format!("{}/{}", sl.metadata.namespace.as_deref().unwrap_or(""), sl.metadata.name.as_deref().unwrap_or(""));
-            let Some(t) = sl.metadata.annotations.as_ref().and_then(|a| a.get(TRIGGER_TIME)) else { continue };
+            let Some(t) = &sl.trigger_time else { continue };
             if s.np_seen.get(&key) != Some(t) {
                 s.np_observe(now, t);
             }
@@ -250,12 +250,12 @@ impl Observed {
 
     /// As [`Observed::programmed`] for the slices of one change alone (`None`: deleted); the
     /// others are as they were.
-    pub fn programmed_changed<'a>(&self, slices: impl Iterator<Item = (&'a (String, String), Option<&'a k8s_openapi::api::discovery::v1::EndpointSlice>)>) {
+    pub fn programmed_changed<'a>(&self, slices: impl Iterator<Item = (&'a (String, String), Option<&'a EndpointSlice>)>) {
         let now = SystemTime::now();
         let mut s = self.state.lock().unwrap();
         for ((ns, name), sl) in slices {
             let key = format!("{ns}/{name}");
-            let Some(t) = sl.and_then(|sl| sl.metadata.annotations.as_ref()).and_then(|a| a.get(TRIGGER_TIME)) else {
+            let Some(t) = sl.and_then(|sl| sl.trigger_time.as_ref()) else {
                 s.np_seen.remove(&key);
                 continue;
             };
@@ -704,9 +704,9 @@ mod tests {
         let o = Observed::new(PathBuf::from("/nonexistent"), Duration::from_millis(50), None);
         o.state.lock().unwrap().np_since = Some(SystemTime::now() - std::time::Duration::from_secs(1));
         let slice = |name: &str, t: &str| {
-            let mut s = k8s_openapi::api::discovery::v1::EndpointSlice::default();
+            let mut s = EndpointSlice::default();
             s.metadata.name = Some(name.into());
-            s.metadata.annotations = Some([(TRIGGER_TIME.to_string(), t.to_string())].into());
+            s.trigger_time = Some(t.to_string());
             s
         };
         let now = rfc3339(SystemTime::now() - std::time::Duration::from_millis(200));
@@ -735,9 +735,9 @@ mod tests {
     fn network_programming_leaves_out_changes_made_before_the_agent_started() {
         let o = Observed::new(PathBuf::from("/nonexistent"), Duration::from_millis(50), None);
         let slice = |name: &str, t: SystemTime| {
-            let mut s = k8s_openapi::api::discovery::v1::EndpointSlice::default();
+            let mut s = EndpointSlice::default();
             s.metadata.name = Some(name.into());
-            s.metadata.annotations = Some([(TRIGGER_TIME.to_string(), rfc3339(t))].into());
+            s.trigger_time = Some(rfc3339(t));
             s
         };
         // Slices written ten minutes and a second before the start: the first sync measures neither.

@@ -13,11 +13,12 @@ use std::{
     sync::Arc,
 };
 
-use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
+use k8s_openapi::api::core::v1::Service;
 
 use crate::{
     error::ObjectError,
     model::{self, Desired, DesiredFrontend, Frontend, HealthCheck, Key, NodeContext, ServiceDesired},
+    sources::slice::EndpointSlice,
 };
 
 /// Objects changed since the last sync, by key: the object as it is now, `None` when deleted.

@@ -39,11 +39,12 @@ use dataplane_agent::{
     reconcile::{Algorithm, Reconciler},
 };
 use bpf_tests::lab::{At, Cluster};
+use dataplane_agent::sources::slice::{Endpoint, EndpointSlice};
 use dataplane_common::{progs, Lb4SlotKey};
 use k8s_openapi::{
     api::{
         core::v1::{Service, ServicePort, ServiceSpec},
-        discovery::v1::{Endpoint, EndpointPort, EndpointSlice},
+        discovery::v1::EndpointPort,
     },
     apimachinery::pkg::apis::meta::v1::ObjectMeta,
 };
@@ -94,12 +95,13 @@ fn slice_object(service: &str, backends: &std::collections::BTreeSet<L4Addr>) ->
         metadata: ObjectMeta {
             name: Some(format!("{service}-x")),
             namespace: Some("bench".into()),
-            labels: Some([(dataplane_agent::model::LABEL_SERVICE_NAME.to_string(), service.to_string())].into()),
             ..Default::default()
         },
+        service_name: Some(service.to_string()),
         address_type: "IPv4".into(),
         ports: Some(vec![EndpointPort { port: Some(8080), ..Default::default() }]),
         endpoints: Some(backends.iter().map(|b| Endpoint { addresses: vec![b.addr.to_string()], ..Default::default() }).collect()),
+        ..Default::default()
     }
 }
 

@@ -21,9 +21,9 @@ use std::{
 use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::api::{
     core::v1::{Namespace, Node, Service},
-    discovery::v1::EndpointSlice,
     networking::v1::{NetworkPolicy, ServiceCIDR},
 };
+use super::slice::EndpointSlice;
 use kube::{
     api::{Api, ListParams},
     runtime::{
@@ -463,9 +463,8 @@ where
 }
 
 /// What no reader of a kept object needs: its managedFields, kubectl's last-applied copy and its
-/// owners; a Service's selector (its EndpointSlices say where it goes); an EndpointSlice's
-/// endpoint references (the Pod behind each address) and deprecated topology. About a third of
-/// an EndpointSlice with three endpoints.
+/// owners; a Service's selector (its EndpointSlices say where it goes). (EndpointSlices and Pods
+/// are read into types of their own, which keep only what is read.)
 fn trim<K: Resource + 'static>(o: &mut K) {
     let meta = o.meta_mut();
     meta.managed_fields = None;
@@ -476,11 +475,6 @@ fn trim<K: Resource + 'static>(o: &mut K) {
     let any = o as &mut dyn std::any::Any;
     if let Some(spec) = any.downcast_mut::<Service>().and_then(|s| s.spec.as_mut()) {
         spec.selector = None;
-    } else if let Some(slice) = any.downcast_mut::<EndpointSlice>() {
-        for e in slice.endpoints.iter_mut().flatten() {
-            e.target_ref = None;
-            e.deprecated_topology = None;
-        }
     }
 }
 
@@ -556,30 +550,6 @@ mod tests {
         let spec = svc.spec.unwrap();
         assert_eq!((spec.cluster_ip.as_deref(), spec.ports.unwrap().len(), spec.selector), (Some("10.96.0.10"), 1, None));
 
-        let mut slice: EndpointSlice = serde_json::from_value(serde_json::json!({
-            "metadata": {
-                "name": "web-abc", "namespace": "default",
-                "labels": {"kubernetes.io/service-name": "web"},
-                "ownerReferences": [{"apiVersion": "v1", "kind": "Service", "name": "web", "uid": "u1"}]
-            },
-            "addressType": "IPv4",
-            "endpoints": [{
-                "addresses": ["10.0.0.5"], "conditions": {"ready": true, "serving": true, "terminating": false},
-                "nodeName": "n1", "zone": "z1", "hints": {"forZones": [{"name": "z1"}]},
-                "targetRef": {"kind": "Pod", "name": "web-1", "namespace": "default", "uid": "u2"},
-                "deprecatedTopology": {"kubernetes.io/hostname": "n1"}
-            }],
-            "ports": [{"port": 8080, "protocol": "TCP"}]
-        }))
-        .unwrap();
-        let before = slice.clone();
-        trim(&mut slice);
-        assert!(slice.metadata.owner_references.is_none());
-        let (e, b) = (&slice.endpoints.as_ref().unwrap()[0], &before.endpoints.as_ref().unwrap()[0]);
-        assert!(e.target_ref.is_none() && e.deprecated_topology.is_none());
-        // Everything translation reads is kept, and translates the same.
-        assert_eq!(slice.metadata.labels, before.metadata.labels);
-        assert_eq!((&e.addresses, &e.conditions, &e.node_name, &e.zone, &e.hints), (&b.addresses, &b.conditions, &b.node_name, &b.zone, &b.hints));
-        assert_eq!(slice.ports, before.ports);
+        // EndpointSlices are read into a type of their own (sources/slice.rs): nothing to trim.
     }
 }

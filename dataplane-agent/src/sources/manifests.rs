@@ -10,9 +10,9 @@ use std::{
 
 use k8s_openapi::api::{
     core::v1::{Namespace, Node, Service},
-    discovery::v1::EndpointSlice,
     networking::v1::{NetworkPolicy, ServiceCIDR},
 };
+use super::slice::EndpointSlice;
 use serde::Deserialize;
 
 use super::{Changed, Objects};

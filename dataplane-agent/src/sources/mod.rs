@@ -3,14 +3,15 @@
 pub mod kube;
 pub mod manifests;
 pub mod pod;
+pub mod slice;
 
 use std::{collections::BTreeSet, sync::Arc};
 
 use k8s_openapi::api::{
     core::v1::{Namespace, Node, Service},
-    discovery::v1::EndpointSlice,
     networking::v1::{NetworkPolicy, ServiceCIDR},
 };
+use slice::EndpointSlice;
 
 use crate::{error::ObjectError, reconcile::Cidr4};
 

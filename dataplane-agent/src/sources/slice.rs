@@ -1,0 +1,151 @@
+//! An EndpointSlice as translation reads it, and nothing more: every slice of the cluster is
+//! kept between syncs, so each one kept whole (labels, annotations, each endpoint's zone,
+//! hostname, Pod reference and deprecated topology, read into k8s-openapi's types that hold a
+//! slot for every field) would cost the agent memory for fields it never reads. Fields absent
+//! here are skipped while the API server's JSON (or a manifest's YAML) is read, never stored.
+//!
+//! The two pieces of metadata translation and the metrics read are taken out of their maps as
+//! the object is read: the `kubernetes.io/service-name` label (the Service it belongs to) and the
+//! `endpoints.kubernetes.io/last-change-trigger-time` annotation (network programming latency).
+use std::collections::BTreeMap;
+
+use k8s_openapi::{
+    api::discovery::v1::{EndpointConditions, EndpointHints, EndpointPort},
+    apimachinery::pkg::apis::meta::v1::ObjectMeta,
+    NamespaceResourceScope,
+};
+use serde::{Deserialize, Deserializer};
+
+use crate::{model::LABEL_SERVICE_NAME, observe::TRIGGER_TIME};
+
+/// An EndpointSlice (discovery.k8s.io/v1): name, namespace and version; the Service it belongs
+/// to; the address type, ports and endpoints.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct EndpointSlice {
+    /// Name, namespace, uid and resourceVersion only (what a store and a watch need).
+    pub metadata: ObjectMeta,
+    /// The `kubernetes.io/service-name` label.
+    pub service_name: Option<String>,
+    /// The `endpoints.kubernetes.io/last-change-trigger-time` annotation.
+    pub trigger_time: Option<String>,
+    pub address_type: String,
+    pub endpoints: Option<Vec<Endpoint>>,
+    pub ports: Option<Vec<EndpointPort>>,
+}
+
+/// One endpoint: its addresses, conditions, node and topology hints.
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct Endpoint {
+    pub addresses: Vec<String>,
+    pub conditions: Option<EndpointConditions>,
+    pub node_name: Option<String>,
+    pub hints: Option<EndpointHints>,
+}
+
+impl<'de> Deserialize<'de> for EndpointSlice {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(rename_all = "camelCase")]
+        struct Wire {
+            #[serde(default)]
+            metadata: Meta,
+            address_type: String,
+            endpoints: Option<Vec<Endpoint>>,
+            ports: Option<Vec<EndpointPort>>,
+        }
+        #[derive(Default, Deserialize)]
+        #[serde(rename_all = "camelCase")]
+        struct Meta {
+            name: Option<String>,
+            namespace: Option<String>,
+            uid: Option<String>,
+            resource_version: Option<String>,
+            labels: Option<BTreeMap<String, String>>,
+            annotations: Option<BTreeMap<String, String>>,
+        }
+        let w = Wire::deserialize(d)?;
+        let m = w.metadata;
+        Ok(EndpointSlice {
+            metadata: ObjectMeta { name: m.name, namespace: m.namespace, uid: m.uid, resource_version: m.resource_version, ..Default::default() },
+            service_name: m.labels.and_then(|mut l| l.remove(LABEL_SERVICE_NAME)),
+            trigger_time: m.annotations.and_then(|mut a| a.remove(TRIGGER_TIME)),
+            address_type: w.address_type,
+            endpoints: w.endpoints,
+            ports: w.ports,
+        })
+    }
+}
+
+impl k8s_openapi::Resource for EndpointSlice {
+    const API_VERSION: &'static str = "discovery.k8s.io/v1";
+    const GROUP: &'static str = "discovery.k8s.io";
+    const KIND: &'static str = "EndpointSlice";
+    const VERSION: &'static str = "v1";
+    const URL_PATH_SEGMENT: &'static str = "endpointslices";
+    type Scope = NamespaceResourceScope;
+}
+
+impl k8s_openapi::Metadata for EndpointSlice {
+    type Ty = ObjectMeta;
+    fn metadata(&self) -> &ObjectMeta {
+        &self.metadata
+    }
+    fn metadata_mut(&mut self) -> &mut ObjectMeta {
+        &mut self.metadata
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An EndpointSlice as kube-apiserver v1.37.2's EndpointSlice controller writes it, with
+    /// managedFields, owner references, a Pod reference, zone, hostname and hints.
+    const SERVED: &str = r#"{
+        "kind": "EndpointSlice", "apiVersion": "discovery.k8s.io/v1",
+        "metadata": {
+            "name": "web-8xk2p", "generateName": "web-", "namespace": "shop",
+            "uid": "5d0f0a4e-3c43-4b7e-9d68-0c2f6f0e9a11", "resourceVersion": "4121", "generation": 3,
+            "creationTimestamp": "2026-12-03T10:00:00Z",
+            "labels": {"app": "web", "endpointslice.kubernetes.io/managed-by": "endpointslice-controller.k8s.io", "kubernetes.io/service-name": "web"},
+            "annotations": {"endpoints.kubernetes.io/last-change-trigger-time": "2026-12-03T10:00:01Z", "ferry.test/note": "unread"},
+            "ownerReferences": [{"apiVersion": "v1", "kind": "Service", "name": "web", "uid": "u1", "controller": true, "blockOwnerDeletion": true}],
+            "managedFields": [{"manager": "kube-controller-manager", "operation": "Update", "apiVersion": "discovery.k8s.io/v1", "fieldsType": "FieldsV1", "fieldsV1": {"f:addressType": {}}}]
+        },
+        "addressType": "IPv4",
+        "endpoints": [{
+            "addresses": ["10.244.1.17"], "conditions": {"ready": true, "serving": true, "terminating": false},
+            "hostname": "web-1", "targetRef": {"kind": "Pod", "namespace": "shop", "name": "web-1", "uid": "u2"},
+            "nodeName": "node-1", "zone": "zone-a", "hints": {"forZones": [{"name": "zone-a"}]},
+            "deprecatedTopology": {"kubernetes.io/hostname": "node-1"}
+        }],
+        "ports": [{"name": "http", "protocol": "TCP", "port": 8080}]
+    }"#;
+
+    #[test]
+    fn a_served_slice_keeps_only_what_translation_reads() {
+        let s: EndpointSlice = serde_json::from_str(SERVED).unwrap();
+        let full: k8s_openapi::api::discovery::v1::EndpointSlice = serde_json::from_str(SERVED).unwrap();
+        let (e, f) = (&s.endpoints.as_ref().unwrap()[0], &full.endpoints.as_ref().unwrap()[0]);
+        assert_eq!((&e.addresses, &e.conditions, &e.node_name, &e.hints), (&f.addresses, &f.conditions, &f.node_name, &f.hints));
+        assert_eq!((&s.address_type, &s.ports), (&full.address_type, &full.ports));
+        assert_eq!((s.service_name.as_deref(), s.trigger_time.as_deref()), (Some("web"), Some("2026-12-03T10:00:01Z")));
+        assert_eq!(
+            s.metadata,
+            ObjectMeta { name: Some("web-8xk2p".into()), namespace: Some("shop".into()), uid: full.metadata.uid.clone(), resource_version: Some("4121".into()), ..Default::default() }
+        );
+        let debug = format!("{s:?}");
+        for gone in ["FieldsV1", "ferry.test/note", "managed-by", "web-1", "zone: Some", "u2", "generateName", "hostname"] {
+            assert!(!debug.contains(gone), "{gone} kept: {debug}");
+        }
+    }
+
+    #[test]
+    fn a_missing_or_mistyped_read_field_is_named() {
+        let e = serde_path_to_error::deserialize::<_, EndpointSlice>(&mut serde_json::Deserializer::from_str(&SERVED.replace(r#""port": 8080"#, r#""port": "http""#))).unwrap_err();
+        assert_eq!(e.path().to_string(), "ports[0].port");
+        let e = serde_json::from_str::<EndpointSlice>(&SERVED.replace(r#""addressType": "IPv4","#, "")).unwrap_err();
+        assert!(e.to_string().contains("addressType"), "{e}");
+    }
+}
