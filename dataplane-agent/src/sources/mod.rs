@@ -1,5 +1,31 @@
 //! Where Kubernetes objects come from. Each source produces the same [`Objects`], which
 //! `model::translate` turns into the desired datapath state.
+/// Implements `k8s_openapi::Resource` and `Metadata` for a type of the agent's own that reads a
+/// namespaced API kind in part (`pod::Pod`, `slice::EndpointSlice`), so that kube's `Api`, its
+/// watcher and its store take it as they take k8s-openapi's.
+macro_rules! namespaced_resource {
+    ($ty:ty, api_version: $api_version:literal, group: $group:literal, version: $version:literal, kind: $kind:literal, plural: $plural:literal) => {
+        impl k8s_openapi::Resource for $ty {
+            const API_VERSION: &'static str = $api_version;
+            const GROUP: &'static str = $group;
+            const KIND: &'static str = $kind;
+            const VERSION: &'static str = $version;
+            const URL_PATH_SEGMENT: &'static str = $plural;
+            type Scope = k8s_openapi::NamespaceResourceScope;
+        }
+
+        impl k8s_openapi::Metadata for $ty {
+            type Ty = k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+            fn metadata(&self) -> &Self::Ty {
+                &self.metadata
+            }
+            fn metadata_mut(&mut self) -> &mut Self::Ty {
+                &mut self.metadata
+            }
+        }
+    };
+}
+
 pub mod kube;
 pub mod manifests;
 pub mod pod;

@@ -7,7 +7,6 @@ use std::collections::BTreeMap;
 use k8s_openapi::{
     api::core::v1::{ContainerPort, PodIP},
     apimachinery::pkg::apis::meta::v1::ObjectMeta,
-    NamespaceResourceScope,
 };
 use serde::{Deserialize, Deserializer};
 
@@ -61,24 +60,7 @@ fn slim_meta<'de, D: Deserializer<'de>>(d: D) -> Result<ObjectMeta, D::Error> {
     Ok(ObjectMeta { name: s.name, namespace: s.namespace, uid: s.uid, resource_version: s.resource_version, labels: s.labels, ..Default::default() })
 }
 
-impl k8s_openapi::Resource for Pod {
-    const API_VERSION: &'static str = "v1";
-    const GROUP: &'static str = "";
-    const KIND: &'static str = "Pod";
-    const VERSION: &'static str = "v1";
-    const URL_PATH_SEGMENT: &'static str = "pods";
-    type Scope = NamespaceResourceScope;
-}
-
-impl k8s_openapi::Metadata for Pod {
-    type Ty = ObjectMeta;
-    fn metadata(&self) -> &ObjectMeta {
-        &self.metadata
-    }
-    fn metadata_mut(&mut self) -> &mut ObjectMeta {
-        &mut self.metadata
-    }
-}
+namespaced_resource!(Pod, api_version: "v1", group: "", version: "v1", kind: "Pod", plural: "pods");
 
 #[cfg(test)]
 mod tests {

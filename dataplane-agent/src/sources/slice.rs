@@ -12,7 +12,6 @@ use std::collections::BTreeMap;
 use k8s_openapi::{
     api::discovery::v1::{EndpointConditions, EndpointHints, EndpointPort},
     apimachinery::pkg::apis::meta::v1::ObjectMeta,
-    NamespaceResourceScope,
 };
 use serde::{Deserialize, Deserializer};
 
@@ -77,24 +76,7 @@ impl<'de> Deserialize<'de> for EndpointSlice {
     }
 }
 
-impl k8s_openapi::Resource for EndpointSlice {
-    const API_VERSION: &'static str = "discovery.k8s.io/v1";
-    const GROUP: &'static str = "discovery.k8s.io";
-    const KIND: &'static str = "EndpointSlice";
-    const VERSION: &'static str = "v1";
-    const URL_PATH_SEGMENT: &'static str = "endpointslices";
-    type Scope = NamespaceResourceScope;
-}
-
-impl k8s_openapi::Metadata for EndpointSlice {
-    type Ty = ObjectMeta;
-    fn metadata(&self) -> &ObjectMeta {
-        &self.metadata
-    }
-    fn metadata_mut(&mut self) -> &mut ObjectMeta {
-        &mut self.metadata
-    }
-}
+namespaced_resource!(EndpointSlice, api_version: "discovery.k8s.io/v1", group: "discovery.k8s.io", version: "v1", kind: "EndpointSlice", plural: "endpointslices");
 
 #[cfg(test)]
 mod tests {
