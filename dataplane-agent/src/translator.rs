@@ -364,7 +364,11 @@ impl Claims {
     fn claim(&mut self, order: u64, key: &Key) -> bool {
         match self.0.binary_search_by_key(&order, |(o, _)| *o) {
             Ok(i) => self.0[i].1 = key.clone(),
-            Err(i) => self.0.insert(i, (order, key.clone())),
+            Err(i) => {
+                // Room for this one alone (a first push reserves four).
+                self.0.reserve_exact(1);
+                self.0.insert(i, (order, key.clone()));
+            }
         }
         self.0.last().map(|(o, _)| *o) == Some(order)
     }
@@ -373,6 +377,7 @@ impl Claims {
 /// Inserts `key` into the sorted, unique `keys`.
 fn insert_sorted(keys: &mut Vec<Key>, key: Key) {
     if let Err(i) = keys.binary_search(&key) {
+        keys.reserve_exact(1);
         keys.insert(i, key);
     }
 }
