@@ -887,13 +887,6 @@ pub fn sync_objects(
     }
     // The tables' pages are the map's: mapped only while a sync writes them.
     maps.unmap_tables();
-    if delta.is_none() {
-        // A full sync's passing allocations (every object translated and compared) leave free
-        // pages all over the heap, which the allocator keeps unless asked: given back once, here,
-        // rather than counted in the agent's resident memory until the next full sync.
-        // SAFETY: no argument but the padding to keep; glibc's own locking.
-        unsafe { libc::malloc_trim(0) };
-    }
     observed.no_local_endpoints(desired.no_local_endpoints);
     if map_errors.is_empty() {
         match &objs.changed {
