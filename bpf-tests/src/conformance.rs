@@ -563,7 +563,9 @@ impl Side {
                 }
                 let path = self.dir.path.join("kube-proxy.yaml");
                 std::fs::write(&path, c.to_string()).map_err(|e| e.to_string())?;
-                self.node.cmd(&[kube_proxy.to_str().unwrap(), "--config", path.to_str().unwrap(), "-v=2", "--vmodule=proxier=4"]).stdout(log.try_clone().unwrap()).stderr(log).stdin(Stdio::null()).spawn()
+                // With a zone, what `topology_synced` reads: the proxier's V(4) lines as well.
+                let verbosity = if has_zone(sc) { "--vmodule=proxier=4" } else { "-v=2" };
+                self.node.cmd(&[kube_proxy.to_str().unwrap(), "--config", path.to_str().unwrap(), "-v=2", verbosity]).stdout(log.try_clone().unwrap()).stderr(log).stdin(Stdio::null()).spawn()
             }
             Proxy::Ferry => {
                 let pin = PinDir { path: PathBuf::from(format!("/sys/fs/bpf/{}", self.node.name)) };
@@ -607,9 +609,9 @@ impl Side {
         Ok(())
     }
 
-    /// Waits (at most 60 s) until the proxy says it programmed its first full sync.
-    /// Waits for the proxy's first sync. `zone`: this node's Node has a zone label, and
-    /// kube-proxy must also have synced with it (see [`topology_synced`]).
+    /// Waits (at most 60 s) until the proxy says it programmed its first full sync; with `zone`
+    /// (this node's Node has a zone label), kube-proxy's first sync with it (see
+    /// [`topology_synced`]).
     fn wait_synced(&mut self, zone: bool) -> Result<(), String> {
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
@@ -669,12 +671,19 @@ impl Side {
     }
 }
 
+/// Does the file give this node's Node a zone label?
+fn has_zone(sc: &Scenario) -> bool {
+    sc.nodes.iter().any(|n| str_at(n, &["metadata", "name"]) == Some(sc.node.name.as_str()) && str_at(n, &["metadata", "labels", "topology.kubernetes.io/zone"]).is_some())
+}
+
 /// Has kube-proxy (its log at `-v=2 --vmodule=proxier=4`) completed a sync that began after it
 /// took this node's topology labels? Its first sync waits for Services and EndpointSlices only:
 /// the Node's labels come through a handler of their own, which may run after that sync (the
 /// sync then ignores zone hints, "node is missing label") and asks for another one. A
 /// comparison must wait for that one.
 fn topology_synced(log: &str) -> bool {
+    // Its IPv4 proxier's lines (a dual-stack kube-proxy logs the same for IPv6).
+    let log: String = log.lines().filter(|l| l.contains("ipFamily=\"IPv4\"")).flat_map(|l| [l, "\n"]).collect();
     let Some(at) = log.find("\"Updated proxier node topology labels\"") else { return false };
     let after = &log[at..];
     after.find("\"Syncing nftables rules\"").or_else(|| after.find("\"Syncing iptables rules\"")).is_some_and(|s| after[s..].contains("\"SyncProxyRules complete\""))
@@ -1038,7 +1047,7 @@ fn run_file(path: &Path, cp: &ControlPlane, kube_proxy: &Path, link: &mut usize,
         sides.push(side);
     }
     let t_build = t0.elapsed();
-    let zone = sc.nodes.iter().any(|n| str_at(n, &["metadata", "name"]) == Some(sc.node.name.as_str()) && str_at(n, &["metadata", "labels", "topology.kubernetes.io/zone"]).is_some());
+    let zone = has_zone(&sc);
     for side in &mut sides {
         side.wait_synced(zone).map_err(|e| format!("{file}: {e}"))?;
     }
@@ -1608,9 +1617,12 @@ mod tests {
 
     #[test]
     fn kube_proxy_counts_as_synced_with_its_zone_only_after_a_sync_begun_after_the_labels() {
-        let labels = "I1203 16:55:15.950000 1 proxier.go:909] \"Updated proxier node topology labels\" labels={\"topology.kubernetes.io/zone\":\"a\"}\n";
-        let sync = "I1203 16:55:15.960000 1 proxier.go:1206] \"Syncing nftables rules\" fullSync=true\n";
-        let done = "I1203 16:55:15.990000 1 proxier.go:1200] \"SyncProxyRules complete\" elapsed=\"30ms\"\n";
+        let labels = "I1203 16:55:15.950000 1 proxier.go:909] \"Updated proxier node topology labels\" ipFamily=\"IPv4\" labels={\"topology.kubernetes.io/zone\":\"a\"}\n";
+        let sync = "I1203 16:55:15.960000 1 proxier.go:1206] \"Syncing nftables rules\" ipFamily=\"IPv4\" fullSync=true\n";
+        let done = "I1203 16:55:15.990000 1 proxier.go:1200] \"SyncProxyRules complete\" ipFamily=\"IPv4\" elapsed=\"30ms\"\n";
+        // The IPv6 proxier's sync does not count.
+        let v6 = |l: &str| l.replace("IPv4", "IPv6");
+        assert!(!topology_synced(&format!("{sync}{done}{labels}{}{}", v6(sync), v6(done))));
         // The first sync ran before the handler: not yet.
         assert!(!topology_synced(&format!("{sync}{done}{labels}")));
         assert!(!topology_synced(&format!("{sync}{done}{labels}{sync}")));

@@ -321,7 +321,18 @@ fn tables_past_the_first_mapped_window_read_back_and_only_a_window_over_them_is_
     let (entry, kernel) = kernel_table(&dp, id);
     assert_eq!((entry.table_off, entry.table_len), (off, 1021), "patched in place");
     assert_eq!(kernel, after);
-    // Tables on both sides of the window read back as the kernel has them (it grows over them).
+    // Two tables far apart in one change: each gets a window of its own, not all between them.
+    dp.maps.unmap_tables();
+    dp.apply_yaml(&services(300, |i| if i == 0 || i == 280 || i == 299 { 31 } else { 30 }));
+    let two = dp.maps.tables_mapped_bytes();
+    assert!(two > 0 && two <= 2 * 4096, "{two} bytes mapped after patching the first and the last table");
+    for id in [1, 300] {
+        let (entry, kernel) = kernel_table(&dp, id);
+        assert_eq!(entry.table_len, 1021);
+        let fe = dp.rec.applied.frontends.values().find(|f| f.svc_id == id).unwrap();
+        assert_eq!(kernel, fe.table.to_vec(), "frontend {id}");
+    }
+    // Tables on both sides of the window read back as the kernel has them.
     for id in [1, 300] {
         let (_, kernel) = kernel_table(&dp, id);
         assert_eq!(dp.maps.chash_table(id).unwrap(), kernel, "frontend {id}");

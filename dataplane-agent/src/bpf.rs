@@ -179,7 +179,8 @@ impl BpfMaps {
         let regions = services.iter().filter(|(_, s)| s.flags & SVC_F_ADDR_ONLY == 0 && s.table_len > 0).map(|(_, s)| (s.svc_id, Region { off: s.table_off, len: s.table_len }));
         // One window over all of them, mapped once (read in the map's order, they would grow it
         // from anywhere); a region past the array's end is refused by `chash_table` below.
-        let (lo, hi) = regions.clone().fold((u64::MAX, 0), |(lo, hi), (_, r)| (lo.min(r.off as u64), hi.max(r.end())));
+        let cap = self.caps.chash as u64;
+        let (lo, hi) = regions.clone().filter(|(_, r)| r.end() <= cap).fold((u64::MAX, 0), |(lo, hi), (_, r)| (lo.min(r.off as u64), hi.max(r.end())));
         if lo < hi {
             let _ = self.tables.mapped(&self.chash, lo, hi);
         }
@@ -578,6 +579,14 @@ impl MappedTables {
         use std::os::fd::{AsFd, AsRawFd};
         if start >= end || self.covers(start, end) {
             return Ok(());
+        }
+        // Grown over what is mapped when the new range is next to it (a sync writing tables one
+        // after another); a range far from it gets a window of its own instead (one change
+        // touching two tables far apart maps two small windows in turn, not all between them).
+        let w = self.window();
+        let gap = if end <= w.start { w.start - end } else { start.saturating_sub(w.end) };
+        if self.len > 0 && gap * 4 > TABLE_WINDOW_STEP {
+            self.unmap();
         }
         let (start, end) = if self.len > 0 { (start.min(self.lo), end.max(self.window().end)) } else { (start, end) };
         let whole = (self.entries * 4).div_ceil(self.page) * self.page;

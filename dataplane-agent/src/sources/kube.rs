@@ -99,8 +99,9 @@ impl WatchStats {
         (p.0.len(), p.1.len())
     }
 
-    /// Counts an event of a Service or an EndpointSlice (`kind`) as kube-proxy's trackers do.
-    fn change(&self, kind: &str, meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) {
+    /// Counts an event of a Service or an EndpointSlice (`kind`) as kube-proxy's trackers do;
+    /// `service`: the Service a slice belongs to (its label).
+    fn change(&self, kind: &str, meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta, service: Option<&str>) {
         let ns = meta.namespace.as_deref().unwrap_or("");
         let mut p = self.pending.lock().unwrap();
         match kind {
@@ -111,8 +112,7 @@ impl WatchStats {
             "EndpointSlice" => {
                 self.endpoint_changes.fetch_add(1, Ordering::Relaxed);
                 // Pending by the Service the slice belongs to, as kube-proxy's tracker keys them.
-                let svc = meta.labels.as_ref().and_then(|l| l.get("kubernetes.io/service-name")).map(String::as_str).unwrap_or("");
-                p.1.insert(format!("{ns}/{svc}"));
+                p.1.insert(format!("{ns}/{}", service.unwrap_or("")));
             }
             _ => {}
         }
@@ -486,13 +486,14 @@ where
     let kind = K::kind(&Default::default()).to_string();
     {
         // managedFields are never read (kube-proxy's informers trim them too), nor is kubectl's
-        // copy of the last applied object (often larger than the object itself); Pods are read
-        // into a type of their own that keeps only what the policy compiler reads.
+        // copy of the last applied object (often larger than the object itself); Pods and
+        // EndpointSlices are read into types of their own that keep only what is read.
         let stripped = watcher(api, cfg).map_ok(|ev| ev.modify(trim));
         let mut stream = reflector::reflector(writer, stripped).default_backoff().boxed();
         while let Some(ev) = stream.next().await {
             if let Ok(watcher::Event::InitApply(o) | watcher::Event::Apply(o) | watcher::Event::Delete(o)) = &ev {
-                stats.change(&kind, o.meta());
+                let service = (o as &dyn std::any::Any).downcast_ref::<EndpointSlice>().and_then(|s| s.service_name.as_deref());
+                stats.change(&kind, o.meta(), service);
             }
             match ev {
                 Ok(watcher::Event::Init | watcher::Event::InitApply(_)) => {}
@@ -551,5 +552,16 @@ mod tests {
         assert_eq!((spec.cluster_ip.as_deref(), spec.ports.unwrap().len(), spec.selector), (Some("10.96.0.10"), 1, None));
 
         // EndpointSlices are read into a type of their own (sources/slice.rs): nothing to trim.
+    }
+
+    #[test]
+    fn pending_endpoint_changes_count_services_not_namespaces() {
+        let stats = WatchStats::default();
+        let meta = |name: &str| k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta { name: Some(name.into()), namespace: Some("shop".into()), ..Default::default() };
+        stats.change("EndpointSlice", &meta("web-abc"), Some("web"));
+        stats.change("EndpointSlice", &meta("web-def"), Some("web"));
+        stats.change("EndpointSlice", &meta("db-abc"), Some("db"));
+        stats.change("Service", &meta("web"), None);
+        assert_eq!(stats.pending(), (1, 2));
     }
 }
