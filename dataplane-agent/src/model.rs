@@ -7,13 +7,11 @@ use std::{
     net::Ipv4Addr,
 };
 
-use k8s_openapi::api::core::v1::Service;
-
 use crate::{
     addr::{self, Family},
     error::ObjectError,
     reconcile::Cidr4,
-    sources::slice::EndpointSlice,
+    sources::{service::Service, slice::EndpointSlice},
 };
 
 /// L4 protocols a Service port can carry.

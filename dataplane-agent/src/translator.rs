@@ -13,12 +13,10 @@ use std::{
     sync::Arc,
 };
 
-use k8s_openapi::api::core::v1::Service;
-
 use crate::{
     error::ObjectError,
     model::{self, Desired, DesiredFrontend, Frontend, HealthCheck, Key, NodeContext, ServiceDesired},
-    sources::slice::EndpointSlice,
+    sources::{service::Service, slice::EndpointSlice},
 };
 
 /// Objects changed since the last sync, by key: the object as it is now, `None` when deleted.

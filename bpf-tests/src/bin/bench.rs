@@ -39,15 +39,12 @@ use dataplane_agent::{
     reconcile::{Algorithm, Reconciler},
 };
 use bpf_tests::lab::{At, Cluster};
-use dataplane_agent::sources::slice::{Endpoint, EndpointSlice};
-use dataplane_common::{progs, Lb4SlotKey};
-use k8s_openapi::{
-    api::{
-        core::v1::{Service, ServicePort, ServiceSpec},
-        discovery::v1::EndpointPort,
-    },
-    apimachinery::pkg::apis::meta::v1::ObjectMeta,
+use dataplane_agent::sources::{
+    service::{Service, ServicePort, ServiceSpec},
+    slice::{Endpoint, EndpointSlice},
 };
+use dataplane_common::{progs, Lb4SlotKey};
+use k8s_openapi::{api::discovery::v1::EndpointPort, apimachinery::pkg::apis::meta::v1::ObjectMeta};
 
 const BACKENDS_PER_SERVICE: u32 = 3;
 

@@ -20,10 +20,10 @@ use std::{
 
 use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::api::{
-    core::v1::{Namespace, Node, Service},
+    core::v1::{Namespace, Node},
     networking::v1::{NetworkPolicy, ServiceCIDR},
 };
-use super::slice::EndpointSlice;
+use super::{service::Service, slice::EndpointSlice};
 use kube::{
     api::{Api, ListParams},
     runtime::{
@@ -463,18 +463,14 @@ where
 }
 
 /// What no reader of a kept object needs: its managedFields, kubectl's last-applied copy and its
-/// owners; a Service's selector (its EndpointSlices say where it goes). (EndpointSlices and Pods
-/// are read into types of their own, which keep only what is read.)
+/// owners. (Services, EndpointSlices and Pods are read into types of their own, which keep only
+/// what is read.)
 fn trim<K: Resource + 'static>(o: &mut K) {
     let meta = o.meta_mut();
     meta.managed_fields = None;
     meta.owner_references = None;
     if let Some(a) = meta.annotations.as_mut() {
         a.remove(LAST_APPLIED);
-    }
-    let any = o as &mut dyn std::any::Any;
-    if let Some(spec) = any.downcast_mut::<Service>().and_then(|s| s.spec.as_mut()) {
-        spec.selector = None;
     }
 }
 
@@ -486,8 +482,8 @@ where
     let kind = K::kind(&Default::default()).to_string();
     {
         // managedFields are never read (kube-proxy's informers trim them too), nor is kubectl's
-        // copy of the last applied object (often larger than the object itself); Pods and
-        // EndpointSlices are read into types of their own that keep only what is read.
+        // copy of the last applied object (often larger than the object itself); Services,
+        // EndpointSlices and Pods are read into types of their own that keep only what is read.
         let stripped = watcher(api, cfg).map_ok(|ev| ev.modify(trim));
         let mut stream = reflector::reflector(writer, stripped).default_backoff().boxed();
         while let Some(ev) = stream.next().await {
@@ -535,23 +531,21 @@ mod tests {
 
     #[test]
     fn kept_objects_lose_what_no_reader_needs_only() {
-        let mut svc: Service = serde_json::from_value(serde_json::json!({
+        // A kept API object (Services, EndpointSlices and Pods are read into types of their own).
+        let mut ns: Namespace = serde_json::from_value(serde_json::json!({
             "metadata": {
-                "name": "web", "namespace": "default",
-                "annotations": {LAST_APPLIED: "{\"kind\":\"Service\",\"spec\":{}}", "service.kubernetes.io/topology-mode": "Auto"},
+                "name": "shop", "labels": {"team": "a"},
+                "annotations": {LAST_APPLIED: "{\"kind\":\"Namespace\"}", "ferry.test/kept": "yes"},
+                "ownerReferences": [{"apiVersion": "v1", "kind": "ConfigMap", "name": "x", "uid": "u1"}],
                 "managedFields": [{"manager": "kubectl", "operation": "Apply"}]
-            },
-            "spec": {"clusterIP": "10.96.0.10", "selector": {"app": "web"}, "ports": [{"port": 80}]}
+            }
         }))
         .unwrap();
-        trim(&mut svc);
-        assert!(svc.metadata.managed_fields.is_none());
-        let a = svc.metadata.annotations.as_ref().unwrap();
-        assert_eq!(a.keys().collect::<Vec<_>>(), ["service.kubernetes.io/topology-mode"]);
-        let spec = svc.spec.unwrap();
-        assert_eq!((spec.cluster_ip.as_deref(), spec.ports.unwrap().len(), spec.selector), (Some("10.96.0.10"), 1, None));
-
-        // EndpointSlices are read into a type of their own (sources/slice.rs): nothing to trim.
+        trim(&mut ns);
+        assert!(ns.metadata.managed_fields.is_none() && ns.metadata.owner_references.is_none());
+        let a = ns.metadata.annotations.as_ref().unwrap();
+        assert_eq!(a.keys().collect::<Vec<_>>(), ["ferry.test/kept"]);
+        assert_eq!(ns.metadata.labels, Some([("team".to_string(), "a".to_string())].into()));
     }
 
     #[test]

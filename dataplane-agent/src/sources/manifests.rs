@@ -9,10 +9,10 @@ use std::{
 };
 
 use k8s_openapi::api::{
-    core::v1::{Namespace, Node, Service},
+    core::v1::{Namespace, Node},
     networking::v1::{NetworkPolicy, ServiceCIDR},
 };
-use super::slice::EndpointSlice;
+use super::{service::Service, slice::EndpointSlice};
 use serde::Deserialize;
 
 use super::{Changed, Objects};

@@ -29,14 +29,16 @@ macro_rules! namespaced_resource {
 pub mod kube;
 pub mod manifests;
 pub mod pod;
+pub mod service;
 pub mod slice;
 
 use std::{collections::BTreeSet, sync::Arc};
 
 use k8s_openapi::api::{
-    core::v1::{Namespace, Node, Service},
+    core::v1::{Namespace, Node},
     networking::v1::{NetworkPolicy, ServiceCIDR},
 };
+use service::Service;
 use slice::EndpointSlice;
 
 use crate::{error::ObjectError, reconcile::Cidr4};

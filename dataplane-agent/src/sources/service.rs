@@ -1,0 +1,133 @@
+//! A Service as translation reads it, and nothing more (as `slice.rs` for EndpointSlices): every
+//! Service of the cluster is kept between syncs, and k8s-openapi's type holds a slot for every
+//! field (its selector, IP families, annotations, each port's target) that translation never
+//! reads. Fields absent here are skipped while the API server's JSON (or a manifest's YAML) is
+//! read, never stored. The field names are k8s-openapi's: translation reads them the same way.
+use std::collections::BTreeMap;
+
+use k8s_openapi::{
+    api::core::v1::{ServiceStatus, SessionAffinityConfig},
+    apimachinery::pkg::apis::meta::v1::ObjectMeta,
+};
+use serde::{Deserialize, Deserializer};
+
+use crate::model::LABEL_SERVICE_PROXY_NAME;
+
+/// A Service (v1): name, namespace and version, the one label translation reads, the spec's
+/// fields that decide its frontends, and its status (load balancer ingress).
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+pub struct Service {
+    /// Name, namespace, uid and resourceVersion, and of the labels only
+    /// `service.kubernetes.io/service-proxy-name` (a Service another proxy serves).
+    #[serde(default, deserialize_with = "slim_meta")]
+    pub metadata: ObjectMeta,
+    pub spec: Option<ServiceSpec>,
+    pub status: Option<ServiceStatus>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ServiceSpec {
+    #[serde(rename = "type")]
+    pub type_: Option<String>,
+    #[serde(rename = "clusterIP")]
+    pub cluster_ip: Option<String>,
+    #[serde(rename = "clusterIPs")]
+    pub cluster_ips: Option<Vec<String>>,
+    #[serde(rename = "externalIPs")]
+    pub external_ips: Option<Vec<String>>,
+    pub load_balancer_source_ranges: Option<Vec<String>>,
+    pub session_affinity: Option<String>,
+    pub session_affinity_config: Option<SessionAffinityConfig>,
+    pub external_traffic_policy: Option<String>,
+    pub internal_traffic_policy: Option<String>,
+    pub ports: Option<Vec<ServicePort>>,
+    pub health_check_node_port: Option<i32>,
+}
+
+/// A Service port: its name, protocol, port and node port (not its target: the EndpointSlices
+/// give the endpoints' ports).
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ServicePort {
+    pub name: Option<String>,
+    pub protocol: Option<String>,
+    /// Missing: 0, as k8s-openapi reads it (translation then names the field).
+    #[serde(default)]
+    pub port: i32,
+    pub node_port: Option<i32>,
+}
+
+fn slim_meta<'de, D: Deserializer<'de>>(d: D) -> Result<ObjectMeta, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(rename_all = "camelCase")]
+    struct Slim {
+        name: Option<String>,
+        namespace: Option<String>,
+        uid: Option<String>,
+        resource_version: Option<String>,
+        labels: Option<BTreeMap<String, String>>,
+    }
+    let s = Slim::deserialize(d)?;
+    let labels = s.labels.and_then(|mut l| l.remove_entry(LABEL_SERVICE_PROXY_NAME)).map(|kv| BTreeMap::from([kv]));
+    Ok(ObjectMeta { name: s.name, namespace: s.namespace, uid: s.uid, resource_version: s.resource_version, labels, ..Default::default() })
+}
+
+namespaced_resource!(Service, api_version: "v1", group: "", version: "v1", kind: "Service", plural: "services");
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A LoadBalancer Service as kube-apiserver v1.37.2 serves it: defaults filled in, a
+    /// selector, managedFields, kubectl's annotation, a target port, a load balancer status.
+    const SERVED: &str = r#"{
+        "kind": "Service", "apiVersion": "v1",
+        "metadata": {
+            "name": "web", "namespace": "shop", "uid": "0c1e7b52-9a57-4a36-b1f4-5b6b1a7f0d10", "resourceVersion": "812",
+            "creationTimestamp": "2026-12-03T10:00:00Z", "labels": {"app": "web"},
+            "annotations": {"kubectl.kubernetes.io/last-applied-configuration": "{}", "ferry.test/note": "unread"},
+            "managedFields": [{"manager": "kubectl", "operation": "Apply", "apiVersion": "v1", "fieldsType": "FieldsV1", "fieldsV1": {"f:spec": {}}}]
+        },
+        "spec": {
+            "type": "LoadBalancer", "selector": {"app": "web"},
+            "clusterIP": "10.96.0.10", "clusterIPs": ["10.96.0.10"], "ipFamilies": ["IPv4"], "ipFamilyPolicy": "SingleStack",
+            "externalIPs": ["192.0.2.7"], "loadBalancerSourceRanges": ["198.51.100.0/24"],
+            "sessionAffinity": "ClientIP", "sessionAffinityConfig": {"clientIP": {"timeoutSeconds": 600}},
+            "externalTrafficPolicy": "Local", "internalTrafficPolicy": "Cluster", "healthCheckNodePort": 32001,
+            "allocateLoadBalancerNodePorts": true,
+            "ports": [{"name": "http", "protocol": "TCP", "port": 80, "targetPort": "web-http", "nodePort": 30080}]
+        },
+        "status": {"loadBalancer": {"ingress": [{"ip": "203.0.113.9", "ipMode": "VIP"}]}}
+    }"#;
+
+    #[test]
+    fn a_served_service_keeps_only_what_translation_reads() {
+        let s: Service = serde_json::from_str(SERVED).unwrap();
+        let full: k8s_openapi::api::core::v1::Service = serde_json::from_str(SERVED).unwrap();
+        let (spec, f) = (s.spec.as_ref().unwrap(), full.spec.as_ref().unwrap());
+        assert_eq!((&spec.type_, &spec.cluster_ip, &spec.cluster_ips, &spec.external_ips), (&f.type_, &f.cluster_ip, &f.cluster_ips, &f.external_ips));
+        assert_eq!((&spec.load_balancer_source_ranges, &spec.session_affinity, &spec.session_affinity_config), (&f.load_balancer_source_ranges, &f.session_affinity, &f.session_affinity_config));
+        assert_eq!((&spec.external_traffic_policy, &spec.internal_traffic_policy, spec.health_check_node_port), (&f.external_traffic_policy, &f.internal_traffic_policy, f.health_check_node_port));
+        let (p, fp) = (&spec.ports.as_ref().unwrap()[0], &f.ports.as_ref().unwrap()[0]);
+        assert_eq!((&p.name, &p.protocol, p.port, p.node_port), (&fp.name, &fp.protocol, fp.port, fp.node_port));
+        assert_eq!(s.status, full.status);
+        assert_eq!(
+            s.metadata,
+            ObjectMeta { name: Some("web".into()), namespace: Some("shop".into()), uid: full.metadata.uid.clone(), resource_version: Some("812".into()), ..Default::default() }
+        );
+        let debug = format!("{s:?}");
+        for gone in ["FieldsV1", "ferry.test/note", "last-applied", "selector", "web-http", "SingleStack", "allocate", "app"] {
+            assert!(!debug.contains(gone), "{gone} kept: {debug}");
+        }
+        // The one label read: a Service another proxy serves is left to it.
+        let other: Service = serde_json::from_str(&SERVED.replace(r#""labels": {"app": "web"}"#, r#""labels": {"app": "web", "service.kubernetes.io/service-proxy-name": "other"}"#)).unwrap();
+        assert_eq!(other.metadata.labels, Some(BTreeMap::from([(LABEL_SERVICE_PROXY_NAME.to_string(), "other".to_string())])));
+    }
+
+    #[test]
+    fn a_mistyped_read_field_is_named() {
+        let e = serde_path_to_error::deserialize::<_, Service>(&mut serde_json::Deserializer::from_str(&SERVED.replace(r#""port": 80"#, r#""port": "eighty""#))).unwrap_err();
+        assert_eq!(e.path().to_string(), "spec.ports[0].port");
+    }
+}
