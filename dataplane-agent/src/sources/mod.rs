@@ -26,6 +26,32 @@ macro_rules! namespaced_resource {
     };
 }
 
+/// The metadata the agent's own types (`pod`, `service`, `slice`) read: what identifies an
+/// object and its version (what a store and a watch need), and its labels and annotations, of
+/// which each type keeps what it reads. managedFields and owner references are skipped.
+#[derive(Default, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct WireMeta {
+    name: Option<String>,
+    namespace: Option<String>,
+    uid: Option<String>,
+    resource_version: Option<String>,
+    labels: Option<std::collections::BTreeMap<String, String>>,
+    annotations: Option<std::collections::BTreeMap<String, String>>,
+}
+
+/// Labels or annotations, as read.
+type Pairs = Option<std::collections::BTreeMap<String, String>>;
+
+impl WireMeta {
+    /// The identity and version as an `ObjectMeta` (nothing else in it), and the labels and
+    /// annotations.
+    fn split(self) -> (k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta, Pairs, Pairs) {
+        let meta = k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta { name: self.name, namespace: self.namespace, uid: self.uid, resource_version: self.resource_version, ..Default::default() };
+        (meta, self.labels, self.annotations)
+    }
+}
+
 pub mod kube;
 pub mod manifests;
 pub mod pod;

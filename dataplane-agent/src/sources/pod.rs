@@ -2,7 +2,6 @@
 //! watched, so each one kept whole (managedFields, container images, env, volumes, conditions)
 //! would cost the agent memory for fields it never reads. Fields absent here are skipped while
 //! the API server's JSON (or a manifest's YAML) is read, never stored.
-use std::collections::BTreeMap;
 
 use k8s_openapi::{
     api::core::v1::{ContainerPort, PodIP},
@@ -45,19 +44,11 @@ pub struct PodStatus {
 }
 
 /// The metadata a store and the compiler need: what identifies the object and its version,
-/// and the labels. managedFields, annotations and owner references are skipped.
+/// and the labels.
 fn slim_meta<'de, D: Deserializer<'de>>(d: D) -> Result<ObjectMeta, D::Error> {
-    #[derive(Deserialize)]
-    #[serde(rename_all = "camelCase")]
-    struct Slim {
-        name: Option<String>,
-        namespace: Option<String>,
-        uid: Option<String>,
-        resource_version: Option<String>,
-        labels: Option<BTreeMap<String, String>>,
-    }
-    let s = Slim::deserialize(d)?;
-    Ok(ObjectMeta { name: s.name, namespace: s.namespace, uid: s.uid, resource_version: s.resource_version, labels: s.labels, ..Default::default() })
+    let (mut meta, labels, _) = super::WireMeta::deserialize(d)?.split();
+    meta.labels = labels;
+    Ok(meta)
 }
 
 namespaced_resource!(Pod, api_version: "v1", group: "", version: "v1", kind: "Pod", plural: "pods");

@@ -59,18 +59,9 @@ pub struct ServicePort {
 }
 
 fn slim_meta<'de, D: Deserializer<'de>>(d: D) -> Result<ObjectMeta, D::Error> {
-    #[derive(Deserialize)]
-    #[serde(rename_all = "camelCase")]
-    struct Slim {
-        name: Option<String>,
-        namespace: Option<String>,
-        uid: Option<String>,
-        resource_version: Option<String>,
-        labels: Option<BTreeMap<String, String>>,
-    }
-    let s = Slim::deserialize(d)?;
-    let labels = s.labels.and_then(|mut l| l.remove_entry(LABEL_SERVICE_PROXY_NAME)).map(|kv| BTreeMap::from([kv]));
-    Ok(ObjectMeta { name: s.name, namespace: s.namespace, uid: s.uid, resource_version: s.resource_version, labels, ..Default::default() })
+    let (mut meta, labels, _) = super::WireMeta::deserialize(d)?.split();
+    meta.labels = labels.and_then(|mut l| l.remove_entry(LABEL_SERVICE_PROXY_NAME)).map(|kv| BTreeMap::from([kv]));
+    Ok(meta)
 }
 
 namespaced_resource!(Service, api_version: "v1", group: "", version: "v1", kind: "Service", plural: "services");

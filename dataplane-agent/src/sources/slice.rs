@@ -7,7 +7,6 @@
 //! The two pieces of metadata translation and the metrics read are taken out of their maps as
 //! the object is read: the `kubernetes.io/service-name` label (the Service it belongs to) and the
 //! `endpoints.kubernetes.io/last-change-trigger-time` annotation (network programming latency).
-use std::collections::BTreeMap;
 
 use k8s_openapi::{
     api::discovery::v1::{EndpointConditions, EndpointHints, EndpointPort},
@@ -49,29 +48,19 @@ impl<'de> Deserialize<'de> for EndpointSlice {
         #[serde(rename_all = "camelCase")]
         struct Wire {
             #[serde(default)]
-            metadata: Meta,
+            metadata: super::WireMeta,
             // Missing: empty, as k8s-openapi reads it (translation then names the field).
             #[serde(default)]
             address_type: String,
             endpoints: Option<Vec<Endpoint>>,
             ports: Option<Vec<EndpointPort>>,
         }
-        #[derive(Default, Deserialize)]
-        #[serde(rename_all = "camelCase")]
-        struct Meta {
-            name: Option<String>,
-            namespace: Option<String>,
-            uid: Option<String>,
-            resource_version: Option<String>,
-            labels: Option<BTreeMap<String, String>>,
-            annotations: Option<BTreeMap<String, String>>,
-        }
         let w = Wire::deserialize(d)?;
-        let m = w.metadata;
+        let (metadata, labels, annotations) = w.metadata.split();
         Ok(EndpointSlice {
-            metadata: ObjectMeta { name: m.name, namespace: m.namespace, uid: m.uid, resource_version: m.resource_version, ..Default::default() },
-            service_name: m.labels.and_then(|mut l| l.remove(LABEL_SERVICE_NAME)),
-            trigger_time: m.annotations.and_then(|mut a| a.remove(TRIGGER_TIME)),
+            metadata,
+            service_name: labels.and_then(|mut l| l.remove(LABEL_SERVICE_NAME)),
+            trigger_time: annotations.and_then(|mut a| a.remove(TRIGGER_TIME)),
             address_type: w.address_type,
             endpoints: w.endpoints,
             ports: w.ports,
