@@ -376,6 +376,19 @@ mod tests {
     }
 
     #[test]
+    fn a_kind_of_another_api_is_named_by_its_api_version_and_a_pod_annotation_is_not_read() {
+        let mut objs = Objects::default();
+        let mut errors = Vec::new();
+        let knative = "apiVersion: serving.knative.dev/v1\nkind: Service\nmetadata: {name: hello, namespace: shop}\nspec: {template: {}}\n";
+        let pod = "apiVersion: v1\nkind: Pod\nmetadata: {name: p, namespace: shop, annotations: {replicas: 3}}\nstatus: {podIP: 10.0.0.5}\n";
+        parse_str(&format!("{knative}---\n{GOOD}---\n{pod}"), "f.yaml", &mut objs, &mut errors);
+        assert_eq!((objs.services.len(), objs.pods.len()), (1, 1), "{errors:?}");
+        assert_eq!(errors.len(), 1);
+        let e = errors[0].to_string();
+        assert!(e.contains("Service shop/hello") && e.contains("apiVersion") && e.contains("serving.knative.dev/v1"), "{e}");
+    }
+
+    #[test]
     fn the_watch_follows_its_directory_removed_and_made_again() {
         use std::time::Duration;
         struct Gone(PathBuf);
@@ -483,7 +496,13 @@ pub fn add_value(v: serde_yaml::Value, where_: &str, objs: &mut Objects, errors:
         let n = md.and_then(|m| m.get("name")).and_then(|n| n.as_str()).unwrap_or("<unnamed>");
         format!("{ns}/{n} ({where_})")
     };
-    fn push<T: serde::de::DeserializeOwned, L: From<T>>(v: &serde_yaml::Value, kind: &'static str, name: String, list: &mut Vec<L>, errors: &mut Vec<ObjectError>) {
+    fn push<T: serde::de::DeserializeOwned + k8s_openapi::Resource, L: From<T>>(v: &serde_yaml::Value, kind: &'static str, name: String, list: &mut Vec<L>, errors: &mut Vec<ObjectError>) {
+        // The same kind of another API group (Knative's `Service`) is not this one. (Absent: the
+        // kind alone says it.)
+        if let Some(api) = v.get("apiVersion").and_then(|a| a.as_str()).filter(|a| *a != T::API_VERSION) {
+            errors.push(ObjectError::new(kind, name, "apiVersion".into(), format!("{api:?} is not {:?}: a {kind} of another API is not read", T::API_VERSION)));
+            return;
+        }
         match typed::<T>(v) {
             Ok(o) => list.push(o.into()),
             Err((field, msg)) => errors.push(ObjectError::new(kind, name, field, msg)),

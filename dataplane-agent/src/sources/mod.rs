@@ -1,7 +1,8 @@
 //! Where Kubernetes objects come from. Each source produces the same [`Objects`], which
 //! `model::translate` turns into the desired datapath state.
 /// Implements `k8s_openapi::Resource` and `Metadata` for a type of the agent's own that reads a
-/// namespaced API kind in part (`pod::Pod`, `slice::EndpointSlice`), so that kube's `Api`, its
+/// namespaced API kind in part (`pod::Pod`, `service::Service`, `slice::EndpointSlice`), so that
+/// kube's `Api`, its
 /// watcher and its store take it as they take k8s-openapi's.
 macro_rules! namespaced_resource {
     ($ty:ty, api_version: $api_version:literal, group: $group:literal, version: $version:literal, kind: $kind:literal, plural: $plural:literal) => {
@@ -27,29 +28,41 @@ macro_rules! namespaced_resource {
 }
 
 /// The metadata the agent's own types (`pod`, `service`, `slice`) read: what identifies an
-/// object and its version (what a store and a watch need), and its labels and annotations, of
-/// which each type keeps what it reads. managedFields and owner references are skipped.
+/// object and its version (what a store and a watch need), and its labels, of which each type
+/// keeps what it reads; the annotations as `A` (skipped unread by default). managedFields and
+/// owner references are skipped. `null` or absent: empty, as k8s-openapi reads it.
 #[derive(Default, serde::Deserialize)]
 #[serde(rename_all = "camelCase")]
-struct WireMeta {
+struct WireMeta<A = serde::de::IgnoredAny> {
     name: Option<String>,
     namespace: Option<String>,
     uid: Option<String>,
     resource_version: Option<String>,
-    labels: Option<std::collections::BTreeMap<String, String>>,
-    annotations: Option<std::collections::BTreeMap<String, String>>,
+    labels: Option<Labels>,
+    annotations: Option<A>,
 }
 
-/// Labels or annotations, as read.
-type Pairs = Option<std::collections::BTreeMap<String, String>>;
+type Labels = std::collections::BTreeMap<String, String>;
 
-impl WireMeta {
+impl<A: serde::de::DeserializeOwned + Default> WireMeta<A> {
+    /// Reads it (`null`: empty).
+    fn read<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        null_default(d)
+    }
+
     /// The identity and version as an `ObjectMeta` (nothing else in it), and the labels and
     /// annotations.
-    fn split(self) -> (k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta, Pairs, Pairs) {
+    fn split(self) -> (k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta, Option<Labels>, Option<A>) {
         let meta = k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta { name: self.name, namespace: self.namespace, uid: self.uid, resource_version: self.resource_version, ..Default::default() };
         (meta, self.labels, self.annotations)
     }
+}
+
+/// A field k8s-openapi reads as its default when absent or `null` (a required one, such as a
+/// port's number or a slice's address type, that translation then names): with
+/// `#[serde(default, deserialize_with = "null_default")]`.
+fn null_default<'de, D: serde::Deserializer<'de>, T: serde::Deserialize<'de> + Default>(d: D) -> Result<T, D::Error> {
+    Ok(<Option<T> as serde::Deserialize>::deserialize(d)?.unwrap_or_default())
 }
 
 pub mod kube;

@@ -46,7 +46,7 @@ pub struct PodStatus {
 /// The metadata a store and the compiler need: what identifies the object and its version,
 /// and the labels.
 fn slim_meta<'de, D: Deserializer<'de>>(d: D) -> Result<ObjectMeta, D::Error> {
-    let (mut meta, labels, _) = super::WireMeta::deserialize(d)?.split();
+    let (mut meta, labels, _) = super::WireMeta::<serde::de::IgnoredAny>::read(d)?.split();
     meta.labels = labels;
     Ok(meta)
 }

@@ -52,14 +52,14 @@ pub struct ServiceSpec {
 pub struct ServicePort {
     pub name: Option<String>,
     pub protocol: Option<String>,
-    /// Missing: 0, as k8s-openapi reads it (translation then names the field).
-    #[serde(default)]
+    /// Absent or `null`: 0, as k8s-openapi reads it (translation then names the field).
+    #[serde(default, deserialize_with = "super::null_default")]
     pub port: i32,
     pub node_port: Option<i32>,
 }
 
 fn slim_meta<'de, D: Deserializer<'de>>(d: D) -> Result<ObjectMeta, D::Error> {
-    let (mut meta, labels, _) = super::WireMeta::deserialize(d)?.split();
+    let (mut meta, labels, _) = super::WireMeta::<serde::de::IgnoredAny>::read(d)?.split();
     meta.labels = labels.and_then(|mut l| l.remove_entry(LABEL_SERVICE_PROXY_NAME)).map(|kv| BTreeMap::from([kv]));
     Ok(meta)
 }
@@ -114,6 +114,16 @@ mod tests {
         // The one label read: a Service another proxy serves is left to it.
         let other: Service = serde_json::from_str(&SERVED.replace(r#""labels": {"app": "web"}"#, r#""labels": {"app": "web", "service.kubernetes.io/service-proxy-name": "other"}"#)).unwrap();
         assert_eq!(other.metadata.labels, Some(BTreeMap::from([(LABEL_SERVICE_PROXY_NAME.to_string(), "other".to_string())])));
+    }
+
+    #[test]
+    fn null_reads_as_k8s_openapi_reads_it() {
+        // A port without its number is 0 (translation names it), the others still read; null
+        // metadata is empty.
+        let s: Service = serde_json::from_str(&SERVED.replace(r#""port": 80"#, r#""port": null"#)).unwrap();
+        assert_eq!(s.spec.unwrap().ports.unwrap()[0].port, 0);
+        let s: Service = serde_json::from_str(r#"{"metadata": null, "spec": {"ports": [{"port": 80}, {"name": "b"}]}}"#).unwrap();
+        assert_eq!((s.metadata, s.spec.unwrap().ports.unwrap().iter().map(|p| p.port).collect::<Vec<_>>()), (ObjectMeta::default(), vec![80, 0]));
     }
 
     #[test]

@@ -8,6 +8,8 @@
 //! the object is read: the `kubernetes.io/service-name` label (the Service it belongs to) and the
 //! `endpoints.kubernetes.io/last-change-trigger-time` annotation (network programming latency).
 
+use std::collections::BTreeMap;
+
 use k8s_openapi::{
     api::discovery::v1::{EndpointConditions, EndpointHints, EndpointPort},
     apimachinery::pkg::apis::meta::v1::ObjectMeta,
@@ -35,7 +37,7 @@ pub struct EndpointSlice {
 #[derive(Clone, Debug, Default, Deserialize, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct Endpoint {
-    #[serde(default)]
+    #[serde(default, deserialize_with = "super::null_default")]
     pub addresses: Vec<String>,
     pub conditions: Option<EndpointConditions>,
     pub node_name: Option<String>,
@@ -47,10 +49,10 @@ impl<'de> Deserialize<'de> for EndpointSlice {
         #[derive(Deserialize)]
         #[serde(rename_all = "camelCase")]
         struct Wire {
-            #[serde(default)]
-            metadata: super::WireMeta,
-            // Missing: empty, as k8s-openapi reads it (translation then names the field).
-            #[serde(default)]
+            #[serde(default, deserialize_with = "super::WireMeta::read")]
+            metadata: super::WireMeta<BTreeMap<String, String>>,
+            // Absent or `null`: empty, as k8s-openapi reads it (translation then names it).
+            #[serde(default, deserialize_with = "super::null_default")]
             address_type: String,
             endpoints: Option<Vec<Endpoint>>,
             ports: Option<Vec<EndpointPort>>,
@@ -121,6 +123,8 @@ mod tests {
         assert_eq!(e.path().to_string(), "ports[0].port");
         // Missing ones read as k8s-openapi reads them: empty (translation names them then).
         let s: EndpointSlice = serde_json::from_str(&SERVED.replace(r#""addressType": "IPv4","#, "").replace(r#""addresses": ["10.244.1.17"], "#, "")).unwrap();
+        assert_eq!((s.address_type.as_str(), s.endpoints.unwrap()[0].addresses.len()), ("", 0));
+        let s: EndpointSlice = serde_json::from_str(&SERVED.replace(r#""addressType": "IPv4""#, r#""addressType": null"#).replace(r#""addresses": ["10.244.1.17"]"#, r#""addresses": null"#)).unwrap();
         assert_eq!((s.address_type.as_str(), s.endpoints.unwrap()[0].addresses.len()), ("", 0));
     }
 }
