@@ -563,9 +563,12 @@ impl Side {
                 }
                 let path = self.dir.path.join("kube-proxy.yaml");
                 std::fs::write(&path, c.to_string()).map_err(|e| e.to_string())?;
-                // With a zone, what `topology_synced` reads: the proxier's V(4) lines as well.
-                let verbosity = if has_zone(sc) { "--vmodule=proxier=4" } else { "-v=2" };
-                self.node.cmd(&[kube_proxy.to_str().unwrap(), "--config", path.to_str().unwrap(), "-v=2", verbosity]).stdout(log.try_clone().unwrap()).stderr(log).stdin(Stdio::null()).spawn()
+                let mut args = vec![kube_proxy.to_str().unwrap(), "--config", path.to_str().unwrap(), "-v=2"];
+                if has_zone(sc) {
+                    // What `topology_synced` reads: the proxier's V(4) lines as well.
+                    args.push("--vmodule=proxier=4");
+                }
+                self.node.cmd(&args).stdout(log.try_clone().unwrap()).stderr(log).stdin(Stdio::null()).spawn()
             }
             Proxy::Ferry => {
                 let pin = PinDir { path: PathBuf::from(format!("/sys/fs/bpf/{}", self.node.name)) };

@@ -331,10 +331,7 @@ fn tables_past_the_first_mapped_window_read_back_and_only_a_window_over_them_is_
         assert_eq!(entry.table_len, 1021);
         let fe = dp.rec.applied.frontends.values().find(|f| f.svc_id == id).unwrap();
         assert_eq!(kernel, fe.table.to_vec(), "frontend {id}");
-    }
-    // Tables on both sides of the window read back as the kernel has them.
-    for id in [1, 300] {
-        let (_, kernel) = kernel_table(&dp, id);
+        // Read back through the window as the kernel has it, whichever side of it the table is.
         assert_eq!(dp.maps.chash_table(id).unwrap(), kernel, "frontend {id}");
     }
 }

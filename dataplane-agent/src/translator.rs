@@ -254,31 +254,30 @@ impl Translator {
     fn add_part(&mut self, key: Key, part: ServiceDesired, delta: &mut Delta) {
         let order = self.services.get(&key).map(|(o, _)| *o).unwrap_or(u64::MAX);
         let part = Part::from(part);
-        let d = &part;
-        for (fe, want) in d.frontends.iter() {
+        for (fe, want) in part.frontends.iter() {
             if self.fe_owners.entry(*fe).or_default().claim(order, &key) {
                 self.desired.frontends.insert(*fe, want.clone());
             }
             delta.frontends.insert(*fe);
         }
-        for (port, hc) in d.health_checks.iter() {
+        for (port, hc) in part.health_checks.iter() {
             if self.hc_owners.entry(*port).or_default().claim(order, &key) {
                 self.desired.health_checks.insert(*port, hc.clone());
             }
         }
-        for ip in d.cluster_ips.iter() {
+        for ip in part.cluster_ips.iter() {
             *self.cluster_ip_refs.entry(*ip).or_default() += 1;
             self.desired.cluster_ips.insert(*ip);
             delta.cluster_ips.insert(*ip);
         }
-        for ip in d.local_endpoints.iter() {
+        for ip in part.local_endpoints.iter() {
             *self.local_refs.entry(*ip).or_default() += 1;
             self.desired.local_endpoints.insert(*ip);
             delta.local_endpoints.insert(*ip);
         }
-        self.desired.ipv6_skipped += d.ipv6_skipped;
-        self.desired.no_local_endpoints.0 += d.no_local_endpoints.0;
-        self.desired.no_local_endpoints.1 += d.no_local_endpoints.1;
+        self.desired.ipv6_skipped += part.ipv6_skipped;
+        self.desired.no_local_endpoints.0 += part.no_local_endpoints.0;
+        self.desired.no_local_endpoints.1 += part.no_local_endpoints.1;
         if !part.errors.is_empty() {
             self.with_errors.insert(key.clone());
         }
@@ -288,19 +287,18 @@ impl Translator {
     fn remove_part(&mut self, key: &Key, delta: &mut Delta) {
         let Some(part) = self.parts.remove(key) else { return };
         self.with_errors.remove(key);
-        let d = &part;
-        for (fe, _) in d.frontends.iter() {
+        for (fe, _) in part.frontends.iter() {
             delta.frontends.insert(*fe);
             disown(&mut self.fe_owners, &mut self.desired.frontends, &self.parts, key, fe, |p| &p.frontends);
         }
-        for (port, _) in d.health_checks.iter() {
+        for (port, _) in part.health_checks.iter() {
             disown(&mut self.hc_owners, &mut self.desired.health_checks, &self.parts, key, port, |p| &p.health_checks);
         }
-        release(&d.cluster_ips, &mut self.cluster_ip_refs, &mut self.desired.cluster_ips, &mut delta.cluster_ips);
-        release(&d.local_endpoints, &mut self.local_refs, &mut self.desired.local_endpoints, &mut delta.local_endpoints);
-        self.desired.ipv6_skipped -= d.ipv6_skipped;
-        self.desired.no_local_endpoints.0 -= d.no_local_endpoints.0;
-        self.desired.no_local_endpoints.1 -= d.no_local_endpoints.1;
+        release(&part.cluster_ips, &mut self.cluster_ip_refs, &mut self.desired.cluster_ips, &mut delta.cluster_ips);
+        release(&part.local_endpoints, &mut self.local_refs, &mut self.desired.local_endpoints, &mut delta.local_endpoints);
+        self.desired.ipv6_skipped -= part.ipv6_skipped;
+        self.desired.no_local_endpoints.0 -= part.no_local_endpoints.0;
+        self.desired.no_local_endpoints.1 -= part.no_local_endpoints.1;
     }
 }
 

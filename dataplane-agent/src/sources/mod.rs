@@ -2,8 +2,7 @@
 //! `model::translate` turns into the desired datapath state.
 /// Implements `k8s_openapi::Resource` and `Metadata` for a type of the agent's own that reads a
 /// namespaced API kind in part (`pod::Pod`, `service::Service`, `slice::EndpointSlice`), so that
-/// kube's `Api`, its
-/// watcher and its store take it as they take k8s-openapi's.
+/// kube's `Api`, its watcher and its store take it as they take k8s-openapi's.
 macro_rules! namespaced_resource {
     ($ty:ty, api_version: $api_version:literal, group: $group:literal, version: $version:literal, kind: $kind:literal, plural: $plural:literal) => {
         impl k8s_openapi::Resource for $ty {
