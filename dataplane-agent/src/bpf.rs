@@ -883,8 +883,8 @@ impl MapOps for BpfMaps {
             return Ok(changed);
         }
         // A new region, written before the service entry is switched to it: the datapath never
-        // sees it half filled. Every call that can fail comes before the first write.
-        self.tables.mapped(&self.chash, 0, 0).map_err(mmap_err)?;
+        // sees it half filled. Every call that can fail comes before the first write (a failed
+        // mapping gives the region back).
         if self.tables.adopted {
             self.tables.synchronize()?;
         }
