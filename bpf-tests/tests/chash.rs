@@ -243,6 +243,13 @@ fn l4(s: &str) -> dataplane_agent::model::L4Addr {
     dataplane_agent::model::L4Addr { addr: addr.parse().unwrap(), port: port.parse().unwrap(), proto: dataplane_agent::model::Proto::Tcp }
 }
 
+/// The table frontend `af`'s backends build (backend ids), which the maps must hold for it: the
+/// reconciler keeps only its size and ids.
+fn built_table(dp: &Datapath, af: &dataplane_agent::reconcile::AppliedFrontend) -> Vec<u32> {
+    assert!(!af.table_of.is_empty(), "frontend {}: its backends are known", af.svc_id);
+    dataplane_agent::select::build_table(dp.rec.algorithm, &af.table_of).into_iter().map(|i| dp.rec.applied.backends[&af.table_of[i]].0).collect()
+}
+
 /// Frontend `svc_id`'s table as the kernel's own lookups of the flat array see it, at the region
 /// its service entry points at.
 fn kernel_table(dp: &Datapath, svc_id: u32) -> (Lb4Service, Vec<u32>) {
@@ -263,10 +270,10 @@ fn tables_written_through_mmap_read_back_entry_by_entry() {
         let af = dp.rec.applied.frontends.values().next().unwrap().clone();
         assert_eq!(af.table.len(), size);
         let (entry, kernel) = kernel_table(&dp, af.svc_id);
-        assert_eq!(kernel, af.table.to_vec(), "n={n}");
-        assert_eq!(dp.maps.chash_table(af.svc_id).unwrap(), af.table.to_vec());
-        let ids: std::collections::BTreeSet<u32> = af.table.iter().collect();
-        assert_eq!(ids.len(), n as usize);
+        assert_eq!(kernel, built_table(&dp, &af), "n={n}");
+        assert_eq!(dp.maps.chash_table(af.svc_id).unwrap(), kernel);
+        let ids: std::collections::BTreeSet<u32> = kernel.iter().copied().collect();
+        assert_eq!((ids.len(), af.table.ids().len()), (n as usize, n as usize));
         regions.push((entry.table_off, entry.table_len));
     }
     assert_eq!(regions[0], regions[1], "a table of the same size is patched in place");
@@ -286,8 +293,8 @@ fn tables_past_the_first_mapped_window_read_back_and_only_a_window_over_them_is_
     for id in [1, 150, 256, 257, 300] {
         let (entry, kernel) = kernel_table(&dp, id);
         let fe = dp.rec.applied.frontends.values().find(|f| f.svc_id == id).unwrap();
-        assert_eq!(kernel, fe.table.to_vec(), "frontend {id} at entries {}..", entry.table_off);
-        assert_eq!(dp.maps.chash_table(id).unwrap(), fe.table.to_vec(), "frontend {id}");
+        assert_eq!(kernel, built_table(&dp, fe), "frontend {id} at entries {}..", entry.table_off);
+        assert_eq!(dp.maps.chash_table(id).unwrap(), kernel, "frontend {id}");
     }
     let mapped = dp.maps.tables_mapped_bytes();
     // The window at least doubles when it grows: at most twice what is in use, and a step.
@@ -309,7 +316,7 @@ fn tables_past_the_first_mapped_window_read_back_and_only_a_window_over_them_is_
     dp.maps.unmap_tables();
     assert_eq!(dp.maps.tables_mapped_bytes(), 0);
     let addr = Ipv4Addr::from(0xac1e_0100 + 280);
-    let id_of = |dp: &Datapath| dp.rec.applied.frontends.iter().find(|(fe, _)| fe.addr.addr == addr).map(|(_, a)| (a.svc_id, a.table.to_vec())).unwrap();
+    let id_of = |dp: &Datapath| dp.rec.applied.frontends.iter().find(|(fe, _)| fe.addr.addr == addr).map(|(_, a)| (a.svc_id, built_table(dp, a))).unwrap();
     let (id, before) = id_of(&dp);
     let off = kernel_table(&dp, id).0.table_off;
     dp.apply_yaml(&services(300, |i| if i == 280 { 31 } else { 30 }));
@@ -330,7 +337,7 @@ fn tables_past_the_first_mapped_window_read_back_and_only_a_window_over_them_is_
         let (entry, kernel) = kernel_table(&dp, id);
         assert_eq!(entry.table_len, 1021);
         let fe = dp.rec.applied.frontends.values().find(|f| f.svc_id == id).unwrap();
-        assert_eq!(kernel, fe.table.to_vec(), "frontend {id}");
+        assert_eq!(kernel, built_table(&dp, fe), "frontend {id}");
         // Read back through the window as the kernel has it, whichever side of it the table is.
         assert_eq!(dp.maps.chash_table(id).unwrap(), kernel, "frontend {id}");
     }

@@ -862,13 +862,13 @@ impl MapOps for BpfMaps {
             Err(source) => Err(MapOpError::Syscall { map: names::SERVICE_CIDRS, op: "delete", what: c.to_string(), source }),
         }
     }
-    fn put_table(&mut self, svc_id: u32, table: &[u32], old: &[u32]) -> Result<usize, MapOpError> {
+    fn put_table(&mut self, svc_id: u32, table: &[u32]) -> Result<usize, MapOpError> {
         let n = table.len() as u32;
         let what = || format!("a table of {} entries for frontend {svc_id}", table.len());
         let mmap_err = |e: std::io::Error| MapOpError::Other { map: names::CHASH, what: what(), message: format!("mmap: {e}") };
         let cap = self.caps.chash;
         // The region written last (one not switched to yet, else the live one): the same size is
-        // patched in place.
+        // patched in place, where it differs (the reconciler keeps no copy: the mapping is it).
         let current = self.tables.pending.get(&svc_id).or(self.tables.live.get(&svc_id)).copied().filter(|r| r.len == n);
         if let Some(r) = current {
             let m = self.tables.mapped(&self.chash, r.off as u64, r.end()).map_err(mmap_err)?;
@@ -877,8 +877,8 @@ impl MapOps for BpfMaps {
                 let at = r.off as usize + i;
                 if m.get(at) != *new {
                     m.set(at, *new);
+                    changed += 1;
                 }
-                changed += usize::from(old.get(i) != Some(new));
             }
             return Ok(changed);
         }

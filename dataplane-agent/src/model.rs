@@ -5,6 +5,7 @@ use std::{
     collections::{BTreeMap, BTreeSet},
     fmt,
     net::Ipv4Addr,
+    sync::Arc,
 };
 
 use crate::{
@@ -84,12 +85,14 @@ impl fmt::Display for L4Addr {
     }
 }
 
-/// Which Service port a frontend belongs to, for logs and inspection.
+/// Which Service port a frontend belongs to, for logs and inspection. Shared strings: every
+/// frontend of a Service, and each copy of one (the translator's part, the merged translation,
+/// the reconciler's record), holds the same three.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct ServicePortName {
-    pub namespace: String,
-    pub name: String,
-    pub port: String,
+    pub namespace: Arc<str>,
+    pub name: Arc<str>,
+    pub port: Arc<str>,
 }
 
 /// Parses what `Display` prints (`namespace/name` or `namespace/name:port`): names read back
@@ -277,24 +280,25 @@ pub fn translate<S: std::borrow::Borrow<Service>, E: std::borrow::Borrow<Endpoin
     (desired, dedup_errors(errors))
 }
 
-/// A Service's key: (namespace, name), as EndpointSlices name it.
-pub type Key = (String, String);
+/// A Service's key: (namespace, name), as EndpointSlices name it. Shared strings: the
+/// translator keeps a key in several indexes (the Service, its part, its slices' owner, each
+/// frontend's claims), and a clone costs a count, not two allocations.
+pub type Key = (Arc<str>, Arc<str>);
 
 pub fn service_key(svc: &Service) -> Key {
-    (svc.metadata.namespace.clone().unwrap_or_else(|| "default".into()), svc.metadata.name.clone().unwrap_or_default())
+    (svc.metadata.namespace.as_deref().unwrap_or("default").into(), svc.metadata.name.as_deref().unwrap_or_default().into())
 }
 
 /// An EndpointSlice's own key: (namespace, name).
 pub fn slice_key(slice: &EndpointSlice) -> Key {
-    (slice.metadata.namespace.clone().unwrap_or_else(|| "default".into()), slice.metadata.name.clone().unwrap_or_default())
+    (slice.metadata.namespace.as_deref().unwrap_or("default").into(), slice.metadata.name.as_deref().unwrap_or_default().into())
 }
 
 /// The Service an EndpointSlice belongs to (its `kubernetes.io/service-name` label), or the
 /// error a slice without one is.
 pub fn slice_owner(slice: &EndpointSlice) -> Result<Key, ObjectError> {
-    let ns = slice.metadata.namespace.clone().unwrap_or_else(|| "default".into());
     match &slice.service_name {
-        Some(svc) => Ok((ns, svc.clone())),
+        Some(svc) => Ok((slice.metadata.namespace.as_deref().unwrap_or("default").into(), svc.as_str().into())),
         None => Err(ObjectError::new("EndpointSlice", obj_name(&slice.metadata.namespace, &slice.metadata.name),
             format!("metadata.labels[{LABEL_SERVICE_NAME}]"), "missing: the slice belongs to no Service")),
     }
@@ -419,8 +423,8 @@ fn translate_service_into(svc: &Service, slices: &[&EndpointSlice], node: &NodeC
     let itp_local = spec.internal_traffic_policy.as_deref() == Some("Local");
     let node_port_type = matches!(spec.type_.as_deref(), Some("NodePort" | "LoadBalancer"));
 
-    let ns = svc.metadata.namespace.clone().unwrap_or_else(|| "default".into());
-    let svc_name = svc.metadata.name.clone().unwrap_or_default();
+    let ns: Arc<str> = svc.metadata.namespace.as_deref().unwrap_or("default").into();
+    let svc_name: Arc<str> = svc.metadata.name.as_deref().unwrap_or_default().into();
     let mut any_port = false;
     let mut local_ready: BTreeSet<Ipv4Addr> = BTreeSet::new();
     for (pi, port) in spec.ports.iter().flatten().enumerate() {
@@ -437,7 +441,7 @@ fn translate_service_into(svc: &Service, slices: &[&EndpointSlice], node: &NodeC
         };
         any_port = true;
         let port_name = port.name.clone().unwrap_or_default();
-        let service = ServicePortName { namespace: ns.clone(), name: svc_name.clone(), port: port_name.clone() };
+        let service = ServicePortName { namespace: ns.clone(), name: svc_name.clone(), port: port_name.as_str().into() };
         let eps = endpoints_for_port(slices, &port_name, proto, &node.name, errors, &mut desired.ipv6_skipped);
         // Topology (hints written by the EndpointSlice controller for trafficDistribution
         // and topology-aware routing) narrows the cluster-wide endpoints only.
@@ -503,7 +507,7 @@ fn translate_service_into(svc: &Service, slices: &[&EndpointSlice], node: &NodeC
     if etp_local && spec.type_.as_deref() == Some("LoadBalancer") {
         match spec.health_check_node_port.map(port_number) {
             Some(Some(hc)) => {
-                desired.health_checks.insert(hc, HealthCheck { namespace: ns.clone(), name: svc_name.clone(), local_endpoints: local_ready.len() });
+                desired.health_checks.insert(hc, HealthCheck { namespace: ns.to_string(), name: svc_name.to_string(), local_endpoints: local_ready.len() });
             }
             Some(None) => errors.push(err("spec.healthCheckNodePort", format!("{:?} is not a port number (1-65535)", spec.health_check_node_port))),
             None => {}

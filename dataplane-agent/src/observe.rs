@@ -250,7 +250,7 @@ impl Observed {
 
     /// As [`Observed::programmed`] for the slices of one change alone (`None`: deleted); the
     /// others are as they were.
-    pub fn programmed_changed<'a>(&self, slices: impl Iterator<Item = (&'a (String, String), Option<&'a EndpointSlice>)>) {
+    pub fn programmed_changed<'a>(&self, slices: impl Iterator<Item = (&'a crate::model::Key, Option<&'a EndpointSlice>)>) {
         let now = SystemTime::now();
         let mut s = self.state.lock().unwrap();
         for ((ns, name), sl) in slices {

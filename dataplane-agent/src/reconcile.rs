@@ -83,9 +83,10 @@ pub trait MapOps {
     fn put_service_cidr(&mut self, cidr: Cidr4) -> Result<(), MapOpError>;
     fn del_service_cidr(&mut self, cidr: Cidr4) -> Result<(), MapOpError>;
     /// Makes `table` (backend ids) frontend `svc_id`'s consistent-hashing table. On error nothing
-    /// of it was written: the previous table, if any, is unchanged. `old` is the table as applied
-    /// (empty: none). Returns how many entries differ from it (all of them when the size changed).
-    fn put_table(&mut self, svc_id: u32, table: &[u32], old: &[u32]) -> Result<usize, MapOpError>;
+    /// of it was written: the previous table, if any, is unchanged. Returns how many entries
+    /// differ from the table the maps held for it (all of them when the size changed; none when
+    /// it is the same table, and then nothing is written).
+    fn put_table(&mut self, svc_id: u32, table: &[u32]) -> Result<usize, MapOpError>;
     fn del_table(&mut self, svc_id: u32) -> Result<(), MapOpError>;
     /// Allows `cidr` as a source of frontend `svc_id` (loadBalancerSourceRanges).
     fn put_source_range(&mut self, svc_id: u32, cidr: Cidr4) -> Result<(), MapOpError>;
@@ -133,69 +134,47 @@ pub struct AppliedFrontend {
     /// The service entry as written; `None` while a new frontend has none yet.
     pub entry: Option<Lb4Service>,
     pub source_ranges: BTreeSet<Cidr4>,
-    /// The consistent-hashing table as written (backend ids); empty when there is none.
+    /// What the consistent-hashing table as written refers to; empty when there is none.
     pub table: Table,
     /// The sorted backends `table` was built from; empty when unknown (restored from the maps).
     /// The same backends again need no new table.
     pub table_of: Vec<L4Addr>,
 }
 
-/// A consistent-hashing table as the reconciler remembers it: its distinct backend ids, and for
-/// each entry the index of its id, two bytes an entry where the map holds four (a table has at
-/// most 65,521 entries, so never more distinct ids than a `u16` counts). 10,000 frontends'
-/// default tables take 5 MB here instead of 10.
+/// A consistent-hashing table as the reconciler remembers it: its size and the distinct backend
+/// ids it names (what reference counting needs), not its entries. The maps hold those, and a
+/// new table is compared with them (`MapOps::put_table`) where they are mapped: 10,000 frontends'
+/// default tables would take 5 MB here, twice what the maps hold for the kernel.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Table {
-    ids: Vec<u32>,
-    at: Vec<u16>,
+    /// Sorted, each once.
+    ids: Box<[u32]>,
+    len: u32,
 }
 
 impl Table {
-    /// A table of more distinct ids than a `u16` counts is none the agent builds (a corrupted
-    /// pin read back): it is remembered as no table, and the next sync writes one anew.
     pub fn new(entries: &[u32]) -> Table {
-        let mut ids: Vec<u32> = Vec::new();
-        let mut index: std::collections::HashMap<u32, u16> = std::collections::HashMap::new();
-        let mut at = Vec::with_capacity(entries.len());
-        for id in entries {
-            let i = match index.get(id) {
-                Some(i) => *i,
-                None => {
-                    let Ok(i) = u16::try_from(ids.len()) else { return Table::default() };
-                    ids.push(*id);
-                    index.insert(*id, i);
-                    i
-                }
-            };
-            at.push(i);
-        }
-        Table { ids, at }
+        let mut ids = entries.to_vec();
+        ids.sort_unstable();
+        ids.dedup();
+        Table { ids: ids.into_boxed_slice(), len: entries.len() as u32 }
     }
 
     pub fn len(&self) -> usize {
-        self.at.len()
+        self.len as usize
     }
 
     pub fn is_empty(&self) -> bool {
-        self.at.is_empty()
+        self.len == 0
     }
 
     pub fn clear(&mut self) {
         *self = Table::default();
     }
 
-    /// The backend id of each entry, in order.
-    pub fn iter(&self) -> impl Iterator<Item = u32> + '_ {
-        self.at.iter().map(|i| self.ids[*i as usize])
-    }
-
-    pub fn to_vec(&self) -> Vec<u32> {
-        self.iter().collect()
-    }
-
-    /// Does it hold exactly `entries`?
-    pub fn holds(&self, entries: &[u32]) -> bool {
-        self.len() == entries.len() && self.iter().zip(entries).all(|(a, b)| a == *b)
+    /// The backend ids it names, each once, in order.
+    pub fn ids(&self) -> &[u32] {
+        &self.ids
     }
 }
 
@@ -509,12 +488,12 @@ impl Reconciler {
         Ok(id)
     }
 
-    /// The backend ids frontend `af` refers to (its slots, and the backends of its table), once
-    /// per reference.
+    /// The backend ids frontend `af` refers to: one reference per slot, and one per backend its
+    /// table names (however many entries name it).
     fn refs_of(&self, af: &AppliedFrontend) -> Vec<u32> {
         let mut ids: Vec<u32> = af.slots.iter().chain(&af.table_of).filter_map(|b| self.applied.backends.get(b)).map(|(id, _)| *id).collect();
         if af.table_of.is_empty() {
-            ids.extend(af.table.iter());
+            ids.extend(af.table.ids());
         }
         ids
     }
@@ -727,12 +706,11 @@ impl Reconciler {
                 .into_iter()
                 .map(|i| self.applied.backends.get(&order[i]).map(|(id, _)| *id).unwrap_or(0))
                 .collect();
-            if !af.table.holds(&table) {
-                let n = ops.put_table(svc_id, &table, &af.table.to_vec())?;
-                st.writes += n;
-                st.table_entries += n;
-                af.table = Table::new(&table);
-            }
+            // The same table (the same backends' after a restart) writes nothing.
+            let n = ops.put_table(svc_id, &table)?;
+            st.writes += n;
+            st.table_entries += n;
+            af.table = Table::new(&table);
             af.table_of = order;
         }
         // Source ranges before the service entry that turns their check on.
@@ -974,8 +952,9 @@ mod tests {
             self.maps.names.remove(&id);
             Ok(())
         }
-        fn put_table(&mut self, id: u32, table: &[u32], old: &[u32]) -> Result<usize, MapOpError> {
+        fn put_table(&mut self, id: u32, table: &[u32]) -> Result<usize, MapOpError> {
             self.put(names::CHASH)?;
+            let old = self.maps.tables.get(&id).map(Vec::as_slice).unwrap_or_default();
             let n = if old.len() != table.len() { table.len() } else { table.iter().zip(old).filter(|(a, b)| a != b).count() };
             self.ops.push(format!("put_table {id} ({n} entries)"));
             self.maps.tables.insert(id, table.to_vec());
@@ -1027,7 +1006,7 @@ mod tests {
         d.frontends.insert(
             Frontend::internal(fe),
             DesiredFrontend::new(
-                ServicePortName { namespace: "default".into(), name: "web".into(), port: String::new() },
+                ServicePortName { namespace: "default".into(), name: "web".into(), port: "".into() },
                 backends.iter().map(|b| be(*b)).collect(),
             ),
         );
@@ -1049,7 +1028,7 @@ mod tests {
 
     /// Everything the maps hold of each frontend id: (slots' backend ids, service entry, table,
     /// source ranges, name). Asserts the slots are dense.
-    type PerFrontend = BTreeMap<u32, (Vec<u32>, Option<Lb4Service>, Vec<u32>, BTreeSet<Cidr4>, Option<String>)>;
+    type PerFrontend = BTreeMap<u32, (Vec<u32>, Option<Lb4Service>, Table, BTreeSet<Cidr4>, Option<String>)>;
 
     fn in_maps(m: &Maps) -> PerFrontend {
         let mut out = PerFrontend::new();
@@ -1062,7 +1041,7 @@ mod tests {
             f.0.push(*id);
         }
         for (id, t) in &m.tables {
-            out.entry(*id).or_default().2 = t.clone();
+            out.entry(*id).or_default().2 = Table::new(t);
         }
         for (id, c) in &m.ranges {
             out.entry(*id).or_default().3.insert(*c);
@@ -1077,7 +1056,7 @@ mod tests {
     fn in_view(rec: &Reconciler) -> (PerFrontend, BTreeMap<u32, Lb4Backend>) {
         let fronts = rec.applied.frontends.values().map(|f| {
             let slots = f.slots.iter().map(|b| rec.applied.backends[b].0).collect();
-            (f.svc_id, (slots, f.entry, f.table.to_vec(), f.source_ranges.clone(), f.service.as_ref().map(|s| s.to_string())))
+            (f.svc_id, (slots, f.entry, f.table.clone(), f.source_ranges.clone(), f.service.as_ref().map(|s| s.to_string())))
         });
         let backends = rec.applied.backends.iter().map(|(b, (id, flags))| (*id, lb4_backend(b, *flags)));
         (fronts.collect(), backends.collect())
@@ -1096,6 +1075,11 @@ mod tests {
             assert_eq!(svc.table_len as usize, table.len(), "{what}: table size in the entry");
             assert!(table.iter().all(|id| r.maps.backends.contains_key(id)), "{what}: the table names a backend that is gone");
         }
+        // The tables' entries are the maps' alone: each is the one its backends build.
+        for af in rec.applied.frontends.values().filter(|af| !af.table_of.is_empty()) {
+            let want: Vec<u32> = crate::select::build_table(rec.algorithm, &af.table_of).into_iter().map(|i| rec.applied.backends[&af.table_of[i]].0).collect();
+            assert_eq!(r.maps.tables.get(&af.svc_id), Some(&want), "{what}: frontend {}'s table", af.svc_id);
+        }
     }
 
     /// `desired(first)` plus a second frontend of the Service, port 443, with a source range.
@@ -1112,24 +1096,40 @@ mod tests {
     }
 
     #[test]
-    fn a_remembered_table_gives_back_exactly_its_entries() {
-        // The largest table, every entry a different id (the most a u16 index must count).
-        let widest: Vec<u32> = (0..65_521u32).map(|i| i * 7 + 1).collect();
+    fn a_remembered_table_is_its_size_and_its_ids() {
+        // The largest table, every entry a different id; one naming few ids many times; none.
+        let widest: Vec<u32> = (0..65_521u32).rev().map(|i| i * 7 + 1).collect();
         let some: Vec<u32> = (0..251u32).map(|i| [9, 4, 9, 1_000_000][i as usize % 4]).collect();
-        let too_wide: Vec<u32> = (0..70_000u32).collect();
-        assert!(Table::new(&too_wide).is_empty(), "more distinct ids than a u16 counts: no table");
-        for entries in [widest, some, Vec::new()] {
+        let mut sorted = widest.clone();
+        sorted.sort();
+        for (entries, ids) in [(widest, sorted), (some, vec![4, 9, 1_000_000]), (Vec::new(), Vec::new())] {
             let t = Table::new(&entries);
-            assert_eq!((t.to_vec(), t.len(), t.is_empty()), (entries.clone(), entries.len(), entries.is_empty()));
-            assert!(t.holds(&entries));
-            let mut other = entries.clone();
-            if let Some(last) = other.last_mut() {
-                *last += 1;
-                assert!(!t.holds(&other));
-            }
-            other.push(1);
-            assert!(!t.holds(&other));
+            assert_eq!((t.ids(), t.len(), t.is_empty()), (&ids[..], entries.len(), entries.is_empty()));
         }
+    }
+
+    #[test]
+    fn an_unchanged_table_writes_no_entry() {
+        // The same backends in another order, and the Service again after the reconciler forgot
+        // what it wrote (a restart): the table is compared with the maps' and nothing is written.
+        let mut r = Recorder::default();
+        let mut rec = Reconciler { algorithm: Algorithm::Maglev, ..Reconciler::new() };
+        rec.sync(&desired(&[1, 2, 3]), &BTreeSet::new(), &mut r);
+        let before = r.maps.tables.clone();
+        assert_eq!(before.values().map(Vec::len).collect::<Vec<_>>(), [crate::select::table_size(3)]);
+        for af in rec.applied.frontends.values_mut() {
+            af.table_of.clear();
+        }
+        let (st, errs) = rec.sync(&desired(&[3, 1, 2]), &BTreeSet::new(), &mut r);
+        assert!(errs.is_empty(), "{errs:?}");
+        assert_eq!((st.table_entries, &r.maps.tables), (0, &before));
+        assert_true_view(&r, &rec, "the same table again");
+        // One backend more: every entry that names another backend now is counted, no more.
+        let (st, _) = rec.sync(&desired(&[1, 2, 3, 4]), &BTreeSet::new(), &mut r);
+        let (old, new) = (&before.values().next().unwrap(), r.maps.tables.values().next().unwrap());
+        assert_eq!(st.table_entries, old.iter().zip(new).filter(|(a, b)| a != b).count());
+        assert!(st.table_entries > 0 && st.table_entries < new.len(), "{}", st.table_entries);
+        assert_true_view(&r, &rec, "a backend added");
     }
 
     #[test]
@@ -1494,12 +1494,12 @@ mod tests {
                             }
                         }
                         2 => {
-                            let f = d.frontends.entry(fe).or_insert_with(|| DesiredFrontend::new(ServicePortName { namespace: "default".into(), name: format!("s{}", fe.addr.port), port: String::new() }, BTreeSet::new()));
+                            let f = d.frontends.entry(fe).or_insert_with(|| DesiredFrontend::new(ServicePortName { namespace: "default".into(), name: format!("s{}", fe.addr.port).into(), port: "".into() }, BTreeSet::new()));
                             f.masquerade = !f.masquerade;
                             f.affinity_timeout_s = rnd(2) as u32 * 30;
                         }
                         _ => {
-                            let f = d.frontends.entry(fe).or_insert_with(|| DesiredFrontend::new(ServicePortName { namespace: "default".into(), name: format!("s{}", fe.addr.port), port: String::new() }, BTreeSet::new()));
+                            let f = d.frontends.entry(fe).or_insert_with(|| DesiredFrontend::new(ServicePortName { namespace: "default".into(), name: format!("s{}", fe.addr.port).into(), port: "".into() }, BTreeSet::new()));
                             let b = be(1 + rnd(12) as u8);
                             if !f.backends.remove(&b) {
                                 f.backends.insert(b);

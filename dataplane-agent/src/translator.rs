@@ -112,6 +112,17 @@ impl Translator {
         let translated = self.translated;
         *self = Translator { node: Some(node.clone()), translated, ..Default::default() };
         let mut errors = Vec::new();
+        // The Services first, so that their slices name them by the same key.
+        let mut keys = Vec::with_capacity(services.len());
+        for svc in services {
+            let key = model::service_key(svc.borrow());
+            let order = self.next_order;
+            self.next_order += 1;
+            if self.services.insert(key.clone(), (order, svc.shared())).is_some() {
+                self.duplicates = true;
+            }
+            keys.push(key);
+        }
         for s in slices {
             let key = model::slice_key(s.borrow());
             if self.slices.insert(key.clone(), s.shared()).is_some() {
@@ -119,6 +130,7 @@ impl Translator {
             }
             match model::slice_owner(s.borrow()) {
                 Ok(owner) => {
+                    let owner = self.owner_key(owner);
                     insert_sorted(self.slices_of.entry(owner.clone()).or_default(), key.clone());
                     self.slice_owner.insert(key, owner);
                 }
@@ -128,14 +140,6 @@ impl Translator {
                 }
             }
         }
-        for svc in services {
-            let key = model::service_key(svc.borrow());
-            let order = self.next_order;
-            self.next_order += 1;
-            if self.services.insert(key.clone(), (order, svc.shared())).is_some() {
-                self.duplicates = true;
-            }
-        }
         if self.duplicates {
             // Exactly as translate does, object by object; no part is kept.
             let (d, e) = model::translate(services, slices, node);
@@ -143,8 +147,7 @@ impl Translator {
             return e;
         }
         let mut delta = Delta::default();
-        for svc in services {
-            let key = model::service_key(svc.borrow());
+        for key in keys {
             let part = self.translate_one(&key);
             errors.extend(part.errors.iter().cloned());
             self.add_part(key, part, &mut delta);
@@ -172,6 +175,7 @@ impl Translator {
                 Some(s) => {
                     match model::slice_owner(&s) {
                         Ok(owner) => {
+                            let owner = self.owner_key(owner);
                             insert_sorted(self.slices_of.entry(owner.clone()).or_default(), key.clone());
                             self.slice_owner.insert(key.clone(), owner.clone());
                             affected.insert(owner);
@@ -234,6 +238,15 @@ impl Translator {
 
     pub fn counts(&self) -> (usize, usize) {
         (self.services.len(), self.slices.len())
+    }
+
+    /// `owner` (a slice's Service) as the key the Service is kept by, when it is: one copy of
+    /// the strings for the Service and all its slices.
+    fn owner_key(&self, owner: Key) -> Key {
+        match self.services.get_key_value(&owner) {
+            Some((k, _)) => k.clone(),
+            None => owner,
+        }
     }
 
     fn translate_one(&mut self, key: &Key) -> ServiceDesired {

@@ -60,7 +60,7 @@ fn desired(services: u32, generation: u32) -> Desired {
                 L4Addr { addr: Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 0, 0, 0)) + i * BACKENDS_PER_SERVICE + b + shift * 7_000_000), port: 8080, proto: Proto::Tcp }
             })
             .collect();
-        d.frontends.insert(Frontend::internal(fe), DesiredFrontend::new(ServicePortName { namespace: "bench".into(), name: format!("s{i}"), port: String::new() }, backends));
+        d.frontends.insert(Frontend::internal(fe), DesiredFrontend::new(ServicePortName { namespace: "bench".into(), name: format!("s{i}").into(), port: "".into() }, backends));
         d.cluster_ips.insert(vip);
     }
     d
@@ -154,7 +154,7 @@ fn nodeport_bench(runs: usize) {
     let node = ip("192.168.0.2");
     let backend = L4Addr { addr: ip("10.0.0.7"), port: 8080, proto: Proto::Tcp };
     let mut d = Desired::default();
-    let mut local = DesiredFrontend::new(ServicePortName { namespace: "bench".into(), name: "np".into(), port: String::new() }, [backend].into());
+    let mut local = DesiredFrontend::new(ServicePortName { namespace: "bench".into(), name: "np".into(), port: "".into() }, [backend].into());
     local.external_ip = true;
     local.drop_empty = true;
     d.frontends.insert(Frontend { addr: L4Addr { addr: node, port: 30080, proto: Proto::Tcp }, scope: Scope::External }, local);

@@ -459,7 +459,7 @@ mod tests {
         // b changes: a.yaml is parsed again, and its Services are named (a as it is).
         std::fs::write(dir.join("a.yaml"), svc("a", "172.30.0.1") + &svc("b", "172.30.0.22")).unwrap();
         let ch = changes(&mut cache);
-        assert_eq!(ch.services.keys().map(|k| k.1.as_str()).collect::<Vec<_>>(), ["a", "b"]);
+        assert_eq!(ch.services.keys().map(|k| &*k.1).collect::<Vec<_>>(), ["a", "b"]);
         assert_eq!(ch.services[&("x".into(), "b".into())].as_ref().unwrap().spec.as_ref().unwrap().cluster_ip.as_deref(), Some("172.30.0.22"));
         // b moves to c.yaml: still there; a.yaml removed: a is gone.
         std::fs::write(dir.join("a.yaml"), svc("a", "172.30.0.1")).unwrap();
