@@ -429,6 +429,8 @@ pub async fn run(mut cfg: RunConfig) -> anyhow::Result<()> {
     let mut policy_dirty = true;
     let mut last_node: Option<model::NodeContext> = None;
     let mut last_trim: Option<std::time::Instant> = None;
+    // A full read's trim that had to wait (one came less than TRIM_EVERY before it).
+    let mut trim_due: Option<tokio::time::Instant> = None;
     let hold_off = |last: Option<tokio::time::Instant>| last.map_or_else(tokio::time::Instant::now, |l| l + cfg.min_sync_period);
     loop {
         if let Some((mut objs, errors)) = pending.take() {
@@ -492,14 +494,21 @@ pub async fn run(mut cfg: RunConfig) -> anyhow::Result<()> {
             policy_objs.pods = std::mem::take(&mut objs.pods);
             policy_objs.namespaces = std::mem::take(&mut objs.namespaces);
             policy_objs.network_policies = std::mem::take(&mut objs.network_policies);
-            if matches!(objs.changed, Changed::All) && last_trim.is_none_or(|t| t.elapsed() >= TRIM_EVERY) {
+            if matches!(objs.changed, Changed::All) {
                 // What a full read left behind (the reflectors' list buffers, a full
                 // translation's temporaries, a manifests read's parse) is freed now: hand its
                 // pages back rather than keep the peak resident. At most every TRIM_EVERY (a
-                // manifests directory with a duplicate key makes every read a full one).
+                // manifests directory with a duplicate key makes every read a full one): a full
+                // read sooner than that is trimmed when it is up.
                 drop(objs);
-                release_freed_memory();
-                last_trim = Some(std::time::Instant::now());
+                match last_trim.map(|t| t + TRIM_EVERY).filter(|due| *due > std::time::Instant::now()) {
+                    Some(due) => trim_due = Some(tokio::time::Instant::from_std(due)),
+                    None => {
+                        release_freed_memory();
+                        last_trim = Some(std::time::Instant::now());
+                        trim_due = None;
+                    }
+                }
             }
             health.update(&out.health_checks).await;
             if out.ok {
@@ -549,6 +558,11 @@ pub async fn run(mut cfg: RunConfig) -> anyhow::Result<()> {
                 }
             }
             _ = retry.wait() => pending = read_logged(&mut source),
+            _ = tokio::time::sleep_until(trim_due.unwrap_or_else(tokio::time::Instant::now)), if trim_due.is_some() => {
+                trim_due = None;
+                release_freed_memory();
+                last_trim = Some(std::time::Instant::now());
+            }
             _ = changed(&source) => {
                 if matches!(source, Source::Kube(_)) || manifests_changed(&source, &retry) {
                     observed.change_pending();
