@@ -175,6 +175,12 @@ fn initial_lists_come_from_the_watch_cache_in_pages_and_a_410_relists() {
     let agent = Agent::start(&cp, &cp.service_account_kubeconfig());
     agent.wait_synced("services=1 slices=521");
     let after = cp.api("GET", "/metrics", None).1;
+    // The initial lists make one full translation: a list marked complete after its store was
+    // ready (and read by the first sync) must not make the next sync a second one.
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    let log = agent.log();
+    let translating: Vec<&str> = log.lines().filter(|l| l.contains(" synced ") && !l.contains(" translated=0 ")).collect();
+    assert_eq!(translating.len(), 1, "{translating:#?}");
 
     // Every LIST is paginated and a consistent read (no resourceVersion: served at etcd's
     // current revision); EndpointSlices took two pages, the second by a continue token.

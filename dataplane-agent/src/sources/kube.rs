@@ -90,6 +90,10 @@ pub struct WatchStats {
     /// The Services (namespace/name) with Service events, and those with EndpointSlice events,
     /// that no snapshot has read yet: kube-proxy's pending changes.
     pending: std::sync::Mutex<(BTreeSet<String>, BTreeSet<String>)>,
+    /// The kinds whose first list is in their store and marked read-whole: the first read waits
+    /// for the marks too (a store is ready just before its reflector's mark), else a mark landing
+    /// after it would make the next read a second full one.
+    listed: tokio::sync::watch::Sender<BTreeSet<String>>,
 }
 
 impl WatchStats {
@@ -293,6 +297,8 @@ impl KubeSource {
             let _ = namespaces.wait_until_ready().await;
             let _ = policies.wait_until_ready().await;
         }
+        let marked: &[&str] = if self.policy.is_some() { &["Service", "EndpointSlice", "Pod", "Namespace", "NetworkPolicy"] } else { &["Service", "EndpointSlice"] };
+        let _ = self.stats.listed.subscribe().wait_for(|l| marked.iter().all(|k| l.contains(*k))).await;
         let since = *self.base_ready_at.lock().unwrap().get_or_insert_with(Instant::now);
         let mut state = self.cidr_state.clone();
         let decided = async {
@@ -496,6 +502,7 @@ where
                 Ok(watcher::Event::InitDone) => {
                     // The store now holds the new list: it is read whole.
                     mark(None);
+                    stats.listed.send_if_modified(|l| l.insert(kind.clone()));
                     stats.relists.fetch_add(1, Ordering::Relaxed);
                     stats.events.fetch_add(1, Ordering::Relaxed);
                     info!(kind = %kind, "list complete");
