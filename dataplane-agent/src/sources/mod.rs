@@ -27,15 +27,15 @@ macro_rules! namespaced_resource {
 }
 
 /// The metadata the agent's own types (`pod`, `service`, `slice`) read: what identifies an
-/// object and its version (what a store and a watch need), and its labels, of which each type
-/// keeps what it reads; the annotations as `A` (skipped unread by default). managedFields and
-/// owner references are skipped. `null` or absent: empty, as k8s-openapi reads it.
+/// object and its version (what a store and a watch need: not its uid, which nothing reads and
+/// the store would copy again), and its labels, of which each type keeps what it reads; the
+/// annotations as `A` (skipped unread by default). managedFields and owner references are
+/// skipped. `null` or absent: empty, as k8s-openapi reads it.
 #[derive(Default, serde::Deserialize)]
 #[serde(rename_all = "camelCase")]
 struct WireMeta<A = serde::de::IgnoredAny> {
     name: Option<String>,
     namespace: Option<String>,
-    uid: Option<String>,
     resource_version: Option<String>,
     labels: Option<Labels>,
     annotations: Option<A>,
@@ -52,7 +52,7 @@ impl<A: serde::de::DeserializeOwned + Default> WireMeta<A> {
     /// The identity and version as an `ObjectMeta` (nothing else in it), and the labels and
     /// annotations.
     fn split(self) -> (k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta, Option<Labels>, Option<A>) {
-        let meta = k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta { name: self.name, namespace: self.namespace, uid: self.uid, resource_version: self.resource_version, ..Default::default() };
+        let meta = k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta { name: self.name, namespace: self.namespace, resource_version: self.resource_version, ..Default::default() };
         (meta, self.labels, self.annotations)
     }
 }

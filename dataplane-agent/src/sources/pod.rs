@@ -68,7 +68,6 @@ mod tests {
             metadata: ObjectMeta {
                 name: Some("web-1".into()),
                 namespace: Some("shop".into()),
-                uid: Some("19f87ef9-052d-4ce0-9ba0-30926f2ad4fb".into()),
                 resource_version: Some("273".into()),
                 labels: Some([("app".to_string(), "web".to_string()), ("tier".to_string(), "front".to_string())].into()),
                 ..Default::default()

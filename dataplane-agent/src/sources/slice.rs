@@ -22,7 +22,7 @@ use crate::{model::LABEL_SERVICE_NAME, observe::TRIGGER_TIME};
 /// to; the address type, ports and endpoints.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct EndpointSlice {
-    /// Name, namespace, uid and resourceVersion only (what a store and a watch need).
+    /// Name, namespace and resourceVersion only (what a store and a watch need).
     pub metadata: ObjectMeta,
     /// The `kubernetes.io/service-name` label.
     pub service_name: Option<String>,
@@ -109,7 +109,7 @@ mod tests {
         assert_eq!((s.service_name.as_deref(), s.trigger_time.as_deref()), (Some("web"), Some("2026-12-03T10:00:01Z")));
         assert_eq!(
             s.metadata,
-            ObjectMeta { name: Some("web-8xk2p".into()), namespace: Some("shop".into()), uid: full.metadata.uid.clone(), resource_version: Some("4121".into()), ..Default::default() }
+            ObjectMeta { name: Some("web-8xk2p".into()), namespace: Some("shop".into()), resource_version: Some("4121".into()), ..Default::default() }
         );
         let debug = format!("{s:?}");
         for gone in ["FieldsV1", "ferry.test/note", "managed-by", "web-1", "zone: Some", "u2", "generateName", "hostname"] {
