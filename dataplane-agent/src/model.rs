@@ -608,12 +608,12 @@ fn endpoints_for_port(slices: &[&EndpointSlice], port_name: &str, proto: Proto, 
     let mut out = Vec::new();
     for slice in slices {
         let name = obj_name(&slice.metadata.namespace, &slice.metadata.name);
-        if slice.address_type == "IPv6" {
+        if &*slice.address_type == "IPv6" {
             // The other family's slice of a dual-stack Service (counted once per port).
             *v6 += 1;
             continue;
         }
-        if slice.address_type != "IPv4" {
+        if &*slice.address_type != "IPv4" {
             errors.push(ObjectError::new("EndpointSlice", name.clone(), "addressType".into(),
                 format!("{:?} is not supported (IPv4 and IPv6 only; FQDN slices are not for proxies)", slice.address_type)));
             continue;

@@ -44,7 +44,8 @@ use dataplane_agent::sources::{
     slice::{Endpoint, EndpointSlice},
 };
 use dataplane_common::{progs, Lb4SlotKey};
-use k8s_openapi::{api::discovery::v1::EndpointPort, apimachinery::pkg::apis::meta::v1::ObjectMeta};
+use dataplane_agent::sources::slice::EndpointPort;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 
 const BACKENDS_PER_SERVICE: u32 = 3;
 

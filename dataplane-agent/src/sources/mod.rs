@@ -64,6 +64,99 @@ fn null_default<'de, D: serde::Deserializer<'de>, T: serde::Deserialize<'de> + D
     Ok(<Option<T> as serde::Deserialize>::deserialize(d)?.unwrap_or_default())
 }
 
+/// A string field whose value is nearly always one of a few words the API defines (a Service's
+/// type and traffic policies, a protocol, an address type): such a word is kept as a pointer to
+/// the agent's own copy, any other value in a box of its own. Every Service and EndpointSlice of
+/// the cluster is kept, and a `String` of "TCP" costs an allocation each. Equality, order and
+/// hash are the string's, whichever way it is kept.
+#[derive(Clone)]
+pub enum Word {
+    Known(&'static str),
+    Other(Box<str>),
+}
+
+/// The values of the fields read as [`Word`]s.
+const WORDS: &[&str] = &["", "ClusterIP", "NodePort", "LoadBalancer", "ExternalName", "None", "ClientIP", "Cluster", "Local", "TCP", "UDP", "SCTP", "IPv4", "IPv6", "FQDN"];
+
+impl Default for Word {
+    fn default() -> Self {
+        Word::Known("")
+    }
+}
+
+impl std::ops::Deref for Word {
+    type Target = str;
+    fn deref(&self) -> &str {
+        match self {
+            Word::Known(w) => w,
+            Word::Other(s) => s,
+        }
+    }
+}
+
+impl From<&str> for Word {
+    fn from(s: &str) -> Word {
+        match WORDS.iter().find(|w| **w == s) {
+            Some(w) => Word::Known(w),
+            None => Word::Other(s.into()),
+        }
+    }
+}
+
+impl PartialEq for Word {
+    fn eq(&self, other: &Word) -> bool {
+        **self == **other
+    }
+}
+
+impl Eq for Word {}
+
+impl PartialOrd for Word {
+    fn partial_cmp(&self, other: &Word) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for Word {
+    fn cmp(&self, other: &Word) -> std::cmp::Ordering {
+        (**self).cmp(&**other)
+    }
+}
+
+impl std::hash::Hash for Word {
+    fn hash<H: std::hash::Hasher>(&self, h: &mut H) {
+        (**self).hash(h)
+    }
+}
+
+impl std::fmt::Debug for Word {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Debug::fmt(&**self, f)
+    }
+}
+
+impl std::fmt::Display for Word {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self)
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for Word {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl serde::de::Visitor<'_> for V {
+            type Value = Word;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a string")
+            }
+            fn visit_str<E: serde::de::Error>(self, s: &str) -> Result<Word, E> {
+                Ok(Word::from(s))
+            }
+        }
+        d.deserialize_str(V)
+    }
+}
+
 pub mod kube;
 pub mod manifests;
 pub mod pod;

@@ -29,7 +29,7 @@ pub struct Service {
 #[serde(rename_all = "camelCase")]
 pub struct ServiceSpec {
     #[serde(rename = "type")]
-    pub type_: Option<String>,
+    pub type_: Option<super::Word>,
     #[serde(rename = "clusterIP")]
     pub cluster_ip: Option<String>,
     #[serde(rename = "clusterIPs")]
@@ -37,10 +37,10 @@ pub struct ServiceSpec {
     #[serde(rename = "externalIPs")]
     pub external_ips: Option<Vec<String>>,
     pub load_balancer_source_ranges: Option<Vec<String>>,
-    pub session_affinity: Option<String>,
+    pub session_affinity: Option<super::Word>,
     pub session_affinity_config: Option<SessionAffinityConfig>,
-    pub external_traffic_policy: Option<String>,
-    pub internal_traffic_policy: Option<String>,
+    pub external_traffic_policy: Option<super::Word>,
+    pub internal_traffic_policy: Option<super::Word>,
     pub ports: Option<Vec<ServicePort>>,
     pub health_check_node_port: Option<i32>,
 }
@@ -51,7 +51,7 @@ pub struct ServiceSpec {
 #[serde(rename_all = "camelCase")]
 pub struct ServicePort {
     pub name: Option<String>,
-    pub protocol: Option<String>,
+    pub protocol: Option<super::Word>,
     /// Absent or `null`: 0, as k8s-openapi reads it (translation then names the field).
     #[serde(default, deserialize_with = "super::null_default")]
     pub port: i32,
@@ -97,11 +97,15 @@ mod tests {
         let s: Service = serde_json::from_str(SERVED).unwrap();
         let full: k8s_openapi::api::core::v1::Service = serde_json::from_str(SERVED).unwrap();
         let (spec, f) = (s.spec.as_ref().unwrap(), full.spec.as_ref().unwrap());
-        assert_eq!((&spec.type_, &spec.cluster_ip, &spec.cluster_ips, &spec.external_ips), (&f.type_, &f.cluster_ip, &f.cluster_ips, &f.external_ips));
-        assert_eq!((&spec.load_balancer_source_ranges, &spec.session_affinity, &spec.session_affinity_config), (&f.load_balancer_source_ranges, &f.session_affinity, &f.session_affinity_config));
-        assert_eq!((&spec.external_traffic_policy, &spec.internal_traffic_policy, spec.health_check_node_port), (&f.external_traffic_policy, &f.internal_traffic_policy, f.health_check_node_port));
+        assert_eq!((spec.type_.as_deref(), &spec.cluster_ip, &spec.cluster_ips, &spec.external_ips), (f.type_.as_deref(), &f.cluster_ip, &f.cluster_ips, &f.external_ips));
+        assert_eq!((&spec.load_balancer_source_ranges, spec.session_affinity.as_deref(), &spec.session_affinity_config), (&f.load_balancer_source_ranges, f.session_affinity.as_deref(), &f.session_affinity_config));
+        assert_eq!((spec.external_traffic_policy.as_deref(), spec.internal_traffic_policy.as_deref(), spec.health_check_node_port), (f.external_traffic_policy.as_deref(), f.internal_traffic_policy.as_deref(), f.health_check_node_port));
         let (p, fp) = (&spec.ports.as_ref().unwrap()[0], &f.ports.as_ref().unwrap()[0]);
-        assert_eq!((&p.name, &p.protocol, p.port, p.node_port), (&fp.name, &fp.protocol, fp.port, fp.node_port));
+        assert_eq!((&p.name, p.protocol.as_deref(), p.port, p.node_port), (&fp.name, fp.protocol.as_deref(), fp.port, fp.node_port));
+        // The API's words are the agent's own copies; another value is kept as it is.
+        assert!(matches!((&spec.type_, &p.protocol), (Some(super::super::Word::Known("LoadBalancer")), Some(super::super::Word::Known("TCP")))));
+        let odd: Service = serde_json::from_str(&SERVED.replace(r#""protocol": "TCP""#, r#""protocol": "tcp""#)).unwrap();
+        assert!(matches!(&odd.spec.unwrap().ports.unwrap()[0].protocol, Some(super::super::Word::Other(w)) if &**w == "tcp"));
         assert_eq!(s.status, full.status);
         assert_eq!(
             s.metadata,

@@ -11,7 +11,7 @@
 use std::collections::BTreeMap;
 
 use k8s_openapi::{
-    api::discovery::v1::{EndpointConditions, EndpointHints, EndpointPort},
+    api::discovery::v1::{EndpointConditions, EndpointHints},
     apimachinery::pkg::apis::meta::v1::ObjectMeta,
 };
 use serde::{Deserialize, Deserializer};
@@ -28,9 +28,17 @@ pub struct EndpointSlice {
     pub service_name: Option<String>,
     /// The `endpoints.kubernetes.io/last-change-trigger-time` annotation.
     pub trigger_time: Option<String>,
-    pub address_type: String,
+    pub address_type: super::Word,
     pub endpoints: Option<Vec<Endpoint>>,
     pub ports: Option<Vec<EndpointPort>>,
+}
+
+/// A port of the slice: its name, number and protocol (not its appProtocol).
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+pub struct EndpointPort {
+    pub name: Option<String>,
+    pub port: Option<i32>,
+    pub protocol: Option<super::Word>,
 }
 
 /// One endpoint: its addresses, conditions, node and topology hints.
@@ -53,7 +61,7 @@ impl<'de> Deserialize<'de> for EndpointSlice {
             metadata: super::WireMeta<BTreeMap<String, String>>,
             // Absent or `null`: empty, as k8s-openapi reads it (translation then names it).
             #[serde(default, deserialize_with = "super::null_default")]
-            address_type: String,
+            address_type: super::Word,
             endpoints: Option<Vec<Endpoint>>,
             ports: Option<Vec<EndpointPort>>,
         }
@@ -105,7 +113,10 @@ mod tests {
         let full: k8s_openapi::api::discovery::v1::EndpointSlice = serde_json::from_str(SERVED).unwrap();
         let (e, f) = (&s.endpoints.as_ref().unwrap()[0], &full.endpoints.as_ref().unwrap()[0]);
         assert_eq!((&e.addresses, &e.conditions, &e.node_name, &e.hints), (&f.addresses, &f.conditions, &f.node_name, &f.hints));
-        assert_eq!((&s.address_type, &s.ports), (&full.address_type, &full.ports));
+        assert_eq!(&*s.address_type, full.address_type);
+        let (p, fp) = (&s.ports.as_ref().unwrap()[0], &full.ports.as_ref().unwrap()[0]);
+        assert_eq!((&p.name, p.port, p.protocol.as_deref()), (&fp.name, fp.port, fp.protocol.as_deref()));
+        assert!(matches!((&s.address_type, &p.protocol), (super::super::Word::Known("IPv4"), Some(super::super::Word::Known("TCP")))));
         assert_eq!((s.service_name.as_deref(), s.trigger_time.as_deref()), (Some("web"), Some("2026-12-03T10:00:01Z")));
         assert_eq!(
             s.metadata,
@@ -123,8 +134,8 @@ mod tests {
         assert_eq!(e.path().to_string(), "ports[0].port");
         // Missing ones read as k8s-openapi reads them: empty (translation names them then).
         let s: EndpointSlice = serde_json::from_str(&SERVED.replace(r#""addressType": "IPv4","#, "").replace(r#""addresses": ["10.244.1.17"], "#, "")).unwrap();
-        assert_eq!((s.address_type.as_str(), s.endpoints.unwrap()[0].addresses.len()), ("", 0));
+        assert_eq!((&*s.address_type, s.endpoints.unwrap()[0].addresses.len()), ("", 0));
         let s: EndpointSlice = serde_json::from_str(&SERVED.replace(r#""addressType": "IPv4""#, r#""addressType": null"#).replace(r#""addresses": ["10.244.1.17"]"#, r#""addresses": null"#)).unwrap();
-        assert_eq!((s.address_type.as_str(), s.endpoints.unwrap()[0].addresses.len()), ("", 0));
+        assert_eq!((&*s.address_type, s.endpoints.unwrap()[0].addresses.len()), ("", 0));
     }
 }
