@@ -6,6 +6,7 @@ use std::{
     collections::{hash_map::DefaultHasher, BTreeMap, BTreeSet, HashMap},
     hash::{Hash, Hasher},
     path::{Path, PathBuf},
+    sync::Arc,
 };
 
 use k8s_openapi::api::{
@@ -189,9 +190,19 @@ pub fn read(path: &Path) -> std::io::Result<(Objects, Vec<ObjectError>)> {
 #[derive(Default)]
 pub struct Cache {
     files: BTreeMap<PathBuf, FileRead>,
-    /// Service and EndpointSlice keys -> the files holding them.
-    services: HashMap<Key, BTreeSet<PathBuf>>,
-    slices: HashMap<Key, BTreeSet<PathBuf>>,
+    /// Service and EndpointSlice keys -> the files holding them, sorted (nearly always one: a
+    /// `Vec` of shared paths, not a set of copies, which cost 350 bytes a key).
+    services: HashMap<Key, Holders>,
+    slices: HashMap<Key, Holders>,
+}
+
+type Holders = Vec<Arc<Path>>;
+
+fn hold(index: &mut HashMap<Key, Holders>, k: Key, f: &Arc<Path>) {
+    let v = index.entry(k).or_default();
+    if let Err(i) = v.binary_search(f) {
+        v.insert(i, f.clone());
+    }
 }
 
 struct FileRead {
@@ -240,11 +251,13 @@ fn read_changed_in(path: &Path, cache: &mut Cache) -> std::io::Result<(Objects, 
         let mut objs = Objects::default();
         let mut errors = Vec::new();
         parse_str(&String::from_utf8_lossy(&bytes), &f.display().to_string(), &mut objs, &mut errors);
+        drop(bytes);
+        let shared: Arc<Path> = Arc::from(f.as_path());
         for k in objs.services.iter().map(|o| model::service_key(o)) {
-            cache.services.entry(k).or_default().insert(f.clone());
+            hold(&mut cache.services, k, &shared);
         }
         for k in objs.endpoint_slices.iter().map(|o| model::slice_key(o)) {
-            cache.slices.entry(k).or_default().insert(f.clone());
+            hold(&mut cache.slices, k, &shared);
         }
         let old = cache.files.insert(f.clone(), FileRead { hash, settled, objs: objs.clone(), errors });
         if let Some(old) = old {
@@ -279,18 +292,32 @@ fn read_changed_in(path: &Path, cache: &mut Cache) -> std::io::Result<(Objects, 
         return Ok((out, errors));
     }
     let mut ch = crate::translator::Changes::default();
+    // Each holding file's objects by key, made once per file (a lookup per key through a whole
+    // file would be quadratic in a file of 100,000 Services).
+    let mut by_file = ByFile::new();
     for (old, new) in &touched {
         for k in old.services.iter().chain(&new.services).map(|o| model::service_key(o)) {
-            let now = cache.services.get(&k).and_then(|fs| fs.first()).and_then(|f| cache.files[f].objs.services.iter().find(|o| model::service_key(o) == k));
-            ch.services.insert(k, now.cloned());
+            let now = cache.services.get(&k).and_then(|fs| fs.first()).and_then(|f| file_index(&mut by_file, cache, f).0.get(&k).map(|o| Arc::clone(o)));
+            ch.services.insert(k, now);
         }
         for k in old.endpoint_slices.iter().chain(&new.endpoint_slices).map(|o| model::slice_key(o)) {
-            let now = cache.slices.get(&k).and_then(|fs| fs.first()).and_then(|f| cache.files[f].objs.endpoint_slices.iter().find(|o| model::slice_key(o) == k));
-            ch.slices.insert(k, now.cloned());
+            let now = cache.slices.get(&k).and_then(|fs| fs.first()).and_then(|f| file_index(&mut by_file, cache, f).1.get(&k).map(|o| Arc::clone(o)));
+            ch.slices.insert(k, now);
         }
     }
     out.changed = Changed::Only(ch);
     Ok((out, errors))
+}
+
+/// Files' Services and EndpointSlices by key.
+type ByFile<'c> = HashMap<Arc<Path>, (HashMap<Key, &'c Arc<Service>>, HashMap<Key, &'c Arc<EndpointSlice>>)>;
+
+/// File `f`'s objects by key, indexed on first use.
+fn file_index<'c, 'm>(by_file: &'m mut ByFile<'c>, cache: &'c Cache, f: &Arc<Path>) -> &'m (HashMap<Key, &'c Arc<Service>>, HashMap<Key, &'c Arc<EndpointSlice>>) {
+    by_file.entry(f.clone()).or_insert_with(|| {
+        let objs = &cache.files[&**f].objs;
+        (objs.services.iter().map(|o| (model::service_key(o), o)).collect(), objs.endpoint_slices.iter().map(|o| (model::slice_key(o), o)).collect())
+    })
 }
 
 impl Cache {
@@ -312,9 +339,11 @@ impl Cache {
     }
 }
 
-fn drop_file(index: &mut HashMap<Key, BTreeSet<PathBuf>>, k: Key, f: &Path) {
+fn drop_file(index: &mut HashMap<Key, Holders>, k: Key, f: &Path) {
     if let Some(set) = index.get_mut(&k) {
-        set.remove(f);
+        if let Ok(i) = set.binary_search_by(|p| (**p).cmp(f)) {
+            set.remove(i);
+        }
         if set.is_empty() {
             index.remove(&k);
         }
@@ -474,6 +503,13 @@ mod tests {
         std::fs::write(dir.join("d.yaml"), svc("c", "172.30.0.4")).unwrap();
         let (objs, _) = read_changed(&dir, &mut cache).unwrap();
         assert!(matches!(objs.changed, Changed::All) && objs.services.len() == 3);
+        assert_eq!(cache.services[&("x".into(), "c".into())].len(), 2, "held by both files, once each");
+        // d.yaml gone: c is c.yaml's again, named as it is there.
+        std::fs::remove_file(dir.join("d.yaml")).unwrap();
+        let ch = changes(&mut cache);
+        assert_eq!(ch.services.len(), 1);
+        assert_eq!(ch.services[&("x".into(), "c".into())].as_ref().unwrap().spec.as_ref().unwrap().cluster_ip.as_deref(), Some("172.30.0.3"));
+        assert_eq!(cache.services[&("x".into(), "c".into())].len(), 1);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
