@@ -8,5 +8,6 @@ pub mod lab;
 pub mod netprog;
 pub mod podnet;
 pub mod raw;
+pub mod scale;
 pub mod steady;
 pub use dataplane_agent::packet;

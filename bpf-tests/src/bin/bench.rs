@@ -297,6 +297,10 @@ fn main() {
         control_plane_bench(&cp, true);
         return;
     }
+    if args.iter().any(|a| a == "--scale-only") {
+        scale_bench();
+        return;
+    }
     println!("Ferry bench: median of {runs} single BPF_PROG_TEST_RUN runs per figure (kernel-measured ns)\n");
     println!(
         "{:>9} {:>7} | {:>12} | {:>10} | {:>14} | {:>14} | {:>14} | {:>11} | {:>17} | {:>15} | {:>14}",
@@ -437,6 +441,7 @@ fn main() {
         return;
     }
     policy_bench(runs);
+    scale_bench();
     control_plane_bench(&cp, false);
     if !args.iter().any(|a| a == "--no-throughput") {
         throughput_bench();
@@ -446,6 +451,18 @@ fn main() {
 /// Network programming against a real API server (`bpf_tests::netprog`): run when asked for
 /// (`--control-plane-only`, Ferry alone if kube-proxy is not built), else when kube-proxy is
 /// built; skipped with a line saying why otherwise.
+/// The agent itself at 10,000 and 100,000 Services, from `--manifests`.
+fn scale_bench() {
+    // The agent of this bench's own build (release under `cargo xtask bench`).
+    bpf_tests::lab::use_bin_dir(std::env::current_exe().unwrap().parent().unwrap().to_path_buf());
+    if let Err(e) = bpf_tests::scale::run(&[10_000, 100_000]) {
+        println!("agent at scale: {e}");
+        if e.starts_with("interrupted") {
+            std::process::exit(130);
+        }
+    }
+}
+
 fn control_plane_bench(cp: &CpArgs, asked: bool) {
     if cp.kube_proxy.is_none() && !asked {
         println!("\nNetwork programming against a real API server: skipped (needs the kube-proxy binary: `cargo xtask setup` builds it; `--control-plane-only` runs Ferry's rows alone)");
