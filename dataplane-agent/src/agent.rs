@@ -120,7 +120,8 @@ enum Source {
     /// `last`: fingerprint of the manifests the maps match; `reading`: of the ones last read;
     /// `cache`: the files as last parsed.
     /// `watch`: wakes the loop when a file changes (inotify), ahead of the poll.
-    Manifests { path: PathBuf, last: Option<u64>, reading: Option<u64>, cache: manifests::Cache, watch: Option<manifests::Watcher> },
+    /// `unreadable`: the path could not be read at the last poll (said once, not every poll).
+    Manifests { path: PathBuf, last: Option<u64>, reading: Option<u64>, cache: manifests::Cache, watch: Option<manifests::Watcher>, unreadable: std::cell::Cell<bool> },
     Kube(KubeSource),
 }
 
@@ -334,7 +335,7 @@ pub async fn run(mut cfg: RunConfig) -> anyhow::Result<()> {
                     None
                 }
             };
-            Source::Manifests { path: path.clone(), last: None, reading: None, cache: Default::default(), watch }
+            Source::Manifests { path: path.clone(), last: None, reading: None, cache: Default::default(), watch, unreadable: Default::default() }
         }
         SourceConfig::Kube { kubeconfig, master } => {
             let client = crate::sources::kube::client(kubeconfig.as_deref(), master.as_deref()).await?;
@@ -692,11 +693,19 @@ async fn changed(source: &Source) {
 
 /// The manifests differ from those the maps match (and no failed sync is waiting for its retry).
 fn manifests_changed(source: &Source, retry: &Backoff) -> bool {
-    let Source::Manifests { path, last, .. } = source else { return false };
+    let Source::Manifests { path, last, unreadable, .. } = source else { return false };
     match manifests::fingerprint(path) {
-        Ok(fp) => Some(fp) != *last && !retry.waiting(),
+        Ok(fp) => {
+            if unreadable.replace(false) {
+                info!(path = %path.display(), "manifests readable again");
+            }
+            Some(fp) != *last && !retry.waiting()
+        }
         Err(e) => {
-            warn!(path = %path.display(), error = %e, "manifests unreadable");
+            // Once, not at every poll: the maps keep what they hold meanwhile.
+            if !unreadable.replace(true) {
+                warn!(path = %path.display(), error = %e, "manifests unreadable: the maps keep what they hold until the path can be read again");
+            }
             false
         }
     }
