@@ -161,6 +161,14 @@ impl Translator {
         let mut delta = Delta::default();
         let mut affected: BTreeSet<Key> = BTreeSet::new();
         for (key, slice) in changes.slices {
+            // The same object again (a relist, a manifest file whose other objects changed):
+            // kept as given, so the store's copy is the only one, and nothing is translated.
+            if let Some(s) = &slice {
+                if let Some(held) = self.slices.get_mut(&key).filter(|held| ***held == **s) {
+                    *held = s.clone();
+                    continue;
+                }
+            }
             if let Some(owner) = self.slice_owner.remove(&key) {
                 if let Some(set) = self.slices_of.get_mut(&owner) {
                     set.retain(|k| *k != key);
@@ -194,6 +202,10 @@ impl Translator {
         for (key, svc) in changes.services {
             match svc {
                 Some(s) => {
+                    if let Some((_, held)) = self.services.get_mut(&key).filter(|(_, held)| **held == *s) {
+                        *held = s;
+                        continue;
+                    }
                     let order = match self.services.get(&key) {
                         Some((o, _)) => *o,
                         None => {
@@ -565,5 +577,25 @@ mod tests {
         assert_eq!(delta.frontends, [fe].into());
         assert_eq!(delta.cluster_ips, ["172.30.0.8".parse().unwrap()].into());
         assert_eq!(t.desired.frontends[&fe].backends.len(), 2);
+        // The same objects again (a relist, a manifest file of which one object changed): only
+        // the changed one is translated, and the translator keeps the copies given.
+        let mut ch = Changes::default();
+        let again: Vec<Arc<Service>> = services[..10].iter().cloned().map(Arc::new).collect();
+        for s in &again {
+            ch.services.insert(model::service_key(s), Some(s.clone()));
+        }
+        for s in &slices[..10] {
+            let s = if s.metadata.name.as_deref() == Some("s7-x") { changed.clone() } else { s.clone() };
+            ch.slices.insert(model::slice_key(&s), Some(Arc::new(s)));
+        }
+        let moved = slice("s3-x", Some("s3"), &["10.1.0.99"]);
+        ch.slices.insert(model::slice_key(&moved), Some(Arc::new(moved)));
+        let (delta, work) = t.apply(ch, &node());
+        assert_eq!(work, Work { translated: 1, full: false });
+        let fe3 = Frontend::internal(model::L4Addr { addr: "172.30.0.4".parse().unwrap(), port: 80, proto: model::Proto::Tcp });
+        assert_eq!(delta.frontends, [fe3].into());
+        assert!(Arc::ptr_eq(&t.services[&model::service_key(&again[0])].1, &again[0]), "the copy given is kept");
+        let (desired, _) = model::translate(&services, &[&slices[..3], &[slice("s3-x", Some("s3"), &["10.1.0.99"]), changed.clone()], &slices[4..7], &slices[8..]].concat(), &node());
+        assert!(t.desired == desired, "the same as a full translation");
     }
 }
