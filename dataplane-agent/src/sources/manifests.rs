@@ -194,14 +194,20 @@ pub struct Cache {
     /// `Vec` of shared paths, not a set of copies, which cost 350 bytes a key).
     services: HashMap<Key, Holders>,
     slices: HashMap<Key, Holders>,
+    /// Keys of `services` and `slices` held by more than one file.
+    shared: usize,
 }
 
 type Holders = Vec<Arc<Path>>;
 
-fn hold(index: &mut HashMap<Key, Holders>, k: Key, f: &Arc<Path>) {
+/// `f` holds `k`; counts the keys held twice or more in `shared`.
+fn hold(index: &mut HashMap<Key, Holders>, shared: &mut usize, k: Key, f: &Arc<Path>) {
     let v = index.entry(k).or_default();
     if let Err(i) = v.binary_search(f) {
         v.insert(i, f.clone());
+        if v.len() == 2 {
+            *shared += 1;
+        }
     }
 }
 
@@ -212,6 +218,8 @@ struct FileRead {
     settled: Option<Stamp>,
     objs: Objects,
     errors: Vec<ObjectError>,
+    /// The file holds a Service or EndpointSlice key twice.
+    duplicates: bool,
 }
 
 /// Reads `path` as [`read`] does, parsing again only the files whose bytes changed since the
@@ -254,12 +262,13 @@ fn read_changed_in(path: &Path, cache: &mut Cache) -> std::io::Result<(Objects, 
         drop(bytes);
         let shared: Arc<Path> = Arc::from(f.as_path());
         for k in objs.services.iter().map(|o| model::service_key(o)) {
-            hold(&mut cache.services, k, &shared);
+            hold(&mut cache.services, &mut cache.shared, k, &shared);
         }
         for k in objs.endpoint_slices.iter().map(|o| model::slice_key(o)) {
-            hold(&mut cache.slices, k, &shared);
+            hold(&mut cache.slices, &mut cache.shared, k, &shared);
         }
-        let old = cache.files.insert(f.clone(), FileRead { hash, settled, objs: objs.clone(), errors });
+        let duplicates = has_duplicates(&objs);
+        let old = cache.files.insert(f.clone(), FileRead { hash, settled, objs: objs.clone(), errors, duplicates });
         if let Some(old) = old {
             cache.forget_keys(f, &old.objs, &objs);
             touched.push((old.objs, objs));
@@ -283,7 +292,8 @@ fn read_changed_in(path: &Path, cache: &mut Cache) -> std::io::Result<(Objects, 
         out.service_cidrs.extend(o.service_cidrs.iter().cloned());
         errors.extend(r.errors.iter().cloned());
     }
-    let duplicates = cache.files.values().any(|r| has_duplicates(&r.objs)) || cache.services.values().chain(cache.slices.values()).any(|s| s.len() > 1);
+    // (Kept as the files are read: a look at every object here would cost a change the cluster.)
+    let duplicates = cache.shared > 0 || cache.files.values().any(|r| r.duplicates);
     if first || duplicates {
         for r in cache.files.values() {
             out.services.extend(r.objs.services.iter().cloned());
@@ -330,19 +340,22 @@ impl Cache {
     fn forget_keys(&mut self, f: &Path, old: &Objects, new: &Objects) {
         let still: BTreeSet<Key> = new.services.iter().map(|o| model::service_key(o)).collect();
         for k in old.services.iter().map(|o| model::service_key(o)).filter(|k| !still.contains(k)) {
-            drop_file(&mut self.services, k, f);
+            drop_file(&mut self.services, &mut self.shared, k, f);
         }
         let still: BTreeSet<Key> = new.endpoint_slices.iter().map(|o| model::slice_key(o)).collect();
         for k in old.endpoint_slices.iter().map(|o| model::slice_key(o)).filter(|k| !still.contains(k)) {
-            drop_file(&mut self.slices, k, f);
+            drop_file(&mut self.slices, &mut self.shared, k, f);
         }
     }
 }
 
-fn drop_file(index: &mut HashMap<Key, Holders>, k: Key, f: &Path) {
+fn drop_file(index: &mut HashMap<Key, Holders>, shared: &mut usize, k: Key, f: &Path) {
     if let Some(set) = index.get_mut(&k) {
         if let Ok(i) = set.binary_search_by(|p| (**p).cmp(f)) {
             set.remove(i);
+            if set.len() == 1 {
+                *shared -= 1;
+            }
         }
         if set.is_empty() {
             index.remove(&k);
@@ -504,12 +517,14 @@ mod tests {
         let (objs, _) = read_changed(&dir, &mut cache).unwrap();
         assert!(matches!(objs.changed, Changed::All) && objs.services.len() == 3);
         assert_eq!(cache.services[&("x".into(), "c".into())].len(), 2, "held by both files, once each");
+        assert_eq!(cache.shared, 1);
         // d.yaml gone: c is c.yaml's again, named as it is there.
         std::fs::remove_file(dir.join("d.yaml")).unwrap();
         let ch = changes(&mut cache);
         assert_eq!(ch.services.len(), 1);
         assert_eq!(ch.services[&("x".into(), "c".into())].as_ref().unwrap().spec.as_ref().unwrap().cluster_ip.as_deref(), Some("172.30.0.3"));
         assert_eq!(cache.services[&("x".into(), "c".into())].len(), 1);
+        assert_eq!(cache.shared, 0);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
