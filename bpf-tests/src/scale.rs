@@ -105,8 +105,14 @@ impl Node {
         out.map(|o| String::from_utf8_lossy(&o.stdout).into_owned()).unwrap_or_default()
     }
 
-    fn last_synced(&self) -> String {
-        let log = std::fs::read_to_string(self.dir.path.join("agent.log")).unwrap_or_default();
+    fn log_len(&self) -> usize {
+        std::fs::metadata(self.dir.path.join("agent.log")).map(|m| m.len() as usize).unwrap_or(0)
+    }
+
+    /// The last sync's log line written after byte `since` of the log (every start appends).
+    fn last_synced(&self, since: usize) -> String {
+        let log = std::fs::read(self.dir.path.join("agent.log")).unwrap_or_default();
+        let log = String::from_utf8_lossy(&log[since.min(log.len())..]).into_owned();
         log.lines().rev().find(|l| l.contains(" synced ")).unwrap_or_default().to_string()
     }
 
@@ -116,7 +122,7 @@ impl Node {
     /// the sync's own `took`. Checked: that sync translated one Service and wrote one frontend.
     fn one_change(&mut self, n: u32) -> Result<(Duration, Duration), String> {
         let log_path = self.dir.path.join("agent.log");
-        let since = std::fs::metadata(&log_path).map(|m| m.len() as usize).unwrap_or(0);
+        let since = self.log_len();
         let from = (n - 1) / PER_FILE * PER_FILE;
         let path = self.dir.path.join(format!("manifests/objects-{:04}.yaml", from / PER_FILE));
         let mut text = Vec::new();
@@ -129,6 +135,9 @@ impl Node {
         let started = Instant::now();
         std::fs::rename(&tmp, &path).map_err(|e| format!("{}: {e}", path.display()))?;
         while started.elapsed() < Duration::from_secs(30) {
+            if interrupted() {
+                return Err("interrupted".into());
+            }
             std::thread::sleep(Duration::from_millis(20));
             let log = std::fs::read(&log_path).unwrap_or_default();
             let new = String::from_utf8_lossy(&log[since.min(log.len())..]).into_owned();
@@ -157,6 +166,7 @@ impl Node {
         // Room for every table (251 entries for 3 endpoints).
         let tables = (n as u64 * 256).max(dataplane_common::capacity::CHASH_ENTRIES as u64).to_string();
         let manifests = self.dir.path.join("manifests");
+        let since = self.log_len();
         let wall = SystemTime::now();
         let started = Instant::now();
         let child = self
@@ -172,11 +182,12 @@ impl Node {
             .map_err(|e| format!("start agent: {e}"))?;
         self.agent = Some(Proc { child, what: "agent".into() });
         loop {
-            if let Some(Ok(Some(st))) = self.agent.as_mut().map(|a| a.child.try_wait()) {
-                return Err(format!("the agent exited ({st}): {}", self.log_tail()));
-            }
+            // (Before the exit check: a Ctrl-C reaches the agent too.)
             if interrupted() {
                 return Err("interrupted".into());
+            }
+            if let Some(Ok(Some(st))) = self.agent.as_mut().map(|a| a.child.try_wait()) {
+                return Err(format!("the agent exited ({st}): {}", self.log_tail()));
             }
             if started.elapsed() > SYNC_BOUND {
                 return Err(format!("no first sync within {} s", SYNC_BOUND.as_secs()));
@@ -195,7 +206,7 @@ impl Node {
                 std::thread::sleep(Duration::from_secs(2));
                 let rss = metric(&self.metrics(), "process_resident_memory_bytes");
                 // The first sync's own line: every Service's frontend is in the maps.
-                let line = self.last_synced();
+                let line = self.last_synced(since);
                 let frontends = line.split(" frontends=").nth(1).and_then(|r| r.split(' ').next()?.parse().ok()).unwrap_or(0);
                 if services != n as f64 || errors != 0.0 || frontends != n as usize {
                     return Err(format!("after the first sync: {services} Services, {errors} object errors, {frontends} frontends, not {n}, 0, {n}: {}", self.log_tail()));
@@ -294,8 +305,8 @@ pub fn run(sizes: &[u32]) -> Result<(), String> {
             ),
             Err(e) => {
                 println!("{n:>9} | {e}");
-                if e.starts_with("interrupted") {
-                    return Err(e);
+                if e.starts_with("interrupted") || interrupted() {
+                    return Err("interrupted".into());
                 }
             }
         }

@@ -448,9 +448,6 @@ fn main() {
     }
 }
 
-/// Network programming against a real API server (`bpf_tests::netprog`): run when asked for
-/// (`--control-plane-only`, Ferry alone if kube-proxy is not built), else when kube-proxy is
-/// built; skipped with a line saying why otherwise.
 /// The agent itself at 10,000 and 100,000 Services, from `--manifests`.
 fn scale_bench() {
     // The agent of this bench's own build (release under `cargo xtask bench`).
@@ -463,6 +460,9 @@ fn scale_bench() {
     }
 }
 
+/// Network programming against a real API server (`bpf_tests::netprog`): run when asked for
+/// (`--control-plane-only`, Ferry alone if kube-proxy is not built), else when kube-proxy is
+/// built; skipped with a line saying why otherwise.
 fn control_plane_bench(cp: &CpArgs, asked: bool) {
     if cp.kube_proxy.is_none() && !asked {
         println!("\nNetwork programming against a real API server: skipped (needs the kube-proxy binary: `cargo xtask setup` builds it; `--control-plane-only` runs Ferry's rows alone)");

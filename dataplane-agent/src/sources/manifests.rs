@@ -23,12 +23,15 @@ use crate::{
 };
 
 /// Files a manifest path stands for, sorted: the file itself, or a directory's `*.yaml`,
-/// `*.yml` and `*.json` files (not recursive).
+/// `*.yml` and `*.json` files (not recursive; links followed).
 pub fn files(path: &Path) -> std::io::Result<Vec<PathBuf>> {
     if path.is_dir() {
         let mut v: Vec<PathBuf> = std::fs::read_dir(path)?
             .filter_map(|e| e.ok().map(|e| e.path()))
             .filter(|p| matches!(p.extension().and_then(|e| e.to_str()), Some("yaml" | "yml" | "json")))
+            // Files (a ConfigMap volume's links to them too), not a directory named `x.yaml`,
+            // which no read could take and which would fail every read of the directory.
+            .filter(|p| p.is_file())
             .collect();
         v.sort();
         Ok(v)
@@ -486,6 +489,8 @@ mod tests {
         let svc = |name: &str, ip: &str| format!("kind: Service\nmetadata: {{name: {name}, namespace: x}}\nspec: {{clusterIP: {ip}, ports: [{{port: 80}}]}}\n---\n");
         std::fs::write(dir.join("a.yaml"), svc("a", "172.30.0.1") + &svc("b", "172.30.0.2")).unwrap();
         std::fs::write(dir.join("c.yaml"), svc("c", "172.30.0.3")).unwrap();
+        // A directory named like a manifest is not one (a read of it would fail every read).
+        std::fs::create_dir_all(dir.join("d.yaml.d.yaml")).unwrap();
         let mut cache = Cache::default();
         let changes = |cache: &mut Cache| -> Changes {
             let (objs, errors) = read_changed(&dir, cache).unwrap();
