@@ -315,7 +315,7 @@ pub fn run(sizes: &[u32]) -> Result<(), String> {
     println!("own sync: its sync_proxy_rules_duration; map writes: ferry_map_writes_total (table entries included, written as memory). restart: the agent");
     println!("stopped and started again over its pinned maps (it reads them back, and its first sync writes only what differs). RSS: process_resident_memory_bytes");
     println!("2 s after the first sync. one change: the last Service's manifest file ({PER_FILE} Services a file) replaced with that Service moved to one new endpoint,");
-    println!("from the rename to the end of the sync that applied it (its last_timestamp), and that sync's own time; checked: it translated one Service, wrote one frontend.");
+    println!("from the rename to the end of the sync that applied it (its log line's time), and that sync's own time; checked: it translated one Service, wrote one frontend.");
     Ok(())
 }
 
