@@ -311,6 +311,50 @@ fn a_malformed_manifest_is_named_and_everything_else_still_syncs() {
 }
 
 #[test]
+fn manifests_empty_for_a_moment_remove_nothing_and_empty_for_good_remove_everything() {
+    // `cat new > echo.yaml` truncates the file before writing it; a directory removed and made
+    // again is empty before it is filled. Applied, that moment would remove both Services and
+    // move every connection off its backend; the agent holds it for a grace (5 s) instead.
+    let (mut c, d) = cluster(&ALL, &ALL);
+    let file = d.path.join("echo.yaml");
+    let yaml = std::fs::read_to_string(&file).unwrap();
+    let mut s = c.session("n1-pod1", "tcp-session", lab::TCP_VIP);
+    let mine = s.backend();
+    let synced_lines = |c: &Cluster, from: usize| -> Vec<String> { c.agent_log(0).lines().filter(|l| l.contains("synced")).skip(from).map(String::from).collect() };
+    let before = synced_lines(&c, 0).len();
+    for (round, how) in ["truncated", "directory removed and made again"].into_iter().enumerate() {
+        let emptied = Instant::now();
+        if round == 0 {
+            std::fs::write(&file, "").unwrap();
+        } else {
+            std::fs::remove_dir_all(&d.path).unwrap();
+            c.wait_log(0, |l| l.contains("manifests unreadable: the maps keep what they hold"));
+            std::fs::create_dir(&d.path).unwrap();
+        }
+        c.wait_log(0, |l| l.lines().filter(|l| l.contains("manifests read as empty") && l.contains("objects=4")).count() > round);
+        assert_eq!(s.backend(), mine, "{how}: the connection keeps its backend while the manifests are empty");
+        let t = tally(&c.client_in_pod("n1-pod2", &["tcp", lab::TCP_VIP, "6"]));
+        assert_eq!(t.values().sum::<usize>(), 6, "{how}: new connections are served while the manifests are empty: {t:?}");
+        std::fs::write(&file, &yaml).unwrap();
+        c.wait_log(0, |l| l.matches("manifests hold objects again within the grace").count() > round);
+        assert!(emptied.elapsed().as_secs_f64() < 5.0, "{how}: empty longer than the grace ({:?}): the test says nothing", emptied.elapsed());
+        assert_eq!(s.backend(), mine, "{how}");
+    }
+    let log = c.agent_log(0);
+    assert!(!log.contains("manifests still empty after the grace: removing"), "{log}");
+    assert!(synced_lines(&c, before).iter().all(|l| l.contains("services=2") && l.contains("deletes=0")), "no sync removed anything:\n{log}");
+    // Removed for good: applied once the grace is over, and only then.
+    let removed = Instant::now();
+    std::fs::remove_file(&file).unwrap();
+    c.wait_log(0, |l| l.contains("manifests still empty after the grace: removing every object they held"));
+    let count = synced_lines(&c, 0).len();
+    c.wait_log(0, |l| l.lines().filter(|l| l.contains("synced")).skip(count.saturating_sub(1)).any(|l| l.contains("services=0")));
+    assert!(removed.elapsed().as_secs_f64() >= 5.0, "removed after {:?}, before the grace was over", removed.elapsed());
+    let lines = c.client_in_pod("n1-pod2", &["tcp", lab::TCP_VIP, "2"]);
+    assert!(lines.iter().all(|l| l.starts_with("ERR")), "the Service is gone: {lines:?}");
+}
+
+#[test]
 fn a_pod_reaches_itself_through_its_own_service() {
     // n1-pod2 is the only endpoint: every request is hairpinned back to the client itself.
     let (c, _d) = cluster(&["n1-pod2"], &["n1-pod2"]);

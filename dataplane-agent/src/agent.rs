@@ -121,26 +121,47 @@ enum Source {
     /// `cache`: the files as last parsed.
     /// `watch`: wakes the loop when a file changes (inotify), ahead of the poll.
     /// `unreadable`: the path could not be read at the last poll (said once, not every poll).
-    Manifests { path: PathBuf, last: Option<u64>, reading: Option<u64>, cache: manifests::Cache, watch: Option<manifests::Watcher>, unreadable: std::cell::Cell<bool> },
+    /// `held`: the objects the last successful read held (kept across a failed read, which
+    /// empties `cache`: a directory removed, then made again empty, is still an emptied one).
+    /// `emptied`: since when the manifests, which held objects, read as empty (held for
+    /// [`manifests::EMPTIED_GRACE`] before that is applied).
+    Manifests { path: PathBuf, last: Option<u64>, reading: Option<u64>, cache: manifests::Cache, watch: Option<manifests::Watcher>, unreadable: std::cell::Cell<bool>, held: usize, emptied: Option<std::time::Instant> },
     Kube(KubeSource),
 }
 
 impl Source {
-    fn read(&mut self) -> Result<(Objects, Vec<ObjectError>), String> {
+    /// The objects, or `Ok(None)` while manifests that held objects read as empty for less than
+    /// [`manifests::EMPTIED_GRACE`] (the maps keep what they hold; the poll reads again).
+    fn read(&mut self) -> Result<Option<(Objects, Vec<ObjectError>)>, String> {
         match self {
-            Source::Manifests { path, reading, cache, .. } => {
+            Source::Manifests { path, reading, cache, held, emptied, .. } => {
                 // Fingerprint first: a change made while reading is seen at the next tick.
                 *reading = manifests::fingerprint(path).ok();
-                manifests::read_changed(path, cache).map_err(|e| format!("manifests {}: {e}", path.display()))
+                if *held > 0 && manifests::is_empty(path).unwrap_or(false) {
+                    let since = *emptied.get_or_insert_with(|| {
+                        warn!(path = %path.display(), objects = *held, grace_s = manifests::EMPTIED_GRACE.as_secs(), "manifests read as empty (no manifest file, or only empty ones): the maps keep what they hold meanwhile, in case the files are being rewritten; if they are still empty after the grace, every object they held is removed");
+                        std::time::Instant::now()
+                    });
+                    if since.elapsed() < manifests::EMPTIED_GRACE {
+                        return Ok(None);
+                    }
+                    warn!(path = %path.display(), objects = *held, "manifests still empty after the grace: removing every object they held");
+                } else if emptied.take().is_some() {
+                    info!(path = %path.display(), "manifests hold objects again within the grace: nothing was removed meanwhile");
+                }
+                *emptied = None;
+                let read = manifests::read_changed(path, cache).map_err(|e| format!("manifests {}: {e}", path.display()))?;
+                *held = cache.objects();
+                Ok(Some(read))
             }
-            Source::Kube(k) => Ok((k.snapshot(), Vec::new())),
+            Source::Kube(k) => Ok(Some((k.snapshot(), Vec::new()))),
         }
     }
 
     /// Makes the next read hold every object (`Changed::All`).
     fn read_all_next(&mut self) {
         match self {
-            Source::Manifests { cache, .. } => *cache = Default::default(),
+            Source::Manifests { cache, .. } => cache.read_all_next(),
             Source::Kube(k) => k.read_all_next(),
         }
     }
@@ -335,7 +356,7 @@ pub async fn run(mut cfg: RunConfig) -> anyhow::Result<()> {
                     None
                 }
             };
-            Source::Manifests { path: path.clone(), last: None, reading: None, cache: Default::default(), watch, unreadable: Default::default() }
+            Source::Manifests { path: path.clone(), last: None, reading: None, cache: Default::default(), watch, unreadable: Default::default(), held: 0, emptied: None }
         }
         SourceConfig::Kube { kubeconfig, master } => {
             let client = crate::sources::kube::client(kubeconfig.as_deref(), master.as_deref()).await?;
@@ -391,7 +412,8 @@ pub async fn run(mut cfg: RunConfig) -> anyhow::Result<()> {
         }
     }
     let mut source = source;
-    let first = source.read().map_err(anyhow::Error::msg)?;
+    // (Never held: the grace is for manifests that held objects at an earlier read.)
+    let first = source.read().map_err(anyhow::Error::msg)?.expect("a first read is not held");
     let node = node_context(&cfg, &first.0);
     if node.ips.is_empty() {
         warn!("no node address (--node-ip, or InternalIP/ExternalIP of the Node object): NodePorts answer nowhere and NodePort traffic from outside to a backend on another node is dropped (no_node_address)");
@@ -673,7 +695,7 @@ async fn serve(addr: SocketAddr, observed: &Arc<Observed>, health: bool, metrics
 
 fn read_logged(source: &mut Source) -> Option<(Objects, Vec<ObjectError>)> {
     match source.read() {
-        Ok(r) => Some(r),
+        Ok(r) => r,
         Err(e) => {
             warn!(error = %e, "source unreadable; keeping the datapath as it is");
             None

@@ -70,6 +70,19 @@ impl Stamp {
     }
 }
 
+/// How long manifests that held objects may read as empty (no manifest file, or only empty
+/// ones) before that is applied. A directory being refilled (`rm *` then `cp`) or a file
+/// truncated before it is written again (`cat new > f`) reads so for a moment: applied at
+/// once, that moment would remove every Service, endpoint and NetworkPolicy the files held
+/// (an outage, and isolated pods opened) and move every connection off its removed backend.
+pub const EMPTIED_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// No manifest file under `path` holds a byte: there is none, or each is empty. A file that
+/// cannot be stat'ed is not empty here (its read says what is wrong).
+pub fn is_empty(path: &Path) -> std::io::Result<bool> {
+    Ok(files(path)?.iter().all(|f| std::fs::metadata(f).is_ok_and(|m| m.len() == 0)))
+}
+
 /// A fingerprint of the path's files (names and metadata; the bytes only of files modified in
 /// the last [`SETTLE`]), to notice changes cheaply: a poll reads no settled file.
 pub fn fingerprint(path: &Path) -> std::io::Result<u64> {
@@ -199,6 +212,8 @@ pub struct Cache {
     slices: HashMap<Key, Holders>,
     /// Keys of `services` and `slices` held by more than one file.
     shared: usize,
+    /// The next read holds every object (`Changed::All`), as the first does.
+    all_next: bool,
 }
 
 type Holders = Vec<Arc<Path>>;
@@ -237,7 +252,8 @@ pub fn read_changed(path: &Path, cache: &mut Cache) -> std::io::Result<(Objects,
 
 fn read_changed_in(path: &Path, cache: &mut Cache) -> std::io::Result<(Objects, Vec<ObjectError>)> {
     let files = files(path)?;
-    let first = cache.files.is_empty();
+    let all_next = std::mem::take(&mut cache.all_next);
+    let first = cache.files.is_empty() || all_next;
     let mut touched: Vec<(Objects, Objects)> = Vec::new();
     let gone: Vec<PathBuf> = cache.files.keys().filter(|f| !files.contains(f)).cloned().collect();
     for f in gone {
@@ -334,6 +350,17 @@ fn file_index<'c, 'm>(by_file: &'m mut ByFile<'c>, cache: &'c Cache, f: &Arc<Pat
 }
 
 impl Cache {
+    /// Makes the next read hold every object (`Changed::All`): a full translation after a sync
+    /// that failed. The files' reads are kept (so are the objects, for the emptied grace).
+    pub fn read_all_next(&mut self) {
+        self.all_next = true;
+    }
+
+    /// Objects of every kind the last read held.
+    pub fn objects(&self) -> usize {
+        self.files.values().map(|r| &r.objs).map(|o| o.services.len() + o.endpoint_slices.len() + o.nodes.len() + o.pods.len() + o.namespaces.len() + o.network_policies.len() + o.service_cidrs.len()).sum()
+    }
+
     /// File `f`, which held `objs`, is gone.
     fn forget(&mut self, f: &Path, objs: &Objects) {
         self.forget_keys(f, objs, &Objects::default());
@@ -433,15 +460,17 @@ mod tests {
         assert!(e.contains("Service shop/hello") && e.contains("apiVersion") && e.contains("serving.knative.dev/v1"), "{e}");
     }
 
+    /// A directory of the test's, removed when the test ends (a failed one too).
+    struct Gone(PathBuf);
+    impl Drop for Gone {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
     #[test]
     fn the_watch_follows_its_directory_removed_and_made_again() {
         use std::time::Duration;
-        struct Gone(PathBuf);
-        impl Drop for Gone {
-            fn drop(&mut self) {
-                let _ = std::fs::remove_dir_all(&self.0);
-            }
-        }
         let dir = Gone(std::env::temp_dir().join(format!("ferry-rewatch-{}", std::process::id())));
         std::fs::create_dir_all(&dir.0).unwrap();
         let w = Watcher::new(&dir.0).unwrap();
@@ -531,6 +560,37 @@ mod tests {
         assert_eq!(cache.services[&("x".into(), "c".into())].len(), 1);
         assert_eq!(cache.shared, 0);
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn empty_manifests_are_told_apart_and_a_whole_read_again_keeps_the_files_read() {
+        let dir = Gone(std::env::temp_dir().join(format!("ferry-emptied-{}", std::process::id())));
+        std::fs::create_dir_all(&dir.0).unwrap();
+        let file = dir.0.join("a.yaml");
+        assert!(is_empty(&dir.0).unwrap(), "no manifest file");
+        std::fs::write(dir.0.join("notes.txt"), "not a manifest").unwrap();
+        assert!(is_empty(&dir.0).unwrap(), "only files that are not manifests");
+        std::fs::write(&file, "").unwrap();
+        assert!(is_empty(&dir.0).unwrap() && is_empty(&file).unwrap(), "an empty file (truncated before it is written again)");
+        std::fs::write(&file, GOOD).unwrap();
+        assert!(!is_empty(&dir.0).unwrap() && !is_empty(&file).unwrap());
+        assert!(!is_empty(&dir.0.join("gone.yaml")).unwrap(), "a file that is not there is not empty: its read names the error");
+        let mut cache = Cache::default();
+        assert_eq!(cache.objects(), 0);
+        let (objs, _) = read_changed(&dir.0, &mut cache).unwrap();
+        assert!(matches!(objs.changed, Changed::All) && objs.services.len() == 1);
+        assert_eq!(cache.objects(), 1);
+        // After a failed sync: the next read is whole, without forgetting what the files held.
+        cache.read_all_next();
+        assert_eq!(cache.objects(), 1);
+        let (objs, _) = read_changed(&dir.0, &mut cache).unwrap();
+        assert!(matches!(objs.changed, Changed::All) && objs.services.len() == 1, "a whole read again");
+        let (objs, _) = read_changed(&dir.0, &mut cache).unwrap();
+        assert!(matches!(&objs.changed, Changed::Only(ch) if ch.is_empty()), "then changes only");
+        std::fs::remove_file(&file).unwrap();
+        let (objs, _) = read_changed(&dir.0, &mut cache).unwrap();
+        assert!(matches!(&objs.changed, Changed::Only(ch) if ch.services.len() == 1));
+        assert_eq!(cache.objects(), 0);
     }
 
     #[test]
