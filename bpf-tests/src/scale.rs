@@ -75,6 +75,8 @@ struct Start {
     own: f64,
     writes: f64,
     rss: f64,
+    /// Of `rss`, the anonymous pages (the heap, stacks): the rest is the binary's own pages.
+    anon: f64,
 }
 
 struct Node {
@@ -205,13 +207,14 @@ impl Node {
                 // right after a full read).
                 std::thread::sleep(Duration::from_secs(2));
                 let rss = metric(&self.metrics(), "process_resident_memory_bytes");
+                let anon = self.agent.as_ref().map_or(0.0, |a| anonymous_bytes(a.child.id()));
                 // The first sync's own line: every Service's frontend is in the maps.
                 let line = self.last_synced(since);
                 let frontends = line.split(" frontends=").nth(1).and_then(|r| r.split(' ').next()?.parse().ok()).unwrap_or(0);
                 if services != n as f64 || errors != 0.0 || frontends != n as usize {
                     return Err(format!("after the first sync: {services} Services, {errors} object errors, {frontends} frontends, not {n}, 0, {n}: {}", self.log_tail()));
                 }
-                return Ok(Start { synced, own, writes, rss });
+                return Ok(Start { synced, own, writes, rss, anon });
             }
             std::thread::sleep(Duration::from_millis(100));
         }
@@ -279,6 +282,12 @@ fn parse_duration(s: &str) -> Option<Duration> {
     Some(Duration::from_secs_f64(v * scale))
 }
 
+/// The anonymous resident bytes of process `pid` (`Anonymous:` of its smaps_rollup).
+fn anonymous_bytes(pid: u32) -> f64 {
+    let rollup = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).unwrap_or_default();
+    rollup.lines().find_map(|l| l.strip_prefix("Anonymous:")).and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok()).map_or(0.0, |kb| kb * 1024.0)
+}
+
 fn mib(b: f64) -> String {
     format!("{:.0} MiB", b / (1024.0 * 1024.0))
 }
@@ -290,18 +299,18 @@ pub fn run(sizes: &[u32]) -> Result<(), String> {
         return Err(format!("{} missing", lab::agent_bin().display()));
     }
     println!("\nThe agent at scale, from --manifests (no API server: its list and watch come on top, see the next section), 3 endpoints per Service:");
-    println!("{:>9} | {:>18} | {:>22} | {:>8} | {:>24} | {:>20} | {:>8}", "services", "start → first sync", "own sync (map writes)", "RSS", "one change → synced (own)", "restart → first sync", "RSS");
-    println!("{}", "-".repeat(128));
+    println!("{:>9} | {:>18} | {:>22} | {:>17} | {:>24} | {:>20} | {:>17}", "services", "start → first sync", "own sync (map writes)", "RSS (anonymous)", "one change → synced (own)", "restart → first sync", "RSS (anonymous)");
+    println!("{}", "-".repeat(146));
     for &n in sizes {
         match measure(n) {
             Ok(f) => println!(
-                "{n:>9} | {:>18} | {:>22} | {:>8} | {:>25} | {:>20} | {:>8}",
+                "{n:>9} | {:>18} | {:>22} | {:>17} | {:>25} | {:>20} | {:>17}",
                 format!("{:.2} s", f.first.synced.as_secs_f64()),
                 format!("{:.2} s ({:.0})", f.first.own, f.first.writes),
-                mib(f.first.rss),
+                format!("{} ({})", mib(f.first.rss), mib(f.first.anon)),
                 format!("{:.1} ms ({:.2} ms)", f.change.0.as_secs_f64() * 1e3, f.change.1.as_secs_f64() * 1e3),
                 format!("{:.2} s (own {:.2} s)", f.restart.synced.as_secs_f64(), f.restart.own),
-                mib(f.restart.rss)
+                format!("{} ({})", mib(f.restart.rss), mib(f.restart.anon))
             ),
             Err(e) => {
                 println!("{n:>9} | {e}");
@@ -314,8 +323,9 @@ pub fn run(sizes: &[u32]) -> Result<(), String> {
     println!("start → first sync: from the agent's start to the end of its first sync (its own last_timestamp metric), the manifests' read and parse included;");
     println!("own sync: its sync_proxy_rules_duration; map writes: ferry_map_writes_total (table entries included, written as memory). restart: the agent");
     println!("stopped and started again over its pinned maps (it reads them back, and its first sync writes only what differs). RSS: process_resident_memory_bytes");
-    println!("2 s after the first sync. one change: the last Service's manifest file ({PER_FILE} Services a file) replaced with that Service moved to one new endpoint,");
-    println!("from the rename to the end of the sync that applied it (its log line's time), and that sync's own time; checked: it translated one Service, wrote one frontend.");
+    println!("2 s after the first sync, and of it the anonymous pages (heap, stacks; the rest is the binary's own pages, mapped from its file). one change:");
+    println!("the last Service's manifest file ({PER_FILE} Services a file) replaced with that Service moved to one new endpoint, from the rename to the end of the");
+    println!("sync that applied it (its log line's time), and that sync's own time; checked: it translated one Service, wrote one frontend.");
     Ok(())
 }
 

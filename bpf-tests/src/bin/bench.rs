@@ -18,8 +18,8 @@
 //! nftables and kube-proxy iptables side by side at 1 000 and 10 000 Services, from an object
 //! written to traffic reaching the new endpoint, beside the API server's own watch latency;
 //! included when the kube-proxy binary is built (`--kube-proxy PATH`, which xtask passes).
-//! Arguments: `[RUNS] [--no-throughput | --throughput-only | --control-plane-only | --sync-only]
-//! [--services 1000,10000] [--kube-proxy PATH] [--verbose]` (verbose: every throughput run's
+//! Arguments: `[RUNS] [--no-throughput | --throughput-only | --control-plane-only | --sync-only |
+//! --packet-only | --scale-only] [--services 1000,10000] [--kube-proxy PATH] [--verbose]` (verbose: every throughput run's
 //! figures on stderr).
 use std::{
     net::Ipv4Addr,
@@ -298,7 +298,9 @@ fn main() {
         return;
     }
     if args.iter().any(|a| a == "--scale-only") {
-        scale_bench();
+        // `--services N,N` chooses its sizes too.
+        let given: Vec<u32> = cp.services.iter().map(|&n| n as u32).collect();
+        scale_bench(if args.iter().any(|a| a == "--services") { &given } else { &SCALE_SIZES });
         return;
     }
     println!("Ferry bench: median of {runs} single BPF_PROG_TEST_RUN runs per figure (kernel-measured ns)\n");
@@ -441,18 +443,21 @@ fn main() {
         return;
     }
     policy_bench(runs);
-    scale_bench();
+    scale_bench(&SCALE_SIZES);
     control_plane_bench(&cp, false);
     if !args.iter().any(|a| a == "--no-throughput") {
         throughput_bench();
     }
 }
 
-/// The agent itself at 10,000 and 100,000 Services, from `--manifests`.
-fn scale_bench() {
+/// The sizes of the agent-at-scale rows.
+const SCALE_SIZES: [u32; 2] = [10_000, 100_000];
+
+/// The agent itself at each of `sizes` Services (10,000 and 100,000), from `--manifests`.
+fn scale_bench(sizes: &[u32]) {
     // The agent of this bench's own build (release under `cargo xtask bench`).
     bpf_tests::lab::use_bin_dir(std::env::current_exe().unwrap().parent().unwrap().to_path_buf());
-    if let Err(e) = bpf_tests::scale::run(&[10_000, 100_000]) {
+    if let Err(e) = bpf_tests::scale::run(sizes) {
         println!("agent at scale: {e}");
         if e.starts_with("interrupted") {
             std::process::exit(130);
