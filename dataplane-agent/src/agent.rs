@@ -137,12 +137,18 @@ impl Source {
             Source::Manifests { path, reading, cache, held, emptied, .. } => {
                 // Fingerprint first: a change made while reading is seen at the next tick.
                 *reading = manifests::fingerprint(path).ok();
-                if *held > 0 && manifests::is_empty(path).unwrap_or(false) {
+                let read = manifests::read_changed(path, cache).map_err(|e| format!("manifests {}: {e}", path.display()))?;
+                // Empty as read (no manifest file, only empty ones, only comments), not as
+                // stat'ed: nothing written between a look and the read is missed.
+                if *held > 0 && cache.objects() == 0 {
                     let since = *emptied.get_or_insert_with(|| {
-                        warn!(path = %path.display(), objects = *held, grace_s = manifests::EMPTIED_GRACE.as_secs(), "manifests read as empty (no manifest file, or only empty ones): the maps keep what they hold meanwhile, in case the files are being rewritten; if they are still empty after the grace, every object they held is removed");
+                        warn!(path = %path.display(), objects = *held, grace_s = manifests::EMPTIED_GRACE.as_secs(), "manifests read as empty (no object in them): the maps keep what they hold meanwhile, in case the files are being rewritten; every object they held is removed if they stay empty that long");
                         std::time::Instant::now()
                     });
                     if since.elapsed() < manifests::EMPTIED_GRACE {
+                        // The cache holds the empty read: the next read is whole, so the files
+                        // coming back (or the grace's end) is translated against the maps anew.
+                        cache.read_all_next();
                         return Ok(None);
                     }
                     warn!(path = %path.display(), objects = *held, "manifests still empty after the grace: removing every object they held");
@@ -150,7 +156,6 @@ impl Source {
                     info!(path = %path.display(), "manifests hold objects again within the grace: nothing was removed meanwhile");
                 }
                 *emptied = None;
-                let read = manifests::read_changed(path, cache).map_err(|e| format!("manifests {}: {e}", path.display()))?;
                 *held = cache.objects();
                 Ok(Some(read))
             }
@@ -580,7 +585,14 @@ pub async fn run(mut cfg: RunConfig) -> anyhow::Result<()> {
                     pending = read_logged(&mut source);
                 }
             }
-            _ = retry.wait() => pending = read_logged(&mut source),
+            _ = retry.wait() => {
+                pending = read_logged(&mut source);
+                if pending.is_none() {
+                    // Nothing read (the source unreadable, or manifests held empty): the retry
+                    // comes again after the same delay, not at once and forever.
+                    retry.again();
+                }
+            }
             _ = tokio::time::sleep_until(trim_due.unwrap_or_else(tokio::time::Instant::now)), if trim_due.is_some() => {
                 trim_due = None;
                 release_freed_memory();
@@ -715,13 +727,15 @@ async fn changed(source: &Source) {
 
 /// The manifests differ from those the maps match (and no failed sync is waiting for its retry).
 fn manifests_changed(source: &Source, retry: &Backoff) -> bool {
-    let Source::Manifests { path, last, unreadable, .. } = source else { return false };
+    let Source::Manifests { path, last, unreadable, emptied, .. } = source else { return false };
     match manifests::fingerprint(path) {
         Ok(fp) => {
             if unreadable.replace(false) {
                 info!(path = %path.display(), "manifests readable again");
             }
-            Some(fp) != *last && !retry.waiting()
+            // (Held empty: read again until the files come back or the grace is over, even
+            // if they come back exactly as the maps hold them.)
+            (Some(fp) != *last || emptied.is_some()) && !retry.waiting()
         }
         Err(e) => {
             // Once, not at every poll: the maps keep what they hold meanwhile.
@@ -745,6 +759,12 @@ impl Backoff {
         let next = self.at.map(|(_, d)| (d * 2).min(Duration::from_secs(30))).unwrap_or(Duration::from_secs(1));
         warn!(retry_in = ?next, "sync incomplete; retrying");
         self.at = Some((tokio::time::Instant::now() + next, next));
+    }
+    /// The retry that came found nothing to sync: the next one after the same delay.
+    fn again(&mut self) {
+        if let Some((_, d)) = self.at {
+            self.at = Some((tokio::time::Instant::now() + d, d));
+        }
     }
     fn waiting(&self) -> bool {
         self.at.is_some()

@@ -70,18 +70,12 @@ impl Stamp {
     }
 }
 
-/// How long manifests that held objects may read as empty (no manifest file, or only empty
-/// ones) before that is applied. A directory being refilled (`rm *` then `cp`) or a file
+/// How long manifests that held objects may read as empty (no manifest file, or none with an
+/// object in it) before that is applied. A directory being refilled (`rm *` then `cp`) or a file
 /// truncated before it is written again (`cat new > f`) reads so for a moment: applied at
 /// once, that moment would remove every Service, endpoint and NetworkPolicy the files held
 /// (an outage, and isolated pods opened) and move every connection off its removed backend.
 pub const EMPTIED_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
-
-/// No manifest file under `path` holds a byte: there is none, or each is empty. A file that
-/// cannot be stat'ed is not empty here (its read says what is wrong).
-pub fn is_empty(path: &Path) -> std::io::Result<bool> {
-    Ok(files(path)?.iter().all(|f| std::fs::metadata(f).is_ok_and(|m| m.len() == 0)))
-}
 
 /// A fingerprint of the path's files (names and metadata; the bytes only of files modified in
 /// the last [`SETTLE`]), to notice changes cheaply: a poll reads no settled file.
@@ -563,18 +557,11 @@ mod tests {
     }
 
     #[test]
-    fn empty_manifests_are_told_apart_and_a_whole_read_again_keeps_the_files_read() {
+    fn a_whole_read_again_keeps_the_files_read_and_empty_files_hold_no_object() {
         let dir = Gone(std::env::temp_dir().join(format!("ferry-emptied-{}", std::process::id())));
         std::fs::create_dir_all(&dir.0).unwrap();
         let file = dir.0.join("a.yaml");
-        assert!(is_empty(&dir.0).unwrap(), "no manifest file");
-        std::fs::write(dir.0.join("notes.txt"), "not a manifest").unwrap();
-        assert!(is_empty(&dir.0).unwrap(), "only files that are not manifests");
-        std::fs::write(&file, "").unwrap();
-        assert!(is_empty(&dir.0).unwrap() && is_empty(&file).unwrap(), "an empty file (truncated before it is written again)");
         std::fs::write(&file, GOOD).unwrap();
-        assert!(!is_empty(&dir.0).unwrap() && !is_empty(&file).unwrap());
-        assert!(!is_empty(&dir.0.join("gone.yaml")).unwrap(), "a file that is not there is not empty: its read names the error");
         let mut cache = Cache::default();
         assert_eq!(cache.objects(), 0);
         let (objs, _) = read_changed(&dir.0, &mut cache).unwrap();
@@ -587,10 +574,21 @@ mod tests {
         assert!(matches!(objs.changed, Changed::All) && objs.services.len() == 1, "a whole read again");
         let (objs, _) = read_changed(&dir.0, &mut cache).unwrap();
         assert!(matches!(&objs.changed, Changed::Only(ch) if ch.is_empty()), "then changes only");
-        std::fs::remove_file(&file).unwrap();
-        let (objs, _) = read_changed(&dir.0, &mut cache).unwrap();
-        assert!(matches!(&objs.changed, Changed::Only(ch) if ch.services.len() == 1));
-        assert_eq!(cache.objects(), 0);
+        // What the agent's emptied grace counts: a truncated file, one of comments only, none.
+        for (what, text) in [("truncated", ""), ("comments only", "# rewritten next\n\n---\n"), ("gone", "-")] {
+            if text == "-" {
+                std::fs::remove_file(&file).unwrap();
+            } else {
+                std::fs::write(&file, text).unwrap();
+            }
+            let (objs, errors) = read_changed(&dir.0, &mut cache).unwrap();
+            assert!(errors.is_empty(), "{what}: {errors:?}");
+            assert_eq!(cache.objects(), 0, "{what}");
+            assert!(objs.services.is_empty(), "{what}");
+            std::fs::write(&file, GOOD).unwrap();
+            read_changed(&dir.0, &mut cache).unwrap();
+            assert_eq!(cache.objects(), 1, "{what}: back");
+        }
     }
 
     #[test]
