@@ -137,7 +137,8 @@ impl Source {
             Source::Manifests { path, reading, cache, held, emptied, .. } => {
                 // Fingerprint first: a change made while reading is seen at the next tick.
                 *reading = manifests::fingerprint(path).ok();
-                let read = manifests::read_changed(path, cache).map_err(|e| format!("manifests {}: {e}", path.display()))?;
+                // (A failed read ends a grace begun: the next empty read begins a new one.)
+                let read = manifests::read_changed(path, cache).inspect_err(|_| *emptied = None).map_err(|e| format!("manifests {}: {e}", path.display()))?;
                 // Empty as read (no manifest file, only empty ones, only comments), not as
                 // stat'ed: nothing written between a look and the read is missed.
                 if *held > 0 && cache.objects() == 0 {
@@ -725,7 +726,8 @@ async fn changed(source: &Source) {
     }
 }
 
-/// The manifests differ from those the maps match (and no failed sync is waiting for its retry).
+/// The manifests differ from those the maps match, or are held empty (see [`Source::read`]), and
+/// no failed sync is waiting for its retry.
 fn manifests_changed(source: &Source, retry: &Backoff) -> bool {
     let Source::Manifests { path, last, unreadable, emptied, .. } = source else { return false };
     match manifests::fingerprint(path) {

@@ -345,7 +345,7 @@ fn file_index<'c, 'm>(by_file: &'m mut ByFile<'c>, cache: &'c Cache, f: &Arc<Pat
 
 impl Cache {
     /// Makes the next read hold every object (`Changed::All`): a full translation after a sync
-    /// that failed. The files' reads are kept (so are the objects, for the emptied grace).
+    /// that failed, or after the agent held an empty read. The files' reads are kept.
     pub fn read_all_next(&mut self) {
         self.all_next = true;
     }
