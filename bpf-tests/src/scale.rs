@@ -206,8 +206,10 @@ impl Node {
                 // The memory once the first read's garbage is given back (the agent trims it
                 // right after a full read).
                 std::thread::sleep(Duration::from_secs(2));
-                let rss = metric(&self.metrics(), "process_resident_memory_bytes");
+                // (The heap read first: a scrape renders every Service's series, and its garbage
+                // would count.)
                 let anon = self.agent.as_ref().map_or(0.0, |a| anonymous_bytes(a.child.id()));
+                let rss = metric(&self.metrics(), "process_resident_memory_bytes");
                 // The first sync's own line: every Service's frontend is in the maps.
                 let line = self.last_synced(since);
                 let frontends = line.split(" frontends=").nth(1).and_then(|r| r.split(' ').next()?.parse().ok()).unwrap_or(0);
