@@ -787,8 +787,8 @@ impl Cluster {
     pub fn write_manifest(&mut self, file: &str, yaml: &str) {
         let before: Vec<usize> = (0..self.nodes.len()).map(|i| self.syncs(i)).collect();
         // Written beside, then renamed into place: the agent watches the directory and would
-        // otherwise read the file half-written (an empty read is a sync that removes every
-        // Service and flushes conntrack, and `synced` would count it).
+        // otherwise read the file half-written (a partial read is a sync that removes the
+        // Services not yet written, and `synced` would count it; an empty one is held 5 s).
         let tmp = self.logs.path.join(format!(".{file}.new"));
         std::fs::write(&tmp, yaml).unwrap();
         std::fs::rename(&tmp, self.manifests.join(file)).unwrap();
