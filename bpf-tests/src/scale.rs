@@ -76,7 +76,8 @@ struct Start {
     writes: f64,
     rss: f64,
     /// Of `rss`, the anonymous pages (the heap, stacks): the rest is the binary's own pages.
-    anon: f64,
+    /// `None` where /proc did not say.
+    anon: Option<f64>,
 }
 
 struct Node {
@@ -208,7 +209,7 @@ impl Node {
                 std::thread::sleep(Duration::from_secs(2));
                 // (The heap read first: a scrape renders every Service's series, and its garbage
                 // would count.)
-                let anon = self.agent.as_ref().map_or(0.0, |a| anonymous_bytes(a.child.id()));
+                let anon = self.agent.as_ref().and_then(|a| anonymous_bytes(a.child.id()));
                 let rss = metric(&self.metrics(), "process_resident_memory_bytes");
                 // The first sync's own line: every Service's frontend is in the maps.
                 let line = self.last_synced(since);
@@ -285,13 +286,19 @@ fn parse_duration(s: &str) -> Option<Duration> {
 }
 
 /// The anonymous resident bytes of process `pid` (`Anonymous:` of its smaps_rollup).
-fn anonymous_bytes(pid: u32) -> f64 {
-    let rollup = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).unwrap_or_default();
-    rollup.lines().find_map(|l| l.strip_prefix("Anonymous:")).and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok()).map_or(0.0, |kb| kb * 1024.0)
+fn anonymous_bytes(pid: u32) -> Option<f64> {
+    let rollup = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).ok()?;
+    let kb: f64 = rollup.lines().find_map(|l| l.strip_prefix("Anonymous:"))?.trim().trim_end_matches("kB").trim().parse().ok()?;
+    Some(kb * 1024.0)
 }
 
 fn mib(b: f64) -> String {
     format!("{:.0} MiB", b / (1024.0 * 1024.0))
+}
+
+/// RSS, and its anonymous part in brackets (`?` where unknown).
+fn rss_anon(rss: f64, anon: Option<f64>) -> String {
+    format!("{} ({})", mib(rss), anon.map_or("?".into(), mib))
 }
 
 /// The rows for each size in `sizes`.
@@ -309,10 +316,10 @@ pub fn run(sizes: &[u32]) -> Result<(), String> {
                 "{n:>9} | {:>18} | {:>22} | {:>17} | {:>25} | {:>20} | {:>17}",
                 format!("{:.2} s", f.first.synced.as_secs_f64()),
                 format!("{:.2} s ({:.0})", f.first.own, f.first.writes),
-                format!("{} ({})", mib(f.first.rss), mib(f.first.anon)),
+                rss_anon(f.first.rss, f.first.anon),
                 format!("{:.1} ms ({:.2} ms)", f.change.0.as_secs_f64() * 1e3, f.change.1.as_secs_f64() * 1e3),
                 format!("{:.2} s (own {:.2} s)", f.restart.synced.as_secs_f64(), f.restart.own),
-                format!("{} ({})", mib(f.restart.rss), mib(f.restart.anon))
+                rss_anon(f.restart.rss, f.restart.anon)
             ),
             Err(e) => {
                 println!("{n:>9} | {e}");

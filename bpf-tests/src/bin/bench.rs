@@ -19,8 +19,8 @@
 //! written to traffic reaching the new endpoint, beside the API server's own watch latency;
 //! included when the kube-proxy binary is built (`--kube-proxy PATH`, which xtask passes).
 //! Arguments: `[RUNS] [--no-throughput | --throughput-only | --control-plane-only | --sync-only |
-//! --packet-only | --scale-only] [--services 1000,10000] [--kube-proxy PATH] [--verbose]` (verbose: every throughput run's
-//! figures on stderr).
+//! --packet-only | --scale-only] [--services 1000,10000] [--kube-proxy PATH] [--verbose]`
+//! (verbose: every throughput run's figures on stderr).
 use std::{
     net::Ipv4Addr,
     time::{Duration, Instant},
@@ -299,8 +299,8 @@ fn main() {
     }
     if args.iter().any(|a| a == "--scale-only") {
         // `--services N,N` chooses its sizes too.
-        let given: Vec<u32> = cp.services.iter().map(|&n| n as u32).collect();
-        scale_bench(if args.iter().any(|a| a == "--services") { &given } else { &SCALE_SIZES });
+        let sizes: Vec<u32> = if args.iter().any(|a| a == "--services") { cp.services.iter().map(|&n| n as u32).collect() } else { SCALE_SIZES.to_vec() };
+        scale_bench(&sizes);
         return;
     }
     println!("Ferry bench: median of {runs} single BPF_PROG_TEST_RUN runs per figure (kernel-measured ns)\n");

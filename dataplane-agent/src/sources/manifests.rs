@@ -246,8 +246,7 @@ pub fn read_changed(path: &Path, cache: &mut Cache) -> std::io::Result<(Objects,
 
 fn read_changed_in(path: &Path, cache: &mut Cache) -> std::io::Result<(Objects, Vec<ObjectError>)> {
     let files = files(path)?;
-    let all_next = std::mem::take(&mut cache.all_next);
-    let first = cache.files.is_empty() || all_next;
+    let first = std::mem::take(&mut cache.all_next) | cache.files.is_empty();
     let mut touched: Vec<(Objects, Objects)> = Vec::new();
     let gone: Vec<PathBuf> = cache.files.keys().filter(|f| !files.contains(f)).cloned().collect();
     for f in gone {
@@ -575,11 +574,10 @@ mod tests {
         let (objs, _) = read_changed(&dir.0, &mut cache).unwrap();
         assert!(matches!(&objs.changed, Changed::Only(ch) if ch.is_empty()), "then changes only");
         // What the agent's emptied grace counts: a truncated file, one of comments only, none.
-        for (what, text) in [("truncated", ""), ("comments only", "# rewritten next\n\n---\n"), ("gone", "-")] {
-            if text == "-" {
-                std::fs::remove_file(&file).unwrap();
-            } else {
-                std::fs::write(&file, text).unwrap();
+        for (what, text) in [("truncated", Some("")), ("comments only", Some("# rewritten next\n\n---\n")), ("gone", None)] {
+            match text {
+                Some(t) => std::fs::write(&file, t).unwrap(),
+                None => std::fs::remove_file(&file).unwrap(),
             }
             let (objs, errors) = read_changed(&dir.0, &mut cache).unwrap();
             assert!(errors.is_empty(), "{what}: {errors:?}");
