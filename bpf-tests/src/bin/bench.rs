@@ -40,12 +40,12 @@ use dataplane_agent::{
 };
 use bpf_tests::lab::{At, Cluster};
 use dataplane_agent::sources::{
+    Meta,
     service::{Service, ServicePort, ServiceSpec},
     slice::{Endpoint, EndpointSlice},
 };
 use dataplane_common::{progs, Lb4SlotKey};
 use dataplane_agent::sources::slice::EndpointPort;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 
 const BACKENDS_PER_SERVICE: u32 = 3;
 
@@ -82,7 +82,7 @@ fn objects(services: u32, generation: u32) -> (Vec<Service>, Vec<EndpointSlice>)
 
 fn service_object(name: &str, vip: Ipv4Addr) -> Service {
     Service {
-        metadata: ObjectMeta { name: Some(name.into()), namespace: Some("bench".into()), ..Default::default() },
+        metadata: Meta { name: Some(name.into()), namespace: Some("bench".into()), ..Default::default() },
         spec: Some(ServiceSpec { cluster_ip: Some(vip.to_string()), ports: Some(vec![ServicePort { port: 80, ..Default::default() }]), ..Default::default() }),
         ..Default::default()
     }
@@ -90,11 +90,7 @@ fn service_object(name: &str, vip: Ipv4Addr) -> Service {
 
 fn slice_object(service: &str, backends: &std::collections::BTreeSet<L4Addr>) -> EndpointSlice {
     EndpointSlice {
-        metadata: ObjectMeta {
-            name: Some(format!("{service}-x")),
-            namespace: Some("bench".into()),
-            ..Default::default()
-        },
+        metadata: Meta { name: Some(format!("{service}-x")), namespace: Some("bench".into()), ..Default::default() },
         service_name: Some(service.to_string()),
         address_type: "IPv4".into(),
         ports: Some(vec![EndpointPort { port: Some(8080), ..Default::default() }]),

@@ -23,11 +23,15 @@ use k8s_openapi::api::{
     core::v1::{Namespace, Node},
     networking::v1::{NetworkPolicy, ServiceCIDR},
 };
-use super::{service::Service, slice::EndpointSlice};
+use super::{
+    kept::{self, Watched},
+    service::Service,
+    slice::EndpointSlice,
+};
 use kube::{
     api::{Api, ListParams},
     runtime::{
-        reflector::{self, ObjectRef, Store},
+        reflector::{self, Store},
         watcher, WatchStreamExt,
     },
     Client, Resource,
@@ -125,8 +129,9 @@ impl WatchStats {
 
 /// The three stores and the signal that one of them changed.
 pub struct KubeSource {
-    services: Store<Service>,
-    slices: Store<EndpointSlice>,
+    /// Services and EndpointSlices: in the agent's own store, see [`kept`].
+    services: kept::Store<Service>,
+    slices: kept::Store<EndpointSlice>,
     nodes: Store<Node>,
     /// Pods, Namespaces and NetworkPolicies: `None` with `--enable-network-policy=false`
     /// (nothing of them is listed or watched).
@@ -266,8 +271,8 @@ impl KubeSource {
         let stats = Arc::new(WatchStats::default());
         let selector = watch_config().labels(PROXYABLE);
         let dirty = Arc::new(Mutex::new(Dirty { all: true, services: BTreeSet::new(), slices: BTreeSet::new(), policy: true }));
-        let services = spawn_reflector_marking(Api::<Service>::all(client.clone()), selector.clone(), &changed, &stats, marker(&dirty, |d| &mut d.services, model::service_key));
-        let slices = spawn_reflector_marking(Api::<EndpointSlice>::all(client.clone()), selector, &changed, &stats, marker(&dirty, |d| &mut d.slices, model::slice_key));
+        let services = spawn_kept(Api::all(client.clone()), selector.clone(), &changed, &stats, model::service_key, marker(&dirty, |d| &mut d.services, |w: &Watched<Service>| model::service_key(&w.object)));
+        let slices = spawn_kept(Api::all(client.clone()), selector, &changed, &stats, model::slice_key, marker(&dirty, |d| &mut d.slices, |w: &Watched<EndpointSlice>| model::slice_key(&w.object)));
         let nodes = spawn_reflector(Api::<Node>::all(client.clone()), watch_config().fields(&format!("metadata.name={node}")), &changed, &stats);
         let (service_cidrs, cidr_state) = spawn_service_cidrs(Api::<ServiceCIDR>::all(client.clone()), &changed, &stats);
         // NetworkPolicy: every pod's address and labels (peers may be anywhere), namespaces'
@@ -289,8 +294,8 @@ impl KubeSource {
     /// filled, and the other lists completing makes the probe ask again at once.) Cancel-safe
     /// (the caller polls it anew).
     pub async fn wait_ready(&self) {
-        let _ = self.services.wait_until_ready().await;
-        let _ = self.slices.wait_until_ready().await;
+        self.services.wait_until_ready().await;
+        self.slices.wait_until_ready().await;
         let _ = self.nodes.wait_until_ready().await;
         if let Some((pods, namespaces, policies)) = &self.policy {
             let _ = pods.wait_until_ready().await;
@@ -363,12 +368,9 @@ impl KubeSource {
             objs.services = self.services.state();
             objs.endpoint_slices = self.slices.state();
         } else {
-            fn get<K: Resource<DynamicType = ()> + Clone>(store: &Store<K>, (ns, name): &Key) -> Option<Arc<K>> {
-                store.get(&ObjectRef::new(name).within(ns))
-            }
             objs.changed = Changed::Only(Changes {
-                services: dirty.services.iter().map(|k| (k.clone(), get(&self.services, k))).collect(),
-                slices: dirty.slices.iter().map(|k| (k.clone(), get(&self.slices, k))).collect(),
+                services: dirty.services.iter().map(|k| (k.clone(), self.services.get(k))).collect(),
+                slices: dirty.slices.iter().map(|k| (k.clone(), self.slices.get(k))).collect(),
             });
         }
         objs
@@ -468,6 +470,38 @@ where
     reader
 }
 
+/// A reflector of Services or EndpointSlices into the agent's own store (keyed by `key`), as
+/// [`spawn_reflector_marking`].
+fn spawn_kept<T>(api: Api<Watched<T>>, cfg: watcher::Config, changed: &Arc<Notify>, stats: &Arc<WatchStats>, key: fn(&T) -> Key, mark: impl Fn(Option<&Watched<T>>) + Send + 'static) -> kept::Store<T>
+where
+    T: kept::Kept + k8s_openapi::Resource<Scope = k8s_openapi::NamespaceResourceScope> + Clone + std::fmt::Debug + serde::de::DeserializeOwned + Send + Sync + 'static,
+{
+    let (reader, writer) = kept::store(key);
+    tokio::spawn(run_reflector(writer, api, cfg, changed.clone(), stats.clone(), mark));
+    reader
+}
+
+/// Where a reflector's events go: kube's store, or the agent's own ([`kept`]).
+trait Apply<K> {
+    fn apply(&mut self, ev: &watcher::Event<K>);
+}
+
+impl<K> Apply<K> for reflector::store::Writer<K>
+where
+    K: Resource + Clone + 'static,
+    K::DynamicType: Eq + std::hash::Hash + Clone,
+{
+    fn apply(&mut self, ev: &watcher::Event<K>) {
+        self.apply_watcher_event(ev);
+    }
+}
+
+impl<T: Clone> Apply<Watched<T>> for kept::Writer<T> {
+    fn apply(&mut self, ev: &watcher::Event<Watched<T>>) {
+        kept::Writer::apply(self, ev);
+    }
+}
+
 /// What no reader of a kept object needs: its managedFields, kubectl's last-applied copy and its
 /// owners. (Services, EndpointSlices and Pods are read into types of their own, which keep only
 /// what is read.)
@@ -480,7 +514,7 @@ fn trim<K: Resource + 'static>(o: &mut K) {
     }
 }
 
-async fn run_reflector<K>(writer: reflector::store::Writer<K>, api: Api<K>, cfg: watcher::Config, changed: Arc<Notify>, stats: Arc<WatchStats>, mark: impl Fn(Option<&K>) + Send + 'static)
+async fn run_reflector<K>(mut writer: impl Apply<K> + Send + 'static, api: Api<K>, cfg: watcher::Config, changed: Arc<Notify>, stats: Arc<WatchStats>, mark: impl Fn(Option<&K>) + Send + 'static)
 where
     K: Resource + Clone + std::fmt::Debug + serde::de::DeserializeOwned + Send + Sync + 'static,
     K::DynamicType: Default + Eq + std::hash::Hash + Clone + Send + Sync,
@@ -490,11 +524,12 @@ where
         // managedFields are never read (kube-proxy's informers trim them too), nor is kubectl's
         // copy of the last applied object (often larger than the object itself); Services,
         // EndpointSlices and Pods are read into types of their own that keep only what is read.
-        let stripped = watcher(api, cfg).map_ok(|ev| ev.modify(trim));
-        let mut stream = reflector::reflector(writer, stripped).default_backoff().boxed();
+        // Each event goes to the store before anything else sees it (as kube's `reflector`).
+        let stripped = watcher(api, cfg).map_ok(|ev| ev.modify(trim)).inspect_ok(move |ev| writer.apply(ev));
+        let mut stream = stripped.default_backoff().boxed();
         while let Some(ev) = stream.next().await {
             if let Ok(watcher::Event::InitApply(o) | watcher::Event::Apply(o) | watcher::Event::Delete(o)) = &ev {
-                let service = (o as &dyn std::any::Any).downcast_ref::<EndpointSlice>().and_then(|s| s.service_name.as_deref());
+                let service = (o as &dyn std::any::Any).downcast_ref::<Watched<EndpointSlice>>().and_then(|s| s.object.service_name.as_deref());
                 stats.change(&kind, o.meta(), service);
             }
             match ev {

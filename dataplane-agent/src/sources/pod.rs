@@ -46,12 +46,22 @@ pub struct PodStatus {
 /// The metadata a store and the compiler need: what identifies the object and its version,
 /// and the labels.
 fn slim_meta<'de, D: Deserializer<'de>>(d: D) -> Result<ObjectMeta, D::Error> {
-    let (mut meta, labels, _) = super::WireMeta::<serde::de::IgnoredAny>::read(d)?.split();
-    meta.labels = labels;
-    Ok(meta)
+    let (meta, labels, _) = super::WireMeta::<serde::de::IgnoredAny>::read(d)?.split();
+    Ok(ObjectMeta { name: meta.name, namespace: meta.namespace, resource_version: meta.resource_version, labels, ..Default::default() })
 }
 
 namespaced_resource!(Pod, api_version: "v1", group: "", version: "v1", kind: "Pod", plural: "pods");
+
+/// Pods are kept in kube's store, which asks for an `ObjectMeta`.
+impl k8s_openapi::Metadata for Pod {
+    type Ty = ObjectMeta;
+    fn metadata(&self) -> &ObjectMeta {
+        &self.metadata
+    }
+    fn metadata_mut(&mut self) -> &mut ObjectMeta {
+        &mut self.metadata
+    }
+}
 
 #[cfg(test)]
 mod tests {

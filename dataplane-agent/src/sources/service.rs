@@ -3,26 +3,36 @@
 //! field (its selector, IP families, annotations, each port's target) that translation never
 //! reads. Fields absent here are skipped while the API server's JSON (or a manifest's YAML) is
 //! read, never stored. The field names are k8s-openapi's: translation reads them the same way.
-use std::collections::BTreeMap;
-
-use k8s_openapi::{
-    api::core::v1::{ServiceStatus, SessionAffinityConfig},
-    apimachinery::pkg::apis::meta::v1::ObjectMeta,
-};
+use k8s_openapi::api::core::v1::{ServiceStatus, SessionAffinityConfig};
 use serde::{Deserialize, Deserializer};
 
 use crate::model::LABEL_SERVICE_PROXY_NAME;
 
 /// A Service (v1): name, namespace and version, the one label translation reads, the spec's
 /// fields that decide its frontends, and its status (load balancer ingress).
-#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[derive(Clone, Debug, Default, PartialEq)]
 pub struct Service {
-    /// Name, namespace and resourceVersion, and of the labels only
-    /// `service.kubernetes.io/service-proxy-name` (a Service another proxy serves).
-    #[serde(default, deserialize_with = "slim_meta")]
-    pub metadata: ObjectMeta,
+    /// Name, namespace and resourceVersion.
+    pub metadata: super::Meta,
+    /// The `service.kubernetes.io/service-proxy-name` label (a Service another proxy serves).
+    pub proxy_name: Option<String>,
     pub spec: Option<ServiceSpec>,
     pub status: Option<ServiceStatus>,
+}
+
+impl<'de> Deserialize<'de> for Service {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        struct Wire {
+            #[serde(default, deserialize_with = "super::WireMeta::read")]
+            metadata: super::WireMeta,
+            spec: Option<ServiceSpec>,
+            status: Option<ServiceStatus>,
+        }
+        let w = Wire::deserialize(d)?;
+        let (metadata, labels, _) = w.metadata.split();
+        Ok(Service { metadata, proxy_name: labels.and_then(|mut l| l.remove(LABEL_SERVICE_PROXY_NAME)), spec: w.spec, status: w.status })
+    }
 }
 
 #[derive(Clone, Debug, Default, Deserialize, PartialEq)]
@@ -58,13 +68,13 @@ pub struct ServicePort {
     pub node_port: Option<i32>,
 }
 
-fn slim_meta<'de, D: Deserializer<'de>>(d: D) -> Result<ObjectMeta, D::Error> {
-    let (mut meta, labels, _) = super::WireMeta::<serde::de::IgnoredAny>::read(d)?.split();
-    meta.labels = labels.and_then(|mut l| l.remove_entry(LABEL_SERVICE_PROXY_NAME)).map(|kv| BTreeMap::from([kv]));
-    Ok(meta)
-}
-
 namespaced_resource!(Service, api_version: "v1", group: "", version: "v1", kind: "Service", plural: "services");
+
+impl super::kept::Kept for Service {
+    fn meta(&self) -> &super::Meta {
+        &self.metadata
+    }
+}
 
 #[cfg(test)]
 mod tests {
@@ -109,7 +119,7 @@ mod tests {
         assert_eq!(s.status, full.status);
         assert_eq!(
             s.metadata,
-            ObjectMeta { name: Some("web".into()), namespace: Some("shop".into()), resource_version: Some("812".into()), ..Default::default() }
+            super::super::Meta { name: Some("web".into()), namespace: Some("shop".into()), resource_version: Some("812".into()) }
         );
         let debug = format!("{s:?}");
         for gone in ["FieldsV1", "ferry.test/note", "last-applied", "selector", "web-http", "SingleStack", "allocate", "app"] {
@@ -117,7 +127,8 @@ mod tests {
         }
         // The one label read: a Service another proxy serves is left to it.
         let other: Service = serde_json::from_str(&SERVED.replace(r#""labels": {"app": "web"}"#, r#""labels": {"app": "web", "service.kubernetes.io/service-proxy-name": "other"}"#)).unwrap();
-        assert_eq!(other.metadata.labels, Some(BTreeMap::from([(LABEL_SERVICE_PROXY_NAME.to_string(), "other".to_string())])));
+        assert_eq!(other.proxy_name.as_deref(), Some("other"));
+        assert_eq!(s.proxy_name, None);
     }
 
     #[test]
@@ -127,7 +138,7 @@ mod tests {
         let s: Service = serde_json::from_str(&SERVED.replace(r#""port": 80"#, r#""port": null"#)).unwrap();
         assert_eq!(s.spec.unwrap().ports.unwrap()[0].port, 0);
         let s: Service = serde_json::from_str(r#"{"metadata": null, "spec": {"ports": [{"port": 80}, {"name": "b"}]}}"#).unwrap();
-        assert_eq!((s.metadata, s.spec.unwrap().ports.unwrap().iter().map(|p| p.port).collect::<Vec<_>>()), (ObjectMeta::default(), vec![80, 0]));
+        assert_eq!((s.metadata, s.spec.unwrap().ports.unwrap().iter().map(|p| p.port).collect::<Vec<_>>()), (super::super::Meta::default(), vec![80, 0]));
     }
 
     #[test]

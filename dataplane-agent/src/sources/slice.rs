@@ -10,10 +10,7 @@
 
 use std::collections::BTreeMap;
 
-use k8s_openapi::{
-    api::discovery::v1::{EndpointConditions, EndpointHints},
-    apimachinery::pkg::apis::meta::v1::ObjectMeta,
-};
+use k8s_openapi::api::discovery::v1::{EndpointConditions, EndpointHints};
 use serde::{Deserialize, Deserializer};
 
 use crate::{model::LABEL_SERVICE_NAME, observe::TRIGGER_TIME};
@@ -23,7 +20,7 @@ use crate::{model::LABEL_SERVICE_NAME, observe::TRIGGER_TIME};
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct EndpointSlice {
     /// Name, namespace and resourceVersion only (what a store and a watch need).
-    pub metadata: ObjectMeta,
+    pub metadata: super::Meta,
     /// The `kubernetes.io/service-name` label.
     pub service_name: Option<String>,
     /// The `endpoints.kubernetes.io/last-change-trigger-time` annotation.
@@ -80,6 +77,12 @@ impl<'de> Deserialize<'de> for EndpointSlice {
 
 namespaced_resource!(EndpointSlice, api_version: "discovery.k8s.io/v1", group: "discovery.k8s.io", version: "v1", kind: "EndpointSlice", plural: "endpointslices");
 
+impl super::kept::Kept for EndpointSlice {
+    fn meta(&self) -> &super::Meta {
+        &self.metadata
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -120,7 +123,7 @@ mod tests {
         assert_eq!((s.service_name.as_deref(), s.trigger_time.as_deref()), (Some("web"), Some("2026-12-03T10:00:01Z")));
         assert_eq!(
             s.metadata,
-            ObjectMeta { name: Some("web-8xk2p".into()), namespace: Some("shop".into()), resource_version: Some("4121".into()), ..Default::default() }
+            super::super::Meta { name: Some("web-8xk2p".into()), namespace: Some("shop".into()), resource_version: Some("4121".into()) }
         );
         let debug = format!("{s:?}");
         for gone in ["FieldsV1", "ferry.test/note", "managed-by", "web-1", "zone: Some", "u2", "generateName", "hostname"] {
