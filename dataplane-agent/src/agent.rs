@@ -637,13 +637,19 @@ fn release_freed_memory() {
 /// are mapped on their own and unmapped when freed. glibc's default raises that threshold to the
 /// largest block freed so far (up to 32 MiB), after which such tables come from the heap and leave
 /// holes there when they grow or go: 66 → 60 MiB RSS at 10,000 Services, 522 → 464 MiB at
-/// 100,000 (`cargo xtask bench --scale-only`). `MALLOC_MMAP_THRESHOLD_` in the environment wins.
+/// 100,000 (`cargo xtask bench --scale-only`). A threshold set in the environment
+/// (`MALLOC_MMAP_THRESHOLD_`, or `glibc.malloc.mmap_threshold` in `GLIBC_TUNABLES`) wins.
 fn fixed_mmap_threshold() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    if std::env::var_os("MALLOC_MMAP_THRESHOLD_").is_none() {
+    {
+        let tunables = std::env::var("GLIBC_TUNABLES").unwrap_or_default();
+        if std::env::var_os("MALLOC_MMAP_THRESHOLD_").is_some() || tunables.contains("glibc.malloc.mmap_threshold") {
+            info!("the allocator's mmap threshold is the environment's");
+            return;
+        }
         // SAFETY: sets one allocator parameter; called before the agent's other threads start.
-        unsafe {
-            libc::mallopt(libc::M_MMAP_THRESHOLD, 128 * 1024);
+        if unsafe { libc::mallopt(libc::M_MMAP_THRESHOLD, 128 * 1024) } == 0 {
+            warn!("the allocator refused a 128 KiB mmap threshold: large freed tables may stay resident");
         }
     }
 }

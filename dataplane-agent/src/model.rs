@@ -350,7 +350,7 @@ pub fn translate_service(svc: &Service, slices: &[&EndpointSlice], node: &NodeCo
 fn translate_service_into(svc: &Service, slices: &[&EndpointSlice], node: &NodeContext, desired: &mut Desired, errors: &mut Vec<ObjectError>) {
     let name = obj_name(&svc.metadata.namespace, &svc.metadata.name);
     let err = |field: &str, msg: String| ObjectError::new("Service", name.clone(), field.to_string(), msg);
-    if svc.proxy_name.is_some() {
+    if svc.other_proxy {
         return;
     }
     let Some(spec) = &svc.spec else {

@@ -1,11 +1,12 @@
 //! The agent's own store of Services and EndpointSlices, fed by kube's watcher as kube's
 //! reflector store would be. Every Service and slice of the cluster is kept between syncs, and
-//! kube's store keeps each under an `ObjectRef` (name, namespace, version and uid copied again)
-//! and asks of each a whole `ObjectMeta` (360 bytes inline, nearly all of it empty here). This
-//! store keeps each object once, with only its [`Meta`](super::Meta), under the key translation
-//! uses. With both, the agent's RSS at 10,000 Services × 3 endpoints from a real API server went
-//! from 66 to 59 MiB (`cargo xtask bench --control-plane-only`); the slim metadata alone, which
-//! the `--manifests` source has too, from 60 to 55 MiB there (`--scale-only`).
+//! kube's store keeps each under an `ObjectRef` (name, namespace and version copied again) and
+//! asks of each a whole `ObjectMeta` (360 bytes inline, nearly all of it empty here). This store
+//! keeps each object with only its [`Meta`](super::Meta), under the key translation uses (its
+//! namespace and name as `Arc<str>`). With both, the agent's RSS at 10,000 Services × 3
+//! endpoints from a real API server went from 66 to 59 MiB (`cargo xtask bench
+//! --control-plane-only`); with the slim metadata alone, which the `--manifests` source has too,
+//! from 60 to 55 MiB from `--manifests` (`--scale-only`).
 //!
 //! kube's watcher reads versions from an `ObjectMeta`: it watches [`Watched`] objects, which
 //! carry one made from the object's own identity while the event passes, and the store keeps
@@ -27,7 +28,8 @@ pub trait Kept {
 }
 
 /// An object as kube's watcher reads it: the object, and its identity again as the
-/// `ObjectMeta` the watcher reads versions from (dropped when the store takes the object).
+/// `ObjectMeta` the watcher reads versions from. The store keeps a copy of the object alone; this
+/// one goes once the event has been handled.
 #[derive(Clone, Debug)]
 pub struct Watched<T> {
     meta: ObjectMeta,
@@ -67,42 +69,50 @@ impl<T: k8s_openapi::Resource> k8s_openapi::Metadata for Watched<T> {
     }
 }
 
-/// The objects by key, and a list being read (a relist replaces the objects at its end, as
-/// kube's store does, so a reader never sees half a list).
-struct State<T> {
-    objects: HashMap<Key, Arc<T>>,
-    listing: Option<HashMap<Key, Arc<T>>>,
-}
+type Objects<T> = HashMap<Key, Arc<T>>;
 
 /// The reading side: what the snapshots read.
 pub struct Store<T> {
-    state: Arc<RwLock<State<T>>>,
+    objects: Arc<RwLock<Objects<T>>>,
     ready: tokio::sync::watch::Receiver<bool>,
 }
 
-/// The writing side: applies the watcher's events.
+/// The writing side: applies the watcher's events. A list being read is kept here, apart: a
+/// relist replaces the objects at its end, as kube's store does, so a reader never sees half a
+/// list.
 pub struct Writer<T> {
-    state: Arc<RwLock<State<T>>>,
+    objects: Arc<RwLock<Objects<T>>>,
+    listing: Option<Objects<T>>,
     ready: tokio::sync::watch::Sender<bool>,
     key: fn(&T) -> Key,
 }
 
 /// A store and its writer; `key` keys the objects (`model::service_key`, `model::slice_key`).
 pub fn store<T>(key: fn(&T) -> Key) -> (Store<T>, Writer<T>) {
-    let state = Arc::new(RwLock::new(State { objects: HashMap::new(), listing: None }));
+    let objects = Arc::new(RwLock::new(HashMap::new()));
     let (tx, rx) = tokio::sync::watch::channel(false);
-    (Store { state: state.clone(), ready: rx }, Writer { state, ready: tx, key })
+    (Store { objects: objects.clone(), ready: rx }, Writer { objects, listing: None, ready: tx, key })
+}
+
+/// The lock's objects: a panic elsewhere while the lock was held leaves them as they were (every
+/// write is one insert, remove or swap), so they are read on.
+fn read<T>(objects: &RwLock<Objects<T>>) -> std::sync::RwLockReadGuard<'_, Objects<T>> {
+    objects.read().unwrap_or_else(|e| e.into_inner())
+}
+
+fn write<T>(objects: &RwLock<Objects<T>>) -> std::sync::RwLockWriteGuard<'_, Objects<T>> {
+    objects.write().unwrap_or_else(|e| e.into_inner())
 }
 
 impl<T> Store<T> {
     /// Every object.
     pub fn state(&self) -> Vec<Arc<T>> {
-        self.state.read().unwrap().objects.values().cloned().collect()
+        read(&self.objects).values().cloned().collect()
     }
 
     /// The object under `key`.
     pub fn get(&self, key: &Key) -> Option<Arc<T>> {
-        self.state.read().unwrap().objects.get(key).cloned()
+        read(&self.objects).get(key).cloned()
     }
 
     /// Waits until the first list is in (returns at once if the writer is gone).
@@ -112,26 +122,28 @@ impl<T> Store<T> {
 }
 
 impl<T: Clone> Writer<T> {
-    /// Applies one event of kube's watcher, as kube's `reflector::store::Writer` does.
+    /// Applies one event of kube's watcher, as kube's `reflector::store::Writer` does. (The
+    /// watcher starts every list, a relist after an error too, with `Init`: an `InitDone` without
+    /// one, which it never sends, keeps the objects.)
     pub fn apply(&mut self, ev: &watcher::Event<Watched<T>>) {
-        let mut s = self.state.write().unwrap();
         match ev {
             watcher::Event::Apply(o) => {
-                s.objects.insert((self.key)(&o.object), Arc::new(o.object.clone()));
+                let old = write(&self.objects).insert((self.key)(&o.object), Arc::new(o.object.clone()));
+                drop(old);
             }
             watcher::Event::Delete(o) => {
-                s.objects.remove(&(self.key)(&o.object));
+                let old = write(&self.objects).remove(&(self.key)(&o.object));
+                drop(old);
             }
-            watcher::Event::Init => s.listing = Some(HashMap::new()),
+            watcher::Event::Init => self.listing = Some(HashMap::new()),
             watcher::Event::InitApply(o) => {
-                let key = (self.key)(&o.object);
-                s.listing.get_or_insert_with(HashMap::new).insert(key, Arc::new(o.object.clone()));
+                self.listing.get_or_insert_with(HashMap::new).insert((self.key)(&o.object), Arc::new(o.object.clone()));
             }
             watcher::Event::InitDone => {
-                if let Some(listed) = s.listing.take() {
-                    s.objects = listed;
+                if let Some(mut listed) = self.listing.take() {
+                    // The old objects go after the lock is let go of.
+                    std::mem::swap(&mut *write(&self.objects), &mut listed);
                 }
-                drop(s);
                 self.ready.send_replace(true);
             }
         }
@@ -181,5 +193,17 @@ mod tests {
         let names: Vec<_> = store.state().iter().map(|s| s.metadata.name.clone().unwrap()).collect();
         assert_eq!(names, ["c"]);
         assert_eq!(store.get(&key("c")).unwrap().metadata.resource_version.as_deref(), Some("3"));
+        // A relist cut short (the watcher starts again with Init): what it read so far is
+        // dropped, and the next one's end is what counts.
+        writer.apply(&watcher::Event::Init);
+        writer.apply(&watcher::Event::InitApply(svc("d", "4")));
+        writer.apply(&watcher::Event::Init);
+        writer.apply(&watcher::Event::InitApply(svc("e", "4")));
+        writer.apply(&watcher::Event::InitDone);
+        let names: Vec<_> = store.state().iter().map(|s| s.metadata.name.clone().unwrap()).collect();
+        assert_eq!(names, ["e"]);
+        // Deleting what it does not hold changes nothing.
+        writer.apply(&watcher::Event::Delete(svc("zz", "5")));
+        assert_eq!(store.state().len(), 1);
     }
 }

@@ -14,8 +14,8 @@ use crate::model::LABEL_SERVICE_PROXY_NAME;
 pub struct Service {
     /// Name, namespace and resourceVersion.
     pub metadata: super::Meta,
-    /// The `service.kubernetes.io/service-proxy-name` label (a Service another proxy serves).
-    pub proxy_name: Option<String>,
+    /// Labelled `service.kubernetes.io/service-proxy-name`: another proxy serves it.
+    pub other_proxy: bool,
     pub spec: Option<ServiceSpec>,
     pub status: Option<ServiceStatus>,
 }
@@ -31,7 +31,7 @@ impl<'de> Deserialize<'de> for Service {
         }
         let w = Wire::deserialize(d)?;
         let (metadata, labels, _) = w.metadata.split();
-        Ok(Service { metadata, proxy_name: labels.and_then(|mut l| l.remove(LABEL_SERVICE_PROXY_NAME)), spec: w.spec, status: w.status })
+        Ok(Service { metadata, other_proxy: labels.is_some_and(|l| l.contains_key(LABEL_SERVICE_PROXY_NAME)), spec: w.spec, status: w.status })
     }
 }
 
@@ -127,8 +127,7 @@ mod tests {
         }
         // The one label read: a Service another proxy serves is left to it.
         let other: Service = serde_json::from_str(&SERVED.replace(r#""labels": {"app": "web"}"#, r#""labels": {"app": "web", "service.kubernetes.io/service-proxy-name": "other"}"#)).unwrap();
-        assert_eq!(other.proxy_name.as_deref(), Some("other"));
-        assert_eq!(s.proxy_name, None);
+        assert!(other.other_proxy && !s.other_proxy);
     }
 
     #[test]
