@@ -76,8 +76,8 @@ pub struct Translator {
     slices: HashMap<Key, Arc<EndpointSlice>>,
     /// Slice -> the Service it belongs to (its label when last seen).
     slice_owner: HashMap<Key, Key>,
-    /// Service -> its slices, sorted (nearly always one: a `Vec`, not a set).
-    slices_of: HashMap<Key, Vec<Key>>,
+    /// Service -> its slices, sorted (nearly always one: held inline, not a set).
+    slices_of: HashMap<Key, OneOrMore<Key>>,
     /// Slices without a Service label, with their error.
     orphans: BTreeMap<Key, ObjectError>,
     parts: HashMap<Key, Part>,
@@ -278,10 +278,19 @@ impl Translator {
 
     fn add_part(&mut self, key: Key, part: ServiceDesired, delta: &mut Delta) {
         let order = self.services.get(&key).map(|(o, _)| *o).unwrap_or(u64::MAX);
-        let part = Part::from(part);
-        for (fe, want) in part.frontends.iter() {
-            if self.fe_owners.entry(*fe).or_default().claim(order, &key) {
-                self.desired.frontends.insert(*fe, want.clone());
+        let mut part = Part::from(part);
+        for (fe, want) in part.frontends.iter_mut() {
+            let owners = self.fe_owners.entry(*fe).or_default();
+            let before = owners.0.last().map(|(_, k)| k.clone()).filter(|k| *k != key);
+            if owners.claim(order, &key) {
+                // The value moves into `desired`; the claimant it wins over gets its own back,
+                // to win with again when this one lets go.
+                let old = want.take().and_then(|w| self.desired.frontends.insert(*fe, w));
+                if let (Some(before), Some(old)) = (before, old) {
+                    if let Some(slot) = self.parts.get_mut(&before).and_then(|p| p.frontends.iter_mut().find(|(f, _)| f == fe)) {
+                        slot.1 = Some(old);
+                    }
+                }
             }
             delta.frontends.insert(*fe);
         }
@@ -314,7 +323,22 @@ impl Translator {
         self.with_errors.remove(key);
         for (fe, _) in part.frontends.iter() {
             delta.frontends.insert(*fe);
-            disown(&mut self.fe_owners, &mut self.desired.frontends, &self.parts, key, fe, |p| &p.frontends);
+            let Some(o) = self.fe_owners.get_mut(fe) else { continue };
+            let won = o.0.last().is_some_and(|(_, k)| k == key);
+            o.0.retain(|(_, claimant)| claimant != key);
+            match o.0.last() {
+                None => {
+                    self.fe_owners.remove(fe);
+                    self.desired.frontends.remove(fe);
+                }
+                // The latest other claimant's value (kept in its part while it lost) moves in.
+                Some((_, winner)) if won => {
+                    if let Some(w) = self.parts.get_mut(winner).and_then(|p| p.frontends.iter_mut().find(|(f, _)| f == fe)).and_then(|(_, w)| w.take()) {
+                        self.desired.frontends.insert(*fe, w);
+                    }
+                }
+                Some(_) => {}
+            }
         }
         for (port, _) in part.health_checks.iter() {
             disown(&mut self.hc_owners, &mut self.desired.health_checks, &self.parts, key, port, |p| &p.health_checks);
@@ -350,8 +374,10 @@ fn disown<K: Copy + Eq + std::hash::Hash + Ord, V: Clone>(owners: &mut HashMap<K
 /// eleven entries for the first (1.5 KiB for one frontend, 15 MiB at 10,000 Services).
 #[derive(Debug, Default)]
 struct Part {
-    /// By frontend, as the map gave them (sorted, unique); so the others.
-    frontends: Box<[(Frontend, DesiredFrontend)]>,
+    /// By frontend, as the map gave them (sorted, unique); so the others. A frontend's value is
+    /// held once: in `desired` while this Service wins the frontend (`None` here), here while
+    /// another one does.
+    frontends: Box<[(Frontend, Option<DesiredFrontend>)]>,
     health_checks: Box<[(u16, HealthCheck)]>,
     cluster_ips: Box<[Ipv4Addr]>,
     local_endpoints: Box<[Ipv4Addr]>,
@@ -364,7 +390,7 @@ impl From<ServiceDesired> for Part {
     fn from(p: ServiceDesired) -> Part {
         let d = p.desired;
         Part {
-            frontends: d.frontends.into_iter().collect(),
+            frontends: d.frontends.into_iter().map(|(fe, want)| (fe, Some(want))).collect(),
             health_checks: d.health_checks.into_iter().collect(),
             cluster_ips: d.cluster_ips.into_iter().collect(),
             local_endpoints: d.local_endpoints.into_iter().collect(),
@@ -378,7 +404,10 @@ impl From<ServiceDesired> for Part {
 /// The Services claiming one frontend (or health check port), by order, the last winning:
 /// nearly always one, so a sorted `Vec` rather than a map.
 #[derive(Debug, Default)]
-struct Claims(Vec<(u64, Key)>);
+struct Claims(OneOrMore<(u64, Key)>);
+
+/// A sorted list that nearly always holds one item: that one is held inline.
+type OneOrMore<T> = smallvec::SmallVec<[T; 1]>;
 
 impl Claims {
     /// `key` (of `order`) claims it; true when it is now the winner.
@@ -386,7 +415,7 @@ impl Claims {
         match self.0.binary_search_by_key(&order, |(o, _)| *o) {
             Ok(i) => self.0[i].1 = key.clone(),
             Err(i) => {
-                // Room for this one alone (a first push reserves four).
+                // Room for this one alone (a Vec's growth doubles).
                 self.0.reserve_exact(1);
                 self.0.insert(i, (order, key.clone()));
             }
@@ -396,7 +425,7 @@ impl Claims {
 }
 
 /// Inserts `key` into the sorted, unique `keys`.
-fn insert_sorted(keys: &mut Vec<Key>, key: Key) {
+fn insert_sorted(keys: &mut OneOrMore<Key>, key: Key) {
     if let Err(i) = keys.binary_search(&key) {
         keys.reserve_exact(1);
         keys.insert(i, key);
@@ -515,6 +544,10 @@ mod tests {
             // the other goes.
             Box::new(|w, ch| w.put_service(svc("c", "{clusterIP: 172.30.0.4, externalIPs: [192.0.2.9], ports: [{port: 80}]}"), ch)),
             Box::new(|w, ch| w.put_slice(slice("c-1", Some("c"), &["10.0.3.1"]), ch)),
+            Box::new(|w, ch| w.del_service("c", ch)),
+            // Again, and the loser changes meanwhile: it wins with its new endpoints when c goes.
+            Box::new(|w, ch| w.put_service(svc("c", "{clusterIP: 172.30.0.4, externalIPs: [192.0.2.9], ports: [{port: 80}]}"), ch)),
+            Box::new(|w, ch| w.put_slice(slice("b-1", Some("b"), &["10.0.1.3"]), ch)),
             Box::new(|w, ch| w.del_service("c", ch)),
             // The same ClusterIP twice, one goes: the address stays.
             Box::new(|w, ch| w.put_service(svc("d", "{clusterIP: 172.30.0.1, ports: [{port: 81}]}"), ch)),

@@ -200,8 +200,8 @@ pub fn read(path: &Path) -> std::io::Result<(Objects, Vec<ObjectError>)> {
 #[derive(Default)]
 pub struct Cache {
     files: BTreeMap<PathBuf, FileRead>,
-    /// Service and EndpointSlice keys -> the files holding them, sorted (nearly always one: a
-    /// `Vec` of shared paths, not a set of copies, which cost 350 bytes a key).
+    /// Service and EndpointSlice keys -> the files holding them, sorted (nearly always one: held
+    /// inline, a shared path, not a set of copies, which cost 350 bytes a key).
     services: HashMap<Key, Holders>,
     slices: HashMap<Key, Holders>,
     /// Keys of `services` and `slices` held by more than one file.
@@ -210,7 +210,7 @@ pub struct Cache {
     all_next: bool,
 }
 
-type Holders = Vec<Arc<Path>>;
+type Holders = smallvec::SmallVec<[Arc<Path>; 1]>;
 
 /// `f` holds `k`; counts the keys held twice or more in `shared`.
 fn hold(index: &mut HashMap<Key, Holders>, shared: &mut usize, k: Key, f: &Arc<Path>) {
