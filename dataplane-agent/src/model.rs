@@ -638,8 +638,8 @@ fn endpoints_for_port(slices: &[&EndpointSlice], port_name: &str, proto: Proto, 
             let zone_hints: Vec<String> = hints.and_then(|h| h.for_zones.as_ref()).map(|z| z.iter().map(|z| z.name.clone()).collect()).unwrap_or_default();
             let node_hints: Vec<String> = hints.and_then(|h| h.for_nodes.as_ref()).map(|n| n.iter().map(|n| n.name.clone()).collect()).unwrap_or_default();
             // The first address is the endpoint's (the others are fungible, and kube-proxy
-            // reads only the first).
-            for (ai, a) in ep.addresses.iter().enumerate().take(1) {
+            // reads only the first): the only one kept.
+            for (ai, a) in ep.address.iter().enumerate() {
                 match addr::parse_ip(a) {
                     Ok(Family::V4(addr)) => out.push(Endpoint {
                         addr: L4Addr { addr, port: number, proto },

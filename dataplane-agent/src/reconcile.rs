@@ -1547,7 +1547,7 @@ mod tests {
         assert_eq!(st.writes, n * 7, "name, 2 backends, 2 slots, entry, the ClusterIP's entry");
         // s42's second endpoint is replaced.
         let mut slice = objs.endpoint_slices[42].as_ref().clone();
-        slice.endpoints.as_mut().unwrap()[1].addresses = vec!["10.3.0.1".into()];
+        slice.endpoints.as_mut().unwrap()[1].address = Some("10.3.0.1".into());
         let mut ch = crate::translator::Changes::default();
         ch.slices.insert(crate::model::slice_key(&slice), Some(std::sync::Arc::new(slice)));
         r.ops.clear();

@@ -38,15 +38,43 @@ pub struct EndpointPort {
     pub protocol: Option<super::Word>,
 }
 
-/// One endpoint: its addresses, conditions, node and topology hints.
+/// One endpoint: its address, conditions, node and topology hints (boxed: nearly always absent).
 #[derive(Clone, Debug, Default, Deserialize, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct Endpoint {
-    #[serde(default, deserialize_with = "super::null_default")]
-    pub addresses: Vec<String>,
+    /// The first of its `addresses`, the endpoint's own (the others are fungible, and kube-proxy
+    /// reads only the first); `None` when there is none.
+    #[serde(default, rename = "addresses", deserialize_with = "first_address")]
+    pub address: Option<Box<str>>,
     pub conditions: Option<EndpointConditions>,
     pub node_name: Option<String>,
-    pub hints: Option<EndpointHints>,
+    pub hints: Option<Box<EndpointHints>>,
+}
+
+/// The first string of a list (`null` or empty: none); the rest are skipped unread.
+fn first_address<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Box<str>>, D::Error> {
+    struct First;
+    impl<'de> serde::de::Visitor<'de> for First {
+        type Value = Option<Box<str>>;
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("a list of addresses")
+        }
+        fn visit_unit<E>(self) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+        fn visit_none<E>(self) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+        fn visit_some<D: Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+            d.deserialize_seq(First)
+        }
+        fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+            let first = seq.next_element::<Box<str>>()?;
+            while seq.next_element::<serde::de::IgnoredAny>()?.is_some() {}
+            Ok(first)
+        }
+    }
+    d.deserialize_option(First)
 }
 
 impl<'de> Deserialize<'de> for EndpointSlice {
@@ -115,7 +143,7 @@ mod tests {
         let s: EndpointSlice = serde_json::from_str(SERVED).unwrap();
         let full: k8s_openapi::api::discovery::v1::EndpointSlice = serde_json::from_str(SERVED).unwrap();
         let (e, f) = (&s.endpoints.as_ref().unwrap()[0], &full.endpoints.as_ref().unwrap()[0]);
-        assert_eq!((&e.addresses, &e.conditions, &e.node_name, &e.hints), (&f.addresses, &f.conditions, &f.node_name, &f.hints));
+        assert_eq!((e.address.as_deref(), &e.conditions, &e.node_name, e.hints.as_deref()), (f.addresses.first().map(|a| a.as_str()), &f.conditions, &f.node_name, f.hints.as_ref()));
         assert_eq!(&*s.address_type, full.address_type);
         let (p, fp) = (&s.ports.as_ref().unwrap()[0], &full.ports.as_ref().unwrap()[0]);
         assert_eq!((&p.name, p.port, p.protocol.as_deref()), (&fp.name, fp.port, fp.protocol.as_deref()));
@@ -135,10 +163,15 @@ mod tests {
     fn a_mistyped_read_field_is_named_and_a_missing_one_is_empty() {
         let e = serde_path_to_error::deserialize::<_, EndpointSlice>(&mut serde_json::Deserializer::from_str(&SERVED.replace(r#""port": 8080"#, r#""port": "http""#))).unwrap_err();
         assert_eq!(e.path().to_string(), "ports[0].port");
+        let e = serde_path_to_error::deserialize::<_, EndpointSlice>(&mut serde_json::Deserializer::from_str(&SERVED.replace(r#""addresses": ["10.244.1.17"]"#, r#""addresses": [17]"#))).unwrap_err();
+        assert_eq!(e.path().to_string(), "endpoints[0].addresses[0]");
+        // The first address is kept, the others (fungible, unread by kube-proxy) are not.
+        let s: EndpointSlice = serde_json::from_str(&SERVED.replace(r#""addresses": ["10.244.1.17"]"#, r#""addresses": ["10.244.1.17", "10.244.1.18"]"#)).unwrap();
+        assert_eq!(s.endpoints.unwrap()[0].address.as_deref(), Some("10.244.1.17"));
         // Missing ones read as k8s-openapi reads them: empty (translation names them then).
         let s: EndpointSlice = serde_json::from_str(&SERVED.replace(r#""addressType": "IPv4","#, "").replace(r#""addresses": ["10.244.1.17"], "#, "")).unwrap();
-        assert_eq!((&*s.address_type, s.endpoints.unwrap()[0].addresses.len()), ("", 0));
+        assert_eq!((&*s.address_type, s.endpoints.unwrap()[0].address.is_none()), ("", true));
         let s: EndpointSlice = serde_json::from_str(&SERVED.replace(r#""addressType": "IPv4""#, r#""addressType": null"#).replace(r#""addresses": ["10.244.1.17"]"#, r#""addresses": null"#)).unwrap();
-        assert_eq!((&*s.address_type, s.endpoints.unwrap()[0].addresses.len()), ("", 0));
+        assert_eq!((&*s.address_type, s.endpoints.unwrap()[0].address.is_none()), ("", true));
     }
 }
