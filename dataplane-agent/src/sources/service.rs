@@ -17,7 +17,9 @@ pub struct Service {
     /// Labelled `service.kubernetes.io/service-proxy-name`: another proxy serves it.
     pub other_proxy: bool,
     pub spec: Option<ServiceSpec>,
-    pub status: Option<ServiceStatus>,
+    /// Its load balancer ingress: `None` when it has none (nearly every Service: boxed), and its
+    /// conditions are not kept.
+    pub status: Option<Box<ServiceStatus>>,
 }
 
 impl<'de> Deserialize<'de> for Service {
@@ -31,7 +33,8 @@ impl<'de> Deserialize<'de> for Service {
         }
         let w = Wire::deserialize(d)?;
         let (metadata, labels, _) = w.metadata.split();
-        Ok(Service { metadata, other_proxy: labels.is_some_and(|l| l.contains_key(LABEL_SERVICE_PROXY_NAME)), spec: w.spec, status: w.status })
+        let status = w.status.filter(|s| s.load_balancer.as_ref().is_some_and(|lb| lb.ingress.is_some())).map(|s| Box::new(ServiceStatus { conditions: None, ..s }));
+        Ok(Service { metadata, other_proxy: labels.is_some_and(|l| l.contains_key(LABEL_SERVICE_PROXY_NAME)), spec: w.spec, status })
     }
 }
 
@@ -116,7 +119,10 @@ mod tests {
         assert!(matches!((&spec.type_, &p.protocol), (Some(super::super::Word::Known("LoadBalancer")), Some(super::super::Word::Known("TCP")))));
         let odd: Service = serde_json::from_str(&SERVED.replace(r#""protocol": "TCP""#, r#""protocol": "tcp""#)).unwrap();
         assert!(matches!(&odd.spec.unwrap().ports.unwrap()[0].protocol, Some(super::super::Word::Other(w)) if &**w == "tcp"));
-        assert_eq!(s.status, full.status);
+        assert_eq!(s.status.as_deref(), full.status.as_ref());
+        // A status without ingress (every ClusterIP Service's `loadBalancer: {}`) is none.
+        let plain: Service = serde_json::from_str(&SERVED.replace(r#"{"ingress": [{"ip": "203.0.113.9", "ipMode": "VIP"}]}"#, "{}")).unwrap();
+        assert_eq!(plain.status, None);
         assert_eq!(
             s.metadata,
             super::super::Meta { name: Some("web".into()), namespace: Some("shop".into()), resource_version: Some("812".into()) }
