@@ -79,6 +79,8 @@ fn per_service_counters_count_packets_and_ip_bytes_both_ways() {
     let syn = tcp((ip(CLIENT), 40000), (ip(VIP), 80), true, b"");
     let data = tcp((ip(CLIENT), 40000), (ip(VIP), 80), false, b"GET / HTTP/1.1\r\n\r\n");
     let reply = tcp((ip("10.0.1.5"), 8080), (ip(CLIENT), 40000), false, b"HTTP/1.1 200 OK\r\n\r\n");
+    // The sync writes no counters: a frontend's first packet makes them.
+    assert_eq!(dp.maps.svc_stats.keys().count(), 0);
     dp.from_pod(&syn);
     dp.from_pod(&data);
     dp.to_pod(&reply);
@@ -96,6 +98,13 @@ fn per_service_counters_count_packets_and_ip_bytes_both_ways() {
     assert_eq!(dp.maps.service_name(dns_id), None);
     assert!(dp.maps.svc_stats.get(&dns_id, 0).is_err());
     assert_eq!(dp.maps.service_counters(web_id).packets, 3);
+    // A frontend without a name (the agent removes it first) gets no counters from its
+    // connections' packets: web's taken out by hand, then a packet of its connection.
+    dp.maps.svc_names.remove(&web_id).unwrap();
+    dp.maps.svc_stats.remove(&web_id).unwrap();
+    dp.from_pod(&data);
+    assert!(dp.maps.svc_stats.get(&web_id, 0).is_err());
+    assert_eq!(dp.maps.svc_stats.keys().count(), 0);
 }
 
 #[test]

@@ -286,6 +286,12 @@ pub async fn run(mut cfg: RunConfig) -> anyhow::Result<()> {
             "maps restored from a previous run (nothing is flushed; the first sync writes only differences)"
         );
     }
+    let ids: std::collections::HashSet<u32> = applied.frontends.values().map(|f| f.svc_id).collect();
+    let gone = maps.sweep_counters(|id| ids.contains(&id));
+    drop(ids);
+    if gone > 0 {
+        info!(count = gone, "counters of removed frontends dropped");
+    }
     let mut rec = Reconciler::restore(applied);
     rec.algorithm = cfg.algorithm;
     let mut pol = PolicyState::restore(&maps);

@@ -10,7 +10,7 @@ use std::{
 };
 
 use aya::{
-    maps::{lpm_trie::Key as LpmKey, Array, HashMap, IterableMap, LpmTrie, Map, MapData, MapError, PerCpuArray, PerCpuHashMap, PerCpuValues},
+    maps::{lpm_trie::Key as LpmKey, Array, HashMap, IterableMap, LpmTrie, Map, MapData, MapError, PerCpuArray, PerCpuHashMap},
     sys::SyscallError,
     Ebpf,
 };
@@ -305,7 +305,15 @@ impl BpfMaps {
         Ok(cfg.pol_generation)
     }
 
-    /// A frontend's packets and bytes, summed over CPUs.
+    /// Removes the counters of frontends `live` says are gone (the datapath may make a removed
+    /// frontend's between the agent's removal of its name and of its counters): at start, over
+    /// the frontends read back. Returns how many went.
+    pub fn sweep_counters(&mut self, live: impl Fn(u32) -> bool) -> usize {
+        let dead: Vec<u32> = self.svc_stats.keys().flatten().filter(|id| !live(*id)).collect();
+        dead.iter().filter(|id| self.svc_stats.remove(id).is_ok()).count()
+    }
+
+    /// A frontend's packets and bytes, summed over CPUs (none yet: zero).
     pub fn service_counters(&self, svc_id: u32) -> SvcCounters {
         self.svc_stats
             .get(&svc_id, 0)
@@ -937,17 +945,9 @@ impl MapOps for BpfMaps {
         }
     }
     fn put_frontend_name(&mut self, svc_id: u32, name: &str) -> Result<(), MapOpError> {
-        put(&mut self.svc_names, names::SVC_NAMES, self.caps.services, svc_id, SvcName::new(name), || format!("name of frontend {svc_id} ({name})"))?;
-        let other = |message: String| MapOpError::Other { map: names::SVC_STATS, what: format!("counters of frontend {svc_id}"), message };
-        let cpus = aya::util::nr_cpus().map_err(|(what, e)| other(format!("{what}: {e}")))?;
-        let zero = PerCpuValues::try_from(vec![SvcCounters::default(); cpus]).map_err(|e| other(e.to_string()))?;
-        match self.svc_stats.insert(svc_id, zero, 1 /* BPF_NOEXIST */) {
-            Ok(()) => Ok(()),
-            // Counters of a frontend that already had them (renamed, or restored) keep counting.
-            Err(MapError::SyscallError(SyscallError { ref io_error, .. })) if io_error.raw_os_error() == Some(libc::EEXIST) => Ok(()),
-            Err(source) if is_full(&source) => Err(MapOpError::Full { map: names::SVC_STATS, capacity: self.caps.services, what: format!("counters of frontend {svc_id}") }),
-            Err(source) => Err(MapOpError::Syscall { map: names::SVC_STATS, op: "insert", what: format!("counters of frontend {svc_id}"), source }),
-        }
+        // The counters are the datapath's to make, at the frontend's first packet (a per-CPU
+        // insert here cost 20 µs a frontend); a renamed or restored frontend's keep counting.
+        put(&mut self.svc_names, names::SVC_NAMES, self.caps.services, svc_id, SvcName::new(name), || format!("name of frontend {svc_id} ({name})"))
     }
     fn del_frontend_meta(&mut self, svc_id: u32) -> Result<(), MapOpError> {
         del(&mut self.svc_names, names::SVC_NAMES, &svc_id, || format!("name of frontend {svc_id}"))?;

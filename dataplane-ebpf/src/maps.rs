@@ -108,14 +108,16 @@ pub static lb4_chash_flat_v1: Array<
     { dataplane_common::CHASH_FLAT_FLAGS as usize },
 > = Array::new();
 
-/// Per-CPU packet and byte counters of each frontend: `svc_id -> counters`. The agent creates
-/// the entry with the frontend and removes it with it; the datapath only increments.
+/// Per-CPU packet and byte counters of each frontend: `svc_id -> counters`. The datapath makes
+/// the entry at the frontend's first packet (while the frontend is named) and increments it; the
+/// agent removes it with the frontend.
 #[btf_map]
 pub static lb4_svc_stat_v1: PerCpuHashMap<u32, SvcCounters, { capacity::SERVICES as usize }, NO_PREALLOC> =
     PerCpuHashMap::new();
 
 /// The Service port of each frontend, `svc_id -> "namespace/name:port"`, for inspection and
-/// `bpftool map dump`. The datapath never reads it (`ferry_keep_maps` keeps it in the object).
+/// `bpftool map dump`. The datapath reads only whether a frontend has one, at its first packet
+/// (`stats::count_service`).
 #[btf_map]
 pub static lb4_svc_name_v1: HashMap<u32, SvcName, { capacity::SERVICES as usize }, NO_PREALLOC> = HashMap::new();
 
