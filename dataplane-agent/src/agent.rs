@@ -269,10 +269,26 @@ pub async fn run(mut cfg: RunConfig) -> anyhow::Result<()> {
         // the tc path.
         cfg.host_netns_cookie = crate::sockets::own_netns_cookie().context("reading the node's network namespace cookie (SO_NETNS_COOKIE, kernel 5.14+)")?;
     }
+    // The API server's lists start now: they come in while the datapath loads (the programs'
+    // verification takes about half a second), and the first sync needs both.
+    let mut kube_source = match &cfg.source {
+        SourceConfig::Kube { kubeconfig, master } => {
+            let client = crate::sources::kube::client(kubeconfig.as_deref(), master.as_deref()).await?;
+            Some(KubeSource::start(client, &cfg.node.name, cfg.network_policy).await)
+        }
+        SourceConfig::Manifests { .. } => None,
+    };
     // Maps of another layout or capacity (an upgrade, a rollback) are copied into new ones here
-    // while the programs an earlier agent attached keep serving from the old ones.
-    let (mut ebpf, mut migration) = loader::load_pinned(&cfg.pin_dir, &loader::capacities(cfg.conntrack_capacity, cfg.lb_table_entries)).context("loading the datapath")?;
-    attach::load_programs(&mut ebpf).context("loading programs")?;
+    // while the programs an earlier agent attached keep serving from the old ones. (On a thread
+    // of its own, so that the lists go on meanwhile.)
+    let (pin_dir, caps) = (cfg.pin_dir.clone(), loader::capacities(cfg.conntrack_capacity, cfg.lb_table_entries));
+    let (mut ebpf, mut migration) = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
+        let (mut ebpf, migration) = loader::load_pinned(&pin_dir, &caps).context("loading the datapath")?;
+        attach::load_programs(&mut ebpf).context("loading programs")?;
+        Ok((ebpf, migration))
+    })
+    .await
+    .context("loading the datapath")??;
     let mut maps = BpfMaps::from_ebpf(&mut ebpf)?;
     let applied = maps.dump_applied();
     if applied.frontends.is_empty() && applied.backends.is_empty() {
@@ -371,10 +387,7 @@ pub async fn run(mut cfg: RunConfig) -> anyhow::Result<()> {
             };
             Source::Manifests { path: path.clone(), last: None, reading: None, cache: Default::default(), watch, unreadable: Default::default(), held: 0, emptied: None }
         }
-        SourceConfig::Kube { kubeconfig, master } => {
-            let client = crate::sources::kube::client(kubeconfig.as_deref(), master.as_deref()).await?;
-            Source::Kube(KubeSource::start(client, &cfg.node.name, cfg.network_policy).await)
-        }
+        SourceConfig::Kube { .. } => Source::Kube(kube_source.take().expect("started before the datapath loaded")),
     };
     let watch = match &source {
         Source::Kube(k) => Some(k.stats.clone()),
