@@ -317,6 +317,10 @@ fn measure_into(cp: &ControlPlane, proxy: Proxy, kube_proxy: &Path, n: usize, li
         synced
     })?;
     f.synced = synced;
+    // `FERRY_BENCH_LOG=PREFIX`: the proxy's log of its start kept (lists, load, attach, sync).
+    if let Ok(to) = std::env::var("FERRY_BENCH_LOG") {
+        let _ = std::fs::copy(side.log(), format!("{to}.{}", proxy_label(proxy).replace(" ", "-")));
+    }
     if synced.is_none() {
         return Err(format!("no first sync within {} s", FULL_SYNC_BOUND.as_secs()));
     }

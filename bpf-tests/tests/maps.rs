@@ -160,7 +160,7 @@ fn svc_with(endpoints: &[u8]) -> String {
 }
 
 /// Entries in every map a frontend writes besides the service map: slots, backends, names,
-/// counters, hashing tables, source ranges.
+/// counters (made by the datapath, none here), hashing tables, source ranges.
 fn other_maps(maps: &BpfMaps) -> [(&'static str, usize); 6] {
     [
         (names::SLOTS, maps.slots.keys().count()),
@@ -176,7 +176,7 @@ fn other_maps(maps: &BpfMaps) -> [(&'static str, usize); 6] {
 #[test]
 fn a_full_service_map_leaks_nothing_into_the_other_maps_however_often_the_sync_is_retried() {
     // Room for one Service port and its ClusterIP marker. The second Service's frontend writes
-    // its name, counters, backends, slots and table, then finds the service map full: all of
+    // its name, backends, slots and table, then finds the service map full: all of
     // that is taken out again, every time.
     let mut dp = Datapath::with_capacities(&[(names::SERVICES, 2)]);
     dp.apply_yaml(SVC);

@@ -20,7 +20,8 @@
 //! included when the kube-proxy binary is built (`--kube-proxy PATH`, which xtask passes).
 //! Arguments: `[RUNS] [--no-throughput | --throughput-only | --control-plane-only | --sync-only |
 //! --packet-only | --scale-only] [--services 1000,10000] [--kube-proxy PATH] [--verbose]`
-//! (verbose: every throughput run's figures on stderr).
+//! (verbose: every throughput run's figures on stderr). `FERRY_BENCH_LOG=PREFIX` keeps each
+//! proxy's log of the network-programming section as `PREFIX.<proxy>` (where its start went).
 use std::{
     net::Ipv4Addr,
     time::{Duration, Instant},
@@ -423,7 +424,7 @@ fn main() {
     }
     println!("\nct hit: a packet of an established connection (its SYN, the backend's SYN-ACK and the ACK through the programs first: the entry is in the assured map), its conntrack lookup and the rewrite; new conn: service lookup, hashing table (or random slot), backend lookup, two conntrack inserts.");
     println!(
-        "full sync writes {} entries per Service (service, name with counters, {} slots, {} backends) plus the address entry, and with chash (maglev) a {}-entry table through mmap; bare writes: as many map updates as the full sync made syscalls.",
+        "full sync writes {} entries per Service (service, name, {} slots, {} backends; the datapath makes a frontend's counters at its first packet) plus the address entry, and with chash (maglev) a {}-entry table through mmap; bare writes: as many map updates as the full sync made syscalls.",
         2 + 2 * BACKENDS_PER_SERVICE,
         BACKENDS_PER_SERVICE,
         BACKENDS_PER_SERVICE,
