@@ -93,6 +93,13 @@ fn per_service_counters_count_packets_and_ip_bytes_both_ways() {
     dp.from_pod(&tcp((ip(CLIENT), 40001), (ip("10.0.9.9"), 80), true, b""));
     assert_eq!(dp.maps.service_counters(dns_id).packets, 1);
     assert_eq!(dp.maps.service_counters(web_id).packets, 3);
+    // The start's sweep keeps the counters of the frontends it is given and drops the others';
+    // the first packet after it makes them again (dns still has its name).
+    assert_eq!(dp.maps.sweep_counters(|id| id == web_id), 1);
+    assert!(dp.maps.svc_stats.get(&dns_id, 0).is_err());
+    assert_eq!(dp.maps.service_counters(web_id).packets, 3);
+    dp.from_pod(&udp((ip(CLIENT), 5000), (ip("172.30.0.11"), 53), b"q"));
+    assert_eq!(dp.maps.service_counters(dns_id).packets, 1);
     // A removed Service takes its counters and name with it; the other keeps counting.
     dp.apply_yaml(&svc(VIP, 80, "TCP", 8080, &["10.0.1.5"]));
     assert_eq!(dp.maps.service_name(dns_id), None);

@@ -302,12 +302,7 @@ pub async fn run(mut cfg: RunConfig) -> anyhow::Result<()> {
             "maps restored from a previous run (nothing is flushed; the first sync writes only differences)"
         );
     }
-    let ids: std::collections::HashSet<u32> = applied.frontends.values().map(|f| f.svc_id).collect();
-    let gone = maps.sweep_counters(|id| ids.contains(&id));
-    drop(ids);
-    if gone > 0 {
-        info!(count = gone, "counters of removed frontends dropped");
-    }
+    let live: std::collections::HashSet<u32> = applied.frontends.values().map(|f| f.svc_id).collect();
     let mut rec = Reconciler::restore(applied);
     rec.algorithm = cfg.algorithm;
     let mut pol = PolicyState::restore(&maps);
@@ -338,6 +333,12 @@ pub async fn run(mut cfg: RunConfig) -> anyhow::Result<()> {
         info!("programs swapped: the old maps are copied once more and replaced");
     }
     migration.finish().context("finishing the migration of the pinned maps")?;
+    // (After the migration's last copy, which copies the old maps whole.)
+    let gone = maps.sweep_counters(|id| live.contains(&id));
+    drop(live);
+    if gone > 0 {
+        info!(count = gone, "counters of removed frontends dropped");
+    }
     let unused = loader::unused_pins(&cfg.pin_dir);
     if !unused.is_empty() {
         warn!(

@@ -93,7 +93,7 @@ pub fn load_programs(ebpf: &mut Ebpf) -> Result<(), LoadError> {
     std::thread::scope(|s| {
         let other = s.spawn(|| load_each(first));
         let here = load_each(second);
-        other.join().unwrap_or_else(|_| Err(LoadError::Program { name: "(loader thread)", source: aya::programs::ProgramError::NotLoaded })).and(here)
+        other.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic)).and(here)
     })
 }
 

@@ -91,8 +91,8 @@ pub trait MapOps {
     /// Allows `cidr` as a source of frontend `svc_id` (loadBalancerSourceRanges).
     fn put_source_range(&mut self, svc_id: u32, cidr: Cidr4) -> Result<(), MapOpError>;
     fn del_source_range(&mut self, svc_id: u32, cidr: Cidr4) -> Result<(), MapOpError>;
-    /// Names frontend `svc_id` (`namespace/name:port`, for inspection and metrics) and gives it
-    /// packet counters if it has none.
+    /// Names frontend `svc_id` (`namespace/name:port`, for inspection and metrics; the datapath
+    /// makes its counters at its first packet while it has a name).
     fn put_frontend_name(&mut self, svc_id: u32, name: &str) -> Result<(), MapOpError>;
     /// Removes frontend `svc_id`'s name and counters.
     fn del_frontend_meta(&mut self, svc_id: u32) -> Result<(), MapOpError>;
@@ -653,7 +653,8 @@ impl Reconciler {
         st: &mut SyncStats,
     ) -> Result<(), MapOpError> {
         let svc_id = af.svc_id;
-        // Name and counters first: the counters exist before the first packet can use them.
+        // The name first: the datapath makes a frontend's counters at its first packet only while
+        // the frontend has a name.
         if af.service.as_ref() != Some(&desired.service) {
             ops.put_frontend_name(svc_id, &desired.service.to_string())?;
             st.writes += 1;

@@ -549,6 +549,12 @@ mod tests {
             Box::new(|w, ch| w.put_service(svc("c", "{clusterIP: 172.30.0.4, externalIPs: [192.0.2.9], ports: [{port: 80}]}"), ch)),
             Box::new(|w, ch| w.put_slice(slice("b-1", Some("b"), &["10.0.1.3"]), ch)),
             Box::new(|w, ch| w.del_service("c", ch)),
+            // Three claimants: the middle one changes, the winner goes, then the middle one.
+            Box::new(|w, ch| w.put_service(svc("c", "{clusterIP: 172.30.0.4, externalIPs: [192.0.2.9], ports: [{port: 80}]}"), ch)),
+            Box::new(|w, ch| w.put_service(svc("e", "{clusterIP: 172.30.0.5, externalIPs: [192.0.2.9], ports: [{port: 80}]}"), ch)),
+            Box::new(|w, ch| w.put_slice(slice("c-1", Some("c"), &["10.0.3.2"]), ch)),
+            Box::new(|w, ch| w.del_service("e", ch)),
+            Box::new(|w, ch| w.del_service("c", ch)),
             // The same ClusterIP twice, one goes: the address stays.
             Box::new(|w, ch| w.put_service(svc("d", "{clusterIP: 172.30.0.1, ports: [{port: 81}]}"), ch)),
             Box::new(|w, ch| w.del_service("d", ch)),

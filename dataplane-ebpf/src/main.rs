@@ -67,8 +67,9 @@ pub fn ferry_bench_empty(_ctx: TcContext) -> i32 {
     TC_ACT_OK
 }
 
-/// Never loaded: it only refers to the agent-only name maps, so that they stay in the object
-/// and are created with their BTF, like every other map.
+/// Never loaded: it only refers to the name maps (the agent's; the packet path reads only
+/// `lb4_svc_name_v1`, at a frontend's first packet), so that they stay in the object and are
+/// created with their BTF, like every other map.
 #[classifier]
 pub fn ferry_keep_maps(_ctx: TcContext) -> i32 {
     let id = 0u32;

@@ -44,6 +44,12 @@ fn first_packet(svc_id: u32, ip_len: usize) {
                 (*v).bytes += ip_len as u64;
             }
         }
+        return;
+    }
+    // The agent removes a frontend's name, then its counters: made between the two, they
+    // would outlive it. Named no more now: they go again.
+    if lb4_svc_name_v1.get_ptr(&svc_id).is_none() {
+        let _ = lb4_svc_stat_v1.remove(&svc_id);
     }
 }
 
