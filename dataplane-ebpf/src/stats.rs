@@ -35,7 +35,8 @@ fn first_packet(svc_id: u32, ip_len: usize) {
         return;
     }
     let first = SvcCounters { packets: 1, bytes: ip_len as u64 };
-    // Another CPU's first packet may make them first (EEXIST): this one is counted there.
+    // Another CPU's first packet may make them first (EEXIST): this one is added to theirs. (A
+    // full map: not counted.)
     if lb4_svc_stat_v1.insert(&svc_id, &first, BPF_NOEXIST).is_err() {
         if let Some(v) = lb4_svc_stat_v1.get_ptr_mut(&svc_id) {
             // SAFETY: as above.
