@@ -54,13 +54,42 @@ const FULL_SYNC_BOUND: Duration = Duration::from_secs(240);
 const CHANGE_BOUND: Duration = Duration::from_secs(30);
 const CHANGE_RUNS: usize = 5;
 const CREATE_RUNS: usize = 3;
-/// At most this many Services: their cluster IPs run from 10.96.4.0 up to the created ones'.
-const MAX_SERVICES: usize = 50_000;
+/// At most this many Services: the first FIRST_RANGE get cluster IPs from 10.96.4.0 up to the
+/// created ones', the others from SECOND_RANGE (a ServiceCIDR object the bench adds).
+const MAX_SERVICES: usize = 100_000;
+const FIRST_RANGE: usize = 49_152;
+const SECOND_RANGE: (Ipv4Addr, u8) = (Ipv4Addr::new(10, 97, 0, 0), 16);
 const SLICES: &str = "/apis/discovery.k8s.io/v1/namespaces/bench/endpointslices";
 const SERVICES: &str = "/api/v1/namespaces/bench/services";
 
 fn svc_ip(i: usize) -> Ipv4Addr {
-    Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 96, 4, 0)) + i as u32)
+    match i.checked_sub(FIRST_RANGE) {
+        None => Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 96, 4, 0)) + i as u32),
+        Some(j) => Ipv4Addr::from(u32::from(SECOND_RANGE.0) + j as u32),
+    }
+}
+
+/// Past FIRST_RANGE Services the cluster's 10.96.0.0/16 is full: a second ServiceCIDR object
+/// (networking.k8s.io/v1) adds SECOND_RANGE, as an operator grows a cluster's service range;
+/// the proxies read the ServiceCIDR objects. Waits until the controller has made it ready.
+fn second_range(cp: &ControlPlane) -> Result<(), String> {
+    let cidr = format!("{}/{}", SECOND_RANGE.0, SECOND_RANGE.1);
+    let body = json!({"apiVersion": "networking.k8s.io/v1", "kind": "ServiceCIDR", "metadata": {"name": "ferry-bench-2"}, "spec": {"cidrs": [cidr]}});
+    let (code, body) = cp.api("POST", "/apis/networking.k8s.io/v1/servicecidrs", Some(&body.to_string()));
+    if code != 201 && code != 409 {
+        return Err(format!("ServiceCIDR ferry-bench-2: {code} {body}"));
+    }
+    let t = Instant::now();
+    while t.elapsed() < Duration::from_secs(60) {
+        let (code, body) = cp.api("GET", "/apis/networking.k8s.io/v1/servicecidrs/ferry-bench-2", None);
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
+        let ready = v["status"]["conditions"].as_array().is_some_and(|c| c.iter().any(|c| c["type"] == "Ready" && c["status"] == "True"));
+        if code == 200 && ready {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    Err(format!("ServiceCIDR ferry-bench-2 ({cidr}) not ready within 60 s"))
 }
 
 /// The cluster IP of the k-th Service created by the `create` runs (unique in the whole run: a
@@ -301,6 +330,7 @@ fn measure_into(cp: &ControlPlane, proxy: Proxy, kube_proxy: &Path, n: usize, li
     // Outside the node the service range is unreachable: a connection the proxy does not
     // translate yet fails at once instead of looping between the node and the world.
     side.world.exec_ok(&["ip", "route", "add", "unreachable", "10.96.0.0/16"]);
+    side.world.exec_ok(&["ip", "route", "add", "unreachable", &format!("{}/{}", SECOND_RANGE.0, SECOND_RANGE.1)]);
     let client = side.pods[plan.pod(CLIENT).ok_or("no client pod")?].name.clone();
     let last = SocketAddrV4::new(svc_ip(n - 1), 80);
 
@@ -540,6 +570,9 @@ pub fn run(kube_proxy: Option<&Path>, sizes: &[usize]) -> Result<(), String> {
     if code != 200 {
         return Err(format!("node status: {code} {body}"));
     }
+    if sizes.iter().any(|n| *n > FIRST_RANGE) {
+        second_range(&cp)?;
+    }
     let (mut loaded, mut link, mut k) = (0, 0, 0);
     let kp = kube_proxy.unwrap_or(Path::new(""));
     for n in sizes {
@@ -585,6 +618,9 @@ mod tests {
         assert_eq!(endpoints_of(9, 10), BACKENDS);
         assert_eq!(endpoints_of(1, 10)[2], Ipv4Addr::new(10, 128, 0, 5));
         assert_eq!(svc_ip(9_999), Ipv4Addr::new(10, 96, 43, 15));
-        assert!(u32::from(svc_ip(MAX_SERVICES - 1)) < u32::from(created_ip(0)));
+        assert!(u32::from(svc_ip(FIRST_RANGE - 1)) < u32::from(created_ip(0)));
+        assert_eq!(svc_ip(FIRST_RANGE), SECOND_RANGE.0);
+        let last = u32::from(svc_ip(MAX_SERVICES - 1));
+        assert!(last >> (32 - SECOND_RANGE.1) == u32::from(SECOND_RANGE.0) >> (32 - SECOND_RANGE.1), "{}", Ipv4Addr::from(last));
     }
 }

@@ -243,6 +243,7 @@ pub async fn run(mut cfg: RunConfig) -> anyhow::Result<()> {
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
     fixed_mmap_threshold();
+    info!(version = env!("CARGO_PKG_VERSION"), node = %cfg.node.name, pin_dir = %cfg.pin_dir.display(), "starting");
     // One agent per pin directory: a second one (a rolling update with surge) waits here, and
     // still stops when told to.
     let _lock = {
@@ -283,9 +284,10 @@ pub async fn run(mut cfg: RunConfig) -> anyhow::Result<()> {
     // of its own, so that the lists go on meanwhile.)
     let (pin_dir, caps) = (cfg.pin_dir.clone(), loader::capacities(cfg.conntrack_capacity, cfg.lb_table_entries));
     let (mut ebpf, mut migration) = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
-        let (mut ebpf, migration) = loader::load_pinned(&pin_dir, &caps).context("loading the datapath")?;
-        attach::load_programs(&mut ebpf).context("loading programs")?;
-        Ok((ebpf, migration))
+        let started = Instant::now();
+        let loaded = loader::load_pinned(&pin_dir, &caps).context("loading the datapath")?;
+        info!(took_ms = started.elapsed().as_millis() as u64, "maps loaded");
+        Ok(loaded)
     })
     .await
     .context("loading the datapath")??;
@@ -317,21 +319,44 @@ pub async fn run(mut cfg: RunConfig) -> anyhow::Result<()> {
         // attached as external stay so.
         None => None,
     };
-    // The last copy before the swap: only what the old programs wrote in the last moments is
-    // left for after it.
-    migration.catch_up().context("copying the pinned maps once more before the swap")?;
     let mut att = Attachments::new(&cfg.pin_dir);
     att.xdp = cfg.xdp;
-    att.sync_cgroup(&mut ebpf, cfg.cgroup.as_deref()).with_context(|| format!("socket hooks on cgroup {}", cfg.cgroup.as_deref().unwrap_or(std::path::Path::new("-")).display()))?;
     for (flag, patterns) in [("--pod-interfaces", Some(&cfg.pod_interfaces)), ("--external-interfaces", external.as_ref())] {
         for name in patterns.map(IfacePatterns::missing_names).unwrap_or_default() {
             warn!(flag, interface = %name, "no such interface in this network namespace; attaching when it appears");
         }
     }
-    att.sync_interfaces(&mut ebpf, &cfg.pod_interfaces, external.as_ref());
-    if !migration.is_empty() {
+    // Without maps to migrate, the programs are verified and attached on a thread of their own
+    // while the sources are read and the first sync writes the maps (the maps are all it
+    // needs): verification takes about half a second, and each TCX attach waits for the kernel
+    // (an RCU grace period, about 11 ms a link). The maps have this version's layouts already, so
+    // whichever programs serve meanwhile (an earlier agent's, or none yet) read what the sync
+    // writes as they read the maps before. A migration verifies and attaches first: its last
+    // copy must come right before the swap, and would overwrite what a sync wrote before it.
+    let mut links = if migration.is_empty() {
+        let (pods, ext, cgroup) = (cfg.pod_interfaces.clone(), external.clone(), cfg.cgroup.clone());
+        let (done_tx, done) = tokio::sync::oneshot::channel();
+        let attaching = std::thread::Builder::new().name("attach".into()).spawn(move || {
+            let attached = verify_and_attach(&mut ebpf, &mut att, cgroup.as_deref(), &pods, ext.as_ref()).map(|()| (ebpf, att));
+            let _ = done_tx.send(());
+            attached
+        })?;
+        Links::Attaching(Some(attaching), done)
+    } else {
+        let mut ebpf = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
+            verify(&mut ebpf)?;
+            Ok(ebpf)
+        })
+        .await
+        .context("loading programs")??;
+        // The last copy before the swap: only what the old programs wrote in the last moments
+        // is left for after it.
+        migration.catch_up().context("copying the pinned maps once more before the swap")?;
+        attach_cgroup(&mut ebpf, &mut att, cfg.cgroup.as_deref())?;
+        attach_interfaces(&mut ebpf, &mut att, &cfg.pod_interfaces, external.as_ref());
         info!("programs swapped: the old maps are copied once more and replaced");
-    }
+        Links::Ready(ebpf, att)
+    };
     migration.finish().context("finishing the migration of the pinned maps")?;
     // (After the migration's last copy, which copies the old maps whole.)
     let gone = maps.sweep_counters(|id| live.contains(&id));
@@ -347,13 +372,6 @@ pub async fn run(mut cfg: RunConfig) -> anyhow::Result<()> {
             "pinned maps no version of Ferry recorded (from before layouts were recorded); they hold memory until removed (rm them once no older agent runs)"
         );
     }
-    info!(
-        links = att.links(),
-        interfaces = att.attached().len(),
-        pin_dir = %cfg.pin_dir.display(),
-        "datapath attached: serving from the pinned maps (the sources are read next)"
-    );
-
     // Link, address and route events come from a blocking netlink socket on its own thread.
     let (link_tx, mut link_rx) = tokio::sync::mpsc::channel::<u8>(16);
     let events = LinkEvents::open().context("subscribing to netlink link, address and route events")?;
@@ -395,7 +413,9 @@ pub async fn run(mut cfg: RunConfig) -> anyhow::Result<()> {
         _ => None,
     };
     let observed = Arc::new(Observed::new(cfg.pin_dir.clone(), cfg.health_timeout, watch));
-    observed.datapath(att.live(), att.links());
+    if let Links::Ready(_, att) = &links {
+        observed.datapath(att.live(), att.links());
+    }
     match (cfg.healthz_bind, cfg.metrics_bind) {
         (Some(h), Some(m)) if h == m => serve(h, &observed, true, true).await?,
         (h, m) => {
@@ -425,14 +445,19 @@ pub async fn run(mut cfg: RunConfig) -> anyhow::Result<()> {
         loop {
             tokio::select! {
                 _ = k.wait_ready() => break,
-                _ = int.recv() => return Ok(stopping(&att)),
-                _ = term.recv() => return Ok(stopping(&att)),
+                _ = int.recv() => return Ok(stopping(links.get()?.1)),
+                _ = term.recv() => return Ok(stopping(links.get()?.1)),
                 _ = every.tick() => warn!("still waiting for the API server's initial lists; the datapath keeps serving from the pinned maps"),
-                _ = recheck.tick() => recheck_links(&mut att, &mut ebpf, &cfg, external.as_ref(), &observed),
+                // The start's attach done before the lists: /livez and /healthz say so now (an
+                // API server that is down keeps the lists back, not the links).
+                _ = links.attach_done() => {
+                    let (_, att) = links.get()?;
+                    observed.datapath(att.live(), att.links());
+                }
+                _ = recheck.tick() => recheck_links(&mut links, &cfg, external.as_ref(), &observed)?,
                 Some(kinds) = link_rx.recv() => {
                     if kinds & attach::EV_LINK != 0 {
-                        att.sync_interfaces(&mut ebpf, &cfg.pod_interfaces, external.as_ref());
-                        observed.datapath(att.live(), att.links());
+                        resync_links(&mut links, &cfg, external.as_ref(), &observed)?;
                     }
                 }
             }
@@ -449,9 +474,8 @@ pub async fn run(mut cfg: RunConfig) -> anyhow::Result<()> {
     maps.set_config(node_cfg)?;
     if external.is_none() {
         external = Some(external_of(&node.ips));
-        att.sync_interfaces(&mut ebpf, &cfg.pod_interfaces, external.as_ref());
+        resync_links(&mut links, &cfg, external.as_ref(), &observed)?;
     }
-    observed.datapath(att.live(), att.links());
 
     let mut health = crate::health::HealthServers::new(observed.clone());
     let mut retry = Backoff::default();
@@ -539,6 +563,11 @@ pub async fn run(mut cfg: RunConfig) -> anyhow::Result<()> {
             }
             objs.policy_unchanged &= !policy_dirty && events_alive.load(std::sync::atomic::Ordering::Relaxed);
             let out = sync_objects(&cfg, &node, &mut rec, &mut tr, full_next, &mut pol, &mut maps, &objs, errors, &observed);
+            if let Links::Attaching(..) = links {
+                // The first sync is written: the interfaces attached meanwhile are joined.
+                let (_, att) = links.get()?;
+                observed.datapath(att.live(), att.links());
+            }
             full_next = !out.ok;
             policy_dirty = !out.ok;
             policy_objs.pods = std::mem::take(&mut objs.pods);
@@ -582,11 +611,10 @@ pub async fn run(mut cfg: RunConfig) -> anyhow::Result<()> {
         tokio::select! {
             _ = int.recv() => break,
             _ = term.recv() => break,
-            _ = recheck.tick() => recheck_links(&mut att, &mut ebpf, &cfg, external.as_ref(), &observed),
+            _ = recheck.tick() => recheck_links(&mut links, &cfg, external.as_ref(), &observed)?,
             Some(kinds) = link_rx.recv() => {
                 if kinds & attach::EV_LINK != 0 {
-                    att.sync_interfaces(&mut ebpf, &cfg.pod_interfaces, external.as_ref());
-                    observed.datapath(att.live(), att.links());
+                    resync_links(&mut links, &cfg, external.as_ref(), &observed)?;
                 }
                 if kinds & attach::EV_ADDR_ROUTE != 0 {
                     // Routes place this node's pods for the policy maps.
@@ -601,8 +629,7 @@ pub async fn run(mut cfg: RunConfig) -> anyhow::Result<()> {
                         more |= k;
                     }
                     if more & attach::EV_LINK != 0 {
-                        att.sync_interfaces(&mut ebpf, &cfg.pod_interfaces, external.as_ref());
-                        observed.datapath(att.live(), att.links());
+                        resync_links(&mut links, &cfg, external.as_ref(), &observed)?;
                     }
                     pending = read_logged(&mut source);
                 }
@@ -636,7 +663,7 @@ pub async fn run(mut cfg: RunConfig) -> anyhow::Result<()> {
             }
         }
     }
-    stopping(&att);
+    stopping(links.get()?.1);
     Ok(())
 }
 
@@ -676,12 +703,97 @@ fn fixed_mmap_threshold() {
 
 /// Links are checked again now and then, not only on link events: a pin removed by hand is
 /// pinned again, a hook that failed to attach is retried, and /livez says what is attached.
-fn recheck_links(att: &mut Attachments, ebpf: &mut aya::Ebpf, cfg: &RunConfig, external: Option<&IfacePatterns>, observed: &Observed) {
+fn recheck_links(links: &mut Links, cfg: &RunConfig, external: Option<&IfacePatterns>, observed: &Observed) -> anyhow::Result<()> {
+    let (ebpf, att) = links.get()?;
     att.sync_interfaces(ebpf, &cfg.pod_interfaces, external);
     if let Err(e) = att.sync_cgroup(ebpf, cfg.cgroup.as_deref()) {
         warn!(error = %e, "socket hooks");
     }
     observed.datapath(att.live(), att.links());
+    Ok(())
+}
+
+/// The interfaces' links again (an interface came or went, or the external ones became known).
+fn resync_links(links: &mut Links, cfg: &RunConfig, external: Option<&IfacePatterns>, observed: &Observed) -> anyhow::Result<()> {
+    let (ebpf, att) = links.get()?;
+    att.sync_interfaces(ebpf, &cfg.pod_interfaces, external);
+    observed.datapath(att.live(), att.links());
+    Ok(())
+}
+
+/// The programs loaded into the kernel, which verifies them (on two threads).
+fn verify(ebpf: &mut aya::Ebpf) -> anyhow::Result<()> {
+    let started = Instant::now();
+    attach::load_programs(ebpf).context("loading programs")?;
+    info!(took_ms = started.elapsed().as_millis() as u64, "programs loaded (verified)");
+    Ok(())
+}
+
+/// The start's socket hooks on `--cgroup`.
+fn attach_cgroup(ebpf: &mut aya::Ebpf, att: &mut Attachments, cgroup: Option<&std::path::Path>) -> anyhow::Result<()> {
+    att.sync_cgroup(ebpf, cgroup).with_context(|| format!("socket hooks on cgroup {}", cgroup.unwrap_or(std::path::Path::new("-")).display()))?;
+    Ok(())
+}
+
+/// The start's attach: the links an earlier agent pinned get this version's programs in place,
+/// missing ones are attached.
+fn attach_interfaces(ebpf: &mut aya::Ebpf, att: &mut Attachments, pods: &IfacePatterns, external: Option<&IfacePatterns>) {
+    att.sync_interfaces(ebpf, pods, external);
+    info!(links = att.links(), interfaces = att.attached().len(), "datapath attached: this version's programs serve from the pinned maps");
+}
+
+/// The start's thread without a migration: verification, the socket hooks, the interfaces.
+fn verify_and_attach(ebpf: &mut aya::Ebpf, att: &mut Attachments, cgroup: Option<&std::path::Path>, pods: &IfacePatterns, external: Option<&IfacePatterns>) -> anyhow::Result<()> {
+    verify(ebpf)?;
+    attach_cgroup(ebpf, att, cgroup)?;
+    attach_interfaces(ebpf, att, pods, external);
+    Ok(())
+}
+
+/// The programs and their links: attached, or being verified and attached on the start's
+/// thread (see `run`). Joined at their first use, at the latest right after the first sync, and
+/// when dropped (an early return waits for the thread rather than cut an attach off).
+enum Links {
+    Ready(aya::Ebpf, Attachments),
+    /// The thread (`None` once joined), and its word that it is done.
+    Attaching(Option<std::thread::JoinHandle<anyhow::Result<(aya::Ebpf, Attachments)>>>, tokio::sync::oneshot::Receiver<()>),
+}
+
+impl Links {
+    /// The programs and links, once the start's thread is done; its error (a program the
+    /// kernel refused, socket hooks that could not be attached) ends the agent as it would have
+    /// on the main thread, and a panic is passed on.
+    fn get(&mut self) -> anyhow::Result<(&mut aya::Ebpf, &mut Attachments)> {
+        if let Links::Attaching(attaching, _) = self {
+            let attaching = attaching.take().context("the start's attach failed before")?;
+            let (ebpf, att) = attaching.join().unwrap_or_else(|p| std::panic::resume_unwind(p))?;
+            *self = Links::Ready(ebpf, att);
+        }
+        match self {
+            Links::Ready(ebpf, att) => Ok((ebpf, att)),
+            Links::Attaching(..) => unreachable!("joined above"),
+        }
+    }
+
+    /// Completes once the start's attach is done (or its thread ended); never when attached.
+    async fn attach_done(&mut self) {
+        match self {
+            Links::Attaching(_, done) => {
+                let _ = done.await;
+            }
+            Links::Ready(..) => std::future::pending().await,
+        }
+    }
+}
+
+impl Drop for Links {
+    fn drop(&mut self) {
+        if let Links::Attaching(attaching, _) = self {
+            if let Some(attaching) = attaching.take() {
+                let _ = attaching.join();
+            }
+        }
+    }
 }
 
 /// The external interfaces when none are given: those holding the node's addresses.
