@@ -640,7 +640,7 @@ fn endpoints_for_port(slices: &[&EndpointSlice], port_name: &str, proto: Proto, 
             // The first address is the endpoint's (the others are fungible, and kube-proxy
             // reads only the first): the only one kept.
             for (ai, a) in ep.address.iter().enumerate() {
-                match addr::parse_ip(a) {
+                match a.family() {
                     Ok(Family::V4(addr)) => out.push(Endpoint {
                         addr: L4Addr { addr, port: number, proto },
                         local,
@@ -651,7 +651,7 @@ fn endpoints_for_port(slices: &[&EndpointSlice], port_name: &str, proto: Proto, 
                         node_hints: node_hints.clone(),
                     }),
                     Ok(Family::V6) => errors.push(ObjectError::new("EndpointSlice", name.clone(),
-                        format!("endpoints[{ei}].addresses[{ai}]"), format!("{a:?} is IPv6 in an IPv4 slice"))),
+                        format!("endpoints[{ei}].addresses[{ai}]"), format!("{:?} is IPv6 in an IPv4 slice", a.to_string()))),
                     Err(e) => errors.push(ObjectError::new("EndpointSlice", name.clone(), format!("endpoints[{ei}].addresses[{ai}]"), e)),
                 }
             }

@@ -95,7 +95,7 @@ fn slice_object(service: &str, backends: &std::collections::BTreeSet<L4Addr>) ->
         service_name: Some(service.to_string()),
         address_type: "IPv4".into(),
         ports: Some(vec![EndpointPort { port: Some(8080), ..Default::default() }]),
-        endpoints: Some(backends.iter().map(|b| Endpoint { address: Some(b.addr.to_string().into()), ..Default::default() }).collect()),
+        endpoints: Some(backends.iter().map(|b| Endpoint { address: Some(dataplane_agent::sources::slice::Address::V4(b.addr)), ..Default::default() }).collect()),
         ..Default::default()
     }
 }
