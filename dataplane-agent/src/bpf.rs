@@ -216,7 +216,7 @@ impl BpfMaps {
                     source_ranges: ranges.remove(&svc.svc_id).unwrap_or_default(),
                     table: crate::reconcile::Table::new(&table),
                     // Unknown: the first sync builds each table once and writes it only if it differs.
-                    table_of: Vec::new(),
+                    table_slots: None,
                 },
             );
         }

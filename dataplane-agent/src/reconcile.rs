@@ -136,9 +136,11 @@ pub struct AppliedFrontend {
     pub source_ranges: BTreeSet<Cidr4>,
     /// What the consistent-hashing table as written refers to; empty when there is none.
     pub table: Table,
-    /// The sorted backends `table` was built from; empty when unknown (restored from the maps).
-    /// The same backends again need no new table.
-    pub table_of: Vec<L4Addr>,
+    /// `table` was built from the backends in the first this many `slots`: the same backends
+    /// again need no new table. `None` when unknown: restored from the maps, or a slot among them
+    /// rewritten since (a write that stopped before the table's). (A count, not a copy of the
+    /// backends: 56 bytes less a frontend.)
+    pub table_slots: Option<u16>,
 }
 
 /// A consistent-hashing table as the reconciler remembers it: its size and the distinct backend
@@ -181,7 +183,7 @@ impl Table {
 impl AppliedFrontend {
     /// A frontend with nothing written yet.
     fn new(svc_id: u32) -> Self {
-        AppliedFrontend { svc_id, service: None, slots: Vec::new(), entry: None, source_ranges: BTreeSet::new(), table: Table::default(), table_of: Vec::new() }
+        AppliedFrontend { svc_id, service: None, slots: Vec::new(), entry: None, source_ranges: BTreeSet::new(), table: Table::default(), table_slots: None }
     }
 
     /// The backends the datapath picks from: the first `count` slots.
@@ -491,10 +493,8 @@ impl Reconciler {
     /// The backend ids frontend `af` refers to: one reference per slot, and one per backend its
     /// table names (however many entries name it).
     fn refs_of(&self, af: &AppliedFrontend) -> Vec<u32> {
-        let mut ids: Vec<u32> = af.slots.iter().chain(&af.table_of).filter_map(|b| self.applied.backends.get(b)).map(|(id, _)| *id).collect();
-        if af.table_of.is_empty() {
-            ids.extend(af.table.ids());
-        }
+        let mut ids: Vec<u32> = af.slots.iter().filter_map(|b| self.applied.backends.get(b)).map(|(id, _)| *id).collect();
+        ids.extend(af.table.ids());
         ids
     }
 
@@ -538,9 +538,11 @@ impl Reconciler {
                 }
             }
             if !add {
-                candidates.extend(af.slots.iter().chain(&af.table_of).copied());
-                if af.table_of.is_empty() && !af.table.is_empty() {
-                    // A table restored from the maps names ids only.
+                // A table built from known slots names those slots' backends.
+                candidates.extend(af.slots.iter().copied());
+                if af.table_slots.is_none() && !af.table.is_empty() {
+                    // A table restored from the maps (or from slots rewritten since) names ids
+                    // only.
                     walk_all = true;
                 }
             }
@@ -685,6 +687,10 @@ impl Reconciler {
             if same {
                 continue;
             }
+            if af.table_slots.is_some_and(|n| i < n as usize) {
+                // The table no longer says what these slots hold (until it is built again).
+                af.table_slots = None;
+            }
             ops.put_slot(Lb4SlotKey { svc_id, slot: i as u32 }, id)?;
             st.writes += 1;
             // `new` is dense and written in order: slot i exists already or is the next one.
@@ -694,17 +700,17 @@ impl Reconciler {
             }
         }
         // The hashing table after the backends it names, before the count that makes them used.
-        let order = crate::select::sorted_backends(&new);
         if self.algorithm == Algorithm::Random || new.is_empty() {
             if !af.table.is_empty() {
                 ops.del_table(svc_id)?;
                 st.deletes += 1;
                 af.table.clear();
-                af.table_of.clear();
+                af.table_slots = None;
             }
-        } else if af.table_of != order || af.table.is_empty() {
+        } else if af.table_slots != Some(new.len() as u16) || af.table.is_empty() {
             // Each backend's id looked up once, not once per entry (251 lookups in a map of every
             // backend for a table of 3: 14% of a full sync's time).
+            let order = crate::select::sorted_backends(&new);
             let ids: Vec<u32> = order.iter().map(|b| self.applied.backends.get(b).map(|(id, _)| *id).unwrap_or(0)).collect();
             let table: Vec<u32> = crate::select::build_table(self.algorithm, &order).into_iter().map(|i| ids[i]).collect();
             // The same table (the same backends' after a restart) writes nothing.
@@ -712,7 +718,7 @@ impl Reconciler {
             st.writes += n;
             st.table_entries += n;
             af.table = Table::new(&table);
-            af.table_of = order;
+            af.table_slots = Some(new.len() as u16);
         }
         // Source ranges before the service entry that turns their check on.
         for c in desired.source_ranges.difference(&af.source_ranges.clone()) {
@@ -809,7 +815,7 @@ fn remove_frontend(fe: &Frontend, af: &mut AppliedFrontend, ops: &mut dyn MapOps
         ops.del_table(af.svc_id)?;
         st.deletes += 1;
         af.table.clear();
-        af.table_of.clear();
+        af.table_slots = None;
     }
     if af.service.is_some() {
         ops.del_frontend_meta(af.svc_id)?;
@@ -1077,8 +1083,9 @@ mod tests {
             assert!(table.iter().all(|id| r.maps.backends.contains_key(id)), "{what}: the table names a backend that is gone");
         }
         // The tables' entries are the maps' alone: each is the one its backends build.
-        for af in rec.applied.frontends.values().filter(|af| !af.table_of.is_empty()) {
-            let want: Vec<u32> = crate::select::build_table(rec.algorithm, &af.table_of).into_iter().map(|i| rec.applied.backends[&af.table_of[i]].0).collect();
+        for af in rec.applied.frontends.values().filter(|af| af.table_slots.is_some()) {
+            let of = crate::select::sorted_backends(&af.slots[..af.table_slots.unwrap() as usize]);
+            let want: Vec<u32> = crate::select::build_table(rec.algorithm, &of).into_iter().map(|i| rec.applied.backends[&of[i]].0).collect();
             assert_eq!(r.maps.tables.get(&af.svc_id), Some(&want), "{what}: frontend {}'s table", af.svc_id);
         }
     }
@@ -1110,6 +1117,27 @@ mod tests {
     }
 
     #[test]
+    fn a_table_whose_write_failed_after_its_slots_changed_is_built_again() {
+        // Backend 3 replaced by 4: the new backend and its slot are written, the table's write
+        // fails. The same backends again must build the table anew (its slots changed under it),
+        // not take the old one for theirs.
+        let mut r = Recorder::default();
+        let mut rec = Reconciler { algorithm: Algorithm::Maglev, ..Reconciler::new() };
+        let (_, errs) = rec.sync(&desired(&[1, 2, 3]), &BTreeSet::new(), &mut r);
+        assert!(errs.is_empty(), "{errs:?}");
+        r.ops.clear();
+        r.puts_left = Some(2);
+        let (_, errs) = rec.sync(&desired(&[1, 2, 4]), &BTreeSet::new(), &mut r);
+        assert!(!errs.is_empty() && r.ops.len() == 2 && r.ops[1].starts_with("put_slot"), "{errs:?} {:?}", r.ops);
+        r.puts_left = None;
+        r.ops.clear();
+        let (_, errs) = rec.sync(&desired(&[1, 2, 4]), &BTreeSet::new(), &mut r);
+        assert!(errs.is_empty(), "{errs:?}");
+        assert!(r.ops.iter().any(|o| o.starts_with("put_table")), "{:?}", r.ops);
+        assert_true_view(&r, &rec, "the table after a failed write");
+    }
+
+    #[test]
     fn an_unchanged_table_writes_no_entry() {
         // The same backends in another order, and the Service again after the reconciler forgot
         // what it wrote (a restart): the table is compared with the maps' and nothing is written.
@@ -1119,7 +1147,7 @@ mod tests {
         let before = r.maps.tables.clone();
         assert_eq!(before.values().map(Vec::len).collect::<Vec<_>>(), [crate::select::table_size(3)]);
         for af in rec.applied.frontends.values_mut() {
-            af.table_of.clear();
+            af.table_slots = None;
         }
         let (st, errs) = rec.sync(&desired(&[3, 1, 2]), &BTreeSet::new(), &mut r);
         assert!(errs.is_empty(), "{errs:?}");
