@@ -829,7 +829,7 @@ fn remove_frontend(fe: &Frontend, af: &mut AppliedFrontend, ops: &mut dyn MapOps
 /// one (swap-remove), new backends are appended. Minimises rewritten slots. A backend in two slots
 /// keeps only the first: a crash between moving the last backend into a removed one's slot and
 /// lowering the count leaves it twice (`[1, 4, 3, 4]`), and it would pick up double weight.
-pub fn next_slots(old: &[L4Addr], want: &BTreeSet<L4Addr>) -> Vec<L4Addr> {
+pub fn next_slots(old: &[L4Addr], want: &crate::model::Backends) -> Vec<L4Addr> {
     let mut slots = old.to_vec();
     let mut kept = BTreeSet::new();
     let mut i = 0;
@@ -1014,7 +1014,7 @@ mod tests {
             Frontend::internal(fe),
             DesiredFrontend::new(
                 ServicePortName { namespace: "default".into(), name: "web".into(), port: "".into() },
-                backends.iter().map(|b| be(*b)).collect(),
+                backends.iter().map(|b| be(*b)).collect::<crate::model::Backends>(),
             ),
         );
         d.cluster_ips.insert(fe.addr);
@@ -1096,7 +1096,7 @@ mod tests {
         let fe = L4Addr { addr: Ipv4Addr::new(172, 30, 0, 1), port: 443, proto: Proto::Tcp };
         let mut f = DesiredFrontend::new(
             ServicePortName { namespace: "default".into(), name: "web".into(), port: "https".into() },
-            https.iter().map(|b| be(*b)).collect(),
+            https.iter().map(|b| be(*b)).collect::<crate::model::Backends>(),
         );
         f.source_ranges.insert("192.0.2.0/24".parse().unwrap());
         d.frontends.insert(Frontend::internal(fe), f);
@@ -1465,7 +1465,7 @@ mod tests {
                 assert!(errs.is_empty(), "{errs:?}");
                 assert_true_view(&r, &rec, &format!("budget {budget}, then room"));
                 let want = &target.frontends.values().next().unwrap().backends;
-                assert_eq!(&datapath_view(&r), want);
+                assert_eq!(datapath_view(&r), want.iter().copied().collect::<BTreeSet<_>>());
                 assert_eq!(r.maps.backends.len(), 4, "budget {budget}: backends left over");
                 assert_eq!(r.maps.slots.len(), 4, "budget {budget}: slots left over");
                 if std::ptr::eq(target, &before) {
@@ -1523,12 +1523,12 @@ mod tests {
                             }
                         }
                         2 => {
-                            let f = d.frontends.entry(fe).or_insert_with(|| DesiredFrontend::new(ServicePortName { namespace: "default".into(), name: format!("s{}", fe.addr.port).into(), port: "".into() }, BTreeSet::new()));
+                            let f = d.frontends.entry(fe).or_insert_with(|| DesiredFrontend::new(ServicePortName { namespace: "default".into(), name: format!("s{}", fe.addr.port).into(), port: "".into() }, crate::model::Backends::default()));
                             f.masquerade = !f.masquerade;
                             f.affinity_timeout_s = rnd(2) as u32 * 30;
                         }
                         _ => {
-                            let f = d.frontends.entry(fe).or_insert_with(|| DesiredFrontend::new(ServicePortName { namespace: "default".into(), name: format!("s{}", fe.addr.port).into(), port: "".into() }, BTreeSet::new()));
+                            let f = d.frontends.entry(fe).or_insert_with(|| DesiredFrontend::new(ServicePortName { namespace: "default".into(), name: format!("s{}", fe.addr.port).into(), port: "".into() }, crate::model::Backends::default()));
                             let b = be(1 + rnd(12) as u8);
                             if !f.backends.remove(&b) {
                                 f.backends.insert(b);
@@ -1604,7 +1604,7 @@ mod tests {
             let mut d = desired(&[1, 2]);
             let (fe, want) = d.frontends.pop_first().unwrap();
             let fe = Frontend::internal(L4Addr { proto, ..fe.addr });
-            let backends: BTreeSet<L4Addr> = want.backends.iter().map(|b| L4Addr { proto, ..*b }).collect();
+            let backends: crate::model::Backends = want.backends.iter().map(|b| L4Addr { proto, ..*b }).collect();
             d.frontends.insert(fe, DesiredFrontend { backends: backends.clone(), affinity_timeout_s: affinity, ..want.clone() });
             // Another port of the Service with the same endpoints keeps them in the maps.
             let fe2 = Frontend::internal(L4Addr { port: 81, ..fe.addr });

@@ -89,7 +89,7 @@ fn service_object(name: &str, vip: Ipv4Addr) -> Service {
     }
 }
 
-fn slice_object(service: &str, backends: &std::collections::BTreeSet<L4Addr>) -> EndpointSlice {
+fn slice_object(service: &str, backends: &dataplane_agent::model::Backends) -> EndpointSlice {
     EndpointSlice {
         metadata: Meta { name: Some(format!("{service}-x")), namespace: Some("bench".into()), ..Default::default() },
         service_name: Some(service.to_string()),
