@@ -1,5 +1,6 @@
 //! The daemon: adopt the pinned maps and links and swap in this version's programs (the datapath
-//! serves from its first instant, before any source is read), read the sources, then keep the
+//! serves from the pinned maps from its first instant, whether or not any source can be read;
+//! the swap runs beside the first read and sync, see `run`), read the sources, then keep the
 //! datapath equal to them until told to stop. Stopping (SIGTERM, SIGINT) and dying (SIGKILL, a
 //! panic, an OOM kill) alike leave the programs attached and the maps pinned: traffic keeps
 //! flowing while the agent is down, and the next start adopts both without a gap; established
@@ -309,9 +310,9 @@ pub async fn run(mut cfg: RunConfig) -> anyhow::Result<()> {
     rec.algorithm = cfg.algorithm;
     let mut pol = PolicyState::restore(&maps);
 
-    // The datapath first: the links an earlier agent pinned get this version's programs in place
-    // (no moment without a program), missing ones are attached, and from here on the node
-    // serves from the pinned maps, whether or not the sources can be read.
+    // The links an earlier agent pinned get this version's programs in place (no moment without
+    // a program), missing ones are attached, whether or not the sources can be read (below: on
+    // a thread of its own unless a migration is pending).
     let mut external = match &cfg.external_interfaces {
         Some(p) => Some(p.clone()),
         None if !cfg.node.ips.is_empty() => Some(external_of(&cfg.node.ips)),
