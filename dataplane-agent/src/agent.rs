@@ -1,6 +1,5 @@
 //! The daemon: adopt the pinned maps and links and swap in this version's programs (the datapath
-//! serves from the pinned maps from its first instant, whether or not any source can be read;
-//! the swap runs beside the first read and sync, see `run`), read the sources, then keep the
+//! serves from its first instant, before any source is read), read the sources, then keep the
 //! datapath equal to them until told to stop. Stopping (SIGTERM, SIGINT) and dying (SIGKILL, a
 //! panic, an OOM kill) alike leave the programs attached and the maps pinned: traffic keeps
 //! flowing while the agent is down, and the next start adopts both without a gap; established
@@ -286,9 +285,12 @@ pub async fn run(mut cfg: RunConfig) -> anyhow::Result<()> {
     let (pin_dir, caps) = (cfg.pin_dir.clone(), loader::capacities(cfg.conntrack_capacity, cfg.lb_table_entries));
     let (mut ebpf, mut migration) = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
         let started = Instant::now();
-        let loaded = loader::load_pinned(&pin_dir, &caps).context("loading the datapath")?;
+        let (mut ebpf, migration) = loader::load_pinned(&pin_dir, &caps).context("loading the datapath")?;
         info!(took_ms = started.elapsed().as_millis() as u64, "maps loaded");
-        Ok(loaded)
+        let started = Instant::now();
+        attach::load_programs(&mut ebpf).context("loading programs")?;
+        info!(took_ms = started.elapsed().as_millis() as u64, "programs loaded (verified)");
+        Ok((ebpf, migration))
     })
     .await
     .context("loading the datapath")??;
@@ -310,9 +312,9 @@ pub async fn run(mut cfg: RunConfig) -> anyhow::Result<()> {
     rec.algorithm = cfg.algorithm;
     let mut pol = PolicyState::restore(&maps);
 
-    // The links an earlier agent pinned get this version's programs in place (no moment without
-    // a program), missing ones are attached, whether or not the sources can be read (below: on
-    // a thread of its own unless a migration is pending).
+    // The datapath first: the links an earlier agent pinned get this version's programs in place
+    // (no moment without a program), missing ones are attached, and from here on the node
+    // serves from the pinned maps, whether or not the sources can be read.
     let mut external = match &cfg.external_interfaces {
         Some(p) => Some(p.clone()),
         None if !cfg.node.ips.is_empty() => Some(external_of(&cfg.node.ips)),
@@ -320,44 +322,21 @@ pub async fn run(mut cfg: RunConfig) -> anyhow::Result<()> {
         // attached as external stay so.
         None => None,
     };
+    // The last copy before the swap: only what the old programs wrote in the last moments is
+    // left for after it.
+    migration.catch_up().context("copying the pinned maps once more before the swap")?;
     let mut att = Attachments::new(&cfg.pin_dir);
     att.xdp = cfg.xdp;
+    att.sync_cgroup(&mut ebpf, cfg.cgroup.as_deref()).with_context(|| format!("socket hooks on cgroup {}", cfg.cgroup.as_deref().unwrap_or(std::path::Path::new("-")).display()))?;
     for (flag, patterns) in [("--pod-interfaces", Some(&cfg.pod_interfaces)), ("--external-interfaces", external.as_ref())] {
         for name in patterns.map(IfacePatterns::missing_names).unwrap_or_default() {
             warn!(flag, interface = %name, "no such interface in this network namespace; attaching when it appears");
         }
     }
-    // Without maps to migrate, the programs are verified and attached on a thread of their own
-    // while the sources are read and the first sync writes the maps (the maps are all it
-    // needs): verification takes about half a second, and each TCX attach waits for the kernel
-    // (an RCU grace period, about 11 ms a link). The maps have this version's layouts already, so
-    // whichever programs serve meanwhile (an earlier agent's, or none yet) read what the sync
-    // writes as they read the maps before. A migration verifies and attaches first: its last
-    // copy must come right before the swap, and would overwrite what a sync wrote before it.
-    let mut links = if migration.is_empty() {
-        let (pods, ext, cgroup) = (cfg.pod_interfaces.clone(), external.clone(), cfg.cgroup.clone());
-        let (done_tx, done) = tokio::sync::oneshot::channel();
-        let attaching = std::thread::Builder::new().name("attach".into()).spawn(move || {
-            let attached = verify_and_attach(&mut ebpf, &mut att, cgroup.as_deref(), &pods, ext.as_ref()).map(|()| (ebpf, att));
-            let _ = done_tx.send(());
-            attached
-        })?;
-        Links::Attaching(Some(attaching), done)
-    } else {
-        let mut ebpf = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
-            verify(&mut ebpf)?;
-            Ok(ebpf)
-        })
-        .await
-        .context("loading programs")??;
-        // The last copy before the swap: only what the old programs wrote in the last moments
-        // is left for after it.
-        migration.catch_up().context("copying the pinned maps once more before the swap")?;
-        attach_cgroup(&mut ebpf, &mut att, cfg.cgroup.as_deref())?;
-        attach_interfaces(&mut ebpf, &mut att, &cfg.pod_interfaces, external.as_ref());
+    att.sync_interfaces(&mut ebpf, &cfg.pod_interfaces, external.as_ref());
+    if !migration.is_empty() {
         info!("programs swapped: the old maps are copied once more and replaced");
-        Links::Ready(ebpf, att)
-    };
+    }
     migration.finish().context("finishing the migration of the pinned maps")?;
     // (After the migration's last copy, which copies the old maps whole.)
     let gone = maps.sweep_counters(|id| live.contains(&id));
@@ -373,6 +352,13 @@ pub async fn run(mut cfg: RunConfig) -> anyhow::Result<()> {
             "pinned maps no version of Ferry recorded (from before layouts were recorded); they hold memory until removed (rm them once no older agent runs)"
         );
     }
+    info!(
+        links = att.links(),
+        interfaces = att.attached().len(),
+        pin_dir = %cfg.pin_dir.display(),
+        "datapath attached: serving from the pinned maps (the sources are read next)"
+    );
+
     // Link, address and route events come from a blocking netlink socket on its own thread.
     let (link_tx, mut link_rx) = tokio::sync::mpsc::channel::<u8>(16);
     let events = LinkEvents::open().context("subscribing to netlink link, address and route events")?;
@@ -414,9 +400,7 @@ pub async fn run(mut cfg: RunConfig) -> anyhow::Result<()> {
         _ => None,
     };
     let observed = Arc::new(Observed::new(cfg.pin_dir.clone(), cfg.health_timeout, watch));
-    if let Links::Ready(_, att) = &links {
-        observed.datapath(att.live(), att.links());
-    }
+    observed.datapath(att.live(), att.links());
     match (cfg.healthz_bind, cfg.metrics_bind) {
         (Some(h), Some(m)) if h == m => serve(h, &observed, true, true).await?,
         (h, m) => {
@@ -446,19 +430,14 @@ pub async fn run(mut cfg: RunConfig) -> anyhow::Result<()> {
         loop {
             tokio::select! {
                 _ = k.wait_ready() => break,
-                _ = int.recv() => return Ok(stopping(links.get()?.1)),
-                _ = term.recv() => return Ok(stopping(links.get()?.1)),
+                _ = int.recv() => return Ok(stopping(&att)),
+                _ = term.recv() => return Ok(stopping(&att)),
                 _ = every.tick() => warn!("still waiting for the API server's initial lists; the datapath keeps serving from the pinned maps"),
-                // The start's attach done before the lists: /livez and /healthz say so now (an
-                // API server that is down keeps the lists back, not the links).
-                _ = links.attach_done() => {
-                    let (_, att) = links.get()?;
-                    observed.datapath(att.live(), att.links());
-                }
-                _ = recheck.tick() => recheck_links(&mut links, &cfg, external.as_ref(), &observed)?,
+                _ = recheck.tick() => recheck_links(&mut att, &mut ebpf, &cfg, external.as_ref(), &observed),
                 Some(kinds) = link_rx.recv() => {
                     if kinds & attach::EV_LINK != 0 {
-                        resync_links(&mut links, &cfg, external.as_ref(), &observed)?;
+                        att.sync_interfaces(&mut ebpf, &cfg.pod_interfaces, external.as_ref());
+                        observed.datapath(att.live(), att.links());
                     }
                 }
             }
@@ -475,8 +454,9 @@ pub async fn run(mut cfg: RunConfig) -> anyhow::Result<()> {
     maps.set_config(node_cfg)?;
     if external.is_none() {
         external = Some(external_of(&node.ips));
-        resync_links(&mut links, &cfg, external.as_ref(), &observed)?;
+        att.sync_interfaces(&mut ebpf, &cfg.pod_interfaces, external.as_ref());
     }
+    observed.datapath(att.live(), att.links());
 
     let mut health = crate::health::HealthServers::new(observed.clone());
     let mut retry = Backoff::default();
@@ -564,11 +544,6 @@ pub async fn run(mut cfg: RunConfig) -> anyhow::Result<()> {
             }
             objs.policy_unchanged &= !policy_dirty && events_alive.load(std::sync::atomic::Ordering::Relaxed);
             let out = sync_objects(&cfg, &node, &mut rec, &mut tr, full_next, &mut pol, &mut maps, &objs, errors, &observed);
-            if let Links::Attaching(..) = links {
-                // The first sync is written: the interfaces attached meanwhile are joined.
-                let (_, att) = links.get()?;
-                observed.datapath(att.live(), att.links());
-            }
             full_next = !out.ok;
             policy_dirty = !out.ok;
             policy_objs.pods = std::mem::take(&mut objs.pods);
@@ -612,10 +587,11 @@ pub async fn run(mut cfg: RunConfig) -> anyhow::Result<()> {
         tokio::select! {
             _ = int.recv() => break,
             _ = term.recv() => break,
-            _ = recheck.tick() => recheck_links(&mut links, &cfg, external.as_ref(), &observed)?,
+            _ = recheck.tick() => recheck_links(&mut att, &mut ebpf, &cfg, external.as_ref(), &observed),
             Some(kinds) = link_rx.recv() => {
                 if kinds & attach::EV_LINK != 0 {
-                    resync_links(&mut links, &cfg, external.as_ref(), &observed)?;
+                    att.sync_interfaces(&mut ebpf, &cfg.pod_interfaces, external.as_ref());
+                    observed.datapath(att.live(), att.links());
                 }
                 if kinds & attach::EV_ADDR_ROUTE != 0 {
                     // Routes place this node's pods for the policy maps.
@@ -630,7 +606,8 @@ pub async fn run(mut cfg: RunConfig) -> anyhow::Result<()> {
                         more |= k;
                     }
                     if more & attach::EV_LINK != 0 {
-                        resync_links(&mut links, &cfg, external.as_ref(), &observed)?;
+                        att.sync_interfaces(&mut ebpf, &cfg.pod_interfaces, external.as_ref());
+                        observed.datapath(att.live(), att.links());
                     }
                     pending = read_logged(&mut source);
                 }
@@ -664,7 +641,7 @@ pub async fn run(mut cfg: RunConfig) -> anyhow::Result<()> {
             }
         }
     }
-    stopping(links.get()?.1);
+    stopping(&att);
     Ok(())
 }
 
@@ -687,122 +664,53 @@ fn release_freed_memory() {
 /// holes there when they grow or go: 66 → 60 MiB RSS at 10,000 Services, 522 → 464 MiB at
 /// 100,000 (`cargo xtask bench --scale-only`). A threshold set in the environment
 /// (`MALLOC_MMAP_THRESHOLD_`, or `glibc.malloc.mmap_threshold` in `GLIBC_TUNABLES`) wins.
-fn allocator_settings() {
+fn fixed_mmap_threshold() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     {
         let tunables = std::env::var("GLIBC_TUNABLES").unwrap_or_default();
         if std::env::var_os("MALLOC_MMAP_THRESHOLD_").is_some() || tunables.contains("glibc.malloc.mmap_threshold") {
             info!("the allocator's mmap threshold is the environment's");
-        } else if unsafe { libc::mallopt(libc::M_MMAP_THRESHOLD, 128 * 1024) } == 0 {
-            // (SAFETY: sets one allocator parameter; called before the agent's other threads start.)
-            warn!("the allocator refused a 128 KiB mmap threshold: large freed tables may stay resident");
+            return;
         }
-        // At most two heaps (arenas) instead of glibc's eight a core: the agent allocates mostly
-        // on one thread (the sync), and each further heap a watch or loader thread takes keeps
-        // its own free space: 336 → 328 MiB at 100,000 Services from `--manifests` after the
-        // start, 346 → 338 MiB after a restart. `MALLOC_ARENA_MAX` (or the tunable) wins.
-        if std::env::var_os("MALLOC_ARENA_MAX").is_none() && !tunables.contains("glibc.malloc.arena_max") {
-            // SAFETY: as above.
-            if unsafe { libc::mallopt(libc::M_ARENA_MAX, 2) } == 0 {
-                warn!("the allocator refused at most two arenas");
-            }
+        // SAFETY: sets one allocator parameter; called before the agent's other threads start.
+        if unsafe { libc::mallopt(libc::M_MMAP_THRESHOLD, 128 * 1024) } == 0 {
+            warn!("the allocator refused a 128 KiB mmap threshold: large freed tables may stay resident");
         }
     }
 }
 
+/// At most two heaps (arenas) instead of glibc's eight a core: the agent allocates mostly on one
+/// thread (the sync), and each further heap a watch or loader thread takes keeps free space of
+/// its own: 336 → 328 MiB at 100,000 Services from `--manifests` after the start, 346 → 338 MiB
+/// after a restart. `MALLOC_ARENA_MAX` (or `glibc.malloc.arena_max` in `GLIBC_TUNABLES`) wins.
+fn few_arenas() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        let tunables = std::env::var("GLIBC_TUNABLES").unwrap_or_default();
+        if std::env::var_os("MALLOC_ARENA_MAX").is_some() || tunables.contains("glibc.malloc.arena_max") {
+            return;
+        }
+        // SAFETY: sets one allocator parameter; called before the agent's other threads start.
+        if unsafe { libc::mallopt(libc::M_ARENA_MAX, 2) } == 0 {
+            warn!("the allocator refused at most two arenas");
+        }
+    }
+}
+
+/// The allocator's settings, before any other thread starts.
+fn allocator_settings() {
+    fixed_mmap_threshold();
+    few_arenas();
+}
+
 /// Links are checked again now and then, not only on link events: a pin removed by hand is
 /// pinned again, a hook that failed to attach is retried, and /livez says what is attached.
-fn recheck_links(links: &mut Links, cfg: &RunConfig, external: Option<&IfacePatterns>, observed: &Observed) -> anyhow::Result<()> {
-    let (ebpf, att) = links.get()?;
+fn recheck_links(att: &mut Attachments, ebpf: &mut aya::Ebpf, cfg: &RunConfig, external: Option<&IfacePatterns>, observed: &Observed) {
     att.sync_interfaces(ebpf, &cfg.pod_interfaces, external);
     if let Err(e) = att.sync_cgroup(ebpf, cfg.cgroup.as_deref()) {
         warn!(error = %e, "socket hooks");
     }
     observed.datapath(att.live(), att.links());
-    Ok(())
-}
-
-/// The interfaces' links again (an interface came or went, or the external ones became known).
-fn resync_links(links: &mut Links, cfg: &RunConfig, external: Option<&IfacePatterns>, observed: &Observed) -> anyhow::Result<()> {
-    let (ebpf, att) = links.get()?;
-    att.sync_interfaces(ebpf, &cfg.pod_interfaces, external);
-    observed.datapath(att.live(), att.links());
-    Ok(())
-}
-
-/// The programs loaded into the kernel, which verifies them (on two threads).
-fn verify(ebpf: &mut aya::Ebpf) -> anyhow::Result<()> {
-    let started = Instant::now();
-    attach::load_programs(ebpf).context("loading programs")?;
-    info!(took_ms = started.elapsed().as_millis() as u64, "programs loaded (verified)");
-    Ok(())
-}
-
-/// The start's socket hooks on `--cgroup`.
-fn attach_cgroup(ebpf: &mut aya::Ebpf, att: &mut Attachments, cgroup: Option<&std::path::Path>) -> anyhow::Result<()> {
-    att.sync_cgroup(ebpf, cgroup).with_context(|| format!("socket hooks on cgroup {}", cgroup.unwrap_or(std::path::Path::new("-")).display()))?;
-    Ok(())
-}
-
-/// The start's attach: the links an earlier agent pinned get this version's programs in place,
-/// missing ones are attached.
-fn attach_interfaces(ebpf: &mut aya::Ebpf, att: &mut Attachments, pods: &IfacePatterns, external: Option<&IfacePatterns>) {
-    att.sync_interfaces(ebpf, pods, external);
-    info!(links = att.links(), interfaces = att.attached().len(), "datapath attached: this version's programs serve from the pinned maps");
-}
-
-/// The start's thread without a migration: verification, the socket hooks, the interfaces.
-fn verify_and_attach(ebpf: &mut aya::Ebpf, att: &mut Attachments, cgroup: Option<&std::path::Path>, pods: &IfacePatterns, external: Option<&IfacePatterns>) -> anyhow::Result<()> {
-    verify(ebpf)?;
-    attach_cgroup(ebpf, att, cgroup)?;
-    attach_interfaces(ebpf, att, pods, external);
-    Ok(())
-}
-
-/// The programs and their links: attached, or being verified and attached on the start's
-/// thread (see `run`). Joined at their first use, at the latest right after the first sync, and
-/// when dropped (an early return waits for the thread rather than cut an attach off).
-enum Links {
-    Ready(aya::Ebpf, Attachments),
-    /// The thread (`None` once joined), and its word that it is done.
-    Attaching(Option<std::thread::JoinHandle<anyhow::Result<(aya::Ebpf, Attachments)>>>, tokio::sync::oneshot::Receiver<()>),
-}
-
-impl Links {
-    /// The programs and links, once the start's thread is done; its error (a program the
-    /// kernel refused, socket hooks that could not be attached) ends the agent as it would have
-    /// on the main thread, and a panic is passed on.
-    fn get(&mut self) -> anyhow::Result<(&mut aya::Ebpf, &mut Attachments)> {
-        if let Links::Attaching(attaching, _) = self {
-            let attaching = attaching.take().context("the start's attach failed before")?;
-            let (ebpf, att) = attaching.join().unwrap_or_else(|p| std::panic::resume_unwind(p))?;
-            *self = Links::Ready(ebpf, att);
-        }
-        match self {
-            Links::Ready(ebpf, att) => Ok((ebpf, att)),
-            Links::Attaching(..) => unreachable!("joined above"),
-        }
-    }
-
-    /// Completes once the start's attach is done (or its thread ended); never when attached.
-    async fn attach_done(&mut self) {
-        match self {
-            Links::Attaching(_, done) => {
-                let _ = done.await;
-            }
-            Links::Ready(..) => std::future::pending().await,
-        }
-    }
-}
-
-impl Drop for Links {
-    fn drop(&mut self) {
-        if let Links::Attaching(attaching, _) = self {
-            if let Some(attaching) = attaching.take() {
-                let _ = attaching.join();
-            }
-        }
-    }
 }
 
 /// The external interfaces when none are given: those holding the node's addresses.
