@@ -65,11 +65,13 @@ const SERVICES: &str = "/api/v1/namespaces/bench/services";
 fn svc_ip(i: usize) -> Ipv4Addr {
     match i.checked_sub(FIRST_RANGE) {
         None => Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 96, 4, 0)) + i as u32),
-        Some(j) => Ipv4Addr::from(u32::from(SECOND_RANGE.0) + j as u32),
+        // From .1: the API server never hands out a range's network address.
+        Some(j) => Ipv4Addr::from(u32::from(SECOND_RANGE.0) + 1 + j as u32),
     }
 }
 
-/// Past FIRST_RANGE Services the cluster's 10.96.0.0/16 is full: a second ServiceCIDR object
+/// For more than FIRST_RANGE Services (any size asked for) the cluster's 10.96.0.0/16 is not
+/// enough: a second ServiceCIDR object
 /// (networking.k8s.io/v1) adds SECOND_RANGE, as an operator grows a cluster's service range;
 /// the proxies read the ServiceCIDR objects. Waits until the controller has made it ready.
 fn second_range(cp: &ControlPlane) -> Result<(), String> {
@@ -619,7 +621,7 @@ mod tests {
         assert_eq!(endpoints_of(1, 10)[2], Ipv4Addr::new(10, 128, 0, 5));
         assert_eq!(svc_ip(9_999), Ipv4Addr::new(10, 96, 43, 15));
         assert!(u32::from(svc_ip(FIRST_RANGE - 1)) < u32::from(created_ip(0)));
-        assert_eq!(svc_ip(FIRST_RANGE), SECOND_RANGE.0);
+        assert_eq!(svc_ip(FIRST_RANGE), Ipv4Addr::new(10, 97, 0, 1));
         let last = u32::from(svc_ip(MAX_SERVICES - 1));
         assert!(last >> (32 - SECOND_RANGE.1) == u32::from(SECOND_RANGE.0) >> (32 - SECOND_RANGE.1), "{}", Ipv4Addr::from(last));
     }

@@ -688,6 +688,7 @@ fn few_arenas() {
     {
         let tunables = std::env::var("GLIBC_TUNABLES").unwrap_or_default();
         if std::env::var_os("MALLOC_ARENA_MAX").is_some() || tunables.contains("glibc.malloc.arena_max") {
+            info!("the allocator's arena count is the environment's");
             return;
         }
         // SAFETY: sets one allocator parameter; called before the agent's other threads start.

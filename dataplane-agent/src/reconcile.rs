@@ -801,6 +801,11 @@ fn remove_frontend(fe: &Frontend, af: &mut AppliedFrontend, ops: &mut dyn MapOps
         st.deletes += 1;
         af.entry = None;
     }
+    if !af.slots.is_empty() {
+        // The table outlives the slots it was built from (it goes below): from here on only its
+        // ids say what it names.
+        af.table_slots = None;
+    }
     while let Some(slot) = af.slots.len().checked_sub(1) {
         ops.del_slot(Lb4SlotKey { svc_id: af.svc_id, slot: slot as u32 })?;
         st.deletes += 1;
