@@ -658,50 +658,35 @@ fn release_freed_memory() {
     }
 }
 
-/// Allocations of 128 KiB and more (a store's or a translation's tables, a full read's vectors)
-/// are mapped on their own and unmapped when freed. glibc's default raises that threshold to the
-/// largest block freed so far (up to 32 MiB), after which such tables come from the heap and leave
-/// holes there when they grow or go: 66 → 60 MiB RSS at 10,000 Services, 522 → 464 MiB at
-/// 100,000 (`cargo xtask bench --scale-only`). A threshold set in the environment
-/// (`MALLOC_MMAP_THRESHOLD_`, or `glibc.malloc.mmap_threshold` in `GLIBC_TUNABLES`) wins.
-fn fixed_mmap_threshold() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    {
-        let tunables = std::env::var("GLIBC_TUNABLES").unwrap_or_default();
-        if std::env::var_os("MALLOC_MMAP_THRESHOLD_").is_some() || tunables.contains("glibc.malloc.mmap_threshold") {
-            info!("the allocator's mmap threshold is the environment's");
-            return;
-        }
-        // SAFETY: sets one allocator parameter; called before the agent's other threads start.
-        if unsafe { libc::mallopt(libc::M_MMAP_THRESHOLD, 128 * 1024) } == 0 {
-            warn!("the allocator refused a 128 KiB mmap threshold: large freed tables may stay resident");
-        }
-    }
-}
-
-/// At most two heaps (arenas) instead of glibc's eight a core: the agent allocates mostly on one
-/// thread (the sync), and each further heap a watch or loader thread takes keeps free space of
-/// its own: 336 → 328 MiB at 100,000 Services from `--manifests` after the start, 346 → 338 MiB
-/// after a restart. `MALLOC_ARENA_MAX` (or `glibc.malloc.arena_max` in `GLIBC_TUNABLES`) wins.
-fn few_arenas() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    {
-        let tunables = std::env::var("GLIBC_TUNABLES").unwrap_or_default();
-        if std::env::var_os("MALLOC_ARENA_MAX").is_some() || tunables.contains("glibc.malloc.arena_max") {
-            info!("the allocator's arena count is the environment's");
-            return;
-        }
-        // SAFETY: sets one allocator parameter; called before the agent's other threads start.
-        if unsafe { libc::mallopt(libc::M_ARENA_MAX, 2) } == 0 {
-            warn!("the allocator refused at most two arenas");
-        }
-    }
-}
-
-/// The allocator's settings, before any other thread starts.
+/// The allocator's settings, before any other thread starts; each one set in the environment
+/// (its variable, or its tunable in `GLIBC_TUNABLES`) wins.
+///
+/// - Allocations of 128 KiB and more (a store's or a translation's tables, a full read's
+///   vectors) are mapped on their own and unmapped when freed. glibc's default raises that
+///   threshold to the largest block freed so far (up to 32 MiB), after which such tables come
+///   from the heap and leave holes there when they grow or go: 66 → 60 MiB RSS at 10,000
+///   Services, 522 → 464 MiB at 100,000 (`cargo xtask bench --scale-only`).
+/// - At most two heaps (arenas) instead of glibc's eight a core: the agent allocates mostly on
+///   one thread (the sync), and each further heap a watch or loader thread takes keeps free
+///   space of its own: 336 → 328 MiB at 100,000 Services from `--manifests` after the start,
+///   346 → 338 MiB after a restart.
 fn allocator_settings() {
-    fixed_mmap_threshold();
-    few_arenas();
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        let tunables = std::env::var("GLIBC_TUNABLES").unwrap_or_default();
+        let settings = [
+            ("MALLOC_MMAP_THRESHOLD_", "glibc.malloc.mmap_threshold", libc::M_MMAP_THRESHOLD, 128 * 1024, "a 128 KiB mmap threshold: large freed tables may stay resident"),
+            ("MALLOC_ARENA_MAX", "glibc.malloc.arena_max", libc::M_ARENA_MAX, 2, "at most two arenas"),
+        ];
+        for (var, tunable, param, value, what) in settings {
+            if std::env::var_os(var).is_some() || tunables.contains(tunable) {
+                info!(setting = var, "the allocator's setting is the environment's");
+            // SAFETY: sets one allocator parameter; called before the agent's other threads start.
+            } else if unsafe { libc::mallopt(param, value) } == 0 {
+                warn!("the allocator refused {what}");
+            }
+        }
+    }
 }
 
 /// Links are checked again now and then, not only on link events: a pin removed by hand is
