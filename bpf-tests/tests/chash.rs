@@ -246,8 +246,7 @@ fn l4(s: &str) -> dataplane_agent::model::L4Addr {
 /// The table frontend `af`'s backends build (backend ids), which the maps must hold for it: the
 /// reconciler keeps only its size and ids.
 fn built_table(dp: &Datapath, af: &dataplane_agent::reconcile::AppliedFrontend) -> Vec<u32> {
-    let n = af.table_slots.unwrap_or_else(|| panic!("frontend {}: its backends are known", af.svc_id));
-    let of = dataplane_agent::select::sorted_backends(&af.slots[..n as usize]);
+    let of = af.table_backends().unwrap_or_else(|| panic!("frontend {}: its backends are known", af.svc_id));
     dataplane_agent::select::build_table(dp.rec.algorithm, &of).into_iter().map(|i| dp.rec.applied.backends[&of[i]].0).collect()
 }
 

@@ -186,6 +186,12 @@ impl AppliedFrontend {
         AppliedFrontend { svc_id, service: None, slots: Vec::new(), entry: None, source_ranges: BTreeSet::new(), table: Table::default(), table_slots: None }
     }
 
+    /// The backends its table was built from, sorted (what `select::build_table` takes); `None`
+    /// when unknown.
+    pub fn table_backends(&self) -> Option<Vec<L4Addr>> {
+        self.table_slots.map(|n| crate::select::sorted_backends(&self.slots[..(n as usize).min(self.slots.len())]))
+    }
+
     /// The backends the datapath picks from: the first `count` slots.
     pub fn serving(&self) -> &[L4Addr] {
         let count = self.entry.map_or(0, |e| e.count as usize);
@@ -1088,8 +1094,7 @@ mod tests {
             assert!(table.iter().all(|id| r.maps.backends.contains_key(id)), "{what}: the table names a backend that is gone");
         }
         // The tables' entries are the maps' alone: each is the one its backends build.
-        for af in rec.applied.frontends.values().filter(|af| af.table_slots.is_some()) {
-            let of = crate::select::sorted_backends(&af.slots[..af.table_slots.unwrap() as usize]);
+        for (af, of) in rec.applied.frontends.values().filter_map(|af| Some((af, af.table_backends()?))) {
             let want: Vec<u32> = crate::select::build_table(rec.algorithm, &of).into_iter().map(|i| rec.applied.backends[&of[i]].0).collect();
             assert_eq!(r.maps.tables.get(&af.svc_id), Some(&want), "{what}: frontend {}'s table", af.svc_id);
         }
