@@ -283,12 +283,15 @@ pub async fn run(mut cfg: RunConfig) -> anyhow::Result<()> {
     // while the programs an earlier agent attached keep serving from the old ones. (On a thread
     // of its own, so that the lists go on meanwhile.)
     let (pin_dir, caps) = (cfg.pin_dir.clone(), loader::capacities(cfg.conntrack_capacity, cfg.lb_table_entries));
+    let (xdp, sockets) = (cfg.xdp, cfg.cgroup.is_some());
     let (mut ebpf, mut migration) = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
         let started = Instant::now();
         let (mut ebpf, migration) = loader::load_pinned(&pin_dir, &caps).context("loading the datapath")?;
         info!(took_ms = started.elapsed().as_millis() as u64, "maps loaded");
         let started = Instant::now();
-        attach::load_programs(&mut ebpf).context("loading programs")?;
+        // Only the programs this node's settings attach: XDP and the socket hooks are start
+        // flags, and a program not loaded is never wanted by an attachment.
+        attach::load_needed(&mut ebpf, xdp, sockets).context("loading programs")?;
         info!(took_ms = started.elapsed().as_millis() as u64, "programs loaded (verified)");
         Ok((ebpf, migration))
     })
@@ -333,7 +336,7 @@ pub async fn run(mut cfg: RunConfig) -> anyhow::Result<()> {
             warn!(flag, interface = %name, "no such interface in this network namespace; attaching when it appears");
         }
     }
-    att.sync_interfaces(&mut ebpf, &cfg.pod_interfaces, external.as_ref());
+    let new_links = att.start_interfaces(&mut ebpf, &cfg.pod_interfaces, external.as_ref());
     if !migration.is_empty() {
         info!("programs swapped: the old maps are copied once more and replaced");
     }
@@ -352,11 +355,28 @@ pub async fn run(mut cfg: RunConfig) -> anyhow::Result<()> {
             "pinned maps no version of Ferry recorded (from before layouts were recorded); they hold memory until removed (rm them once no older agent runs)"
         );
     }
+    // Every link an earlier agent pinned carries this agent's programs now. The links to create
+    // wait on the kernel (an RCU grace period each under the RTNL), not on this process: they are
+    // made on a thread while the lists are awaited and the first sync writes, and taken (`settle`)
+    // before anything else touches the attachments, at the latest right after that sync (before
+    // kube-proxy's rules go or readiness is reported).
+    let creating = new_links.len();
+    let mut attaching = if new_links.is_empty() {
+        att.finish(new_links.create());
+        None
+    } else {
+        Some(tokio::task::spawn_blocking(move || {
+            let started = Instant::now();
+            let created = new_links.create();
+            info!(links = creating, took_ms = started.elapsed().as_millis() as u64, "new links created");
+            created
+        }))
+    };
     info!(
         links = att.links(),
-        interfaces = att.attached().len(),
+        creating,
         pin_dir = %cfg.pin_dir.display(),
-        "datapath attached: serving from the pinned maps (the sources are read next)"
+        "datapath attached: serving from the pinned maps (the sources are read next; new links are created meanwhile)"
     );
 
     // Link, address and route events come from a blocking netlink socket on its own thread.
@@ -401,6 +421,7 @@ pub async fn run(mut cfg: RunConfig) -> anyhow::Result<()> {
     };
     let observed = Arc::new(Observed::new(cfg.pin_dir.clone(), cfg.health_timeout, watch));
     observed.datapath(att.live(), att.links());
+    observed.creating_links(attaching.is_some());
     match (cfg.healthz_bind, cfg.metrics_bind) {
         (Some(h), Some(m)) if h == m => serve(h, &observed, true, true).await?,
         (h, m) => {
@@ -430,12 +451,22 @@ pub async fn run(mut cfg: RunConfig) -> anyhow::Result<()> {
         loop {
             tokio::select! {
                 _ = k.wait_ready() => break,
-                _ = int.recv() => return Ok(stopping(&att)),
-                _ = term.recv() => return Ok(stopping(&att)),
+                _ = int.recv() => {
+                    settle(&mut att, &mut attaching, &observed).await;
+                    return Ok(stopping(&att));
+                }
+                _ = term.recv() => {
+                    settle(&mut att, &mut attaching, &observed).await;
+                    return Ok(stopping(&att));
+                }
                 _ = every.tick() => warn!("still waiting for the API server's initial lists; the datapath keeps serving from the pinned maps"),
-                _ = recheck.tick() => recheck_links(&mut att, &mut ebpf, &cfg, external.as_ref(), &observed),
+                _ = recheck.tick() => {
+                    settle(&mut att, &mut attaching, &observed).await;
+                    recheck_links(&mut att, &mut ebpf, &cfg, external.as_ref(), &observed);
+                }
                 Some(kinds) = link_rx.recv() => {
                     if kinds & attach::EV_LINK != 0 {
+                        settle(&mut att, &mut attaching, &observed).await;
                         att.sync_interfaces(&mut ebpf, &cfg.pod_interfaces, external.as_ref());
                         observed.datapath(att.live(), att.links());
                     }
@@ -454,6 +485,7 @@ pub async fn run(mut cfg: RunConfig) -> anyhow::Result<()> {
     maps.set_config(node_cfg)?;
     if external.is_none() {
         external = Some(external_of(&node.ips));
+        settle(&mut att, &mut attaching, &observed).await;
         att.sync_interfaces(&mut ebpf, &cfg.pod_interfaces, external.as_ref());
     }
     observed.datapath(att.live(), att.links());
@@ -544,6 +576,10 @@ pub async fn run(mut cfg: RunConfig) -> anyhow::Result<()> {
             }
             objs.policy_unchanged &= !policy_dirty && events_alive.load(std::sync::atomic::Ordering::Relaxed);
             let out = sync_objects(&cfg, &node, &mut rec, &mut tr, full_next, &mut pol, &mut maps, &objs, errors, &observed);
+            if attaching.is_some() {
+                settle(&mut att, &mut attaching, &observed).await;
+                observed.datapath(att.live(), att.links());
+            }
             full_next = !out.ok;
             policy_dirty = !out.ok;
             policy_objs.pods = std::mem::take(&mut objs.pods);
@@ -691,6 +727,20 @@ fn allocator_settings() {
 
 /// Links are checked again now and then, not only on link events: a pin removed by hand is
 /// pinned again, a hook that failed to attach is retried, and /livez says what is attached.
+/// Takes the links created on a thread at the start, if that has not been done yet.
+async fn settle(att: &mut Attachments, attaching: &mut Option<tokio::task::JoinHandle<attach::Created>>, observed: &Observed) {
+    if let Some(h) = attaching.take() {
+        match h.await {
+            Ok(created) => drop(att.finish(created)),
+            Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+            Err(e) => error!(error = %e, "creating the new links: the thread did not finish; they are attached again on the next link event or recheck"),
+        }
+        // Ready from here on (with the first sync done): links that failed are retried as always
+        // and show in /livez.
+        observed.creating_links(false);
+    }
+}
+
 fn recheck_links(att: &mut Attachments, ebpf: &mut aya::Ebpf, cfg: &RunConfig, external: Option<&IfacePatterns>, observed: &Observed) {
     att.sync_interfaces(ebpf, &cfg.pod_interfaces, external);
     if let Err(e) = att.sync_cgroup(ebpf, cfg.cgroup.as_deref()) {

@@ -12,7 +12,7 @@ use std::{
 use aya::{
     programs::{
         xdp::XdpMode,
-        CgroupAttachMode, CgroupSockAddr, SchedClassifier, TcAttachType, Xdp,
+        CgroupAttachMode, CgroupSockAddr, TcAttachType, Xdp,
     },
     Ebpf,
 };
@@ -75,18 +75,30 @@ pub fn interfaces() -> Vec<(String, u32)> {
 /// agent's start (0.4 s here, the pod programs the longest), and each program's is its own. The
 /// two halves take about as long.
 pub fn load_programs(ebpf: &mut Ebpf) -> Result<(), LoadError> {
+    load_needed(ebpf, true, true)
+}
+
+/// [`load_programs`] for an agent: the XDP program only with `xdp` (`--nodeport-acceleration
+/// xdp`; 39k of the 500k instructions the verifier walks) and the socket hooks only with
+/// `sockets` (a cgroup to hook). The halves stay even either way (processed instructions: the
+/// pod ingress program 166k, pod egress 122k, external ingress 97k, external egress 80k, XDP
+/// 39k, the socket hooks a few thousand).
+pub fn load_needed(ebpf: &mut Ebpf, xdp: bool, sockets: bool) -> Result<(), LoadError> {
     const HALVES: [&[&str]; 2] = [
-        &[progs::FROM_POD, progs::TO_WORLD, progs::XDP_NODEPORT],
-        &[progs::TO_POD, progs::FROM_WORLD, progs::SOCK_CONNECT4, progs::SOCK_SENDMSG4, progs::SOCK_RECVMSG4, progs::SOCK_GETPEERNAME4],
+        &[progs::FROM_POD, progs::TO_WORLD, progs::SOCK_CONNECT4, progs::SOCK_SENDMSG4, progs::SOCK_RECVMSG4, progs::SOCK_GETPEERNAME4],
+        &[progs::TO_POD, progs::FROM_WORLD, progs::XDP_NODEPORT],
     ];
+    let needed = |name: &str| (xdp || name != progs::XDP_NODEPORT) && (sockets || !CGROUP_HOOKS.iter().any(|(_, p)| *p == name));
     let mut halves: [Vec<(&'static str, &mut aya::programs::Program)>; 2] = Default::default();
     for (name, p) in ebpf.programs_mut() {
         if let Some((half, name)) = HALVES.iter().enumerate().find_map(|(i, h)| h.iter().find(|n| **n == name).map(|n| (i, *n))) {
-            halves[half].push((name, p));
+            if needed(name) {
+                halves[half].push((name, p));
+            }
         }
     }
     let found: Vec<&str> = halves.iter().flatten().map(|(n, _)| *n).collect();
-    if let Some(name) = HALVES.iter().copied().flatten().find(|n| !found.contains(n)) {
+    if let Some(name) = HALVES.iter().copied().flatten().find(|n| needed(n) && !found.contains(n)) {
         return Err(LoadError::Program { name, source: aya::programs::ProgramError::NotLoaded });
     }
     let [first, second] = halves;
@@ -196,7 +208,7 @@ impl Want {
     fn matches(&self, li: &crate::links::LinkInfo) -> bool {
         use crate::links::*;
         match self.hook {
-            Hook::Tc(d) => li.kind == LINK_TYPE_TCX && li.ifindex as u64 == self.target.1 && li.attach_type == if d == TcAttachType::Ingress { 46 } else { 47 },
+            Hook::Tc(d) => li.kind == LINK_TYPE_TCX && li.ifindex as u64 == self.target.1 && li.attach_type == if d == TcAttachType::Ingress { TCX_INGRESS } else { TCX_EGRESS },
             Hook::Xdp => li.kind == LINK_TYPE_XDP && li.ifindex as u64 == self.target.1,
             Hook::Cgroup(_) => li.kind == LINK_TYPE_CGROUP && li.cgroup_id == self.target.1,
         }
@@ -227,6 +239,61 @@ pub struct Attachments {
     ifaces: BTreeMap<String, (u32, Role)>,
 }
 
+/// What [`Attachments::adopt_or_attach`] did: a link held now (and how), or a TCX link's program
+/// for [`NewLinks::create`].
+enum Attached {
+    Now(OwnedFd, &'static str),
+    Later(OwnedFd),
+}
+
+/// TCX links to create, each with its program (`Send`: made on a thread while the agent syncs).
+pub struct NewLinks {
+    dir: PathBuf,
+    links: Vec<(Want, OwnedFd)>,
+    /// [`Attachments::start_interfaces`]'s wants and interfaces, for [`Attachments::finish`].
+    ifaces: Option<(Vec<Want>, BTreeMap<String, (u32, Role)>)>,
+}
+
+/// [`NewLinks::create`]'s result, for [`Attachments::finish`].
+pub struct Created {
+    links: Vec<(Want, Result<OwnedFd, String>)>,
+    ifaces: Option<(Vec<Want>, BTreeMap<String, (u32, Role)>)>,
+}
+
+impl NewLinks {
+    pub fn len(&self) -> usize {
+        self.links.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.links.is_empty()
+    }
+
+    /// Creates each link (`BPF_LINK_CREATE`, after the hook's other programs, as aya's default
+    /// order) and pins it. One at a time: they serialize on the RTNL in the kernel anyway. A
+    /// link whose pin fails goes with its fd (it is not left attached unpinned).
+    pub fn create(self) -> Created {
+        let dir = self.dir;
+        let links = self
+            .links
+            .into_iter()
+            .map(|(w, prog)| {
+                let r = (|| {
+                    let Hook::Tc(d) = w.hook else { return Err(format!("{}: not a TCX hook", w.pin)) };
+                    let at = if d == TcAttachType::Ingress { crate::links::TCX_INGRESS } else { crate::links::TCX_EGRESS };
+                    let fd = crate::links::tcx_create(prog.as_fd(), w.target.1 as u32, at).map_err(|e| format!("BPF_LINK_CREATE (TCX, kernel 6.6+): {e}"))?;
+                    let path = dir.join(&w.pin);
+                    let _ = std::fs::remove_file(&path);
+                    crate::links::obj_pin(fd.as_fd(), &path).map_err(|e| format!("pinning {}: {e}", path.display()))?;
+                    Ok(fd)
+                })();
+                (w, r)
+            })
+            .collect();
+        Created { links, ifaces: self.ifaces }
+    }
+}
+
 impl Attachments {
     pub fn new(pin_dir: &Path) -> Self {
         Attachments { dir: pin_dir.join(crate::links::DIR), xdp: false, held: BTreeMap::new(), failed: Default::default(), ifaces: BTreeMap::new(), gone: false }
@@ -251,6 +318,18 @@ impl Attachments {
     /// known yet; those an earlier agent attached stay external. Errors on one interface are
     /// logged and do not stop the others.
     pub fn sync_interfaces(&mut self, ebpf: &mut Ebpf, pods: &IfacePatterns, external: Option<&IfacePatterns>) {
+        let new = self.start_interfaces(ebpf, pods, external);
+        self.finish(new.create());
+    }
+
+    /// [`Self::sync_interfaces`] up to the links that must be created: links pinned by an
+    /// earlier agent already carry this agent's programs when it returns (no earlier program
+    /// serves after it), the XDP links are attached, and unwanted pins are gone. Creating a TCX
+    /// link waits for an RCU grace period under the RTNL (8 to 16 ms each here: 180 ms for the
+    /// 18 links of a fresh node with six pods), idle time a starting agent spends on its first
+    /// sync instead: [`NewLinks::create`] runs on a thread, and [`Self::finish`] takes its
+    /// result.
+    pub fn start_interfaces(&mut self, ebpf: &mut Ebpf, pods: &IfacePatterns, external: Option<&IfacePatterns>) -> NewLinks {
         let keep_external = self.pinned_external();
         let mut wants = Vec::new();
         let mut ifaces = BTreeMap::new();
@@ -277,8 +356,32 @@ impl Attachments {
                 info!("interface {name} (ifindex {idx}) gone or changed: its links are removed");
             }
         }
-        self.apply(ebpf, &wants, |p| !p.starts_with("cgroup-"));
-        self.ifaces = ifaces.into_iter().filter(|(_, (idx, _))| wants.iter().any(|w| w.target.1 == *idx as u64 && self.held.contains_key(&w.pin))).collect();
+        let (_, mut new) = self.apply_inline(ebpf, &wants, |p| !p.starts_with("cgroup-"));
+        new.ifaces = Some((wants, ifaces));
+        new
+    }
+
+    /// Takes the links [`NewLinks::create`] made: held from now on, logged, and those that
+    /// failed retried on the next link event. Returns the failures.
+    pub fn finish(&mut self, created: Created) -> Vec<(String, String)> {
+        let mut failed = Vec::new();
+        for (w, r) in created.links {
+            match r {
+                Ok(fd) => {
+                    info!("interface {}: attached {} (new link, pinned)", describe(&w), w.what());
+                    self.held.insert(w.pin, fd);
+                }
+                Err(e) => {
+                    warn!("interface {}: cannot attach {}: {e} (will retry on the next link event)", describe(&w), w.what());
+                    self.failed.insert(w.pin.clone());
+                    failed.push((w.pin, e));
+                }
+            }
+        }
+        if let Some((wants, ifaces)) = created.ifaces {
+            self.ifaces = ifaces.into_iter().filter(|(_, (idx, _))| wants.iter().any(|w| w.target.1 == *idx as u64 && self.held.contains_key(&w.pin))).collect();
+        }
+        failed
     }
 
     /// The socket hooks on `cgroup` (or none), the same way: adopted in place, attached and
@@ -291,16 +394,19 @@ impl Attachments {
                 wants.push(Want { pin: format!("cgroup-{hook}"), prog, hook: Hook::Cgroup(hook), target: (cg.display().to_string(), id) });
             }
         }
-        let failed = self.apply(ebpf, &wants, |p| p.starts_with("cgroup-"));
+        let (failed, new) = self.apply_inline(ebpf, &wants, |p| p.starts_with("cgroup-"));
+        debug_assert!(new.links.is_empty(), "socket hooks are attached in place");
         match failed.into_iter().next() {
             Some((name, e)) => Err(LoadError::Attach { what: name, error: e }),
             None => Ok(()),
         }
     }
 
-    /// Brings the pins selected by `mine` to exactly `wants`; returns the failures.
-    fn apply(&mut self, ebpf: &mut Ebpf, wants: &[Want], mine: impl Fn(&str) -> bool) -> Vec<(String, String)> {
+    /// Brings the pins selected by `mine` to exactly `wants`, but for the TCX links to be
+    /// created, which it returns; returns the failures.
+    fn apply_inline(&mut self, ebpf: &mut Ebpf, wants: &[Want], mine: impl Fn(&str) -> bool) -> (Vec<(String, String)>, NewLinks) {
         let mut failed = Vec::new();
+        let mut new = NewLinks { dir: self.dir.clone(), links: Vec::new(), ifaces: None };
         // Once this agent has pinned, its pin directory disappears only when someone removes
         // Ferry (`run --cleanup`, rm -r): nothing is pinned again into a directory being removed.
         // The links left go with this process; /livez turns 503.
@@ -309,7 +415,7 @@ impl Attachments {
                 error!("{}: the pin directory was removed under the running agent (run --cleanup?): nothing is attached or pinned any more", self.dir.display());
                 self.gone = true;
             }
-            return failed;
+            return (failed, new);
         }
         if let Err(e) = std::fs::create_dir_all(&self.dir) {
             warn!("{}: {e}", self.dir.display());
@@ -331,7 +437,8 @@ impl Attachments {
                 self.held.remove(&w.pin);
             }
             match self.adopt_or_attach(ebpf, w) {
-                Ok((fd, how)) => {
+                Ok(Attached::Later(prog)) => new.links.push((w.clone(), prog)),
+                Ok(Attached::Now(fd, how)) => {
                     info!("{} {}: attached {} ({how})", if matches!(w.hook, Hook::Cgroup(_)) { "cgroup" } else { "interface" }, describe(w), w.what());
                     if matches!(w.hook, Hook::Xdp) && driver(&w.target.0).as_deref() == Some("veth") {
                         warn!(
@@ -362,11 +469,12 @@ impl Attachments {
                 info!("link {pin}: detached and unpinned (no longer wanted)");
             }
         }
-        failed
+        (failed, new)
     }
 
-    /// The pinned link of `w`, given this process's program in place; or a new one, pinned.
-    fn adopt_or_attach(&mut self, ebpf: &mut Ebpf, w: &Want) -> Result<(OwnedFd, &'static str), String> {
+    /// The pinned link of `w`, given this process's program in place; or a new one, pinned (a
+    /// TCX link: its program, to be attached by [`NewLinks::create`]).
+    fn adopt_or_attach(&mut self, ebpf: &mut Ebpf, w: &Want) -> Result<Attached, String> {
         let path = self.dir.join(&w.pin);
         let prog = ebpf.program(w.prog).ok_or_else(|| format!("program {} missing", w.prog))?;
         let prog_fd = prog.fd().map_err(|e| e.to_string())?.as_fd().try_clone_to_owned().map_err(|e| e.to_string())?;
@@ -390,7 +498,7 @@ impl Attachments {
                         crate::links::obj_pin(fd.as_fd(), &path).map_err(|e| format!("pinning {}: {e}", path.display()))?;
                         let _ = std::fs::remove_file(&cpath);
                     }
-                    return Ok((fd, "adopted: program replaced in place"));
+                    return Ok(Attached::Now(fd, "adopted: program replaced in place"));
                 }
                 // Defunct (its interface went away) or something else: not reusable.
                 _ if candidate == w.pin => remove_link(&cpath, Some(fd)),
@@ -398,12 +506,7 @@ impl Attachments {
             }
         }
         let fd_link: aya::programs::links::FdLink = match w.hook {
-            Hook::Tc(dir) => {
-                let p: &mut SchedClassifier = ebpf.program_mut(w.prog).ok_or("program missing")?.try_into().map_err(|e: aya::programs::ProgramError| e.to_string())?;
-                let id = p.attach(&w.target.0, dir).map_err(|e| e.to_string())?;
-                let link = p.take_link(id).map_err(|e| e.to_string())?;
-                link.try_into().map_err(|e: aya::programs::links::LinkError| format!("not a TCX link (kernel 6.6+ needed): {e}"))?
-            }
+            Hook::Tc(_) => return Ok(Attached::Later(prog_fd)),
             Hook::Xdp => {
                 let p: &mut Xdp = ebpf.program_mut(w.prog).ok_or("program missing")?.try_into().map_err(|e: aya::programs::ProgramError| e.to_string())?;
                 let id = p.attach(&w.target.0, XdpMode::Driver).or_else(|_| p.attach(&w.target.0, XdpMode::Skb)).map_err(|e| e.to_string())?;
@@ -423,7 +526,7 @@ impl Attachments {
         let _ = std::fs::remove_file(&path);
         fd_link.pin(&path).map_err(|e| format!("pinning {}: {e}", path.display()))?;
         let fd = crate::links::obj_get(&path).map_err(|e| format!("{}: {e}", path.display()))?;
-        Ok((fd, "new link, pinned"))
+        Ok(Attached::Now(fd, "new link, pinned"))
     }
 
     /// The interfaces attached.

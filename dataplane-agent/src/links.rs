@@ -22,12 +22,19 @@ use std::{
 const BPF_OBJ_PIN: u32 = 6;
 const BPF_OBJ_GET: u32 = 7;
 const BPF_OBJ_GET_INFO_BY_FD: u32 = 15;
+const BPF_LINK_CREATE: u32 = 28;
 const BPF_LINK_UPDATE: u32 = 29;
 const BPF_LINK_DETACH: u32 = 34;
 
 pub const LINK_TYPE_CGROUP: u32 = 3;
 pub const LINK_TYPE_XDP: u32 = 6;
 pub const LINK_TYPE_TCX: u32 = 11;
+
+/// `BPF_TCX_INGRESS`, `BPF_TCX_EGRESS`.
+pub const TCX_INGRESS: u32 = 46;
+pub const TCX_EGRESS: u32 = 47;
+/// `BPF_F_AFTER`: with no relative program, last on the hook.
+const BPF_F_AFTER: u32 = 1 << 4;
 
 /// The subdirectory of the pin directory that holds the links.
 pub const DIR: &str = "links";
@@ -115,6 +122,13 @@ pub fn link_info(fd: BorrowedFd<'_>) -> io::Result<LinkInfo> {
         _ => {}
     }
     Ok(li)
+}
+
+/// A new TCX link of `prog` on interface `ifindex` (`attach_type`: [`TCX_INGRESS`] or
+/// [`TCX_EGRESS`]), after the hook's other programs (`BPF_LINK_CREATE`).
+pub fn tcx_create(prog: BorrowedFd<'_>, ifindex: u32, attach_type: u32) -> io::Result<OwnedFd> {
+    let fd = sys_bpf(BPF_LINK_CREATE, Attr::new().u32(0, prog.as_raw_fd() as u32).u32(4, ifindex).u32(8, attach_type).u32(12, BPF_F_AFTER))?;
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
 }
 
 /// Gives a live link another program, atomically (`BPF_LINK_UPDATE`): packets see the old
