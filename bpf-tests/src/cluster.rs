@@ -85,6 +85,14 @@ impl ControlPlane {
     /// POSTs each body to `path` as the admin, a hundred requests per curl; asserts every one
     /// was created.
     pub fn create_many(&self, path: &str, bodies: &[String]) {
+        if let Err(e) = self.try_create_many(path, bodies) {
+            panic!("{e}");
+        }
+    }
+
+    /// [`Self::create_many`], saying what went wrong instead of panicking (the bench stops with
+    /// "interrupted" when a Ctrl-C reached its curls).
+    pub fn try_create_many(&self, path: &str, bodies: &[String]) -> Result<(), String> {
         let pki = self.dir.path.join("pki");
         for chunk in bodies.chunks(100) {
             let mut cmd = Command::new("nsenter");
@@ -97,10 +105,13 @@ impl ControlPlane {
                 cmd.arg("--cert").arg(pki.join("admin.crt")).arg("--key").arg(pki.join("admin.key"));
                 cmd.args(["-H", "Content-Type: application/json", "--data-binary", b]).arg(format!("https://127.0.0.1:6443{path}"));
             }
-            let out = cmd.output().expect("curl");
+            let out = cmd.output().map_err(|e| format!("curl: {e}"))?;
             let codes = String::from_utf8_lossy(&out.stdout).into_owned();
-            assert_eq!(codes.lines().filter(|c| *c == "201").count(), chunk.len(), "POST {path}: {codes}");
+            if codes.lines().filter(|c| *c == "201").count() != chunk.len() {
+                return Err(format!("POST {path}: not every object created ({} of {}): {codes}", codes.lines().filter(|c| *c == "201").count(), chunk.len()));
+            }
         }
+        Ok(())
     }
 
     /// The audit log's events (one JSON object a line): the agent's requests, as the API server

@@ -137,17 +137,23 @@ fn scenario() -> Scenario {
 }
 
 /// Writes Services `from..n` and their slices, four request streams at once.
-fn load(cp: &ControlPlane, from: usize, n: usize) {
+fn load(cp: &ControlPlane, from: usize, n: usize) -> Result<(), String> {
     let services: Vec<String> = (from..n).map(|i| service_json(&format!("s{i}"), svc_ip(i))).collect();
     let slices: Vec<String> = (from..n).map(|i| slice_json(&format!("s{i}"), &endpoints_of(i, n))).collect();
-    std::thread::scope(|s| {
-        for (path, bodies) in [(SERVICES, &services), (SLICES, &slices)] {
-            for chunk in bodies.chunks(bodies.len().div_ceil(2).max(1)) {
-                s.spawn(move || cp.create_many(path, chunk));
-            }
-        }
+    let r = std::thread::scope(|s| {
+        let streams: Vec<_> = [(SERVICES, &services), (SLICES, &slices)]
+            .into_iter()
+            .flat_map(|(path, bodies)| bodies.chunks(bodies.len().div_ceil(2).max(1)).map(move |chunk| (path, chunk)))
+            .map(|(path, chunk)| s.spawn(move || cp.try_create_many(path, chunk)))
+            .collect();
+        streams.into_iter().map(|h| h.join().unwrap_or_else(|_| Err("a writer panicked".into()))).collect::<Result<(), String>>()
     });
+    // A Ctrl-C reaches the curls too: their failure is the interruption, not an error.
+    if interrupted() {
+        return Err("interrupted while writing the objects: everything taken down".into());
+    }
     // Service n-1 of the previous size had the answering endpoints: it keeps them, harmless.
+    r
 }
 
 /// The floor beside a full sync: one list of every Service and one of every EndpointSlice, as
@@ -579,7 +585,7 @@ pub fn run(kube_proxy: Option<&Path>, sizes: &[usize]) -> Result<(), String> {
     let kp = kube_proxy.unwrap_or(Path::new(""));
     for n in sizes {
         let t = Instant::now();
-        load(&cp, loaded, n);
+        load(&cp, loaded, n)?;
         loaded = n;
         let list = list_time(&cp)?;
         println!("{n} Services: objects written in {:.1} s; timing each proxy (full sync bound {} s)", t.elapsed().as_secs_f64(), FULL_SYNC_BOUND.as_secs());
