@@ -460,6 +460,10 @@ pub async fn run(mut cfg: RunConfig) -> anyhow::Result<()> {
                     return Ok(stopping(&att));
                 }
                 _ = every.tick() => warn!("still waiting for the API server's initial lists; the datapath keeps serving from the pinned maps"),
+                made = links_made(&mut attaching) => {
+                    attaching = None;
+                    took_links(&mut att, made, &observed);
+                }
                 _ = recheck.tick() => {
                     settle(&mut att, &mut attaching, &observed).await;
                     recheck_links(&mut att, &mut ebpf, &cfg, external.as_ref(), &observed);
@@ -576,10 +580,7 @@ pub async fn run(mut cfg: RunConfig) -> anyhow::Result<()> {
             }
             objs.policy_unchanged &= !policy_dirty && events_alive.load(std::sync::atomic::Ordering::Relaxed);
             let out = sync_objects(&cfg, &node, &mut rec, &mut tr, full_next, &mut pol, &mut maps, &objs, errors, &observed);
-            if attaching.is_some() {
-                settle(&mut att, &mut attaching, &observed).await;
-                observed.datapath(att.live(), att.links());
-            }
+            settle(&mut att, &mut attaching, &observed).await;
             full_next = !out.ok;
             policy_dirty = !out.ok;
             policy_objs.pods = std::mem::take(&mut objs.pods);
@@ -725,22 +726,40 @@ fn allocator_settings() {
     }
 }
 
-/// Links are checked again now and then, not only on link events: a pin removed by hand is
-/// pinned again, a hook that failed to attach is retried, and /livez says what is attached.
+/// The links a starting agent creates on a thread (see `Attachments::start_interfaces`).
+type Attaching = Option<tokio::task::JoinHandle<attach::Created>>;
+
 /// Takes the links created on a thread at the start, if that has not been done yet.
-async fn settle(att: &mut Attachments, attaching: &mut Option<tokio::task::JoinHandle<attach::Created>>, observed: &Observed) {
+async fn settle(att: &mut Attachments, attaching: &mut Attaching, observed: &Observed) {
     if let Some(h) = attaching.take() {
-        match h.await {
-            Ok(created) => drop(att.finish(created)),
-            Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
-            Err(e) => error!(error = %e, "creating the new links: the thread did not finish; they are attached again on the next link event or recheck"),
-        }
-        // Ready from here on (with the first sync done): links that failed are retried as always
-        // and show in /livez.
-        observed.creating_links(false);
+        took_links(att, h.await, observed);
     }
 }
 
+/// The thread's links once it is done (pending for ever when there is none): a branch of the
+/// wait for the API server's lists, so they are taken as soon as they are made.
+async fn links_made(attaching: &mut Attaching) -> Result<attach::Created, tokio::task::JoinError> {
+    match attaching {
+        Some(h) => h.await,
+        None => std::future::pending().await,
+    }
+}
+
+fn took_links(att: &mut Attachments, made: Result<attach::Created, tokio::task::JoinError>, observed: &Observed) {
+    match made {
+        Ok(created) => drop(att.finish(created)),
+        Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+        // (Only when the runtime shuts down, that is when the agent stops.)
+        Err(e) => error!(error = %e, "creating the new links: the thread did not finish; they are attached again on the next link event or recheck"),
+    }
+    // Ready from here on (with the first sync done): links that failed are retried as always
+    // and show in /livez.
+    observed.creating_links(false);
+    observed.datapath(att.live(), att.links());
+}
+
+/// Links are checked again now and then, not only on link events: a pin removed by hand is
+/// pinned again, a hook that failed to attach is retried, and /livez says what is attached.
 fn recheck_links(att: &mut Attachments, ebpf: &mut aya::Ebpf, cfg: &RunConfig, external: Option<&IfacePatterns>, observed: &Observed) {
     att.sync_interfaces(ebpf, &cfg.pod_interfaces, external);
     if let Err(e) = att.sync_cgroup(ebpf, cfg.cgroup.as_deref()) {

@@ -10,10 +10,7 @@ use std::{
 };
 
 use aya::{
-    programs::{
-        xdp::XdpMode,
-        CgroupAttachMode, CgroupSockAddr, TcAttachType, Xdp,
-    },
+    programs::{CgroupAttachMode, CgroupSockAddr, TcAttachType},
     Ebpf,
 };
 use dataplane_common::progs;
@@ -246,7 +243,8 @@ enum Attached {
     Later(OwnedFd),
 }
 
-/// TCX links to create, each with its program (`Send`: made on a thread while the agent syncs).
+/// Links to create on interfaces (TCX, XDP), each with its program (`Send`: made on a thread
+/// while the agent syncs).
 pub struct NewLinks {
     dir: PathBuf,
     links: Vec<(Want, OwnedFd)>,
@@ -269,19 +267,34 @@ impl NewLinks {
         self.links.is_empty()
     }
 
-    /// Creates each link (`BPF_LINK_CREATE`, after the hook's other programs, as aya's default
-    /// order) and pins it. One at a time: they serialize on the RTNL in the kernel anyway. A
-    /// link whose pin fails goes with its fd (it is not left attached unpinned).
-    pub fn create(self) -> Created {
+    /// Creates each link (`BPF_LINK_CREATE`: TCX after the hook's other programs, as aya's
+    /// default order; XDP in driver mode, else generic) and pins it. One at a time: they
+    /// serialize on the RTNL in the kernel anyway. Every egress program first, then every
+    /// ingress one, then XDP: the maps are being written meanwhile, and an interface that
+    /// translates what enters must already translate the replies that leave (a pod's connection
+    /// to a Service answered from the backend's own address would wait for a SYN retry), and XDP
+    /// hands what it does not translate itself to the external ingress program. A link whose pin
+    /// fails goes with its fd (it is not left attached unpinned).
+    pub fn create(mut self) -> Created {
         let dir = self.dir;
+        self.links.sort_by_key(|(w, _)| match w.hook {
+            Hook::Tc(TcAttachType::Ingress) => 1,
+            Hook::Tc(_) => 0,
+            Hook::Xdp | Hook::Cgroup(_) => 2,
+        });
         let links = self
             .links
             .into_iter()
             .map(|(w, prog)| {
                 let r = (|| {
-                    let Hook::Tc(d) = w.hook else { return Err(format!("{}: not a TCX hook", w.pin)) };
-                    let at = if d == TcAttachType::Ingress { crate::links::TCX_INGRESS } else { crate::links::TCX_EGRESS };
-                    let fd = crate::links::tcx_create(prog.as_fd(), w.target.1 as u32, at).map_err(|e| format!("BPF_LINK_CREATE (TCX, kernel 6.6+): {e}"))?;
+                    let fd = match w.hook {
+                        Hook::Tc(d) => {
+                            let at = if d == TcAttachType::Ingress { crate::links::TCX_INGRESS } else { crate::links::TCX_EGRESS };
+                            crate::links::tcx_create(prog.as_fd(), w.target.1 as u32, at).map_err(|e| format!("BPF_LINK_CREATE (TCX, kernel 6.6+): {e}"))?
+                        }
+                        Hook::Xdp => crate::links::xdp_create(prog.as_fd(), w.target.1 as u32).map_err(|e| format!("BPF_LINK_CREATE (XDP, kernel 5.9+): {e}"))?,
+                        Hook::Cgroup(_) => return Err(format!("{}: a socket hook is attached in place", w.pin)),
+                    };
                     let path = dir.join(&w.pin);
                     let _ = std::fs::remove_file(&path);
                     crate::links::obj_pin(fd.as_fd(), &path).map_err(|e| format!("pinning {}: {e}", path.display()))?;
@@ -324,10 +337,10 @@ impl Attachments {
 
     /// [`Self::sync_interfaces`] up to the links that must be created: links pinned by an
     /// earlier agent already carry this agent's programs when it returns (no earlier program
-    /// serves after it), the XDP links are attached, and unwanted pins are gone. Creating a TCX
-    /// link waits for an RCU grace period under the RTNL (8 to 16 ms each here: 180 ms for the
-    /// 18 links of a fresh node with six pods), idle time a starting agent spends on its first
-    /// sync instead: [`NewLinks::create`] runs on a thread, and [`Self::finish`] takes its
+    /// serves after it), and unwanted pins are gone. Creating a TCX link waits for an RCU grace
+    /// period under the RTNL (8 to 16 ms each here: about 200 ms for the 14 links of a fresh
+    /// node with six pods and one external interface), idle time a starting agent spends on its
+    /// first sync instead: [`NewLinks::create`] runs on a thread, and [`Self::finish`] takes its
     /// result.
     pub fn start_interfaces(&mut self, ebpf: &mut Ebpf, pods: &IfacePatterns, external: Option<&IfacePatterns>) -> NewLinks {
         let keep_external = self.pinned_external();
@@ -361,16 +374,31 @@ impl Attachments {
         new
     }
 
+    /// A link carrying this agent's program: logged (an XDP link on a veth with what it needs)
+    /// and held.
+    fn hold(&mut self, w: &Want, fd: OwnedFd, how: &str) {
+        info!("{} {}: attached {} ({how})", if matches!(w.hook, Hook::Cgroup(_)) { "cgroup" } else { "interface" }, describe(w), w.what());
+        if matches!(w.hook, Hook::Xdp) && driver(&w.target.0).as_deref() == Some("veth") {
+            warn!(
+                "interface {}: a veth: its XDP_TX frames (the one-armed NodePort, a remote backend behind the interface the client came in by) go to \
+                 the peer's XDP ring, which only an XDP program on the peer drains (GRO on the peer is not enough: the frames stay queued); \
+                 without one they are dropped and `ethtool -S {}` counts rx_queue_*_xdp_tx_errors. The peer must also send complete \
+                 checksums (`ethtool -K <peer> tx off`), as a wire does: a frame sent back by XDP_TX loses the partial-checksum mark. \
+                 Without both, use --nodeport-acceleration none on this node (README, XDP acceleration)",
+                describe(w),
+                w.target.0
+            );
+        }
+        self.held.insert(w.pin.clone(), fd);
+    }
+
     /// Takes the links [`NewLinks::create`] made: held from now on, logged, and those that
     /// failed retried on the next link event. Returns the failures.
     pub fn finish(&mut self, created: Created) -> Vec<(String, String)> {
         let mut failed = Vec::new();
         for (w, r) in created.links {
             match r {
-                Ok(fd) => {
-                    info!("interface {}: attached {} (new link, pinned)", describe(&w), w.what());
-                    self.held.insert(w.pin, fd);
-                }
+                Ok(fd) => self.hold(&w, fd, "new link, pinned"),
                 Err(e) => {
                     warn!("interface {}: cannot attach {}: {e} (will retry on the next link event)", describe(&w), w.what());
                     self.failed.insert(w.pin.clone());
@@ -396,14 +424,15 @@ impl Attachments {
         }
         let (failed, new) = self.apply_inline(ebpf, &wants, |p| p.starts_with("cgroup-"));
         debug_assert!(new.links.is_empty(), "socket hooks are attached in place");
+        drop(new);
         match failed.into_iter().next() {
             Some((name, e)) => Err(LoadError::Attach { what: name, error: e }),
             None => Ok(()),
         }
     }
 
-    /// Brings the pins selected by `mine` to exactly `wants`, but for the TCX links to be
-    /// created, which it returns; returns the failures.
+    /// Brings the pins selected by `mine` to exactly `wants`, but for the links to be created
+    /// on interfaces, which it returns; returns the failures.
     fn apply_inline(&mut self, ebpf: &mut Ebpf, wants: &[Want], mine: impl Fn(&str) -> bool) -> (Vec<(String, String)>, NewLinks) {
         let mut failed = Vec::new();
         let mut new = NewLinks { dir: self.dir.clone(), links: Vec::new(), ifaces: None };
@@ -438,21 +467,7 @@ impl Attachments {
             }
             match self.adopt_or_attach(ebpf, w) {
                 Ok(Attached::Later(prog)) => new.links.push((w.clone(), prog)),
-                Ok(Attached::Now(fd, how)) => {
-                    info!("{} {}: attached {} ({how})", if matches!(w.hook, Hook::Cgroup(_)) { "cgroup" } else { "interface" }, describe(w), w.what());
-                    if matches!(w.hook, Hook::Xdp) && driver(&w.target.0).as_deref() == Some("veth") {
-                        warn!(
-                            "interface {}: a veth: its XDP_TX frames (the one-armed NodePort, a remote backend behind the interface the client came in by) go to \
-                             the peer's XDP ring, which only an XDP program on the peer drains (GRO on the peer is not enough: the frames stay queued); \
-                             without one they are dropped and `ethtool -S {}` counts rx_queue_*_xdp_tx_errors. The peer must also send complete \
-                             checksums (`ethtool -K <peer> tx off`), as a wire does: a frame sent back by XDP_TX loses the partial-checksum mark. \
-                             Without both, use --nodeport-acceleration none on this node (README, XDP acceleration)",
-                            describe(w),
-                            w.target.0
-                        );
-                    }
-                    self.held.insert(w.pin.clone(), fd);
-                }
+                Ok(Attached::Now(fd, how)) => self.hold(w, fd, how),
                 Err(e) => {
                     warn!("{} {}: cannot attach {}: {e} (will retry on the next link event)", if matches!(w.hook, Hook::Cgroup(_)) { "cgroup" } else { "interface" }, describe(w), w.what());
                     failed.push((w.pin.clone(), e));
@@ -472,8 +487,8 @@ impl Attachments {
         (failed, new)
     }
 
-    /// The pinned link of `w`, given this process's program in place; or a new one, pinned (a
-    /// TCX link: its program, to be attached by [`NewLinks::create`]).
+    /// The pinned link of `w`, given this process's program in place; or a new one, pinned (on
+    /// an interface: its program, to be attached by [`NewLinks::create`]).
     fn adopt_or_attach(&mut self, ebpf: &mut Ebpf, w: &Want) -> Result<Attached, String> {
         let path = self.dir.join(&w.pin);
         let prog = ebpf.program(w.prog).ok_or_else(|| format!("program {} missing", w.prog))?;
@@ -506,13 +521,7 @@ impl Attachments {
             }
         }
         let fd_link: aya::programs::links::FdLink = match w.hook {
-            Hook::Tc(_) => return Ok(Attached::Later(prog_fd)),
-            Hook::Xdp => {
-                let p: &mut Xdp = ebpf.program_mut(w.prog).ok_or("program missing")?.try_into().map_err(|e: aya::programs::ProgramError| e.to_string())?;
-                let id = p.attach(&w.target.0, XdpMode::Driver).or_else(|_| p.attach(&w.target.0, XdpMode::Skb)).map_err(|e| e.to_string())?;
-                let link = p.take_link(id).map_err(|e| e.to_string())?;
-                link.try_into().map_err(|e: aya::programs::links::LinkError| format!("not an XDP link (kernel 5.9+ needed): {e}"))?
-            }
+            Hook::Tc(_) | Hook::Xdp => return Ok(Attached::Later(prog_fd)),
             Hook::Cgroup(_) => {
                 let f = File::open(&w.target.0).map_err(|e| e.to_string())?;
                 let p: &mut CgroupSockAddr = ebpf.program_mut(w.prog).ok_or("program missing")?.try_into().map_err(|e: aya::programs::ProgramError| e.to_string())?;

@@ -131,6 +131,19 @@ pub fn tcx_create(prog: BorrowedFd<'_>, ifindex: u32, attach_type: u32) -> io::R
     Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
 }
 
+/// `BPF_XDP`, and the modes: driver (native), generic (skb).
+const BPF_XDP: u32 = 37;
+const XDP_FLAGS_SKB_MODE: u32 = 1 << 1;
+const XDP_FLAGS_DRV_MODE: u32 = 1 << 2;
+
+/// A new XDP link of `prog` on interface `ifindex`: in driver mode, or in generic mode where the
+/// driver has none (`BPF_LINK_CREATE`), as aya's `Xdp::attach` with `Driver` then `Skb`.
+pub fn xdp_create(prog: BorrowedFd<'_>, ifindex: u32) -> io::Result<OwnedFd> {
+    let create = |mode| sys_bpf(BPF_LINK_CREATE, Attr::new().u32(0, prog.as_raw_fd() as u32).u32(4, ifindex).u32(8, BPF_XDP).u32(12, mode));
+    let fd = create(XDP_FLAGS_DRV_MODE).or_else(|_| create(XDP_FLAGS_SKB_MODE))?;
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
 /// Gives a live link another program, atomically (`BPF_LINK_UPDATE`): packets see the old
 /// program or the new one, never none.
 pub fn link_update(link: BorrowedFd<'_>, prog: BorrowedFd<'_>) -> io::Result<()> {
