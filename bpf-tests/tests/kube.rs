@@ -106,6 +106,12 @@ impl Node {
     fn new() -> Node {
         let id = run_id();
         let ns = Netns::new(format!("ferry-kube-{id}"));
+        // The interface holding the Node object's address: external, as the DaemonSet finds it
+        // (no --node-ip, no --external-interfaces).
+        ns.exec_ok(&["ip", "link", "add", "ext0", "type", "veth", "peer", "name", "ext0p"]);
+        ns.exec_ok(&["ip", "addr", "add", "192.168.50.2/24", "dev", "ext0"]);
+        ns.exec_ok(&["ip", "link", "set", "ext0", "up"]);
+        ns.exec_ok(&["ip", "link", "set", "ext0p", "up"]);
         let pin = PinDir { path: format!("/sys/fs/bpf/ferry-kube-{id}").into() };
         let api = FakeApi::start(&ns.name);
         let log = std::env::temp_dir().join(format!("ferry-kube-{id}.log"));
@@ -242,6 +248,15 @@ fn api_server_source_lists_watches_relists_and_survives_restarts() {
     .collect();
     assert_eq!(fes, want);
     assert_eq!(n.m("ferry_ready"), 1.0);
+    // The external interface, found from the Node object's address: its links are among those
+    // the start creates while the first sync writes (the Node is listed long before the programs
+    // are verified), not created after the first read, before the sync.
+    let log = n.log();
+    let attached = log.lines().find(|l| l.contains("datapath attached")).unwrap_or_default();
+    assert!(attached.contains("creating=2"), "the external links not created with the start's: {attached}\n{log}");
+    for prog in ["ferry_from_world (ingress)", "ferry_to_world (egress)"] {
+        assert!(log.lines().any(|l| l.contains("interface ext0") && l.contains(prog) && l.contains("new link, pinned")), "{prog} on ext0:\n{log}");
+    }
     let (code, body) = n.get(HEALTHZ, "/healthz").unwrap();
     assert_eq!(code, 200, "{body}");
     let h: serde_json::Value = serde_json::from_str(&body).unwrap();

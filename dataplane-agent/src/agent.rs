@@ -183,20 +183,26 @@ pub fn node_context(cfg: &RunConfig, objs: &Objects) -> model::NodeContext {
     let mut node = cfg.node.clone();
     node.zone = objs.zone_of(&node.name);
     if node.ips.is_empty() {
-        // InternalIPs first: the first is the node's primary address (kube-proxy's node IP,
-        // where `--nodeport-addresses primary` answers).
-        let addrs = own_node(objs, &node.name).and_then(|n| n.status.as_ref()).and_then(|s| s.addresses.as_ref());
-        for kind in ["InternalIP", "ExternalIP"] {
-            for a in addrs.into_iter().flatten().filter(|a| a.type_ == kind) {
-                if let Ok(crate::addr::Family::V4(ip)) = crate::addr::parse_ip(&a.address) {
-                    if !node.ips.contains(&ip) {
-                        node.ips.push(ip);
-                    }
+        node.ips = own_node(objs, &node.name).map(node_ips).unwrap_or_default();
+    }
+    node
+}
+
+/// A Node object's IPv4 addresses, InternalIPs first: the first is the node's primary address
+/// (kube-proxy's node IP, where `--nodeport-addresses primary` answers).
+pub fn node_ips(n: &Node) -> Vec<Ipv4Addr> {
+    let mut ips = Vec::new();
+    let addrs = n.status.as_ref().and_then(|s| s.addresses.as_ref());
+    for kind in ["InternalIP", "ExternalIP"] {
+        for a in addrs.into_iter().flatten().filter(|a| a.type_ == kind) {
+            if let Ok(crate::addr::Family::V4(ip)) = crate::addr::parse_ip(&a.address) {
+                if !ips.contains(&ip) {
+                    ips.push(ip);
                 }
             }
         }
     }
-    node
+    ips
 }
 
 /// The datapath's node settings for this node.
@@ -246,7 +252,7 @@ pub async fn run(mut cfg: RunConfig) -> anyhow::Result<()> {
     info!(version = env!("CARGO_PKG_VERSION"), node = %cfg.node.name, pin_dir = %cfg.pin_dir.display(), "starting");
     // One agent per pin directory: a second one (a rolling update with surge) waits here, and
     // still stops when told to.
-    let _lock = {
+    let lock = {
         let started = Instant::now();
         let mut said = Instant::now();
         loop {
@@ -321,9 +327,14 @@ pub async fn run(mut cfg: RunConfig) -> anyhow::Result<()> {
     let mut external = match &cfg.external_interfaces {
         Some(p) => Some(p.clone()),
         None if !cfg.node.ips.is_empty() => Some(external_of(&cfg.node.ips)),
-        // Known once the Node object is read; until then the interfaces an earlier agent
-        // attached as external stay so.
-        None => None,
+        // From the Node object: usually listed by now (one object, while the programs were
+        // verified), so the external links are created with the others, meanwhile.
+        None => match kube_source.as_ref().and_then(|k| k.own_node()).map(|n| node_ips(&n)).filter(|ips| !ips.is_empty()) {
+            Some(ips) => Some(external_of(&ips)),
+            // Known once the Node object is read; until then the interfaces an earlier agent
+            // attached as external stay so.
+            None => None,
+        },
     };
     // The last copy before the swap: only what the old programs wrote in the last moments is
     // left for after it.
@@ -365,7 +376,11 @@ pub async fn run(mut cfg: RunConfig) -> anyhow::Result<()> {
         att.finish(new_links.create());
         None
     } else {
+        // The pin directory stays locked while the thread pins links, even if this function
+        // returns on an error meanwhile (the runtime waits for the thread only after that).
+        let lock = lock.share().context("sharing the pin directory's lock with the thread creating links")?;
         Some(tokio::task::spawn_blocking(move || {
+            let _lock = lock;
             let started = Instant::now();
             let created = new_links.create();
             info!(links = creating, took_ms = started.elapsed().as_millis() as u64, "new links created");
@@ -498,6 +513,8 @@ pub async fn run(mut cfg: RunConfig) -> anyhow::Result<()> {
     let mut retry = Backoff::default();
     let mut pending = Some(first);
     let mut took_over = !cfg.cleanup_kube_proxy;
+    // The last sync wrote everything (kube-proxy's rules may go once the links are attached).
+    let mut in_sync = false;
     let mut tick = tokio::time::interval(match &cfg.source {
         SourceConfig::Manifests { poll, .. } => *poll,
         SourceConfig::Kube { .. } => Duration::from_secs(3600),
@@ -608,23 +625,23 @@ pub async fn run(mut cfg: RunConfig) -> anyhow::Result<()> {
                 if let Source::Manifests { last, reading, .. } = &mut source {
                     *last = *reading;
                 }
-                if !took_over {
-                    // The take-over: kube-proxy's rules go only now that Ferry's datapath is
-                    // attached and holds every Service.
-                    took_over = true;
-                    match crate::cleanup::cleanup_kube_proxy(false) {
-                        Ok(report) => info!(report = %report.trim_end().replace('\n', "; "), "took over from kube-proxy: its rules are removed"),
-                        Err(e) => error!(error = %e, "removing kube-proxy's rules (Ferry serves; kube-proxy's rules still match first)"),
-                    }
-                }
+                take_over(&mut took_over, &att);
             } else {
                 retry.fail();
             }
+            in_sync = out.ok;
         }
+        // (Taken after the first sync; here too for a first pass that read nothing.)
+        settle(&mut att, &mut attaching, &observed).await;
         tokio::select! {
             _ = int.recv() => break,
             _ = term.recv() => break,
-            _ = recheck.tick() => recheck_links(&mut att, &mut ebpf, &cfg, external.as_ref(), &observed),
+            _ = recheck.tick() => {
+                recheck_links(&mut att, &mut ebpf, &cfg, external.as_ref(), &observed);
+                if in_sync {
+                    take_over(&mut took_over, &att);
+                }
+            }
             Some(kinds) = link_rx.recv() => {
                 if kinds & attach::EV_LINK != 0 {
                     att.sync_interfaces(&mut ebpf, &cfg.pod_interfaces, external.as_ref());
@@ -756,6 +773,25 @@ fn took_links(att: &mut Attachments, made: Result<attach::Created, tokio::task::
     // and show in /livez.
     observed.creating_links(false);
     observed.datapath(att.live(), att.links());
+}
+
+/// The take-over: kube-proxy's rules go once, only when Ferry's datapath holds every Service
+/// (after a sync that wrote everything) and every link it wants is attached (not on a kernel
+/// without TCX, or while an interface cannot be attached: retried at every sync and every 10 s
+/// recheck).
+fn take_over(took_over: &mut bool, att: &Attachments) {
+    if *took_over {
+        return;
+    }
+    if !att.live() {
+        warn!("kube-proxy's rules stay until every link is attached (see the \"cannot attach\" warnings; retried every 10 s)");
+        return;
+    }
+    *took_over = true;
+    match crate::cleanup::cleanup_kube_proxy(false) {
+        Ok(report) => info!(report = %report.trim_end().replace('\n', "; "), "took over from kube-proxy: its rules are removed"),
+        Err(e) => error!(error = %e, "removing kube-proxy's rules (Ferry serves; kube-proxy's rules still match first)"),
+    }
 }
 
 /// Links are checked again now and then, not only on link events: a pin removed by hand is

@@ -140,7 +140,7 @@ const XDP_FLAGS_DRV_MODE: u32 = 1 << 2;
 /// driver has none (`BPF_LINK_CREATE`), as aya's `Xdp::attach` with `Driver` then `Skb`.
 pub fn xdp_create(prog: BorrowedFd<'_>, ifindex: u32) -> io::Result<OwnedFd> {
     let create = |mode| sys_bpf(BPF_LINK_CREATE, Attr::new().u32(0, prog.as_raw_fd() as u32).u32(4, ifindex).u32(8, BPF_XDP).u32(12, mode));
-    let fd = create(XDP_FLAGS_DRV_MODE).or_else(|_| create(XDP_FLAGS_SKB_MODE))?;
+    let fd = create(XDP_FLAGS_DRV_MODE).or_else(|drv| create(XDP_FLAGS_SKB_MODE).map_err(|skb| io::Error::new(skb.kind(), format!("driver mode: {drv}; generic mode: {skb}"))))?;
     Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
 }
 

@@ -152,4 +152,10 @@ impl PinLock {
             _ => Ok(None),
         }
     }
+
+    /// The same lock, held until both this and the share are dropped (a duplicate descriptor of
+    /// the same open directory: `flock` belongs to the open file, not to one descriptor).
+    pub fn share(&self) -> std::io::Result<PinLock> {
+        Ok(PinLock(self.0.try_clone()?))
+    }
 }

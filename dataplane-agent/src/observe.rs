@@ -312,7 +312,7 @@ impl Observed {
         }
     }
 
-    /// The first full sync is done and the links a starting agent creates are in place.
+    /// The first full sync is done and the links a starting agent creates have been tried.
     pub fn ready(&self) -> bool {
         let s = self.state.lock().unwrap();
         s.ready && !s.creating_links

@@ -320,6 +320,11 @@ impl KubeSource {
         }
     }
 
+    /// This node's Node object, if its list is in (without waiting).
+    pub fn own_node(&self) -> Option<Arc<Node>> {
+        self.nodes.state().into_iter().next()
+    }
+
     /// What the agent knows of the ServiceCIDR objects now.
     pub fn service_cidr_state(&self) -> CidrState {
         *self.cidr_state.borrow()
