@@ -329,7 +329,7 @@ pub async fn run(mut cfg: RunConfig) -> anyhow::Result<()> {
         None if !cfg.node.ips.is_empty() => Some(external_of(&cfg.node.ips)),
         // From the Node object: usually listed by now (one object, while the programs were
         // verified), so the external links are created with the others, meanwhile.
-        None => match kube_source.as_ref().and_then(|k| k.own_node()).map(|n| node_ips(&n)).filter(|ips| !ips.is_empty()) {
+        None => match kube_source.as_ref().and_then(|k| k.own_node(&cfg.node.name)).map(|n| node_ips(&n)).filter(|ips| !ips.is_empty()) {
             Some(ips) => Some(external_of(&ips)),
             // Known once the Node object is read; until then the interfaces an earlier agent
             // attached as external stay so.
@@ -512,7 +512,7 @@ pub async fn run(mut cfg: RunConfig) -> anyhow::Result<()> {
     let mut health = crate::health::HealthServers::new(observed.clone());
     let mut retry = Backoff::default();
     let mut pending = Some(first);
-    let mut took_over = !cfg.cleanup_kube_proxy;
+    let mut took_over = TakeOver { done: !cfg.cleanup_kube_proxy, waiting: false };
     // The last sync wrote everything (kube-proxy's rules may go once the links are attached).
     let mut in_sync = false;
     let mut tick = tokio::time::interval(match &cfg.source {
@@ -597,7 +597,10 @@ pub async fn run(mut cfg: RunConfig) -> anyhow::Result<()> {
             }
             objs.policy_unchanged &= !policy_dirty && events_alive.load(std::sync::atomic::Ordering::Relaxed);
             let out = sync_objects(&cfg, &node, &mut rec, &mut tr, full_next, &mut pol, &mut maps, &objs, errors, &observed);
+            // A starting agent's links first: the sync is said to be done (kube-proxy's metric,
+            // ready, the log) once every interface carries its programs.
             settle(&mut att, &mut attaching, &observed).await;
+            out.report(&tr, &objs, &observed);
             full_next = !out.ok;
             policy_dirty = !out.ok;
             policy_objs.pods = std::mem::take(&mut objs.pods);
@@ -775,19 +778,29 @@ fn took_links(att: &mut Attachments, made: Result<attach::Created, tokio::task::
     observed.datapath(att.live(), att.links());
 }
 
+/// The take-over from kube-proxy: done (or not asked for), and whether it was said to wait.
+#[derive(Default)]
+struct TakeOver {
+    done: bool,
+    waiting: bool,
+}
+
 /// The take-over: kube-proxy's rules go once, only when Ferry's datapath holds every Service
-/// (after a sync that wrote everything) and every link it wants is attached (not on a kernel
-/// without TCX, or while an interface cannot be attached: retried at every sync and every 10 s
-/// recheck).
-fn take_over(took_over: &mut bool, att: &Attachments) {
-    if *took_over {
+/// (after a sync that wrote everything) and every tc and socket link it wants is attached (not
+/// on a kernel without TCX, or while an interface cannot be attached: retried at every sync and
+/// every 10 s recheck, and said once).
+fn take_over(t: &mut TakeOver, att: &Attachments) {
+    if t.done {
         return;
     }
-    if !att.live() {
-        warn!("kube-proxy's rules stay until every link is attached (see the \"cannot attach\" warnings; retried every 10 s)");
+    if !att.serving() {
+        if !t.waiting {
+            warn!("kube-proxy's rules stay until every link is attached (see the \"cannot attach\" warnings; retried at every sync and every 10 s)");
+            t.waiting = true;
+        }
         return;
     }
-    *took_over = true;
+    t.done = true;
     match crate::cleanup::cleanup_kube_proxy(false) {
         Ok(report) => info!(report = %report.trim_end().replace('\n', "; "), "took over from kube-proxy: its rules are removed"),
         Err(e) => error!(error = %e, "removing kube-proxy's rules (Ferry serves; kube-proxy's rules still match first)"),
@@ -1016,6 +1029,22 @@ pub struct SyncOutcome {
     pub ok: bool,
     pub health_checks: BTreeMap<u16, model::HealthCheck>,
     pub stats: crate::reconcile::SyncStats,
+    /// What [`SyncOutcome::report`] says.
+    report: SyncReport,
+}
+
+/// A sync's figures for its log line and metrics.
+struct SyncReport {
+    took: Duration,
+    no_local_endpoints: (usize, usize),
+    frontends: usize,
+    translated: usize,
+    changed_frontends: usize,
+    policies: usize,
+    isolated_pods: usize,
+    compiled: bool,
+    object_errors: usize,
+    node_eligible: bool,
 }
 
 /// Translates and reconciles once: only the Services `objs` says changed, and only their
@@ -1116,44 +1145,70 @@ pub fn sync_objects(
     }
     // The tables' pages are the map's: mapped only while a sync writes them.
     maps.unmap_tables();
-    observed.no_local_endpoints(desired.no_local_endpoints);
-    if map_errors.is_empty() {
-        match &objs.changed {
-            Changed::Only(ch) => observed.programmed_changed(ch.slices.iter().map(|(k, s)| (k, s.as_deref()))),
-            _ => observed.programmed(objs.endpoint_slices.iter().map(|s| &**s)),
-        }
+    SyncOutcome {
+        ok: map_errors.is_empty(),
+        health_checks: desired.health_checks.clone(),
+        stats: st,
+        report: SyncReport {
+            took,
+            no_local_endpoints: desired.no_local_endpoints,
+            frontends: desired.frontends.len(),
+            translated,
+            changed_frontends: delta.as_ref().map_or(desired.frontends.len(), |d| d.frontends.len()),
+            policies: pol.applied.policies.len(),
+            isolated_pods: pol.applied.endpoints.len(),
+            compiled: compile,
+            object_errors: errors.len(),
+            node_eligible: node_eligible(objs, &node.name),
+        },
     }
-    let (services, slices) = tr.counts();
-    observed.synced(
-        took,
-        map_errors.is_empty(),
-        &st,
-        [
-            ("Service", services),
-            ("EndpointSlice", slices),
-            ("Node", objs.nodes.len()),
-            ("Pod", objs.pods.len()),
-            ("Namespace", objs.namespaces.len()),
-            ("NetworkPolicy", objs.network_policies.len()),
-        ],
-        errors.len(),
-        node_eligible(objs, &node.name),
-    );
-    info!(
-        services,
-        slices,
-        frontends = desired.frontends.len(),
-        translated,
-        changed_frontends = delta.as_ref().map_or(desired.frontends.len(), |d| d.frontends.len()),
-        policies = pol.applied.policies.len(),
-        isolated_pods = pol.applied.endpoints.len(),
-        policies_compiled = compile,
-        took = ?took,
-        writes = st.writes,
-        deletes = st.deletes,
-        backends_left = st.backends_left,
-        sockets_destroyed = st.sockets_destroyed,
-        "synced"
-    );
-    SyncOutcome { ok: map_errors.is_empty(), health_checks: desired.health_checks.clone(), stats: st }
+}
+
+impl SyncOutcome {
+    /// Says the sync is done: the network programming latencies, the sync's metrics (its time,
+    /// `last_timestamp`, ready) and the `synced` log line. Apart from the writes so that a
+    /// starting agent says it only once the links it creates meanwhile are in place: a client
+    /// that waits for the first sync (kube-proxy's metric) then finds every interface attached.
+    pub fn report(&self, tr: &Translator, objs: &Objects, observed: &Observed) {
+        let r = &self.report;
+        observed.no_local_endpoints(r.no_local_endpoints);
+        if self.ok {
+            match &objs.changed {
+                Changed::Only(ch) => observed.programmed_changed(ch.slices.iter().map(|(k, s)| (k, s.as_deref()))),
+                _ => observed.programmed(objs.endpoint_slices.iter().map(|s| &**s)),
+            }
+        }
+        let (services, slices) = tr.counts();
+        observed.synced(
+            r.took,
+            self.ok,
+            &self.stats,
+            [
+                ("Service", services),
+                ("EndpointSlice", slices),
+                ("Node", objs.nodes.len()),
+                ("Pod", objs.pods.len()),
+                ("Namespace", objs.namespaces.len()),
+                ("NetworkPolicy", objs.network_policies.len()),
+            ],
+            r.object_errors,
+            r.node_eligible,
+        );
+        info!(
+            services,
+            slices,
+            frontends = r.frontends,
+            translated = r.translated,
+            changed_frontends = r.changed_frontends,
+            policies = r.policies,
+            isolated_pods = r.isolated_pods,
+            policies_compiled = r.compiled,
+            took = ?r.took,
+            writes = self.stats.writes,
+            deletes = self.stats.deletes,
+            backends_left = self.stats.backends_left,
+            sockets_destroyed = self.stats.sockets_destroyed,
+            "synced"
+        );
+    }
 }

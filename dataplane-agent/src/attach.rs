@@ -551,7 +551,14 @@ impl Attachments {
     /// Whether every held link is still attached to what it was attached to, and pinned, so it
     /// outlives this process (for /livez).
     pub fn live(&self) -> bool {
-        !self.gone && self.failed.is_empty() && self.held.iter().all(|(pin, fd)| {
+        self.failed.is_empty() && self.serving()
+    }
+
+    /// [`Self::live`] but for XDP links that failed: the external interfaces' tc programs serve
+    /// what XDP would have accelerated (another XDP program on the device is a reason of its
+    /// own, warned about), so the take-over from kube-proxy does not wait for them.
+    pub fn serving(&self) -> bool {
+        !self.gone && self.failed.iter().all(|p| p.ends_with("-xdp")) && self.held.iter().all(|(pin, fd)| {
             self.dir.join(pin).exists() && crate::links::link_info(fd.as_fd()).is_ok_and(|li| li.ifindex != 0 || li.kind == crate::links::LINK_TYPE_CGROUP)
         })
     }

@@ -321,8 +321,8 @@ impl KubeSource {
     }
 
     /// This node's Node object, if its list is in (without waiting).
-    pub fn own_node(&self) -> Option<Arc<Node>> {
-        self.nodes.state().into_iter().next()
+    pub fn own_node(&self, name: &str) -> Option<Arc<Node>> {
+        self.nodes.state().into_iter().find(|n| n.metadata.name.as_deref() == Some(name))
     }
 
     /// What the agent knows of the ServiceCIDR objects now.
