@@ -436,7 +436,6 @@ pub async fn run(mut cfg: RunConfig) -> anyhow::Result<()> {
     };
     let observed = Arc::new(Observed::new(cfg.pin_dir.clone(), cfg.health_timeout, watch));
     observed.datapath(att.live(), att.links());
-    observed.creating_links(attaching.is_some());
     match (cfg.healthz_bind, cfg.metrics_bind) {
         (Some(h), Some(m)) if h == m => serve(h, &observed, true, true).await?,
         (h, m) => {
@@ -767,14 +766,13 @@ async fn links_made(attaching: &mut Attaching) -> Result<attach::Created, tokio:
 
 fn took_links(att: &mut Attachments, made: Result<attach::Created, tokio::task::JoinError>, observed: &Observed) {
     match made {
-        Ok(created) => drop(att.finish(created)),
+        Ok(created) => att.finish(created),
         Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
         // (Only when the runtime shuts down, that is when the agent stops.)
         Err(e) => error!(error = %e, "creating the new links: the thread did not finish; they are attached again on the next link event or recheck"),
     }
-    // Ready from here on (with the first sync done): links that failed are retried as always
-    // and show in /livez.
-    observed.creating_links(false);
+    // Links that failed are retried as always and show in /livez. (Ready comes with the first
+    // sync's report, which waits for this.)
     observed.datapath(att.live(), att.links());
 }
 

@@ -393,23 +393,20 @@ impl Attachments {
     }
 
     /// Takes the links [`NewLinks::create`] made: held from now on, logged, and those that
-    /// failed retried on the next link event. Returns the failures.
-    pub fn finish(&mut self, created: Created) -> Vec<(String, String)> {
-        let mut failed = Vec::new();
+    /// failed retried on the next link event.
+    pub fn finish(&mut self, created: Created) {
         for (w, r) in created.links {
             match r {
                 Ok(fd) => self.hold(&w, fd, "new link, pinned"),
                 Err(e) => {
                     warn!("interface {}: cannot attach {}: {e} (will retry on the next link event)", describe(&w), w.what());
-                    self.failed.insert(w.pin.clone());
-                    failed.push((w.pin, e));
+                    self.failed.insert(w.pin);
                 }
             }
         }
         if let Some((wants, ifaces)) = created.ifaces {
             self.ifaces = ifaces.into_iter().filter(|(_, (idx, _))| wants.iter().any(|w| w.target.1 == *idx as u64 && self.held.contains_key(&w.pin))).collect();
         }
-        failed
     }
 
     /// The socket hooks on `cgroup` (or none), the same way: adopted in place, attached and

@@ -92,9 +92,6 @@ struct State {
     attached: bool,
     /// Links carrying the agent's programs.
     links: usize,
-    /// A starting agent's new links are still being created (see `Attachments::start_interfaces`):
-    /// not ready until they are.
-    creating_links: bool,
 }
 
 impl State {
@@ -312,16 +309,10 @@ impl Observed {
         }
     }
 
-    /// The first full sync is done and the links a starting agent creates have been tried.
+    /// The first full sync is done (a starting agent reports it once the links it creates
+    /// meanwhile have been tried: `SyncOutcome::report`).
     pub fn ready(&self) -> bool {
-        let s = self.state.lock().unwrap();
-        s.ready && !s.creating_links
-    }
-
-    /// A starting agent creates links on a thread while it syncs (true), or has taken them
-    /// (false).
-    pub fn creating_links(&self, creating: bool) {
-        self.state.lock().unwrap().creating_links = creating;
+        self.state.lock().unwrap().ready
     }
 
     /// `/healthz` as kube-proxy answers it (KEP-3836): 200 when the agent serves and is in sync
@@ -396,8 +387,8 @@ impl Observed {
             let _ = writeln!(out, "ferry_map_deletes_total {}", s.deletes);
             help(&mut out, "ferry_backends_left_total", "counter", "Endpoints taken out of a Service port (lb4_gone_v1): its UDP/SCTP connections and affinity clients move to another endpoint at their next packet.");
             let _ = writeln!(out, "ferry_backends_left_total {}", s.backends_left);
-            help(&mut out, "ferry_ready", "gauge", "1 after the first full sync, once the links the agent created at its start are in place.");
-            let _ = writeln!(out, "ferry_ready {}", (s.ready && !s.creating_links) as u8);
+            help(&mut out, "ferry_ready", "gauge", "1 after the first full sync (reported once the links the agent creates at its start are in place).");
+            let _ = writeln!(out, "ferry_ready {}", s.ready as u8);
         }
         // kube-proxy's change counters: every Service and EndpointSlice event (the initial
         // lists' too, as kube-proxy's informers deliver each object), and the Services with
@@ -835,10 +826,7 @@ mod tests {
         let v: serde_json::Value = serde_json::from_str(&body).unwrap();
         assert_eq!(v["lastUpdated"], "1970-01-01T00:00:00.000000000Z");
         assert_eq!(v["nodeEligible"], true);
-        o.creating_links(true);
         o.synced(Duration::from_millis(3), true, &SyncStats::default(), [("Service", 2), ("EndpointSlice", 2), ("Node", 1), ("Pod", 0), ("Namespace", 0), ("NetworkPolicy", 0)], 0, true);
-        assert!(!o.ready(), "synced, but the start's links are still being created");
-        o.creating_links(false);
         assert!(o.ready());
         let (code, body) = o.healthz();
         assert_eq!(code, 200);
