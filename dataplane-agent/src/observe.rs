@@ -76,8 +76,8 @@ struct State {
     np_hist: Vec<u64>,
     np_sum: f64,
     np_count: u64,
-    /// The trigger time of each EndpointSlice (namespace/name) already counted.
-    np_seen: BTreeMap<String, String>,
+    /// The trigger time of each EndpointSlice already counted (the slice's own strings).
+    np_seen: BTreeMap<crate::model::Key, std::sync::Arc<str>>,
     /// Trigger times before this are changes made before the agent started: not measured, as
     /// kube-proxy's endpoints change tracker skips them (its trackerStartTime).
     np_since: Option<SystemTime>,
@@ -238,7 +238,7 @@ impl Observed {
         let mut s = self.state.lock().unwrap();
         let mut seen = BTreeMap::new();
         for sl in slices {
-            let key = format!("{}/{}", sl.metadata.namespace.as_deref().unwrap_or(""), sl.metadata.name.as_deref().unwrap_or(""));
+            let key = sl.metadata.key();
             let Some(t) = &sl.trigger_time else { continue };
             if s.np_seen.get(&key) != Some(t) {
                 s.np_observe(now, t);
@@ -253,8 +253,8 @@ impl Observed {
     pub fn programmed_changed<'a>(&self, slices: impl Iterator<Item = (&'a crate::model::Key, Option<&'a EndpointSlice>)>) {
         let now = SystemTime::now();
         let mut s = self.state.lock().unwrap();
-        for ((ns, name), sl) in slices {
-            let key = format!("{ns}/{name}");
+        for (key, sl) in slices {
+            let key = key.clone();
             let Some(t) = sl.and_then(|sl| sl.trigger_time.as_ref()) else {
                 s.np_seen.remove(&key);
                 continue;
@@ -708,7 +708,7 @@ mod tests {
         let slice = |name: &str, t: &str| {
             let mut s = EndpointSlice::default();
             s.metadata.name = Some(name.into());
-            s.trigger_time = Some(t.to_string());
+            s.trigger_time = Some(t.into());
             s
         };
         let now = rfc3339(SystemTime::now() - std::time::Duration::from_millis(200));
@@ -739,7 +739,7 @@ mod tests {
         let slice = |name: &str, t: SystemTime| {
             let mut s = EndpointSlice::default();
             s.metadata.name = Some(name.into());
-            s.trigger_time = Some(rfc3339(t));
+            s.trigger_time = Some(rfc3339(t).into());
             s
         };
         // Slices written ten minutes and a second before the start: the first sync measures neither.

@@ -289,7 +289,9 @@ pub struct Reconciler {
     /// every full sync, kept up to date by [`Reconciler::sync_changed`], which needs it to know
     /// whether a backend a changed frontend let go of is still used elsewhere. `None` until the
     /// first full sync.
-    users: Option<std::collections::HashMap<u32, usize>>,
+    /// (Counts as `u32`s: each frontend refers to a backend at most twice, by a slot and by its
+    /// table, and frontend ids are `u32`s themselves.)
+    users: Option<std::collections::HashMap<u32, u32>>,
     /// Backends given an id in the current sync.
     allocated: Vec<(L4Addr, u32)>,
     /// (frontend, backend) pairs taken out by a write that failed part way: marked once a later
@@ -365,7 +367,7 @@ impl Reconciler {
         let mut used = std::collections::HashMap::new();
         for f in self.applied.frontends.values() {
             for id in self.refs_of(f) {
-                *used.entry(id).or_insert(0usize) += 1;
+                *used.entry(id).or_insert(0u32) += 1;
             }
         }
         let unused: Vec<(L4Addr, u32)> = self.applied.backends.iter().filter(|(_, (id, _))| !used.contains_key(id)).map(|(b, (id, _))| (*b, *id)).collect();
@@ -378,6 +380,8 @@ impl Reconciler {
         self.next_backend_id = first_new_backend.max(highest.saturating_add(1));
 
         self.mark_gone(&gone_pairs, &removed_pairs, ops, &mut st, &mut errors);
+        crate::model::compact(&mut self.applied.frontends);
+        crate::model::compact(&mut self.applied.backends);
         (st, errors)
     }
 
@@ -533,7 +537,7 @@ impl Reconciler {
         // Backends a changed frontend referred to: deleted at the end if nothing else does.
         let mut candidates: BTreeSet<L4Addr> = BTreeSet::new();
         let mut walk_all = false;
-        let mut count = |rec: &Self, fe: &Frontend, users: &mut std::collections::HashMap<u32, usize>, add: bool, candidates: &mut BTreeSet<L4Addr>| {
+        let mut count = |rec: &Self, fe: &Frontend, users: &mut std::collections::HashMap<u32, u32>, add: bool, candidates: &mut BTreeSet<L4Addr>| {
             let Some(af) = rec.applied.frontends.get(fe) else { return };
             for id in rec.refs_of(af) {
                 let n = users.entry(id).or_insert(0);

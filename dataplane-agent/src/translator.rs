@@ -71,18 +71,19 @@ pub struct Translator {
     /// The merged translation of every Service.
     pub desired: Desired,
     node: Option<NodeContext>,
-    /// Service -> (its order, the object).
-    services: HashMap<Key, (u64, Arc<Service>)>,
+    /// Service key -> the Service, its slices and its part: one table, where three (and a
+    /// fourth by slice) held the key and a table's slack each (17 MB at 100,000 Services).
+    services: HashMap<Key, Entry>,
+    /// Of `services`, the entries with a Service.
+    service_count: usize,
+    /// Slice -> the object as last seen, whose label names the Service it is filed under.
     slices: HashMap<Key, Arc<EndpointSlice>>,
-    /// Slice -> the Service it belongs to (its label when last seen).
-    slice_owner: HashMap<Key, Key>,
-    /// Service -> its slices, sorted (nearly always one: held inline, not a set).
-    slices_of: HashMap<Key, OneOrMore<Key>>,
     /// Slices without a Service label, with their error.
     orphans: BTreeMap<Key, ObjectError>,
-    parts: HashMap<Key, Part>,
-    /// Frontend -> the Services claiming it, by order (the last wins).
-    fe_owners: HashMap<Frontend, Claims>,
+    /// Frontend -> the Services claiming it, by order (the last wins), for the frontends two or
+    /// more Services claim. A frontend one Service claims is not here: its claimant is the
+    /// Service `desired` names for it (a table of every frontend was 8 MB at 100,000 Services).
+    contested: HashMap<Frontend, Claims>,
     hc_owners: HashMap<u16, Claims>,
     cluster_ip_refs: HashMap<Ipv4Addr, usize>,
     local_refs: HashMap<Ipv4Addr, usize>,
@@ -118,8 +119,10 @@ impl Translator {
             let key = model::service_key(svc.borrow());
             let order = self.next_order;
             self.next_order += 1;
-            if self.services.insert(key.clone(), (order, svc.shared())).is_some() {
+            if self.services.entry(key.clone()).or_default().service.replace((order, svc.shared())).is_some() {
                 self.duplicates = true;
+            } else {
+                self.service_count += 1;
             }
             keys.push(key);
         }
@@ -129,11 +132,7 @@ impl Translator {
                 self.duplicates = true;
             }
             match model::slice_owner(s.borrow()) {
-                Ok(owner) => {
-                    let owner = self.owner_key(owner);
-                    insert_sorted(self.slices_of.entry(owner.clone()).or_default(), key.clone());
-                    self.slice_owner.insert(key, owner);
-                }
+                Ok(owner) => insert_sorted(&mut self.services.entry(owner).or_default().slices, key),
                 Err(e) => {
                     errors.push(e.clone());
                     self.orphans.insert(key, e);
@@ -152,6 +151,7 @@ impl Translator {
             errors.extend(part.errors.iter().cloned());
             self.add_part(key, part, &mut delta);
         }
+        model::compact(&mut self.desired.frontends);
         model::dedup_errors(errors)
     }
 
@@ -169,12 +169,10 @@ impl Translator {
                     continue;
                 }
             }
-            if let Some(owner) = self.slice_owner.remove(&key) {
-                if let Some(set) = self.slices_of.get_mut(&owner) {
-                    set.retain(|k| *k != key);
-                    if set.is_empty() {
-                        self.slices_of.remove(&owner);
-                    }
+            // Filed under the Service its label named when last seen.
+            if let Some(Ok(owner)) = self.slices.get(&key).map(|held| model::slice_owner(held)) {
+                if let Some(e) = self.services.get_mut(&owner) {
+                    e.slices.retain(|k| *k != key);
                 }
                 affected.insert(owner);
             }
@@ -183,9 +181,7 @@ impl Translator {
                 Some(s) => {
                     match model::slice_owner(&s) {
                         Ok(owner) => {
-                            let owner = self.owner_key(owner);
-                            insert_sorted(self.slices_of.entry(owner.clone()).or_default(), key.clone());
-                            self.slice_owner.insert(key.clone(), owner.clone());
+                            insert_sorted(&mut self.services.entry(owner.clone()).or_default().slices, key.clone());
                             affected.insert(owner);
                         }
                         Err(e) => {
@@ -202,21 +198,24 @@ impl Translator {
         for (key, svc) in changes.services {
             match svc {
                 Some(s) => {
-                    if let Some((_, held)) = self.services.get_mut(&key).filter(|(_, held)| **held == *s) {
-                        *held = s;
-                        continue;
-                    }
-                    let order = match self.services.get(&key) {
-                        Some((o, _)) => *o,
-                        None => {
-                            self.next_order += 1;
-                            self.next_order - 1
+                    let e = self.services.entry(key.clone()).or_default();
+                    match &mut e.service {
+                        Some((_, held)) if **held == *s => {
+                            *held = s;
+                            continue;
                         }
-                    };
-                    self.services.insert(key.clone(), (order, s));
+                        Some((_, held)) => *held = s,
+                        None => {
+                            e.service = Some((self.next_order, s));
+                            self.next_order += 1;
+                            self.service_count += 1;
+                        }
+                    }
                 }
                 None => {
-                    self.services.remove(&key);
+                    if self.services.get_mut(&key).and_then(|e| e.service.take()).is_some() {
+                        self.service_count -= 1;
+                    }
                 }
             }
             affected.insert(key);
@@ -224,7 +223,6 @@ impl Translator {
         if self.node.as_ref() != Some(node) {
             self.node = Some(node.clone());
             affected = self.services.keys().cloned().collect();
-            affected.extend(self.parts.keys().cloned());
             let before = self.translated;
             for key in affected {
                 self.retranslate(&key, &mut delta);
@@ -243,56 +241,73 @@ impl Translator {
     pub fn errors(&self) -> Vec<ObjectError> {
         let mut out: Vec<ObjectError> = self.orphans.values().cloned().collect();
         for k in &self.with_errors {
-            out.extend(self.parts.get(k).into_iter().flat_map(|p| p.errors().iter().cloned()));
+            out.extend(self.services.get(k).and_then(|e| e.part.as_ref()).into_iter().flat_map(|p| p.errors().iter().cloned()));
         }
         model::dedup_errors(out)
     }
 
     pub fn counts(&self) -> (usize, usize) {
-        (self.services.len(), self.slices.len())
-    }
-
-    /// `owner` (a slice's Service) as the key the Service is kept by, when it is: one copy of
-    /// the strings for the Service and all its slices.
-    fn owner_key(&self, owner: Key) -> Key {
-        match self.services.get_key_value(&owner) {
-            Some((k, _)) => k.clone(),
-            None => owner,
-        }
+        (self.service_count, self.slices.len())
     }
 
     fn translate_one(&mut self, key: &Key) -> ServiceDesired {
-        let Some((_, svc)) = self.services.get(key) else { return ServiceDesired::default() };
-        let slices: Vec<&EndpointSlice> = self.slices_of.get(key).into_iter().flatten().filter_map(|k| self.slices.get(k)).map(|s| &**s).collect();
+        let Some((e, (_, svc))) = self.services.get(key).and_then(|e| Some((e, e.service.as_ref()?))) else { return ServiceDesired::default() };
+        let slices: Vec<&EndpointSlice> = e.slices.iter().filter_map(|k| self.slices.get(k)).map(|s| &**s).collect();
         self.translated += 1;
         model::translate_service(svc, &slices, self.node.as_ref().expect("a node context"))
     }
 
     fn retranslate(&mut self, key: &Key, delta: &mut Delta) {
         self.remove_part(key, delta);
-        if self.services.contains_key(key) {
-            let part = self.translate_one(key);
-            self.add_part(key.clone(), part, delta);
+        match self.services.get(key) {
+            Some(e) if e.service.is_some() => {
+                let part = self.translate_one(key);
+                self.add_part(key.clone(), part, delta);
+            }
+            // Neither a Service nor a slice of one any more.
+            Some(e) if e.slices.is_empty() => {
+                self.services.remove(key);
+            }
+            _ => {}
         }
     }
 
     fn add_part(&mut self, key: Key, part: ServiceDesired, delta: &mut Delta) {
-        let order = self.services.get(&key).map(|(o, _)| *o).unwrap_or(u64::MAX);
-        let mut part = Part::from(part);
-        for (fe, want) in part.frontends.iter_mut() {
-            let owners = self.fe_owners.entry(*fe).or_default();
+        let order = self.services.get(&key).and_then(|e| e.service.as_ref()).map(|(o, _)| *o).unwrap_or(u64::MAX);
+        let (mut part, wants) = Part::new(part);
+        for (fe, want) in wants {
+            let owners = match self.contested.entry(fe) {
+                std::collections::hash_map::Entry::Occupied(o) => o.into_mut(),
+                std::collections::hash_map::Entry::Vacant(v) => match self.desired.frontends.get(&fe) {
+                    // Its only claimant so far.
+                    None => {
+                        self.desired.frontends.insert(fe, want);
+                        delta.frontends.insert(fe);
+                        continue;
+                    }
+                    // Claimed by one Service until now: by two from here on.
+                    Some(held) => {
+                        let other = held.service.key();
+                        debug_assert!(self.services.get(&other).is_some_and(|e| e.part.as_ref().is_some_and(|p| p.frontends.contains(&fe))), "{fe} claimed by {other:?}");
+                        let other_order = self.services.get(&other).and_then(|e| e.service.as_ref()).map_or(u64::MAX, |(o, _)| *o);
+                        v.insert(Claims(smallvec::smallvec![(other_order, other)]))
+                    }
+                },
+            };
             let before = owners.0.last().map(|(_, k)| k.clone()).filter(|k| *k != key);
             if owners.claim(order, &key) {
                 // The value moves into `desired`; the claimant it wins over gets its own back,
                 // to win with again when this one lets go.
-                let old = want.take().and_then(|w| self.desired.frontends.insert(*fe, w));
+                let old = self.desired.frontends.insert(fe, want);
                 if let (Some(before), Some(old)) = (before, old) {
-                    if let Some(slot) = self.parts.get_mut(&before).and_then(|p| p.frontends.iter_mut().find(|(f, _)| f == fe)) {
-                        slot.1 = Some(old);
+                    if let Some(p) = self.services.get_mut(&before).and_then(|e| e.part.as_mut()) {
+                        p.keep_lost(fe, old);
                     }
                 }
+            } else {
+                part.keep_lost(fe, want);
             }
-            delta.frontends.insert(*fe);
+            delta.frontends.insert(fe);
         }
         for (port, hc) in part.health_checks().iter() {
             if self.hc_owners.entry(*port).or_default().claim(order, &key) {
@@ -315,25 +330,33 @@ impl Translator {
         if !part.errors().is_empty() {
             self.with_errors.insert(key.clone());
         }
-        self.parts.insert(key, part);
+        self.services.entry(key).or_default().part = Some(part);
     }
 
     fn remove_part(&mut self, key: &Key, delta: &mut Delta) {
-        let Some(part) = self.parts.remove(key) else { return };
+        let Some(part) = self.services.get_mut(key).and_then(|e| e.part.take()) else { return };
         self.with_errors.remove(key);
-        for (fe, _) in part.frontends.iter() {
+        for fe in part.frontends.iter() {
             delta.frontends.insert(*fe);
-            let Some(o) = self.fe_owners.get_mut(fe) else { continue };
+            let Some(o) = self.contested.get_mut(fe) else {
+                // Its only claimant.
+                self.desired.frontends.remove(fe);
+                continue;
+            };
             let won = o.0.last().is_some_and(|(_, k)| k == key);
             o.0.retain(|(_, claimant)| claimant != key);
-            match o.0.last() {
+            let winner = o.0.last().map(|(_, k)| k.clone());
+            if o.0.len() < 2 {
+                // One claimant left (or none: not possible, kept as it was): `desired` names it.
+                self.contested.remove(fe);
+            }
+            match winner {
                 None => {
-                    self.fe_owners.remove(fe);
                     self.desired.frontends.remove(fe);
                 }
                 // The latest other claimant's value (kept in its part while it lost) moves in.
-                Some((_, winner)) if won => {
-                    if let Some(w) = self.parts.get_mut(winner).and_then(|p| p.frontends.iter_mut().find(|(f, _)| f == fe)).and_then(|(_, w)| w.take()) {
+                Some(winner) if won => {
+                    if let Some(w) = self.services.get_mut(&winner).and_then(|e| e.part.as_mut()).and_then(|p| p.take_lost(fe)) {
                         self.desired.frontends.insert(*fe, w);
                     }
                 }
@@ -341,7 +364,7 @@ impl Translator {
             }
         }
         for (port, _) in part.health_checks().iter() {
-            disown(&mut self.hc_owners, &mut self.desired.health_checks, &self.parts, key, port, |p| p.health_checks());
+            disown(&mut self.hc_owners, &mut self.desired.health_checks, &self.services, key, port, |p| p.health_checks());
         }
         release(&part.cluster_ips, &mut self.cluster_ip_refs, &mut self.desired.cluster_ips, &mut delta.cluster_ips);
         release(part.local_endpoints(), &mut self.local_refs, &mut self.desired.local_endpoints, &mut delta.local_endpoints);
@@ -353,7 +376,7 @@ impl Translator {
 
 /// `key` lets go of `k` (a frontend, a health check port): the latest other claimant's value
 /// takes its place, or with none left it leaves `merged`.
-fn disown<K: Copy + Eq + std::hash::Hash + Ord, V: Clone>(owners: &mut HashMap<K, Claims>, merged: &mut BTreeMap<K, V>, parts: &HashMap<Key, Part>, key: &Key, k: &K, of: impl Fn(&Part) -> &[(K, V)]) {
+fn disown<K: Copy + Eq + std::hash::Hash + Ord, V: Clone>(owners: &mut HashMap<K, Claims>, merged: &mut BTreeMap<K, V>, entries: &HashMap<Key, Entry>, key: &Key, k: &K, of: impl Fn(&Part) -> &[(K, V)]) {
     let Some(o) = owners.get_mut(k) else { return };
     o.0.retain(|(_, claimant)| claimant != key);
     match o.0.last() {
@@ -362,11 +385,22 @@ fn disown<K: Copy + Eq + std::hash::Hash + Ord, V: Clone>(owners: &mut HashMap<K
             merged.remove(k);
         }
         Some((_, winner)) => {
-            if let Some((_, w)) = parts.get(winner).and_then(|p| of(p).iter().find(|(pk, _)| pk == k)) {
+            if let Some((_, w)) = entries.get(winner).and_then(|e| e.part.as_ref()).and_then(|p| of(p).iter().find(|(pk, _)| pk == k)) {
                 merged.insert(*k, w.clone());
             }
         }
     }
+}
+
+/// What the translator keeps under a Service's key.
+#[derive(Debug, Default)]
+struct Entry {
+    /// The Service and its order; `None` while only slices name it.
+    service: Option<(u64, Arc<Service>)>,
+    /// The slices labelled with its name, sorted (nearly always one: held inline, not a set).
+    slices: OneOrMore<Key>,
+    /// Its part of `desired`, while it has a Service.
+    part: Option<Part>,
 }
 
 /// One Service's part as kept between syncs: [`ServiceDesired`] in boxed slices. A part holds
@@ -374,11 +408,12 @@ fn disown<K: Copy + Eq + std::hash::Hash + Ord, V: Clone>(owners: &mut HashMap<K
 /// eleven entries for the first (1.5 KiB for one frontend, 15 MiB at 10,000 Services).
 #[derive(Debug, Default)]
 struct Part {
-    /// By frontend, as the map gave them (sorted, unique); so the others. A frontend's value is
-    /// held once: in `desired` while this Service wins the frontend (`None` here), here while
-    /// another one does.
-    frontends: Box<[(Frontend, Option<DesiredFrontend>)]>,
-    cluster_ips: Box<[Ipv4Addr]>,
+    /// Its frontends, as the map gave them (sorted, unique); so the others. A frontend's value is
+    /// held once: in `desired` while this Service wins the frontend, in `Rare::lost` while
+    /// another one does (rare: a frontend two Services claim).
+    frontends: Box<[Frontend]>,
+    /// Nearly always one: held inline.
+    cluster_ips: OneOrMore<Ipv4Addr>,
     /// What most Services have none of, boxed on its own (`None`: none of it): 48 bytes less a
     /// Service in the table of parts.
     rare: Option<Box<Rare>>,
@@ -389,6 +424,8 @@ struct Part {
 /// ports without a local endpoint, errors.
 #[derive(Debug, Default)]
 struct Rare {
+    /// The values of the frontends another Service wins, by frontend.
+    lost: Vec<(Frontend, DesiredFrontend)>,
     health_checks: Box<[(u16, HealthCheck)]>,
     local_endpoints: Box<[Ipv4Addr]>,
     ipv6_skipped: usize,
@@ -416,12 +453,29 @@ impl Part {
     fn no_local_endpoints(&self) -> (usize, usize) {
         self.rare.as_ref().map_or((0, 0), |r| r.no_local_endpoints)
     }
-}
 
-impl From<ServiceDesired> for Part {
-    fn from(p: ServiceDesired) -> Part {
+    /// Holds the value of `fe`, a frontend another Service wins.
+    fn keep_lost(&mut self, fe: Frontend, want: DesiredFrontend) {
+        let lost = &mut self.rare.get_or_insert_with(Default::default).lost;
+        match lost.binary_search_by_key(&fe, |(f, _)| *f) {
+            Ok(i) => lost[i].1 = want,
+            Err(i) => lost.insert(i, (fe, want)),
+        }
+    }
+
+    /// The value of `fe` held while another Service won it.
+    fn take_lost(&mut self, fe: &Frontend) -> Option<DesiredFrontend> {
+        let lost = &mut self.rare.as_mut()?.lost;
+        let i = lost.binary_search_by_key(fe, |(f, _)| *f).ok()?;
+        Some(lost.remove(i).1)
+    }
+
+    /// The part of `p`, and the values of its frontends (for the caller to place: in `desired`
+    /// where this Service wins, [`Part::keep_lost`] where not).
+    fn new(p: ServiceDesired) -> (Part, BTreeMap<Frontend, DesiredFrontend>) {
         let d = p.desired;
         let rare = Rare {
+            lost: Vec::new(),
             health_checks: d.health_checks.into_iter().collect(),
             local_endpoints: d.local_endpoints.into_iter().collect(),
             ipv6_skipped: d.ipv6_skipped,
@@ -429,11 +483,8 @@ impl From<ServiceDesired> for Part {
             errors: p.errors.into(),
         };
         let none = rare.health_checks.is_empty() && rare.local_endpoints.is_empty() && rare.ipv6_skipped == 0 && rare.no_local_endpoints == (0, 0) && rare.errors.is_empty();
-        Part {
-            frontends: d.frontends.into_iter().map(|(fe, want)| (fe, Some(want))).collect(),
-            cluster_ips: d.cluster_ips.into_iter().collect(),
-            rare: (!none).then(|| Box::new(rare)),
-        }
+        let part = Part { frontends: d.frontends.keys().copied().collect(), cluster_ips: d.cluster_ips.into_iter().collect(), rare: (!none).then(|| Box::new(rare)) };
+        (part, d.frontends)
     }
 }
 
@@ -614,6 +665,17 @@ mod tests {
             assert_eq!(t.desired, want, "step {i}");
             assert_eq!(error_set(&t.errors()), error_set(&want_errors), "step {i}");
             assert!(!work.full && work.translated <= 2, "step {i}: {work:?}");
+            // Nothing is kept for a key that is neither a Service nor named by a slice, and each
+            // slice is filed under the Service its label names.
+            assert_eq!(t.counts(), (w.services.len(), w.slices.len()), "step {i}");
+            assert!(t.services.values().all(|e| e.service.is_some() || !e.slices.is_empty()), "step {i}: an empty entry is kept");
+            let filed: usize = t.services.values().map(|e| e.slices.len()).sum();
+            assert_eq!(filed, w.slices.values().filter(|s| s.service_name.is_some()).count(), "step {i}");
+            for (k, sl) in &t.slices {
+                if let Ok(owner) = model::slice_owner(sl) {
+                    assert!(t.services[&owner].slices.contains(k), "step {i}: {k:?} not filed under {owner:?}");
+                }
+            }
             // Whatever differs is in the delta.
             for fe in before.frontends.keys().chain(want.frontends.keys()) {
                 if before.frontends.get(fe) != want.frontends.get(fe) {
@@ -669,7 +731,7 @@ mod tests {
         assert_eq!(work, Work { translated: 1, full: false });
         let fe3 = Frontend::internal(model::L4Addr { addr: "172.30.0.4".parse().unwrap(), port: 80, proto: model::Proto::Tcp });
         assert_eq!(delta.frontends, [fe3].into());
-        assert!(Arc::ptr_eq(&t.services[&model::service_key(&again[0])].1, &again[0]), "the copy given is kept");
+        assert!(Arc::ptr_eq(&t.services[&model::service_key(&again[0])].service.as_ref().unwrap().1, &again[0]), "the copy given is kept");
         let (desired, _) = model::translate(&services, &[&slices[..3], &[slice("s3-x", Some("s3"), &["10.1.0.99"]), changed.clone()], &slices[4..7], &slices[8..]].concat(), &node());
         assert!(t.desired == desired, "the same as a full translation");
     }

@@ -84,17 +84,17 @@ fn objects(services: u32, generation: u32) -> (Vec<Service>, Vec<EndpointSlice>)
 fn service_object(name: &str, vip: Ipv4Addr) -> Service {
     Service {
         metadata: Meta { name: Some(name.into()), namespace: Some("bench".into()), ..Default::default() },
-        spec: Some(ServiceSpec { cluster_ip: Some(vip.to_string()), ports: Some(vec![ServicePort { port: 80, ..Default::default() }]), ..Default::default() }),
+        spec: Some(ServiceSpec { cluster_ip: Some(vip.to_string().into()), ports: Some([ServicePort { port: 80, ..Default::default() }].into()), ..Default::default() }),
         ..Default::default()
     }
 }
 
 fn slice_object(service: &str, backends: &dataplane_agent::model::Backends) -> EndpointSlice {
     EndpointSlice {
-        metadata: Meta { name: Some(format!("{service}-x")), namespace: Some("bench".into()), ..Default::default() },
-        service_name: Some(service.to_string()),
+        metadata: Meta { name: Some(format!("{service}-x").into()), namespace: Some("bench".into()), ..Default::default() },
+        service_name: Some(service.into()),
         address_type: "IPv4".into(),
-        ports: Some(vec![EndpointPort { port: Some(8080), ..Default::default() }]),
+        ports: Some([EndpointPort { port: Some(8080), ..Default::default() }].into()),
         endpoints: Some(backends.iter().map(|b| Endpoint { address: Some(dataplane_agent::sources::slice::Address::V4(b.addr)), ..Default::default() }).collect()),
         ..Default::default()
     }

@@ -39,7 +39,7 @@ pub struct Watched<T> {
 impl<T: Kept> From<T> for Watched<T> {
     fn from(object: T) -> Watched<T> {
         let m = object.meta();
-        let meta = ObjectMeta { name: m.name.clone(), namespace: m.namespace.clone(), resource_version: m.resource_version.clone(), ..Default::default() };
+        let meta = ObjectMeta { name: m.name.as_deref().map(Into::into), namespace: m.namespace.as_deref().map(Into::into), resource_version: m.resource_version.as_deref().map(Into::into), ..Default::default() };
         Watched { meta, object }
     }
 }
@@ -190,7 +190,7 @@ mod tests {
         writer.apply(&watcher::Event::InitApply(svc("c", "3")));
         assert_eq!(store.state().len(), 2);
         writer.apply(&watcher::Event::InitDone);
-        let names: Vec<_> = store.state().iter().map(|s| s.metadata.name.clone().unwrap()).collect();
+        let names: Vec<_> = store.state().iter().map(|s| s.metadata.name.clone().unwrap().to_string()).collect();
         assert_eq!(names, ["c"]);
         assert_eq!(store.get(&key("c")).unwrap().metadata.resource_version.as_deref(), Some("3"));
         // A relist cut short (the watcher starts again with Init): what it read so far is
@@ -200,7 +200,7 @@ mod tests {
         writer.apply(&watcher::Event::Init);
         writer.apply(&watcher::Event::InitApply(svc("e", "4")));
         writer.apply(&watcher::Event::InitDone);
-        let names: Vec<_> = store.state().iter().map(|s| s.metadata.name.clone().unwrap()).collect();
+        let names: Vec<_> = store.state().iter().map(|s| s.metadata.name.clone().unwrap().to_string()).collect();
         assert_eq!(names, ["e"]);
         // Deleting what it does not hold changes nothing.
         writer.apply(&watcher::Event::Delete(svc("zz", "5")));

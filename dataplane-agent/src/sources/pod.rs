@@ -46,8 +46,8 @@ pub struct PodStatus {
 /// The metadata a store and the compiler need: what identifies the object and its version,
 /// and the labels.
 fn slim_meta<'de, D: Deserializer<'de>>(d: D) -> Result<ObjectMeta, D::Error> {
-    let (meta, labels, _) = super::WireMeta::<serde::de::IgnoredAny>::read(d)?.split();
-    Ok(ObjectMeta { name: meta.name, namespace: meta.namespace, resource_version: meta.resource_version, labels, ..Default::default() })
+    let w = super::WireMeta::<serde::de::IgnoredAny>::read(d)?;
+    Ok(ObjectMeta { name: w.name, namespace: w.namespace, resource_version: w.resource_version, labels: w.labels, ..Default::default() })
 }
 
 namespaced_resource!(Pod, api_version: "v1", group: "", version: "v1", kind: "Pod", plural: "pods");

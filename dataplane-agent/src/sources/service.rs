@@ -43,18 +43,20 @@ impl<'de> Deserialize<'de> for Service {
 pub struct ServiceSpec {
     #[serde(rename = "type")]
     pub type_: Option<super::Word>,
+    // (Boxed strings and slices, not `String`s and `Vec`s: a `Vec` read from JSON grows by
+    // doubling, and its spare room would be kept with the Service.)
     #[serde(rename = "clusterIP")]
-    pub cluster_ip: Option<String>,
+    pub cluster_ip: Option<Box<str>>,
     #[serde(rename = "clusterIPs")]
-    pub cluster_ips: Option<Vec<String>>,
+    pub cluster_ips: Option<Box<[Box<str>]>>,
     #[serde(rename = "externalIPs")]
-    pub external_ips: Option<Vec<String>>,
-    pub load_balancer_source_ranges: Option<Vec<String>>,
+    pub external_ips: Option<Box<[Box<str>]>>,
+    pub load_balancer_source_ranges: Option<Box<[Box<str>]>>,
     pub session_affinity: Option<super::Word>,
     pub session_affinity_config: Option<SessionAffinityConfig>,
     pub external_traffic_policy: Option<super::Word>,
     pub internal_traffic_policy: Option<super::Word>,
-    pub ports: Option<Vec<ServicePort>>,
+    pub ports: Option<Box<[ServicePort]>>,
     pub health_check_node_port: Option<i32>,
 }
 
@@ -63,7 +65,7 @@ pub struct ServiceSpec {
 #[derive(Clone, Debug, Default, Deserialize, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct ServicePort {
-    pub name: Option<String>,
+    pub name: Option<Box<str>>,
     pub protocol: Option<super::Word>,
     /// Absent or `null`: 0, as k8s-openapi reads it (translation then names the field).
     #[serde(default, deserialize_with = "super::null_default")]
@@ -110,11 +112,13 @@ mod tests {
         let s: Service = serde_json::from_str(SERVED).unwrap();
         let full: k8s_openapi::api::core::v1::Service = serde_json::from_str(SERVED).unwrap();
         let (spec, f) = (s.spec.as_ref().unwrap(), full.spec.as_ref().unwrap());
-        assert_eq!((spec.type_.as_deref(), &spec.cluster_ip, &spec.cluster_ips, &spec.external_ips), (f.type_.as_deref(), &f.cluster_ip, &f.cluster_ips, &f.external_ips));
-        assert_eq!((&spec.load_balancer_source_ranges, spec.session_affinity.as_deref(), &spec.session_affinity_config), (&f.load_balancer_source_ranges, f.session_affinity.as_deref(), &f.session_affinity_config));
+        // (Boxed here, `String`s and `Vec`s there: compared as text.)
+        let list = |l: &Option<Box<[Box<str>]>>| l.as_ref().map(|l| l.iter().map(|s| s.to_string()).collect::<Vec<_>>());
+        assert_eq!((spec.type_.as_deref(), spec.cluster_ip.as_deref(), list(&spec.cluster_ips), list(&spec.external_ips)), (f.type_.as_deref(), f.cluster_ip.as_deref(), f.cluster_ips.clone(), f.external_ips.clone()));
+        assert_eq!((list(&spec.load_balancer_source_ranges), spec.session_affinity.as_deref(), &spec.session_affinity_config), (f.load_balancer_source_ranges.clone(), f.session_affinity.as_deref(), &f.session_affinity_config));
         assert_eq!((spec.external_traffic_policy.as_deref(), spec.internal_traffic_policy.as_deref(), spec.health_check_node_port), (f.external_traffic_policy.as_deref(), f.internal_traffic_policy.as_deref(), f.health_check_node_port));
         let (p, fp) = (&spec.ports.as_ref().unwrap()[0], &f.ports.as_ref().unwrap()[0]);
-        assert_eq!((&p.name, p.protocol.as_deref(), p.port, p.node_port), (&fp.name, fp.protocol.as_deref(), fp.port, fp.node_port));
+        assert_eq!((p.name.as_deref(), p.protocol.as_deref(), p.port, p.node_port), (fp.name.as_deref(), fp.protocol.as_deref(), fp.port, fp.node_port));
         // The API's words are the agent's own copies; another value is kept as it is.
         assert!(matches!((&spec.type_, &p.protocol), (Some(super::super::Word::Known("LoadBalancer")), Some(super::super::Word::Known("TCP")))));
         let odd: Service = serde_json::from_str(&SERVED.replace(r#""protocol": "TCP""#, r#""protocol": "tcp""#)).unwrap();

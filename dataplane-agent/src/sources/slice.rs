@@ -22,18 +22,20 @@ pub struct EndpointSlice {
     /// Name, namespace and resourceVersion only (what a store and a watch need).
     pub metadata: super::Meta,
     /// The `kubernetes.io/service-name` label.
-    pub service_name: Option<String>,
+    pub service_name: Option<Box<str>>,
     /// The `endpoints.kubernetes.io/last-change-trigger-time` annotation.
-    pub trigger_time: Option<String>,
+    pub trigger_time: Option<std::sync::Arc<str>>,
     pub address_type: super::Word,
-    pub endpoints: Option<Vec<Endpoint>>,
-    pub ports: Option<Vec<EndpointPort>>,
+    /// (Boxed slices, not `Vec`s: a list read from JSON grows by doubling, and its spare room
+    /// would be kept with the slice.)
+    pub endpoints: Option<Box<[Endpoint]>>,
+    pub ports: Option<Box<[EndpointPort]>>,
 }
 
 /// A port of the slice: its name, number and protocol (not its appProtocol).
 #[derive(Clone, Debug, Default, Deserialize, PartialEq)]
 pub struct EndpointPort {
-    pub name: Option<String>,
+    pub name: Option<Box<str>>,
     pub port: Option<i32>,
     pub protocol: Option<super::Word>,
 }
@@ -47,7 +49,9 @@ pub struct Endpoint {
     #[serde(default, rename = "addresses", deserialize_with = "first_address")]
     pub address: Option<Address>,
     pub conditions: Option<EndpointConditions>,
-    pub node_name: Option<String>,
+    /// One string for every endpoint on the node ([`super::shared_name`]).
+    #[serde(default, deserialize_with = "super::shared_name_of")]
+    pub node_name: Option<std::sync::Arc<str>>,
     pub hints: Option<Box<EndpointHints>>,
 }
 
@@ -147,15 +151,15 @@ impl<'de> Deserialize<'de> for EndpointSlice {
             // Absent or `null`: empty, as k8s-openapi reads it (translation then names it).
             #[serde(default, deserialize_with = "super::null_default")]
             address_type: super::Word,
-            endpoints: Option<Vec<Endpoint>>,
-            ports: Option<Vec<EndpointPort>>,
+            endpoints: Option<Box<[Endpoint]>>,
+            ports: Option<Box<[EndpointPort]>>,
         }
         let w = Wire::deserialize(d)?;
         let (metadata, labels, annotations) = w.metadata.split();
         Ok(EndpointSlice {
             metadata,
-            service_name: labels.and_then(|mut l| l.remove(LABEL_SERVICE_NAME)),
-            trigger_time: annotations.and_then(|mut a| a.remove(TRIGGER_TIME)),
+            service_name: labels.and_then(|mut l| l.remove(LABEL_SERVICE_NAME)).map(Into::into),
+            trigger_time: annotations.and_then(|mut a| a.remove(TRIGGER_TIME)).map(Into::into),
             address_type: w.address_type,
             endpoints: w.endpoints,
             ports: w.ports,
@@ -203,12 +207,17 @@ mod tests {
         let s: EndpointSlice = serde_json::from_str(SERVED).unwrap();
         let full: k8s_openapi::api::discovery::v1::EndpointSlice = serde_json::from_str(SERVED).unwrap();
         let (e, f) = (&s.endpoints.as_ref().unwrap()[0], &full.endpoints.as_ref().unwrap()[0]);
-        assert_eq!((e.address.as_ref().map(|a| a.to_string()), &e.conditions, &e.node_name, e.hints.as_deref()), (f.addresses.first().cloned(), &f.conditions, &f.node_name, f.hints.as_ref()));
+        assert_eq!((e.address.as_ref().map(|a| a.to_string()), &e.conditions, e.node_name.as_deref(), e.hints.as_deref()), (f.addresses.first().cloned(), &f.conditions, f.node_name.as_deref(), f.hints.as_ref()));
         assert_eq!(e.address, Some(Address::V4(Ipv4Addr::new(10, 244, 1, 17))));
         assert_eq!(&*s.address_type, full.address_type);
         let (p, fp) = (&s.ports.as_ref().unwrap()[0], &full.ports.as_ref().unwrap()[0]);
-        assert_eq!((&p.name, p.port, p.protocol.as_deref()), (&fp.name, fp.port, fp.protocol.as_deref()));
+        assert_eq!((p.name.as_deref(), p.port, p.protocol.as_deref()), (fp.name.as_deref(), fp.port, fp.protocol.as_deref()));
         assert!(matches!((&s.address_type, &p.protocol), (super::super::Word::Known("IPv4"), Some(super::super::Word::Known("TCP")))));
+        // Endpoints on one node hold one string of its name.
+        let two: EndpointSlice = serde_json::from_str(&SERVED.replace(r#""endpoints": [{"#, r#""endpoints": [{"addresses": ["10.244.1.18"], "nodeName": "node-1"}, {"#)).unwrap();
+        let eps = two.endpoints.as_deref().unwrap();
+        assert!(std::sync::Arc::ptr_eq(eps[0].node_name.as_ref().unwrap(), eps[1].node_name.as_ref().unwrap()));
+        assert_eq!(eps[1].node_name.as_deref(), Some("node-1"));
         assert_eq!((s.service_name.as_deref(), s.trigger_time.as_deref()), (Some("web"), Some("2026-12-03T10:00:01Z")));
         assert_eq!(
             s.metadata,
