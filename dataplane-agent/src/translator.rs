@@ -157,7 +157,10 @@ impl Translator {
 
     /// Applies `changes` and retranslates the Services they touch; with another node context,
     /// every Service (then `Work::full`, and the whole of `desired` may have changed).
+    /// Only on a translation that [`Translator::is_built`] (else `desired` does not say which
+    /// Service claims a frontend): the agent reads everything again first.
     pub fn apply(&mut self, changes: Changes, node: &NodeContext) -> (Delta, Work) {
+        debug_assert!(self.is_built(), "changes applied to a translation not built");
         let mut delta = Delta::default();
         let mut affected: BTreeSet<Key> = BTreeSet::new();
         for (key, slice) in changes.slices {
@@ -403,7 +406,8 @@ struct Entry {
     part: Option<Part>,
 }
 
-/// One Service's part as kept between syncs: [`ServiceDesired`] in boxed slices. A part holds
+/// One Service's part as kept between syncs: [`ServiceDesired`] in boxed slices, its frontends'
+/// values aside (see `frontends`). A part holds
 /// one or a few entries of each kind, for which a `BTreeMap` is costly: it allocates a node of
 /// eleven entries for the first (1.5 KiB for one frontend, 15 MiB at 10,000 Services).
 #[derive(Debug, Default)]
