@@ -386,3 +386,47 @@ fn service_cidrs_are_asked_for_again_after_a_404_when_another_resource_relists()
     assert!(n.log().contains("ServiceCIDR objects (networking.k8s.io/v1) are served"), "{}", n.log());
     assert_eq!(n.log().matches("serves no ServiceCIDR objects").count(), 1, "the 404 is said once:\n{}", n.log());
 }
+
+/// The agent's pinned external links ("{ifindex}-external-{direction}"), sorted.
+fn external_pins(n: &Node) -> Vec<String> {
+    let dir = n.pin.path.join(dataplane_agent::links::DIR);
+    let mut v: Vec<String> = std::fs::read_dir(&dir).into_iter().flatten().flatten().map(|e| e.file_name().to_string_lossy().into_owned()).filter(|f| f.contains("-external-")).collect();
+    v.sort();
+    v
+}
+
+fn ifindex(n: &Node, name: &str) -> u32 {
+    // ("7: ext0@ext0p: <...>": sysfs shows the root namespace's links, `ip` this one's.)
+    let out = n.ns.cmd(&["ip", "-o", "link", "show", "dev", name]).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    text.split(':').next().and_then(|i| i.trim().parse().ok()).unwrap_or_else(|| panic!("ifindex of {name}: {text:?}"))
+}
+
+#[test]
+fn the_external_programs_follow_the_node_address_between_interfaces() {
+    let mut n = Node::new();
+    // The Node object's address is on no interface yet (a NIC whose address comes up after the
+    // agent, as with DHCP): the start finds no external interface.
+    n.ns.exec_ok(&["ip", "addr", "del", "192.168.50.2/24", "dev", "ext0"]);
+    n.api.apply(OBJECTS);
+    n.start();
+    assert_eq!(external_pins(&n), Vec::<String>::new());
+    assert!(n.log().lines().any(|l| l.contains("interfaces=none") && l.contains("external interfaces (holding the node's addresses)")), "{}", n.log());
+    // The address comes up: ext0 gets the external programs, with no restart.
+    n.ns.exec_ok(&["ip", "addr", "add", "192.168.50.2/24", "dev", "ext0"]);
+    let ext0 = ifindex(&n, "ext0");
+    n.wait("ext0's external links", || external_pins(&n) == [format!("{ext0}-external-egress"), format!("{ext0}-external-ingress")]);
+    assert!(n.log().lines().any(|l| l.contains("interfaces=ext0") && l.contains("external interfaces")), "{}", n.log());
+    // The address moves to another interface (a bond, a renamed NIC): the programs follow it, and
+    // ext0, no longer the node's, loses them.
+    n.ns.exec_ok(&["ip", "link", "add", "ext1", "type", "veth", "peer", "name", "ext1p"]);
+    n.ns.exec_ok(&["ip", "link", "set", "ext1", "up"]);
+    n.ns.exec_ok(&["ip", "link", "set", "ext1p", "up"]);
+    n.ns.exec_ok(&["ip", "addr", "del", "192.168.50.2/24", "dev", "ext0"]);
+    n.ns.exec_ok(&["ip", "addr", "add", "192.168.50.2/24", "dev", "ext1"]);
+    let ext1 = ifindex(&n, "ext1");
+    n.wait("ext1's external links, none on ext0", || external_pins(&n) == [format!("{ext1}-external-egress"), format!("{ext1}-external-ingress")]);
+    // NodePort is still served on the address, and the agent is still ready.
+    assert!(n.frontends().contains_key("192.168.50.2:30080 external"));
+    assert_eq!(n.get(HEALTHZ, "/readyz").unwrap().0, 200);
+}

@@ -324,13 +324,15 @@ pub async fn run(mut cfg: RunConfig) -> anyhow::Result<()> {
     // The datapath first: the links an earlier agent pinned get this version's programs in place
     // (no moment without a program), missing ones are attached, and from here on the node
     // serves from the pinned maps, whether or not the sources can be read.
+    // (Without --external-interfaces: the names found, to find them again at each sync.)
+    let mut external_names = None;
     let mut external = match &cfg.external_interfaces {
         Some(p) => Some(p.clone()),
-        None if !cfg.node.ips.is_empty() => Some(external_of(&cfg.node.ips)),
+        None if !cfg.node.ips.is_empty() => external_of(&cfg.node.ips, &mut external_names),
         // From the Node object: usually listed by now (one object, while the programs were
         // verified), so the external links are created with the others, meanwhile.
         None => match kube_source.as_ref().and_then(|k| k.own_node(&cfg.node.name)).map(|n| node_ips(&n)).filter(|ips| !ips.is_empty()) {
-            Some(ips) => Some(external_of(&ips)),
+            Some(ips) => external_of(&ips, &mut external_names),
             // Known once the Node object is read; until then the interfaces an earlier agent
             // attached as external stay so.
             None => None,
@@ -502,7 +504,7 @@ pub async fn run(mut cfg: RunConfig) -> anyhow::Result<()> {
     let mut node_cfg = node_config(&cfg, &node, &first.0);
     maps.set_config(node_cfg)?;
     if external.is_none() {
-        external = Some(external_of(&node.ips));
+        external = external_of(&node.ips, &mut external_names);
         settle(&mut att, &mut attaching, &observed).await;
         att.sync_interfaces(&mut ebpf, &cfg.pod_interfaces, external.as_ref());
     }
@@ -563,6 +565,18 @@ pub async fn run(mut cfg: RunConfig) -> anyhow::Result<()> {
                 objs.network_policies = std::mem::take(&mut policy_objs.network_policies);
             }
             let node = node_context(&cfg, &objs);
+            // The node's addresses on other interfaces than at the start (an address that came
+            // up later, moved to a bond, a Node object's addresses changed): those carry the
+            // external programs from now on. (No address known, as while a Node object is
+            // away: the interfaces stay as they are.)
+            if cfg.external_interfaces.is_none() && !node.ips.is_empty() {
+                if let Some(moved) = external_of(&node.ips, &mut external_names) {
+                    external = Some(moved);
+                    settle(&mut att, &mut attaching, &observed).await;
+                    att.sync_interfaces(&mut ebpf, &cfg.pod_interfaces, external.as_ref());
+                    observed.datapath(att.live(), att.links());
+                }
+            }
             if last_node.as_ref() != Some(&node) {
                 last_node = Some(node.clone());
                 policy_dirty = true;
@@ -815,11 +829,17 @@ fn recheck_links(att: &mut Attachments, ebpf: &mut aya::Ebpf, cfg: &RunConfig, e
     observed.datapath(att.live(), att.links());
 }
 
-/// The external interfaces when none are given: those holding the node's addresses.
-fn external_of(ips: &[Ipv4Addr]) -> IfacePatterns {
+/// The external interfaces when none are given: those holding the node's addresses. `had`: the
+/// names found the last time; `None` when they are the same again.
+fn external_of(ips: &[Ipv4Addr], had: &mut Option<Vec<String>>) -> Option<IfacePatterns> {
     let names = attach::interfaces_with(ips);
+    if had.as_ref() == Some(&names) {
+        return None;
+    }
     info!(interfaces = %if names.is_empty() { "none".to_string() } else { names.join(",") }, "external interfaces (holding the node's addresses)");
-    IfacePatterns::parse(&names.join(","))
+    let patterns = IfacePatterns::parse(&names.join(","));
+    *had = Some(names);
+    Some(patterns)
 }
 
 /// The conntrack garbage collector, on its own thread with its own handles on the pinned maps:
