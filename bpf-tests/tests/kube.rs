@@ -422,11 +422,16 @@ fn the_external_programs_follow_the_node_address_between_interfaces() {
     n.ns.exec_ok(&["ip", "link", "add", "ext1", "type", "veth", "peer", "name", "ext1p"]);
     n.ns.exec_ok(&["ip", "link", "set", "ext1", "up"]);
     n.ns.exec_ok(&["ip", "link", "set", "ext1p", "up"]);
+    // On its way the address is on no interface for a moment (as when a network manager flushes
+    // it and adds it again): ext0 keeps its links meanwhile, and the agent says so once.
     n.ns.exec_ok(&["ip", "addr", "del", "192.168.50.2/24", "dev", "ext0"]);
+    n.wait("the agent to see the address gone", || n.log().contains("no interface holds the node's addresses now"));
+    assert_eq!(external_pins(&n), [format!("{ext0}-external-egress"), format!("{ext0}-external-ingress")]);
     n.ns.exec_ok(&["ip", "addr", "add", "192.168.50.2/24", "dev", "ext1"]);
     let ext1 = ifindex(&n, "ext1");
     n.wait("ext1's external links, none on ext0", || external_pins(&n) == [format!("{ext1}-external-egress"), format!("{ext1}-external-ingress")]);
+    assert_eq!(n.log().matches("no interface holds the node's addresses now").count(), 1, "{}", n.log());
     // NodePort is still served on the address, and the agent is still ready.
-    assert!(n.frontends().contains_key("192.168.50.2:30080 external"));
+    assert!(n.frontends().contains_key("192.168.50.2:30080 external"), "{:?}", n.frontends());
     assert_eq!(n.get(HEALTHZ, "/readyz").unwrap().0, 200);
 }

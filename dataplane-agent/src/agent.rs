@@ -325,7 +325,7 @@ pub async fn run(mut cfg: RunConfig) -> anyhow::Result<()> {
     // (no moment without a program), missing ones are attached, and from here on the node
     // serves from the pinned maps, whether or not the sources can be read.
     // (Without --external-interfaces: the names found, to find them again at each sync.)
-    let mut external_names = None;
+    let mut external_names = ExternalNames::default();
     let mut external = match &cfg.external_interfaces {
         Some(p) => Some(p.clone()),
         None if !cfg.node.ips.is_empty() => external_of(&cfg.node.ips, &mut external_names),
@@ -503,7 +503,8 @@ pub async fn run(mut cfg: RunConfig) -> anyhow::Result<()> {
     }
     let mut node_cfg = node_config(&cfg, &node, &first.0);
     maps.set_config(node_cfg)?;
-    if external.is_none() {
+    // (No address known yet: the interfaces an earlier agent attached as external stay so.)
+    if external.is_none() && !node.ips.is_empty() {
         external = external_of(&node.ips, &mut external_names);
         settle(&mut att, &mut attaching, &observed).await;
         att.sync_interfaces(&mut ebpf, &cfg.pod_interfaces, external.as_ref());
@@ -829,16 +830,34 @@ fn recheck_links(att: &mut Attachments, ebpf: &mut aya::Ebpf, cfg: &RunConfig, e
     observed.datapath(att.live(), att.links());
 }
 
-/// The external interfaces when none are given: those holding the node's addresses. `had`: the
-/// names found the last time; `None` when they are the same again.
-fn external_of(ips: &[Ipv4Addr], had: &mut Option<Vec<String>>) -> Option<IfacePatterns> {
+/// The external interfaces found last ([`external_of`]).
+#[derive(Default)]
+struct ExternalNames {
+    names: Option<Vec<String>>,
+    /// No interface held the node's addresses at the last look (said once).
+    vacant: bool,
+}
+
+/// The external interfaces when none are given: those holding the node's addresses; `None`
+/// when they are the ones found the last time. Once some were found, none holding them (an
+/// address flushed and added again by a network manager's reapply or a DHCP client, or the
+/// addresses unreadable) keeps them: their links, and the connections through them, stay until
+/// the addresses are on another interface.
+fn external_of(ips: &[Ipv4Addr], had: &mut ExternalNames) -> Option<IfacePatterns> {
     let names = attach::interfaces_with(ips);
-    if had.as_ref() == Some(&names) {
+    if had.names.as_ref() == Some(&names) {
+        had.vacant = false;
+        return None;
+    }
+    if names.is_empty() && had.names.as_ref().is_some_and(|n| !n.is_empty()) {
+        if !std::mem::replace(&mut had.vacant, true) {
+            warn!(interfaces = %had.names.as_deref().unwrap_or_default().join(","), "no interface holds the node's addresses now: the external interfaces stay as they were");
+        }
         return None;
     }
     info!(interfaces = %if names.is_empty() { "none".to_string() } else { names.join(",") }, "external interfaces (holding the node's addresses)");
     let patterns = IfacePatterns::parse(&names.join(","));
-    *had = Some(names);
+    *had = ExternalNames { names: Some(names), vacant: false };
     Some(patterns)
 }
 
