@@ -503,12 +503,6 @@ pub async fn run(mut cfg: RunConfig) -> anyhow::Result<()> {
     }
     let mut node_cfg = node_config(&cfg, &node, &first.0);
     maps.set_config(node_cfg)?;
-    // (No address known yet: the interfaces an earlier agent attached as external stay so.)
-    if external.is_none() && !node.ips.is_empty() {
-        external = external_of(&node.ips, &mut external_names);
-        settle(&mut att, &mut attaching, &observed).await;
-        att.sync_interfaces(&mut ebpf, &cfg.pod_interfaces, external.as_ref());
-    }
     observed.datapath(att.live(), att.links());
 
     let mut health = crate::health::HealthServers::new(observed.clone());
@@ -566,10 +560,11 @@ pub async fn run(mut cfg: RunConfig) -> anyhow::Result<()> {
                 objs.network_policies = std::mem::take(&mut policy_objs.network_policies);
             }
             let node = node_context(&cfg, &objs);
-            // The node's addresses on other interfaces than at the start (an address that came
-            // up later, moved to a bond, a Node object's addresses changed): those carry the
-            // external programs from now on. (No address known, as while a Node object is
-            // away: the interfaces stay as they are.)
+            // The interfaces holding the node's addresses, when not found at the start (the
+            // first read brings the Node object), or on other interfaces since (an address that
+            // came up later, moved to a bond, a Node object's addresses changed): those carry
+            // the external programs from now on. (No address known, as while a Node object is
+            // away: the interfaces stay as they are, an earlier agent's too.)
             if cfg.external_interfaces.is_none() && !node.ips.is_empty() {
                 if let Some(moved) = external_of(&node.ips, &mut external_names) {
                     external = Some(moved);
